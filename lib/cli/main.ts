@@ -1,0 +1,78 @@
+// Our runMain: citty's prints stack traces for every error and accepts unknown flags silently.
+// Here a ThinimgError becomes one line (message — hint) and its exit code; unknown flags are refused.
+import { type ArgsDef, type CommandDef, runCommand, showUsage } from "citty";
+import { ThinimgError, usageError } from "../errors.ts";
+import { log, setLogFormat, setLogLevel } from "../log.ts";
+
+async function knownFlags(cmd: CommandDef<ArgsDef>): Promise<Set<string>> {
+  const args = (typeof cmd.args === "function" ? await cmd.args() : await cmd.args) ?? {};
+  const names = new Set<string>(["help", "h", "version"]);
+  for (const [name, def] of Object.entries(args)) {
+    if (def.type === "positional") continue;
+    names.add(name);
+    // citty accepts camelCase too
+    names.add(name.replace(/-([a-z])/g, (_, c: string) => c.toUpperCase()));
+    const alias = "alias" in def ? def.alias : undefined;
+    for (const a of Array.isArray(alias) ? alias : alias ? [alias] : []) names.add(a);
+    if (def.type === "boolean") names.add(`no-${name}`);
+  }
+  return names;
+}
+
+function rejectUnknown(rawArgs: string[], known: Set<string>): void {
+  for (const a of rawArgs) {
+    if (a === "--") break;
+    if (!a.startsWith("-") || a === "-") continue;
+    if (/^-\d/.test(a)) continue; // negative number value
+    const name = a.replace(/^--?/, "").split("=")[0]!;
+    if (a.startsWith("--") ? !known.has(name) : ![...name].every((c) => known.has(c))) {
+      throw usageError(`unknown option ${a.split("=")[0]}`);
+    }
+  }
+}
+
+/** Print an error the way every script does: one line, exit code from the error. */
+export function reportError(e: unknown, json: boolean): number {
+  if (e instanceof ThinimgError) {
+    if (json) {
+      process.stdout.write(
+        `${JSON.stringify({ ok: false, error: { kind: e.kind, message: e.message, hint: e.hint ?? null, ...(e.details ? { details: e.details } : {}) } })}\n`,
+      );
+    }
+    process.stderr.write(`error: ${e.oneLine()}\n`);
+    return e.exitCode;
+  }
+  // A bug: keep the stack, it is what a developer needs.
+  process.stderr.write(`internal error: ${e instanceof Error ? (e.stack ?? e.message) : String(e)}\n`);
+  return 70;
+}
+
+export async function runMain<T extends ArgsDef>(cmd: CommandDef<T>, rawArgs = process.argv.slice(2)): Promise<never> {
+  const json = rawArgs.includes("--json");
+  try {
+    const lf = rawArgs.findIndex((a) => a === "--log-format" || a.startsWith("--log-format="));
+    if (lf >= 0) {
+      const v = rawArgs[lf]!.includes("=") ? rawArgs[lf]!.split("=")[1] : rawArgs[lf + 1];
+      if (v === "json" || v === "human") setLogFormat(v);
+    }
+    if (rawArgs.includes("--verbose") || rawArgs.includes("-v")) setLogLevel("debug");
+    if (rawArgs.includes("--help") || rawArgs.includes("-h")) {
+      await showUsage(cmd as CommandDef<ArgsDef>);
+      process.exit(0);
+    }
+    rejectUnknown(rawArgs, await knownFlags(cmd as CommandDef<ArgsDef>));
+    await runCommand(cmd, { rawArgs });
+    process.exit(process.exitCode ?? 0);
+  } catch (e) {
+    // citty's own errors (missing required positional, bad enum) are usage errors
+    const err =
+      e instanceof Error && e.name === "CLIError" ? usageError(e.message.replace(/\.$/, "")) : e;
+    log.debug(err);
+    process.exit(reportError(err, json));
+  }
+}
+
+/** Write a JSON document to stdout (the only thing that goes there). */
+export function printJson(data: unknown): void {
+  process.stdout.write(`${JSON.stringify(data, null, 2)}\n`);
+}

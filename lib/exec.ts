@@ -1,0 +1,198 @@
+// The one way thinimg runs an external command: argv array (never a shell), a hard timeout with
+// SIGTERM→SIGKILL escalation (Bun.spawn's own timeout cannot escalate), and exactly one structured
+// record per call. Tests swap the runner with setRunner() to unit-test decision logic.
+import { appendFileSync } from "node:fs";
+import { ThinimgError } from "./errors.ts";
+import { log } from "./log.ts";
+
+export interface CmdContext {
+  pool_name?: string | undefined;
+  device_id?: number | undefined;
+  device_name?: string | undefined;
+}
+
+export interface RunOptions {
+  /** Hard limit; default 30 s. */
+  timeoutMs?: number;
+  /** Time between SIGTERM and SIGKILL once the timeout hits; default 2 s. */
+  killGraceMs?: number;
+  ctx?: CmdContext;
+  stdin?: string | Uint8Array;
+  env?: Record<string, string | undefined>;
+  cwd?: string;
+}
+
+export interface CmdResult {
+  argv: string[];
+  stdout: string;
+  stderr: string;
+  /** null when killed by a signal. */
+  exitCode: number | null;
+  signal: string | null;
+  timedOut: boolean;
+  durationMs: number;
+}
+
+/** The structured record every command emits (stable keys). */
+export interface CmdRecord {
+  event: "cmd";
+  pool_name: string | null;
+  device_id: number | null;
+  device_name: string | null;
+  command: string;
+  duration_ms: number;
+  exit_code: number | null;
+  timed_out: boolean;
+}
+
+export type Runner = (argv: string[], opts?: RunOptions) => Promise<CmdResult>;
+
+export const DEFAULT_TIMEOUT_MS = 30_000;
+
+type RecordListener = (rec: CmdRecord) => void;
+const listeners = new Set<RecordListener>();
+
+/** Subscribe to command records (tests, progress UIs). Returns an unsubscribe function. */
+export function onCommandRecord(fn: RecordListener): () => void {
+  listeners.add(fn);
+  return () => listeners.delete(fn);
+}
+
+function emitRecord(r: CmdResult, ctx: CmdContext | undefined): void {
+  const rec: CmdRecord = {
+    event: "cmd",
+    pool_name: ctx?.pool_name ?? null,
+    device_id: ctx?.device_id ?? null,
+    device_name: ctx?.device_name ?? null,
+    command: r.argv.join(" "),
+    duration_ms: r.durationMs,
+    exit_code: r.exitCode,
+    timed_out: r.timedOut,
+  };
+  for (const fn of listeners) fn(rec);
+  const file = process.env.THINIMG_CMD_LOG;
+  if (file) {
+    try {
+      appendFileSync(file, `${JSON.stringify(rec)}\n`);
+    } catch {
+      // an unwritable audit file must not break dm work
+    }
+  }
+  if (r.timedOut || r.exitCode !== 0) log.warn(rec);
+  else log.debug(rec);
+}
+
+function validateArgv(argv: string[]): void {
+  if (argv.length === 0) throw new ThinimgError("internal", "empty command");
+  for (const a of argv) {
+    if (typeof a !== "string" || a.includes("\0")) {
+      throw new ThinimgError("internal", `invalid argument for ${argv[0]}: ${JSON.stringify(a)}`);
+    }
+  }
+}
+
+export const spawnRunner: Runner = async (argv, opts = {}) => {
+  validateArgv(argv);
+  const timeoutMs = opts.timeoutMs ?? DEFAULT_TIMEOUT_MS;
+  const graceMs = opts.killGraceMs ?? 2_000;
+  const started = performance.now();
+  let proc: ReturnType<typeof Bun.spawn>;
+  try {
+    proc = Bun.spawn(argv, {
+      stdin: opts.stdin === undefined ? "ignore" : new Blob([opts.stdin]),
+      stdout: "pipe",
+      stderr: "pipe",
+      env: opts.env ? { ...process.env, ...opts.env } : process.env,
+      cwd: opts.cwd,
+    });
+  } catch (e) {
+    // ENOENT: the binary is missing. Still one record, exit_code null.
+    const r: CmdResult = {
+      argv,
+      stdout: "",
+      stderr: String((e as Error).message ?? e),
+      exitCode: 127,
+      signal: null,
+      timedOut: false,
+      durationMs: Math.round(performance.now() - started),
+    };
+    emitRecord(r, opts.ctx);
+    return r;
+  }
+  let timedOut = false;
+  let killTimer: ReturnType<typeof setTimeout> | undefined;
+  const termTimer = setTimeout(() => {
+    timedOut = true;
+    try {
+      proc.kill("SIGTERM");
+    } catch {}
+    killTimer = setTimeout(() => {
+      try {
+        proc.kill("SIGKILL");
+      } catch {}
+    }, graceMs);
+  }, timeoutMs);
+  const [stdout, stderr] = await Promise.all([
+    new Response(proc.stdout as ReadableStream).text(),
+    new Response(proc.stderr as ReadableStream).text(),
+    proc.exited,
+  ]);
+  clearTimeout(termTimer);
+  if (killTimer) clearTimeout(killTimer);
+  const r: CmdResult = {
+    argv,
+    stdout,
+    stderr,
+    exitCode: proc.signalCode ? null : proc.exitCode,
+    signal: proc.signalCode ?? null,
+    timedOut,
+    durationMs: Math.round(performance.now() - started),
+  };
+  emitRecord(r, opts.ctx);
+  return r;
+};
+
+let current: Runner = spawnRunner;
+
+/** Replace the runner (unit tests only). Returns the previous one. */
+export function setRunner(r: Runner): Runner {
+  const prev = current;
+  current = r;
+  return prev;
+}
+
+export function run(argv: string[], opts?: RunOptions): Promise<CmdResult> {
+  return current(argv, opts);
+}
+
+/** Error for a command that failed or timed out; dm/ code refines the kind from stderr. */
+export class CommandError extends ThinimgError {
+  readonly result: CmdResult;
+  constructor(result: CmdResult, hint?: string) {
+    const what = result.argv.join(" ");
+    const why = result.timedOut
+      ? `timed out after ${result.durationMs} ms`
+      : result.exitCode === null
+        ? `killed by ${result.signal}`
+        : `exit ${result.exitCode}`;
+    const detail = result.stderr.trim().split("\n").filter(Boolean).slice(-1)[0] ?? "";
+    super(result.timedOut ? "timeout" : "dm", `${what}: ${why}${detail ? `: ${detail}` : ""}`, {
+      hint,
+      details: { command: what, exit_code: result.exitCode, timed_out: result.timedOut, stderr: result.stderr },
+    });
+    this.name = "CommandError";
+    this.result = result;
+  }
+}
+
+/** Run and throw CommandError unless exit 0. */
+export async function runOk(argv: string[], opts?: RunOptions): Promise<CmdResult> {
+  const r = await run(argv, opts);
+  if (r.timedOut || r.exitCode !== 0) throw new CommandError(r);
+  return r;
+}
+
+/** True when `name` is on PATH (no command is run). */
+export function which(name: string): string | null {
+  return Bun.which(name);
+}

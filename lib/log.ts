@@ -1,0 +1,58 @@
+// Logging: human lines on stderr by default; JSON lines on stderr with --log-format json
+// (or THINIMG_LOG_FORMAT=json). stdout is reserved for --json data.
+import { type ConsolaReporter, createConsola, type LogObject } from "consola";
+
+export type LogFormat = "human" | "json";
+
+const jsonReporter: ConsolaReporter = {
+  log(obj: LogObject) {
+    const [first, ...rest] = obj.args;
+    const rec: Record<string, unknown> = { ts: obj.date.toISOString(), level: obj.type };
+    if (typeof first === "string") rec.msg = first;
+    else if (first && typeof first === "object") Object.assign(rec, first);
+    for (const extra of rest) {
+      if (extra && typeof extra === "object" && !(extra instanceof Error)) Object.assign(rec, extra);
+      else if (extra instanceof Error) rec.error = extra.message;
+    }
+    process.stderr.write(`${JSON.stringify(rec)}\n`);
+  },
+};
+
+const humanReporter: ConsolaReporter = {
+  log(obj: LogObject) {
+    const [first, ...rest] = obj.args;
+    let line = typeof first === "string" ? first : JSON.stringify(first);
+    for (const extra of rest) {
+      if (extra && typeof extra === "object" && !(extra instanceof Error)) {
+        line += ` ${Object.entries(extra as Record<string, unknown>)
+          .map(([k, v]) => `${k}=${typeof v === "string" ? v : JSON.stringify(v)}`)
+          .join(" ")}`;
+      } else line += ` ${String(extra)}`;
+    }
+    const tag = obj.type === "info" || obj.type === "log" || obj.type === "success" ? "" : `[${obj.type}] `;
+    process.stderr.write(`${tag}${line}\n`);
+  },
+};
+
+function levelFromEnv(): number {
+  const v = process.env.THINIMG_LOG_LEVEL;
+  if (v === "debug") return 4;
+  if (v === "warn") return 1;
+  if (v === "error") return 0;
+  if (v === "silent") return -999;
+  return 3;
+}
+
+export const log = createConsola({
+  level: levelFromEnv(),
+  throttle: 0,
+  reporters: [process.env.THINIMG_LOG_FORMAT === "json" ? jsonReporter : humanReporter],
+});
+
+export function setLogFormat(format: LogFormat): void {
+  log.setReporters([format === "json" ? jsonReporter : humanReporter]);
+}
+
+export function setLogLevel(level: "debug" | "info" | "warn" | "error" | "silent"): void {
+  log.level = { debug: 4, info: 3, warn: 1, error: 0, silent: -999 }[level];
+}
