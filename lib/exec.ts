@@ -144,7 +144,7 @@ export const spawnRunner: Runner = async (argv, opts = {}) => {
     stdout,
     stderr,
     exitCode: proc.signalCode ? null : proc.exitCode,
-    signal: proc.signalCode ?? null,
+    signal: proc.signalCode ? String(proc.signalCode) : null,
     timedOut,
     durationMs: Math.round(performance.now() - started),
   };
