@@ -104,6 +104,8 @@ export const spawnRunner: Runner = async (argv, opts = {}) => {
       stderr: "pipe",
       env: opts.env ? { ...process.env, ...opts.env } : process.env,
       cwd: opts.cwd,
+      // own process group: a timeout kills the command and anything it spawned
+      detached: true,
     });
   } catch (e) {
     // ENOENT: the binary is missing. Still one record, exit_code null.
@@ -121,24 +123,28 @@ export const spawnRunner: Runner = async (argv, opts = {}) => {
   }
   let timedOut = false;
   let killTimer: ReturnType<typeof setTimeout> | undefined;
+  const killGroup = (sig: NodeJS.Signals) => {
+    try {
+      process.kill(-proc.pid, sig);
+    } catch {
+      try {
+        proc.kill(sig);
+      } catch {}
+    }
+  };
   const termTimer = setTimeout(() => {
     timedOut = true;
-    try {
-      proc.kill("SIGTERM");
-    } catch {}
-    killTimer = setTimeout(() => {
-      try {
-        proc.kill("SIGKILL");
-      } catch {}
-    }, graceMs);
+    killGroup("SIGTERM");
+    killTimer = setTimeout(() => killGroup("SIGKILL"), graceMs);
   }, timeoutMs);
-  const [stdout, stderr] = await Promise.all([
-    new Response(proc.stdout as ReadableStream).text(),
-    new Response(proc.stderr as ReadableStream).text(),
-    proc.exited,
-  ]);
+  const out = new Response(proc.stdout as ReadableStream).text();
+  const err = new Response(proc.stderr as ReadableStream).text();
+  await proc.exited;
   clearTimeout(termTimer);
   if (killTimer) clearTimeout(killTimer);
+  // A grandchild that left the group may still hold the pipes: never wait on it for long.
+  const drained = await Promise.race([Promise.all([out, err]), Bun.sleep(1_000).then(() => null)]);
+  const [stdout, stderr] = drained ?? ["", "(output not drained: a child process kept the pipe open)"];
   const r: CmdResult = {
     argv,
     stdout,

@@ -1,0 +1,64 @@
+// Loop devices backing file-based pools.
+import { realpathSync } from "node:fs";
+import { ThinimgError } from "../errors.ts";
+import { type CmdContext, runOk } from "../exec.ts";
+import { dmQueue } from "./queue.ts";
+import { assertDevPath } from "./validate.ts";
+
+export interface LoopDevice {
+  device: string;
+  backingFile: string;
+  readOnly: boolean;
+}
+
+const LOSETUP_TIMEOUT_MS = 15_000;
+
+export function parseLosetupJson(out: string): LoopDevice[] {
+  if (!out.trim()) return [];
+  const j = JSON.parse(out) as { loopdevices?: { name: string; "back-file": string | null; ro: boolean | string }[] };
+  return (j.loopdevices ?? []).map((d) => ({
+    device: d.name,
+    backingFile: (d["back-file"] ?? "").replace(/ \(deleted\)$/, ""),
+    readOnly: d.ro === true || d.ro === "1",
+  }));
+}
+
+export async function list(ctx?: CmdContext): Promise<LoopDevice[]> {
+  const r = await runOk(["losetup", "--list", "--json", "--output", "NAME,BACK-FILE,RO"], {
+    timeoutMs: LOSETUP_TIMEOUT_MS,
+    ctx,
+  });
+  return parseLosetupJson(r.stdout);
+}
+
+function canonical(file: string): string {
+  try {
+    return realpathSync(file);
+  } catch {
+    return file;
+  }
+}
+
+export async function findByFile(file: string, ctx?: CmdContext): Promise<string | null> {
+  const want = canonical(file);
+  const found = (await list(ctx)).find((d) => d.backingFile === want || canonical(d.backingFile) === want);
+  return found?.device ?? null;
+}
+
+export async function attach(file: string, o: { readOnly?: boolean; ctx?: CmdContext } = {}): Promise<string> {
+  assertDevPath(file);
+  const r = await dmQueue.run(() =>
+    runOk(["losetup", "--find", "--show", ...(o.readOnly ? ["--read-only"] : []), file], {
+      timeoutMs: LOSETUP_TIMEOUT_MS,
+      ctx: o.ctx,
+    }),
+  );
+  const dev = r.stdout.trim();
+  if (!/^\/dev\/loop\d+$/.test(dev)) throw new ThinimgError("dm", `losetup gave no device for ${file}: "${dev}"`);
+  return dev;
+}
+
+export async function detach(dev: string, ctx?: CmdContext): Promise<void> {
+  assertDevPath(dev);
+  await dmQueue.run(() => runOk(["losetup", "--detach", dev], { timeoutMs: LOSETUP_TIMEOUT_MS, ctx }));
+}

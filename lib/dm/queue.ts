@@ -1,0 +1,28 @@
+// One in-process queue for every state-changing dm operation: two concurrent async paths in one
+// process must never interleave create/message/remove against the same pool.
+export class SerialQueue {
+  private tail: Promise<unknown> = Promise.resolve();
+  private depth = 0;
+
+  run<T>(fn: () => Promise<T>): Promise<T> {
+    this.depth++;
+    const next = this.tail.then(fn, fn);
+    // keep the chain alive whatever fn does; callers see their own result/error
+    this.tail = next.then(
+      () => {
+        this.depth--;
+      },
+      () => {
+        this.depth--;
+      },
+    );
+    return next;
+  }
+
+  /** Operations queued or running (for tests and diagnostics). */
+  get pending(): number {
+    return this.depth;
+  }
+}
+
+export const dmQueue = new SerialQueue();

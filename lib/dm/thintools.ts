@@ -1,0 +1,58 @@
+// thin-provisioning-tools: thin_check before bringing a pool back, thin_ls/thin_dump on a metadata
+// snapshot to see thin ids that no active dm device shows (GC's inactive leaks).
+import { type CmdContext, run } from "../exec.ts";
+import { DmError, classifyDmError } from "./errors.ts";
+import { assertDevPath } from "./validate.ts";
+
+export async function thinCheck(metaDev: string, o: { ctx?: CmdContext; timeoutMs?: number } = {}) {
+  assertDevPath(metaDev);
+  const r = await run(["thin_check", metaDev], { timeoutMs: o.timeoutMs ?? 120_000, ctx: o.ctx });
+  if (r.timedOut) throw new DmError("timeout", r);
+  return { ok: r.exitCode === 0, output: `${r.stdout}${r.stderr}`.trim(), exitCode: r.exitCode };
+}
+
+export interface ThinLsEntry {
+  id: number;
+  mappedBlocks: number;
+}
+
+export function parseThinLs(out: string): ThinLsEntry[] {
+  const res: ThinLsEntry[] = [];
+  for (const line of out.split("\n")) {
+    const m = /^\s*(\d+)\s+(\d+)\s*$/.exec(line);
+    if (m) res.push({ id: Number(m[1]), mappedBlocks: Number(m[2]) });
+  }
+  return res;
+}
+
+/** Thin ids in the pool's metadata. With metadataSnap, reads the held snapshot (pool may be live). */
+export async function thinLs(
+  metaDev: string,
+  o: { metadataSnap?: boolean; ctx?: CmdContext; timeoutMs?: number } = {},
+): Promise<ThinLsEntry[]> {
+  assertDevPath(metaDev);
+  const r = await run(
+    ["thin_ls", ...(o.metadataSnap ? ["--metadata-snap"] : []), "--no-headers", "--format", "DEV,MAPPED_BLOCKS", metaDev],
+    { timeoutMs: o.timeoutMs ?? 60_000, ctx: o.ctx },
+  );
+  if (r.timedOut || r.exitCode !== 0) throw new DmError(classifyDmError(r), r);
+  return parseThinLs(r.stdout);
+}
+
+/** Device ids from thin_dump XML (fallback when thin_ls is unavailable). */
+export function parseThinDumpIds(xml: string): number[] {
+  return [...xml.matchAll(/<device\s+dev_id="(\d+)"/g)].map((m) => Number(m[1]));
+}
+
+export async function thinDump(
+  metaDev: string,
+  o: { metadataSnap?: boolean; ctx?: CmdContext; timeoutMs?: number } = {},
+): Promise<string> {
+  assertDevPath(metaDev);
+  const r = await run(["thin_dump", ...(o.metadataSnap ? ["--metadata-snap"] : []), metaDev], {
+    timeoutMs: o.timeoutMs ?? 60_000,
+    ctx: o.ctx,
+  });
+  if (r.timedOut || r.exitCode !== 0) throw new DmError(classifyDmError(r), r);
+  return r.stdout;
+}

@@ -1,0 +1,159 @@
+import { afterEach, describe, expect, test } from "bun:test";
+import { classifyDmError, isDmError } from "../../lib/dm/errors.ts";
+import * as dmsetup from "../../lib/dm/dmsetup.ts";
+import { parseLosetupJson } from "../../lib/dm/losetup.ts";
+import { parseMountinfo } from "../../lib/dm/mount.ts";
+import { parsePoolTable, poolTable, thinTable } from "../../lib/dm/pool.ts";
+import { SerialQueue } from "../../lib/dm/queue.ts";
+import { parseThinDumpIds, parseThinLs } from "../../lib/dm/thintools.ts";
+import { assertDmName, assertThinId } from "../../lib/dm/validate.ts";
+import { type CmdResult, type Runner, setRunner, spawnRunner } from "../../lib/exec.ts";
+
+const res = (argv: string[], exitCode: number, stderr = "", stdout = "", timedOut = false): CmdResult => ({
+  argv, stdout, stderr, exitCode, signal: null, timedOut, durationMs: 1,
+});
+
+afterEach(() => setRunner(spawnRunner));
+
+describe("error typing from real dmsetup stderr", () => {
+  const cases: [string, ReturnType<typeof classifyDmError>][] = [
+    ["device-mapper: message ioctl on pool  failed: File exists\nCommand failed.", "exists"],
+    ["device-mapper: message ioctl on pool  failed: No data available\nCommand failed.", "not_found"],
+    ["Device does not exist.\nCommand failed.", "not_found"],
+    ["device-mapper: remove ioctl on x  failed: No such device or address", "not_found"],
+    ["device-mapper: remove ioctl on thin1  failed: Device or resource busy\nCommand failed.", "busy"],
+    ["device-mapper: message ioctl on pool  failed: No space left on device", "no_space"],
+    ["device-mapper: message ioctl on pool  failed: Invalid argument", "other"],
+  ];
+  for (const [stderr, kind] of cases) {
+    test(`${kind}: ${stderr.split("\n")[0]}`, () => expect(classifyDmError(res(["dmsetup"], 1, stderr))).toBe(kind));
+  }
+  test("timeout wins over stderr", () => expect(classifyDmError(res(["dmsetup"], 1, "busy", "", true))).toBe("timeout"));
+});
+
+describe("validation", () => {
+  test("dm names", () => {
+    expect(assertDmName("thinimg-pool-layer-12")).toBe("thinimg-pool-layer-12");
+    for (const bad of ["", ".", "..", "a b", "a/b", "-x", "x;rm", "a\nb", "x".repeat(128), "$(id)"]) {
+      expect(() => assertDmName(bad)).toThrow(/invalid device name/);
+    }
+  });
+  test("thin ids are 24-bit non-negative integers", () => {
+    expect(assertThinId(0)).toBe(0);
+    expect(assertThinId(16777215)).toBe(16777215);
+    for (const bad of [-1, 16777216, 1.5, Number.NaN]) expect(() => assertThinId(bad)).toThrow(/invalid thin device id/);
+  });
+  test("names are validated before any command runs", async () => {
+    const calls: string[][] = [];
+    setRunner(async (argv) => {
+      calls.push(argv);
+      return res(argv, 0);
+    });
+    await expect(dmsetup.remove("../etc")).rejects.toThrow(/invalid device name/);
+    await expect(dmsetup.message("pool", "delete 1; reboot")).rejects.toThrow(/malformed/);
+    expect(calls).toEqual([]);
+  });
+});
+
+describe("dmsetup wrappers (fake runner: decisions only; the VM tests run the real ones)", () => {
+  test("create on an existing name is typed 'exists', not 'busy'", async () => {
+    const fake: Runner = async (argv) =>
+      argv.includes("create")
+        ? res(argv, 1, "device-mapper: create ioctl on thin1  failed: Device or resource busy\nCommand failed.")
+        : res(argv, 0, "", "thin1|L--w|0|254|1|0|1|\n");
+    setRunner(fake);
+    const err = await dmsetup.create("thin1", "0 8 thin /dev/mapper/p 1").catch((e) => e);
+    expect(isDmError(err, "exists")).toBe(true);
+  });
+  test("create that is busy for another reason stays 'busy'", async () => {
+    setRunner(async (argv) =>
+      argv.includes("create") ? res(argv, 1, "failed: Device or resource busy") : res(argv, 1, "Device does not exist."),
+    );
+    const err = await dmsetup.create("thin1", "0 8 thin /dev/mapper/p 1").catch((e) => e);
+    expect(isDmError(err, "busy")).toBe(true);
+  });
+  test("remove never passes --force; without udev it never waits on a cookie", async () => {
+    const calls: string[][] = [];
+    setRunner(async (argv) => {
+      calls.push(argv);
+      return res(argv, 0);
+    });
+    const prev = process.env.DM_DISABLE_UDEV;
+    process.env.DM_DISABLE_UDEV = "1";
+    await dmsetup.remove("thin1");
+    process.env.DM_DISABLE_UDEV = prev;
+    expect(calls[0]).toEqual(["dmsetup", "--noudevsync", "remove", "thin1"]);
+    expect(calls.flat()).not.toContain("--force");
+  });
+  test("info: null when absent, parsed attrs when present (suspended, read-only)", async () => {
+    setRunner(async (argv) =>
+      argv.at(-1) === "gone" ? res(argv, 1, "Device does not exist.\nCommand failed.") : res(argv, 0, "", "snap|L-sr|2|254|3|7|1|THINIMG-p-3\n"),
+    );
+    expect(await dmsetup.info("gone")).toBeNull();
+    expect(await dmsetup.info("snap")).toEqual({
+      name: "snap", live: true, inactive: false, state: "SUSPENDED", readOnly: true,
+      open: 2, major: 254, minor: 3, eventNr: 7, targets: 1, uuid: "THINIMG-p-3",
+    });
+  });
+  test("withSuspended resumes in finally even when the body throws", async () => {
+    const calls: string[] = [];
+    setRunner(async (argv) => {
+      calls.push(argv.filter((a) => a !== "--noudevsync").slice(1).join(" "));
+      return res(argv, 0);
+    });
+    await expect(dmsetup.withSuspended("dev1", async () => { throw new Error("boom"); })).rejects.toThrow("boom");
+    expect(calls).toEqual(["suspend dev1", "resume dev1"]);
+  });
+  test("ls parses both output formats", () => {
+    expect(dmsetup.parseLs("pool\t(254:0)\nsnap2\t(254, 1)\n")).toEqual([
+      { name: "pool", major: 254, minor: 0 },
+      { name: "snap2", major: 254, minor: 1 },
+    ]);
+    expect(dmsetup.parseLs("No devices found\n")).toEqual([]);
+  });
+});
+
+describe("queue", () => {
+  test("serializes operations and survives a failing one", async () => {
+    const q = new SerialQueue();
+    const order: string[] = [];
+    let running = 0;
+    let maxRunning = 0;
+    const op = (name: string, ms: number, fail = false) =>
+      q.run(async () => {
+        running++;
+        maxRunning = Math.max(maxRunning, running);
+        order.push(`start ${name}`);
+        await Bun.sleep(ms);
+        order.push(`end ${name}`);
+        running--;
+        if (fail) throw new Error(name);
+        return name;
+      });
+    const results = await Promise.allSettled([op("a", 20), op("b", 5, true), op("c", 1)]);
+    expect(maxRunning).toBe(1);
+    expect(order).toEqual(["start a", "end a", "start b", "end b", "start c", "end c"]);
+    expect(results.map((r) => r.status)).toEqual(["fulfilled", "rejected", "fulfilled"]);
+    expect(q.pending).toBe(0);
+  });
+});
+
+describe("tables and tool output parsers", () => {
+  test("pool table round-trips and refuses bad block sizes", () => {
+    const t = poolTable({ metaDev: "/dev/loop0", dataDev: "/dev/loop1", dataSectors: 2097152, blockSectors: 128, lowWaterMark: 1638, features: ["error_if_no_space"] });
+    expect(t).toBe("0 2097152 thin-pool /dev/loop0 /dev/loop1 128 1638 1 error_if_no_space");
+    expect(parsePoolTable("0 2097152 thin-pool 7:0 7:1 128 1638 1 error_if_no_space")).toMatchObject({ blockSectors: 128, lowWaterMark: 1638, features: ["error_if_no_space"], metaDev: "7:0" });
+    expect(() => poolTable({ metaDev: "/dev/loop0", dataDev: "/dev/loop1", dataSectors: 8, blockSectors: 100, lowWaterMark: 1, features: [] })).toThrow(/multiple of 128/);
+    expect(thinTable("pool", 5, 10 * 1024 ** 3)).toBe("0 20971520 thin /dev/mapper/pool 5");
+    expect(() => thinTable("pool", 5, 1000)).toThrow(/multiple of 512/);
+  });
+  test("thin_ls, thin_dump, losetup --json, mountinfo with escapes", () => {
+    expect(parseThinLs("  1      0\n  7   1024\n")).toEqual([{ id: 1, mappedBlocks: 0 }, { id: 7, mappedBlocks: 1024 }]);
+    expect(parseThinDumpIds('<superblock><device dev_id="1" mapped_blocks="0"></device><device dev_id="42"></device>')).toEqual([1, 42]);
+    expect(parseLosetupJson('{"loopdevices":[{"name":"/dev/loop0","back-file":"/tmp/a b/meta (deleted)","ro":false}]}')).toEqual([
+      { device: "/dev/loop0", backingFile: "/tmp/a b/meta", readOnly: false },
+    ]);
+    const m = parseMountinfo("36 25 254:3 / /var/lib/thin\\040img/mnt rw,nosuid,nodev shared:1 - ext4 /dev/mapper/thinimg-p-layer-3 rw\n");
+    expect(m).toEqual([{ mountId: 36, majorMinor: "254:3", root: "/", mountPoint: "/var/lib/thin img/mnt", options: "rw,nosuid,nodev", fstype: "ext4", source: "/dev/mapper/thinimg-p-layer-3", superOptions: "rw" }]);
+  });
+});

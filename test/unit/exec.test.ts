@@ -1,0 +1,78 @@
+import { readFileSync } from "node:fs";
+import { afterEach, describe, expect, test } from "bun:test";
+import { type CmdRecord, CommandError, onCommandRecord, run, runOk } from "../../lib/exec.ts";
+
+let off: (() => void) | undefined;
+afterEach(() => off?.());
+
+function capture(): CmdRecord[] {
+  const recs: CmdRecord[] = [];
+  off = onCommandRecord((r) => recs.push(r));
+  return recs;
+}
+
+// Running (not a zombie waiting for init to reap it).
+const alive = (pid: number) => {
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, "utf8");
+    return stat.slice(stat.lastIndexOf(")") + 2, stat.lastIndexOf(")") + 3) !== "Z";
+  } catch {
+    return false;
+  }
+};
+
+describe("run", () => {
+  test("one structured record per call with the context and real exit code", async () => {
+    const recs = capture();
+    const r = await run(["sh", "-c", "echo out; echo err >&2; exit 3"], { ctx: { pool_name: "p", device_id: 4, device_name: "d" } });
+    expect(r.stdout).toBe("out\n");
+    expect(r.stderr).toBe("err\n");
+    expect(r.exitCode).toBe(3);
+    expect(recs).toHaveLength(1);
+    expect(recs[0]).toMatchObject({ pool_name: "p", device_id: 4, device_name: "d", command: "sh -c echo out; echo err >&2; exit 3", exit_code: 3, timed_out: false });
+    expect(Object.keys(recs[0]!).sort()).toEqual(["command", "device_id", "device_name", "duration_ms", "event", "exit_code", "pool_name", "timed_out"]);
+  });
+
+  test("a command past its timeout is killed and logged with timed_out=true", async () => {
+    const recs = capture();
+    const t0 = performance.now();
+    const r = await run(["sleep", "30"], { timeoutMs: 200 });
+    expect(performance.now() - t0).toBeLessThan(5_000);
+    expect(r.timedOut).toBe(true);
+    expect(r.exitCode).toBeNull();
+    expect(recs[0]?.timed_out).toBe(true);
+  });
+
+  test("SIGTERM is escalated to SIGKILL, and the whole process group dies", async () => {
+    const pidFile = `/tmp/thinimg-exec-test-${process.pid}`;
+    // the shell ignores TERM and starts a child that also ignores it
+    const r = await run(["sh", "-c", `trap '' TERM; (trap '' TERM; sleep 30) & echo $! > ${pidFile}; wait`], {
+      timeoutMs: 300,
+      killGraceMs: 300,
+    });
+    expect(r.timedOut).toBe(true);
+    expect(r.signal).toBe("SIGKILL");
+    const child = Number(await Bun.file(pidFile).text());
+    await Bun.sleep(100);
+    expect(alive(child)).toBe(false);
+  });
+
+  test("missing binary is exit 127 with a record, not a crash", async () => {
+    const recs = capture();
+    const r = await run(["thinimg-no-such-binary-xyz"]);
+    expect(r.exitCode).toBe(127);
+    expect(recs).toHaveLength(1);
+  });
+
+  test("runOk throws CommandError naming the command and stderr's last line", async () => {
+    const e = await runOk(["sh", "-c", "echo first >&2; echo 'the reason' >&2; exit 2"]).catch((x) => x);
+    expect(e).toBeInstanceOf(CommandError);
+    expect(e.message).toContain("exit 2: the reason");
+  });
+
+  test("arguments are passed as argv, never through a shell", async () => {
+    const r = await run(["echo", "$(id)", ";", "rm -rf /"]);
+    expect(r.stdout).toBe("$(id) ; rm -rf /\n");
+    await expect(run(["echo", "a\0b"])).rejects.toThrow(/invalid argument/);
+  });
+});
