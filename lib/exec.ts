@@ -139,9 +139,28 @@ export const spawnRunner: Runner = async (argv, opts = {}) => {
   }, timeoutMs);
   const out = new Response(proc.stdout as ReadableStream).text();
   const err = new Response(proc.stderr as ReadableStream).text();
-  await proc.exited;
+  // A process in uninterruptible sleep (D state, e.g. I/O on a suspended device) ignores even
+  // SIGKILL. Waiting for it would wedge us too, so past timeout + grace + 1 s we return without it.
+  const abandonAfter = timeoutMs + graceMs + 1_000;
+  const exited = await Promise.race([
+    proc.exited.then(() => true),
+    Bun.sleep(abandonAfter).then(() => false),
+  ]);
   clearTimeout(termTimer);
-  if (killTimer) clearTimeout(killTimer);
+  if (killTimer && exited) clearTimeout(killTimer);
+  if (!exited) {
+    const r: CmdResult = {
+      argv,
+      stdout: "",
+      stderr: `process ${proc.pid} did not exit after SIGKILL (uninterruptible sleep?); abandoned`,
+      exitCode: null,
+      signal: "SIGKILL",
+      timedOut: true,
+      durationMs: Math.round(performance.now() - started),
+    };
+    emitRecord(r, opts.ctx);
+    return r;
+  }
   // A grandchild that left the group may still hold the pipes: never wait on it for long.
   const drained = await Promise.race([Promise.all([out, err]), Bun.sleep(1_000).then(() => null)]);
   const [stdout, stderr] = drained ?? ["", "(output not drained: a child process kept the pipe open)"];
