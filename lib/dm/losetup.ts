@@ -62,3 +62,50 @@ export async function detach(dev: string, ctx?: CmdContext): Promise<void> {
   assertDevPath(dev);
   await dmQueue.run(() => runOk(["losetup", "--detach", dev], { timeoutMs: LOSETUP_TIMEOUT_MS, ctx }));
 }
+
+/** A loop device with what it takes to match it to a file even after renames: the backing inode
+ * and filesystem device, and the loop's own major:minor (dm tables name devices that way). */
+export interface LoopDetail extends LoopDevice {
+  /** "7:0" */
+  majMin: string;
+  backingInode: number | null;
+  /** "254:0": the filesystem the backing file lives on. */
+  backingDev: string | null;
+  /** The backing file's name was unlinked or replaced since attach ("… (deleted)"). */
+  deleted: boolean;
+}
+
+export function parseLosetupDetailJson(out: string): LoopDetail[] {
+  if (!out.trim()) return [];
+  const j = JSON.parse(out) as {
+    loopdevices?: {
+      name: string;
+      "back-file": string | null;
+      ro: boolean | string;
+      "maj:min"?: string;
+      "back-ino"?: number | string | null;
+      "back-maj:min"?: string | null;
+    }[];
+  };
+  return (j.loopdevices ?? []).map((d) => {
+    const raw = d["back-file"] ?? "";
+    const ino = d["back-ino"];
+    return {
+      device: d.name,
+      backingFile: raw.replace(/ \(deleted\)$/, ""),
+      readOnly: d.ro === true || d.ro === "1",
+      majMin: (d["maj:min"] ?? "").trim(),
+      backingInode: ino === null || ino === undefined || ino === "" ? null : Number(ino),
+      backingDev: d["back-maj:min"]?.trim() || null,
+      deleted: / \(deleted\)$/.test(raw),
+    };
+  });
+}
+
+export async function listDetailed(ctx?: CmdContext): Promise<LoopDetail[]> {
+  const r = await runOk(["losetup", "--list", "--json", "--output", "NAME,BACK-FILE,RO,MAJ:MIN,BACK-INO,BACK-MAJ:MIN"], {
+    timeoutMs: LOSETUP_TIMEOUT_MS,
+    ctx,
+  });
+  return parseLosetupDetailJson(r.stdout);
+}

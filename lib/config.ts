@@ -1,0 +1,173 @@
+// Runtime configuration: flags win over environment variables, which win over defaults. Every value
+// is parsed (sizes, durations) and then validated with valibot; a bad value becomes ONE line naming
+// where it came from (flag or env var), what is wrong and what to use instead.
+import { isAbsolute, join, resolve } from "node:path";
+import * as v from "valibot";
+import { ThinimgError } from "./errors.ts";
+import { parseDuration, parseIntArg, parseSize } from "./util/units.ts";
+
+export const DEFAULT_STATE_DIR = "/var/lib/thinimg";
+export const DEFAULT_POOL = "thinimg-pool";
+/** Every dm device thinimg creates starts with this; devices without it are never touched. */
+export const DEVICE_PREFIX = "thinimg";
+export const DEFAULT_VIRTUAL_SIZE = 10 * 1024 ** 3;
+export const DEFAULT_LOCK_WAIT_MS = 5 * 60_000;
+
+/** Longest suffix a device name gets: "-layer-16777215" / "-snap-16777215". */
+const LONGEST_SUFFIX = "-layer-16777215".length;
+const MAX_POOL_NAME = 127 - DEVICE_PREFIX.length - 1 - LONGEST_SUFFIX;
+
+export interface Limits {
+  /** Largest blob (compressed, as stored) fetched into the cache. */
+  maxBlobBytes: number;
+  /** Uncompressed bytes of one layer (also the decompression bomb guard). */
+  maxLayerBytes: number;
+  maxFileBytes: number;
+  maxEntries: number;
+}
+
+export interface Config {
+  stateDir: string;
+  dbPath: string;
+  lockFile: string;
+  /** Mount points for layer application live here, one per device. */
+  mountDir: string;
+  pool: string;
+  prefix: string;
+  /** Virtual size of a new base layer device (every layer and snapshot of it inherits it). */
+  virtualSize: number;
+  /** How long a second caller waits for a lock before giving up. */
+  lockWaitMs: number;
+  limits: Limits;
+  /** Attempts (including the first) for transient failures, and the first backoff. */
+  retry: { attempts: number; baseDelayMs: number };
+}
+
+export interface ConfigInput {
+  stateDir?: string | undefined;
+  pool?: string | undefined;
+  virtualSize?: string | undefined;
+  wait?: string | undefined;
+}
+
+type Env = Record<string, string | undefined>;
+
+const GiB = 1024 ** 3;
+
+const Schema = v.object({
+  stateDir: v.pipe(
+    v.string(),
+    v.check((s) => isAbsolute(s), "must be an absolute path"),
+    v.check((s) => !/[\0-\x1f]/.test(s), "must not contain control characters"),
+  ),
+  pool: v.pipe(
+    v.string(),
+    v.regex(/^[A-Za-z0-9][A-Za-z0-9._+-]*$/, "use letters, digits and . _ + - (starting with a letter or digit)"),
+    v.maxLength(MAX_POOL_NAME, `must be at most ${MAX_POOL_NAME} characters (device names carry it)`),
+  ),
+  virtualSize: v.pipe(
+    v.number(),
+    v.integer(),
+    v.minValue(64 * 1024 ** 2, "must be at least 64M (ext4 needs room for its journal)"),
+    v.maxValue(16 * 1024 ** 4, "must be at most 16T"),
+    v.check((n) => n % 4096 === 0, "must be a multiple of 4K"),
+  ),
+  lockWaitMs: v.pipe(v.number(), v.integer(), v.minValue(0), v.maxValue(24 * 3_600_000, "must be at most 24h")),
+  limits: v.object({
+    maxBlobBytes: v.pipe(v.number(), v.integer(), v.minValue(1)),
+    maxLayerBytes: v.pipe(v.number(), v.integer(), v.minValue(1)),
+    maxFileBytes: v.pipe(v.number(), v.integer(), v.minValue(1)),
+    maxEntries: v.pipe(v.number(), v.integer(), v.minValue(1), v.maxValue(100_000_000)),
+  }),
+  retry: v.object({
+    attempts: v.pipe(v.number(), v.integer(), v.minValue(1), v.maxValue(20)),
+    baseDelayMs: v.pipe(v.number(), v.integer(), v.minValue(0), v.maxValue(60_000)),
+  }),
+});
+
+/** Where each field came from, so an error can name the flag or the variable. */
+type Sources = Record<string, string>;
+
+function pick(flag: string | undefined, flagName: string, env: Env, envName: string, sources: Sources, key: string) {
+  if (flag !== undefined && flag !== "") {
+    sources[key] = flagName;
+    return flag;
+  }
+  const e = env[envName];
+  if (e !== undefined && e !== "") {
+    sources[key] = envName;
+    return e;
+  }
+  sources[key] = `default ${key}`;
+  return undefined;
+}
+
+/** Build and validate the configuration. Throws ThinimgError("usage") with one line on bad input. */
+export function loadConfig(input: ConfigInput = {}, env: Env = process.env): Config {
+  const src: Sources = {};
+  const stateRaw = pick(input.stateDir, "--state-dir", env, "THINIMG_STATE_DIR", src, "stateDir");
+  const poolRaw = pick(input.pool, "--pool", env, "THINIMG_POOL", src, "pool");
+  const sizeRaw = pick(input.virtualSize, "--virtual-size", env, "THINIMG_VIRTUAL_SIZE", src, "virtualSize");
+  const waitRaw = pick(input.wait, "--wait", env, "THINIMG_LOCK_WAIT", src, "lockWaitMs");
+  const size = (envName: string, dflt: number, key: string) => {
+    const raw = env[envName];
+    src[key] = envName;
+    return raw ? parseSize(raw, envName) : dflt;
+  };
+  const raw = {
+    stateDir: stateRaw === undefined ? DEFAULT_STATE_DIR : resolve(stateRaw),
+    pool: poolRaw ?? DEFAULT_POOL,
+    virtualSize: sizeRaw === undefined ? DEFAULT_VIRTUAL_SIZE : parseSize(sizeRaw, src.virtualSize!),
+    lockWaitMs: waitRaw === undefined ? DEFAULT_LOCK_WAIT_MS : parseDuration(waitRaw, src.lockWaitMs!),
+    limits: {
+      maxBlobBytes: size("THINIMG_MAX_BLOB_SIZE", 8 * GiB, "limits.maxBlobBytes"),
+      maxLayerBytes: size("THINIMG_MAX_LAYER_SIZE", 10 * GiB, "limits.maxLayerBytes"),
+      maxFileBytes: size("THINIMG_MAX_FILE_SIZE", GiB, "limits.maxFileBytes"),
+      maxEntries: env.THINIMG_MAX_ENTRIES
+        ? parseIntArg(env.THINIMG_MAX_ENTRIES, "THINIMG_MAX_ENTRIES", { min: 1 })
+        : 100_000,
+    },
+    retry: {
+      attempts: env.THINIMG_RETRY_ATTEMPTS
+        ? parseIntArg(env.THINIMG_RETRY_ATTEMPTS, "THINIMG_RETRY_ATTEMPTS", { min: 1, max: 20 })
+        : 3,
+      baseDelayMs: 250,
+    },
+  };
+  src["limits.maxEntries"] = "THINIMG_MAX_ENTRIES";
+  src["retry.attempts"] = "THINIMG_RETRY_ATTEMPTS";
+  const r = v.safeParse(Schema, raw);
+  if (!r.success) {
+    const issue = r.issues[0];
+    const path = v.getDotPath(issue) ?? "config";
+    const where = src[path] ?? path;
+    const shown = JSON.stringify(issue.input) ?? String(issue.input);
+    const value = shown.length > 60 ? `${shown.slice(0, 57)}…"` : shown;
+    throw new ThinimgError("usage", `${where} ${value}: ${issue.message}`, {
+      hint: hintFor(path),
+    });
+  }
+  const c = r.output;
+  return {
+    ...c,
+    prefix: DEVICE_PREFIX,
+    dbPath: join(c.stateDir, "state.db"),
+    lockFile: join(c.stateDir, "thinimg.lock"),
+    mountDir: join(c.stateDir, "mnt"),
+  };
+}
+
+function hintFor(path: string): string {
+  switch (path) {
+    case "stateDir":
+      return `pass --state-dir /abs/path or set THINIMG_STATE_DIR (default ${DEFAULT_STATE_DIR})`;
+    case "pool":
+      return `pass --pool NAME or set THINIMG_POOL (default ${DEFAULT_POOL})`;
+    case "virtualSize":
+      return "use e.g. --virtual-size 10G";
+    case "lockWaitMs":
+      return "use e.g. --wait 30s or --wait 10m";
+    default:
+      return "fix the value or unset the variable to use the default";
+  }
+}

@@ -1,0 +1,189 @@
+// One GC run, start to finish:
+//   force: open the DB → take the process lock (or --ignore-lock: warn) → health checks must pass →
+//          settle intents of dead processes → scan → plan → act → repair the DB → report
+//   dry-run: scan → plan → report; nothing is changed (the metadata snapshot is reserved and
+//          released again: that is the only way to read a live pool's metadata).
+// Scans happen BEFORE the DB is read: every pool change is recorded in the DB before it is made, so
+// anything the scans saw that the DB does not know is not work in flight.
+import { existsSync } from "node:fs";
+import type { Config } from "../config.ts";
+import { errorMessage, ThinimgError } from "../errors.ts";
+import { assertHealthy } from "../health/index.ts";
+import { staleness } from "../lock/owner.ts";
+import { type ProcessLock, acquireProcessLock, readLockFile } from "../lock/process-lock.ts";
+import { describeHolder } from "../lock/owner.ts";
+import { log } from "../log.ts";
+import { makeCtx } from "../pipeline/context.ts";
+import { reconcilePending } from "../pipeline/txn.ts";
+import { type Db, openDb } from "../store/db.ts";
+import { type GcRows, readGcRows } from "../store/gc-queries.ts";
+import { type ActResult, act, STEP_TIMEOUT_MS } from "./act.ts";
+import { buildDbView } from "./db-view.ts";
+import { applyRepairs, storeLedger } from "./ledger.ts";
+import type { DmScan, MetaScan, Plan } from "./model.ts";
+import { mountsByDevice, readMountinfo } from "./mounts.ts";
+import { makePlan } from "./plan.ts";
+import { buildReport, type GcReport, type GcReportInput } from "./report.ts";
+import { scanDm } from "./scan-dm.ts";
+import { scanMeta } from "./scan-meta.ts";
+
+export interface GcOptions {
+  cfg: Config;
+  force: boolean;
+  graceMs: number;
+  ignoreLock: boolean;
+  /** How long to wait for the process lock (pool sections are short). */
+  lockWaitMs?: number;
+  stepTimeoutMs?: number;
+  signal?: AbortSignal;
+  command?: string;
+}
+
+export const GC_LOCK_WAIT_MS = 30_000;
+
+const EMPTY_ROWS: GcRows = { thinIds: [], layers: [], snapshots: [], devices: [], mounts: [], images: [], imageLayers: [], runningWork: [] };
+
+function openForRun(cfg: Config, force: boolean): { db: Db | null; note: string | null } {
+  if (force) return { db: openDb(cfg.dbPath), note: null };
+  if (!existsSync(cfg.dbPath)) return { db: null, note: `no state database at ${cfg.dbPath}: nothing is known to thinimg` };
+  try {
+    return { db: openDb(cfg.dbPath, { readOnly: true }), note: null };
+  } catch (e) {
+    // a WAL database opened read-only needs its -shm; a read-write open only reads here
+    log.debug(`read-only open failed (${errorMessage(e)}); opening read-write`);
+    return { db: openDb(cfg.dbPath), note: null };
+  }
+}
+
+const alive = (pid: number, startTime: number | null, host: string | null) => {
+  if (host === null) {
+    try {
+      process.kill(pid, 0);
+      return true;
+    } catch (e) {
+      return (e as NodeJS.ErrnoException).code === "EPERM";
+    }
+  }
+  return !staleness({ pid, startTime, host }).stale;
+};
+
+export async function runGc(o: GcOptions): Promise<GcReport> {
+  const { cfg } = o;
+  const pool = cfg.pool;
+  const startedAt = Date.now();
+  const notes: string[] = [];
+  const mode = o.force ? "force" : "dry_run";
+  const base: Omit<GcReportInput, "finishedAt"> = {
+    mode,
+    pool,
+    stateDir: cfg.stateDir,
+    graceMs: o.graceMs,
+    startedAt,
+    lock: { status: "not_taken", holder: null },
+    health: null,
+    scan: { ours: 0, foreign: 0, unrelated: 0, metadata: { status: "skipped", method: null, thinIds: null, staleHold: null, skipped: null }, dbKnown: false },
+    plan: null,
+    act: null,
+    repairsApplied: false,
+    reconciled: 0,
+    refused: null,
+    notes,
+  };
+  const done = (extra: Partial<GcReportInput>) => buildReport({ ...base, ...extra, notes, finishedAt: Date.now() });
+
+  const opened = openForRun(cfg, o.force);
+  const db = opened.db;
+  if (opened.note) notes.push(opened.note);
+  let lock: ProcessLock | null = null;
+  try {
+    // ---- locks and health (force only) ----
+    if (o.force && db) {
+      try {
+        lock = await acquireProcessLock(cfg.lockFile, db, { waitMs: o.ignoreLock ? 0 : (o.lockWaitMs ?? GC_LOCK_WAIT_MS), command: o.command });
+        base.lock = { status: "acquired", holder: null };
+      } catch (e) {
+        const holder = readLockFile(cfg.lockFile);
+        const who = holder ? describeHolder(holder) : errorMessage(e);
+        if (!o.ignoreLock) {
+          base.lock = { status: "held", holder: who };
+          return done({ refused: { reason: "lock_held", detail: `the process lock is held by ${who}; nothing was done (the next run retries; --ignore-lock overrides)` } });
+        }
+        log.warn(`gc --ignore-lock: the process lock is held by ${who}; going ahead without it`);
+        base.lock = { status: "ignored", holder: who };
+      }
+      try {
+        // a full pool is what GC is for: data use alone never blocks it (out_of_data_space mode,
+        // needs_check, metadata use, D-state, kernel errors, memory and I/O pressure still do)
+        await assertHealthy({ pool, stateDir: cfg.stateDir, thresholds: { dataBlockPct: 101 } });
+        base.health = { ok: true, detail: "health checks passed" };
+      } catch (e) {
+        const msg = e instanceof ThinimgError ? e.oneLine() : errorMessage(e);
+        base.health = { ok: false, detail: msg };
+        return done({ refused: { reason: "unhealthy", detail: `health checks failed: ${msg}` } });
+      }
+      if (lock) {
+        // settle intents of processes that died (pending activations become orphans GC can see)
+        try {
+          base.reconciled = await reconcilePending(makeCtx(cfg, { db, command: o.command }));
+        } catch (e) {
+          notes.push(`settling interrupted work failed: ${errorMessage(e)}`);
+        }
+      }
+    }
+
+    // ---- scans, then the DB ----
+    const scannedAt = Date.now();
+    const dm: DmScan = await scanDm(pool, cfg.prefix);
+    const entries = readMountinfo();
+    const meta: MetaScan = await scanMeta(pool, { releaseStale: o.force && lock !== null });
+    const rows = db ? readGcRows(db, pool) : EMPTY_ROWS;
+    const { view, notes: dbNotes } = buildDbView(pool, rows, alive);
+    notes.push(...dbNotes);
+    const mounts = mountsByDevice(dm.ours, entries, cfg.mountDir, view.mounts.map((m) => m.path));
+    const plan: Plan = makePlan({
+      dm,
+      meta,
+      mounts,
+      mountPoints: new Set(entries.map((e) => e.mountPoint)),
+      db: view,
+      now: Date.now(),
+      graceMs: o.graceMs,
+      scannedAt,
+    });
+    notes.push(...plan.notes);
+    base.scan = {
+      ours: dm.ours.length,
+      foreign: dm.foreign.length,
+      unrelated: dm.unrelated,
+      metadata: {
+        status: meta.status,
+        method: meta.method,
+        thinIds: meta.status === "ok" ? meta.ids.size : null,
+        staleHold: meta.staleHold,
+        skipped: meta.skipped ? `${meta.skipped.reason}: ${meta.skipped.detail}` : null,
+      },
+      dbKnown: view.known,
+    };
+    base.plan = plan;
+
+    // ---- act (force only) ----
+    let actResult: ActResult | null = null;
+    if (o.force && db) {
+      actResult = await act(plan.actions, {
+        pool,
+        stepTimeoutMs: o.stepTimeoutMs ?? STEP_TIMEOUT_MS,
+        ledger: storeLedger(db, pool),
+        scanned: new Map(dm.ours.map((d) => [d.name, d])),
+        signal: o.signal,
+      });
+      if (plan.repairs.length && !actResult.stopped) {
+        applyRepairs(db, pool, plan.repairs);
+        base.repairsApplied = true;
+      }
+    }
+    return done({ act: actResult });
+  } finally {
+    lock?.release();
+    db?.close();
+  }
+}

@@ -1,0 +1,96 @@
+// Thin ids in the pool's metadata — the only way to see inactive leaks (ids no dm device shows).
+// The pool is live, so we read a metadata *snapshot*: reserve_metadata_snap → thin_ls (or thin_dump)
+// on it → release_metadata_snap, the release always in `finally`. A snapshot already held when we
+// look means someone died holding it (or is reading right now): reported, released only when the
+// caller says so (--force and the process lock is ours).
+import { existsSync, readFileSync } from "node:fs";
+import * as dmsetup from "../dm/dmsetup.ts";
+import { isDmError } from "../dm/errors.ts";
+import { parsePoolTable, poolStatusOk, releaseMetadataSnap, reserveMetadataSnap, SECTOR } from "../dm/pool.ts";
+import { parseThinDumpIds, thinDump, thinLs } from "../dm/thintools.ts";
+import { errorMessage } from "../errors.ts";
+import { log } from "../log.ts";
+import type { MetaScan } from "./model.ts";
+
+/** "7:0" → a path that opens that block device. */
+export function devPathFor(majorMinor: string, o: { dev?: string; sys?: string } = {}): string | null {
+  const dev = o.dev ?? "/dev";
+  const sys = o.sys ?? "/sys";
+  if (!/^\d+:\d+$/.test(majorMinor)) return majorMinor.startsWith("/") ? majorMinor : null;
+  const link = `${dev}/block/${majorMinor}`;
+  if (existsSync(link)) return link;
+  try {
+    const m = /^DEVNAME=(.+)$/m.exec(readFileSync(`${sys}/dev/block/${majorMinor}/uevent`, "utf8"));
+    if (m && !m[1]!.includes("..")) return `${dev}/${m[1]!.trim()}`;
+  } catch {
+    // fall through: unknown device
+  }
+  return null;
+}
+
+export interface ScanMetaOptions {
+  /** Release a snapshot that was already held (caller owns the process lock and runs --force). */
+  releaseStale: boolean;
+  /** Per-command timeout (ms). */
+  timeoutMs?: number;
+}
+
+export async function scanMeta(pool: string, o: ScanMetaOptions): Promise<MetaScan> {
+  const timeoutMs = o.timeoutMs ?? 10_000;
+  const ctx = { pool_name: pool };
+  const pt = parsePoolTable((await dmsetup.table(pool, { timeoutMs, ctx })).split("\n")[0] ?? "");
+  const blockBytes = pt.blockSectors * SECTOR;
+  const metaDev = devPathFor(pt.metaDev);
+  const base: MetaScan = { status: "skipped", method: null, ids: new Map(), blockBytes, staleHold: null, skipped: null, metaDev };
+  if (!metaDev) {
+    return { ...base, skipped: { reason: "scan_failed", detail: `cannot find a device node for the pool's metadata device ${pt.metaDev}` } };
+  }
+
+  const st = await poolStatusOk(pool, { timeoutMs, ctx });
+  if (st.heldRoot !== null) {
+    if (!o.releaseStale) {
+      return {
+        ...base,
+        staleHold: { heldRoot: st.heldRoot, released: false },
+        skipped: {
+          reason: "stale_metadata_snap",
+          detail: `pool ${pool} already holds a metadata snapshot (root ${st.heldRoot}): a previous run died holding it, or another reader is active; inactive leaks not scanned`,
+        },
+      };
+    }
+    log.warn(`pool ${pool}: releasing a stale metadata snapshot (root ${st.heldRoot})`);
+    await releaseMetadataSnap(pool, { timeoutMs, ctx });
+    base.staleHold = { heldRoot: st.heldRoot, released: true };
+  }
+
+  try {
+    await reserveMetadataSnap(pool, { timeoutMs, ctx });
+  } catch (e) {
+    // another reader reserved between our status and our reserve
+    if (isDmError(e, "busy") || isDmError(e, "exists")) {
+      return { ...base, skipped: { reason: "metadata_snap_busy", detail: `pool ${pool}: metadata snapshot taken by someone else: ${errorMessage(e)}` } };
+    }
+    throw e;
+  }
+  try {
+    try {
+      const entries = await thinLs(metaDev, { metadataSnap: true, timeoutMs: 60_000, ctx });
+      return { ...base, status: "ok", method: "thin_ls", ids: new Map(entries.map((e) => [e.id, e.mappedBlocks])) };
+    } catch (e) {
+      log.warn(`thin_ls failed (${errorMessage(e)}); falling back to thin_dump`);
+    }
+    try {
+      const ids = parseThinDumpIds(await thinDump(metaDev, { metadataSnap: true, timeoutMs: 60_000, ctx }));
+      return { ...base, status: "ok", method: "thin_dump", ids: new Map(ids.map((id) => [id, null])) };
+    } catch (e) {
+      return { ...base, skipped: { reason: "scan_failed", detail: `reading the metadata snapshot failed: ${errorMessage(e)}` } };
+    }
+  } finally {
+    try {
+      await releaseMetadataSnap(pool, { timeoutMs, ctx });
+    } catch (e) {
+      // the next run sees the hold in the status line and reports it
+      log.error(`pool ${pool}: release_metadata_snap failed: ${errorMessage(e)}; the next gc run will report a stale hold`);
+    }
+  }
+}

@@ -1,0 +1,425 @@
+// Applies the entries of one layer to a root directory, synchronously, as the tar reader hands
+// them over. Semantics follow umoci/containerd (docs/layer-apply.md): whiteouts and opaque
+// whiteouts remove only what lower layers left (never what this layer created, whatever the entry
+// order), a later entry for the same path wins, directory metadata is applied at the end of the
+// layer deepest first, and lower directories this layer only wrote into keep their times.
+//
+// Safety: every parent is resolved inside the root (inroot.ts); the final component is never
+// followed — files are created with O_CREAT|O_EXCL|O_NOFOLLOW after removing what was there, and
+// metadata goes through the fd or l* calls. Directory metadata applied at the end re-checks that the
+// path is still a plain directory chain when anything was replaced in between.
+import {
+  chmodSync,
+  closeSync,
+  constants,
+  fchmodSync,
+  fchownSync,
+  futimesSync,
+  lchownSync,
+  linkSync,
+  lstatSync,
+  lutimesSync,
+  mkdirSync,
+  openSync,
+  readdirSync,
+  rmSync,
+  type Stats,
+  symlinkSync,
+  unlinkSync,
+  writeSync,
+} from "node:fs";
+import { InRoot } from "./inroot.ts";
+import { fsetxattr, lgetxattr, llistxattr, lremovexattr, lsetxattr, mknod, S_IFBLK, S_IFCHR, S_IFIFO } from "./libc.ts";
+import { checkNameBytes, HOSTILE_HINT, type Limits, RuleError, splitName } from "./rules.ts";
+import type { TarEntry, TarSink } from "./tar-reader.ts";
+
+const WH_PREFIX = ".wh.";
+const WH_META_PREFIX = ".wh..wh.";
+const WH_OPAQUE = ".wh..wh..opq";
+
+// Bun opens every fd close-on-exec already.
+const O_CREATE_FILE = constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL | constants.O_NOFOLLOW;
+
+/** xattrs that steer an overlayfs mount: an image must not be able to set them. */
+const FORBIDDEN_XATTR_PREFIX = "trusted.overlay.";
+/** Labels the host's LSM owns; never cleared from an existing directory (umoci does the same). */
+const KEEP_XATTRS = new Set(["security.selinux"]);
+
+interface Times {
+  atime: number;
+  mtime: number;
+}
+
+interface DirRecord extends Times {
+  name: string;
+  mode: number;
+  uid: number;
+  gid: number;
+  xattrs: Map<string, Buffer> | null;
+  /** The directory existed before this entry (its old xattrs must go). */
+  merged: boolean;
+  epoch: number;
+}
+
+interface TimesRecord extends Times {
+  epoch: number;
+}
+
+export interface ApplierOptions {
+  limits: Limits;
+  devices: boolean;
+  sameOwner: boolean;
+  xattrs: boolean;
+  isRoot: boolean;
+}
+
+export class Applier implements TarSink {
+  readonly fs: InRoot;
+  entries = 0;
+  whiteouts = 0;
+  skipped = 0;
+  /** Name of the entry being applied, for error messages. */
+  current: string | null = null;
+
+  /** Real paths this layer created, and their ancestors: whiteouts never remove these. */
+  private readonly upper = new Set<string>();
+  /** Directory entries of this layer: metadata applied at the end, deepest first. */
+  private readonly dirs = new Map<string, DirRecord>();
+  /** Times of pre-existing directories this layer wrote into, restored at the end. */
+  private readonly parentTimes = new Map<string, TimesRecord>();
+  /** Bumped whenever a directory or symlink is removed: recorded paths must be re-checked. */
+  private epoch = 0;
+
+  // The regular file being written.
+  private fd = -1;
+  private file: TarEntry | null = null;
+
+  constructor(
+    root: string,
+    private readonly o: ApplierOptions,
+  ) {
+    this.fs = new InRoot(root, o.limits.maxDepth, (real) => this.addUpper(real));
+  }
+
+  entry(e: TarEntry): void {
+    this.current = e.name;
+    const L = this.o.limits;
+    if (++this.entries > L.maxEntries) {
+      throw new RuleError(
+        "policy",
+        `more than ${L.maxEntries} entries (maxEntries)`,
+        "raise --max-entries if the image is legitimate",
+      );
+    }
+    checkNameBytes(e.name, L, "path");
+    const comps = splitName(e.name);
+    if (comps.length > L.maxDepth) {
+      throw new RuleError("policy", `path is deeper than ${L.maxDepth} levels (maxDepth)`, HOSTILE_HINT);
+    }
+    if (e.type === "file") {
+      if (e.size > L.maxFileBytes) {
+        throw new RuleError(
+          "policy",
+          `file of ${e.size} bytes exceeds the ${L.maxFileBytes}-byte limit (maxFileBytes)`,
+          "raise --max-file-bytes if the image is legitimate",
+        );
+      }
+      if (e.offset + 512 + e.size > L.maxTotalBytes) {
+        throw new RuleError(
+          "policy",
+          `layer would exceed ${L.maxTotalBytes} bytes (maxTotalBytes)`,
+          "raise --max-total-bytes if the image is legitimate",
+        );
+      }
+    }
+
+    const n = comps.length;
+    const base = n > 0 ? comps[n - 1]! : "";
+    if (base.startsWith(WH_PREFIX)) {
+      this.whiteout(comps, base);
+      return;
+    }
+
+    if (n === 0) {
+      // An entry for the root itself: only its metadata can change.
+      if (e.type !== "dir") throw new RuleError("policy", "a non-directory entry replaces the root", HOSTILE_HINT);
+      this.recordDir("", e, true);
+      return;
+    }
+
+    const parent = this.fs.dir(comps, n - 1, true)!;
+    const real = parent === "" ? base : `${parent}/${base}`;
+    const abs = `${this.fs.root}/${real}`;
+    this.touchParent(parent);
+
+    switch (e.type) {
+      case "dir": {
+        const st = lstatSync(abs, { throwIfNoEntry: false });
+        const merged = st?.isDirectory() === true;
+        if (!merged) {
+          if (st) this.remove(abs, st);
+          mkdirSync(abs, 0o700);
+        }
+        this.recordDir(real, e, merged);
+        this.fs.remember(comps.join("/"), real);
+        break;
+      }
+      case "file":
+        this.fd = this.create(abs, () => openSync(abs, O_CREATE_FILE, 0o600));
+        this.file = e;
+        break;
+      case "symlink":
+        checkNameBytes(e.linkname, this.o.limits, "symlink target");
+        if (e.linkname === "") throw new RuleError("input", "symlink with an empty target");
+        // Written exactly as in the archive: absolute and climbing targets are legal in images;
+        // they are only ever followed by resolution inside the root.
+        this.create(abs, () => symlinkSync(e.linkname, abs));
+        this.finishNode(abs, e, false);
+        break;
+      case "link":
+        this.hardlink(abs, e);
+        break;
+      case "char":
+      case "block":
+      case "fifo":
+        if (!this.o.devices) {
+          this.skipped++;
+          return;
+        }
+        if (e.type !== "fifo" && !this.o.isRoot) {
+          throw new RuleError("policy", "device nodes can only be created as root", "run as root, or drop --devices");
+        }
+        this.create(abs, () =>
+          mknod(abs, (e.type === "char" ? S_IFCHR : e.type === "block" ? S_IFBLK : S_IFIFO) | 0o600, e.devmajor, e.devminor),
+        );
+        this.finishNode(abs, e, true);
+        break;
+    }
+    this.addUpper(real);
+  }
+
+  data(buf: Buffer, off: number, len: number): void {
+    const fd = this.fd;
+    if (fd < 0) return; // a whiteout marker with content: ignored
+    while (len > 0) {
+      const w = writeSync(fd, buf, off, len);
+      off += w;
+      len -= w;
+    }
+  }
+
+  fileEnd(): void {
+    const fd = this.fd;
+    const e = this.file;
+    if (fd < 0 || e === null) return;
+    this.fd = -1;
+    this.file = null;
+    try {
+      // Owner first: chown clears setuid/setgid and security.capability.
+      if (this.o.sameOwner) fchownSync(fd, e.uid, e.gid);
+      fchmodSync(fd, e.mode);
+      if (e.xattrs && this.o.xattrs) {
+        for (const [k, v] of e.xattrs) {
+          checkXattr(k);
+          fsetxattr(fd, k, v);
+        }
+      }
+      futimesSync(fd, e.atime ?? e.mtime, e.mtime);
+    } finally {
+      closeSync(fd);
+    }
+  }
+
+  /** Close what is open after an error. */
+  abort(): void {
+    if (this.fd >= 0) {
+      try {
+        closeSync(this.fd);
+      } catch {}
+      this.fd = -1;
+    }
+  }
+
+  /** End of the layer: directory metadata deepest first, then restore untouched parents' times. */
+  finish(): void {
+    const recs = [...this.dirs].sort((a, b) => depth(b[0]) - depth(a[0]));
+    for (const [real, r] of recs) {
+      this.current = r.name;
+      if (r.epoch !== this.epoch && !this.fs.isRealDir(real)) continue; // replaced later in the layer
+      const abs = this.fs.abs(real);
+      if (this.o.sameOwner) lchownSync(abs, r.uid, r.gid);
+      chmodSync(abs, r.mode); // a verified directory, not a link
+      if (this.o.xattrs) this.setDirXattrs(abs, r);
+      lutimesSync(abs, r.atime, r.mtime);
+    }
+    for (const [real, t] of this.parentTimes) {
+      if (this.dirs.has(real)) continue;
+      this.current = real === "" ? "/" : real;
+      if (t.epoch !== this.epoch && !this.fs.isRealDir(real)) continue;
+      lutimesSync(this.fs.abs(real), t.atime, t.mtime);
+    }
+    this.current = null;
+  }
+
+  // --- helpers -------------------------------------------------------------------------------
+
+  private recordDir(real: string, e: TarEntry, merged: boolean): void {
+    this.dirs.set(real, {
+      name: e.name,
+      mode: e.mode,
+      uid: e.uid,
+      gid: e.gid,
+      atime: e.atime ?? e.mtime,
+      mtime: e.mtime,
+      xattrs: e.xattrs,
+      merged,
+      epoch: this.epoch,
+    });
+  }
+
+  private setDirXattrs(abs: string, r: DirRecord): void {
+    if (r.merged) {
+      // The entry describes the directory completely: attributes it does not list go.
+      for (const k of llistxattr(abs)) {
+        if (!KEEP_XATTRS.has(k) && !r.xattrs?.has(k)) lremovexattr(abs, k);
+      }
+    }
+    if (!r.xattrs) return;
+    for (const [k, v] of r.xattrs) {
+      checkXattr(k);
+      if (r.merged) {
+        const old = lgetxattr(abs, k);
+        if (old?.equals(v)) continue;
+      }
+      lsetxattr(abs, k, v);
+    }
+  }
+
+  /** Owner, mode (not for symlinks), xattrs, times of a just-created non-directory, by path. */
+  private finishNode(abs: string, e: TarEntry, chmod: boolean): void {
+    if (this.o.sameOwner) lchownSync(abs, e.uid, e.gid);
+    if (chmod) chmodSync(abs, e.mode); // a node we just created (mknod never follows links)
+    if (e.xattrs && this.o.xattrs) {
+      for (const [k, v] of e.xattrs) {
+        checkXattr(k);
+        lsetxattr(abs, k, v);
+      }
+    }
+    lutimesSync(abs, e.atime ?? e.mtime, e.mtime);
+  }
+
+  /** Run an exclusive create; if something is in the way, remove it (never following it) and retry. */
+  private create<T>(abs: string, make: () => T): T {
+    try {
+      return make();
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== "EEXIST") throw err;
+    }
+    const st = lstatSync(abs, { throwIfNoEntry: false });
+    if (st) this.remove(abs, st);
+    return make();
+  }
+
+  private remove(abs: string, st: Stats): void {
+    if (st.isDirectory()) {
+      // rm -r never follows symlinks it meets (checked by test/unit/hostile.test.ts).
+      rmSync(abs, { recursive: true, force: true });
+      this.bump();
+    } else {
+      unlinkSync(abs);
+      if (st.isSymbolicLink()) this.bump();
+    }
+  }
+
+  private bump(): void {
+    this.epoch++;
+    this.fs.invalidate();
+  }
+
+  private hardlink(abs: string, e: TarEntry): void {
+    checkNameBytes(e.linkname, this.o.limits, "hardlink target");
+    const t = splitName(e.linkname, "hardlink target");
+    if (t.length === 0) throw new RuleError("policy", "hardlink to the root", HOSTILE_HINT);
+    if (t[t.length - 1]!.startsWith(WH_PREFIX)) {
+      throw new RuleError("input", "hardlink to a whiteout marker", HOSTILE_HINT);
+    }
+    // The target's parents resolve inside the root; its last component is not followed (a
+    // hardlink to a symlink links the symlink itself, as link(2), GNU tar and umoci do).
+    const parent = this.fs.dir(t, t.length - 1, false);
+    const target = parent === null ? null : this.fs.abs(parent === "" ? t[t.length - 1]! : `${parent}/${t[t.length - 1]}`);
+    const st = target === null ? undefined : lstatSync(target, { throwIfNoEntry: false });
+    if (target === null || st === undefined) {
+      throw new RuleError("input", `hardlink target ${e.linkname} does not exist`, "the layer is malformed");
+    }
+    if (st.isDirectory()) throw new RuleError("policy", "hardlink to a directory", HOSTILE_HINT);
+    if (target === abs) return; // already itself
+    this.create(abs, () => linkSync(target, abs));
+  }
+
+  private whiteout(comps: string[], base: string): void {
+    this.whiteouts++;
+    const n = comps.length;
+    let opaque = false;
+    let name = "";
+    if (base === WH_OPAQUE) opaque = true;
+    else if (base.startsWith(WH_META_PREFIX)) return; // other AUFS metadata (.wh..wh.plnk…): ignored, as containerd does
+    else {
+      name = base.slice(WH_PREFIX.length);
+      if (name === "" || name === "." || name === "..") {
+        throw new RuleError("policy", `whiteout names "${name}"`, HOSTILE_HINT);
+      }
+    }
+    // The directory the marker sits in, resolved inside the root; never created.
+    const dir = this.fs.dir(comps, n - 1, false);
+    if (dir === null) return;
+    const dirAbs = this.fs.abs(dir);
+    const st = lstatSync(dirAbs, { throwIfNoEntry: false });
+    if (!st?.isDirectory()) return;
+    this.touchParent(dir);
+    if (opaque) {
+      for (const c of readdirSync(dirAbs)) this.removeLower(dir === "" ? c : `${dir}/${c}`);
+    } else {
+      this.removeLower(dir === "" ? name : `${dir}/${name}`);
+    }
+  }
+
+  /** Remove real path unless this layer created it; descend into directories that hold such paths. */
+  private removeLower(real: string): void {
+    const abs = this.fs.abs(real);
+    const st = lstatSync(abs, { throwIfNoEntry: false });
+    if (!st) return;
+    if (!this.upper.has(real)) {
+      this.remove(abs, st);
+      return;
+    }
+    if (st.isDirectory()) {
+      for (const c of readdirSync(abs)) this.removeLower(`${real}/${c}`);
+    }
+  }
+
+  private addUpper(real: string): void {
+    for (let p = real; p !== "" && !this.upper.has(p); p = p.slice(0, Math.max(0, p.lastIndexOf("/")))) {
+      this.upper.add(p);
+    }
+  }
+
+  /** First write into a directory this layer has no entry for (yet): remember its times. */
+  private touchParent(real: string): void {
+    if (this.dirs.has(real) || this.parentTimes.has(real)) return;
+    const st = lstatSync(this.fs.abs(real));
+    this.parentTimes.set(real, { atime: st.atimeMs / 1000, mtime: st.mtimeMs / 1000, epoch: this.epoch });
+  }
+}
+
+function depth(real: string): number {
+  if (real === "") return 0;
+  let d = 1;
+  for (let i = 0; i < real.length; i++) if (real.charCodeAt(i) === 47) d++;
+  return d;
+}
+
+function checkXattr(name: string): void {
+  if (name.startsWith(FORBIDDEN_XATTR_PREFIX)) {
+    throw new RuleError("policy", `xattr ${name} is not allowed (it controls overlayfs)`, HOSTILE_HINT);
+  }
+}

@@ -1,0 +1,164 @@
+// applyLayer: one layer's UNCOMPRESSED tar stream onto a root directory, with umoci/containerd
+// semantics, safe against hostile archives. Contract: /tmp/brief/contracts.md (lib/image/), rules
+// and decisions: docs/layer-apply.md.
+import { realpathSync, statSync } from "node:fs";
+import { ThinimgError, errorMessage } from "../../errors.ts";
+import { Applier } from "./applier.ts";
+import { displayName, type Limits, mergeLimits, RuleError } from "./rules.ts";
+import { TarFormatError, TarReader } from "./tar-reader.ts";
+
+export { DEFAULT_LIMITS, type Limits } from "./rules.ts";
+
+export interface ApplyOptions {
+  /** Create device nodes and FIFOs (char/block need root). Without it they are skipped (counted). */
+  devices?: boolean;
+  limits?: Partial<Limits>;
+  /** For messages: "layer <label>: entry <path>: <rule>". */
+  layerLabel?: string;
+  /** Called after each input chunk with the uncompressed tar bytes read so far. */
+  onProgress?(bytes: number): void;
+  /** chown to the numeric uid/gid of each entry. Default: true when running as root. */
+  sameOwner?: boolean;
+}
+
+export interface ApplyStats {
+  /** Entries in the layer (files, dirs, links, devices, whiteout markers). */
+  entries: number;
+  /** Uncompressed tar bytes read (the layer's diff size, incl. headers and padding). */
+  bytes: number;
+  /** Whiteout markers (.wh.NAME and .wh..wh..opq) applied. */
+  whiteouts: number;
+  durationMs: number;
+  /** Device nodes and FIFOs skipped because `devices` was off. */
+  skipped: number;
+}
+
+type Input = ReadableStream<Uint8Array> | AsyncIterable<Uint8Array>;
+
+export async function applyLayer(input: Input, root: string, opts: ApplyOptions = {}): Promise<ApplyStats> {
+  const started = performance.now();
+  const label = opts.layerLabel ?? "-";
+  const limits = mergeLimits(opts.limits);
+  const realRoot = checkRoot(root, label);
+  const isRoot = process.getuid?.() === 0;
+  const sameOwner = opts.sameOwner ?? isRoot;
+  const applier = new Applier(realRoot, {
+    limits,
+    devices: opts.devices === true,
+    sameOwner,
+    xattrs: isRoot,
+    isRoot,
+  });
+  const reader = new TarReader(applier);
+  let bytes = 0;
+
+  try {
+    for await (const chunk of chunks(input)) {
+      bytes += chunk.length;
+      if (bytes > limits.maxTotalBytes) {
+        throw new ThinimgError(
+          "policy",
+          `layer ${label}: uncompressed size exceeds ${limits.maxTotalBytes} bytes (maxTotalBytes)`,
+          { hint: "raise --max-total-bytes if the image is legitimate", details: { layer: label, rule: "maxTotalBytes" } },
+        );
+      }
+      reader.push(Buffer.from(chunk.buffer, chunk.byteOffset, chunk.byteLength));
+      opts.onProgress?.(bytes);
+    }
+    reader.end();
+    applier.finish();
+  } catch (e) {
+    applier.abort();
+    throw toThinimgError(e, label, applier.current);
+  }
+
+  return {
+    entries: applier.entries,
+    bytes,
+    whiteouts: applier.whiteouts,
+    durationMs: Math.round(performance.now() - started),
+    skipped: applier.skipped,
+  };
+}
+
+function checkRoot(root: string, label: string): string {
+  let real: string;
+  try {
+    real = realpathSync(root);
+  } catch (e) {
+    throw new ThinimgError("input", `layer ${label}: destination ${root} is not accessible (${errorMessage(e)})`, {
+      hint: "create the destination directory first",
+    });
+  }
+  if (!statSync(real).isDirectory()) {
+    throw new ThinimgError("input", `layer ${label}: destination ${root} is not a directory`);
+  }
+  if (real === "/") throw new ThinimgError("usage", `layer ${label}: refusing to apply a layer onto /`);
+  return real;
+}
+
+/**
+ * Chunks of the input, pulled one at a time: the next chunk is read only when the previous one has
+ * been written out (backpressure for free). Input is drained past the tar end marker so that the
+ * source can verify its digest at EOF; an error cancels the source.
+ */
+async function* chunks(input: Input): AsyncGenerator<Uint8Array> {
+  if (input instanceof ReadableStream) {
+    const r = input.getReader();
+    let done = false;
+    try {
+      for (;;) {
+        const res = await r.read();
+        if (res.done) {
+          done = true;
+          return;
+        }
+        yield res.value;
+      }
+    } finally {
+      if (!done) await r.cancel().catch(() => {});
+      r.releaseLock();
+    }
+  } else {
+    yield* input;
+  }
+}
+
+const FS_HINTS: Record<string, string> = {
+  ENOSPC: "the destination filesystem is full",
+  EDQUOT: "the destination filesystem quota is exhausted",
+  EROFS: "the destination filesystem is read-only",
+  EIO: "the destination filesystem reported an I/O error; check dmesg",
+  EPERM: "permission denied: run as root (owners, devices and xattrs need it)",
+  EACCES: "permission denied on the destination",
+  EOPNOTSUPP: "the destination filesystem does not support this (xattrs?); use ext4",
+  ENAMETOOLONG: "a path is too long for the destination filesystem",
+};
+
+function toThinimgError(e: unknown, label: string, entry: string | null): unknown {
+  const where = entry === null ? `layer ${label}` : `layer ${label}: entry ${displayName(entry)}`;
+  if (e instanceof ThinimgError) return e; // from the source: digest, decompression bomb, transport
+  if (e instanceof RuleError) {
+    return new ThinimgError(e.kind, `${where}: ${e.rule}`, {
+      hint: e.hint,
+      details: { layer: label, entry, rule: e.rule },
+    });
+  }
+  if (e instanceof TarFormatError) {
+    const after = e.entry === null ? "" : ` (after entry ${displayName(e.entry)})`;
+    return new ThinimgError("input", `layer ${label}: ${e.message}${after}`, {
+      hint: "the layer is not a valid tar archive: it is corrupt, truncated or not a layer",
+      details: { layer: label, entry: e.entry, offset: e.offset },
+    });
+  }
+  const code = (e as NodeJS.ErrnoException | null)?.code;
+  if (typeof code === "string") {
+    const sys = (e as NodeJS.ErrnoException).syscall ?? "write";
+    return new ThinimgError("input", `${where}: ${sys} failed: ${code}`, {
+      hint: FS_HINTS[code] ?? "the entry cannot be applied as written",
+      details: { layer: label, entry, code, syscall: sys },
+      cause: e,
+    });
+  }
+  return e;
+}

@@ -1,0 +1,192 @@
+// extractImage: SOURCE → a plain root directory (no devicemapper). resolve → for each layer, in
+// order, its verified uncompressed stream → applyLayer into DEST.
+// DEST must not exist or be empty. On failure what this run wrote is removed (DEST itself if we
+// created it), so the one-line error is the whole outcome and a re-run starts clean; the blob
+// cache keeps what was fetched, so the re-run does not download again.
+import { chmodSync, lstatSync, mkdirSync, readdirSync, rmSync, type Stats } from "node:fs";
+import { join, resolve } from "node:path";
+import { ThinimgError, errorMessage } from "../errors.ts";
+import { log } from "../log.ts";
+import { applyLayer, DEFAULT_LIMITS, type Limits } from "./apply/index.ts";
+import { integrityError, layerLabel } from "./format/layer.ts";
+import { resolveImage } from "./resolve.ts";
+import type { ImageConfig, ImageFormat } from "./types.ts";
+
+/** What a progress display needs (lib/pipeline/progress.ts's ttyProgress() fits). */
+export interface ProgressSink {
+  stage(label: string): void;
+  bytes(done: number, total: number | null): void;
+  done(): void;
+}
+
+export interface ExtractOptions {
+  stateDir: string;
+  devices?: boolean;
+  /** Per-layer limits for applyLayer; maxEntries and maxTotalBytes also bound the whole image. */
+  limits?: Partial<Limits>;
+  maxBlobBytes?: number;
+  select?: string;
+  platform?: string;
+  signal?: AbortSignal;
+  env?: Record<string, string | undefined>;
+  progress?: ProgressSink;
+}
+
+export interface ExtractSummary {
+  source: string;
+  dest: string;
+  format: ImageFormat;
+  name: string | null;
+  id: string | null;
+  platform: string | null;
+  layers: { digest: string; diffId: string | null; compression: string; size: number; entries: number; bytes: number; whiteouts: number; seconds: number }[];
+  entries: number;
+  bytes: number;
+  whiteouts: number;
+  seconds: number;
+  config: ImageConfig | null;
+}
+
+/** DEST must be absent (created after the image resolves) or an empty directory. */
+function checkDest(dest: string): { created: boolean; mode: number } {
+  let st: Stats;
+  try {
+    st = lstatSync(dest);
+  } catch {
+    return { created: true, mode: 0o755 };
+  }
+  if (!st.isDirectory()) {
+    throw new ThinimgError("conflict", `${dest} exists and is not a directory`, { hint: "choose a new DEST or an empty directory" });
+  }
+  if (readdirSync(dest).length > 0) {
+    throw new ThinimgError("conflict", `${dest} is not empty`, { hint: "choose a new DEST or empty it first" });
+  }
+  return { created: false, mode: st.mode & 0o7777 };
+}
+
+export async function extractImage(source: string, destArg: string, o: ExtractOptions): Promise<ExtractSummary> {
+  const t0 = performance.now();
+  const dest = resolve(destArg);
+  const { created, mode } = checkDest(dest);
+  const limits: Limits = { ...DEFAULT_LIMITS, ...(o.limits ?? {}) };
+
+  o.progress?.stage(`fetch ${source}`);
+  const image = await resolveImage(source, {
+    stateDir: o.stateDir,
+    maxLayerBytes: limits.maxTotalBytes,
+    ...(o.maxBlobBytes ? { maxBlobBytes: o.maxBlobBytes } : {}),
+    ...(o.select ? { select: o.select } : {}),
+    ...(o.platform ? { platform: o.platform } : {}),
+    ...(o.signal ? { signal: o.signal } : {}),
+    ...(o.env ? { env: o.env } : {}),
+    onProgress: (p) => o.progress?.bytes(p.bytes, p.total),
+  });
+  if (image.layers.length === 0) throw new ThinimgError("input", `${source}: the image has no layers`);
+  log.debug(`${source}: ${image.format}, ${image.layers.length} layers${image.name ? `, ${image.name}` : ""}`);
+
+  if (created) {
+    try {
+      mkdirSync(dest, { recursive: true, mode: 0o755 });
+    } catch (e) {
+      throw new ThinimgError("input", `cannot create ${dest}: ${errorMessage(e)}`, { hint: "check the parent directory and permissions" });
+    }
+  }
+  const summary: ExtractSummary = {
+    source: image.source,
+    dest,
+    format: image.format,
+    name: image.name,
+    id: image.id,
+    platform: image.platform,
+    layers: [],
+    entries: 0,
+    bytes: 0,
+    whiteouts: 0,
+    seconds: 0,
+    config: image.config,
+  };
+  try {
+    const total = image.layers.length;
+    for (const layer of image.layers) {
+      const label = layerLabel(layer.index, total, layer.label);
+      const lt0 = performance.now();
+      o.progress?.stage(`layer ${label}`);
+      let stats: Awaited<ReturnType<typeof applyLayer>>;
+      try {
+        stats = await applyLayer(await layer.open(), dest, {
+          devices: o.devices === true,
+          limits,
+          layerLabel: label,
+          onProgress: (b) => o.progress?.bytes(b, null),
+        });
+      } catch (e) {
+        // A damaged blob usually breaks the tar before its digest can be checked at EOF: when the
+        // layer fails verification, that is the error to report, not the tar parser's symptom.
+        if (e instanceof ThinimgError && e.kind === "input") throw (await integrityError(layer)) ?? e;
+        throw e;
+      }
+      summary.layers.push({
+        digest: layer.digest,
+        diffId: layer.diffId,
+        compression: layer.compression,
+        size: layer.size,
+        entries: stats.entries,
+        bytes: stats.bytes,
+        whiteouts: stats.whiteouts,
+        seconds: round((performance.now() - lt0) / 1000),
+      });
+      summary.entries += stats.entries;
+      summary.bytes += stats.bytes;
+      summary.whiteouts += stats.whiteouts;
+      // Limits apply per layer inside applyLayer; the image as a whole gets the same budget, so
+      // many modest layers cannot add up to a disk-filling image.
+      if (summary.entries > limits.maxEntries || summary.bytes > limits.maxTotalBytes) {
+        const rule =
+          summary.entries > limits.maxEntries
+            ? `image total of ${summary.entries} entries exceeds the limit of ${limits.maxEntries} (maxEntries)`
+            : `image total of ${summary.bytes} bytes exceeds the limit of ${limits.maxTotalBytes} (maxTotalBytes)`;
+        throw new ThinimgError("policy", `layer ${label}: ${rule}`, {
+          hint: "raise --max-entries / --max-bytes if the image is legitimate",
+          details: { layer: label, rule },
+        });
+      }
+    }
+  } catch (e) {
+    o.progress?.done();
+    removePartial(dest, created, mode);
+    throw e;
+  }
+  o.progress?.done();
+  summary.seconds = round((performance.now() - t0) / 1000);
+  return summary;
+}
+
+const round = (s: number) => Math.round(s * 1000) / 1000;
+
+/**
+ * Remove what a failed extraction wrote. Never follows symlinks (rmSync lstat's); directories an
+ * image made read-only are opened up first so an unprivileged run can clean up too.
+ */
+function removePartial(dest: string, created: boolean, mode: number): void {
+  const openUp = (dir: string) => {
+    try {
+      chmodSync(dir, 0o700);
+      for (const name of readdirSync(dir)) {
+        const p = join(dir, name);
+        if (lstatSync(p).isDirectory()) openUp(p);
+      }
+    } catch {
+      // best effort; rmSync reports what is left
+    }
+  };
+  try {
+    openUp(dest);
+    if (created) rmSync(dest, { recursive: true, force: true });
+    else {
+      for (const name of readdirSync(dest)) rmSync(join(dest, name), { recursive: true, force: true });
+      chmodSync(dest, mode);
+    }
+  } catch (e) {
+    log.warn(`could not remove the partial extraction in ${dest}: ${errorMessage(e)}; remove it before re-running`);
+  }
+}

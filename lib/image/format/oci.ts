@@ -1,0 +1,279 @@
+// OCI image layout (directory or tar): index.json → (nested indexes) → manifest → config + layers.
+// Every blob is addressed only as blobs/sha256/<64 hex> derived from a validated digest — never a
+// path from the document — and every blob read is checked against its descriptor's size and digest.
+import { ThinimgError } from "../../errors.ts";
+import { log } from "../../log.ts";
+import type { Archive } from "../archive/archive.ts";
+import { digestHex, digestOf, shortDigest } from "../digest.ts";
+import type { ImageConfig, LayerRef, ResolvedImage } from "../types.ts";
+import { MAGIC_BYTES, makeLayerRef, sniffCompression } from "./layer.ts";
+import { formatPlatform, hostPlatform, type PlatformSpec, parsePlatform, platformMatches } from "./platform.ts";
+import { refMatches } from "./ref.ts";
+import {
+  type Descriptor,
+  ImageConfigDoc,
+  OciIndex,
+  OciLayoutFile,
+  OciManifest,
+  parseDoc,
+  toImageConfig,
+} from "./schemas.ts";
+
+export const REF_NAME = "org.opencontainers.image.ref.name";
+const CONTAINERD_NAME = "io.containerd.image.name";
+
+const MT = {
+  ociIndex: "application/vnd.oci.image.index.v1+json",
+  dockerList: "application/vnd.docker.distribution.manifest.list.v2+json",
+  ociManifest: "application/vnd.oci.image.manifest.v1+json",
+  dockerManifest: "application/vnd.docker.distribution.manifest.v2+json",
+  ociConfig: "application/vnd.oci.image.config.v1+json",
+  dockerConfig: "application/vnd.docker.container.image.v1+json",
+};
+
+const LAYER_TYPES = new Set([
+  "application/vnd.oci.image.layer.v1.tar",
+  "application/vnd.oci.image.layer.v1.tar+gzip",
+  "application/vnd.oci.image.layer.v1.tar+zstd",
+  "application/vnd.oci.image.layer.nondistributable.v1.tar",
+  "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip",
+  "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd",
+  "application/vnd.docker.image.rootfs.diff.tar",
+  "application/vnd.docker.image.rootfs.diff.tar.gzip",
+  "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip",
+]);
+
+/** Caps for metadata documents: real ones are a few KiB. */
+const MAX_INDEX_BYTES = 4 * 1024 * 1024;
+const MAX_CONFIG_BYTES = 16 * 1024 * 1024;
+const MAX_DEPTH = 4;
+const MAX_DESCRIPTORS = 4096;
+
+export interface OciOptions {
+  source: string;
+  select?: string | undefined;
+  platform?: string | undefined;
+  maxLayerBytes: number;
+}
+
+const isIndex = (d: Descriptor) => d.mediaType === MT.ociIndex || d.mediaType === MT.dockerList;
+const isAttestation = (d: Descriptor) =>
+  d.annotations?.["vnd.docker.reference.type"] === "attestation-manifest" ||
+  (d.platform?.os === "unknown" && d.platform?.architecture === "unknown");
+
+export function blobName(digest: string, what: string): string {
+  return `blobs/sha256/${digestHex(digest, what)}`;
+}
+
+/** Read a whole (small) blob, checking descriptor size and digest before parsing anything. */
+async function readBlob(archive: Archive, d: Descriptor, max: number, what: string): Promise<Uint8Array> {
+  const name = blobName(d.digest, what);
+  const have = archive.size(name);
+  if (have === null) throw new ThinimgError("input", `${what}: blob ${d.digest} is missing from ${archive.what}`, {
+    hint: "the OCI layout is incomplete",
+  });
+  if (have !== d.size) {
+    throw new ThinimgError("input", `${what}: blob ${shortDigest(d.digest)} is ${have} bytes, descriptor says ${d.size}`, {
+      hint: "the OCI layout is corrupt or was tampered with",
+    });
+  }
+  if (d.size > max) throw new ThinimgError("policy", `${what}: ${d.size} bytes is too large for metadata (max ${max})`);
+  const bytes = await archive.read(name, max);
+  const got = digestOf(bytes);
+  if (got !== d.digest) {
+    throw new ThinimgError("input", `${what}: digest mismatch: expected ${d.digest}, got ${got}`, {
+      hint: "the OCI layout is corrupt or was tampered with; do not use it",
+    });
+  }
+  return bytes;
+}
+
+interface Found {
+  desc: Descriptor;
+  /** ref.name (or containerd name) on the path to it. */
+  refName: string | null;
+}
+
+function refNamesOf(d: Descriptor): string[] {
+  const a = d.annotations ?? {};
+  return [a[REF_NAME], a[CONTAINERD_NAME]].filter((x): x is string => typeof x === "string" && x !== "");
+}
+
+export async function resolveOci(archive: Archive, o: OciOptions): Promise<ResolvedImage> {
+  const what = archive.what;
+  if (archive.size("oci-layout") !== null) {
+    const layout = parseDoc(OciLayoutFile, await archive.read("oci-layout", 64 * 1024), `${what}: oci-layout`);
+    if (!/^1\./.test(layout.imageLayoutVersion)) {
+      throw new ThinimgError("input", `${what}: unsupported OCI layout version ${layout.imageLayoutVersion}`, {
+        hint: "only image layout 1.x is supported",
+      });
+    }
+  }
+  const index = parseDoc(OciIndex, await archive.read("index.json", MAX_INDEX_BYTES), `${what}: index.json`);
+  let seen = 0;
+  const indexCache = new Map<string, OciIndex>();
+  const loadIndex = async (d: Descriptor, depth: number): Promise<OciIndex> => {
+    if (depth > MAX_DEPTH) throw new ThinimgError("input", `${what}: indexes nested more than ${MAX_DEPTH} deep`);
+    const cached = indexCache.get(d.digest);
+    if (cached) return cached;
+    const idx = parseDoc(OciIndex, await readBlob(archive, d, MAX_INDEX_BYTES, `${what}: index`), `${what}: index ${shortDigest(d.digest)}`);
+    seen += idx.manifests.length;
+    if (seen > MAX_DESCRIPTORS) throw new ThinimgError("policy", `${what}: more than ${MAX_DESCRIPTORS} descriptors`);
+    indexCache.set(d.digest, idx);
+    return idx;
+  };
+
+  const wantPlatform: PlatformSpec = o.platform ? parsePlatform(o.platform) : hostPlatform();
+
+  // 1. Pick the image (a manifest or a multi-arch index) at the top, by ref name if asked.
+  let chosen: Found;
+  if (o.select) {
+    const found: Found[] = [];
+    const all: string[] = [];
+    const walk = async (descs: Descriptor[], depth: number) => {
+      for (const d of descs) {
+        const names = refNamesOf(d);
+        all.push(...names);
+        const hit = names.find((n) => refMatches(n, o.select!));
+        if (hit) found.push({ desc: d, refName: hit });
+        else if (isIndex(d) && depth < MAX_DEPTH) await walk((await loadIndex(d, depth + 1)).manifests, depth + 1);
+      }
+    };
+    await walk(index.manifests, 0);
+    const distinct = [...new Map(found.map((f) => [f.desc.digest, f])).values()];
+    if (distinct.length === 0) {
+      const avail = [...new Set(all)];
+      throw new ThinimgError("input", `${what}: no image named ${JSON.stringify(o.select)}`, {
+        hint: avail.length ? `available: ${avail.slice(0, 10).join(", ")}${avail.length > 10 ? ", …" : ""}` : "the layout has no named images; omit the :REF",
+      });
+    }
+    if (distinct.length > 1) {
+      throw new ThinimgError("input", `${what}: ${distinct.length} different images are named ${JSON.stringify(o.select)}`, {
+        hint: "select a platform with --platform, or use a layout with unique names",
+      });
+    }
+    chosen = distinct[0]!;
+  } else {
+    const tops = index.manifests.filter((d) => !isAttestation(d));
+    if (tops.length === 1) chosen = { desc: tops[0]!, refName: refNamesOf(tops[0]!)[0] ?? null };
+    else if (tops.length === 0) throw new ThinimgError("input", `${what}: index.json lists no images`);
+    else if (tops.every((d) => !isIndex(d) && d.platform) && new Set(tops.map((d) => d.digest)).size === tops.length && tops.every((d) => refNamesOf(d).length === 0)) {
+      // a multi-arch index.json without names: choose by platform below
+      chosen = { desc: pickPlatform(tops, wantPlatform, what), refName: null };
+    } else {
+      const names = tops.flatMap(refNamesOf);
+      throw new ThinimgError("input", `${what}: holds ${tops.length} images; choose one`, {
+        hint: names.length ? `append :REF or pass --select REF (available: ${[...new Set(names)].slice(0, 10).join(", ")})` : "append :REF or pass --select REF",
+      });
+    }
+  }
+
+  // 2. Descend through (nested) indexes by platform.
+  let desc = chosen.desc;
+  let platform: string | null = desc.platform ? formatPlatform(desc.platform) : null;
+  for (let depth = 0; isIndex(desc); depth++) {
+    const idx = await loadIndex(desc, depth + 1);
+    desc = pickPlatform(idx.manifests.filter((d) => !isAttestation(d)), wantPlatform, `${what}: index ${shortDigest(desc.digest)}`);
+    platform = desc.platform ? formatPlatform(desc.platform) : platform;
+  }
+  if (desc.mediaType && desc.mediaType !== MT.ociManifest && desc.mediaType !== MT.dockerManifest) {
+    throw new ThinimgError("input", `${what}: ${shortDigest(desc.digest)} is a ${desc.mediaType}, not an image manifest`, {
+      hint: "select a container image, not an artifact",
+    });
+  }
+
+  // 3. Manifest → config → layers.
+  const manifestWhat = `${what}: manifest ${shortDigest(desc.digest)}`;
+  const manifest = parseDoc(OciManifest, await readBlob(archive, desc, MAX_INDEX_BYTES, manifestWhat), manifestWhat);
+  if (manifest.mediaType && manifest.mediaType !== MT.ociManifest && manifest.mediaType !== MT.dockerManifest) {
+    throw new ThinimgError("input", `${manifestWhat}: media type ${manifest.mediaType} is not an image manifest`);
+  }
+  const cm = manifest.config.mediaType;
+  if (cm && cm !== MT.ociConfig && cm !== MT.dockerConfig) {
+    throw new ThinimgError("input", `${manifestWhat}: config media type ${cm} is not a container image config`, {
+      hint: "this is an OCI artifact, not a container image",
+    });
+  }
+  const configBytes = await readBlob(archive, manifest.config, MAX_CONFIG_BYTES, `${what}: config`);
+  const config: ImageConfig = toImageConfig(
+    parseDoc(ImageConfigDoc, configBytes, `${what}: config ${shortDigest(manifest.config.digest)}`),
+    manifest.config.digest,
+  );
+  if (config.diffIds.length !== manifest.layers.length) {
+    throw new ThinimgError(
+      "input",
+      `${manifestWhat}: ${manifest.layers.length} layers but the config lists ${config.diffIds.length} diff_ids`,
+      { hint: "the image is inconsistent; rebuild it" },
+    );
+  }
+  if (config.os && config.architecture) {
+    const cfgPlat = { os: config.os, architecture: config.architecture, variant: config.variant };
+    if (!platformMatches(cfgPlat, wantPlatform)) {
+      if (o.platform) {
+        throw new ThinimgError("input", `${what}: image is ${formatPlatform(cfgPlat)}, not ${o.platform}`);
+      }
+      log.warn(`${what}: image is ${formatPlatform(cfgPlat)}; this host is ${formatPlatform(wantPlatform)}`);
+    }
+    platform ??= formatPlatform(cfgPlat);
+  }
+
+  const total = manifest.layers.length;
+  const layers: LayerRef[] = [];
+  for (const [i, l] of manifest.layers.entries()) {
+    const lwhat = `${what}: layer ${i + 1}/${total}`;
+    if (l.mediaType && !LAYER_TYPES.has(l.mediaType)) {
+      throw new ThinimgError("input", `${lwhat}: unsupported media type ${l.mediaType}`, {
+        hint: "only tar, tar+gzip and tar+zstd layers are supported (no encrypted or artifact layers)",
+      });
+    }
+    const name = blobName(l.digest, lwhat);
+    const size = archive.size(name);
+    if (size === null) {
+      throw new ThinimgError("input", `${lwhat}: blob ${l.digest} is missing from the layout`, {
+        hint: l.urls?.length ? "it is a non-distributable layer; fetch it into the layout first" : "the OCI layout is incomplete",
+      });
+    }
+    if (size !== l.size) {
+      throw new ThinimgError("input", `${lwhat}: blob is ${size} bytes, descriptor says ${l.size}`, {
+        hint: "the OCI layout is corrupt or was tampered with",
+      });
+    }
+    const compression = sniffCompression(await archive.head(name, MAGIC_BYTES), lwhat);
+    layers.push(
+      makeLayerRef({
+        index: i,
+        total,
+        digest: l.digest,
+        diffId: config.diffIds[i]!,
+        size,
+        compression,
+        name: shortDigest(l.digest),
+        maxLayerBytes: o.maxLayerBytes,
+        openRaw: () => archive.open(name),
+      }),
+    );
+  }
+  return {
+    source: o.source,
+    format: "oci-layout",
+    name: o.select ?? chosen.refName,
+    id: desc.digest,
+    platform,
+    config,
+    layers,
+  };
+}
+
+function pickPlatform(descs: Descriptor[], want: PlatformSpec, what: string): Descriptor {
+  const withPlat = descs.filter((d) => d.platform);
+  const hits = withPlat.filter((d) => platformMatches(d.platform!, want));
+  if (hits.length >= 1) {
+    // Prefer an exact variant match, then the first listed (the index order is the author's preference).
+    return hits.find((d) => (d.platform!.variant ?? null) === want.variant) ?? hits[0]!;
+  }
+  if (descs.length === 1 && !descs[0]!.platform) return descs[0]!; // single, unlabelled: the image itself
+  const avail = withPlat.map((d) => formatPlatform(d.platform!));
+  throw new ThinimgError("input", `${what}: no image for platform ${formatPlatform(want)}`, {
+    hint: avail.length ? `available: ${[...new Set(avail)].join(", ")}; pass --platform` : "the index carries no platform information",
+  });
+}

@@ -1,0 +1,350 @@
+// resolveImage: SOURCE → fetched, format-detected, verified ResolvedImage whose layers stream their
+// uncompressed tars. Remote bytes land in the blob cache first (content-addressed, never partial);
+// local files and directories are read in place. Formats are recognised from content:
+//   directory: index.json → OCI layout; manifest.json → docker-archive (unpacked); N.tar → layer family
+//   file:      (gzip/zstd → decompressed into the cache first) tar with manifest.json → docker-archive,
+//              index.json → OCI layout, anything else → a single-layer image (a rootfs tarball).
+import { realpathSync, statSync } from "node:fs";
+import { basename, join } from "node:path";
+import { ThinimgError } from "../errors.ts";
+import { log } from "../log.ts";
+import { type Archive, DirArchive, TarArchive } from "./archive/archive.ts";
+import { BlobCache } from "./cache.ts";
+import { decompressStream } from "./compression.ts";
+import { sha256File, sha256Hex, tooBig } from "./digest.ts";
+import { resolveDockerArchive } from "./format/docker-archive.ts";
+import { MAGIC_BYTES, makeLayerRef, sniffCompression } from "./format/layer.ts";
+import { orderLayerFamily } from "./format/layer-family.ts";
+import { resolveOci } from "./format/oci.ts";
+import { download } from "./source/download.ts";
+import { S3Bucket, s3Settings } from "./source/s3.ts";
+import { parseSource } from "./source/spec.ts";
+import {
+  DEFAULT_MAX_BLOB_BYTES,
+  DEFAULT_MAX_LAYER_BYTES,
+  type LayerRef,
+  type ResolvedImage,
+  type ResolveOptions,
+} from "./types.ts";
+
+export type { LayerRef, ResolvedImage, ResolveOptions } from "./types.ts";
+
+interface Ctx {
+  cache: BlobCache;
+  maxBlobBytes: number;
+  maxLayerBytes: number;
+  select: string | null;
+  platform: string | undefined;
+  signal: AbortSignal | undefined;
+  onProgress: ResolveOptions["onProgress"];
+  env: Record<string, string | undefined>;
+}
+
+export async function resolveImage(ref: string, opts: ResolveOptions): Promise<ResolvedImage> {
+  const spec = parseSource(ref, opts.select);
+  const ctx: Ctx = {
+    cache: new BlobCache(opts.stateDir),
+    maxBlobBytes: opts.maxBlobBytes ?? DEFAULT_MAX_BLOB_BYTES,
+    maxLayerBytes: opts.maxLayerBytes ?? DEFAULT_MAX_LAYER_BYTES,
+    select: null,
+    platform: opts.platform,
+    signal: opts.signal,
+    onProgress: opts.onProgress,
+    env: opts.env ?? process.env,
+  };
+
+  switch (spec.kind) {
+    case "local": {
+      ctx.select = spec.select;
+      let st: ReturnType<typeof statSync>;
+      try {
+        st = statSync(spec.path);
+      } catch (e) {
+        throw new ThinimgError("input", `${spec.path}: ${(e as NodeJS.ErrnoException).code ?? "unreadable"}`, {
+          hint: "check the path and its permissions",
+        });
+      }
+      if (st.isDirectory()) return resolveArchive(new DirArchive(spec.path), spec.path, ctx, null);
+      if (!st.isFile()) {
+        throw new ThinimgError("input", `${spec.path}: not a regular file or directory`, {
+          hint: "give an image archive, an OCI layout or a layer-family directory",
+        });
+      }
+      if (st.size > ctx.maxBlobBytes) throw tooBig(spec.path, ctx.maxBlobBytes);
+      const memo = `local:${realpathSync(spec.path)}:${st.size}:${st.mtimeMs}:${st.ino}`;
+      return resolveFile(spec.path, spec.path, ctx, { digest: null, memo, cached: false });
+    }
+    case "http": {
+      for (const [i, c] of spec.candidates.entries()) {
+        const what = displayUrl(c.url);
+        try {
+          const d = await download(ctx.cache, {
+            url: c.url,
+            what,
+            key: urlKey(c.url),
+            maxBytes: ctx.maxBlobBytes,
+            signal: ctx.signal,
+            onProgress: ctx.onProgress,
+          });
+          ctx.select = c.select;
+          return await resolveFile(d.path, what, ctx, { digest: d.digest, memo: `blob:${d.digest}`, cached: true });
+        } catch (e) {
+          const notFound = e instanceof ThinimgError && e.details?.status === 404;
+          if (!notFound || i === spec.candidates.length - 1) throw e;
+        }
+      }
+      throw new Error("unreachable");
+    }
+    case "s3": {
+      const bucket = new S3Bucket(spec.bucket, s3Settings(ctx.env));
+      log.debug(`s3 ${bucket.anonymous ? "anonymous" : "signed"} access to ${spec.bucket} via ${bucket.settings.endpoint ?? "AWS"}`);
+      if (spec.prefix) return resolveS3Family(bucket, spec.candidates[0]!.key, ctx);
+      for (const c of spec.candidates) {
+        const obj = await bucket.head(c.key, ctx.signal);
+        if (!obj) continue;
+        const what = bucket.uri(c.key);
+        const d = await download(ctx.cache, {
+          url: bucket.url(c.key, "GET"),
+          what,
+          key: bucket.cacheKey(c.key),
+          maxBytes: ctx.maxBlobBytes,
+          pin: { etag: obj.etag, size: obj.size },
+          signal: ctx.signal,
+          onProgress: ctx.onProgress,
+        });
+        ctx.select = c.select;
+        return resolveFile(d.path, what, ctx, { digest: d.digest, memo: `blob:${d.digest}`, cached: true });
+      }
+      throw new ThinimgError("input", `${bucket.uri(spec.candidates[0]!.key)}: no such object`, {
+        hint: "check the key; for a layer family end the prefix with /",
+      });
+    }
+  }
+}
+
+/** Messages never show credentials or query strings (presigned tokens). */
+function displayUrl(url: string): string {
+  const u = new URL(url);
+  return `${u.protocol}//${u.host}${u.pathname}${u.search ? "?…" : ""}`;
+}
+
+function urlKey(url: string): string {
+  const u = new URL(url);
+  u.username = "";
+  u.password = "";
+  return `http:${u.origin}${u.pathname}${u.search ? `?sha256=${sha256Hex(u.search)}` : ""}`;
+}
+
+interface FileInfo {
+  /** Known sha256 of the file (cached blobs), else null. */
+  digest: string | null;
+  /** Key under which the decompressed copy of this file is remembered. */
+  memo: string;
+  /** The file is a cache blob (evict on mismatch). */
+  cached: boolean;
+}
+
+async function resolveFile(path: string, what: string, ctx: Ctx, info: FileInfo): Promise<ResolvedImage> {
+  const head = new Uint8Array(await Bun.file(path).slice(0, MAGIC_BYTES).arrayBuffer());
+  const compression = sniffCompression(head, what);
+  if (compression === "none") return resolveArchive(new TarArchive(path, what), what, ctx, { path, ...info });
+  // A compressed archive (docker save | gzip, rootfs.tar.zst…): decompress once into the cache so it
+  // can be indexed and read by offset; remembered, so a re-run does not decompress again.
+  const key = `decompressed:${info.memo}`;
+  let rec = ctx.cache.lookupSource(key);
+  if (!rec) {
+    const stored = await ctx.cache.ingest(
+      decompressStream(Bun.file(path).stream(), compression, { maxBytes: ctx.maxLayerBytes, what }),
+      { what, maxBytes: ctx.maxLayerBytes, signal: ctx.signal },
+    );
+    ctx.cache.recordSource({ key, etag: null, size: stored.size, digest: stored.digest });
+    rec = ctx.cache.lookupSource(key)!;
+  }
+  const p = ctx.cache.path(rec.digest);
+  return resolveArchive(new TarArchive(p, what), what, ctx, { path: p, digest: rec.digest, memo: key, cached: true });
+}
+
+/** Names that only occur in image archives: a tar holding them without a manifest is broken, not a rootfs. */
+const IMAGE_MARKERS = ["manifest.json", "index.json", "oci-layout", "repositories", "blobs"];
+
+async function resolveArchive(
+  archive: Archive,
+  source: string,
+  ctx: Ctx,
+  file: (FileInfo & { path: string }) | null,
+): Promise<ResolvedImage> {
+  const select = ctx.select ?? undefined;
+  if (archive.size("manifest.json") !== null) {
+    return resolveDockerArchive(archive, { source, select, maxLayerBytes: ctx.maxLayerBytes, maxBlobBytes: ctx.maxBlobBytes });
+  }
+  if (archive.size("index.json") !== null) {
+    return resolveOci(archive, { source, select, platform: ctx.platform, maxLayerBytes: ctx.maxLayerBytes });
+  }
+  const top = archive.topLevel();
+  const marker = top.find((n) => IMAGE_MARKERS.includes(n));
+  if (marker) {
+    throw new ThinimgError("input", `${source}: has ${marker} but no manifest.json or index.json`, {
+      hint: "the image archive is incomplete; save or copy it again",
+    });
+  }
+  if (archive instanceof DirArchive) return resolveDirFamily(archive, source, ctx);
+  // A plain tar that is not an image archive: a single-layer image (e.g. a rootfs tarball).
+  if (ctx.select) {
+    throw new ThinimgError("input", `${source}: is a single layer, not an image archive; it has no image "${ctx.select}"`, {
+      hint: "drop the :REF / --select",
+    });
+  }
+  const f = file!;
+  const digest = f.digest ?? (await sha256File(f.path, ctx.maxBlobBytes)).digest;
+  const size = statSync(f.path).size;
+  const layer = makeLayerRef({
+    index: 0,
+    total: 1,
+    digest,
+    diffId: null,
+    size,
+    compression: "none",
+    name: basename(source),
+    maxLayerBytes: ctx.maxLayerBytes,
+    openRaw: () => Bun.file(f.path).stream(),
+    onMismatch: f.cached ? () => ctx.cache.evict(digest) : undefined,
+  });
+  return { source, format: "layer-family", name: null, id: null, platform: null, config: null, layers: [layer] };
+}
+
+async function resolveDirFamily(dir: DirArchive, source: string, ctx: Ctx): Promise<ResolvedImage> {
+  const names = dir.topLevel().filter((n) => !dir.isDirectory(n));
+  const order = orderLayerFamily(names, source);
+  if (order.ignored.length) log.debug(`${source}: ignoring ${order.ignored.join(", ")}`);
+  if (ctx.select) {
+    throw new ThinimgError("input", `${source}: a layer family holds one image; it has no image "${ctx.select}"`, {
+      hint: "drop the :REF / --select",
+    });
+  }
+  const total = order.layers.length;
+  const layers: LayerRef[] = [];
+  for (const [i, m] of order.layers.entries()) {
+    const p = join(dir.path, m.name);
+    const st = statSync(p);
+    if (!st.isFile()) throw new ThinimgError("input", `${source}: ${m.name} is not a regular file`);
+    if (st.size > ctx.maxBlobBytes) throw tooBig(`${source}/${m.name}`, ctx.maxBlobBytes);
+    // Hashing here (one read, ~1 GB/s) gives the pipeline a digest to dedupe layers by; open()
+    // re-checks it, so a file changed in between is caught.
+    const { digest, size } = await sha256File(p, ctx.maxBlobBytes);
+    const compression = sniffCompression(await dir.head(m.name, MAGIC_BYTES), `${source}/${m.name}`);
+    layers.push(
+      makeLayerRef({
+        index: i,
+        total,
+        digest,
+        diffId: null,
+        size,
+        compression,
+        name: m.name,
+        maxLayerBytes: ctx.maxLayerBytes,
+        openRaw: () => Bun.file(p).stream(),
+      }),
+    );
+  }
+  return { source, format: "layer-family", name: null, id: null, platform: null, config: null, layers };
+}
+
+async function resolveS3Family(bucket: S3Bucket, prefix: string, ctx: Ctx): Promise<ResolvedImage> {
+  const source = bucket.uri(prefix);
+  if (ctx.select) {
+    throw new ThinimgError("input", `${source}: a layer family holds one image; it has no image "${ctx.select}"`, {
+      hint: "drop the --select",
+    });
+  }
+  const objects = (await bucket.list(prefix, ctx.signal)).filter((o) => o.key !== prefix);
+  if (objects.length === 0) {
+    throw new ThinimgError("input", `${source}: no objects under this prefix`, {
+      hint: "check the bucket, the prefix (it must end with /) and the endpoint",
+    });
+  }
+  const byName = new Map(objects.map((o) => [o.key.slice(prefix.length), o]));
+  const order = orderLayerFamily(byName.keys(), source);
+  if (order.ignored.length) log.debug(`${source}: ignoring ${order.ignored.join(", ")}`);
+  const total = order.layers.length;
+  const objs = order.layers.map((m) => byName.get(m.name)!);
+  // Layers download in parallel (a few at a time); progress is reported for the family as a whole.
+  const done = new Array<number>(total).fill(0);
+  const totalBytes = objs.reduce((a, o) => a + o.size, 0);
+  const abort = new AbortController();
+  const onAbort = () => abort.abort();
+  ctx.signal?.addEventListener("abort", onAbort, { once: true });
+  let downloads: Awaited<ReturnType<typeof download>>[];
+  try {
+    downloads = await mapLimit(objs, DOWNLOAD_CONCURRENCY, abort, (obj, i) =>
+      download(ctx.cache, {
+        url: bucket.url(obj.key, "GET"),
+        what: bucket.uri(obj.key),
+        key: bucket.cacheKey(obj.key),
+        maxBytes: ctx.maxBlobBytes,
+        pin: { etag: obj.etag, size: obj.size },
+        signal: abort.signal,
+        onProgress: ctx.onProgress
+          ? (p) => {
+              done[i] = p.bytes;
+              ctx.onProgress!({ what: source, bytes: done.reduce((a, b) => a + b, 0), total: totalBytes });
+            }
+          : undefined,
+      }),
+    );
+  } finally {
+    ctx.signal?.removeEventListener("abort", onAbort);
+  }
+  const layers: LayerRef[] = [];
+  for (const [i, m] of order.layers.entries()) {
+    const d = downloads[i]!;
+    const what = bucket.uri(objs[i]!.key);
+    const compression = sniffCompression(
+      new Uint8Array(await Bun.file(d.path).slice(0, MAGIC_BYTES).arrayBuffer()),
+      what,
+    );
+    layers.push(
+      makeLayerRef({
+        index: i,
+        total,
+        digest: d.digest,
+        diffId: null,
+        size: d.size,
+        compression,
+        name: m.name,
+        maxLayerBytes: ctx.maxLayerBytes,
+        openRaw: () => Bun.file(d.path).stream(),
+        onMismatch: () => ctx.cache.evict(d.digest),
+      }),
+    );
+  }
+  return { source, format: "layer-family", name: null, id: null, platform: null, config: null, layers };
+}
+
+const DOWNLOAD_CONCURRENCY = 4;
+
+/**
+ * fn over items, at most `limit` at a time, results in order. The first failure aborts the rest
+ * (through `abort`) and is the one thrown — after every started call has settled, so no download
+ * is left writing a temp file behind our back.
+ */
+async function mapLimit<T, R>(items: T[], limit: number, abort: AbortController, fn: (t: T, i: number) => Promise<R>): Promise<R[]> {
+  const out = new Array<R>(items.length);
+  let next = 0;
+  let failure: { e: unknown } | null = null;
+  const worker = async () => {
+    while (!failure && next < items.length) {
+      const i = next++;
+      try {
+        out[i] = await fn(items[i]!, i);
+      } catch (e) {
+        if (!failure) {
+          failure = { e };
+          abort.abort();
+        }
+      }
+    }
+  };
+  await Promise.all(Array.from({ length: Math.min(limit, items.length) }, worker));
+  if (failure) throw (failure as { e: unknown }).e;
+  return out;
+}

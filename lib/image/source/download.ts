@@ -1,0 +1,164 @@
+// Streaming download of one remote object (HTTP URL, or S3 through a presigned / public URL) into
+// the blob cache. Size cap on the bytes actually received (a Content-Length is only used to refuse
+// early); an ETag/size pinned by a HEAD or a listing is enforced on the GET (If-Match, response
+// ETag, exact length), so an object replaced mid-run is an error, not a mixed image.
+import { ThinimgError, errorMessage } from "../../errors.ts";
+import { log } from "../../log.ts";
+import type { BlobCache, StoredBlob } from "../cache.ts";
+import { tooBig } from "../digest.ts";
+import type { DownloadProgress } from "../types.ts";
+
+export interface Pin {
+  etag: string | null;
+  size: number | null;
+}
+
+export interface DownloadOptions {
+  /** The URL to GET (may carry a presigned query). */
+  url: string;
+  /** For messages and the cache index — never contains credentials. */
+  what: string;
+  /** Cache index key ("http:URL", "s3:ENDPOINT/BUCKET/KEY"). */
+  key: string;
+  maxBytes: number;
+  /** ETag/size seen in a listing or HEAD; the GET must deliver exactly that object. */
+  pin?: Pin;
+  signal?: AbortSignal | undefined;
+  onProgress?: ((p: DownloadProgress) => void) | undefined;
+}
+
+export interface Downloaded extends StoredBlob {
+  etag: string | null;
+  /** True when the cache already had it (no body transferred). */
+  cached: boolean;
+}
+
+/** ETags compare without weak prefix and quotes ("W/\"x\"" ~ "x"). */
+export function sameEtag(a: string | null | undefined, b: string | null | undefined): boolean {
+  const n = (s: string) => s.replace(/^W\//, "").replace(/^"|"$/g, "");
+  return !!a && !!b && n(a) === n(b);
+}
+
+const NET_CODES: Record<string, string> = {
+  ECONNREFUSED: "connection refused",
+  ECONNRESET: "connection closed before the end of the transfer",
+  ENOTFOUND: "host not found",
+  ETIMEDOUT: "timed out",
+  ConnectionRefused: "connection refused",
+  ConnectionClosed: "connection closed before the end of the transfer",
+  UNABLE_TO_VERIFY_LEAF_SIGNATURE: "TLS certificate not trusted",
+  DEPTH_ZERO_SELF_SIGNED_CERT: "TLS certificate is self-signed",
+};
+
+export function networkError(what: string, e: unknown): ThinimgError {
+  if (e instanceof ThinimgError) return e;
+  const code = (e as { code?: unknown } | null)?.code;
+  const known = typeof code === "string" ? NET_CODES[code] : undefined;
+  const detail = known ? `${known} (${code})` : errorMessage(e).split("\n")[0]!.slice(0, 200);
+  return new ThinimgError("input", `${what}: cannot fetch: ${detail}`, {
+    hint: "check the address, the network and any proxy settings",
+    cause: e,
+  });
+}
+
+export function httpError(what: string, res: Response, body = ""): ThinimgError {
+  const code = /<Code>([^<]{1,100})<\/Code>/.exec(body)?.[1];
+  const detail = `HTTP ${res.status}${res.statusText ? ` ${res.statusText}` : ""}${code ? ` (${code})` : ""}`;
+  const hint =
+    res.status === 404
+      ? "check the URL / key; for an S3 layer family end the prefix with /"
+      : res.status === 403 || res.status === 401
+        ? "access denied: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (S3) or check the URL's permissions"
+        : res.status === 412
+          ? "the object changed while being fetched; run again"
+          : "the server refused the request; retry later or check the server";
+  return new ThinimgError("input", `${what}: ${detail}`, { hint, details: { status: res.status } });
+}
+
+/** Read (a bounded part of) an error body, for an S3 error code. */
+export async function errorBody(res: Response): Promise<string> {
+  try {
+    const reader = res.body?.getReader();
+    if (!reader) return "";
+    const r = await reader.read();
+    await reader.cancel().catch(() => {});
+    return r.done ? "" : new TextDecoder().decode(r.value.subarray(0, 4096));
+  } catch {
+    return "";
+  }
+}
+
+/**
+ * GET into the cache unless the index says we already have this exact object. With a pin (S3),
+ * the hit is decided before any request; without one (plain HTTP) a conditional GET
+ * (If-None-Match) lets the server answer 304.
+ */
+export async function download(cache: BlobCache, o: DownloadOptions): Promise<Downloaded> {
+  const rec = cache.lookupSource(o.key);
+  if (rec && o.pin && sameEtag(rec.etag, o.pin.etag) && (o.pin.size === null || rec.size === o.pin.size)) {
+    log.debug(`cache hit ${o.what} → ${rec.digest}`);
+    return { digest: rec.digest, size: rec.size, path: cache.path(rec.digest), etag: rec.etag, cached: true };
+  }
+  if (o.pin?.size != null && o.pin.size > o.maxBytes) throw tooBig(o.what, o.maxBytes);
+
+  const headers: Record<string, string> = { "accept-encoding": "identity" };
+  if (o.pin?.etag) headers["if-match"] = o.pin.etag;
+  else if (rec?.etag) headers["if-none-match"] = rec.etag;
+
+  let res: Response;
+  try {
+    res = await fetch(o.url, { headers, signal: o.signal, redirect: "follow", decompress: false });
+  } catch (e) {
+    throw networkError(o.what, e);
+  }
+  if (res.status === 304 && rec) {
+    await res.body?.cancel().catch(() => {});
+    log.debug(`not modified ${o.what} → ${rec.digest}`);
+    return { digest: rec.digest, size: rec.size, path: cache.path(rec.digest), etag: rec.etag, cached: true };
+  }
+  if (res.status !== 200) throw httpError(o.what, res, await errorBody(res));
+
+  const etag = res.headers.get("etag");
+  if (o.pin?.etag && !sameEtag(etag, o.pin.etag)) {
+    await res.body?.cancel().catch(() => {});
+    throw new ThinimgError("input", `${o.what}: changed since it was listed (ETag ${o.pin.etag} → ${etag ?? "none"})`, {
+      hint: "the object was replaced while the image was being fetched; run again once uploads are finished",
+    });
+  }
+  const encoding = res.headers.get("content-encoding");
+  if (encoding && encoding !== "identity") {
+    await res.body?.cancel().catch(() => {});
+    throw new ThinimgError("input", `${o.what}: server applied Content-Encoding ${encoding}`, {
+      hint: "serve the file as-is (no transfer compression); compressed layers are detected by content",
+    });
+  }
+  const lenHeader = res.headers.get("content-length");
+  const declared = lenHeader !== null && /^\d+$/.test(lenHeader) ? Number(lenHeader) : null;
+  if (declared !== null && declared > o.maxBytes) {
+    await res.body?.cancel().catch(() => {});
+    throw tooBig(o.what, o.maxBytes);
+  }
+  if (o.pin?.size != null && declared !== null && declared !== o.pin.size) {
+    await res.body?.cancel().catch(() => {});
+    throw new ThinimgError("input", `${o.what}: changed since it was listed (${o.pin.size} → ${declared} bytes)`, {
+      hint: "the object was replaced while the image was being fetched; run again once uploads are finished",
+    });
+  }
+  if (!res.body) throw new ThinimgError("input", `${o.what}: empty response`);
+  const total = o.pin?.size ?? declared;
+  let stored: StoredBlob;
+  try {
+    stored = await cache.ingest(res.body, {
+      what: o.what,
+      maxBytes: o.maxBytes,
+      size: total,
+      signal: o.signal,
+      onBytes: o.onProgress ? (bytes) => o.onProgress!({ what: o.what, bytes, total }) : undefined,
+    });
+  } catch (e) {
+    throw networkError(o.what, e);
+  }
+  cache.recordSource({ key: o.key, etag, size: stored.size, digest: stored.digest, lastModified: res.headers.get("last-modified") });
+  log.debug(`fetched ${o.what} (${stored.size} bytes) → ${stored.digest}`);
+  return { ...stored, etag, cached: false };
+}

@@ -1,0 +1,83 @@
+// The contract between image sources/formats, layer application and the pipeline (see
+// /docs/images.md). Names here are shared with lib/image/apply and lib/pipeline: change them only
+// together.
+
+export type Compression = "none" | "gzip" | "zstd";
+export type ImageFormat = "layer-family" | "docker-archive" | "oci-layout";
+
+/** The parts of an image config a runtime needs, parsed and validated (OCI image-spec config). */
+export interface ImageConfig {
+  /** sha256:… of the config blob. */
+  digest: string;
+  architecture: string | null;
+  os: string | null;
+  variant: string | null;
+  env: string[];
+  entrypoint: string[] | null;
+  cmd: string[] | null;
+  workingDir: string | null;
+  user: string | null;
+  labels: Record<string, string>;
+  /** rootfs.diff_ids: sha256 of each layer's UNCOMPRESSED tar, in order. */
+  diffIds: string[];
+}
+
+export interface LayerRef {
+  /** 0-based position; layers apply in this order. */
+  index: number;
+  /** sha256:… of the blob as stored (possibly compressed). */
+  digest: string;
+  /** sha256:… of the uncompressed tar when known (config diff_ids, or an uncompressed blob). */
+  diffId: string | null;
+  /** Bytes of the blob as stored. */
+  size: number;
+  compression: Compression;
+  /** Short name for messages: "2.tar" (layer family) or "sha256:abcd12345678" (by digest).
+   *  Messages from open() say "layer <index+1>/<total> (<label>)". */
+  label: string;
+  /**
+   * The UNCOMPRESSED tar stream. The blob digest, its size, the decompressed-size cap and the
+   * diffId (when known) are checked as it is read: the stream errors (ThinimgError) on mismatch,
+   * at the latest at EOF. Each call opens a fresh stream.
+   */
+  open(): Promise<ReadableStream<Uint8Array>>;
+}
+
+export interface ResolvedImage {
+  /** The source as given (without a :REF selector). */
+  source: string;
+  format: ImageFormat;
+  /** Tag / ref.name that selected the image, when there was one. */
+  name: string | null;
+  /** sha256:… of the manifest (OCI) / config (docker-archive) when there is one. */
+  id: string | null;
+  platform: string | null;
+  config: ImageConfig | null;
+  layers: LayerRef[];
+}
+
+export interface DownloadProgress {
+  what: string;
+  bytes: number;
+  total: number | null;
+}
+
+export interface ResolveOptions {
+  /** Blob cache lives in <stateDir>/blobs. */
+  stateDir: string;
+  /** Largest blob (compressed, as stored) accepted; enforced on bytes actually read. Default 8 GiB. */
+  maxBlobBytes?: number;
+  /** Largest uncompressed layer stream (decompression-bomb guard). Default 10 GiB. */
+  maxLayerBytes?: number;
+  /** Tag (docker-archive) or org.opencontainers.image.ref.name (OCI); also given as SOURCE:REF. */
+  select?: string;
+  /** "os/arch[/variant]" for multi-arch indexes; default: the host (linux/amd64 here). */
+  platform?: string;
+  signal?: AbortSignal;
+  /** Environment for S3 endpoint/region/credentials; default process.env. */
+  env?: Record<string, string | undefined>;
+  onProgress?(p: DownloadProgress): void;
+}
+
+export const DEFAULT_MAX_BLOB_BYTES = 8 * 1024 ** 3;
+export const DEFAULT_MAX_LAYER_BYTES = 10 * 1024 ** 3;

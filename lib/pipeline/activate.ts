@@ -1,0 +1,192 @@
+// Activation: a fresh thin snapshot of the image's top layer per request, loaded as
+// /dev/mapper/<prefix>-<pool>-snap-<id>. The top layer device is inactive (committed layers are
+// deactivated), so create_snap needs no suspend. Release deactivates and marks the snapshot released;
+// deleting its thin id is GC's job.
+import * as dmsetup from "../dm/dmsetup.ts";
+import * as mnt from "../dm/mount.ts";
+import * as pool from "../dm/pool.ts";
+import { ThinimgError } from "../errors.ts";
+import { preflight as assertHealthy } from "./preflight.ts";
+import { tx } from "../store/db.ts";
+import { getDevice, setDevice, setDeviceState } from "../store/devices.ts";
+import { type ImageRow, getImage, getImageByName } from "../store/images.ts";
+import { getLayer } from "../store/layers.ts";
+import { type SnapshotRow, getSnapshot, getSnapshotByDevice, insertSnapshot, updateSnapshot } from "../store/snapshots.ts";
+import { allocateThinId, getThinId, setThinIdState } from "../store/thin-ids.ts";
+import { type Leak, beginStep, endStep, finishWork, startWork } from "../store/work.ts";
+import type { Ctx } from "./context.ts";
+import { classify, failure } from "./failure.ts";
+import { deviceName, parseDeviceName } from "./names.ts";
+import { pausePoint } from "./pause.ts";
+import { withRetry } from "./retry.ts";
+import { ThinIdTaken, inPoolSection, poolCreate } from "./txn.ts";
+
+export interface ActivateResult {
+  snapshot_id: number;
+  image: string;
+  thin_id: number;
+  device_name: string;
+  device_path: string;
+  duration_ms: number;
+}
+
+export function findImage(ctx: Ctx, ref: string): ImageRow {
+  const img = getImageByName(ctx.db, ctx.cfg.pool, ref) ?? (/^\d+$/.test(ref) ? getImage(ctx.db, Number(ref)) : null);
+  if (!img || img.pool !== ctx.cfg.pool) {
+    throw new ThinimgError("input", `no image ${JSON.stringify(ref)} in pool ${ctx.cfg.pool}`, { hint: "see `bun scripts/list.ts`; unpack it first with `bun scripts/unpack.ts SOURCE --name NAME`" });
+  }
+  return img;
+}
+
+export interface ActivateOptions {
+  /** Skip the pre-flight health checks (benchmarks measure them separately). */
+  skipHealth?: boolean;
+}
+
+export async function activate(ctx: Ctx, imageRef: string, o: ActivateOptions = {}): Promise<ActivateResult> {
+  const t0 = performance.now();
+  const { db, cfg } = ctx;
+  const poolName = cfg.pool;
+  const img = findImage(ctx, imageRef);
+  if (img.state !== "ready" || img.top_layer_id === null) {
+    throw new ThinimgError("conflict", `image ${img.name} is ${img.state}${img.error ? ` (${img.error})` : ""}`, { hint: `unpack it first: bun scripts/unpack.ts ${img.source} --name ${img.name}` });
+  }
+  const top = getLayer(db, img.top_layer_id)!;
+  if (top.state !== "committed" || top.thin_id === null || !top.device_name) {
+    throw new ThinimgError("conflict", `image ${img.name}: its top layer is ${top.state}`, { hint: "re-run the unpack" });
+  }
+  if (!o.skipHealth) await assertHealthy({ pool: poolName, stateDir: cfg.stateDir });
+  const snap = insertSnapshot(db, { pool: poolName, imageId: img.id, layerId: top.id, pid: ctx.owner.pid, command: ctx.owner.command });
+  const work = startWork(db, poolName, "activate", `snapshot:${snap.id}`, ctx.owner);
+  let thinId: number | null = null;
+  let name: string | null = null;
+  let created = false;
+  let active = false;
+  try {
+    await inPoolSection(ctx, async () => {
+      const topInfo = await dmsetup.info(top.device_name!);
+      if (topInfo) {
+        throw new ThinimgError("conflict", `layer device ${top.device_name} is active; refusing to snapshot it without a suspend`, {
+          hint: "committed layers are never left active by thinimg; `bun scripts/gc.ts` shows why it is",
+        });
+      }
+      for (let tries = 0; ; tries++) {
+        thinId = allocateThinId(db, poolName, { kind: "snapshot", id: snap.id }, top.thin_id);
+        name = deviceName(cfg.prefix, poolName, "snap", thinId);
+        updateSnapshot(db, snap.id, { thin_id: thinId, device_name: name });
+        try {
+          await poolCreate(ctx, work.id, { op: "create_snap", thinId, originId: top.thin_id! });
+          created = true;
+          break;
+        } catch (e) {
+          if (!(e instanceof ThinIdTaken) || tries >= 15) throw e;
+        }
+      }
+      await pausePoint("activate:created", cfg.stateDir);
+      const step = beginStep(db, work.id, poolName, "activate_device", { thinId, deviceName: name });
+      setDevice(db, { pool: poolName, name: name!, thinId: thinId!, kind: "snap", state: "activating" });
+      await pool.activateThin(poolName, name!, thinId!, top.virtual_size, { ctx: { pool_name: poolName, device_id: thinId!, device_name: name! } });
+      active = true;
+      tx(db, () => {
+        setDeviceState(db, poolName, name!, "active");
+        endStep(db, step.id, "done", "ok");
+        setThinIdState(db, poolName, thinId!, "committed");
+        updateSnapshot(db, snap.id, { state: "active", activated_at: Date.now() });
+        finishWork(db, work.id, "done");
+      });
+    });
+  } catch (e) {
+    const leaks: Leak[] = [];
+    if (thinId !== null && created) leaks.push({ kind: "thin_id", ref: thinId, reason: `activation of snapshot ${snap.id} failed` });
+    if (name && active) leaks.push({ kind: "device", ref: name, reason: `activation of snapshot ${snap.id} failed` });
+    const err = failure(`activate ${img.name}`, e, leaks);
+    const c = classify(e);
+    tx(db, () => {
+      updateSnapshot(db, snap.id, { state: "failed", error: err.message });
+      if (thinId !== null) {
+        const t = getThinId(db, poolName, thinId);
+        // allocated-but-unconfirmed ids may exist in the pool: orphaned, so GC looks at them
+        if (t && (t.state === "allocated" || t.state === "created")) setThinIdState(db, poolName, thinId, "orphaned", `activation failed: ${err.message}`);
+      }
+      if (name && getDevice(db, poolName, name)) setDeviceState(db, poolName, name, active ? "leaked" : "removed", err.message);
+      finishWork(db, work.id, "failed", { error: err.message, kind: c.errorKind, leaks });
+    });
+    throw err;
+  }
+  return {
+    snapshot_id: snap.id,
+    image: img.name,
+    thin_id: thinId!,
+    device_name: name!,
+    device_path: dmsetup.mapperPath(name!),
+    duration_ms: Math.round(performance.now() - t0),
+  };
+}
+
+/** SNAPSHOT is a snapshot id, a device name, or /dev/mapper/<name>. */
+export function findSnapshot(ctx: Ctx, ref: string): SnapshotRow {
+  const r = ref.replace(/^\/dev\/mapper\//, "");
+  let s: SnapshotRow | null = null;
+  if (/^\d+$/.test(r)) s = getSnapshot(ctx.db, Number(r));
+  else if (parseDeviceName(ctx.cfg.prefix, ctx.cfg.pool, r)?.kind === "snap") s = getSnapshotByDevice(ctx.db, ctx.cfg.pool, r);
+  if (!s || s.pool !== ctx.cfg.pool) {
+    throw new ThinimgError("input", `no snapshot ${JSON.stringify(ref)} in pool ${ctx.cfg.pool}`, {
+      hint: "pass a snapshot id or device name from `bun scripts/list.ts`",
+    });
+  }
+  return s;
+}
+
+export interface ReleaseResult {
+  snapshot_id: number;
+  device_name: string | null;
+  /** already: it was released before (a repeat is a no-op). */
+  state: "released" | "already_released";
+  duration_ms: number;
+}
+
+export async function release(ctx: Ctx, ref: string, o: ActivateOptions = {}): Promise<ReleaseResult> {
+  const t0 = performance.now();
+  const { db, cfg } = ctx;
+  const poolName = cfg.pool;
+  const snap = findSnapshot(ctx, ref);
+  if (snap.state === "released") return { snapshot_id: snap.id, device_name: snap.device_name, state: "already_released", duration_ms: Math.round(performance.now() - t0) };
+  if (snap.state !== "active" || !snap.device_name || snap.thin_id === null) {
+    throw new ThinimgError("conflict", `snapshot ${snap.id} is ${snap.state}${snap.error ? ` (${snap.error})` : ""}; there is nothing to release`, {
+      hint: snap.state === "failed" ? "its leftovers are recorded; `bun scripts/gc.ts` removes them" : "wait for the activation to finish",
+    });
+  }
+  const name = snap.device_name;
+  const info = await dmsetup.info(name);
+  if (info) {
+    const mounts = mnt.mountsOf(`${info.major}:${info.minor}`);
+    if (mounts.length > 0) {
+      throw new ThinimgError("conflict", `snapshot ${snap.id} (${name}) is mounted at ${mounts.map((m) => m.mountPoint).join(", ")}`, { hint: "unmount it first, then release" });
+    }
+    if (info.open > 0) {
+      throw new ThinimgError("conflict", `snapshot ${snap.id} (${name}) is open by ${info.open} user(s)`, { hint: "stop the microVM (or whatever holds it) first, then release" });
+    }
+  }
+  if (!o.skipHealth) await assertHealthy({ pool: poolName, stateDir: cfg.stateDir });
+  const work = startWork(db, poolName, "release", `snapshot:${snap.id}`, ctx.owner);
+  try {
+    const step = beginStep(db, work.id, poolName, "remove_device", { thinId: snap.thin_id, deviceName: name });
+    setDeviceState(db, poolName, name, "removing");
+    if (info) await withRetry(`dmsetup remove ${name}`, () => dmsetup.remove(name, { ctx: { pool_name: poolName, device_id: snap.thin_id! } }), cfg.retry);
+    tx(db, () => {
+      setDeviceState(db, poolName, name, "removed");
+      endStep(db, step.id, "done", info ? "ok" : "was not active");
+      setThinIdState(db, poolName, snap.thin_id!, "orphaned", `snapshot ${snap.id} released`);
+      updateSnapshot(db, snap.id, { state: "released", released_at: Date.now() });
+      finishWork(db, work.id, "done");
+    });
+  } catch (e) {
+    const err = failure(`release snapshot ${snap.id}`, e, [{ kind: "device", ref: name, reason: "release failed" }]);
+    tx(db, () => {
+      setDeviceState(db, poolName, name, "active", `release failed: ${err.message}`);
+      finishWork(db, work.id, "failed", { error: err.message, kind: classify(e).errorKind });
+    });
+    throw err;
+  }
+  return { snapshot_id: snap.id, device_name: name, state: "released", duration_ms: Math.round(performance.now() - t0) };
+}

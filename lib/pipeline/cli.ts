@@ -1,0 +1,33 @@
+// Shared plumbing for the pipeline scripts (unpack, activate, release, list): flags → Config,
+// context with a TTY progress line when appropriate.
+import type { ArgsDef } from "citty";
+import { type Config, loadConfig } from "../config.ts";
+import { type Ctx, makeCtx } from "./context.ts";
+import { noProgress, ttyProgress } from "./progress.ts";
+
+export const waitArgs = {
+  wait: { type: "string", description: "How long to wait for a lock held by another thinimg process (e.g. 30s, 10m; env THINIMG_LOCK_WAIT; default 5m)" },
+} as const satisfies ArgsDef;
+
+export const sizeArgs = {
+  "virtual-size": { type: "string", description: "Virtual size of new base layer devices (env THINIMG_VIRTUAL_SIZE; default 10G)" },
+} as const satisfies ArgsDef;
+
+interface CommonFlags {
+  "state-dir"?: string | undefined;
+  pool?: string | undefined;
+  wait?: string | undefined;
+  "virtual-size"?: string | undefined;
+  json?: boolean | undefined;
+  "log-format"?: string | undefined;
+}
+
+export function configFrom(args: CommonFlags): Config {
+  return loadConfig({ stateDir: args["state-dir"], pool: args.pool, wait: args.wait, virtualSize: args["virtual-size"] });
+}
+
+export function ctxFrom(args: CommonFlags): Ctx {
+  const cfg = configFrom(args);
+  const quiet = args.json || args["log-format"] === "json" || process.env.THINIMG_LOG_FORMAT === "json";
+  return makeCtx(cfg, { progress: quiet ? noProgress : ttyProgress() });
+}

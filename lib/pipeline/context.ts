@@ -1,0 +1,24 @@
+// What every pipeline operation needs: config, the open state DB, who we are (lock/work owner), and
+// an optional progress sink.
+import type { Config } from "../config.ts";
+import { currentHolder } from "../lock/owner.ts";
+import { type Db, openDb } from "../store/db.ts";
+import type { Owner } from "../store/work.ts";
+import type { Progress } from "./progress.ts";
+
+export interface Ctx {
+  cfg: Config;
+  db: Db;
+  owner: Owner;
+  progress?: Progress | undefined;
+}
+
+export function makeCtx(cfg: Config, o: { command?: string; progress?: Progress; db?: Db } = {}): Ctx {
+  const h = currentHolder(o.command);
+  return {
+    cfg,
+    db: o.db ?? openDb(cfg.dbPath),
+    owner: { pid: h.pid, startTime: h.startTime, host: h.host, command: h.command },
+    progress: o.progress,
+  };
+}

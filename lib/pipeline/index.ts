@@ -1,0 +1,10 @@
+// lib/pipeline: unpack, activate, release, inventory — the operations the scripts expose.
+export * from "./activate.ts";
+export * from "./chain.ts";
+export * from "./context.ts";
+export * from "./failure.ts";
+export * from "./inventory.ts";
+export * from "./names.ts";
+export * from "./progress.ts";
+export * from "./txn.ts";
+export * from "./unpack.ts";

@@ -1,0 +1,80 @@
+// What `bun scripts/list.ts` shows: images, layers (with how many images share each), snapshots,
+// and the pool's use when the pool is reachable.
+import * as pool from "../dm/pool.ts";
+import { errorMessage } from "../errors.ts";
+import type { Db } from "../store/db.ts";
+import { imageLayerIds, listImages } from "../store/images.ts";
+import { layerRefCounts, listLayers } from "../store/layers.ts";
+import { listSnapshots } from "../store/snapshots.ts";
+import { listThinIds } from "../store/thin-ids.ts";
+
+const iso = (ms: number | null) => (ms === null ? null : new Date(ms).toISOString());
+
+export interface Inventory {
+  pool: { name: string; status: "ok" | "fail" | "error" | "unavailable"; detail: string | null; transaction_id: number | null; data_used_pct: number | null; meta_used_pct: number | null; data_used_blocks: number | null; data_total_blocks: number | null; mode: string | null };
+  images: { id: number; name: string; state: string; source: string; format: string | null; layers: number; top_chain_id: string | null; ready_at: string | null; error: string | null }[];
+  layers: { id: number; chain_id: string; state: string; phase: string; thin_id: number | null; device_name: string | null; images: number; entries: number | null; bytes: number | null; committed_at: string | null; error: string | null }[];
+  snapshots: { id: number; image: string; state: string; thin_id: number | null; device_name: string | null; device_path: string | null; activated_at: string | null; released_at: string | null; error: string | null }[];
+  thin_ids: Record<string, number>;
+}
+
+export async function inventory(db: Db, poolName: string, o: { allSnapshots?: boolean; probePool?: boolean } = {}): Promise<Inventory> {
+  const images = listImages(db, poolName);
+  const names = new Map(images.map((i) => [i.id, i.name]));
+  const refs = layerRefCounts(db, poolName);
+  const thinCounts: Record<string, number> = {};
+  for (const t of listThinIds(db, poolName)) thinCounts[t.state] = (thinCounts[t.state] ?? 0) + 1;
+  let p: Inventory["pool"] = { name: poolName, status: "unavailable", detail: null, transaction_id: null, data_used_pct: null, meta_used_pct: null, data_used_blocks: null, data_total_blocks: null, mode: null };
+  if (o.probePool !== false) {
+    try {
+      const st = await pool.poolStatus(poolName, { timeoutMs: 5_000 });
+      if (st.kind === "ok") {
+        p = { ...p, status: "ok", transaction_id: st.transactionId, data_used_pct: st.dataUsedPct, meta_used_pct: st.metaUsedPct, data_used_blocks: st.dataUsed, data_total_blocks: st.dataTotal, mode: st.mode };
+      } else p = { ...p, status: st.kind };
+    } catch (e) {
+      p = { ...p, detail: errorMessage(e) };
+    }
+  }
+  return {
+    pool: p,
+    images: images.map((i) => ({
+      id: i.id,
+      name: i.name,
+      state: i.state,
+      source: i.source,
+      format: i.format,
+      layers: imageLayerIds(db, i.id).length,
+      top_chain_id: i.top_chain_id,
+      ready_at: iso(i.ready_at),
+      error: i.error,
+    })),
+    layers: listLayers(db, poolName).map((l) => {
+      const s = l.stats ? (JSON.parse(l.stats) as { entries?: number; bytes?: number }) : null;
+      return {
+        id: l.id,
+        chain_id: l.chain_id,
+        state: l.state,
+        phase: l.phase,
+        thin_id: l.thin_id,
+        device_name: l.device_name,
+        images: refs.get(l.id) ?? 0,
+        entries: s?.entries ?? null,
+        bytes: s?.bytes ?? null,
+        committed_at: iso(l.committed_at),
+        error: l.error,
+      };
+    }),
+    snapshots: listSnapshots(db, poolName, o.allSnapshots ? undefined : ["active", "pending", "failed"]).map((s) => ({
+      id: s.id,
+      image: names.get(s.image_id) ?? String(s.image_id),
+      state: s.state,
+      thin_id: s.thin_id,
+      device_name: s.device_name,
+      device_path: s.state === "active" && s.device_name ? `/dev/mapper/${s.device_name}` : null,
+      activated_at: iso(s.activated_at),
+      released_at: iso(s.released_at),
+      error: s.error,
+    })),
+    thin_ids: thinCounts,
+  };
+}

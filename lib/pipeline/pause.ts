@@ -1,0 +1,21 @@
+// Test-only: THINIMG_TEST_PAUSE_AT=<step>[#n] makes the process stop at the n-th (default first)
+// time it reaches the named step boundary: it writes the step name to THINIMG_TEST_PAUSE_FILE
+// (default <stateDir>/paused-at) and sleeps until killed. Crash tests kill -9 it there.
+import { writeFileSync } from "node:fs";
+import { join } from "node:path";
+
+const counts = new Map<string, number>();
+
+export async function pausePoint(step: string, stateDir: string): Promise<void> {
+  const want = process.env.THINIMG_TEST_PAUSE_AT;
+  if (!want) return;
+  const [name, nth] = want.split("#");
+  if (name !== step) return;
+  const seen = (counts.get(step) ?? 0) + 1;
+  counts.set(step, seen);
+  if (seen !== Number(nth ?? 1)) return;
+  const file = process.env.THINIMG_TEST_PAUSE_FILE ?? join(stateDir, "paused-at");
+  writeFileSync(file, `${step} ${process.pid}\n`);
+  process.stderr.write(`test hook: paused at ${step} (pid ${process.pid})\n`);
+  for (;;) await Bun.sleep(60_000);
+}

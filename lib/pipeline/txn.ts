@@ -1,0 +1,175 @@
+// Pool changes with a crash record. Inside a pool section (process lock + in-process queue):
+//   1. read the pool's transaction id T
+//   2. write the intent (step row: op, thin id, T → T+1)            ← BEFORE the pool changes
+//   3. send create_thin / create_snap
+//   4. set_transaction_id T T+1                                     ← the pool now says "3 happened"
+//   5. mark the step done and the thin id created
+// After a crash, reconcilePending() compares the pool's transaction id with the step: T+1 means the
+// create happened; T means it may or may not have (crash between 3 and 4) — the id stays
+// 'allocated' and its owner retries the create with the SAME id: success proves it had not run,
+// "exists" means it had, and the id is then recorded orphaned (never adopted blindly) and the next id
+// taken. Nothing is ever done twice.
+import { ThinimgError } from "../errors.ts";
+import * as dmsetup from "../dm/dmsetup.ts";
+import { isDmError } from "../dm/errors.ts";
+import * as pool from "../dm/pool.ts";
+import type { PoolStatusOk } from "../dm/status.ts";
+import { poolSection } from "../lock/section.ts";
+import { isSelf, staleness } from "../lock/owner.ts";
+import { log } from "../log.ts";
+import { tx } from "../store/db.ts";
+import { getThinId, recordOrphanThinId, setThinIdState } from "../store/thin-ids.ts";
+import { beginStep, endStep, finishWork, listWork, pendingSteps } from "../store/work.ts";
+import { setDeviceState, listDevices } from "../store/devices.ts";
+import { listSnapshots, updateSnapshot } from "../store/snapshots.ts";
+import type { Ctx } from "./context.ts";
+import { pausePoint } from "./pause.ts";
+
+export type PoolOp = { op: "create_thin"; thinId: number } | { op: "create_snap"; thinId: number; originId: number };
+
+/** The id already exists in the pool (recorded as orphaned); the caller allocates the next one. */
+export class ThinIdTaken extends Error {
+  constructor(readonly thinId: number) {
+    super(`thin id ${thinId} already exists in the pool`);
+  }
+}
+
+/** Run fn as a pool section; pending intents of dead processes are reconciled first. */
+export function inPoolSection<T>(ctx: Ctx, fn: () => Promise<T>): Promise<T> {
+  return poolSection(ctx.cfg.lockFile, ctx.db, { waitMs: ctx.cfg.lockWaitMs, command: ctx.owner.command }, async () => {
+    await reconcilePending(ctx);
+    return fn();
+  });
+}
+
+/** Pool status that allows changes: usable and read-write. */
+export async function writablePool(ctx: Ctx): Promise<PoolStatusOk> {
+  const st = await pool.poolStatusOk(ctx.cfg.pool);
+  if (st.mode !== "rw") {
+    throw new ThinimgError("unhealthy", `pool ${ctx.cfg.pool} is ${st.mode === "ro" ? "read-only" : "out of data space"}; no pool changes are made`, {
+      hint: "run `bun scripts/health.ts`, free space with `bun scripts/gc.ts --force` or extend the pool (docs/ops-recover-pool.md)",
+    });
+  }
+  if (st.needsCheck) {
+    throw new ThinimgError("unhealthy", `pool ${ctx.cfg.pool} has needs_check set`, { hint: "follow docs/ops-recover-pool.md (thin_check)" });
+  }
+  return st;
+}
+
+/** Steps 1-5 above. Call inside inPoolSection. Throws ThinIdTaken when the id exists already. */
+export async function poolCreate(ctx: Ctx, workId: number, req: PoolOp): Promise<void> {
+  const { db } = ctx;
+  const name = ctx.cfg.pool;
+  const st = await writablePool(ctx);
+  const T = st.transactionId;
+  const step = beginStep(db, workId, name, req.op, {
+    thinId: req.thinId,
+    originThinId: req.op === "create_snap" ? req.originId : null,
+    txnBefore: T,
+    txnAfter: T + 1,
+  });
+  await pausePoint(`${req.op}:intent`, ctx.cfg.stateDir);
+  try {
+    if (req.op === "create_thin") await pool.createThin(name, req.thinId);
+    else await pool.createSnap(name, req.thinId, req.originId);
+  } catch (e) {
+    if (isDmError(e, "exists")) {
+      tx(db, () => {
+        recordOrphanThinId(db, name, req.thinId, `already existed in the pool when ${req.op} ran (not made by this attempt)`);
+        endStep(db, step.id, "failed", "exists", (e as Error).message);
+      });
+      throw new ThinIdTaken(req.thinId);
+    }
+    endStep(db, step.id, "failed", "error", (e as Error).message);
+    throw e;
+  }
+  await pausePoint(`${req.op}:sent`, ctx.cfg.stateDir);
+  let outcome = "ok";
+  try {
+    await pool.setTransactionId(name, T, T + 1);
+  } catch (e) {
+    // the create itself succeeded (the message returned 0); only the crash record is missing
+    outcome = `created; set_transaction_id ${T} ${T + 1} failed: ${(e as Error).message}`;
+    log.warn(`pool ${name}: ${outcome}`);
+  }
+  tx(db, () => {
+    endStep(db, step.id, "done", outcome);
+    setThinIdState(db, name, req.thinId, "created");
+  });
+}
+
+/**
+ * Settle intents left 'pending' by processes that died. Pool steps are decided by the pool's
+ * transaction id; device/mount steps are recorded as interrupted (their owner's resume or GC looks
+ * at the real device). Work rows of dead owners become 'interrupted'; pending activations 'failed'.
+ */
+export async function reconcilePending(ctx: Ctx): Promise<number> {
+  const { db } = ctx;
+  const name = ctx.cfg.pool;
+  const dead = (w: { pid: number; start_time?: number | null; host: string }) =>
+    !isSelf({ pid: w.pid, startTime: w.start_time ?? null, host: w.host }) && staleness({ pid: w.pid, startTime: w.start_time ?? null, host: w.host }).stale;
+  const steps = pendingSteps(db, name).filter((s) => dead({ pid: s.work_pid, start_time: s.work_start_time, host: s.work_host }));
+  const deadWork = listWork(db, name, ["running"]).filter((w) => dead(w));
+  if (steps.length === 0 && deadWork.length === 0) return 0;
+  let txn: number | null = null;
+  if (steps.some((s) => s.name === "create_thin" || s.name === "create_snap")) {
+    txn = (await pool.poolStatusOk(name)).transactionId;
+  }
+  for (const s of steps) {
+    const isSnapshot = s.work_kind === "activate";
+    if ((s.name === "create_thin" || s.name === "create_snap") && s.thin_id !== null) {
+      const happened = txn !== null && s.txn_after !== null && txn === s.txn_after;
+      tx(db, () => {
+        const t = getThinId(db, name, s.thin_id!);
+        if (happened) {
+          endStep(db, s.id, "done", `reconciled: pool transaction id is ${txn}, the ${s.name} ran`);
+          if (t && t.state === "allocated") {
+            if (isSnapshot) setThinIdState(db, name, s.thin_id!, "orphaned", "activation interrupted after its snapshot was created");
+            else setThinIdState(db, name, s.thin_id!, "created");
+          }
+        } else {
+          const why =
+            txn === s.txn_before
+              ? `reconciled: pool transaction id still ${txn}; the ${s.name} may or may not have run`
+              : `reconciled: pool transaction id moved to ${txn} (expected ${s.txn_before} or ${s.txn_after}); unconfirmed`;
+          endStep(db, s.id, "failed", why);
+          // A layer owner retries the create with the same id (which settles it); a dead activation
+          // has no owner: its id might be in the pool, so GC must look.
+          if (t && t.state === "allocated" && (isSnapshot || txn !== s.txn_before)) {
+            setThinIdState(db, name, s.thin_id!, "orphaned", why);
+          }
+        }
+      });
+      log.warn(`pool ${name}: interrupted ${s.name} of thin id ${s.thin_id} (pid ${s.work_pid} died) settled`);
+    } else {
+      endStep(db, s.id, "failed", `interrupted: pid ${s.work_pid} died during ${s.name}`);
+    }
+  }
+  for (const w of deadWork) {
+    tx(db, () => {
+      finishWork(db, w.id, "interrupted", { error: `pid ${w.pid} (${w.command}) died while running`, kind: "interrupted" });
+      if (w.kind === "activate") {
+        const snapId = Number(w.subject.split(":")[1]);
+        for (const snap of listSnapshots(db, name, ["pending"]).filter((x) => x.id === snapId)) {
+          updateSnapshot(db, snap.id, { state: "failed", error: `activation interrupted: pid ${w.pid} died` });
+          if (snap.thin_id !== null) {
+            const t = getThinId(db, name, snap.thin_id);
+            if (t && (t.state === "allocated" || t.state === "created")) setThinIdState(db, name, snap.thin_id, "orphaned", "activation interrupted");
+          }
+          if (snap.device_name) {
+            const d = listDevices(db, name).find((x) => x.name === snap.device_name && (x.state === "activating" || x.state === "active"));
+            if (d) setDeviceState(db, name, d.name, "leaked", "activation interrupted");
+          }
+        }
+      }
+    });
+  }
+  return steps.length + deadWork.length;
+}
+
+/** The pool's major:minor (thin tables name the pool by it). */
+export async function poolMajorMinor(poolName: string): Promise<string> {
+  const i = await dmsetup.info(poolName);
+  if (!i) throw new ThinimgError("missing", `pool ${poolName} does not exist`, { hint: "create it with `bun ops/recover-pool.ts --create` or pass --pool" });
+  return `${i.major}:${i.minor}`;
+}

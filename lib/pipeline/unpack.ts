@@ -1,0 +1,219 @@
+// Unpack: image → one committed thin device per layer chain. Layers already committed in this pool
+// (by any image) are reused; only missing chains are built. A re-run of an unpacked image is a DB
+// lookup: no resolve, no dm work.
+import { basename } from "node:path";
+import { ThinimgError } from "../errors.ts";
+import { preflight as assertHealthy } from "./preflight.ts";
+import { resolveImage } from "../image/resolve.ts";
+import type { LayerRef, ResolvedImage } from "../image/types.ts";
+import { acquireNamedLock, withNamedLock } from "../lock/named-lock.ts";
+import { log } from "../log.ts";
+import { recordBlob } from "../store/blobs.ts";
+import { tx } from "../store/db.ts";
+import { type ImageRow, beginImage, getImageByName, imageLayerIds, markImageFailed, markImageReady } from "../store/images.ts";
+import { type LayerRow, getLayer, getLayerByChain, insertLayer } from "../store/layers.ts";
+import { finishWork, startWork } from "../store/work.ts";
+import { chainIds, identityOf } from "./chain.ts";
+import type { Ctx } from "./context.ts";
+import { isPermanent } from "./failure.ts";
+import { type BuildResult, buildLayer } from "./layer-build.ts";
+import { assertImageName } from "./names.ts";
+
+export interface UnpackOptions {
+  source: string;
+  name?: string | undefined;
+  /** Tag / ref.name inside a multi-image archive or layout. */
+  select?: string | undefined;
+  platform?: string | undefined;
+  /** Resolve the source again even when an image of that name and source is ready. */
+  refresh?: boolean | undefined;
+  signal?: AbortSignal | undefined;
+}
+
+export interface UnpackedLayer {
+  index: number;
+  chain_id: string;
+  thin_id: number;
+  device_name: string;
+  /** true: the device was already committed (shared with another image or an earlier run). */
+  reused: boolean;
+  stats: unknown;
+}
+
+export interface UnpackResult {
+  image: { id: number; name: string; source: string; format: string | null; state: string };
+  layers: UnpackedLayer[];
+  built: number;
+  reused: number;
+  /** false when nothing touched the pool (a re-run). */
+  dm_work: boolean;
+  /** We waited for another process that was unpacking the same image. */
+  waited: boolean;
+  duration_ms: number;
+}
+
+/** Default image name: the source's last path component without archive suffixes. */
+export function defaultImageName(source: string): string {
+  const trimmed = source.replace(/\/+$/, "");
+  const base = basename(trimmed.replace(/^[a-z0-9]+:\/\/[^/]*/i, "")) || "image";
+  const n = base.replace(/\.(tar|tgz|tar\.gz|tar\.zst|oci)$/i, "").replace(/[^A-Za-z0-9._:@+-]/g, "_").replace(/^[^A-Za-z0-9]+/, "");
+  return n || "image";
+}
+
+function resultFromDb(ctx: Ctx, img: ImageRow, t0: number, waited: boolean): UnpackResult {
+  const layers = imageLayerIds(ctx.db, img.id).map((id, index) => {
+    const l = getLayer(ctx.db, id)!;
+    return { index, chain_id: l.chain_id, thin_id: l.thin_id!, device_name: l.device_name!, reused: true, stats: l.stats ? JSON.parse(l.stats) : null };
+  });
+  return {
+    image: { id: img.id, name: img.name, source: img.source, format: img.format, state: img.state },
+    layers,
+    built: 0,
+    reused: layers.length,
+    dm_work: false,
+    waited,
+    duration_ms: Math.round(performance.now() - t0),
+  };
+}
+
+/** A ready image of this name from this source: nothing to do. */
+function readyImage(ctx: Ctx, name: string, source: string): ImageRow | null {
+  const img = getImageByName(ctx.db, ctx.cfg.pool, name);
+  return img && img.state === "ready" && img.source === source ? img : null;
+}
+
+export async function unpack(ctx: Ctx, o: UnpackOptions): Promise<UnpackResult> {
+  const t0 = performance.now();
+  const { db, cfg } = ctx;
+  const name = assertImageName(o.name ?? defaultImageName(o.source));
+  if (!o.refresh) {
+    const img = readyImage(ctx, name, o.source);
+    if (img) return resultFromDb(ctx, img, t0, false);
+  }
+  const lock = await acquireNamedLock(db, `image:${cfg.pool}:${name}`, {
+    waitMs: cfg.lockWaitMs,
+    command: ctx.owner.command,
+    what: `image ${name}`,
+    onWait: () => ctx.progress?.stage(`waiting for image ${name}`),
+  });
+  try {
+    if (lock.waited && !o.refresh) {
+      // someone else was building it: reuse their result
+      const img = readyImage(ctx, name, o.source);
+      if (img) return resultFromDb(ctx, img, t0, true);
+    }
+    return await unpackLocked(ctx, name, o, t0, lock.waited);
+  } finally {
+    lock.release();
+  }
+}
+
+async function unpackLocked(ctx: Ctx, name: string, o: UnpackOptions, t0: number, waited: boolean): Promise<UnpackResult> {
+  const { db, cfg } = ctx;
+  ctx.progress?.stage(`resolve ${o.source}`);
+  const resolved: ResolvedImage = await resolveImage(o.source, {
+    stateDir: cfg.stateDir,
+    maxBlobBytes: cfg.limits.maxBlobBytes,
+    maxLayerBytes: cfg.limits.maxLayerBytes,
+    ...(o.select ? { select: o.select } : {}),
+    ...(o.platform ? { platform: o.platform } : {}),
+    ...(o.signal ? { signal: o.signal } : {}),
+    onProgress: (p) => ctx.progress?.bytes(p.bytes, p.total),
+  });
+  if (resolved.layers.length === 0) {
+    throw new ThinimgError("input", `${o.source}: the image has no layers`, { hint: "check the source (a layer family needs 1.tar, 2.tar, …)" });
+  }
+  tx(db, () => {
+    for (const l of resolved.layers) recordBlob(db, { digest: l.digest, size: l.size, compression: l.compression, diffId: l.diffId });
+  });
+  const chains = chainIds(resolved.layers);
+  const img = beginImage(db, { pool: cfg.pool, name, source: o.source, format: resolved.format });
+  const work = startWork(db, cfg.pool, "unpack", `image:${img.id}`, ctx.owner);
+  const out: UnpackedLayer[] = [];
+  let built = 0;
+  let healthy = false;
+  try {
+    let parent: LayerRow | null = null;
+    for (const [i, ref] of resolved.layers.entries()) {
+      const chainId = chains[i]!;
+      const label = `${i + 1}/${resolved.layers.length} (${ref.label})`;
+      let row = getLayerByChain(db, cfg.pool, chainId);
+      if (row?.state === "committed") {
+        out.push(layerOut(i, row, true));
+        parent = row;
+        continue;
+      }
+      if (row?.state === "failed" && isPermanent(row.error_kind)) {
+        throw new ThinimgError(row.error_kind === "policy" ? "policy" : "input", `layer ${label} failed earlier and would fail again: ${row.error}`, {
+          hint: "fix the image; a re-run does no device work for it",
+        });
+      }
+      if (!healthy) {
+        ctx.progress?.stage("health checks");
+        await assertHealthy({ pool: cfg.pool, stateDir: cfg.stateDir });
+        healthy = true;
+      }
+      row ??= insertLayerOnce(ctx, chainId, parent, ref);
+      const layerId = row.id;
+      const parentRow: LayerRow | null = parent;
+      const result: BuildResult = await withNamedLock(
+        db,
+        `layer:${cfg.pool}:${chainId}`,
+        { waitMs: cfg.lockWaitMs, command: ctx.owner.command, what: `layer ${label}` },
+        () => buildLayer(ctx, { layerId, parent: parentRow, ref, label }),
+      );
+      const reused = !result.built;
+      if (!reused) built++;
+      log.info(`layer ${label}: ${reused ? "reused" : "built"} ${result.layer.device_name}${result.abandoned ? ` (${result.abandoned} interrupted attempt(s) left for GC)` : ""}`);
+      out.push(layerOut(i, result.layer, reused));
+      parent = result.layer;
+    }
+    markImageReady(db, img.id, { format: resolved.format, config: resolved.config, layerIds: out.map((l) => layerIdOf(ctx, l.chain_id)), topChainId: chains.at(-1) ?? null });
+    finishWork(db, work.id, "done");
+  } catch (e) {
+    const msg = e instanceof Error ? e.message : String(e);
+    const kind = e instanceof ThinimgError ? e.kind : "internal";
+    tx(db, () => {
+      markImageFailed(db, img.id, msg, kind);
+      finishWork(db, work.id, "failed", { error: msg, kind });
+    });
+    throw e;
+  }
+  const final = getImageByName(db, cfg.pool, name)!;
+  return {
+    image: { id: final.id, name: final.name, source: final.source, format: final.format, state: final.state },
+    layers: out,
+    built,
+    reused: out.length - built,
+    dm_work: built > 0,
+    waited,
+    duration_ms: Math.round(performance.now() - t0),
+  };
+}
+
+function layerIdOf(ctx: Ctx, chainId: string): number {
+  return getLayerByChain(ctx.db, ctx.cfg.pool, chainId)!.id;
+}
+
+function layerOut(index: number, l: LayerRow, reused: boolean): UnpackedLayer {
+  return { index, chain_id: l.chain_id, thin_id: l.thin_id!, device_name: l.device_name!, reused, stats: l.stats ? JSON.parse(l.stats) : null };
+}
+
+/** Insert the layer row; another process may have inserted the same chain a moment ago. */
+function insertLayerOnce(ctx: Ctx, chainId: string, parent: LayerRow | null, ref: LayerRef): LayerRow {
+  return tx(ctx.db, () => {
+    const existing = getLayerByChain(ctx.db, ctx.cfg.pool, chainId);
+    if (existing) return existing;
+    return insertLayer(ctx.db, {
+      pool: ctx.cfg.pool,
+      chainId,
+      parentId: parent?.id ?? null,
+      parentChainId: parent?.chain_id ?? null,
+      identity: identityOf(ref),
+      diffId: ref.diffId,
+      digest: ref.digest,
+      size: ref.size,
+      virtualSize: parent?.virtual_size ?? ctx.cfg.virtualSize,
+    });
+  });
+}

@@ -1,0 +1,52 @@
+// The state database: one SQLite file in the state dir. WAL so readers (list, GC dry-run) never block
+// the writer; synchronous=FULL because a row here is the only record of a pool change after a power
+// loss; a busy timeout so concurrent thinimg processes queue instead of failing.
+import { Database } from "bun:sqlite";
+import { mkdirSync } from "node:fs";
+import { dirname } from "node:path";
+import { ThinimgError, errorMessage } from "../errors.ts";
+import { MIGRATIONS, migrate } from "./migrations.ts";
+
+export type Db = Database;
+
+export const BUSY_TIMEOUT_MS = 10_000;
+
+export interface OpenOptions {
+  /** Open an existing DB read-only (list, dry-runs); no migration. */
+  readOnly?: boolean;
+}
+
+export function openDb(path: string, o: OpenOptions = {}): Db {
+  let db: Database;
+  try {
+    if (!o.readOnly) mkdirSync(dirname(path), { recursive: true, mode: 0o700 });
+    db = o.readOnly ? new Database(path, { readonly: true, strict: true }) : new Database(path, { create: true, strict: true });
+  } catch (e) {
+    throw new ThinimgError("input", `cannot open state database ${path}: ${errorMessage(e)}`, {
+      hint: o.readOnly ? "run an unpack first, or pass the right --state-dir" : "check --state-dir / THINIMG_STATE_DIR and its permissions",
+    });
+  }
+  db.exec(`PRAGMA busy_timeout = ${BUSY_TIMEOUT_MS}`);
+  if (!o.readOnly) {
+    db.exec("PRAGMA journal_mode = WAL");
+    db.exec("PRAGMA synchronous = FULL");
+  }
+  db.exec("PRAGMA foreign_keys = ON");
+  const version = o.readOnly
+    ? (db.query("PRAGMA user_version").get() as { user_version: number }).user_version
+    : migrate(db);
+  if (version > MIGRATIONS.length) {
+    db.close();
+    throw new ThinimgError("conflict", `state database ${path} has schema version ${version}, this thinimg knows ${MIGRATIONS.length}`, {
+      hint: "upgrade thinimg; never run an older thinimg against a newer state dir",
+    });
+  }
+  return db;
+}
+
+/** Run fn in an IMMEDIATE transaction (takes the write lock up front: no upgrade deadlocks). */
+export function tx<T>(db: Db, fn: () => T): T {
+  return db.transaction(fn).immediate();
+}
+
+export const now = (): number => Date.now();

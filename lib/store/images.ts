@@ -1,0 +1,66 @@
+// Images: a name in a pool → ordered layers (by chain) and the image config.
+import { type Db, now, tx } from "./db.ts";
+
+export type ImageState = "unpacking" | "ready" | "failed";
+
+export interface ImageRow {
+  id: number;
+  pool: string;
+  name: string;
+  source: string;
+  format: string | null;
+  top_chain_id: string | null;
+  top_layer_id: number | null;
+  config: string | null;
+  state: ImageState;
+  error: string | null;
+  error_kind: string | null;
+  created_at: number;
+  updated_at: number;
+  ready_at: number | null;
+}
+
+export function getImageByName(db: Db, pool: string, name: string): ImageRow | null {
+  return db.query("SELECT * FROM images WHERE pool = ? AND name = ?").get(pool, name) as ImageRow | null;
+}
+
+export function getImage(db: Db, id: number): ImageRow | null {
+  return db.query("SELECT * FROM images WHERE id = ?").get(id) as ImageRow | null;
+}
+
+/** Create the image row, or move an existing one (same name) back to 'unpacking' for a new source. */
+export function beginImage(db: Db, i: { pool: string; name: string; source: string; format: string | null }): ImageRow {
+  const t = now();
+  return db
+    .query(
+      `INSERT INTO images (pool, name, source, format, state, created_at, updated_at) VALUES (?, ?, ?, ?, 'unpacking', ?, ?)
+       ON CONFLICT (pool, name) DO UPDATE SET source = excluded.source, format = excluded.format, state = 'unpacking',
+         error = NULL, error_kind = NULL, updated_at = excluded.updated_at
+       RETURNING *`,
+    )
+    .get(i.pool, i.name, i.source, i.format, t, t) as ImageRow;
+}
+
+export function markImageReady(db: Db, id: number, r: { format: string; config: unknown; layerIds: number[]; topChainId: string | null }): void {
+  tx(db, () => {
+    const t = now();
+    db.query("DELETE FROM image_layers WHERE image_id = ?").run(id);
+    const ins = db.query("INSERT INTO image_layers (image_id, position, layer_id) VALUES (?, ?, ?)");
+    for (const [pos, lid] of r.layerIds.entries()) ins.run(id, pos, lid);
+    db.query(
+      "UPDATE images SET state = 'ready', format = ?, config = ?, top_layer_id = ?, top_chain_id = ?, error = NULL, error_kind = NULL, ready_at = ?, updated_at = ? WHERE id = ?",
+    ).run(r.format, r.config === null || r.config === undefined ? null : JSON.stringify(r.config), r.layerIds.at(-1) ?? null, r.topChainId, t, t, id);
+  });
+}
+
+export function markImageFailed(db: Db, id: number, error: string, kind: string): void {
+  db.query("UPDATE images SET state = 'failed', error = ?, error_kind = ?, updated_at = ? WHERE id = ?").run(error, kind, now(), id);
+}
+
+export function listImages(db: Db, pool: string): ImageRow[] {
+  return db.query("SELECT * FROM images WHERE pool = ? ORDER BY id").all(pool) as ImageRow[];
+}
+
+export function imageLayerIds(db: Db, imageId: number): number[] {
+  return (db.query("SELECT layer_id FROM image_layers WHERE image_id = ? ORDER BY position").all(imageId) as { layer_id: number }[]).map((r) => r.layer_id);
+}

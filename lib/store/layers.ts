@@ -1,0 +1,91 @@
+// Layer devices, one per chain id per pool. A committed layer is immutable and shared by every image
+// whose layer chain has it as a prefix.
+import { type Db, now } from "./db.ts";
+
+export type LayerState = "building" | "committed" | "failed";
+
+/** Build steps in order; `phase` holds the last one completed (the resume point). */
+export const LAYER_PHASES = [
+  "new",
+  "allocated",
+  "created",
+  "activated",
+  "formatted",
+  "mounted",
+  "applied",
+  "unmounted",
+  "deactivated",
+  "committed",
+] as const;
+export type LayerPhase = (typeof LAYER_PHASES)[number];
+
+export interface LayerStats {
+  entries: number;
+  bytes: number;
+  whiteouts: number;
+  durationMs: number;
+}
+
+export interface LayerRow {
+  id: number;
+  pool: string;
+  chain_id: string;
+  parent_id: number | null;
+  parent_chain_id: string | null;
+  identity: string;
+  diff_id: string | null;
+  digest: string;
+  size: number;
+  thin_id: number | null;
+  device_name: string | null;
+  virtual_size: number;
+  state: LayerState;
+  phase: LayerPhase;
+  attempt: number;
+  error: string | null;
+  error_kind: string | null;
+  stats: string | null;
+  created_at: number;
+  updated_at: number;
+  committed_at: number | null;
+}
+
+export function getLayerByChain(db: Db, pool: string, chainId: string): LayerRow | null {
+  return db.query("SELECT * FROM layers WHERE pool = ? AND chain_id = ?").get(pool, chainId) as LayerRow | null;
+}
+
+export function getLayer(db: Db, id: number): LayerRow | null {
+  return db.query("SELECT * FROM layers WHERE id = ?").get(id) as LayerRow | null;
+}
+
+export function insertLayer(db: Db, l: { pool: string; chainId: string; parentId: number | null; parentChainId: string | null; identity: string; diffId: string | null; digest: string; size: number; virtualSize: number }): LayerRow {
+  const t = now();
+  const r = db
+    .query(
+      `INSERT INTO layers (pool, chain_id, parent_id, parent_chain_id, identity, diff_id, digest, size, virtual_size, state, phase, attempt, created_at, updated_at)
+       VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'building', 'new', 0, ?, ?) RETURNING *`,
+    )
+    .get(l.pool, l.chainId, l.parentId, l.parentChainId, l.identity, l.diffId, l.digest, l.size, l.virtualSize, t, t) as LayerRow;
+  return r;
+}
+
+type LayerPatch = Partial<Pick<LayerRow, "thin_id" | "device_name" | "state" | "phase" | "attempt" | "error" | "error_kind" | "stats" | "committed_at" | "virtual_size">>;
+
+export function updateLayer(db: Db, id: number, patch: LayerPatch): void {
+  const keys = Object.keys(patch) as (keyof LayerPatch)[];
+  if (keys.length === 0) return;
+  const sets = keys.map((k) => `${k} = ?`).join(", ");
+  db.query(`UPDATE layers SET ${sets}, updated_at = ? WHERE id = ?`).run(...keys.map((k) => patch[k] ?? null), now(), id);
+}
+
+export function listLayers(db: Db, pool: string): LayerRow[] {
+  return db.query("SELECT * FROM layers WHERE pool = ? ORDER BY id").all(pool) as LayerRow[];
+}
+
+/** Images referencing each layer (for listings and GC's "unreferenced" view). */
+export function layerRefCounts(db: Db, pool: string): Map<number, number> {
+  const rows = db
+    .query("SELECT l.id AS id, COUNT(il.image_id) AS n FROM layers l LEFT JOIN image_layers il ON il.layer_id = l.id WHERE l.pool = ? GROUP BY l.id")
+    .all(pool) as { id: number; n: number }[];
+  return new Map(rows.map((r) => [r.id, r.n]));
+}

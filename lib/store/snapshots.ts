@@ -1,0 +1,50 @@
+// Activations: one fresh thin snapshot of an image's top layer per request.
+import { type Db, now } from "./db.ts";
+
+export type SnapshotState = "pending" | "active" | "released" | "failed";
+
+export interface SnapshotRow {
+  id: number;
+  pool: string;
+  image_id: number;
+  layer_id: number;
+  thin_id: number | null;
+  device_name: string | null;
+  state: SnapshotState;
+  error: string | null;
+  pid: number | null;
+  command: string | null;
+  created_at: number;
+  updated_at: number;
+  activated_at: number | null;
+  released_at: number | null;
+}
+
+export function insertSnapshot(db: Db, s: { pool: string; imageId: number; layerId: number; pid: number; command: string }): SnapshotRow {
+  const t = now();
+  return db
+    .query("INSERT INTO snapshots (pool, image_id, layer_id, state, pid, command, created_at, updated_at) VALUES (?, ?, ?, 'pending', ?, ?, ?, ?) RETURNING *")
+    .get(s.pool, s.imageId, s.layerId, s.pid, s.command, t, t) as SnapshotRow;
+}
+
+type SnapPatch = Partial<Pick<SnapshotRow, "thin_id" | "device_name" | "state" | "error" | "activated_at" | "released_at">>;
+
+export function updateSnapshot(db: Db, id: number, patch: SnapPatch): void {
+  const keys = Object.keys(patch) as (keyof SnapPatch)[];
+  if (keys.length === 0) return;
+  db.query(`UPDATE snapshots SET ${keys.map((k) => `${k} = ?`).join(", ")}, updated_at = ? WHERE id = ?`).run(...keys.map((k) => patch[k] ?? null), now(), id);
+}
+
+export function getSnapshot(db: Db, id: number): SnapshotRow | null {
+  return db.query("SELECT * FROM snapshots WHERE id = ?").get(id) as SnapshotRow | null;
+}
+
+export function getSnapshotByDevice(db: Db, pool: string, deviceName: string): SnapshotRow | null {
+  return db.query("SELECT * FROM snapshots WHERE pool = ? AND device_name = ? ORDER BY id DESC LIMIT 1").get(pool, deviceName) as SnapshotRow | null;
+}
+
+export function listSnapshots(db: Db, pool: string, states?: SnapshotState[]): SnapshotRow[] {
+  if (!states) return db.query("SELECT * FROM snapshots WHERE pool = ? ORDER BY id").all(pool) as SnapshotRow[];
+  const ph = states.map(() => "?").join(",");
+  return db.query(`SELECT * FROM snapshots WHERE pool = ? AND state IN (${ph}) ORDER BY id`).all(pool, ...states) as SnapshotRow[];
+}

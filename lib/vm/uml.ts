@@ -1,0 +1,325 @@
+// Run one command inside a User-Mode Linux VM with a real dm-thin kernel. The host's filesystem is
+// the VM's root (hostfs), so files made inside persist and the caller's cwd means the same thing.
+// The VM is always powered off: it runs in its own session (process group) under `timeout`, and we
+// kill that group on timeout, on SIGINT/SIGTERM/SIGHUP and on exit — UML forks helper processes per
+// address space, so killing only linux.uml would leave them behind.
+import { closeSync, existsSync, mkdtempSync, openSync, readdirSync, readFileSync, readSync, rmSync, writeFileSync } from "node:fs";
+import { ThinimgError } from "../errors.ts";
+import { parseSize } from "../util/units.ts";
+import { vmEnv } from "./env.ts";
+import { vmHost } from "./host.ts";
+import { buildInitScript, parseResult, RUN_FILES } from "./init.ts";
+
+export type Sink = (chunk: Uint8Array) => void;
+
+export interface VmOptions {
+  argv: string[];
+  /** VM RAM, e.g. "1G" (bytes as number also accepted). Bun inside needs ≥ 256M; 1G default. */
+  mem?: string | number;
+  /** Whole-run limit including boot; default 600 s. */
+  timeoutMs?: number;
+  /** Host environment to carry in (filtered through the safelist); default process.env. */
+  env?: Record<string, string | undefined>;
+  /** Working directory inside the VM; default process.cwd(). */
+  cwd?: string;
+  /** Receive the command's stdout/stderr live; when omitted they are collected into the result. */
+  stdout?: Sink;
+  stderr?: Sink;
+  /** Receive kernel console output live (e.g. --verbose). */
+  kernel?: Sink;
+  /** Keep the run directory (debugging). */
+  keep?: boolean;
+}
+
+export interface VmResult {
+  /** The command's exit code; null when the VM timed out before it finished. */
+  exitCode: number | null;
+  timedOut: boolean;
+  kernelLog: string;
+  /** Collected output (only when no sink was given). */
+  stdout: string;
+  stderr: string;
+  durationMs: number;
+  runDir: string;
+  /** Host process groups the VM ran in (the timeout wrapper's and linux.uml's own). */
+  processGroups: number[];
+}
+
+/** The VM did not boot, or its init could not prepare the system. */
+export class VmError extends ThinimgError {
+  readonly kernelLog: string;
+  constructor(message: string, kernelLog: string, hint?: string) {
+    super("internal", message, { hint, exitCode: 125, details: { kernel_log_tail: tail(kernelLog, 30) } });
+    this.name = "VmError";
+    this.kernelLog = kernelLog;
+  }
+}
+
+export const DEFAULT_VM_MEM = "1G";
+export const DEFAULT_VM_TIMEOUT_MS = 600_000;
+const POLL_MS = 40;
+const MIN_MEM = 64 * 1024 ** 2;
+
+export function tail(text: string, lines: number): string {
+  return text.split("\n").filter(Boolean).slice(-lines).join("\n");
+}
+
+function memArg(mem: string | number): string {
+  const bytes = typeof mem === "number" ? mem : parseSize(mem, "--mem");
+  if (bytes < MIN_MEM) throw new ThinimgError("usage", `--mem ${mem} is too small`, { hint: "use at least 256M (1G for bun)" });
+  return `${Math.floor(bytes / 1024 ** 2)}M`;
+}
+
+// ---- live VM registry: everything here is killed on signals and on exit ----
+
+// linux.uml calls setsid() itself, so it is NOT in the group of the `timeout` we spawn: we learn its
+// session id from /proc (by its unique umid) and kill both groups.
+interface LiveVm {
+  leader: number; // the `timeout` process (its own session, from detached spawn)
+  umid: string;
+  umlGroup: number | null;
+  /** Remove the run directory when the process is going down (signal/exit path). */
+  cleanup: () => void;
+}
+const live = new Map<number, LiveVm>();
+const SIGNALS = ["SIGINT", "SIGTERM", "SIGHUP"] as const;
+const SIGNO: Record<(typeof SIGNALS)[number], number> = { SIGINT: 2, SIGTERM: 15, SIGHUP: 1 };
+
+/** [pid, pgid] of every process whose argv carries umid=<umid> (helpers with wiped argv share the pgid). */
+function umidProcesses(umid: string): [number, number][] {
+  const needle = `umid=${umid}`;
+  const found: [number, number][] = [];
+  let pids: string[] = [];
+  try {
+    pids = readdirSync("/proc").filter((p) => /^\d+$/.test(p));
+  } catch {
+    return found;
+  }
+  for (const pid of pids) {
+    try {
+      if (!readFileSync(`/proc/${pid}/cmdline`, "latin1").split("\0").includes(needle)) continue;
+      const stat = readFileSync(`/proc/${pid}/stat`, "latin1");
+      const fields = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
+      found.push([Number(pid), Number(fields[2])]);
+    } catch {}
+  }
+  return found;
+}
+
+function killQuiet(pid: number): void {
+  try {
+    process.kill(pid, "SIGKILL");
+  } catch {}
+}
+
+function killVm(vm: LiveVm): void {
+  killQuiet(-vm.leader);
+  const procs = umidProcesses(vm.umid);
+  vm.umlGroup ??= procs.find(([pid, g]) => pid === g && pid !== vm.leader)?.[1] ?? null;
+  const groups = new Set(procs.map(([, g]) => g));
+  if (vm.umlGroup !== null) groups.add(vm.umlGroup);
+  for (const g of groups) if (g > 1) killQuiet(-g);
+  for (const [pid] of procs) killQuiet(pid);
+}
+
+/** Signal/exit path: kill, then wait (synchronously, bounded) until the processes are really gone. */
+function killAll(): void {
+  const vms = [...live.values()];
+  live.clear();
+  for (const vm of vms) killVm(vm);
+  const groups = vms.flatMap((vm) => [vm.leader, ...(vm.umlGroup !== null ? [vm.umlGroup] : [])]);
+  for (let i = 0; i < 200 && vmProcessesLeft(groups).length > 0; i++) {
+    Bun.sleepSync(10);
+    for (const vm of vms) killVm(vm);
+  }
+  for (const vm of vms) vm.cleanup();
+}
+
+const onSignal = (sig: (typeof SIGNALS)[number]) => () => {
+  killAll();
+  uninstall();
+  // Only decide the exit if nobody else handles this signal.
+  if (process.listenerCount(sig) === 0) process.exit(128 + SIGNO[sig]);
+};
+const handlers = Object.fromEntries(SIGNALS.map((s) => [s, onSignal(s)])) as Record<(typeof SIGNALS)[number], () => void>;
+let installed = false;
+
+function install(): void {
+  if (installed) return;
+  installed = true;
+  for (const s of SIGNALS) process.on(s, handlers[s]);
+  process.on("exit", killAll);
+}
+
+function uninstall(): void {
+  if (!installed) return;
+  installed = false;
+  for (const s of SIGNALS) process.off(s, handlers[s]);
+  process.off("exit", killAll);
+}
+
+/** Host processes (pid, state) still alive in the VM's process groups; zombies excluded (tests). */
+export function vmProcessesLeft(groups: number[]): { pid: number; state: string }[] {
+  const left: { pid: number; state: string }[] = [];
+  for (const p of readdirSync("/proc")) {
+    if (!/^\d+$/.test(p)) continue;
+    try {
+      const stat = readFileSync(`/proc/${p}/stat`, "latin1");
+      const f = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
+      if (groups.includes(Number(f[2])) && f[0] !== "Z" && f[0] !== "X") left.push({ pid: Number(p), state: f[0]! });
+    } catch {}
+  }
+  return left;
+}
+
+/** Number of VMs this process is currently running (tests). */
+export function liveVmCount(): number {
+  return live.size;
+}
+
+// ---- output tailing: the VM writes through hostfs into files we poll ----
+
+class Tailer {
+  private fd: number;
+  private offset = 0;
+  private buf = new Uint8Array(64 * 1024);
+  private chunks: Uint8Array[] = [];
+  constructor(
+    path: string,
+    private sink: Sink | undefined,
+  ) {
+    this.fd = openSync(path, "r");
+  }
+  drain(): void {
+    for (;;) {
+      const n = readSync(this.fd, this.buf, 0, this.buf.length, this.offset);
+      if (n <= 0) return;
+      this.offset += n;
+      const chunk = this.buf.slice(0, n);
+      if (this.sink) this.sink(chunk);
+      else this.chunks.push(chunk);
+    }
+  }
+  close(): string {
+    this.drain();
+    closeSync(this.fd);
+    return Buffer.concat(this.chunks).toString("utf8");
+  }
+}
+
+export async function runInVm(opts: VmOptions): Promise<VmResult> {
+  if (opts.argv.length === 0) throw new ThinimgError("usage", "no command given", { hint: "usage: bun scripts/vm.ts -- CMD ARG..." });
+  for (const a of opts.argv) {
+    if (a.includes("\0")) throw new ThinimgError("usage", "command arguments cannot contain NUL bytes");
+  }
+  const host = vmHost();
+  const mem = memArg(opts.mem ?? DEFAULT_VM_MEM);
+  const timeoutMs = opts.timeoutMs ?? DEFAULT_VM_TIMEOUT_MS;
+  const cwd = opts.cwd ?? process.cwd();
+  if (!existsSync(cwd)) throw new ThinimgError("usage", `working directory ${cwd} does not exist`, { hint: "run from (or pass) an existing directory" });
+
+  const runDir = mkdtempSync("/tmp/thinimg-vm-");
+  const umid = runDir.slice("/tmp/".length);
+  const file = (f: string) => `${runDir}/${f}`;
+  for (const f of [RUN_FILES.stdout, RUN_FILES.stderr, RUN_FILES.kernelLog]) writeFileSync(file(f), "");
+  writeFileSync(
+    file(RUN_FILES.init),
+    buildInitScript({ runDir, argv: opts.argv, env: vmEnv(opts.env ?? process.env), cwd, driversDir: host.driversDir, insmod: host.insmod }),
+    { mode: 0o755 },
+  );
+
+  // `timeout` is the session leader: if this process dies without cleaning up (SIGKILL), the VM still
+  // stops shortly after its limit. Our own timer fires first and kills the whole group.
+  const hardLimitS = Math.ceil(timeoutMs / 1000) + 10;
+  const kernelFd = openSync(file(RUN_FILES.kernelLog), "a");
+  const started = performance.now();
+  const proc = Bun.spawn(
+    [
+      "timeout",
+      "-s",
+      "KILL",
+      `${hardLimitS}s`,
+      host.linuxUml,
+      `mem=${mem}`,
+      `umid=${umid}`,
+      `uml_dir=${runDir}`,
+      "root=/dev/root",
+      "rootfstype=hostfs",
+      "rootflags=/",
+      "rw",
+      "quiet",
+      `init=${file(RUN_FILES.init)}`,
+      "con=null",
+      "con0=fd:0,fd:1",
+      "ssl=null",
+    ],
+    { stdin: "ignore", stdout: kernelFd, stderr: kernelFd, detached: true, env: { PATH: process.env.PATH ?? "/usr/bin:/bin", TMPDIR: "/dev/shm" } },
+  );
+  closeSync(kernelFd);
+  const vm: LiveVm = {
+    leader: proc.pid,
+    umid,
+    umlGroup: null,
+    cleanup: () => {
+      if (!opts.keep) rmSync(runDir, { recursive: true, force: true });
+    },
+  };
+  live.set(proc.pid, vm);
+  install();
+
+  const out = new Tailer(file(RUN_FILES.stdout), opts.stdout);
+  const err = new Tailer(file(RUN_FILES.stderr), opts.stderr);
+  const klog = new Tailer(file(RUN_FILES.kernelLog), opts.kernel);
+  let timedOut = false;
+  const timer = setTimeout(() => {
+    timedOut = true;
+    killVm(vm);
+  }, timeoutMs);
+  const poll = setInterval(() => {
+    if (vm.umlGroup === null) vm.umlGroup = umidProcesses(umid).find(([pid, g]) => pid === g && pid !== proc.pid)?.[1] ?? null;
+    out.drain();
+    err.drain();
+    klog.drain();
+  }, POLL_MS);
+  try {
+    await proc.exited;
+  } finally {
+    clearTimeout(timer);
+    clearInterval(poll);
+    // The main UML process is gone; its helpers must be too.
+    killVm(vm);
+    // SIGKILL lands asynchronously; wait (bounded) until nothing of the VM is still running.
+    const groups = [proc.pid, ...(vm.umlGroup !== null ? [vm.umlGroup] : [])];
+    for (let i = 0; i < 100 && vmProcessesLeft(groups).length > 0; i++) {
+      await Bun.sleep(20);
+      killVm(vm);
+    }
+    live.delete(proc.pid);
+    if (live.size === 0) uninstall();
+  }
+  const stdout = out.close();
+  const stderr = err.close();
+  klog.close();
+  const kernelLog = readFileSync(file(RUN_FILES.kernelLog), "utf8");
+  let resultText: string | null = null;
+  try {
+    resultText = readFileSync(file(RUN_FILES.result), "utf8");
+  } catch {}
+  vm.cleanup();
+  const durationMs = Math.round(performance.now() - started);
+
+  const processGroups = [proc.pid, ...(vm.umlGroup !== null ? [vm.umlGroup] : [])];
+  const result = parseResult(resultText);
+  if (result.kind === "setup-failed") {
+    throw new VmError(`VM setup failed: ${result.message}`, kernelLog, "see the kernel log above; check the UML modules (apt-get install --reinstall user-mode-linux)");
+  }
+  if (result.kind === "rc") {
+    return { exitCode: result.exitCode, timedOut: false, kernelLog, stdout, stderr, durationMs, runDir, processGroups };
+  }
+  if (timedOut) return { exitCode: null, timedOut: true, kernelLog, stdout, stderr, durationMs, runDir, processGroups };
+  throw new VmError(
+    `VM did not boot or died before the command finished (linux.uml exit ${proc.exitCode ?? proc.signalCode}, no result marker)`,
+    kernelLog,
+    "see the kernel log tail; try --mem 1G and check that /tmp is writable",
+  );
+}

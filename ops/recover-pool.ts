@@ -1,0 +1,71 @@
+// Runbook: bring a loop-backed thin pool back after a reboot or panic, or create one.
+//   bun ops/recover-pool.ts --create --dir DIR --data-size 2G --meta-size 64M [--block-size 64K] [--pool NAME]
+//   bun ops/recover-pool.ts --dir DIR [--pool NAME] [--repair] [--dry-run] [--json]
+// The logic lives in lib/recover/; docs/ops-recover-pool.md is the operator's guide.
+import { defineCommand } from "citty";
+import { dryRunArgs, outputArgs, poolArgs } from "../lib/cli/args.ts";
+import { printJson, runMain } from "../lib/cli/main.ts";
+import { usageError } from "../lib/errors.ts";
+import { setLogLevel } from "../lib/log.ts";
+import { recoverPool } from "../lib/recover/recover.ts";
+import { renderReport } from "../lib/recover/report.ts";
+import { parseIntArg, parseSize } from "../lib/util/units.ts";
+
+export const cmd = defineCommand({
+  meta: {
+    name: "recover-pool",
+    description: "Create a loop-backed thin pool, or bring one back from its record (DIR/pool.json) — safe to re-run",
+  },
+  args: {
+    dir: { type: "string", description: "Directory holding the pool's files and record (pool.json)", required: true },
+    create: { type: "boolean", description: "Create a new pool in DIR (refuses to overwrite anything)", default: false },
+    "data-size": { type: "string", description: "--create: data file size, e.g. 2G" },
+    "meta-size": { type: "string", description: "--create: metadata file size, e.g. 64M (2M..16G)" },
+    "block-size": { type: "string", description: "--create: pool block size, multiple of 64K (default 64K)" },
+    repair: { type: "boolean", description: "If thin_check fails: thin_repair into a new metadata file (old one kept)", default: false },
+    "transaction-id": {
+      type: "string",
+      description: "--repair of a destroyed superblock: the pool's last transaction id (default: the one in the record)",
+    },
+    ...poolArgs,
+    ...dryRunArgs,
+    ...outputArgs,
+  },
+  async run({ args }) {
+    // The step list is the narrative; each command's record still goes to THINIMG_CMD_LOG and, with
+    // --verbose or --log-format json, to stderr (expected failures such as "no such device" are noise).
+    if (!args.verbose && args["log-format"] !== "json" && !process.env.THINIMG_LOG_LEVEL) setLogLevel("error");
+    if (!args.dir) throw usageError("--dir must not be empty");
+    const createOnly = (["data-size", "meta-size", "block-size"] as const).filter((k) => args[k] !== undefined);
+    let create: { dataSize: number; metaSize: number; blockSize?: number } | undefined;
+    if (args.create) {
+      if (args.repair) throw usageError("--repair cannot be combined with --create");
+      if (!args["data-size"] || !args["meta-size"]) throw usageError("--create needs --data-size and --meta-size", "e.g. --create --dir /var/lib/thinimg/pool --data-size 2G --meta-size 64M");
+      create = {
+        dataSize: parseSize(args["data-size"], "--data-size"),
+        metaSize: parseSize(args["meta-size"], "--meta-size"),
+        blockSize: args["block-size"] ? parseSize(args["block-size"], "--block-size") : undefined,
+      };
+    } else if (createOnly.length) {
+      throw usageError(`--${createOnly[0]} only applies with --create`, "a pool is brought back with the sizes in its record");
+    }
+    if (args["transaction-id"] !== undefined && !args.repair) throw usageError("--transaction-id only applies with --repair");
+    const transactionId =
+      args["transaction-id"] === undefined ? undefined : parseIntArg(args["transaction-id"], "--transaction-id", { min: 0, max: 2 ** 53 - 1 });
+    const report = await recoverPool({
+      transactionId,
+      dir: args.dir,
+      pool: args.pool || undefined,
+      dryRun: args["dry-run"],
+      repair: args.repair,
+      create,
+    });
+    if (args.json) printJson(report);
+    const text = renderReport(report);
+    process.stderr.write(text.stderr.map((l) => `${l}\n`).join(""));
+    if (!args.json && text.stdout.length) process.stdout.write(text.stdout.map((l) => `${l}\n`).join(""));
+    process.exitCode = report.exit_code;
+  },
+});
+
+if (import.meta.main) await runMain(cmd);

@@ -1,0 +1,71 @@
+// bun scripts/extract.ts SOURCE DEST [--devices] [--json] [--max-entries N] [--max-bytes SIZE]
+//   [--max-file-size SIZE] [--select REF] [--platform os/arch] [--state-dir DIR]
+// Fetch an image (path, http(s)://…, s3://bucket/key or s3://bucket/prefix/), recognise its format
+// (layer family, docker-archive, OCI layout) and apply its layers, in order, into the plain directory
+// DEST (absent or empty). No devicemapper. Exit 0 with a summary; non-zero with one line otherwise.
+import { defineCommand } from "citty";
+import { outputArgs, stateArgs } from "../lib/cli/args.ts";
+import { printJson, runMain } from "../lib/cli/main.ts";
+import { loadConfig } from "../lib/config.ts";
+import { extractImage } from "../lib/image/extract.ts";
+import { ttyProgress } from "../lib/pipeline/progress.ts";
+import { formatBytes, parseIntArg, parseSize } from "../lib/util/units.ts";
+
+export const extractCommand = defineCommand({
+  meta: {
+    name: "extract",
+    description:
+      "Extract an image (layer family, docker-archive or OCI layout; local, HTTP(S) or S3) into a plain directory",
+  },
+  args: {
+    source: {
+      type: "positional",
+      description: "Image: PATH, http(s)://…, s3://BUCKET/KEY or s3://BUCKET/PREFIX/ (append :TAG to choose an image)",
+      required: true,
+    },
+    dest: { type: "positional", description: "Destination directory (must not exist, or be empty)", required: true },
+    devices: { type: "boolean", description: "Create device nodes and FIFOs (needs root)", default: false },
+    select: { type: "string", description: "Tag / org.opencontainers.image.ref.name to extract (same as SOURCE:REF)" },
+    platform: { type: "string", description: "os/arch[/variant] for multi-arch images (default: this host)" },
+    "max-entries": { type: "string", description: "Most entries per layer and in the image (default 100000; env THINIMG_MAX_ENTRIES)" },
+    "max-bytes": {
+      type: "string",
+      alias: ["max-total-bytes"],
+      description: "Most uncompressed bytes per layer and in the image (default 10G; env THINIMG_MAX_LAYER_SIZE)",
+    },
+    "max-file-size": { type: "string", description: "Largest single file (default 1G; env THINIMG_MAX_FILE_SIZE)" },
+    "max-blob-size": { type: "string", description: "Largest download / blob as stored (default 8G; env THINIMG_MAX_BLOB_SIZE)" },
+    ...stateArgs,
+    ...outputArgs,
+  },
+  async run({ args }) {
+    const cfg = loadConfig({ stateDir: args["state-dir"] });
+    const maxEntries = args["max-entries"]
+      ? parseIntArg(args["max-entries"], "--max-entries", { min: 1 })
+      : cfg.limits.maxEntries;
+    const maxTotalBytes = args["max-bytes"] ? parseSize(args["max-bytes"], "--max-bytes") : cfg.limits.maxLayerBytes;
+    const maxFileBytes = args["max-file-size"] ? parseSize(args["max-file-size"], "--max-file-size") : cfg.limits.maxFileBytes;
+    const maxBlobBytes = args["max-blob-size"] ? parseSize(args["max-blob-size"], "--max-blob-size") : cfg.limits.maxBlobBytes;
+    const progress = args.json || args["log-format"] === "json" ? undefined : ttyProgress(process.stderr);
+
+    const s = await extractImage(args.source, args.dest, {
+      stateDir: cfg.stateDir,
+      devices: args.devices,
+      limits: { maxEntries, maxTotalBytes, maxFileBytes },
+      maxBlobBytes,
+      ...(args.select ? { select: args.select } : {}),
+      ...(args.platform ? { platform: args.platform } : {}),
+      ...(progress ? { progress } : {}),
+    });
+    if (args.json) {
+      printJson({ ok: true, ...s });
+      return;
+    }
+    const what = [s.format, s.name, s.platform].filter(Boolean).join(", ");
+    process.stdout.write(
+      `extracted ${s.source} (${what}) into ${s.dest}: ${s.layers.length} layers, ${s.entries} entries, ${formatBytes(s.bytes)} in ${s.seconds.toFixed(2)} s\n`,
+    );
+  },
+});
+
+if (import.meta.main) await runMain(extractCommand);

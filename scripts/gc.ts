@@ -1,0 +1,62 @@
+// bun scripts/gc.ts [--force] [--json] [--grace 10m] [--wait 30s] [--ignore-lock] [--pool P] [--state-dir D]
+// Find devices and thin ids that thinimg leaked (fail-dumb error paths, crashes, released snapshots,
+// hand-made ids) and, with --force, remove them one bounded step at a time. Dry-run by default.
+// Exit 0: all done (or, dry-run, nothing needs a human); 1: something failed or needs a human.
+import { defineCommand } from "citty";
+import { outputArgs, poolArgs, stateArgs } from "../lib/cli/args.ts";
+import { printJson, runMain } from "../lib/cli/main.ts";
+import { loadConfig } from "../lib/config.ts";
+import { DEFAULT_GRACE_MS } from "../lib/gc/plan.ts";
+import { formatHuman } from "../lib/gc/report.ts";
+import { runGc } from "../lib/gc/run.ts";
+import { log } from "../lib/log.ts";
+import { parseDuration } from "../lib/util/units.ts";
+
+export const gcCommand = defineCommand({
+  meta: {
+    name: "gc",
+    description:
+      "List orphaned thinimg devices and thin ids (dry-run, the default) or remove them (--force). Skips anything mounted, open, suspended, foreign or younger than --grace.",
+  },
+  args: {
+    force: { type: "boolean", description: "Act: unmount our own mounts, remove devices, delete thin ids", default: false },
+    grace: { type: "string", description: "Leave orphans younger than this for the next run (e.g. 10m, 0)", default: "10m" },
+    "ignore-lock": {
+      type: "boolean",
+      description: "Act even when another thinimg process holds the process lock (logged; health checks still apply)",
+      default: false,
+    },
+    wait: { type: "string", description: "How long to wait for the process lock before giving up (e.g. 0, 30s)", default: "30s" },
+    ...poolArgs,
+    ...stateArgs,
+    ...outputArgs,
+  },
+  async run({ args }) {
+    const cfg = loadConfig({ stateDir: args["state-dir"], pool: args.pool });
+    const graceMs = args.grace === undefined ? DEFAULT_GRACE_MS : parseDuration(args.grace, "--grace");
+    if (args["ignore-lock"] && !args.force) log.warn("--ignore-lock has no effect without --force");
+    // SIGTERM/SIGINT (systemd stop, Ctrl-C): finish the current step, release what we hold, report
+    const ac = new AbortController();
+    const stop = (sig: string) => {
+      if (ac.signal.aborted) return;
+      log.warn(`gc: ${sig}: stopping after the current step`);
+      ac.abort();
+    };
+    process.on("SIGTERM", () => stop("SIGTERM"));
+    process.on("SIGINT", () => stop("SIGINT"));
+    const report = await runGc({
+      cfg,
+      force: args.force,
+      graceMs,
+      ignoreLock: args["ignore-lock"],
+      lockWaitMs: parseDuration(args.wait ?? "30s", "--wait"),
+      signal: ac.signal,
+      command: `bun scripts/gc.ts${args.force ? " --force" : ""}`,
+    });
+    if (args.json) printJson(report);
+    else process.stdout.write(formatHuman(report));
+    process.exitCode = report.exit_code;
+  },
+});
+
+if (import.meta.main) await runMain(gcCommand);

@@ -1,0 +1,66 @@
+// bun scripts/health.ts [--pool NAME] [--json] [--data-warn 80 --data-block 95 --meta-warn 75 --meta-block 90]
+// The pre-flight health checks as a command: exit 0 healthy (warnings allowed), 1 blocked, with the
+// reason and the runbook step. docs/ops-health.md explains every check.
+import { defineCommand } from "citty";
+import { outputArgs, poolArgs, stateArgs } from "../lib/cli/args.ts";
+import { printJson, runMain } from "../lib/cli/main.ts";
+import { loadConfig } from "../lib/config.ts";
+import { usageError } from "../lib/errors.ts";
+import { type CheckResult, DEFAULT_THRESHOLDS, runHealthChecks, type Thresholds } from "../lib/health/index.ts";
+import { setLogLevel } from "../lib/log.ts";
+import { parseDuration, parseIntArg } from "../lib/util/units.ts";
+
+const pctArg = (description: string, dflt: number) => ({ type: "string", description: `${description} (default ${dflt})` }) as const;
+
+const MARK: Record<CheckResult["status"], string> = { ok: "ok   ", warn: "WARN ", block: "BLOCK" };
+
+export const healthCommand = defineCommand({
+  meta: { name: "health", description: "Pre-flight health checks of the thin pool and the host; exit 0 healthy, 1 blocked" },
+  args: {
+    ...poolArgs,
+    ...stateArgs,
+    "host-only": { type: "boolean", description: "Skip the pool checks (host checks only)", default: false },
+    "data-warn": pctArg("Warn when pool data use reaches this percent", DEFAULT_THRESHOLDS.dataWarnPct),
+    "data-block": pctArg("Block when pool data use reaches this percent", DEFAULT_THRESHOLDS.dataBlockPct),
+    "meta-warn": pctArg("Warn when pool metadata use reaches this percent", DEFAULT_THRESHOLDS.metaWarnPct),
+    "meta-block": pctArg("Block when pool metadata use reaches this percent", DEFAULT_THRESHOLDS.metaBlockPct),
+    timeout: { type: "string", description: "Limit per check (e.g. 10s); a check past it blocks", default: "10s" },
+    ...outputArgs,
+  },
+  async run({ args }) {
+    // Command records of expected failures (e.g. "pool not found") are noise here; the report says it.
+    if (!args.verbose && args["log-format"] !== "json" && !process.env.THINIMG_LOG_LEVEL) setLogLevel("error");
+    const cfg = loadConfig({ pool: args.pool, stateDir: args["state-dir"] });
+    const th: Partial<Thresholds> = {};
+    const pct = (flag: keyof typeof args & string, key: keyof Thresholds) => {
+      const v = args[flag];
+      if (typeof v === "string") th[key] = parseIntArg(v, `--${flag}`, { min: 0, max: 100 });
+    };
+    pct("data-warn", "dataWarnPct");
+    pct("data-block", "dataBlockPct");
+    pct("meta-warn", "metaWarnPct");
+    pct("meta-block", "metaBlockPct");
+    const eff = { ...DEFAULT_THRESHOLDS, ...th };
+    if (eff.dataWarnPct > eff.dataBlockPct) throw usageError(`--data-warn ${eff.dataWarnPct} is above --data-block ${eff.dataBlockPct}`);
+    if (eff.metaWarnPct > eff.metaBlockPct) throw usageError(`--meta-warn ${eff.metaWarnPct} is above --meta-block ${eff.metaBlockPct}`);
+    const timeoutMs = parseDuration(args.timeout, "--timeout");
+    if (timeoutMs < 100) throw usageError("--timeout must be at least 100ms");
+
+    const report = await runHealthChecks({ pool: args["host-only"] ? null : cfg.pool, thresholds: th, stateDir: cfg.stateDir, timeoutMs });
+    const blocking = report.checks.filter((c) => c.status === "block");
+    if (args.json) {
+      printJson({ ok: report.healthy, ...report, thresholds: eff });
+    } else {
+      const lines = report.checks.map((c) => `${MARK[c.status]} ${c.name.padEnd(18)} ${c.message}`);
+      lines.push(`${report.healthy ? "healthy" : "BLOCKED"}${report.pool ? ` (pool ${report.pool})` : " (host only)"} in ${Math.round(report.durationMs)} ms`);
+      process.stdout.write(`${lines.join("\n")}\n`);
+    }
+    for (const c of report.checks) {
+      if (c.status === "warn") process.stderr.write(`warning: ${c.name}: ${c.message} — ${c.runbook}\n`);
+    }
+    for (const c of blocking) process.stderr.write(`blocked: ${c.name}: ${c.message} — next step: ${c.runbook}\n`);
+    process.exitCode = report.healthy ? 0 : 1;
+  },
+});
+
+if (import.meta.main) await runMain(healthCommand);

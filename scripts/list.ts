@@ -1,0 +1,50 @@
+// bun scripts/list.ts — images, layers (and how many images share each), snapshots, pool use.
+import { defineCommand } from "citty";
+import { outputArgs, poolArgs, stateArgs } from "../lib/cli/args.ts";
+import { printJson, runMain } from "../lib/cli/main.ts";
+import { configFrom } from "../lib/pipeline/cli.ts";
+import { inventory } from "../lib/pipeline/inventory.ts";
+import { openDb } from "../lib/store/db.ts";
+
+export const listCommand = defineCommand({
+  meta: { name: "list", description: "List images, layer devices, snapshots and pool use" },
+  args: {
+    all: { type: "boolean", description: "Include released snapshots", default: false },
+    ...stateArgs,
+    ...poolArgs,
+    ...outputArgs,
+  },
+  async run({ args }) {
+    const cfg = configFrom(args);
+    const db = openDb(cfg.dbPath);
+    try {
+      const inv = await inventory(db, cfg.pool, { allSnapshots: args.all });
+      if (args.json) {
+        printJson({ ok: true, ...inv });
+        return;
+      }
+      const out: string[] = [];
+      const p = inv.pool;
+      out.push(
+        p.status === "ok"
+          ? `pool ${p.name}: ${p.mode}, data ${p.data_used_pct}% (${p.data_used_blocks}/${p.data_total_blocks} blocks), metadata ${p.meta_used_pct}%, transaction ${p.transaction_id}`
+          : `pool ${p.name}: ${p.status}${p.detail ? ` (${p.detail})` : ""}`,
+      );
+      out.push(`images (${inv.images.length}):`);
+      for (const i of inv.images) out.push(`  ${i.name}  ${i.state}  ${i.layers} layers  ${i.format ?? "-"}  ${i.source}${i.error ? `  error: ${i.error}` : ""}`);
+      out.push(`layers (${inv.layers.length}):`);
+      for (const l of inv.layers) {
+        out.push(`  ${l.chain_id.slice(0, 19)}…  ${l.state}${l.state === "building" ? `@${l.phase}` : ""}  ${l.device_name ?? "-"}  thin ${l.thin_id ?? "-"}  used by ${l.images} image(s)${l.error ? `  error: ${l.error}` : ""}`);
+      }
+      out.push(`snapshots (${inv.snapshots.length}${args.all ? "" : ", without released"}):`);
+      for (const s of inv.snapshots) out.push(`  ${s.id}  ${s.image}  ${s.state}  ${s.device_path ?? s.device_name ?? "-"}${s.error ? `  error: ${s.error}` : ""}`);
+      const t = Object.entries(inv.thin_ids).map(([k, v]) => `${k} ${v}`).join(", ");
+      out.push(`thin ids: ${t || "none"}`);
+      process.stdout.write(`${out.join("\n")}\n`);
+    } finally {
+      db.close();
+    }
+  },
+});
+
+if (import.meta.main) await runMain(listCommand);

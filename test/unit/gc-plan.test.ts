@@ -1,0 +1,360 @@
+// GC decision logic with fixtures: every orphan kind, every skip reason, repairs, and the rule that
+// foreign devices (and the thin ids they map) never end up in the action list.
+import { describe, expect, test } from "bun:test";
+import type { DbDevice, DbThin, DbView, DmDevice, DmScan, ForeignDevice, MetaScan, MountRef, Orphan, Plan } from "../../lib/gc/model.ts";
+import { makePlan, type PlanInput } from "../../lib/gc/plan.ts";
+
+const POOL = "tp";
+const NOW = 1_700_000_000_000;
+const MIN = 60_000;
+const OLD = NOW - 60 * MIN;
+const GRACE = 10 * MIN;
+const SCANNED = NOW - 1000;
+
+const dev = (thinId: number | null, o: Partial<DmDevice> & { name?: string } = {}): DmDevice => ({
+  name: o.name ?? `thinimg-${POOL}-snap-${thinId}`,
+  major: 254,
+  minor: 10 + (thinId ?? 99),
+  open: 0,
+  suspended: false,
+  inactiveTable: false,
+  table: thinId === null ? null : `0 2097152 thin 254:0 ${thinId}`,
+  thin: thinId === null ? null : { poolMajorMinor: "254:0", thinId, sectors: 2097152 },
+  ...o,
+});
+
+const thin = (thinId: number, status: DbThin["status"], o: Partial<DbThin> = {}): DbThin => ({
+  thinId,
+  status,
+  detail: `${status} row for ${thinId}`,
+  since: OLD,
+  mustExist: status === "live",
+  refs: [{ table: "thin_ids", key: thinId }],
+  ...(status === "dead" ? { reason: "db_orphaned" as const } : {}),
+  ...o,
+});
+
+const dbdev = (name: string, thinId: number, status: DbDevice["status"], o: Partial<DbDevice> = {}): DbDevice => ({
+  name,
+  thinId,
+  status,
+  detail: `device ${name} ${status}`,
+  since: OLD,
+  mustExist: false,
+  refs: [{ table: "devices", key: name }],
+  ...o,
+});
+
+interface Fx {
+  ours?: DmDevice[];
+  foreign?: ForeignDevice[];
+  ids?: number[];
+  meta?: Partial<MetaScan>;
+  thins?: DbThin[];
+  devices?: DbDevice[];
+  mounts?: [string, MountRef[]][];
+  mountPoints?: string[];
+  known?: boolean;
+  dbMounts?: DbView["mounts"];
+  grace?: number;
+}
+
+function plan(f: Fx): Plan {
+  const dm: DmScan = { pool: { name: POOL, major: 254, minor: 0 }, ours: f.ours ?? [], foreign: f.foreign ?? [], unrelated: 0 };
+  const meta: MetaScan = {
+    status: "ok",
+    method: "thin_ls",
+    ids: new Map((f.ids ?? []).map((i) => [i, 16])),
+    blockBytes: 65536,
+    staleHold: null,
+    skipped: null,
+    metaDev: "/dev/loop0",
+    ...f.meta,
+  };
+  const db: DbView = {
+    pool: POOL,
+    known: f.known ?? true,
+    thins: new Map((f.thins ?? []).map((t) => [t.thinId, t])),
+    devices: new Map((f.devices ?? []).map((d) => [d.name, d])),
+    mounts: f.dbMounts ?? [],
+  };
+  const inp: PlanInput = {
+    dm,
+    meta,
+    mounts: new Map(f.mounts ?? []),
+    mountPoints: new Set(f.mountPoints ?? []),
+    db,
+    now: NOW,
+    graceMs: f.grace ?? GRACE,
+    scannedAt: SCANNED,
+  };
+  return makePlan(inp);
+}
+
+const brief = (a: Orphan) => ({ thinId: a.thinId, device: a.device, deleteThin: a.deleteThin, reason: a.reason, unmount: a.unmount });
+
+describe("orphan kinds", () => {
+  test("inactive thin id unknown to the DB (made by hand with dmsetup message)", () => {
+    const p = plan({ ids: [1, 7], thins: [thin(1, "live")] });
+    expect(p.actions.map(brief)).toEqual([{ thinId: 7, device: null, deleteThin: true, reason: "not_in_db", unmount: [] }]);
+    expect(p.actions[0]!.mappedBytes).toBe(16 * 65536);
+    expect(p.actions[0]!.ageMs).toBeNull();
+    expect(p.skips).toEqual([]);
+  });
+
+  test("every DB-dead reason is carried through for inactive ids", () => {
+    const reasons = ["db_failed", "db_released", "db_orphaned", "db_deleting", "owner_missing"] as const;
+    const p = plan({
+      ids: [10, 11, 12, 13, 14, 15],
+      thins: [...reasons.map((r, i) => thin(10 + i, "dead", { reason: r })), thin(15, "deleted", { reason: "db_deleted" })],
+    });
+    expect(p.actions.map((a) => [a.thinId, a.reason])).toEqual([
+      [10, "db_failed"],
+      [11, "db_released"],
+      [12, "db_orphaned"],
+      [13, "db_deleting"],
+      [14, "owner_missing"],
+      [15, "db_deleted"],
+    ]);
+    expect(p.actions.every((a) => a.deleteThin && a.device === null)).toBe(true);
+  });
+
+  test("active device of a dead id: remove the device, then delete the id", () => {
+    const d = dev(5);
+    const p = plan({ ours: [d], ids: [5], thins: [thin(5, "dead", { reason: "db_failed" })], devices: [dbdev(d.name, 5, "dead", { reason: "db_failed" })] });
+    expect(p.actions.map(brief)).toEqual([{ thinId: 5, device: d.name, deleteThin: true, reason: "db_failed", unmount: [] }]);
+  });
+
+  test("active device nobody recorded (DB row deleted by hand) is an orphan with its id", () => {
+    const d = dev(8);
+    const p = plan({ ours: [d], ids: [8], thins: [thin(1, "live")] });
+    expect(p.actions.map(brief)).toEqual([{ thinId: 8, device: d.name, deleteThin: true, reason: "not_in_db", unmount: [] }]);
+  });
+
+  test("device of a live id that the DB does not hold: only the device goes", () => {
+    const d = dev(3, { name: `thinimg-${POOL}-layer-3` });
+    const p = plan({ ours: [d], ids: [3], thins: [thin(3, "live")], devices: [dbdev(d.name, 3, "dead", { reason: "db_orphaned", detail: "committed layer's device should be inactive" })] });
+    expect(p.actions.map(brief)).toEqual([{ thinId: 3, device: d.name, deleteThin: false, reason: "device_not_held", unmount: [] }]);
+    expect(p.actions[0]!.mappedBytes).toBeNull();
+  });
+
+  test("device without a table: removed, no thin id touched", () => {
+    const d = dev(null, { name: `thinimg-${POOL}-snap-9` });
+    const p = plan({ ours: [d], ids: [9], thins: [thin(9, "live")] });
+    expect(p.actions.map(brief)).toEqual([{ thinId: null, device: d.name, deleteThin: false, reason: "no_table", unmount: [] }]);
+  });
+
+  test("our own leaked mount (under the mount dir) is unmounted first", () => {
+    const d = dev(6, { open: 1 });
+    const m: MountRef = { mountPoint: "/var/lib/thinimg/mnt/x", majorMinor: "254:16", source: `/dev/mapper/${d.name}`, ours: true };
+    const p = plan({ ours: [d], ids: [6], thins: [thin(6, "dead", { reason: "db_failed" })], mounts: [[d.name, [m]]] });
+    expect(p.actions.map(brief)).toEqual([{ thinId: 6, device: d.name, deleteThin: true, reason: "db_failed", unmount: ["/var/lib/thinimg/mnt/x"] }]);
+  });
+
+  test("live things produce nothing: held devices, live ids", () => {
+    const d = dev(2);
+    const p = plan({ ours: [d], ids: [1, 2], thins: [thin(1, "live"), thin(2, "live")], devices: [dbdev(d.name, 2, "live")] });
+    expect(p.actions).toEqual([]);
+    expect(p.skips).toEqual([]);
+    expect(p.repairs).toEqual([]);
+  });
+
+  test("a DB device row naming another thin id does not hold this device", () => {
+    const d = dev(4);
+    const p = plan({ ours: [d], ids: [4], thins: [thin(4, "dead")], devices: [dbdev(d.name, 99, "live")] });
+    expect(p.actions.map((a) => [a.thinId, a.device, a.deleteThin])).toEqual([[4, d.name, true]]);
+  });
+
+  test("two devices on one orphan id: both removed, one delete, after them", () => {
+    const a = dev(5, { name: `thinimg-${POOL}-snap-5`, minor: 20 });
+    const b = dev(5, { name: `thinimg-${POOL}-snap-5b`, minor: 21 });
+    const p = plan({ ours: [a, b], ids: [5], thins: [thin(5, "dead")] });
+    expect(p.actions.map((x) => [x.device, x.deleteThin])).toEqual([
+      [a.name, false],
+      [b.name, true],
+    ]);
+  });
+
+  test("order: devices first, then inactive ids, ascending", () => {
+    const p = plan({ ours: [dev(30), dev(20)], ids: [20, 30, 3, 1], thins: [] });
+    expect(p.actions.map((a) => [a.device !== null, a.thinId])).toEqual([
+      [true, 20],
+      [true, 30],
+      [false, 1],
+      [false, 3],
+    ]);
+  });
+});
+
+describe("skip reasons", () => {
+  test("too_young: within the grace period (DB time), even if unknown devices are old", () => {
+    const p = plan({ ids: [5], thins: [thin(5, "dead", { since: NOW - 2 * MIN })] });
+    expect(p.actions).toEqual([]);
+    expect(p.skips.map((s) => [s.thinId, s.reason, s.orphanReason])).toEqual([[5, "too_young", "db_orphaned"]]);
+    expect(plan({ ids: [5], thins: [thin(5, "dead", { since: NOW - 2 * MIN })], grace: 0 }).actions.length).toBe(1);
+  });
+
+  test("too_young uses the newer of the device row and the ledger", () => {
+    const d = dev(5);
+    const p = plan({ ours: [d], ids: [5], thins: [thin(5, "dead")], devices: [dbdev(d.name, 5, "dead", { since: NOW - MIN, reason: "db_failed" })] });
+    expect(p.skips.map((s) => s.reason)).toEqual(["too_young"]);
+  });
+
+  test("mounted outside our mount dir", () => {
+    const d = dev(6, { open: 1 });
+    const m: MountRef = { mountPoint: "/srv/vm1", majorMinor: "254:16", source: `/dev/mapper/${d.name}`, ours: false };
+    const p = plan({ ours: [d], ids: [6], thins: [thin(6, "dead")], mounts: [[d.name, [m]]] });
+    expect(p.actions).toEqual([]);
+    expect(p.skips.map((s) => [s.device, s.reason])).toEqual([[d.name, "mounted"]]);
+    expect(p.skips[0]!.detail).toContain("/srv/vm1");
+  });
+
+  test("mounted both by us and by someone else: skipped (we never unmount theirs)", () => {
+    const d = dev(6, { open: 1 });
+    const ours: MountRef = { mountPoint: "/var/lib/thinimg/mnt/x", majorMinor: "254:16", source: "", ours: true };
+    const theirs: MountRef = { mountPoint: "/mnt/bind", majorMinor: "254:16", source: "", ours: false };
+    const p = plan({ ours: [d], ids: [6], thins: [thin(6, "dead")], mounts: [[d.name, [ours, theirs]]] });
+    expect(p.actions).toEqual([]);
+    expect(p.skips[0]!.reason).toBe("mounted");
+  });
+
+  test("open (a VM holds it)", () => {
+    const d = dev(7, { open: 1 });
+    const p = plan({ ours: [d], ids: [7], thins: [thin(7, "dead", { reason: "db_released" })] });
+    expect(p.skips.map((s) => [s.device, s.reason, s.orphanReason])).toEqual([[d.name, "open", "db_released"]]);
+    expect(p.actions).toEqual([]);
+  });
+
+  test("open beyond our own mount's one opener", () => {
+    const d = dev(7, { open: 2 });
+    const m: MountRef = { mountPoint: "/var/lib/thinimg/mnt/x", majorMinor: "254:17", source: "", ours: true };
+    const p = plan({ ours: [d], ids: [7], thins: [thin(7, "dead")], mounts: [[d.name, [m]]] });
+    expect(p.skips.map((s) => s.reason)).toEqual(["open"]);
+  });
+
+  test("suspended and reload_pending", () => {
+    const s = dev(8, { suspended: true });
+    const r = dev(9, { inactiveTable: true });
+    const p = plan({ ours: [s, r], ids: [8, 9], thins: [] });
+    expect(p.skips.map((x) => [x.device, x.reason])).toEqual([
+      [s.name, "suspended"],
+      [r.name, "reload_pending"],
+    ]);
+    expect(p.actions).toEqual([]);
+  });
+
+  test("a thin id whose device is skipped is kept (device_skipped), never deleted under it", () => {
+    const a = dev(5, { name: `thinimg-${POOL}-snap-5`, open: 1 });
+    const b = dev(5, { name: `thinimg-${POOL}-snap-5b`, minor: 40 });
+    const p = plan({ ours: [a, b], ids: [5], thins: [thin(5, "dead")] });
+    expect(p.actions).toEqual([]);
+    expect(p.skips.map((s) => [s.device, s.reason])).toEqual([
+      [a.name, "open"],
+      [b.name, "device_skipped"],
+    ]);
+  });
+
+  test("db_unknown: an empty DB (wrong --state-dir?) never turns the pool into orphans", () => {
+    const p = plan({ ours: [dev(1)], ids: [1, 2, 3], thins: [], known: false });
+    expect(p.actions).toEqual([]);
+    expect(p.skips.map((s) => s.reason)).toEqual(["db_unknown", "db_unknown", "db_unknown"]);
+    expect(p.notes.join(" ")).toContain("no thin ids recorded");
+  });
+});
+
+describe("foreign devices are never actions", () => {
+  const foreign: ForeignDevice[] = [
+    { name: "vm-disk", thinId: 4, why: "no_prefix_on_pool", detail: "thin id 4 on this pool" },
+    { name: `thinimg-${POOL}-weird`, thinId: null, why: "prefix_other_target", detail: "linear" },
+  ];
+
+  test("listed, and the thin id a foreign device maps is skipped as foreign", () => {
+    const p = plan({ foreign, ids: [4, 5], thins: [] });
+    expect(p.foreign).toEqual(foreign);
+    expect(p.actions.map((a) => a.thinId)).toEqual([5]);
+    expect(p.skips.map((s) => [s.thinId, s.reason])).toEqual([[4, "foreign"]]);
+    const names = new Set(foreign.map((f) => f.name));
+    expect(p.actions.some((a) => a.device !== null && names.has(a.device))).toBe(false);
+  });
+
+  test("even when the DB calls that id dead", () => {
+    const p = plan({ foreign, ids: [4], thins: [thin(4, "dead", { reason: "db_released" })] });
+    expect(p.actions).toEqual([]);
+    expect(p.skips[0]!.reason).toBe("foreign");
+  });
+
+  test("our orphan device sharing an id with a foreign device: device removed, id kept", () => {
+    const d = dev(4);
+    const p = plan({ foreign, ours: [d], ids: [4], thins: [thin(4, "dead")] });
+    expect(p.actions.map(brief)).toEqual([{ thinId: 4, device: d.name, deleteThin: false, reason: "db_orphaned", unmount: [] }]);
+    expect(p.skips.map((s) => [s.thinId, s.device, s.reason])).toEqual([[4, null, "foreign"]]);
+  });
+});
+
+describe("metadata scan skipped", () => {
+  test("stale hold: inactive ids are not guessed, device orphans still found, a note says why", () => {
+    const d = dev(5);
+    const p = plan({
+      ours: [d],
+      ids: [],
+      meta: { status: "skipped", skipped: { reason: "stale_metadata_snap", detail: "held root 23" }, staleHold: { heldRoot: 23, released: false } },
+      thins: [thin(5, "dead"), thin(6, "live")],
+    });
+    expect(p.actions.map((a) => [a.thinId, a.device, a.deleteThin])).toEqual([[5, d.name, true]]);
+    expect(p.repairs).toEqual([]); // absence proves nothing without the scan
+    expect(p.notes.join(" ")).toContain("held root 23");
+  });
+});
+
+describe("repairs", () => {
+  test("pool recreated: live ids gone → thin_gone for each, with a note", () => {
+    const refs = [{ table: "layers" as const, key: 1 }, { table: "thin_ids" as const, key: 1 }];
+    const p = plan({ ids: [], thins: [thin(1, "live", { refs }), thin(2, "live")] });
+    expect(p.repairs.map((r) => [r.kind, r.thinId])).toEqual([
+      ["thin_gone", 1],
+      ["thin_gone", 2],
+    ]);
+    expect(p.repairs[0]!.refs).toEqual(refs);
+    expect(p.notes.join(" ")).toContain("recreated");
+  });
+
+  test("rows changed after the scan began are never repaired (work that started after our snapshot)", () => {
+    const p = plan({ ids: [], thins: [thin(1, "live", { since: SCANNED + 10 })] });
+    expect(p.repairs).toEqual([]);
+  });
+
+  test("live but not mustExist (building, pending) is never 'gone'", () => {
+    const p = plan({ ids: [], thins: [thin(1, "live", { mustExist: false })] });
+    expect(p.repairs).toEqual([]);
+  });
+
+  test("an id the pool shows only through an active device is not gone", () => {
+    const d = dev(1);
+    const p = plan({ ours: [d], ids: [], thins: [thin(1, "live")], devices: [dbdev(d.name, 1, "live")] });
+    expect(p.repairs).toEqual([]);
+  });
+
+  test("dead ids already absent: ledger confirmed deleted", () => {
+    const p = plan({ ids: [], thins: [thin(3, "dead", { reason: "db_deleting" })] });
+    expect(p.repairs.map((r) => [r.kind, r.thinId])).toEqual([["thin_already_deleted", 3]]);
+    expect(p.actions).toEqual([]);
+  });
+
+  test("active snapshot whose device vanished: device_gone", () => {
+    const p = plan({ ids: [4], thins: [thin(4, "live")], devices: [dbdev("thinimg-tp-snap-4", 4, "live", { mustExist: true })] });
+    expect(p.repairs.map((r) => [r.kind, r.device])).toEqual([["device_gone", "thinimg-tp-snap-4"]]);
+    expect(p.actions).toEqual([]);
+  });
+
+  test("mount rows that are no longer mounted", () => {
+    const p = plan({
+      dbMounts: [
+        { path: "/s/mnt/a", deviceName: "x", state: "leaked", since: OLD },
+        { path: "/s/mnt/b", deviceName: "y", state: "mounted", since: OLD },
+        { path: "/s/mnt/c", deviceName: "z", state: "unmounted", since: OLD },
+      ],
+      mountPoints: ["/s/mnt/b"],
+    });
+    expect(p.repairs.map((r) => [r.kind, r.path])).toEqual([["mount_gone", "/s/mnt/a"]]);
+  });
+});

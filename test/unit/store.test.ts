@@ -1,0 +1,146 @@
+// The state DB on real SQLite files: schema, constraints, migrations, and the thin id ledger under
+// concurrent processes.
+import { afterAll, describe, expect, test } from "bun:test";
+import { Database } from "bun:sqlite";
+import { mkdtempSync, rmSync } from "node:fs";
+import { join } from "node:path";
+import {
+  allocateThinId,
+  beginImage,
+  getImageByName,
+  imageLayerIds,
+  insertLayer,
+  listThinIds,
+  markImageReady,
+  MIGRATIONS,
+  openDb,
+  recordOrphanThinId,
+  setThinIdState,
+  updateLayer,
+} from "../../lib/store/index.ts";
+
+const dir = mkdtempSync("/tmp/thinimg-store-test-");
+afterAll(() => rmSync(dir, { recursive: true, force: true }));
+let n = 0;
+const fresh = () => openDb(join(dir, `s${++n}`, "state.db"));
+
+describe("schema", () => {
+  test("migrates to the latest version with WAL, foreign keys and STRICT tables", () => {
+    const db = fresh();
+    expect((db.query("PRAGMA user_version").get() as { user_version: number }).user_version).toBe(MIGRATIONS.length);
+    expect((db.query("PRAGMA journal_mode").get() as { journal_mode: string }).journal_mode).toBe("wal");
+    expect((db.query("PRAGMA foreign_keys").get() as { foreign_keys: number }).foreign_keys).toBe(1);
+    const tables = (db.query("SELECT name, sql FROM sqlite_master WHERE type = 'table'").all() as { name: string; sql: string }[]).map((t) => t.name);
+    for (const t of ["blobs", "thin_ids", "devices", "mounts", "layers", "images", "image_layers", "snapshots", "locks", "work", "steps"]) {
+      expect(tables).toContain(t);
+    }
+    // STRICT: a string in an INTEGER column is refused
+    expect(() => db.query("INSERT INTO locks (key, pid, host, command, acquired_at) VALUES ('k', 'abc', 'h', 'c', 1)").run()).toThrow(/cannot store TEXT value in INTEGER column/);
+    // CHECK on states
+    expect(() =>
+      db.query("INSERT INTO thin_ids (pool, thin_id, owner_kind, state, created_at, updated_at) VALUES ('p', 1, 'layer', 'bogus', 1, 1)").run(),
+    ).toThrow(/CHECK constraint/);
+    db.close();
+  });
+
+  test("re-opening does not re-run migrations and keeps data", () => {
+    const path = join(dir, "reopen", "state.db");
+    const a = openDb(path);
+    allocateThinId(a, "p", { kind: "layer", id: null });
+    a.close();
+    const b = openDb(path);
+    expect(listThinIds(b, "p").map((r) => r.thin_id)).toEqual([1]);
+    b.close();
+  });
+
+  test("a DB from a newer thinimg is refused with a one-line error", () => {
+    const path = join(dir, "newer", "state.db");
+    openDb(path).close();
+    const raw = new Database(path);
+    raw.exec(`PRAGMA user_version = ${MIGRATIONS.length + 5}`);
+    raw.close();
+    expect(() => openDb(path)).toThrow(/has schema version .* upgrade thinimg|this thinimg knows/);
+  });
+
+  test("foreign keys: a layer cannot point at a thin id missing from the ledger", () => {
+    const db = fresh();
+    const l = insertLayer(db, { pool: "p", chainId: "sha256:aa", parentId: null, parentChainId: null, identity: "sha256:bb", diffId: "sha256:bb", digest: "sha256:cc", size: 1, virtualSize: 1 << 30 });
+    expect(() => updateLayer(db, l.id, { thin_id: 77 })).toThrow(/FOREIGN KEY/);
+    const id = allocateThinId(db, "p", { kind: "layer", id: l.id });
+    updateLayer(db, l.id, { thin_id: id });
+    // chain ids are unique per pool, not globally
+    expect(() => insertLayer(db, { pool: "p", chainId: "sha256:aa", parentId: null, parentChainId: null, identity: "x", diffId: null, digest: "sha256:cc", size: 1, virtualSize: 1 })).toThrow(/UNIQUE/);
+    insertLayer(db, { pool: "q", chainId: "sha256:aa", parentId: null, parentChainId: null, identity: "x", diffId: null, digest: "sha256:cc", size: 1, virtualSize: 1 });
+    db.close();
+  });
+});
+
+describe("thin id ledger", () => {
+  test("ids are sequential per pool and never reused while rows exist", () => {
+    const db = fresh();
+    const a = allocateThinId(db, "p1", { kind: "layer", id: null });
+    const b = allocateThinId(db, "p1", { kind: "snapshot", id: null });
+    const c = allocateThinId(db, "p2", { kind: "layer", id: null });
+    expect([a, b, c]).toEqual([1, 2, 1]);
+    setThinIdState(db, "p1", b, "deleted", "gc confirmed");
+    // a deleted id is not handed out again while the space has room
+    expect(allocateThinId(db, "p1", { kind: "layer", id: null })).toBe(3);
+    // an id found to exist already is recorded orphaned; the next allocation skips past it
+    recordOrphanThinId(db, "p1", 10, "existed in the pool");
+    expect(allocateThinId(db, "p1", { kind: "layer", id: null })).toBe(11);
+    expect(listThinIds(db, "p1", ["orphaned"]).map((r) => [r.thin_id, r.reason])).toEqual([[10, "existed in the pool"]]);
+    db.close();
+  });
+
+  test("deleted ids are reused only when the 24-bit space is exhausted", () => {
+    const db = fresh();
+    recordOrphanThinId(db, "p", 16777215, "top of the space");
+    recordOrphanThinId(db, "p", 5, "found in pool");
+    setThinIdState(db, "p", 5, "deleted", "gc confirmed");
+    // max is at the top of the 24-bit space: the lowest GC-confirmed deleted id comes back
+    expect(allocateThinId(db, "p", { kind: "snapshot", id: 9 })).toBe(5);
+    expect(listThinIds(db, "p").map((r) => [r.thin_id, r.state, r.owner_kind])).toEqual([
+      [5, "allocated", "snapshot"],
+      [16777215, "orphaned", "none"],
+    ]);
+    expect(() => allocateThinId(db, "p", { kind: "layer", id: null })).toThrow(/thin ids are in use or awaiting GC/);
+    db.close();
+  });
+
+  test("four processes allocating at once never get the same id", async () => {
+    const path = join(dir, "concurrent", "state.db");
+    openDb(path).close();
+    const code = `import { openDb, allocateThinId } from ${JSON.stringify(join(import.meta.dir, "../../lib/store/index.ts"))};
+      const db = openDb(${JSON.stringify(path)}); const ids = [];
+      for (let i = 0; i < 40; i++) ids.push(allocateThinId(db, "p", { kind: "layer", id: null }));
+      console.log(JSON.stringify(ids));`;
+    const procs = Array.from({ length: 4 }, () => Bun.spawn(["bun", "-e", code], { stdout: "pipe", stderr: "inherit" }));
+    const outs = await Promise.all(procs.map(async (p) => JSON.parse(await new Response(p.stdout).text()) as number[]));
+    const all = outs.flat();
+    expect(all).toHaveLength(160);
+    expect(new Set(all).size).toBe(160);
+    expect(Math.max(...all)).toBe(160);
+  });
+});
+
+describe("images", () => {
+  test("ready image keeps its layers in order; re-begin moves it back to unpacking", () => {
+    const db = fresh();
+    const mk = (c: string, parentId: number | null) =>
+      insertLayer(db, { pool: "p", chainId: c, parentId, parentChainId: null, identity: c, diffId: null, digest: "sha256:x", size: 1, virtualSize: 1 });
+    const l1 = mk("sha256:1", null);
+    const l2 = mk("sha256:2", l1.id);
+    const img = beginImage(db, { pool: "p", name: "app", source: "/src", format: null });
+    markImageReady(db, img.id, { format: "oci-layout", config: { Env: ["A=1"] }, layerIds: [l1.id, l2.id], topChainId: "sha256:2" });
+    const r = getImageByName(db, "p", "app")!;
+    expect(r.state).toBe("ready");
+    expect(r.top_layer_id).toBe(l2.id);
+    expect(JSON.parse(r.config!)).toEqual({ Env: ["A=1"] });
+    expect(imageLayerIds(db, img.id)).toEqual([l1.id, l2.id]);
+    const again = beginImage(db, { pool: "p", name: "app", source: "/other", format: null });
+    expect(again.id).toBe(img.id);
+    expect(again.state).toBe("unpacking");
+    expect(again.source).toBe("/other");
+    db.close();
+  });
+});

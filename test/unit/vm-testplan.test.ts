@@ -1,0 +1,54 @@
+// scripts/test.ts decisions: filters, VM file split, and reading bun test's real counts.
+import { describe, expect, test } from "bun:test";
+import { countRun, parseBunSummary, planRun, splitFiles } from "../../lib/vm/testplan.ts";
+
+const VM = ["test/vm/a.test.ts", "test/vm/b.test.ts", "test/vm/c.test.ts"];
+
+describe("planRun", () => {
+  test("no filter runs everything", () => {
+    expect(planRun([], VM)).toEqual({ check: true, lint: true, unit: ["test/unit"], vm: VM });
+  });
+  test("words and paths select parts", () => {
+    expect(planRun(["unit"], VM)).toEqual({ check: false, lint: false, unit: ["test/unit"], vm: [] });
+    expect(planRun(["vm"], VM)).toEqual({ check: false, lint: false, unit: [], vm: VM });
+    expect(planRun(["./test/vm/b.test.ts", "test/unit/x.test.ts", "lint"], VM)).toEqual({
+      check: false,
+      lint: true,
+      unit: ["test/unit/x.test.ts"],
+      vm: ["test/vm/b.test.ts"],
+    });
+  });
+  test("unknown filters and missing VM files are errors, not silently empty runs", () => {
+    expect(() => planRun(["bogus"], VM)).toThrow(/unknown filter bogus/);
+    expect(() => planRun(["test/vm/nope.test.ts"], VM)).toThrow(/no VM test file/);
+  });
+});
+
+describe("splitFiles", () => {
+  const sizes: Record<string, number> = { a: 100, b: 60, c: 50, d: 10 };
+  test("balances by size over n groups", () => {
+    const g = splitFiles(["a", "b", "c", "d"], 2, (f) => sizes[f]!);
+    expect(g).toEqual([["a", "d"], ["b", "c"]]);
+  });
+  test("never more groups than files, never empty groups", () => {
+    expect(splitFiles(["a"], 2, (f) => sizes[f]!)).toEqual([["a"]]);
+    expect(splitFiles([], 2)).toEqual([]);
+  });
+});
+
+describe("bun test summary", () => {
+  const out = "test/x.test.ts:\n(pass) a\n(fail) b\n\n 12 pass\n 3 fail\n 1 error\n 40 expect() calls\nRan 15 tests across 2 files.\n";
+  test("reads the real counts (also through ANSI colour codes)", () => {
+    expect(parseBunSummary(out)).toEqual({ pass: 12, fail: 3, found: true });
+    expect(parseBunSummary("\x1b[32m 5 pass\x1b[0m\n\x1b[2m 0 fail\x1b[0m\n")).toEqual({ pass: 5, fail: 0, found: true });
+  });
+  test("a test named '3 pass' does not count; only summary lines do", () => {
+    expect(parseBunSummary("(pass) 3 pass things\n 1 pass\n 0 fail\n").pass).toBe(1);
+  });
+  test("no summary or a bad exit with zero failures counts as one failure", () => {
+    expect(countRun("bun test v1.4.5\nSegmentation fault\n", 139)).toEqual({ pass: 0, fail: 1 });
+    expect(countRun(" 4 pass\n 0 fail\n", 1)).toEqual({ pass: 4, fail: 1 });
+    expect(countRun(" 4 pass\n 0 fail\n", 0)).toEqual({ pass: 4, fail: 0 });
+    expect(countRun(" 4 pass\n 2 fail\n", 1)).toEqual({ pass: 4, fail: 2 });
+  });
+});

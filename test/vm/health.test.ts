@@ -1,0 +1,243 @@
+// Health checks against real pools and the real kernel log in the VM.
+import { afterAll, beforeAll, describe, expect, test } from "bun:test";
+import { mkdtempSync, rmSync } from "node:fs";
+import { dmsetup, losetup, pool } from "../../lib/dm/index.ts";
+import { ThinimgError } from "../../lib/errors.ts";
+import { run } from "../../lib/exec.ts";
+import { checkDmesg } from "../../lib/health/dmesg.ts";
+import { assertHealthy, type HealthReport, procIo, runHealthChecks } from "../../lib/health/index.ts";
+import { requireDm } from "../helpers/kernel.ts";
+import { makeTestPool, type TestPool } from "../helpers/pool.ts";
+
+requireDm();
+
+const MiB = 1024 ** 2;
+const T = 60_000;
+const dirs: string[] = [];
+const stateDir = () => {
+  const d = mkdtempSync("/tmp/thinimg-health-state-");
+  dirs.push(d);
+  return d;
+};
+/** Move the kernel-log cursor to "now": older lines (other test files in this VM) are not ours. */
+const primeCursor = (dir: string) => checkDmesg(procIo, { stateDir: dir, lookbackMs: 0 });
+const check = (r: HealthReport, name: string) => {
+  const c = r.checks.find((x) => x.name === name);
+  if (!c) throw new Error(`no check ${name} in ${r.checks.map((x) => x.name).join(",")}`);
+  return c;
+};
+
+afterAll(() => {
+  for (const d of dirs) rmSync(d, { recursive: true, force: true });
+});
+
+describe("a fresh pool", () => {
+  let p: TestPool;
+  beforeAll(async () => {
+    p = await makeTestPool({ dataSize: "64M", metaSize: "4M" });
+  }, T);
+  afterAll(async () => {
+    await p?.destroy();
+  }, T);
+
+  test(
+    "is healthy: every check ran and none blocks",
+    async () => {
+      const sd = stateDir();
+      await primeCursor(sd);
+      const r = await runHealthChecks({ pool: p.name, stateDir: sd });
+      const names = r.checks.map((c) => c.name);
+      for (const n of [
+        "pool.exists",
+        "pool.status",
+        "pool.mode",
+        "pool.needs_check",
+        "pool.data",
+        "pool.metadata",
+        "pool.no_space_mode",
+        "host.dstate",
+        "host.dmesg",
+        "host.memory",
+        "host.swap",
+        "host.iowait",
+      ]) {
+        expect(names).toContain(n);
+      }
+      expect(r.checks.filter((c) => c.status !== "ok")).toEqual([]);
+      expect(r.healthy).toBe(true);
+      expect(check(r, "pool.mode").message).toBe("mode rw");
+      expect(check(r, "pool.data").details?.used_pct).toBe(0);
+      // assertHealthy agrees and returns the report
+      expect((await assertHealthy({ pool: p.name, stateDir: sd })).healthy).toBe(true);
+    },
+    T,
+  );
+
+  test(
+    "data use over the warn threshold warns but stays healthy; over the block threshold blocks",
+    async () => {
+      await pool.createThin(p.name, 7);
+      const name = `${p.name}-t7`;
+      await pool.activateThin(p.name, name, 7, 64 * MiB);
+      // 40 of 64 MiB → ~62 % of data blocks
+      const w = await run(["dd", "if=/dev/urandom", `of=/dev/mapper/${name}`, "bs=1M", "count=40", "oflag=direct"], { timeoutMs: T });
+      expect(w.exitCode).toBe(0);
+      const sd = stateDir();
+      await primeCursor(sd);
+      const warn = await runHealthChecks({ pool: p.name, stateDir: sd, thresholds: { dataWarnPct: 50, dataBlockPct: 90 } });
+      expect(check(warn, "pool.data").status).toBe("warn");
+      expect(warn.healthy).toBe(true);
+      const block = await runHealthChecks({ pool: p.name, stateDir: sd, thresholds: { dataWarnPct: 40, dataBlockPct: 60 } });
+      expect(check(block, "pool.data").status).toBe("block");
+      expect(block.healthy).toBe(false);
+      await dmsetup.remove(name);
+      await pool.deleteThin(p.name, 7);
+    },
+    T,
+  );
+});
+
+test(
+  "a pool filled to out_of_data_space blocks with that reason (library and CLI)",
+  async () => {
+    const p = await makeTestPool({ dataSize: "32M", metaSize: "4M" });
+    try {
+      const sd = stateDir();
+      await primeCursor(sd);
+      await pool.createThin(p.name, 1);
+      const dev = `${p.name}-big`;
+      await pool.activateThin(p.name, dev, 1, 128 * MiB); // thin device 4x the pool
+      const dd = await run(["dd", "if=/dev/zero", `of=/dev/mapper/${dev}`, "bs=1M", "count=64", "oflag=direct"], { timeoutMs: T });
+      expect(dd.exitCode).not.toBe(0); // error_if_no_space: the writer gets ENOSPC/EIO instead of hanging
+      const st = await pool.poolStatus(p.name);
+      expect(st.kind === "ok" && st.mode).toBe("out_of_data_space");
+
+      const r = await runHealthChecks({ pool: p.name, stateDir: sd });
+      expect(r.healthy).toBe(false);
+      expect(check(r, "pool.mode").status).toBe("block");
+      expect(check(r, "pool.mode").message).toContain("out_of_data_space");
+      expect(check(r, "pool.mode").runbook).toContain("gc.ts --force");
+      expect(check(r, "pool.data").status).toBe("block");
+      // the kernel said so too, and that line is new since the cursor
+      expect(check(r, "host.dmesg").status).toBe("block");
+      expect(check(r, "host.dmesg").message).toContain("out-of-data-space");
+      expect(check(r, "host.dmesg").message).toContain(`(${p.name})`);
+
+      let err: unknown;
+      await assertHealthy({ pool: p.name, stateDir: stateDir() }).catch((e) => {
+        err = e;
+      });
+      expect(err).toBeInstanceOf(ThinimgError);
+      const te = err as ThinimgError;
+      expect(te.kind).toBe("unhealthy");
+      expect(te.message).toContain("out_of_data_space");
+      expect(te.hint).toContain("docs/ops-health.md");
+
+      const cli = Bun.spawnSync(["bun", "scripts/health.ts", "--pool", p.name, "--state-dir", stateDir(), "--json"], { stdout: "pipe", stderr: "pipe" });
+      expect(cli.exitCode).toBe(1);
+      const doc = JSON.parse(cli.stdout.toString()) as HealthReport & { ok: boolean };
+      expect(doc.ok).toBe(false);
+      expect(doc.checks.find((c) => c.name === "pool.mode")?.status).toBe("block");
+      expect(cli.stderr.toString()).toContain("blocked: pool.mode: pool");
+      expect(cli.stderr.toString()).toContain("next step:");
+      await dmsetup.remove(dev);
+    } finally {
+      await p.destroy();
+    }
+  },
+  T,
+);
+
+test(
+  "errors from a dm-flakey device show up as a dmesg finding, once",
+  async () => {
+    const dir = stateDir();
+    const file = `${dir}/flakey.img`;
+    await run(["truncate", "-s", "8M", file]);
+    const lo = await losetup.attach(file);
+    const name = `flk${process.pid}`;
+    try {
+      // up 0 s, down 3600 s: every I/O errors
+      await dmsetup.create(name, `0 16384 flakey ${lo} 0 0 3600`);
+      const sd = stateDir();
+      await primeCursor(sd);
+      const before = await runHealthChecks({ stateDir: sd });
+      expect(check(before, "host.dmesg").status).toBe("ok");
+      // a buffered read: the page cache logs "Buffer I/O error on dev dm-N"
+      const rd = await run(["dd", `if=/dev/mapper/${name}`, "of=/dev/null", "bs=4k", "count=1"], { timeoutMs: T });
+      expect(rd.exitCode).not.toBe(0);
+      const r = await runHealthChecks({ stateDir: sd });
+      const d = check(r, "host.dmesg");
+      expect(d.status).toBe("block");
+      expect(d.message).toMatch(/I\/O error on dev dm-\d+ \(flk\d+\)/);
+      expect(r.healthy).toBe(false);
+      // reported once: the cursor moved past it
+      const again = await runHealthChecks({ stateDir: sd });
+      expect(check(again, "host.dmesg").status).toBe("ok");
+    } finally {
+      await dmsetup.remove(name).catch(() => {});
+      await losetup.detach(lo).catch(() => {});
+    }
+  },
+  T,
+);
+
+test(
+  "a process stuck on a suspended dm device is a D-state finding",
+  async () => {
+    const p = await makeTestPool({ dataSize: "32M", metaSize: "4M" });
+    const dev = `${p.name}-sus`;
+    let reader: ReturnType<typeof Bun.spawn> | undefined;
+    try {
+      await pool.createThin(p.name, 1);
+      await pool.activateThin(p.name, dev, 1, 16 * MiB);
+      await dmsetup.suspend(dev);
+      reader = Bun.spawn(["dd", `if=/dev/mapper/${dev}`, "of=/dev/null", "bs=4k", "count=1", "iflag=direct"], { stdout: "ignore", stderr: "ignore" });
+      await Bun.sleep(500);
+      const sd = stateDir();
+      await primeCursor(sd);
+      const r = await runHealthChecks({ pool: p.name, stateDir: sd });
+      const d = check(r, "host.dstate");
+      expect(d.status).toBe("block");
+      expect(d.message).toContain(`${reader.pid} dd`);
+      expect(r.healthy).toBe(false);
+      await dmsetup.resume(dev);
+      expect(await reader.exited).toBe(0);
+      const after = await runHealthChecks({ pool: p.name, stateDir: sd });
+      expect(check(after, "host.dstate").status).toBe("ok");
+    } finally {
+      await dmsetup.resume(dev).catch(() => {});
+      reader?.kill("SIGKILL");
+      await dmsetup.remove(dev).catch(() => {});
+      await p.destroy();
+    }
+  },
+  T,
+);
+
+test(
+  "a pool that does not exist blocks with 'pool not found'",
+  async () => {
+    const r = await runHealthChecks({ pool: "thinimg-no-such-pool", stateDir: stateDir() });
+    expect(r.healthy).toBe(false);
+    const e = check(r, "pool.exists");
+    expect(e.status).toBe("block");
+    expect(e.message).toContain("pool thinimg-no-such-pool not found");
+    expect(e.runbook).toContain("bun ops/recover-pool.ts");
+  },
+  T,
+);
+
+test(
+  "a check past its timeout is itself a blocking result",
+  async () => {
+    // a pool whose status read goes through a device we suspend is not enough (status does not
+    // wait on I/O), so bound the check to 1 ms: the real dmsetup cannot answer that fast
+    const r = await runHealthChecks({ pool: "thinimg-no-such-pool", stateDir: stateDir(), timeoutMs: 1 });
+    const c = r.checks.find((x) => x.details?.timed_out === true);
+    expect(c?.status).toBe("block");
+    expect(c?.message).toContain("did not finish within 1 ms");
+    expect(r.healthy).toBe(false);
+  },
+  T,
+);
