@@ -65,10 +65,11 @@ export interface ActOptions {
   pool: string;
   stepTimeoutMs?: number;
   /**
-   * Inactive thin ids only (no device, no mount): re-check the pool at most this often (default
-   * 1 s), and at once after any step that did not succeed. A delete on a pool that went read-only
-   * fails in the kernel, which triggers the check; the status call would otherwise double the cost
-   * of every delete. 0 = check before every orphan.
+   * Inactive thin ids only (no device, no mount): re-check the pool after this long (default 1 s,
+   * stretched to 10× the last status call so the checks never cost more than ~10 % of the run),
+   * and at once after any step that did not succeed. A delete on a pool that went read-only fails
+   * in the kernel, which triggers the check; a status call per delete would double the cost of
+   * every delete. 0 = check before every orphan.
    */
   poolCheckEveryMs?: number;
   ledger?: GcLedger;
@@ -127,15 +128,18 @@ export async function act(actions: Orphan[], o: ActOptions): Promise<ActResult> 
   let stopped: ActResult["stopped"] = null;
   const every = o.poolCheckEveryMs ?? 1_000;
   let lastCheck = Number.NEGATIVE_INFINITY;
+  let interval = every;
   let lastOk = true;
   const ctx = (id: number | null, name: string | null) => ({ pool_name: o.pool, device_id: id ?? undefined, device_name: name ?? undefined });
 
   for (const a of actions) {
     if (!stopped && o.signal?.aborted) stopped = { reason: "aborted", detail: "stop requested (signal)" };
     // devices and mounts: always check first; bare deletes: see poolCheckEveryMs
-    if (!stopped && (a.device !== null || a.unmount.length > 0 || !lastOk || performance.now() - lastCheck >= every)) {
+    if (!stopped && (a.device !== null || a.unmount.length > 0 || !lastOk || performance.now() - lastCheck >= interval)) {
+      const t0 = performance.now();
       stopped = await poolGate(o.pool, timeoutMs);
       lastCheck = performance.now();
+      if (every > 0) interval = Math.max(every, 10 * (lastCheck - t0));
     }
     if (stopped) {
       results.push({ action: a, outcome: "not_run", steps: [], skipReason: null });

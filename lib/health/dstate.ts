@@ -44,12 +44,13 @@ export function tiedToDm(comm: string, wchan: string, stack: string): string | n
   return null;
 }
 
-/** pid:starttime → stat of every process in D state now. */
-export async function scanDState(io: HealthIo): Promise<Map<string, ProcStat>> {
-  const pids = await io.listPids();
-  const stats = await Promise.all(pids.map((p) => io.readText(`/proc/${p}/stat`).then(parseProcStat, () => null)));
+/** pid:starttime → stat of every process in D state now (of all, or of the given pids). */
+export async function scanDState(io: HealthIo, pids?: string[]): Promise<Map<string, ProcStat>> {
   const out = new Map<string, ProcStat>();
-  for (const s of stats) if (s && s.state === "D") out.set(`${s.pid}:${s.starttime}`, s);
+  for (const text of await io.procStats(pids)) {
+    const s = parseProcStat(text);
+    if (s && s.state === "D") out.set(`${s.pid}:${s.starttime}`, s);
+  }
   return out;
 }
 

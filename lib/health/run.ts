@@ -89,9 +89,10 @@ export async function runHealthChecks(o: HealthOptions = {}): Promise<HealthRepo
       const first = await d1;
       await window;
       const windowMs = Math.round(performance.now() - windowStart);
-      const second = await scanDState(io);
+      // only the ones in D before can be stuck; a full rescan would cost as much as the first
+      const second = first.size ? await scanDState(io, [...new Set([...first.values()].map((s) => String(s.pid)))]) : first;
       const stuck = await stuckOnDm(io, first, second);
-      return judgeDState(stuck, windowMs, second.size - stuck.length);
+      return judgeDState(stuck, windowMs, first.size - stuck.length);
     }),
     dmesgP,
     bounded("host.memory", timeoutMs, async () => judgeMemory(await io.readText("/proc/meminfo"), th)),

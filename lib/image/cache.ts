@@ -2,11 +2,13 @@
 // the same directory tree, hashed while written, fsync'ed, then renamed into place: a reader never
 // sees a partial blob, and two processes fetching the same blob both end with the same file.
 // A small source index (<stateDir>/blobs/sources/<sha256(key)>.json) remembers which digest a remote
-// object (URL or S3 key + ETag + size) had, so a re-run does not download it again.
+// object (URL or S3 key + ETag + size) had, so a re-run does not download it again. An interrupted
+// download of an object with an ETag is kept in blobs/partial/ and resumed (HTTP Range) next time.
 import {
   closeSync,
   existsSync,
   fsyncSync,
+  ftruncateSync,
   lstatSync,
   mkdirSync,
   openSync,
@@ -34,7 +36,27 @@ export interface IngestOptions {
   /** Refuse the blob unless it is exactly this long. */
   size?: number | null;
   onBytes?(n: number): void;
-  signal?: AbortSignal;
+  signal?: AbortSignal | undefined;
+  /** Continue a claimed partial download: its bytes are hashed first, new bytes are appended. */
+  resume?: PartialDownload | undefined;
+  /** On an interrupted transfer, keep what arrived under this key for a later resume. */
+  keepPartial?: { key: string; etag: string; size: number | null } | undefined;
+}
+
+/** Bytes of an interrupted download, claimed (moved to a private temp file) by one process. */
+export interface PartialDownload {
+  tmp: string;
+  bytes: number;
+  etag: string;
+  size: number | null;
+}
+
+const PartialMeta = v.object({ key: v.string(), etag: v.string(), size: v.nullable(v.number()) });
+
+/** Interrupted transfers (network errors, aborts, short bodies) can resume; refusals cannot. */
+function resumable(e: unknown): boolean {
+  if (!(e instanceof ThinimgError)) return true;
+  return e.kind === "timeout" || e.details?.resumable === true;
 }
 
 export interface StoredBlob {
@@ -53,7 +75,7 @@ const SourceRecord = v.object({
 });
 export type SourceRecord = v.InferOutput<typeof SourceRecord>;
 
-/** Temp files older than this are leftovers of a crashed run. */
+/** Temp files and partial downloads older than this are leftovers nobody will resume. */
 const STALE_TMP_MS = 24 * 3_600_000;
 
 export class BlobCache {
@@ -61,14 +83,16 @@ export class BlobCache {
   private readonly blobDir: string;
   private readonly tmpDir: string;
   private readonly srcDir: string;
+  private readonly partialDir: string;
 
   constructor(stateDir: string) {
     this.root = join(stateDir, "blobs");
     this.blobDir = join(this.root, "sha256");
     this.tmpDir = join(this.root, "tmp");
     this.srcDir = join(this.root, "sources");
+    this.partialDir = join(this.root, "partial");
     try {
-      for (const d of [this.blobDir, this.tmpDir, this.srcDir]) mkdirSync(d, { recursive: true, mode: 0o755 });
+      for (const d of [this.blobDir, this.tmpDir, this.srcDir, this.partialDir]) mkdirSync(d, { recursive: true, mode: 0o755 });
     } catch (e) {
       throw new ThinimgError("missing", `cannot create the blob cache in ${this.root}: ${(e as Error).message}`, {
         hint: "pass --state-dir (or THINIMG_STATE_DIR) pointing at a writable directory",
@@ -100,16 +124,34 @@ export class BlobCache {
     }
   }
 
-  /** Stream into the cache: hash + count while writing, temp file + fsync + rename. */
+  private newTmp(): string {
+    return join(this.tmpDir, `${process.pid}-${Date.now()}-${Math.random().toString(36).slice(2)}`);
+  }
+
+  /**
+   * Stream into the cache: hash + count while writing, temp file + fsync + rename. With `resume`,
+   * the claimed partial's bytes are hashed and the stream appended; with `keepPartial`, an
+   * interrupted transfer leaves its bytes for claimPartial() instead of deleting them.
+   */
   async ingest(stream: ReadableStream<Uint8Array> | AsyncIterable<Uint8Array>, o: IngestOptions): Promise<StoredBlob> {
-    const tmp = join(this.tmpDir, `${process.pid}-${Date.now()}-${Math.random().toString(36).slice(2)}`);
-    const fd = openSync(tmp, "wx", 0o644);
+    const tmp = o.resume?.tmp ?? this.newTmp();
+    const fd = o.resume ? openSync(tmp, "r+") : openSync(tmp, "wx", 0o644);
     const h = new Bun.CryptoHasher("sha256");
     let n = 0;
     let ok = false;
+    let kept = false;
     try {
+      if (o.resume) {
+        for await (const chunk of Bun.file(tmp).slice(0, o.resume.bytes).stream()) {
+          h.update(chunk);
+          n += chunk.length;
+        }
+        if (n !== o.resume.bytes) throw new ThinimgError("internal", `${o.what}: partial download shrank`);
+        ftruncateSync(fd, n);
+      }
       for await (const chunk of stream) {
         if (o.signal?.aborted) throw new ThinimgError("timeout", `${o.what}: aborted`);
+        const at = n;
         n += chunk.length;
         // The cap applies to bytes actually received, whatever a header or manifest said.
         if (n > o.maxBytes) throw tooBig(o.what, o.maxBytes);
@@ -120,14 +162,15 @@ export class BlobCache {
         }
         h.update(chunk);
         let off = 0;
-        while (off < chunk.length) off += writeSync(fd, chunk, off, chunk.length - off);
+        while (off < chunk.length) off += writeSync(fd, chunk, off, chunk.length - off, at + off);
         o.onBytes?.(n);
       }
       fsyncSync(fd);
       const digest = `sha256:${h.digest("hex")}`;
       if (o.size != null && n !== o.size) {
         throw new ThinimgError("input", `${o.what}: truncated: got ${n} of ${o.size} bytes`, {
-          hint: "the transfer was cut short or the object changed while being read; retry",
+          hint: "the transfer was cut short; run again to resume it",
+          details: { resumable: true },
         });
       }
       if (o.digest && o.digest !== digest) {
@@ -139,10 +182,61 @@ export class BlobCache {
       renameSync(tmp, dest);
       ok = true;
       return { digest, size: n, path: dest };
+    } catch (e) {
+      if (o.keepPartial && n > 0 && resumable(e)) kept = this.savePartial(tmp, o.keepPartial);
+      throw e;
     } finally {
       closeSync(fd);
-      if (!ok) rmSync(tmp, { force: true });
+      if (!ok && !kept) rmSync(tmp, { force: true });
     }
+  }
+
+  // ---- interrupted downloads ----------------------------------------------------------------------
+
+  private partialPaths(key: string): { data: string; meta: string } {
+    const base = join(this.partialDir, sha256Hex(key));
+    return { data: base, meta: `${base}.json` };
+  }
+
+  private savePartial(tmp: string, meta: { key: string; etag: string; size: number | null }): boolean {
+    try {
+      const p = this.partialPaths(meta.key);
+      writeFileSync(`${p.meta}.${process.pid}.tmp`, JSON.stringify(meta));
+      renameSync(`${p.meta}.${process.pid}.tmp`, p.meta);
+      renameSync(tmp, p.data);
+      log.debug(`kept ${statSync(p.data).size} bytes of ${meta.key} to resume`);
+      return true;
+    } catch {
+      return false;
+    }
+  }
+
+  /**
+   * Take over the partial download saved for `key`, if any: it is renamed into a private temp file
+   * first, so two processes can never append to the same one.
+   */
+  claimPartial(key: string): PartialDownload | null {
+    const p = this.partialPaths(key);
+    const tmp = this.newTmp();
+    try {
+      renameSync(p.data, tmp);
+    } catch {
+      return null;
+    }
+    try {
+      const meta = v.parse(PartialMeta, JSON.parse(readFileSync(p.meta, "utf8")));
+      rmSync(p.meta, { force: true });
+      if (meta.key !== key) throw new Error("key mismatch");
+      return { tmp, bytes: statSync(tmp).size, etag: meta.etag, size: meta.size };
+    } catch {
+      rmSync(tmp, { force: true });
+      return null;
+    }
+  }
+
+  /** Discard a claimed partial (the object changed, or the server will not resume). */
+  dropPartial(p: PartialDownload): void {
+    rmSync(p.tmp, { force: true });
   }
 
   // ---- source index -------------------------------------------------------------------------------
@@ -173,8 +267,11 @@ export class BlobCache {
 
   private sweepTmp(): void {
     const now = Date.now();
-    for (const name of readdirSync(this.tmpDir)) {
-      const p = join(this.tmpDir, name);
+    const old = [
+      ...readdirSync(this.tmpDir).map((n) => join(this.tmpDir, n)),
+      ...readdirSync(this.partialDir).map((n) => join(this.partialDir, n)),
+    ];
+    for (const p of old) {
       try {
         if (now - statSync(p).mtimeMs > STALE_TMP_MS) rmSync(p, { force: true });
       } catch {

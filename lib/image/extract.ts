@@ -117,7 +117,7 @@ export async function extractImage(source: string, destArg: string, o: ExtractOp
           devices: o.devices === true,
           limits,
           layerLabel: label,
-          onProgress: (b) => o.progress?.bytes(b, null),
+          onProgress: (b) => o.progress?.bytes(b, layer.compression === "none" ? layer.size : null),
         });
       } catch (e) {
         // A damaged blob usually breaks the tar before its digest can be checked at EOF: when the

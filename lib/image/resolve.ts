@@ -16,6 +16,7 @@ import { resolveDockerArchive } from "./format/docker-archive.ts";
 import { MAGIC_BYTES, makeLayerRef, sniffCompression } from "./format/layer.ts";
 import { orderLayerFamily } from "./format/layer-family.ts";
 import { resolveOci } from "./format/oci.ts";
+import { parsePlatform } from "./format/platform.ts";
 import { download } from "./source/download.ts";
 import { S3Bucket, s3Settings } from "./source/s3.ts";
 import { parseSource } from "./source/spec.ts";
@@ -42,6 +43,7 @@ interface Ctx {
 
 export async function resolveImage(ref: string, opts: ResolveOptions): Promise<ResolvedImage> {
   const spec = parseSource(ref, opts.select);
+  if (opts.platform) parsePlatform(opts.platform); // a bad --platform is a usage error whatever the format
   const ctx: Ctx = {
     cache: new BlobCache(opts.stateDir),
     maxBlobBytes: opts.maxBlobBytes ?? DEFAULT_MAX_BLOB_BYTES,
@@ -75,7 +77,8 @@ export async function resolveImage(ref: string, opts: ResolveOptions): Promise<R
       return resolveFile(spec.path, spec.path, ctx, { digest: null, memo, cached: false });
     }
     case "http": {
-      for (const [i, c] of spec.candidates.entries()) {
+      let first404: unknown = null;
+      for (const c of spec.candidates) {
         const what = displayUrl(c.url);
         try {
           const d = await download(ctx.cache, {
@@ -89,11 +92,12 @@ export async function resolveImage(ref: string, opts: ResolveOptions): Promise<R
           ctx.select = c.select;
           return await resolveFile(d.path, what, ctx, { digest: d.digest, memo: `blob:${d.digest}`, cached: true });
         } catch (e) {
-          const notFound = e instanceof ThinimgError && e.details?.status === 404;
-          if (!notFound || i === spec.candidates.length - 1) throw e;
+          // a 404 moves on to the next reading of URL:REF; if none exists, report the URL as given
+          if (!(e instanceof ThinimgError && e.details?.status === 404)) throw e;
+          first404 ??= e;
         }
       }
-      throw new Error("unreachable");
+      throw first404;
     }
     case "s3": {
       const bucket = new S3Bucket(spec.bucket, s3Settings(ctx.env));
@@ -153,10 +157,13 @@ async function resolveFile(path: string, what: string, ctx: Ctx, info: FileInfo)
   const key = `decompressed:${info.memo}`;
   let rec = ctx.cache.lookupSource(key);
   if (!rec) {
-    const stored = await ctx.cache.ingest(
-      decompressStream(Bun.file(path).stream(), compression, { maxBytes: ctx.maxLayerBytes, what }),
-      { what, maxBytes: ctx.maxLayerBytes, signal: ctx.signal },
-    );
+    // Bounded like any stored blob, and at least like one layer (it may be a single rootfs layer).
+    const cap = Math.max(ctx.maxBlobBytes, ctx.maxLayerBytes);
+    const stored = await ctx.cache.ingest(decompressStream(Bun.file(path).stream(), compression, { maxBytes: cap, what }), {
+      what,
+      maxBytes: cap,
+      signal: ctx.signal,
+    });
     ctx.cache.recordSource({ key, etag: null, size: stored.size, digest: stored.digest });
     rec = ctx.cache.lookupSource(key)!;
   }
@@ -174,13 +181,18 @@ async function resolveArchive(
   file: (FileInfo & { path: string }) | null,
 ): Promise<ResolvedImage> {
   const select = ctx.select ?? undefined;
+  const top = archive.topLevel();
+  if (archive instanceof TarArchive && !archive.complete && top.some((n) => IMAGE_MARKERS.includes(n))) {
+    throw new ThinimgError("policy", `${source}: an image archive with thousands of members`, {
+      hint: "an image archive holds a few files per layer; this one is broken or hostile",
+    });
+  }
   if (archive.size("manifest.json") !== null) {
     return resolveDockerArchive(archive, { source, select, maxLayerBytes: ctx.maxLayerBytes, maxBlobBytes: ctx.maxBlobBytes });
   }
   if (archive.size("index.json") !== null) {
     return resolveOci(archive, { source, select, platform: ctx.platform, maxLayerBytes: ctx.maxLayerBytes });
   }
-  const top = archive.topLevel();
   const marker = top.find((n) => IMAGE_MARKERS.includes(n));
   if (marker) {
     throw new ThinimgError("input", `${source}: has ${marker} but no manifest.json or index.json`, {

@@ -19,7 +19,7 @@ import { classify, failure } from "./failure.ts";
 import { deviceName, parseDeviceName } from "./names.ts";
 import { pausePoint } from "./pause.ts";
 import { withRetry } from "./retry.ts";
-import { ThinIdTaken, inPoolSection, poolCreate } from "./txn.ts";
+import { ThinIdTaken, activeDevice, inPoolSection, poolCreate } from "./txn.ts";
 
 export interface ActivateResult {
   snapshot_id: number;
@@ -64,7 +64,7 @@ export async function activate(ctx: Ctx, imageRef: string, o: ActivateOptions = 
   let active = false;
   try {
     await inPoolSection(ctx, async () => {
-      const topInfo = await dmsetup.info(top.device_name!);
+      const topInfo = await activeDevice(top.device_name!);
       if (topInfo) {
         throw new ThinimgError("conflict", `layer device ${top.device_name} is active; refusing to snapshot it without a suspend`, {
           hint: "committed layers are never left active by thinimg; `bun scripts/gc.ts` shows why it is",
@@ -157,7 +157,7 @@ export async function release(ctx: Ctx, ref: string, o: ActivateOptions = {}): P
     });
   }
   const name = snap.device_name;
-  const info = await dmsetup.info(name);
+  const info = (await activeDevice(name)) ? await dmsetup.info(name) : null;
   if (info) {
     const mounts = mnt.mountsOf(`${info.major}:${info.minor}`);
     if (mounts.length > 0) {

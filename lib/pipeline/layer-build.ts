@@ -33,7 +33,7 @@ import { classify, failure } from "./failure.ts";
 import { deviceName, mountPathFor } from "./names.ts";
 import { pausePoint } from "./pause.ts";
 import { withRetry } from "./retry.ts";
-import { ThinIdTaken, inPoolSection, poolCreate, poolMajorMinor } from "./txn.ts";
+import { ThinIdTaken, activeDevice, inPoolSection, poolCreate, poolMajorMinor } from "./txn.ts";
 
 /** ext4 options while a layer is applied: hostile content can't use setuid or device nodes on the
  * host; errors make the fs read-only at once instead of continuing on a failing device. */
@@ -139,7 +139,7 @@ export async function buildLayer(ctx: Ctx, input: BuildInput): Promise<BuildResu
             await inPoolSection(ctx, async () => {
               if (input.parent) {
                 // create_snap of an ACTIVE origin would need a suspend; we only snapshot inactive ones
-                const pinfo = await dmsetup.info(input.parent.device_name!);
+                const pinfo = await activeDevice(input.parent.device_name!);
                 if (pinfo) {
                   throw new ThinimgError("conflict", `parent layer device ${input.parent.device_name} is active; refusing to snapshot it without a suspend`, {
                     hint: "it is not in use by thinimg; check who holds it, then `bun scripts/gc.ts`",
@@ -190,7 +190,7 @@ export async function buildLayer(ctx: Ctx, input: BuildInput): Promise<BuildResu
           mkdirSync(path, { recursive: true, mode: 0o700 });
           const step = beginStep(db, work.id, poolName, "mount", { thinId: l.thin_id, deviceName: dev });
           setMount(db, { path, pool: poolName, deviceName: dev!, thinId: l.thin_id!, purpose: "apply", state: "mounting" });
-          const info = await dmsetup.info(dev!);
+          const info = await activeDevice(dev!);
           const mm = info ? `${info.major}:${info.minor}` : null;
           const already = mnt.mountinfo().filter((m) => m.mountPoint === path);
           if (already.length > 0) {
@@ -250,7 +250,7 @@ export async function buildLayer(ctx: Ctx, input: BuildInput): Promise<BuildResu
         case "unmounted": {
           const step = beginStep(db, work.id, poolName, "remove_device", { thinId: l.thin_id, deviceName: dev });
           setDeviceState(db, poolName, dev!, "removing");
-          const info = await dmsetup.info(dev!);
+          const info = await activeDevice(dev!);
           if (info) await withRetry(`dmsetup remove ${dev}`, () => dmsetup.remove(dev!, { ctx: { pool_name: poolName, device_id: l.thin_id! } }), cfg.retry);
           tx(db, () => {
             setDeviceState(db, poolName, dev!, "removed");
@@ -295,7 +295,7 @@ export async function buildLayer(ctx: Ctx, input: BuildInput): Promise<BuildResu
 
 /** Load the thin table unless a device of that name already maps exactly this thin id. */
 async function ensureActive(poolName: string, name: string, thinId: number, size: number): Promise<void> {
-  const info = await dmsetup.info(name);
+  const info = await activeDevice(name);
   if (info) {
     const table = await dmsetup.table(name);
     const mm = await poolMajorMinor(poolName);

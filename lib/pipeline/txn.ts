@@ -173,3 +173,9 @@ export async function poolMajorMinor(poolName: string): Promise<string> {
   if (!i) throw new ThinimgError("missing", `pool ${poolName} does not exist`, { hint: "create it with `bun ops/recover-pool.ts --create` or pass --pool" });
   return `${i.major}:${i.minor}`;
 }
+
+/** The device if it is active, else null — via `dmsetup ls` (exit 0 either way, so absence is not
+ * logged as a failed command the way `dmsetup info` of a missing name is). */
+export async function activeDevice(name: string): Promise<{ name: string; major: number; minor: number } | null> {
+  return (await dmsetup.ls()).find((d) => d.name === name) ?? null;
+}

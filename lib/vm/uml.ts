@@ -1,8 +1,9 @@
 // Run one command inside a User-Mode Linux VM with a real dm-thin kernel. The host's filesystem is
 // the VM's root (hostfs), so files made inside persist and the caller's cwd means the same thing.
-// The VM is always powered off: it runs in its own session (process group) under `timeout`, and we
-// kill that group on timeout, on SIGINT/SIGTERM/SIGHUP and on exit — UML forks helper processes per
-// address space, so killing only linux.uml would leave them behind.
+// The VM is always powered off: linux.uml runs in its own session (process group) and we kill that
+// group on timeout, on SIGINT/SIGTERM/SIGHUP and on exit — UML forks helper processes (I/O threads,
+// one host process per guest process), so killing only linux.uml would leave them behind. A detached
+// watchdog does the same if this process is SIGKILLed and cannot clean up.
 import { closeSync, existsSync, mkdtempSync, openSync, readdirSync, readFileSync, readSync, rmSync, writeFileSync } from "node:fs";
 import { ThinimgError } from "../errors.ts";
 import { parseSize } from "../util/units.ts";
@@ -41,7 +42,7 @@ export interface VmResult {
   stderr: string;
   durationMs: number;
   runDir: string;
-  /** Host process groups the VM ran in (the timeout wrapper's and linux.uml's own). */
+  /** Host process group(s) the VM ran in (linux.uml's own session). */
   processGroups: number[];
 }
 
@@ -64,6 +65,11 @@ export function tail(text: string, lines: number): string {
   return text.split("\n").filter(Boolean).slice(-lines).join("\n");
 }
 
+/** Where UML puts its (unlinked) RAM file: tmpfs when there is one, so guest RAM is not disk I/O. */
+function umlTmp(): string {
+  return existsSync("/dev/shm") ? "/dev/shm" : "/tmp";
+}
+
 function memArg(mem: string | number): string {
   const bytes = typeof mem === "number" ? mem : parseSize(mem, "--mem");
   if (bytes < MIN_MEM) throw new ThinimgError("usage", `--mem ${mem} is too small`, { hint: "use at least 256M (1G for bun)" });
@@ -72,12 +78,11 @@ function memArg(mem: string | number): string {
 
 // ---- live VM registry: everything here is killed on signals and on exit ----
 
-// linux.uml calls setsid() itself, so it is NOT in the group of the `timeout` we spawn: we learn its
-// session id from /proc (by its unique umid) and kill both groups.
 interface LiveVm {
-  leader: number; // the `timeout` process (its own session, from detached spawn)
+  /** linux.uml's pid = its process group (spawned detached: setsid). */
+  group: number;
   umid: string;
-  umlGroup: number | null;
+  watchdog: number | null;
   /** Remove the run directory when the process is going down (signal/exit path). */
   cleanup: () => void;
 }
@@ -85,10 +90,10 @@ const live = new Map<number, LiveVm>();
 const SIGNALS = ["SIGINT", "SIGTERM", "SIGHUP"] as const;
 const SIGNO: Record<(typeof SIGNALS)[number], number> = { SIGINT: 2, SIGTERM: 15, SIGHUP: 1 };
 
-/** [pid, pgid] of every process whose argv carries umid=<umid> (helpers with wiped argv share the pgid). */
-function umidProcesses(umid: string): [number, number][] {
+/** Pids whose argv carries umid=<umid> (UML helpers keep linux.uml's argv). */
+function umidProcesses(umid: string): number[] {
   const needle = `umid=${umid}`;
-  const found: [number, number][] = [];
+  const found: number[] = [];
   let pids: string[] = [];
   try {
     pids = readdirSync("/proc").filter((p) => /^\d+$/.test(p));
@@ -97,10 +102,7 @@ function umidProcesses(umid: string): [number, number][] {
   }
   for (const pid of pids) {
     try {
-      if (!readFileSync(`/proc/${pid}/cmdline`, "latin1").split("\0").includes(needle)) continue;
-      const stat = readFileSync(`/proc/${pid}/stat`, "latin1");
-      const fields = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
-      found.push([Number(pid), Number(fields[2])]);
+      if (readFileSync(`/proc/${pid}/cmdline`, "latin1").split("\0").includes(needle)) found.push(Number(pid));
     } catch {}
   }
   return found;
@@ -113,26 +115,30 @@ function killQuiet(pid: number): void {
 }
 
 function killVm(vm: LiveVm): void {
-  killQuiet(-vm.leader);
-  const procs = umidProcesses(vm.umid);
-  vm.umlGroup ??= procs.find(([pid, g]) => pid === g && pid !== vm.leader)?.[1] ?? null;
-  const groups = new Set(procs.map(([, g]) => g));
-  if (vm.umlGroup !== null) groups.add(vm.umlGroup);
-  for (const g of groups) if (g > 1) killQuiet(-g);
-  for (const [pid] of procs) killQuiet(pid);
+  killQuiet(-vm.group);
+  // belt and braces: anything carrying our umid that left the group
+  for (const pid of umidProcesses(vm.umid)) killQuiet(pid);
 }
 
-/** Signal/exit path: kill, then wait (synchronously, bounded) until the processes are really gone. */
+/** Stop the watchdog (its own session: the shell and its sleep). */
+function stopWatchdog(vm: LiveVm): void {
+  if (vm.watchdog !== null) killQuiet(-vm.watchdog);
+  vm.watchdog = null;
+}
+
 function killAll(): void {
   const vms = [...live.values()];
   live.clear();
   for (const vm of vms) killVm(vm);
-  const groups = vms.flatMap((vm) => [vm.leader, ...(vm.umlGroup !== null ? [vm.umlGroup] : [])]);
+  const groups = vms.map((vm) => vm.group);
   for (let i = 0; i < 200 && vmProcessesLeft(groups).length > 0; i++) {
     Bun.sleepSync(10);
     for (const vm of vms) killVm(vm);
   }
-  for (const vm of vms) vm.cleanup();
+  for (const vm of vms) {
+    stopWatchdog(vm);
+    vm.cleanup();
+  }
 }
 
 const onSignal = (sig: (typeof SIGNALS)[number]) => () => {
@@ -207,6 +213,24 @@ class Tailer {
   }
 }
 
+/**
+ * If this process dies without cleaning up (SIGKILL, OOM), a detached shell kills the VM shortly
+ * after its limit: the group, and anything still carrying its umid. Stopped when the VM ends.
+ */
+function startWatchdog(group: number, umid: string, afterS: number): number | null {
+  // the group is only killed while its leader is still our linux.uml (no pid-reuse accidents)
+  const script = `sleep ${afterS}
+if grep -qa 'umid=${umid}' /proc/${group}/cmdline 2>/dev/null; then kill -KILL -- -${group} 2>/dev/null; fi
+for f in $(grep -las 'umid=${umid}' /proc/[0-9]*/cmdline); do p=\${f#/proc/}; kill -KILL "\${p%/cmdline}" 2>/dev/null; done`;
+  try {
+    const w = Bun.spawn(["sh", "-c", script], { stdin: "ignore", stdout: "ignore", stderr: "ignore", detached: true });
+    w.unref();
+    return w.pid;
+  } catch {
+    return null;
+  }
+}
+
 export async function runInVm(opts: VmOptions): Promise<VmResult> {
   if (opts.argv.length === 0) throw new ThinimgError("usage", "no command given", { hint: "usage: bun scripts/vm.ts -- CMD ARG..." });
   for (const a of opts.argv) {
@@ -228,17 +252,10 @@ export async function runInVm(opts: VmOptions): Promise<VmResult> {
     { mode: 0o755 },
   );
 
-  // `timeout` is the session leader: if this process dies without cleaning up (SIGKILL), the VM still
-  // stops shortly after its limit. Our own timer fires first and kills the whole group.
-  const hardLimitS = Math.ceil(timeoutMs / 1000) + 10;
   const kernelFd = openSync(file(RUN_FILES.kernelLog), "a");
   const started = performance.now();
   const proc = Bun.spawn(
     [
-      "timeout",
-      "-s",
-      "KILL",
-      `${hardLimitS}s`,
       host.linuxUml,
       `mem=${mem}`,
       `umid=${umid}`,
@@ -253,19 +270,20 @@ export async function runInVm(opts: VmOptions): Promise<VmResult> {
       "con0=fd:0,fd:1",
       "ssl=null",
     ],
-    { stdin: "ignore", stdout: kernelFd, stderr: kernelFd, detached: true, env: { PATH: process.env.PATH ?? "/usr/bin:/bin", TMPDIR: "/dev/shm" } },
+    { stdin: "ignore", stdout: kernelFd, stderr: kernelFd, detached: true, env: { PATH: process.env.PATH ?? "/usr/bin:/bin", TMPDIR: umlTmp() } },
   );
   closeSync(kernelFd);
   const vm: LiveVm = {
-    leader: proc.pid,
+    group: proc.pid,
     umid,
-    umlGroup: null,
+    watchdog: null,
     cleanup: () => {
       if (!opts.keep) rmSync(runDir, { recursive: true, force: true });
     },
   };
   live.set(proc.pid, vm);
   install();
+  vm.watchdog = startWatchdog(proc.pid, umid, Math.ceil(timeoutMs / 1000) + 10);
 
   const out = new Tailer(file(RUN_FILES.stdout), opts.stdout);
   const err = new Tailer(file(RUN_FILES.stderr), opts.stderr);
@@ -276,7 +294,6 @@ export async function runInVm(opts: VmOptions): Promise<VmResult> {
     killVm(vm);
   }, timeoutMs);
   const poll = setInterval(() => {
-    if (vm.umlGroup === null) vm.umlGroup = umidProcesses(umid).find(([pid, g]) => pid === g && pid !== proc.pid)?.[1] ?? null;
     out.drain();
     err.drain();
     klog.drain();
@@ -289,11 +306,11 @@ export async function runInVm(opts: VmOptions): Promise<VmResult> {
     // The main UML process is gone; its helpers must be too.
     killVm(vm);
     // SIGKILL lands asynchronously; wait (bounded) until nothing of the VM is still running.
-    const groups = [proc.pid, ...(vm.umlGroup !== null ? [vm.umlGroup] : [])];
-    for (let i = 0; i < 100 && vmProcessesLeft(groups).length > 0; i++) {
+    for (let i = 0; i < 100 && vmProcessesLeft([vm.group]).length > 0; i++) {
       await Bun.sleep(20);
       killVm(vm);
     }
+    stopWatchdog(vm);
     live.delete(proc.pid);
     if (live.size === 0) uninstall();
   }
@@ -308,7 +325,7 @@ export async function runInVm(opts: VmOptions): Promise<VmResult> {
   vm.cleanup();
   const durationMs = Math.round(performance.now() - started);
 
-  const processGroups = [proc.pid, ...(vm.umlGroup !== null ? [vm.umlGroup] : [])];
+  const processGroups = [vm.group];
   const result = parseResult(resultText);
   if (result.kind === "setup-failed") {
     throw new VmError(`VM setup failed: ${result.message}`, kernelLog, "see the kernel log above; check the UML modules (apt-get install --reinstall user-mode-linux)");

@@ -4,15 +4,15 @@
 // copied from /usr), split into 4 layers with umoci (the last one deletes files: whiteouts).
 // Cached under /tmp/thinimg-bench-cache; delete that directory to rebuild.
 //
-// Measured in one run, same blobs, same destination filesystem, best of 3 after one warm-up each,
-// interleaved, `sync` before every run so no run pays for the previous one's writeback:
+// Measured in one run, same blobs, same destination filesystem, best of 5 (THINIMG_BENCH_RUNS) after one warm-up
+// each, interleaved round by round, `sync` before every run so no run pays for the previous one's writeback:
 //   A. from the compressed blobs: thinimg (decompressStream → applyLayer) vs `tar -xzf` (gzip in a
 //      second process) — what a user gets;
 //   B. from the uncompressed layer tars: applyLayer vs `tar -xf` — the apply work alone;
 //   C. `umoci unpack` of the whole image, as a reference.
 // GNU tar runs as root with --same-owner -p --xattrs --xattrs-include='*' --numeric-owner.
 import { existsSync, mkdirSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from "node:fs";
-import { cpus } from "node:os";
+import { cpus, loadavg } from "node:os";
 import { join } from "node:path";
 import { run, runOk } from "../../lib/exec.ts";
 import { applyLayer } from "../../lib/image/apply/index.ts";
@@ -23,7 +23,7 @@ const ROOTFS = join(CACHE, "rootfs");
 const IMAGE = join(CACHE, "image");
 const PLAIN = join(CACHE, "plain");
 const TAG = "bench";
-const RUNS = 3;
+const RUNS = Number(process.env.THINIMG_BENCH_RUNS ?? 5);
 
 const MIN = 60_000;
 
@@ -181,17 +181,27 @@ const umoci: Runner = async (dest) => {
   await sh(["umoci", "unpack", "--image", `${IMAGE}:${TAG}`, dest]);
 };
 
-async function bestOf(name: string, fn: Runner, dest: string): Promise<number> {
-  await fresh(dest);
-  await fn(dest); // warm-up
-  let best = Number.POSITIVE_INFINITY;
-  for (let i = 0; i < RUNS; i++) {
-    await fresh(dest);
-    const t = await timed(() => fn(dest));
-    best = Math.min(best, t);
-    console.error(`  ${name} run ${i + 1}: ${(t / 1000).toFixed(3)} s`);
+interface Contender {
+  name: string;
+  fn: Runner;
+  dest: string;
+  best: number;
+}
+
+/** One warm-up each, then RUNS rounds in which every contender runs once: noise hits all alike. */
+async function race(cs: Contender[]): Promise<void> {
+  for (const c of cs) {
+    await fresh(c.dest);
+    await c.fn(c.dest);
   }
-  return best;
+  for (let i = 0; i < RUNS; i++) {
+    for (const c of cs) {
+      await fresh(c.dest);
+      const t = await timed(() => c.fn(c.dest));
+      c.best = Math.min(c.best, t);
+      console.error(`  round ${i + 1}  ${c.name.padEnd(14)} ${(t / 1000).toFixed(3)} s`);
+    }
+  }
 }
 
 async function main(): Promise<void> {
@@ -207,21 +217,24 @@ async function main(): Promise<void> {
       `${cpus().length} CPUs, bun ${Bun.version}`,
   );
 
-  const r: Record<string, number> = {};
-  // Interleave so drift (thermal, background writeback) hits both sides alike.
-  r.tarGz = await bestOf("tar -xzf", gnuTar(ls, true), `${out}-tar`);
-  r.thinGz = await bestOf("thinimg gzip", thinimg(ls, true), `${out}-thin`);
-  r.tar = await bestOf("tar -xf", gnuTar(ls, false), `${out}-tar`);
-  r.thin = await bestOf("thinimg plain", thinimg(ls, false), `${out}-thin`);
-  r.umoci = await bestOf("umoci unpack", umoci, `${out}-umoci`);
+  const load0 = loadavg()[0]!;
+  const c = (name: string, fn: Runner, d: string): Contender => ({ name, fn, dest: `${out}-${d}`, best: Infinity });
+  const tarGz = c("tar -xzf", gnuTar(ls, true), "tar");
+  const thinGz = c("thinimg gzip", thinimg(ls, true), "thin");
+  const tar = c("tar -xf", gnuTar(ls, false), "tar");
+  const thin = c("thinimg plain", thinimg(ls, false), "thin");
+  const um = c("umoci unpack", umoci, "umoci");
+  await race([tarGz, thinGz, tar, thin, um]);
   for (const d of ["tar", "thin", "umoci"]) rmSync(`${out}-${d}`, { recursive: true, force: true });
+  const r = { tarGz: tarGz.best, thinGz: thinGz.best, tar: tar.best, thin: thin.best, umoci: um.best };
 
   const s = (ms: number) => `${(ms / 1000).toFixed(3)} s`;
   const x = (a: number, b: number) => `${(a / b).toFixed(2)}x`;
-  console.log(`A. compressed blobs   thinimg ${s(r.thinGz!)}   GNU tar -xzf ${s(r.tarGz!)}   ratio ${x(r.thinGz!, r.tarGz!)}`);
-  console.log(`B. uncompressed tars  thinimg ${s(r.thin!)}   GNU tar -xf  ${s(r.tar!)}   ratio ${x(r.thin!, r.tar!)}`);
-  console.log(`C. umoci unpack       ${s(r.umoci!)}   (${x(r.umoci!, r.tarGz!)} GNU tar -xzf)`);
-  console.log(`ratio (thinimg / GNU tar, wall time, best of ${RUNS}): ${x(r.thinGz!, r.tarGz!)} from the blobs, ${x(r.thin!, r.tar!)} apply only`);
+  console.log(`A. compressed blobs   thinimg ${s(r.thinGz)}   GNU tar -xzf ${s(r.tarGz)}   ratio ${x(r.thinGz, r.tarGz)}`);
+  console.log(`B. uncompressed tars  thinimg ${s(r.thin)}   GNU tar -xf  ${s(r.tar)}   ratio ${x(r.thin, r.tar)}`);
+  console.log(`C. umoci unpack       ${s(r.umoci)}   (${x(r.umoci, r.tarGz)} GNU tar -xzf)`);
+  console.log(`ratio (thinimg / GNU tar, wall time, best of ${RUNS}): ${x(r.thinGz, r.tarGz)} from the blobs, ${x(r.thin, r.tar)} apply only`);
+  console.log(`load average (1 min) at start ${load0.toFixed(2)}, at end ${loadavg()[0]!.toFixed(2)} on ${cpus().length} CPUs`);
 }
 
 await main();

@@ -13,6 +13,8 @@ export interface Served {
   /** After the data, keep sending this many more bytes (chunked). */
   extraBytes?: number;
   status?: number;
+  /** Ignore Range requests (always 200 with the whole body). */
+  noRanges?: boolean;
 }
 
 export interface HttpRequestLog {
@@ -26,7 +28,7 @@ export interface TestHttp {
   url(path: string): string;
   files: Map<string, Served>;
   requests: HttpRequestLog[];
-  /** Bytes the server managed to enqueue for streamed bodies, by path (to show a client stopped). */
+  /** Body bytes the server handed out, by path (to show a client stopped, or resumed). */
   sent: Map<string, number>;
   close(): Promise<void>;
 }
@@ -52,11 +54,21 @@ export function startHttp(initial: Record<string, Served> = {}): TestHttp {
         log(304);
         return new Response(null, { status: 304, headers: { etag } });
       }
+      const headers: Record<string, string> = { "content-type": "application/octet-stream", "accept-ranges": "bytes" };
+      if (etag) headers.etag = etag;
+      const range = /^bytes=(\d+)-$/.exec(req.headers.get("range") ?? "");
+      const ifRange = req.headers.get("if-range");
+      if (range && !f.noRanges && f.status === undefined && (!ifRange || ifRange === etag)) {
+        const from = Number(range[1]);
+        log(206);
+        headers["content-range"] = `bytes ${from}-${f.data.length - 1}/${f.data.length}`;
+        sent.set(path, (sent.get(path) ?? 0) + f.data.length - from);
+        return new Response(f.data.subarray(from), { status: 206, headers });
+      }
       const status = f.status ?? 200;
       log(status);
-      const headers: Record<string, string> = { "content-type": "application/octet-stream" };
-      if (etag) headers.etag = etag;
       if (f.chunked || f.extraBytes || f.claimLength !== undefined) {
+        delete headers["accept-ranges"];
         const chunk = 64 * 1024;
         let off = 0;
         let extra = f.extraBytes ?? 0;
@@ -79,6 +91,7 @@ export function startHttp(initial: Record<string, Served> = {}): TestHttp {
         if (f.claimLength !== undefined) headers["content-length"] = String(f.claimLength);
         return new Response(body, { status, headers });
       }
+      sent.set(path, (sent.get(path) ?? 0) + f.data.length);
       return new Response(f.data, { status, headers });
     },
   });
@@ -101,9 +114,21 @@ export interface RawResponse {
 
 /**
  * A deliberately broken HTTP/1.1 server on a raw TCP socket, for what Bun.serve will not do: a
- * Content-Length that lies (the connection closes after `body`, whatever was announced).
+ * Content-Length that lies (the connection closes after `body`, whatever was announced). A route
+ * may be a function of the request (e.g. cut the first transfer, answer the resume with 206).
  */
-export function startRawHttp(routes: Record<string, RawResponse>): { url(path: string): string; close(): void } {
+export interface RawRequest {
+  method: string;
+  path: string;
+  headers: Record<string, string>;
+}
+
+export function startRawHttp(routes: Record<string, RawResponse | ((req: RawRequest) => RawResponse)>): {
+  url(path: string): string;
+  requests: RawRequest[];
+  close(): void;
+} {
+  const requests: RawRequest[] = [];
   const server = Bun.listen<{ buf: string }>({
     hostname: "127.0.0.1",
     port: 0,
@@ -114,14 +139,25 @@ export function startRawHttp(routes: Record<string, RawResponse>): { url(path: s
       data(s, chunk) {
         s.data.buf += new TextDecoder().decode(chunk);
         if (!s.data.buf.includes("\r\n\r\n")) return;
-        const path = s.data.buf.split(" ")[1] ?? "/";
-        const r = routes[path] ?? { head: ["HTTP/1.1 404 Not Found", "Content-Length: 0"], body: new Uint8Array(0) };
+        const [first, ...lines] = s.data.buf.split("\r\n\r\n")[0]!.split("\r\n");
+        const [method = "GET", path = "/"] = first!.split(" ");
+        const headers = Object.fromEntries(
+          lines.map((l) => [l.slice(0, l.indexOf(":")).trim().toLowerCase(), l.slice(l.indexOf(":") + 1).trim()]),
+        );
+        const req = { method, path, headers };
+        requests.push(req);
+        const route = routes[path];
+        const r =
+          typeof route === "function"
+            ? route(req)
+            : (route ?? { head: ["HTTP/1.1 404 Not Found", "Content-Length: 0"], body: new Uint8Array(0) });
         s.write(`${[...r.head, "Connection: close"].join("\r\n")}\r\n\r\n`);
         s.write(r.body);
         s.flush();
-        s.end();
+        // hang up a moment later, so the client has read what was sent before it sees the close
+        setTimeout(() => s.end(), 50);
       },
     },
   });
-  return { url: (p: string) => `http://127.0.0.1:${server.port}${p}`, close: () => server.stop(true) };
+  return { url: (p: string) => `http://127.0.0.1:${server.port}${p}`, requests, close: () => server.stop(true) };
 }

@@ -95,8 +95,9 @@ export function tarEntry(e: TarEntry): Buffer {
     devmaj: e.devmajor ?? 0,
     devmin: e.devminor ?? 0,
   };
-  const probe = new Header(fields);
-  const needLong = probe.encode(Buffer.alloc(512), 0);
+  const plain = Buffer.alloc(512);
+  const needLong = new Header(fields).encode(plain, 0);
+  if (!needLong && !e.xattrs && !e.pax) return Buffer.concat([plain, pad512(content)]); // the common case
   const out: Buffer[] = [];
   let path = e.path;
   let linkpath = e.linkpath ?? "";

@@ -29,6 +29,7 @@ export interface S3Request {
   path: string;
   query: string;
   signed: boolean;
+  range: string | null;
 }
 
 export interface TestS3 {
@@ -61,6 +62,7 @@ export async function startS3(buckets: string[]): Promise<TestS3> {
       path: decodeURIComponent(u.pathname),
       query: u.search,
       signed: !!req.headers.authorization || u.searchParams.has("X-Amz-Signature"),
+      range: req.headers.range ?? null,
     });
     handler(req, res);
   });

@@ -10,6 +10,7 @@ import { resolveImage } from "../../lib/image/resolve.ts";
 import type { LayerRef, ResolveOptions } from "../../lib/image/types.ts";
 import {
   type ArchiveMember,
+  buildLayerTar,
   buildTar,
   compress,
   OciLayout,
@@ -386,6 +387,21 @@ describe("single archives", () => {
     const h = tmp("half.tar");
     writeFileSync(h, buildTar([{ name: "blobs/sha256/abc", data: "x" }, { name: "oci-layout", data: "{}" }]));
     expect((await resolveError(h)).message).toContain("but no manifest.json or index.json");
+  });
+
+  test("a big rootfs tarball needs no member index; an image archive that big is refused", async () => {
+    const entries = Array.from({ length: 4500 }, (_, i) => ({ path: `usr/share/f${i}`, content: "" }));
+    const rootfs = buildLayerTar([{ path: "usr/", type: "dir" }, ...entries]);
+    const p = tmp("big-rootfs.tar");
+    writeFileSync(p, rootfs);
+    const img = await resolveImage(p, opts());
+    expect(img.layers.length).toBe(1);
+    expect(img.layers[0]!.size).toBe(rootfs.length);
+    const q = tmp("big-image.tar");
+    writeFileSync(q, buildLayerTar([...entries, { path: "manifest.json", content: "[]" }]));
+    const e = await resolveError(q);
+    expect(e.kind).toBe("policy");
+    expect(e.message).toContain("an image archive with thousands of members");
   });
 
   test("a missing path is one line", async () => {

@@ -1,7 +1,7 @@
 // Sources against real servers on 127.0.0.1: HTTP (Bun.serve, plus a raw socket server that lies)
 // and S3 (npm s3rver in-process, anonymous and signed), and the SOURCE[:REF] syntax.
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
-import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { ThinimgError } from "../../lib/errors.ts";
 import { BlobCache } from "../../lib/image/cache.ts";
@@ -32,6 +32,19 @@ async function refused(p: Promise<unknown>): Promise<ThinimgError> {
 }
 
 const L = [1, 2, 3].map((i) => sampleLayer(i));
+
+/** Leave a real partial download in the cache: an ingest whose stream breaks after `part`. */
+async function interrupted(cache: BlobCache, key: string, part: Uint8Array, etag: string, size: number | null = null) {
+  const broken = new ReadableStream<Uint8Array>({
+    start(c) {
+      c.enqueue(part);
+    },
+    pull(c) {
+      c.error(new TypeError("network connection lost"));
+    },
+  });
+  await expect(cache.ingest(broken, { what: "x", maxBytes: 1e9, keepPartial: { key, etag, size } })).rejects.toThrow("network connection lost");
+}
 
 describe("SOURCE[:REF] parsing", () => {
   test("local paths: the longest existing path wins, refs may contain ':' and '/'", () => {
@@ -140,12 +153,63 @@ describe("HTTP", () => {
     expect(e2.kind).toBe("policy");
   });
 
-  test("a body shorter than its Content-Length is an error and caches nothing", async () => {
+  test("an interrupted download resumes with Range/If-Range instead of starting over", async () => {
+    const blob = sampleLayer(7, [{ path: "big", content: new Uint8Array(600_000).fill(9) }]);
+    const cut = 250_000;
+    let calls = 0;
+    const srv = startRawHttp({
+      "/layer.tar": (req) => {
+        calls++;
+        const m = /^bytes=(\d+)-$/.exec(req.headers.range ?? "");
+        if (m && req.headers["if-range"] === '"v1"') {
+          const from = Number(m[1]);
+          return {
+            head: ["HTTP/1.1 206 Partial Content", `Content-Length: ${blob.length - from}`, `Content-Range: bytes ${from}-${blob.length - 1}/${blob.length}`, 'ETag: "v1"'],
+            body: blob.subarray(from),
+          };
+        }
+        // first transfer: announce everything, send 250 kB, hang up
+        return { head: ["HTTP/1.1 200 OK", `Content-Length: ${blob.length}`, 'ETag: "v1"'], body: blob.subarray(0, cut) };
+      },
+    });
+    try {
+      const stateDir = fresh("state");
+      const e = await refused(resolveImage(srv.url("/layer.tar"), { stateDir }));
+      expect(e.message).toMatch(/layer\.tar: (cannot fetch: connection closed|truncated)/);
+      const img = await resolveImage(srv.url("/layer.tar"), { stateDir });
+      expect(img.layers[0]!.digest).toBe(sha256(blob));
+      expect((await readLayer(img.layers[0]!)).equals(blob)).toBe(true);
+      expect(calls).toBe(2);
+      expect(srv.requests[1]!.headers.range).toBe(`bytes=${cut}-`);
+      expect(readdirSync(join(stateDir, "blobs", "partial"))).toEqual([]);
+      expect(readdirSync(join(stateDir, "blobs", "tmp"))).toEqual([]);
+    } finally {
+      srv.close();
+    }
+  });
+
+  test("a partial download of an object that changed is discarded (If-Range → 200)", async () => {
+    const stateDir = fresh("state");
+    const cache = new BlobCache(stateDir);
+    const key = `http:${http.url("/img.tar")}`;
+    await interrupted(cache, key, served.subarray(0, 1000), '"stale-etag"');
+    const img = await resolveImage(`${http.url("/img.tar")}:app:1`, { stateDir });
+    expect((await readLayer(img.layers[0]!)).equals(L[0]!)).toBe(true);
+    const last = http.requests.filter((r) => r.path === "/img.tar").at(-1)!;
+    expect(last.headers.range).toBe("bytes=1000-");
+    expect(last.headers["if-range"]).toBe('"stale-etag"');
+    expect(last.status).toBe(200);
+    expect(readdirSync(join(stateDir, "blobs", "tmp"))).toEqual([]);
+  });
+
+  test("a body shorter than its Content-Length is an error; only a resumable partial is kept", async () => {
     const stateDir = fresh("state");
     const e = await refused(resolveImage(raw.url("/short"), { stateDir }));
-    expect(e.message).toMatch(/\/short: (truncated: got 5000 of 100000 bytes|cannot fetch)/);
+    expect(e.message).toMatch(/\/short: (truncated: got 5000 of 100000 bytes|cannot fetch: connection closed)/);
     const cache = new BlobCache(stateDir);
     expect(cache.lookupSource(`http:${raw.url("/short")}`)).toBeNull();
+    expect(readdirSync(join(stateDir, "blobs", "sha256"))).toEqual([]);
+    expect(readdirSync(join(stateDir, "blobs", "partial")).length).toBe(2); // data + meta, for a resume
   });
 });
 
@@ -265,6 +329,19 @@ describe("S3 (s3rver on 127.0.0.1)", () => {
     const img = await resolveImage("s3://public/oci/img.tar:v1", opts(false));
     expect(img.platform).toBe("linux/amd64");
     expect((await readLayer(img.layers[0]!)).equals(L[0]!)).toBe(true);
+  });
+
+  test("a partial S3 download resumes with a Range GET pinned by If-Match", async () => {
+    const blob = Buffer.concat([sampleLayer(9), Buffer.alloc(200_000, 3)]);
+    await s3.put("public", "resume/1.tar", blob);
+    const o = opts(false);
+    const bucket = new S3Bucket("public", s3Settings(s3.env(false)));
+    const [obj] = await bucket.list("resume/");
+    await interrupted(new BlobCache(o.stateDir), bucket.cacheKey("resume/1.tar"), blob.subarray(0, 70_000), obj!.etag!, obj!.size);
+    const img = await resolveImage("s3://public/resume/", o);
+    expect(img.layers[0]!.digest).toBe(sha256(blob));
+    const gets = s3.requests.filter((r) => r.method === "GET" && r.path === "/public/resume/1.tar");
+    expect(gets.map((r) => r.range)).toEqual(["bytes=70000-"]);
   });
 
   test("an object replaced after it was listed is refused, not mixed in", async () => {

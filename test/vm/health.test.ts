@@ -63,7 +63,11 @@ describe("a fresh pool", () => {
       ]) {
         expect(names).toContain(n);
       }
-      expect(r.checks.filter((c) => c.status !== "ok")).toEqual([]);
+      // pool and dm checks are all ok; host load (iowait/memory of a busy CI box) may at most warn
+      expect(r.checks.filter((c) => c.name.startsWith("pool.") && c.status !== "ok")).toEqual([]);
+      expect(check(r, "host.dstate").status).toBe("ok");
+      expect(check(r, "host.dmesg").status).toBe("ok");
+      expect(r.checks.filter((c) => c.status === "block")).toEqual([]);
       expect(r.healthy).toBe(true);
       expect(check(r, "pool.mode").message).toBe("mode rw");
       expect(check(r, "pool.data").details?.used_pct).toBe(0);

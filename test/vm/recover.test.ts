@@ -11,7 +11,7 @@ import { setLogLevel } from "../../lib/log.ts";
 import { requireDm } from "../helpers/kernel.ts";
 
 requireDm();
-setDefaultTimeout(120_000);
+setDefaultTimeout(180_000); // each step spawns the CLI (a bun start in UML: slow on a busy host)
 setLogLevel("error"); // the expected "no such device" probes are not worth a warning line each
 
 const ROOT = join(import.meta.dir, "../..");
@@ -222,5 +222,5 @@ describe("recover-pool on the real kernel", () => {
     // a re-run now finds it healthy
     await dmsetup.remove(THIN);
     expect((await recover("--dir", dir)).report.action).toBe("healthy");
-  });
+  }, 300_000);
 });

@@ -107,12 +107,17 @@ async function* chunks(input: Input): AsyncGenerator<Uint8Array> {
     const r = input.getReader();
     let done = false;
     try {
+      // Read-ahead: the next read is in flight while this chunk is written out, so the source's
+      // I/O or decompression (other threads) overlaps our synchronous writes.
+      let next = r.read();
       for (;;) {
-        const res = await r.read();
+        const res = await next;
         if (res.done) {
           done = true;
           return;
         }
+        next = r.read();
+        next.catch(() => {}); // surfaced by the await above on the next turn
         yield res.value;
       }
     } finally {
@@ -145,8 +150,13 @@ function toThinimgError(e: unknown, label: string, entry: string | null): unknow
     });
   }
   if (e instanceof TarFormatError) {
-    const after = e.entry === null ? "" : ` (after entry ${displayName(e.entry)})`;
-    return new ThinimgError("input", `layer ${label}: ${e.message}${after}`, {
+    const msg =
+      e.entry === null
+        ? `layer ${label}: ${e.message}`
+        : e.inEntry
+          ? `layer ${label}: entry ${displayName(e.entry)}: ${e.message}`
+          : `layer ${label}: ${e.message} (after entry ${displayName(e.entry)})`;
+    return new ThinimgError("input", msg, {
       hint: "the layer is not a valid tar archive: it is corrupt, truncated or not a layer",
       details: { layer: label, entry: e.entry, offset: e.offset },
     });

@@ -39,8 +39,9 @@ export class InRoot {
 
   /**
    * Real path (relative to root, "" for the root) of the directory named by the lexical components
-   * comps[0..n). Missing components are created (mode 0755) when `create`, else null is returned.
-   * Throws RuleError when a component is not a directory, or on a symlink loop.
+   * comps[0..n). Missing components are created (mode 0755) when `create`, else null is returned
+   * (also when a component is not a directory). Throws RuleError on a symlink loop, or when
+   * creating and a component is not a directory.
    */
   dir(comps: readonly string[], n: number, create: boolean): string | null {
     if (n === 0) return "";
@@ -109,20 +110,27 @@ export class InRoot {
         i = -1;
         continue;
       }
+      // Looking up (whiteouts, hardlink targets): a file in the way means "does not exist", as
+      // ENOTDIR does for umoci. Creating: the layer needs a directory where a file is.
+      if (!create) return null;
       throw new RuleError("policy", `parent ${parts.join("/")} is not a directory`, HOSTILE_HINT);
     }
     return parts.join("/");
   }
 
-  /** True when real (relative) path is a chain of real directories, no symlink anywhere. */
-  isRealDir(real: string): boolean {
+  /**
+   * True when real (relative) path is a chain of real directories, no symlink anywhere. `memo`
+   * carries answers between calls, so checking every directory of a deep tree stays linear.
+   */
+  isRealDir(real: string, memo: Map<string, boolean>): boolean {
     if (real === "") return true;
-    let p = this.root;
-    for (const c of real.split("/")) {
-      p += `/${c}`;
-      const st = lstatSync(p, { throwIfNoEntry: false });
-      if (!st?.isDirectory()) return false;
-    }
-    return true;
+    const known = memo.get(real);
+    if (known !== undefined) return known;
+    const slash = real.lastIndexOf("/");
+    const ok =
+      (slash < 0 || this.isRealDir(real.slice(0, slash), memo)) &&
+      lstatSync(`${this.root}/${real}`, { throwIfNoEntry: false })?.isDirectory() === true;
+    memo.set(real, ok);
+    return ok;
   }
 }

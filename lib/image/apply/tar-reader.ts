@@ -40,12 +40,16 @@ export interface TarSink {
   fileEnd(): void;
 }
 
-/** Malformed archive. `entry` names the last entry seen when the damage was found. */
+/**
+ * Malformed archive. `entry` names the entry at fault when `inEntry`, else the last good entry
+ * before the damage (null at the start).
+ */
 export class TarFormatError extends Error {
   constructor(
     message: string,
     readonly offset: number,
     readonly entry: string | null,
+    readonly inEntry = false,
   ) {
     super(message);
     this.name = "TarFormatError";
@@ -104,9 +108,9 @@ export class TarReader {
       switch (this.state) {
         case "header": {
           if (this.hdrFill === 0 && len - pos >= BLOCK) {
-            this.header(chunk, pos);
-            pos += BLOCK;
             this.offset += BLOCK;
+            pos += BLOCK;
+            this.header(chunk, pos - BLOCK);
           } else {
             const n = Math.min(BLOCK - this.hdrFill, len - pos);
             chunk.copy(this.hdr, this.hdrFill, pos, pos + n);
@@ -170,7 +174,7 @@ export class TarReader {
       return;
     }
     if (this.state === "header") this.fail(`truncated archive: partial header block (${this.hdrFill} of 512 bytes)`);
-    if (this.state === "data") this.fail(`truncated archive: file data ends ${this.remain} bytes early`);
+    if (this.state === "data") this.fail(`truncated archive: file data ends ${this.remain} bytes early`, this.offset, true);
     if (this.state === "meta") this.fail(`truncated archive: extended header ends ${this.remain} bytes early`);
     // Only block padding is missing after the last entry: GNU tar and Go both accept this.
     if (this.state === "skip" && this.padOnly) return;
@@ -183,8 +187,8 @@ export class TarReader {
     return false;
   }
 
-  private fail(msg: string, offset = this.offset): never {
-    throw new TarFormatError(msg, offset, this.lastName);
+  private fail(msg: string, offset = this.offset, inEntry = false): never {
+    throw new TarFormatError(msg, offset, this.lastName, inEntry);
   }
 
   private afterBody(): void {
@@ -288,10 +292,10 @@ export class TarReader {
         skip = size;
         break;
       case 0x53:
-        this.fail(`entry ${name}: GNU sparse files are not supported`, at);
+        this.fail("GNU sparse files are not supported", at, true);
         break;
       default:
-        this.fail(`unsupported entry type '${printable(flag)}'`, at);
+        this.fail(`unsupported entry type '${printable(flag)}'`, at, true);
     }
     if (type === "file") dataSize = p.size ?? size;
 

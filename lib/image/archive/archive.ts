@@ -53,12 +53,18 @@ const MAX_LINK_HOPS = 16;
 export class TarArchive implements Archive {
   readonly kind = "tar" as const;
   private readonly members: Map<string, TarMember>;
+  private readonly top: Set<string>;
+  /** False for big archives indexed only at the top level (fine for a rootfs tarball). */
+  readonly complete: boolean;
 
   constructor(
     readonly path: string,
     readonly what: string = path,
   ) {
-    this.members = indexTarFile(path, { what });
+    const idx = indexTarFile(path, { what });
+    this.members = idx.members;
+    this.top = idx.topLevel;
+    this.complete = idx.complete;
   }
 
   /** Follow symlinks (relative to their directory) and hardlinks (archive-relative), inside only. */
@@ -112,14 +118,7 @@ export class TarArchive implements Archive {
   }
 
   topLevel(): string[] {
-    const top = new Set<string>();
-    for (const name of this.members.keys()) top.add(name.split("/")[0]!);
-    return [...top];
-  }
-
-  /** Every member name (for format detection). */
-  names(): IterableIterator<string> {
-    return this.members.keys();
+    return [...this.top];
   }
 }
 

@@ -22,11 +22,74 @@ export interface TarMember {
 export interface TarIndexOptions {
   /** For messages. */
   what: string;
-  /** Refuse archives with more members than this (an image archive has a handful). */
+  /**
+   * Index at most this many members by name; past it only top-level names are kept (an image
+   * archive has a few members per layer; a big rootfs tarball needs no index, only its top level).
+   */
   maxMembers?: number;
 }
 
+export interface TarIndex {
+  members: Map<string, TarMember>;
+  /** First path component of every member. */
+  topLevel: Set<string>;
+  /** False when members past maxMembers were not indexed. */
+  complete: boolean;
+}
+
 const META_MAX = 1024 * 1024;
+const ZERO_BLOCK = Buffer.alloc(512);
+
+/** Octal number field (NUL/space terminated); null when not plain octal (e.g. base-256). */
+function octal(b: Buffer, off: number, len: number): number | null {
+  let n = 0;
+  let seen = false;
+  for (let i = off; i < off + len; i++) {
+    const c = b[i]!;
+    if (c === 0 || c === 0x20) {
+      if (seen) break;
+      continue;
+    }
+    if (c < 0x30 || c > 0x37) return null;
+    n = n * 8 + (c - 0x30);
+    seen = true;
+  }
+  return seen ? n : 0;
+}
+
+/**
+ * Past the indexed members only the size, the type and the first path component matter, and
+ * node-tar's Header (which decodes every field, dates included: ~19 µs a header here) would cost
+ * seconds on a big rootfs tarball. This reads just those three, with the checksum checked; anything
+ * unusual (base-256 numbers) falls back to Header.
+ */
+function skim(b: Buffer): { size: number; type: string; path: string; cksumValid: boolean } | null {
+  if (b[124]! & 0x80) return null;
+  let sum = 8 * 0x20;
+  for (let i = 0; i < 148; i++) sum += b[i]!;
+  for (let i = 156; i < 512; i++) sum += b[i]!;
+  const size = octal(b, 124, 12);
+  if (size === null) return null;
+  const end = (from: number, len: number) => {
+    const z = b.indexOf(0, from);
+    return z < 0 || z > from + len ? from + len : z;
+  };
+  let path = b.toString("utf8", 0, end(0, 100));
+  if (b.toString("latin1", 257, 263) === "ustar\0" && b[345] !== 0) {
+    path = `${b.toString("utf8", 345, end(345, b[475] !== 0 ? 155 : 130))}/${path}`;
+  }
+  const t = b[156]!;
+  return { size, type: t === 0 ? "0" : String.fromCharCode(t), path, cksumValid: sum === octal(b, 148, 8) };
+}
+
+const CODE_NAMES: Record<string, string> = {
+  x: "ExtendedHeader",
+  X: "OldExtendedHeader",
+  g: "GlobalExtendedHeader",
+  L: "NextFileHasLongPath",
+  N: "OldGnuLongPath",
+  K: "NextFileHasLongLinkpath",
+};
 
 function typeOf(t: string): MemberType {
   switch (t) {
@@ -60,7 +123,7 @@ function corrupt(what: string, detail: string): ThinimgError {
   });
 }
 
-export function indexTarFile(path: string, o: TarIndexOptions): Map<string, TarMember> {
+export function indexTarFile(path: string, o: TarIndexOptions): TarIndex {
   const fd = openSync(path, "r");
   try {
     return indexFd(fd, o);
@@ -69,11 +132,23 @@ export function indexTarFile(path: string, o: TarIndexOptions): Map<string, TarM
   }
 }
 
-function indexFd(fd: number, o: TarIndexOptions): Map<string, TarMember> {
+function indexFd(fd: number, o: TarIndexOptions): TarIndex {
   const fileSize = fstatSync(fd).size;
-  const maxMembers = o.maxMembers ?? 1_000_000;
+  const maxMembers = o.maxMembers ?? 4096;
   const members = new Map<string, TarMember>();
-  const block = Buffer.alloc(512);
+  const topLevel = new Set<string>();
+  // Headers are read through a 64 KiB window: small members (most of a rootfs) cost no extra syscall.
+  const win = Buffer.alloc(64 * 1024);
+  let winStart = -1;
+  let winLen = 0;
+  const headerAt = (at: number): Buffer => {
+    if (winStart < 0 || at < winStart || at + 512 > winStart + winLen) {
+      winLen = readSync(fd, win, 0, Math.min(win.length, fileSize - at), at);
+      winStart = at;
+      if (winLen < 512) throw corrupt(o.what, `unexpected end of file at offset ${at + winLen}`);
+    }
+    return win.subarray(at - winStart, at - winStart + 512);
+  };
   let pos = 0;
   let ex: Record<string, unknown> | undefined;
   let gex: Record<string, unknown> | undefined;
@@ -91,17 +166,19 @@ function indexFd(fd: number, o: TarIndexOptions): Map<string, TarMember> {
   while (true) {
     if (pos === fileSize) break; // no end-of-archive blocks: tolerated, like GNU tar and Go
     if (pos + 512 > fileSize) throw corrupt(o.what, `truncated header at offset ${pos}`);
-    readExact(block, pos);
-    if (block.every((b) => b === 0)) break; // end of archive
+    const block = headerAt(pos);
+    if (block.equals(ZERO_BLOCK)) break; // end of archive
+    const fast = count >= maxMembers ? skim(block) : null;
     // biome-ignore lint/suspicious/noExplicitAny: node-tar's Header accepts HeaderData-shaped pax maps
-    const h = new Header(block, 0, ex as any, gex as any);
-    if (!h.cksumValid) throw corrupt(o.what, `bad header checksum at offset ${pos}`);
-    const size = h.size ?? 0;
+    const h = fast ? null : new Header(block, 0, ex as any, gex as any);
+    if (!(fast ?? h!).cksumValid) throw corrupt(o.what, `bad header checksum at offset ${pos}`);
+    const exSize = fast && typeof ex?.size === "number" ? ex.size : undefined;
+    const size = fast ? (exSize ?? fast.size) : (h!.size ?? 0);
     if (!Number.isSafeInteger(size) || size < 0) throw corrupt(o.what, `bad size at offset ${pos}`);
     const body = pos + 512;
     const next = body + Math.ceil(size / 512) * 512;
     if (body + size > fileSize) throw corrupt(o.what, `member at offset ${pos} runs past the end of the file`);
-    const type = h.type as string;
+    const type = fast ? (CODE_NAMES[fast.type] ?? fast.type) : (h!.type as string);
     if (
       type === "ExtendedHeader" ||
       type === "OldExtendedHeader" ||
@@ -122,14 +199,20 @@ function indexFd(fd: number, o: TarIndexOptions): Map<string, TarMember> {
       pos = next;
       continue;
     }
+    const rawPath = fast ? ((typeof ex?.path === "string" ? ex.path : null) ?? fast.path) : (h!.path ?? "");
     ex = undefined;
-    if (++count > maxMembers) {
-      throw new ThinimgError("policy", `${o.what}: more than ${maxMembers} members`, {
-        hint: "an image archive holds a few files per layer; this one looks hostile",
-      });
+    if (fast) {
+      // skimmed: only the top level is recorded
+      const first = /^(?:\.?\/)*([^/]*)/.exec(rawPath)![1]!;
+      if (first !== "") topLevel.add(first);
+      count++;
+      pos = next;
+      continue;
     }
-    const name = normalizeMemberName(h.path ?? "");
+    const name = normalizeMemberName(rawPath);
     const mtype = typeOf(type);
+    if (name !== "") topLevel.add(name.split("/")[0]!);
+    count++;
     if (name !== "") {
       // a later member with the same name wins, as with tar -x
       members.set(name, {
@@ -137,10 +220,10 @@ function indexFd(fd: number, o: TarIndexOptions): Map<string, TarMember> {
         type: mtype,
         offset: body,
         size: mtype === "file" ? size : 0,
-        linkname: h.linkpath ?? null,
+        linkname: h!.linkpath ?? null,
       });
     }
     pos = next;
   }
-  return members;
+  return { members, topLevel, complete: count <= maxMembers };
 }

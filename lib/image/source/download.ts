@@ -1,10 +1,10 @@
 // Streaming download of one remote object (HTTP URL, or S3 through a presigned / public URL) into
-// the blob cache. Size cap on the bytes actually received (a Content-Length is only used to refuse
+// the blob cache, resuming an interrupted one with a Range request. Size cap on the bytes actually received (a Content-Length is only used to refuse
 // early); an ETag/size pinned by a HEAD or a listing is enforced on the GET (If-Match, response
 // ETag, exact length), so an object replaced mid-run is an error, not a mixed image.
 import { ThinimgError, errorMessage } from "../../errors.ts";
 import { log } from "../../log.ts";
-import type { BlobCache, StoredBlob } from "../cache.ts";
+import type { BlobCache, PartialDownload, SourceRecord, StoredBlob } from "../cache.ts";
 import { tooBig } from "../digest.ts";
 import type { DownloadProgress } from "../types.ts";
 
@@ -101,9 +101,30 @@ export async function download(cache: BlobCache, o: DownloadOptions): Promise<Do
   }
   if (o.pin?.size != null && o.pin.size > o.maxBytes) throw tooBig(o.what, o.maxBytes);
 
+  // An earlier interrupted transfer of the same object version resumes with a Range request:
+  // pinned (S3) when the ETag and size still match; else (HTTP) guarded by If-Range.
+  let partial = cache.claimPartial(o.key);
+  if (partial && o.pin && !(sameEtag(partial.etag, o.pin.etag) && partial.size === o.pin.size)) {
+    cache.dropPartial(partial);
+    partial = null;
+  }
+  try {
+    return await get(cache, o, rec, partial);
+  } catch (e) {
+    if (partial) cache.dropPartial(partial); // no-op when ingest kept or consumed it
+    // 416: the partial already had every byte (a crash before the rename); start over once
+    if (partial && e instanceof ThinimgError && e.details?.status === 416) return get(cache, o, rec, null);
+    throw e;
+  }
+}
+
+async function get(cache: BlobCache, o: DownloadOptions, rec: SourceRecord | null, partial: PartialDownload | null): Promise<Downloaded> {
   const headers: Record<string, string> = { "accept-encoding": "identity" };
   if (o.pin?.etag) headers["if-match"] = o.pin.etag;
-  else if (rec?.etag) headers["if-none-match"] = rec.etag;
+  if (partial) {
+    headers.range = `bytes=${partial.bytes}-`;
+    if (!o.pin?.etag) headers["if-range"] = partial.etag;
+  } else if (!o.pin && rec?.etag) headers["if-none-match"] = rec.etag;
 
   let res: Response;
   try {
@@ -116,7 +137,25 @@ export async function download(cache: BlobCache, o: DownloadOptions): Promise<Do
     log.debug(`not modified ${o.what} → ${rec.digest}`);
     return { digest: rec.digest, size: rec.size, path: cache.path(rec.digest), etag: rec.etag, cached: true };
   }
-  if (res.status !== 200) throw httpError(o.what, res, await errorBody(res));
+  let resume: PartialDownload | undefined;
+  if (res.status === 206 && partial) {
+    const m = /^bytes (\d+)-(\d+)\/(\d+|\*)$/.exec(res.headers.get("content-range") ?? "");
+    const expectTotal = o.pin?.size ?? partial.size;
+    if (!m || Number(m[1]) !== partial.bytes || (expectTotal !== null && m[3] !== "*" && Number(m[3]) !== expectTotal)) {
+      await res.body?.cancel().catch(() => {});
+      throw new ThinimgError("input", `${o.what}: server resumed at the wrong place (${res.headers.get("content-range")})`, {
+        hint: "run again; the partial download has been discarded",
+      });
+    }
+    resume = partial;
+    log.debug(`resuming ${o.what} at byte ${partial.bytes}`);
+  } else if (res.status === 200) {
+    if (partial) {
+      cache.dropPartial(partial); // the server sent the whole object (changed, or no Range support)
+    }
+  } else {
+    throw httpError(o.what, res, await errorBody(res));
+  }
 
   const etag = res.headers.get("etag");
   if (o.pin?.etag && !sameEtag(etag, o.pin.etag)) {
@@ -132,8 +171,9 @@ export async function download(cache: BlobCache, o: DownloadOptions): Promise<Do
       hint: "serve the file as-is (no transfer compression); compressed layers are detected by content",
     });
   }
+  const offset = resume?.bytes ?? 0;
   const lenHeader = res.headers.get("content-length");
-  const declared = lenHeader !== null && /^\d+$/.test(lenHeader) ? Number(lenHeader) : null;
+  const declared = lenHeader !== null && /^\d+$/.test(lenHeader) ? offset + Number(lenHeader) : null;
   if (declared !== null && declared > o.maxBytes) {
     await res.body?.cancel().catch(() => {});
     throw tooBig(o.what, o.maxBytes);
@@ -153,6 +193,8 @@ export async function download(cache: BlobCache, o: DownloadOptions): Promise<Do
       maxBytes: o.maxBytes,
       size: total,
       signal: o.signal,
+      resume,
+      keepPartial: etag ? { key: o.key, etag, size: total } : undefined,
       onBytes: o.onProgress ? (bytes) => o.onProgress!({ what: o.what, bytes, total }) : undefined,
     });
   } catch (e) {

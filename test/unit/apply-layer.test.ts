@@ -1,0 +1,321 @@
+// Layer application semantics on hand-built archives, applied to real directories as root:
+// whiteouts, opaque dirs, replacement rules, links, owners, modes, times, xattrs, devices, limits.
+import { afterAll, beforeEach, describe, expect, test } from "bun:test";
+import { existsSync, lstatSync, mkdtempSync, readdirSync, readFileSync, readlinkSync, rmSync, statSync } from "node:fs";
+import { ThinimgError } from "../../lib/errors.ts";
+import { type ApplyOptions, applyLayer, DEFAULT_LIMITS } from "../../lib/image/apply/index.ts";
+import { lgetxattr, llistxattr } from "../../lib/image/apply/libc.ts";
+import {
+  chardev,
+  dir,
+  entry,
+  fifo,
+  file,
+  gnuLong,
+  hardlink,
+  opaque,
+  pax,
+  streamOf,
+  symlink,
+  tar,
+  whiteout,
+} from "../helpers/tarcraft.ts";
+
+if (process.getuid?.() !== 0) throw new Error("these tests need root (owners, xattrs, device nodes)");
+
+const TMP = mkdtempSync("/tmp/thinimg-apply-");
+let root = "";
+let n = 0;
+beforeEach(() => {
+  root = `${TMP}/r${n++}`;
+  Bun.spawnSync(["mkdir", root]);
+});
+afterAll(() => rmSync(TMP, { recursive: true, force: true }));
+
+const T1 = 1_600_000_000;
+const T2 = 1_650_000_000;
+
+async function apply(layer: Buffer, opts: ApplyOptions = {}, chunk = 65536) {
+  return applyLayer(streamOf(layer, chunk), root, { layerLabel: "L", ...opts });
+}
+async function fails(layer: Buffer, opts: ApplyOptions = {}): Promise<ThinimgError> {
+  try {
+    await apply(layer, opts);
+  } catch (e) {
+    expect(e).toBeInstanceOf(ThinimgError);
+    return e as ThinimgError;
+  }
+  throw new Error("expected applyLayer to fail");
+}
+const p = (rel: string) => `${root}/${rel}`;
+const ls = (rel = "") => readdirSync(p(rel)).sort();
+const mtime = (rel: string) => Math.floor(lstatSync(p(rel)).mtimeMs / 1000);
+
+describe("entries and metadata", () => {
+  test("files, dirs, symlinks and hardlinks with exact owners, modes and times", async () => {
+    const st = await apply(
+      tar(
+        dir("bin", { mode: 0o755, uid: 0, gid: 0, mtime: T1 }),
+        file("bin/su", "su-binary", { mode: 0o4755, uid: 0, gid: 0, mtime: T1 }),
+        file("bin/wall", "wall", { mode: 0o2755, uid: 0, gid: 5, mtime: T1 }),
+        dir("tmp", { mode: 0o1777, mtime: T2 }),
+        dir("home/alice", { mode: 0o700, uid: 1000, gid: 1000, mtime: T1 }),
+        file("home/alice/notes", "hi", { mode: 0o640, uid: 1000, gid: 100, mtime: T2 }),
+        file("bin/perms", "x", { mode: 0o6711, uid: 4242, gid: 4343, mtime: T1 }),
+        symlink("etc/alternatives/cc", "/usr/bin/gcc", { uid: 7, gid: 8, mtime: T2 }),
+        symlink("climb", "../../../../etc/passwd", { mtime: T1 }),
+        hardlink("bin/su2", "bin/su"),
+        dir("empty", { mode: 0o751, mtime: T1 }),
+      ),
+    );
+    expect(st.entries).toBe(11);
+    expect(readFileSync(p("bin/su"), "utf8")).toBe("su-binary");
+    expect(lstatSync(p("bin/su")).mode & 0o7777).toBe(0o4755);
+    expect(lstatSync(p("bin/wall")).mode & 0o7777).toBe(0o2755);
+    expect(lstatSync(p("bin/wall")).gid).toBe(5);
+    expect(lstatSync(p("tmp")).mode & 0o7777).toBe(0o1777);
+    expect(lstatSync(p("home/alice")).mode & 0o7777).toBe(0o700);
+    expect(lstatSync(p("home/alice")).uid).toBe(1000);
+    expect(lstatSync(p("home/alice/notes")).gid).toBe(100);
+    const perms = lstatSync(p("bin/perms"));
+    expect([perms.mode & 0o7777, perms.uid, perms.gid]).toEqual([0o6711, 4242, 4343]);
+    expect(readlinkSync(p("etc/alternatives/cc"))).toBe("/usr/bin/gcc");
+    expect(lstatSync(p("etc/alternatives/cc")).uid).toBe(7);
+    expect(mtime("etc/alternatives/cc")).toBe(T2);
+    expect(readlinkSync(p("climb"))).toBe("../../../../etc/passwd");
+    expect(lstatSync(p("bin/su2")).ino).toBe(lstatSync(p("bin/su")).ino);
+    expect(lstatSync(p("empty")).mode & 0o7777).toBe(0o751);
+    // directory times are set after their contents were written
+    expect(mtime("bin")).toBe(T1);
+    expect(mtime("tmp")).toBe(T2);
+    expect(mtime("home/alice")).toBe(T1);
+    expect(mtime("bin/su")).toBe(T1);
+  });
+
+  test("PAX path/linkpath/mtime, GNU long names, ustar prefix and base-256 numbers are read", async () => {
+    const longDir = `${"d".repeat(120)}/${"e".repeat(120)}`;
+    await apply(
+      tar(
+        pax({ path: `${longDir}/pax-file`, mtime: "1650000000.75", uid: "3000000" }),
+        file("ignored-short-name", "pax"),
+        gnuLong("L", `${longDir}/gnu-file`),
+        file("././@LongLink", "gnu", { mtime: T1 }),
+        gnuLong("K", `/${"t".repeat(200)}`),
+        entry({ name: "gnu-link", type: "2", linkname: "short", format: "gnu" }),
+        pax({ linkpath: `/${"u".repeat(300)}` }),
+        symlink("pax-link", "short"),
+        entry({ name: "in-prefix", prefix: "pre/fix", data: "prefix", type: "0" }),
+        entry({ name: "big-ids", data: "b", uid: 3_000_000_000, gid: 70000, base256: true, mtime: T2 }),
+      ),
+      {},
+      7, // chunks that split every header
+    );
+    expect(readFileSync(p(`${longDir}/pax-file`), "utf8")).toBe("pax");
+    expect(lstatSync(p(`${longDir}/pax-file`)).uid).toBe(3000000);
+    expect(lstatSync(p(`${longDir}/pax-file`)).mtimeMs).toBe(1650000000750);
+    expect(readFileSync(p(`${longDir}/gnu-file`), "utf8")).toBe("gnu");
+    expect(readlinkSync(p("gnu-link"))).toBe(`/${"t".repeat(200)}`);
+    expect(readlinkSync(p("pax-link"))).toBe(`/${"u".repeat(300)}`);
+    expect(readFileSync(p("pre/fix/in-prefix"), "utf8")).toBe("prefix");
+    expect(existsSync(p("ignored-short-name"))).toBe(false);
+    expect([lstatSync(p("big-ids")).uid, lstatSync(p("big-ids")).gid]).toEqual([3_000_000_000, 70000]);
+  });
+
+  test("a later entry for the same path wins; a hardlinked inode is not written through", async () => {
+    await apply(tar(file("a", "one"), hardlink("b", "a"), file("a", "two", { mode: 0o600 })));
+    expect(readFileSync(p("a"), "utf8")).toBe("two");
+    expect(readFileSync(p("b"), "utf8")).toBe("one");
+    expect(lstatSync(p("a")).mode & 0o7777).toBe(0o600);
+  });
+
+  test("a directory replaces a file and a file replaces a directory tree", async () => {
+    await apply(tar(file("x", "file"), dir("y"), file("y/inner", "i"), dir("y/sub"), file("y/sub/deep", "d")));
+    await apply(tar(dir("x", { mode: 0o705 }), file("x/new", "n"), file("y", "now a file")));
+    expect(lstatSync(p("x")).isDirectory()).toBe(true);
+    expect(lstatSync(p("x")).mode & 0o7777).toBe(0o705);
+    expect(ls("x")).toEqual(["new"]);
+    expect(readFileSync(p("y"), "utf8")).toBe("now a file");
+  });
+
+  test("a directory entry over an existing directory keeps its contents and updates metadata", async () => {
+    await apply(tar(dir("d", { mode: 0o755, uid: 1 }), file("d/keep", "k")));
+    await apply(tar(dir("d", { mode: 0o710, uid: 2, gid: 3, mtime: T2 })));
+    expect(ls("d")).toEqual(["keep"]);
+    const st = lstatSync(p("d"));
+    expect([st.mode & 0o7777, st.uid, st.gid, Math.floor(st.mtimeMs / 1000)]).toEqual([0o710, 2, 3, T2]);
+  });
+
+  test("a symlink in the way of a directory entry is replaced, not followed", async () => {
+    await apply(tar(dir("real", { mode: 0o755 }), symlink("link", "real")));
+    await apply(tar(dir("link", { mode: 0o700 })));
+    expect(lstatSync(p("link")).isDirectory()).toBe(true);
+    expect(lstatSync(p("real")).mode & 0o7777).toBe(0o755);
+  });
+
+  test("lower directories this layer only writes into keep their times", async () => {
+    await apply(tar(dir("etc", { mtime: T1 }), file("etc/a", "a", { mtime: T1 })));
+    await apply(tar(file("etc/b", "b", { mtime: T2 }), whiteout("etc", "a")));
+    expect(ls("etc")).toEqual(["b"]);
+    expect(mtime("etc")).toBe(T1);
+  });
+
+  test("the root entry sets the root's metadata; a dir with parents missing gets them (0755)", async () => {
+    await apply(tar(dir("./", { mode: 0o750, uid: 5, mtime: T1 }), file("a/b/c", "c")));
+    const st = lstatSync(root);
+    expect([st.mode & 0o7777, st.uid, Math.floor(st.mtimeMs / 1000)]).toEqual([0o750, 5, T1]);
+    expect(lstatSync(p("a/b")).mode & 0o7777).toBe(0o755);
+  });
+
+  test("sameOwner: false leaves the owner alone", async () => {
+    await apply(tar(file("f", "x", { uid: 1234, gid: 4321 })), { sameOwner: false });
+    expect(lstatSync(p("f")).uid).toBe(0);
+  });
+
+  test("xattrs from PAX, binary values included (security.capability)", async () => {
+    // cap_net_bind_service+ep, v2; bytes ≥ 0x80 would not survive a text decoder
+    const cap = Buffer.from("01000002000400000000000000000000000000ff", "hex");
+    const bin = Buffer.from([0, 0x80, 0xff, 0x0a, 0x3d]);
+    await apply(
+      tar(
+        pax({ "SCHILY.xattr.security.capability": cap, "SCHILY.xattr.user.bin": bin }),
+        file("ping", "elf", { mode: 0o755, uid: 0 }),
+        pax({ "SCHILY.xattr.user.dir": "dirval" }),
+        dir("d", { mode: 0o755 }),
+        pax({ "LIBARCHIVE.xattr.user.lib%20name": Buffer.from("hello").toString("base64") }),
+        file("la", "x"),
+      ),
+    );
+    expect(lgetxattr(p("ping"), "security.capability")).toEqual(cap);
+    expect(lgetxattr(p("ping"), "user.bin")).toEqual(bin);
+    expect(lgetxattr(p("d"), "user.dir")?.toString()).toBe("dirval");
+    expect(lgetxattr(p("la"), "user.lib name")?.toString()).toBe("hello");
+    // a directory entry over an existing directory describes it completely: stale xattrs go
+    await apply(tar(pax({ "SCHILY.xattr.user.new": "n" }), dir("d", { mode: 0o755 })));
+    expect(llistxattr(p("d")).sort()).toEqual(["user.new"]);
+  });
+});
+
+describe("whiteouts", () => {
+  test(".wh.NAME removes files and trees of lower layers; markers never appear", async () => {
+    await apply(tar(dir("a"), file("a/x", "x"), file("a/y", "y"), dir("b"), file("b/deep", "d"), file("top", "t")));
+    const st = await apply(tar(whiteout("a", "x"), whiteout("", "b"), whiteout("", "top"), whiteout("", "absent")));
+    expect(st.whiteouts).toBe(4);
+    expect(ls()).toEqual(["a"]);
+    expect(ls("a")).toEqual(["y"]);
+  });
+
+  test("opaque directory: lower contents go, this layer's entries stay, marker first or last", async () => {
+    const lower = tar(dir("d"), file("d/old", "o"), dir("d/sub"), file("d/sub/old2", "o"), dir("e"), file("e/old", "o"));
+    await apply(lower);
+    await apply(
+      tar(
+        dir("d"),
+        file("d/new", "n"),
+        file("d/sub/new2", "n"), // d/sub from the lower layer, written into by this one
+        opaque("d"), // marker AFTER this layer's entries
+        opaque("e"), // marker BEFORE this layer's entries
+        file("e/new", "n"),
+      ),
+    );
+    expect(ls("d")).toEqual(["new", "sub"]);
+    expect(ls("d/sub")).toEqual(["new2"]);
+    expect(ls("e")).toEqual(["new"]);
+  });
+
+  test("a whiteout never removes what this layer created, whatever the order", async () => {
+    await apply(tar(file("f", "lower")));
+    await apply(tar(file("f", "upper"), whiteout("", "f")));
+    expect(readFileSync(p("f"), "utf8")).toBe("upper");
+  });
+
+  test("a lower directory swept by an opaque marker can still be whited out as a whole", async () => {
+    await apply(tar(dir("d"), file("d/old", "o")));
+    await apply(tar(opaque("d"), whiteout("", "d")));
+    expect(ls()).toEqual([]);
+  });
+
+  test("whiteout of a symlink removes the link, not its target", async () => {
+    await apply(tar(dir("t"), file("t/keep", "k"), symlink("l", "t")));
+    await apply(tar(whiteout("", "l")));
+    expect(ls()).toEqual(["t"]);
+    expect(ls("t")).toEqual(["keep"]);
+  });
+});
+
+describe("devices", () => {
+  test("skipped without devices: true, created with it", async () => {
+    const layer = tar(fifo("run/fifo", { mode: 0o620 }), chardev("dev/null", 1, 3, { mode: 0o666, mtime: T1 }));
+    const off = await apply(layer);
+    expect(off.skipped).toBe(2);
+    expect(existsSync(p("dev/null"))).toBe(false);
+    const on = await apply(layer, { devices: true });
+    expect(on.skipped).toBe(0);
+    expect(lstatSync(p("run/fifo")).isFIFO()).toBe(true);
+    expect(lstatSync(p("run/fifo")).mode & 0o7777).toBe(0o620);
+    const nul = statSync(p("dev/null"));
+    expect(nul.isCharacterDevice()).toBe(true);
+    expect(nul.rdev).toBe(statSync("/dev/null").rdev);
+    expect(nul.mode & 0o7777).toBe(0o666);
+    expect(mtime("dev/null")).toBe(T1);
+  });
+});
+
+describe("limits and errors", () => {
+  test("defaults are the documented ones", () => {
+    expect(DEFAULT_LIMITS).toEqual({
+      maxEntries: 100_000,
+      maxTotalBytes: 10 * 1024 ** 3,
+      maxFileBytes: 1024 ** 3,
+      maxDepth: 1024,
+      maxPathBytes: 4096,
+    });
+  });
+
+  test("each limit stops the layer with one line naming layer, entry and rule", async () => {
+    const many = tar(...Array.from({ length: 20 }, (_, i) => file(`f${i}`, "x")));
+    let e = await fails(many, { limits: { maxEntries: 10 } });
+    expect(e.kind).toBe("policy");
+    expect(e.message).toBe("layer L: entry f10: more than 10 entries (maxEntries)");
+
+    e = await fails(tar(file("big", Buffer.alloc(5000))), { limits: { maxFileBytes: 4096 } });
+    expect(e.message).toBe("layer L: entry big: file of 5000 bytes exceeds the 4096-byte limit (maxFileBytes)");
+
+    e = await fails(tar(file("a", Buffer.alloc(3000)), file("b", Buffer.alloc(3000))), { limits: { maxTotalBytes: 5000 } });
+    expect(e.kind).toBe("policy");
+    expect(e.message).toContain("maxTotalBytes");
+
+    e = await fails(tar(file("a/b/c/d/e", "x")), { limits: { maxDepth: 4 } });
+    expect(e.message).toBe("layer L: entry a/b/c/d/e: path is deeper than 4 levels (maxDepth)");
+
+    e = await fails(tar(pax({ path: "p".repeat(200) }), file("x", "x")), { limits: { maxPathBytes: 100 } });
+    expect(e.message).toBe(`layer L: entry ${"p".repeat(200)}: path is longer than 100 bytes (maxPathBytes)`);
+    expect(e.message.includes("\n")).toBe(false);
+  });
+
+  test("owners that do not fit a uid_t are refused", async () => {
+    const e = await fails(tar(entry({ name: "f", data: "x", uid: 2 ** 40, base256: true })));
+    expect(e.message).toBe("layer L: entry f: uid/gid 1099511627776:0 out of range");
+  });
+
+  test("corrupt, truncated and non-tar input is an input error", async () => {
+    const good = tar(file("a", "x".repeat(1000)), file("b", "y"));
+    const bad = Buffer.from(good);
+    bad[600] = 0x41; // inside a's data: fine; now break b's header
+    bad[1536 + 10] = 0x5a;
+    let e = await fails(bad);
+    expect(e.kind).toBe("input");
+    expect(e.message).toBe("layer L: corrupt tar header at offset 1536 (checksum mismatch) (after entry a)");
+
+    e = await fails(good.subarray(0, 900));
+    expect(e.message).toContain("truncated archive");
+
+    e = await fails(Buffer.from("this is not a tar archive at all, just text ".repeat(30)));
+    expect(e.message).toBe("layer L: not a tar archive (header checksum mismatch at offset 0)");
+  });
+
+  test("an empty stream and an archive without end marker are valid (as Go reads them)", async () => {
+    expect((await apply(Buffer.alloc(0))).entries).toBe(0);
+    await apply(file("a", "no end marker"));
+    expect(readFileSync(p("a"), "utf8")).toBe("no end marker");
+  });
+});

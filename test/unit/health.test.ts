@@ -1,0 +1,419 @@
+// Health decisions from fixtures: status lines, /proc text, kernel log records, through injected
+// readers and a fake command runner. The same checks run against the real kernel in
+// test/vm/health.test.ts.
+import { afterEach, describe, expect, test } from "bun:test";
+import { mkdtempSync, readFileSync, rmSync } from "node:fs";
+import { parsePoolStatus } from "../../lib/dm/status.ts";
+import { ThinimgError } from "../../lib/errors.ts";
+import { type CmdResult, setRunner, spawnRunner } from "../../lib/exec.ts";
+import { checkDmesg, classifyKernelLine, findNew, type KmsgRecord, parseKmsgRecord } from "../../lib/health/dmesg.ts";
+import { dmMajor, dmMountPoints, parseProcStat, scanDState, stuckOnDm, tiedToDm } from "../../lib/health/dstate.ts";
+import type { HealthIo } from "../../lib/health/io.ts";
+import { judgeIowait, parseCpuLine } from "../../lib/health/iowait.ts";
+import { judgeMemory } from "../../lib/health/memory.ts";
+import { checkPool, judgePool } from "../../lib/health/pool.ts";
+import { assertHealthy, runHealthChecks } from "../../lib/health/run.ts";
+import { DEFAULT_THRESHOLDS as TH } from "../../lib/health/types.ts";
+
+afterEach(() => setRunner(spawnRunner));
+
+const byName = (rs: { name: string; status: string; message: string; runbook?: string }[], n: string) => {
+  const r = rs.find((x) => x.name === n);
+  if (!r) throw new Error(`no ${n}`);
+  return { ...r, runbook: r.runbook ?? "" };
+};
+
+// ---------------------------------------------------------------- pool
+describe("pool checks from status lines", () => {
+  const line = (rest: string) => `0 2097152 thin-pool ${rest}`;
+  const judge = (rest: string) => judgePool("p", parsePoolStatus(line(rest)), TH);
+
+  test("a fresh pool is all ok", () => {
+    const r = judge("0 111/4096 0/16384 - rw no_discard_passdown error_if_no_space - 1638");
+    expect(r.map((c) => c.name)).toEqual([
+      "pool.exists",
+      "pool.status",
+      "pool.mode",
+      "pool.needs_check",
+      "pool.data",
+      "pool.metadata",
+      "pool.no_space_mode",
+    ]);
+    expect(r.every((c) => c.status === "ok" && c.runbook === "")).toBe(true);
+  });
+
+  test("out_of_data_space and full data block, with the runbook step", () => {
+    const r = judge("3 117/1024 1024/1024 - out_of_data_space no_discard_passdown error_if_no_space - 256");
+    expect(byName(r, "pool.mode")).toMatchObject({ status: "block", message: "pool p is out_of_data_space" });
+    expect(byName(r, "pool.mode").runbook).toContain("gc.ts --force");
+    expect(byName(r, "pool.data").status).toBe("block");
+  });
+
+  test("read-only, needs_check, Fail and Error block", () => {
+    expect(byName(judge("1 10/100 1/100 - ro discard_passdown error_if_no_space - 10"), "pool.mode").status).toBe("block");
+    const nc = byName(judge("1 10/100 1/100 - rw discard_passdown error_if_no_space needs_check 10"), "pool.needs_check");
+    expect(nc.status).toBe("block");
+    expect(nc.runbook).toContain("bun ops/recover-pool.ts");
+    expect(byName(judgePool("p", parsePoolStatus(line("Fail")), TH), "pool.status")).toMatchObject({ status: "block", message: "pool p status is Fail" });
+    expect(byName(judgePool("p", parsePoolStatus(line("Error")), TH), "pool.status").status).toBe("block");
+  });
+
+  test("thresholds: warn at/over warn, block at/over block, for data and metadata separately", () => {
+    expect(byName(judge("1 10/100 80/100 - rw discard_passdown error_if_no_space - 10"), "pool.data").status).toBe("warn");
+    expect(byName(judge("1 10/100 79/100 - rw discard_passdown error_if_no_space - 10"), "pool.data").status).toBe("ok");
+    expect(byName(judge("1 10/100 95/100 - rw discard_passdown error_if_no_space - 10"), "pool.data").status).toBe("block");
+    expect(byName(judge("1 75/100 1/100 - rw discard_passdown error_if_no_space - 10"), "pool.metadata").status).toBe("warn");
+    expect(byName(judge("1 90/100 1/100 - rw discard_passdown error_if_no_space - 10"), "pool.metadata").status).toBe("block");
+    const custom = judgePool("p", parsePoolStatus(line("1 10/100 60/100 - rw discard_passdown error_if_no_space - 10")), {
+      ...TH,
+      dataWarnPct: 50,
+      dataBlockPct: 60,
+    });
+    expect(byName(custom, "pool.data").status).toBe("block");
+  });
+
+  test("queue_if_no_space warns (a full pool would hang writers)", () => {
+    expect(byName(judge("1 10/100 1/100 - rw discard_passdown queue_if_no_space - 10"), "pool.no_space_mode").status).toBe("warn");
+  });
+
+  const fake = (r: Partial<CmdResult>) =>
+    setRunner(async (argv) => ({ argv, stdout: "", stderr: "", exitCode: 0, signal: null, timedOut: false, durationMs: 1, ...r }));
+
+  test("dmsetup says no such device → pool not found", async () => {
+    fake({ exitCode: 1, stderr: "Device does not exist.\nCommand failed.\n" });
+    const r = await checkPool("nope", TH, 1000);
+    expect(r).toHaveLength(1);
+    expect(r[0]).toMatchObject({ name: "pool.exists", status: "block", message: "pool nope not found (no such device-mapper device)" });
+  });
+
+  test("dmsetup timed out → blocks as unreadable; no device-mapper → says so", async () => {
+    fake({ exitCode: null, timedOut: true, signal: "SIGTERM" });
+    expect((await checkPool("p", TH, 1000))[0]).toMatchObject({ name: "pool.status", status: "block" });
+    expect((await checkPool("p", TH, 1000))[0]!.message).toContain("timed out");
+    fake({ exitCode: 1, stderr: "/dev/mapper/control: open failed: No such device\nFailure to communicate with kernel device-mapper driver.\n" });
+    expect((await checkPool("p", TH, 1000))[0]!.message).toContain("device-mapper is not available");
+  });
+
+  test("a device that is not a thin-pool blocks instead of crashing", async () => {
+    fake({ stdout: "0 2048 linear \n" });
+    expect((await checkPool("p", TH, 1000))[0]).toMatchObject({ name: "pool.status", status: "block" });
+  });
+});
+
+// ---------------------------------------------------------------- memory / swap / iowait
+const MEMINFO = (availKb: number, swapTotal = 0, swapFree = 0) =>
+  `MemTotal:       1000000 kB\nMemFree:          10000 kB\nMemAvailable:   ${availKb} kB\nBuffers: 0 kB\nCached: 0 kB\nSwapTotal: ${swapTotal} kB\nSwapFree: ${swapFree} kB\n`;
+
+describe("memory and swap", () => {
+  test("MemAvailable below 5 % blocks, below 10 % warns", () => {
+    expect(byName(judgeMemory(MEMINFO(40_000), TH), "host.memory").status).toBe("block");
+    expect(byName(judgeMemory(MEMINFO(80_000), TH), "host.memory").status).toBe("warn");
+    expect(byName(judgeMemory(MEMINFO(500_000), TH), "host.memory").status).toBe("ok");
+    expect(byName(judgeMemory(MEMINFO(40_000), TH), "host.memory").message).toContain("4.0 %");
+  });
+  test("swap over 80 % blocks, over 50 % warns, no swap is fine", () => {
+    expect(byName(judgeMemory(MEMINFO(500_000, 1000, 100), TH), "host.swap").status).toBe("block");
+    expect(byName(judgeMemory(MEMINFO(500_000, 1000, 400), TH), "host.swap").status).toBe("warn");
+    expect(byName(judgeMemory(MEMINFO(500_000, 1000, 900), TH), "host.swap").status).toBe("ok");
+    expect(byName(judgeMemory(MEMINFO(500_000), TH), "host.swap").message).toBe("no swap configured");
+  });
+  test("old kernels without MemAvailable: free + cache", () => {
+    // 20 + 10 + 10 = 40 of 1000 kB = 4 % → block; 80 of 1000 = 8 % → warn
+    expect(byName(judgeMemory("MemTotal: 1000 kB\nMemFree: 20 kB\nCached: 10 kB\nBuffers: 10 kB\n", TH), "host.memory").status).toBe("block");
+    expect(byName(judgeMemory("MemTotal: 1000 kB\nMemFree: 60 kB\nCached: 10 kB\nBuffers: 10 kB\n", TH), "host.memory").status).toBe("warn");
+  });
+});
+
+describe("iowait", () => {
+  const stat = (user: number, idle: number, iowait: number) => `cpu  ${user} 0 0 ${idle} ${iowait} 0 0 0 0 0\ncpu0 1 2 3\n`;
+  test("parses the aggregate line", () => {
+    expect(parseCpuLine(stat(10, 20, 5))).toEqual({ iowait: 5, total: 35 });
+  });
+  test("over 50 % of the window blocks, over 25 % warns", () => {
+    expect(judgeIowait(stat(0, 0, 0), stat(2, 2, 6), 100, TH).status).toBe("block");
+    expect(judgeIowait(stat(0, 0, 0), stat(3, 4, 3), 100, TH).status).toBe("warn");
+    expect(judgeIowait(stat(0, 0, 0), stat(5, 5, 0), 100, TH).status).toBe("ok");
+    expect(judgeIowait(stat(0, 0, 0), stat(2, 2, 6), 100, TH).message).toContain("iowait 60 %");
+  });
+  test("no ticks elapsed is not a finding", () => {
+    expect(judgeIowait(stat(1, 1, 1), stat(1, 1, 1), 5, TH).status).toBe("ok");
+  });
+});
+
+// ---------------------------------------------------------------- D state
+describe("D-state processes tied to dm", () => {
+  test("parses stat lines whose comm has spaces and parentheses", () => {
+    const s = parseProcStat("4242 (my (odd) proc) D 1 1 1 0 -1 4194560 0 0 0 0 0 0 0 0 20 0 1 0 987654 0 0\n");
+    expect(s).toEqual({ pid: 4242, comm: "my (odd) proc", state: "D", starttime: 987654 });
+  });
+  test("ties by kernel thread name, wchan or kernel stack", () => {
+    for (const c of ["kdmflush/254:3", "kworker/u4:1+dm-thin", "jbd2/dm-3-8", "kcopyd", "dm_bufio_cache", "loop3", "dmsetup", "flush-253:0"]) {
+      expect(tiedToDm(c, "", "")).not.toBeNull();
+    }
+    expect(tiedToDm("kworker/0:1-events", "", "")).toBeNull();
+    expect(tiedToDm("qemu", "dm_wait_for_completion", "")).toBe("sleeping in dm_wait_for_completion");
+    expect(tiedToDm("app", "io_schedule", "[<0>] io_schedule+0x42/0x70\n[<0>] dm_bufio_read+0x10/0x20 [dm_bufio]\n")).toBe("stack dm_bufio_read");
+    expect(tiedToDm("app", "io_schedule", "[<0>] io_schedule+0x42/0x70\n")).toBeNull();
+  });
+  test("dm major and dm-backed mount points", () => {
+    expect(dmMajor("Block devices:\n  7 loop\n254 device-mapper\n259 blkext\n")).toBe(254);
+    const mi = "22 1 0:15 / / rw - hostfs none rw\n40 22 254:3 / /mnt/img\\040x rw - ext4 /dev/mapper/t rw\n41 22 7:0 / /mnt/loop rw - ext4 /dev/loop0 rw\n";
+    expect(dmMountPoints(mi, 254)).toEqual(["/mnt/img x"]);
+  });
+
+  const stat = (pid: number, comm: string, state: string, start = 100) =>
+    `${pid} (${comm}) ${state} 1 1 1 0 -1 0 0 0 0 0 0 0 0 0 20 0 1 0 ${start} 0 0`;
+  const fakeIo = (scans: string[][], files: Record<string, string>, fds: Record<string, Record<string, string>> = {}): HealthIo => {
+    let n = 0;
+    return {
+      procStats: async (pids) => {
+        const all = scans[Math.min(n++, scans.length - 1)]!;
+        return pids ? all.filter((l) => pids.includes(l.split(" ")[0]!)) : all;
+      },
+      readText: async (p) => {
+        const v = files[p];
+        if (v === undefined) throw new Error(`ENOENT ${p}`);
+        return v;
+      },
+      listDir: async (p) => Object.keys(fds[p] ?? {}),
+      readLink: async (p) => {
+        const [dir, fd] = [p.slice(0, p.lastIndexOf("/")), p.slice(p.lastIndexOf("/") + 1)];
+        return fds[dir]?.[fd] ?? "";
+      },
+      readKmsg: async () => [],
+      sleep: async () => {},
+    };
+  };
+
+  test("stuck = in D in both scans (same process) and tied to dm", async () => {
+    const io = fakeIo(
+      [
+        [stat(10, "kdmflush/254:0", "D"), stat(11, "dd", "D"), stat(12, "bash", "S"), stat(13, "kworker/u4:1+dm-thin", "D"), stat(14, "tar", "D")],
+        [stat(10, "kdmflush/254:0", "D"), stat(11, "dd", "D"), stat(12, "bash", "D"), stat(13, "kworker/u4:1+dm-thin", "R"), stat(14, "tar", "D", 999)],
+      ],
+      { "/proc/devices": "254 device-mapper\n", "/proc/self/mountinfo": "", "/proc/11/wchan": "io_schedule" },
+      { "/proc/11/fd": { "0": "/dev/dm-3", "1": "/dev/null" } },
+    );
+    const first = await scanDState(io);
+    expect([...first.keys()].sort()).toEqual(["10:100", "11:100", "13:100", "14:100"]);
+    const second = await scanDState(io, [...first.values()].map((s) => String(s.pid)));
+    const stuck = await stuckOnDm(io, first, second);
+    // 12 was not in D first; 13 left D; 14 is a different process (new starttime) now
+    expect(stuck.map((s) => [s.pid, s.why])).toEqual([
+      [10, "name kdmflush/254:0"],
+      [11, "has /dev/dm-3 open"],
+    ]);
+  });
+});
+
+// ---------------------------------------------------------------- kernel log
+describe("kernel log", () => {
+  test("parses /dev/kmsg records (escapes, continuation lines, facility)", () => {
+    expect(parseKmsgRecord("3,1234,5678901,-;Buffer I/O error on dev dm-2, logical block 0\\x2c x\n SUBSYSTEM=block\n DEVICE=b254:2\n")).toEqual({
+      facility: 0,
+      level: 3,
+      seq: 1234,
+      tsUsec: 5678901,
+      message: "Buffer I/O error on dev dm-2, logical block 0, x",
+    });
+    expect(parseKmsgRecord("14,7,100,-;user says hi")?.facility).toBe(1);
+    expect(parseKmsgRecord("garbage")).toBeNull();
+  });
+
+  test("classifies the lines the real kernel prints (captured from the VM)", () => {
+    const cases: [string, "block" | "warn" | null][] = [
+      ["device-mapper: thin: 254:0: switching pool to out-of-data-space (error IO) mode", "block"],
+      ["device-mapper: thin: 254:0: switching pool to read-only mode", "block"],
+      ["device-mapper: thin: 254:0: reached low water mark for data device: sending event.", "warn"],
+      ["device-mapper: thin: 254:0: switching pool to write mode", "warn"],
+      ["Buffer I/O error on dev dm-2, logical block 0, async page read", "block"],
+      ["device-mapper: thin: 254:0: metadata operation 'dm_pool_commit_metadata' failed: error = -5", "block"],
+      ["device-mapper: block manager: validator mismatch (old=sm_bitmap vs new=btree_node) for block 429", "block"],
+      ["EXT4-fs error (device dm-3): ext4_find_entry:1455: inode #2: comm ls: reading directory lblock 0", "block"],
+      ["INFO: task dd:812 blocked for more than 120 seconds.", "block"],
+      ["I/O error, dev loop1, sector 2048 op 0x1:(WRITE)", "warn"],
+      ["device-mapper: thin: Data device (loop1) discard unsupported: Disabling discard passdown.", null],
+      ["device-mapper: ioctl: error adding target to table", null],
+      ["device-mapper: table: 254:3: thin: Couldn't open thin internal device", null],
+      ["loop0: detected capacity change from 0 to 8192", null],
+      ["EXT4-fs (dm-3): mounted filesystem with ordered data mode.", null],
+    ];
+    for (const [line, want] of cases) expect([line, classifyKernelLine(line)?.status ?? null]).toEqual([line, want]);
+  });
+
+  const rec = (seq: number, tsSec: number, message: string, facility = 0): KmsgRecord => ({ facility, level: 3, seq, tsUsec: tsSec * 1e6, message });
+  const LOG = [
+    rec(1, 10, "Buffer I/O error on dev dm-1, logical block 0, async page read"),
+    rec(2, 500, "device-mapper: thin: 254:0: switching pool to read-only mode"),
+    rec(3, 590, "device-mapper: thin: 254:0: reached low water mark for data device: sending event."),
+    rec(4, 595, "Buffer I/O error on dev dm-9 (spoofed from userspace)", 1),
+  ];
+
+  test("with a cursor only later records count; a new boot resets it; lost records are noticed", () => {
+    const base = { bootId: "b1", uptimeUsec: 600e6, lookbackMs: 60_000 };
+    expect(findNew(LOG, { ...base, cursor: { boot_id: "b1", seq: 2 } }).findings.map((f) => f.seq)).toEqual([3]);
+    expect(findNew(LOG, { ...base, cursor: { boot_id: "b1", seq: 4 } }).findings).toEqual([]);
+    // other boot: lookback window (last 60 s: records 3; 4 is userspace)
+    const other = findNew(LOG, { ...base, cursor: { boot_id: "b0", seq: 99 } });
+    expect(other.findings.map((f) => f.seq)).toEqual([3]);
+    expect(other.lastSeq).toBe(4);
+    expect(findNew(LOG.slice(2), { ...base, cursor: { boot_id: "b1", seq: 0 } }).lost).toBe(true);
+  });
+
+  test("no cursor: the lookback window decides", () => {
+    const r = findNew(LOG, { cursor: null, bootId: "b1", uptimeUsec: 600e6, lookbackMs: 200_000 });
+    expect(r.findings.map((f) => [f.seq, f.status])).toEqual([
+      [2, "block"],
+      [3, "warn"],
+    ]);
+  });
+
+  test("checkDmesg persists the cursor: an error is reported once", async () => {
+    const dir = mkdtempSync("/tmp/thinimg-health-unit-");
+    try {
+      const records = [
+        "6,1,1000000,-;device-mapper: ioctl: 4.47.0-ioctl initialised",
+        "3,2,2000000,-;Buffer I/O error on dev dm-2, logical block 0, async page read",
+      ];
+      const io: HealthIo = {
+        procStats: async () => [],
+        listDir: async () => [],
+        readLink: async () => "",
+        readText: async (p) => {
+          if (p === "/proc/sys/kernel/random/boot_id") return "boot-1\n";
+          if (p === "/proc/uptime") return "3.00 1.00\n";
+          if (p === "/sys/block/dm-2/dm/name") return "pool-t1\n";
+          throw new Error(`ENOENT ${p}`);
+        },
+        readKmsg: async () => records,
+        sleep: async () => {},
+      };
+      const first = await checkDmesg(io, { stateDir: dir, lookbackMs: 60_000 });
+      expect(first.status).toBe("block");
+      expect(first.message).toContain('"Buffer I/O error on dev dm-2 (pool-t1), logical block 0, async page read"');
+      expect(JSON.parse(readFileSync(`${dir}/health-kmsg.json`, "utf8"))).toEqual({ boot_id: "boot-1", seq: 2 });
+      const second = await checkDmesg(io, { stateDir: dir, lookbackMs: 60_000 });
+      expect(second.status).toBe("ok");
+      records.push("3,3,2500000,-;device-mapper: thin: 254:0: switching pool to fail mode");
+      const third = await checkDmesg(io, { stateDir: dir, lookbackMs: 60_000 });
+      expect(third.status).toBe("block");
+      expect(third.message).toContain("switching pool to fail mode");
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
+  test("an unreadable kernel log warns, it does not pass silently", async () => {
+    const io = { readKmsg: async () => Promise.reject(new Error("EPERM: operation not permitted")) } as unknown as HealthIo;
+    const r = await checkDmesg(io, { lookbackMs: 1000 });
+    expect(r.status).toBe("warn");
+    expect(r.message).toContain("EPERM");
+  });
+});
+
+// ---------------------------------------------------------------- the whole run
+describe("runHealthChecks / assertHealthy", () => {
+  const STAT = (io: number) => `cpu  100 0 100 1000 ${io} 0 0 0 0 0\n`;
+  const hostIo = (over: Partial<HealthIo> = {}, meminfo = MEMINFO(500_000)): HealthIo => {
+    return {
+      procStats: async () => [],
+      listDir: async () => [],
+      readLink: async () => "",
+      readKmsg: async () => [],
+      sleep: async () => {},
+      readText: async (p) => {
+        if (p === "/proc/meminfo") return meminfo;
+        if (p === "/proc/stat") return STAT(0);
+        if (p === "/proc/uptime") return "100.0 1.0";
+        if (p === "/proc/sys/kernel/random/boot_id") return "b";
+        throw new Error(`ENOENT ${p}`);
+      },
+      ...over,
+    };
+  };
+  const poolOk = () =>
+    setRunner(async (argv) => ({
+      argv,
+      stdout: "0 2097152 thin-pool 0 111/4096 0/16384 - rw no_discard_passdown error_if_no_space - 1638\n",
+      stderr: "",
+      exitCode: 0,
+      signal: null,
+      timedOut: false,
+      durationMs: 1,
+    }));
+
+  test("healthy host and pool: every check ok, pool checks first", async () => {
+    poolOk();
+    const r = await runHealthChecks({ pool: "p", io: hostIo() });
+    expect(r.healthy).toBe(true);
+    expect(r.pool).toBe("p");
+    expect(r.checks.map((c) => c.name)).toEqual([
+      "pool.exists",
+      "pool.status",
+      "pool.mode",
+      "pool.needs_check",
+      "pool.data",
+      "pool.metadata",
+      "pool.no_space_mode",
+      "host.dstate",
+      "host.dmesg",
+      "host.memory",
+      "host.swap",
+      "host.iowait",
+    ]);
+    expect(r.checks.every((c) => c.status === "ok")).toBe(true);
+  });
+
+  test("a warning keeps it healthy; a block makes it unhealthy", async () => {
+    poolOk();
+    expect((await runHealthChecks({ pool: "p", io: hostIo({}, MEMINFO(80_000)) })).healthy).toBe(true);
+    const r = await runHealthChecks({ pool: "p", io: hostIo({}, MEMINFO(10_000)) });
+    expect(r.healthy).toBe(false);
+    expect(byName(r.checks, "host.memory").status).toBe("block");
+  });
+
+  test("a check that hangs is cut off at its timeout and blocks", async () => {
+    poolOk();
+    const io = hostIo({ readKmsg: () => new Promise<string[]>(() => {}) });
+    const t0 = performance.now();
+    const r = await runHealthChecks({ pool: "p", io, timeoutMs: 150 });
+    expect(performance.now() - t0).toBeLessThan(1000);
+    const d = byName(r.checks, "host.dmesg");
+    expect(d.status).toBe("block");
+    expect(d.message).toBe("check did not finish within 150 ms");
+    expect(r.healthy).toBe(false);
+  });
+
+  test("assertHealthy throws ThinimgError('unhealthy') with the reason and the runbook step", async () => {
+    setRunner(async (argv) => ({ argv, stdout: "", stderr: "Device does not exist.\n", exitCode: 1, signal: null, timedOut: false, durationMs: 1 }));
+    let err: unknown;
+    await assertHealthy({ pool: "gone", io: hostIo() }).catch((e) => {
+      err = e;
+    });
+    expect(err).toBeInstanceOf(ThinimgError);
+    const e = err as ThinimgError;
+    expect(e.kind).toBe("unhealthy");
+    expect(e.exitCode).toBe(1);
+    expect(e.message).toBe("health check pool.exists blocks dm work: pool gone not found (no such device-mapper device)");
+    expect(e.hint).toContain("bun ops/recover-pool.ts");
+  });
+
+  test("host only: no pool checks", async () => {
+    const r = await runHealthChecks({ io: hostIo() });
+    expect(r.pool).toBeNull();
+    expect(r.checks.some((c) => c.name.startsWith("pool."))).toBe(false);
+  });
+});
+
+describe("scripts/health.ts arguments", () => {
+  test("warn above block is a usage error (exit 2, one line)", () => {
+    const p = Bun.spawnSync(["bun", "scripts/health.ts", "--data-warn", "99", "--data-block", "90"], { stderr: "pipe" });
+    expect(p.exitCode).toBe(2);
+    expect(p.stderr.toString().trim().split("\n")).toEqual(["error: --data-warn 99 is above --data-block 90 — see --help"]);
+  });
+  test("a percentage must be a whole number 0..100", () => {
+    const p = Bun.spawnSync(["bun", "scripts/health.ts", "--meta-block", "120"], { stderr: "pipe" });
+    expect(p.exitCode).toBe(2);
+    expect(p.stderr.toString()).toContain("--meta-block: 120 is above the maximum 100");
+  });
+});
