@@ -2,6 +2,7 @@
 // Type-check + lint, host unit tests, then test/vm/*.test.ts inside UML VMs (split over --vms VMs in
 // parallel). Output streams live; the last line is "N passed, N failed" from bun test's real counts
 // (a failed type-check/lint, a VM that cannot boot or a run without a summary each count as 1 failed).
+// THINIMG_VM_KERNEL_ARGS="…" appends kernel arguments to every test VM (debugging, e.g. loglevel=8).
 import { readdirSync } from "node:fs";
 import { defineCommand } from "citty";
 import { runMain } from "../lib/cli/main.ts";
@@ -65,7 +66,8 @@ async function runVmGroup(name: string, files: string[], mem: string, timeoutMs:
   const err = prefixed(`[${name}] `, process.stderr, collect);
   process.stderr.write(`[${name}] bun test ${files.join(" ")}\n`);
   try {
-    const r = await runInVm({ argv: ["bun", "test", ...TEST_TIMEOUT, ...files], mem, timeoutMs, stdout: out.sink, stderr: err.sink });
+    const kernelArgs = process.env.THINIMG_VM_KERNEL_ARGS?.split(/\s+/).filter(Boolean) ?? [];
+    const r = await runInVm({ argv: ["bun", "test", ...TEST_TIMEOUT, ...files], mem, timeoutMs, stdout: out.sink, stderr: err.sink, kernelArgs });
     out.flush();
     err.flush();
     if (r.timedOut) {

@@ -1,8 +1,8 @@
 // Thin ids in the pool's metadata — the only way to see inactive leaks (ids no dm device shows).
 // The pool is live, so we read a metadata *snapshot*: reserve_metadata_snap → thin_ls (or thin_dump)
 // on it → release_metadata_snap, the release always in `finally`. A snapshot already held when we
-// look means someone died holding it (or is reading right now): reported, released only when the
-// caller says so (--force and the process lock is ours).
+// look, and still there a few seconds later, means someone died holding it: reported, released only
+// when the caller says so (--force and the process lock is ours).
 import { existsSync, readFileSync } from "node:fs";
 import * as dmsetup from "../dm/dmsetup.ts";
 import { isDmError } from "../dm/errors.ts";
@@ -33,6 +33,8 @@ export interface ScanMetaOptions {
   releaseStale: boolean;
   /** Per-command timeout (ms). */
   timeoutMs?: number;
+  /** How long a hold found at the start may take to go away by itself before it counts as stale. */
+  heldWaitMs?: number;
 }
 
 export async function scanMeta(pool: string, o: ScanMetaOptions): Promise<MetaScan> {
@@ -46,7 +48,16 @@ export async function scanMeta(pool: string, o: ScanMetaOptions): Promise<MetaSc
     return { ...base, skipped: { reason: "scan_failed", detail: `cannot find a device node for the pool's metadata device ${pt.metaDev}` } };
   }
 
-  const st = await poolStatusOk(pool, { timeoutMs, ctx });
+  let st = await poolStatusOk(pool, { timeoutMs, ctx });
+  if (st.heldRoot !== null && (o.heldWaitMs ?? 3_000) > 0) {
+    // another reader (a concurrent dry-run takes no lock) holds it for a second or two: give it time
+    const first = st.heldRoot;
+    const until = Date.now() + (o.heldWaitMs ?? 3_000);
+    while (st.heldRoot === first && Date.now() < until) {
+      await Bun.sleep(250);
+      st = await poolStatusOk(pool, { timeoutMs, ctx });
+    }
+  }
   if (st.heldRoot !== null) {
     if (!o.releaseStale) {
       return {

@@ -30,6 +30,8 @@ export interface VmOptions {
   kernel?: Sink;
   /** Keep the run directory (debugging). */
   keep?: boolean;
+  /** Extra kernel command-line arguments, appended (later ones win). */
+  kernelArgs?: string[];
 }
 
 export interface VmResult {
@@ -217,11 +219,13 @@ class Tailer {
  * If this process dies without cleaning up (SIGKILL, OOM), a detached shell kills the VM shortly
  * after its limit: the group, and anything still carrying its umid. Stopped when the VM ends.
  */
-function startWatchdog(group: number, umid: string, afterS: number): number | null {
+function startWatchdog(group: number, umid: string, afterS: number, removeDir: string | null): number | null {
   // the group is only killed while its leader is still our linux.uml (no pid-reuse accidents)
+  // dash's kill takes no "--"; grep -z -x matches whole argv entries, so this script's own argv
+  // (which contains the umid inside a longer string) never matches, and $$ is skipped anyway.
   const script = `sleep ${afterS}
-if grep -qa 'umid=${umid}' /proc/${group}/cmdline 2>/dev/null; then kill -KILL -- -${group} 2>/dev/null; fi
-for f in $(grep -las 'umid=${umid}' /proc/[0-9]*/cmdline); do p=\${f#/proc/}; kill -KILL "\${p%/cmdline}" 2>/dev/null; done`;
+if grep -qsazx 'umid=${umid}' /proc/${group}/cmdline; then kill -KILL -${group} 2>/dev/null; fi
+for f in $(grep -lsazx 'umid=${umid}' /proc/[0-9]*/cmdline); do p=\${f#/proc/}; p=\${p%/cmdline}; [ "$p" = "$$" ] || kill -KILL "$p" 2>/dev/null; done${removeDir ? `\nrm -rf '${removeDir}'` : ""}`;
   try {
     const w = Bun.spawn(["sh", "-c", script], { stdin: "ignore", stdout: "ignore", stderr: "ignore", detached: true });
     w.unref();
@@ -269,8 +273,10 @@ export async function runInVm(opts: VmOptions): Promise<VmResult> {
       "con=null",
       "con0=fd:0,fd:1",
       "ssl=null",
+      ...(opts.kernelArgs ?? []),
     ],
-    { stdin: "ignore", stdout: kernelFd, stderr: kernelFd, detached: true, env: { PATH: process.env.PATH ?? "/usr/bin:/bin", TMPDIR: umlTmp() } },
+    // cwd: a crashing UML (panic → SIGABRT) must not drop files into the caller's directory
+    { stdin: "ignore", stdout: kernelFd, stderr: kernelFd, detached: true, cwd: runDir, env: { PATH: process.env.PATH ?? "/usr/bin:/bin", TMPDIR: umlTmp() } },
   );
   closeSync(kernelFd);
   const vm: LiveVm = {
@@ -283,7 +289,7 @@ export async function runInVm(opts: VmOptions): Promise<VmResult> {
   };
   live.set(proc.pid, vm);
   install();
-  vm.watchdog = startWatchdog(proc.pid, umid, Math.ceil(timeoutMs / 1000) + 10);
+  vm.watchdog = startWatchdog(proc.pid, umid, Math.ceil(timeoutMs / 1000) + 10, opts.keep ? null : runDir);
 
   const out = new Tailer(file(RUN_FILES.stdout), opts.stdout);
   const err = new Tailer(file(RUN_FILES.stderr), opts.stderr);
@@ -337,6 +343,6 @@ export async function runInVm(opts: VmOptions): Promise<VmResult> {
   throw new VmError(
     `VM did not boot or died before the command finished (linux.uml exit ${proc.exitCode ?? proc.signalCode}, no result marker)`,
     kernelLog,
-    "see the kernel log tail; try --mem 1G and check that /tmp is writable",
+    "see the kernel log tail (a panic or an init failure); try --mem 1G and check that /tmp is writable",
   );
 }

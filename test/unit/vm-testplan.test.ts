@@ -52,3 +52,27 @@ describe("bun test summary", () => {
     expect(countRun(" 4 pass\n 2 fail\n", 1)).toEqual({ pass: 4, fail: 2 });
   });
 });
+
+describe("scripts/test.ts end to end", () => {
+  test("the last line carries bun test's real counts; exit 0 when nothing failed", () => {
+    // -t is not ours: refused as a usage error rather than silently ignored
+    expect(Bun.spawnSync(["bun", "scripts/test.ts", "test/unit/health.test.ts", "-t", "x"], { stderr: "pipe" }).exitCode).toBe(2);
+    const ok = Bun.spawnSync(["bun", "scripts/test.ts", "test/unit/health.test.ts"], { stdout: "pipe", stderr: "pipe" });
+    const out = ok.stdout.toString() + ok.stderr.toString();
+    const bunSays = /^\s*(\d+) pass$/m.exec(out)?.[1];
+    expect(ok.stdout.toString().trim().split("\n").at(-1)).toBe(`${bunSays} passed, 0 failed`);
+    expect(Number(bunSays)).toBeGreaterThanOrEqual(30);
+    expect(ok.exitCode).toBe(0);
+  }, 60_000);
+
+  test("a VM that cannot boot counts as a failure, never a silent skip", () => {
+    const p = Bun.spawnSync(["bun", "scripts/test.ts", "test/vm/health.test.ts"], {
+      stdout: "pipe",
+      stderr: "pipe",
+      env: { ...process.env, THINIMG_VM_KERNEL_ARGS: "rootfstype=ext4 root=/dev/nosuch" },
+    });
+    expect(p.stdout.toString().trim().split("\n").at(-1)).toBe("0 passed, 1 failed");
+    expect(p.stderr.toString()).toContain("VM did not boot");
+    expect(p.exitCode).toBe(1);
+  }, 120_000);
+});

@@ -6,7 +6,7 @@ import { ThinimgError } from "../../lib/errors.ts";
 import { vmEnv } from "../../lib/vm/env.ts";
 import { vmHost } from "../../lib/vm/host.ts";
 import { buildInitScript, parseResult, shQuote } from "../../lib/vm/init.ts";
-import { runInVm, type VmResult, vmProcessesLeft } from "../../lib/vm/uml.ts";
+import { runInVm, VmError, type VmResult, vmProcessesLeft } from "../../lib/vm/uml.ts";
 import { splitArgs } from "../../scripts/vm.ts";
 
 const VM_TEST_MS = 90_000;
@@ -170,6 +170,18 @@ describe("real VM", () => {
     expect(readdirSync("/tmp")).not.toContain(r.runDir.slice(5));
     rmSync(dir, { recursive: true, force: true });
   });
+
+  test.concurrent("a VM that cannot boot is an error (VmError, exit 125) with the kernel log, not a silent pass", async () => {
+    let err: unknown;
+    await runInVm({ argv: ["true"], kernelArgs: ["rootfstype=ext4", "root=/dev/nosuch"], timeoutMs: 60_000 }).catch((e) => {
+      err = e;
+    });
+    expect(err).toBeInstanceOf(VmError);
+    const e = err as VmError;
+    expect(e.exitCode).toBe(125);
+    expect(e.message).toContain("VM did not boot");
+    expect(e.kernelLog).toMatch(/Kernel panic|VFS: Unable to mount root/);
+  }, VM_TEST_MS);
 
   test.concurrent("timeout kills the VM and leaves no UML process behind", async () => {
     const t0 = performance.now();

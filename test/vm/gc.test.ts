@@ -5,11 +5,12 @@
 // (skipped), a foreign device (untouched), a too-young orphan (left for later). `bun scripts/gc.ts`
 // runs as a user would run it.
 import { afterAll, beforeAll, describe, expect, setDefaultTimeout, test } from "bun:test";
-import { mkdirSync, mkdtempSync, rmSync } from "node:fs";
+import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync } from "node:fs";
 import { join } from "node:path";
 import { loadConfig } from "../../lib/config.ts";
 import { dmsetup, mkfsExt4, mount, pool as dmpool, thintools } from "../../lib/dm/index.ts";
 import { run, runOk } from "../../lib/exec.ts";
+import { act } from "../../lib/gc/act.ts";
 import type { GcReport } from "../../lib/gc/report.ts";
 import { type Db, openDb } from "../../lib/store/db.ts";
 import { setDevice, setDeviceState, getDevice } from "../../lib/store/devices.ts";
@@ -429,6 +430,61 @@ describe("locks and a stale metadata hold", () => {
     expect(forced.r.orphans.map((o) => [o.thin_id, o.outcome])).toEqual([[801, "done"]]);
     expect(forced.code).toBe(0);
     expect((await dmpool.poolStatusOk(p.name)).heldRoot).toBeNull();
+  });
+
+  test("SIGTERM mid-run: the current step finishes, the rest is left for the next run, the lock is released", async () => {
+    const ids20 = Array.from({ length: 20 }, (_, i) => 810 + i);
+    for (const i of ids20) await dmsetup.message(p.name, `create_thin ${i}`);
+    const cmdLog = join(stateDir, "cmd-sigterm.jsonl");
+    const proc = Bun.spawn(["bun", "scripts/gc.ts", "--json", "--force", "--pool", p.name, "--state-dir", stateDir], {
+      stdout: "pipe",
+      stderr: "pipe",
+      env: { ...process.env, THINIMG_CMD_LOG: cmdLog },
+    });
+    const out = new Response(proc.stdout).text();
+    for (let i = 0; i < 1200 && !(existsSync(cmdLog) && readFileSync(cmdLog, "utf8").includes("delete 810")); i++) await Bun.sleep(50);
+    proc.kill("SIGTERM");
+    const code = await proc.exited;
+    const r = JSON.parse(await out) as GcReport;
+    expect(r.stopped?.reason).toBe("aborted");
+    const done = r.orphans.filter((o) => o.outcome === "done").length;
+    expect(done).toBeGreaterThanOrEqual(1);
+    expect(r.summary.not_run).toBe(20 - done);
+    expect(code).toBe(1);
+    expect(existsSync(join(stateDir, "thinimg.lock"))).toBe(false);
+    expect((await dmpool.poolStatusOk(p.name)).heldRoot).toBeNull();
+    const left = (await thinIds()).filter((i) => ids20.includes(i));
+    expect(left.length).toBe(20 - done);
+    const next = await gc("--force");
+    expect(next.r.orphans.map((o) => o.thin_id)).toEqual(left);
+    expect(next.r.summary.removed).toBe(left.length);
+  });
+
+  test("a pool that is not rw: --force refuses (health) and act() stops before touching anything", async () => {
+    await dmsetup.message(p.name, "create_thin 802");
+    const pt = dmpool.parsePoolTable(await dmsetup.table(p.name));
+    const params = { metaDev: p.metaDev, dataDev: p.dataDev, dataSectors: pt.dataSectors, blockSectors: pt.blockSectors, lowWaterMark: pt.lowWaterMark, features: pt.features };
+    await dmsetup.reload(p.name, dmpool.poolTable({ ...params, features: [...pt.features, "read_only"] }));
+    await dmsetup.resume(p.name);
+    try {
+      expect((await dmpool.poolStatusOk(p.name)).mode).toBe("ro");
+      const g = await gc("--force");
+      expect(g.code).toBe(1);
+      expect(g.r.refused?.reason).toBe("unhealthy");
+      const orphan = { thinId: 802, device: null, unmount: [], deleteThin: true, reason: "not_in_db" as const, detail: "", ageMs: null, mappedBytes: null };
+      const r = await act([orphan], { pool: p.name });
+      expect(r.stopped?.reason).toBe("pool_not_rw");
+      expect(r.results[0]!.outcome).toBe("not_run");
+      expect(await thinIds()).toContain(802);
+    } finally {
+      await dmsetup.reload(p.name, dmpool.poolTable(params));
+      await dmsetup.resume(p.name);
+    }
+    expect((await dmpool.poolStatusOk(p.name)).mode).toBe("rw");
+    // the kernel logged the mode changes; the health check blocks once on those lines, then passes
+    let last = await gc("--force");
+    for (let i = 0; i < 2 && last.r.refused; i++) last = await gc("--force");
+    expect(last.r.orphans.map((o) => [o.thin_id, o.outcome])).toEqual([[802, "done"]]);
   });
 
   test("repair: a live row whose thin id vanished from the pool is marked gone", async () => {

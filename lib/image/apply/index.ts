@@ -35,6 +35,9 @@ export interface ApplyStats {
 
 type Input = ReadableStream<Uint8Array> | AsyncIterable<Uint8Array>;
 
+/** Reads kept in flight on the input (each at most one source chunk, typically 64-512 KiB). */
+const READ_AHEAD = 2;
+
 export async function applyLayer(input: Input, root: string, opts: ApplyOptions = {}): Promise<ApplyStats> {
   const started = performance.now();
   const label = opts.layerLabel ?? "-";
@@ -107,17 +110,25 @@ async function* chunks(input: Input): AsyncGenerator<Uint8Array> {
     const r = input.getReader();
     let done = false;
     try {
-      // Read-ahead: the next read is in flight while this chunk is written out, so the source's
-      // I/O or decompression (other threads) overlaps our synchronous writes.
-      let next = r.read();
+      // Read-ahead: a few reads stay in flight while this chunk is written out, so the source's
+      // I/O and decompression (other threads) overlap our synchronous writes, and a busy
+      // scheduler's wake-up latency is paid once per batch instead of once per chunk.
+      const pending: ReturnType<typeof r.read>[] = [];
+      const fill = () => {
+        while (pending.length < READ_AHEAD) {
+          const p = r.read();
+          p.catch(() => {}); // surfaced by the await below, in order
+          pending.push(p);
+        }
+      };
+      fill();
       for (;;) {
-        const res = await next;
+        const res = await pending.shift()!;
         if (res.done) {
           done = true;
           return;
         }
-        next = r.read();
-        next.catch(() => {}); // surfaced by the await above on the next turn
+        fill();
         yield res.value;
       }
     } finally {
