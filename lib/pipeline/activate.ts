@@ -75,7 +75,7 @@ export async function activate(ctx: Ctx, imageRef: string, o: ActivateOptions = 
         name = deviceName(cfg.prefix, poolName, "snap", thinId);
         updateSnapshot(db, snap.id, { thin_id: thinId, device_name: name });
         try {
-          await poolCreate(ctx, work.id, { op: "create_snap", thinId, originId: top.thin_id! });
+          await poolCreate(ctx, work.id, { op: "create_snap", thinId, originId: top.thin_id! }, { txn: false });
           created = true;
           break;
         } catch (e) {

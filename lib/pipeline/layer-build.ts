@@ -14,6 +14,7 @@
 // thin id, device and mount are recorded as leaked for GC — and a fresh thin id is built instead.
 import { mkdirSync } from "node:fs";
 import * as dmsetup from "../dm/dmsetup.ts";
+import { isDmError } from "../dm/errors.ts";
 import { mkfsExt4 } from "../dm/mkfs.ts";
 import * as mnt from "../dm/mount.ts";
 import * as pool from "../dm/pool.ts";
@@ -235,7 +236,6 @@ export async function buildLayer(ctx: Ctx, input: BuildInput): Promise<BuildResu
           if (mounted) {
             // syncfs first: a write error (I/O error, pool out of space) surfaces here, not silently
             await runOk(["sync", "-f", path], { timeoutMs: 300_000, ctx: { pool_name: poolName, device_id: l.thin_id!, device_name: dev! } });
-            await assertPoolHadSpace(ctx);
             setMountState(db, path, "unmounting");
             await withRetry(`umount ${path}`, () => mnt.umount(path, { ctx: { pool_name: poolName, device_id: l.thin_id!, device_name: dev! } }), cfg.retry);
           }
@@ -293,19 +293,20 @@ export async function buildLayer(ctx: Ctx, input: BuildInput): Promise<BuildResu
   }
 }
 
-/** Load the thin table unless a device of that name already maps exactly this thin id. */
+/** Load the thin table; if the name exists already it must map exactly this thin id (a resumed run). */
 async function ensureActive(poolName: string, name: string, thinId: number, size: number): Promise<void> {
-  const info = await activeDevice(name);
-  if (info) {
-    const table = await dmsetup.table(name);
-    const mm = await poolMajorMinor(poolName);
-    const m = /^0 (\d+) thin (\S+) (\d+)/.exec(table);
-    if (!m || m[2] !== mm || Number(m[3]) !== thinId) {
-      throw new ThinimgError("conflict", `device ${name} exists with another table (${table})`, { hint: "it is not ours to touch; run `bun scripts/gc.ts` to review" });
-    }
+  try {
+    await pool.activateThin(poolName, name, thinId, size);
     return;
+  } catch (e) {
+    if (!isDmError(e, "exists")) throw e;
   }
-  await pool.activateThin(poolName, name, thinId, size);
+  const table = await dmsetup.table(name);
+  const mm = await poolMajorMinor(poolName);
+  const m = /^0 (\d+) thin (\S+) (\d+)/.exec(table);
+  if (!m || m[2] !== mm || Number(m[3]) !== thinId) {
+    throw new ThinimgError("conflict", `device ${name} exists with another table (${table})`, { hint: "it is not ours to touch; run `bun scripts/gc.ts` to review" });
+  }
 }
 
 async function poolOutOfSpace(ctx: Ctx): Promise<boolean> {
@@ -317,10 +318,3 @@ async function poolOutOfSpace(ctx: Ctx): Promise<boolean> {
   }
 }
 
-async function assertPoolHadSpace(ctx: Ctx): Promise<void> {
-  if (await poolOutOfSpace(ctx)) {
-    throw new ThinimgError("dm", `pool ${ctx.cfg.pool} ran out of data space while the layer was written`, {
-      hint: "free space with `bun scripts/gc.ts --force` or extend the pool",
-    });
-  }
-}

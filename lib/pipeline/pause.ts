@@ -1,7 +1,9 @@
 // Test-only: THINIMG_TEST_PAUSE_AT=<step>[#n] makes the process stop at the n-th (default first)
-// time it reaches the named step boundary: it writes the step name to THINIMG_TEST_PAUSE_FILE
-// (default <stateDir>/paused-at) and sleeps until killed. Crash tests kill -9 it there.
-import { writeFileSync } from "node:fs";
+// time it reaches the named step boundary: it writes "<step> <pid>" to THINIMG_TEST_PAUSE_FILE
+// (default <stateDir>/paused-at) and then either sleeps until killed (crash tests kill -9 it there)
+// or, when THINIMG_TEST_PAUSE_CONTINUE names a file, waits for that file to appear, deletes it and
+// carries on (fault tests change the device under it meanwhile).
+import { existsSync, unlinkSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 
 const counts = new Map<string, number>();
@@ -17,5 +19,17 @@ export async function pausePoint(step: string, stateDir: string): Promise<void> 
   const file = process.env.THINIMG_TEST_PAUSE_FILE ?? join(stateDir, "paused-at");
   writeFileSync(file, `${step} ${process.pid}\n`);
   process.stderr.write(`test hook: paused at ${step} (pid ${process.pid})\n`);
-  for (;;) await Bun.sleep(60_000);
+  const cont = process.env.THINIMG_TEST_PAUSE_CONTINUE;
+  for (;;) {
+    if (cont && existsSync(cont)) {
+      unlinkSync(cont);
+      return;
+    }
+    await Bun.sleep(cont ? 50 : 60_000);
+  }
+}
+
+/** Forget which pause points were already passed (in-process tests run several pipelines). */
+export function resetPausePoints(): void {
+  counts.clear();
 }

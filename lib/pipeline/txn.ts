@@ -9,6 +9,7 @@
 // 'allocated' and its owner retries the create with the SAME id: success proves it had not run,
 // "exists" means it had, and the id is then recorded orphaned (never adopted blindly) and the next id
 // taken. Nothing is ever done twice.
+import { readFileSync, readdirSync } from "node:fs";
 import { ThinimgError } from "../errors.ts";
 import * as dmsetup from "../dm/dmsetup.ts";
 import { isDmError } from "../dm/errors.ts";
@@ -56,17 +57,21 @@ export async function writablePool(ctx: Ctx): Promise<PoolStatusOk> {
   return st;
 }
 
-/** Steps 1-5 above. Call inside inPoolSection. Throws ThinIdTaken when the id exists already. */
-export async function poolCreate(ctx: Ctx, workId: number, req: PoolOp): Promise<void> {
+/** Steps 1-5 above. Call inside inPoolSection. Throws ThinIdTaken when the id exists already.
+ * txn: false skips steps 1 and 4 (activations: an interrupted activation is never resumed, its id is
+ * recorded orphaned whether or not the create ran, so the crash record would change nothing — and
+ * it would double the dm commands on the activation hot path). A read-only or full pool then shows
+ * up as the create's own error. */
+export async function poolCreate(ctx: Ctx, workId: number, req: PoolOp, o: { txn?: boolean } = {}): Promise<void> {
   const { db } = ctx;
   const name = ctx.cfg.pool;
-  const st = await writablePool(ctx);
-  const T = st.transactionId;
+  const useTxn = o.txn !== false;
+  const T = useTxn ? (await writablePool(ctx)).transactionId : null;
   const step = beginStep(db, workId, name, req.op, {
     thinId: req.thinId,
     originThinId: req.op === "create_snap" ? req.originId : null,
     txnBefore: T,
-    txnAfter: T + 1,
+    txnAfter: T === null ? null : T + 1,
   });
   await pausePoint(`${req.op}:intent`, ctx.cfg.stateDir);
   try {
@@ -85,12 +90,14 @@ export async function poolCreate(ctx: Ctx, workId: number, req: PoolOp): Promise
   }
   await pausePoint(`${req.op}:sent`, ctx.cfg.stateDir);
   let outcome = "ok";
-  try {
-    await pool.setTransactionId(name, T, T + 1);
-  } catch (e) {
-    // the create itself succeeded (the message returned 0); only the crash record is missing
-    outcome = `created; set_transaction_id ${T} ${T + 1} failed: ${(e as Error).message}`;
-    log.warn(`pool ${name}: ${outcome}`);
+  if (T !== null) {
+    try {
+      await pool.setTransactionId(name, T, T + 1);
+    } catch (e) {
+      // the create itself succeeded (the message returned 0); only the crash record is missing
+      outcome = `created; set_transaction_id ${T} ${T + 1} failed: ${(e as Error).message}`;
+      log.warn(`pool ${name}: ${outcome}`);
+    }
   }
   tx(db, () => {
     endStep(db, step.id, "done", outcome);
@@ -112,7 +119,7 @@ export async function reconcilePending(ctx: Ctx): Promise<number> {
   const deadWork = listWork(db, name, ["running"]).filter((w) => dead(w));
   if (steps.length === 0 && deadWork.length === 0) return 0;
   let txn: number | null = null;
-  if (steps.some((s) => s.name === "create_thin" || s.name === "create_snap")) {
+  if (steps.some((s) => (s.name === "create_thin" || s.name === "create_snap") && s.txn_before !== null)) {
     txn = (await pool.poolStatusOk(name)).transactionId;
   }
   for (const s of steps) {
@@ -129,7 +136,9 @@ export async function reconcilePending(ctx: Ctx): Promise<number> {
           }
         } else {
           const why =
-            txn === s.txn_before
+            s.txn_before === null
+              ? `reconciled: ${s.name} of an interrupted activation (no transaction id record); unconfirmed`
+              : txn === s.txn_before
               ? `reconciled: pool transaction id still ${txn}; the ${s.name} may or may not have run`
               : `reconciled: pool transaction id moved to ${txn} (expected ${s.txn_before} or ${s.txn_after}); unconfirmed`;
           endStep(db, s.id, "failed", why);
@@ -174,8 +183,31 @@ export async function poolMajorMinor(poolName: string): Promise<string> {
   return `${i.major}:${i.minor}`;
 }
 
-/** The device if it is active, else null — via `dmsetup ls` (exit 0 either way, so absence is not
- * logged as a failed command the way `dmsetup info` of a missing name is). */
+/** Active dm devices by name, read from sysfs (/sys/block/dm-N/dm/name): no command is spawned,
+ * which matters on the hot path (each dmsetup exec costs more than the check itself). Falls back to
+ * `dmsetup ls` where sysfs is not mounted. */
+export async function activeDevices(): Promise<Map<string, { name: string; major: number; minor: number }>> {
+  const out = new Map<string, { name: string; major: number; minor: number }>();
+  let entries: string[];
+  try {
+    entries = readdirSync("/sys/block").filter((e) => e.startsWith("dm-"));
+  } catch {
+    for (const d of await dmsetup.ls()) out.set(d.name, d);
+    return out;
+  }
+  for (const e of entries) {
+    try {
+      const name = readFileSync(`/sys/block/${e}/dm/name`, "utf8").trim();
+      const [major, minor] = readFileSync(`/sys/block/${e}/dev`, "utf8").trim().split(":").map(Number);
+      out.set(name, { name, major: major!, minor: minor! });
+    } catch {
+      // removed while we looked
+    }
+  }
+  return out;
+}
+
+/** The device if it is active, else null (see activeDevices). */
 export async function activeDevice(name: string): Promise<{ name: string; major: number; minor: number } | null> {
-  return (await dmsetup.ls()).find((d) => d.name === name) ?? null;
+  return (await activeDevices()).get(name) ?? null;
 }

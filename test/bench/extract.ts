@@ -5,7 +5,8 @@
 // Cached under /tmp/thinimg-bench-cache; delete that directory to rebuild.
 //
 // Measured in one run, same blobs, same destination filesystem, best of 5 (THINIMG_BENCH_RUNS) after one warm-up
-// each, interleaved round by round, `sync` before every run so no run pays for the previous one's writeback:
+// each, interleaved round by round, every run into a new directory, `sync` before
+// each so no run pays for another's writeback or deletions:
 //   A. from the compressed blobs: thinimg (decompressStream → applyLayer) vs `tar -xzf` (gzip in a
 //      second process) — what a user gets;
 //   B. from the uncompressed layer tars: applyLayer vs `tar -xf` — the apply work alone;
@@ -144,10 +145,15 @@ async function layers(): Promise<Layer[]> {
   return out;
 }
 
-async function fresh(dir: string): Promise<void> {
-  rmSync(dir, { recursive: true, force: true });
+// Every run gets its own new directory and nothing is deleted until the end: on this ext4
+// (mounted with `discard`) deleting the previous tree leaves the kernel work that slows the next
+// run by up to 3x, whichever tool it is. `sync` before each run writes back the previous one.
+let runSeq = 0;
+async function fresh(base: string): Promise<string> {
+  const dir = `${base}-${runSeq++}`;
   mkdirSync(dir, { recursive: true });
   await sh(["sync"]);
+  return dir;
 }
 
 /** CPU seconds (user+system, all threads and waited-for children) of one run. */
@@ -187,7 +193,7 @@ function gnuTar(ls: Layer[], compressed: boolean): Runner {
 }
 
 const umoci: Runner = async (dest) => {
-  rmSync(dest, { recursive: true, force: true });
+  rmSync(dest, { recursive: true, force: true }); // umoci wants to create the bundle itself
   return timedCmd(["umoci", "unpack", "--image", `${IMAGE}:${TAG}`, dest]);
 };
 
@@ -203,15 +209,12 @@ interface Contender {
 
 /** One warm-up each, then RUNS rounds in which every contender runs once: noise hits all alike. */
 async function race(cs: Contender[]): Promise<void> {
-  for (const c of cs) {
-    await fresh(c.dest);
-    await c.fn(c.dest);
-  }
+  for (const c of cs) await c.fn(await fresh(c.dest));
   for (let i = 0; i < RUNS; i++) {
     for (const c of cs) {
-      await fresh(c.dest);
+      const dest = await fresh(c.dest);
       const t = performance.now();
-      const cpu = await c.fn(c.dest);
+      const cpu = await c.fn(dest);
       const wall = performance.now() - t;
       c.best = Math.min(c.best, wall);
       c.cpu = Math.min(c.cpu, cpu);
@@ -234,14 +237,15 @@ async function main(): Promise<void> {
   );
 
   const load0 = loadavg()[0]!;
-  const c = (name: string, fn: Runner, d: string): Contender => ({ name, fn, dest: `${out}-${d}`, best: Infinity, cpu: Infinity });
+  rmSync(out, { recursive: true, force: true });
+  const c = (name: string, fn: Runner, d: string): Contender => ({ name, fn, dest: `${out}/${d}`, best: Infinity, cpu: Infinity });
   const tarGz = c("tar -xzf", gnuTar(ls, true), "tar");
   const thinGz = c("thinimg gzip", thinimg(ls, true), "thin");
   const tar = c("tar -xf", gnuTar(ls, false), "tar");
   const thin = c("thinimg plain", thinimg(ls, false), "thin");
   const um = c("umoci unpack", umoci, "umoci");
   await race([tarGz, thinGz, tar, thin, um]);
-  for (const d of ["tar", "thin", "umoci"]) rmSync(`${out}-${d}`, { recursive: true, force: true });
+  await sh(["rm", "-rf", out]);
 
   const s = (ms: number) => `${(ms / 1000).toFixed(3)} s`;
   const x = (a: number, b: number) => `${(a / b).toFixed(2)}x`;

@@ -144,7 +144,8 @@ async function gc(p: BenchPool, stateDir: string, force: boolean): Promise<GcRun
   try {
     return { ms, r: JSON.parse(out) as GcReport, code, cmds };
   } catch {
-    throw new Error(`gc exit ${code}: ${err}`);
+    writeFileSync(`${cmdLog}.stdout`, out);
+    throw new Error(`gc${force ? " --force" : ""} exit ${code}: stdout not JSON (${out.length} chars, kept in ${cmdLog}.stdout): ${out.slice(0, 200)} … ${out.slice(-200)}\n${err}`);
   }
 }
 

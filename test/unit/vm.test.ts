@@ -236,6 +236,8 @@ describe("real VM", () => {
       umlPid = children(p.pid).find((c) => readFileSync(`/proc/${c}/cmdline`, "latin1").includes("linux.uml")) ?? 0;
     }
     expect(umlPid).toBeGreaterThan(0);
+    // let UML get going (own session, helper processes) so the kill hits a running VM, not a starting one
+    while (vmProcessesLeft([umlPid]).length < 3 && performance.now() - t0 < 20_000) await Bun.sleep(50);
     p.kill("SIGKILL"); // no handlers run, nothing cleans up but the watchdog
     await p.exited;
     const killedAt = performance.now() - t0;

@@ -1,0 +1,193 @@
+// Crash safety on the real kernel: an unpack (a real `bun scripts/unpack.ts` process) is killed -9
+// at every step boundary, then the unpack is run again. The re-run must complete, the DB must agree
+// with the pool (thin ids read from a metadata snapshot), nothing may be done twice (a pool change the
+// transaction id proves happened is not repeated; an unproven one is never adopted), and anything
+// the crash left behind is recorded as leaked for GC. Then: five processes asking for one image at
+// once → one build, all five get it.
+import { afterAll, beforeAll, describe, expect, test } from "bun:test";
+import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync } from "node:fs";
+import { join } from "node:path";
+import { loadConfig } from "../../lib/config.ts";
+import * as dmsetup from "../../lib/dm/dmsetup.ts";
+import * as mnt from "../../lib/dm/mount.ts";
+import { runOk } from "../../lib/exec.ts";
+import { activate, release } from "../../lib/pipeline/activate.ts";
+import { checkConsistency } from "../../lib/pipeline/consistency.ts";
+import { type Ctx, makeCtx } from "../../lib/pipeline/context.ts";
+import { unpack } from "../../lib/pipeline/unpack.ts";
+import { getImageByName } from "../../lib/store/images.ts";
+import { listLayers } from "../../lib/store/layers.ts";
+import { listThinIds } from "../../lib/store/thin-ids.ts";
+import { buildLayerTar, writeLayerFamily } from "../helpers/images.ts";
+import { requireDm } from "../helpers/kernel.ts";
+import { type TestPool, makeTestPool } from "../helpers/pool.ts";
+
+requireDm();
+
+const ROOT = join(import.meta.dir, "../..");
+const W = mkdtempSync("/tmp/thinimg-crash-vm-");
+let pool: TestPool;
+let ctx: Ctx;
+
+beforeAll(async () => {
+  pool = await makeTestPool({ dataSize: "1G" });
+  ctx = makeCtx(loadConfig({ stateDir: join(W, "state"), pool: pool.name, virtualSize: "128M", wait: "60s" }, {}), { command: "crash.test" });
+}, 60_000);
+
+afterAll(async () => {
+  for (const m of mnt.mountinfo().filter((e) => e.mountPoint.startsWith(W))) await runOk(["umount", m.mountPoint]).catch(() => {});
+  ctx?.db.close();
+  await pool?.destroy();
+  rmSync(W, { recursive: true, force: true });
+}, 60_000);
+
+/** A distinct 2-layer image per case (nothing shared between cases). */
+function image(tag: string): string {
+  const dir = join(W, "img", tag);
+  const big = new Uint8Array(512 * 1024).map((_, i) => (i * 31 + tag.length) & 0xff);
+  writeLayerFamily(dir, [
+    buildLayerTar([
+      { path: "etc/", type: "dir" },
+      { path: "etc/case", content: `${tag}\n` },
+      { path: "usr/lib/blob", content: big },
+      { path: "gone", content: "removed by layer 2" },
+    ]),
+    buildLayerTar([
+      { path: "layer2", content: `${tag} layer 2\n` },
+      { path: ".wh.gone" },
+    ]),
+  ]);
+  return dir;
+}
+
+function env(extra: Record<string, string> = {}): Record<string, string> {
+  return { ...(process.env as Record<string, string>), THINIMG_STATE_DIR: ctx.cfg.stateDir, THINIMG_POOL: ctx.cfg.pool, THINIMG_VIRTUAL_SIZE: "128M", ...extra };
+}
+
+/** Start a real unpack process that pauses at `at`; resolve once it is there, then kill -9 it. */
+async function crashAt(at: string, script: string[], tag: string): Promise<void> {
+  const marker = join(W, `paused-${tag}`);
+  const p = Bun.spawn(["bun", ...script], {
+    cwd: ROOT,
+    env: env({ THINIMG_TEST_PAUSE_AT: at, THINIMG_TEST_PAUSE_FILE: marker }),
+    stdout: "pipe",
+    stderr: "pipe",
+  });
+  const deadline = Date.now() + 90_000;
+  while (!existsSync(marker)) {
+    if (p.exitCode !== null || Date.now() > deadline) {
+      p.kill(9);
+      const err = await new Response(p.stderr).text();
+      throw new Error(`process never paused at ${at} (exit ${p.exitCode}): ${err.slice(-2000)}`);
+    }
+    await Bun.sleep(50);
+  }
+  expect(readFileSync(marker, "utf8")).toStartWith(at);
+  p.kill(9);
+  await p.exited;
+}
+
+async function contentOf(name: string): Promise<{ caseFile: string; layer2: string; goneExists: boolean }> {
+  const a = await activate(ctx, name);
+  const dir = join(W, `m-${name}`);
+  mkdirSync(dir, { recursive: true });
+  await mnt.mount(a.device_path, dir, { readOnly: true, options: ["noload"] });
+  try {
+    return {
+      caseFile: readFileSync(join(dir, "etc/case"), "utf8"),
+      layer2: readFileSync(join(dir, "layer2"), "utf8"),
+      goneExists: existsSync(join(dir, "gone")),
+    };
+  } finally {
+    await runOk(["umount", dir]);
+    await release(ctx, String(a.snapshot_id));
+  }
+}
+
+// Boundary → what the crash is allowed to leave behind (recorded, for GC). Everything else must
+// resume on the same thin id with no leak at all.
+const CASES: { at: string; leaks: { thin: number; mounts: number } }[] = [
+  { at: "create_thin:intent", leaks: { thin: 0, mounts: 0 } },
+  // create ran, the transaction id was not advanced: unproven → never adopted, recorded orphaned
+  { at: "create_thin:sent", leaks: { thin: 1, mounts: 0 } },
+  { at: "layer:allocated", leaks: { thin: 0, mounts: 0 } },
+  { at: "layer:created", leaks: { thin: 0, mounts: 0 } },
+  { at: "layer:activated", leaks: { thin: 0, mounts: 0 } },
+  { at: "layer:formatted", leaks: { thin: 0, mounts: 0 } },
+  // half-applied layer: that attempt (thin id, active device, mount) is abandoned and recorded
+  { at: "layer:mounted", leaks: { thin: 1, mounts: 1 } },
+  { at: "layer:applied", leaks: { thin: 0, mounts: 0 } },
+  { at: "layer:unmounted", leaks: { thin: 0, mounts: 0 } },
+  { at: "layer:deactivated", leaks: { thin: 0, mounts: 0 } },
+  { at: "create_snap:intent", leaks: { thin: 0, mounts: 0 } },
+  { at: "create_snap:sent", leaks: { thin: 1, mounts: 0 } },
+  { at: "layer:created#2", leaks: { thin: 0, mounts: 0 } },
+];
+
+describe("kill -9 at every step boundary, then re-run", () => {
+  let before = { thin: 0, mounts: 0 };
+  for (const [i, c] of CASES.entries()) {
+    test(c.at, async () => {
+      const tag = `c${i}`;
+      const src = image(tag);
+      await crashAt(c.at, ["scripts/unpack.ts", src, "--name", tag], tag);
+      const r = await unpack(ctx, { source: src, name: tag });
+      expect(r.image.state).toBe("ready");
+      expect(r.layers).toHaveLength(2);
+      const check = await checkConsistency(ctx);
+      expect(check.problems).toEqual([]);
+      const now = { thin: check.leaked.thin_ids.length, mounts: check.leaked.mounts.length };
+      expect({ thin: now.thin - before.thin, mounts: now.mounts - before.mounts }).toEqual(c.leaks);
+      before = now;
+      // committed layers are exactly the two of this image plus earlier cases' (never built twice)
+      expect(listLayers(ctx.db, ctx.cfg.pool).filter((l) => l.state === "committed")).toHaveLength(2 * (i + 1));
+      // the layer devices are not active after commit
+      for (const l of r.layers) expect(await dmsetup.exists(l.device_name)).toBe(false);
+      expect(await contentOf(tag)).toEqual({ caseFile: `${tag}\n`, layer2: `${tag} layer 2\n`, goneExists: false });
+    }, 180_000);
+  }
+
+  test("an activation killed after its create_snap: the next activation works, the id is recorded for GC", async () => {
+    const thinBefore = listThinIds(ctx.db, ctx.cfg.pool).length;
+    await crashAt("activate:created", ["scripts/activate.ts", "c0"], "act");
+    const a = await activate(ctx, "c0"); // also settles the dead activation's intent
+    expect(a.device_path).toStartWith("/dev/mapper/");
+    await release(ctx, String(a.snapshot_id));
+    const check = await checkConsistency(ctx);
+    expect(check.problems).toEqual([]);
+    const ids = listThinIds(ctx.db, ctx.cfg.pool);
+    expect(ids.length).toBe(thinBefore + 2);
+    const dead = ids.at(-2)!;
+    expect(dead.state).toBe("orphaned");
+    expect(dead.reason).toContain("activation interrupted");
+  }, 180_000);
+});
+
+describe("concurrency", () => {
+  test("five processes asking for one image → one build, all five get it", async () => {
+    const src = image("five");
+    const logs = Array.from({ length: 5 }, (_, i) => join(W, `cmds-${i}.jsonl`));
+    const procs = logs.map((log) =>
+      Bun.spawn(["bun", "scripts/unpack.ts", src, "--name", "five", "--json", "--wait", "5m"], {
+        cwd: ROOT,
+        env: env({ THINIMG_CMD_LOG: log }),
+        stdout: "pipe",
+        stderr: "pipe",
+      }),
+    );
+    const outs = await Promise.all(procs.map(async (p) => ({ code: await p.exited, out: await new Response(p.stdout).text(), err: await new Response(p.stderr).text() })));
+    for (const o of outs) expect(o.code, o.err).toBe(0);
+    const results = outs.map((o) => JSON.parse(o.out) as { dm_work: boolean; built: number; waited: boolean; layers: { thin_id: number }[] });
+    expect(results.filter((r) => r.dm_work)).toHaveLength(1);
+    expect(results.filter((r) => r.built > 0).map((r) => r.built)).toEqual([2]);
+    // everyone got the same devices
+    expect(new Set(results.map((r) => r.layers.map((l) => l.thin_id).join(","))).size).toBe(1);
+    // across all five processes, each pool change happened exactly once
+    const creates = logs
+      .flatMap((l) => (existsSync(l) ? readFileSync(l, "utf8").trim().split("\n") : []))
+      .filter((line) => / 0 create_(thin|snap) /.test(line));
+    expect(creates).toHaveLength(2);
+    expect(getImageByName(ctx.db, ctx.cfg.pool, "five")!.state).toBe("ready");
+    expect((await checkConsistency(ctx)).problems).toEqual([]);
+  }, 240_000);
+});
