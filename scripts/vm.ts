@@ -27,10 +27,10 @@ export const vmCommand = defineCommand({
   meta: {
     name: "vm",
     description:
-      "Run CMD inside a User-Mode Linux VM (real dm-thin, loop, dm-flakey, dm-delay; host files; cwd and safelisted env carried in). Exit code is CMD's.",
+      "bun scripts/vm.ts [OPTIONS] -- CMD ARG... — run CMD inside a User-Mode Linux VM (real dm-thin, loop, dm-flakey, dm-delay; host files; cwd and safelisted env carried in). Exit code is CMD's; 124 on timeout; 125 when the VM fails.",
   },
   args: {
-    mem: { type: "string", description: "VM memory (bun needs ≥ 256M)", default: DEFAULT_VM_MEM },
+    mem: { type: "string", description: "VM memory (bun and the test suite run in 128M; more leaves room for page cache)", default: DEFAULT_VM_MEM },
     timeout: { type: "string", description: "Limit for the whole run incl. boot (e.g. 600, 10m); exit 124 when hit", default: "600" },
     verbose: { type: "boolean", alias: "v", description: "Stream kernel console messages to stderr", default: false },
     keep: { type: "boolean", description: "Keep the per-run directory under /tmp (debugging)", default: false },

@@ -5,7 +5,7 @@
 //          released again: that is the only way to read a live pool's metadata).
 // Scans happen BEFORE the DB is read: every pool change is recorded in the DB before it is made, so
 // anything the scans saw that the DB does not know is not work in flight.
-import { existsSync } from "node:fs";
+import { existsSync, readFileSync } from "node:fs";
 import type { Config } from "../config.ts";
 import { errorMessage, ThinimgError } from "../errors.ts";
 import { assertHealthy } from "../health/index.ts";
@@ -67,6 +67,15 @@ const alive = (pid: number, startTime: number | null, host: string | null) => {
   return !staleness({ pid, startTime, host }).stale;
 };
 
+/** The kernel has the device-mapper driver (a /dev/mapper/control node alone proves nothing). */
+function dmInKernel(): boolean {
+  try {
+    return /\bdevice-mapper\b/.test(readFileSync("/proc/misc", "utf8"));
+  } catch {
+    return true; // no /proc: let dmsetup say what is wrong
+  }
+}
+
 export async function runGc(o: GcOptions): Promise<GcReport> {
   const { cfg } = o;
   const pool = cfg.pool;
@@ -91,6 +100,11 @@ export async function runGc(o: GcOptions): Promise<GcReport> {
   };
   const done = (extra: Partial<GcReportInput>) => buildReport({ ...base, ...extra, notes, finishedAt: Date.now() });
 
+  if (!existsSync("/dev/mapper/control") || !dmInKernel()) {
+    throw new ThinimgError("missing", "device-mapper is not available here (no dm driver in this kernel, or /dev/mapper/control missing)", {
+      hint: "run gc on the host that has the pool (modprobe dm-thin-pool), as root",
+    });
+  }
   const opened = openForRun(cfg, o.force);
   const db = opened.db;
   if (opened.note) notes.push(opened.note);

@@ -2,11 +2,8 @@
 // every committed layer / active snapshot exists in the pool, every thin id in the pool is in the
 // ledger, nothing is left pending, and every device and mount of ours is either live or recorded as
 // leaked. Reads the pool's thin ids from a metadata snapshot (reserve → thin_ls → release, always).
-import { readFileSync } from "node:fs";
 import * as dmsetup from "../dm/dmsetup.ts";
 import * as mnt from "../dm/mount.ts";
-import * as pool from "../dm/pool.ts";
-import { thinLs } from "../dm/thintools.ts";
 import { isSelf, staleness } from "../lock/owner.ts";
 import { listDevices } from "../store/devices.ts";
 import { listLayers } from "../store/layers.ts";
@@ -16,29 +13,11 @@ import { listThinIds } from "../store/thin-ids.ts";
 import { listWork, pendingSteps } from "../store/work.ts";
 import type { Ctx } from "./context.ts";
 import { parseDeviceName } from "./names.ts";
-import { inPoolSection } from "./txn.ts";
-
-/** /dev path of a block device given as "major:minor" (thin-pool tables use that form). */
-export function devPathOf(majorMinor: string): string {
-  if (majorMinor.startsWith("/")) return majorMinor;
-  const uevent = readFileSync(`/sys/dev/block/${majorMinor}/uevent`, "utf8");
-  const name = /^DEVNAME=(.+)$/m.exec(uevent)?.[1];
-  if (!name) throw new Error(`no DEVNAME for block device ${majorMinor}`);
-  return `/dev/${name}`;
-}
+import { inPoolSection, readPoolThinIds } from "./txn.ts";
 
 /** Thin ids present in the pool's metadata right now. */
-export async function poolThinIds(ctx: Ctx): Promise<number[]> {
-  const name = ctx.cfg.pool;
-  const meta = devPathOf(pool.parsePoolTable(await dmsetup.table(name)).metaDev);
-  return inPoolSection(ctx, async () => {
-    await pool.reserveMetadataSnap(name);
-    try {
-      return (await thinLs(meta, { metadataSnap: true })).map((e) => e.id).sort((a, b) => a - b);
-    } finally {
-      await pool.releaseMetadataSnap(name);
-    }
-  });
+export function poolThinIds(ctx: Ctx): Promise<number[]> {
+  return inPoolSection(ctx, () => readPoolThinIds(ctx.cfg.pool));
 }
 
 export interface ConsistencyReport {

@@ -136,8 +136,20 @@ export async function buildLayer(ctx: Ctx, input: BuildInput): Promise<BuildResu
         }
         case "allocated": {
           const thinId = l.thin_id!;
+          let settled: "created" | "gone" | null = null;
           try {
             await inPoolSection(ctx, async () => {
+              // the section began by settling dead processes' intents: this id may have just been
+              // proven created (resume) or found in the pool unproven (orphaned: never adopted)
+              const t = getThinId(db, poolName, thinId);
+              if (t?.state === "created") {
+                settled = "created";
+                return;
+              }
+              if (t?.state !== "allocated") {
+                settled = "gone";
+                return;
+              }
               if (input.parent) {
                 // create_snap of an ACTIVE origin would need a suspend; we only snapshot inactive ones
                 const pinfo = await activeDevice(input.parent.device_name!);
@@ -158,6 +170,10 @@ export async function buildLayer(ctx: Ctx, input: BuildInput): Promise<BuildResu
               break;
             }
             throw e;
+          }
+          if (settled === "gone") {
+            abandon("an interrupted create of it could not be proven");
+            break;
           }
           setPhase("created");
           await pause("layer:created");

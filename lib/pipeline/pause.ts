@@ -3,7 +3,7 @@
 // (default <stateDir>/paused-at) and then either sleeps until killed (crash tests kill -9 it there)
 // or, when THINIMG_TEST_PAUSE_CONTINUE names a file, waits for that file to appear, deletes it and
 // carries on (fault tests change the device under it meanwhile).
-import { existsSync, unlinkSync, writeFileSync } from "node:fs";
+import { existsSync, renameSync, unlinkSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 
 const counts = new Map<string, number>();
@@ -17,7 +17,9 @@ export async function pausePoint(step: string, stateDir: string): Promise<void> 
   counts.set(step, seen);
   if (seen !== Number(nth ?? 1)) return;
   const file = process.env.THINIMG_TEST_PAUSE_FILE ?? join(stateDir, "paused-at");
-  writeFileSync(file, `${step} ${process.pid}\n`);
+  // tmp + rename: whoever polls for the file never reads it half-written
+  writeFileSync(`${file}.tmp`, `${step} ${process.pid}\n`);
+  renameSync(`${file}.tmp`, file);
   process.stderr.write(`test hook: paused at ${step} (pid ${process.pid})\n`);
   const cont = process.env.THINIMG_TEST_PAUSE_CONTINUE;
   for (;;) {

@@ -14,6 +14,7 @@ import { ThinimgError } from "../errors.ts";
 import * as dmsetup from "../dm/dmsetup.ts";
 import { isDmError } from "../dm/errors.ts";
 import * as pool from "../dm/pool.ts";
+import { thinLs } from "../dm/thintools.ts";
 import type { PoolStatusOk } from "../dm/status.ts";
 import { poolSection } from "../lock/section.ts";
 import { isSelf, staleness } from "../lock/owner.ts";
@@ -122,6 +123,13 @@ export async function reconcilePending(ctx: Ctx): Promise<number> {
   if (steps.some((s) => (s.name === "create_thin" || s.name === "create_snap") && s.txn_before !== null)) {
     txn = (await pool.poolStatusOk(name)).transactionId;
   }
+  // Unproven creates (transaction id not advanced): the pool's metadata says whether the id exists.
+  // Read it from a metadata snapshot rather than by trying the create again, which would log a
+  // device-mapper error in the kernel log (and trip the dmesg health check).
+  let poolIds: Set<number> | null = null;
+  if (steps.some((s) => (s.name === "create_thin" || s.name === "create_snap") && s.txn_before !== null && txn === s.txn_before && s.work_kind !== "activate")) {
+    poolIds = new Set(await readPoolThinIds(name));
+  }
   for (const s of steps) {
     const isSnapshot = s.work_kind === "activate";
     if ((s.name === "create_thin" || s.name === "create_snap") && s.thin_id !== null) {
@@ -142,11 +150,11 @@ export async function reconcilePending(ctx: Ctx): Promise<number> {
               ? `reconciled: pool transaction id still ${txn}; the ${s.name} may or may not have run`
               : `reconciled: pool transaction id moved to ${txn} (expected ${s.txn_before} or ${s.txn_after}); unconfirmed`;
           endStep(db, s.id, "failed", why);
-          // A layer owner retries the create with the same id (which settles it); a dead activation
-          // has no owner: its id might be in the pool, so GC must look.
-          if (t && t.state === "allocated" && (isSnapshot || txn !== s.txn_before)) {
-            setThinIdState(db, name, s.thin_id!, "orphaned", why);
-          }
+          // Not in the pool → the create never ran: the id stays 'allocated' and its layer owner
+          // creates it on resume. In the pool but unproven → recorded orphaned, never adopted (GC
+          // deletes it). A dead activation has no owner to resume: orphaned either way.
+          const absent = poolIds !== null && !poolIds.has(s.thin_id!);
+          if (t && t.state === "allocated" && !absent) setThinIdState(db, name, s.thin_id!, "orphaned", `${why}; ${poolIds?.has(s.thin_id!) ? "it is in the pool" : "it may be in the pool"}`);
         }
       });
       log.warn(`pool ${name}: interrupted ${s.name} of thin id ${s.thin_id} (pid ${s.work_pid} died) settled`);
@@ -174,6 +182,27 @@ export async function reconcilePending(ctx: Ctx): Promise<number> {
     });
   }
   return steps.length + deadWork.length;
+}
+
+/** /dev path of a block device given as "major:minor" (thin-pool tables use that form). */
+export function devPathOf(majorMinor: string): string {
+  if (majorMinor.startsWith("/")) return majorMinor;
+  const uevent = readFileSync(`/sys/dev/block/${majorMinor}/uevent`, "utf8");
+  const dev = /^DEVNAME=(.+)$/m.exec(uevent)?.[1];
+  if (!dev) throw new ThinimgError("missing", `no /dev name for block device ${majorMinor}`);
+  return `/dev/${dev}`;
+}
+
+/** Thin ids in the pool's metadata (reserve_metadata_snap → thin_ls → release, always released).
+ * Call inside a pool section. */
+export async function readPoolThinIds(poolName: string): Promise<number[]> {
+  const meta = devPathOf(pool.parsePoolTable(await dmsetup.table(poolName)).metaDev);
+  await pool.reserveMetadataSnap(poolName);
+  try {
+    return (await thinLs(meta, { metadataSnap: true })).map((e) => e.id).sort((a, b) => a - b);
+  } finally {
+    await pool.releaseMetadataSnap(poolName);
+  }
 }
 
 /** The pool's major:minor (thin tables name the pool by it). */

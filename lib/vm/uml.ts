@@ -15,7 +15,7 @@ export type Sink = (chunk: Uint8Array) => void;
 
 export interface VmOptions {
   argv: string[];
-  /** VM RAM, e.g. "1G" (bytes as number also accepted). Bun inside needs ≥ 256M; 1G default. */
+  /** VM RAM, e.g. "1G" (bytes as number also accepted). Bun and the VM tests run in 128M; 1G default. */
   mem?: string | number;
   /** Whole-run limit including boot; default 600 s. */
   timeoutMs?: number;
@@ -74,7 +74,7 @@ function umlTmp(): string {
 
 function memArg(mem: string | number): string {
   const bytes = typeof mem === "number" ? mem : parseSize(mem, "--mem");
-  if (bytes < MIN_MEM) throw new ThinimgError("usage", `--mem ${mem} is too small`, { hint: "use at least 256M (1G for bun)" });
+  if (bytes < MIN_MEM) throw new ThinimgError("usage", `--mem ${mem} is too small`, { hint: "use at least 64M (bun needs about 128M; default 1G)" });
   return `${Math.floor(bytes / 1024 ** 2)}M`;
 }
 

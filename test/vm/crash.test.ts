@@ -137,8 +137,9 @@ describe("kill -9 at every step boundary, then re-run", () => {
       const check = await checkConsistency(ctx);
       expect(check.problems).toEqual([]);
       const now = { thin: check.leaked.thin_ids.length, mounts: check.leaked.mounts.length };
-      expect({ thin: now.thin - before.thin, mounts: now.mounts - before.mounts }).toEqual(c.leaks);
+      const delta = { thin: now.thin - before.thin, mounts: now.mounts - before.mounts };
       before = now;
+      expect(delta).toEqual(c.leaks);
       // committed layers are exactly the two of this image plus earlier cases' (never built twice)
       expect(listLayers(ctx.db, ctx.cfg.pool).filter((l) => l.state === "committed")).toHaveLength(2 * (i + 1));
       // the layer devices are not active after commit

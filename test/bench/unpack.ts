@@ -1,0 +1,199 @@
+// Benchmarks for unpack and activate (issue 4), run INSIDE the test VM:
+//   bun scripts/vm.ts --mem 2G --timeout 1800 -- bun test/bench/unpack.ts [--scale 16] [--rss-scale 170] [--skip-rss]
+// (or `bun run bench:unpack`, which does exactly that). Every figure is printed beside a baseline
+// measured in the same VM run:
+//   1. unpack (the CLI, as a user runs it) vs a shell script doing the same dm steps with GNU tar (target ≤ 1.1×)
+//   2. activation vs the raw dmsetup sequence (create_snap + table load)                          (target ≤ 1.2×)
+//   3. re-run of an unpacked image: in-process call and whole CLI                                    (target ≤ 100 ms)
+//   4. second image sharing 3 of 5 layers vs a full unpack                                          (target ≤ 0.4×)
+//   5. peak RSS unpacking a ~1 GB image                                                             (target ≤ 200 MB)
+import { mkdirSync, mkdtempSync, readFileSync, readdirSync, rmSync } from "node:fs";
+import { join } from "node:path";
+import { parseArgs } from "node:util";
+import { loadConfig } from "../../lib/config.ts";
+import { createLoopPool } from "../../lib/dm/loop-pool.ts";
+import { runOk } from "../../lib/exec.ts";
+import { activate } from "../../lib/pipeline/activate.ts";
+import { makeCtx } from "../../lib/pipeline/context.ts";
+import { writeDemoImages } from "../../lib/pipeline/demo-image.ts";
+import { unpack } from "../../lib/pipeline/unpack.ts";
+import { dmAvailable } from "../helpers/kernel.ts";
+
+const { values: flags } = parseArgs({
+  options: {
+    scale: { type: "string", default: "16" },
+    "rss-scale": { type: "string", default: "170" },
+    "skip-rss": { type: "boolean", default: false },
+  },
+});
+const dm = dmAvailable();
+if (!dm.ok) {
+  console.error(`bench: ${dm.reason} — run it in the VM: bun scripts/vm.ts --mem 2G -- bun test/bench/unpack.ts`);
+  process.exit(2);
+}
+
+const GiB = 1024 ** 3;
+const VSIZE = 10 * GiB;
+const root = mkdtempSync("/tmp/thinimg-bench-unpack-");
+const repo = join(import.meta.dir, "../..");
+const results: { name: string; value: string; baseline: string; ratio: string; target: string }[] = [];
+const ms = (n: number) => `${n.toFixed(0)} ms`;
+
+/** Run a command to completion; wall time and the child's peak RSS (VmHWM, polled). */
+async function timed(argv: string[], env: Record<string, string> = {}): Promise<{ ms: number; peakRssKb: number; stdout: string }> {
+  const t0 = performance.now();
+  const p = Bun.spawn(argv, { stdout: "pipe", stderr: "pipe", env: { ...process.env, ...env }, cwd: repo });
+  let peak = 0;
+  const poll = setInterval(() => {
+    try {
+      const m = /VmHWM:\s+(\d+) kB/.exec(readFileSync(`/proc/${p.pid}/status`, "utf8"));
+      if (m) peak = Math.max(peak, Number(m[1]));
+    } catch {}
+  }, 20);
+  const [stdout, stderr] = await Promise.all([new Response(p.stdout).text(), new Response(p.stderr).text(), p.exited]);
+  clearInterval(poll);
+  const elapsed = performance.now() - t0;
+  if (p.exitCode !== 0) throw new Error(`${argv.join(" ")} failed (${p.exitCode}): ${stderr.trim().split("\n").slice(-3).join(" | ")}`);
+  return { ms: elapsed, peakRssKb: peak, stdout };
+}
+
+function layersOf(dir: string): string[] {
+  return readdirSync(dir)
+    .filter((f) => /^\d+\.tar$/.test(f))
+    .sort((a, b) => Number.parseInt(a, 10) - Number.parseInt(b, 10))
+    .map((f) => join(dir, f));
+}
+
+/** The same dm steps as thinimg's unpack, by hand: the baseline a careful operator would script. */
+function shellUnpackScript(pool: string, layers: string[], firstId: number, mnt: string): string {
+  const sectors = VSIZE / 512;
+  const lines = ["set -e", "export DM_DISABLE_UDEV=1", `mkdir -p ${mnt}`];
+  layers.forEach((tar, i) => {
+    const id = firstId + i;
+    const name = `bench-${pool}-${id}`;
+    lines.push(
+      i === 0 ? `dmsetup --noudevsync message ${pool} 0 "create_thin ${id}"` : `dmsetup --noudevsync message ${pool} 0 "create_snap ${id} ${id - 1}"`,
+      `dmsetup --noudevsync create ${name} --table "0 ${sectors} thin /dev/mapper/${pool} ${id}"`,
+      ...(i === 0 ? [`mkfs.ext4 -q -F -E nodiscard,lazy_itable_init=0,lazy_journal_init=0 /dev/mapper/${name}`] : []),
+      `mount -o nosuid,nodev,noatime /dev/mapper/${name} ${mnt}`,
+      `tar -x -p --same-owner --numeric-owner --xattrs --xattrs-include='*' -f ${tar} -C ${mnt}`,
+      `sync -f ${mnt}`,
+      `umount ${mnt}`,
+      `dmsetup --noudevsync remove ${name}`,
+    );
+  });
+  return lines.join("\n");
+}
+
+async function main() {
+  const scale = Number(flags.scale);
+  console.error(`bench: generating images (scale ${scale}) under ${root}`);
+  const imgs = await writeDemoImages(join(root, "img"), { scale, apps: ["alpha", "beta"] });
+  const [alpha, beta] = imgs.families as [{ name: string; dir: string }, { name: string; dir: string }];
+  const pool = `bench${process.pid}`;
+  mkdirSync(join(root, "pool"));
+  await createLoopPool({ dir: join(root, "pool"), name: pool, dataSize: 8 * GiB, metaSize: 128 * 1024 ** 2 });
+  const stateDir = join(root, "state");
+  const cli = (script: string, ...args: string[]) => ["bun", join(repo, "scripts", script), ...args, "--pool", pool, "--state-dir", stateDir, "--json"];
+
+  // Warm the page cache for both readers alike.
+  for (const f of [...layersOf(alpha.dir), ...layersOf(beta.dir)]) await Bun.file(f).arrayBuffer();
+
+  // 1. full unpack vs shell + GNU tar (same layers, same pool, other thin ids)
+  const shell = await timed(["bash", "-c", shellUnpackScript(pool, layersOf(alpha.dir), 100_000, join(root, "mnt-shell"))]);
+  const full = await timed(cli("unpack.ts", alpha.dir, "--name", "alpha"));
+  results.push({
+    name: `unpack 5 layers (${(imgs.bytes[0]! / 1024 ** 2).toFixed(0)} MiB of tar)`,
+    value: ms(full.ms),
+    baseline: `${ms(shell.ms)} shell+GNU tar`,
+    ratio: `${(full.ms / shell.ms).toFixed(2)}×`,
+    target: "≤ 1.1×",
+  });
+
+  // 3. re-run: whole CLI, and the in-process call (what the CLI does after bun has started)
+  const rerunCli = await timed(cli("unpack.ts", alpha.dir, "--name", "alpha"));
+  const cfg = loadConfig({ stateDir, pool });
+  const ctx = makeCtx(cfg, { command: "bench" });
+  const r0 = performance.now();
+  const again = await unpack(ctx, { source: alpha.dir, name: "alpha" });
+  const rerunInProc = performance.now() - r0;
+  if (again.dm_work) throw new Error("re-run did dm work");
+  const bunStart = await timed(["bun", "-e", "0"]);
+  results.push({
+    name: "re-run of an unpacked image (in-process)",
+    value: ms(rerunInProc),
+    baseline: "-",
+    ratio: "-",
+    target: "≤ 100 ms",
+  });
+  results.push({
+    name: "re-run of an unpacked image (whole CLI)",
+    value: ms(rerunCli.ms),
+    baseline: `${ms(bunStart.ms)} bare \`bun -e 0\``,
+    ratio: `${(rerunCli.ms / bunStart.ms).toFixed(2)}×`,
+    target: "≤ 100 ms + runtime start",
+  });
+
+  // 4. second image sharing layers 1-3
+  const second = await timed(cli("unpack.ts", beta.dir, "--name", "beta"));
+  const j = JSON.parse(second.stdout) as { reused: number; built: number };
+  results.push({
+    name: `second image sharing 3 of 5 layers (reused ${j.reused}, built ${j.built})`,
+    value: ms(second.ms),
+    baseline: `${ms(full.ms)} full unpack`,
+    ratio: `${(second.ms / full.ms).toFixed(2)}×`,
+    target: "≤ 0.4×",
+  });
+
+  // 2. activation vs raw dmsetup (best of 5 each; same top layer)
+  const topThin = (await unpack(ctx, { source: alpha.dir, name: "alpha" })).layers.at(-1)!.thin_id;
+  const ours: number[] = [];
+  const raw: number[] = [];
+  for (let i = 0; i < 5; i++) {
+    const id = 200_000 + i;
+    const t0 = performance.now();
+    await runOk(["bash", "-c", `export DM_DISABLE_UDEV=1; dmsetup --noudevsync message ${pool} 0 "create_snap ${id} ${topThin}" && dmsetup --noudevsync create raw-${pool}-${id} --table "0 ${VSIZE / 512} thin /dev/mapper/${pool} ${id}"`]);
+    raw.push(performance.now() - t0);
+    const t1 = performance.now();
+    await activate(ctx, "alpha");
+    ours.push(performance.now() - t1);
+  }
+  const best = (a: number[]) => Math.min(...a);
+  results.push({
+    name: "activate (in-process; incl. health checks)",
+    value: ms(best(ours)),
+    baseline: `${ms(best(raw))} raw dmsetup`,
+    ratio: `${(best(ours) / best(raw)).toFixed(2)}×`,
+    target: "≤ 1.2×",
+  });
+  const t2 = performance.now();
+  for (let i = 0; i < 3; i++) await activate(ctx, "alpha", { skipHealth: true });
+  const noHealth = (performance.now() - t2) / 3;
+  results.push({ name: "activate (in-process, health checks skipped)", value: ms(noHealth), baseline: `${ms(best(raw))} raw dmsetup`, ratio: `${(noHealth / best(raw)).toFixed(2)}×`, target: "-" });
+  ctx.db.close();
+
+  // 5. peak RSS on a ~1 GB image
+  if (!flags["skip-rss"]) {
+    const big = await writeDemoImages(join(root, "big"), { scale: Number(flags["rss-scale"]), apps: ["gamma"] });
+    const gamma = big.families[0]!;
+    const r = await timed(cli("unpack.ts", gamma.dir, "--name", "gamma"));
+    results.push({
+      name: `peak RSS unpacking ${(big.bytes[0]! / 1024 ** 3).toFixed(2)} GiB image`,
+      value: `${(r.peakRssKb / 1024).toFixed(0)} MB`,
+      baseline: `${(bunStart.peakRssKb / 1024).toFixed(0)} MB bare bun`,
+      ratio: "-",
+      target: "≤ 200 MB",
+    });
+  }
+
+  console.log("\nthinimg unpack/activate benchmark (inside the test VM)");
+  const w = Math.max(...results.map((r) => r.name.length));
+  for (const r of results) console.log(`  ${r.name.padEnd(w)}  ${r.value.padStart(9)}  vs ${r.baseline.padEnd(32)} ${r.ratio.padStart(6)}  target ${r.target}`);
+}
+
+try {
+  await main();
+} finally {
+  // the pool's devices end with the VM; its backing files and the images are only scratch
+  rmSync(root, { recursive: true, force: true });
+}
