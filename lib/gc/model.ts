@@ -47,7 +47,7 @@ export interface MetaScan {
   blockBytes: number;
   /** A metadata snapshot was already held when we looked (a previous run died holding it?). */
   staleHold: { heldRoot: number; released: boolean } | null;
-  skipped: { reason: "stale_metadata_snap" | "metadata_snap_busy" | "scan_failed"; detail: string } | null;
+  skipped: { reason: "stale_metadata_snap" | "metadata_snap_busy" | "pool_not_rw" | "scan_failed"; detail: string } | null;
   metaDev: string | null;
 }
 

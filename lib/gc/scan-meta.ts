@@ -58,6 +58,10 @@ export async function scanMeta(pool: string, o: ScanMetaOptions): Promise<MetaSc
       st = await poolStatusOk(pool, { timeoutMs, ctx });
     }
   }
+  if (st.mode !== "rw" || st.needsCheck) {
+    // a read-only pool refuses reserve_metadata_snap (EOPNOTSUPP); GC will not act on it anyway
+    return { ...base, skipped: { reason: "pool_not_rw", detail: `pool ${pool} is ${st.needsCheck ? "flagged needs_check" : `in ${st.mode} mode`}: its metadata cannot be snapshotted` } };
+  }
   if (st.heldRoot !== null) {
     if (!o.releaseStale) {
       return {
@@ -81,7 +85,8 @@ export async function scanMeta(pool: string, o: ScanMetaOptions): Promise<MetaSc
     if (isDmError(e, "busy") || isDmError(e, "exists")) {
       return { ...base, skipped: { reason: "metadata_snap_busy", detail: `pool ${pool}: metadata snapshot taken by someone else: ${errorMessage(e)}` } };
     }
-    throw e;
+    if (isDmError(e, "timeout")) throw e;
+    return { ...base, skipped: { reason: "scan_failed", detail: `reserve_metadata_snap failed: ${errorMessage(e)}` } };
   }
   try {
     try {

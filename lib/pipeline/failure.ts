@@ -34,7 +34,9 @@ export function isPermanent(errorKind: string | null): boolean {
 /** The one-line error the user sees: what failed, why, what was left in place, and the GC command. */
 export function failure(what: string, e: unknown, leaks: Leak[], override?: { kind?: ErrorKind; message?: string }): ThinimgError {
   const c = classify(e);
-  const msg = `${what}: ${override?.message ?? errorMessage(e)}`;
+  const inner = override?.message ?? errorMessage(e);
+  // the applier already says "layer 2/5 (…): entry …": don't say the layer twice
+  const msg = inner.startsWith(`${what}:`) ? inner : `${what}: ${inner}`;
   const base = e instanceof ThinimgError ? e.hint : undefined;
   const hint = leaks.length
     ? `left in place (nothing was cleaned up): ${describeLeaks(leaks)}; ${GC_HINT}${base ? `; ${base}` : ""}`

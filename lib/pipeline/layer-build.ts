@@ -64,7 +64,8 @@ function heldResources(l: LayerRow, mountPath: string | null): Leak[] {
   const leaks: Leak[] = [];
   const order: LayerPhase[] = ["new", "allocated", "created", "activated", "formatted", "mounted", "applied", "unmounted", "deactivated", "committed"];
   const at = order.indexOf(l.phase);
-  if (l.thin_id !== null && at >= order.indexOf("allocated")) leaks.push({ kind: "thin_id", ref: l.thin_id, reason: `layer ${l.chain_id} build failed at ${l.phase}` });
+  // an id whose create never succeeded is not a leak (the re-run creates that same id)
+  if (l.thin_id !== null && at >= order.indexOf("created")) leaks.push({ kind: "thin_id", ref: l.thin_id, reason: `layer ${l.chain_id} build failed at ${l.phase}` });
   if (l.device_name && at >= order.indexOf("activated") && at < order.indexOf("deactivated")) leaks.push({ kind: "device", ref: l.device_name, reason: "layer build failed" });
   if (mountPath && at >= order.indexOf("mounted") && at < order.indexOf("unmounted")) leaks.push({ kind: "mount", ref: mountPath, reason: "layer build failed" });
   return leaks;

@@ -164,6 +164,7 @@ async function unpackLocked(ctx: Ctx, name: string, o: UnpackOptions, t0: number
       );
       const reused = !result.built;
       if (!reused) built++;
+      ctx.progress?.done(); // the log line must not land in the middle of the progress line
       log.info(`layer ${label}: ${reused ? "reused" : "built"} ${result.layer.device_name}${result.abandoned ? ` (${result.abandoned} interrupted attempt(s) left for GC)` : ""}`);
       out.push(layerOut(i, result.layer, reused));
       parent = result.layer;

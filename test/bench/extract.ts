@@ -197,6 +197,21 @@ const umoci: Runner = async (dest) => {
   return timedCmd(["umoci", "unpack", "--image", `${IMAGE}:${TAG}`, dest]);
 };
 
+/** Compare two trees: type, mode, owner, size, mtime (s), link target, link count, content. */
+async function sameTree(a: string, b: string): Promise<string> {
+  const list = async (d: string) => {
+    const meta = await sh(["sh", "-c", `cd '${d}' && find . -printf '%y %m %U:%G %s %T@ %n %p -> %l\\n' | sort -k7`]);
+    const sums = await sh(["sh", "-c", `cd '${d}' && find . -type f -print0 | sort -z | xargs -0 sha256sum`]);
+    // find prints fractional mtimes; compare whole seconds, as the fidelity test does
+    return { meta: meta.replace(/ (\d+)\.\d+ /g, " $1 ").split("\n"), sums };
+  };
+  const [x, y] = [await list(a), await list(b)];
+  if (x.sums !== y.sums) return "DIFFERENT (file contents)";
+  const diff = x.meta.filter((l, i) => l !== y.meta[i]);
+  if (diff.length > 0 || x.meta.length !== y.meta.length) return `DIFFERENT (${diff.length} entries, e.g. ${diff[0]})`;
+  return `identical (${x.meta.length - 1} entries)`;
+}
+
 interface Contender {
   name: string;
   fn: Runner;
@@ -245,6 +260,7 @@ async function main(): Promise<void> {
   const thin = c("thinimg plain", thinimg(ls, false), "thin");
   const um = c("umoci unpack", umoci, "umoci");
   await race([tarGz, thinGz, tar, thin, um]);
+  const same = await sameTree(`${out}/thin-${runSeq - 2}`, `${out}/umoci-${runSeq - 1}/rootfs`);
   await sh(["rm", "-rf", out]);
 
   const s = (ms: number) => `${(ms / 1000).toFixed(3)} s`;
@@ -260,6 +276,7 @@ async function main(): Promise<void> {
   console.log(
     `ratio (thinimg / GNU tar, wall time, best of ${RUNS}): ${x(thinGz.best, tarGz.best)} from the blobs, ${x(thin.best, tar.best)} apply only`,
   );
+  console.log(`thinimg's tree vs umoci unpack's: ${same}`);
   console.log(`load average (1 min) at start ${load0.toFixed(2)}, at end ${loadavg()[0]!.toFixed(2)} on ${cpus().length} CPUs`);
 }
 

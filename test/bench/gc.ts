@@ -200,6 +200,9 @@ try {
   console.log(`--force:   ${fmt(force.ms)} wall (${fmt(force.r.duration_ms)} inside gc), ${done} removed, ${(force.r.duration_ms / n).toFixed(1)} ms/id, exit ${force.code}`);
   console.log(`baseline:  ${fmt(baseMs)} for ${n} raw \`dmsetup message delete\` (${(baseMs / n).toFixed(1)} ms/id; ${fmt(base1)} before and ${fmt(base2)} after the --force run)`);
   console.log(`ratio:     --force / baseline = ${(force.ms / baseMs).toFixed(2)}x wall, ${(force.r.duration_ms / baseMs).toFixed(2)}x inside gc`);
+  // drift-proof: the same run's own delete commands, timed by lib/exec, against the whole run
+  const ownDeletes = force.cmds.get("dmsetup message delete")?.[1] ?? 0;
+  console.log(`overhead:  --force inside gc / its own ${n} delete commands = ${(force.r.duration_ms / ownDeletes).toFixed(2)}x (${fmt(force.r.duration_ms - ownDeletes)} for scans, health, pool checks, ledger)`);
   console.log(`commands:  dry-run: ${cmdSummary(dry)}`);
   console.log(`           --force: ${cmdSummary(force)}`);
   console.log(`data use:  ${before.dataUsed} → ${after.dataUsed} blocks; second --force: ${again.r.orphans.length} orphans (${fmt(again.ms)})`);

@@ -101,7 +101,18 @@ async function main() {
 
   // 1. full unpack vs shell + GNU tar (same layers, same pool, other thin ids)
   const shell = await timed(["bash", "-c", shellUnpackScript(pool, layersOf(alpha.dir), 100_000, join(root, "mnt-shell"))]);
-  const full = await timed(cli("unpack.ts", alpha.dir, "--name", "alpha"));
+  const cmdLog = join(root, "cmd.log");
+  const full = await timed(cli("unpack.ts", alpha.dir, "--name", "alpha"), { THINIMG_CMD_LOG: cmdLog });
+  const recs = readFileSync(cmdLog, "utf8").trim().split("\n").map((l) => JSON.parse(l) as { command: string; duration_ms: number });
+  const byTool = new Map<string, { n: number; ms: number }>();
+  for (const r of recs) {
+    const tool = r.command.split(" ").filter((w) => !w.startsWith("-"))[0] === "dmsetup" ? `dmsetup ${r.command.split(" ").find((w, i) => i > 0 && !w.startsWith("-"))}` : r.command.split(" ")[0]!;
+    const t = byTool.get(tool) ?? { n: 0, ms: 0 };
+    t.n++;
+    t.ms += r.duration_ms;
+    byTool.set(tool, t);
+  }
+  const shellCmds = shellUnpackScript(pool, layersOf(alpha.dir), 0, "/x").split("\n").length - 3;
   results.push({
     name: `unpack 5 layers (${(imgs.bytes[0]! / 1024 ** 2).toFixed(0)} MiB of tar)`,
     value: ms(full.ms),
@@ -109,6 +120,9 @@ async function main() {
     ratio: `${(full.ms / shell.ms).toFixed(2)}×`,
     target: "≤ 1.1×",
   });
+
+  console.log(`\nunpack ran ${recs.length} external commands (${ms(recs.reduce((a, r) => a + r.duration_ms, 0))}); the shell baseline runs ${shellCmds}:`);
+  for (const [tool, t] of [...byTool].sort((a, b) => b[1].ms - a[1].ms)) console.log(`  ${tool.padEnd(24)} ${String(t.n).padStart(4)}×  ${ms(t.ms).padStart(9)}`);
 
   // 3. re-run: whole CLI, and the in-process call (what the CLI does after bun has started)
   const rerunCli = await timed(cli("unpack.ts", alpha.dir, "--name", "alpha"));

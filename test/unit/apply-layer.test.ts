@@ -153,10 +153,14 @@ describe("entries and metadata", () => {
   });
 
   test("lower directories this layer only writes into keep their times", async () => {
-    await apply(tar(dir("etc", { mtime: T1 }), file("etc/a", "a", { mtime: T1 })));
-    await apply(tar(file("etc/b", "b", { mtime: T2 }), whiteout("etc", "a")));
+    await apply(
+      tar(dir("etc", { mtime: T1 }), file("etc/a", "a", { mtime: T1 }), dir("etc/tree/sub/deeper"), dir("./", { mtime: T1 })),
+    );
+    await apply(tar(file("etc/b", "b", { mtime: T2 }), whiteout("etc", "a"), whiteout("etc", "tree")));
     expect(ls("etc")).toEqual(["b"]);
     expect(mtime("etc")).toBe(T1);
+    expect(mtime("")).toBe(T1); // removing a tree uses a scratch dir in the root: no trace left
+    expect(ls()).toEqual(["etc"]);
   });
 
   test("the root entry sets the root's metadata; a dir with parents missing gets them (0755)", async () => {
@@ -311,6 +315,32 @@ describe("limits and errors", () => {
 
     e = await fails(Buffer.from("this is not a tar archive at all, just text ".repeat(30)));
     expect(e.message).toBe("layer L: not a tar archive (header checksum mismatch at offset 0)");
+  });
+
+  test("a failing source is one input line; an aborted apply cancels the source", async () => {
+    async function* broken() {
+      yield file("a", "x");
+      throw new TypeError("connection reset");
+    }
+    const e = await applyLayer(broken(), root, { layerLabel: "L" }).catch((x) => x);
+    expect(e).toBeInstanceOf(ThinimgError);
+    expect(e.message).toBe("layer L: reading the layer failed: connection reset");
+
+    let cancelled = false;
+    let pulls = 0;
+    const src = new ReadableStream<Uint8Array>({
+      pull(c) {
+        pulls++;
+        c.enqueue(pulls === 1 ? file("../x", "x") : Buffer.alloc(512));
+      },
+      cancel() {
+        cancelled = true;
+      },
+    });
+    const e2 = await applyLayer(src, root, { layerLabel: "L" }).catch((x) => x);
+    expect(e2.kind).toBe("policy");
+    expect(cancelled).toBe(true);
+    expect(pulls).toBeLessThan(10); // read-ahead is bounded
   });
 
   test("an empty stream and an archive without end marker are valid (as Go reads them)", async () => {

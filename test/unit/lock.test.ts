@@ -47,7 +47,12 @@ function captureWarnings(): { lines: string[]; stop(): void } {
   log.warn = ((...a: unknown[]) => {
     lines.push(a.map(String).join(" "));
   }) as typeof log.warn;
-  return { lines, stop: () => void (log.warn = orig) };
+  return {
+    lines,
+    stop: () => {
+      log.warn = orig;
+    },
+  };
 }
 
 describe("process lock file", () => {

@@ -475,12 +475,16 @@ describe("locks and a stale metadata hold", () => {
       const r = await act([orphan], { pool: p.name });
       expect(r.stopped?.reason).toBe("pool_not_rw");
       expect(r.results[0]!.outcome).toBe("not_run");
-      expect(await thinIds()).toContain(802);
+      // a dry-run still reports, without the metadata scan (a ro pool refuses reserve_metadata_snap)
+      const dry = await gc();
+      expect(dry.code).toBe(1);
+      expect(dry.r.scan.metadata_skipped).toContain("pool_not_rw");
     } finally {
       await dmsetup.reload(p.name, dmpool.poolTable(params));
       await dmsetup.resume(p.name);
     }
     expect((await dmpool.poolStatusOk(p.name)).mode).toBe("rw");
+    expect(await thinIds()).toContain(802);
     // the kernel logged the mode changes; the health check blocks once on those lines, then passes
     let last = await gc("--force");
     for (let i = 0; i < 2 && last.r.refused; i++) last = await gc("--force");

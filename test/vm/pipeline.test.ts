@@ -10,6 +10,7 @@ import { loadConfig } from "../../lib/config.ts";
 import * as dmsetup from "../../lib/dm/dmsetup.ts";
 import * as mnt from "../../lib/dm/mount.ts";
 import { type CmdRecord, onCommandRecord, runOk } from "../../lib/exec.ts";
+import { runHealthChecks } from "../../lib/health/index.ts";
 import { lgetxattr, llistxattr } from "../../lib/image/apply/libc.ts";
 import { activate, release } from "../../lib/pipeline/activate.ts";
 import { checkConsistency } from "../../lib/pipeline/consistency.ts";
@@ -31,7 +32,10 @@ const ctxs: Ctx[] = [];
 async function freshCtx(tag: string, o: { dataSize?: string } = {}): Promise<{ ctx: Ctx; pool: TestPool }> {
   const pool = await makeTestPool({ dataSize: o.dataSize ?? "512M" });
   pools.push(pool);
-  const cfg = loadConfig({ stateDir: join(W, `state-${tag}`), pool: pool.name, virtualSize: "256M", wait: "60s" }, {});
+  const stateDir = join(W, `state-${tag}`);
+  // fault tests that ran earlier in this VM left kernel errors: start the dmesg cursor after them
+  await runHealthChecks({ stateDir, pool: null });
+  const cfg = loadConfig({ stateDir, pool: pool.name, virtualSize: "256M", wait: "60s" }, {});
   const ctx = makeCtx(cfg, { command: `pipeline.test ${tag}` });
   ctxs.push(ctx);
   return { ctx, pool };

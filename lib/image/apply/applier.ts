@@ -351,7 +351,7 @@ export class Applier implements TarSink {
    * ~12 s on a 1024-deep chain; a hostile layer could repeat that ~100 times).
    */
   private removeDir(abs: string): void {
-    const scratch = this.makeScratch();
+    let scratch: string | null = null;
     let n = 0;
     const queue = [abs];
     try {
@@ -361,6 +361,7 @@ export class Applier implements TarSink {
           const p = `${d}/${de.name}`;
           const isDir = de.isDirectory() || (!de.isSymbolicLink() && !de.isFile() && lstatSync(p).isDirectory());
           if (isDir) {
+            scratch ??= this.makeScratch();
             const t = `${scratch}/${n++}`;
             renameSync(p, t);
             queue.push(t);
@@ -371,11 +372,12 @@ export class Applier implements TarSink {
         rmdirSync(d);
       }
     } finally {
-      rmdirSync(scratch);
+      if (scratch !== null) rmdirSync(scratch);
     }
   }
 
   private makeScratch(): string {
+    this.touchParent(""); // the scratch comes and goes in the root: its times are restored at the end
     for (let i = 0; ; i++) {
       const p = `${this.fs.root}/.thinimg-rm-${process.pid}-${Math.random().toString(36).slice(2)}`;
       try {

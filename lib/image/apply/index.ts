@@ -100,10 +100,17 @@ function checkRoot(root: string, label: string): string {
   return real;
 }
 
+/** An error raised by the input stream itself (not by the archive or the filesystem). */
+class SourceError extends Error {
+  constructor(readonly original: unknown) {
+    super(errorMessage(original));
+  }
+}
+
 /**
- * Chunks of the input, pulled one at a time: the next chunk is read only when the previous one has
- * been written out (backpressure for free). Input is drained past the tar end marker so that the
- * source can verify its digest at EOF; an error cancels the source.
+ * Chunks of the input. Nothing more is read while a chunk is being written out beyond the small
+ * read-ahead (backpressure for free). Input is drained past the tar end marker so that the source
+ * can verify its digest at EOF; an error cancels the source.
  */
 async function* chunks(input: Input): AsyncGenerator<Uint8Array> {
   if (input instanceof ReadableStream) {
@@ -123,7 +130,12 @@ async function* chunks(input: Input): AsyncGenerator<Uint8Array> {
       };
       fill();
       for (;;) {
-        const res = await pending.shift()!;
+        let res: Awaited<ReturnType<typeof r.read>>;
+        try {
+          res = await pending.shift()!;
+        } catch (e) {
+          throw new SourceError(e);
+        }
         if (res.done) {
           done = true;
           return;
@@ -136,7 +148,26 @@ async function* chunks(input: Input): AsyncGenerator<Uint8Array> {
       r.releaseLock();
     }
   } else {
-    yield* input;
+    const it = input[Symbol.asyncIterator]();
+    let done = false;
+    try {
+      for (;;) {
+        let res: IteratorResult<Uint8Array>;
+        try {
+          res = await it.next();
+        } catch (e) {
+          done = true; // a failed iterator is finished
+          throw new SourceError(e);
+        }
+        if (res.done) {
+          done = true;
+          return;
+        }
+        yield res.value;
+      }
+    } finally {
+      if (!done) await it.return?.();
+    }
   }
 }
 
@@ -153,7 +184,16 @@ const FS_HINTS: Record<string, string> = {
 
 function toThinimgError(e: unknown, label: string, entry: string | null): unknown {
   const where = entry === null ? `layer ${label}` : `layer ${label}: entry ${displayName(entry)}`;
-  if (e instanceof ThinimgError) return e; // from the source: digest, decompression bomb, transport
+  if (e instanceof SourceError) {
+    // digest mismatch, decompression bomb, transport: the source says what was wrong
+    if (e.original instanceof ThinimgError) return e.original;
+    return new ThinimgError("input", `layer ${label}: reading the layer failed: ${e.message}`, {
+      hint: "the layer data could not be read; fetch the image again",
+      details: { layer: label },
+      cause: e.original,
+    });
+  }
+  if (e instanceof ThinimgError) return e;
   if (e instanceof RuleError) {
     return new ThinimgError(e.kind, `${where}: ${e.rule}`, {
       hint: e.hint,
