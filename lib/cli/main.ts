@@ -62,17 +62,26 @@ export async function runMain<T extends ArgsDef>(cmd: CommandDef<T>, rawArgs = p
     }
     rejectUnknown(rawArgs, await knownFlags(cmd as CommandDef<ArgsDef>));
     await runCommand(cmd, { rawArgs });
+    await flushStdout();
     process.exit(process.exitCode ?? 0);
   } catch (e) {
     // citty's own errors (missing required positional, bad enum) are usage errors
     const err =
       e instanceof Error && e.name === "CLIError" ? usageError(e.message.replace(/\.$/, "")) : e;
     log.debug(err);
+    await flushStdout();
     process.exit(reportError(err, json));
   }
 }
 
-/** Write a JSON document to stdout (the only thing that goes there). */
+// Writes still in flight: process.exit() would cut a piped stdout off at the pipe buffer (64 KiB).
+const pendingWrites: Promise<unknown>[] = [];
+
+/** Write a JSON document to stdout (the only thing that goes there); runMain waits for it. */
 export function printJson(data: unknown): void {
-  process.stdout.write(`${JSON.stringify(data, null, 2)}\n`);
+  pendingWrites.push(Bun.write(Bun.stdout, `${JSON.stringify(data, null, 2)}\n`));
+}
+
+async function flushStdout(): Promise<void> {
+  await Promise.allSettled(pendingWrites.splice(0));
 }

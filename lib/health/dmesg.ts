@@ -33,6 +33,9 @@ export function parseKmsgRecord(raw: string): KmsgRecord | null {
 const RULES: { re: RegExp; status: Exclude<CheckStatus, "ok"> | "ignore"; what: string }[] = [
   // table-load/ioctl complaints come from a rejected userspace command, not from a sick pool
   { re: /device-mapper: (ioctl|table|uevent):/i, status: "ignore", what: "" },
+  // a refused pool message (create on an existing id, delete of a missing/busy one): the caller
+  // already got the error; it says nothing about the pool's health
+  { re: /device-mapper: thin: .*(Creation of new (thinly-provisioned device|snapshot)|Deletion of thin device).* failed/i, status: "warn", what: "pool message refused" },
   { re: /device-mapper: thin: .*switching pool to write mode/i, status: "warn", what: "pool left a degraded mode" },
   { re: /device-mapper: thin: .*switching pool to (read-only|fail|out-of-data-space)/i, status: "block", what: "pool changed mode" },
   { re: /device-mapper: thin: .*(metadata operation .* failed|aborting current metadata transaction|commit failed)/i, status: "block", what: "thin metadata failure" },

@@ -8,7 +8,7 @@ export const RUNBOOK = {
   noDm: `run on a host whose kernel has device-mapper (modprobe dm-thin-pool) with dmsetup installed (apt-get install dmsetup thin-provisioning-tools); in development use \`bun scripts/vm.ts -- …\` (${DOC}#pool-exists)`,
   poolFailed: `stop dm work; read \`dmesg\`; then \`bun ops/recover-pool.ts --dir <pool dir>\` (runs thin_check first; --repair only as it instructs) (${DOC}#pool-status)`,
   poolReadOnly: `the kernel put the pool in read-only mode after a metadata error: stop dm work, then \`bun ops/recover-pool.ts --dir <pool dir>\` (thin_check, --repair if told) (${DOC}#pool-mode)`,
-  poolOutOfData: `pool is out of data space: free space with \`bun scripts/gc.ts --force\` or extend the data device, then reload the pool (${DOC}#pool-mode)`,
+  poolOutOfData: `pool is out of data space: extend the data device and reload the pool (GC cannot run until the pool is rw again), then \`bun scripts/gc.ts --force\` (${DOC}#pool-mode)`,
   poolNeedsCheck: `metadata flagged needs_check: take the pool offline and run \`bun ops/recover-pool.ts --dir <pool dir>\` (thin_check, then --repair if told) (${DOC}#pool-needs-check)`,
   poolData: `free data space (\`bun scripts/gc.ts --force\` removes released images) or extend the pool's data device (${DOC}#pool-data)`,
   poolMeta: `free metadata (\`bun scripts/gc.ts --force\`) or grow the metadata device; a full metadata device turns the pool read-only (${DOC}#pool-metadata)`,

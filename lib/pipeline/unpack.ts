@@ -3,8 +3,6 @@
 // lookup: no resolve, no dm work.
 import { basename } from "node:path";
 import { ThinimgError } from "../errors.ts";
-import { preflight as assertHealthy } from "./preflight.ts";
-import { resolveImage } from "../image/resolve.ts";
 import type { LayerRef, ResolvedImage } from "../image/types.ts";
 import { acquireNamedLock, withNamedLock } from "../lock/named-lock.ts";
 import { log } from "../log.ts";
@@ -16,7 +14,7 @@ import { finishWork, startWork } from "../store/work.ts";
 import { chainIds, identityOf } from "./chain.ts";
 import type { Ctx } from "./context.ts";
 import { isPermanent } from "./failure.ts";
-import { type BuildResult, buildLayer } from "./layer-build.ts";
+import type { BuildResult } from "./layer-build.ts";
 import { assertImageName } from "./names.ts";
 
 export interface UnpackOptions {
@@ -110,6 +108,13 @@ export async function unpack(ctx: Ctx, o: UnpackOptions): Promise<UnpackResult> 
 
 async function unpackLocked(ctx: Ctx, name: string, o: UnpackOptions, t0: number, waited: boolean): Promise<UnpackResult> {
   const { db, cfg } = ctx;
+  // Loaded only when there is work: a re-run of a ready image never pays for the image/dm/health
+  // modules (on the test VM's hostfs every module file costs a few ms to load).
+  const [{ resolveImage }, { buildLayer }, { preflight: assertHealthy }] = await Promise.all([
+    import("../image/resolve.ts"),
+    import("./layer-build.ts"),
+    import("./preflight.ts"),
+  ]);
   ctx.progress?.stage(`resolve ${o.source}`);
   const resolved: ResolvedImage = await resolveImage(o.source, {
     stateDir: cfg.stateDir,
