@@ -11,6 +11,7 @@ import { outputArgs } from "../lib/cli/args.ts";
 import { runMain } from "../lib/cli/main.ts";
 import * as dmsetup from "../lib/dm/dmsetup.ts";
 import * as losetup from "../lib/dm/losetup.ts";
+import { mountinfo } from "../lib/dm/mount.ts";
 import { ThinimgError } from "../lib/errors.ts";
 import { run, runOk } from "../lib/exec.ts";
 import { writeDemoImages } from "../lib/pipeline/demo-image.ts";
@@ -112,7 +113,7 @@ async function inside(): Promise<void> {
     }
     await dmsetup.remove(pool).catch(() => {});
     for (const l of await losetup.list().catch(() => [])) if (l.backingFile.startsWith(work)) await losetup.detach(l.device).catch(() => {});
-    await run(["umount", join(work, "mnt")]).catch(() => {});
+    if (mountinfo().some((m) => m.mountPoint === join(work, "mnt"))) await run(["umount", join(work, "mnt")]).catch(() => {});
     rmSync(work, { recursive: true, force: true });
   }
 }

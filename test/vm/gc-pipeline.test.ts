@@ -12,6 +12,7 @@ import { run } from "../../lib/exec.ts";
 import type { GcReport } from "../../lib/gc/report.ts";
 import { openDb } from "../../lib/store/db.ts";
 import { sampleLayer, writeLayerFamily } from "../helpers/images.ts";
+import { primeKernelLogCursor } from "../helpers/health.ts";
 import { requireDm } from "../helpers/kernel.ts";
 import { type TestPool, makeTestPool } from "../helpers/pool.ts";
 
@@ -116,6 +117,7 @@ let mountedOrphan: { thin_id: number; device_name: string; snapshot_id: number }
 beforeAll(async () => {
   p = await makeTestPool({ dataSize: "512M", metaSize: "16M" });
   stateDir = mkdtempSync("/tmp/thinimg-gcp-state-");
+  await primeKernelLogCursor(stateDir);
   work = mkdtempSync("/tmp/thinimg-gcp-work-");
   fam.live = join(work, "live");
   fam.crash = join(work, "crash");

@@ -19,6 +19,7 @@ import { insertLayer, updateLayer } from "../../lib/store/layers.ts";
 import { getMount, setMount } from "../../lib/store/mounts.ts";
 import { insertSnapshot, updateSnapshot } from "../../lib/store/snapshots.ts";
 import { allocateThinId, getThinId, setThinIdState } from "../../lib/store/thin-ids.ts";
+import { primeKernelLogCursor } from "../helpers/health.ts";
 import { requireDm } from "../helpers/kernel.ts";
 import { type TestPool, makeTestPool } from "../helpers/pool.ts";
 
@@ -116,6 +117,7 @@ async function snapshot(o: { activate: boolean }): Promise<{ snapId: number; thi
 beforeAll(async () => {
   p = await makeTestPool({ dataSize: "512M", metaSize: "16M" });
   stateDir = mkdtempSync("/tmp/thinimg-gc-state-");
+  await primeKernelLogCursor(stateDir);
   const cfg = loadConfig({ stateDir, pool: p.name });
   mountDir = cfg.mountDir;
   db = openDb(cfg.dbPath);
