@@ -20,6 +20,8 @@ export interface RunOptions {
   stdin?: string | Uint8Array;
   env?: Record<string, string | undefined>;
   cwd?: string;
+  /** A non-zero exit is an expected answer here (a probe): log it at debug, not warn. */
+  probe?: boolean;
 }
 
 export interface CmdResult {
@@ -58,7 +60,7 @@ export function onCommandRecord(fn: RecordListener): () => void {
   return () => listeners.delete(fn);
 }
 
-function emitRecord(r: CmdResult, ctx: CmdContext | undefined): void {
+function emitRecord(r: CmdResult, ctx: CmdContext | undefined, probe = false): void {
   const rec: CmdRecord = {
     event: "cmd",
     pool_name: ctx?.pool_name ?? null,
@@ -78,7 +80,7 @@ function emitRecord(r: CmdResult, ctx: CmdContext | undefined): void {
       // an unwritable audit file must not break dm work
     }
   }
-  if (r.timedOut || r.exitCode !== 0) log.warn(rec);
+  if (r.timedOut || (r.exitCode !== 0 && !probe)) log.warn(rec);
   else log.debug(rec);
 }
 
@@ -118,7 +120,7 @@ export const spawnRunner: Runner = async (argv, opts = {}) => {
       timedOut: false,
       durationMs: Math.round(performance.now() - started),
     };
-    emitRecord(r, opts.ctx);
+    emitRecord(r, opts.ctx, opts.probe);
     return r;
   }
   let timedOut = false;
@@ -158,7 +160,7 @@ export const spawnRunner: Runner = async (argv, opts = {}) => {
       timedOut: true,
       durationMs: Math.round(performance.now() - started),
     };
-    emitRecord(r, opts.ctx);
+    emitRecord(r, opts.ctx, opts.probe);
     return r;
   }
   // A grandchild that left the group may still hold the pipes: never wait on it for long.
@@ -173,7 +175,7 @@ export const spawnRunner: Runner = async (argv, opts = {}) => {
     timedOut,
     durationMs: Math.round(performance.now() - started),
   };
-  emitRecord(r, opts.ctx);
+  emitRecord(r, opts.ctx, opts.probe);
   return r;
 };
 

@@ -29,13 +29,13 @@ export interface DmInfo {
 
 export const DMSETUP_TIMEOUT_MS = 30_000;
 
-async function dmsetup(args: string[], o: DmOpts = {}, stdin?: string): Promise<CmdResult> {
+async function dmsetup(args: string[], o: DmOpts = {}, probe = false): Promise<CmdResult> {
   const u = udevArgs();
   return run(["dmsetup", ...u.flags, ...args], {
     timeoutMs: o.timeoutMs ?? DMSETUP_TIMEOUT_MS,
     ctx: o.ctx,
     env: u.env,
-    stdin,
+    probe,
   });
 }
 
@@ -149,6 +149,7 @@ export async function info(name: string, o: DmOpts = {}): Promise<DmInfo | null>
   const r = await dmsetup(
     ["info", "-c", "--noheadings", "--separator", "|", "-o", INFO_FIELDS, name],
     { ...o, ctx: { device_name: name, ...o.ctx } },
+    true, // "no such device" is an answer, not a failure
   );
   if (r.exitCode !== 0 || r.timedOut) {
     const kind = classifyDmError(r);

@@ -40,7 +40,7 @@ export const DEFAULT_FEATURES = ["error_if_no_space"];
 /** Size a new backing file; never touches an existing one. */
 export async function makeBackingFile(path: string, size: number): Promise<"fallocate" | "truncate"> {
   if (existsSync(path)) throw new ThinimgError("conflict", `${path} already exists`, { hint: "refusing to overwrite a backing file" });
-  const r = await run(["fallocate", "-l", String(size), path], { timeoutMs: 60_000 });
+  const r = await run(["fallocate", "-l", String(size), path], { timeoutMs: 60_000, probe: true });
   if (r.exitCode === 0) return "fallocate";
   // fallocate unsupported (hostfs, some NFS): a sparse file via truncate
   const fd = openSync(path, existsSync(path) ? "r+" : "wx");

@@ -50,15 +50,8 @@ export function parseTableAll(out: string, names: Iterable<string>): Map<string,
   return res;
 }
 
-export interface RawDevice {
-  name: string;
-  major: number;
-  minor: number;
-  open: number;
-  suspended: boolean;
-  inactiveTable: boolean;
-  table: string | null;
-}
+/** A device before its table is interpreted. */
+export type RawDevice = Omit<DmDevice, "thin">;
 
 /** Pure classification (unit-tested with fixtures). */
 export function classifyDevices(poolName: string, prefix: string, devices: RawDevice[]): DmScan {

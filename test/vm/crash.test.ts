@@ -11,7 +11,6 @@ import { loadConfig } from "../../lib/config.ts";
 import * as dmsetup from "../../lib/dm/dmsetup.ts";
 import * as mnt from "../../lib/dm/mount.ts";
 import { runOk } from "../../lib/exec.ts";
-import { runHealthChecks } from "../../lib/health/index.ts";
 import { activate, release } from "../../lib/pipeline/activate.ts";
 import { checkConsistency } from "../../lib/pipeline/consistency.ts";
 import { type Ctx, makeCtx } from "../../lib/pipeline/context.ts";
@@ -21,6 +20,7 @@ import { listMounts } from "../../lib/store/mounts.ts";
 import { listLayers } from "../../lib/store/layers.ts";
 import { listThinIds } from "../../lib/store/thin-ids.ts";
 import { buildLayerTar, writeLayerFamily } from "../helpers/images.ts";
+import { primeKernelLogCursor } from "../helpers/health.ts";
 import { requireDm } from "../helpers/kernel.ts";
 import { type TestPool, makeTestPool } from "../helpers/pool.ts";
 
@@ -34,7 +34,7 @@ let ctx: Ctx;
 beforeAll(async () => {
   pool = await makeTestPool({ dataSize: "1G" });
   // fault tests that ran earlier in this VM left kernel errors: start the dmesg cursor after them
-  await runHealthChecks({ stateDir: join(W, "state"), pool: null });
+  await primeKernelLogCursor(join(W, "state"));
   ctx = makeCtx(loadConfig({ stateDir: join(W, "state"), pool: pool.name, virtualSize: "128M", wait: "60s" }, {}), { command: "crash.test" });
 }, 60_000);
 

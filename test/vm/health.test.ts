@@ -4,8 +4,8 @@ import { mkdtempSync, rmSync } from "node:fs";
 import { dmsetup, losetup, pool } from "../../lib/dm/index.ts";
 import { ThinimgError } from "../../lib/errors.ts";
 import { run } from "../../lib/exec.ts";
-import { checkDmesg } from "../../lib/health/dmesg.ts";
-import { assertHealthy, type HealthReport, procIo, runHealthChecks } from "../../lib/health/index.ts";
+import { assertHealthy, type HealthReport, runHealthChecks } from "../../lib/health/index.ts";
+import { primeKernelLogCursor } from "../helpers/health.ts";
 import { requireDm } from "../helpers/kernel.ts";
 import { makeTestPool, type TestPool } from "../helpers/pool.ts";
 
@@ -19,8 +19,6 @@ const stateDir = () => {
   dirs.push(d);
   return d;
 };
-/** Move the kernel-log cursor to "now": older lines (other test files in this VM) are not ours. */
-const primeCursor = (dir: string) => checkDmesg(procIo, { stateDir: dir, lookbackMs: 0 });
 const check = (r: HealthReport, name: string) => {
   const c = r.checks.find((x) => x.name === name);
   if (!c) throw new Error(`no check ${name} in ${r.checks.map((x) => x.name).join(",")}`);
@@ -44,7 +42,7 @@ describe("a fresh pool", () => {
     "is healthy: every check ran and none blocks",
     async () => {
       const sd = stateDir();
-      await primeCursor(sd);
+      await primeKernelLogCursor(sd);
       const r = await runHealthChecks({ pool: p.name, stateDir: sd });
       const names = r.checks.map((c) => c.name);
       for (const n of [
@@ -87,7 +85,7 @@ describe("a fresh pool", () => {
       const w = await run(["dd", "if=/dev/urandom", `of=/dev/mapper/${name}`, "bs=1M", "count=40", "oflag=direct"], { timeoutMs: T });
       expect(w.exitCode).toBe(0);
       const sd = stateDir();
-      await primeCursor(sd);
+      await primeKernelLogCursor(sd);
       const warn = await runHealthChecks({ pool: p.name, stateDir: sd, thresholds: { dataWarnPct: 50, dataBlockPct: 90 } });
       expect(check(warn, "pool.data").status).toBe("warn");
       expect(warn.healthy).toBe(true);
@@ -107,7 +105,7 @@ test(
     const p = await makeTestPool({ dataSize: "32M", metaSize: "4M" });
     try {
       const sd = stateDir();
-      await primeCursor(sd);
+      await primeKernelLogCursor(sd);
       await pool.createThin(p.name, 1);
       const dev = `${p.name}-big`;
       await pool.activateThin(p.name, dev, 1, 128 * MiB); // thin device 4x the pool
@@ -164,7 +162,7 @@ test(
       // up 0 s, down 3600 s: every I/O errors
       await dmsetup.create(name, `0 16384 flakey ${lo} 0 0 3600`);
       const sd = stateDir();
-      await primeCursor(sd);
+      await primeKernelLogCursor(sd);
       const before = await runHealthChecks({ stateDir: sd });
       expect(check(before, "host.dmesg").status).toBe("ok");
       // a buffered read: the page cache logs "Buffer I/O error on dev dm-N"
@@ -199,7 +197,7 @@ test(
       reader = Bun.spawn(["dd", `if=/dev/mapper/${dev}`, "of=/dev/null", "bs=4k", "count=1", "iflag=direct"], { stdout: "ignore", stderr: "ignore" });
       await Bun.sleep(500);
       const sd = stateDir();
-      await primeCursor(sd);
+      await primeKernelLogCursor(sd);
       const r = await runHealthChecks({ pool: p.name, stateDir: sd });
       const d = check(r, "host.dstate");
       expect(d.status).toBe("block");

@@ -12,7 +12,6 @@ import * as mnt from "../../lib/dm/mount.ts";
 import { poolTable } from "../../lib/dm/pool.ts";
 import type { ThinimgError } from "../../lib/errors.ts";
 import { runOk } from "../../lib/exec.ts";
-import { runHealthChecks } from "../../lib/health/index.ts";
 import { type Ctx, makeCtx } from "../../lib/pipeline/context.ts";
 import { resetPausePoints } from "../../lib/pipeline/pause.ts";
 import { unpack } from "../../lib/pipeline/unpack.ts";
@@ -21,6 +20,7 @@ import { listLayers } from "../../lib/store/layers.ts";
 import { listMounts } from "../../lib/store/mounts.ts";
 import { type Leak, listWork } from "../../lib/store/work.ts";
 import { buildLayerTar, writeLayerFamily } from "../helpers/images.ts";
+import { primeKernelLogCursor } from "../helpers/health.ts";
 import { requireDm } from "../helpers/kernel.ts";
 import { type TestPool, makeTestPool } from "../helpers/pool.ts";
 
@@ -41,7 +41,7 @@ afterAll(async () => {
 async function ctxFor(tag: string, poolName: string): Promise<Ctx> {
   const stateDir = join(W, `state-${tag}`);
   // earlier fault tests in this VM left kernel errors: start this state dir's dmesg cursor after them
-  await runHealthChecks({ stateDir, pool: null });
+  await primeKernelLogCursor(stateDir);
   const ctx = makeCtx(loadConfig({ stateDir, pool: poolName, virtualSize: "512M", wait: "30s" }, {}), { command: `faults ${tag}` });
   ctxs.push(ctx);
   return ctx;

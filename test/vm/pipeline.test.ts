@@ -10,7 +10,6 @@ import { loadConfig } from "../../lib/config.ts";
 import * as dmsetup from "../../lib/dm/dmsetup.ts";
 import * as mnt from "../../lib/dm/mount.ts";
 import { type CmdRecord, onCommandRecord, runOk } from "../../lib/exec.ts";
-import { runHealthChecks } from "../../lib/health/index.ts";
 import { lgetxattr, llistxattr } from "../../lib/image/apply/libc.ts";
 import { activate, release } from "../../lib/pipeline/activate.ts";
 import { checkConsistency } from "../../lib/pipeline/consistency.ts";
@@ -20,6 +19,7 @@ import { unpack } from "../../lib/pipeline/unpack.ts";
 import { getLayerByChain, listLayers } from "../../lib/store/layers.ts";
 import { listThinIds } from "../../lib/store/thin-ids.ts";
 import { type TarEntry, buildLayerTar, compress, writeDockerArchive, writeLayerFamily, writeOciLayout } from "../helpers/images.ts";
+import { primeKernelLogCursor } from "../helpers/health.ts";
 import { requireDm } from "../helpers/kernel.ts";
 import { type TestPool, makeTestPool } from "../helpers/pool.ts";
 
@@ -34,7 +34,7 @@ async function freshCtx(tag: string, o: { dataSize?: string } = {}): Promise<{ c
   pools.push(pool);
   const stateDir = join(W, `state-${tag}`);
   // fault tests that ran earlier in this VM left kernel errors: start the dmesg cursor after them
-  await runHealthChecks({ stateDir, pool: null });
+  await primeKernelLogCursor(stateDir);
   const cfg = loadConfig({ stateDir, pool: pool.name, virtualSize: "256M", wait: "60s" }, {});
   const ctx = makeCtx(cfg, { command: `pipeline.test ${tag}` });
   ctxs.push(ctx);
