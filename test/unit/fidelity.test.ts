@@ -11,7 +11,6 @@
 // A second block does the same against GNU tar itself: one tree archived in GNU tar's posix, gnu,
 // oldgnu and ustar formats, extracted by GNU tar and by applyLayer.
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
-import { createHash } from "node:crypto";
 import {
   chmodSync,
   chownSync,
@@ -22,19 +21,17 @@ import {
   mkdirSync,
   mkdtempSync,
   readdirSync,
-  readFileSync,
-  readlinkSync,
   rmSync,
-  type Stats,
   symlinkSync,
   unlinkSync,
   writeFileSync,
 } from "node:fs";
 import { runOk } from "../../lib/exec.ts";
 import { applyLayer } from "../../lib/image/apply/index.ts";
-import { lgetxattr, llistxattr, lsetxattr, mknod, S_IFCHR, S_IFIFO } from "../../lib/image/apply/libc.ts";
+import { lsetxattr, mknod, S_IFCHR, S_IFIFO } from "../../lib/image/apply/libc.ts";
 import { resolveImage } from "../../lib/image/resolve.ts";
 import { dir, file, opaque, pax, tar, whiteout } from "../helpers/tarcraft.ts";
+import { diffTrees, listTree } from "../helpers/tree.ts";
 
 if (process.getuid?.() !== 0) throw new Error("the fidelity test needs root (owners, devices, security.capability)");
 
@@ -47,82 +44,7 @@ const sh = (argv: string[], timeoutMs = 120_000) => runOk(argv, { timeoutMs });
 const CAP = Buffer.from("0100000280200000000000000000000000000000", "hex");
 const LONG = `usr/share/${"deep-directory-name/".repeat(6)}${"f".repeat(90)}.txt`;
 
-// --- tree comparison ---------------------------------------------------------------------------
-
-interface Node {
-  type: string;
-  mode: number;
-  uid: number;
-  gid: number;
-  mtime: number;
-  size?: number;
-  sha?: string;
-  link?: string;
-  rdev?: number;
-  xattrs?: string;
-  group?: string;
-}
-
-function typeOf(st: Stats): string {
-  if (st.isFile()) return "file";
-  if (st.isDirectory()) return "dir";
-  if (st.isSymbolicLink()) return "symlink";
-  if (st.isCharacterDevice()) return "char";
-  if (st.isBlockDevice()) return "block";
-  if (st.isFIFO()) return "fifo";
-  return "socket";
-}
-
-function listTree(root: string): Map<string, Node> {
-  const out = new Map<string, Node>();
-  const inodes = new Map<number, string[]>();
-  const walk = (rel: string) => {
-    const abs = rel === "." ? root : `${root}/${rel}`;
-    const st = lstatSync(abs);
-    const n: Node = {
-      type: typeOf(st),
-      mode: st.mode & 0o7777,
-      uid: st.uid,
-      gid: st.gid,
-      mtime: Math.floor(st.mtimeMs / 1000),
-    };
-    if (n.type === "symlink") n.mode = 0; // meaningless on Linux
-    if (st.isFile()) {
-      n.size = st.size;
-      n.sha = createHash("sha256").update(readFileSync(abs)).digest("hex");
-      if (st.nlink > 1) inodes.set(st.ino, [...(inodes.get(st.ino) ?? []), rel]);
-    }
-    if (st.isSymbolicLink()) n.link = readlinkSync(abs);
-    if (st.isCharacterDevice() || st.isBlockDevice()) n.rdev = st.rdev;
-    const names = llistxattr(abs).filter((k) => k !== "security.selinux").sort();
-    if (names.length > 0) n.xattrs = names.map((k) => `${k}=${lgetxattr(abs, k)?.toString("hex")}`).join(",");
-    out.set(rel, n);
-    if (st.isDirectory()) for (const c of readdirSync(abs).sort()) walk(rel === "." ? c : `${rel}/${c}`);
-  };
-  walk(".");
-  for (const paths of inodes.values()) {
-    const g = paths.sort().join("|");
-    for (const p of paths) out.get(p)!.group = g;
-  }
-  return out;
-}
-
-/** Every difference between two trees, one line each; [] when identical. */
-function diffTrees(want: Map<string, Node>, got: Map<string, Node>): string[] {
-  const lines: string[] = [];
-  for (const [p, a] of want) {
-    const b = got.get(p);
-    if (!b) {
-      lines.push(`${p}: missing`);
-      continue;
-    }
-    for (const k of new Set([...Object.keys(a), ...Object.keys(b)]) as Set<keyof Node>) {
-      if (a[k] !== b[k]) lines.push(`${p}: ${k} ${String(a[k])} != ${String(b[k])}`);
-    }
-  }
-  for (const p of got.keys()) if (!want.has(p)) lines.push(`${p}: extra`);
-  return lines;
-}
+// tree comparison: test/helpers/tree.ts
 
 // --- building the rootfs -----------------------------------------------------------------------
 
