@@ -1,18 +1,14 @@
 // bun scripts/activate.ts IMAGE — a fresh thin snapshot of the image's top layer; prints its device path.
 import { defineCommand } from "citty";
-import { outputArgs, poolArgs, stateArgs } from "../lib/cli/args.ts";
 import { printJson, runMain } from "../lib/cli/main.ts";
 import { activate } from "../lib/pipeline/activate.ts";
-import { ctxFrom, waitArgs } from "../lib/pipeline/cli.ts";
+import { ctxFrom, pipelineArgs } from "../lib/pipeline/cli.ts";
 
 export const activateCommand = defineCommand({
   meta: { name: "activate", description: "Activate a fresh snapshot of an unpacked image and print its /dev/mapper path" },
   args: {
     image: { type: "positional", description: "Image name (or id) from `bun scripts/list.ts`", required: true },
-    ...waitArgs,
-    ...stateArgs,
-    ...poolArgs,
-    ...outputArgs,
+    ...pipelineArgs,
   },
   async run({ args }) {
     const ctx = ctxFrom(args);

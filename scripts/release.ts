@@ -1,18 +1,14 @@
 // bun scripts/release.ts SNAPSHOT — deactivate a snapshot and mark it released (GC deletes its thin id).
 import { defineCommand } from "citty";
-import { outputArgs, poolArgs, stateArgs } from "../lib/cli/args.ts";
 import { printJson, runMain } from "../lib/cli/main.ts";
 import { release } from "../lib/pipeline/activate.ts";
-import { ctxFrom, waitArgs } from "../lib/pipeline/cli.ts";
+import { ctxFrom, pipelineArgs } from "../lib/pipeline/cli.ts";
 
 export const releaseCommand = defineCommand({
   meta: { name: "release", description: "Release an activated snapshot (its device is removed; `bun scripts/gc.ts` deletes the thin id later)" },
   args: {
     snapshot: { type: "positional", description: "Snapshot id, device name, or /dev/mapper path", required: true },
-    ...waitArgs,
-    ...stateArgs,
-    ...poolArgs,
-    ...outputArgs,
+    ...pipelineArgs,
   },
   async run({ args }) {
     const ctx = ctxFrom(args);

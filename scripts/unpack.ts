@@ -1,9 +1,8 @@
 // bun scripts/unpack.ts SOURCE [--name NAME] — turn an image into thin devices (one per layer,
 // shared between images). Re-running for an unpacked image does no device work.
 import { defineCommand } from "citty";
-import { outputArgs, poolArgs, stateArgs } from "../lib/cli/args.ts";
 import { printJson, runMain } from "../lib/cli/main.ts";
-import { ctxFrom, sizeArgs, waitArgs } from "../lib/pipeline/cli.ts";
+import { ctxFrom, sizeArgs, pipelineArgs } from "../lib/pipeline/cli.ts";
 import { unpack } from "../lib/pipeline/unpack.ts";
 
 export const unpackCommand = defineCommand({
@@ -13,11 +12,8 @@ export const unpackCommand = defineCommand({
     name: { type: "string", description: "Image name (default: from the source)" },
     platform: { type: "string", description: "os/arch[/variant] for multi-platform images" },
     refresh: { type: "boolean", description: "Resolve the source again even if the image is already unpacked", default: false },
-    ...waitArgs,
     ...sizeArgs,
-    ...stateArgs,
-    ...poolArgs,
-    ...outputArgs,
+    ...pipelineArgs,
   },
   async run({ args }) {
     const ctx = ctxFrom(args);

@@ -1,6 +1,7 @@
 // Shared plumbing for the pipeline scripts (unpack, activate, release, list): flags → Config,
 // context with a TTY progress line when appropriate.
 import type { ArgsDef } from "citty";
+import { outputArgs, poolArgs, stateArgs } from "../cli/args.ts";
 import { type Config, loadConfig } from "../config.ts";
 import { type Ctx, makeCtx } from "./context.ts";
 import { noProgress, ttyProgress } from "./progress.ts";
@@ -11,6 +12,14 @@ export const waitArgs = {
 
 export const sizeArgs = {
   "virtual-size": { type: "string", description: "Virtual size of new base layer devices (env THINIMG_VIRTUAL_SIZE; default 10G)" },
+} as const satisfies ArgsDef;
+
+/** What every pipeline script takes besides its own positional: lock wait, state, pool, output. */
+export const pipelineArgs = {
+  ...waitArgs,
+  ...stateArgs,
+  ...poolArgs,
+  ...outputArgs,
 } as const satisfies ArgsDef;
 
 interface CommonFlags {
