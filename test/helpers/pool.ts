@@ -1,10 +1,12 @@
 // A real loop-backed thin pool for VM tests, in a fresh /tmp dir with a unique name.
 import { mkdtempSync, rmSync } from "node:fs";
-import { dmsetup, losetup } from "../../lib/dm/index.ts";
+import { dmsetup, losetup, pool as dmpool, thintools } from "../../lib/dm/index.ts";
 import { type LoopPool, createLoopPool } from "../../lib/dm/loop-pool.ts";
 import { parseSize } from "../../lib/util/units.ts";
 
 export interface TestPool extends LoopPool {
+  /** Every thin id in the pool's metadata (via a metadata snapshot, always released), sorted. */
+  thinIds(): Promise<number[]>;
   /** Remove every dm device on the pool, the pool, the loops and the dir (test teardown only). */
   destroy(): Promise<void>;
 }
@@ -26,6 +28,14 @@ export async function makeTestPool(
   });
   return {
     ...p,
+    async thinIds() {
+      await dmpool.reserveMetadataSnap(name);
+      try {
+        return (await thintools.thinLs(p.metaDev, { metadataSnap: true })).map((e) => e.id).sort((a, b) => a - b);
+      } finally {
+        await dmpool.releaseMetadataSnap(name);
+      }
+    },
     async destroy() {
       // Teardown of a test's own pool: remove thin devices on it first, then the pool.
       const all = await dmsetup.infoAll();

@@ -7,7 +7,7 @@
 import { afterAll, beforeAll, describe, expect, setDefaultTimeout, test } from "bun:test";
 import { chmodSync, existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
-import { dmsetup, mount, pool as dmpool, thintools } from "../../lib/dm/index.ts";
+import { dmsetup, mount, pool as dmpool } from "../../lib/dm/index.ts";
 import { run } from "../../lib/exec.ts";
 import type { GcReport } from "../../lib/gc/report.ts";
 import { openDb } from "../../lib/store/db.ts";
@@ -74,14 +74,7 @@ async function pausedAt(name: string, args: string[], step: string) {
   return proc;
 }
 
-async function thinIds(): Promise<number[]> {
-  await dmpool.reserveMetadataSnap(p.name);
-  try {
-    return (await thintools.thinLs(p.metaDev, { metadataSnap: true })).map((e) => e.id).sort((a, b) => a - b);
-  } finally {
-    await dmpool.releaseMetadataSnap(p.name);
-  }
-}
+const thinIds = () => p.thinIds();
 const dataUsed = async () => (await dmpool.poolStatusOk(p.name)).dataUsed;
 
 /** Files of the live snapshot, read through a read-only mount. */

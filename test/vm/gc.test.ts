@@ -8,7 +8,7 @@ import { afterAll, beforeAll, describe, expect, setDefaultTimeout, test } from "
 import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync } from "node:fs";
 import { join } from "node:path";
 import { loadConfig } from "../../lib/config.ts";
-import { dmsetup, mkfsExt4, mount, pool as dmpool, thintools } from "../../lib/dm/index.ts";
+import { dmsetup, mkfsExt4, mount, pool as dmpool } from "../../lib/dm/index.ts";
 import { run, runOk } from "../../lib/exec.ts";
 import { act } from "../../lib/gc/act.ts";
 import type { GcReport } from "../../lib/gc/report.ts";
@@ -51,14 +51,7 @@ async function gc(...args: string[]): Promise<{ code: number; r: GcReport; stder
   return { code, r, stderr: err };
 }
 
-async function thinIds(): Promise<number[]> {
-  await dmpool.reserveMetadataSnap(p.name);
-  try {
-    return (await thintools.thinLs(p.metaDev, { metadataSnap: true })).map((e) => e.id).sort((a, b) => a - b);
-  } finally {
-    await dmpool.releaseMetadataSnap(p.name);
-  }
-}
+const thinIds = () => p.thinIds();
 
 async function dataUsed(): Promise<number> {
   const s = await dmpool.poolStatusOk(p.name);
