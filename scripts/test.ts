@@ -8,10 +8,10 @@ import { defineCommand } from "citty";
 import { runMain } from "../lib/cli/main.ts";
 import { ThinimgError, usageError } from "../lib/errors.ts";
 import { parseDuration, parseIntArg } from "../lib/util/units.ts";
-import { countRun, planRun, splitFiles } from "../lib/vm/testplan.ts";
+import { countRun, failedTestNames, planRun, splitFiles } from "../lib/vm/testplan.ts";
 import { runInVm, tail, VmError } from "../lib/vm/uml.ts";
 
-type Totals = { pass: number; fail: number };
+type Totals = { pass: number; fail: number; failed: string[] };
 
 // bunfig.toml's [test] timeout is not read by bun test; VM tests boot kernels and build pools.
 const TEST_TIMEOUT = ["--timeout", "120000"];
@@ -73,17 +73,24 @@ async function runVmGroup(name: string, files: string[], mem: string, timeoutMs:
     if (r.timedOut) {
       process.stderr.write(`[${name}] VM timed out after ${Math.round(timeoutMs / 1000)} s (powered off)\n${tail(r.kernelLog, 15)}\n`);
       const c = countRun(output, null);
-      return { pass: c.pass, fail: Math.max(c.fail, 1) };
+      return { pass: c.pass, fail: Math.max(c.fail, 1), failed: [...failedTestNames(output), `${name}: VM timed out`] };
     }
-    return countRun(output, r.exitCode);
+    return withNames(countRun(output, r.exitCode), output, name);
   } catch (e) {
     out.flush();
     err.flush();
     if (!(e instanceof ThinimgError)) throw e;
     process.stderr.write(`[${name}] error: ${e.oneLine()}\n`);
     if (e instanceof VmError) process.stderr.write(`[${name}] kernel log tail:\n${tail(e.kernelLog, 30)}\n`);
-    return { pass: 0, fail: 1 };
+    return { pass: 0, fail: 1, failed: [`${name}: ${e.oneLine()}`] };
   }
+}
+
+/** Counts plus the failed tests' names; a failure bun did not name (crash, no summary) gets the run's label. */
+function withNames(c: { pass: number; fail: number }, output: string, label: string): Totals {
+  const failed = failedTestNames(output).map((n) => `${label}: ${n}`);
+  if (c.fail > failed.length) failed.push(`${label}: run failed without naming a test (crash or no summary; see its output)`);
+  return { ...c, failed };
 }
 
 function vmTestFiles(): string[] {
@@ -114,7 +121,7 @@ export const testCommand = defineCommand({
     }
     const vms = parseIntArg(args.vms, "--vms", { min: 1, max: 8 });
     const timeoutMs = parseDuration(args.timeout, "--timeout");
-    const total: Totals = { pass: 0, fail: 0 };
+    const total: Totals = { pass: 0, fail: 0, failed: [] };
     const t0 = performance.now();
 
     if (plan.check || plan.lint) {
@@ -128,6 +135,7 @@ export const testCommand = defineCommand({
         else {
           process.stderr.write(`${label}: FAILED (exit ${r.exitCode})\n`);
           total.fail += 1;
+          total.failed.push(label);
         }
       }
     }
@@ -135,9 +143,10 @@ export const testCommand = defineCommand({
     if (plan.unit.length) {
       banner(`host unit tests: bun test ${plan.unit.join(" ")}`);
       const r = await runHost(["bun", "test", ...TEST_TIMEOUT, ...plan.unit]);
-      const c = countRun(r.output, r.exitCode);
+      const c = withNames(countRun(r.output, r.exitCode), r.output, "host");
       total.pass += c.pass;
       total.fail += c.fail;
+      total.failed.push(...c.failed);
     }
 
     if (plan.vm.length) {
@@ -147,12 +156,15 @@ export const testCommand = defineCommand({
       for (const c of results) {
         total.pass += c.pass;
         total.fail += c.fail;
+        total.failed.push(...c.failed);
       }
     } else if (args._.length === 0) {
       process.stderr.write("no test/vm/*.test.ts files found\n");
     }
 
     process.stderr.write(`\n(${Math.round((performance.now() - t0) / 1000)} s)\n`);
+    // Repeated last, on stdout, so a reader that only keeps the tail still sees what failed.
+    if (total.failed.length) process.stdout.write(`failed:\n${total.failed.map((f) => `  - ${f}\n`).join("")}`);
     process.stdout.write(`${total.pass} passed, ${total.fail} failed\n`);
     process.exitCode = total.fail > 0 ? 1 : 0;
   },

@@ -76,3 +76,10 @@ export function countRun(output: string, exitCode: number | null): { pass: numbe
   if (!s.found || (exitCode !== 0 && fail === 0)) fail += 1;
   return { pass: s.pass, fail };
 }
+
+/** Names of the tests bun reported as failed ("(fail) describe > name [12.3ms]"), in order. */
+export function failedTestNames(output: string): string[] {
+  const text = output.replace(ANSI, "");
+  // bun repeats the failures in its summary: keep each name once.
+  return [...new Set([...text.matchAll(/^(?:\[[^\]]+\] )?\(fail\) (.+?)(?: \[[\d.]+m?s\])?$/gm)].map((m) => m[1]!))];
+}

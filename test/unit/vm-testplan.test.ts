@@ -1,6 +1,6 @@
 // scripts/test.ts decisions: filters, VM file split, and reading bun test's real counts.
 import { describe, expect, test } from "bun:test";
-import { countRun, parseBunSummary, planRun, splitFiles } from "../../lib/vm/testplan.ts";
+import { countRun, failedTestNames, parseBunSummary, planRun, splitFiles } from "../../lib/vm/testplan.ts";
 
 const VM = ["test/vm/a.test.ts", "test/vm/b.test.ts", "test/vm/c.test.ts"];
 
@@ -75,4 +75,19 @@ describe("scripts/test.ts end to end", () => {
     expect(p.stderr.toString()).toContain("VM did not boot");
     expect(p.exitCode).toBe(1);
   }, 120_000);
+});
+
+describe("failedTestNames", () => {
+  test("reads bun's (fail) lines, with or without a VM prefix or colour, each name once", () => {
+    const out = [
+      "(pass) a > ok [1.00ms]",
+      "[vm1] (fail) pool > goes read-only [3797.20ms]",
+      "\x1b[31m(fail)\x1b[0m b > c",
+      "",
+      "1 tests failed:",
+      "[vm1] (fail) pool > goes read-only [3797.20ms]",
+    ].join("\n");
+    expect(failedTestNames(out)).toEqual(["pool > goes read-only", "b > c"]);
+    expect(failedTestNames("(pass) x\n 1 pass\n 0 fail\n")).toEqual([]);
+  });
 });
