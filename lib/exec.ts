@@ -144,10 +144,7 @@ export const spawnRunner: Runner = async (argv, opts = {}) => {
   // A process in uninterruptible sleep (D state, e.g. I/O on a suspended device) ignores even
   // SIGKILL. Waiting for it would wedge us too, so past timeout + grace + 1 s we return without it.
   const abandonAfter = timeoutMs + graceMs + 1_000;
-  const exited = await Promise.race([
-    proc.exited.then(() => true),
-    Bun.sleep(abandonAfter).then(() => false),
-  ]);
+  const exited = await within(proc.exited.then(() => true), abandonAfter, false);
   clearTimeout(termTimer);
   if (killTimer && exited) clearTimeout(killTimer);
   if (!exited) {
@@ -164,7 +161,7 @@ export const spawnRunner: Runner = async (argv, opts = {}) => {
     return r;
   }
   // A grandchild that left the group may still hold the pipes: never wait on it for long.
-  const drained = await Promise.race([Promise.all([out, err]), Bun.sleep(1_000).then(() => null)]);
+  const drained = await within(Promise.all([out, err]), 1_000, null);
   const [stdout, stderr] = drained ?? ["", "(output not drained: a child process kept the pipe open)"];
   const r: CmdResult = {
     argv,
@@ -178,6 +175,16 @@ export const spawnRunner: Runner = async (argv, opts = {}) => {
   emitRecord(r, opts.ctx, opts.probe);
   return r;
 };
+
+/** p, or `fallback` after ms. The timer is cleared when p settles: a pending timer (Bun.sleep
+ * cannot be cancelled) would keep a library caller's process alive for the command's whole limit. */
+function within<T, F>(p: Promise<T>, ms: number, fallback: F): Promise<T | F> {
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  const late = new Promise<F>((resolve) => {
+    timer = setTimeout(() => resolve(fallback), ms);
+  });
+  return Promise.race([p, late]).finally(() => clearTimeout(timer));
+}
 
 let current: Runner = spawnRunner;
 

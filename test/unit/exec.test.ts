@@ -22,6 +22,16 @@ const alive = (pid: number) => {
 };
 
 describe("run", () => {
+  test("a script that ran a command with a long limit exits when it is done, not when the limit would end", async () => {
+    const script = `import { run } from "${import.meta.dir}/../../lib/exec.ts"; const r = await run(["true"], { timeoutMs: 600_000 }); console.log(r.exitCode);`;
+    const p = Bun.spawn(["bun", "-e", script], { stdout: "pipe", stderr: "pipe" });
+    const t0 = performance.now();
+    const exited = await Promise.race([p.exited.then(() => true), Bun.sleep(20_000).then(() => false)]);
+    if (!exited) p.kill("SIGKILL");
+    expect({ exited, stdout: await new Response(p.stdout).text() }).toEqual({ exited: true, stdout: "0\n" });
+    expect(performance.now() - t0).toBeLessThan(20_000);
+  }, 30_000);
+
   test("one structured record per call with the context and real exit code", async () => {
     const recs = capture();
     const r = await run(["sh", "-c", "echo out; echo err >&2; exit 3"], { ctx: { pool_name: "p", device_id: 4, device_name: "d" } });
