@@ -1,6 +1,6 @@
 // Logging: human lines on stderr by default; JSON lines on stderr with --log-format json
 // (or THINIMG_LOG_FORMAT=json). stdout is reserved for --json data.
-import { type ConsolaReporter, createConsola, type LogObject } from "consola";
+import { type ConsolaReporter, createConsola, type LogObject } from "consola/core";
 
 export type LogFormat = "human" | "json";
 

@@ -4,7 +4,8 @@
 // ~1 KiB per member, so indexing a multi-GB docker-archive costs milliseconds. Members are then
 // streamed by (offset, size) straight from the file — the archive is never held in memory.
 import { closeSync, fstatSync, openSync, readSync } from "node:fs";
-import { Header, Pax } from "tar";
+import { Header } from "tar/header";
+import { Pax } from "tar/pax";
 import { ThinimgError } from "../../errors.ts";
 
 export type MemberType = "file" | "dir" | "symlink" | "link" | "other";
