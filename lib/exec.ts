@@ -1,7 +1,7 @@
 // The one way thinimg runs an external command: argv array (never a shell), a hard timeout with
 // SIGTERM→SIGKILL escalation (Bun.spawn's own timeout cannot escalate), and exactly one structured
 // record per call. Tests swap the runner with setRunner() to unit-test decision logic.
-import { appendFileSync } from "node:fs";
+import { appendFileSync, readdirSync, readFileSync } from "node:fs";
 import { ThinimgError } from "./errors.ts";
 import { log } from "./log.ts";
 
@@ -84,6 +84,91 @@ function emitRecord(r: CmdResult, ctx: CmdContext | undefined, probe = false): v
   else log.debug(rec);
 }
 
+// ---- live child groups: killed when this process is stopped or exits ----
+// Every command runs in its own process group (detached), so a signal to thinimg does not reach it
+// and it would outlive us. On SIGINT/SIGTERM/SIGHUP, unless the script handles the signal itself
+// (gc finishes its current step), and always on exit, each live group gets SIGTERM, then SIGKILL.
+
+const liveGroups = new Set<number>();
+const STOP_SIGNALS = ["SIGINT", "SIGTERM", "SIGHUP"] as const;
+type StopSignal = (typeof STOP_SIGNALS)[number];
+const SIGNO: Record<StopSignal, number> = { SIGINT: 2, SIGTERM: 15, SIGHUP: 1 };
+/** How long the exit path waits after SIGTERM before SIGKILL. */
+const EXIT_GRACE_MS = 500;
+
+/** Live (non-zombie) processes in these groups. */
+function groupMembers(groups: Set<number>): number[] {
+  const found: number[] = [];
+  let pids: string[];
+  try {
+    pids = readdirSync("/proc");
+  } catch {
+    return found;
+  }
+  for (const p of pids) {
+    if (!/^\d+$/.test(p)) continue;
+    try {
+      const stat = readFileSync(`/proc/${p}/stat`, "latin1");
+      const f = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
+      if (groups.has(Number(f[2])) && f[0] !== "Z" && f[0] !== "X") found.push(Number(p));
+    } catch {}
+  }
+  return found;
+}
+
+function signalGroup(group: number, sig: NodeJS.Signals): void {
+  try {
+    process.kill(-group, sig);
+  } catch {}
+}
+
+/** SIGTERM every live group, wait briefly, SIGKILL what is left. Synchronous: runs on "exit". */
+export function killChildGroups(): void {
+  if (liveGroups.size === 0) return;
+  const groups = new Set(liveGroups);
+  liveGroups.clear();
+  for (const g of groups) signalGroup(g, "SIGTERM");
+  const until = performance.now() + EXIT_GRACE_MS;
+  while (performance.now() < until && groupMembers(groups).length > 0) Bun.sleepSync(10);
+  for (const g of groups) signalGroup(g, "SIGKILL");
+}
+
+/** Process groups of commands still running (tests). */
+export function liveChildGroups(): number[] {
+  return [...liveGroups];
+}
+
+const onStopSignal = (sig: StopSignal) => () => {
+  // Another handler (a script's own, or the VM registry's) may own this signal. Decide after every
+  // listener of this dispatch has run: a handler that stays installed takes responsibility for
+  // exiting (children are then killed on "exit"); if only ours is left, stop like the default would.
+  const decide = () => {
+    if (process.listeners(sig).some((l) => l !== signalHandlers[sig])) return;
+    killChildGroups();
+    process.exit(128 + SIGNO[sig]);
+  };
+  if (process.listeners(sig).every((l) => l === signalHandlers[sig])) decide();
+  else setImmediate(decide);
+};
+const signalHandlers = Object.fromEntries(STOP_SIGNALS.map((s) => [s, onStopSignal(s)])) as Record<StopSignal, () => void>;
+let handlersInstalled = false;
+
+function trackGroup(group: number): void {
+  liveGroups.add(group);
+  if (handlersInstalled) return;
+  handlersInstalled = true;
+  for (const s of STOP_SIGNALS) process.on(s, signalHandlers[s]);
+  process.on("exit", killChildGroups);
+}
+
+function untrackGroup(group: number): void {
+  liveGroups.delete(group);
+  if (liveGroups.size > 0 || !handlersInstalled) return;
+  handlersInstalled = false;
+  for (const s of STOP_SIGNALS) process.off(s, signalHandlers[s]);
+  process.off("exit", killChildGroups);
+}
+
 function validateArgv(argv: string[]): void {
   if (argv.length === 0) throw new ThinimgError("internal", "empty command");
   for (const a of argv) {
@@ -123,6 +208,12 @@ export const spawnRunner: Runner = async (argv, opts = {}) => {
     emitRecord(r, opts.ctx, opts.probe);
     return r;
   }
+  const group = proc.pid;
+  trackGroup(group);
+  proc.exited.then(
+    () => untrackGroup(group),
+    () => untrackGroup(group),
+  );
   let timedOut = false;
   let killTimer: ReturnType<typeof setTimeout> | undefined;
   const killGroup = (sig: NodeJS.Signals) => {

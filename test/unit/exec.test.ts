@@ -1,4 +1,4 @@
-import { readFileSync } from "node:fs";
+import { readdirSync, readFileSync } from "node:fs";
 import { afterEach, describe, expect, test } from "bun:test";
 import { type CmdRecord, CommandError, onCommandRecord, run, runOk } from "../../lib/exec.ts";
 
@@ -86,3 +86,98 @@ describe("run", () => {
     await expect(run(["echo", "a\0b"])).rejects.toThrow(/invalid argument/);
   });
 });
+
+// Pids whose command line is exactly argv (our own unique sleeps).
+function pidsRunning(argv: string[]): number[] {
+  const want = `${argv.join("\0")}\0`;
+  const found: number[] = [];
+  for (const p of readdirSync("/proc")) {
+    if (!/^\d+$/.test(p)) continue;
+    try {
+      if (readFileSync(`/proc/${p}/cmdline`, "latin1") === want && alive(Number(p))) found.push(Number(p));
+    } catch {}
+  }
+  return found;
+}
+
+async function waitFor(cond: () => boolean, ms: number): Promise<boolean> {
+  const until = performance.now() + ms;
+  while (performance.now() < until) {
+    if (cond()) return true;
+    await Bun.sleep(20);
+  }
+  return cond();
+}
+
+describe("commands do not outlive thinimg", () => {
+  const execPath = `${import.meta.dir}/../../lib/exec.ts`;
+  let n = 0;
+  // a unique duration per test so we find exactly our grandchild
+  const uniqueSleep = () => ["sleep", `${4000 + (process.pid % 1000)}.${++n}${Date.now() % 1000}`];
+
+  for (const [sig, code] of [
+    ["SIGINT", 130],
+    ["SIGTERM", 143],
+    ["SIGHUP", 129],
+  ] as const) {
+    test(`${sig} to a process running a command stops it (exit ${code}) and kills the command's group`, async () => {
+      const argv = uniqueSleep();
+      const script = `import { run } from "${execPath}"; await run(${JSON.stringify(argv)}, { timeoutMs: 600_000 }); console.log("finished");`;
+      const p = Bun.spawn(["bun", "-e", script], { stdout: "pipe", stderr: "pipe" });
+      try {
+        expect(await waitFor(() => pidsRunning(argv).length === 1, 15_000)).toBe(true);
+        const [grandchild] = pidsRunning(argv);
+        p.kill(sig);
+        const code_ = await Promise.race([p.exited, Bun.sleep(10_000).then(() => "hung")]);
+        expect(code_).toBe(code);
+        expect(await new Response(p.stdout).text()).toBe("");
+        expect(await waitFor(() => !alive(grandchild!), 2_000)).toBe(true);
+        expect(pidsRunning(argv)).toEqual([]);
+      } finally {
+        p.kill("SIGKILL");
+        for (const pid of pidsRunning(argv)) process.kill(-pid, "SIGKILL"); // each is its group's leader
+      }
+    }, 30_000);
+  }
+
+  test("a script's own SIGTERM handler keeps control; the command's group still dies when the script exits", async () => {
+    const argv = uniqueSleep();
+    // like gc: on SIGTERM, note it, finish up a little later, then exit 0 while the command still runs
+    const script = `import { run } from "${execPath}";
+      process.on("SIGTERM", () => { console.log("stopping"); setTimeout(() => process.exit(0), 700); });
+      await run(${JSON.stringify(argv)}, { timeoutMs: 600_000 });
+      console.log("finished");`;
+    const p = Bun.spawn(["bun", "-e", script], { stdout: "pipe", stderr: "pipe" });
+    try {
+      expect(await waitFor(() => pidsRunning(argv).length === 1, 15_000)).toBe(true);
+      const [grandchild] = pidsRunning(argv);
+      p.kill("SIGTERM");
+      await Bun.sleep(300);
+      // the script decides: the command is not killed at the signal
+      expect(alive(grandchild!)).toBe(true);
+      expect(await Promise.race([p.exited, Bun.sleep(10_000).then(() => "hung")])).toBe(0);
+      expect(await new Response(p.stdout).text()).toBe("stopping\n");
+      expect(await waitFor(() => !alive(grandchild!), 2_000)).toBe(true);
+    } finally {
+      p.kill("SIGKILL");
+      for (const pid of pidsRunning(argv)) process.kill(-pid, "SIGKILL"); // each is its group's leader
+    }
+  }, 30_000);
+
+  test("a command that ignores SIGTERM is SIGKILLed when the process exits", async () => {
+    const marker = `thinimg-exit-test-${process.pid}-${Date.now()}`;
+    const argv = ["sh", "-c", `trap '' TERM; sleep 600; : ${marker}`];
+    const script = `import { run } from "${execPath}"; run(${JSON.stringify(argv)}, { timeoutMs: 600_000 }); setTimeout(() => process.exit(3), 500);`;
+    const p = Bun.spawn(["bun", "-e", script], { stdout: "pipe", stderr: "pipe" });
+    try {
+      expect(await waitFor(() => pidsRunning(argv).length === 1, 15_000)).toBe(true);
+      const [sh] = pidsRunning(argv);
+      expect(await Promise.race([p.exited, Bun.sleep(10_000).then(() => "hung")])).toBe(3);
+      expect(await waitFor(() => !alive(sh!), 2_000)).toBe(true);
+    } finally {
+      p.kill("SIGKILL");
+      for (const pid of pidsRunning(argv)) process.kill(-pid, "SIGKILL"); // each is its group's leader
+    }
+  }, 30_000);
+});
+
