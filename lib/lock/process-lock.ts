@@ -5,6 +5,7 @@
 //
 // Check-and-write happens inside an IMMEDIATE transaction on the state DB: SQLite's write lock is the
 // mutex that makes stale takeover race-free, and the kernel drops it if we die.
+import { AsyncLocalStorage } from "node:async_hooks";
 import { existsSync, readFileSync, renameSync, unlinkSync, writeFileSync } from "node:fs";
 import type { Database } from "bun:sqlite";
 import { ThinimgError } from "../errors.ts";
@@ -78,6 +79,9 @@ export class ProcessLock {
 }
 
 const held = new Map<string, ProcessLock>();
+/** Lock files held by the current async call chain (withProcessLock): only these are re-entered.
+ * Another async path of this process that wants a held lock waits for it like another process. */
+const nesting = new AsyncLocalStorage<ReadonlySet<string>>();
 
 type Attempt = { ok: true; lock: ProcessLock } | { ok: false; holder: Holder };
 
@@ -97,15 +101,18 @@ function tryAcquire(path: string, db: Database, command: string | undefined): At
     .immediate();
 }
 
-/** Acquire the process lock, waiting up to waitMs for a live holder. Re-entrant within a process. */
+/** Acquire the process lock, waiting up to waitMs for a live holder. Re-entrant only for real
+ * nesting: a call made inside withProcessLock's fn (same async call chain) shares the lock; any
+ * other caller in this process waits until it is released. */
 export async function acquireProcessLock(path: string, db: Database, o: ProcessLockOptions): Promise<ProcessLock> {
   const mine = held.get(path);
-  if (mine) return mine.retain();
+  if (mine && nesting.getStore()?.has(path)) return mine.retain();
   const deadline = Date.now() + o.waitMs;
   let delay = 25;
   let announced = false;
   for (;;) {
-    const a = tryAcquire(path, db, o.command);
+    const ours = held.get(path);
+    const a: Attempt = ours ? { ok: false, holder: ours.holder } : tryAcquire(path, db, o.command);
     if (a.ok) {
       held.set(path, a.lock);
       return a.lock;
@@ -129,7 +136,7 @@ export async function acquireProcessLock(path: string, db: Database, o: ProcessL
 export async function withProcessLock<T>(path: string, db: Database, o: ProcessLockOptions, fn: () => Promise<T>): Promise<T> {
   const lock = await acquireProcessLock(path, db, o);
   try {
-    return await fn();
+    return await nesting.run(new Set([...(nesting.getStore() ?? []), path]), fn);
   } finally {
     lock.release();
   }

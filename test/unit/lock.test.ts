@@ -4,7 +4,7 @@ import { afterAll, describe, expect, test } from "bun:test";
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { hostname } from "node:os";
 import { join } from "node:path";
-import { acquireNamedLock, acquireProcessLock, processStartTime, readLockFile, staleness } from "../../lib/lock/index.ts";
+import { acquireNamedLock, acquireProcessLock, processStartTime, readLockFile, staleness, withProcessLock } from "../../lib/lock/index.ts";
 import { type Db, openDb } from "../../lib/store/index.ts";
 import { log } from "../../lib/log.ts";
 import { getLockRow } from "../../lib/store/locks.ts";
@@ -105,7 +105,7 @@ describe("process lock file", () => {
     expect(staleness({ pid: 999999, startTime: 1, host: `${hostname()}-elsewhere` })).toEqual({ stale: false });
   });
 
-  test("a waiter gets the lock as soon as the holder releases it; re-entrant in-process", async () => {
+  test("a waiter gets the lock as soon as the holder releases it", async () => {
     const s = freshState();
     const h = holder("process", s.dbPath, s.lockFile, 400);
     await h.ready;
@@ -113,12 +113,42 @@ describe("process lock file", () => {
     const lock = await acquireProcessLock(s.lockFile, s.db, { waitMs: 10_000 });
     expect(Date.now() - t0).toBeGreaterThanOrEqual(250);
     expect(Date.now() - t0).toBeLessThan(5_000);
-    const again = await acquireProcessLock(s.lockFile, s.db, { waitMs: 0 });
-    again.release();
-    expect(readLockFile(s.lockFile)!.pid).toBe(process.pid); // still held by the outer acquire
     lock.release();
     expect(readLockFile(s.lockFile)).toBeNull();
     await h.proc.exited;
+  });
+
+  test("re-entrant only when nested: another async path of the same process waits for the holder", async () => {
+    const s = freshState();
+    const order: string[] = [];
+    let releaseOuter!: () => void;
+    const outerHeld = new Promise<void>((r) => {
+      releaseOuter = r;
+    });
+    let outerIn!: () => void;
+    const outerStarted = new Promise<void>((r) => {
+      outerIn = r;
+    });
+    const outer = withProcessLock(s.lockFile, s.db, { waitMs: 0 }, async () => {
+      // a nested acquire (same call chain) gets it at once, and releasing it keeps the outer hold
+      await withProcessLock(s.lockFile, s.db, { waitMs: 0 }, async () => void order.push("nested"));
+      expect(readLockFile(s.lockFile)!.pid).toBe(process.pid);
+      outerIn();
+      await outerHeld;
+      order.push("outer done");
+    });
+    await outerStarted;
+    // not nested: refused at once with waitMs 0, naming this process as the holder …
+    const err = (await acquireProcessLock(s.lockFile, s.db, { waitMs: 0 }).catch((e) => e)) as Error;
+    expect(err.message).toContain(`locked by pid ${process.pid}`);
+    // … and with a wait, it gets the lock only after the outer section is done
+    const waiter = withProcessLock(s.lockFile, s.db, { waitMs: 5_000 }, async () => void order.push("other path"));
+    await Bun.sleep(200);
+    expect(order).toEqual(["nested"]);
+    releaseOuter();
+    await Promise.all([outer, waiter]);
+    expect(order).toEqual(["nested", "outer done", "other path"]);
+    expect(readLockFile(s.lockFile)).toBeNull();
   });
 });
 
