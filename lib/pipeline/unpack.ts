@@ -8,7 +8,7 @@ import { acquireNamedLock, withNamedLock } from "../lock/named-lock.ts";
 import { log } from "../log.ts";
 import { recordBlob } from "../store/blobs.ts";
 import { tx } from "../store/db.ts";
-import { type ImageRow, beginImage, getImageByName, imageLayerIds, markImageFailed, markImageReady } from "../store/images.ts";
+import { type ImageRow, beginImage, getImageByName, imageLayerIds, markImageBuildFailed, markImageReady } from "../store/images.ts";
 import { type LayerRow, getLayer, getLayerByChain, insertLayer } from "../store/layers.ts";
 import { finishWork, startWork } from "../store/work.ts";
 import { chainIds, identityOf } from "./chain.ts";
@@ -174,13 +174,13 @@ async function unpackLocked(ctx: Ctx, name: string, o: UnpackOptions, t0: number
       out.push(layerOut(i, result.layer, reused));
       parent = result.layer;
     }
-    markImageReady(db, img.id, { format: resolved.format, config: resolved.config, layerIds: out.map((l) => layerIdOf(ctx, l.chain_id)), topChainId: chains.at(-1) ?? null });
+    markImageReady(db, img.id, { source: o.source, format: resolved.format, config: resolved.config, layerIds: out.map((l) => layerIdOf(ctx, l.chain_id)), topChainId: chains.at(-1) ?? null });
     finishWork(db, work.id, "done");
   } catch (e) {
     const msg = e instanceof Error ? e.message : String(e);
     const kind = e instanceof ThinimgError ? e.kind : "internal";
     tx(db, () => {
-      markImageFailed(db, img.id, msg, kind);
+      markImageBuildFailed(db, img.id, msg, kind);
       finishWork(db, work.id, "failed", { error: msg, kind });
     });
     throw e;

@@ -28,31 +28,48 @@ export function getImage(db: Db, id: number): ImageRow | null {
   return db.query("SELECT * FROM images WHERE id = ?").get(id) as ImageRow | null;
 }
 
-/** Create the image row, or move an existing one (same name) back to 'unpacking' for a new source. */
+/** Create the image row, or move an existing failed/unpacking one (same name) to 'unpacking' for a
+ * new source. A READY image stays ready, with its source and layers, while a refresh or a new source
+ * is built: it keeps serving activations until markImageReady swaps in the new layer list. */
 export function beginImage(db: Db, i: { pool: string; name: string; source: string; format: string | null }): ImageRow {
   const t = now();
   return db
     .query(
       `INSERT INTO images (pool, name, source, format, state, created_at, updated_at) VALUES (?, ?, ?, ?, 'unpacking', ?, ?)
-       ON CONFLICT (pool, name) DO UPDATE SET source = excluded.source, format = excluded.format, state = 'unpacking',
+       ON CONFLICT (pool, name) DO UPDATE SET
+         source = CASE WHEN images.state = 'ready' THEN images.source ELSE excluded.source END,
+         format = CASE WHEN images.state = 'ready' THEN images.format ELSE excluded.format END,
+         state = CASE WHEN images.state = 'ready' THEN 'ready' ELSE 'unpacking' END,
          error = NULL, error_kind = NULL, updated_at = excluded.updated_at
        RETURNING *`,
     )
     .get(i.pool, i.name, i.source, i.format, t, t) as ImageRow;
 }
 
-export function markImageReady(db: Db, id: number, r: { format: string; config: unknown; layerIds: number[]; topChainId: string | null }): void {
+export function markImageReady(db: Db, id: number, r: { format: string; config: unknown; layerIds: number[]; topChainId: string | null; source?: string }): void {
   tx(db, () => {
     const t = now();
     db.query("DELETE FROM image_layers WHERE image_id = ?").run(id);
     const ins = db.query("INSERT INTO image_layers (image_id, position, layer_id) VALUES (?, ?, ?)");
     for (const [pos, lid] of r.layerIds.entries()) ins.run(id, pos, lid);
     db.query(
-      "UPDATE images SET state = 'ready', format = ?, config = ?, top_layer_id = ?, top_chain_id = ?, error = NULL, error_kind = NULL, ready_at = ?, updated_at = ? WHERE id = ?",
-    ).run(r.format, r.config === null || r.config === undefined ? null : JSON.stringify(r.config), r.layerIds.at(-1) ?? null, r.topChainId, t, t, id);
+      "UPDATE images SET state = 'ready', source = COALESCE(?, source), format = ?, config = ?, top_layer_id = ?, top_chain_id = ?, error = NULL, error_kind = NULL, ready_at = ?, updated_at = ? WHERE id = ?",
+    ).run(r.source ?? null, r.format, r.config === null || r.config === undefined ? null : JSON.stringify(r.config), r.layerIds.at(-1) ?? null, r.topChainId, t, t, id);
   });
 }
 
+/** A build (unpack, refresh) failed: the image is failed — unless it is ready, in which case its
+ * current layers are intact and keep serving; the error is recorded on it for `list`. */
+export function markImageBuildFailed(db: Db, id: number, error: string, kind: string): void {
+  db.query("UPDATE images SET state = CASE WHEN state = 'ready' THEN 'ready' ELSE 'failed' END, error = ?, error_kind = ?, updated_at = ? WHERE id = ?").run(
+    error,
+    kind,
+    now(),
+    id,
+  );
+}
+
+/** The image cannot be used any more (e.g. GC found its thin id gone). */
 export function markImageFailed(db: Db, id: number, error: string, kind: string): void {
   db.query("UPDATE images SET state = 'failed', error = ?, error_kind = ?, updated_at = ? WHERE id = ?").run(error, kind, now(), id);
 }

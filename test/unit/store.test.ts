@@ -11,6 +11,7 @@ import {
   imageLayerIds,
   insertLayer,
   listThinIds,
+  markImageBuildFailed,
   markImageReady,
   MIGRATIONS,
   openDb,
@@ -124,7 +125,7 @@ describe("thin id ledger", () => {
 });
 
 describe("images", () => {
-  test("ready image keeps its layers in order; re-begin moves it back to unpacking", () => {
+  test("ready image keeps its layers in order, and stays ready through a rebuild until the new layers are swapped in", () => {
     const db = fresh();
     const mk = (c: string, parentId: number | null) =>
       insertLayer(db, { pool: "p", chainId: c, parentId, parentChainId: null, identity: c, diffId: null, digest: "sha256:x", size: 1, virtualSize: 1 });
@@ -137,10 +138,24 @@ describe("images", () => {
     expect(r.top_layer_id).toBe(l2.id);
     expect(JSON.parse(r.config!)).toEqual({ Env: ["A=1"] });
     expect(imageLayerIds(db, img.id)).toEqual([l1.id, l2.id]);
+    // a refresh / new source: the ready image keeps serving (state, source, layers) …
     const again = beginImage(db, { pool: "p", name: "app", source: "/other", format: null });
     expect(again.id).toBe(img.id);
-    expect(again.state).toBe("unpacking");
-    expect(again.source).toBe("/other");
+    expect(again).toMatchObject({ state: "ready", source: "/src", format: "oci-layout", top_layer_id: l2.id });
+    // … a failed rebuild does not take it out of service (its devices are intact) …
+    markImageBuildFailed(db, img.id, "layer 1/1: boom", "io");
+    expect(getImageByName(db, "p", "app")).toMatchObject({ state: "ready", error: "layer 1/1: boom", top_layer_id: l2.id });
+    expect(imageLayerIds(db, img.id)).toEqual([l1.id, l2.id]);
+    // … until markImageReady swaps in the new layer list and source
+    beginImage(db, { pool: "p", name: "app", source: "/other", format: null });
+    markImageReady(db, img.id, { source: "/other", format: "docker-archive", config: null, layerIds: [l1.id], topChainId: "sha256:1" });
+    expect(getImageByName(db, "p", "app")).toMatchObject({ state: "ready", source: "/other", error: null, top_layer_id: l1.id });
+    expect(imageLayerIds(db, img.id)).toEqual([l1.id]);
+    // a build of an image that was never ready fails it
+    const other = beginImage(db, { pool: "p", name: "new", source: "/n", format: null });
+    expect(other.state).toBe("unpacking");
+    markImageBuildFailed(db, other.id, "x", "io");
+    expect(getImageByName(db, "p", "new")!.state).toBe("failed");
     db.close();
   });
 });
