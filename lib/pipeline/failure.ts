@@ -12,9 +12,22 @@ export function describeLeaks(leaks: Leak[]): string {
 
 const DEVICE_ERRNOS = new Set(["EIO", "ENOSPC", "EROFS", "EUCLEAN", "EDQUOT"]);
 
+/** What a failed command wrote to stderr (CommandError, DmError, or any error carrying it), or "". */
+function commandStderr(e: unknown): string {
+  if (!e || typeof e !== "object") return "";
+  const r = (e as { result?: { stderr?: unknown } }).result;
+  if (r && typeof r.stderr === "string") return r.stderr;
+  const d = e instanceof ThinimgError ? e.details?.stderr : undefined;
+  return typeof d === "string" ? d : "";
+}
+
 /** Map anything thrown during dm/fs work to (kind, stable error_kind). */
 export function classify(e: unknown): { kind: ErrorKind; errorKind: string } {
   if (isDmError(e, "no_space")) return { kind: "dm", errorKind: "no_space" };
+  // sync -f, umount, mount, mkfs: the errno is only in the command's stderr
+  const stderr = commandStderr(e);
+  if (/No space left on device|ENOSPC/i.test(stderr)) return { kind: "dm", errorKind: "no_space" };
+  if (/Input\/output error|EIO\b|Read-only file system|EROFS/i.test(stderr)) return { kind: "dm", errorKind: "io" };
   // applyLayer reports a failed syscall as an "input" error with details.code; a device error
   // (EIO, ENOSPC, EROFS after ext4 remounted read-only) is the host's fault, not the image's.
   const detailCode = e instanceof ThinimgError ? e.details?.code : undefined;

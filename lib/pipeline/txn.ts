@@ -5,14 +5,16 @@
 //   4. set_transaction_id T T+1                                     ← the pool now says "3 happened"
 //   5. mark the step done and the thin id created
 // After a crash, reconcilePending() compares the pool's transaction id with the step: T+1 means the
-// create happened; T means it may or may not have (crash between 3 and 4) — the id stays
-// 'allocated' and its owner retries the create with the SAME id: success proves it had not run,
-// "exists" means it had, and the id is then recorded orphaned (never adopted blindly) and the next id
-// taken. Nothing is ever done twice.
-import { readFileSync, readdirSync } from "node:fs";
+// create happened; T means it may or may not have (crash between 3 and 4) — the pool's metadata
+// (read from a metadata snapshot) decides: absent → the id stays 'allocated' and its owner creates
+// the SAME id; present → recorded orphaned (never adopted blindly) and the next id taken. A create
+// whose outcome is unknown to a live process (a timeout) is left pending the same way. Nothing is
+// ever done twice.
+import { readFileSync, readdirSync, statSync } from "node:fs";
+import { basename } from "node:path";
 import { ThinimgError } from "../errors.ts";
 import * as dmsetup from "../dm/dmsetup.ts";
-import { isDmError } from "../dm/errors.ts";
+import { DmError, isDmError } from "../dm/errors.ts";
 import * as pool from "../dm/pool.ts";
 import { thinLs } from "../dm/thintools.ts";
 import type { PoolStatusOk } from "../dm/status.ts";
@@ -86,6 +88,12 @@ export async function poolCreate(ctx: Ctx, workId: number, req: PoolOp, o: { txn
       });
       throw new ThinIdTaken(req.thinId);
     }
+    if (createOutcomeUnknown(e)) {
+      // timed out (or died in a way that says nothing): the kernel may still have done it. The step
+      // stays pending; the next run settles it from the transaction id and the pool's metadata.
+      log.warn(`pool ${name}: outcome of ${req.op} of thin id ${req.thinId} unknown (${(e as Error).message}); left for the next run to settle`);
+      throw e;
+    }
     endStep(db, step.id, "failed", "error", (e as Error).message);
     throw e;
   }
@@ -104,6 +112,12 @@ export async function poolCreate(ctx: Ctx, workId: number, req: PoolOp, o: { txn
     endStep(db, step.id, "done", outcome);
     setThinIdState(db, name, req.thinId, "created");
   });
+}
+
+/** A create message that failed without the kernel saying no: it may or may not have run. */
+export function createOutcomeUnknown(e: unknown): boolean {
+  if (!(e instanceof DmError)) return true;
+  return e.dmKind === "timeout" || e.result.timedOut || e.result.exitCode === null;
 }
 
 /**
@@ -195,14 +209,98 @@ export function devPathOf(majorMinor: string): string {
 
 /** Thin ids in the pool's metadata (reserve_metadata_snap → thin_ls → release, always released).
  * Call inside a pool section. */
-export async function readPoolThinIds(poolName: string): Promise<number[]> {
+export async function readPoolThinIds(poolName: string, o: StaleHoldOptions = {}): Promise<number[]> {
   const meta = devPathOf(pool.parsePoolTable(await dmsetup.table(poolName)).metaDev);
-  await pool.reserveMetadataSnap(poolName);
+  for (let tries = 1; ; tries++) {
+    await releaseStaleMetadataSnap(poolName, meta, o);
+    try {
+      await pool.reserveMetadataSnap(poolName);
+      break;
+    } catch (e) {
+      // a lock-free reader (a GC dry-run) reserved between our check and our reserve
+      if (tries >= 3 || !(isDmError(e, "busy") || isDmError(e, "exists"))) throw e;
+    }
+  }
   try {
     return (await thinLs(meta, { metadataSnap: true })).map((e) => e.id).sort((a, b) => a - b);
   } finally {
     await pool.releaseMetadataSnap(poolName);
   }
+}
+
+export interface StaleHoldOptions {
+  /** How long a hold must stay unchanged, with no metadata tool running, before it counts as stale. */
+  quietMs?: number;
+  /** Give up waiting for a live reader after this long. */
+  maxWaitMs?: number;
+}
+
+function sameBlockDevice(a: string, b: string): boolean {
+  try {
+    const sa = statSync(a);
+    return sa.isBlockDevice() && sa.rdev === statSync(b).rdev;
+  } catch {
+    return false;
+  }
+}
+
+/** A running thin-provisioning tool reading this metadata device (the only thing that reads a metadata snapshot), or null. */
+export function liveMetadataReader(metaDev: string, procDir = "/proc"): string | null {
+  let pids: string[];
+  try {
+    pids = readdirSync(procDir).filter((p) => /^\d+$/.test(p));
+  } catch {
+    return null;
+  }
+  for (const pid of pids) {
+    let argv: string[];
+    try {
+      argv = readFileSync(`${procDir}/${pid}/cmdline`, "utf8").split("\0").filter(Boolean);
+    } catch {
+      continue;
+    }
+    const exe = basename(argv[0] ?? "");
+    if (/^(thin_\w+|pdata_tools)$/.test(exe) && argv.some((a) => a === metaDev || (a.startsWith("/") && sameBlockDevice(a, metaDev)))) {
+      return `pid ${pid} (${argv.join(" ").slice(0, 200)})`;
+    }
+  }
+  return null;
+}
+
+/**
+ * A metadata snapshot already held when a pool section wants one. Inside the section the process
+ * lock rules out another thinimg pool section and `gc --force`, but a GC dry-run reads metadata
+ * without the lock (reserve → thin_ls → release, a few seconds). So a hold is released only when it
+ * stays put for `quietMs` with no thin-provisioning tool running — then whoever took it died holding
+ * it (e.g. killed between reserve and release) and, left alone, it would make every later reserve
+ * fail with EBUSY. A hold that goes away or changes by itself belonged to a live reader.
+ */
+export async function releaseStaleMetadataSnap(poolName: string, metaDev: string, o: StaleHoldOptions = {}): Promise<boolean> {
+  const quietMs = o.quietMs ?? 3_000;
+  const deadline = Date.now() + (o.maxWaitMs ?? 120_000);
+  let held = (await pool.poolStatusOk(poolName)).heldRoot;
+  if (held === null) return false;
+  let quietSince = Date.now();
+  for (;;) {
+    const reader = liveMetadataReader(metaDev);
+    if (reader) quietSince = Date.now();
+    else if (Date.now() - quietSince >= quietMs) break;
+    if (Date.now() >= deadline) {
+      throw new ThinimgError("conflict", `pool ${poolName} holds a metadata snapshot (root ${held}) that ${reader ?? "someone"} is still reading`, {
+        hint: "wait for it to finish (a `bun scripts/gc.ts` dry-run?), then re-run",
+      });
+    }
+    await Bun.sleep(250);
+    const now = (await pool.poolStatusOk(poolName)).heldRoot;
+    if (now === null) return false; // its live holder released it
+    if (now !== held) {
+      held = now;
+      quietSince = Date.now();
+    }
+  }
+  log.warn(`pool ${poolName}: releasing a stale metadata snapshot (held root ${held}, unchanged for ${quietMs} ms, no metadata reader running): a process died holding it`);
+  await pool.releaseMetadataSnap(poolName);
+  return true;
 }
 
 /** The pool's major:minor (thin tables name the pool by it). */

@@ -3,16 +3,16 @@
 // metadata. The dm commands are answered by a fake runner here; test/vm/crash.test.ts exercises the
 // same paths on the real kernel.
 import { afterAll, afterEach, describe, expect, test } from "bun:test";
-import { mkdtempSync, rmSync } from "node:fs";
+import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { loadConfig } from "../../lib/config.ts";
 import { ThinimgError } from "../../lib/errors.ts";
-import { type CmdResult, type Runner, setRunner, spawnRunner } from "../../lib/exec.ts";
+import { type CmdResult, CommandError, type Runner, setRunner, spawnRunner } from "../../lib/exec.ts";
 import { chainIds } from "../../lib/pipeline/chain.ts";
 import { makeCtx } from "../../lib/pipeline/context.ts";
 import { classify, failure, isPermanent } from "../../lib/pipeline/failure.ts";
 import { deviceName, parseDeviceName } from "../../lib/pipeline/names.ts";
-import { reconcilePending } from "../../lib/pipeline/txn.ts";
+import { liveMetadataReader, poolCreate, readPoolThinIds, reconcilePending } from "../../lib/pipeline/txn.ts";
 import { defaultImageName } from "../../lib/pipeline/unpack.ts";
 import { tx } from "../../lib/store/db.ts";
 import { allocateThinId, getThinId, setThinIdState } from "../../lib/store/thin-ids.ts";
@@ -109,6 +109,18 @@ describe("failure classification", () => {
     expect(isPermanent("no_space")).toBe(false);
   });
 
+  test("failed commands (sync -f, umount, mount, mkfs) are classified from their stderr", () => {
+    const cmd = (argv: string[], stderr: string) => new CommandError({ argv, stdout: "", stderr, exitCode: 1, signal: null, timedOut: false, durationMs: 5 });
+    expect(classify(cmd(["sync", "-f", "/m"], "sync: error syncing '/m': Input/output error\n"))).toEqual({ kind: "dm", errorKind: "io" });
+    expect(classify(cmd(["sync", "-f", "/m"], "sync: error syncing '/m': No space left on device\n"))).toEqual({ kind: "dm", errorKind: "no_space" });
+    expect(classify(cmd(["mount", "/dev/x", "/m"], "mount: /m: cannot mount /dev/x read-only.\n       dmesg(1) may have more information after failed mount system call.\nRead-only file system\n")).errorKind).toBe("io");
+    expect(classify(cmd(["mkfs.ext4", "/dev/x"], "mkfs.ext4: Input/output error while writing out and closing file system\n")).errorKind).toBe("io");
+    // a typed error carrying the stderr in its details counts the same
+    expect(classify(new ThinimgError("dm", "umount failed", { details: { stderr: "umount: /m: Input/output error" } })).errorKind).toBe("io");
+    // anything else a command reports stays a dm failure
+    expect(classify(cmd(["umount", "/m"], "umount: /m: not mounted.\n"))).toEqual({ kind: "dm", errorKind: "dm" });
+  });
+
   test("the failure names every leaked resource and the GC command", () => {
     const e = failure("layer 2/5 (sha256:ab)", new Error("boom"), [
       { kind: "thin_id", ref: 7, reason: "" },
@@ -182,6 +194,79 @@ describe("settling intents of dead processes", () => {
     // settled once: a second pass finds nothing
     expect(await reconcilePending(ctx)).toBe(0);
     ctx.db.close();
+  });
+
+  test("a create that timed out stays pending (the kernel may have done it); the next run settles it", async () => {
+    const ctx = makeCtx(loadConfig({ stateDir: join(dir, "s3"), pool: "pp" }, {}), { command: "unit" });
+    const { db } = ctx;
+    const id = allocateThinId(db, "pp", { kind: "layer", id: null });
+    const w = startWork(db, "pp", "build_layer", "layer:9", ctx.owner);
+    let txn = 7;
+    const ok = (argv: string[], stdout: string): CmdResult => ({ argv, stdout, stderr: "", exitCode: 0, signal: null, timedOut: false, durationMs: 1 });
+    setRunner(async (argv) => {
+      const a = argv.join(" ");
+      if (a.includes(" status ")) return ok(argv, `0 2097152 thin-pool ${txn} 100/4096 10/16384 - rw no_discard_passdown error_if_no_space - 1024\n`);
+      if (a.includes("create_thin")) {
+        txn++; // the kernel did it; the command still timed out
+        return { argv, stdout: "", stderr: "", exitCode: null, signal: "SIGKILL", timedOut: true, durationMs: 10_000 };
+      }
+      if (a.includes("create_snap")) return { argv, stdout: "", stderr: "device-mapper: message ioctl on pp failed: Invalid argument\n", exitCode: 1, signal: null, timedOut: false, durationMs: 2 };
+      throw new Error(`unexpected command ${a}`);
+    });
+    const err = await poolCreate(ctx, w.id, { op: "create_thin", thinId: id }).catch((e) => e);
+    expect(err).toBeInstanceOf(Error);
+    expect(stepsOf(db, w.id).map((s) => s.state)).toEqual(["pending"]);
+    expect(getThinId(db, "pp", id)!.state).toBe("allocated");
+    // a refusal the kernel reported is a definite outcome: that step is closed failed
+    const id2 = allocateThinId(db, "pp", { kind: "layer", id: null });
+    await poolCreate(ctx, w.id, { op: "create_snap", thinId: id2, originId: id }).catch(() => {});
+    expect(stepsOf(db, w.id).map((s) => s.state)).toEqual(["pending", "failed"]);
+    // the process dies; the next one settles the pending create from the transaction id
+    db.query("UPDATE work SET pid = ?, start_time = 1 WHERE id = ?").run(await deadPid(), w.id);
+    txn = 7 + 1;
+    expect(await reconcilePending(ctx)).toBe(2); // the pending step + the dead work row
+    expect(getThinId(db, "pp", id)!.state).toBe("created");
+    expect(stepsOf(db, w.id)[0]).toMatchObject({ state: "done" });
+    ctx.db.close();
+  });
+
+  test("a metadata snapshot left held by a dead process is released first; a live reader's hold is not", async () => {
+    const calls: string[] = [];
+    let held: string[] = [];
+    const ok = (argv: string[], stdout: string): CmdResult => ({ argv, stdout, stderr: "", exitCode: 0, signal: null, timedOut: false, durationMs: 1 });
+    setRunner(async (argv) => {
+      const a = argv.join(" ");
+      if (a.includes(" status ")) return ok(argv, `0 2097152 thin-pool 3 100/4096 10/16384 ${held.shift() ?? "-"} rw no_discard_passdown error_if_no_space - 1024\n`);
+      if (a.includes(" table ")) return ok(argv, "0 2097152 thin-pool /dev/loop-meta /dev/loop-data 128 1638 1 error_if_no_space\n");
+      if (a.includes(" message ")) {
+        calls.push(argv.at(-1)!);
+        return ok(argv, "");
+      }
+      if (argv[0] === "thin_ls") return ok(argv, "1 10\n2 10");
+      throw new Error(`unexpected command ${a}`);
+    });
+    // stale: held (root 77) and unchanged through the quiet period, no metadata tool running
+    held = Array(50).fill("77");
+    expect(await readPoolThinIds("pp", { quietMs: 300 })).toEqual([1, 2]);
+    expect(calls).toEqual(["release_metadata_snap", "reserve_metadata_snap", "release_metadata_snap"]);
+    // live: a reader releases its own hold after two polls → we never release it for them
+    calls.length = 0;
+    held = ["77", "77", "-"];
+    expect(await readPoolThinIds("pp", { quietMs: 5_000 })).toEqual([1, 2]);
+    expect(calls).toEqual(["reserve_metadata_snap", "release_metadata_snap"]);
+  });
+
+  test("a running thin tool on the pool's metadata device counts as a live reader", () => {
+    const proc = join(dir, "proc");
+    const put = (pid: number, argv: string[]) => {
+      mkdirSync(join(proc, String(pid)), { recursive: true });
+      writeFileSync(join(proc, String(pid), "cmdline"), `${argv.join("\0")}\0`);
+    };
+    put(10, ["bash", "-c", "thin_ls --metadata-snap /dev/loop1"]);
+    put(11, ["/usr/sbin/thin_ls", "--metadata-snap", "/dev/loop9"]);
+    expect(liveMetadataReader("/dev/loop1", proc)).toBeNull();
+    put(12, ["/usr/sbin/thin_dump", "-m", "/dev/loop1"]);
+    expect(liveMetadataReader("/dev/loop1", proc)).toStartWith("pid 12 ");
   });
 
   test("intents of a LIVE process are left alone", async () => {
