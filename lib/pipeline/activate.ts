@@ -62,6 +62,8 @@ export async function activate(ctx: Ctx, imageRef: string, o: ActivateOptions = 
   let name: string | null = null;
   let created = false;
   let active = false;
+  // a step whose intent is written but not its outcome: ended `failed` on an error (recording only)
+  let openStep: number | null = null;
   try {
     await inPoolSection(ctx, async () => {
       const topInfo = await activeDevice(top.device_name!);
@@ -71,9 +73,13 @@ export async function activate(ctx: Ctx, imageRef: string, o: ActivateOptions = 
         });
       }
       for (let tries = 0; ; tries++) {
-        thinId = allocateThinId(db, poolName, { kind: "snapshot", id: snap.id }, top.thin_id);
-        name = deviceName(cfg.prefix, poolName, "snap", thinId);
-        updateSnapshot(db, snap.id, { thin_id: thinId, device_name: name });
+        // the id and the snapshot's claim on it in one transaction
+        [thinId, name] = tx(db, (): [number, string] => {
+          const id = allocateThinId(db, poolName, { kind: "snapshot", id: snap.id }, top.thin_id);
+          const n = deviceName(cfg.prefix, poolName, "snap", id);
+          updateSnapshot(db, snap.id, { thin_id: id, device_name: n });
+          return [id, n];
+        });
         try {
           await poolCreate(ctx, work.id, { op: "create_snap", thinId, originId: top.thin_id! }, { txn: false });
           created = true;
@@ -83,13 +89,14 @@ export async function activate(ctx: Ctx, imageRef: string, o: ActivateOptions = 
         }
       }
       await pausePoint("activate:created", cfg.stateDir);
-      const step = beginStep(db, work.id, poolName, "activate_device", { thinId, deviceName: name });
+      openStep = beginStep(db, work.id, poolName, "activate_device", { thinId, deviceName: name }).id;
       setDevice(db, { pool: poolName, name: name!, thinId: thinId!, kind: "snap", state: "activating" });
       await pool.activateThin(poolName, name!, thinId!, top.virtual_size, { ctx: { pool_name: poolName, device_id: thinId!, device_name: name! } });
       active = true;
       tx(db, () => {
         setDeviceState(db, poolName, name!, "active");
-        endStep(db, step.id, "done", "ok");
+        endStep(db, openStep!, "done", "ok");
+        openStep = null;
         setThinIdState(db, poolName, thinId!, "committed");
         updateSnapshot(db, snap.id, { state: "active", activated_at: Date.now() });
         finishWork(db, work.id, "done");
@@ -98,17 +105,22 @@ export async function activate(ctx: Ctx, imageRef: string, o: ActivateOptions = 
   } catch (e) {
     const leaks: Leak[] = [];
     if (thinId !== null && created) leaks.push({ kind: "thin_id", ref: thinId, reason: `activation of snapshot ${snap.id} failed` });
-    if (name && active) leaks.push({ kind: "device", ref: name, reason: `activation of snapshot ${snap.id} failed` });
+    // a failed (e.g. timed-out) `dmsetup create` may still have left the device: gone only if verified
+    const deviceRow = name !== null && getDevice(db, poolName, name) !== null;
+    let deviceLeft = active;
+    if (!active && deviceRow) deviceLeft = await activeDevice(name!).then((d) => d !== null, () => true);
+    if (name && deviceLeft) leaks.push({ kind: "device", ref: name, reason: `activation of snapshot ${snap.id} failed` });
     const err = failure(`activate ${img.name}`, e, leaks);
     const c = classify(e);
     tx(db, () => {
+      if (openStep !== null) endStep(db, openStep, "failed", "error", err.message);
       updateSnapshot(db, snap.id, { state: "failed", error: err.message });
       if (thinId !== null) {
         const t = getThinId(db, poolName, thinId);
         // allocated-but-unconfirmed ids may exist in the pool: orphaned, so GC looks at them
         if (t && (t.state === "allocated" || t.state === "created")) setThinIdState(db, poolName, thinId, "orphaned", `activation failed: ${err.message}`);
       }
-      if (name && getDevice(db, poolName, name)) setDeviceState(db, poolName, name, active ? "leaked" : "removed", err.message);
+      if (name && deviceRow) setDeviceState(db, poolName, name, deviceLeft ? "leaked" : "removed", deviceLeft ? err.message : `never activated (verified absent): ${err.message}`);
       finishWork(db, work.id, "failed", { error: err.message, kind: c.errorKind, leaks });
     });
     throw err;
@@ -169,8 +181,10 @@ export async function release(ctx: Ctx, ref: string, o: ActivateOptions = {}): P
   }
   if (!o.skipHealth) await assertHealthy({ pool: poolName, stateDir: cfg.stateDir });
   const work = startWork(db, poolName, "release", `snapshot:${snap.id}`, ctx.owner);
+  let openStep: number | null = null;
   try {
     const step = beginStep(db, work.id, poolName, "remove_device", { thinId: snap.thin_id, deviceName: name });
+    openStep = step.id;
     setDeviceState(db, poolName, name, "removing");
     if (info) await withRetry(`dmsetup remove ${name}`, () => dmsetup.remove(name, { ctx: { pool_name: poolName, device_id: snap.thin_id! } }), cfg.retry);
     tx(db, () => {
@@ -183,6 +197,7 @@ export async function release(ctx: Ctx, ref: string, o: ActivateOptions = {}): P
   } catch (e) {
     const err = failure(`release snapshot ${snap.id}`, e, [{ kind: "device", ref: name, reason: "release failed" }]);
     tx(db, () => {
+      if (openStep !== null) endStep(db, openStep, "failed", "error", err.message);
       setDeviceState(db, poolName, name, "active", `release failed: ${err.message}`);
       finishWork(db, work.id, "failed", { error: err.message, kind: classify(e).errorKind });
     });

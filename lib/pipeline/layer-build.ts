@@ -7,11 +7,14 @@
 //       → activated (dmsetup create <prefix>-<pool>-layer-<id>)
 //       → formatted (mkfs.ext4, base layer only)
 //       → mounted   (nosuid,nodev under <stateDir>/mnt)
-//       → applied   (applyLayer) → unmounted (syncfs, umount) → deactivated (dmsetup remove)
-//       → committed
+//       → applied   (applyLayer, then `sync -f`: `applied` means the layer is on disk)
+//       → unmounted (umount) → deactivated (dmsetup remove)
+//       → committed (only while the ledger still says the thin id is `created`)
 //
 // An apply that was interrupted cannot be trusted (half a layer): that attempt is abandoned — its
 // thin id, device and mount are recorded as leaked for GC — and a fresh thin id is built instead.
+// So is an `applied` attempt whose flush is not proven or whose filesystem a reboot left unclean.
+// A reboot also drops the device: `activated`/`formatted` found without it are re-activated.
 import { mkdirSync } from "node:fs";
 import * as dmsetup from "../dm/dmsetup.ts";
 import { isDmError } from "../dm/errors.ts";
@@ -28,7 +31,7 @@ import { getDevice, setDevice, setDeviceState } from "../store/devices.ts";
 import { type LayerPhase, type LayerRow, getLayer, updateLayer } from "../store/layers.ts";
 import { getMount, setMount, setMountState } from "../store/mounts.ts";
 import { allocateThinId, getThinId, setThinIdState } from "../store/thin-ids.ts";
-import { type Leak, beginStep, endStep, finishWork, startWork } from "../store/work.ts";
+import { type Leak, beginStep, endStep, finishWork, startWork, stepDone, stepsOf } from "../store/work.ts";
 import type { Ctx } from "./context.ts";
 import { classify, failure } from "./failure.ts";
 import { deviceName, mountPathFor } from "./names.ts";
@@ -89,6 +92,20 @@ export async function buildLayer(ctx: Ctx, input: BuildInput): Promise<BuildResu
     reload();
   };
   const pause = (step: string) => pausePoint(step, cfg.stateDir);
+  // The step whose intent is written but whose outcome is not: ended `failed` on an error (a record,
+  // not a cleanup), so it never looks like the work of a dead process.
+  const open: { step: { id: number; name: string } | null } = { step: null };
+  const begin = (name: string) => {
+    const st = beginStep(db, work.id, poolName, name, { thinId: l.thin_id, deviceName: l.device_name });
+    open.step = { id: st.id, name };
+  };
+  const end = (outcome: string) => {
+    if (open.step) endStep(db, open.step.id, "done", outcome);
+    open.step = null;
+  };
+  /** Phase to return to after a re-activation (a reboot dropped the device; its data is intact). */
+  let resumeAt: LayerPhase | null = null;
+  const mounted = (path: string | null) => path !== null && mnt.mountinfo().some((m) => m.mountPoint === path);
 
   /** Give up on the current thin id: everything it holds is left in place and recorded for GC. */
   const abandon = (why: string) => {
@@ -124,14 +141,32 @@ export async function buildLayer(ctx: Ctx, input: BuildInput): Promise<BuildResu
           if (!t || !LIVE_THIN.has(t.state)) abandon(`its thin id is ${t?.state ?? "missing from the ledger"}`);
           else if (l.phase === "allocated" && t.state === "created") setPhase("created");
           else if (l.phase === "mounted") abandon("a previous apply was interrupted; a half-applied layer is never reused");
+          else if (l.phase === "activated" || l.phase === "formatted") {
+            // after a reboot the device is gone (its thin id and data are not): load it again
+            if (!(await activeDevice(l.device_name!))) {
+              log.info(`layer ${input.label}: device ${l.device_name} is not active (host restarted?); re-activating thin id ${l.thin_id}`);
+              resumeAt = l.phase;
+              setPhase("created");
+            }
+          } else if (l.phase === "applied") {
+            // `applied` is written only after `sync -f` succeeded; a row without that proof (an older
+            // thinimg, or a failed flush) is never committed: a fresh syncfs would not report the
+            // earlier write error. Without mount AND device the host restarted before the unmount:
+            // the filesystem was never cleanly unmounted (its journal not replayed), so not adopted.
+            if (!stepDone(db, work.pool, "sync", l.thin_id)) abandon("its writes were never proven flushed (no successful `sync -f`)");
+            else if (!mounted(mountPath) && !(await activeDevice(l.device_name!))) abandon("the host restarted before it was unmounted; an uncleanly unmounted layer is never reused");
+          }
         } else if (l.phase !== "new") setPhase("new");
       }
       const dev = l.device_name;
       switch (l.phase) {
         case "new": {
-          const id = allocateThinId(db, poolName, { kind: "layer", id: l.id }, input.parent?.thin_id ?? null);
-          const name = deviceName(cfg.prefix, poolName, "layer", id);
-          setPhase("allocated", { thin_id: id, device_name: name, attempt: l.attempt + 1 });
+          // the id and the layer's claim on it in one transaction: a crash between them leaks nothing
+          tx(db, () => {
+            const id = allocateThinId(db, poolName, { kind: "layer", id: l.id }, input.parent?.thin_id ?? null);
+            updateLayer(db, l.id, { phase: "allocated", thin_id: id, device_name: deviceName(cfg.prefix, poolName, "layer", id), attempt: l.attempt + 1 });
+          });
+          reload();
           await pause("layer:allocated");
           break;
         }
@@ -181,23 +216,25 @@ export async function buildLayer(ctx: Ctx, input: BuildInput): Promise<BuildResu
           break;
         }
         case "created": {
-          const step = beginStep(db, work.id, poolName, "activate_device", { thinId: l.thin_id, deviceName: dev });
+          begin("activate_device");
           setDevice(db, { pool: poolName, name: dev!, thinId: l.thin_id!, kind: "layer", state: "activating" });
           await ensureActive(poolName, dev!, l.thin_id!, l.virtual_size);
           tx(db, () => {
             setDeviceState(db, poolName, dev!, "active");
-            endStep(db, step.id, "done", "ok");
+            end(resumeAt ? `ok (re-activated; resuming at ${resumeAt})` : "ok");
           });
-          setPhase("activated");
-          await pause("layer:activated");
+          const next = resumeAt ?? "activated";
+          resumeAt = null;
+          setPhase(next);
+          if (next === "activated") await pause("layer:activated");
           break;
         }
         case "activated": {
           if (!input.parent) {
-            const step = beginStep(db, work.id, poolName, "mkfs", { thinId: l.thin_id, deviceName: dev });
+            begin("mkfs");
             ctx.progress?.stage(`layer ${input.label}: mkfs`);
             await mkfsExt4(dmsetup.mapperPath(dev!), { ctx: { pool_name: poolName, device_id: l.thin_id!, device_name: dev! } });
-            endStep(db, step.id, "done", "ok");
+            end("ok");
           }
           setPhase("formatted");
           await pause("layer:formatted");
@@ -206,7 +243,7 @@ export async function buildLayer(ctx: Ctx, input: BuildInput): Promise<BuildResu
         case "formatted": {
           const path = mountPathFor(cfg.mountDir, dev!);
           mkdirSync(path, { recursive: true, mode: 0o700 });
-          const step = beginStep(db, work.id, poolName, "mount", { thinId: l.thin_id, deviceName: dev });
+          begin("mount");
           setMount(db, { path, pool: poolName, deviceName: dev!, thinId: l.thin_id!, purpose: "apply", state: "mounting" });
           const info = await activeDevice(dev!);
           const mm = info ? `${info.major}:${info.minor}` : null;
@@ -220,7 +257,7 @@ export async function buildLayer(ctx: Ctx, input: BuildInput): Promise<BuildResu
           }
           tx(db, () => {
             setMountState(db, path, "mounted");
-            endStep(db, step.id, "done", "ok");
+            end("ok");
           });
           setPhase("mounted");
           await pause("layer:mounted");
@@ -228,7 +265,7 @@ export async function buildLayer(ctx: Ctx, input: BuildInput): Promise<BuildResu
         }
         case "mounted": {
           const path = mountPath!;
-          const step = beginStep(db, work.id, poolName, "apply", { thinId: l.thin_id, deviceName: dev });
+          begin("apply");
           ctx.progress?.stage(`layer ${input.label}: apply`);
           const stream = await input.ref.open();
           const stats = await applyLayer(stream, path, {
@@ -239,39 +276,48 @@ export async function buildLayer(ctx: Ctx, input: BuildInput): Promise<BuildResu
             onProgress: (b) => ctx.progress?.bytes(b, null),
           });
           tx(db, () => {
-            endStep(db, step.id, "done", `entries=${stats.entries} bytes=${stats.bytes} whiteouts=${stats.whiteouts}`);
+            end(`entries=${stats.entries} bytes=${stats.bytes} whiteouts=${stats.whiteouts}`);
             updateLayer(db, l.id, { stats: JSON.stringify(stats) });
           });
-          setPhase("applied");
+          // syncfs before `applied`: a write error (I/O error, pool out of space) surfaces here and
+          // the attempt fails in `mounted` (never resumed). umount does not report such errors, and
+          // a later syncfs only reports errors newer than its open (Linux >= 5.8), so this is the one
+          // chance to know the layer is on disk. The `sync` step row is the proof a resume checks.
+          begin("sync");
+          await runOk(["sync", "-f", path], { timeoutMs: 300_000, ctx: { pool_name: poolName, device_id: l.thin_id!, device_name: dev! } });
+          tx(db, () => {
+            end("ok");
+            updateLayer(db, l.id, { phase: "applied" });
+          });
+          reload();
           await pause("layer:applied");
           break;
         }
         case "applied": {
           const path = mountPath!;
-          const step = beginStep(db, work.id, poolName, "umount", { thinId: l.thin_id, deviceName: dev });
-          const mounted = mnt.mountinfo().some((m) => m.mountPoint === path);
-          if (mounted) {
-            // syncfs first: a write error (I/O error, pool out of space) surfaces here, not silently
-            await runOk(["sync", "-f", path], { timeoutMs: 300_000, ctx: { pool_name: poolName, device_id: l.thin_id!, device_name: dev! } });
+          begin("umount");
+          const isMounted = mounted(path);
+          if (isMounted) {
+            // the data was flushed (and the flush checked) before `applied`
             setMountState(db, path, "unmounting");
             await withRetry(`umount ${path}`, () => mnt.umount(path, { ctx: { pool_name: poolName, device_id: l.thin_id!, device_name: dev! } }), cfg.retry);
           }
           tx(db, () => {
             setMountState(db, path, "unmounted");
-            endStep(db, step.id, "done", mounted ? "ok" : "was not mounted");
+            end(isMounted ? "ok" : "was not mounted");
           });
           setPhase("unmounted");
           await pause("layer:unmounted");
           break;
         }
         case "unmounted": {
-          const step = beginStep(db, work.id, poolName, "remove_device", { thinId: l.thin_id, deviceName: dev });
+          begin("remove_device");
           setDeviceState(db, poolName, dev!, "removing");
           const info = await activeDevice(dev!);
           if (info) await withRetry(`dmsetup remove ${dev}`, () => dmsetup.remove(dev!, { ctx: { pool_name: poolName, device_id: l.thin_id! } }), cfg.retry);
           tx(db, () => {
             setDeviceState(db, poolName, dev!, "removed");
-            endStep(db, step.id, "done", info ? "ok" : "was not active");
+            end(info ? "ok" : "was not active");
           });
           setPhase("deactivated");
           await pause("layer:deactivated");
@@ -279,6 +325,14 @@ export async function buildLayer(ctx: Ctx, input: BuildInput): Promise<BuildResu
         }
         case "deactivated": {
           tx(db, () => {
+            // GC may have started deleting this id (a failed layer's id looks unused to it): commit
+            // only while the ledger still says `created`, in the same transaction as the commit
+            const t = getThinId(db, poolName, l.thin_id!);
+            if (t?.state !== "created") {
+              throw new ThinimgError("conflict", `its thin id ${l.thin_id} is ${t?.state ?? "missing from the ledger"} (GC claimed it?); the layer is not committed`, {
+                hint: "re-run the unpack: it builds the layer on a fresh thin id",
+              });
+            }
             setThinIdState(db, poolName, l.thin_id!, "committed");
             updateLayer(db, l.id, { phase: "committed", state: "committed", committed_at: Date.now(), error: null, error_kind: null });
             finishWork(db, work.id, "done");
@@ -293,6 +347,11 @@ export async function buildLayer(ctx: Ctx, input: BuildInput): Promise<BuildResu
     return { layer: l, abandoned, built: true };
   } catch (e) {
     const leaks = heldResources(l, mountPath);
+    // a create whose outcome is unknown (timeout) stays pending for the next run to settle; until
+    // then its id may exist in the pool
+    if (l.thin_id !== null && !leaks.some((x) => x.kind === "thin_id") && stepsOf(db, work.id).some((s) => s.state === "pending" && s.thin_id === l.thin_id && s.name.startsWith("create_"))) {
+      leaks.push({ kind: "thin_id", ref: l.thin_id, reason: `layer ${l.chain_id}: outcome of its create is unknown (settled by the next run)` });
+    }
     let c = classify(e);
     let override: { message: string } | undefined;
     if (c.errorKind !== "policy" && c.errorKind !== "input" && (await poolOutOfSpace(ctx))) {
@@ -301,6 +360,7 @@ export async function buildLayer(ctx: Ctx, input: BuildInput): Promise<BuildResu
     }
     const err = failure(`layer ${input.label}`, e, leaks, override);
     tx(db, () => {
+      if (open.step) endStep(db, open.step.id, "failed", "error", err.message);
       updateLayer(db, l.id, { state: "failed", error: err.message, error_kind: c.errorKind });
       if (l.device_name && leaks.some((x) => x.kind === "device")) setDeviceState(db, poolName, l.device_name, "leaked", err.message);
       if (mountPath && leaks.some((x) => x.kind === "mount")) setMountState(db, mountPath, "leaked", err.message);

@@ -114,6 +114,11 @@ export function pendingSteps(db: Db, pool: string): (StepRow & { work_pid: numbe
     .all(pool) as (StepRow & { work_pid: number; work_start_time: number | null; work_host: string; work_kind: WorkKind; work_subject: string })[];
 }
 
+/** Whether a `name` step on this thin id has ever completed (e.g. the flush of a layer attempt). */
+export function stepDone(db: Db, pool: string, name: string, thinId: number): boolean {
+  return db.query("SELECT 1 FROM steps WHERE pool = ? AND name = ? AND thin_id = ? AND state = 'done' LIMIT 1").get(pool, name, thinId) !== null;
+}
+
 export function stepsOf(db: Db, workId: number): StepRow[] {
   return db.query("SELECT * FROM steps WHERE work_id = ? ORDER BY id").all(workId) as StepRow[];
 }
