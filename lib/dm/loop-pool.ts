@@ -1,11 +1,14 @@
 // A thin pool over two loop-backed files (metadata, data) — the layout recover-pool creates and
-// the tests use. Files are created sparse: fallocate where the filesystem has it, else truncate
-// (hostfs in the test VM has no fallocate).
-import { closeSync, existsSync, ftruncateSync, openSync } from "node:fs";
-import { join } from "node:path";
+// the tests use. Files are allocated with fallocate; only where the filesystem does not support it
+// (hostfs in the test VM, some NFS) are they made sparse with truncate. Any other fallocate failure
+// (no space, quota, I/O error) stops: a sparse file on a full disk would fail later, under the pool.
+import { closeSync, existsSync, ftruncateSync, openSync, statSync, statfsSync } from "node:fs";
+import { basename, dirname, join } from "node:path";
 import { ThinimgError } from "../errors.ts";
-import { run } from "../exec.ts";
+import { type CmdResult, run } from "../exec.ts";
+import { formatBytes } from "../util/units.ts";
 import * as dmsetup from "./dmsetup.ts";
+import { DmError, classifyDmError } from "./errors.ts";
 import * as losetup from "./losetup.ts";
 import { SECTOR, poolTable } from "./pool.ts";
 import { assertDmName } from "./validate.ts";
@@ -37,12 +40,61 @@ export const META_FILE = "metadata.img";
 export const DATA_FILE = "data.img";
 export const DEFAULT_FEATURES = ["error_if_no_space"];
 
-/** Size a new backing file; never touches an existing one. */
-export async function makeBackingFile(path: string, size: number): Promise<"fallocate" | "truncate"> {
-  if (existsSync(path)) throw new ThinimgError("conflict", `${path} already exists`, { hint: "refusing to overwrite a backing file" });
-  const r = await run(["fallocate", "-l", String(size), path], { timeoutMs: 60_000, probe: true });
-  if (r.exitCode === 0) return "fallocate";
-  // fallocate unsupported (hostfs, some NFS): a sparse file via truncate
+const FALLOCATE_TIMEOUT_MS = 60_000;
+const NO_SPACE_HINT = "free space on that filesystem (or choose another --dir / smaller sizes) and re-run";
+
+/** Bytes an unprivileged writer may still use on the filesystem holding `path` (df's "Avail");
+ * null when the filesystem does not say. */
+export function freeBytes(path: string): number | null {
+  try {
+    const s = statfsSync(path);
+    return Number(s.bavail) * Number(s.bsize);
+  } catch {
+    return null;
+  }
+}
+
+/** Refuse up front when the filesystem holding `dir` has less than `bytes` free. */
+export function assertFreeSpace(dir: string, bytes: number, what: string): void {
+  const free = freeBytes(dir);
+  if (free === null || free >= bytes) return;
+  throw new DmError(
+    "no_space",
+    {
+      argv: [dir],
+      stdout: "",
+      stderr: `not enough space: ${formatBytes(bytes)} needed for ${what}, ${formatBytes(free)} free`,
+      exitCode: null,
+      signal: null,
+      timedOut: false,
+      durationMs: 0,
+    },
+    NO_SPACE_HINT,
+  );
+}
+
+/** fallocate's answer when the filesystem cannot preallocate at all. */
+export function fallocateUnsupported(r: CmdResult): boolean {
+  return r.exitCode !== 0 && !r.timedOut && /Operation not supported|EOPNOTSUPP/i.test(r.stderr);
+}
+
+/** Give the file at `path` (new, or existing and empty) `size` bytes: fallocate, or truncate only
+ * where fallocate is not supported. */
+export async function allocateBackingFile(path: string, size: number): Promise<"fallocate" | "truncate"> {
+  const r = await run(["fallocate", "-l", String(size), path], { timeoutMs: FALLOCATE_TIMEOUT_MS, probe: true });
+  if (r.exitCode === 0 && !r.timedOut) return "fallocate";
+  if (!fallocateUnsupported(r)) {
+    const kind = r.exitCode === 127 ? "other" : classifyDmError(r);
+    throw new DmError(
+      kind,
+      r,
+      kind === "no_space"
+        ? NO_SPACE_HINT
+        : r.exitCode === 127
+          ? "install util-linux (fallocate)"
+          : `check the filesystem holding ${dirname(path)}; nothing else was changed`,
+    );
+  }
   const fd = openSync(path, existsSync(path) ? "r+" : "wx");
   try {
     ftruncateSync(fd, size);
@@ -50,6 +102,20 @@ export async function makeBackingFile(path: string, size: number): Promise<"fall
     closeSync(fd);
   }
   return "truncate";
+}
+
+/** Size a new backing file; never touches an existing one. */
+export async function makeBackingFile(path: string, size: number): Promise<"fallocate" | "truncate"> {
+  if (existsSync(path)) throw new ThinimgError("conflict", `${path} already exists`, { hint: "refusing to overwrite a backing file" });
+  assertFreeSpace(dirname(path), size, basename(path));
+  return allocateBackingFile(path, size);
+}
+
+/** Size an empty backing file (left by an interrupted create); refuses a file that holds data. */
+export async function sizeEmptyBackingFile(path: string, size: number): Promise<"fallocate" | "truncate"> {
+  if (statSync(path).size !== 0) throw new ThinimgError("conflict", `${path} is not empty`, { hint: "refusing to resize a backing file" });
+  assertFreeSpace(dirname(path), size, basename(path));
+  return allocateBackingFile(path, size);
 }
 
 export function lowWaterMarkFor(dataBlocks: number): number {
@@ -65,6 +131,7 @@ export async function createLoopPool(spec: LoopPoolSpec): Promise<LoopPool> {
   const dataSectors = Math.floor(spec.dataSize / blockSize) * blockSectors;
   const metaFile = join(spec.dir, META_FILE);
   const dataFile = join(spec.dir, DATA_FILE);
+  assertFreeSpace(spec.dir, spec.metaSize + spec.dataSize, `${META_FILE} and ${DATA_FILE}`);
   await makeBackingFile(metaFile, spec.metaSize);
   await makeBackingFile(dataFile, spec.dataSize);
   const metaDev = await losetup.attach(metaFile, { ctx: { pool_name: spec.name } });

@@ -3,13 +3,13 @@
 // breaks: it never overwrites a backing file, never reloads or removes a live pool, never loads a
 // pool whose metadata failed thin_check (unless --repair rebuilt it), never leaves the pool
 // suspended, and on an error it stops where it is (fail dumb) and says what to run next.
-import { closeSync, existsSync, ftruncateSync, mkdirSync, openSync, statSync } from "node:fs";
+import { existsSync, mkdirSync, statSync } from "node:fs";
 import { join, resolve } from "node:path";
 import { loadConfig } from "../config.ts";
 import * as dmsetup from "../dm/dmsetup.ts";
 import { isDmError } from "../dm/errors.ts";
 import * as losetup from "../dm/losetup.ts";
-import { DATA_FILE, META_FILE, makeBackingFile } from "../dm/loop-pool.ts";
+import { DATA_FILE, META_FILE, assertFreeSpace, makeBackingFile, sizeEmptyBackingFile } from "../dm/loop-pool.ts";
 import { parsePoolTable, poolStatus, poolTable } from "../dm/pool.ts";
 import * as thintools from "../dm/thintools.ts";
 import { udevArgs } from "../dm/udev.ts";
@@ -25,6 +25,15 @@ import { type RecoverAction, type RecoverReport, type StatusJson, statusJson } f
 import { Blocked, Runbook, shellLine, sizeFileShell } from "./runbook.ts";
 
 export type { RecoverReport } from "./report.ts";
+
+/** Size of the file at p; 0 when it is absent too (both mean "still to be made"). */
+function fileSize(p: string): number {
+  try {
+    return statSync(p).size;
+  } catch {
+    return 0;
+  }
+}
 
 export interface RecoverOptions {
   dir: string;
@@ -163,6 +172,8 @@ class Recovery {
         );
       }
       rec = wanted;
+      // Before anything is written: a pool bigger than the free space would fail under its users.
+      assertFreeSpace(this.dir, rec.meta_size + rec.data_size, `${rec.meta_file} and ${rec.data_file}`);
       await this.rb.act(
         "write-record",
         `record the pool's parameters in ${recordPath(this.dir)} (state creating) before any file or device exists`,
@@ -211,6 +222,16 @@ class Recovery {
 
   async ensureFiles(rec: PoolRecord): Promise<void> {
     const creating = rec.state === "creating";
+    if (creating) {
+      // an interrupted --create: the files still to make (or size) must fit, all of them, up front
+      const todo = ([
+        [rec.meta_file, rec.meta_size],
+        [rec.data_file, rec.data_size],
+      ] as const).filter(([f]) => fileSize(join(this.dir, f)) === 0);
+      if (todo.length > 0) {
+        assertFreeSpace(this.dir, todo.reduce((n, [, size]) => n + size, 0), todo.map(([f]) => f).join(" and "));
+      }
+    }
     for (const [role, file, size] of [
       ["metadata", rec.meta_file, rec.meta_size],
       ["data", rec.data_file, rec.data_size],
@@ -246,15 +267,8 @@ class Recovery {
           await this.rb.act(
             "size-file",
             `size the empty ${role} file ${p} left by an interrupted --create to ${formatBytes(size)}`,
-            { argv: ["truncate", "-s", String(size), p], planned: undefined },
-            () => {
-              const fd = openSync(p, "r+");
-              try {
-                ftruncateSync(fd, size);
-              } finally {
-                closeSync(fd);
-              }
-            },
+            { argv: ["fallocate", "-l", String(size), p], shell: sizeFileShell(size, p), planned: undefined, done: (how) => `${p}: ${formatBytes(size)} via ${how}` },
+            () => sizeEmptyBackingFile(p, size),
           );
           continue;
         }

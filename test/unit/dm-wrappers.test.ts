@@ -1,6 +1,9 @@
-import { afterEach, describe, expect, test } from "bun:test";
+import { afterAll, afterEach, describe, expect, test } from "bun:test";
+import { existsSync, mkdtempSync, rmSync, statSync, writeFileSync } from "node:fs";
+import { join } from "node:path";
 import { classifyDmError, isDmError } from "../../lib/dm/errors.ts";
 import * as dmsetup from "../../lib/dm/dmsetup.ts";
+import { makeBackingFile } from "../../lib/dm/loop-pool.ts";
 import { parseLosetupJson } from "../../lib/dm/losetup.ts";
 import { parseMountinfo } from "../../lib/dm/mount.ts";
 import { parsePoolTable, poolTable, thinTable } from "../../lib/dm/pool.ts";
@@ -155,5 +158,55 @@ describe("tables and tool output parsers", () => {
     ]);
     const m = parseMountinfo("36 25 254:3 / /var/lib/thin\\040img/mnt rw,nosuid,nodev shared:1 - ext4 /dev/mapper/thinimg-p-layer-3 rw\n");
     expect(m).toEqual([{ mountId: 36, majorMinor: "254:3", root: "/", mountPoint: "/var/lib/thin img/mnt", options: "rw,nosuid,nodev", fstype: "ext4", source: "/dev/mapper/thinimg-p-layer-3", superOptions: "rw" }]);
+  });
+});
+
+describe("backing files: fallocate, and truncate only where fallocate is unsupported", () => {
+  const tmp = mkdtempSync("/tmp/thinimg-backing-");
+  afterAll(() => rmSync(tmp, { recursive: true, force: true }));
+  const fallocateSays = (exitCode: number, stderr: string): Runner => async (argv) => {
+    if (argv[0] !== "fallocate") throw new Error(`unexpected ${argv.join(" ")}`);
+    writeFileSync(argv.at(-1)!, ""); // fallocate(1) creates the file before it fails
+    return res(argv, exitCode, stderr);
+  };
+
+  test("no space left: a no_space error, and no sparse file of the requested size", async () => {
+    setRunner(fallocateSays(1, "fallocate: fallocate failed: No space left on device"));
+    const p = join(tmp, "nospace.img");
+    const e = await makeBackingFile(p, 8 * 1024 * 1024).catch((x) => x);
+    expect(isDmError(e, "no_space")).toBe(true);
+    expect(e.oneLine()).toMatch(/No space left on device — free space on that filesystem/);
+    expect(e.oneLine()).not.toContain("\n");
+    expect(statSync(p).size).toBe(0);
+  });
+
+  test("any other fallocate failure (I/O error, quota) stops too", async () => {
+    for (const msg of ["fallocate: fallocate failed: Input/output error", "fallocate: fallocate failed: Disk quota exceeded"]) {
+      setRunner(fallocateSays(1, msg));
+      const p = join(tmp, `other-${msg.length}.img`);
+      await expect(makeBackingFile(p, 1024 * 1024)).rejects.toThrow(msg.split(": ").at(-1)!);
+      expect(statSync(p).size).toBe(0);
+    }
+  });
+
+  test("fallocate unsupported (hostfs, NFS): a sparse file of the exact size", async () => {
+    setRunner(fallocateSays(1, "fallocate: fallocate failed: Operation not supported"));
+    const p = join(tmp, "sparse.img");
+    expect(await makeBackingFile(p, 3 * 1024 * 1024)).toBe("truncate");
+    expect(statSync(p).size).toBe(3 * 1024 * 1024);
+  });
+
+  test("more than the filesystem has free is refused before anything is created", async () => {
+    const calls: string[][] = [];
+    setRunner(async (argv) => {
+      calls.push(argv);
+      return res(argv, 0);
+    });
+    const p = join(tmp, "huge.img");
+    const e = await makeBackingFile(p, 2 ** 60).catch((x) => x);
+    expect(isDmError(e, "no_space")).toBe(true);
+    expect(e.message).toMatch(/not enough space: .* needed for huge\.img, .* free/);
+    expect(calls).toEqual([]);
+    expect(existsSync(p)).toBe(false);
   });
 });

@@ -224,3 +224,42 @@ describe("recover-pool on the real kernel", () => {
     expect((await recover("--dir", dir)).report.action).toBe("healthy");
   }, 300_000);
 });
+
+describe("--create on a filesystem without the room", () => {
+  const small = join(base, "small");
+  const FULL_POOL = `${POOL}f`;
+  afterAll(() => {
+    Bun.spawnSync(["umount", small]);
+  });
+
+  test("tmpfs of 16 MiB: --create of 64M+4M is refused up front, one line, JSON report, nothing written", async () => {
+    mkdirSync(small, { recursive: true });
+    expect(Bun.spawnSync(["mount", "-t", "tmpfs", "-o", "size=16M", "none", small]).exitCode).toBe(0);
+    const d = join(small, "p");
+    const { code, report, stderr } = await recover("--create", "--dir", d, "--data-size", "64M", "--meta-size", "4M", "--pool", FULL_POOL);
+    expect(code).toBe(5);
+    expect(report).toMatchObject({ ok: false, action: "blocked", error: { kind: "dm" } });
+    expect(report.error!.message).toMatch(/: not enough space: 68 MiB needed for metadata\.img and data\.img, 16 MiB free/);
+    expect(stderr.trim().split("\n")).toEqual([`error: ${report.error!.message} — ${report.error!.hint}`]);
+    expect(readdirSync(d)).toEqual([]); // no record, no backing file
+    expect(await dmsetup.exists(FULL_POOL)).toBe(false);
+  });
+
+  test("fallocate's own ENOSPC stops with no_space; no sparse file stands in for the missing space", async () => {
+    const { allocateBackingFile } = await import("../../lib/dm/loop-pool.ts");
+    const { isDmError } = await import("../../lib/dm/errors.ts");
+    writeFileSync(join(small, "filler"), new Uint8Array(12 * 1024 * 1024)); // 4 MiB left
+    const p = join(small, "data.img");
+    const e = await allocateBackingFile(p, 8 * 1024 * 1024).catch((x) => x);
+    expect(isDmError(e, "no_space")).toBe(true);
+    expect(e.message).toContain("No space left on device");
+    expect(statSync(p).size).toBe(0);
+  });
+
+  test("hostfs (fallocate unsupported) still gets a sparse file of the exact size", async () => {
+    const { allocateBackingFile } = await import("../../lib/dm/loop-pool.ts");
+    const p = join(base, "sparse.img");
+    expect(await allocateBackingFile(p, 5 * 1024 * 1024)).toBe("truncate");
+    expect(statSync(p).size).toBe(5 * 1024 * 1024);
+  });
+});
