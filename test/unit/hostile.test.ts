@@ -9,7 +9,9 @@ import { createHash } from "node:crypto";
 import { existsSync, lstatSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, readlinkSync, symlinkSync, writeFileSync } from "node:fs";
 import { gzipSync } from "node:zlib";
 import { ThinimgError } from "../../lib/errors.ts";
-import { type ApplyOptions, applyLayer } from "../../lib/image/apply/index.ts";
+import { Applier } from "../../lib/image/apply/applier.ts";
+import { type ApplyOptions, applyLayer, DEFAULT_LIMITS } from "../../lib/image/apply/index.ts";
+import { TarReader } from "../../lib/image/apply/tar-reader.ts";
 import { decompressStream } from "../../lib/image/compression.ts";
 import {
   dir,
@@ -209,6 +211,41 @@ const cases: Record<string, Case> = {
   "link target with thousands of components is bounded by maxDepth": {
     layers: () => [tar(pax({ linkpath: "a/".repeat(2000) }), symlink("deep", "a"), file("deep/x", "y"))],
     error: { kind: "policy", match: "maxDepth" },
+  },
+  "a link target that expands enormously is refused, not walked": {
+    // 40 links, each `d/../` × 800 + the next: ~64,000 components per lookup if walked
+    layers: () => [tar(dir("d"), ...dotdotChain(40, 800), file("L0/f", "x"))],
+    error: { kind: "policy", match: /walks more than 5120 path components/ },
+  },
+  '"nope/../x" in a link target is x, and no stray directory is made': {
+    layers: () => [
+      tar(dir("usr"), dir("usr/lib"), symlink("l", "nope/../usr/lib"), file("l/x", "x")),
+      tar(file("f", "a file"), symlink("m", "f/../usr/lib"), symlink("n", "nope/deeper/../../usr/lib"), file("m/y", "y"), file("n/z", "z")),
+    ],
+    check: (c) => {
+      expect(readdirSync(c.dest).sort()).toEqual(["f", "l", "m", "n", "usr"]);
+      expect(readdirSync(inDest(c, "usr/lib")).sort()).toEqual(["x", "y", "z"]);
+    },
+  },
+  "a lexical resolution is not cached past a change of what it went through": {
+    // l -> nope/../lib is lib while nope is missing; once nope -> a/b, it is a/lib
+    layers: () => [tar(dir("a"), dir("a/b"), dir("lib"), symlink("l", "nope/../lib"), file("l/x", "1"), symlink("nope", "a/b"), file("l/y", "2"))],
+    check: (c) => {
+      expect(readFileSync(inDest(c, "lib/x"), "utf8")).toBe("1");
+      expect(readFileSync(inDest(c, "a/lib/y"), "utf8")).toBe("2");
+      expect(existsSync(inDest(c, "lib/y"))).toBe(false);
+    },
+  },
+  "replacing a link in the same layer re-resolves what went through it": {
+    layers: () => [tar(dir("a"), dir("b"), symlink("l", "a"), file("l/x", "1"), symlink("l", "b"), file("l/y", "2"), file("a/z", "3"))],
+    check: (c) => {
+      expect(readdirSync(inDest(c, "a")).sort()).toEqual(["x", "z"]);
+      expect(readdirSync(inDest(c, "b")).sort()).toEqual(["y"]);
+    },
+  },
+  "replacing a directory in the same layer re-resolves links into it": {
+    layers: () => [tar(dir("p"), dir("p/q"), symlink("m", "p/q"), file("m/1", "1"), file("p", "flat"), file("m/2", "2"))],
+    error: { kind: "policy", match: "entry m/2: parent p is not a directory" },
   },
   "a file used as a parent directory": {
     layers: () => [tar(file("f", "x"), file("f/child", "y"))],
@@ -416,6 +453,14 @@ const cases: Record<string, Case> = {
   },
 };
 
+/** Links L0 … L(n-1), each `d/../` × k then the next link; the last one ends at T. */
+function dotdotChain(n: number, k: number): Buffer[] {
+  return Array.from({ length: n }, (_, i) => {
+    const target = `${"d/../".repeat(k)}${i === n - 1 ? "T" : `L${i + 1}`}`;
+    return Buffer.concat([pax({ linkpath: target }), symlink(`L${i}`, "placeholder")]);
+  });
+}
+
 function fixChecksum(h: Buffer): Buffer {
   h.fill(0x20, 148, 156);
   let sum = 0;
@@ -455,6 +500,34 @@ describe("hostile corpus", () => {
     const err = await applyLayer(input, ctx.dest, { layerLabel: "1", limits: { maxTotalBytes: 8 * 1024 * 1024 } }).catch((e) => e);
     expect((err as ThinimgError).message).toBe("layer 1: uncompressed size exceeds 8388608 bytes (maxTotalBytes)");
   }, 30_000);
+
+  test("link resolution stays cheap when links elsewhere are replaced between entries", async () => {
+    // A chain of 8 links with 200 `d/../` each, written through 1,000 times; before each write a
+    // link elsewhere (z) is replaced. Each replacement used to clear every resolution, so each
+    // write re-walked ~3,200 components with ~1,600 lstat calls (a 1.2 MB layer took minutes).
+    const pairs = 1000;
+    const parts: Buffer[] = [dir("d"), dir("T"), ...dotdotChain(8, 200)];
+    for (let i = 0; i < pairs; i++) parts.push(symlink("z", `t${i}`), file(`L0/f${i}`, "x"));
+    const layer = tar(...parts);
+    const ctx = setup();
+    const before = snapshot(ctx.canary);
+    const applier = new Applier(ctx.dest, { limits: { ...DEFAULT_LIMITS }, devices: false, sameOwner: true, xattrs: true, isRoot: true });
+    const reader = new TarReader(applier);
+    for (let off = 0; off < layer.length; off += 65536) reader.push(layer.subarray(off, off + 65536));
+    reader.end();
+    applier.finish();
+    expect(readdirSync(`${ctx.dest}/T`).length).toBe(pairs);
+    // one walk of the chain (8 links, d, T), then every write hits the cache
+    expect(applier.fs.lstats).toBeLessThan(50);
+    expect(snapshot(ctx.canary)).toEqual(before);
+
+    // and through applyLayer, well inside the test timeout (it took ~100 s before)
+    const ctx2 = setup();
+    const started = performance.now();
+    await applyLayer(streamOf(layer), ctx2.dest, { layerLabel: "1" });
+    expect(readdirSync(`${ctx2.dest}/T`).length).toBe(pairs);
+    expect(performance.now() - started).toBeLessThan(10_000);
+  }, 20_000);
 
   test("rm of a replaced directory does not follow symlinks inside it", async () => {
     await runCase({

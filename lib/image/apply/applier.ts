@@ -31,7 +31,7 @@ import {
 } from "node:fs";
 import { InRoot } from "./inroot.ts";
 import { fsetxattr, lgetxattr, llistxattr, lremovexattr, lsetxattr, mknod, S_IFBLK, S_IFCHR, S_IFIFO } from "./libc.ts";
-import { checkNameBytes, HOSTILE_HINT, type Limits, RuleError, splitName } from "./rules.ts";
+import { checkNameBytes, DEPTH_HINT, HOSTILE_HINT, type Limits, RuleError, splitName } from "./rules.ts";
 import type { TarEntry, TarSink } from "./tar-reader.ts";
 
 const WH_PREFIX = ".wh.";
@@ -125,14 +125,14 @@ export class Applier implements TarSink {
     checkNameBytes(e.name, L, "path");
     const comps = splitName(e.name);
     if (comps.length > L.maxDepth) {
-      throw new RuleError("policy", `path is deeper than ${L.maxDepth} levels (maxDepth)`, HOSTILE_HINT);
+      throw new RuleError("policy", `path is deeper than ${L.maxDepth} levels (maxDepth)`, DEPTH_HINT);
     }
     if (e.type === "file") {
       if (e.size > L.maxFileBytes) {
         throw new RuleError(
           "policy",
           `file of ${e.size} bytes exceeds the ${L.maxFileBytes}-byte limit (maxFileBytes)`,
-          "raise --max-file-bytes if the image is legitimate",
+          "raise --max-file-size if the image is legitimate",
         );
       }
       if (e.offset + 512 + e.size > L.maxTotalBytes) {
@@ -201,11 +201,13 @@ export class Applier implements TarSink {
       case "char":
       case "block":
       case "fifo":
-        if (!this.o.devices) {
+        // Only with `devices`, and only as root: a FIFO made by an unprivileged run would belong to
+        // the wrong owner, so it is skipped (counted) like the rest.
+        if (!this.o.devices || (e.type === "fifo" && !this.o.isRoot)) {
           this.skipped++;
           return;
         }
-        if (e.type !== "fifo" && !this.o.isRoot) {
+        if (!this.o.isRoot) {
           throw new RuleError("policy", "device nodes can only be created as root", "run as root, or drop --devices");
         }
         this.create(abs, () =>
@@ -336,10 +338,10 @@ export class Applier implements TarSink {
   private remove(abs: string, st: Stats): void {
     if (st.isDirectory()) {
       this.removeDir(abs);
-      this.bump();
+      this.bump(abs);
     } else {
       unlinkSync(abs);
-      if (st.isSymbolicLink()) this.bump();
+      if (st.isSymbolicLink()) this.bump(abs);
     }
   }
 
@@ -389,9 +391,10 @@ export class Applier implements TarSink {
     }
   }
 
-  private bump(): void {
+  /** A directory or symlink at abs was removed: recorded paths must be re-checked. */
+  private bump(abs: string): void {
     this.epoch++;
-    this.fs.invalidate();
+    this.fs.invalidate(abs.slice(this.fs.root.length + 1));
   }
 
   private hardlink(abs: string, e: TarEntry): void {

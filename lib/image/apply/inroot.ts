@@ -6,53 +6,137 @@
 // layers write through links of earlier ones (/lib -> usr/lib). The final component of an entry is
 // never resolved here: callers lstat it and never follow it.
 //
+// As in securejoin, a component that does not exist (or is not a directory) is taken lexically: a
+// following ".." undoes it (`l -> nope/../usr/lib` is usr/lib). Directories are created only once
+// the whole path has been walked, so a ".." later in a link target never leaves a stray directory.
+//
+// Cost is bounded per lookup: at most MAX_SYMLINK_HOPS links (Linux's MAXSYMLINKS) and
+// maxDepth + MAX_WALK_COMPONENTS components walked in all (a link target of `d/../d/../…` cannot
+// multiply the work). A component already known to be a real directory is not lstat'ed again.
+//
 // Single writer: the layer is applied by this process alone, so a check-then-act on a path cannot
 // race against an attacker; hostile input can only change the tree through our own operations,
-// which invalidate the cache (see invalidate()).
+// which call invalidate(path) for every directory or symlink they remove. Only what depended on
+// that path is forgotten: resolutions whose result lies under it or that went through it.
 import { chmodSync, lstatSync, mkdirSync, readlinkSync } from "node:fs";
-import { HOSTILE_HINT, MAX_SYMLINK_HOPS, RuleError } from "./rules.ts";
+import { DEPTH_HINT, HOSTILE_HINT, MAX_SYMLINK_HOPS, MAX_WALK_COMPONENTS, RuleError } from "./rules.ts";
+
+/** One real path (relative to the root) we know something about; children by name. */
+interface PathNode {
+  readonly name: string;
+  readonly parent: PathNode | null;
+  kids: Map<string, PathNode> | null;
+  /** Known to be a real directory (lstat'ed, created or verified by the applier). */
+  dir: boolean;
+  /** Lexical cache keys whose resolution depends on this path (their result, or a link on the way). */
+  keys: Set<string> | null;
+}
+
+interface Resolution {
+  real: string;
+  node: PathNode;
+  /** Symlinks the resolution went through: removing one of them invalidates it. */
+  deps: PathNode[];
+}
+
+function newNode(parent: PathNode | null, name: string): PathNode {
+  return { name, parent, kids: null, dir: false, keys: null };
+}
+
+function childOf(n: PathNode, name: string): PathNode {
+  n.kids ??= new Map();
+  let c = n.kids.get(name);
+  if (c === undefined) {
+    c = newNode(n, name);
+    n.kids.set(name, c);
+  }
+  return c;
+}
 
 export class InRoot {
-  /** Lexical directory path (normalised, as in the archive) → real path relative to root. */
-  private readonly cache = new Map<string, string>();
+  /** Lexical directory path (normalised, as in the archive) → its resolution. */
+  private readonly cache = new Map<string, Resolution>();
+  private tree: PathNode = newNode(null, "");
+  /** Components walked in one lookup before it is refused. */
+  private readonly budget: number;
+  /** lstat calls made (for tests and benchmarks: resolution must stay cheap under hostile input). */
+  lstats = 0;
 
   constructor(
     readonly root: string,
     private readonly maxDepth: number,
     /** Called for each directory created on the way (implicit parents). */
     private readonly onCreate: (real: string) => void,
-  ) {}
+  ) {
+    this.tree.dir = true;
+    this.budget = maxDepth + MAX_WALK_COMPONENTS;
+  }
 
   abs(real: string): string {
     return real === "" ? this.root : `${this.root}/${real}`;
   }
 
-  /** Forget every resolution: call after removing or replacing a directory or a symlink. */
-  invalidate(): void {
-    this.cache.clear();
+  /**
+   * Forget what depended on real path `real` (relative to root): call after removing or replacing a
+   * directory or a symlink there. Without an argument (or for the root), forget everything.
+   */
+  invalidate(real?: string): void {
+    if (real === undefined || real === "") {
+      this.cache.clear();
+      this.tree = newNode(null, "");
+      this.tree.dir = true;
+      return;
+    }
+    let n: PathNode | undefined = this.tree;
+    for (const c of real.split("/")) {
+      n = n.kids?.get(c);
+      if (n === undefined) return; // nothing known under it
+    }
+    n.parent!.kids!.delete(n.name);
+    const stack = [n];
+    while (stack.length > 0) {
+      const x = stack.pop()!;
+      if (x.keys) for (const k of x.keys) this.cache.delete(k);
+      if (x.kids) for (const k of x.kids.values()) stack.push(k);
+    }
   }
 
   /** Record that lexical path `lex` is the real directory `real` (just created or verified). */
   remember(lex: string, real: string): void {
-    this.cache.set(lex, real);
+    const slash = lex.lastIndexOf("/");
+    // It resolved through its parent's resolution: same links, so the same dependencies.
+    const parent = slash < 0 ? null : this.cache.get(lex.slice(0, slash));
+    if (slash >= 0 && parent === undefined) return; // the parent was not cacheable
+    let node = this.tree;
+    for (const c of real.split("/")) node = childOf(node, c);
+    node.dir = true;
+    this.store(lex, { real, node, deps: parent?.deps ?? [] });
+  }
+
+  private store(key: string, r: Resolution): void {
+    this.cache.set(key, r);
+    for (const n of [r.node, ...r.deps]) {
+      n.keys ??= new Set();
+      n.keys.add(key);
+    }
   }
 
   /**
    * Real path (relative to root, "" for the root) of the directory named by the lexical components
    * comps[0..n). Missing components are created (mode 0755) when `create`, else null is returned
-   * (also when a component is not a directory). Throws RuleError on a symlink loop, or when
-   * creating and a component is not a directory.
+   * (also when a component is not a directory). Throws RuleError on a symlink loop, a lookup that
+   * walks too much, or when creating and a component is not a directory.
    */
   dir(comps: readonly string[], n: number, create: boolean): string | null {
     if (n === 0) return "";
     let key = comps[0]!;
     for (let i = 1; i < n; i++) key += `/${comps[i]}`;
     const hit = this.cache.get(key);
-    if (hit !== undefined) return hit;
+    if (hit !== undefined) return hit.real;
 
     // Longest cached prefix, then walk the rest.
     let start = 0;
-    let base = "";
+    let base: Resolution | null = null;
     let k = key;
     for (let i = n - 1; i > 0; i--) {
       k = k.slice(0, k.lastIndexOf("/"));
@@ -63,59 +147,143 @@ export class InRoot {
         break;
       }
     }
-    const real = this.walk(base, comps.slice(start, n), create);
-    if (real !== null) this.cache.set(key, real);
-    return real;
+    const r = this.walk(base, comps, start, n, create);
+    if (r === null) return null;
+    if (r.cacheable) this.store(key, r.res);
+    return r.res.real;
   }
 
-  private walk(base: string, rest: string[], create: boolean): string | null {
-    const parts = base === "" ? [] : base.split("/");
-    let queue = rest;
+  private walk(
+    base: Resolution | null,
+    comps: readonly string[],
+    from: number,
+    to: number,
+    create: boolean,
+  ): { res: Resolution; cacheable: boolean } | null {
+    // parts: the path so far. Its first `verified` components are real directories, whose nodes
+    // and paths are nodes[1..verified] / paths[1..verified]; the rest are lexical (the first of them
+    // missing or not a directory, the others under it).
+    const parts: string[] = [];
+    const nodes: PathNode[] = [this.tree];
+    const paths: string[] = [""];
+    if (base !== null && base.real !== "") {
+      // A cached resolution: a chain of real directories.
+      const chain: PathNode[] = [];
+      for (let x: PathNode | null = base.node; x !== null && x.parent !== null; x = x.parent) chain.push(x);
+      for (let i = chain.length - 1; i >= 0; i--) {
+        const x = chain[i]!;
+        parts.push(x.name);
+        nodes.push(x);
+        paths.push(paths.length === 1 ? x.name : `${paths[paths.length - 1]}/${x.name}`);
+      }
+    }
+    let verified = parts.length;
+    /** The first lexical component exists (it is a file, not missing). */
+    let lexExists = false;
+    let cacheable = true;
+    const deps: PathNode[] = base === null ? [] : [...base.deps];
+    // Components still to walk, last first (a link's target is pushed on top).
+    const todo: string[] = [];
+    for (let i = to - 1; i >= from; i--) todo.push(comps[i]!);
     let hops = 0;
-    let missing = false; // once a component was created, the rest cannot exist
-    for (let i = 0; i < queue.length; i++) {
-      const c = queue[i]!;
-      if (c === "" || c === ".") continue;
+    let steps = 0;
+
+    while (todo.length > 0) {
+      const c = todo.pop()!;
+      if (++steps > this.budget) {
+        throw new RuleError(
+          "policy",
+          `resolving the parent walks more than ${this.budget} path components (symbolic links expand too much)`,
+          HOSTILE_HINT,
+        );
+      }
       if (c === "..") {
-        parts.pop(); // clamps at the root, like the kernel does at "/"
+        if (parts.length === 0) continue; // clamps at the root, like the kernel does at "/"
+        // Undoing the first lexical component: the result depended on it not being a directory,
+        // which nothing tracks, so this resolution is not cached.
+        if (parts.length - 1 === verified) cacheable = false;
+        parts.pop();
+        if (verified > parts.length) {
+          verified = parts.length;
+          nodes.length = verified + 1;
+          paths.length = verified + 1;
+        }
         continue;
       }
       parts.push(c);
       if (parts.length > this.maxDepth) {
-        throw new RuleError("policy", `path resolves deeper than ${this.maxDepth} levels (maxDepth)`, HOSTILE_HINT);
+        throw new RuleError("policy", `path resolves deeper than ${this.maxDepth} levels (maxDepth)`, DEPTH_HINT);
       }
-      const p = `${this.root}/${parts.join("/")}`;
-      const st = missing ? undefined : lstatSync(p, { throwIfNoEntry: false });
-      if (st === undefined) {
-        if (!create) return null;
-        mkdirSync(p, 0o755);
-        chmodSync(p, 0o755); // independent of the umask
-        missing = true;
-        this.onCreate(parts.join("/"));
+      if (verified < parts.length - 1) continue; // under a missing component: lexical too
+      const parentNode = nodes[verified]!;
+      const known = parentNode.kids?.get(c);
+      const rel = verified === 0 ? c : `${paths[verified]}/${c}`;
+      if (known?.dir) {
+        nodes.push(known);
+        paths.push(rel);
+        verified++;
         continue;
       }
-      if (st.isDirectory()) continue;
-      if (st.isSymbolicLink()) {
+      this.lstats++;
+      const abs = `${this.root}/${rel}`;
+      const st = lstatSync(abs, { throwIfNoEntry: false });
+      if (st?.isDirectory()) {
+        const node = known ?? childOf(parentNode, c);
+        node.dir = true;
+        nodes.push(node);
+        paths.push(rel);
+        verified++;
+        continue;
+      }
+      if (st?.isSymbolicLink()) {
         if (++hops > MAX_SYMLINK_HOPS) {
           throw new RuleError(
             "policy",
-            `too many levels of symbolic links under ${parts.join("/")} (more than ${MAX_SYMLINK_HOPS})`,
+            `too many levels of symbolic links under ${rel} (more than ${MAX_SYMLINK_HOPS})`,
             HOSTILE_HINT,
           );
         }
-        const target = readlinkSync(p);
+        deps.push(known ?? childOf(parentNode, c));
+        const target = readlinkSync(abs);
         parts.pop();
-        if (target.startsWith("/")) parts.length = 0;
-        queue = [...target.split("/"), ...queue.slice(i + 1)];
-        i = -1;
+        if (target.startsWith("/")) {
+          parts.length = 0;
+          verified = 0;
+          nodes.length = 1;
+          paths.length = 1;
+        }
+        const tc = target.split("/");
+        for (let i = tc.length - 1; i >= 0; i--) {
+          const x = tc[i]!;
+          if (x !== "" && x !== ".") todo.push(x);
+        }
         continue;
       }
-      // Looking up (whiteouts, hardlink targets): a file in the way means "does not exist", as
-      // ENOTDIR does for umoci. Creating: the layer needs a directory where a file is.
-      if (!create) return null;
-      throw new RuleError("policy", `parent ${parts.join("/")} is not a directory`, HOSTILE_HINT);
+      // Missing, or not a directory: taken lexically from here on (a ".." may still undo it).
+      lexExists = st !== undefined;
     }
-    return parts.join("/");
+
+    if (verified < parts.length) {
+      // Looking up (whiteouts, hardlink targets): a missing directory or a file in the way means
+      // "does not exist", as ENOTDIR does for umoci. Creating: the layer needs a directory where a
+      // file is.
+      if (!create) return null;
+      if (lexExists) {
+        throw new RuleError("policy", `parent ${parts.slice(0, verified + 1).join("/")} is not a directory`, HOSTILE_HINT);
+      }
+      for (let i = verified; i < parts.length; i++) {
+        const node = childOf(nodes[i]!, parts[i]!);
+        const rel = i === 0 ? parts[i]! : `${paths[i]}/${parts[i]}`;
+        const p = `${this.root}/${rel}`;
+        mkdirSync(p, 0o755);
+        chmodSync(p, 0o755); // independent of the umask
+        node.dir = true;
+        nodes.push(node);
+        paths.push(rel);
+        this.onCreate(rel);
+      }
+    }
+    return { res: { real: paths[parts.length]!, node: nodes[parts.length]!, deps }, cacheable };
   }
 
   /**

@@ -26,6 +26,11 @@ export const DEFAULT_LIMITS: Readonly<Limits> = Object.freeze({
 
 /** Symlinks followed while resolving one parent path (Linux's own MAXSYMLINKS). */
 export const MAX_SYMLINK_HOPS = 40;
+/**
+ * Components walked while resolving one parent path, beyond maxDepth: symlink targets of
+ * `d/../d/../…` must not multiply the work of each lookup (a real image walks a few dozen).
+ */
+export const MAX_WALK_COMPONENTS = 4096;
 
 /**
  * A rule broken by one entry. Converted by applyLayer into
@@ -43,6 +48,7 @@ export class RuleError extends Error {
 }
 
 export const HOSTILE_HINT = "the image is malformed or hostile; nothing outside the destination was changed";
+export const DEPTH_HINT = "raise --max-depth if the image is legitimate (else it is malformed or hostile)";
 
 export function mergeLimits(partial: Partial<Limits> | undefined): Limits {
   const l: Limits = { ...DEFAULT_LIMITS, ...(partial ?? {}) };
