@@ -60,3 +60,39 @@ export function isThinimgError(e: unknown): e is ThinimgError {
 export function errorMessage(e: unknown): string {
   return e instanceof Error ? e.message : String(e);
 }
+
+// Ordinary filesystem errors (a read-only or full disk, a missing directory, no permission) are
+// something an operator acts on, not a bug: one line naming the path, with the next step.
+const ERRNO: Record<string, { kind: ErrorKind; what: string; hint: string }> = {
+  EACCES: { kind: "input", what: "permission denied", hint: "run as root, or choose a path this user may write" },
+  EPERM: { kind: "input", what: "operation not permitted", hint: "run as root, or choose a path this user may write" },
+  EROFS: { kind: "input", what: "read-only file system", hint: "choose a path on a writable filesystem (or remount it read-write)" },
+  ENOSPC: { kind: "dm", what: "no space left on device", hint: "free space on that filesystem and re-run" },
+  EDQUOT: { kind: "dm", what: "disk quota exceeded", hint: "free space (or raise the quota) and re-run" },
+  EIO: { kind: "dm", what: "input/output error", hint: "check the disk and the kernel log (dmesg); do not retry blindly" },
+  ENOENT: { kind: "missing", what: "no such file or directory", hint: "check the path (and that the filesystem holding it is mounted)" },
+  ENOTDIR: { kind: "input", what: "a component of the path is not a directory", hint: "check the path" },
+  EISDIR: { kind: "input", what: "is a directory", hint: "check the path" },
+  EEXIST: { kind: "conflict", what: "already exists", hint: "choose another path" },
+  ENAMETOOLONG: { kind: "input", what: "file name too long", hint: "choose a shorter path" },
+  ELOOP: { kind: "input", what: "too many levels of symbolic links", hint: "check the path" },
+  EBUSY: { kind: "conflict", what: "device or resource busy", hint: "find what holds it (mount, open file) and retry" },
+};
+
+/** A ThinimgError for a filesystem errno error (EACCES, EROFS, ENOSPC, ENOENT, …); null for
+ * anything else (a bug keeps its stack). pathHint names the file for fd-based calls (ftruncate). */
+export function fromErrno(e: unknown, pathHint?: string): ThinimgError | null {
+  if (!(e instanceof Error) || e instanceof ThinimgError) return null;
+  const x = e as Error & { code?: unknown; syscall?: unknown; path?: unknown; dest?: unknown };
+  const m = typeof x.code === "string" ? ERRNO[x.code] : undefined;
+  if (!m) return null;
+  const op = typeof x.syscall === "string" ? x.syscall : "file operation";
+  const p = typeof x.path === "string" ? x.path : (pathHint ?? null);
+  const path = p ? ` ${p}` : "";
+  const dest = typeof x.dest === "string" ? ` → ${x.dest}` : "";
+  return new ThinimgError(m.kind, `${op}${path}${dest}: ${m.what} (${x.code})`, {
+    hint: m.hint,
+    cause: e,
+    details: { errno: x.code, syscall: op, path: p },
+  });
+}

@@ -1,7 +1,7 @@
 // Our runMain: citty's prints stack traces for every error and accepts unknown flags silently.
 // Here a ThinimgError becomes one line (message — hint) and its exit code; unknown flags are refused.
 import { type ArgsDef, type CommandDef, runCommand, showUsage } from "citty";
-import { ThinimgError, usageError } from "../errors.ts";
+import { ThinimgError, fromErrno, usageError } from "../errors.ts";
 import { log, setLogFormat, setLogLevel } from "../log.ts";
 
 async function knownFlags(cmd: CommandDef<ArgsDef>): Promise<Set<string>> {
@@ -66,9 +66,11 @@ export async function runMain<T extends ArgsDef>(cmd: CommandDef<T>, rawArgs = p
     process.exit(process.exitCode ?? 0);
   } catch (e) {
     // citty's own errors (missing required positional, bad enum) are usage errors
+    // a filesystem errno error (EACCES, EROFS, ENOSPC, ENOENT…) is the operator's, not a bug: one
+    // line; its stack stays available with --verbose
     const err =
-      e instanceof Error && e.name === "CLIError" ? usageError(e.message.replace(/\.$/, "")) : e;
-    log.debug(err);
+      e instanceof Error && e.name === "CLIError" ? usageError(e.message.replace(/\.$/, "")) : (fromErrno(e) ?? e);
+    log.debug(e);
     await flushStdout();
     process.exit(reportError(err, json));
   }

@@ -4,7 +4,7 @@
 // (no space, quota, I/O error) stops: a sparse file on a full disk would fail later, under the pool.
 import { closeSync, existsSync, ftruncateSync, openSync, statSync, statfsSync } from "node:fs";
 import { basename, dirname, join } from "node:path";
-import { ThinimgError } from "../errors.ts";
+import { ThinimgError, fromErrno } from "../errors.ts";
 import { type CmdResult, run } from "../exec.ts";
 import { formatBytes } from "../util/units.ts";
 import * as dmsetup from "./dmsetup.ts";
@@ -95,11 +95,15 @@ export async function allocateBackingFile(path: string, size: number): Promise<"
           : `check the filesystem holding ${dirname(path)}; nothing else was changed`,
     );
   }
-  const fd = openSync(path, existsSync(path) ? "r+" : "wx");
   try {
-    ftruncateSync(fd, size);
-  } finally {
-    closeSync(fd);
+    const fd = openSync(path, existsSync(path) ? "r+" : "wx");
+    try {
+      ftruncateSync(fd, size);
+    } finally {
+      closeSync(fd);
+    }
+  } catch (e) {
+    throw fromErrno(e, path) ?? e;
   }
   return "truncate";
 }

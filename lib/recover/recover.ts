@@ -14,7 +14,7 @@ import { parsePoolTable, poolStatus, poolTable } from "../dm/pool.ts";
 import * as thintools from "../dm/thintools.ts";
 import { udevArgs } from "../dm/udev.ts";
 import { assertDevPath, assertDmName } from "../dm/validate.ts";
-import { ThinimgError } from "../errors.ts";
+import { ThinimgError, fromErrno } from "../errors.ts";
 import { run, which } from "../exec.ts";
 import { formatBytes } from "../util/units.ts";
 import { type DirLock, lockDir } from "./lock.ts";
@@ -596,6 +596,9 @@ export async function recoverPool(o: RecoverOptions): Promise<RecoverReport> {
     return r.report(null);
   } catch (e) {
     if (e instanceof ThinimgError) return r.report(e);
+    // a read-only or full disk, a missing directory, no permission: the operator's to fix
+    const fs = fromErrno(e);
+    if (fs) return r.report(fs);
     throw e;
   } finally {
     r.lock?.release();

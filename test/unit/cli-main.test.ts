@@ -1,4 +1,5 @@
-import { describe, expect, test } from "bun:test";
+import { afterAll, describe, expect, test } from "bun:test";
+import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { classifyKernelLine } from "../../lib/health/dmesg.ts";
 
@@ -16,6 +17,40 @@ describe("runMain", () => {
     const err = await new Response(p.stderr).text();
     expect(await p.exited).toBe(2);
     expect(err.trim().split("\n")).toEqual(["error: unknown option --no-such-flag — see --help"]);
+  });
+});
+
+const MAIN = join(import.meta.dir, "../../lib/cli/main.ts");
+const tmp = mkdtempSync("/tmp/thinimg-cli-main-");
+let n = 0;
+afterAll(() => rmSync(tmp, { recursive: true, force: true }));
+
+/** Run a one-off citty command through runMain; returns exit code, stdout, stderr. */
+async function cli(body: string, args: string[]): Promise<{ code: number; out: string; err: string }> {
+  const file = join(tmp, `cmd${++n}.ts`);
+  // a plain command object (no bare "citty" import: the file lives outside the project)
+  writeFileSync(file, `import { runMain } from "${MAIN}"; const defineCommand = (c) => c; ${body}`);
+  const p = Bun.spawn(["bun", file, ...args], { stdout: "pipe", stderr: "pipe", cwd: join(import.meta.dir, "../..") });
+  const [out, err, code] = await Promise.all([new Response(p.stdout).text(), new Response(p.stderr).text(), p.exited]);
+  return { code, out, err };
+}
+
+describe("filesystem errors", () => {
+  test("an errno error from the command is one line with the path and a hint, and a --json error", async () => {
+    const body = `import { mkdirSync } from "node:fs";
+      await runMain(defineCommand({ args: { json: { type: "boolean" } }, run() { mkdirSync("/proc/x-nope/y", { recursive: true }); } }));`;
+    const { code, out, err } = await cli(body, ["--json"]);
+    expect(code).toBe(7);
+    expect(err.trim().split("\n")).toEqual([
+      "error: mkdir /proc/x-nope/y: no such file or directory (ENOENT) — check the path (and that the filesystem holding it is mounted)",
+    ]);
+    expect(JSON.parse(out)).toMatchObject({ ok: false, error: { kind: "missing", details: { errno: "ENOENT", path: "/proc/x-nope/y" } } });
+  });
+
+  test("a non-errno bug still gets its stack trace (exit 70)", async () => {
+    const { code, err } = await cli(`await runMain(defineCommand({ run() { throw new TypeError("boom"); } }));`, []);
+    expect(code).toBe(70);
+    expect(err).toMatch(/^internal error: TypeError: boom\n\s+at /);
   });
 });
 

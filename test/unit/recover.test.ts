@@ -203,6 +203,19 @@ describe("--create", () => {
     expect(statSync(meta).mtimeMs).toBe(mtime);
   });
 
+  test("filesystem errors (no such directory, no permission for the lock) are one-line reports, not crashes", async () => {
+    const nodir = await run({ dir: "/proc/x-nope", create: { dataSize: GiB, metaSize: 32 * MiB } });
+    expect(nodir).toMatchObject({ ok: false, action: "blocked", exit_code: 7, error: { kind: "missing" } });
+    expect(nodir.error!.message).toBe("mkdir /proc/x-nope: no such file or directory (ENOENT)");
+    expect(nodir.error!.hint).toMatch(/check the path/);
+    expect(names(nodir)).toEqual(["preflight:ok", "mkdir:failed"]);
+    // /sys exists but takes no new files: the lock file cannot be made
+    const nolock = await run({ dir: "/sys", create: { dataSize: GiB, metaSize: 32 * MiB } });
+    expect(nolock).toMatchObject({ ok: false, action: "blocked", error: { kind: "input" } });
+    expect(nolock.error!.message).toMatch(/^open \/sys\/\.recover-pool\.lock: (permission denied \(EACCES\)|read-only file system \(EROFS\))$/);
+    expect(host.mutations()).toEqual([]);
+  });
+
   test("backing files without a record are never overwritten", async () => {
     const dir = freshDir();
     mkdirSync(dir);
