@@ -43,7 +43,37 @@ export function buildDbView(pool: string, rows: GcRows, alive: AliveFn): DbViewR
     return s.pid !== null && alive(s.pid, null, null);
   };
 
-  type Verdict = { live: true; mustExist: boolean; detail: string; since: number; refs: RowRef[] } | { live: false; reason: DbDeadReason; detail: string; since: number };
+  type Verdict =
+    | { live: true; mustExist: boolean; detail: string; since: number; refs: RowRef[] }
+    | { live: false; reason: DbDeadReason; detail: string; since: number; locked?: string | null };
+
+  // Named locks: a live holder of a layer chain's lock is building (or about to resume) it; a live
+  // holder of any image lock of this pool may reach any unfinished layer chain (chains are shared
+  // between images, and an image's layer list is only recorded once it is ready).
+  const lockRows = rows.locks ?? [];
+  const liveLock = (key: string) => {
+    const r = lockRows.find((x) => x.key === key);
+    return r && alive(r.pid, r.start_time, r.host) ? r : null;
+  };
+  const liveImageLocks = lockRows.filter((r) => r.key.startsWith(`image:${pool}:`) && alive(r.pid, r.start_time, r.host));
+  const holderDesc = (r: { key: string; pid: number; command: string; acquired_at: number }) =>
+    `${r.key} held by pid ${r.pid} (${r.command}) since ${new Date(r.acquired_at).toISOString()}`;
+  /** Why an unfinished layer must be left alone this run (null: nobody may resume it now). */
+  const layerLocked = (l: LayerRow): string | null => {
+    const own = liveLock(`layer:${pool}:${l.chain_id}`);
+    if (own) return holderDesc(own);
+    if (liveImageLocks.length) return `${holderDesc(liveImageLocks[0]!)}: an unpack in progress may resume this layer`;
+    return null;
+  };
+  const buildWork = new Map((rows.buildWork ?? []).map((w) => [w.subject, w]));
+  /** The process building a layer: its lock holder or its running build work; null when none is alive. */
+  const builder = (l: LayerRow): { alive: boolean; pid: number | null } => {
+    const lock = lockRows.find((x) => x.key === `layer:${pool}:${l.chain_id}`);
+    if (lock && alive(lock.pid, lock.start_time, lock.host)) return { alive: true, pid: lock.pid };
+    const w = buildWork.get(`layer:${l.id}`) ?? rows.runningWork.find((x) => x.kind === "build_layer" && x.subject === `layer:${l.id}`);
+    if (w && w.state === "running" && alive(w.pid, w.start_time, w.host)) return { alive: true, pid: w.pid };
+    return { alive: false, pid: lock?.pid ?? w?.pid ?? null };
+  };
 
   /** What an owner row says about the thin id it references. */
   const layerVerdict = (l: LayerRow): Verdict => {
@@ -53,8 +83,18 @@ export function buildDbView(pool: string, rows: GcRows, alive: AliveFn): DbViewR
       ...(imagesOf.get(l.id) ?? []).map((i): RowRef => ({ table: "images", key: i })),
     ];
     if (l.state === "committed") return { live: true, mustExist: true, detail: `${layerDesc(l)} committed`, since: l.updated_at, refs };
-    if (l.state === "building") return { live: true, mustExist: false, detail: `${layerDesc(l)} building (phase ${l.phase})`, since: l.updated_at, refs };
-    return { live: false, reason: "db_failed", detail: `${layerDesc(l)} failed${l.error ? `: ${l.error.slice(0, 160)}` : ""}`, since: l.updated_at };
+    if (l.state === "building") {
+      const b = builder(l);
+      if (b.alive) return { live: true, mustExist: false, detail: `${layerDesc(l)} building (phase ${l.phase}, pid ${b.pid})`, since: l.updated_at, refs };
+      return {
+        live: false,
+        reason: "interrupted_build",
+        detail: `${layerDesc(l)}: interrupted build (phase ${l.phase}), builder ${b.pid === null ? "unknown" : `pid ${b.pid}`} dead since ${new Date(l.updated_at).toISOString()}`,
+        since: l.updated_at,
+        locked: layerLocked(l),
+      };
+    }
+    return { live: false, reason: "db_failed", detail: `${layerDesc(l)} failed${l.error ? `: ${l.error.slice(0, 160)}` : ""}`, since: l.updated_at, locked: layerLocked(l) };
   };
   const snapVerdict = (s: SnapshotRow): Verdict => {
     const refs: RowRef[] = [
@@ -106,6 +146,7 @@ export function buildDbView(pool: string, rows: GcRows, alive: AliveFn): DbViewR
     }
     const dead = vs as Extract<Verdict, { live: false }>[];
     const since = Math.max(ledgerSince, ...dead.map((v) => v.since));
+    const locked = dead.map((v) => v.locked).find((x) => x) ?? null;
     if (t?.state === "deleted") {
       thins.set(id, { thinId: id, status: "deleted", reason: "db_deleted", detail: "ledger says GC deleted it", since, mustExist: false, refs: [{ table: "thin_ids", key: id }] });
       continue;
@@ -136,7 +177,7 @@ export function buildDbView(pool: string, rows: GcRows, alive: AliveFn): DbViewR
       reason = "db_orphaned";
       detail = `ledger: ${t?.state ?? "?"} with no owner${t?.reason ? ` (${t.reason})` : ""}`;
     }
-    thins.set(id, { thinId: id, status: "dead", reason, detail, since, mustExist: false, refs: [{ table: "thin_ids", key: id }] });
+    thins.set(id, { thinId: id, status: "dead", reason, detail, since, mustExist: false, refs: [{ table: "thin_ids", key: id }], locked });
   }
 
   // devices: names from the devices table and from owner rows
@@ -185,6 +226,7 @@ export function buildDbView(pool: string, rows: GcRows, alive: AliveFn): DbViewR
         since,
         mustExist: false,
         refs,
+        locked: v && !v.live ? (v.locked ?? null) : null,
       });
     }
   }
@@ -192,10 +234,22 @@ export function buildDbView(pool: string, rows: GcRows, alive: AliveFn): DbViewR
   const mounts: DbMount[] = rows.mounts.map((m) => ({ path: m.path, deviceName: m.device_name, state: m.state, since: m.updated_at }));
 
   for (const l of rows.layers) {
-    if (l.state !== "building") continue;
-    const owner = rows.runningWork.find((w) => w.kind !== "activate" && alive(w.pid, w.start_time, w.host));
-    if (!owner) notes.push(`${layerDesc(l)} is an interrupted build (phase ${l.phase}, thin id ${l.thin_id ?? "none"}): kept for resume; re-run the unpack to finish it`);
+    if (l.state !== "building" || l.thin_id === null || builder(l).alive) continue;
+    notes.push(
+      `${layerDesc(l)} is an interrupted build (phase ${l.phase}, thin id ${l.thin_id}): collected as interrupted_build once older than the grace period; a re-run of the unpack then starts it afresh`,
+    );
   }
 
-  return { view: { pool, known: rows.thinIds.length > 0 || rows.layers.length > 0, thins, devices, mounts }, notes };
+  return {
+    view: {
+      pool,
+      known: rows.thinIds.length > 0 || rows.layers.length > 0,
+      thins,
+      devices,
+      mounts,
+      firstSeen: new Map((rows.firstSeen ?? []).map((r) => [r.thin_id, r.first_seen_at])),
+      lastTxn: rows.lastTxn ?? null,
+    },
+    notes,
+  };
 }

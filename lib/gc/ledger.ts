@@ -1,48 +1,117 @@
-// GC's writes to the state DB: the thin id ledger around each delete (intent 'deleting' before the
-// message, 'deleted' only once the pool confirms), device and mount rows as they go, and the repairs
-// of rows that describe things the pool no longer has. Writes go through lib/store's functions.
+// GC's writes to the state DB: the claim before each orphan (compare-and-set against the rows the plan
+// saw, intent 'deleting'), 'deleted' only once the pool confirms, device and mount rows as they go,
+// and the repairs of rows that describe things the pool no longer has (also compare-and-set). Writes
+// go through lib/store's functions.
 import { type Db, tx } from "../store/db.ts";
+import { actionWitness, forgetFirstSeen, readActionRows, readPoolLocks, readRefRows, refsWitness } from "../store/gc-queries.ts";
 import { getDevice, setDeviceState } from "../store/devices.ts";
 import { markImageFailed } from "../store/images.ts";
-import { updateLayer } from "../store/layers.ts";
+import { type LayerRow, updateLayer } from "../store/layers.ts";
 import { getMount, setMountState } from "../store/mounts.ts";
 import { updateSnapshot } from "../store/snapshots.ts";
 import { type ThinIdState, getThinId, recordOrphanThinId, setThinIdState } from "../store/thin-ids.ts";
 import type { GcLedger } from "./act.ts";
 import type { Repair } from "./model.ts";
 
-export function storeLedger(db: Db, pool: string): GcLedger {
+export type AliveFn = (pid: number, startTime: number | null, host: string | null) => boolean;
+
+/** A live process holds the layer chain's lock or an image lock of this pool: it may resume `l`. */
+function lockHeld(db: Db, pool: string, l: LayerRow, alive: AliveFn): string | null {
+  for (const r of readPoolLocks(db, pool)) {
+    if (r.key !== `layer:${pool}:${l.chain_id}` && !r.key.startsWith(`image:${pool}:`)) continue;
+    if (alive(r.pid, r.start_time, r.host)) return `${r.key} is now held by pid ${r.pid} (${r.command})`;
+  }
+  return null;
+}
+
+export function storeLedger(db: Db, pool: string, o: { alive: AliveFn }): GcLedger {
   const before = new Map<number, ThinIdState | null>();
   return {
+    claim(a) {
+      return tx(db, (): string | null => {
+        const fresh = readActionRows(db, pool, a.thinId, a.device);
+        if (a.witness !== undefined && actionWitness(fresh, a.thinId, a.device) !== a.witness) {
+          return "its DB rows changed since the scan (an unpack or activation picked it up); left alone";
+        }
+        for (const l of fresh.layers) {
+          if (l.state === "committed") continue;
+          const held = lockHeld(db, pool, l, o.alive);
+          if (held) return `${held}: an unpack may resume layer ${l.id}; left alone`;
+        }
+        if (a.reason === "interrupted_build") {
+          // what the pipeline's abandon() does: the attempt's thin id, device and mount are recorded
+          // as leftovers and the layer starts afresh (new thin id) on the next unpack
+          for (const l of fresh.layers) {
+            if (l.state !== "building") continue;
+            const why = "interrupted build (its builder died), collected by gc";
+            if (l.thin_id !== null) {
+              const t = getThinId(db, pool, l.thin_id);
+              if (t && t.state !== "deleted" && t.state !== "deleting") setThinIdState(db, pool, l.thin_id, "orphaned", `abandoned build attempt of layer ${l.id}: ${why}`);
+            }
+            if (l.device_name) {
+              const d = getDevice(db, pool, l.device_name);
+              if (d && (d.state === "active" || d.state === "activating" || d.state === "removing")) setDeviceState(db, pool, d.name, "leaked", `abandoned build attempt: ${why}`);
+              for (const m of db.query("SELECT path FROM mounts WHERE pool = ? AND device_name = ? AND state != 'unmounted'").all(pool, l.device_name) as { path: string }[]) {
+                setMountState(db, m.path, "leaked", `abandoned build attempt: ${why}`);
+              }
+            }
+            updateLayer(db, l.id, { thin_id: null, device_name: null, phase: "new", state: "building", error: null, error_kind: null });
+          }
+        }
+        if (a.deleteThin && a.thinId !== null) {
+          const id = a.thinId;
+          const t = getThinId(db, pool, id);
+          before.set(id, t?.state ?? null);
+          // an id the DB never knew gets a ledger row first, so its delete is on record too
+          if (!t) recordOrphanThinId(db, pool, id, "found in the pool, unknown to the DB");
+          setThinIdState(db, pool, id, "deleting", "gc: deleting");
+        }
+        return null;
+      });
+    },
     mountUnmounted(path) {
       if (getMount(db, path)) setMountState(db, path, "unmounted", "unmounted by gc");
     },
     deviceRemoved(name) {
       if (getDevice(db, pool, name)) setDeviceState(db, pool, name, "removed", "removed by gc");
     },
-    thinDeleting(id) {
+    thinDeleted(id) {
       tx(db, () => {
-        const t = getThinId(db, pool, id);
-        before.set(id, t?.state ?? null);
-        // an id the DB never knew gets a ledger row first, so its delete is on record too
-        if (!t) recordOrphanThinId(db, pool, id, "found in the pool, unknown to the DB");
-        setThinIdState(db, pool, id, "deleting", "gc: delete sent");
+        setThinIdState(db, pool, id, "deleted", "gc: the pool confirmed the delete");
+        forgetFirstSeen(db, pool, (x) => x !== id);
       });
     },
-    thinDeleted(id) {
-      setThinIdState(db, pool, id, "deleted", "gc: the pool confirmed the delete");
-    },
     thinDeleteAborted(id, why) {
-      const prev = before.get(id);
-      setThinIdState(db, pool, id, prev && prev !== "deleting" ? prev : "orphaned", `gc: delete not done (${why.slice(0, 200)})`);
+      tx(db, () => {
+        // only our own intent is undone
+        if (getThinId(db, pool, id)?.state !== "deleting") return;
+        const prev = before.get(id);
+        setThinIdState(db, pool, id, prev && prev !== "deleting" ? prev : "orphaned", `gc: delete not done (${why.slice(0, 200)})`);
+      });
     },
   };
 }
 
-/** Apply the plan's repairs in one transaction. */
-export function applyRepairs(db: Db, pool: string, repairs: Repair[]): void {
-  tx(db, () => {
-    for (const r of repairs) {
+/**
+ * Apply the plan's repairs, each in its own transaction and only if the rows it rewrites are still
+ * what the plan saw (compare-and-set on state and updated_at): a row an unpack or activation changed
+ * meanwhile is newer than GC's verdict. Returns the repairs NOT applied.
+ */
+export function applyRepairs(db: Db, pool: string, repairs: Repair[]): Repair[] {
+  const notApplied: Repair[] = [];
+  for (const r of repairs) {
+    const ok = tx(db, () => {
+      if (r.witness !== undefined && refsWitness(readRefRows(db, pool, r.refs), r.refs) !== r.witness) return false;
+      applyOne(db, pool, r);
+      return true;
+    });
+    if (!ok) notApplied.push(r);
+  }
+  return notApplied;
+}
+
+function applyOne(db: Db, pool: string, r: Repair): void {
+  {
       const msg = r.detail.slice(0, 500);
       for (const ref of r.refs) {
         switch (ref.table) {
@@ -74,6 +143,5 @@ export function applyRepairs(db: Db, pool: string, repairs: Repair[]): void {
         const t = getThinId(db, pool, r.thinId);
         if (t && t.state !== "deleted" && t.state !== "deleting") setThinIdState(db, pool, r.thinId, "orphaned", "gc: its device was removed outside thinimg");
       }
-    }
-  });
+  }
 }

@@ -45,6 +45,8 @@ export interface MetaScan {
   ids: Map<number, number | null>;
   /** Bytes per pool block (to report mapped bytes). */
   blockBytes: number;
+  /** The pool's transaction id when the metadata was read (null: not read). */
+  transactionId?: number | null;
   /** A metadata snapshot was already held when we looked (a previous run died holding it?). */
   staleHold: { heldRoot: number; released: boolean } | null;
   skipped: { reason: "stale_metadata_snap" | "metadata_snap_busy" | "pool_not_rw" | "scan_failed"; detail: string } | null;
@@ -68,7 +70,8 @@ export type DbDeadReason =
   | "db_orphaned" // ledger: abandoned attempt, pre-existing id, …
   | "db_deleting" // a previous GC sent the delete but did not confirm it
   | "db_deleted" // ledger says confirmed deleted, yet the pool still has it
-  | "owner_missing"; // the ledger names an owner row that no longer exists (row deleted by hand)
+  | "owner_missing" // the ledger names an owner row that no longer exists (row deleted by hand)
+  | "interrupted_build"; // a layer build whose builder died (kill -9, OOM, reboot), older than the grace period
 
 export type OrphanReason = DbDeadReason | "not_in_db" | "device_not_held" | "no_table";
 
@@ -91,6 +94,8 @@ export interface DbThin {
   mustExist: boolean;
   /** Rows to repair when mustExist and the id is gone. */
   refs: RowRef[];
+  /** A live process holds a named lock that may resume this (an unpack re-run): left alone. */
+  locked?: string | null;
 }
 
 export interface DbDevice {
@@ -103,6 +108,7 @@ export interface DbDevice {
   /** The DB says it is active (snapshot handed to a user): absence means repair. */
   mustExist: boolean;
   refs: RowRef[];
+  locked?: string | null;
 }
 
 export interface DbMount {
@@ -119,6 +125,10 @@ export interface DbView {
   thins: Map<number, DbThin>;
   devices: Map<string, DbDevice>;
   mounts: DbMount[];
+  /** Thin id → when GC first saw it in the pool with no DB record (GC's side table). */
+  firstSeen?: Map<number, number>;
+  /** Highest pool transaction id the DB recorded (null: none). */
+  lastTxn?: number | null;
 }
 
 // ----- the plan -----
@@ -131,7 +141,8 @@ export type SkipReason =
   | "too_young" // younger than the grace period: may be work in flight
   | "foreign" // an id or device used by something that is not ours
   | "device_skipped" // the thin id's device was skipped, so the id is kept too
-  | "db_unknown" // the DB knows nothing about this pool: refusing to call everything an orphan
+  | "db_unknown" // the DB knows nothing about this pool, or is behind it: refusing to call unknown ids orphans
+  | "locked" // a live process holds the layer's or an image's named lock: an unpack may resume it
   | "busy"; // act time: the kernel said busy; next run
 
 export const NEEDS_HUMAN: Record<SkipReason, boolean> = {
@@ -143,6 +154,7 @@ export const NEEDS_HUMAN: Record<SkipReason, boolean> = {
   foreign: false,
   device_skipped: false,
   db_unknown: true,
+  locked: false,
   busy: false,
 };
 
@@ -159,6 +171,8 @@ export interface Orphan {
   detail: string;
   ageMs: number | null;
   mappedBytes: number | null;
+  /** Fingerprint of the DB rows the verdict was made from (compare-and-set at act time; run.ts). */
+  witness?: string;
 }
 
 export interface Skip {
@@ -183,6 +197,8 @@ export interface Repair {
   path: string | null;
   detail: string;
   refs: RowRef[];
+  /** Fingerprint of `refs` as the plan saw them: the repair is applied only if they are unchanged. */
+  witness?: string;
 }
 
 export interface Plan {

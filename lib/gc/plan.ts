@@ -53,6 +53,8 @@ interface Candidate {
   reason: OrphanReason;
   detail: string;
   since: number | null;
+  /** A live named-lock holder may resume it (see db-view.ts). */
+  locked?: string | null;
 }
 
 const fmtAge = (ms: number) => (ms < 120_000 ? `${Math.round(ms / 1000)}s` : `${Math.round(ms / 60_000)}m`);
@@ -60,6 +62,14 @@ const fmtAge = (ms: number) => (ms < 120_000 ? `${Math.round(ms / 1000)}s` : `${
 function thinOrphanReason(t: DbThin | undefined): { reason: OrphanReason; detail: string } {
   if (!t) return { reason: "not_in_db", detail: "the DB has no record of this thin id" };
   return { reason: t.reason ?? "db_orphaned", detail: t.detail };
+}
+
+/**
+ * An id the DB has never heard of has no DB row to age from: its age counts from when GC first saw
+ * it in the pool (GC's side table, written by --force runs). Never seen before: first seen now.
+ */
+function unknownSince(db: DbView, id: number, now: number): number {
+  return db.firstSeen?.get(id) ?? now;
 }
 
 export function makePlan(inp: PlanInput): Plan {
@@ -116,7 +126,15 @@ export function makePlan(inp: PlanInput): Plan {
     }
     const why = dbDev && dbDev.status !== "live" && dbDev.reason ? { reason: dbDev.reason as OrphanReason, detail: dbDev.detail } : thinOrphanReason(dbThin);
     const sinces = [dbThin?.since, dbDev?.since].filter((x): x is number => x !== undefined);
-    candidates.push({ thinId: id, device: d, deleteThin: true, reason: why.reason, detail: why.detail, since: sinces.length ? Math.max(...sinces) : null });
+    candidates.push({
+      thinId: id,
+      device: d,
+      deleteThin: true,
+      reason: why.reason,
+      detail: why.detail,
+      since: sinces.length ? Math.max(...sinces) : unknownSince(db, id, now),
+      locked: dbDev?.locked ?? dbThin?.locked ?? null,
+    });
   }
 
   // --- 2. thin ids in the metadata with no device of ours ---
@@ -126,7 +144,7 @@ export function makePlan(inp: PlanInput): Plan {
       const dbThin = db.thins.get(id);
       if (dbThin?.status === "live") continue;
       const why = thinOrphanReason(dbThin);
-      candidates.push({ thinId: id, device: null, deleteThin: true, reason: why.reason, detail: why.detail, since: dbThin?.since ?? null });
+      candidates.push({ thinId: id, device: null, deleteThin: true, reason: why.reason, detail: why.detail, since: dbThin?.since ?? unknownSince(db, id, now), locked: dbThin?.locked ?? null });
     }
   }
 
@@ -137,15 +155,37 @@ export function makePlan(inp: PlanInput): Plan {
     skips.push({ thinId: c.thinId, device: c.device?.name ?? null, reason, detail, orphanReason: c.reason });
     if (c.thinId !== null && c.deleteThin) skippedThin.set(c.thinId, c.device ? `device ${c.device.name} was skipped (${reason})` : reason);
   };
+  // the pool has seen pool changes the DB has no record of (a state.db restored from a backup, a
+  // second state dir on the pool): ids it does not know prove nothing
+  const poolTxn = meta.transactionId ?? null;
+  const behind = db.known && poolTxn !== null && poolTxn > (db.lastTxn ?? 0);
+  if (behind) notes.push(`the DB is behind the pool: pool transaction id ${poolTxn}, the DB's last recorded ${db.lastTxn ?? "none"} (restored from a backup?); unknown thin ids are left for a human`);
   for (const c of candidates) {
     const age = c.since === null ? null : now - c.since;
+    const firstSeenNow = c.reason === "not_in_db" && c.thinId !== null && !db.firstSeen?.has(c.thinId);
     const foreignUser = c.thinId !== null && c.deleteThin ? foreignIds.get(c.thinId) : undefined;
     const ms = c.device ? (inp.mounts.get(c.device.name) ?? []) : [];
     const theirs = ms.filter((m) => !m.ours);
-    if (age !== null && age < graceMs) {
-      skip(c, "too_young", `last changed ${fmtAge(age)} ago, grace period ${fmtAge(graceMs)}: may be work in flight; next run`);
-    } else if (c.reason === "not_in_db" && !db.known) {
+    if (c.reason === "not_in_db" && !db.known) {
       skip(c, "db_unknown", `the state DB has no thin ids for pool ${pool}: is --state-dir right? refusing to treat unknown ids as orphans`);
+    } else if (c.reason === "not_in_db" && behind) {
+      skip(
+        c,
+        "db_unknown",
+        `DB behind: the pool's transaction id is ${poolTxn}, the DB's last recorded one ${db.lastTxn ?? "none"} (state.db restored from a backup, or another state dir on this pool?): an id the DB does not know may be live`,
+      );
+    } else if (age !== null && age < graceMs) {
+      skip(
+        c,
+        "too_young",
+        firstSeenNow
+          ? `first seen in the pool now, grace period ${fmtAge(graceMs)}: a --force run records it and a later run takes it`
+          : c.reason === "not_in_db"
+            ? `first seen in the pool ${fmtAge(age)} ago, grace period ${fmtAge(graceMs)}; next run`
+            : `last changed ${fmtAge(age)} ago, grace period ${fmtAge(graceMs)}: may be work in flight; next run`,
+      );
+    } else if (c.locked) {
+      skip(c, "locked", `${c.locked}; next run`);
     } else if (foreignUser && !c.device) {
       skip(c, "foreign", `thin id ${c.thinId} is mapped by foreign device ${foreignUser}`);
     } else if (c.device && theirs.length) {
@@ -199,7 +239,7 @@ export function makePlan(inp: PlanInput): Plan {
     const inPool = (id: number) => meta.ids.has(id) || ourDevsByThin.has(id) || foreignIds.has(id);
     let gone = 0;
     for (const t of db.thins.values()) {
-      if (inPool(t.thinId) || !older(t.since)) continue;
+      if (inPool(t.thinId) || !older(t.since) || t.locked) continue;
       if (t.status === "live" && t.mustExist) {
         gone++;
         repairs.push({

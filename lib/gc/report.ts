@@ -24,6 +24,8 @@ export interface GcReportInput {
   plan: Plan | null;
   act: ActResult | null;
   repairsApplied: boolean;
+  /** Repairs skipped at apply time because their rows changed since the scan. */
+  repairsNotApplied?: Repair[];
   /** Reconciled dead intents before scanning (force only). */
   reconciled: number;
   /** A fatal refusal before planning (lock, health): the run did nothing. */
@@ -126,7 +128,7 @@ export function buildReport(i: GcReportInput): GcReport {
     detail: s.detail,
     needs_human: NEEDS_HUMAN[s.reason],
   }));
-  const repairs = (plan?.repairs ?? []).map((r: Repair) => ({ kind: r.kind, thin_id: r.thinId, device: r.device, path: r.path, detail: r.detail, applied: i.repairsApplied }));
+  const repairs = (plan?.repairs ?? []).map((r: Repair) => ({ kind: r.kind, thin_id: r.thinId, device: r.device, path: r.path, detail: r.detail, applied: i.repairsApplied && !(i.repairsNotApplied ?? []).includes(r) }));
   const foreign = (plan?.foreign ?? []).map((f: ForeignDevice) => ({ name: f.name, thin_id: f.thinId, why: f.why, detail: f.detail }));
   const count = (o: string) => orphans.filter((x) => x.outcome === o).length;
   const failed = count("failed");

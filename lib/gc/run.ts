@@ -1,6 +1,7 @@
 // One GC run, start to finish:
 //   force: open the DB → take the process lock (or --ignore-lock: warn) → health checks must pass →
-//          settle intents of dead processes → scan → plan → act → repair the DB → report
+//          settle intents of dead processes → scan → plan → record first-seen unknown ids → act
+//          (each orphan claimed by compare-and-set first) → repair the DB (compare-and-set) → report
 //   dry-run: scan → plan → report; nothing is changed (the metadata snapshot is reserved and
 //          released again: that is the only way to read a live pool's metadata).
 // Scans happen BEFORE the DB is read: every pool change is recorded in the DB before it is made, so
@@ -16,7 +17,8 @@ import { log } from "../log.ts";
 import { makeCtx } from "../pipeline/context.ts";
 import { reconcilePending } from "../pipeline/txn.ts";
 import { type Db, openDb } from "../store/db.ts";
-import { type GcRows, readGcRows } from "../store/gc-queries.ts";
+import { type GcRows, actionWitness, ensureGcSchema, forgetFirstSeen, readGcRows, recordFirstSeen, refsWitness } from "../store/gc-queries.ts";
+import { pausePoint } from "../pipeline/pause.ts";
 import { type ActResult, act, STEP_TIMEOUT_MS } from "./act.ts";
 import { buildDbView } from "./db-view.ts";
 import { applyRepairs, storeLedger } from "./ledger.ts";
@@ -55,7 +57,7 @@ function openForRun(cfg: Config, force: boolean): { db: Db | null; note: string 
   }
 }
 
-const alive = (pid: number, startTime: number | null, host: string | null) => {
+export const alive = (pid: number, startTime: number | null, host: string | null) => {
   if (host === null) {
     try {
       process.kill(pid, 0);
@@ -107,6 +109,7 @@ export async function runGc(o: GcOptions): Promise<GcReport> {
   }
   const opened = openForRun(cfg, o.force);
   const db = opened.db;
+  if (o.force && db) ensureGcSchema(db);
   if (opened.note) notes.push(opened.note);
   let lock: ProcessLock | null = null;
   try {
@@ -149,7 +152,7 @@ export async function runGc(o: GcOptions): Promise<GcReport> {
     const scannedAt = Date.now();
     const dm: DmScan = await scanDm(pool, cfg.prefix);
     const entries = readMountinfo();
-    const meta: MetaScan = await scanMeta(pool, { releaseStale: o.force && lock !== null });
+    const meta: MetaScan = await scanMeta(pool, { releaseStale: o.force && lock !== null, stateDir: cfg.stateDir });
     const rows = db ? readGcRows(db, pool) : EMPTY_ROWS;
     const { view, notes: dbNotes } = buildDbView(pool, rows, alive);
     notes.push(...dbNotes);
@@ -165,6 +168,9 @@ export async function runGc(o: GcOptions): Promise<GcReport> {
       scannedAt,
     });
     notes.push(...plan.notes);
+    // compare-and-set witnesses: the rows each verdict was made from, checked again before acting
+    for (const a of plan.actions) a.witness = actionWitness(rows, a.thinId, a.device);
+    for (const r of plan.repairs) r.witness = refsWitness(rows, r.refs);
     base.scan = {
       ours: dm.ours.length,
       foreign: dm.foreign.length,
@@ -183,16 +189,27 @@ export async function runGc(o: GcOptions): Promise<GcReport> {
     // ---- act (force only) ----
     let actResult: ActResult | null = null;
     if (o.force && db) {
+      // ids the DB has never heard of: their grace period counts from the first run that saw them
+      const unknown = [...plan.actions, ...plan.skips].filter((x) => x.thinId !== null && ("orphanReason" in x ? x.orphanReason : x.reason) === "not_in_db");
+      recordFirstSeen(db, pool, unknown.map((x) => x.thinId!), scannedAt);
+      if (meta.status === "ok") {
+        const inPool = new Set([...meta.ids.keys(), ...dm.ours.flatMap((d) => (d.thin ? [d.thin.thinId] : []))]);
+        const ledgerIds = new Set(rows.thinIds.map((t) => t.thin_id));
+        forgetFirstSeen(db, pool, (id) => inPool.has(id) && !ledgerIds.has(id));
+      }
+      await pausePoint("gc:planned", cfg.stateDir);
       actResult = await act(plan.actions, {
         pool,
         stepTimeoutMs: o.stepTimeoutMs ?? STEP_TIMEOUT_MS,
-        ledger: storeLedger(db, pool),
+        ledger: storeLedger(db, pool, { alive }),
         scanned: new Map(dm.ours.map((d) => [d.name, d])),
         signal: o.signal,
       });
       if (plan.repairs.length && !actResult.stopped) {
-        applyRepairs(db, pool, plan.repairs);
+        const notApplied = applyRepairs(db, pool, plan.repairs);
         base.repairsApplied = true;
+        base.repairsNotApplied = notApplied;
+        if (notApplied.length) notes.push(`${notApplied.length} repair(s) not applied: their rows changed since the scan (work in flight); the next run looks again`);
       }
     }
     return done({ act: actResult });

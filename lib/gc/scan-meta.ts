@@ -1,15 +1,18 @@
 // Thin ids in the pool's metadata — the only way to see inactive leaks (ids no dm device shows).
 // The pool is live, so we read a metadata *snapshot*: reserve_metadata_snap → thin_ls (or thin_dump)
 // on it → release_metadata_snap, the release always in `finally`. A snapshot already held when we
-// look, and still there a few seconds later, means someone died holding it: reported, released only
-// when the caller says so (--force and the process lock is ours).
+// look while we hold the state dir's metadata-snapshot lock (meta-lock.ts: every thinimg reader takes
+// it), and still there a few seconds later, means a reader died holding it (or someone reads by hand):
+// reported, released only when the caller says so (--force and the process lock is ours). Our own
+// snapshot is released only while the pool still shows the root we reserved.
 import { existsSync, readFileSync } from "node:fs";
 import * as dmsetup from "../dm/dmsetup.ts";
 import { isDmError } from "../dm/errors.ts";
-import { parsePoolTable, poolStatusOk, releaseMetadataSnap, reserveMetadataSnap, SECTOR } from "../dm/pool.ts";
+import { parsePoolTable, poolStatusOk, releaseMetadataSnap, SECTOR } from "../dm/pool.ts";
 import { parseThinDumpIds, thinDump, thinLs } from "../dm/thintools.ts";
 import { errorMessage } from "../errors.ts";
 import { log } from "../log.ts";
+import { acquireMetaLock, META_LOCK_FILE, META_LOCK_WAIT_MS, releaseOwn, reserveOwn } from "./meta-lock.ts";
 import type { MetaScan } from "./model.ts";
 
 /** "7:0" → a path that opens that block device. */
@@ -31,10 +34,14 @@ export function devPathFor(majorMinor: string, o: { dev?: string; sys?: string }
 export interface ScanMetaOptions {
   /** Release a snapshot that was already held (caller owns the process lock and runs --force). */
   releaseStale: boolean;
+  /** State dir: its metadata-snapshot lock (meta-lock.ts) is held around reserve → read → release. */
+  stateDir?: string;
   /** Per-command timeout (ms). */
   timeoutMs?: number;
   /** How long a hold found at the start may take to go away by itself before it counts as stale. */
   heldWaitMs?: number;
+  /** How long to wait for another thinimg reader's metadata-snapshot lock. */
+  lockWaitMs?: number;
 }
 
 export async function scanMeta(pool: string, o: ScanMetaOptions): Promise<MetaScan> {
@@ -43,14 +50,31 @@ export async function scanMeta(pool: string, o: ScanMetaOptions): Promise<MetaSc
   const pt = parsePoolTable((await dmsetup.table(pool, { timeoutMs, ctx })).split("\n")[0] ?? "");
   const blockBytes = pt.blockSectors * SECTOR;
   const metaDev = devPathFor(pt.metaDev);
-  const base: MetaScan = { status: "skipped", method: null, ids: new Map(), blockBytes, staleHold: null, skipped: null, metaDev };
+  const base: MetaScan = { status: "skipped", method: null, ids: new Map(), blockBytes, transactionId: null, staleHold: null, skipped: null, metaDev };
   if (!metaDev) {
     return { ...base, skipped: { reason: "scan_failed", detail: `cannot find a device node for the pool's metadata device ${pt.metaDev}` } };
   }
+  // one thinimg reader at a time: a live reader's snapshot is never mistaken for a stale one
+  const lock = o.stateDir ? await acquireMetaLock(o.stateDir, o.lockWaitMs ?? META_LOCK_WAIT_MS) : { release() {} };
+  if (!lock) {
+    return {
+      ...base,
+      skipped: { reason: "metadata_snap_busy", detail: `pool ${pool}: another thinimg process is reading a metadata snapshot (it holds ${META_LOCK_FILE}); next run` },
+    };
+  }
+  try {
+    return await scanLocked(pool, o, base, timeoutMs);
+  } finally {
+    lock.release();
+  }
+}
 
+async function scanLocked(pool: string, o: ScanMetaOptions, base: MetaScan, timeoutMs: number): Promise<MetaScan> {
+  const ctx = { pool_name: pool };
+  const metaDev = base.metaDev!;
   let st = await poolStatusOk(pool, { timeoutMs, ctx });
   if (st.heldRoot !== null && (o.heldWaitMs ?? 3_000) > 0) {
-    // another reader (a concurrent dry-run takes no lock) holds it for a second or two: give it time
+    // no thinimg reader is active (we hold the lock), but a hand-run thin_ls may be: give it time
     const first = st.heldRoot;
     const until = Date.now() + (o.heldWaitMs ?? 3_000);
     while (st.heldRoot === first && Date.now() < until) {
@@ -58,6 +82,7 @@ export async function scanMeta(pool: string, o: ScanMetaOptions): Promise<MetaSc
       st = await poolStatusOk(pool, { timeoutMs, ctx });
     }
   }
+  base.transactionId = st.transactionId;
   if (st.mode !== "rw" || st.needsCheck) {
     // a read-only pool refuses reserve_metadata_snap (EOPNOTSUPP); GC will not act on it anyway
     return { ...base, skipped: { reason: "pool_not_rw", detail: `pool ${pool} is ${st.needsCheck ? "flagged needs_check" : `in ${st.mode} mode`}: its metadata cannot be snapshotted` } };
@@ -69,19 +94,20 @@ export async function scanMeta(pool: string, o: ScanMetaOptions): Promise<MetaSc
         staleHold: { heldRoot: st.heldRoot, released: false },
         skipped: {
           reason: "stale_metadata_snap",
-          detail: `pool ${pool} already holds a metadata snapshot (root ${st.heldRoot}): a previous run died holding it, or another reader is active; inactive leaks not scanned`,
+          detail: `pool ${pool} already holds a metadata snapshot (root ${st.heldRoot}) and no thinimg reader is active: a previous run died holding it, or someone reads it by hand; inactive leaks not scanned`,
         },
       };
     }
-    log.warn(`pool ${pool}: releasing a stale metadata snapshot (root ${st.heldRoot})`);
+    log.warn(`pool ${pool}: releasing a stale metadata snapshot (root ${st.heldRoot}); no thinimg reader holds the metadata-snapshot lock`);
     await releaseMetadataSnap(pool, { timeoutMs, ctx });
     base.staleHold = { heldRoot: st.heldRoot, released: true };
   }
 
+  let root: number | null;
   try {
-    await reserveMetadataSnap(pool, { timeoutMs, ctx });
+    root = await reserveOwn(pool, timeoutMs);
   } catch (e) {
-    // another reader reserved between our status and our reserve
+    // someone outside thinimg reserved between our status and our reserve
     if (isDmError(e, "busy") || isDmError(e, "exists")) {
       return { ...base, skipped: { reason: "metadata_snap_busy", detail: `pool ${pool}: metadata snapshot taken by someone else: ${errorMessage(e)}` } };
     }
@@ -102,11 +128,7 @@ export async function scanMeta(pool: string, o: ScanMetaOptions): Promise<MetaSc
       return { ...base, skipped: { reason: "scan_failed", detail: `reading the metadata snapshot failed: ${errorMessage(e)}` } };
     }
   } finally {
-    try {
-      await releaseMetadataSnap(pool, { timeoutMs, ctx });
-    } catch (e) {
-      // the next run sees the hold in the status line and reports it
-      log.error(`pool ${pool}: release_metadata_snap failed: ${errorMessage(e)}; the next gc run will report a stale hold`);
-    }
+    // only our own snapshot: the root we reserved, if the pool still shows it
+    await releaseOwn(pool, root, timeoutMs);
   }
 }

@@ -16,9 +16,10 @@ const status = (mode: string) => `0 524288 thin-pool 5 420/4096 100/4096 - ${mod
 
 interface Sim {
   mode: string[]; // successive pool modes returned by status
-  info?: Record<string, string>; // name → info line
+  info?: Record<string, string | string[]>; // name → info line (a list: successive calls)
   remove?: Record<string, "ok" | "busy" | "gone" | "timeout">;
-  del?: Record<number, "ok" | "busy" | "gone">;
+  del?: Record<number, "ok" | "busy" | "gone" | "nodev">;
+  table?: Record<string, string>; // name → live table
   umount?: Record<string, "ok" | "busy">;
 }
 
@@ -35,8 +36,13 @@ function fake(sim: Sim) {
     if (sub === "status") return ok(argv, status(sim.mode[Math.min(st++, sim.mode.length - 1)]!));
     if (sub === "info") {
       const name = a.at(-1)!;
-      const line = sim.info?.[name];
+      const v = sim.info?.[name];
+      const line = Array.isArray(v) ? (v.length > 1 ? v.shift() : v[0]) : v;
       return line ? ok(argv, line) : fail(argv, `Device ${name} does not exist.\nCommand failed.`);
+    }
+    if (sub === "table") {
+      const name = a.at(-1)!;
+      return ok(argv, sim.table?.[name] ?? "");
     }
     if (sub === "remove") {
       const r = sim.remove?.[a[2]!] ?? "ok";
@@ -50,6 +56,7 @@ function fake(sim: Sim) {
       const r = sim.del?.[id] ?? "ok";
       if (r === "busy") return fail(argv, `device-mapper: message ioctl on ${POOL}  failed: Device or resource busy\nCommand failed.`);
       if (r === "gone") return fail(argv, `device-mapper: message ioctl on ${POOL}  failed: No data available\nCommand failed.`);
+      if (r === "nodev") return fail(argv, `device-mapper: message ioctl on ${POOL}  failed: No such device or address\nCommand failed.`);
       return ok(argv);
     }
     throw new Error(`unexpected command ${argv.join(" ")}`);
@@ -72,23 +79,29 @@ const orphan = (thinId: number | null, device: string | null, o: Partial<Orphan>
 function recLedger() {
   const ev: string[] = [];
   const l: GcLedger = {
+    claim: (a) => {
+      ev.push(`deleting ${a.thinId}`);
+      return null;
+    },
     mountUnmounted: (p) => ev.push(`unmounted ${p}`),
     deviceRemoved: (n) => ev.push(`removed ${n}`),
-    thinDeleting: (id) => ev.push(`deleting ${id}`),
     thinDeleted: (id) => ev.push(`deleted ${id}`),
     thinDeleteAborted: (id) => ev.push(`aborted ${id}`),
   };
   return { ev, l };
 }
 
+const mi = (...entries: [string, string][]) => () =>
+  entries.map(([mountPoint, majorMinor], i) => ({ mountId: i, majorMinor, root: "/", mountPoint, options: "rw", fstype: "ext4", source: "/dev/x", superOptions: "rw" }));
+
 const info = (name: string, open = 0, attr = "L--w") => `${name}|${attr}|${open}|254|7|0|1|`;
 
 describe("act", () => {
   test("full sequence per orphan, each step ≤ 10 s, ledger intent before the delete, never --force", async () => {
     const dev = "thinimg-tp-snap-7";
-    const calls = fake({ mode: ["rw"], info: { [dev]: info(dev) } });
+    const calls = fake({ mode: ["rw"], info: { [dev]: [info(dev, 1), info(dev, 0)] } });
     const { ev, l } = recLedger();
-    const r = await act([orphan(7, dev, { unmount: ["/s/mnt/x"] }), orphan(9, null)], { pool: POOL, ledger: l });
+    const r = await act([orphan(7, dev, { unmount: ["/s/mnt/x"] }), orphan(9, null)], { pool: POOL, ledger: l, mountinfo: mi(["/s/mnt/x", "254:7"]) });
     expect(r.stopped).toBeNull();
     expect(r.results.map((x) => x.outcome)).toEqual(["done", "done"]);
     const cmds = calls.map((c) => c.argv.filter((x) => !x.startsWith("--noudev")).join(" "));
@@ -101,7 +114,9 @@ describe("act", () => {
     expect(cmds.filter((c) => c.startsWith("dmsetup status")).length).toBe(1); // before the device; the bare delete right after shares it
     expect(calls.every((c) => c.timeoutMs !== undefined && c.timeoutMs <= 10_000)).toBe(true);
     expect(calls.some((c) => c.argv.includes("--force") || c.argv.includes("-f"))).toBe(false);
-    expect(ev).toEqual(["unmounted /s/mnt/x", `removed ${dev}`, "deleting 7", "deleted 7", "deleting 9", "deleted 9"]);
+    // claim (intent) first, then: check (open 1 = our own mount), umount, check (open 0), remove, delete
+    expect(ev).toEqual(["deleting 7", "unmounted /s/mnt/x", `removed ${dev}`, "deleted 7", "deleting 9", "deleted 9"]);
+    expect(r.results[0]!.steps.map((s) => s.op)).toEqual(["claim", "check", "umount", "check", "remove", "delete"]);
   });
 
   test("stops as soon as the pool leaves rw: nothing more is touched", async () => {
@@ -142,6 +157,7 @@ describe("act", () => {
     const r = await act([orphan(4, dev), orphan(5, null)], { pool: POOL, ledger: l });
     expect(r.results.map((x) => x.outcome)).toEqual(["done", "done"]);
     expect(r.results[0]!.steps.map((s) => [s.op, s.outcome])).toEqual([
+      ["claim", "ok"],
       ["check", "ok"],
       ["remove", "already_gone"],
       ["delete", "already_gone"],
@@ -166,7 +182,8 @@ describe("act", () => {
     expect(r.results.map((x) => x.outcome)).toEqual(["skipped", "done"]);
     expect(r.results[0]!.skipReason).toContain("busy");
     expect(calls.some((c) => c.argv.join(" ").includes("delete 1"))).toBe(false);
-    expect(ev).not.toContain("deleting 1");
+    // the intent is undone: the id was not deleted
+    expect(ev).toEqual(["deleting 1", "aborted 1", "deleting 2", `removed ${b}`, "deleted 2"]);
     expect(r.stopped).toBeNull();
   });
 
@@ -193,9 +210,73 @@ describe("act", () => {
   test("umount busy: skipped, device left", async () => {
     const dev = "thinimg-tp-layer-3";
     const calls = fake({ mode: ["rw"], info: { [dev]: info(dev, 1) }, umount: { "/s/mnt/l3": "busy" } });
-    const r = await act([orphan(3, dev, { unmount: ["/s/mnt/l3"] })], { pool: POOL });
+    const r = await act([orphan(3, dev, { unmount: ["/s/mnt/l3"] })], { pool: POOL, mountinfo: mi(["/s/mnt/l3", "254:7"]) });
     expect(r.results[0]!.outcome).toBe("skipped");
+    expect(r.results[0]!.steps.map((s) => [s.op, s.outcome])).toEqual([
+      ["claim", "ok"],
+      ["check", "ok"],
+      ["umount", "busy"],
+    ]);
     expect(calls.some((c) => c.argv.includes("remove"))).toBe(false);
+  });
+
+  test("claim refused (DB rows changed since the scan, a lock holder appeared): skipped, nothing sent", async () => {
+    const dev = "thinimg-tp-layer-3";
+    const calls = fake({ mode: ["rw"], info: { [dev]: info(dev) } });
+    const l: GcLedger = { ...recLedger().l, claim: () => "its DB rows changed since the scan" };
+    const r = await act([orphan(3, dev, { unmount: ["/s/mnt/l3"] })], { pool: POOL, ledger: l, mountinfo: mi(["/s/mnt/l3", "254:7"]) });
+    expect(r.results[0]!.outcome).toBe("skipped");
+    expect(r.results[0]!.skipReason).toContain("changed since the scan");
+    expect(calls.some((c) => c.argv[0] === "umount" || c.argv.includes("remove") || c.argv.includes("message") || c.argv.includes("info"))).toBe(false);
+  });
+
+  test("open count 1 is allowed only for our own mount, and something else mounted at our path is not unmounted", async () => {
+    const dev = "thinimg-tp-layer-3";
+    let calls = fake({ mode: ["rw"], info: { [dev]: info(dev, 1) } });
+    // our mount is not there (someone else opened it): open 1 is not ours
+    let r = await act([orphan(3, dev, { unmount: ["/s/mnt/l3"] })], { pool: POOL, mountinfo: mi() });
+    expect(r.results[0]!.skipReason).toContain("open count is now 1");
+    expect(calls.some((c) => c.argv[0] === "umount")).toBe(false);
+    // a different device is mounted at our path now
+    calls = fake({ mode: ["rw"], info: { [dev]: info(dev, 0) } });
+    r = await act([orphan(3, dev, { unmount: ["/s/mnt/l3"] })], { pool: POOL, mountinfo: mi(["/s/mnt/l3", "8:1"]) });
+    expect(r.results[0]!.outcome).toBe("skipped");
+    expect(r.results[0]!.skipReason).toContain("8:1 mounted");
+    expect(calls.some((c) => c.argv[0] === "umount" || c.argv.includes("remove"))).toBe(false);
+    // still open after our unmount: no remove
+    calls = fake({ mode: ["rw"], info: { [dev]: info(dev, 1) } });
+    r = await act([orphan(3, dev, { unmount: ["/s/mnt/l3"] })], { pool: POOL, mountinfo: mi(["/s/mnt/l3", "254:7"]) });
+    expect(r.results[0]!.skipReason).toContain("open count is 1 after our unmount");
+    expect(calls.some((c) => c.argv.includes("remove"))).toBe(false);
+  });
+
+  test("same name, same major:minor, but another table (the kernel reused the number): changed, not removed", async () => {
+    const dev = "thinimg-tp-snap-4";
+    const scanned = new Map([[dev, { name: dev, major: 254, minor: 7, open: 0, suspended: false, inactiveTable: false, table: "0 8 thin 254:0 4", thin: { poolMajorMinor: "254:0", thinId: 4, sectors: 8 } }]]);
+    let calls = fake({ mode: ["rw"], info: { [dev]: info(dev) }, table: { [dev]: "0 8 thin 254:0 5" } });
+    let r = await act([orphan(4, dev)], { pool: POOL, scanned });
+    expect(r.results[0]!.skipReason).toContain("table changed");
+    expect(calls.some((c) => c.argv.includes("remove") || c.argv.includes("message"))).toBe(false);
+    calls = fake({ mode: ["rw"], info: { [dev]: info(dev) }, table: { [dev]: "0 8 thin 254:0 4" } });
+    r = await act([orphan(4, dev)], { pool: POOL, scanned });
+    expect(r.results[0]!.outcome).toBe("done");
+  });
+
+  test("delete: 'No such device' is never 'gone'; a pool that vanished stops the run", async () => {
+    const { ev, l } = recLedger();
+    // pool still there: the delete failed, the intent is undone
+    fake({ mode: ["rw"], info: { [POOL]: info(POOL) }, del: { 1: "nodev" } });
+    let r = await act([orphan(1, null)], { pool: POOL, ledger: l });
+    expect(r.results[0]!.outcome).toBe("failed");
+    expect(r.stopped).toBeNull();
+    expect(ev).toEqual(["deleting 1", "aborted 1"]);
+    // pool gone: stop, nothing more is tried, nothing is recorded deleted
+    const calls = fake({ mode: ["rw"], info: {}, del: { 1: "nodev" } });
+    r = await act([orphan(1, null), orphan(2, null)], { pool: POOL, ledger: l });
+    expect(r.results.map((x) => x.outcome)).toEqual(["failed", "not_run"]);
+    expect(r.stopped?.reason).toBe("pool_gone");
+    expect(calls.some((c) => c.argv.join(" ").includes("delete 2"))).toBe(false);
+    expect(ev).not.toContain("deleted 1");
   });
 
   test("a timeout fails the orphan and stops the run (the host may be wedged)", async () => {

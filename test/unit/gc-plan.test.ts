@@ -57,6 +57,9 @@ interface Fx {
   known?: boolean;
   dbMounts?: DbView["mounts"];
   grace?: number;
+  /** thin id → first seen by GC (default: every id, an hour ago — an earlier --force run saw them) */
+  firstSeen?: [number, number][];
+  lastTxn?: number | null;
 }
 
 function plan(f: Fx): Plan {
@@ -77,6 +80,8 @@ function plan(f: Fx): Plan {
     thins: new Map((f.thins ?? []).map((t) => [t.thinId, t])),
     devices: new Map((f.devices ?? []).map((d) => [d.name, d])),
     mounts: f.dbMounts ?? [],
+    firstSeen: new Map(f.firstSeen ?? [...(f.ids ?? []), ...(f.ours ?? []).flatMap((d) => (d.thin ? [d.thin.thinId] : []))].map((i): [number, number] => [i, OLD])),
+    lastTxn: f.lastTxn ?? null,
   };
   const inp: PlanInput = {
     dm,
@@ -98,8 +103,40 @@ describe("orphan kinds", () => {
     const p = plan({ ids: [1, 7], thins: [thin(1, "live")] });
     expect(p.actions.map(brief)).toEqual([{ thinId: 7, device: null, deleteThin: true, reason: "not_in_db", unmount: [] }]);
     expect(p.actions[0]!.mappedBytes).toBe(16 * 65536);
-    expect(p.actions[0]!.ageMs).toBeNull();
+    expect(p.actions[0]!.ageMs).toBe(NOW - OLD); // counted from when GC first saw it
     expect(p.skips).toEqual([]);
+  });
+
+  test("an unknown id is not deleted the first time GC sees it: it waits out the grace period from then", () => {
+    const first = plan({ ids: [7], thins: [thin(1, "live")], firstSeen: [] });
+    expect(first.actions).toEqual([]);
+    expect(first.skips.map((x) => [x.thinId, x.reason, x.orphanReason])).toEqual([[7, "too_young", "not_in_db"]]);
+    expect(first.skips[0]!.detail).toContain("first seen in the pool now");
+    // the same for an unrecorded device of ours
+    const d = dev(8);
+    expect(plan({ ours: [d], ids: [8], thins: [thin(1, "live")], firstSeen: [] }).skips.map((x) => x.reason)).toEqual(["too_young"]);
+    // seen 5 minutes ago: still waiting; an hour ago: collected; --grace 0: at once
+    expect(plan({ ids: [7], thins: [thin(1, "live")], firstSeen: [[7, NOW - 5 * MIN]] }).skips[0]!.detail).toContain("first seen in the pool 5m ago");
+    expect(plan({ ids: [7], thins: [thin(1, "live")], firstSeen: [[7, OLD]] }).actions.map((a) => a.thinId)).toEqual([7]);
+    expect(plan({ ids: [7], thins: [thin(1, "live")], firstSeen: [], grace: 0 }).actions.map((a) => a.thinId)).toEqual([7]);
+  });
+
+  test("DB behind the pool (pool transaction id ahead of the DB's last recorded): unknown ids need a human", () => {
+    const p = plan({ ids: [3, 7], thins: [thin(1, "live"), thin(3, "dead", { reason: "db_released" })], meta: { transactionId: 9 }, lastTxn: 4 });
+    expect(p.actions.map((a) => a.thinId)).toEqual([3]); // what the DB knows is dead is still collected
+    expect(p.skips.map((x) => [x.thinId, x.reason])).toEqual([[7, "db_unknown"]]);
+    expect(p.skips[0]!.detail).toContain("DB behind");
+    expect(p.notes.join(" ")).toContain("DB is behind the pool");
+    // caught up: collected
+    expect(plan({ ids: [7], thins: [thin(1, "live")], meta: { transactionId: 9 }, lastTxn: 9 }).actions.map((a) => a.thinId)).toEqual([7]);
+  });
+
+  test("locked: a failed layer an unpack may resume is left alone; a live row's repair is not made either", () => {
+    const p = plan({ ids: [5], thins: [thin(5, "dead", { reason: "db_failed", locked: "layer:tp:x held by pid 7" }), thin(6, "dead", { reason: "interrupted_build", locked: "image:tp:web held by pid 7" })] });
+    expect(p.actions).toEqual([]);
+    expect(p.skips.map((x) => [x.thinId, x.reason])).toEqual([[5, "locked"]]);
+    expect(p.skips[0]!.detail).toContain("held by pid 7");
+    expect(p.repairs).toEqual([]); // 6 is not in the pool, but its owner may be resuming it
   });
 
   test("every DB-dead reason is carried through for inactive ids", () => {

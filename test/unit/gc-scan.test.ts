@@ -8,8 +8,10 @@ import { type RawDevice, classifyDevices, parseTableAll, parseThinTable } from "
 import { devPathFor } from "../../lib/gc/scan-meta.ts";
 import type { GcRows } from "../../lib/store/gc-queries.ts";
 import type { LayerRow } from "../../lib/store/layers.ts";
+import type { LockRow } from "../../lib/store/locks.ts";
 import type { SnapshotRow } from "../../lib/store/snapshots.ts";
 import type { ThinIdRow } from "../../lib/store/thin-ids.ts";
+import type { WorkRow } from "../../lib/store/work.ts";
 
 // verbatim `dmsetup table` from the VM (note the tableless device's "name: ")
 const TABLE_ALL = `foreign1: 0 2097152 thin 254:0 2
@@ -175,7 +177,25 @@ const snap = (id: number, thin_id: number, state: SnapshotRow["state"], pid = 99
   activated_at: state === "active" ? T0 : null,
   released_at: null,
 });
-const rows = (o: Partial<GcRows>): GcRows => ({ thinIds: [], layers: [], snapshots: [], devices: [], mounts: [], images: [{ id: 1, name: "web", state: "ready" }], imageLayers: [{ image_id: 1, layer_id: 1 }], runningWork: [], ...o });
+const lockRow = (key: string, pid: number): LockRow => ({ key, pid, start_time: null, host: "h", command: "bun scripts/unpack.ts", acquired_at: T0 });
+const work = (layerId: number, state: WorkRow["state"], pid: number): WorkRow => ({
+  id: layerId,
+  pool: "tp",
+  kind: "build_layer",
+  subject: `layer:${layerId}`,
+  state,
+  pid,
+  start_time: null,
+  host: "h",
+  command: "bun scripts/unpack.ts",
+  error: null,
+  error_kind: null,
+  leaks: null,
+  created_at: T0,
+  updated_at: T0,
+  finished_at: null,
+});
+const rows = (o: Partial<GcRows>): GcRows => ({ thinIds: [], layers: [], snapshots: [], devices: [], mounts: [], images: [{ id: 1, name: "web", state: "ready", updated_at: T0 }], imageLayers: [{ image_id: 1, layer_id: 1 }], runningWork: [], ...o });
 
 describe("DB view", () => {
   const alive = (pid: number) => pid === 4242;
@@ -186,6 +206,7 @@ describe("DB view", () => {
         thinIds: [ledger(1, "committed", "layer", 1), ledger(2, "created", "layer", 2), ledger(3, "created", "layer", 3), ledger(4, "committed", "snapshot", 1), ledger(5, "orphaned", "snapshot", 2), ledger(6, "created", "snapshot", 3), ledger(7, "created", "snapshot", 4)],
         layers: [layer(1, 1, "committed"), layer(2, 2, "building"), layer(3, 3, "failed")],
         snapshots: [snap(1, 4, "active"), snap(2, 5, "released"), snap(3, 6, "pending"), snap(4, 7, "pending", 4242)],
+        locks: [lockRow("layer:tp:sha256:2", 4242)],
       }),
       alive,
     );
@@ -203,8 +224,41 @@ describe("DB view", () => {
     expect(view.thins.get(1)?.refs).toContainEqual({ table: "images", key: 1 });
   });
 
+  test("a building layer whose builder is dead is an interrupted build; a live lock or running work keeps it", () => {
+    const thinIds = [ledger(2, "created", "layer", 2)];
+    const dead = buildDbView("tp", rows({ thinIds, layers: [layer(2, 2, "building")], locks: [lockRow("layer:tp:sha256:2", 31337)] }), alive);
+    expect(dead.view.thins.get(2)).toMatchObject({ status: "dead", reason: "interrupted_build", since: T0 + 2, locked: null });
+    expect(dead.view.thins.get(2)?.detail).toContain("pid 31337 dead since");
+    expect(dead.view.devices.get("thinimg-tp-layer-2")).toMatchObject({ status: "dead", reason: "interrupted_build" });
+    expect(dead.notes.join(" ")).toContain("interrupted build");
+    const byWork = buildDbView("tp", rows({ thinIds, layers: [layer(2, 2, "building")], buildWork: [work(2, "running", 4242)] }), alive);
+    expect(byWork.view.thins.get(2)?.status).toBe("live");
+    const doneWork = buildDbView("tp", rows({ thinIds, layers: [layer(2, 2, "building")], buildWork: [work(2, "interrupted", 4242)] }), alive);
+    expect(doneWork.view.thins.get(2)?.reason).toBe("interrupted_build");
+  });
+
+  test("a failed or interrupted layer is locked while a live process holds its chain's lock or any image lock of the pool", () => {
+    const thinIds = [ledger(3, "created", "layer", 3)];
+    const free = buildDbView("tp", rows({ thinIds, layers: [layer(3, 3, "failed")], locks: [lockRow("image:tp:web", 31337), lockRow("image:other:x", 4242)] }), alive);
+    expect(free.view.thins.get(3)).toMatchObject({ status: "dead", reason: "db_failed", locked: null });
+    const byLayer = buildDbView("tp", rows({ thinIds, layers: [layer(3, 3, "failed")], locks: [lockRow("layer:tp:sha256:3", 4242)] }), alive);
+    expect(byLayer.view.thins.get(3)?.locked).toContain("layer:tp:sha256:3 held by pid 4242");
+    expect(byLayer.view.devices.get("thinimg-tp-layer-3")?.locked).toContain("pid 4242");
+    const byImage = buildDbView("tp", rows({ thinIds, layers: [layer(3, 3, "failed")], locks: [lockRow("image:tp:web", 4242)] }), alive);
+    expect(byImage.view.thins.get(3)?.locked).toContain("image:tp:web");
+    // a released snapshot is not a layer: image locks do not keep it
+    const snapView = buildDbView("tp", rows({ thinIds: [ledger(5, "orphaned", "snapshot", 2)], snapshots: [snap(2, 5, "released")], locks: [lockRow("image:tp:web", 4242)] }), alive);
+    expect(snapView.view.thins.get(5)?.locked ?? null).toBeNull();
+  });
+
+  test("first-seen ids and the DB's last transaction id are passed through", () => {
+    const { view } = buildDbView("tp", rows({ firstSeen: [{ thin_id: 900, first_seen_at: T0 }], lastTxn: 12 }), alive);
+    expect(view.firstSeen?.get(900)).toBe(T0);
+    expect(view.lastTxn).toBe(12);
+  });
+
   test("a hand-deleted owner row: owner_missing; a superseded attempt: orphaned", () => {
-    const { view } = buildDbView("tp", rows({ thinIds: [ledger(8, "committed", "snapshot", 77), ledger(9, "created", "layer", 1)], layers: [layer(1, 10, "building")] }), alive);
+    const { view } = buildDbView("tp", rows({ thinIds: [ledger(8, "committed", "snapshot", 77), ledger(9, "created", "layer", 1)], layers: [layer(1, 10, "building")], locks: [lockRow("layer:tp:sha256:1", 4242)] }), alive);
     expect(view.thins.get(8)?.reason).toBe("owner_missing");
     expect(view.thins.get(9)?.reason).toBe("db_orphaned");
     expect(view.thins.get(9)?.detail).toContain("superseded");
