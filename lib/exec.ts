@@ -3,7 +3,7 @@
 // record per call. Tests swap the runner with setRunner() to unit-test decision logic.
 import { appendFileSync, readdirSync, readFileSync } from "node:fs";
 import { ThinimgError } from "./errors.ts";
-import { log } from "./log.ts";
+import { logCommandRecord } from "./log.ts";
 
 export interface CmdContext {
   pool_name?: string | undefined;
@@ -80,8 +80,7 @@ function emitRecord(r: CmdResult, ctx: CmdContext | undefined, probe = false): v
       // an unwritable audit file must not break dm work
     }
   }
-  if (r.timedOut || (r.exitCode !== 0 && !probe)) log.warn(rec);
-  else log.debug(rec);
+  logCommandRecord({ ...rec }, r.timedOut || (r.exitCode !== 0 && !probe));
 }
 
 // ---- live child groups: killed when this process is stopped or exits ----

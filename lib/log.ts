@@ -4,35 +4,34 @@ import { type ConsolaReporter, createConsola, type LogObject } from "consola/cor
 
 export type LogFormat = "human" | "json";
 
-const jsonReporter: ConsolaReporter = {
-  log(obj: LogObject) {
-    const [first, ...rest] = obj.args;
-    const rec: Record<string, unknown> = { ts: obj.date.toISOString(), level: obj.type };
-    if (typeof first === "string") rec.msg = first;
-    else if (first && typeof first === "object") Object.assign(rec, first);
-    for (const extra of rest) {
-      if (extra && typeof extra === "object" && !(extra instanceof Error)) Object.assign(rec, extra);
-      else if (extra instanceof Error) rec.error = extra.message;
-    }
-    process.stderr.write(`${JSON.stringify(rec)}\n`);
-  },
-};
+function jsonLine(obj: Pick<LogObject, "args" | "date" | "type">): void {
+  const [first, ...rest] = obj.args;
+  const rec: Record<string, unknown> = { ts: obj.date.toISOString(), level: obj.type };
+  if (typeof first === "string") rec.msg = first;
+  else if (first && typeof first === "object") Object.assign(rec, first);
+  for (const extra of rest) {
+    if (extra && typeof extra === "object" && !(extra instanceof Error)) Object.assign(rec, extra);
+    else if (extra instanceof Error) rec.error = extra.message;
+  }
+  process.stderr.write(`${JSON.stringify(rec)}\n`);
+}
 
-const humanReporter: ConsolaReporter = {
-  log(obj: LogObject) {
-    const [first, ...rest] = obj.args;
-    let line = typeof first === "string" ? first : JSON.stringify(first);
-    for (const extra of rest) {
-      if (extra && typeof extra === "object" && !(extra instanceof Error)) {
-        line += ` ${Object.entries(extra as Record<string, unknown>)
-          .map(([k, v]) => `${k}=${typeof v === "string" ? v : JSON.stringify(v)}`)
-          .join(" ")}`;
-      } else line += ` ${String(extra)}`;
-    }
-    const tag = obj.type === "info" || obj.type === "log" || obj.type === "success" ? "" : `[${obj.type}] `;
-    process.stderr.write(`${tag}${line}\n`);
-  },
-};
+function humanLine(obj: Pick<LogObject, "args" | "type">): void {
+  const [first, ...rest] = obj.args;
+  let line = typeof first === "string" ? first : JSON.stringify(first);
+  for (const extra of rest) {
+    if (extra && typeof extra === "object" && !(extra instanceof Error)) {
+      line += ` ${Object.entries(extra as Record<string, unknown>)
+        .map(([k, v]) => `${k}=${typeof v === "string" ? v : JSON.stringify(v)}`)
+        .join(" ")}`;
+    } else line += ` ${String(extra)}`;
+  }
+  const tag = obj.type === "info" || obj.type === "log" || obj.type === "success" ? "" : `[${obj.type}] `;
+  process.stderr.write(`${tag}${line}\n`);
+}
+
+const jsonReporter: ConsolaReporter = { log: jsonLine };
+const humanReporter: ConsolaReporter = { log: humanLine };
 
 function levelFromEnv(): number {
   const v = process.env.THINIMG_LOG_LEVEL;
@@ -43,14 +42,32 @@ function levelFromEnv(): number {
   return 3;
 }
 
+let format: LogFormat = process.env.THINIMG_LOG_FORMAT === "json" ? "json" : "human";
+
 export const log = createConsola({
   level: levelFromEnv(),
   throttle: 0,
-  reporters: [process.env.THINIMG_LOG_FORMAT === "json" ? jsonReporter : humanReporter],
+  reporters: [format === "json" ? jsonReporter : humanReporter],
 });
 
-export function setLogFormat(format: LogFormat): void {
-  log.setReporters([format === "json" ? jsonReporter : humanReporter]);
+export function setLogFormat(f: LogFormat): void {
+  format = f;
+  log.setReporters([f === "json" ? jsonReporter : humanReporter]);
+}
+
+export function logFormat(): LogFormat {
+  return format;
+}
+
+/** The per-command record (lib/exec.ts), by a policy of its own that a lowered log level does not
+ * change (ADR-0001): a failed or timed-out command is always logged (warn); with the JSON format
+ * every command is (info); human output shows successful commands only with --verbose (debug).
+ * Only THINIMG_LOG_LEVEL=silent suppresses them all. */
+export function logCommandRecord(rec: Record<string, unknown>, failed: boolean): void {
+  if (log.level <= -999) return;
+  const type = failed ? "warn" : "info";
+  if (format === "json") jsonLine({ args: [rec], date: new Date(), type });
+  else if (failed || log.level >= 4) humanLine({ args: [rec], type: failed ? "warn" : "debug" });
 }
 
 export function setLogLevel(level: "debug" | "info" | "warn" | "error" | "silent"): void {

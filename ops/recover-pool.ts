@@ -32,8 +32,9 @@ export const cmd = defineCommand({
     ...outputArgs,
   },
   async run({ args }) {
-    // The step list is the narrative; each command's record still goes to THINIMG_CMD_LOG and, with
-    // --verbose or --log-format json, to stderr (expected failures such as "no such device" are noise).
+    // The step list is the narrative: other log lines wait for --verbose. Each command's record goes to
+    // THINIMG_CMD_LOG and to stderr by its own policy (lib/log.ts logCommandRecord): failed or timed-out
+    // commands always, every command with --log-format json, successful ones in human form with --verbose.
     if (!args.verbose && args["log-format"] !== "json" && !process.env.THINIMG_LOG_LEVEL) setLogLevel("error");
     if (!args.dir) throw usageError("--dir must not be empty");
     const createOnly = (["data-size", "meta-size", "block-size"] as const).filter((k) => args[k] !== undefined);

@@ -28,7 +28,8 @@ export const healthCommand = defineCommand({
     ...outputArgs,
   },
   async run({ args }) {
-    // Command records of expected failures (e.g. "pool not found") are noise here; the report says it.
+    // The report is the narrative: other log lines wait for --verbose. Command records keep their own
+    // policy (lib/log.ts logCommandRecord): a failed command is always logged, every one with JSON logs.
     if (!args.verbose && args["log-format"] !== "json" && !process.env.THINIMG_LOG_LEVEL) setLogLevel("error");
     const cfg = loadConfig({ pool: args.pool, stateDir: args["state-dir"] });
     const th: Partial<Thresholds> = {};

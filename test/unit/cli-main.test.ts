@@ -54,6 +54,21 @@ describe("filesystem errors", () => {
   });
 });
 
+describe("command records", () => {
+  test("recover-pool --log-format json puts each command's record on stderr as a JSON line", async () => {
+    const p = Bun.spawn(["bun", join(import.meta.dir, "../../ops/recover-pool.ts"), "--dir", join(tmp, "no-pool"), "--log-format", "json"], {
+      stdout: "pipe",
+      stderr: "pipe",
+      env: { ...process.env, THINIMG_LOG_LEVEL: "", THINIMG_LOG_FORMAT: "" },
+    });
+    const [err] = await Promise.all([new Response(p.stderr).text(), p.exited]);
+    const recs = err.split("\n").filter((l) => l.startsWith("{")).map((l) => JSON.parse(l)).filter((r) => r.event === "cmd");
+    expect(recs.length).toBeGreaterThanOrEqual(1);
+    expect(recs[0].command).toMatch(/^dmsetup .*version$/);
+    expect(Object.keys(recs[0]).sort()).toEqual(["command", "device_id", "device_name", "duration_ms", "event", "exit_code", "level", "pool_name", "timed_out", "ts"]);
+  });
+});
+
 describe("kernel log rules", () => {
   test("a refused pool message (as the 6.1 kernel prints it) warns, real pool failures block", () => {
     expect(classifyKernelLine("device-mapper: thin: Creation of new thinly-provisioned device with id 3 failed.")?.status).toBe("warn");

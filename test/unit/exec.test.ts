@@ -181,3 +181,43 @@ describe("commands do not outlive thinimg", () => {
   }, 30_000);
 });
 
+describe("command records on stderr", () => {
+  const logPath = `${import.meta.dir}/../../lib/log.ts`;
+  const execPath = `${import.meta.dir}/../../lib/exec.ts`;
+  /** stderr of a script that runs: a success, a failure, a probe's expected failure, a timeout. */
+  async function stderrOf(setup: string): Promise<string[]> {
+    const script = `import { run } from "${execPath}"; import { setLogFormat, setLogLevel } from "${logPath}"; ${setup}
+      await run(["true"], { ctx: { pool_name: "p1", device_id: 3, device_name: "d1" } });
+      await run(["false"]);
+      await run(["sh", "-c", "exit 4"], { probe: true });
+      await run(["sleep", "5"], { timeoutMs: 100, killGraceMs: 100 });`;
+    const p = Bun.spawn(["bun", "-e", script], { stdout: "pipe", stderr: "pipe", env: { ...process.env, THINIMG_LOG_LEVEL: "", THINIMG_LOG_FORMAT: "" } });
+    const [err, code] = await Promise.all([new Response(p.stderr).text(), p.exited]);
+    expect(code).toBe(0);
+    return err.split("\n").filter(Boolean);
+  }
+
+  test("--log-format json: every command's record (info), failures and timeouts at warn — even with the level lowered to error", async () => {
+    const lines = (await stderrOf(`setLogFormat("json"); setLogLevel("error");`)).map((l) => JSON.parse(l));
+    expect(lines.map((l) => [l.event, l.level, l.command, l.exit_code, l.timed_out])).toEqual([
+      ["cmd", "info", "true", 0, false],
+      ["cmd", "warn", "false", 1, false],
+      ["cmd", "info", "sh -c exit 4", 4, false],
+      ["cmd", "warn", "sleep 5", null, true],
+    ]);
+    expect(lines[0]).toMatchObject({ pool_name: "p1", device_id: 3, device_name: "d1" });
+    expect(typeof lines[0].duration_ms).toBe("number");
+  }, 20_000);
+
+  test("human format: failed and timed-out records are never hidden; successes only with --verbose (debug)", async () => {
+    const quiet = await stderrOf(`setLogLevel("error");`);
+    expect(quiet).toHaveLength(2);
+    expect(quiet[0]).toStartWith('[warn] {"event":"cmd"');
+    expect(quiet[0]).toContain('"command":"false","duration_ms"');
+    expect(quiet[1]).toContain('"command":"sleep 5"');
+    expect(quiet[1]).toContain('"timed_out":true');
+    const verbose = await stderrOf(`setLogLevel("debug");`);
+    expect(verbose.map((l) => JSON.parse(l.replace(/^\[\w+\] /, "")).command)).toEqual(["true", "false", "sh -c exit 4", "sleep 5"]);
+  }, 20_000);
+});
+
