@@ -166,7 +166,9 @@ export function makePlan(inp: PlanInput): Plan {
     const foreignUser = c.thinId !== null && c.deleteThin ? foreignIds.get(c.thinId) : undefined;
     const ms = c.device ? (inp.mounts.get(c.device.name) ?? []) : [];
     const theirs = ms.filter((m) => !m.ours);
-    if (c.reason === "not_in_db" && !db.known) {
+    if (foreignUser && !c.device) {
+      skip(c, "foreign", `thin id ${c.thinId} is mapped by foreign device ${foreignUser}`);
+    } else if (c.reason === "not_in_db" && !db.known) {
       skip(c, "db_unknown", `the state DB has no thin ids for pool ${pool}: is --state-dir right? refusing to treat unknown ids as orphans`);
     } else if (c.reason === "not_in_db" && behind) {
       skip(
@@ -186,8 +188,6 @@ export function makePlan(inp: PlanInput): Plan {
       );
     } else if (c.locked) {
       skip(c, "locked", `${c.locked}; next run`);
-    } else if (foreignUser && !c.device) {
-      skip(c, "foreign", `thin id ${c.thinId} is mapped by foreign device ${foreignUser}`);
     } else if (c.device && theirs.length) {
       skip(c, "mounted", `mounted at ${theirs.map((m) => m.mountPoint).join(", ")} (not thinimg's mount dir): unmount it, or find who uses it`);
     } else if (c.device?.suspended) {

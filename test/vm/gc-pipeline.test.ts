@@ -22,7 +22,7 @@ setDefaultTimeout(300_000);
 let p: TestPool;
 let stateDir: string;
 let work: string;
-const fam = {} as Record<"live" | "crash" | "lock", string>;
+const fam = {} as Record<"live" | "crash" | "lock" | "paused" | "race" | "killed", string>;
 const fakeMkfs = () => join(work, "bin-nomkfs");
 const fakeDmCreate = () => join(work, "bin-nocreate");
 let elsewhere = "";
@@ -62,10 +62,11 @@ async function activate(env: Record<string, string> = {}): Promise<{ thin_id: nu
   return JSON.parse(r.out);
 }
 
-/** Start a script that pauses at `step` (test hook), wait until it is there, return the process. */
-async function pausedAt(name: string, args: string[], step: string) {
+/** Start a script that pauses at `step` (test hook), wait until it is there, return the process.
+ * With `cont`, the process carries on once cont() is called (THINIMG_TEST_PAUSE_CONTINUE). */
+async function pausedAt(name: string, args: string[], step: string, extraEnv: Record<string, string> = {}) {
   const flag = join(work, `paused-${step.replace(/[^a-z]/g, "_")}-${Date.now()}`);
-  const proc = spawnScript(name, args, { THINIMG_TEST_PAUSE_AT: step, THINIMG_TEST_PAUSE_FILE: flag });
+  const proc = spawnScript(name, args, { THINIMG_TEST_PAUSE_AT: step, THINIMG_TEST_PAUSE_FILE: flag, ...extraEnv });
   for (let i = 0; i < 1200 && !existsSync(flag); i++) {
     if (proc.exitCode !== null) throw new Error(`${name} exited ${proc.exitCode} before pausing at ${step}: ${await new Response(proc.stderr).text()}`);
     await Bun.sleep(100);
@@ -73,6 +74,30 @@ async function pausedAt(name: string, args: string[], step: string) {
   expect(readFileSync(flag, "utf8")).toStartWith(step);
   return proc;
 }
+
+/** Like pausedAt, but the process carries on when cont() is called. */
+async function pausedWithContinue(name: string, args: string[], step: string) {
+  const contFile = join(work, `continue-${step.replace(/[^a-z]/g, "_")}-${Date.now()}`);
+  const proc = await pausedAt(name, args, step, { THINIMG_TEST_PAUSE_CONTINUE: contFile });
+  return { proc, cont: () => writeFileSync(contFile, "go\n") };
+}
+
+async function finished(proc: ReturnType<typeof spawnScript>): Promise<Ran> {
+  const [out, err, code] = await Promise.all([new Response(proc.stdout).text(), new Response(proc.stderr).text(), proc.exited]);
+  return { code, out, err };
+}
+
+/** Every row of the state DB (to show that a dry-run changed nothing). */
+function dbDump(): string {
+  const db = openDb(join(stateDir, "state.db"), { readOnly: true });
+  try {
+    const tables = (db.query("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name").all() as { name: string }[]).map((t) => t.name);
+    return JSON.stringify(tables.map((t) => [t, db.query(`SELECT * FROM ${t}`).all()]));
+  } finally {
+    db.close();
+  }
+}
+const mountsNow = () => mount.mountinfo().map((m) => `${m.mountPoint} ${m.majorMinor}`).sort();
 
 const thinIds = () => p.thinIds();
 const dataUsed = async () => (await dmpool.poolStatusOk(p.name)).dataUsed;
@@ -118,6 +143,10 @@ beforeAll(async () => {
   writeLayerFamily(fam.live, [sampleLayer(1), sampleLayer(2)]);
   writeLayerFamily(fam.crash, [sampleLayer(10, [{ path: "big.bin", content: "x".repeat(3 * 1024 * 1024) }])]);
   writeLayerFamily(fam.lock, [sampleLayer(30)]);
+  for (const [k, n] of [["paused", 40], ["race", 41], ["killed", 42]] as const) {
+    fam[k] = join(work, k);
+    writeLayerFamily(fam[k], [sampleLayer(n, [{ path: "big.bin", content: "y".repeat(2 * 1024 * 1024) }])]);
+  }
   // failing tools, put first on PATH for one run each
   mkdirSync(fakeMkfs());
   writeFileSync(join(fakeMkfs(), "mkfs.ext4"), "#!/bin/sh\necho 'mkfs.ext4: Input/output error while writing out and closing file system (test)' >&2\nexit 1\n");
@@ -163,13 +192,25 @@ describe("leaks made by the pipeline", () => {
     }
   });
 
-  test("kill -9 mid-apply: the interrupted build is kept for its resume, not collected", async () => {
+  test("kill -9 mid-apply: the dry-run lists the interrupted build (device, our mount, thin id) and changes nothing", async () => {
     const unpack = await pausedAt("unpack", [fam.crash, "--name", "crash"], "layer:mounted");
+    const pid = unpack.pid;
     unpack.kill(9);
     await unpack.exited;
+    const rows = dbDump();
+    const mounts = mountsNow();
+    const ids = await thinIds();
     const { r } = await gc("--grace", "0");
-    expect(r.orphans).toEqual([]);
-    expect(r.notes.join("\n")).toContain("interrupted build");
+    const ib = r.orphans.filter((o) => o.reason === "interrupted_build");
+    expect(ib.length).toBe(1);
+    expect(ib[0]!.detail).toContain(`pid ${pid} dead since`);
+    expect(ib[0]!.commands[0]).toStartWith(`umount ${join(stateDir, "mnt")}`);
+    expect(ib[0]!.device).toBe(`thinimg-${p.name}-layer-${ib[0]!.thin_id}`);
+    // within the grace period it is left alone
+    expect((await gc()).r.skipped.find((s) => s.thin_id === ib[0]!.thin_id)?.reason).toBe("too_young");
+    expect(dbDump()).toBe(rows);
+    expect(mountsNow()).toEqual(mounts);
+    expect(await thinIds()).toEqual(ids);
   });
 
   test("the re-run abandons the half-applied attempt and then fails in mkfs: both attempts leak", async () => {
@@ -237,6 +278,8 @@ describe("gc", () => {
 
   test("dry-run shows exactly the leaks and changes nothing", async () => {
     const ids = await thinIds();
+    const rows = dbDump();
+    const mounts = mountsNow();
     const devs = (await dmsetup.infoAll()).map((d) => `${d.name}:${d.open}`).sort();
     const { code, r } = await gc("--grace", "0");
     dry = r;
@@ -256,6 +299,8 @@ describe("gc", () => {
     expect(code).toBe(1); // the mounted orphan needs a human
     expect(await thinIds()).toEqual(ids);
     expect((await dmsetup.infoAll()).map((d) => `${d.name}:${d.open}`).sort()).toEqual(devs);
+    expect(dbDump()).toBe(rows);
+    expect(mountsNow()).toEqual(mounts);
   });
 
   test("--force removes exactly them; the live image and snapshot are intact; pool use is back to the baseline", async () => {
@@ -290,6 +335,102 @@ describe("gc", () => {
     expect(r.skipped.map((s) => s.reason).sort()).toEqual(["foreign", "mounted"]);
     // the interrupted unpacks can be finished by a re-run; GC left them resumable
     expect((await script("unpack", [fam.crash, "--name", "crash"])).code).toBe(0);
+    expect((await gc("--force", "--grace", "0")).r.orphans).toEqual([]);
+  });
+});
+
+describe("GC racing the pipeline", () => {
+  const lastLayer = () =>
+    rowsOf("SELECT id, thin_id, device_name, state, phase FROM layers WHERE pool = ? ORDER BY id DESC LIMIT 1", p.name)[0] as {
+      id: number;
+      thin_id: number | null;
+      device_name: string | null;
+      state: string;
+      phase: string;
+    };
+
+  test("an unpack paused with its layer mounted (no process lock held): gc --force --grace 0 leaves it alone; the unpack finishes", async () => {
+    const { proc, cont } = await pausedWithContinue("unpack", [fam.paused, "--name", "paused"], "layer:mounted");
+    try {
+      const l = lastLayer();
+      expect(l.state).toBe("building");
+      const ids = await thinIds();
+      const { r } = await gc("--force", "--grace", "0");
+      expect(r.lock.status).toBe("acquired");
+      expect(r.orphans.filter((o) => o.thin_id === l.thin_id || o.device === l.device_name)).toEqual([]);
+      expect(await thinIds()).toEqual(ids);
+      expect(await dmsetup.info(String(l.device_name))).not.toBeNull();
+      cont();
+      const done = await finished(proc);
+      expect(done.code).toBe(0);
+      expect(rowsOf("SELECT state FROM images WHERE pool = ? AND name = 'paused'", p.name)[0]!.state).toBe("ready");
+    } finally {
+      proc.kill(9);
+    }
+  });
+
+  test("a failed layer re-run while gc --force is between its plan and its act: GC's compare-and-set loses, the re-run wins", async () => {
+    const failed = await script("unpack", [fam.race, "--name", "race"], { PATH: `${fakeMkfs()}:${process.env.PATH}` });
+    expect(failed.code).not.toBe(0);
+    const l = lastLayer();
+    expect([l.state, l.phase]).toEqual(["failed", "activated"]);
+    // gc plans (the failed layer's device and id are orphans), then waits before acting
+    const g = await pausedWithContinue("gc", ["--json", "--force", "--grace", "0"], "gc:planned");
+    // meanwhile the re-run picks the failed layer up again, same thin id, and pauses after mkfs
+    const u = await pausedWithContinue("unpack", [fam.race, "--name", "race"], "layer:formatted");
+    try {
+      expect(lastLayer()).toMatchObject({ id: l.id, thin_id: l.thin_id, state: "building" });
+      g.cont();
+      const gr = await finished(g.proc);
+      const r = JSON.parse(gr.out) as GcReport;
+      const mine = r.orphans.filter((o) => o.thin_id === l.thin_id);
+      expect(mine.length).toBe(1);
+      expect(mine[0]!.reason).toBe("db_failed");
+      expect(mine[0]!.outcome).toBe("skipped");
+      expect(mine[0]!.skip_reason).toContain("changed since the scan");
+      expect(mine[0]!.steps.map((s) => s.op)).toEqual(["claim"]);
+      expect(await thinIds()).toContain(Number(l.thin_id));
+      expect(await dmsetup.info(String(l.device_name))).not.toBeNull();
+      u.cont();
+      const ur = await finished(u.proc);
+      expect(ur.code).toBe(0);
+      expect(lastLayer()).toMatchObject({ id: l.id, thin_id: l.thin_id, state: "committed" });
+      expect(rowsOf("SELECT state FROM thin_ids WHERE pool = ? AND thin_id = ?", p.name, Number(l.thin_id))[0]!.state).toBe("committed");
+      const after = await gc("--force", "--grace", "0");
+      expect(after.r.orphans.filter((o) => o.thin_id === l.thin_id)).toEqual([]);
+      expect(await thinIds()).toContain(Number(l.thin_id));
+    } finally {
+      g.proc.kill(9);
+      u.proc.kill(9);
+    }
+  });
+
+  test("kill -9 mid-unpack: --force collects the interrupted build; a second --force finds nothing; the unpack re-run then succeeds", async () => {
+    const unpack = await pausedAt("unpack", [fam.killed, "--name", "killed"], "layer:mounted");
+    unpack.kill(9);
+    await unpack.exited;
+    const l = lastLayer();
+    const mnt = join(stateDir, "mnt", String(l.device_name));
+    expect(mount.mountinfo().some((m) => m.mountPoint === mnt)).toBe(true);
+    const before = await thinIds();
+    const dry = await gc("--grace", "0");
+    const listed = dry.r.orphans.filter((o) => o.reason === "interrupted_build").map((o) => [o.thin_id, o.device]);
+    expect(listed).toEqual([[l.thin_id, l.device_name]]);
+    const { r } = await gc("--force", "--grace", "0");
+    expect(r.orphans.map((o) => [o.thin_id, o.device, o.reason, o.outcome])).toEqual([[l.thin_id, l.device_name, "interrupted_build", "done"]]);
+    expect(await thinIds()).toEqual(before.filter((i) => i !== l.thin_id));
+    expect(await dmsetup.info(String(l.device_name))).toBeNull();
+    expect(mount.mountinfo().some((m) => m.mountPoint === mnt)).toBe(false);
+    // the layer row starts afresh, exactly as the pipeline's abandon() leaves it
+    expect(rowsOf("SELECT thin_id, device_name, state, phase FROM layers WHERE id = ?", Number(l.id))[0]).toEqual({ thin_id: null, device_name: null, state: "building", phase: "new" });
+    expect(rowsOf("SELECT state FROM thin_ids WHERE pool = ? AND thin_id = ?", p.name, Number(l.thin_id))[0]!.state).toBe("deleted");
+    const again = await gc("--force", "--grace", "0");
+    expect(again.r.orphans).toEqual([]);
+    const rerun = await script("unpack", [fam.killed, "--name", "killed", "--json"]);
+    expect(rerun.code).toBe(0);
+    const nl = lastLayer();
+    expect(nl.state).toBe("committed");
+    expect(nl.thin_id).not.toBe(l.thin_id);
     expect((await gc("--force", "--grace", "0")).r.orphans).toEqual([]);
   });
 });

@@ -13,6 +13,7 @@ import { run, runOk } from "../../lib/exec.ts";
 import { act } from "../../lib/gc/act.ts";
 import type { GcReport } from "../../lib/gc/report.ts";
 import { type Db, openDb } from "../../lib/store/db.ts";
+import { ensureGcSchema, recordFirstSeen } from "../../lib/store/gc-queries.ts";
 import { setDevice, setDeviceState, getDevice } from "../../lib/store/devices.ts";
 import { beginImage, markImageReady } from "../../lib/store/images.ts";
 import { insertLayer, updateLayer } from "../../lib/store/layers.ts";
@@ -83,6 +84,12 @@ let layer1 = 0;
 let liveLayerHash = "";
 let liveSnapHash = "";
 let foreignMnt = "";
+let foreignHash = "";
+/** sha256 of the foreign device's first 32 MiB (where scribble() wrote). */
+const foreignSha = async () => {
+  const r = await runOk(["sh", "-c", `head -c ${32 * MiB} ${dev(names.foreign!)} | sha256sum`], { timeoutMs: 60_000 });
+  return r.stdout.split(" ")[0]!;
+};
 let baseline = 0;
 
 /** allocate in the ledger, create in the pool, record 'created' — the pipeline's order */
@@ -162,6 +169,7 @@ beforeAll(async () => {
   await dmsetup.message(p.name, "create_thin 400");
   await dmpool.activateThin(p.name, names.foreign, 400, VSIZE);
   await scribble(names.foreign);
+  foreignHash = await foreignSha();
 
   const young = await snapshot({ activate: false });
   ids.young = young.thinId;
@@ -232,6 +240,9 @@ beforeAll(async () => {
   // every row is an hour old, except the young orphan, released just now
   const old = Date.now() - HOUR;
   for (const t of ["thin_ids", "snapshots", "layers", "devices", "mounts"]) db.query(`UPDATE ${t} SET updated_at = ?`).run(old);
+  // the ids the DB never knew were first seen by an earlier --force run, an hour ago
+  ensureGcSchema(db);
+  recordFirstSeen(db, p.name, [500, 600], old);
   updateSnapshot(db, young.snapId, { state: "released", released_at: Date.now() });
   setThinIdState(db, p.name, young.thinId, "orphaned", "released just now");
 });
@@ -362,6 +373,7 @@ describe("gc on real leaks", () => {
     expect(code).toBe(0);
     expect(await dmsetup.info(names.foreign!)).not.toBeNull();
     expect(await thinIds()).toContain(400);
+    expect(await foreignSha()).toBe(foreignHash); // the foreign device's data, byte for byte
     expect(await thinIds()).not.toContain(ids.mounted!);
     expect(await dmsetup.info(names.mounted!)).toBeNull();
   });
@@ -398,8 +410,18 @@ describe("locks and a stale metadata hold", () => {
       expect(refused.r.orphans).toEqual([]);
       expect(await thinIds()).toContain(800);
       // dry-run needs no lock and still sees it
-      expect((await gc()).r.orphans.map((o) => o.thin_id)).toEqual([800]);
-      const forced = await gc("--force", "--ignore-lock");
+      expect((await gc("--grace", "0")).r.orphans.map((o) => o.thin_id)).toEqual([800]);
+      // --ignore-lock does not bypass the health checks: a device-mapper error in the kernel log
+      // (a refused create of an id that exists) blocks it, and nothing is done
+      await dmsetup.message(p.name, "create_thin 400").catch(() => {});
+      const blocked = await gc("--force", "--ignore-lock", "--grace", "0");
+      expect(blocked.r.lock.status).toBe("ignored");
+      expect(blocked.r.refused?.reason).toBe("unhealthy");
+      expect(blocked.r.health?.ok).toBe(false);
+      expect(blocked.code).toBe(1);
+      expect(await thinIds()).toContain(800);
+      let forced = await gc("--force", "--ignore-lock", "--grace", "0");
+      for (let i = 0; i < 2 && forced.r.refused; i++) forced = await gc("--force", "--ignore-lock", "--grace", "0");
       expect(forced.r.lock.status).toBe("ignored");
       expect(forced.stderr).toContain("--ignore-lock");
       expect(forced.r.orphans.map((o) => [o.thin_id, o.outcome])).toEqual([[800, "done"]]);
@@ -415,12 +437,12 @@ describe("locks and a stale metadata hold", () => {
     await dmpool.reserveMetadataSnap(p.name);
     const held = (await dmpool.poolStatusOk(p.name)).heldRoot;
     expect(held).not.toBeNull();
-    const dry = await gc();
+    const dry = await gc("--grace", "0");
     expect(dry.code).toBe(1);
     expect(dry.r.scan.stale_metadata_hold).toEqual({ held_root: held!, released: false });
     expect(dry.r.orphans).toEqual([]);
     expect((await dmpool.poolStatusOk(p.name)).heldRoot).toBe(held);
-    const forced = await gc("--force");
+    const forced = await gc("--force", "--grace", "0");
     expect(forced.r.scan.stale_metadata_hold).toEqual({ held_root: held!, released: true });
     expect(forced.r.orphans.map((o) => [o.thin_id, o.outcome])).toEqual([[801, "done"]]);
     expect(forced.code).toBe(0);
@@ -431,7 +453,7 @@ describe("locks and a stale metadata hold", () => {
     const ids20 = Array.from({ length: 20 }, (_, i) => 810 + i);
     for (const i of ids20) await dmsetup.message(p.name, `create_thin ${i}`);
     const cmdLog = join(stateDir, "cmd-sigterm.jsonl");
-    const proc = Bun.spawn(["bun", "scripts/gc.ts", "--json", "--force", "--pool", p.name, "--state-dir", stateDir], {
+    const proc = Bun.spawn(["bun", "scripts/gc.ts", "--json", "--force", "--grace", "0", "--pool", p.name, "--state-dir", stateDir], {
       stdout: "pipe",
       stderr: "pipe",
       env: { ...process.env, THINIMG_CMD_LOG: cmdLog },
@@ -450,7 +472,7 @@ describe("locks and a stale metadata hold", () => {
     expect((await dmpool.poolStatusOk(p.name)).heldRoot).toBeNull();
     const left = (await thinIds()).filter((i) => ids20.includes(i));
     expect(left.length).toBe(20 - done);
-    const next = await gc("--force");
+    const next = await gc("--force", "--grace", "0");
     expect(next.r.orphans.map((o) => o.thin_id)).toEqual(left);
     expect(next.r.summary.removed).toBe(left.length);
   });
@@ -481,9 +503,63 @@ describe("locks and a stale metadata hold", () => {
     expect((await dmpool.poolStatusOk(p.name)).mode).toBe("rw");
     expect(await thinIds()).toContain(802);
     // the kernel logged the mode changes; the health check blocks once on those lines, then passes
-    let last = await gc("--force");
-    for (let i = 0; i < 2 && last.r.refused; i++) last = await gc("--force");
+    let last = await gc("--force", "--grace", "0");
+    for (let i = 0; i < 2 && last.r.refused; i++) last = await gc("--force", "--grace", "0");
     expect(last.r.orphans.map((o) => [o.thin_id, o.outcome])).toEqual([[802, "done"]]);
+  });
+
+  test("an id unknown to the DB is deleted only by a later run, once the grace period since it was first seen has passed", async () => {
+    await dmsetup.message(p.name, "create_thin 850");
+    const dry = await gc("--grace", "2s");
+    expect(dry.r.skipped.filter((s) => s.thin_id === 850).map((s) => s.reason)).toEqual(["too_young"]);
+    const first = await gc("--force", "--grace", "2s");
+    expect(first.r.orphans).toEqual([]);
+    expect(first.r.skipped.find((s) => s.thin_id === 850)?.detail).toContain("first seen in the pool now");
+    expect(await thinIds()).toContain(850);
+    const seen = db.query("SELECT first_seen_at FROM gc_unknown_ids WHERE pool = ? AND thin_id = 850").get(p.name) as { first_seen_at: number } | null;
+    expect(seen).not.toBeNull();
+    // a second run within the grace period still waits, and does not move the first-seen time
+    const second = await gc("--force", "--grace", "1h");
+    expect(second.r.skipped.find((s) => s.thin_id === 850)?.reason).toBe("too_young");
+    expect(db.query("SELECT first_seen_at FROM gc_unknown_ids WHERE pool = ? AND thin_id = 850").get(p.name)).toEqual(seen);
+    await Bun.sleep(2500);
+    const third = await gc("--force", "--grace", "2s");
+    expect(third.r.orphans.map((o) => [o.thin_id, o.reason, o.outcome])).toEqual([[850, "not_in_db", "done"]]);
+    expect(await thinIds()).not.toContain(850);
+    expect(getThinId(db, p.name, 850)?.state).toBe("deleted");
+    expect(db.query("SELECT 1 FROM gc_unknown_ids WHERE pool = ? AND thin_id = 850").get(p.name)).toBeNull();
+  });
+
+  test("a live metadata-snapshot reader is never released by --force; its own release still works", async () => {
+    await dmsetup.message(p.name, "create_thin 851");
+    const holder = Bun.spawn(
+      [
+        "bun",
+        "-e",
+        `import { withMetadataSnapshot } from "./lib/gc/meta-lock.ts"; import { poolStatusOk } from "./lib/dm/pool.ts";
+         await withMetadataSnapshot(${JSON.stringify(p.name)}, { stateDir: ${JSON.stringify(stateDir)} }, async () => {
+           console.log("held " + (await poolStatusOk(${JSON.stringify(p.name)})).heldRoot); await Bun.sleep(20000);
+           console.log("still " + (await poolStatusOk(${JSON.stringify(p.name)})).heldRoot);
+         });
+         console.log("after " + (await poolStatusOk(${JSON.stringify(p.name)})).heldRoot);`,
+      ],
+      { stdout: "pipe", stderr: "inherit" },
+    );
+    const out = new Response(holder.stdout).text();
+    for (let i = 0; i < 200 && (await dmpool.poolStatusOk(p.name)).heldRoot === null; i++) await Bun.sleep(100);
+    const root = (await dmpool.poolStatusOk(p.name)).heldRoot;
+    expect(root).not.toBeNull();
+    // GC --force waits for the reader's lock (10 s), then leaves the snapshot alone
+    const forced = await gc("--force", "--grace", "0");
+    expect(forced.r.scan.metadata_skipped).toContain("metadata_snap_busy");
+    expect(forced.r.scan.stale_metadata_hold).toBeNull();
+    expect(forced.r.orphans.map((o) => o.thin_id)).not.toContain(851);
+    expect((await dmpool.poolStatusOk(p.name)).heldRoot).toBe(root);
+    expect(await holder.exited).toBe(0);
+    expect((await out).trim().split("\n")).toEqual([`held ${root}`, `still ${root}`, "after null"]);
+    // with no reader left, the next run scans and collects
+    const next = await gc("--force", "--grace", "0");
+    expect(next.r.orphans.map((o) => [o.thin_id, o.outcome])).toEqual([[851, "done"]]);
   });
 
   test("repair: a live row whose thin id vanished from the pool is marked gone", async () => {
