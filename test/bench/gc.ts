@@ -123,7 +123,7 @@ interface GcRun {
 async function gc(p: BenchPool, stateDir: string, force: boolean): Promise<GcRun> {
   const cmdLog = join(stateDir, `cmd-${force ? "force" : "dry"}-${Date.now()}.jsonl`);
   const t0 = performance.now();
-  const proc = Bun.spawn(["bun", "scripts/gc.ts", "--json", "--pool", p.name, "--state-dir", stateDir, ...(force ? ["--force"] : [])], {
+  const proc = Bun.spawn(["bun", "scripts/gc.ts", "--json", "--pool", p.name, "--state-dir", stateDir, "--grace", "0", ...(force ? ["--force"] : [])], {
     stdout: "pipe",
     stderr: "pipe",
     env: { ...process.env, THINIMG_LOG_LEVEL: "error", THINIMG_CMD_LOG: cmdLog },
