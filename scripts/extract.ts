@@ -1,5 +1,6 @@
 // bun scripts/extract.ts SOURCE DEST [--devices] [--json] [--max-entries N] [--max-bytes SIZE]
-//   [--max-file-size SIZE] [--select REF] [--platform os/arch] [--state-dir DIR]
+//   [--max-file-size SIZE] [--max-depth N] [--max-path-bytes N] [--max-blob-size SIZE]
+//   [--select REF] [--platform os/arch] [--state-dir DIR]
 // Fetch an image (path, http(s)://…, s3://bucket/key or s3://bucket/prefix/), recognise its format
 // (layer family, docker-archive, OCI layout) and apply its layers, in order, into the plain directory
 // DEST (absent or empty). No devicemapper. Exit 0 with a summary; non-zero with one line otherwise.
@@ -7,6 +8,7 @@ import { defineCommand } from "citty";
 import { outputArgs, stateArgs } from "../lib/cli/args.ts";
 import { printJson, runMain } from "../lib/cli/main.ts";
 import { loadConfig } from "../lib/config.ts";
+import { DEFAULT_LIMITS } from "../lib/image/apply/index.ts";
 import { extractImage } from "../lib/image/extract.ts";
 import { ttyProgress } from "../lib/pipeline/progress.ts";
 import { formatBytes, parseIntArg, parseSize } from "../lib/util/units.ts";
@@ -35,6 +37,14 @@ export const extractCommand = defineCommand({
     },
     "max-file-size": { type: "string", description: "Largest single file (default 1G; env THINIMG_MAX_FILE_SIZE)" },
     "max-blob-size": { type: "string", description: "Largest download / blob as stored (default 8G; env THINIMG_MAX_BLOB_SIZE)" },
+    "max-depth": {
+      type: "string",
+      description: "Most path components of an entry, or of a path a link resolves to (default 1024; env THINIMG_MAX_DEPTH)",
+    },
+    "max-path-bytes": {
+      type: "string",
+      description: "Longest entry name or link target in bytes (default 4096; env THINIMG_MAX_PATH_BYTES)",
+    },
     ...stateArgs,
     ...outputArgs,
   },
@@ -46,12 +56,14 @@ export const extractCommand = defineCommand({
     const maxTotalBytes = args["max-bytes"] ? parseSize(args["max-bytes"], "--max-bytes") : cfg.limits.maxLayerBytes;
     const maxFileBytes = args["max-file-size"] ? parseSize(args["max-file-size"], "--max-file-size") : cfg.limits.maxFileBytes;
     const maxBlobBytes = args["max-blob-size"] ? parseSize(args["max-blob-size"], "--max-blob-size") : cfg.limits.maxBlobBytes;
+    const maxDepth = intLimit(args["max-depth"], "--max-depth", "THINIMG_MAX_DEPTH", DEFAULT_LIMITS.maxDepth);
+    const maxPathBytes = intLimit(args["max-path-bytes"], "--max-path-bytes", "THINIMG_MAX_PATH_BYTES", DEFAULT_LIMITS.maxPathBytes);
     const progress = args.json || args["log-format"] === "json" ? undefined : ttyProgress(process.stderr);
 
     const s = await extractImage(args.source, args.dest, {
       stateDir: cfg.stateDir,
       devices: args.devices,
-      limits: { maxEntries, maxTotalBytes, maxFileBytes },
+      limits: { maxEntries, maxTotalBytes, maxFileBytes, maxDepth, maxPathBytes },
       maxBlobBytes,
       ...(args.select ? { select: args.select } : {}),
       ...(args.platform ? { platform: args.platform } : {}),
@@ -63,9 +75,16 @@ export const extractCommand = defineCommand({
     }
     const what = [s.format, s.name, s.platform].filter(Boolean).join(", ");
     process.stdout.write(
-      `extracted ${s.source} (${what}) into ${s.dest}: ${s.layers.length} layers, ${s.entries} entries, ${formatBytes(s.bytes)} in ${s.seconds.toFixed(2)} s\n`,
+      `extracted ${s.source} (${what}) into ${s.dest}: ${s.layers.length} layers, ${s.entries} entries${s.skipped ? ` (${s.skipped} skipped)` : ""}, ${formatBytes(s.bytes)} in ${s.seconds.toFixed(2)} s\n`,
     );
   },
 });
+
+/** A whole-number limit from its flag, else its environment variable, else the default. */
+function intLimit(flag: string | undefined, flagName: string, envName: string, dflt: number): number {
+  if (flag) return parseIntArg(flag, flagName, { min: 1 });
+  const env = process.env[envName];
+  return env ? parseIntArg(env, envName, { min: 1 }) : dflt;
+}
 
 if (import.meta.main) await runMain(extractCommand);

@@ -46,7 +46,7 @@ export function decompressStream(
   opts: DecompressOptions,
 ): ReadableStream<Uint8Array> {
   const what = opts.what ?? "stream";
-  const cap = capTransform(opts.maxBytes, what, "decompressed size");
+  const cap = capTransform(opts.maxBytes, what, "decompressed size", "raise --max-bytes / THINIMG_MAX_LAYER_SIZE if the image is legitimate");
   if (kind === "none") return stream.pipeThrough(cap);
   // (the DOM typings lack "zstd", which Bun's DecompressionStream supports)
   const inflater = new DecompressionStream(kind as "gzip") as unknown as TransformStream<Uint8Array, Uint8Array>;

@@ -4,7 +4,7 @@
 // created it), so the one-line error is the whole outcome and a re-run starts clean; the blob
 // cache keeps what was fetched, so the re-run does not download again.
 import { chmodSync, lstatSync, mkdirSync, readdirSync, rmSync, type Stats } from "node:fs";
-import { join, resolve } from "node:path";
+import { dirname, join, resolve } from "node:path";
 import { ThinimgError, errorMessage } from "../errors.ts";
 import { log } from "../log.ts";
 import { applyLayer, DEFAULT_LIMITS, type Limits } from "./apply/index.ts";
@@ -39,10 +39,22 @@ export interface ExtractSummary {
   name: string | null;
   id: string | null;
   platform: string | null;
-  layers: { digest: string; diffId: string | null; compression: string; size: number; entries: number; bytes: number; whiteouts: number; seconds: number }[];
+  layers: {
+    digest: string;
+    diffId: string | null;
+    compression: string;
+    size: number;
+    entries: number;
+    bytes: number;
+    whiteouts: number;
+    /** Device nodes and FIFOs not created (no `devices`, or not root). */
+    skipped: number;
+    seconds: number;
+  }[];
   entries: number;
   bytes: number;
   whiteouts: number;
+  skipped: number;
   seconds: number;
   config: ImageConfig | null;
 }
@@ -84,13 +96,7 @@ export async function extractImage(source: string, destArg: string, o: ExtractOp
   if (image.layers.length === 0) throw new ThinimgError("input", `${source}: the image has no layers`);
   log.debug(`${source}: ${image.format}, ${image.layers.length} layers${image.name ? `, ${image.name}` : ""}`);
 
-  if (created) {
-    try {
-      mkdirSync(dest, { recursive: true, mode: 0o755 });
-    } catch (e) {
-      throw new ThinimgError("input", `cannot create ${dest}: ${errorMessage(e)}`, { hint: "check the parent directory and permissions" });
-    }
-  }
+  if (created) createDest(dest);
   const summary: ExtractSummary = {
     source: image.source,
     dest,
@@ -102,6 +108,7 @@ export async function extractImage(source: string, destArg: string, o: ExtractOp
     entries: 0,
     bytes: 0,
     whiteouts: 0,
+    skipped: 0,
     seconds: 0,
     config: image.config,
   };
@@ -111,11 +118,15 @@ export async function extractImage(source: string, destArg: string, o: ExtractOp
       const label = layerLabel(layer.index, total, layer.label);
       const lt0 = performance.now();
       o.progress?.stage(`layer ${label}`);
+      // The image as a whole gets the same entry and byte budget as one layer, so many modest
+      // layers cannot add up to a disk-filling image: each layer gets what earlier ones left.
+      const left = { entries: limits.maxEntries - summary.entries, bytes: limits.maxTotalBytes - summary.bytes };
+      if (left.entries <= 0 || left.bytes <= 0) throw budgetError(label, limits, left, left.entries <= 0 ? "maxEntries" : "maxTotalBytes");
       let stats: Awaited<ReturnType<typeof applyLayer>>;
       try {
-        stats = await applyLayer(await layer.open(), dest, {
+        stats = await applyLayer(await layer.open({ maxBytes: left.bytes }), dest, {
           devices: o.devices === true,
-          limits,
+          limits: { ...limits, maxEntries: left.entries, maxTotalBytes: left.bytes },
           layerLabel: label,
           onProgress: (b) => o.progress?.bytes(b, layer.compression === "none" ? layer.size : null),
         });
@@ -123,6 +134,13 @@ export async function extractImage(source: string, destArg: string, o: ExtractOp
         // A damaged blob usually breaks the tar before its digest can be checked at EOF: when the
         // layer fails verification, that is the error to report, not the tar parser's symptom.
         if (e instanceof ThinimgError && e.kind === "input") throw (await integrityError(layer)) ?? e;
+        // A budget cut short by earlier layers: say it is the image total that is over.
+        if (e instanceof ThinimgError && e.kind === "policy") {
+          if (summary.entries > 0 && /\(maxEntries\)/.test(e.message)) throw budgetError(label, limits, left, "maxEntries");
+          if (summary.bytes > 0 && /\(maxTotalBytes\)|decompressed size exceeds/.test(e.message)) {
+            throw budgetError(label, limits, left, "maxTotalBytes");
+          }
+        }
         throw e;
       }
       summary.layers.push({
@@ -133,23 +151,13 @@ export async function extractImage(source: string, destArg: string, o: ExtractOp
         entries: stats.entries,
         bytes: stats.bytes,
         whiteouts: stats.whiteouts,
+        skipped: stats.skipped,
         seconds: round((performance.now() - lt0) / 1000),
       });
       summary.entries += stats.entries;
       summary.bytes += stats.bytes;
       summary.whiteouts += stats.whiteouts;
-      // Limits apply per layer inside applyLayer; the image as a whole gets the same budget, so
-      // many modest layers cannot add up to a disk-filling image.
-      if (summary.entries > limits.maxEntries || summary.bytes > limits.maxTotalBytes) {
-        const rule =
-          summary.entries > limits.maxEntries
-            ? `image total of ${summary.entries} entries exceeds the limit of ${limits.maxEntries} (maxEntries)`
-            : `image total of ${summary.bytes} bytes exceeds the limit of ${limits.maxTotalBytes} (maxTotalBytes)`;
-        throw new ThinimgError("policy", `layer ${label}: ${rule}`, {
-          hint: "raise --max-entries / --max-bytes if the image is legitimate",
-          details: { layer: label, rule },
-        });
-      }
+      summary.skipped += stats.skipped;
     }
   } catch (e) {
     o.progress?.done();
@@ -157,8 +165,49 @@ export async function extractImage(source: string, destArg: string, o: ExtractOp
     throw e;
   }
   o.progress?.done();
+  if (summary.skipped > 0) {
+    const why =
+      o.devices !== true
+        ? "pass --devices (as root) to create them"
+        : "not running as root: FIFOs are created only as root";
+    log.warn(`${summary.skipped} device node(s)/FIFO(s) skipped — ${why}`);
+  }
   summary.seconds = round((performance.now() - t0) / 1000);
   return summary;
+}
+
+function budgetError(
+  label: string,
+  limits: Limits,
+  left: { entries: number; bytes: number },
+  rule: "maxEntries" | "maxTotalBytes",
+): ThinimgError {
+  const msg =
+    rule === "maxEntries"
+      ? `image total exceeds the limit of ${limits.maxEntries} entries (maxEntries; ${Math.max(0, left.entries)} left after earlier layers)`
+      : `image total exceeds the limit of ${limits.maxTotalBytes} bytes (maxTotalBytes; ${Math.max(0, left.bytes)} left after earlier layers)`;
+  return new ThinimgError("policy", `layer ${label}: ${msg}`, {
+    hint: `raise ${rule === "maxEntries" ? "--max-entries / THINIMG_MAX_ENTRIES" : "--max-bytes / THINIMG_MAX_LAYER_SIZE"} if the image is legitimate`,
+    details: { layer: label, rule },
+  });
+}
+
+/**
+ * Create DEST (absent when checked, before the image resolved). Its parents may be created; DEST
+ * itself is created exclusively, so one that appeared meanwhile is never used (nor removed later).
+ */
+function createDest(dest: string): void {
+  try {
+    mkdirSync(dirname(dest), { recursive: true, mode: 0o755 });
+    mkdirSync(dest, 0o755);
+  } catch (e) {
+    if ((e as NodeJS.ErrnoException).code === "EEXIST") {
+      throw new ThinimgError("conflict", `${dest} appeared while the image was being fetched`, {
+        hint: "another process is using DEST; choose a new DEST",
+      });
+    }
+    throw new ThinimgError("input", `cannot create ${dest}: ${errorMessage(e)}`, { hint: "check the parent directory and permissions" });
+  }
 }
 
 const round = (s: number) => Math.round(s * 1000) / 1000;

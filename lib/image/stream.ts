@@ -64,7 +64,12 @@ export function verifyTransform(o: VerifyOptions): TransformStream<Uint8Array, U
 }
 
 /** Errors (policy) once more than maxBytes have passed: stops bombs and lying servers mid-stream. */
-export function capTransform(maxBytes: number, what: string, kind = "size"): TransformStream<Uint8Array, Uint8Array> {
+export function capTransform(
+  maxBytes: number,
+  what: string,
+  kind = "size",
+  hint = "raise the limit if the image is legitimate",
+): TransformStream<Uint8Array, Uint8Array> {
   let n = 0;
   return new TransformStream({
     transform(chunk, controller) {
@@ -72,7 +77,7 @@ export function capTransform(maxBytes: number, what: string, kind = "size"): Tra
       if (n > maxBytes) {
         controller.error(
           new ThinimgError("policy", `${what}: ${kind} exceeds the ${formatBytes(maxBytes)} limit (${maxBytes} bytes)`, {
-            hint: "raise the limit if the image is legitimate",
+            hint,
           }),
         );
         return;

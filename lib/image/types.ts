@@ -40,7 +40,12 @@ export interface LayerRef {
    * diffId (when known) are checked as it is read: the stream errors (ThinimgError) on mismatch,
    * at the latest at EOF. Each call opens a fresh stream.
    */
-  open(): Promise<ReadableStream<Uint8Array>>;
+  open(opts?: OpenOptions): Promise<ReadableStream<Uint8Array>>;
+}
+
+export interface OpenOptions {
+  /** A lower decompressed-size cap than the image's maxLayerBytes (e.g. what is left of an image budget). */
+  maxBytes?: number;
 }
 
 export interface ResolvedImage {

@@ -119,7 +119,7 @@ export class Applier implements TarSink {
       throw new RuleError(
         "policy",
         `more than ${L.maxEntries} entries (maxEntries)`,
-        "raise --max-entries if the image is legitimate",
+        "raise --max-entries / THINIMG_MAX_ENTRIES if the image is legitimate",
       );
     }
     checkNameBytes(e.name, L, "path");
@@ -132,14 +132,14 @@ export class Applier implements TarSink {
         throw new RuleError(
           "policy",
           `file of ${e.size} bytes exceeds the ${L.maxFileBytes}-byte limit (maxFileBytes)`,
-          "raise --max-file-size if the image is legitimate",
+          "raise --max-file-size / THINIMG_MAX_FILE_SIZE if the image is legitimate",
         );
       }
       if (e.offset + 512 + e.size > L.maxTotalBytes) {
         throw new RuleError(
           "policy",
           `layer would exceed ${L.maxTotalBytes} bytes (maxTotalBytes)`,
-          "raise --max-total-bytes if the image is legitimate",
+          "raise --max-bytes / THINIMG_MAX_LAYER_SIZE if the image is legitimate",
         );
       }
     }

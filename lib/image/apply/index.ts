@@ -62,7 +62,7 @@ export async function applyLayer(input: Input, root: string, opts: ApplyOptions 
         throw new ThinimgError(
           "policy",
           `layer ${label}: uncompressed size exceeds ${limits.maxTotalBytes} bytes (maxTotalBytes)`,
-          { hint: "raise --max-total-bytes if the image is legitimate", details: { layer: label, rule: "maxTotalBytes" } },
+          { hint: "raise --max-bytes / THINIMG_MAX_LAYER_SIZE if the image is legitimate", details: { layer: label, rule: "maxTotalBytes" } },
         );
       }
       reader.push(Buffer.from(chunk.buffer, chunk.byteOffset, chunk.byteLength));

@@ -48,7 +48,7 @@ export class RuleError extends Error {
 }
 
 export const HOSTILE_HINT = "the image is malformed or hostile; nothing outside the destination was changed";
-export const DEPTH_HINT = "raise --max-depth if the image is legitimate (else it is malformed or hostile)";
+export const DEPTH_HINT = "raise --max-depth / THINIMG_MAX_DEPTH if the image is legitimate (else it is malformed or hostile)";
 
 export function mergeLimits(partial: Partial<Limits> | undefined): Limits {
   const l: Limits = { ...DEFAULT_LIMITS, ...(partial ?? {}) };
@@ -85,7 +85,7 @@ export function checkNameBytes(name: string, limits: Limits, what: string): void
     throw new RuleError(
       "policy",
       `${what} is longer than ${limits.maxPathBytes} bytes (maxPathBytes)`,
-      "raise --max-path-bytes if the image is legitimate",
+      "raise --max-path-bytes / THINIMG_MAX_PATH_BYTES if the image is legitimate",
     );
   }
 }

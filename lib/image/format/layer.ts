@@ -35,11 +35,12 @@ export function makeLayerRef(s: LayerSpec): LayerRef {
     size: s.size,
     compression: s.compression,
     label: s.name,
-    async open() {
+    async open(o) {
       const raw = s.openRaw().pipeThrough(
         verifyTransform({ what, digest: s.digest, size: s.size, onMismatch: s.onMismatch }),
       );
-      const out = decompressStream(raw, s.compression, { maxBytes: s.maxLayerBytes, what });
+      const maxBytes = Math.min(s.maxLayerBytes, o?.maxBytes ?? Number.POSITIVE_INFINITY);
+      const out = decompressStream(raw, s.compression, { maxBytes, what });
       // (An uncompressed blob whose digest differs from its diff_id fails one of the two checks.)
       if (diffId && diffId !== s.digest) {
         return out.pipeThrough(verifyTransform({ what, digest: diffId, digestName: "diff_id" }));
