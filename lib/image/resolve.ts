@@ -5,7 +5,7 @@
 //   file:      (gzip/zstd → decompressed into the cache first) tar with manifest.json → docker-archive,
 //              index.json → OCI layout, anything else → a single-layer image (a rootfs tarball).
 import { realpathSync, statSync } from "node:fs";
-import { basename, join } from "node:path";
+import { basename } from "node:path";
 import { ThinimgError } from "../errors.ts";
 import { log } from "../log.ts";
 import { type Archive, DirArchive, TarArchive } from "./archive/archive.ts";
@@ -42,6 +42,50 @@ interface Ctx {
 }
 
 export async function resolveImage(ref: string, opts: ResolveOptions): Promise<ResolvedImage> {
+  try {
+    return await resolve(ref, opts);
+  } catch (e) {
+    throw fsError(e, opts.stateDir);
+  }
+}
+
+const FS_HINTS: Record<string, string> = {
+  EACCES: "permission denied: make it readable by this user, or run as a user who can read it",
+  EPERM: "operation not permitted: check the permissions, or run as a user who can read it",
+  ENOSPC: "the filesystem holding the state directory (blob cache) is full: free space or use --state-dir elsewhere",
+  EDQUOT: "the disk quota of the state directory (blob cache) is exhausted: free space or use --state-dir elsewhere",
+  EROFS: "the state directory (blob cache) is on a read-only filesystem: use --state-dir elsewhere",
+  EIO: "the filesystem reported an I/O error; check dmesg",
+  ENOENT: "it disappeared while being read; check the path",
+  ENOTDIR: "a path component is not a directory; check the path",
+  EISDIR: "a directory is where a file is expected; check the image",
+  ELOOP: "too many levels of symbolic links; check the path",
+  EMFILE: "too many open files: raise the open-file limit (ulimit -n)",
+};
+
+/**
+ * A failed system call while resolving (unreadable input, full cache…) becomes one input line
+ * with the path, the errno code and what to do; details carry code/syscall/path for callers.
+ */
+function fsError(e: unknown, stateDir: string): unknown {
+  if (e instanceof ThinimgError) return e;
+  const err = e as NodeJS.ErrnoException | null;
+  const code = err?.code;
+  if (typeof code !== "string" || !/^E[A-Z0-9]+$/.test(code)) return e;
+  const path = typeof err!.path === "string" ? err!.path : null;
+  const syscall = err!.syscall ?? "read";
+  const inCache = path?.startsWith(`${stateDir.replace(/\/+$/, "")}/`) === true;
+  const hint =
+    FS_HINTS[code] ??
+    (inCache ? "the blob cache in the state directory cannot be written; check --state-dir" : "the input cannot be read as given");
+  return new ThinimgError("input", `${path ?? "image"}: ${syscall} failed: ${code}`, {
+    hint,
+    details: { code, syscall, path },
+    cause: e,
+  });
+}
+
+async function resolve(ref: string, opts: ResolveOptions): Promise<ResolvedImage> {
   const spec = parseSource(ref, opts.select);
   if (opts.platform) parsePlatform(opts.platform); // a bad --platform is a usage error whatever the format
   const ctx: Ctx = {
@@ -236,9 +280,11 @@ async function resolveDirFamily(dir: DirArchive, source: string, ctx: Ctx): Prom
   const total = order.layers.length;
   const layers: LayerRef[] = [];
   for (const [i, m] of order.layers.entries()) {
-    const p = join(dir.path, m.name);
+    // Like docker and OCI directories: a member must be a regular file inside the directory (a
+    // symlink is followed only while it stays inside).
+    const p = dir.file(m.name);
+    if (p === null) throw new ThinimgError("input", `${source}: ${m.name} is not a regular file`);
     const st = statSync(p);
-    if (!st.isFile()) throw new ThinimgError("input", `${source}: ${m.name} is not a regular file`);
     if (st.size > ctx.maxBlobBytes) throw tooBig(`${source}/${m.name}`, ctx.maxBlobBytes);
     // Hashing here (one read, ~1 GB/s) gives the pipeline a digest to dedupe layers by; open()
     // re-checks it, so a file changed in between is caught.

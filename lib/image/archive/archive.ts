@@ -50,6 +50,12 @@ function missing(archive: string, name: string): ThinimgError {
 
 const MAX_LINK_HOPS = 16;
 
+/** ENOENT / ENOTDIR: the member is not there (any other error is a real failure to report). */
+function isAbsent(e: unknown): boolean {
+  const code = (e as NodeJS.ErrnoException | null)?.code;
+  return code === "ENOENT" || code === "ENOTDIR" || code === "ELOOP";
+}
+
 export class TarArchive implements Archive {
   readonly kind = "tar" as const;
   private readonly members: Map<string, TarMember>;
@@ -133,14 +139,22 @@ export class DirArchive implements Archive {
     this.real = realpathSync(path);
   }
 
-  /** Absolute path of a regular file inside the directory (symlinks allowed only if they stay in). */
+  /**
+   * Absolute path of a regular file inside the directory (symlinks allowed only if they stay in),
+   * null when there is none; throws when the name resolves outside.
+   */
+  file(name: string): string | null {
+    return this.resolve(name);
+  }
+
   private resolve(name: string): string | null {
     const p = join(this.path, ...name.split("/"));
     let real: string;
     try {
       real = realpathSync(p);
-    } catch {
-      return null;
+    } catch (e) {
+      if (isAbsent(e)) return null;
+      throw e; // EACCES, EIO…: resolveImage reports it with the path
     }
     if (real !== this.real && !real.startsWith(this.real + sep)) {
       throw new ThinimgError("input", `${this.what}: ${name} resolves outside the directory (${real})`, {
@@ -149,8 +163,9 @@ export class DirArchive implements Archive {
     }
     try {
       return statSync(real).isFile() ? real : null;
-    } catch {
-      return null;
+    } catch (e) {
+      if (isAbsent(e)) return null;
+      throw e;
     }
   }
 
