@@ -18,8 +18,8 @@ export interface ImageConfig {
   workingDir: string | null;
   user: string | null;
   labels: Record<string, string>;
-  /** rootfs.diff_ids: sha256 of each layer's UNCOMPRESSED tar, in order. */
-  diffIds: string[];
+  /** rootfs.diff_ids: sha256 of each layer's UNCOMPRESSED tar, in order; null when the config has no rootfs. */
+  diffIds: string[] | null;
 }
 
 export interface LayerRef {

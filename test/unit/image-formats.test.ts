@@ -286,6 +286,57 @@ describe("OCI layout", () => {
     expect(e.hint).toContain("linux/arm64/v8, linux/ppc64le, linux/amd64");
   });
 
+  test(":REF naming one manifest per platform in index.json is chosen by platform (host by default)", async () => {
+    const layout = new OciLayout();
+    const amd = layout.addImage({ layers: [L[0]!], platform: { os: "linux", architecture: "amd64" } });
+    const arm = layout.addImage({ layers: [L[1]!], platform: { os: "linux", architecture: "arm64" } });
+    const other = layout.addImage({ layers: [L[2]!] });
+    const p = layout.writeDir(tmp("oci"), [withRef(amd.manifest, "t"), withRef(arm.manifest, "t"), withRef(other.manifest, "u")]);
+    const a = await resolveImage(`${p}:t`, opts({ platform: "linux/amd64" }));
+    expect(a.id).toBe(amd.manifest.digest);
+    expect(a.platform).toBe("linux/amd64");
+    expect(a.name).toBe("t");
+    expect((await readLayer(a.layers[0]!)).equals(L[0]!)).toBe(true);
+    const b = await resolveImage(p, opts({ select: "t", platform: "linux/arm64/v8" }));
+    expect(b.id).toBe(arm.manifest.digest);
+    expect((await resolveImage(`${p}:t`, opts())).id).toBe(amd.manifest.digest); // this host: linux/amd64
+    const e = await resolveError(`${p}:t`, { platform: "linux/s390x" });
+    expect(e.message).toContain(`"t": no image for platform linux/s390x`);
+    expect(e.hint).toContain("linux/amd64, linux/arm64");
+    // two unrelated images with one name and no platform stay ambiguous
+    const q = layout.writeDir(tmp("oci"), [withRef(other.manifest, "x"), withRef(amd.manifest, "x"), withRef(layout.addImage({ layers: [L[3]!] }).manifest, "x")]);
+    expect((await resolveError(`${q}:x`)).message).toContain('3 different images are named "x"');
+  });
+
+  test("a config without rootfs is accepted (diff_ids then unknown); with rootfs they are verified", async () => {
+    const layout = new OciLayout();
+    const cfg = Buffer.from(JSON.stringify({ architecture: "amd64", os: "linux", config: { Cmd: ["/bin/sh"] } }));
+    const config = layout.addBlob(cfg, "application/vnd.oci.image.config.v1+json");
+    const gz = compress(L[0]!, "gzip");
+    const layer = layout.addBlob(gz, "application/vnd.oci.image.layer.v1.tar+gzip");
+    const doc = { schemaVersion: 2, mediaType: "application/vnd.oci.image.manifest.v1+json", config, layers: [layer] };
+    const manifest = layout.addBlob(Buffer.from(JSON.stringify(doc)), doc.mediaType);
+    const p = layout.writeDir(tmp("oci"), [manifest]);
+    const img = await resolveImage(p, opts());
+    expect(img.config?.diffIds).toBeNull();
+    expect(img.config?.cmd).toEqual(["/bin/sh"]);
+    expect(img.layers[0]!.diffId).toBeNull();
+    expect(img.layers[0]!.digest).toBe(sha256(gz));
+    expect((await readLayer(img.layers[0]!)).equals(L[0]!)).toBe(true);
+    // the same in a docker-archive; a rootfs with a wrong count is still refused
+    const dock = tmp("d");
+    mkdirSync(dock);
+    writeFileSync(join(dock, "config.json"), cfg);
+    writeFileSync(join(dock, "l.tar"), L[0]!);
+    writeFileSync(join(dock, "manifest.json"), JSON.stringify([{ Config: "config.json", RepoTags: ["a:1"], Layers: ["l.tar"] }]));
+    const d = await resolveImage(dock, opts());
+    expect(d.layers[0]!.diffId).toBe(sha256(L[0]!)); // plain layer: its digest is its diff_id
+    expect((await readLayer(d.layers[0]!)).equals(L[0]!)).toBe(true);
+    const bad = { architecture: "amd64", os: "linux", rootfs: { type: "layers", diff_ids: [] } };
+    writeFileSync(join(dock, "config.json"), JSON.stringify(bad));
+    expect((await resolveError(dock)).message).toContain("lists 1 layers but the config has 0 diff_ids");
+  });
+
   test("config fields are parsed; several images need a ref", async () => {
     const { layout, top, single } = multiArch();
     const p = layout.writeDir(tmp("oci"), top);

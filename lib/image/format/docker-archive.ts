@@ -64,7 +64,7 @@ export async function resolveDockerArchive(archive: Archive, o: DockerArchiveOpt
     });
   }
   const config = toImageConfig(parseDoc(ImageConfigDoc, configBytes, `${what}: config ${configName}`), configDigest);
-  if (config.diffIds.length !== entry.Layers.length) {
+  if (config.diffIds !== null && config.diffIds.length !== entry.Layers.length) {
     throw new ThinimgError(
       "input",
       `${what}: manifest.json lists ${entry.Layers.length} layers but the config has ${config.diffIds.length} diff_ids`,
@@ -87,11 +87,11 @@ export async function resolveDockerArchive(archive: Archive, o: DockerArchiveOpt
       throw new ThinimgError("policy", `${lwhat}: ${size} bytes exceeds the ${o.maxBlobBytes}-byte blob limit`);
     }
     const compression = sniffCompression(await archive.head(member, MAGIC_BYTES), lwhat);
-    const diffId = config.diffIds[i]!;
+    const diffId = config.diffIds?.[i] ?? null;
     // The stored bytes' digest: promised by the name, equal to the diff_id when uncompressed,
     // otherwise computed now (one read; legacy archives with compressed layers are rare).
     let digest = digestFromName(member);
-    if (!digest && compression === "none") digest = diffId;
+    if (!digest && compression === "none" && diffId) digest = diffId;
     if (!digest) {
       const h = new Bun.CryptoHasher("sha256");
       for await (const chunk of archive.open(member)) h.update(chunk);

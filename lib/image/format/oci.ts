@@ -148,11 +148,20 @@ export async function resolveOci(archive: Archive, o: OciOptions): Promise<Resol
       });
     }
     if (distinct.length > 1) {
-      throw new ThinimgError("input", `${what}: ${distinct.length} different images are named ${JSON.stringify(o.select)}`, {
-        hint: "select a platform with --platform, or use a layout with unique names",
-      });
-    }
-    chosen = distinct[0]!;
+      // One name for several platforms' manifests (e.g. skopeo/oras per-arch copies tagged alike):
+      // choose by platform like an index would (the host's unless --platform says otherwise).
+      if (!distinct.every((f) => f.desc.platform && !isIndex(f.desc))) {
+        throw new ThinimgError("input", `${what}: ${distinct.length} different images are named ${JSON.stringify(o.select)}`, {
+          hint: "use a layout with unique names (these are not per-platform manifests)",
+        });
+      }
+      const d = pickPlatform(
+        distinct.map((f) => f.desc),
+        wantPlatform,
+        `${what}: ${JSON.stringify(o.select)}`,
+      );
+      chosen = distinct.find((f) => f.desc === d)!;
+    } else chosen = distinct[0]!;
   } else {
     const tops = index.manifests.filter((d) => !isAttestation(d));
     if (tops.length === 1) chosen = { desc: tops[0]!, refName: refNamesOf(tops[0]!)[0] ?? null };
@@ -199,7 +208,7 @@ export async function resolveOci(archive: Archive, o: OciOptions): Promise<Resol
     parseDoc(ImageConfigDoc, configBytes, `${what}: config ${shortDigest(manifest.config.digest)}`),
     manifest.config.digest,
   );
-  if (config.diffIds.length !== manifest.layers.length) {
+  if (config.diffIds !== null && config.diffIds.length !== manifest.layers.length) {
     throw new ThinimgError(
       "input",
       `${manifestWhat}: ${manifest.layers.length} layers but the config lists ${config.diffIds.length} diff_ids`,
@@ -244,7 +253,7 @@ export async function resolveOci(archive: Archive, o: OciOptions): Promise<Resol
         index: i,
         total,
         digest: l.digest,
-        diffId: config.diffIds[i]!,
+        diffId: config.diffIds?.[i] ?? null,
         size,
         compression,
         name: shortDigest(l.digest),

@@ -75,10 +75,14 @@ export const ImageConfigDoc = v.looseObject({
       }),
     ),
   ),
-  rootfs: v.looseObject({
-    type: v.literal("layers"),
-    diff_ids: v.array(v.pipe(v.string(), v.regex(/^sha256:[0-9a-f]{64}$/, "must be sha256:<64 hex>"))),
-  }),
+  // Optional: diff_ids are verified when the config has them (OCI requires rootfs, but configs
+  // written by other tools may omit it; the blob digests still verify every byte).
+  rootfs: v.optional(
+    v.looseObject({
+      type: v.literal("layers"),
+      diff_ids: v.array(v.pipe(v.string(), v.regex(/^sha256:[0-9a-f]{64}$/, "must be sha256:<64 hex>"))),
+    }),
+  ),
 });
 
 /** Parse JSON bytes against a schema; one-line input error naming the document on failure. */
@@ -115,6 +119,6 @@ export function toImageConfig(doc: v.InferOutput<typeof ImageConfigDoc>, digest:
     workingDir: c.WorkingDir || null,
     user: c.User || null,
     labels: c.Labels ?? {},
-    diffIds: doc.rootfs.diff_ids,
+    diffIds: doc.rootfs?.diff_ids ?? null,
   };
 }
