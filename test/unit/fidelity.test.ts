@@ -6,7 +6,8 @@
 // `umoci raw add-layer`. The OCI layout, and the docker-archive skopeo makes of it, are resolved
 // with resolveImage and applied with applyLayer, then compared with `umoci unpack` entry by entry:
 // type, mode, owner, size, content, link target, device number, xattrs, hardlink groups, mtime.
-// Zero differences.
+// Zero differences. The same image goes through `bun scripts/extract.ts` as an OCI layout dir,
+// an OCI layout tar, a docker-archive and a layer family (the acceptance check), with the same result.
 //
 // A second block does the same against GNU tar itself: one tree archived in GNU tar's posix, gnu,
 // oldgnu and ustar formats, extracted by GNU tar and by applyLayer.
@@ -30,6 +31,7 @@ import { runOk } from "../../lib/exec.ts";
 import { applyLayer } from "../../lib/image/apply/index.ts";
 import { lsetxattr, mknod, S_IFCHR, S_IFIFO } from "../../lib/image/apply/libc.ts";
 import { resolveImage } from "../../lib/image/resolve.ts";
+import { compress, decompress, REF_NAME } from "../helpers/images.ts";
 import { dir, file, opaque, pax, tar, whiteout } from "../helpers/tarcraft.ts";
 import { diffTrees, listTree } from "../helpers/tree.ts";
 
@@ -225,6 +227,80 @@ describe("fidelity with umoci", () => {
     expect(r).toEqual({ format: "docker-archive", layers: 3 });
     expect(diffTrees(listTree(umociRoot), listTree(dest))).toEqual([]);
   }, 60_000);
+});
+
+// The acceptance check as a user runs it: `bun scripts/extract.ts` (a subprocess, the whole product
+// path: resolve, digest and diff_id checks, budget, apply) on the same umoci image in the four
+// forms an operator may have it in; each result must equal `umoci unpack`'s rootfs exactly.
+describe("acceptance: scripts/extract.ts reproduces umoci unpack in every form", () => {
+  const repo = `${import.meta.dir}/../..`;
+  async function cli(source: string, dest: string, extra: string[]): Promise<{ format: string; layers: { compression: string }[] }> {
+    const p = Bun.spawn(["bun", "scripts/extract.ts", source, dest, "--devices", "--json", "--state-dir", `${W}/cli-state`, ...extra], {
+      cwd: repo,
+      stdout: "pipe",
+      stderr: "pipe",
+    });
+    const [out, err, code] = await Promise.all([new Response(p.stdout).text(), new Response(p.stderr).text(), p.exited]);
+    if (code !== 0) throw new Error(`extract.ts exited ${code}: ${err}`);
+    expect(err).toBe("");
+    return JSON.parse(out);
+  }
+  /** The image's layer blobs, in order, as stored in the OCI layout. */
+  async function layerBlobs(): Promise<Buffer[]> {
+    const index = JSON.parse(await Bun.file(`${OCI}/index.json`).text());
+    const desc = index.manifests.find((m: { annotations?: Record<string, string> }) => m.annotations?.[REF_NAME] === REF);
+    const manifest = JSON.parse(await Bun.file(`${OCI}/blobs/sha256/${desc.digest.slice(7)}`).text());
+    return Promise.all(
+      manifest.layers.map(async (l: { digest: string }) => Buffer.from(await Bun.file(`${OCI}/blobs/sha256/${l.digest.slice(7)}`).arrayBuffer())),
+    );
+  }
+
+  const forms: [string, () => Promise<{ source: string; extra: string[] }>, string][] = [
+    ["OCI layout directory", async () => ({ source: OCI, extra: ["--select", REF] }), "oci-layout"],
+    [
+      "OCI layout tar",
+      async () => {
+        await sh(["tar", "-C", OCI, "-cf", `${W}/oci-layout.tar`, "."]);
+        return { source: `${W}/oci-layout.tar:${REF}`, extra: [] };
+      },
+      "oci-layout",
+    ],
+    [
+      "docker-archive (skopeo)",
+      async () => {
+        await sh(["skopeo", "copy", `oci:${OCI}:${REF}`, `docker-archive:${W}/cli-docker.tar:${REF}:latest`]);
+        return { source: `${W}/cli-docker.tar`, extra: ["--select", `${REF}:latest`] };
+      },
+      "docker-archive",
+    ],
+    [
+      "layer family (gzip, plain, zstd)",
+      async () => {
+        const blobs = (await layerBlobs()).map((b) => decompress(b));
+        expect(blobs.length).toBe(3);
+        const fam = `${W}/family`;
+        mkdirSync(fam);
+        writeFileSync(`${fam}/1.tar`, compress(blobs[0]!, "gzip"));
+        writeFileSync(`${fam}/2.tar`, blobs[1]!);
+        writeFileSync(`${fam}/3.tar`, compress(blobs[2]!, "zstd"));
+        return { source: fam, extra: [] };
+      },
+      "layer-family",
+    ],
+  ];
+  for (const [label, make, format] of forms) {
+    test(`${label}: zero differences (types, modes, owners, contents, links, devices, xattrs, hardlinks, mtimes)`, async () => {
+      const { source, extra } = await make();
+      const dest = `${W}/cli-${format}-${label.length}`;
+      const r = await cli(source, dest, extra);
+      expect(r.format).toBe(format);
+      expect(r.layers.length).toBe(3);
+      if (format === "layer-family") expect(r.layers.map((l) => l.compression)).toEqual(["gzip", "none", "zstd"]);
+      const want = listTree(umociRoot);
+      expect(want.get("usr/bin/ping")?.xattrs).toBe(`security.capability=${CAP.toString("hex")}`);
+      expect(diffTrees(want, listTree(dest))).toEqual([]);
+    }, 90_000);
+  }
 });
 
 describe("fidelity with GNU tar", () => {
