@@ -10,7 +10,10 @@ import { TarFormatError, TarReader } from "./tar-reader.ts";
 export { DEFAULT_LIMITS, type Limits } from "./rules.ts";
 
 export interface ApplyOptions {
-  /** Create device nodes and FIFOs (char/block need root). Without it they are skipped (counted). */
+  /**
+   * Create device nodes and FIFOs, as root only: without it they are skipped (counted); with it as
+   * non-root, FIFOs are skipped (counted) and char/block devices refused.
+   */
   devices?: boolean;
   limits?: Partial<Limits>;
   /** For messages: "layer <label>: entry <path>: <rule>". */
@@ -29,7 +32,7 @@ export interface ApplyStats {
   /** Whiteout markers (.wh.NAME and .wh..wh..opq) applied. */
   whiteouts: number;
   durationMs: number;
-  /** Device nodes and FIFOs skipped because `devices` was off. */
+  /** Device nodes and FIFOs skipped (`devices` off, or a FIFO when not root). */
   skipped: number;
 }
 
