@@ -93,21 +93,19 @@ export function storeLedger(db: Db, pool: string, o: { alive: AliveFn }): GcLedg
 }
 
 /**
- * Apply the plan's repairs, each in its own transaction and only if the rows it rewrites are still
- * what the plan saw (compare-and-set on state and updated_at): a row an unpack or activation changed
- * meanwhile is newer than GC's verdict. Returns the repairs NOT applied.
+ * Apply the plan's repairs in one transaction, each only if the rows it rewrites are still what the
+ * plan saw (compare-and-set on state and updated_at, all checked before any is applied: repairs of
+ * one snapshot share rows): a row an unpack or activation changed meanwhile is newer than GC's
+ * verdict. Returns the repairs NOT applied.
  */
 export function applyRepairs(db: Db, pool: string, repairs: Repair[]): Repair[] {
-  const notApplied: Repair[] = [];
-  for (const r of repairs) {
-    const ok = tx(db, () => {
-      if (r.witness !== undefined && refsWitness(readRefRows(db, pool, r.refs), r.refs) !== r.witness) return false;
-      applyOne(db, pool, r);
-      return true;
+  return tx(db, () => {
+    const current = repairs.map((r) => r.witness === undefined || refsWitness(readRefRows(db, pool, r.refs), r.refs) === r.witness);
+    repairs.forEach((r, i) => {
+      if (current[i]) applyOne(db, pool, r);
     });
-    if (!ok) notApplied.push(r);
-  }
-  return notApplied;
+    return repairs.filter((_, i) => !current[i]);
+  });
 }
 
 function applyOne(db: Db, pool: string, r: Repair): void {

@@ -411,10 +411,18 @@ describe("locks and a stale metadata hold", () => {
       expect(await thinIds()).toContain(800);
       // dry-run needs no lock and still sees it
       expect((await gc("--grace", "0")).r.orphans.map((o) => o.thin_id)).toEqual([800]);
-      // --ignore-lock does not bypass the health checks: a device-mapper error in the kernel log
-      // (a refused create of an id that exists) blocks it, and nothing is done
-      await dmsetup.message(p.name, "create_thin 400").catch(() => {});
-      const blocked = await gc("--force", "--ignore-lock", "--grace", "0");
+      // --ignore-lock does not bypass the health checks: a read-only pool blocks it, nothing is done
+      const pt = dmpool.parsePoolTable(await dmsetup.table(p.name));
+      const params = { metaDev: p.metaDev, dataDev: p.dataDev, dataSectors: pt.dataSectors, blockSectors: pt.blockSectors, lowWaterMark: pt.lowWaterMark, features: pt.features };
+      await dmsetup.reload(p.name, dmpool.poolTable({ ...params, features: [...pt.features, "read_only"] }));
+      await dmsetup.resume(p.name);
+      let blocked: Awaited<ReturnType<typeof gc>>;
+      try {
+        blocked = await gc("--force", "--ignore-lock", "--grace", "0");
+      } finally {
+        await dmsetup.reload(p.name, dmpool.poolTable(params));
+        await dmsetup.resume(p.name);
+      }
       expect(blocked.r.lock.status).toBe("ignored");
       expect(blocked.r.refused?.reason).toBe("unhealthy");
       expect(blocked.r.health?.ok).toBe(false);
