@@ -44,13 +44,19 @@ async function sh(argv: string[], timeoutMs = 10 * MIN, cwd?: string): Promise<s
   return r.stdout;
 }
 
+/** The machine's own Debian mirror for bookworm (deb822 or one-line sources), else deb.debian.org. */
 function mirror(): string {
-  for (const f of ["/etc/apt/sources.list", ...listDir("/etc/apt/sources.list.d").map((n) => `/etc/apt/sources.list.d/${n}`)]) {
+  const files = listDir("/etc/apt/sources.list.d")
+    .filter((n) => n.endsWith(".sources") || n.endsWith(".list")) // not *.disabled, *.save …
+    .map((n) => `/etc/apt/sources.list.d/${n}`);
+  for (const f of ["/etc/apt/sources.list", ...files]) {
     if (!existsSync(f)) continue;
-    const text = readFileSync(f, "utf8");
-    const deb822 = /^URIs:\s*(\S+)/m.exec(text);
-    if (deb822?.[1] && !deb822[1].includes("security")) return deb822[1];
-    const oneLine = /^deb\s+(?:\[[^\]]*\]\s+)?(\S+)\s+bookworm\s/m.exec(text);
+    for (const stanza of readFileSync(f, "utf8").split(/\n\s*\n/)) {
+      const uri = /^URIs:\s*(\S+)/m.exec(stanza)?.[1];
+      const suites = /^Suites:\s*(.+)$/m.exec(stanza)?.[1]?.split(/\s+/) ?? [];
+      if (uri && suites.includes("bookworm") && !/^Enabled:\s*no/im.test(stanza)) return uri;
+    }
+    const oneLine = /^deb\s+(?:\[[^\]]*\]\s+)?(\S+)\s+bookworm\s/m.exec(readFileSync(f, "utf8"));
     if (oneLine?.[1]) return oneLine[1];
   }
   return "http://deb.debian.org/debian";
@@ -84,6 +90,7 @@ async function ensureRootfs(): Promise<string> {
     }
     mkdirSync(join(ROOTFS, "etc"), { recursive: true });
     mkdirSync(join(ROOTFS, "var/lib"), { recursive: true });
+    mkdirSync(join(ROOTFS, "opt"), { recursive: true }); // layer 4 copies into it
     await sh(["cp", "-a", "/etc/.", join(ROOTFS, "etc")]);
     kind = "synthesised from host /usr";
   }
