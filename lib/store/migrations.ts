@@ -202,6 +202,16 @@ export const MIGRATIONS: readonly string[] = [
   ) STRICT;
   CREATE INDEX steps_pending ON steps (pool, state);
   `,
+  // 2: layers.phase is a state column and is checked like the others. SQLite cannot add a CHECK to
+  // an existing column without rebuilding the table, so two triggers enforce the same rule.
+  `
+  CREATE TRIGGER layers_phase_insert BEFORE INSERT ON layers
+    WHEN NEW.phase NOT IN ('new','allocated','created','activated','formatted','mounted','applied','unmounted','deactivated','committed')
+  BEGIN SELECT RAISE(ABORT, 'CHECK constraint failed: layers.phase'); END;
+  CREATE TRIGGER layers_phase_update BEFORE UPDATE OF phase ON layers
+    WHEN NEW.phase NOT IN ('new','allocated','created','activated','formatted','mounted','applied','unmounted','deactivated','committed')
+  BEGIN SELECT RAISE(ABORT, 'CHECK constraint failed: layers.phase'); END;
+  `,
 ];
 
 export function migrate(db: Database): number {

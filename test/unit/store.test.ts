@@ -63,6 +63,18 @@ describe("schema", () => {
     expect(() => openDb(path)).toThrow(/has schema version .* upgrade thinimg|this thinimg knows/);
   });
 
+  test("layers.phase is checked: an unknown phase is refused on insert and update", () => {
+    const db = fresh();
+    const l = insertLayer(db, { pool: "p", chainId: "sha256:ph", parentId: null, parentChainId: null, identity: "x", diffId: null, digest: "sha256:x", size: 1, virtualSize: 1 });
+    updateLayer(db, l.id, { phase: "mounted" });
+    expect(() => updateLayer(db, l.id, { phase: "half-mounted" as never })).toThrow(/CHECK constraint failed: layers.phase/);
+    expect(() =>
+      db.query("INSERT INTO layers (pool, chain_id, identity, digest, size, virtual_size, state, phase, attempt, created_at, updated_at) VALUES ('p','sha256:q','x','d',1,1,'building','bogus',0,0,0)").run(),
+    ).toThrow(/CHECK constraint failed: layers.phase/);
+    expect((db.query("SELECT phase FROM layers WHERE id = ?").get(l.id) as { phase: string }).phase).toBe("mounted");
+    db.close();
+  });
+
   test("foreign keys: a layer cannot point at a thin id missing from the ledger", () => {
     const db = fresh();
     const l = insertLayer(db, { pool: "p", chainId: "sha256:aa", parentId: null, parentChainId: null, identity: "sha256:bb", diffId: "sha256:bb", digest: "sha256:cc", size: 1, virtualSize: 1 << 30 });
