@@ -279,6 +279,7 @@ export async function buildLayer(ctx: Ctx, input: BuildInput): Promise<BuildResu
             end(`entries=${stats.entries} bytes=${stats.bytes} whiteouts=${stats.whiteouts}`);
             updateLayer(db, l.id, { stats: JSON.stringify(stats) });
           });
+          await pause("layer:written"); // fault tests: applied to the page cache, not yet flushed
           // syncfs before `applied`: a write error (I/O error, pool out of space) surfaces here and
           // the attempt fails in `mounted` (never resumed). umount does not report such errors, and
           // a later syncfs only reports errors newer than its open (Linux >= 5.8), so this is the one

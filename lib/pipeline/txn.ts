@@ -107,6 +107,8 @@ export async function poolCreate(ctx: Ctx, workId: number, req: PoolOp, o: { txn
       outcome = `created; set_transaction_id ${T} ${T + 1} failed: ${(e as Error).message}`;
       log.warn(`pool ${name}: ${outcome}`);
     }
+    // crash tests: the pool says the create ran, the DB does not yet
+    await pausePoint(`${req.op}:txn`, ctx.cfg.stateDir);
   }
   tx(db, () => {
     endStep(db, step.id, "done", outcome);

@@ -3,7 +3,7 @@
 // end in a clear one-line error naming GC, with NOTHING cleaned up (device still active, mount still
 // there, thin id still allocated) and every leaked resource recorded in the DB.
 import { afterAll, describe, expect, test } from "bun:test";
-import { existsSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { loadConfig } from "../../lib/config.ts";
 import * as dmsetup from "../../lib/dm/dmsetup.ts";
@@ -18,7 +18,9 @@ import { unpack } from "../../lib/pipeline/unpack.ts";
 import { listDevices } from "../../lib/store/devices.ts";
 import { listLayers } from "../../lib/store/layers.ts";
 import { listMounts } from "../../lib/store/mounts.ts";
-import { type Leak, listWork } from "../../lib/store/work.ts";
+import { type Leak, listWork, stepsOf } from "../../lib/store/work.ts";
+import { getThinId } from "../../lib/store/thin-ids.ts";
+import { activate, release } from "../../lib/pipeline/activate.ts";
 import { buildLayerTar, writeLayerFamily } from "../helpers/images.ts";
 import { primeKernelLogCursor } from "../helpers/health.ts";
 import { requireDm } from "../helpers/kernel.ts";
@@ -108,16 +110,15 @@ describe("pool out of data space mid-apply", () => {
   }, 300_000);
 });
 
-describe("I/O errors under a layer (dm-flakey data device)", () => {
-  test("the apply fails with an I/O error; nothing cleaned up; everything recorded", async () => {
-    // A pool whose data device is a dm target we can switch to failing mid-run.
-    const dir = join(W, "flaky");
+/** A pool whose data device is a dm target we can switch to failing (flakey) and back (linear). */
+async function flakyPool(tag: string): Promise<{ name: string; fail(): Promise<void>; heal(): Promise<void> }> {
+    const dir = join(W, tag);
     Bun.spawnSync(["mkdir", "-p", dir]);
     await runOk(["truncate", "-s", "16M", join(dir, "meta")]);
     await runOk(["truncate", "-s", "512M", join(dir, "data")]);
     const metaDev = await losetup.attach(join(dir, "meta"));
     const dataDev = await losetup.attach(join(dir, "data"));
-    const name = `fk${process.pid}`;
+    const name = `fk${tag}${process.pid}`;
     const flaky = `${name}-data`;
     const sectors = (512 * 1024 * 1024) / 512;
     await dmsetup.create(flaky, `0 ${sectors} linear ${dataDev} 0`);
@@ -129,6 +130,41 @@ describe("I/O errors under a layer (dm-flakey data device)", () => {
       await losetup.detach(metaDev).catch(() => {});
       await losetup.detach(dataDev).catch(() => {});
     });
+    return {
+      name,
+      // flakey with up 0 s / down 1 s: every I/O to the data device fails from now on
+      fail: async () => {
+        await dmsetup.reload(flaky, `0 ${sectors} flakey ${dataDev} 0 0 1`);
+        await dmsetup.resume(flaky);
+      },
+      heal: async () => {
+        await dmsetup.reload(flaky, `0 ${sectors} linear ${dataDev} 0`);
+        await dmsetup.resume(flaky);
+      },
+    };
+}
+
+/** Run an in-process unpack that pauses at `at`; `during` runs while it is paused, then it goes on. */
+async function unpackPausedAt(ctx: Ctx, at: string, tag: string, src: string, name: string, during: () => Promise<void>): Promise<unknown> {
+  const marker = join(W, `${tag}-paused`);
+  const cont = join(W, `${tag}-continue`);
+  Object.assign(process.env, { THINIMG_TEST_PAUSE_AT: at, THINIMG_TEST_PAUSE_FILE: marker, THINIMG_TEST_PAUSE_CONTINUE: cont });
+  resetPausePoints();
+  try {
+    const run = unpack(ctx, { source: src, name }).catch((e) => e as ThinimgError);
+    while (!existsSync(marker)) await Bun.sleep(50);
+    await during();
+    writeFileSync(cont, "");
+    return await run;
+  } finally {
+    for (const k of ["THINIMG_TEST_PAUSE_AT", "THINIMG_TEST_PAUSE_FILE", "THINIMG_TEST_PAUSE_CONTINUE"]) delete process.env[k];
+  }
+}
+
+describe("I/O errors under a layer (dm-flakey data device)", () => {
+  test("the apply fails with an I/O error; nothing cleaned up; everything recorded", async () => {
+    const fk = await flakyPool("flaky");
+    const name = fk.name;
     const ctx = await ctxFor("flaky", name);
     const src = join(W, "fl");
     writeLayerFamily(src, [
@@ -136,26 +172,74 @@ describe("I/O errors under a layer (dm-flakey data device)", () => {
       buildLayerTar([{ path: "data/", type: "dir" }, { path: "data/file.bin", content: noise(8 * 1024 * 1024, 11) }]),
     ]);
     // pause once layer 2 is mounted; break the data device; let the apply run into it
-    const marker = join(W, "flaky-paused");
-    const cont = join(W, "flaky-continue");
-    Object.assign(process.env, { THINIMG_TEST_PAUSE_AT: "layer:mounted#2", THINIMG_TEST_PAUSE_FILE: marker, THINIMG_TEST_PAUSE_CONTINUE: cont });
-    resetPausePoints();
     try {
-      const run = unpack(ctx, { source: src, name: "fl" }).catch((e) => e as ThinimgError);
-      while (!existsSync(marker)) await Bun.sleep(50);
-      // flakey with up 0 s / down 1 s: every I/O to the data device fails from now on
-      await dmsetup.reload(flaky, `0 ${sectors} flakey ${dataDev} 0 0 1`);
-      await dmsetup.resume(flaky);
-      writeFileSync(cont, "");
-      const err = (await run) as ThinimgError;
+      const err = (await unpackPausedAt(ctx, "layer:mounted#2", "flaky", src, "fl", fk.fail)) as ThinimgError;
       expect(err).toBeInstanceOf(Error);
       expect(err.message).toMatch(/^layer 2\/2 /);
       await assertFailedDumb(ctx, err, "io");
+      // the step that failed is recorded as failed, not left pending for "a dead process"
+      const work = listWork(ctx.db, ctx.cfg.pool).find((w) => w.kind === "build_layer" && w.state === "failed")!;
+      const steps = stepsOf(ctx.db, work.id);
+      expect(steps.filter((s) => s.state === "pending")).toEqual([]);
+      expect(steps.at(-1)).toMatchObject({ state: "failed" });
     } finally {
-      for (const k of ["THINIMG_TEST_PAUSE_AT", "THINIMG_TEST_PAUSE_FILE", "THINIMG_TEST_PAUSE_CONTINUE"]) delete process.env[k];
       // test teardown: make the device healthy again so the leaked mount can be unmounted
-      await dmsetup.reload(flaky, `0 ${sectors} linear ${dataDev} 0`).catch(() => {});
-      await dmsetup.resume(flaky).catch(() => {});
+      await fk.heal().catch(() => {});
+    }
+  }, 300_000);
+
+  test("a failed flush (sync -f) is never committed by a re-run: that attempt is rebuilt", async () => {
+    const pool: TestPool = await makeTestPool({ dataSize: "256M" });
+    cleanups.push(() => pool.destroy());
+    const ctx = await ctxFor("flush", pool.name);
+    const src = join(W, "fl2");
+    const data = noise(8 * 1024 * 1024, 13);
+    writeLayerFamily(src, [
+      buildLayerTar([{ path: "etc/", type: "dir" }, { path: "etc/ok", content: "base" }]),
+      buildLayerTar([{ path: "data/", type: "dir" }, { path: "data/file.bin", content: data }]),
+    ]);
+    // layer 2 is fully written to the page cache; then its device starts failing every I/O (an
+    // `error` table swapped in under the mounted fs without freezing it, so nothing is flushed by
+    // the swap), so the writeback in `sync -f` fails. The pool itself stays healthy.
+    let dev = "";
+    let table = "";
+    const swap = async (t: string) => {
+      await runOk(["dmsetup", "suspend", "--nolockfs", dev]);
+      await runOk(["dmsetup", "reload", dev, "--table", t]);
+      await runOk(["dmsetup", "resume", dev]);
+    };
+    let err: ThinimgError;
+    try {
+      err = (await unpackPausedAt(ctx, "layer:written#2", "flush", src, "fl2", async () => {
+        dev = listLayers(ctx.db, ctx.cfg.pool).find((l) => l.state === "building")!.device_name!;
+        table = (await dmsetup.table(dev)).trim();
+        await swap(`0 ${table.split(" ")[1]} error`);
+      })) as ThinimgError;
+    } finally {
+      if (table) await swap(table); // test teardown: the leaked mount must be unmountable
+    }
+    expect(err).toBeInstanceOf(Error);
+    // the flush reported it (classified from sync's stderr), and the layer did NOT reach `applied`
+    const layer = await assertFailedDumb(ctx, err, "io");
+    expect(layer.phase).toBe("mounted");
+    const work = listWork(ctx.db, ctx.cfg.pool).find((w) => w.kind === "build_layer" && w.state === "failed")!;
+    expect(stepsOf(ctx.db, work.id).at(-1)).toMatchObject({ name: "sync", state: "failed" });
+    // healthy again: a re-run (the kernel errors above are history) rebuilds layer 2 on a new thin id
+    await primeKernelLogCursor(ctx.cfg.stateDir);
+    const r = await unpack(ctx, { source: src, name: "fl2" });
+    expect(r.image.state).toBe("ready");
+    expect(r.layers[1]!.thin_id).not.toBe(layer.thin_id);
+    expect(getThinId(ctx.db, ctx.cfg.pool, layer.thin_id!)!.state).toBe("orphaned");
+    // and the committed layer really has the bytes
+    const a = await activate(ctx, "fl2");
+    const dir = join(W, "fl2-check");
+    mkdirSync(dir, { recursive: true });
+    await mnt.mount(a.device_path, dir, { readOnly: true, options: ["noload"] });
+    try {
+      expect(Bun.hash(readFileSync(join(dir, "data/file.bin")))).toBe(Bun.hash(data));
+    } finally {
+      await runOk(["umount", dir]);
+      await release(ctx, String(a.snapshot_id));
     }
   }, 300_000);
 });
