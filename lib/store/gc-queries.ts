@@ -33,7 +33,7 @@ export interface GcRows {
 }
 
 /**
- * GC's side table. It belongs in lib/store/migrations.ts as migration 2 (same SQL, which is written
+ * GC's side table. It belongs in lib/store/migrations.ts as the next migration (same SQL, written
  * with IF NOT EXISTS so either order works); until then GC creates it itself on --force runs.
  */
 export const GC_SCHEMA_SQL = `CREATE TABLE IF NOT EXISTS gc_unknown_ids (
