@@ -2,7 +2,7 @@
 // SIGTERM→SIGKILL escalation (Bun.spawn's own timeout cannot escalate), and exactly one structured
 // record per call. Tests swap the runner with setRunner() to unit-test decision logic.
 import { appendFileSync, readdirSync, readFileSync } from "node:fs";
-import { ThinimgError } from "./errors.ts";
+import { type ErrorKind, ThinimgError } from "./errors.ts";
 import { logCommandRecord } from "./log.ts";
 
 export interface CmdContext {
@@ -289,10 +289,15 @@ export function run(argv: string[], opts?: RunOptions): Promise<CmdResult> {
   return current(argv, opts);
 }
 
-/** Error for a command that failed or timed out; dm/ code refines the kind from stderr. */
+/** Error for a command that failed or timed out; dm/ code refines the kind from stderr (DmError is
+ * a CommandError, so callers that catch CommandError keep catching what lib/dm throws). */
 export class CommandError extends ThinimgError {
   readonly result: CmdResult;
-  constructor(result: CmdResult, hint?: string) {
+  constructor(
+    result: CmdResult,
+    hint?: string,
+    o: { kind?: ErrorKind; message?: string; details?: Record<string, unknown> } = {},
+  ) {
     const what = result.argv.join(" ");
     const why = result.timedOut
       ? `timed out after ${result.durationMs} ms`
@@ -300,9 +305,9 @@ export class CommandError extends ThinimgError {
         ? `killed by ${result.signal}`
         : `exit ${result.exitCode}`;
     const detail = result.stderr.trim().split("\n").filter(Boolean).slice(-1)[0] ?? "";
-    super(result.timedOut ? "timeout" : "dm", `${what}: ${why}${detail ? `: ${detail}` : ""}`, {
+    super(o.kind ?? (result.timedOut ? "timeout" : "dm"), o.message ?? `${what}: ${why}${detail ? `: ${detail}` : ""}`, {
       hint,
-      details: { command: what, exit_code: result.exitCode, timed_out: result.timedOut, stderr: result.stderr },
+      details: o.details ?? { command: what, exit_code: result.exitCode, timed_out: result.timedOut, stderr: result.stderr },
     });
     this.name = "CommandError";
     this.result = result;

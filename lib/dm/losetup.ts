@@ -1,7 +1,8 @@
 // Loop devices backing file-based pools.
 import { realpathSync } from "node:fs";
 import { ThinimgError } from "../errors.ts";
-import { type CmdContext, runOk } from "../exec.ts";
+import type { CmdContext } from "../exec.ts";
+import { runTool } from "./errors.ts";
 import { dmQueue } from "./queue.ts";
 import { assertDevPath } from "./validate.ts";
 
@@ -24,7 +25,7 @@ export function parseLosetupJson(out: string): LoopDevice[] {
 }
 
 export async function list(ctx?: CmdContext): Promise<LoopDevice[]> {
-  const r = await runOk(["losetup", "--list", "--json", "--output", "NAME,BACK-FILE,RO"], {
+  const r = await runTool(["losetup", "--list", "--json", "--output", "NAME,BACK-FILE,RO"], {
     timeoutMs: LOSETUP_TIMEOUT_MS,
     ctx,
   });
@@ -48,7 +49,7 @@ export async function findByFile(file: string, ctx?: CmdContext): Promise<string
 export async function attach(file: string, o: { readOnly?: boolean; ctx?: CmdContext } = {}): Promise<string> {
   assertDevPath(file);
   const r = await dmQueue.run(() =>
-    runOk(["losetup", "--find", "--show", ...(o.readOnly ? ["--read-only"] : []), file], {
+    runTool(["losetup", "--find", "--show", ...(o.readOnly ? ["--read-only"] : []), file], {
       timeoutMs: LOSETUP_TIMEOUT_MS,
       ctx: o.ctx,
     }),
@@ -60,7 +61,7 @@ export async function attach(file: string, o: { readOnly?: boolean; ctx?: CmdCon
 
 export async function detach(dev: string, ctx?: CmdContext): Promise<void> {
   assertDevPath(dev);
-  await dmQueue.run(() => runOk(["losetup", "--detach", dev], { timeoutMs: LOSETUP_TIMEOUT_MS, ctx }));
+  await dmQueue.run(() => runTool(["losetup", "--detach", dev], { timeoutMs: LOSETUP_TIMEOUT_MS, ctx }));
 }
 
 /** A loop device with what it takes to match it to a file even after renames: the backing inode
@@ -103,7 +104,7 @@ export function parseLosetupDetailJson(out: string): LoopDetail[] {
 }
 
 export async function listDetailed(ctx?: CmdContext): Promise<LoopDetail[]> {
-  const r = await runOk(["losetup", "--list", "--json", "--output", "NAME,BACK-FILE,RO,MAJ:MIN,BACK-INO,BACK-MAJ:MIN"], {
+  const r = await runTool(["losetup", "--list", "--json", "--output", "NAME,BACK-FILE,RO,MAJ:MIN,BACK-INO,BACK-MAJ:MIN"], {
     timeoutMs: LOSETUP_TIMEOUT_MS,
     ctx,
   });

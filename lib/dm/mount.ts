@@ -1,6 +1,7 @@
 // mount/umount and /proc/self/mountinfo, so callers (GC, pipeline) know what is mounted where.
 import { readFileSync } from "node:fs";
-import { type CmdContext, runOk } from "../exec.ts";
+import type { CmdContext } from "../exec.ts";
+import { runTool } from "./errors.ts";
 import { assertDevPath } from "./validate.ts";
 
 export interface MountEntry {
@@ -56,7 +57,7 @@ export async function mount(
   assertDevPath(dev);
   assertDevPath(dir);
   const opts = [...(o.readOnly ? ["ro"] : []), ...(o.options ?? [])];
-  await runOk(["mount", "-t", o.fstype ?? "ext4", ...(opts.length ? ["-o", opts.join(",")] : []), dev, dir], {
+  await runTool(["mount", "-t", o.fstype ?? "ext4", ...(opts.length ? ["-o", opts.join(",")] : []), dev, dir], {
     timeoutMs: o.timeoutMs ?? 30_000,
     ctx: o.ctx,
   });
@@ -64,5 +65,5 @@ export async function mount(
 
 export async function umount(dir: string, o: { ctx?: CmdContext; timeoutMs?: number } = {}): Promise<void> {
   assertDevPath(dir);
-  await runOk(["umount", dir], { timeoutMs: o.timeoutMs ?? 60_000, ctx: o.ctx });
+  await runTool(["umount", dir], { timeoutMs: o.timeoutMs ?? 60_000, ctx: o.ctx });
 }

@@ -4,13 +4,15 @@ import { join } from "node:path";
 import { classifyDmError, isDmError } from "../../lib/dm/errors.ts";
 import * as dmsetup from "../../lib/dm/dmsetup.ts";
 import { makeBackingFile } from "../../lib/dm/loop-pool.ts";
+import * as losetup from "../../lib/dm/losetup.ts";
 import { parseLosetupJson } from "../../lib/dm/losetup.ts";
-import { parseMountinfo } from "../../lib/dm/mount.ts";
+import { mkfsExt4 } from "../../lib/dm/mkfs.ts";
+import { mount, parseMountinfo, umount } from "../../lib/dm/mount.ts";
 import { parsePoolTable, poolTable, thinTable } from "../../lib/dm/pool.ts";
 import { SerialQueue } from "../../lib/dm/queue.ts";
 import { parseThinDumpIds, parseThinLs } from "../../lib/dm/thintools.ts";
 import { assertDmName, assertThinId } from "../../lib/dm/validate.ts";
-import { type CmdResult, type Runner, setRunner, spawnRunner } from "../../lib/exec.ts";
+import { type CmdResult, CommandError, type Runner, setRunner, spawnRunner } from "../../lib/exec.ts";
 
 const res = (argv: string[], exitCode: number, stderr = "", stdout = "", timedOut = false): CmdResult => ({
   argv, stdout, stderr, exitCode, signal: null, timedOut, durationMs: 1,
@@ -32,6 +34,100 @@ describe("error typing from real dmsetup stderr", () => {
     test(`${kind}: ${stderr.split("\n")[0]}`, () => expect(classifyDmError(res(["dmsetup"], 1, stderr))).toBe(kind));
   }
   test("timeout wins over stderr", () => expect(classifyDmError(res(["dmsetup"], 1, "busy", "", true))).toBe("timeout"));
+
+  test("a tool that cannot run, or a kernel without device-mapper, is 'missing' — never 'not_found'", () => {
+    expect(classifyDmError(res(["dmsetup", "info", "x"], 127, 'Executable not found in $PATH: "dmsetup"'))).toBe("missing");
+    expect(classifyDmError(res(["losetup", "--list"], 127, "ENOENT: No such file or directory, posix_spawn 'losetup'"))).toBe("missing");
+    const noDm = "/dev/mapper/control: open failed: No such device\nFailure to communicate with kernel device-mapper driver.\nCheck that device-mapper is available in the kernel.\nCommand failed.";
+    expect(classifyDmError(res(["dmsetup", "info", "x"], 1, noDm))).toBe("missing");
+    expect(classifyDmError(res(["dmsetup", "status", "x"], 1, "/dev/mapper/control: open failed: No such file or directory"))).toBe("missing");
+  });
+
+  test("not_found for dmsetup only on dm's own answers; a stray 'No such file' is not a missing device", () => {
+    expect(classifyDmError(res(["dmsetup", "info", "x"], 1, "Device does not exist.\nCommand failed."))).toBe("not_found");
+    expect(classifyDmError(res(["dmsetup", "info", "x"], 1, "Device x does not exist.\nCommand failed."))).toBe("not_found");
+    expect(classifyDmError(res(["dmsetup", "resume", "x"], 1, "device-mapper: resume ioctl on x  failed: No such device\nCommand failed."))).toBe("not_found");
+    expect(classifyDmError(res(["dmsetup", "create", "x"], 1, "some/file: No such file or directory"))).toBe("other");
+    expect(classifyDmError(res(["dmsetup", "status", "x"], 1, "not found"))).toBe("other");
+  });
+
+  const tools: [string[], string, ReturnType<typeof classifyDmError>][] = [
+    [["losetup", "--detach", "/dev/loop7"], "losetup: /dev/loop7: detach failed: No such device or address", "not_found"],
+    [["losetup", "--find", "--show", "/x"], "losetup: /x: failed to set up loop device: No such file or directory", "not_found"],
+    [["losetup", "--find", "--show", "/x"], "losetup: /x: failed to set up loop device: Device or resource busy", "busy"],
+    [["umount", "/m"], "umount: /m: not mounted.", "not_found"],
+    [["umount", "/m"], "umount: /m: target is busy.", "busy"],
+    [["umount", "/m"], "umount: /m: Input/output error", "io"],
+    [["mount", "/dev/x", "/m"], "mount: /m: special device /dev/x does not exist.", "not_found"],
+    [["mount", "/dev/x", "/m"], "mount: /m: cannot mount /dev/x read-only.\nRead-only file system", "io"],
+    [["mkfs.ext4", "/dev/x"], "mkfs.ext4: Input/output error while writing out and closing file system", "io"],
+    [["mkfs.ext4", "/dev/x"], "mkfs.ext4: No space left on device while writing out and closing file system", "no_space"],
+  ];
+  for (const [argv, stderr, kind] of tools) {
+    test(`${argv[0]} → ${kind}: ${stderr.split("\n").at(-1)}`, () => expect(classifyDmError(res(argv, 1, stderr))).toBe(kind));
+  }
+});
+
+describe("missing tool or no device-mapper raises; it is not an absent device", () => {
+  test("info()/exists() throw 'missing' for a kernel without dm and for a dmsetup that cannot run", async () => {
+    let stderr = "";
+    let code = 1;
+    setRunner(async (argv) => res(argv, code, stderr));
+    stderr = "/dev/mapper/control: open failed: No such device\nFailure to communicate with kernel device-mapper driver.\nCommand failed.";
+    const e = await dmsetup.info("x").catch((x) => x);
+    expect(isDmError(e, "missing")).toBe(true);
+    expect([e.kind, e.exitCode]).toEqual(["missing", 7]);
+    expect(e.oneLine()).toMatch(/: Failure to communicate with kernel device-mapper driver\. — install the tool .*modprobe dm-thin-pool/);
+    await expect(dmsetup.exists("x")).rejects.toThrow(/device-mapper driver/);
+    stderr = "Device does not exist.\nCommand failed.";
+    expect(await dmsetup.info("x")).toBeNull();
+    expect(await dmsetup.exists("x")).toBe(false);
+    // the real exec path: no dmsetup on PATH → exit 127 → missing
+    setRunner(spawnRunner);
+    code = 0;
+    const path = process.env.PATH;
+    process.env.PATH = "/nonexistent-thinimg";
+    try {
+      const e2 = await dmsetup.exists("x").catch((x) => x);
+      expect(isDmError(e2, "missing")).toBe(true);
+      expect(e2.result.exitCode).toBe(127);
+    } finally {
+      process.env.PATH = path;
+    }
+  });
+});
+
+describe("losetup / mount / umount / mkfs throw typed errors that are still CommandErrors", () => {
+  test("each wrapper: dmKind from stderr, instanceof CommandError, CLI kind dm (exit 5), 'exit N' kept in the message", async () => {
+    let stderr = "";
+    setRunner(async (argv) => res(argv, 32, stderr));
+    stderr = "umount: /m: target is busy.";
+    const busy = await umount("/m").catch((x) => x);
+    expect(isDmError(busy, "busy")).toBe(true);
+    expect(busy).toBeInstanceOf(CommandError);
+    expect([busy.kind, busy.exitCode, busy.message]).toEqual(["dm", 5, "umount /m: exit 32: umount: /m: target is busy."]);
+    stderr = "umount: /m: not mounted.";
+    expect(isDmError(await umount("/m").catch((x) => x), "not_found")).toBe(true);
+    stderr = "mount: /m: cannot mount /dev/x read-only.\nRead-only file system";
+    expect(isDmError(await mount("/dev/x", "/m").catch((x) => x), "io")).toBe(true);
+    stderr = "mkfs.ext4: No space left on device while writing out and closing file system";
+    expect(isDmError(await mkfsExt4("/dev/x").catch((x) => x), "no_space")).toBe(true);
+    stderr = "losetup: /dev/loop7: detach failed: No such device or address";
+    expect(isDmError(await losetup.detach("/dev/loop7").catch((x) => x), "not_found")).toBe(true);
+    stderr = "losetup: cannot find an unused loop device";
+    const other = await losetup.attach("/x").catch((x) => x);
+    expect(isDmError(other, "other")).toBe(true);
+    expect(other.message).toBe("losetup --find --show /x: exit 32: losetup: cannot find an unused loop device");
+  });
+
+  test("a timeout is 'timeout' (exit 6); a tool that cannot run is 'missing' (exit 7)", async () => {
+    setRunner(async (argv) => res(argv, null as unknown as number, "", "", true));
+    const t = await umount("/m").catch((x) => x);
+    expect([t.dmKind, t.kind, t.exitCode]).toEqual(["timeout", "timeout", 6]);
+    setRunner(async (argv) => res(argv, 127, 'Executable not found in $PATH: "mkfs.ext4"'));
+    const m = await mkfsExt4("/dev/x").catch((x) => x);
+    expect([m.dmKind, m.kind, m.exitCode]).toEqual(["missing", "missing", 7]);
+  });
 });
 
 describe("validation", () => {
@@ -208,5 +304,80 @@ describe("backing files: fallocate, and truncate only where fallocate is unsuppo
     expect(e.message).toMatch(/not enough space: .* needed for huge\.img, .* free/);
     expect(calls).toEqual([]);
     expect(existsSync(p)).toBe(false);
+  });
+});
+
+describe("withSuspended never leaves a device suspended, and never hides the first error", () => {
+  /** A fake dmsetup: suspend/resume outcomes and the info attr ("L-sw" = suspended) are set per test. */
+  function fakeDm(o: { suspend: "ok" | "timeout" | "fail"; resume?: "ok" | "fail"; attr: string }) {
+    const calls: string[] = [];
+    setRunner(async (argv) => {
+      const a = argv.filter((x) => !x.startsWith("--noudev"));
+      const sub = a[1]!;
+      calls.push(sub);
+      if (sub === "suspend") {
+        if (o.suspend === "timeout") return res(argv, null as unknown as number, "", "", true);
+        if (o.suspend === "fail") return res(argv, 1, "device-mapper: suspend ioctl on d  failed: Invalid argument\nCommand failed.");
+      }
+      if (sub === "resume" && o.resume === "fail") return res(argv, 1, "device-mapper: resume ioctl on d  failed: Input/output error\nCommand failed.");
+      if (sub === "info") return res(argv, 0, "", `d|${o.attr}|0|254|3|0|1|`);
+      return res(argv, 0);
+    });
+    return calls;
+  }
+  const body = async () => "fn ran";
+
+  test("suspend timed out but landed: resumed, and the timeout is what the caller gets", async () => {
+    const calls = fakeDm({ suspend: "timeout", attr: "L-sw" });
+    const e = await dmsetup.withSuspended("d", body).catch((x) => x);
+    expect(isDmError(e, "timeout")).toBe(true);
+    expect(calls).toEqual(["suspend", "info", "resume"]);
+  });
+
+  test("suspend timed out, device still active: resumed anyway (the suspend may land later)", async () => {
+    const calls = fakeDm({ suspend: "timeout", attr: "L--w" });
+    await expect(dmsetup.withSuspended("d", body)).rejects.toThrow(/timed out/);
+    expect(calls).toEqual(["suspend", "info", "resume"]);
+  });
+
+  test("...but not when an inactive table is waiting (a resume would swap it in)", async () => {
+    const calls = fakeDm({ suspend: "timeout", attr: "LI-w" });
+    await expect(dmsetup.withSuspended("d", body)).rejects.toThrow(/timed out/);
+    expect(calls).toEqual(["suspend", "info"]);
+  });
+
+  test("suspend refused and the device is active: no resume, the refusal is thrown, fn never runs", async () => {
+    let ran = false;
+    const calls = fakeDm({ suspend: "fail", attr: "L--w" });
+    await expect(dmsetup.withSuspended("d", async () => (ran = true))).rejects.toThrow(/Invalid argument/);
+    expect(calls).toEqual(["suspend", "info"]);
+    expect(ran).toBe(false);
+  });
+
+  test("suspend failed, resume failed too: one error naming both and the device left suspended", async () => {
+    fakeDm({ suspend: "timeout", resume: "fail", attr: "L-sw" });
+    const e = await dmsetup.withSuspended("d", body).catch((x) => x);
+    expect(e.message).toMatch(/suspend d: timed out .*; then resuming d failed: .*resume d: device-mapper: resume ioctl on d {2}failed: Input\/output error — d may be left SUSPENDED/);
+    expect(e.hint).toContain("dmsetup resume d");
+  });
+
+  test("fn threw and resume failed: both errors, the first one first", async () => {
+    fakeDm({ suspend: "ok", resume: "fail", attr: "L-sw" });
+    const e = await dmsetup.withSuspended("d", async () => {
+      throw new Error("snapshot step failed");
+    }).catch((x) => x);
+    expect(e.message).toMatch(/^snapshot step failed; then resuming d failed: .*Input\/output error — d may be left SUSPENDED$/);
+    expect(e.cause.message).toBe("snapshot step failed");
+  });
+
+  test("happy path and fn failing with a good resume: suspend, fn, resume; fn's own error comes through", async () => {
+    let calls = fakeDm({ suspend: "ok", attr: "L--w" });
+    expect(await dmsetup.withSuspended("d", body)).toBe("fn ran");
+    expect(calls).toEqual(["suspend", "resume"]);
+    calls = fakeDm({ suspend: "ok", attr: "L--w" });
+    await expect(dmsetup.withSuspended("d", async () => Promise.reject(new Error("inner")))).rejects.toThrow(/^inner$/);
+    expect(calls).toEqual(["suspend", "resume"]);
+    fakeDm({ suspend: "ok", resume: "fail", attr: "L-sw" });
+    await expect(dmsetup.withSuspended("d", body)).rejects.toThrow(/resume d: .*Input\/output error/);
   });
 });
