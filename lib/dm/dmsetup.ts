@@ -1,7 +1,8 @@
 // Typed wrappers over dmsetup. State-changing calls go through the dm queue; reads don't.
 // Never `remove --force`: a forced remove swaps in an error table under a live user.
 import { type CmdContext, type CmdResult, run } from "../exec.ts";
-import { DmError, classifyDmError, dmRefusal } from "./errors.ts";
+import { ThinimgError } from "../errors.ts";
+import { DmError, classifyDmError, dmRefusal, isDmError } from "./errors.ts";
 import { dmQueue } from "./queue.ts";
 import { udevArgs } from "./udev.ts";
 import { assertDmName } from "./validate.ts";
@@ -87,14 +88,67 @@ export async function resume(name: string, o: DmOpts = {}): Promise<void> {
   await mutate(["resume", name], { ...o, ctx: { device_name: name, ...o.ctx } });
 }
 
-/** Run fn with the device suspended; it is resumed in `finally`, whatever fn does. */
+/**
+ * Run fn with the device suspended; it is resumed whatever fn does (ADR-0001 §5: a suspended device
+ * is an outage). A suspend that failed or timed out may still have landed — the kernel call can
+ * finish after dmsetup was killed — so then the device is looked at and resumed if it is (or, after
+ * a timeout, may yet be) suspended. A failing resume never hides the first error: both are reported.
+ */
 export async function withSuspended<T>(name: string, fn: () => Promise<T>, o: DmOpts = {}): Promise<T> {
-  await suspend(name, o);
   try {
-    return await fn();
-  } finally {
-    await resume(name, o);
+    await suspend(name, o);
+  } catch (e) {
+    await resumeAfterFailedSuspend(name, e, o);
+    throw e;
   }
+  let failed = false;
+  let failure: unknown;
+  let value: T | undefined;
+  try {
+    value = await fn();
+  } catch (e) {
+    failed = true;
+    failure = e;
+  }
+  try {
+    await resume(name, o);
+  } catch (re) {
+    if (failed) throw stillSuspended(name, failure, re);
+    throw re;
+  }
+  if (failed) throw failure;
+  return value as T;
+}
+
+async function resumeAfterFailedSuspend(name: string, suspendErr: unknown, o: DmOpts): Promise<void> {
+  const timedOut = isDmError(suspendErr, "timeout");
+  let state: DmInfo | null | undefined;
+  try {
+    state = await info(name, o);
+  } catch {
+    state = undefined; // unknown: treated like "may be suspended" below
+  }
+  if (state === null) return; // no such device: nothing to resume
+  // After a timeout the suspend may land later: resume anyway (a no-op on an active device; the
+  // kernel serializes it behind the pending suspend) — unless an inactive table is waiting, which a
+  // resume would swap in.
+  const resumeNeeded = state?.state === "SUSPENDED" || ((timedOut || state === undefined) && !state?.inactive);
+  if (!resumeNeeded) return;
+  try {
+    await resume(name, o);
+  } catch (re) {
+    throw stillSuspended(name, suspendErr, re);
+  }
+}
+
+/** Both errors, one line: what went wrong first, and that the device may be left suspended. */
+function stillSuspended(name: string, first: unknown, resumeErr: unknown): ThinimgError {
+  const msg = (e: unknown) => (e instanceof Error ? e.message : String(e));
+  return new ThinimgError("dm", `${msg(first)}; then resuming ${name} failed: ${msg(resumeErr)} — ${name} may be left SUSPENDED`, {
+    hint: `check with dmsetup info ${name} and resume it by hand (dmsetup resume ${name}); I/O to it is queued until then`,
+    cause: first,
+    details: { device_name: name, first_error: msg(first), resume_error: msg(resumeErr) },
+  });
 }
 
 export async function reload(name: string, table: string, o: DmOpts = {}): Promise<void> {

@@ -156,3 +156,93 @@ describe("timeouts and faults on the real kernel", () => {
     }
   });
 });
+
+describe("typed errors from losetup, mount, umount, mkfs on the real kernel", () => {
+  const tag = `${process.pid}`;
+  test("not mounted / no such device / busy / I/O error each get their kind, and stay CommandErrors", async () => {
+    const { CommandError } = await import("../../lib/exec.ts");
+    const { mkdtempSync, rmSync } = await import("node:fs");
+    const dir = mkdtempSync("/tmp/thinimg-dm-tools-");
+    const err = `ti-err-${tag}`;
+    try {
+      const notMounted = await mount.umount(dir).catch((e) => e);
+      expect(isDmError(notMounted, "not_found")).toBe(true);
+      expect(notMounted).toBeInstanceOf(CommandError);
+      expect(isDmError(await mount.mount(`/dev/mapper/ti-nope-${tag}`, dir).catch((e) => e), "not_found")).toBe(true);
+      expect(isDmError(await losetup.attach(`${dir}/no-such-file`).catch((e) => e), "not_found")).toBe(true);
+      // busy: a process sits in the mount
+      expect((await run(["mount", "-t", "tmpfs", "none", dir])).exitCode).toBe(0);
+      const holder = Bun.spawn(["sleep", "30"], { cwd: dir });
+      try {
+        await Bun.sleep(100);
+        const busy = await mount.umount(dir).catch((e) => e);
+        expect(isDmError(busy, "busy")).toBe(true);
+        expect([busy.kind, busy.exitCode]).toEqual(["dm", 5]);
+      } finally {
+        holder.kill("SIGKILL");
+        await holder.exited;
+      }
+      await mount.umount(dir);
+      // I/O error: mkfs on a device whose every sector fails
+      await dmsetup.create(err, "0 65536 error");
+      const io = await mkfsExt4(`/dev/mapper/${err}`).catch((e) => e);
+      expect(isDmError(io, "io")).toBe(true);
+      expect(io.message).toContain("Input/output error");
+    } finally {
+      if (await dmsetup.exists(err)) await dmsetup.remove(err);
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+});
+
+describe("withSuspended on the real kernel", () => {
+  const tag = `${process.pid}`;
+  test("the device is suspended while fn runs and active afterwards — also when fn throws", async () => {
+    const name = `${p.name}-sus`;
+    await pool.createThin(p.name, 11);
+    await pool.activateThin(p.name, name, 11, 1024 * 1024);
+    try {
+      const seen = await dmsetup.withSuspended(name, async () => (await dmsetup.info(name))?.state);
+      expect(seen).toBe("SUSPENDED");
+      expect((await dmsetup.info(name))?.state).toBe("ACTIVE");
+      const e = await dmsetup
+        .withSuspended(name, async () => {
+          throw new Error("fn failed");
+        })
+        .catch((x) => x);
+      expect(e.message).toBe("fn failed");
+      expect((await dmsetup.info(name))?.state).toBe("ACTIVE");
+    } finally {
+      await dmsetup.remove(name);
+    }
+  });
+
+  test("a suspend that times out (I/O stuck on a suspended device below) leaves the device active; fn never runs", async () => {
+    const bottom = `${p.name}-bot`;
+    const top = `ti-top-${tag}`;
+    await pool.createThin(p.name, 12);
+    await pool.activateThin(p.name, bottom, 12, 1024 * 1024);
+    await dmsetup.create(top, `0 2048 linear /dev/mapper/${bottom} 0`);
+    let unblock: ReturnType<typeof setTimeout> | undefined;
+    try {
+      await dmsetup.suspend(bottom);
+      // a read to top is now queued in bottom: suspending top waits for it
+      const reader = run(["dd", `if=/dev/mapper/${top}`, "of=/dev/null", "bs=4k", "count=1", "iflag=direct"], { timeoutMs: 30_000 });
+      await Bun.sleep(300);
+      unblock = setTimeout(() => void dmsetup.resume(bottom), 4_000);
+      let ran = false;
+      const e = await dmsetup.withSuspended(top, async () => (ran = true), { timeoutMs: 1_000 }).catch((x) => x);
+      expect(isDmError(e, "timeout")).toBe(true);
+      expect(ran).toBe(false);
+      expect((await reader).exitCode).toBe(0); // bottom resumed: the queued read completes
+      expect((await dmsetup.info(top))?.state).toBe("ACTIVE");
+      expect((await dmsetup.info(bottom))?.state).toBe("ACTIVE");
+    } finally {
+      clearTimeout(unblock);
+      if ((await dmsetup.info(bottom))?.state === "SUSPENDED") await dmsetup.resume(bottom);
+      if ((await dmsetup.info(top))?.state === "SUSPENDED") await dmsetup.resume(top);
+      await dmsetup.remove(top);
+      await dmsetup.remove(bottom);
+    }
+  });
+});

@@ -240,7 +240,10 @@ describe("--create on a filesystem without the room", () => {
     expect(code).toBe(5);
     expect(report).toMatchObject({ ok: false, action: "blocked", error: { kind: "dm" } });
     expect(report.error!.message).toMatch(/: not enough space: 68 MiB needed for metadata\.img and data\.img, 16 MiB free/);
-    expect(stderr.trim().split("\n")).toEqual([`error: ${report.error!.message} — ${report.error!.hint}`]);
+    // the step list, then exactly one error line (no stack trace)
+    const lines = stderr.trim().split("\n");
+    expect(lines.at(-1)).toBe(`error: ${report.error!.message} — ${report.error!.hint}`);
+    expect(lines.filter((l) => /error|^\s+at /.test(l))).toEqual([lines.at(-1)]);
     expect(readdirSync(d)).toEqual([]); // no record, no backing file
     expect(await dmsetup.exists(FULL_POOL)).toBe(false);
   });
