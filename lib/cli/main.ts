@@ -31,6 +31,46 @@ function rejectUnknown(rawArgs: string[], known: Set<string>): void {
   }
 }
 
+/**
+ * Refuse positional words the command does not define (`health.ts --host-only stray`, `recover-pool
+ * --dir X create`): citty would silently accept them. Flags that take a value (string, enum…)
+ * consume the next word unless written --flag=value. An optional last positional (test filters)
+ * takes any number of words.
+ */
+async function rejectStrayPositionals(cmd: CommandDef<ArgsDef>, rawArgs: string[]): Promise<void> {
+  const args = (typeof cmd.args === "function" ? await cmd.args() : await cmd.args) ?? {};
+  const defs = Object.entries(args);
+  const positionals = defs.filter(([, d]) => d.type === "positional");
+  const last = positionals.at(-1)?.[1];
+  const variadic = last !== undefined && "required" in last && last.required === false;
+  const takesValue = new Set<string>();
+  for (const [name, d] of defs) {
+    if (d.type === "positional" || d.type === "boolean") continue;
+    const alias = "alias" in d ? d.alias : undefined;
+    for (const n of [name, name.replace(/-([a-z])/g, (_, c: string) => c.toUpperCase()), ...(Array.isArray(alias) ? alias : alias ? [alias] : [])]) {
+      takesValue.add(n);
+    }
+  }
+  const words: string[] = [];
+  for (let i = 0; i < rawArgs.length; i++) {
+    const a = rawArgs[i]!;
+    if (a === "--") {
+      words.push(...rawArgs.slice(i + 1));
+      break;
+    }
+    if (a.startsWith("-") && a !== "-" && !/^-\d/.test(a)) {
+      const name = a.replace(/^--?/, "");
+      if (!name.includes("=") && takesValue.has(name)) i++; // its value
+      continue;
+    }
+    words.push(a);
+  }
+  if (variadic || words.length <= positionals.length) return;
+  const extra = words[positionals.length]!;
+  const expected = positionals.length === 0 ? "takes no positional arguments" : `takes ${positionals.map(([n]) => n.toUpperCase()).join(" ")}`;
+  throw usageError(`unexpected argument ${JSON.stringify(extra)}: this command ${expected}`);
+}
+
 /** Print an error the way every script does: one line, exit code from the error. */
 export function reportError(e: unknown, json: boolean): number {
   if (e instanceof ThinimgError) {
@@ -61,6 +101,7 @@ export async function runMain<T extends ArgsDef>(cmd: CommandDef<T>, rawArgs = p
       process.exit(0);
     }
     rejectUnknown(rawArgs, await knownFlags(cmd as CommandDef<ArgsDef>));
+    await rejectStrayPositionals(cmd as CommandDef<ArgsDef>, rawArgs);
     await runCommand(cmd, { rawArgs });
     await flushStdout();
     process.exit(process.exitCode ?? 0);

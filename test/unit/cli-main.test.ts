@@ -69,6 +69,41 @@ describe("command records", () => {
   });
 });
 
+describe("stray positional words", () => {
+  const script = (name: string) => join(import.meta.dir, "../..", name);
+  async function runScript(args: string[]): Promise<{ code: number; err: string }> {
+    const p = Bun.spawn(["bun", ...args], { stdout: "pipe", stderr: "pipe", cwd: join(import.meta.dir, "../..") });
+    const [err, code] = await Promise.all([new Response(p.stderr).text(), p.exited]);
+    return { code, err };
+  }
+
+  test("health.ts --host-only stray and recover-pool --dir X create are refused: one line, exit 2, nothing run", async () => {
+    const h = await runScript([script("scripts/health.ts"), "--host-only", "stray"]);
+    expect([h.code, h.err]).toEqual([2, 'error: unexpected argument "stray": this command takes no positional arguments — see --help\n']);
+    const r = await runScript([script("ops/recover-pool.ts"), "--dir", join(tmp, "rp"), "create"]);
+    expect([r.code, r.err]).toEqual([2, 'error: unexpected argument "create": this command takes no positional arguments — see --help\n']);
+  });
+
+  const body = (args: string) =>
+    `await runMain(defineCommand({ args: ${args}, run({ args }) { console.log(JSON.stringify(args._)); } }));`;
+  const twoPositionals = body(`{ source: { type: "positional", required: true }, dest: { type: "positional", required: true }, name: { type: "string" }, n: { type: "string", alias: "N" }, json: { type: "boolean" } }`);
+
+  test("defined positionals pass; flag values (--name v, -N v, --name=v) are not counted; one word more is refused", async () => {
+    expect(await cli(twoPositionals, ["a", "--name", "x", "b", "--json"])).toMatchObject({ code: 0, out: '["a","b"]\n' });
+    expect(await cli(twoPositionals, ["--name=x", "a", "-N", "3", "b"])).toMatchObject({ code: 0, out: '["a","b"]\n' });
+    const extra = await cli(twoPositionals, ["a", "b", "c"]);
+    expect([extra.code, extra.err]).toEqual([2, 'error: unexpected argument "c": this command takes SOURCE DEST — see --help\n']);
+    expect((await cli(twoPositionals, ["a", "b", "--", "c"])).code).toBe(2);
+    // a boolean takes no value: the word after it is positional
+    expect((await cli(twoPositionals, ["a", "--json", "b", "c"])).code).toBe(2);
+  });
+
+  test("an optional last positional (test filters) takes any number of words", async () => {
+    const filters = body(`{ filters: { type: "positional", required: false }, vms: { type: "string" } }`);
+    expect(await cli(filters, ["unit", "--vms", "1", "test/a.ts", "test/b.ts"])).toMatchObject({ code: 0, out: '["unit","test/a.ts","test/b.ts"]\n' });
+  });
+});
+
 describe("kernel log rules", () => {
   test("a refused pool message (as the 6.1 kernel prints it) warns, real pool failures block", () => {
     expect(classifyKernelLine("device-mapper: thin: Creation of new thinly-provisioned device with id 3 failed.")?.status).toBe("warn");
