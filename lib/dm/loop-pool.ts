@@ -84,13 +84,13 @@ export async function allocateBackingFile(path: string, size: number): Promise<"
   const r = await run(["fallocate", "-l", String(size), path], { timeoutMs: FALLOCATE_TIMEOUT_MS, probe: true });
   if (r.exitCode === 0 && !r.timedOut) return "fallocate";
   if (!fallocateUnsupported(r)) {
-    const kind = r.exitCode === 127 ? "other" : classifyDmError(r);
+    const kind = classifyDmError(r);
     throw new DmError(
       kind,
       r,
       kind === "no_space"
         ? NO_SPACE_HINT
-        : r.exitCode === 127
+        : kind === "missing"
           ? "install util-linux (fallocate)"
           : `check the filesystem holding ${dirname(path)}; nothing else was changed`,
     );
