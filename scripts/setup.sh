@@ -3,7 +3,7 @@
 # npm, the project's dependencies. Idempotent: re-running it installs only what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PKGS=(user-mode-linux kmod thin-provisioning-tools e2fsprogs util-linux umoci skopeo tar gzip zstd
+PKGS=(user-mode-linux kmod dmsetup thin-provisioning-tools e2fsprogs util-linux mount umoci skopeo tar gzip zstd
       debootstrap procps)
 missing=()
 for p in "${PKGS[@]}"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p"); done

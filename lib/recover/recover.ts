@@ -57,7 +57,7 @@ export interface Probe {
 
 const realProbe: Probe = { which, now: () => new Date() };
 
-const TOOL_PACKAGES: Record<string, string> = {
+export const TOOL_PACKAGES: Record<string, string> = {
   dmsetup: "dmsetup",
   losetup: "mount", // util-linux's losetup ships in Debian's "mount" package
   thin_check: "thin-provisioning-tools",

@@ -1,7 +1,8 @@
 import { afterAll, describe, expect, test } from "bun:test";
-import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { copyFileSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { classifyKernelLine } from "../../lib/health/dmesg.ts";
+import { TOOL_PACKAGES } from "../../lib/recover/recover.ts";
 
 describe("runMain", () => {
   test("large --json output through a pipe arrives whole before exit", async () => {
@@ -101,6 +102,43 @@ describe("stray positional words", () => {
   test("an optional last positional (test filters) takes any number of words", async () => {
     const filters = body(`{ filters: { type: "positional", required: false }, vms: { type: "string" } }`);
     expect(await cli(filters, ["unit", "--vms", "1", "test/a.ts", "test/b.ts"])).toMatchObject({ code: 0, out: '["unit","test/a.ts","test/b.ts"]\n' });
+  });
+});
+
+describe("set-up and CI", () => {
+  const ROOT = join(import.meta.dir, "../..");
+
+  test("scripts/setup.sh installs the package of every tool thinimg runs (dmsetup directly, not by luck)", () => {
+    const text = readFileSync(join(ROOT, "scripts/setup.sh"), "utf8");
+    const pkgs = /^PKGS=\(([^)]*)\)/m.exec(text)![1]!.split(/\s+/).filter(Boolean);
+    for (const pkg of new Set([...Object.values(TOOL_PACKAGES), "dmsetup", "e2fsprogs", "util-linux"])) expect(pkgs).toContain(pkg);
+  });
+
+  /** .ci/run in a scratch tree whose scripts/setup.sh exits `setupRc` and whose `bun` prints a summary. */
+  async function ciRun(setupRc: number): Promise<{ code: number; out: string }> {
+    const t = mkdtempSync(join(tmp, "ci-"));
+    mkdirSync(join(t, ".ci"));
+    mkdirSync(join(t, "scripts"));
+    mkdirSync(join(t, "bin"));
+    copyFileSync(join(ROOT, ".ci/run"), join(t, ".ci/run"));
+    writeFileSync(join(t, "scripts/setup.sh"), `echo setup output; exit ${setupRc}\n`);
+    writeFileSync(join(t, "bin/bun"), `#!/bin/sh\necho "ran: bun $*"; echo "7 passed, 2 failed"; exit 1\n`, { mode: 0o755 });
+    const p = Bun.spawn(["bash", join(t, ".ci/run")], { stdout: "pipe", stderr: "pipe", env: { ...process.env, PATH: `${join(t, "bin")}:${process.env.PATH}` } });
+    const [out, code] = await Promise.all([new Response(p.stdout).text(), p.exited]);
+    return { code, out };
+  }
+
+  test(".ci/run: a failed set-up still ends with the summary line, counted as one failure", async () => {
+    const r = await ciRun(1);
+    expect(r.code).toBe(1);
+    expect(r.out.trim().split("\n").at(-1)).toBe("0 passed, 1 failed");
+    expect(r.out).not.toContain("ran: bun");
+  });
+
+  test(".ci/run: after a good set-up the summary is the test command's own", async () => {
+    const r = await ciRun(0);
+    expect(r.code).toBe(1);
+    expect(r.out.trim().split("\n").slice(-2)).toEqual(["ran: bun run test", "7 passed, 2 failed"]);
   });
 });
 
