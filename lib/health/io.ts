@@ -1,6 +1,7 @@
 // Everything the host checks read, behind one interface so unit tests feed /proc fixtures.
-// Reads are async (thread pool): a read that hangs on a wedged kernel cannot stop the per-check
-// timeout from firing. /dev/kmsg is read non-blocking, record by record.
+// Most reads are async (thread pool): a read that hangs on a wedged kernel cannot stop the per-check
+// timeout from firing. Two are synchronous (docs/ops-health.md#timeouts): /proc/<pid>/stat (cheap,
+// takes no mm lock) and /dev/kmsg, read O_NONBLOCK record by record (returns at the end, never waits).
 import { closeSync, constants, openSync, readdirSync, readFileSync, readSync } from "node:fs";
 import { readdir, readFile, readlink } from "node:fs/promises";
 
