@@ -152,16 +152,18 @@ const onStopSignal = (sig: StopSignal) => () => {
 const signalHandlers = Object.fromEntries(STOP_SIGNALS.map((s) => [s, onStopSignal(s)])) as Record<StopSignal, () => void>;
 let handlersInstalled = false;
 
-function trackGroup(group: number): void {
-  liveGroups.add(group);
+/** Before a spawn: a signal that arrives while Bun.spawn runs is handled (in JS) only after the
+ * spawn returned and the group was registered — installing afterwards would leave a window in
+ * which the default action kills us and orphans the new command. */
+function installStopHandlers(): void {
   if (handlersInstalled) return;
   handlersInstalled = true;
   for (const s of STOP_SIGNALS) process.on(s, signalHandlers[s]);
   process.on("exit", killChildGroups);
 }
 
-function untrackGroup(group: number): void {
-  liveGroups.delete(group);
+function untrackGroup(group: number | null): void {
+  if (group !== null) liveGroups.delete(group);
   if (liveGroups.size > 0 || !handlersInstalled) return;
   handlersInstalled = false;
   for (const s of STOP_SIGNALS) process.off(s, signalHandlers[s]);
@@ -183,6 +185,7 @@ export const spawnRunner: Runner = async (argv, opts = {}) => {
   const graceMs = opts.killGraceMs ?? 2_000;
   const started = performance.now();
   let proc: ReturnType<typeof Bun.spawn>;
+  installStopHandlers();
   try {
     proc = Bun.spawn(argv, {
       stdin: opts.stdin === undefined ? "ignore" : new Blob([opts.stdin]),
@@ -194,6 +197,7 @@ export const spawnRunner: Runner = async (argv, opts = {}) => {
       detached: true,
     });
   } catch (e) {
+    untrackGroup(null);
     // ENOENT: the binary is missing. Still one record, exit_code null.
     const r: CmdResult = {
       argv,
@@ -208,7 +212,7 @@ export const spawnRunner: Runner = async (argv, opts = {}) => {
     return r;
   }
   const group = proc.pid;
-  trackGroup(group);
+  liveGroups.add(group);
   proc.exited.then(
     () => untrackGroup(group),
     () => untrackGroup(group),

@@ -128,11 +128,16 @@ describe("commands do not outlive thinimg", () => {
         expect(await waitFor(() => pidsRunning(argv).length === 1, 15_000)).toBe(true);
         const [grandchild] = pidsRunning(argv);
         p.kill(sig);
-        const code_ = await Promise.race([p.exited, Bun.sleep(10_000).then(() => "hung")]);
-        expect(code_).toBe(code);
-        expect(await new Response(p.stdout).text()).toBe("");
-        expect(await waitFor(() => !alive(grandchild!), 2_000)).toBe(true);
-        expect(pidsRunning(argv)).toEqual([]);
+        const exit = await Promise.race([p.exited, Bun.sleep(10_000).then(() => "hung")]);
+        const gone = await waitFor(() => !alive(grandchild!), 5_000);
+        // one assertion with everything: a failure under load says which part went wrong
+        expect({ exit, gone, left: pidsRunning(argv), stdout: await new Response(p.stdout).text(), stderr: await new Response(p.stderr).text() }).toEqual({
+          exit: code,
+          gone: true,
+          left: [],
+          stdout: "",
+          stderr: "",
+        });
       } finally {
         p.kill("SIGKILL");
         for (const pid of pidsRunning(argv)) process.kill(-pid, "SIGKILL"); // each is its group's leader
