@@ -243,7 +243,7 @@ describe("--create on a filesystem without the room", () => {
     // the step list, then exactly one error line (no stack trace)
     const lines = stderr.trim().split("\n");
     expect(lines.at(-1)).toBe(`error: ${report.error!.message} — ${report.error!.hint}`);
-    expect(lines.filter((l) => /error|^\s+at /.test(l))).toEqual([lines.at(-1)]);
+    expect(lines.filter((l) => /error|^\s+at /.test(l))).toEqual([lines.at(-1) ?? ""]);
     expect(readdirSync(d)).toEqual([]); // no record, no backing file
     expect(await dmsetup.exists(FULL_POOL)).toBe(false);
   });
