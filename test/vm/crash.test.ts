@@ -2,8 +2,10 @@
 // at every step boundary, then the unpack is run again. The re-run must complete, the DB must agree
 // with the pool (thin ids read from a metadata snapshot), nothing may be done twice (a pool change the
 // transaction id proves happened is not repeated; an unproven one is never adopted), and anything
-// the crash left behind is recorded as leaked for GC. Then: five processes asking for one image at
-// once → one build, all five get it.
+// the crash left behind is recorded as leaked for GC. "Reboot" cases also drop the mount and the
+// device after the kill (what a host restart does), and a metadata snapshot left held by a killed
+// process must not block the next run. Then: five processes asking for one image at once → one
+// build, all five get it.
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync } from "node:fs";
 import { join } from "node:path";
@@ -11,8 +13,12 @@ import { loadConfig } from "../../lib/config.ts";
 import * as dmsetup from "../../lib/dm/dmsetup.ts";
 import * as mnt from "../../lib/dm/mount.ts";
 import { runOk } from "../../lib/exec.ts";
+import { log } from "../../lib/log.ts";
+import { poolStatusOk } from "../../lib/dm/pool.ts";
 import { activate, release } from "../../lib/pipeline/activate.ts";
 import { checkConsistency } from "../../lib/pipeline/consistency.ts";
+import { mountPathFor } from "../../lib/pipeline/names.ts";
+import { readPoolThinIds } from "../../lib/pipeline/txn.ts";
 import { type Ctx, makeCtx } from "../../lib/pipeline/context.ts";
 import { unpack } from "../../lib/pipeline/unpack.ts";
 import { getImageByName, imageLayerIds } from "../../lib/store/images.ts";
@@ -28,6 +34,9 @@ requireDm();
 
 const ROOT = join(import.meta.dir, "../..");
 const W = mkdtempSync("/tmp/thinimg-crash-vm-");
+// every command of every process in these tests (children inherit it), to prove nothing ran twice
+const CMD_LOG = join(W, "cmds.jsonl");
+process.env.THINIMG_CMD_LOG = CMD_LOG;
 let pool: TestPool;
 let ctx: Ctx;
 
@@ -109,23 +118,56 @@ async function contentOf(name: string): Promise<{ caseFile: string; layer2: stri
 }
 
 // Boundary → what the crash is allowed to leave behind (recorded, for GC). Everything else must
-// resume on the same thin id with no leak at all.
-const CASES: { at: string; leaks: { thin: number; mounts: number } }[] = [
+// resume on the same thin id with no leak at all. reboot: after the kill, the mount and the device
+// are dropped too (as a host restart does; the test does it, never product code).
+const CASES: { at: string; reboot?: boolean; leaks: { thin: number; mounts: number } }[] = [
   { at: "create_thin:intent", leaks: { thin: 0, mounts: 0 } },
   // create ran, the transaction id was not advanced: unproven → never adopted, recorded orphaned
   { at: "create_thin:sent", leaks: { thin: 1, mounts: 0 } },
+  // create ran and set_transaction_id too, the DB does not know: the transaction id proves it → adopted
+  { at: "create_thin:txn", leaks: { thin: 0, mounts: 0 } },
   { at: "layer:allocated", leaks: { thin: 0, mounts: 0 } },
   { at: "layer:created", leaks: { thin: 0, mounts: 0 } },
   { at: "layer:activated", leaks: { thin: 0, mounts: 0 } },
   { at: "layer:formatted", leaks: { thin: 0, mounts: 0 } },
+  // after a reboot the device is gone: re-activated on the same thin id (no second mkfs)
+  { at: "layer:activated", reboot: true, leaks: { thin: 0, mounts: 0 } },
+  { at: "layer:formatted", reboot: true, leaks: { thin: 0, mounts: 0 } },
   // half-applied layer: that attempt (thin id, active device, mount) is abandoned and recorded
   { at: "layer:mounted", leaks: { thin: 1, mounts: 1 } },
   { at: "layer:applied", leaks: { thin: 0, mounts: 0 } },
+  // flushed, but the filesystem was never cleanly unmounted: that attempt is abandoned and recorded
+  { at: "layer:applied", reboot: true, leaks: { thin: 1, mounts: 1 } },
   { at: "layer:unmounted", leaks: { thin: 0, mounts: 0 } },
   { at: "layer:deactivated", leaks: { thin: 0, mounts: 0 } },
   { at: "create_snap:intent", leaks: { thin: 0, mounts: 0 } },
   { at: "create_snap:sent", leaks: { thin: 1, mounts: 0 } },
+  { at: "create_snap:txn", leaks: { thin: 0, mounts: 0 } },
 ];
+const label = (c: (typeof CASES)[number]) => `${c.at}${c.reboot ? " +reboot" : ""}`;
+
+/** What a host restart does to the layer being built: its mount and its dm device are gone. */
+async function reboot(): Promise<void> {
+  // the layer the killed process was building: the one it touched last
+  const l = listLayers(ctx.db, ctx.cfg.pool)
+    .filter((x) => x.state === "building" && x.device_name)
+    .sort((a, b) => b.updated_at - a.updated_at)[0]!;
+  const path = mountPathFor(ctx.cfg.mountDir, l.device_name!);
+  if (mnt.mountinfo().some((m) => m.mountPoint === path)) await runOk(["umount", path]);
+  expect(await dmsetup.exists(l.device_name!)).toBe(true);
+  await runOk(["dmsetup", "remove", l.device_name!]);
+}
+
+/** Create messages in the command log: thin id → how many times a create of it was sent. */
+function createsById(): Map<number, number> {
+  const out = new Map<number, number>();
+  for (const line of readFileSync(CMD_LOG, "utf8").trim().split("\n")) {
+    const cmd = (JSON.parse(line) as { command: string }).command;
+    const m = new RegExp(`^dmsetup (?:\\S+ )*message ${ctx.cfg.pool} 0 create_(?:thin|snap) (\\d+)(?: \\d+)?$`).exec(cmd);
+    if (m) out.set(Number(m[1]), (out.get(Number(m[1])) ?? 0) + 1);
+  }
+  return out;
+}
 
 /** Leaks recorded against one image's layers: orphaned layer thin ids still in the pool, leaked mounts. */
 function leaksOf(name: string, poolIds: Set<number>): { thin: number; mounts: number } {
@@ -141,7 +183,10 @@ describe("kill -9 at every step boundary, then re-run", () => {
   // One crash per boundary, each in its own image; every crash is settled by the NEXT process that
   // touches the pool (the next crashing child, then the re-runs) — as on a real host.
   test("crash each unpack at its boundary", async () => {
-    for (const [i, c] of CASES.entries()) await crashAt(c.at, ["scripts/unpack.ts", image(`c${i}`), "--name", `c${i}`], `c${i}`);
+    for (const [i, c] of CASES.entries()) {
+      await crashAt(c.at, ["scripts/unpack.ts", image(`c${i}`), "--name", `c${i}`], `c${i}`);
+      if (c.reboot) await reboot();
+    }
   }, 600_000);
 
   test("re-runs complete every image; DB and pool agree; leaks exactly where expected", async () => {
@@ -154,9 +199,15 @@ describe("kill -9 at every step boundary, then re-run", () => {
     const check = await checkConsistency(ctx);
     expect(check.problems).toEqual([]);
     const poolIds = new Set(check.pool_ids);
-    expect(Object.fromEntries(CASES.map((c, i) => [c.at, leaksOf(`c${i}`, poolIds)]))).toEqual(Object.fromEntries(CASES.map((c) => [c.at, c.leaks])));
+    expect(Object.fromEntries(CASES.map((c, i) => [label(c), leaksOf(`c${i}`, poolIds)]))).toEqual(Object.fromEntries(CASES.map((c) => [label(c), c.leaks])));
     // every layer built exactly once: two committed layers per image, no pending intent left
     expect(listLayers(ctx.db, ctx.cfg.pool).filter((l) => l.state === "committed")).toHaveLength(2 * CASES.length);
+    // nothing done twice: across the killed processes and the re-runs no create message was sent
+    // twice for one thin id (a repeat would fail with "File exists" or make a second device)…
+    const creates = createsById();
+    expect([...creates].filter(([, n]) => n > 1)).toEqual([]);
+    // … and every id in the pool was created exactly once, by us
+    for (const id of poolIds) expect(creates.get(id)).toBe(1);
   }, 600_000);
 
   test("every re-run image has exactly its files", async () => {
@@ -179,6 +230,63 @@ describe("kill -9 at every step boundary, then re-run", () => {
     expect(dead.state).toBe("orphaned");
     expect(dead.reason).toContain("activation interrupted");
   }, 180_000);
+});
+
+describe("a metadata snapshot left held", () => {
+  function captureWarnings(): { lines: string[]; stop(): void } {
+    const lines: string[] = [];
+    const orig = log.warn.bind(log);
+    log.warn = ((...a: unknown[]) => {
+      lines.push(a.map((x) => (typeof x === "string" ? x : JSON.stringify(x))).join(" "));
+      orig(...(a as Parameters<typeof log.warn>));
+    }) as typeof log.warn;
+    return {
+      lines,
+      stop: () => {
+        log.warn = orig;
+      },
+    };
+  }
+
+  test("by a killed process: the next run releases it (with a warning) and completes", async () => {
+    // the re-run must read the pool's metadata (an unproven create) while the stale hold is there
+    await crashAt("create_thin:sent", ["scripts/unpack.ts", image("held"), "--name", "held"], "held");
+    await runOk(["dmsetup", "message", ctx.cfg.pool, "0", "reserve_metadata_snap"]); // the holder "dies" now
+    expect((await poolStatusOk(ctx.cfg.pool)).heldRoot).not.toBeNull();
+    const w = captureWarnings();
+    try {
+      const r = await unpack(ctx, { source: join(W, "img", "held"), name: "held" });
+      expect(r.image.state).toBe("ready");
+    } finally {
+      w.stop();
+    }
+    expect(w.lines.some((l) => l.includes("releasing a stale metadata snapshot"))).toBe(true);
+    expect((await poolStatusOk(ctx.cfg.pool)).heldRoot).toBeNull();
+    expect((await checkConsistency(ctx)).problems).toEqual([]);
+  }, 180_000);
+
+  test("by a live reader (a lock-free GC dry-run): waited for, never released under it", async () => {
+    const P = ctx.cfg.pool;
+    // reserve, hold 2 s, release: the holder's own release fails if anyone released it meanwhile
+    const holder = Bun.spawn(["sh", "-c", `dmsetup message ${P} 0 reserve_metadata_snap && echo held && sleep 2 && dmsetup message ${P} 0 release_metadata_snap`], {
+      stdout: "pipe",
+      stderr: "pipe",
+      env: { ...process.env, DM_DISABLE_UDEV: "1" },
+    });
+    const reader = holder.stdout.getReader();
+    expect(new TextDecoder().decode((await reader.read()).value)).toContain("held");
+    const w = captureWarnings();
+    let ids: number[];
+    try {
+      ids = await readPoolThinIds(P);
+    } finally {
+      w.stop();
+    }
+    expect(await holder.exited).toBe(0);
+    expect(ids.length).toBeGreaterThan(0);
+    expect(w.lines.filter((l) => l.includes("releasing a stale metadata snapshot"))).toEqual([]);
+    expect((await poolStatusOk(P)).heldRoot).toBeNull();
+  }, 60_000);
 });
 
 describe("concurrency", () => {
