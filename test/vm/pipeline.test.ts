@@ -16,6 +16,9 @@ import { writeDemoImages } from "../../lib/pipeline/demo-image.ts";
 import { unpack } from "../../lib/pipeline/unpack.ts";
 import { getLayerByChain, listLayers } from "../../lib/store/layers.ts";
 import { listThinIds } from "../../lib/store/thin-ids.ts";
+import { listDevices } from "../../lib/store/devices.ts";
+import { getImageByName } from "../../lib/store/images.ts";
+import { listWork, stepsOf } from "../../lib/store/work.ts";
 import { type TarEntry, buildLayerTar, compress, writeDockerArchive, writeLayerFamily, writeOciLayout } from "../helpers/images.ts";
 import { primeKernelLogCursor } from "../helpers/health.ts";
 import { requireDm } from "../helpers/kernel.ts";
@@ -249,5 +252,53 @@ describe("sharing, idempotence, activations", () => {
     expect(bad.code).toBe(3);
     expect(bad.err.trim().split("\n")).toHaveLength(1);
     expect(bad.err).toContain('no image "no-such-image"');
+  });
+});
+
+describe("failed activations and rebuilds leave the right record", () => {
+  let ctx: Ctx;
+  beforeAll(async () => {
+    ({ ctx } = await freshCtx("records"));
+  }, 120_000);
+
+  test("a rebuild (new source) that fails keeps the ready image serving on its current layers", async () => {
+    const good = join(W, "rb-good");
+    const bad = join(W, "rb-bad");
+    writeLayerFamily(good, [buildLayerTar([{ path: "etc/", type: "dir" }, { path: "etc/v", content: "v1\n" }])]);
+    writeLayerFamily(bad, [buildLayerTar([{ path: "etc/", type: "dir" }, { path: "etc/v", content: "v2\n" }]), buildLayerTar([{ path: "../canary/file", content: "x" }])]);
+    const first = await unpack(ctx, { source: good, name: "rb" });
+    const err = (await unpack(ctx, { source: bad, name: "rb" }).catch((e) => e)) as Error;
+    expect(err.message).toContain("climbs out of the root");
+    // still ready, on the old source and layers, with the failure recorded
+    const img = getImageByName(ctx.db, ctx.cfg.pool, "rb")!;
+    expect(img).toMatchObject({ state: "ready", source: good, top_layer_id: getLayerByChain(ctx.db, ctx.cfg.pool, first.layers[0]!.chain_id)!.id });
+    expect(img.error).toContain("climbs out of the root");
+    const a = await activate(ctx, "rb");
+    const d = await mountRo(a.device_path, "rb");
+    expect(readFileSync(join(d, "etc/v"), "utf8")).toBe("v1\n");
+    await runOk(["umount", d]);
+    await release(ctx, String(a.snapshot_id));
+  });
+
+  test("dmsetup create fails but a device of that name is there: recorded leaked (not removed), step failed", async () => {
+    // the next activation's device name is predictable: occupy it with something else
+    const next = Math.max(...listThinIds(ctx.db, ctx.cfg.pool).map((t) => t.thin_id)) + 1;
+    const squatter = `thinimg-${ctx.cfg.pool}-snap-${next}`;
+    await runOk(["dmsetup", "create", squatter, "--table", "0 8 error"]);
+    try {
+      const err = (await activate(ctx, "rb").catch((e) => e)) as Error;
+      expect(err).toBeInstanceOf(Error);
+      const dev = listDevices(ctx.db, ctx.cfg.pool).find((x) => x.name === squatter)!;
+      expect(dev.state).toBe("leaked");
+      // nothing removed on the error path
+      expect(await dmsetup.exists(squatter)).toBe(true);
+      const work = listWork(ctx.db, ctx.cfg.pool).filter((w) => w.kind === "activate").at(-1)!;
+      expect(work.state).toBe("failed");
+      expect(JSON.parse(work.leaks!).map((l: { kind: string; ref: string }) => `${l.kind}:${l.ref}`)).toContain(`device:${squatter}`);
+      expect(stepsOf(ctx.db, work.id).find((s) => s.name === "activate_device")).toMatchObject({ state: "failed" });
+      expect(stepsOf(ctx.db, work.id).filter((s) => s.state === "pending")).toEqual([]);
+    } finally {
+      await runOk(["dmsetup", "remove", squatter]); // test teardown
+    }
   });
 });
