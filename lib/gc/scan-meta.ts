@@ -1,35 +1,17 @@
 // Thin ids in the pool's metadata — the only way to see inactive leaks (ids no dm device shows).
-// The pool is live, so we read a metadata *snapshot*: reserve_metadata_snap → thin_ls (or thin_dump)
-// on it → release_metadata_snap, the release always in `finally`. A snapshot already held when we
-// look while we hold the state dir's metadata-snapshot lock (meta-lock.ts: every thinimg reader takes
-// it), and still there a few seconds later, means a reader died holding it (or someone reads by hand):
-// reported, released only when the caller says so (--force and the process lock is ours). Our own
-// snapshot is released only while the pool still shows the root we reserved.
-import { existsSync, readFileSync } from "node:fs";
+// The pool is live, so we read a metadata *snapshot*, with the rules every thinimg reader follows
+// (lib/dm/metadata-snap.ts): the state dir's metadata-snapshot lock around reserve → thin_ls (or
+// thin_dump) → release, the release always in `finally` and only of the root we reserved. A hold
+// already there that stays put with no reader running means a reader died holding it: reported,
+// released only when the caller says so (--force and the process lock is ours).
 import * as dmsetup from "../dm/dmsetup.ts";
 import { isDmError } from "../dm/errors.ts";
-import { parsePoolTable, poolStatusOk, releaseMetadataSnap, SECTOR } from "../dm/pool.ts";
+import { acquireMetaLock, devPathFor, inspectHold, META_LOCK_FILE, META_LOCK_WAIT_MS, releaseOwn, releaseStaleHold, reserveOwn } from "../dm/metadata-snap.ts";
+import { parsePoolTable, poolStatusOk, SECTOR } from "../dm/pool.ts";
 import { parseThinDumpIds, thinDump, thinLs } from "../dm/thintools.ts";
 import { errorMessage } from "../errors.ts";
 import { log } from "../log.ts";
-import { acquireMetaLock, META_LOCK_FILE, META_LOCK_WAIT_MS, releaseOwn, reserveOwn } from "./meta-lock.ts";
 import type { MetaScan } from "./model.ts";
-
-/** "7:0" → a path that opens that block device. */
-export function devPathFor(majorMinor: string, o: { dev?: string; sys?: string } = {}): string | null {
-  const dev = o.dev ?? "/dev";
-  const sys = o.sys ?? "/sys";
-  if (!/^\d+:\d+$/.test(majorMinor)) return majorMinor.startsWith("/") ? majorMinor : null;
-  const link = `${dev}/block/${majorMinor}`;
-  if (existsSync(link)) return link;
-  try {
-    const m = /^DEVNAME=(.+)$/m.exec(readFileSync(`${sys}/dev/block/${majorMinor}/uevent`, "utf8"));
-    if (m && !m[1]!.includes("..")) return `${dev}/${m[1]!.trim()}`;
-  } catch {
-    // fall through: unknown device
-  }
-  return null;
-}
 
 export interface ScanMetaOptions {
   /** Release a snapshot that was already held (caller owns the process lock and runs --force). */
@@ -72,35 +54,34 @@ export async function scanMeta(pool: string, o: ScanMetaOptions): Promise<MetaSc
 async function scanLocked(pool: string, o: ScanMetaOptions, base: MetaScan, timeoutMs: number): Promise<MetaScan> {
   const ctx = { pool_name: pool };
   const metaDev = base.metaDev!;
-  let st = await poolStatusOk(pool, { timeoutMs, ctx });
-  if (st.heldRoot !== null && (o.heldWaitMs ?? 3_000) > 0) {
-    // no thinimg reader is active (we hold the lock), but a hand-run thin_ls may be: give it time
-    const first = st.heldRoot;
-    const until = Date.now() + (o.heldWaitMs ?? 3_000);
-    while (st.heldRoot === first && Date.now() < until) {
-      await Bun.sleep(250);
-      st = await poolStatusOk(pool, { timeoutMs, ctx });
-    }
-  }
+  // no thinimg reader is active (we hold the lock), but a hand-run thin_ls may be: give it time
+  const quietMs = o.heldWaitMs ?? 3_000;
+  const hold = await inspectHold(pool, metaDev, { quietMs, maxWaitMs: quietMs + 10_000, timeoutMs });
+  const st = await poolStatusOk(pool, { timeoutMs, ctx });
   base.transactionId = st.transactionId;
   if (st.mode !== "rw" || st.needsCheck) {
     // a read-only pool refuses reserve_metadata_snap (EOPNOTSUPP); GC will not act on it anyway
     return { ...base, skipped: { reason: "pool_not_rw", detail: `pool ${pool} is ${st.needsCheck ? "flagged needs_check" : `in ${st.mode} mode`}: its metadata cannot be snapshotted` } };
   }
-  if (st.heldRoot !== null) {
+  if (hold.kind === "busy") {
+    return {
+      ...base,
+      skipped: { reason: "metadata_snap_busy", detail: `pool ${pool}: its metadata snapshot (root ${hold.root}) is being read by ${hold.reader ?? "someone"}; next run` },
+    };
+  }
+  if (hold.kind === "stale") {
     if (!o.releaseStale) {
       return {
         ...base,
-        staleHold: { heldRoot: st.heldRoot, released: false },
+        staleHold: { heldRoot: hold.root, released: false },
         skipped: {
           reason: "stale_metadata_snap",
-          detail: `pool ${pool} already holds a metadata snapshot (root ${st.heldRoot}) and no thinimg reader is active: a previous run died holding it, or someone reads it by hand; inactive leaks not scanned`,
+          detail: `pool ${pool} already holds a metadata snapshot (root ${hold.root}) and no thinimg reader is active: a previous run died holding it, or someone reads it by hand; inactive leaks not scanned`,
         },
       };
     }
-    log.warn(`pool ${pool}: releasing a stale metadata snapshot (root ${st.heldRoot}); no thinimg reader holds the metadata-snapshot lock`);
-    await releaseMetadataSnap(pool, { timeoutMs, ctx });
-    base.staleHold = { heldRoot: st.heldRoot, released: true };
+    await releaseStaleHold(pool, hold.root, timeoutMs);
+    base.staleHold = { heldRoot: hold.root, released: true };
   }
 
   let root: number | null;

@@ -17,7 +17,7 @@ import { inPoolSection, readPoolThinIds } from "./txn.ts";
 
 /** Thin ids present in the pool's metadata right now. */
 export function poolThinIds(ctx: Ctx): Promise<number[]> {
-  return inPoolSection(ctx, () => readPoolThinIds(ctx.cfg.pool));
+  return inPoolSection(ctx, () => readPoolThinIds(ctx.cfg.pool, { stateDir: ctx.cfg.stateDir }));
 }
 
 export interface ConsistencyReport {

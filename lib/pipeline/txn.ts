@@ -10,11 +10,11 @@
 // the SAME id; present → recorded orphaned (never adopted blindly) and the next id taken. A create
 // whose outcome is unknown to a live process (a timeout) is left pending the same way. Nothing is
 // ever done twice.
-import { readFileSync, readdirSync, statSync } from "node:fs";
-import { basename } from "node:path";
+import { readFileSync, readdirSync } from "node:fs";
 import { ThinimgError } from "../errors.ts";
 import * as dmsetup from "../dm/dmsetup.ts";
 import { DmError, isDmError } from "../dm/errors.ts";
+import { type HoldOptions, withMetadataSnapshot } from "../dm/metadata-snap.ts";
 import * as pool from "../dm/pool.ts";
 import { thinLs } from "../dm/thintools.ts";
 import type { PoolStatusOk } from "../dm/status.ts";
@@ -144,7 +144,7 @@ export async function reconcilePending(ctx: Ctx): Promise<number> {
   // device-mapper error in the kernel log (and trip the dmesg health check).
   let poolIds: Set<number> | null = null;
   if (steps.some((s) => (s.name === "create_thin" || s.name === "create_snap") && s.txn_before !== null && txn === s.txn_before && s.work_kind !== "activate")) {
-    poolIds = new Set(await readPoolThinIds(name));
+    poolIds = new Set(await readPoolThinIds(name, { stateDir: ctx.cfg.stateDir }));
   }
   for (const s of steps) {
     const isSnapshot = s.work_kind === "activate";
@@ -200,109 +200,14 @@ export async function reconcilePending(ctx: Ctx): Promise<number> {
   return steps.length + deadWork.length;
 }
 
-/** /dev path of a block device given as "major:minor" (thin-pool tables use that form). */
-export function devPathOf(majorMinor: string): string {
-  if (majorMinor.startsWith("/")) return majorMinor;
-  const uevent = readFileSync(`/sys/dev/block/${majorMinor}/uevent`, "utf8");
-  const dev = /^DEVNAME=(.+)$/m.exec(uevent)?.[1];
-  if (!dev) throw new ThinimgError("missing", `no /dev name for block device ${majorMinor}`);
-  return `/dev/${dev}`;
-}
-
-/** Thin ids in the pool's metadata (reserve_metadata_snap → thin_ls → release, always released).
- * Call inside a pool section. */
-export async function readPoolThinIds(poolName: string, o: StaleHoldOptions = {}): Promise<number[]> {
-  const meta = devPathOf(pool.parsePoolTable(await dmsetup.table(poolName)).metaDev);
-  for (let tries = 1; ; tries++) {
-    await releaseStaleMetadataSnap(poolName, meta, o);
-    try {
-      await pool.reserveMetadataSnap(poolName);
-      break;
-    } catch (e) {
-      // a lock-free reader (a GC dry-run) reserved between our check and our reserve
-      if (tries >= 3 || !(isDmError(e, "busy") || isDmError(e, "exists"))) throw e;
-    }
-  }
-  try {
-    return (await thinLs(meta, { metadataSnap: true })).map((e) => e.id).sort((a, b) => a - b);
-  } finally {
-    await pool.releaseMetadataSnap(poolName);
-  }
-}
-
-export interface StaleHoldOptions {
-  /** How long a hold must stay unchanged, with no metadata tool running, before it counts as stale. */
-  quietMs?: number;
-  /** Give up waiting for a live reader after this long. */
-  maxWaitMs?: number;
-}
-
-function sameBlockDevice(a: string, b: string): boolean {
-  try {
-    const sa = statSync(a);
-    return sa.isBlockDevice() && sa.rdev === statSync(b).rdev;
-  } catch {
-    return false;
-  }
-}
-
-/** A running thin-provisioning tool reading this metadata device (the only thing that reads a metadata snapshot), or null. */
-export function liveMetadataReader(metaDev: string, procDir = "/proc"): string | null {
-  let pids: string[];
-  try {
-    pids = readdirSync(procDir).filter((p) => /^\d+$/.test(p));
-  } catch {
-    return null;
-  }
-  for (const pid of pids) {
-    let argv: string[];
-    try {
-      argv = readFileSync(`${procDir}/${pid}/cmdline`, "utf8").split("\0").filter(Boolean);
-    } catch {
-      continue;
-    }
-    const exe = basename(argv[0] ?? "");
-    if (/^(thin_\w+|pdata_tools)$/.test(exe) && argv.some((a) => a === metaDev || (a.startsWith("/") && sameBlockDevice(a, metaDev)))) {
-      return `pid ${pid} (${argv.join(" ").slice(0, 200)})`;
-    }
-  }
-  return null;
-}
-
-/**
- * A metadata snapshot already held when a pool section wants one. Inside the section the process
- * lock rules out another thinimg pool section and `gc --force`, but a GC dry-run reads metadata
- * without the lock (reserve → thin_ls → release, a few seconds). So a hold is released only when it
- * stays put for `quietMs` with no thin-provisioning tool running — then whoever took it died holding
- * it (e.g. killed between reserve and release) and, left alone, it would make every later reserve
- * fail with EBUSY. A hold that goes away or changes by itself belonged to a live reader.
- */
-export async function releaseStaleMetadataSnap(poolName: string, metaDev: string, o: StaleHoldOptions = {}): Promise<boolean> {
-  const quietMs = o.quietMs ?? 3_000;
-  const deadline = Date.now() + (o.maxWaitMs ?? 120_000);
-  let held = (await pool.poolStatusOk(poolName)).heldRoot;
-  if (held === null) return false;
-  let quietSince = Date.now();
-  for (;;) {
-    const reader = liveMetadataReader(metaDev);
-    if (reader) quietSince = Date.now();
-    else if (Date.now() - quietSince >= quietMs) break;
-    if (Date.now() >= deadline) {
-      throw new ThinimgError("conflict", `pool ${poolName} holds a metadata snapshot (root ${held}) that ${reader ?? "someone"} is still reading`, {
-        hint: "wait for it to finish (a `bun scripts/gc.ts` dry-run?), then re-run",
-      });
-    }
-    await Bun.sleep(250);
-    const now = (await pool.poolStatusOk(poolName)).heldRoot;
-    if (now === null) return false; // its live holder released it
-    if (now !== held) {
-      held = now;
-      quietSince = Date.now();
-    }
-  }
-  log.warn(`pool ${poolName}: releasing a stale metadata snapshot (held root ${held}, unchanged for ${quietMs} ms, no metadata reader running): a process died holding it`);
-  await pool.releaseMetadataSnap(poolName);
-  return true;
+/** Thin ids in the pool's metadata, read from a metadata snapshot under the state dir's
+ * metadata-snapshot lock (lib/dm/metadata-snap.ts). Call inside a pool section: the process lock rules
+ * out another pool section and `gc --force`, so a hold that outlives its quiet period belonged to a
+ * reader that died holding it (killed between reserve and release) — released, or every later reserve
+ * would fail with EBUSY. */
+export async function readPoolThinIds(poolName: string, o: { stateDir: string } & HoldOptions): Promise<number[]> {
+  const entries = await withMetadataSnapshot(poolName, { ...o, releaseStale: true, maxWaitMs: o.maxWaitMs ?? 120_000 }, (meta) => thinLs(meta, { metadataSnap: true }));
+  return entries.map((e) => e.id).sort((a, b) => a - b);
 }
 
 /** The pool's major:minor (thin tables name the pool by it). */

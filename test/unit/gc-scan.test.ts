@@ -5,7 +5,7 @@ import { parseMountinfo } from "../../lib/dm/mount.ts";
 import { buildDbView } from "../../lib/gc/db-view.ts";
 import { mountsByDevice } from "../../lib/gc/mounts.ts";
 import { type RawDevice, classifyDevices, parseTableAll, parseThinTable } from "../../lib/gc/scan-dm.ts";
-import { devPathFor } from "../../lib/gc/scan-meta.ts";
+import { devPathFor } from "../../lib/dm/metadata-snap.ts";
 import type { GcRows } from "../../lib/store/gc-queries.ts";
 import type { LayerRow } from "../../lib/store/layers.ts";
 import type { LockRow } from "../../lib/store/locks.ts";

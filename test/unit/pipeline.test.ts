@@ -12,7 +12,8 @@ import { chainIds } from "../../lib/pipeline/chain.ts";
 import { makeCtx } from "../../lib/pipeline/context.ts";
 import { classify, failure, isPermanent } from "../../lib/pipeline/failure.ts";
 import { deviceName, parseDeviceName } from "../../lib/pipeline/names.ts";
-import { liveMetadataReader, poolCreate, readPoolThinIds, reconcilePending } from "../../lib/pipeline/txn.ts";
+import { liveMetadataReader } from "../../lib/dm/metadata-snap.ts";
+import { poolCreate, readPoolThinIds, reconcilePending } from "../../lib/pipeline/txn.ts";
 import { defaultImageName } from "../../lib/pipeline/unpack.ts";
 import { tx } from "../../lib/store/db.ts";
 import { allocateThinId, getThinId, setThinIdState } from "../../lib/store/thin-ids.ts";
@@ -144,12 +145,17 @@ describe("settling intents of dead processes", () => {
   function fakePool(o: { txn: number; ids: number[] }): string[][] {
     const calls: string[][] = [];
     const ok = (argv: string[], stdout: string): CmdResult => ({ argv, stdout, stderr: "", exitCode: 0, signal: null, timedOut: false, durationMs: 1 });
+    let held: number | null = null; // the metadata snapshot our reserve takes
     const runner: Runner = async (argv) => {
       calls.push(argv);
       const a = argv.join(" ");
-      if (a.includes(" status ")) return ok(argv, `0 2097152 thin-pool ${o.txn} 100/4096 10/16384 - rw no_discard_passdown error_if_no_space - 1024\n`);
+      if (a.includes(" status ")) return ok(argv, `0 2097152 thin-pool ${o.txn} 100/4096 10/16384 ${held ?? "-"} rw no_discard_passdown error_if_no_space - 1024\n`);
       if (a.includes(" table ")) return ok(argv, "0 2097152 thin-pool 7:0 7:1 128 1638 1 error_if_no_space\n");
-      if (a.includes(" message ")) return ok(argv, "");
+      if (a.includes(" message ")) {
+        if (a.endsWith("reserve_metadata_snap")) held = 42;
+        if (a.endsWith("release_metadata_snap")) held = null;
+        return ok(argv, "");
+      }
       if (argv[0] === "thin_ls") return ok(argv, o.ids.map((id) => `${id} 10`).join("\n"));
       throw new Error(`unexpected command ${a}`);
     };
@@ -232,27 +238,42 @@ describe("settling intents of dead processes", () => {
 
   test("a metadata snapshot left held by a dead process is released first; a live reader's hold is not", async () => {
     const calls: string[] = [];
-    let held: string[] = [];
+    // the pool's held root: `outside` scripts a hold by someone else (one entry per status call);
+    // our own reserve/release set and clear `ours`
+    let outside: (number | null)[] = [];
+    let ours: number | null = null;
     const ok = (argv: string[], stdout: string): CmdResult => ({ argv, stdout, stderr: "", exitCode: 0, signal: null, timedOut: false, durationMs: 1 });
     setRunner(async (argv) => {
       const a = argv.join(" ");
-      if (a.includes(" status ")) return ok(argv, `0 2097152 thin-pool 3 100/4096 10/16384 ${held.shift() ?? "-"} rw no_discard_passdown error_if_no_space - 1024\n`);
+      if (a.includes(" status ")) {
+        const o = outside.length ? outside.shift()! : null;
+        const held = ours ?? o;
+        return ok(argv, `0 2097152 thin-pool 3 100/4096 10/16384 ${held ?? "-"} rw no_discard_passdown error_if_no_space - 1024\n`);
+      }
       if (a.includes(" table ")) return ok(argv, "0 2097152 thin-pool /dev/loop-meta /dev/loop-data 128 1638 1 error_if_no_space\n");
       if (a.includes(" message ")) {
-        calls.push(argv.at(-1)!);
+        const m = argv.at(-1)!;
+        calls.push(m);
+        if (m === "reserve_metadata_snap") ours = 88;
+        if (m === "release_metadata_snap") {
+          ours = null;
+          outside = []; // releasing a stale hold clears it
+        }
         return ok(argv, "");
       }
       if (argv[0] === "thin_ls") return ok(argv, "1 10\n2 10");
       throw new Error(`unexpected command ${a}`);
     });
+    const stateDir = join(dir, "metasnap");
+    mkdirSync(stateDir, { recursive: true });
     // stale: held (root 77) and unchanged through the quiet period, no metadata tool running
-    held = Array(50).fill("77");
-    expect(await readPoolThinIds("pp", { quietMs: 300 })).toEqual([1, 2]);
+    outside = Array(50).fill(77);
+    expect(await readPoolThinIds("pp", { stateDir, quietMs: 300 })).toEqual([1, 2]);
     expect(calls).toEqual(["release_metadata_snap", "reserve_metadata_snap", "release_metadata_snap"]);
     // live: a reader releases its own hold after two polls → we never release it for them
     calls.length = 0;
-    held = ["77", "77", "-"];
-    expect(await readPoolThinIds("pp", { quietMs: 5_000 })).toEqual([1, 2]);
+    outside = [77, 77, null];
+    expect(await readPoolThinIds("pp", { stateDir, quietMs: 5_000 })).toEqual([1, 2]);
     expect(calls).toEqual(["reserve_metadata_snap", "release_metadata_snap"]);
   });
 

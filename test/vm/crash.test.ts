@@ -278,7 +278,7 @@ describe("a metadata snapshot left held", () => {
     const w = captureWarnings();
     let ids: number[];
     try {
-      ids = await readPoolThinIds(P);
+      ids = await readPoolThinIds(P, { stateDir: ctx.cfg.stateDir });
     } finally {
       w.stop();
     }
