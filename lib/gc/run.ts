@@ -17,7 +17,7 @@ import { log } from "../log.ts";
 import { makeCtx } from "../pipeline/context.ts";
 import { reconcilePending } from "../pipeline/txn.ts";
 import { type Db, openDb } from "../store/db.ts";
-import { type GcRows, actionWitness, ensureGcSchema, forgetFirstSeen, readGcRows, recordFirstSeen, refsWitness } from "../store/gc-queries.ts";
+import { type GcRows, actionWitness, forgetFirstSeen, readGcRows, recordFirstSeen, refsWitness } from "../store/gc-queries.ts";
 import { pausePoint } from "../pipeline/pause.ts";
 import { type ActResult, act, STEP_TIMEOUT_MS } from "./act.ts";
 import { buildDbView } from "./db-view.ts";
@@ -109,7 +109,6 @@ export async function runGc(o: GcOptions): Promise<GcReport> {
   }
   const opened = openForRun(cfg, o.force);
   const db = opened.db;
-  if (o.force && db) ensureGcSchema(db);
   if (opened.note) notes.push(opened.note);
   let lock: ProcessLock | null = null;
   try {

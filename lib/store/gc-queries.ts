@@ -32,21 +32,8 @@ export interface GcRows {
   firstSeen?: { thin_id: number; first_seen_at: number }[];
 }
 
-/**
- * GC's side table. It belongs in lib/store/migrations.ts as the next migration (same SQL, written
- * with IF NOT EXISTS so either order works); until then GC creates it itself on --force runs.
- */
-export const GC_SCHEMA_SQL = `CREATE TABLE IF NOT EXISTS gc_unknown_ids (
-  pool          TEXT NOT NULL,
-  thin_id       INTEGER NOT NULL CHECK (thin_id BETWEEN 0 AND 16777215),
-  first_seen_at INTEGER NOT NULL,
-  PRIMARY KEY (pool, thin_id)
-) STRICT`;
-
-export function ensureGcSchema(db: Db): void {
-  db.exec(GC_SCHEMA_SQL);
-}
-
+// gc_unknown_ids (GC's first sightings) comes with migration 3; a read-only dry-run on a state dir
+// last written by an older thinimg may not have it yet.
 function hasTable(db: Db, name: string): boolean {
   return db.query("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?").get(name) !== null;
 }

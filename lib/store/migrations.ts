@@ -212,6 +212,17 @@ export const MIGRATIONS: readonly string[] = [
     WHEN NEW.phase NOT IN ('new','allocated','created','activated','formatted','mounted','applied','unmounted','deactivated','committed')
   BEGIN SELECT RAISE(ABORT, 'CHECK constraint failed: layers.phase'); END;
   `,
+  // 3: GC's first sightings of thin ids the DB never knew: such an id is deleted only once it has
+  // been seen for the grace period (a DB restored from a backup must not cost live devices at once).
+  // IF NOT EXISTS: GC created this table itself before it was a migration.
+  `
+  CREATE TABLE IF NOT EXISTS gc_unknown_ids (
+    pool          TEXT NOT NULL,
+    thin_id       INTEGER NOT NULL CHECK (thin_id BETWEEN 0 AND 16777215),
+    first_seen_at INTEGER NOT NULL,
+    PRIMARY KEY (pool, thin_id)
+  ) STRICT;
+  `,
 ];
 
 export function migrate(db: Database): number {

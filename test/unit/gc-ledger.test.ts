@@ -10,7 +10,7 @@ import type { Orphan, Repair } from "../../lib/gc/model.ts";
 import { currentHolder } from "../../lib/lock/owner.ts";
 import { type Db, openDb } from "../../lib/store/db.ts";
 import { setDevice } from "../../lib/store/devices.ts";
-import { actionWitness, ensureGcSchema, readGcRows, refsWitness } from "../../lib/store/gc-queries.ts";
+import { actionWitness, readGcRows, refsWitness } from "../../lib/store/gc-queries.ts";
 import { getLayer, insertLayer, updateLayer } from "../../lib/store/layers.ts";
 import { putLockRow } from "../../lib/store/locks.ts";
 import { getMount, setMount } from "../../lib/store/mounts.ts";
@@ -24,7 +24,6 @@ const alive = (pid: number) => pid === process.pid;
 beforeEach(() => {
   dir = mkdtempSync(join(tmpdir(), "thinimg-gc-ledger-"));
   db = openDb(join(dir, "state.db"));
-  ensureGcSchema(db);
 });
 afterEach(() => {
   db.close();

@@ -13,7 +13,7 @@ import { run, runOk } from "../../lib/exec.ts";
 import { act } from "../../lib/gc/act.ts";
 import type { GcReport } from "../../lib/gc/report.ts";
 import { type Db, openDb } from "../../lib/store/db.ts";
-import { ensureGcSchema, recordFirstSeen } from "../../lib/store/gc-queries.ts";
+import { recordFirstSeen } from "../../lib/store/gc-queries.ts";
 import { setDevice, setDeviceState, getDevice } from "../../lib/store/devices.ts";
 import { beginImage, markImageReady } from "../../lib/store/images.ts";
 import { insertLayer, updateLayer } from "../../lib/store/layers.ts";
@@ -241,7 +241,6 @@ beforeAll(async () => {
   const old = Date.now() - HOUR;
   for (const t of ["thin_ids", "snapshots", "layers", "devices", "mounts"]) db.query(`UPDATE ${t} SET updated_at = ?`).run(old);
   // the ids the DB never knew were first seen by an earlier --force run, an hour ago
-  ensureGcSchema(db);
   recordFirstSeen(db, p.name, [500, 600], old);
   updateSnapshot(db, young.snapId, { state: "released", released_at: Date.now() });
   setThinIdState(db, p.name, young.thinId, "orphaned", "released just now");
@@ -544,7 +543,7 @@ describe("locks and a stale metadata hold", () => {
       [
         "bun",
         "-e",
-        `import { withMetadataSnapshot } from "./lib/gc/meta-lock.ts"; import { poolStatusOk } from "./lib/dm/pool.ts";
+        `import { withMetadataSnapshot } from "./lib/dm/metadata-snap.ts"; import { poolStatusOk } from "./lib/dm/pool.ts";
          await withMetadataSnapshot(${JSON.stringify(p.name)}, { stateDir: ${JSON.stringify(stateDir)} }, async () => {
            console.log("held " + (await poolStatusOk(${JSON.stringify(p.name)})).heldRoot); await Bun.sleep(20000);
            console.log("still " + (await poolStatusOk(${JSON.stringify(p.name)})).heldRoot);
