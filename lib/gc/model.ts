@@ -188,6 +188,7 @@ export type RepairKind =
   | "thin_gone" // the DB holds a thin id live that the pool does not have
   | "thin_already_deleted" // the DB has a dead id (to delete) that the pool no longer has: confirmed
   | "device_gone" // the DB says a device is active; there is no such dm device
+  | "device_row_gone" // a dead device row (leaked, failed…) whose device no longer exists
   | "mount_gone"; // the DB says mounted; mountinfo disagrees
 
 export interface Repair {

@@ -278,6 +278,14 @@ export function makePlan(inp: PlanInput): Plan {
       });
     }
   }
+  for (const d of db.devices.values()) {
+    // e.g. a leaked layer device an operator removed by hand while repairing the pool: the row would
+    // say "leaked" forever. Only its device row is touched; the thin id has its own verdict.
+    const rowRefs = d.refs.filter((r) => r.table === "devices");
+    if (d.status === "dead" && rowRefs.length > 0 && !devNames.has(d.name) && older(d.since)) {
+      repairs.push({ kind: "device_row_gone", thinId: null, device: d.name, path: null, detail: `${d.detail}: /dev/mapper/${d.name} no longer exists; marked removed`, refs: rowRefs });
+    }
+  }
   for (const m of db.mounts) {
     if ((m.state === "mounted" || m.state === "mounting" || m.state === "leaked" || m.state === "unmounting") && !inp.mountPoints.has(m.path) && older(m.since)) {
       repairs.push({ kind: "mount_gone", thinId: null, device: m.deviceName, path: m.path, detail: `${m.path} is no longer mounted; marked unmounted`, refs: [{ table: "mounts", key: m.path }] });

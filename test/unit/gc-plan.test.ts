@@ -383,6 +383,18 @@ describe("repairs", () => {
     expect(p.actions).toEqual([]);
   });
 
+  test("a dead device row whose device is gone: device_row_gone (only the row; a live or present one is left)", () => {
+    const gone = dbdev("thinimg-tp-layer-6", 6, "dead", { reason: "db_failed", refs: [{ table: "devices", key: "thinimg-tp-layer-6" }, { table: "snapshots", key: 9 }] });
+    const present = dev(7, { name: "thinimg-tp-layer-7" });
+    const p = plan({
+      ours: [present],
+      ids: [6, 7],
+      thins: [thin(6, "dead", { reason: "db_failed" }), thin(7, "dead", { reason: "db_failed" })],
+      devices: [gone, dbdev(present.name, 7, "dead", { reason: "db_failed" }), dbdev("thinimg-tp-layer-8", 8, "removed")],
+    });
+    expect(p.repairs.map((r) => [r.kind, r.device, r.refs])).toEqual([["device_row_gone", "thinimg-tp-layer-6", [{ table: "devices", key: "thinimg-tp-layer-6" }]]]);
+  });
+
   test("mount rows that are no longer mounted", () => {
     const p = plan({
       dbMounts: [

@@ -277,7 +277,6 @@ async function gcCollectsExactly(s: Scene, want: Expected, usedBefore: number, l
   const leakedMount = join(s.mountDir, `thinimg-${s.pool}-layer-${want.thin_id}`);
   expect(mount.mountinfo().some((m) => m.mountPoint === leakedMount)).toBe(false);
   expect(s.rows("SELECT state FROM mounts WHERE path = ?", leakedMount)).toEqual([{ state: "unmounted" }]);
-  // (a device row the operator removed by hand stays `leaked`: GC has no repair for it — reported)
   if (want.device) expect(s.rows("SELECT state FROM devices WHERE pool = ? AND name = ?", s.pool, want.device)).toEqual([{ state: "removed" }]);
   // the live snapshot and foreign devices untouched (same device, same table), the snapshot's files the same
   expect(await keepInfo()).toEqual(keep0);
@@ -504,11 +503,13 @@ describe("I/O errors under a layer (dm-flakey data device)", () => {
         reason: "db_failed",
         commands: [`dmsetup message ${s.pool} 0 "delete ${l.thin_id}"`],
         steps: ["delete"],
-        repairs: [`mount_gone ${l.mount}`],
+        repairs: [`device_row_gone ${l.device_name}`, `mount_gone ${l.mount}`],
       },
       before.used,
       live,
       [fk.flaky],
     );
+    // the device row the operator's repair left `leaked` was repaired to match the kernel
+    expect(s.rows("SELECT state FROM devices WHERE pool = ? AND name = ?", s.pool, l.device_name)).toEqual([{ state: "removed" }]);
   });
 });
