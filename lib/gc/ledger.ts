@@ -6,7 +6,7 @@ import { type Db, tx } from "../store/db.ts";
 import { actionWitness, forgetFirstSeen, readActionRows, readPoolLocks, readRefRows, refsWitness } from "../store/gc-queries.ts";
 import { getDevice, setDeviceState } from "../store/devices.ts";
 import { markImageFailed } from "../store/images.ts";
-import { type LayerRow, updateLayer } from "../store/layers.ts";
+import { type LayerRow, abandonLayerAttempt, updateLayer } from "../store/layers.ts";
 import { getMount, setMountState } from "../store/mounts.ts";
 import { updateSnapshot } from "../store/snapshots.ts";
 import { type ThinIdState, getThinId, recordOrphanThinId, setThinIdState } from "../store/thin-ids.ts";
@@ -42,20 +42,7 @@ export function storeLedger(db: Db, pool: string, o: { alive: AliveFn }): GcLedg
           // what the pipeline's abandon() does: the attempt's thin id, device and mount are recorded
           // as leftovers and the layer starts afresh (new thin id) on the next unpack
           for (const l of fresh.layers) {
-            if (l.state !== "building") continue;
-            const why = "interrupted build (its builder died), collected by gc";
-            if (l.thin_id !== null) {
-              const t = getThinId(db, pool, l.thin_id);
-              if (t && t.state !== "deleted" && t.state !== "deleting") setThinIdState(db, pool, l.thin_id, "orphaned", `abandoned build attempt of layer ${l.id}: ${why}`);
-            }
-            if (l.device_name) {
-              const d = getDevice(db, pool, l.device_name);
-              if (d && (d.state === "active" || d.state === "activating" || d.state === "removing")) setDeviceState(db, pool, d.name, "leaked", `abandoned build attempt: ${why}`);
-              for (const m of db.query("SELECT path FROM mounts WHERE pool = ? AND device_name = ? AND state != 'unmounted'").all(pool, l.device_name) as { path: string }[]) {
-                setMountState(db, m.path, "leaked", `abandoned build attempt: ${why}`);
-              }
-            }
-            updateLayer(db, l.id, { thin_id: null, device_name: null, phase: "new", state: "building", error: null, error_kind: null });
+            if (l.state === "building") abandonLayerAttempt(db, pool, l, "interrupted build (its builder died), collected by gc");
           }
         }
         if (a.deleteThin && a.thinId !== null) {

@@ -27,9 +27,9 @@ import { applyLayer } from "../image/apply/index.ts";
 import type { LayerRef } from "../image/types.ts";
 import { log } from "../log.ts";
 import { tx } from "../store/db.ts";
-import { getDevice, setDevice, setDeviceState } from "../store/devices.ts";
-import { type LayerPhase, type LayerRow, getLayer, updateLayer } from "../store/layers.ts";
-import { getMount, setMount, setMountState } from "../store/mounts.ts";
+import { setDevice, setDeviceState } from "../store/devices.ts";
+import { type LayerPhase, type LayerRow, abandonLayerAttempt, getLayer, updateLayer } from "../store/layers.ts";
+import { setMount, setMountState } from "../store/mounts.ts";
 import { allocateThinId, getThinId, setThinIdState } from "../store/thin-ids.ts";
 import { type Leak, beginStep, endStep, finishWork, startWork, stepDone, stepsOf } from "../store/work.ts";
 import type { Ctx } from "./context.ts";
@@ -109,21 +109,7 @@ export async function buildLayer(ctx: Ctx, input: BuildInput): Promise<BuildResu
 
   /** Give up on the current thin id: everything it holds is left in place and recorded for GC. */
   const abandon = (why: string) => {
-    tx(db, () => {
-      if (l.thin_id !== null) {
-        const t = getThinId(db, poolName, l.thin_id);
-        if (t && t.state !== "deleted" && t.state !== "deleting") setThinIdState(db, poolName, l.thin_id, "orphaned", `abandoned build attempt of layer ${l.id}: ${why}`);
-      }
-      if (l.device_name) {
-        const d = getDevice(db, poolName, l.device_name);
-        if (d && (d.state === "active" || d.state === "activating" || d.state === "removing")) setDeviceState(db, poolName, d.name, "leaked", `abandoned build attempt: ${why}`);
-      }
-      if (mountPath) {
-        const m = getMount(db, mountPath);
-        if (m && m.state !== "unmounted") setMountState(db, mountPath, "leaked", `abandoned build attempt: ${why}`);
-      }
-      updateLayer(db, l.id, { thin_id: null, device_name: null, phase: "new", state: "building", error: null, error_kind: null });
-    });
+    tx(db, () => abandonLayerAttempt(db, poolName, l, why, mountPath));
     log.warn(`layer ${input.label}: abandoning thin id ${l.thin_id} (${why}); its leftovers are recorded for \`bun scripts/gc.ts\``);
     abandoned++;
     reload();

@@ -1,6 +1,9 @@
 // Layer devices, one per chain id per pool. A committed layer is immutable and shared by every image
 // whose layer chain has it as a prefix.
 import { type Db, now } from "./db.ts";
+import { getDevice, setDeviceState } from "./devices.ts";
+import { getMount, setMountState } from "./mounts.ts";
+import { getThinId, setThinIdState } from "./thin-ids.ts";
 
 export type LayerState = "building" | "committed" | "failed";
 
@@ -88,4 +91,29 @@ export function layerRefCounts(db: Db, pool: string): Map<number, number> {
     .query("SELECT l.id AS id, COUNT(il.image_id) AS n FROM layers l LEFT JOIN image_layers il ON il.layer_id = l.id WHERE l.pool = ? GROUP BY l.id")
     .all(pool) as { id: number; n: number }[];
   return new Map(rows.map((r) => [r.id, r.n]));
+}
+
+/**
+ * Give up on a layer's current build attempt (call inside a transaction): its thin id, device and
+ * mounts are left in place and recorded as leftovers for GC, and the layer starts afresh (a new thin
+ * id) on the next build. Used by the pipeline when an attempt cannot be resumed safely, and by GC
+ * when it collects an interrupted build whose builder died.
+ */
+export function abandonLayerAttempt(db: Db, pool: string, l: LayerRow, why: string, mountPath: string | null = null): void {
+  if (l.thin_id !== null) {
+    const t = getThinId(db, pool, l.thin_id);
+    if (t && t.state !== "deleted" && t.state !== "deleting") setThinIdState(db, pool, l.thin_id, "orphaned", `abandoned build attempt of layer ${l.id}: ${why}`);
+  }
+  const mounts = new Set<string>(mountPath ? [mountPath] : []);
+  if (l.device_name) {
+    const d = getDevice(db, pool, l.device_name);
+    if (d && (d.state === "active" || d.state === "activating" || d.state === "removing")) setDeviceState(db, pool, d.name, "leaked", `abandoned build attempt: ${why}`);
+    const rows = db.query("SELECT path FROM mounts WHERE pool = ? AND device_name = ?").all(pool, l.device_name) as { path: string }[];
+    for (const m of rows) mounts.add(m.path);
+  }
+  for (const path of mounts) {
+    const m = getMount(db, path);
+    if (m && m.state !== "unmounted") setMountState(db, path, "leaked", `abandoned build attempt: ${why}`);
+  }
+  updateLayer(db, l.id, { thin_id: null, device_name: null, phase: "new", state: "building", error: null, error_kind: null });
 }

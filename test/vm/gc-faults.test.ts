@@ -18,6 +18,7 @@ import { primeKernelLogCursor } from "../helpers/health.ts";
 import { buildLayerTar, sampleLayer, writeLayerFamily } from "../helpers/images.ts";
 import { requireDm } from "../helpers/kernel.ts";
 import { makeTestPool } from "../helpers/pool.ts";
+import { noise } from "../helpers/bytes.ts";
 
 requireDm();
 setDefaultTimeout(300_000);
@@ -117,22 +118,6 @@ async function devices(): Promise<string[]> {
 }
 const deviceNames = async () => (await dmsetup.infoAll()).map((d) => d.name).sort();
 const mountsNow = () => mount.mountinfo().map((m) => `${m.mountPoint} ${m.majorMinor}`).sort();
-
-/** Incompressible bytes (xorshift). */
-function noise(n: number, seed: number): Uint8Array {
-  const out = new Uint8Array(n);
-  let x = seed;
-  for (let i = 0; i < n; i += 4) {
-    x ^= x << 13;
-    x ^= x >>> 17;
-    x ^= x << 5;
-    out[i] = x & 0xff;
-    out[i + 1] = (x >>> 8) & 0xff;
-    out[i + 2] = (x >>> 16) & 0xff;
-    out[i + 3] = (x >>> 24) & 0xff;
-  }
-  return out;
-}
 
 /** sha256 of the live snapshot's files, read through a read-only mount (no journal replay). */
 async function hashFiles(device: string): Promise<Record<string, string>> {

@@ -25,6 +25,7 @@ import { buildLayerTar, writeLayerFamily } from "../helpers/images.ts";
 import { primeKernelLogCursor } from "../helpers/health.ts";
 import { requireDm } from "../helpers/kernel.ts";
 import { type TestPool, makeTestPool } from "../helpers/pool.ts";
+import { noise } from "../helpers/bytes.ts";
 
 requireDm();
 
@@ -47,22 +48,6 @@ async function ctxFor(tag: string, poolName: string): Promise<Ctx> {
   const ctx = makeCtx(loadConfig({ stateDir, pool: poolName, virtualSize: "512M", wait: "30s" }, {}), { command: `faults ${tag}` });
   ctxs.push(ctx);
   return ctx;
-}
-
-/** Incompressible bytes (xorshift). */
-function noise(n: number, seed: number): Uint8Array {
-  const out = new Uint8Array(n);
-  let x = seed;
-  for (let i = 0; i < n; i += 4) {
-    x ^= x << 13;
-    x ^= x >>> 17;
-    x ^= x << 5;
-    out[i] = x & 0xff;
-    out[i + 1] = (x >>> 8) & 0xff;
-    out[i + 2] = (x >>> 16) & 0xff;
-    out[i + 3] = (x >>> 24) & 0xff;
-  }
-  return out;
 }
 
 /** Everything recorded about a failed unpack, and whether its resources are really still there. */
