@@ -39,6 +39,7 @@ interface Ctx {
   signal: AbortSignal | undefined;
   onProgress: ResolveOptions["onProgress"];
   env: Record<string, string | undefined>;
+  fetchRetry: ResolveOptions["fetchRetry"];
 }
 
 export async function resolveImage(ref: string, opts: ResolveOptions): Promise<ResolvedImage> {
@@ -97,6 +98,7 @@ async function resolve(ref: string, opts: ResolveOptions): Promise<ResolvedImage
     signal: opts.signal,
     onProgress: opts.onProgress,
     env: opts.env ?? process.env,
+    fetchRetry: opts.fetchRetry,
   };
 
   switch (spec.kind) {
@@ -132,6 +134,7 @@ async function resolve(ref: string, opts: ResolveOptions): Promise<ResolvedImage
             maxBytes: ctx.maxBlobBytes,
             signal: ctx.signal,
             onProgress: ctx.onProgress,
+            retry: ctx.fetchRetry,
           });
           ctx.select = c.select;
           return await resolveFile(d.path, what, ctx, { digest: d.digest, memo: `blob:${d.digest}`, cached: true });
@@ -159,6 +162,7 @@ async function resolve(ref: string, opts: ResolveOptions): Promise<ResolvedImage
           pin: { etag: obj.etag, size: obj.size },
           signal: ctx.signal,
           onProgress: ctx.onProgress,
+          retry: ctx.fetchRetry,
         });
         ctx.select = c.select;
         return resolveFile(d.path, what, ctx, { digest: d.digest, memo: `blob:${d.digest}`, cached: true });
@@ -347,6 +351,7 @@ async function resolveS3Family(bucket: S3Bucket, prefix: string, ctx: Ctx): Prom
               ctx.onProgress!({ what: source, bytes: done.reduce((a, b) => a + b, 0), total: totalBytes });
             }
           : undefined,
+        retry: ctx.fetchRetry,
       }),
     );
   } finally {

@@ -82,6 +82,8 @@ export interface ResolveOptions {
   /** Environment for S3 endpoint/region/credentials; default process.env. */
   env?: Record<string, string | undefined>;
   onProgress?(p: DownloadProgress): void;
+  /** Retries of a transient fetch failure (dropped connection, 5xx, 429); default 4 attempts, 1 s doubling. */
+  fetchRetry?: { attempts: number; baseDelayMs: number };
 }
 
 export const DEFAULT_MAX_BLOB_BYTES = 8 * 1024 ** 3;

@@ -1,7 +1,7 @@
-// Retry transient failures with exponential backoff; anything else is thrown at once.
+// Which dm command failures are worth another try (lib/util/retry.ts does the backing off).
 import { isDmError } from "../dm/errors.ts";
 import { CommandError } from "../exec.ts";
-import { log } from "../log.ts";
+import { withRetry as retry } from "../util/retry.ts";
 
 /** Transient: a device briefly busy (udev-less settle, a reader closing), a command timeout. */
 export function isTransient(e: unknown): boolean {
@@ -13,20 +13,7 @@ export function isTransient(e: unknown): boolean {
   return false;
 }
 
-export async function withRetry<T>(
-  label: string,
-  fn: () => Promise<T>,
-  o: { attempts: number; baseDelayMs: number; transient?: (e: unknown) => boolean },
-): Promise<T> {
-  const transient = o.transient ?? isTransient;
-  for (let i = 1; ; i++) {
-    try {
-      return await fn();
-    } catch (e) {
-      if (i >= o.attempts || !transient(e)) throw e;
-      const delay = o.baseDelayMs * 2 ** (i - 1);
-      log.warn(`${label}: transient failure (attempt ${i}/${o.attempts}), retrying in ${delay} ms: ${(e as Error).message}`);
-      await Bun.sleep(delay);
-    }
-  }
+/** withRetry for dm commands: transient = isTransient unless told otherwise. */
+export function withRetry<T>(label: string, fn: () => Promise<T>, o: { attempts: number; baseDelayMs: number; transient?: (e: unknown) => boolean }): Promise<T> {
+  return retry(label, fn, { ...o, transient: o.transient ?? isTransient });
 }

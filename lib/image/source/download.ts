@@ -7,6 +7,7 @@ import { log } from "../../log.ts";
 import type { BlobCache, PartialDownload, SourceRecord, StoredBlob } from "../cache.ts";
 import { tooBig } from "../digest.ts";
 import type { DownloadProgress } from "../types.ts";
+import { withRetry } from "../../util/retry.ts";
 
 export interface Pin {
   etag: string | null;
@@ -25,6 +26,9 @@ export interface DownloadOptions {
   pin?: Pin;
   signal?: AbortSignal | undefined;
   onProgress?: ((p: DownloadProgress) => void) | undefined;
+  /** Transient failures (connection dropped, 5xx, 429) are retried with backoff; a retry after a
+   * dropped transfer resumes where it stopped. Default 4 attempts, 1 s doubling. */
+  retry?: { attempts: number; baseDelayMs: number };
 }
 
 export interface Downloaded extends StoredBlob {
@@ -50,6 +54,9 @@ const NET_CODES: Record<string, string> = {
   DEPTH_ZERO_SELF_SIGNED_CERT: "TLS certificate is self-signed",
 };
 
+/** Worth another try: the connection dropped or timed out (not: refused, unknown host, bad TLS). */
+const TRANSIENT_CODES = new Set(["ECONNRESET", "ETIMEDOUT", "ConnectionClosed", "EPIPE", "ECONNABORTED"]);
+
 export function networkError(what: string, e: unknown): ThinimgError {
   if (e instanceof ThinimgError) return e;
   const code = (e as { code?: unknown } | null)?.code;
@@ -58,7 +65,16 @@ export function networkError(what: string, e: unknown): ThinimgError {
   return new ThinimgError("input", `${what}: cannot fetch: ${detail}`, {
     hint: "check the address, the network and any proxy settings",
     cause: e,
+    details: { transient: typeof code === "string" && TRANSIENT_CODES.has(code) },
   });
+}
+
+/** A fetch failure another attempt may cure: a dropped connection, a 5xx, 429 (S3's SlowDown is a 503). */
+export function isTransientFetch(e: unknown): boolean {
+  if (!(e instanceof ThinimgError)) return false;
+  if (e.details?.transient === true) return true;
+  const status = e.details?.status;
+  return typeof status === "number" && (status >= 500 || status === 429);
 }
 
 export function httpError(what: string, res: Response, body = ""): ThinimgError {
@@ -93,7 +109,12 @@ export async function errorBody(res: Response): Promise<string> {
  * the hit is decided before any request; without one (plain HTTP) a conditional GET
  * (If-None-Match) lets the server answer 304.
  */
-export async function download(cache: BlobCache, o: DownloadOptions): Promise<Downloaded> {
+export function download(cache: BlobCache, o: DownloadOptions): Promise<Downloaded> {
+  const r = o.retry ?? { attempts: 4, baseDelayMs: 1000 };
+  return withRetry(`fetch ${o.what}`, () => downloadOnce(cache, o), { ...r, transient: isTransientFetch });
+}
+
+async function downloadOnce(cache: BlobCache, o: DownloadOptions): Promise<Downloaded> {
   const rec = cache.lookupSource(o.key);
   if (rec && o.pin && sameEtag(rec.etag, o.pin.etag) && (o.pin.size === null || rec.size === o.pin.size)) {
     log.debug(`cache hit ${o.what} → ${rec.digest}`);
