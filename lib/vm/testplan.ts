@@ -1,6 +1,6 @@
 // Pure parts of `bun run test` (scripts/test.ts): what to run for the given filters, how to share VM
 // test files between VMs, and reading bun test's own summary counts.
-import { statSync } from "node:fs";
+import { readFileSync, statSync } from "node:fs";
 
 export interface Plan {
   check: boolean;
@@ -36,8 +36,8 @@ export function planRun(filters: string[], vmFiles: string[]): Plan {
   return plan;
 }
 
-/** Greedy split by file size (a proxy for run time) into at most n non-empty groups. */
-export function splitFiles(files: string[], n: number, size: (f: string) => number = fileSize): string[][] {
+/** Greedy split by expected run time (fileWeight) into at most n non-empty groups. */
+export function splitFiles(files: string[], n: number, size: (f: string) => number = fileWeight): string[][] {
   const groups: { files: string[]; weight: number }[] = Array.from({ length: Math.max(1, Math.min(n, files.length)) }, () => ({
     files: [],
     weight: 0,
@@ -51,9 +51,12 @@ export function splitFiles(files: string[], n: number, size: (f: string) => numb
   return groups.map((g) => g.files.sort()).filter((g) => g.length > 0);
 }
 
-function fileSize(f: string): number {
+/** A VM test file's expected run time: its `// vm-seconds: N` line (measured), else its size as a
+ * rough proxy (100 bytes ≈ 1 s). */
+export function fileWeight(f: string): number {
   try {
-    return statSync(f).size;
+    const m = /^\/\/ vm-seconds: (\d+)/m.exec(readFileSync(f, "utf8").slice(0, 8192));
+    return m ? Number(m[1]) : statSync(f).size / 100;
   } catch {
     return 0;
   }

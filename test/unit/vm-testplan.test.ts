@@ -1,6 +1,8 @@
 // scripts/test.ts decisions: filters, VM file split, and reading bun test's real counts.
 import { describe, expect, test } from "bun:test";
-import { countRun, failedTestNames, parseBunSummary, planRun, splitFiles } from "../../lib/vm/testplan.ts";
+import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { join } from "node:path";
+import { countRun, failedTestNames, fileWeight, parseBunSummary, planRun, splitFiles } from "../../lib/vm/testplan.ts";
 
 const VM = ["test/vm/a.test.ts", "test/vm/b.test.ts", "test/vm/c.test.ts"];
 
@@ -29,6 +31,22 @@ describe("splitFiles", () => {
   test("balances by size over n groups", () => {
     const g = splitFiles(["a", "b", "c", "d"], 2, (f) => sizes[f]!);
     expect(g).toEqual([["a", "d"], ["b", "c"]]);
+  });
+  test("a file's weight is its measured `// vm-seconds: N`, else its size / 100", () => {
+    const d = mkdtempSync("/tmp/thinimg-testplan-");
+    try {
+      writeFileSync(join(d, "slow.test.ts"), "// what it tests\n// vm-seconds: 250 (measured)\nimport x from 'y';\n");
+      writeFileSync(join(d, "plain.test.ts"), "x".repeat(5000));
+      expect(fileWeight(join(d, "slow.test.ts"))).toBe(250);
+      expect(fileWeight(join(d, "plain.test.ts"))).toBe(50);
+      expect(fileWeight(join(d, "missing.test.ts"))).toBe(0);
+      expect(splitFiles([join(d, "plain.test.ts"), join(d, "slow.test.ts"), join(d, "missing.test.ts")], 2)).toEqual([
+        [join(d, "slow.test.ts")],
+        [join(d, "missing.test.ts"), join(d, "plain.test.ts")],
+      ]);
+    } finally {
+      rmSync(d, { recursive: true, force: true });
+    }
   });
   test("never more groups than files, never empty groups", () => {
     expect(splitFiles(["a"], 2, (f) => sizes[f]!)).toEqual([["a"]]);

@@ -4,6 +4,7 @@
 // with no table. Next to them: live layers/snapshots (must stay byte-identical), a mounted orphan
 // (skipped), a foreign device (untouched), a too-young orphan (left for later). `bun scripts/gc.ts`
 // runs as a user would run it.
+// vm-seconds: 210 (its run time in one test VM; `bun run test` balances the VMs by it)
 import { afterAll, beforeAll, describe, expect, setDefaultTimeout, test } from "bun:test";
 import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync } from "node:fs";
 import { join } from "node:path";

@@ -1,4 +1,5 @@
 // Health checks against real pools and the real kernel log in the VM.
+// vm-seconds: 20 (its run time in one test VM; `bun run test` balances the VMs by it)
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { mkdtempSync, rmSync } from "node:fs";
 import { dmsetup, losetup, pool } from "../../lib/dm/index.ts";
