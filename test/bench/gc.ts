@@ -108,6 +108,10 @@ function seedDb(stateDir: string, pool: string): void {
       snap.run(id, pool, id, `thinimg-${pool}-snap-${id}`, t, t, t);
     }
     // ids LIVE+RELEASED+1..COUNT: in the pool, unknown to the DB
+    // the DB recorded the pool's last change (transaction 1 in the restored metadata): it is not
+    // behind the pool, so GC may treat the ids it does not know as orphans
+    db.query("INSERT INTO work (id, pool, kind, subject, state, pid, host, command, created_at, updated_at, finished_at) VALUES (1, ?, 'build_layer', 'layer:1', 'done', 1, 'bench', 'bench', ?, ?, ?)").run(pool, t, t, t);
+    db.query("INSERT INTO steps (work_id, pool, name, state, thin_id, txn_before, txn_after, created_at, updated_at) VALUES (1, ?, 'create_thin', 'done', ?, 0, 1, ?, ?)").run(pool, LIVE, t, t);
   });
   db.close();
 }
