@@ -1,7 +1,9 @@
 // A real loop-backed thin pool for VM tests, in a fresh /tmp dir with a unique name.
-import { mkdtempSync, rmSync } from "node:fs";
+import { mkdirSync, mkdtempSync, rmSync } from "node:fs";
+import { join } from "node:path";
 import { dmsetup, losetup, pool as dmpool, thintools } from "../../lib/dm/index.ts";
 import { type LoopPool, createLoopPool } from "../../lib/dm/loop-pool.ts";
+import { runOk } from "../../lib/exec.ts";
 import { parseSize } from "../../lib/util/units.ts";
 
 export interface TestPool extends LoopPool {
@@ -51,6 +53,51 @@ export async function makeTestPool(
       await losetup.detach(p.metaDev).catch(() => {});
       await losetup.detach(p.dataDev).catch(() => {});
       rmSync(dir, { recursive: true, force: true });
+    },
+  };
+}
+
+export interface FlakyPool {
+  name: string;
+  /** The pool's data device: a dm device of its own (no thinimg prefix, not a thin device). */
+  flaky: string;
+  metaDev: string;
+  /** flakey with up 0 s / down 1 s: every I/O to the data device fails from now on. */
+  fail(): Promise<void>;
+  /** Back to a plain linear table. */
+  heal(): Promise<void>;
+  /** Remove thinimg's devices on it, the pool, the data device and the loops (test teardown only). */
+  destroy(): Promise<void>;
+}
+
+/** A 512 MiB pool under `dir` whose data device can be switched to failing every I/O (dm-flakey). */
+export async function makeFlakyPool(dir: string, name: string): Promise<FlakyPool> {
+  mkdirSync(dir, { recursive: true });
+  await runOk(["truncate", "-s", "16M", join(dir, "meta")]);
+  await runOk(["truncate", "-s", "512M", join(dir, "data")]);
+  const metaDev = await losetup.attach(join(dir, "meta"));
+  const dataDev = await losetup.attach(join(dir, "data"));
+  const flaky = `${name}-data`;
+  const sectors = (512 * 1024 * 1024) / 512;
+  const linear = `0 ${sectors} linear ${dataDev} 0`;
+  await dmsetup.create(flaky, linear);
+  await dmsetup.create(name, dmpool.poolTable({ metaDev, dataDev: `/dev/mapper/${flaky}`, dataSectors: sectors, blockSectors: 128, lowWaterMark: 64, features: ["error_if_no_space"] }));
+  const swap = async (table: string) => {
+    await dmsetup.reload(flaky, table);
+    await dmsetup.resume(flaky);
+  };
+  return {
+    name,
+    flaky,
+    metaDev,
+    fail: () => swap(`0 ${sectors} flakey ${dataDev} 0 0 1`),
+    heal: () => swap(linear),
+    async destroy() {
+      for (const d of await dmsetup.ls()) if (d.name.startsWith(`thinimg-${name}-`)) await dmsetup.remove(d.name).catch(() => {});
+      await dmsetup.remove(name).catch(() => {});
+      await dmsetup.remove(flaky).catch(() => {});
+      await losetup.detach(metaDev).catch(() => {});
+      await losetup.detach(dataDev).catch(() => {});
     },
   };
 }

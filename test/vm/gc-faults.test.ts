@@ -8,17 +8,16 @@
 // before the failed unpack), and a second `--force` finds nothing.
 // vm-seconds: 260 (its run time in one test VM; `bun run test` balances the VMs by it)
 import { afterAll, describe, expect, setDefaultTimeout, test } from "bun:test";
-import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
-import { dmsetup, losetup, mount, pool as dmpool, thintools } from "../../lib/dm/index.ts";
-import { poolTable } from "../../lib/dm/pool.ts";
+import { dmsetup, mount, pool as dmpool, thintools } from "../../lib/dm/index.ts";
 import { run, runOk } from "../../lib/exec.ts";
 import type { GcReport } from "../../lib/gc/report.ts";
 import { openDb } from "../../lib/store/db.ts";
 import { primeKernelLogCursor } from "../helpers/health.ts";
 import { buildLayerTar, sampleLayer, writeLayerFamily } from "../helpers/images.ts";
 import { requireDm } from "../helpers/kernel.ts";
-import { makeTestPool } from "../helpers/pool.ts";
+import { type FlakyPool, makeFlakyPool, makeTestPool } from "../helpers/pool.ts";
 import { noise } from "../helpers/bytes.ts";
 
 requireDm();
@@ -365,40 +364,10 @@ describe("pool out of data space mid-apply", () => {
 
 /** A pool whose data device is a dm device (not ours: no thinimg prefix, not a thin device) that can
  * be switched to failing every I/O (flakey) and back (linear). */
-async function flakyPool(tag: string) {
-  const dir = join(W, tag);
-  mkdirSync(dir, { recursive: true });
-  await runOk(["truncate", "-s", "16M", join(dir, "meta")]);
-  await runOk(["truncate", "-s", "512M", join(dir, "data")]);
-  const metaDev = await losetup.attach(join(dir, "meta"));
-  const dataDev = await losetup.attach(join(dir, "data"));
-  const name = `gf${tag}${process.pid}`;
-  const flaky = `${name}-data`;
-  const sectors = (512 * 1024 * 1024) / 512;
-  const linear = `0 ${sectors} linear ${dataDev} 0`;
-  await dmsetup.create(flaky, linear);
-  await dmsetup.create(name, poolTable({ metaDev, dataDev: `/dev/mapper/${flaky}`, dataSectors: sectors, blockSectors: 128, lowWaterMark: 64, features: ["error_if_no_space"] }));
-  cleanups.push(async () => {
-    for (const d of await dmsetup.ls()) if (d.name.startsWith(`thinimg-${name}-`)) await dmsetup.remove(d.name).catch(() => {});
-    await dmsetup.remove(name).catch(() => {});
-    await dmsetup.remove(flaky).catch(() => {});
-    await losetup.detach(metaDev).catch(() => {});
-    await losetup.detach(dataDev).catch(() => {});
-  });
-  return {
-    name,
-    flaky,
-    metaDev,
-    // flakey with up 0 s / down 1 s: every I/O to the data device fails from now on
-    fail: async () => {
-      await dmsetup.reload(flaky, `0 ${sectors} flakey ${dataDev} 0 0 1`);
-      await dmsetup.resume(flaky);
-    },
-    heal: async () => {
-      await dmsetup.reload(flaky, linear);
-      await dmsetup.resume(flaky);
-    },
-  };
+async function flakyPool(tag: string): Promise<FlakyPool> {
+  const fk = await makeFlakyPool(join(W, tag), `gf${tag}${process.pid}`);
+  cleanups.push(() => fk.destroy());
+  return fk;
 }
 
 describe("I/O errors under a layer (dm-flakey data device)", () => {

@@ -8,9 +8,7 @@ import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync
 import { join } from "node:path";
 import { loadConfig } from "../../lib/config.ts";
 import * as dmsetup from "../../lib/dm/dmsetup.ts";
-import * as losetup from "../../lib/dm/losetup.ts";
 import * as mnt from "../../lib/dm/mount.ts";
-import { poolTable } from "../../lib/dm/pool.ts";
 import type { ThinimgError } from "../../lib/errors.ts";
 import { runOk } from "../../lib/exec.ts";
 import { type Ctx, makeCtx } from "../../lib/pipeline/context.ts";
@@ -25,7 +23,7 @@ import { activate, release } from "../../lib/pipeline/activate.ts";
 import { buildLayerTar, writeLayerFamily } from "../helpers/images.ts";
 import { primeKernelLogCursor } from "../helpers/health.ts";
 import { requireDm } from "../helpers/kernel.ts";
-import { type TestPool, makeTestPool } from "../helpers/pool.ts";
+import { type FlakyPool, makeFlakyPool, type TestPool, makeTestPool } from "../helpers/pool.ts";
 import { noise } from "../helpers/bytes.ts";
 
 requireDm();
@@ -97,37 +95,10 @@ describe("pool out of data space mid-apply", () => {
 });
 
 /** A pool whose data device is a dm target we can switch to failing (flakey) and back (linear). */
-async function flakyPool(tag: string): Promise<{ name: string; fail(): Promise<void>; heal(): Promise<void> }> {
-    const dir = join(W, tag);
-    Bun.spawnSync(["mkdir", "-p", dir]);
-    await runOk(["truncate", "-s", "16M", join(dir, "meta")]);
-    await runOk(["truncate", "-s", "512M", join(dir, "data")]);
-    const metaDev = await losetup.attach(join(dir, "meta"));
-    const dataDev = await losetup.attach(join(dir, "data"));
-    const name = `fk${tag}${process.pid}`;
-    const flaky = `${name}-data`;
-    const sectors = (512 * 1024 * 1024) / 512;
-    await dmsetup.create(flaky, `0 ${sectors} linear ${dataDev} 0`);
-    await dmsetup.create(name, poolTable({ metaDev, dataDev: `/dev/mapper/${flaky}`, dataSectors: sectors, blockSectors: 128, lowWaterMark: 64, features: ["error_if_no_space"] }));
-    cleanups.push(async () => {
-      for (const d of await dmsetup.ls()) if (d.name.startsWith(`thinimg-${name}-`)) await dmsetup.remove(d.name).catch(() => {});
-      await dmsetup.remove(name).catch(() => {});
-      await dmsetup.remove(flaky).catch(() => {});
-      await losetup.detach(metaDev).catch(() => {});
-      await losetup.detach(dataDev).catch(() => {});
-    });
-    return {
-      name,
-      // flakey with up 0 s / down 1 s: every I/O to the data device fails from now on
-      fail: async () => {
-        await dmsetup.reload(flaky, `0 ${sectors} flakey ${dataDev} 0 0 1`);
-        await dmsetup.resume(flaky);
-      },
-      heal: async () => {
-        await dmsetup.reload(flaky, `0 ${sectors} linear ${dataDev} 0`);
-        await dmsetup.resume(flaky);
-      },
-    };
+async function flakyPool(tag: string): Promise<FlakyPool> {
+  const fk = await makeFlakyPool(join(W, tag), `fk${tag}${process.pid}`);
+  cleanups.push(() => fk.destroy());
+  return fk;
 }
 
 /** Run an in-process unpack that pauses at `at`; `during` runs while it is paused, then it goes on. */
