@@ -93,16 +93,6 @@ export interface ActOptions {
   signal?: AbortSignal;
 }
 
-function classifyUmount(e: unknown): StepOutcome {
-  if (e instanceof CommandError) {
-    if (e.result.timedOut) return "timeout";
-    const s = e.result.stderr;
-    if (/not mounted|no mount point specified|mountpoint not found/i.test(s)) return "already_gone";
-    if (/busy/i.test(s)) return "busy";
-  }
-  return "failed";
-}
-
 function classifyDm(e: unknown): StepOutcome {
   if (isDmError(e, "not_found")) return "already_gone";
   if (isDmError(e, "busy")) return "busy";
@@ -262,7 +252,7 @@ export async function act(actions: Orphan[], o: ActOptions): Promise<ActResult> 
               await umount(path, { timeoutMs, ctx: ctx(a.thinId, a.device) });
               return undefined;
             },
-            (e) => (e instanceof CommandError ? classifyUmount(e) : "changed"),
+            (e) => (e instanceof CommandError ? classifyDm(e) : "changed"),
           ),
         );
         if (ok) ledger.mountUnmounted(path);

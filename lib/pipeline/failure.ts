@@ -1,6 +1,6 @@
 // Fail dumb: on an error path nothing is unmounted, removed or deleted. The failure and every
 // resource it leaves behind are recorded, and the message names the GC command.
-import { isDmError } from "../dm/errors.ts";
+import { classifyDmError, DmError } from "../dm/errors.ts";
 import { type ErrorKind, ThinimgError, errorMessage } from "../errors.ts";
 import type { Leak } from "../store/work.ts";
 
@@ -23,11 +23,12 @@ function commandStderr(e: unknown): string {
 
 /** Map anything thrown during dm/fs work to (kind, stable error_kind). */
 export function classify(e: unknown): { kind: ErrorKind; errorKind: string } {
-  if (isDmError(e, "no_space")) return { kind: "dm", errorKind: "no_space" };
-  // sync -f, umount, mount, mkfs: the errno is only in the command's stderr
-  const stderr = commandStderr(e);
-  if (/No space left on device|ENOSPC/i.test(stderr)) return { kind: "dm", errorKind: "no_space" };
-  if (/Input\/output error|EIO\b|Read-only file system|EROFS/i.test(stderr)) return { kind: "dm", errorKind: "io" };
+  // sync -f, umount, mount, mkfs: the errno is only in the command's stderr — typed by lib/dm's
+  // classifier (already done for a DmError; any other error carrying stderr goes through it here)
+  const stderr = e instanceof DmError ? "" : commandStderr(e);
+  const dmKind = e instanceof DmError ? e.dmKind : stderr ? classifyDmError({ argv: [], stdout: "", stderr, exitCode: 1, signal: null, timedOut: false, durationMs: 0 }) : null;
+  if (dmKind === "no_space") return { kind: "dm", errorKind: "no_space" };
+  if (dmKind === "io") return { kind: "dm", errorKind: "io" };
   // applyLayer reports a failed syscall as an "input" error with details.code; a device error
   // (EIO, ENOSPC, EROFS after ext4 remounted read-only) is the host's fault, not the image's.
   const detailCode = e instanceof ThinimgError ? e.details?.code : undefined;

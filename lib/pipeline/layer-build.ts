@@ -17,12 +17,11 @@
 // A reboot also drops the device: `activated`/`formatted` found without it are re-activated.
 import { mkdirSync } from "node:fs";
 import * as dmsetup from "../dm/dmsetup.ts";
-import { isDmError } from "../dm/errors.ts";
+import { isDmError, runTool } from "../dm/errors.ts";
 import { mkfsExt4 } from "../dm/mkfs.ts";
 import * as mnt from "../dm/mount.ts";
 import * as pool from "../dm/pool.ts";
 import { ThinimgError } from "../errors.ts";
-import { runOk } from "../exec.ts";
 import { applyLayer } from "../image/apply/index.ts";
 import type { LayerRef } from "../image/types.ts";
 import { log } from "../log.ts";
@@ -271,7 +270,7 @@ export async function buildLayer(ctx: Ctx, input: BuildInput): Promise<BuildResu
           // a later syncfs only reports errors newer than its open (Linux >= 5.8), so this is the one
           // chance to know the layer is on disk. The `sync` step row is the proof a resume checks.
           begin("sync");
-          await runOk(["sync", "-f", path], { timeoutMs: 300_000, ctx: { pool_name: poolName, device_id: l.thin_id!, device_name: dev! } });
+          await runTool(["sync", "-f", path], { timeoutMs: 300_000, ctx: { pool_name: poolName, device_id: l.thin_id!, device_name: dev! } });
           tx(db, () => {
             end("ok");
             updateLayer(db, l.id, { phase: "applied" });
