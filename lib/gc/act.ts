@@ -48,6 +48,11 @@ export interface ActResult {
   results: ActionResult[];
   /** The run stopped early: the pool left rw mode, a step timed out, or we were asked to stop. */
   stopped: { reason: "pool_not_rw" | "pool_unreadable" | "pool_gone" | "timeout" | "aborted"; detail: string } | null;
+  /**
+   * Kernel names (`dm-N`) of devices this run unmounted and then removed. Unmounting a filesystem
+   * that hit errors before (the reason its layer failed) logs ext4 errors for it; those are ours.
+   */
+  unmountedRemoved: string[];
 }
 
 /** What GC writes to the DB while acting (store-backed in run.ts; no-op in tests of the dm side). */
@@ -151,6 +156,7 @@ export async function act(actions: Orphan[], o: ActOptions): Promise<ActResult> 
   const timeoutMs = o.stepTimeoutMs ?? STEP_TIMEOUT_MS;
   const ledger = o.ledger ?? NO_LEDGER;
   const results: ActionResult[] = [];
+  const unmountedRemoved: string[] = [];
   let stopped: ActResult["stopped"] = null;
   const every = o.poolCheckEveryMs ?? 1_000;
   let lastCheck = Number.NEGATIVE_INFINITY;
@@ -237,6 +243,7 @@ export async function act(actions: Orphan[], o: ActOptions): Promise<ActResult> 
         ),
       );
       const gone = steps.at(-1)?.outcome === "already_gone";
+      let unmountedHere = false;
       // 3. our own mounts, each only if it is still this device mounted there
       for (const path of gone ? [] : a.unmount) {
         if (!ok) break;
@@ -256,6 +263,7 @@ export async function act(actions: Orphan[], o: ActOptions): Promise<ActResult> 
           ),
         );
         if (ok) ledger.mountUnmounted(path);
+        if (ok && steps.at(-1)?.outcome === "ok") unmountedHere = true;
       }
       // 4. nothing holds it now; 5. remove it
       if (ok && !gone && a.unmount.length > 0) {
@@ -278,6 +286,7 @@ export async function act(actions: Orphan[], o: ActOptions): Promise<ActResult> 
         ok = finish(await step("remove", name, () => dmsetup.remove(name, { timeoutMs, ctx: ctx(a.thinId, name) }).then(() => undefined), classifyDm));
       }
       if (ok) ledger.deviceRemoved(name);
+      if (ok && unmountedHere && info) unmountedRemoved.push(`dm-${(info as { minor: number }).minor}`);
     }
     if (ok && a.deleteThin && a.thinId !== null) {
       const id = a.thinId;
@@ -295,5 +304,5 @@ export async function act(actions: Orphan[], o: ActOptions): Promise<ActResult> 
     } else if (!ok) abortIntent(`${steps.at(-1)?.op ?? "?"} ${steps.at(-1)?.outcome ?? "?"}: ${steps.at(-1)?.error ?? ""}`);
     lastOk = res.outcome === "done";
   }
-  return { results, stopped };
+  return { results, stopped, unmountedRemoved };
 }

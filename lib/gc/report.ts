@@ -30,6 +30,8 @@ export interface GcReportInput {
   reconciled: number;
   /** A fatal refusal before planning (lock, health): the run did nothing. */
   refused: { reason: string; detail: string } | null;
+  /** Kernel messages caused by this run's own unmounts of devices it then removed. */
+  kernelMessages: string[];
   notes: string[];
 }
 
@@ -76,6 +78,8 @@ export interface GcReport {
   repairs: { kind: string; thin_id: number | null; device: string | null; path: string | null; detail: string; applied: boolean }[];
   foreign: { name: string; thin_id: number | null; why: string; detail: string }[];
   stopped: { reason: string; detail: string } | null;
+  /** What the kernel logged while this run unmounted devices it then removed (see act.ts). */
+  kernel_messages: string[];
   notes: string[];
   summary: {
     orphans: number;
@@ -169,6 +173,7 @@ export function buildReport(i: GcReportInput): GcReport {
     repairs,
     foreign,
     stopped,
+    kernel_messages: i.kernelMessages,
     notes: i.notes,
     summary: {
       orphans: orphans.length,
@@ -220,6 +225,7 @@ export function formatHuman(r: GcReport): string {
     out.push(`foreign (never touched) (${r.foreign.length}):`);
     for (const f of r.foreign) out.push(`  - ${f.name}: ${f.detail}`);
   }
+  for (const k of r.kernel_messages) out.push(`kernel, while unmounting a device then removed: ${k}`);
   for (const n of r.notes) out.push(`note: ${n}`);
   if (r.stopped) out.push(`STOPPED: ${r.stopped.detail}`);
   const s = r.summary;

@@ -9,7 +9,9 @@
 import { existsSync, readFileSync } from "node:fs";
 import type { Config } from "../config.ts";
 import { errorMessage, ThinimgError } from "../errors.ts";
+import { acknowledgeOwnMessages } from "../health/dmesg.ts";
 import { assertHealthy } from "../health/index.ts";
+import { procIo } from "../health/io.ts";
 import { staleness } from "../lock/owner.ts";
 import { type ProcessLock, acquireProcessLock, readLockFile } from "../lock/process-lock.ts";
 import { describeHolder } from "../lock/owner.ts";
@@ -98,6 +100,7 @@ export async function runGc(o: GcOptions): Promise<GcReport> {
     repairsApplied: false,
     reconciled: 0,
     refused: null,
+    kernelMessages: [],
     notes,
   };
   const done = (extra: Partial<GcReportInput>) => buildReport({ ...base, ...extra, notes, finishedAt: Date.now() });
@@ -204,6 +207,15 @@ export async function runGc(o: GcOptions): Promise<GcReport> {
         scanned: new Map(dm.ours.map((d) => [d.name, d])),
         signal: o.signal,
       });
+      if (actResult.unmountedRemoved.length) {
+        try {
+          const lines = await acknowledgeOwnMessages(procIo, cfg.stateDir, new Set(actResult.unmountedRemoved));
+          base.kernelMessages = lines;
+          for (const l of lines) log.warn(`gc: the kernel said, unmounting a device this run then removed (not held against the next health check): ${l}`);
+        } catch (e) {
+          notes.push(`could not read the kernel log after acting: ${errorMessage(e)}`);
+        }
+      }
       if (plan.repairs.length && !actResult.stopped) {
         const notApplied = applyRepairs(db, pool, plan.repairs);
         base.repairsApplied = true;

@@ -162,3 +162,55 @@ export async function checkDmesg(io: HealthIo, o: { stateDir?: string | undefine
     { lines, cursor_seq: lastSeq, lost },
   );
 }
+
+// What GC's own unmount of a failed layer's filesystem makes the kernel say: ext4 errors (e.g.
+// "Couldn't clean up the journal") and buffer I/O errors on that one device.
+const OWN_UNMOUNT_KINDS = new Set(["filesystem error on a dm device", "I/O error on a dm device"]);
+
+/**
+ * The cursor may move past messages caused by unmounting devices that were then removed (`devices`:
+ * kernel names, `dm-N`), and past irrelevant records, up to the first relevant message that is not
+ * one of those: that one and all after it stay for the next check to report. Same boot only. Pure.
+ */
+export function ownMessagesPrefix(
+  records: KmsgRecord[],
+  o: { cursor: KmsgCursor | null; bootId: string; devices: ReadonlySet<string> },
+): { acknowledged: DmesgFinding[]; seq: number } | null {
+  if (!o.cursor || o.cursor.boot_id !== o.bootId || o.devices.size === 0) return null;
+  let seq = o.cursor.seq;
+  const acknowledged: DmesgFinding[] = [];
+  for (const r of records) {
+    if (r.seq <= o.cursor.seq) continue;
+    const c = r.facility === 0 ? classifyKernelLine(r.message) : null;
+    if (c) {
+      const named = r.message.match(/\bdm-\d+\b/g) ?? [];
+      const ours = OWN_UNMOUNT_KINDS.has(c.what) && named.length > 0 && named.every((d) => o.devices.has(d));
+      if (!ours) break;
+      acknowledged.push({ seq: r.seq, status: c.status, what: c.what, line: r.message });
+    }
+    seq = r.seq;
+  }
+  return { acknowledged, seq };
+}
+
+/**
+ * After GC removed devices it had unmounted: take the kernel's complaints about those unmounts off
+ * the health check's plate (they name devices that no longer exist), so the next dm work is not
+ * blocked by GC's own cleanup. Returns the lines, for GC's report. Anything else stays reported.
+ */
+export async function acknowledgeOwnMessages(io: HealthIo, stateDir: string, devices: ReadonlySet<string>): Promise<string[]> {
+  if (devices.size === 0) return [];
+  const [raw, bootId, cursor] = await Promise.all([
+    io.readKmsg(),
+    io.readText("/proc/sys/kernel/random/boot_id").then((s) => s.trim(), () => "unknown"),
+    readCursor(stateDir),
+  ]);
+  const records = raw.map(parseKmsgRecord).filter((r): r is KmsgRecord => r !== null);
+  const r = ownMessagesPrefix(records, { cursor, bootId, devices });
+  if (!r || r.acknowledged.length === 0) return [];
+  // another check may have moved the cursor meanwhile: never move it back
+  const now = await readCursor(stateDir);
+  if (now && now.boot_id === bootId && now.seq >= r.seq) return [];
+  await writeCursor(stateDir, { boot_id: bootId, seq: r.seq });
+  return r.acknowledged.map((f) => f.line);
+}

@@ -41,7 +41,7 @@ export interface ActOptions<T> {
   planned: T;
   /** Detail once done, from the result. */
   done?: (r: T) => string;
-  /** Shell form when it is not simply argv (e.g. "fallocate … || truncate …"). */
+  /** Shell form when it is not simply argv (e.g. a command with a comment, or a pipeline). */
   shell?: string;
 }
 
@@ -97,7 +97,10 @@ export class Blocked extends ThinimgError {
   }
 }
 
-/** How a new backing file is made (makeBackingFile): fallocate, else a sparse truncate. */
+/**
+ * How a new backing file is made (makeBackingFile): fallocate; a sparse truncate ONLY where the
+ * filesystem says "Operation not supported". Not `a || b`: that would also paper over ENOSPC.
+ */
 export function sizeFileShell(size: number, path: string): string {
-  return `${shellLine(["fallocate", "-l", String(size), path])} || ${shellLine(["truncate", "-s", String(size), path])}`;
+  return `${shellLine(["fallocate", "-l", String(size), path])}   # only if it says "Operation not supported": ${shellLine(["truncate", "-s", String(size), path])}`;
 }

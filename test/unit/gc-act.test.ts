@@ -311,6 +311,7 @@ describe("report", () => {
     repairsApplied: false,
     reconciled: 0,
     refused: null,
+    kernelMessages: [],
     notes: [],
   };
   const plan = { pool: POOL, actions: [orphan(7, "thinimg-tp-snap-7", { unmount: ["/s/mnt/x"] })], skips: [], repairs: [], foreign: [], notes: [] };
@@ -320,7 +321,7 @@ describe("report", () => {
     const r = buildReport({ ...base, mode: "dry_run", plan });
     expect(r.exit_code).toBe(0);
     expect(r.orphans[0]!.outcome).toBe("would_remove");
-    expect(Object.keys(r)).toEqual(["ok", "exit_code", "mode", "pool", "state_dir", "grace_ms", "started_at", "duration_ms", "lock", "health", "refused", "reconciled", "scan", "orphans", "skipped", "repairs", "foreign", "stopped", "notes", "summary"]);
+    expect(Object.keys(r)).toEqual(["ok", "exit_code", "mode", "pool", "state_dir", "grace_ms", "started_at", "duration_ms", "lock", "health", "refused", "reconciled", "scan", "orphans", "skipped", "repairs", "foreign", "stopped", "kernel_messages", "notes", "summary"]);
   });
 
   test("exit 1: a skip that needs a human, a refusal, a failure, a stale hold; exit 0 for too_young", () => {
@@ -328,7 +329,7 @@ describe("report", () => {
     expect(buildReport({ ...base, mode: "force", plan: skip("mounted") }).exit_code).toBe(1);
     expect(buildReport({ ...base, mode: "force", plan: skip("too_young") }).exit_code).toBe(0);
     expect(buildReport({ ...base, mode: "force", plan: null, refused: { reason: "lock_held", detail: "x" } }).exit_code).toBe(1);
-    const failed = { results: [{ action: plan.actions[0]!, outcome: "failed" as const, steps: [], skipReason: null }], stopped: null };
+    const failed = { results: [{ action: plan.actions[0]!, outcome: "failed" as const, steps: [], skipReason: null }], stopped: null, unmountedRemoved: [] };
     expect(buildReport({ ...base, mode: "force", plan, act: failed }).exit_code).toBe(1);
     const stale = { ...base.scan, metadata: { ...base.scan.metadata, status: "skipped" as const, staleHold: { heldRoot: 3, released: false }, skipped: "stale" } };
     expect(buildReport({ ...base, scan: stale, mode: "dry_run", plan }).exit_code).toBe(1);

@@ -6,7 +6,7 @@ import { mkdtempSync, readFileSync, rmSync } from "node:fs";
 import { parsePoolStatus } from "../../lib/dm/status.ts";
 import { ThinimgError } from "../../lib/errors.ts";
 import { type CmdResult, setRunner, spawnRunner } from "../../lib/exec.ts";
-import { checkDmesg, classifyKernelLine, findNew, type KmsgRecord, parseKmsgRecord } from "../../lib/health/dmesg.ts";
+import { acknowledgeOwnMessages, checkDmesg, classifyKernelLine, findNew, type KmsgRecord, ownMessagesPrefix, parseKmsgRecord } from "../../lib/health/dmesg.ts";
 import { dmMajor, dmMountPoints, parseProcStat, scanDState, stuckOnDm, tiedToDm } from "../../lib/health/dstate.ts";
 import type { HealthIo } from "../../lib/health/io.ts";
 import { judgeIowait, parseCpuLine } from "../../lib/health/iowait.ts";
@@ -298,6 +298,64 @@ describe("kernel log", () => {
       const third = await checkDmesg(io, { stateDir: dir, lookbackMs: 60_000 });
       expect(third.status).toBe("block");
       expect(third.message).toContain("switching pool to fail mode");
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
+  test("GC's own unmount complaints: acknowledged up to the first message that is not one of them", () => {
+    const log = [
+      rec(10, 1, "EXT4-fs (dm-2): unmounting filesystem."),
+      rec(11, 1, "EXT4-fs error (device dm-2): ext4_put_super:1297: comm umount: Couldn't clean up the journal"),
+      rec(12, 1, "Buffer I/O error on dev dm-2, logical block 0, lost sync page write"),
+      rec(13, 1, "EXT4-fs error (device dm-3): ext4_find_entry:1455: inode #2: comm ls: reading directory lblock 0"),
+      rec(14, 1, "EXT4-fs error (device dm-2): ext4_put_super:1297: comm umount: Couldn't clean up the journal"),
+    ];
+    const cursor = { boot_id: "b1", seq: 9 };
+    const r = ownMessagesPrefix(log, { cursor, bootId: "b1", devices: new Set(["dm-2"]) });
+    // dm-3 was not unmounted by GC: it and everything after it stay for the next check
+    expect(r?.acknowledged.map((f) => f.seq)).toEqual([11, 12]);
+    expect(r?.seq).toBe(12);
+    expect(findNew(log, { cursor: { boot_id: "b1", seq: r!.seq }, bootId: "b1", uptimeUsec: 2e6, lookbackMs: 1000 }).findings.map((f) => f.seq)).toEqual([13, 14]);
+    // a pool-level message is never GC's to acknowledge, even if it names the device
+    const pool = [rec(10, 1, "device-mapper: thin: 254:0: switching pool to read-only mode (dm-2)"), rec(11, 1, log[1]!.message)];
+    expect(ownMessagesPrefix(pool, { cursor, bootId: "b1", devices: new Set(["dm-2"]) })?.acknowledged).toEqual([]);
+    // no cursor, another boot, or no devices: nothing to move
+    expect(ownMessagesPrefix(log, { cursor: null, bootId: "b1", devices: new Set(["dm-2"]) })).toBeNull();
+    expect(ownMessagesPrefix(log, { cursor: { boot_id: "b0", seq: 9 }, bootId: "b1", devices: new Set(["dm-2"]) })).toBeNull();
+    expect(ownMessagesPrefix(log, { cursor, bootId: "b1", devices: new Set() })).toBeNull();
+    // userspace writing an ext4-looking line to /dev/kmsg does not stop the walk, nor is it counted
+    const spoof = [rec(10, 1, "EXT4-fs error (device dm-7): spoofed", 1), rec(11, 1, log[1]!.message)];
+    expect(ownMessagesPrefix(spoof, { cursor, bootId: "b1", devices: new Set(["dm-2"]) })?.acknowledged.map((f) => f.seq)).toEqual([11]);
+  });
+
+  test("acknowledgeOwnMessages moves the saved cursor so the next check passes, never backwards", async () => {
+    const dir = mkdtempSync("/tmp/thinimg-health-unit-");
+    try {
+      const records = ["6,1,1000000,-;device-mapper: ioctl: 4.47.0-ioctl initialised"];
+      const io: HealthIo = {
+        procStats: async () => [],
+        listDir: async () => [],
+        readLink: async () => "",
+        readText: async (p) => {
+          if (p === "/proc/sys/kernel/random/boot_id") return "boot-1\n";
+          if (p === "/proc/uptime") return "3.00 1.00\n";
+          throw new Error(`ENOENT ${p}`);
+        },
+        readKmsg: async () => records,
+        sleep: async () => {},
+      };
+      expect((await checkDmesg(io, { stateDir: dir, lookbackMs: 60_000 })).status).toBe("ok");
+      records.push("3,2,2000000,-;EXT4-fs error (device dm-2): ext4_put_super:1297: comm umount: Couldn't clean up the journal");
+      expect(await acknowledgeOwnMessages(io, dir, new Set(["dm-5"]))).toEqual([]);
+      expect(await acknowledgeOwnMessages(io, dir, new Set(["dm-2"]))).toEqual([records[1]!.split(";")[1]!]);
+      expect((await checkDmesg(io, { stateDir: dir, lookbackMs: 60_000 })).status).toBe("ok");
+      // the same message, not caused by GC (not acknowledged): the next check blocks on it
+      records.push("3,3,2500000,-;EXT4-fs error (device dm-2): ext4_put_super:1297: comm umount: Couldn't clean up the journal");
+      expect((await checkDmesg(io, { stateDir: dir, lookbackMs: 60_000 })).status).toBe("block");
+      // a cursor already past it is left alone
+      expect(await acknowledgeOwnMessages(io, dir, new Set(["dm-2"]))).toEqual([]);
+      expect(JSON.parse(readFileSync(`${dir}/health-kmsg.json`, "utf8"))).toEqual({ boot_id: "boot-1", seq: 3 });
     } finally {
       rmSync(dir, { recursive: true, force: true });
     }

@@ -290,7 +290,7 @@ describe("--create", () => {
     const out = renderReport(r).stdout;
     expect(out[0]).toBe(`# recover-pool --dry-run: pool tp in ${dir}: would be created`);
     expect(out).toContain(`mkdir -p ${dir}`);
-    expect(out).toContain(`fallocate -l 33554432 ${dir}/metadata.img || truncate -s 33554432 ${dir}/metadata.img`);
+    expect(out).toContain(`fallocate -l 33554432 ${dir}/metadata.img   # only if it says "Operation not supported": truncate -s 33554432 ${dir}/metadata.img`);
     expect(out).toContain(`META_DEV=$(losetup --find --show ${dir}/metadata.img)`);
     expect(out.some((l) => l.endsWith(`create tp --table "0 2097152 thin-pool $META_DEV $DATA_DEV 128 1638 1 error_if_no_space"`))).toBe(true);
   });
@@ -425,7 +425,7 @@ describe("recover", () => {
     expect(host.mutations().some((m) => m.startsWith("dmsetup create"))).toBe(false);
     expect(r.next_steps).toEqual([
       `rm -f ${meta}.repair`,
-      `fallocate -l 33554432 ${meta}.repair || truncate -s 33554432 ${meta}.repair`,
+      `fallocate -l 33554432 ${meta}.repair   # only if it says "Operation not supported": truncate -s 33554432 ${meta}.repair`,
       `REPAIR_DEV=$(losetup --find --show ${meta}.repair)`,
       `thin_repair -i /dev/loop0 -o "$REPAIR_DEV" || thin_repair -i /dev/loop0 -o "$REPAIR_DEV" --transaction-id 12 --data-block-size 128 --nr-data-blocks 16384`,
       `thin_check "$REPAIR_DEV"`,

@@ -249,8 +249,14 @@ async function gcCollectsExactly(s: Scene, want: Expected, usedBefore: number, l
       }),
     );
   const keep0 = await keepInfo();
+  const leakKernelName = want.device ? `dm-${(await dmsetup.info(want.device))?.minor}` : null;
   const force = await s.gc("--force", "--grace", "0");
   expect(force.r.refused).toBeNull();
+  // unmounting a filesystem that failed mid-write may make ext4 complain (e.g. "Couldn't clean up
+  // the journal"): GC reports those lines and does not let them block the next health check. Each
+  // one names the device it removed, nothing else.
+  process.stderr.write(`[gc-faults] ${s.tag}: kernel messages acknowledged by gc: ${JSON.stringify(force.r.kernel_messages)}\n`);
+  for (const line of force.r.kernel_messages) expect([line, [...new Set(line.match(/\bdm-\d+\b/g))]]).toEqual([line, [leakKernelName!]]);
   expect(force.r.stopped).toBeNull();
   expect(force.r.orphans.map((o) => [key(o), o.reason, o.outcome])).toEqual([[key(want), want.reason, "done"]]);
   expect(force.r.orphans[0]!.steps.filter((x) => x.op !== "claim" && x.op !== "check").map((x) => `${x.op} ${x.outcome}`)).toEqual(want.steps.map((x) => `${x} ok`));

@@ -417,7 +417,30 @@ describe("GC racing the pipeline", () => {
     const dry = await gc("--grace", "0");
     const listed = dry.r.orphans.filter((o) => o.reason === "interrupted_build").map((o) => [o.thin_id, o.device]);
     expect(listed).toEqual([[l.thin_id, l.device_name]]);
-    const { r } = await gc("--force", "--grace", "0");
+    // GC pauses between plan and act; meanwhile the kernel logs a real ext4 error for the leaked
+    // filesystem (what unmounting one that failed mid-write does), then one for the mounted orphan
+    // GC leaves alone. GC takes the first off the health check's plate, not the second.
+    const kname = async (device: string) => `dm-${(await dmsetup.info(device))!.minor}`;
+    const leaked = await kname(String(l.device_name));
+    const other = await kname(mountedOrphan.device_name);
+    const g = await pausedWithContinue("gc", ["--json", "--force", "--grace", "0"], "gc:planned");
+    let r: GcReport;
+    try {
+      for (const d of [leaked, other]) writeFileSync(`/sys/fs/ext4/${d}/trigger_fs_error`, "1\n");
+      g.cont();
+      const ran = await finished(g.proc);
+      r = JSON.parse(ran.out) as GcReport;
+      expect(r.refused).toBeNull(); // (exit 1 all the same: the mounted orphan needs a human)
+    } finally {
+      g.proc.kill(9);
+    }
+    expect(r.kernel_messages).toEqual([expect.stringMatching(new RegExp(`^EXT4-fs error \\(device ${leaked}\\): trigger_test_error`))]);
+    // the other device's error is still news: the next --force is refused once, naming it
+    const refused = await gc("--force", "--grace", "0");
+    expect(refused.code).toBe(1);
+    expect(refused.r.refused?.reason).toBe("unhealthy");
+    expect(refused.r.refused?.detail).toContain(`EXT4-fs error (device ${other} (${mountedOrphan.device_name}))`);
+    expect(refused.r.refused?.detail).not.toContain(`device ${leaked}`);
     expect(r.orphans.map((o) => [o.thin_id, o.device, o.reason, o.outcome])).toEqual([[l.thin_id, l.device_name, "interrupted_build", "done"]]);
     expect(await thinIds()).toEqual(before.filter((i) => i !== l.thin_id));
     expect(await dmsetup.info(String(l.device_name))).toBeNull();
