@@ -268,6 +268,20 @@ describe("kernel log", () => {
     ]);
   });
 
+  /** A host whose kernel log is `records` (live: push to it), boot "boot-1", and these /sys files. */
+  const kmsgIo = (records: string[], files: Record<string, string> = {}): HealthIo => ({
+    procStats: async () => [],
+    listDir: async () => [],
+    readLink: async () => "",
+    readText: async (p) => {
+      const f = { "/proc/sys/kernel/random/boot_id": "boot-1\n", "/proc/uptime": "3.00 1.00\n", ...files }[p];
+      if (f === undefined) throw new Error(`ENOENT ${p}`);
+      return f;
+    },
+    readKmsg: async () => records,
+    sleep: async () => {},
+  });
+
   test("checkDmesg persists the cursor: an error is reported once", async () => {
     const dir = mkdtempSync("/tmp/thinimg-health-unit-");
     try {
@@ -275,19 +289,7 @@ describe("kernel log", () => {
         "6,1,1000000,-;device-mapper: ioctl: 4.47.0-ioctl initialised",
         "3,2,2000000,-;Buffer I/O error on dev dm-2, logical block 0, async page read",
       ];
-      const io: HealthIo = {
-        procStats: async () => [],
-        listDir: async () => [],
-        readLink: async () => "",
-        readText: async (p) => {
-          if (p === "/proc/sys/kernel/random/boot_id") return "boot-1\n";
-          if (p === "/proc/uptime") return "3.00 1.00\n";
-          if (p === "/sys/block/dm-2/dm/name") return "pool-t1\n";
-          throw new Error(`ENOENT ${p}`);
-        },
-        readKmsg: async () => records,
-        sleep: async () => {},
-      };
+      const io = kmsgIo(records, { "/sys/block/dm-2/dm/name": "pool-t1\n" });
       const first = await checkDmesg(io, { stateDir: dir, lookbackMs: 60_000 });
       expect(first.status).toBe("block");
       expect(first.message).toContain('"Buffer I/O error on dev dm-2 (pool-t1), logical block 0, async page read"');
@@ -333,18 +335,7 @@ describe("kernel log", () => {
     const dir = mkdtempSync("/tmp/thinimg-health-unit-");
     try {
       const records = ["6,1,1000000,-;device-mapper: ioctl: 4.47.0-ioctl initialised"];
-      const io: HealthIo = {
-        procStats: async () => [],
-        listDir: async () => [],
-        readLink: async () => "",
-        readText: async (p) => {
-          if (p === "/proc/sys/kernel/random/boot_id") return "boot-1\n";
-          if (p === "/proc/uptime") return "3.00 1.00\n";
-          throw new Error(`ENOENT ${p}`);
-        },
-        readKmsg: async () => records,
-        sleep: async () => {},
-      };
+      const io = kmsgIo(records);
       expect((await checkDmesg(io, { stateDir: dir, lookbackMs: 60_000 })).status).toBe("ok");
       records.push("3,2,2000000,-;EXT4-fs error (device dm-2): ext4_put_super:1297: comm umount: Couldn't clean up the journal");
       expect(await acknowledgeOwnMessages(io, dir, new Set(["dm-5"]))).toEqual([]);
