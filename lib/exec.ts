@@ -1,9 +1,10 @@
 // The one way thinimg runs an external command: argv array (never a shell), a hard timeout with
 // SIGTERM→SIGKILL escalation (Bun.spawn's own timeout cannot escalate), and exactly one structured
 // record per call. Tests swap the runner with setRunner() to unit-test decision logic.
-import { appendFileSync, readdirSync, readFileSync } from "node:fs";
+import { appendFileSync } from "node:fs";
 import { type ErrorKind, ThinimgError } from "./errors.ts";
 import { logCommandRecord } from "./log.ts";
+import { groupProcesses } from "./util/proc.ts";
 
 export interface CmdContext {
   pool_name?: string | undefined;
@@ -95,26 +96,6 @@ const SIGNO: Record<StopSignal, number> = { SIGINT: 2, SIGTERM: 15, SIGHUP: 1 };
 /** How long the exit path waits after SIGTERM before SIGKILL. */
 const EXIT_GRACE_MS = 500;
 
-/** Live (non-zombie) processes in these groups. */
-function groupMembers(groups: Set<number>): number[] {
-  const found: number[] = [];
-  let pids: string[];
-  try {
-    pids = readdirSync("/proc");
-  } catch {
-    return found;
-  }
-  for (const p of pids) {
-    if (!/^\d+$/.test(p)) continue;
-    try {
-      const stat = readFileSync(`/proc/${p}/stat`, "latin1");
-      const f = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
-      if (groups.has(Number(f[2])) && f[0] !== "Z" && f[0] !== "X") found.push(Number(p));
-    } catch {}
-  }
-  return found;
-}
-
 function signalGroup(group: number, sig: NodeJS.Signals): void {
   try {
     process.kill(-group, sig);
@@ -128,7 +109,7 @@ export function killChildGroups(): void {
   liveGroups.clear();
   for (const g of groups) signalGroup(g, "SIGTERM");
   const until = performance.now() + EXIT_GRACE_MS;
-  while (performance.now() < until && groupMembers(groups).length > 0) Bun.sleepSync(10);
+  while (performance.now() < until && groupProcesses(groups).length > 0) Bun.sleepSync(10);
   for (const g of groups) signalGroup(g, "SIGKILL");
 }
 

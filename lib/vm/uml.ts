@@ -7,6 +7,7 @@
 import { closeSync, existsSync, mkdtempSync, openSync, readdirSync, readFileSync, readSync, rmSync, writeFileSync } from "node:fs";
 import { ThinimgError } from "../errors.ts";
 import { parseSize } from "../util/units.ts";
+import { groupProcesses } from "../util/proc.ts";
 import { vmEnv } from "./env.ts";
 import { vmHost } from "./host.ts";
 import { buildInitScript, parseResult, RUN_FILES } from "./init.ts";
@@ -167,18 +168,7 @@ function uninstall(): void {
 }
 
 /** Host processes (pid, state) still alive in the VM's process groups; zombies excluded (tests). */
-export function vmProcessesLeft(groups: number[]): { pid: number; state: string }[] {
-  const left: { pid: number; state: string }[] = [];
-  for (const p of readdirSync("/proc")) {
-    if (!/^\d+$/.test(p)) continue;
-    try {
-      const stat = readFileSync(`/proc/${p}/stat`, "latin1");
-      const f = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
-      if (groups.includes(Number(f[2])) && f[0] !== "Z" && f[0] !== "X") left.push({ pid: Number(p), state: f[0]! });
-    } catch {}
-  }
-  return left;
-}
+export const vmProcessesLeft = (groups: number[]) => groupProcesses(groups);
 
 /** Number of VMs this process is currently running (tests). */
 export function liveVmCount(): number {
