@@ -79,17 +79,26 @@ const ERRNO: Record<string, { kind: ErrorKind; what: string; hint: string }> = {
   EBUSY: { kind: "conflict", what: "device or resource busy", hint: "find what holds it (mount, open file) and retry" },
 };
 
+/** The parts of a failed system call (Node's ErrnoException: code "EACCES", syscall, path, dest);
+ * null when `e` is not one (or is already a ThinimgError). */
+export function errnoOf(e: unknown): { code: string; syscall: string | null; path: string | null; dest: string | null } | null {
+  if (!(e instanceof Error) || e instanceof ThinimgError) return null;
+  const x = e as Error & { code?: unknown; syscall?: unknown; path?: unknown; dest?: unknown };
+  if (typeof x.code !== "string" || !/^E[A-Z0-9]+$/.test(x.code)) return null;
+  const str = (v: unknown) => (typeof v === "string" ? v : null);
+  return { code: x.code, syscall: str(x.syscall), path: str(x.path), dest: str(x.dest) };
+}
+
 /** A ThinimgError for a filesystem errno error (EACCES, EROFS, ENOSPC, ENOENT, …); null for
  * anything else (a bug keeps its stack). pathHint names the file for fd-based calls (ftruncate). */
 export function fromErrno(e: unknown, pathHint?: string): ThinimgError | null {
-  if (!(e instanceof Error) || e instanceof ThinimgError) return null;
-  const x = e as Error & { code?: unknown; syscall?: unknown; path?: unknown; dest?: unknown };
-  const m = typeof x.code === "string" ? ERRNO[x.code] : undefined;
-  if (!m) return null;
-  const op = typeof x.syscall === "string" ? x.syscall : "file operation";
-  const p = typeof x.path === "string" ? x.path : (pathHint ?? null);
+  const x = errnoOf(e);
+  const m = x ? ERRNO[x.code] : undefined;
+  if (!x || !m) return null;
+  const op = x.syscall ?? "file operation";
+  const p = x.path ?? pathHint ?? null;
   const path = p ? ` ${p}` : "";
-  const dest = typeof x.dest === "string" ? ` → ${x.dest}` : "";
+  const dest = x.dest ? ` → ${x.dest}` : "";
   return new ThinimgError(m.kind, `${op}${path}${dest}: ${m.what} (${x.code})`, {
     hint: m.hint,
     cause: e,

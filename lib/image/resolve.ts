@@ -6,7 +6,7 @@
 //              index.json → OCI layout, anything else → a single-layer image (a rootfs tarball).
 import { realpathSync, statSync } from "node:fs";
 import { basename } from "node:path";
-import { ThinimgError } from "../errors.ts";
+import { errnoOf, ThinimgError } from "../errors.ts";
 import { log } from "../log.ts";
 import { type Archive, DirArchive, TarArchive } from "./archive/archive.ts";
 import { BlobCache } from "./cache.ts";
@@ -69,12 +69,10 @@ const FS_HINTS: Record<string, string> = {
  * with the path, the errno code and what to do; details carry code/syscall/path for callers.
  */
 function fsError(e: unknown, stateDir: string): unknown {
-  if (e instanceof ThinimgError) return e;
-  const err = e as NodeJS.ErrnoException | null;
-  const code = err?.code;
-  if (typeof code !== "string" || !/^E[A-Z0-9]+$/.test(code)) return e;
-  const path = typeof err!.path === "string" ? err!.path : null;
-  const syscall = err!.syscall ?? "read";
+  const x = errnoOf(e);
+  if (!x) return e;
+  const { code, path } = x;
+  const syscall = x.syscall ?? "read";
   const inCache = path?.startsWith(`${stateDir.replace(/\/+$/, "")}/`) === true;
   const hint =
     FS_HINTS[code] ??
