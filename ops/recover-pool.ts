@@ -1,12 +1,15 @@
 // Runbook: bring a loop-backed thin pool back after a reboot or panic, or create one.
 //   bun ops/recover-pool.ts --create --dir DIR --data-size 2G --meta-size 64M [--block-size 64K] [--pool NAME]
-//   bun ops/recover-pool.ts --dir DIR [--pool NAME] [--repair] [--dry-run] [--json]
-// The logic lives in lib/recover/; docs/ops-recover-pool.md is the operator's guide.
+//   bun ops/recover-pool.ts --dir DIR [--pool NAME] [--repair] [--dry-run] [--json] [--state-dir D] [--no-reattach]
+// Once the pool is up, every snapshot the state DB holds as handed out gets its device back (the
+// boot runbook's last step). The logic lives in lib/recover/ and lib/pipeline/reattach.ts;
+// docs/ops-recover-pool.md is the operator's guide.
 import { defineCommand } from "citty";
-import { dryRunArgs, outputArgs, poolArgs } from "../lib/cli/args.ts";
+import { dryRunArgs, outputArgs, poolArgs, stateArgs } from "../lib/cli/args.ts";
 import { printJson, runMain } from "../lib/cli/main.ts";
 import { usageError } from "../lib/errors.ts";
 import { setLogLevel } from "../lib/log.ts";
+import { reattachPool, renderReattach } from "../lib/pipeline/reattach.ts";
 import { recoverPool } from "../lib/recover/recover.ts";
 import { renderReport } from "../lib/recover/report.ts";
 import { parseIntArg, parseSize } from "../lib/util/units.ts";
@@ -27,7 +30,13 @@ export const cmd = defineCommand({
       type: "string",
       description: "--repair of a destroyed superblock: the pool's last transaction id (default: the one in the record)",
     },
+    reattach: {
+      type: "boolean",
+      description: "Once the pool is up, re-attach every snapshot the state DB holds as active (--no-reattach skips it)",
+      default: true,
+    },
     ...poolArgs,
+    ...stateArgs,
     ...dryRunArgs,
     ...outputArgs,
   },
@@ -61,11 +70,13 @@ export const cmd = defineCommand({
       repair: args.repair,
       create,
     });
-    if (args.json) printJson(report);
+    const reattach =
+      report.ok && !create && args.reattach && report.pool ? await reattachPool({ pool: report.pool, stateDir: args["state-dir"], dryRun: args["dry-run"] }) : null;
+    if (args.json) printJson({ ...report, ok: report.ok && (reattach?.ok ?? true), reattach });
     const text = renderReport(report);
-    process.stderr.write(text.stderr.map((l) => `${l}\n`).join(""));
+    process.stderr.write([...text.stderr, ...(reattach ? renderReattach(reattach) : [])].map((l) => `${l}\n`).join(""));
     if (!args.json && text.stdout.length) process.stdout.write(text.stdout.map((l) => `${l}\n`).join(""));
-    process.exitCode = report.exit_code;
+    process.exitCode = report.exit_code || (reattach && !reattach.ok ? 1 : 0);
   },
 });
 

@@ -1,19 +1,25 @@
 // bun scripts/activate.ts IMAGE — a fresh thin snapshot of the image's top layer; prints its device path.
+// bun scripts/activate.ts --snapshot ID|NAME — load an existing (handed-out) snapshot's device again
+// after a reboot: same name, same thin id, same data.
 import { defineCommand } from "citty";
 import { printJson, runMain } from "../lib/cli/main.ts";
+import { usageError } from "../lib/errors.ts";
 import { activate } from "../lib/pipeline/activate.ts";
 import { ctxFrom, pipelineArgs } from "../lib/pipeline/cli.ts";
+import { reattach } from "../lib/pipeline/reattach.ts";
 
 export const activateCommand = defineCommand({
-  meta: { name: "activate", description: "Activate a fresh snapshot of an unpacked image and print its /dev/mapper path" },
+  meta: { name: "activate", description: "Activate a fresh snapshot of an unpacked image (or re-attach an existing one) and print its /dev/mapper path" },
   args: {
-    image: { type: "positional", description: "Image name (or id) from `bun scripts/list.ts`", required: true },
+    image: { type: "positional", description: "Image name (or id) from `bun scripts/list.ts`", required: false },
+    snapshot: { type: "string", description: "Re-attach this existing snapshot (id, device name or /dev/mapper path) instead: same device, same data" },
     ...pipelineArgs,
   },
   async run({ args }) {
+    if (!args.image === !args.snapshot) throw usageError("give either IMAGE (a new snapshot) or --snapshot ID (re-attach an existing one)");
     const ctx = ctxFrom(args);
     try {
-      const r = await activate(ctx, args.image);
+      const r = args.snapshot ? await reattach(ctx, args.snapshot) : await activate(ctx, args.image!);
       if (args.json) printJson({ ok: true, ...r });
       else process.stdout.write(`${r.device_path}\n`);
     } finally {

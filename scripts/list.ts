@@ -37,7 +37,10 @@ export const listCommand = defineCommand({
         out.push(`  ${l.chain_id.slice(0, 19)}…  ${l.state}${l.state === "building" ? `@${l.phase}` : ""}  ${l.device_name ?? "-"}  thin ${l.thin_id ?? "-"}  used by ${l.images} image(s)${l.error ? `  error: ${l.error}` : ""}`);
       }
       out.push(`snapshots (${inv.snapshots.length}${args.all ? "" : ", without released"}):`);
-      for (const s of inv.snapshots) out.push(`  ${s.id}  ${s.image}  ${s.state}  ${s.device_path ?? s.device_name ?? "-"}${s.error ? `  error: ${s.error}` : ""}`);
+      for (const s of inv.snapshots) {
+        const reattach = s.state === "detached" ? `  needs re-attach: bun scripts/activate.ts --snapshot ${s.id} (or release it)` : "";
+        out.push(`  ${s.id}  ${s.image}  ${s.state}  ${s.device_path ?? s.device_name ?? "-"}${reattach}${s.error ? `  error: ${s.error}` : ""}`);
+      }
       const t = Object.entries(inv.thin_ids).map(([k, v]) => `${k} ${v}`).join(", ");
       out.push(`thin ids: ${t || "none"}`);
       process.stdout.write(`${out.join("\n")}\n`);

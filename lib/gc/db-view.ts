@@ -204,14 +204,15 @@ export function buildDbView(pool: string, rows: GcRows, alive: AliveFn): DbViewR
       if (v.live && layer.state === "committed") v = { live: false, reason: "db_orphaned", detail: `${layerDesc(layer)} is committed; its device should be inactive`, since };
     }
     if (v?.live) {
-      const gone = row && (row.state === "removed" || row.state === "removing");
+      // whatever its device row says: only a release makes a handed-out snapshot's device optional
       devices.set(name, {
         name,
         thinId,
         status: "live",
         detail: v.detail,
         since,
-        mustExist: !!snap && snap.state === "active" && !gone,
+        mustExist: !!snap && snap.state === "active",
+        snapshotId: snap?.id ?? null,
         refs,
       });
     } else if (row?.state === "removed" && !v) {

@@ -107,7 +107,7 @@ function applyOne(db: Db, pool: string, r: Repair): void {
             if (r.kind === "thin_gone") markImageFailed(db, Number(ref.key), msg, "gone");
             break;
           case "snapshots":
-            if (r.kind === "thin_gone" || r.kind === "device_gone") updateSnapshot(db, Number(ref.key), { state: "failed", error: msg });
+            if (r.kind === "thin_gone") updateSnapshot(db, Number(ref.key), { state: "failed", error: msg });
             break;
           case "thin_ids": {
             const id = Number(ref.key);
@@ -122,11 +122,6 @@ function applyOne(db: Db, pool: string, r: Repair): void {
             if (getMount(db, String(ref.key))) setMountState(db, String(ref.key), "unmounted", "gc: no longer mounted");
             break;
         }
-      }
-      // the snapshot lost its device but its thin id is still in the pool: now an orphan (after grace)
-      if (r.kind === "device_gone" && r.thinId !== null) {
-        const t = getThinId(db, pool, r.thinId);
-        if (t && t.state !== "deleted" && t.state !== "deleting") setThinIdState(db, pool, r.thinId, "orphaned", "gc: its device was removed outside thinimg");
       }
   }
 }

@@ -105,8 +105,10 @@ export interface DbDevice {
   reason?: DbDeadReason;
   detail: string;
   since: number;
-  /** The DB says it is active (snapshot handed to a user): absence means repair. */
+  /** The DB says it is active (snapshot handed to a user): absence means it is detached. */
   mustExist: boolean;
+  /** The snapshot that owns it, when one does. */
+  snapshotId?: number | null;
   refs: RowRef[];
   locked?: string | null;
 }
@@ -187,7 +189,6 @@ export interface Skip {
 export type RepairKind =
   | "thin_gone" // the DB holds a thin id live that the pool does not have
   | "thin_already_deleted" // the DB has a dead id (to delete) that the pool no longer has: confirmed
-  | "device_gone" // the DB says a device is active; there is no such dm device
   | "device_row_gone" // a dead device row (leaked, failed…) whose device no longer exists
   | "mount_gone"; // the DB says mounted; mountinfo disagrees
 
@@ -202,11 +203,21 @@ export interface Repair {
   witness?: string;
 }
 
+/** A snapshot handed to a user (active, never released) whose device is not loaded: after a reboot,
+ * or removed by hand. Its data is never collected; it is re-attached, or released by its user. */
+export interface Detached {
+  snapshotId: number | null;
+  thinId: number;
+  device: string;
+  detail: string;
+}
+
 export interface Plan {
   pool: string;
   actions: Orphan[];
   skips: Skip[];
   repairs: Repair[];
+  detached: Detached[];
   foreign: ForeignDevice[];
   /** Things a human should know that are not per-orphan (stale metadata hold, empty DB, …). */
   notes: string[];

@@ -14,9 +14,12 @@
 //  - when the DB knows nothing at all about the pool, ids it "doesn't know" prove nothing (wrong
 //    --state-dir?): they are skipped and a human is asked;
 //  - DB rows that say something exists which the scans show is gone are repaired — only rows last
-//    changed before the scans began, so work that started after our snapshot is never "repaired".
+//    changed before the scans began, so work that started after our snapshot is never "repaired";
+//  - a snapshot handed to a user whose device is not loaded (a reboot) is detached: listed for
+//    re-attach, its thin id live — only its user's release makes its data garbage.
 import type {
   DbThin,
+  Detached,
   DbView,
   DmDevice,
   DmScan,
@@ -235,8 +238,8 @@ export function makePlan(inp: PlanInput): Plan {
   // --- 4. repairs: the DB says something exists that is gone ---
   const older = (since: number) => since < inp.scannedAt;
   const devNames = new Set(dm.ours.map((d) => d.name));
+  const inPool = (id: number) => meta.ids.has(id) || ourDevsByThin.has(id) || foreignIds.has(id);
   if (meta.status === "ok") {
-    const inPool = (id: number) => meta.ids.has(id) || ourDevsByThin.has(id) || foreignIds.has(id);
     let gone = 0;
     for (const t of db.thins.values()) {
       if (inPool(t.thinId) || !older(t.since) || t.locked) continue;
@@ -266,17 +269,17 @@ export function makePlan(inp: PlanInput): Plan {
       notes.push(`pool ${pool} has no thin ids at all while the DB holds ${gone} live: the pool was recreated; the DB is repaired to match`);
     }
   }
+  const detached: Detached[] = [];
   for (const d of db.devices.values()) {
-    if (d.status === "live" && d.mustExist && !devNames.has(d.name) && older(d.since)) {
-      repairs.push({
-        kind: "device_gone",
-        thinId: d.thinId,
-        device: d.name,
-        path: null,
-        detail: `${d.detail}: /dev/mapper/${d.name} no longer exists (removed outside thinimg); marked failed`,
-        refs: d.refs,
-      });
-    }
+    if (d.status !== "live" || !d.mustExist || devNames.has(d.name)) continue;
+    if (meta.status === "ok" && !inPool(d.thinId)) continue; // its data is gone too: thin_gone above
+    const ref = d.snapshotId ?? d.name;
+    detached.push({
+      snapshotId: d.snapshotId ?? null,
+      thinId: d.thinId,
+      device: d.name,
+      detail: `${d.detail}, but /dev/mapper/${d.name} is not loaded (host rebooted, or removed by hand); thin id ${d.thinId} is kept: re-attach it with \`bun scripts/activate.ts --snapshot ${ref}\`, or release it`,
+    });
   }
   for (const d of db.devices.values()) {
     // e.g. a leaked layer device an operator removed by hand while repairing the pool: the row would
@@ -296,5 +299,5 @@ export function makePlan(inp: PlanInput): Plan {
   if (meta.staleHold?.released) notes.push(`released a stale metadata snapshot (root ${meta.staleHold.heldRoot}) left by a previous run`);
   if (!db.known) notes.push(`the state DB has no thin ids recorded for pool ${pool}`);
 
-  return { pool, actions, skips, repairs, foreign: dm.foreign, notes };
+  return { pool, actions, skips, repairs, detached, foreign: dm.foreign, notes };
 }

@@ -76,6 +76,8 @@ export interface GcReport {
   orphans: OrphanJson[];
   skipped: { thin_id: number | null; device: string | null; reason: string; orphan_reason: string; detail: string; needs_human: boolean }[];
   repairs: { kind: string; thin_id: number | null; device: string | null; path: string | null; detail: string; applied: boolean }[];
+  /** Snapshots handed out and never released whose device is not loaded: kept, need a re-attach. */
+  detached: { snapshot_id: number | null; thin_id: number; device: string; detail: string }[];
   foreign: { name: string; thin_id: number | null; why: string; detail: string }[];
   stopped: { reason: string; detail: string } | null;
   /** What the kernel logged while this run unmounted devices it then removed (see act.ts). */
@@ -88,6 +90,7 @@ export interface GcReport {
     failed: number;
     not_run: number;
     repairs: number;
+    detached: number;
     foreign: number;
     needs_human: boolean;
     mapped_bytes: number;
@@ -133,6 +136,7 @@ export function buildReport(i: GcReportInput): GcReport {
     needs_human: NEEDS_HUMAN[s.reason],
   }));
   const repairs = (plan?.repairs ?? []).map((r: Repair) => ({ kind: r.kind, thin_id: r.thinId, device: r.device, path: r.path, detail: r.detail, applied: i.repairsApplied && !(i.repairsNotApplied ?? []).includes(r) }));
+  const detached = (plan?.detached ?? []).map((d) => ({ snapshot_id: d.snapshotId, thin_id: d.thinId, device: d.device, detail: d.detail }));
   const foreign = (plan?.foreign ?? []).map((f: ForeignDevice) => ({ name: f.name, thin_id: f.thinId, why: f.why, detail: f.detail }));
   const count = (o: string) => orphans.filter((x) => x.outcome === o).length;
   const failed = count("failed");
@@ -140,6 +144,7 @@ export function buildReport(i: GcReportInput): GcReport {
   const metaSkipped = i.scan.metadata.status === "skipped";
   const needsHuman =
     skipped.some((s) => s.needs_human) ||
+    detached.length > 0 ||
     (i.scan.metadata.staleHold !== null && !i.scan.metadata.staleHold.released) ||
     (metaSkipped && i.scan.metadata.skipped !== null && !/busy/.test(i.scan.metadata.skipped)) ||
     (i.health !== null && !i.health.ok);
@@ -171,6 +176,7 @@ export function buildReport(i: GcReportInput): GcReport {
     orphans,
     skipped,
     repairs,
+    detached,
     foreign,
     stopped,
     kernel_messages: i.kernelMessages,
@@ -182,6 +188,7 @@ export function buildReport(i: GcReportInput): GcReport {
       failed,
       not_run: count("not_run"),
       repairs: repairs.length,
+      detached: detached.length,
       foreign: foreign.length,
       needs_human: needsHuman,
       mapped_bytes: orphans.reduce((n, o) => n + (o.mapped_bytes ?? 0), 0),
@@ -221,6 +228,10 @@ export function formatHuman(r: GcReport): string {
     out.push(`${dry ? "would repair" : "repaired"} ${r.repairs.length} DB row set(s):`);
     for (const x of r.repairs) out.push(`  - ${x.kind}: ${x.detail}`);
   }
+  if (r.detached.length) {
+    out.push(`detached snapshots, kept — need re-attach (${r.detached.length}) [needs a human]:`);
+    for (const d of r.detached) out.push(`  - ${what(d.thin_id, d.device)}: ${d.detail}`);
+  }
   if (r.foreign.length) {
     out.push(`foreign (never touched) (${r.foreign.length}):`);
     for (const f of r.foreign) out.push(`  - ${f.name}: ${f.detail}`);
@@ -231,8 +242,8 @@ export function formatHuman(r: GcReport): string {
   const s = r.summary;
   out.push(
     dry
-      ? `summary: ${s.orphans} to remove, ${s.skipped} left alone, ${s.repairs} repair(s), ${s.foreign} foreign${s.needs_human ? "; needs a human" : ""}`
-      : `summary: ${s.removed} removed, ${s.skipped} left alone, ${s.failed} failed, ${s.not_run} not run, ${s.repairs} repair(s)${s.needs_human ? "; needs a human" : ""}`,
+      ? `summary: ${s.orphans} to remove, ${s.skipped} left alone, ${s.repairs} repair(s), ${s.detached} detached, ${s.foreign} foreign${s.needs_human ? "; needs a human" : ""}`
+      : `summary: ${s.removed} removed, ${s.skipped} left alone, ${s.failed} failed, ${s.not_run} not run, ${s.repairs} repair(s), ${s.detached} detached${s.needs_human ? "; needs a human" : ""}`,
   );
   return `${out.join("\n")}\n`;
 }

@@ -56,7 +56,7 @@ export async function activate(ctx: Ctx, imageRef: string, o: ActivateOptions = 
     throw new ThinimgError("conflict", `image ${img.name}: its top layer is ${top.state}`, { hint: "re-run the unpack" });
   }
   if (!o.skipHealth) await assertHealthy({ pool: poolName, stateDir: cfg.stateDir });
-  const snap = insertSnapshot(db, { pool: poolName, imageId: img.id, layerId: top.id, pid: ctx.owner.pid, command: ctx.owner.command });
+  const snap = insertSnapshot(db, { pool: poolName, imageId: img.id, layerId: top.id, virtualSize: top.virtual_size, pid: ctx.owner.pid, command: ctx.owner.command });
   const work = startWork(db, poolName, "activate", `snapshot:${snap.id}`, ctx.owner);
   let thinId: number | null = null;
   let name: string | null = null;
@@ -91,7 +91,7 @@ export async function activate(ctx: Ctx, imageRef: string, o: ActivateOptions = 
       await pausePoint("activate:created", cfg.stateDir);
       openStep = beginStep(db, work.id, poolName, "activate_device", { thinId, deviceName: name }).id;
       setDevice(db, { pool: poolName, name: name!, thinId: thinId!, kind: "snap", state: "activating" });
-      await pool.activateThin(poolName, name!, thinId!, top.virtual_size, { ctx: { pool_name: poolName, device_id: thinId!, device_name: name! } });
+      await pool.activateThin(poolName, name!, thinId!, snap.virtual_size ?? top.virtual_size, { ctx: { pool_name: poolName, device_id: thinId!, device_name: name! } });
       active = true;
       tx(db, () => {
         setDeviceState(db, poolName, name!, "active");

@@ -1,12 +1,15 @@
 // What `bun scripts/list.ts` shows: images, layers (with how many images share each), snapshots,
-// and the pool's use when the pool is reachable.
+// and the pool's use when the pool is reachable. A handed-out snapshot whose device is not loaded
+// (after a reboot) shows as `detached`: its data is kept until it is re-attached or released.
 import * as pool from "../dm/pool.ts";
 import { errorMessage } from "../errors.ts";
 import type { Db } from "../store/db.ts";
 import { imageLayerIds, listImages } from "../store/images.ts";
 import { layerRefCounts, listLayers } from "../store/layers.ts";
-import { listSnapshots } from "../store/snapshots.ts";
+import { type SnapshotRow, listSnapshots } from "../store/snapshots.ts";
 import { listThinIds } from "../store/thin-ids.ts";
+import { isDetached } from "./reattach.ts";
+import { activeDevices } from "./txn.ts";
 
 const iso = (ms: number | null) => (ms === null ? null : new Date(ms).toISOString());
 
@@ -14,6 +17,7 @@ export interface Inventory {
   pool: { name: string; status: "ok" | "fail" | "error" | "unavailable"; detail: string | null; transaction_id: number | null; data_used_pct: number | null; meta_used_pct: number | null; data_used_blocks: number | null; data_total_blocks: number | null; mode: string | null };
   images: { id: number; name: string; state: string; source: string; format: string | null; layers: number; top_chain_id: string | null; ready_at: string | null; error: string | null }[];
   layers: { id: number; chain_id: string; state: string; phase: string; thin_id: number | null; device_name: string | null; images: number; entries: number | null; bytes: number | null; committed_at: string | null; error: string | null }[];
+  /** state: the DB's, except `detached` (active, device not loaded: needs a re-attach). */
   snapshots: { id: number; image: string; state: string; thin_id: number | null; device_name: string | null; device_path: string | null; activated_at: string | null; released_at: string | null; error: string | null }[];
   thin_ids: Record<string, number>;
 }
@@ -35,6 +39,8 @@ export async function inventory(db: Db, poolName: string, o: { allSnapshots?: bo
       p = { ...p, detail: errorMessage(e) };
     }
   }
+  const loaded = o.probePool !== false ? await activeDevices().catch(() => null) : null;
+  const stateOf = (s: SnapshotRow) => (loaded && isDetached(s, loaded) ? "detached" : s.state);
   return {
     pool: p,
     images: images.map((i) => ({
@@ -67,10 +73,10 @@ export async function inventory(db: Db, poolName: string, o: { allSnapshots?: bo
     snapshots: listSnapshots(db, poolName, o.allSnapshots ? undefined : ["active", "pending", "failed"]).map((s) => ({
       id: s.id,
       image: names.get(s.image_id) ?? String(s.image_id),
-      state: s.state,
+      state: stateOf(s),
       thin_id: s.thin_id,
       device_name: s.device_name,
-      device_path: s.state === "active" && s.device_name ? `/dev/mapper/${s.device_name}` : null,
+      device_path: stateOf(s) === "active" && s.device_name ? `/dev/mapper/${s.device_name}` : null,
       activated_at: iso(s.activated_at),
       released_at: iso(s.released_at),
       error: s.error,

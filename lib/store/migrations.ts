@@ -223,6 +223,19 @@ export const MIGRATIONS: readonly string[] = [
     PRIMARY KEY (pool, thin_id)
   ) STRICT;
   `,
+  // 4: a snapshot's own size (re-attaching after a reboot loads it with the same length), and the
+  // rescue of snapshots an older GC marked failed only because their device was gone (a reboot):
+  // their data is handed back unless the thin id was already deleted.
+  `
+  ALTER TABLE snapshots ADD COLUMN virtual_size INTEGER CHECK (virtual_size IS NULL OR virtual_size > 0);
+  UPDATE thin_ids SET state = 'committed', reason = 'restored: its snapshot was never released', updated_at = CAST(strftime('%s','now') AS INTEGER) * 1000
+    WHERE state = 'orphaned' AND reason = 'gc: its device was removed outside thinimg'
+      AND EXISTS (SELECT 1 FROM snapshots s WHERE s.pool = thin_ids.pool AND s.thin_id = thin_ids.thin_id
+                  AND s.state = 'failed' AND s.error LIKE '%no longer exists (removed outside thinimg); marked failed%');
+  UPDATE snapshots SET state = 'active', error = NULL, updated_at = CAST(strftime('%s','now') AS INTEGER) * 1000
+    WHERE state = 'failed' AND error LIKE '%no longer exists (removed outside thinimg); marked failed%'
+      AND EXISTS (SELECT 1 FROM thin_ids t WHERE t.pool = snapshots.pool AND t.thin_id = snapshots.thin_id AND t.state = 'committed');
+  `,
 ];
 
 export function migrate(db: Database): number {

@@ -18,13 +18,15 @@ export interface SnapshotRow {
   updated_at: number;
   activated_at: number | null;
   released_at: number | null;
+  /** Bytes the device is loaded with (null: rows from before it was recorded; the layer's size). */
+  virtual_size: number | null;
 }
 
-export function insertSnapshot(db: Db, s: { pool: string; imageId: number; layerId: number; pid: number; command: string }): SnapshotRow {
+export function insertSnapshot(db: Db, s: { pool: string; imageId: number; layerId: number; virtualSize: number; pid: number; command: string }): SnapshotRow {
   const t = now();
   return db
-    .query("INSERT INTO snapshots (pool, image_id, layer_id, state, pid, command, created_at, updated_at) VALUES (?, ?, ?, 'pending', ?, ?, ?, ?) RETURNING *")
-    .get(s.pool, s.imageId, s.layerId, s.pid, s.command, t, t) as SnapshotRow;
+    .query("INSERT INTO snapshots (pool, image_id, layer_id, virtual_size, state, pid, command, created_at, updated_at) VALUES (?, ?, ?, ?, 'pending', ?, ?, ?, ?) RETURNING *")
+    .get(s.pool, s.imageId, s.layerId, s.virtualSize, s.pid, s.command, t, t) as SnapshotRow;
 }
 
 type SnapPatch = Partial<Pick<SnapshotRow, "thin_id" | "device_name" | "state" | "error" | "activated_at" | "released_at">>;

@@ -4,7 +4,7 @@
 import { afterEach, describe, expect, test } from "bun:test";
 import { act, type GcLedger } from "../../lib/gc/act.ts";
 import type { Orphan } from "../../lib/gc/model.ts";
-import { buildReport, commandsFor } from "../../lib/gc/report.ts";
+import { buildReport, commandsFor, formatHuman } from "../../lib/gc/report.ts";
 import { type CmdResult, type RunOptions, setRunner, spawnRunner } from "../../lib/exec.ts";
 
 afterEach(() => setRunner(spawnRunner));
@@ -314,14 +314,14 @@ describe("report", () => {
     kernelMessages: [],
     notes: [],
   };
-  const plan = { pool: POOL, actions: [orphan(7, "thinimg-tp-snap-7", { unmount: ["/s/mnt/x"] })], skips: [], repairs: [], foreign: [], notes: [] };
+  const plan = { pool: POOL, actions: [orphan(7, "thinimg-tp-snap-7", { unmount: ["/s/mnt/x"] })], skips: [], repairs: [], detached: [], foreign: [], notes: [] };
 
   test("dry-run lists the exact commands; exit 0", () => {
     expect(commandsFor(POOL, plan.actions[0]!)).toEqual(["umount /s/mnt/x", "dmsetup remove thinimg-tp-snap-7", 'dmsetup message tp 0 "delete 7"']);
     const r = buildReport({ ...base, mode: "dry_run", plan });
     expect(r.exit_code).toBe(0);
     expect(r.orphans[0]!.outcome).toBe("would_remove");
-    expect(Object.keys(r)).toEqual(["ok", "exit_code", "mode", "pool", "state_dir", "grace_ms", "started_at", "duration_ms", "lock", "health", "refused", "reconciled", "scan", "orphans", "skipped", "repairs", "foreign", "stopped", "kernel_messages", "notes", "summary"]);
+    expect(Object.keys(r)).toEqual(["ok", "exit_code", "mode", "pool", "state_dir", "grace_ms", "started_at", "duration_ms", "lock", "health", "refused", "reconciled", "scan", "orphans", "skipped", "repairs", "detached", "foreign", "stopped", "kernel_messages", "notes", "summary"]);
   });
 
   test("exit 1: a skip that needs a human, a refusal, a failure, a stale hold; exit 0 for too_young", () => {
@@ -333,5 +333,11 @@ describe("report", () => {
     expect(buildReport({ ...base, mode: "force", plan, act: failed }).exit_code).toBe(1);
     const stale = { ...base.scan, metadata: { ...base.scan.metadata, status: "skipped" as const, staleHold: { heldRoot: 3, released: false }, skipped: "stale" } };
     expect(buildReport({ ...base, scan: stale, mode: "dry_run", plan }).exit_code).toBe(1);
+    // a detached snapshot (kept) needs its re-attach: reported, exit 1, and never an orphan
+    const detached = buildReport({ ...base, mode: "force", plan: { ...plan, actions: [], detached: [{ snapshotId: 6, thinId: 6, device: "thinimg-tp-snap-6", detail: "re-attach it" }] } });
+    expect(detached.exit_code).toBe(1);
+    expect(detached.detached).toEqual([{ snapshot_id: 6, thin_id: 6, device: "thinimg-tp-snap-6", detail: "re-attach it" }]);
+    expect(detached.summary).toMatchObject({ detached: 1, needs_human: true, orphans: 0 });
+    expect(formatHuman(detached)).toContain("detached snapshots, kept — need re-attach (1)");
   });
 });

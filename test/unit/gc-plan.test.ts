@@ -377,10 +377,40 @@ describe("repairs", () => {
     expect(p.actions).toEqual([]);
   });
 
-  test("active snapshot whose device vanished: device_gone", () => {
-    const p = plan({ ids: [4], thins: [thin(4, "live")], devices: [dbdev("thinimg-tp-snap-4", 4, "live", { mustExist: true })] });
-    expect(p.repairs.map((r) => [r.kind, r.device])).toEqual([["device_gone", "thinimg-tp-snap-4"]]);
+  test("active snapshot whose device vanished (a reboot): detached — kept, listed for re-attach, no repair", () => {
+    const snapDev = dbdev("thinimg-tp-snap-4", 4, "live", { mustExist: true, snapshotId: 12 });
+    for (const grace of [0, GRACE]) {
+      const p = plan({ ids: [4], thins: [thin(4, "live")], devices: [snapDev], grace });
+      expect(p.detached).toEqual([{ snapshotId: 12, thinId: 4, device: "thinimg-tp-snap-4", detail: expect.stringContaining("bun scripts/activate.ts --snapshot 12") }]);
+      expect(p.repairs).toEqual([]);
+      expect(p.actions).toEqual([]);
+      expect(p.skips).toEqual([]);
+    }
+  });
+
+  test("detached is listed even when the pool metadata could not be read", () => {
+    const p = plan({ ids: [], meta: { status: "skipped", skipped: { reason: "metadata_snap_busy", detail: "busy" } }, thins: [thin(4, "live")], devices: [dbdev("thinimg-tp-snap-4", 4, "live", { mustExist: true, snapshotId: 3 })] });
+    expect(p.detached.map((d) => d.snapshotId)).toEqual([3]);
+    expect(p.repairs).toEqual([]);
+  });
+
+  test("an attached active snapshot is neither detached nor an orphan", () => {
+    const d = dev(4);
+    const p = plan({ ours: [d], ids: [4], thins: [thin(4, "live")], devices: [dbdev(d.name, 4, "live", { mustExist: true, snapshotId: 1 })] });
+    expect(p.detached).toEqual([]);
     expect(p.actions).toEqual([]);
+  });
+
+  test("a detached snapshot whose thin id is gone from the pool is lost (thin_gone), not detached", () => {
+    const p = plan({ ids: [], thins: [thin(4, "live")], devices: [dbdev("thinimg-tp-snap-4", 4, "live", { mustExist: true, snapshotId: 12 })] });
+    expect(p.detached).toEqual([]);
+    expect(p.repairs.map((r) => r.kind)).toEqual(["thin_gone"]);
+  });
+
+  test("a released snapshot whose device is gone: its thin id is collected", () => {
+    const p = plan({ ids: [4], thins: [thin(4, "dead", { reason: "db_released" })], devices: [dbdev("thinimg-tp-snap-4", 4, "removed")] });
+    expect(p.detached).toEqual([]);
+    expect(p.actions.map((a) => [a.thinId, a.reason, a.deleteThin])).toEqual([[4, "db_released", true]]);
   });
 
   test("a dead device row whose device is gone: device_row_gone (only the row; a live or present one is left)", () => {

@@ -176,6 +176,7 @@ const snap = (id: number, thin_id: number, state: SnapshotRow["state"], pid = 99
   updated_at: T0,
   activated_at: state === "active" ? T0 : null,
   released_at: null,
+  virtual_size: 1 << 30,
 });
 const lockRow = (key: string, pid: number): LockRow => ({ key, pid, start_time: null, host: "h", command: "bun scripts/unpack.ts", acquired_at: T0 });
 const work = (layerId: number, state: WorkRow["state"], pid: number): WorkRow => ({
@@ -249,6 +250,17 @@ describe("DB view", () => {
     // a released snapshot is not a layer: image locks do not keep it
     const snapView = buildDbView("tp", rows({ thinIds: [ledger(5, "orphaned", "snapshot", 2)], snapshots: [snap(2, 5, "released")], locks: [lockRow("image:tp:web", 4242)] }), alive);
     expect(snapView.view.thins.get(5)?.locked ?? null).toBeNull();
+  });
+
+  test("a handed-out snapshot's device must exist whatever its device row says (a reboot, a failed release); a released one's need not", () => {
+    for (const rowState of ["active", "removed", "removing", "leaked"] as const) {
+      const devices = [{ pool: "tp", name: "thinimg-tp-snap-4", thin_id: 4, kind: "snap" as const, state: rowState, reason: null, created_at: T0, updated_at: T0 }];
+      const { view } = buildDbView("tp", rows({ thinIds: [ledger(4, "committed", "snapshot", 1)], snapshots: [snap(1, 4, "active")], devices }), alive);
+      expect(view.devices.get("thinimg-tp-snap-4")).toMatchObject({ status: "live", mustExist: true, snapshotId: 1 });
+      expect(view.thins.get(4)).toMatchObject({ status: "live" });
+    }
+    const released = buildDbView("tp", rows({ thinIds: [ledger(4, "orphaned", "snapshot", 1)], snapshots: [snap(1, 4, "released")] }), alive);
+    expect(released.view.devices.get("thinimg-tp-snap-4")).toMatchObject({ status: "dead", mustExist: false });
   });
 
   test("first-seen ids and the DB's last transaction id are passed through", () => {

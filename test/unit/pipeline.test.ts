@@ -180,7 +180,7 @@ describe("settling intents of dead processes", () => {
     const present = mk(5, "build_layer", "layer:2", "layer", layer("sha256:2").id); // txn still 5, id in pool
     const absent = mk(5, "build_layer", "layer:3", "layer", layer("sha256:3").id); // txn still 5, id not in pool
     const img = beginImage(db, { pool: "pp", name: "i", source: "/s", format: null });
-    const snap = insertSnapshot(db, { pool: "pp", imageId: img.id, layerId: 1, pid: dead.pid, command: "x" });
+    const snap = insertSnapshot(db, { pool: "pp", imageId: img.id, layerId: 1, virtualSize: 1 << 30, pid: dead.pid, command: "x" });
     const act = mk(5, "activate", `snapshot:${snap.id}`, "snapshot", snap.id);
     const calls = fakePool({ txn: 5, ids: [proven.id, present.id, act.id] });
 

@@ -2,7 +2,7 @@
 // concurrent processes.
 import { afterAll, describe, expect, test } from "bun:test";
 import { Database } from "bun:sqlite";
-import { mkdtempSync, rmSync } from "node:fs";
+import { mkdirSync, mkdtempSync, rmSync } from "node:fs";
 import { join } from "node:path";
 import {
   allocateThinId,
@@ -52,6 +52,48 @@ describe("schema", () => {
     const b = openDb(path);
     expect(listThinIds(b, "p").map((r) => r.thin_id)).toEqual([1]);
     b.close();
+  });
+
+  test("upgrade: snapshots an older GC failed only because their device was gone get their data back, unless already deleted", () => {
+    const path = join(dir, "rescue", "state.db");
+    mkdirSync(join(dir, "rescue"));
+    // the schema of the release before: migrations 1-3
+    const old = new Database(path);
+    for (let i = 0; i < 3; i++) old.exec(MIGRATIONS[i]!);
+    old.exec("PRAGMA user_version = 3");
+    const gcError = "snapshot 1 of image web active: /dev/mapper/thinimg-tp-snap-N no longer exists (removed outside thinimg); marked failed";
+    old.exec(`
+      INSERT INTO layers (id, pool, chain_id, identity, digest, size, thin_id, virtual_size, state, phase, created_at, updated_at) VALUES (1, 'tp', 'c', 'i', 'sha256:x', 1, NULL, 1073741824, 'committed', 'committed', 1, 1);
+      INSERT INTO images (id, pool, name, source, state, created_at, updated_at) VALUES (1, 'tp', 'web', 's', 'ready', 1, 1);
+      INSERT INTO thin_ids (pool, thin_id, owner_kind, owner_id, state, reason, created_at, updated_at) VALUES
+        ('tp', 6, 'snapshot', 1, 'orphaned', 'gc: its device was removed outside thinimg', 1, 1),
+        ('tp', 7, 'snapshot', 2, 'deleted', 'gc: deleted', 1, 1),
+        ('tp', 8, 'snapshot', 3, 'orphaned', 'gc: its device was removed outside thinimg', 1, 1),
+        ('tp', 9, 'snapshot', 4, 'orphaned', 'snapshot 4 released', 1, 1);
+      INSERT INTO snapshots (id, pool, image_id, layer_id, thin_id, device_name, state, error, created_at, updated_at) VALUES
+        (1, 'tp', 1, 1, 6, 'thinimg-tp-snap-6', 'failed', '${gcError}', 1, 1),
+        (2, 'tp', 1, 1, 7, 'thinimg-tp-snap-7', 'failed', '${gcError}', 1, 1),
+        (3, 'tp', 1, 1, 8, 'thinimg-tp-snap-8', 'failed', 'activation failed: boom', 1, 1),
+        (4, 'tp', 1, 1, 9, 'thinimg-tp-snap-9', 'released', NULL, 1, 1);
+    `);
+    old.close();
+    const db = openDb(path);
+    const snaps = db.query("SELECT id, state, error, virtual_size FROM snapshots ORDER BY id").all() as { id: number; state: string; error: string | null; virtual_size: number | null }[];
+    expect(snaps.map((x) => [x.id, x.state])).toEqual([
+      [1, "active"],
+      [2, "failed"],
+      [3, "failed"],
+      [4, "released"],
+    ]);
+    expect(snaps[0]!.error).toBeNull();
+    expect(snaps.every((x) => x.virtual_size === null)).toBe(true);
+    expect(listThinIds(db, "tp").map((t) => [t.thin_id, t.state])).toEqual([
+      [6, "committed"],
+      [7, "deleted"],
+      [8, "orphaned"],
+      [9, "orphaned"],
+    ]);
+    db.close();
   });
 
   test("a DB from a newer thinimg is refused with a one-line error", () => {

@@ -103,7 +103,7 @@ async function ledgerThin(owner: { kind: "layer" | "snapshot"; id: number }, ori
 }
 
 async function snapshot(o: { activate: boolean }): Promise<{ snapId: number; thinId: number; name: string }> {
-  const s = insertSnapshot(db, { pool: p.name, imageId, layerId: layer1, pid: process.pid, command: "gc test" });
+  const s = insertSnapshot(db, { pool: p.name, imageId, layerId: layer1, virtualSize: 64 * 1024 * 1024, pid: process.pid, command: "gc test" });
   const thinId = await ledgerThin({ kind: "snapshot", id: s.id }, ids.layer1!);
   const name = nm("snap", thinId);
   updateSnapshot(db, s.id, { thin_id: thinId, device_name: name });
@@ -579,10 +579,9 @@ describe("locks and a stale metadata hold", () => {
     await dmsetup.message(p.name, `delete ${s.thinId}`);
     for (const t of ["thin_ids", "snapshots", "devices"]) db.query(`UPDATE ${t} SET updated_at = ? WHERE thin_id = ?`).run(Date.now() - HOUR, s.thinId);
     const dry = await gc();
-    expect(dry.r.repairs.map((x) => [x.kind, x.applied])).toEqual([
-      ["thin_gone", false],
-      ["device_gone", false],
-    ]);
+    // its data is gone with the thin id: lost, not detached
+    expect(dry.r.repairs.map((x) => [x.kind, x.applied])).toEqual([["thin_gone", false]]);
+    expect(dry.r.detached).toEqual([]);
     const forced = await gc("--force");
     expect(forced.r.repairs.every((x) => x.applied)).toBe(true);
     expect(db.query("SELECT state FROM snapshots WHERE id = ?").get(s.snapId)).toEqual({ state: "failed" });
