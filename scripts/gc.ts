@@ -4,7 +4,7 @@
 // Exit 0: all done (or, dry-run, nothing needs a human); 1: something failed or needs a human.
 import { defineCommand } from "citty";
 import { outputArgs, poolArgs, stateArgs } from "../lib/cli/args.ts";
-import { runMain } from "../lib/cli/main.ts";
+import { jsonText, runMain } from "../lib/cli/main.ts";
 import { loadConfig } from "../lib/config.ts";
 import { DEFAULT_GRACE_MS } from "../lib/gc/plan.ts";
 import { formatHuman } from "../lib/gc/report.ts";
@@ -55,7 +55,7 @@ export const gcCommand = defineCommand({
     });
     // Bun.write resolves once everything is written: runMain's process.exit() right after must not
     // cut a large report short (process.stdout.write to a pipe is asynchronous)
-    await Bun.write(Bun.stdout, args.json ? `${JSON.stringify(report, null, 2)}\n` : formatHuman(report));
+    await Bun.write(Bun.stdout, args.json ? jsonText(report) : formatHuman(report));
     process.exitCode = report.exit_code;
   },
 });

@@ -1,8 +1,13 @@
 // Our runMain: citty's prints stack traces for every error and accepts unknown flags silently.
-// Here a ThinimgError becomes one line (message — hint) and its exit code; unknown flags are refused.
-import { type ArgsDef, type CommandDef, runCommand, showUsage } from "citty";
+// Here a ThinimgError becomes one line (message — hint) and its exit code; unknown flags are refused;
+// --version prints the version and acts on nothing; help has colour only on a terminal.
+import { type ArgsDef, type CommandDef, renderUsage, runCommand } from "citty";
 import { ThinimgError, fromErrno, usageError } from "../errors.ts";
 import { log, setLogFormat, setLogLevel } from "../log.ts";
+import { THINIMG_VERSION } from "../version.ts";
+
+/** Colour and indentation are for a person at a terminal; pipes and journald get plain, compact text. */
+const forTerminal = () => process.stdout.isTTY === true && !process.env.NO_COLOR;
 
 async function knownFlags(cmd: CommandDef<ArgsDef>): Promise<Set<string>> {
   const args = (typeof cmd.args === "function" ? await cmd.args() : await cmd.args) ?? {};
@@ -97,7 +102,12 @@ export async function runMain<T extends ArgsDef>(cmd: CommandDef<T>, rawArgs = p
     }
     if (rawArgs.includes("--verbose") || rawArgs.includes("-v")) setLogLevel("debug");
     if (rawArgs.includes("--help") || rawArgs.includes("-h")) {
-      await showUsage(cmd as CommandDef<ArgsDef>);
+      const usage = await renderUsage(cmd as CommandDef<ArgsDef>);
+      await Bun.write(Bun.stdout, `${forTerminal() ? usage : Bun.stripANSI(usage)}\n`);
+      process.exit(0);
+    }
+    if (rawArgs.includes("--version")) {
+      await Bun.write(Bun.stdout, `thinimg ${THINIMG_VERSION}\n`);
       process.exit(0);
     }
     rejectUnknown(rawArgs, await knownFlags(cmd as CommandDef<ArgsDef>));
@@ -120,9 +130,14 @@ export async function runMain<T extends ArgsDef>(cmd: CommandDef<T>, rawArgs = p
 // Writes still in flight: process.exit() would cut a piped stdout off at the pipe buffer (64 KiB).
 const pendingWrites: Promise<unknown>[] = [];
 
+/** A JSON document as printed: indented on a terminal, one line otherwise (pipes, journald). */
+export function jsonText(data: unknown): string {
+  return `${forTerminal() ? JSON.stringify(data, null, 2) : JSON.stringify(data)}\n`;
+}
+
 /** Write a JSON document to stdout (the only thing that goes there); runMain waits for it. */
 export function printJson(data: unknown): void {
-  pendingWrites.push(Bun.write(Bun.stdout, `${JSON.stringify(data, null, 2)}\n`));
+  pendingWrites.push(Bun.write(Bun.stdout, jsonText(data)));
 }
 
 async function flushStdout(): Promise<void> {

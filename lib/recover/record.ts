@@ -5,15 +5,15 @@
 import { closeSync, existsSync, fsyncSync, openSync, readFileSync, renameSync, writeSync } from "node:fs";
 import { join } from "node:path";
 import * as v from "valibot";
-import pkg from "../../package.json" with { type: "json" };
 import { DATA_FILE, DEFAULT_FEATURES, META_FILE, lowWaterMarkFor } from "../dm/loop-pool.ts";
 import { SECTOR } from "../dm/pool.ts";
 import { ThinimgError } from "../errors.ts";
 import { formatBytes } from "../util/units.ts";
+import { THINIMG_VERSION } from "../version.ts";
 
 export const RECORD_FILE = "pool.json";
 export const RECORD_FORMAT = 1;
-export const THINIMG_VERSION: string = pkg.version;
+export { THINIMG_VERSION };
 
 const FileName = v.pipe(v.string(), v.regex(/^[A-Za-z0-9][A-Za-z0-9._-]{0,200}$/, "must be a plain file name in the pool directory"));
 const PosInt = v.pipe(v.number(), v.integer(), v.minValue(1));
