@@ -1,6 +1,7 @@
 // Pool-level operations: thin-pool table, status, and the pool messages that create, snapshot and
 // delete thin ids. The pool's transaction id is a compare-and-swap register that callers use to
 // record "this change happened" atomically with the metadata commit.
+import { ThinimgError } from "../errors.ts";
 import * as dmsetup from "./dmsetup.ts";
 import { dmRefusal } from "./errors.ts";
 import { type PoolStatus, type PoolStatusOk, parsePoolStatus } from "./status.ts";
@@ -96,6 +97,37 @@ export function thinTable(pool: string, id: number, sizeBytes: number): string {
   assertDmName(pool, "pool name");
   assertThinId(id);
   return `0 ${sectorsFor(sizeBytes)} thin ${dmsetup.mapperPath(pool)} ${id}`;
+}
+
+/** A single thin target line "start len thin <pool M:m> <id> [origin]" (as the kernel prints
+ * thinTable's line) → its parts, else null. */
+export function parseThinTable(table: string | null): { poolMajorMinor: string; thinId: number; sectors: number } | null {
+  if (!table) return null;
+  const lines = table.split("\n").filter((l) => l.trim());
+  if (lines.length !== 1) return null;
+  const t = lines[0]!.trim().split(/\s+/);
+  if (t[2] !== "thin" || t.length < 5 || t[0] !== "0") return null;
+  if (!/^\d+:\d+$/.test(t[3]!) || !/^\d+$/.test(t[4]!) || !/^\d+$/.test(t[1]!)) return null;
+  return { poolMajorMinor: t[3]!, thinId: Number(t[4]), sectors: Number(t[1]) };
+}
+
+/** The pool's major:minor (thin tables name the pool by it). */
+export async function poolMajorMinor(poolName: string): Promise<string> {
+  const i = await dmsetup.info(poolName);
+  if (!i) throw new ThinimgError("missing", `pool ${poolName} does not exist`, { hint: "create it with `bun ops/recover-pool.ts --create` or pass --pool" });
+  return `${i.major}:${i.minor}`;
+}
+
+/** A loaded device `name` must map exactly thin id `id` of `pool` (a resumed or re-attached load
+ * finds it there); anything else is not ours to touch. */
+export async function assertThinDevice(pool: string, name: string, id: number): Promise<void> {
+  const [table, mm] = await Promise.all([dmsetup.table(name), poolMajorMinor(pool)]);
+  const t = parseThinTable(table);
+  if (!t || t.poolMajorMinor !== mm || t.thinId !== id) {
+    throw new ThinimgError("conflict", `device ${name} exists with another table (${table.trim()}), not thin id ${id} of pool ${pool}`, {
+      hint: "it is not ours to touch: inspect it with `dmsetup table`, then `bun scripts/gc.ts` to review",
+    });
+  }
 }
 
 /** Load a thin device for `id` as /dev/mapper/<name>. */

@@ -15,12 +15,11 @@
 import * as dmsetup from "../dm/dmsetup.ts";
 import { isDmError } from "../dm/errors.ts";
 import { type MountEntry, mountinfo, umount } from "../dm/mount.ts";
-import { deleteThin, poolStatus } from "../dm/pool.ts";
+import { deleteThin, parseThinTable, poolStatus } from "../dm/pool.ts";
 import { errorMessage } from "../errors.ts";
 import { CommandError } from "../exec.ts";
 import { log } from "../log.ts";
 import type { DmDevice, Orphan } from "./model.ts";
-import { parseThinTable } from "./scan-dm.ts";
 
 export const STEP_TIMEOUT_MS = 10_000;
 

@@ -3,6 +3,7 @@
 // (on this pool without our prefix, or our prefix on something else) and unrelated (counted only).
 // Two dmsetup calls in all (`info` and `table` for every device), so a thousand devices stay cheap.
 import * as dmsetup from "../dm/dmsetup.ts";
+import { parseThinTable } from "../dm/pool.ts";
 import { DmError, classifyDmError } from "../dm/errors.ts";
 import { udevArgs } from "../dm/udev.ts";
 import { assertDmName } from "../dm/validate.ts";
@@ -13,17 +14,6 @@ import type { DmDevice, DmScan, ForeignDevice } from "./model.ts";
 /** `<prefix>-<pool>-`: every device thinimg makes on this pool starts with it. */
 export function devicePrefix(prefix: string, pool: string): string {
   return `${prefix}-${pool}-`;
-}
-
-/** A single thin target line "start len thin <pool M:m> <id> [origin]" → its parts, else null. */
-export function parseThinTable(table: string | null): DmDevice["thin"] {
-  if (!table) return null;
-  const lines = table.split("\n").filter((l) => l.trim());
-  if (lines.length !== 1) return null;
-  const t = lines[0]!.trim().split(/\s+/);
-  if (t[2] !== "thin" || t.length < 5 || t[0] !== "0") return null;
-  if (!/^\d+:\d+$/.test(t[3]!) || !/^\d+$/.test(t[4]!) || !/^\d+$/.test(t[1]!)) return null;
-  return { poolMajorMinor: t[3]!, thinId: Number(t[4]), sectors: Number(t[1]) };
 }
 
 /**

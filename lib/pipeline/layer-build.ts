@@ -36,7 +36,7 @@ import { classify, failure } from "./failure.ts";
 import { deviceName, mountPathFor } from "./names.ts";
 import { pausePoint } from "./pause.ts";
 import { withRetry } from "./retry.ts";
-import { ThinIdTaken, activeDevice, inPoolSection, poolCreate, poolMajorMinor } from "./txn.ts";
+import { ThinIdTaken, activeDevice, inPoolSection, poolCreate } from "./txn.ts";
 
 /** ext4 options while a layer is applied: hostile content can't use setuid or device nodes on the
  * host; errors make the fs read-only at once instead of continuing on a failing device. */
@@ -364,12 +364,7 @@ async function ensureActive(poolName: string, name: string, thinId: number, size
   } catch (e) {
     if (!isDmError(e, "exists")) throw e;
   }
-  const table = await dmsetup.table(name);
-  const mm = await poolMajorMinor(poolName);
-  const m = /^0 (\d+) thin (\S+) (\d+)/.exec(table);
-  if (!m || m[2] !== mm || Number(m[3]) !== thinId) {
-    throw new ThinimgError("conflict", `device ${name} exists with another table (${table})`, { hint: "it is not ours to touch; run `bun scripts/gc.ts` to review" });
-  }
+  await pool.assertThinDevice(poolName, name, thinId);
 }
 
 async function poolOutOfSpace(ctx: Ctx): Promise<boolean> {

@@ -68,17 +68,10 @@ function handedOut(ctx: Ctx, snap: SnapshotRow): Handed {
   return { snap, thinId: snap.thin_id, name: snap.device_name, size };
 }
 
-/** A loaded device of that name must be ours: the thin target for this pool and thin id. */
+/** Loaded already? Then it must be ours: this pool's thin id under that name. */
 async function alreadyLoaded(ctx: Ctx, h: Handed): Promise<boolean> {
   if (!(await activeDevice(h.name))) return false;
-  const [table, poolInfo] = await Promise.all([dmsetup.table(h.name), dmsetup.info(ctx.cfg.pool)]);
-  const m = /^0 (\d+) thin (\S+) (\d+)\s*$/.exec(table.trim());
-  const poolRef = poolInfo ? `${poolInfo.major}:${poolInfo.minor}` : null;
-  if (!m || Number(m[3]) !== h.thinId || (m[2] !== poolRef && m[2] !== dmsetup.mapperPath(ctx.cfg.pool))) {
-    throw new ThinimgError("conflict", `device ${h.name} exists but its table is not snapshot ${h.snap.id}'s (thin id ${h.thinId} on ${ctx.cfg.pool}): ${table.trim()}`, {
-      hint: "something else loaded a device under thinimg's name; inspect it with `dmsetup table` and remove it by hand once understood",
-    });
-  }
+  await pool.assertThinDevice(ctx.cfg.pool, h.name, h.thinId);
   return true;
 }
 

@@ -210,13 +210,6 @@ export async function readPoolThinIds(poolName: string, o: { stateDir: string } 
   return entries.map((e) => e.id).sort((a, b) => a - b);
 }
 
-/** The pool's major:minor (thin tables name the pool by it). */
-export async function poolMajorMinor(poolName: string): Promise<string> {
-  const i = await dmsetup.info(poolName);
-  if (!i) throw new ThinimgError("missing", `pool ${poolName} does not exist`, { hint: "create it with `bun ops/recover-pool.ts --create` or pass --pool" });
-  return `${i.major}:${i.minor}`;
-}
-
 /** Active dm devices by name, read from sysfs (/sys/block/dm-N/dm/name): no command is spawned,
  * which matters on the hot path (each dmsetup exec costs more than the check itself). Falls back to
  * `dmsetup ls` where sysfs is not mounted. */
