@@ -99,99 +99,104 @@ function refNamesOf(d: Descriptor): string[] {
   return [a[REF_NAME], a[CONTAINERD_NAME]].filter((x): x is string => typeof x === "string" && x !== "");
 }
 
-export async function resolveOci(archive: Archive, o: OciOptions): Promise<ResolvedImage> {
+/** Indexes by digest, read once each, within the depth and descriptor caps. */
+function indexReader(archive: Archive): (d: Descriptor, depth: number) => Promise<OciIndex> {
   const what = archive.what;
-  if (archive.size("oci-layout") !== null) {
-    const layout = parseDoc(OciLayoutFile, await archive.read("oci-layout", 64 * 1024), `${what}: oci-layout`);
-    if (!/^1\./.test(layout.imageLayoutVersion)) {
-      throw new ThinimgError("input", `${what}: unsupported OCI layout version ${layout.imageLayoutVersion}`, {
-        hint: "only image layout 1.x is supported",
-      });
-    }
-  }
-  const index = parseDoc(OciIndex, await archive.read("index.json", MAX_INDEX_BYTES), `${what}: index.json`);
   let seen = 0;
-  const indexCache = new Map<string, OciIndex>();
-  const loadIndex = async (d: Descriptor, depth: number): Promise<OciIndex> => {
+  const cache = new Map<string, OciIndex>();
+  return async (d, depth) => {
     if (depth > MAX_DEPTH) throw new ThinimgError("input", `${what}: indexes nested more than ${MAX_DEPTH} deep`);
-    const cached = indexCache.get(d.digest);
+    const cached = cache.get(d.digest);
     if (cached) return cached;
     const idx = parseDoc(OciIndex, await readBlob(archive, d, MAX_INDEX_BYTES, `${what}: index`), `${what}: index ${shortDigest(d.digest)}`);
     seen += idx.manifests.length;
     if (seen > MAX_DESCRIPTORS) throw new ThinimgError("policy", `${what}: more than ${MAX_DESCRIPTORS} descriptors`);
-    indexCache.set(d.digest, idx);
+    cache.set(d.digest, idx);
     return idx;
   };
+}
+type LoadIndex = ReturnType<typeof indexReader>;
 
-  const wantPlatform: PlatformSpec = o.platform ? parsePlatform(o.platform) : hostPlatform();
-
-  // 1. Pick the image (a manifest or a multi-arch index) at the top, by ref name if asked.
-  let chosen: Found;
-  if (o.select) {
-    const found: Found[] = [];
-    const all: string[] = [];
-    const walk = async (descs: Descriptor[], depth: number) => {
-      for (const d of descs) {
-        const names = refNamesOf(d);
-        all.push(...names);
-        const hit = names.find((n) => refMatches(n, o.select!));
-        if (hit) found.push({ desc: d, refName: hit });
-        else if (isIndex(d) && depth < MAX_DEPTH) await walk((await loadIndex(d, depth + 1)).manifests, depth + 1);
-      }
-    };
-    await walk(index.manifests, 0);
-    const distinct = [...new Map(found.map((f) => [f.desc.digest, f])).values()];
-    if (distinct.length === 0) {
-      const avail = [...new Set(all)];
-      throw new ThinimgError("input", `${what}: no image named ${JSON.stringify(o.select)}`, {
-        hint: avail.length ? `available: ${avail.slice(0, 10).join(", ")}${avail.length > 10 ? ", …" : ""}` : "the layout has no named images; omit the :REF",
-      });
-    }
-    if (distinct.length > 1) {
-      // One name for several platforms' manifests (e.g. skopeo/oras per-arch copies tagged alike):
-      // choose by platform like an index would (the host's unless --platform says otherwise).
-      if (!distinct.every((f) => f.desc.platform && !isIndex(f.desc))) {
-        throw new ThinimgError("input", `${what}: ${distinct.length} different images are named ${JSON.stringify(o.select)}`, {
-          hint: "use a layout with unique names (these are not per-platform manifests)",
-        });
-      }
-      const d = pickPlatform(
-        distinct.map((f) => f.desc),
-        wantPlatform,
-        `${what}: ${JSON.stringify(o.select)}`,
-      );
-      chosen = distinct.find((f) => f.desc === d)!;
-    } else chosen = distinct[0]!;
-  } else {
-    const tops = index.manifests.filter((d) => !isAttestation(d));
-    if (tops.length === 1) chosen = { desc: tops[0]!, refName: refNamesOf(tops[0]!)[0] ?? null };
-    else if (tops.length === 0) throw new ThinimgError("input", `${what}: index.json lists no images`);
-    else if (tops.every((d) => !isIndex(d) && d.platform) && new Set(tops.map((d) => d.digest)).size === tops.length && tops.every((d) => refNamesOf(d).length === 0)) {
-      // a multi-arch index.json without names: choose by platform below
-      chosen = { desc: pickPlatform(tops, wantPlatform, what), refName: null };
-    } else {
-      const names = tops.flatMap(refNamesOf);
-      throw new ThinimgError("input", `${what}: holds ${tops.length} images; choose one`, {
-        hint: names.length ? `append :REF or pass --select REF (available: ${[...new Set(names)].slice(0, 10).join(", ")})` : "append :REF or pass --select REF",
-      });
-    }
+async function checkLayoutVersion(archive: Archive): Promise<void> {
+  if (archive.size("oci-layout") === null) return;
+  const layout = parseDoc(OciLayoutFile, await archive.read("oci-layout", 64 * 1024), `${archive.what}: oci-layout`);
+  if (!/^1\./.test(layout.imageLayoutVersion)) {
+    throw new ThinimgError("input", `${archive.what}: unsupported OCI layout version ${layout.imageLayoutVersion}`, { hint: "only image layout 1.x is supported" });
   }
+}
 
-  // 2. Descend through (nested) indexes by platform.
-  let desc = chosen.desc;
+/** The image named `select` (a ref name anywhere in the index tree). */
+async function selectByRef(what: string, index: OciIndex, select: string, loadIndex: LoadIndex, want: PlatformSpec): Promise<Found> {
+  const found: Found[] = [];
+  const all: string[] = [];
+  const walk = async (descs: Descriptor[], depth: number) => {
+    for (const d of descs) {
+      const names = refNamesOf(d);
+      all.push(...names);
+      const hit = names.find((n) => refMatches(n, select));
+      if (hit) found.push({ desc: d, refName: hit });
+      else if (isIndex(d) && depth < MAX_DEPTH) await walk((await loadIndex(d, depth + 1)).manifests, depth + 1);
+    }
+  };
+  await walk(index.manifests, 0);
+  const distinct = [...new Map(found.map((f) => [f.desc.digest, f])).values()];
+  if (distinct.length === 0) {
+    const avail = [...new Set(all)];
+    throw new ThinimgError("input", `${what}: no image named ${JSON.stringify(select)}`, {
+      hint: avail.length ? `available: ${avail.slice(0, 10).join(", ")}${avail.length > 10 ? ", …" : ""}` : "the layout has no named images; omit the :REF",
+    });
+  }
+  if (distinct.length === 1) return distinct[0]!;
+  // One name for several platforms' manifests (e.g. skopeo/oras per-arch copies tagged alike):
+  // choose by platform like an index would (the host's unless --platform says otherwise).
+  if (!distinct.every((f) => f.desc.platform && !isIndex(f.desc))) {
+    throw new ThinimgError("input", `${what}: ${distinct.length} different images are named ${JSON.stringify(select)}`, {
+      hint: "use a layout with unique names (these are not per-platform manifests)",
+    });
+  }
+  const d = pickPlatform(
+    distinct.map((f) => f.desc),
+    want,
+    `${what}: ${JSON.stringify(select)}`,
+  );
+  return distinct.find((f) => f.desc === d)!;
+}
+
+/** No name asked for: the one image at the top, or a platform's among unnamed per-arch manifests. */
+function selectDefault(what: string, index: OciIndex, want: PlatformSpec): Found {
+  const tops = index.manifests.filter((d) => !isAttestation(d));
+  if (tops.length === 1) return { desc: tops[0]!, refName: refNamesOf(tops[0]!)[0] ?? null };
+  if (tops.length === 0) throw new ThinimgError("input", `${what}: index.json lists no images`);
+  const perArch = tops.every((d) => !isIndex(d) && d.platform) && new Set(tops.map((d) => d.digest)).size === tops.length && tops.every((d) => refNamesOf(d).length === 0);
+  if (perArch) return { desc: pickPlatform(tops, want, what), refName: null };
+  const names = tops.flatMap(refNamesOf);
+  throw new ThinimgError("input", `${what}: holds ${tops.length} images; choose one`, {
+    hint: names.length ? `append :REF or pass --select REF (available: ${[...new Set(names)].slice(0, 10).join(", ")})` : "append :REF or pass --select REF",
+  });
+}
+
+/** Down through (nested) indexes by platform to an image manifest's descriptor. */
+async function descend(what: string, chosen: Descriptor, loadIndex: LoadIndex, want: PlatformSpec): Promise<{ desc: Descriptor; platform: string | null }> {
+  let desc = chosen;
   let platform: string | null = desc.platform ? formatPlatform(desc.platform) : null;
   for (let depth = 0; isIndex(desc); depth++) {
     const idx = await loadIndex(desc, depth + 1);
-    desc = pickPlatform(idx.manifests.filter((d) => !isAttestation(d)), wantPlatform, `${what}: index ${shortDigest(desc.digest)}`);
+    desc = pickPlatform(
+      idx.manifests.filter((d) => !isAttestation(d)),
+      want,
+      `${what}: index ${shortDigest(desc.digest)}`,
+    );
     platform = desc.platform ? formatPlatform(desc.platform) : platform;
   }
   if (desc.mediaType && desc.mediaType !== MT.ociManifest && desc.mediaType !== MT.dockerManifest) {
-    throw new ThinimgError("input", `${what}: ${shortDigest(desc.digest)} is a ${desc.mediaType}, not an image manifest`, {
-      hint: "select a container image, not an artifact",
-    });
+    throw new ThinimgError("input", `${what}: ${shortDigest(desc.digest)} is a ${desc.mediaType}, not an image manifest`, { hint: "select a container image, not an artifact" });
   }
+  return { desc, platform };
+}
 
-  // 3. Manifest → config → layers.
+/** The manifest and its config, checked against each other and the wanted platform. */
+async function manifestAndConfig(archive: Archive, desc: Descriptor, o: OciOptions, want: PlatformSpec): Promise<{ manifest: OciManifest; config: ImageConfig; platform: string | null }> {
+  const what = archive.what;
   const manifestWhat = `${what}: manifest ${shortDigest(desc.digest)}`;
   const manifest = parseDoc(OciManifest, await readBlob(archive, desc, MAX_INDEX_BYTES, manifestWhat), manifestWhat);
   if (manifest.mediaType && manifest.mediaType !== MT.ociManifest && manifest.mediaType !== MT.dockerManifest) {
@@ -199,78 +204,58 @@ export async function resolveOci(archive: Archive, o: OciOptions): Promise<Resol
   }
   const cm = manifest.config.mediaType;
   if (cm && cm !== MT.ociConfig && cm !== MT.dockerConfig) {
-    throw new ThinimgError("input", `${manifestWhat}: config media type ${cm} is not a container image config`, {
-      hint: "this is an OCI artifact, not a container image",
-    });
+    throw new ThinimgError("input", `${manifestWhat}: config media type ${cm} is not a container image config`, { hint: "this is an OCI artifact, not a container image" });
   }
   const configBytes = await readBlob(archive, manifest.config, MAX_CONFIG_BYTES, `${what}: config`);
-  const config: ImageConfig = toImageConfig(
-    parseDoc(ImageConfigDoc, configBytes, `${what}: config ${shortDigest(manifest.config.digest)}`),
-    manifest.config.digest,
-  );
+  const config = toImageConfig(parseDoc(ImageConfigDoc, configBytes, `${what}: config ${shortDigest(manifest.config.digest)}`), manifest.config.digest);
   if (config.diffIds !== null && config.diffIds.length !== manifest.layers.length) {
-    throw new ThinimgError(
-      "input",
-      `${manifestWhat}: ${manifest.layers.length} layers but the config lists ${config.diffIds.length} diff_ids`,
-      { hint: "the image is inconsistent; rebuild it" },
-    );
+    throw new ThinimgError("input", `${manifestWhat}: ${manifest.layers.length} layers but the config lists ${config.diffIds.length} diff_ids`, { hint: "the image is inconsistent; rebuild it" });
   }
+  let platform: string | null = null;
   if (config.os && config.architecture) {
     const cfgPlat = { os: config.os, architecture: config.architecture, variant: config.variant };
-    if (!platformMatches(cfgPlat, wantPlatform)) {
-      if (o.platform) {
-        throw new ThinimgError("input", `${what}: image is ${formatPlatform(cfgPlat)}, not ${o.platform}`);
-      }
-      log.warn(`${what}: image is ${formatPlatform(cfgPlat)}; this host is ${formatPlatform(wantPlatform)}`);
+    if (!platformMatches(cfgPlat, want)) {
+      if (o.platform) throw new ThinimgError("input", `${what}: image is ${formatPlatform(cfgPlat)}, not ${o.platform}`);
+      log.warn(`${what}: image is ${formatPlatform(cfgPlat)}; this host is ${formatPlatform(want)}`);
     }
-    platform ??= formatPlatform(cfgPlat);
+    platform = formatPlatform(cfgPlat);
   }
+  return { manifest, config, platform };
+}
 
+/** One layer: a supported media type, its blob present with the descriptor's size. */
+async function layerRef(archive: Archive, l: Descriptor, i: number, total: number, diffId: string | null, o: OciOptions): Promise<LayerRef> {
+  const lwhat = `${archive.what}: layer ${i + 1}/${total}`;
+  if (l.mediaType && !LAYER_TYPES.has(l.mediaType)) {
+    throw new ThinimgError("input", `${lwhat}: unsupported media type ${l.mediaType}`, {
+      hint: "only tar, tar+gzip and tar+zstd layers are supported (no encrypted or artifact layers)",
+    });
+  }
+  const name = blobName(l.digest, lwhat);
+  const size = archive.size(name);
+  if (size === null) {
+    throw new ThinimgError("input", `${lwhat}: blob ${l.digest} is missing from the layout`, {
+      hint: l.urls?.length ? "it is a non-distributable layer; fetch it into the layout first" : "the OCI layout is incomplete",
+    });
+  }
+  if (size !== l.size) throw new ThinimgError("input", `${lwhat}: blob is ${size} bytes, descriptor says ${l.size}`, { hint: "the OCI layout is corrupt or was tampered with" });
+  const compression = sniffCompression(await archive.head(name, MAGIC_BYTES), lwhat);
+  return makeLayerRef({ index: i, total, digest: l.digest, diffId, size, compression, name: shortDigest(l.digest), maxLayerBytes: o.maxLayerBytes, openRaw: () => archive.open(name) });
+}
+
+export async function resolveOci(archive: Archive, o: OciOptions): Promise<ResolvedImage> {
+  const what = archive.what;
+  await checkLayoutVersion(archive);
+  const index = parseDoc(OciIndex, await archive.read("index.json", MAX_INDEX_BYTES), `${what}: index.json`);
+  const loadIndex = indexReader(archive);
+  const want: PlatformSpec = o.platform ? parsePlatform(o.platform) : hostPlatform();
+  const chosen = o.select ? await selectByRef(what, index, o.select, loadIndex, want) : selectDefault(what, index, want);
+  const { desc, platform } = await descend(what, chosen.desc, loadIndex, want);
+  const { manifest, config, platform: cfgPlatform } = await manifestAndConfig(archive, desc, o, want);
   const total = manifest.layers.length;
   const layers: LayerRef[] = [];
-  for (const [i, l] of manifest.layers.entries()) {
-    const lwhat = `${what}: layer ${i + 1}/${total}`;
-    if (l.mediaType && !LAYER_TYPES.has(l.mediaType)) {
-      throw new ThinimgError("input", `${lwhat}: unsupported media type ${l.mediaType}`, {
-        hint: "only tar, tar+gzip and tar+zstd layers are supported (no encrypted or artifact layers)",
-      });
-    }
-    const name = blobName(l.digest, lwhat);
-    const size = archive.size(name);
-    if (size === null) {
-      throw new ThinimgError("input", `${lwhat}: blob ${l.digest} is missing from the layout`, {
-        hint: l.urls?.length ? "it is a non-distributable layer; fetch it into the layout first" : "the OCI layout is incomplete",
-      });
-    }
-    if (size !== l.size) {
-      throw new ThinimgError("input", `${lwhat}: blob is ${size} bytes, descriptor says ${l.size}`, {
-        hint: "the OCI layout is corrupt or was tampered with",
-      });
-    }
-    const compression = sniffCompression(await archive.head(name, MAGIC_BYTES), lwhat);
-    layers.push(
-      makeLayerRef({
-        index: i,
-        total,
-        digest: l.digest,
-        diffId: config.diffIds?.[i] ?? null,
-        size,
-        compression,
-        name: shortDigest(l.digest),
-        maxLayerBytes: o.maxLayerBytes,
-        openRaw: () => archive.open(name),
-      }),
-    );
-  }
-  return {
-    source: o.source,
-    format: "oci-layout",
-    name: o.select ?? chosen.refName,
-    id: desc.digest,
-    platform,
-    config,
-    layers,
-  };
+  for (const [i, l] of manifest.layers.entries()) layers.push(await layerRef(archive, l, i, total, config.diffIds?.[i] ?? null, o));
+  return { source: o.source, format: "oci-layout", name: o.select ?? chosen.refName, id: desc.digest, platform: platform ?? cfgPlatform, config, layers };
 }
 
 function pickPlatform(descs: Descriptor[], want: PlatformSpec, what: string): Descriptor {
