@@ -73,286 +73,335 @@ function heldResources(l: LayerRow, mountPath: string | null): Leak[] {
   return leaks;
 }
 
-export async function buildLayer(ctx: Ctx, input: BuildInput): Promise<BuildResult> {
-  const { db, cfg } = ctx;
-  const poolName = cfg.pool;
-  let l = getLayer(db, input.layerId)!;
-  if (l.state === "committed") return { layer: l, abandoned: 0, built: false };
-  const work = startWork(db, poolName, "build_layer", `layer:${l.id}`, ctx.owner);
-  let abandoned = 0;
-  let entering = true;
-  let mountPath = l.device_name ? mountPathFor(cfg.mountDir, l.device_name) : null;
-  const reload = () => {
-    l = getLayer(db, input.layerId)!;
-    mountPath = l.device_name ? mountPathFor(cfg.mountDir, l.device_name) : null;
-  };
-  const setPhase = (phase: LayerPhase, extra: Parameters<typeof updateLayer>[2] = {}) => {
-    updateLayer(db, l.id, { phase, ...extra });
-    reload();
-  };
-  const pause = (step: string) => pausePoint(step, cfg.stateDir);
-  // The step whose intent is written but whose outcome is not: ended `failed` on an error (a record,
-  // not a cleanup), so it never looks like the work of a dead process.
-  const open: { step: { id: number; name: string } | null } = { step: null };
-  const begin = (name: string) => {
-    const st = beginStep(db, work.id, poolName, name, { thinId: l.thin_id, deviceName: l.device_name });
-    open.step = { id: st.id, name };
-  };
-  const end = (outcome: string) => {
-    if (open.step) endStep(db, open.step.id, "done", outcome);
-    open.step = null;
-  };
+/** One build attempt's state and the bookkeeping every step shares. */
+class Build {
+  l: LayerRow;
+  mountPath: string | null = null;
+  abandoned = 0;
   /** Phase to return to after a re-activation (a reboot dropped the device; its data is intact). */
-  let resumeAt: LayerPhase | null = null;
-  const mounted = (path: string | null) => path !== null && mnt.mountinfo().some((m) => m.mountPoint === path);
+  resumeAt: LayerPhase | null = null;
+  /** The step whose intent is written but whose outcome is not: ended `failed` on an error (a record,
+   * not a cleanup), so it never looks like the work of a dead process. */
+  openStep: { id: number; name: string } | null = null;
+  readonly pool: string;
 
+  constructor(
+    readonly ctx: Ctx,
+    readonly input: BuildInput,
+    readonly workId: number,
+  ) {
+    this.pool = ctx.cfg.pool;
+    this.l = getLayer(ctx.db, input.layerId)!;
+    this.reload();
+  }
+
+  get db() {
+    return this.ctx.db;
+  }
+  /** The device name, once the thin id is allocated. */
+  get dev(): string {
+    return this.l.device_name!;
+  }
+  get cmdCtx() {
+    return { pool_name: this.pool, device_id: this.l.thin_id!, device_name: this.l.device_name! };
+  }
+  reload(): void {
+    this.l = getLayer(this.db, this.input.layerId)!;
+    this.mountPath = this.l.device_name ? mountPathFor(this.ctx.cfg.mountDir, this.l.device_name) : null;
+  }
+  setPhase(phase: LayerPhase, extra: Parameters<typeof updateLayer>[2] = {}): void {
+    updateLayer(this.db, this.l.id, { phase, ...extra });
+    this.reload();
+  }
+  pause(point: string): Promise<void> {
+    return pausePoint(point, this.ctx.cfg.stateDir);
+  }
+  begin(name: string): void {
+    const st = beginStep(this.db, this.workId, this.pool, name, { thinId: this.l.thin_id, deviceName: this.l.device_name });
+    this.openStep = { id: st.id, name };
+  }
+  end(outcome: string): void {
+    if (this.openStep) endStep(this.db, this.openStep.id, "done", outcome);
+    this.openStep = null;
+  }
   /** Give up on the current thin id: everything it holds is left in place and recorded for GC. */
-  const abandon = (why: string) => {
-    tx(db, () => abandonLayerAttempt(db, poolName, l, why, mountPath));
-    log.warn(`layer ${input.label}: abandoning thin id ${l.thin_id} (${why}); its leftovers are recorded for \`bun scripts/gc.ts\``);
-    abandoned++;
-    reload();
-  };
+  abandon(why: string): void {
+    tx(this.db, () => abandonLayerAttempt(this.db, this.pool, this.l, why, this.mountPath));
+    log.warn(`layer ${this.input.label}: abandoning thin id ${this.l.thin_id} (${why}); its leftovers are recorded for \`bun scripts/gc.ts\``);
+    this.abandoned++;
+    this.reload();
+  }
+}
 
-  try {
-    updateLayer(db, l.id, { state: "building" });
-    reload();
-    while (l.phase !== "committed") {
-      // On (re-)entry, check what the recorded phase claims against the ledger.
-      if (entering) {
-        entering = false;
-        if (l.thin_id !== null) {
-          const t = getThinId(db, poolName, l.thin_id);
-          if (!t || !LIVE_THIN.has(t.state)) abandon(`its thin id is ${t?.state ?? "missing from the ledger"}`);
-          else if (l.phase === "allocated" && t.state === "created") setPhase("created");
-          else if (l.phase === "mounted") abandon("a previous apply was interrupted; a half-applied layer is never reused");
-          else if (l.phase === "activated" || l.phase === "formatted") {
-            // after a reboot the device is gone (its thin id and data are not): load it again
-            if (!(await activeDevice(l.device_name!))) {
-              log.info(`layer ${input.label}: device ${l.device_name} is not active (host restarted?); re-activating thin id ${l.thin_id}`);
-              resumeAt = l.phase;
-              setPhase("created");
-            }
-          } else if (l.phase === "applied") {
-            // `applied` is written only after `sync -f` succeeded; a row without that proof (an older
-            // thinimg, or a failed flush) is never committed: a fresh syncfs would not report the
-            // earlier write error. Without mount AND device the host restarted before the unmount:
-            // the filesystem was never cleanly unmounted (its journal not replayed), so not adopted.
-            if (!stepDone(db, work.pool, "sync", l.thin_id)) abandon("its writes were never proven flushed (no successful `sync -f`)");
-            else if (!mounted(mountPath) && !(await activeDevice(l.device_name!))) abandon("the host restarted before it was unmounted; an uncleanly unmounted layer is never reused");
-          }
-        } else if (l.phase !== "new") setPhase("new");
-      }
-      const dev = l.device_name;
-      switch (l.phase) {
-        case "new": {
-          // the id and the layer's claim on it in one transaction: a crash between them leaks nothing
-          tx(db, () => {
-            const id = allocateThinId(db, poolName, { kind: "layer", id: l.id }, input.parent?.thin_id ?? null);
-            updateLayer(db, l.id, { phase: "allocated", thin_id: id, device_name: deviceName(cfg.prefix, poolName, "layer", id), attempt: l.attempt + 1 });
-          });
-          reload();
-          await pause("layer:allocated");
-          break;
-        }
-        case "allocated": {
-          const thinId = l.thin_id!;
-          let settled: "created" | "gone" | null = null;
-          try {
-            await inPoolSection(ctx, async () => {
-              // the section began by settling dead processes' intents: this id may have just been
-              // proven created (resume) or found in the pool unproven (orphaned: never adopted)
-              const t = getThinId(db, poolName, thinId);
-              if (t?.state === "created") {
-                settled = "created";
-                return;
-              }
-              if (t?.state !== "allocated") {
-                settled = "gone";
-                return;
-              }
-              if (input.parent) {
-                // create_snap of an ACTIVE origin would need a suspend; we only snapshot inactive ones
-                const pinfo = await activeDevice(input.parent.device_name!);
-                if (pinfo) {
-                  throw new ThinimgError("conflict", `parent layer device ${input.parent.device_name} is active; refusing to snapshot it without a suspend`, {
-                    hint: "it is not in use by thinimg; check who holds it, then `bun scripts/gc.ts`",
-                  });
-                }
-                await poolCreate(ctx, work.id, { op: "create_snap", thinId, originId: input.parent.thin_id! });
-              } else {
-                await poolCreate(ctx, work.id, { op: "create_thin", thinId });
-              }
-            });
-          } catch (e) {
-            if (e instanceof ThinIdTaken) {
-              if (l.attempt >= MAX_ID_TRIES) throw new ThinimgError("conflict", `pool ${poolName}: ${MAX_ID_TRIES} thin ids in a row already existed`, { hint: "the pool has devices thinimg did not record; run `bun scripts/gc.ts`" });
-              setPhase("new", { thin_id: null, device_name: null });
-              break;
-            }
-            throw e;
-          }
-          if (settled === "gone") {
-            abandon("an interrupted create of it could not be proven");
-            break;
-          }
-          setPhase("created");
-          await pause("layer:created");
-          break;
-        }
-        case "created": {
-          begin("activate_device");
-          setDevice(db, { pool: poolName, name: dev!, thinId: l.thin_id!, kind: "layer", state: "activating" });
-          await ensureActive(poolName, dev!, l.thin_id!, l.virtual_size);
-          tx(db, () => {
-            setDeviceState(db, poolName, dev!, "active");
-            end(resumeAt ? `ok (re-activated; resuming at ${resumeAt})` : "ok");
-          });
-          const next = resumeAt ?? "activated";
-          resumeAt = null;
-          setPhase(next);
-          if (next === "activated") await pause("layer:activated");
-          break;
-        }
-        case "activated": {
-          if (!input.parent) {
-            begin("mkfs");
-            ctx.progress?.stage(`layer ${input.label}: mkfs`);
-            await mkfsExt4(dmsetup.mapperPath(dev!), { ctx: { pool_name: poolName, device_id: l.thin_id!, device_name: dev! } });
-            end("ok");
-          }
-          setPhase("formatted");
-          await pause("layer:formatted");
-          break;
-        }
-        case "formatted": {
-          const path = mountPathFor(cfg.mountDir, dev!);
-          mkdirSync(path, { recursive: true, mode: 0o700 });
-          begin("mount");
-          setMount(db, { path, pool: poolName, deviceName: dev!, thinId: l.thin_id!, purpose: "apply", state: "mounting" });
-          const info = await activeDevice(dev!);
-          const mm = info ? `${info.major}:${info.minor}` : null;
-          const already = mnt.mountinfo().filter((m) => m.mountPoint === path);
-          if (already.length > 0) {
-            if (!mm || !already.every((m) => m.majorMinor === mm)) {
-              throw new ThinimgError("conflict", `${path} is already mounted by something else`, { hint: "check `findmnt`; then `bun scripts/gc.ts`" });
-            }
-          } else {
-            await mnt.mount(dmsetup.mapperPath(dev!), path, { fstype: "ext4", options: APPLY_MOUNT_OPTIONS, ctx: { pool_name: poolName, device_id: l.thin_id!, device_name: dev! } });
-          }
-          tx(db, () => {
-            setMountState(db, path, "mounted");
-            end("ok");
-          });
-          setPhase("mounted");
-          await pause("layer:mounted");
-          break;
-        }
-        case "mounted": {
-          const path = mountPath!;
-          begin("apply");
-          ctx.progress?.stage(`layer ${input.label}: apply`);
-          const stream = await input.ref.open();
-          const stats = await applyLayer(stream, path, {
-            devices: true,
-            sameOwner: true,
-            layerLabel: input.label,
-            limits: { maxEntries: cfg.limits.maxEntries, maxTotalBytes: cfg.limits.maxLayerBytes, maxFileBytes: cfg.limits.maxFileBytes },
-            onProgress: (b) => ctx.progress?.bytes(b, null),
-          });
-          tx(db, () => {
-            end(`entries=${stats.entries} bytes=${stats.bytes} whiteouts=${stats.whiteouts}`);
-            updateLayer(db, l.id, { stats: JSON.stringify(stats) });
-          });
-          await pause("layer:written"); // fault tests: applied to the page cache, not yet flushed
-          // syncfs before `applied`: a write error (I/O error, pool out of space) surfaces here and
-          // the attempt fails in `mounted` (never resumed). umount does not report such errors, and
-          // a later syncfs only reports errors newer than its open (Linux >= 5.8), so this is the one
-          // chance to know the layer is on disk. The `sync` step row is the proof a resume checks.
-          begin("sync");
-          await runTool(["sync", "-f", path], { timeoutMs: 300_000, ctx: { pool_name: poolName, device_id: l.thin_id!, device_name: dev! } });
-          tx(db, () => {
-            end("ok");
-            updateLayer(db, l.id, { phase: "applied" });
-          });
-          reload();
-          await pause("layer:applied");
-          break;
-        }
-        case "applied": {
-          const path = mountPath!;
-          begin("umount");
-          const isMounted = mounted(path);
-          if (isMounted) {
-            // the data was flushed (and the flush checked) before `applied`
-            setMountState(db, path, "unmounting");
-            await withRetry(`umount ${path}`, () => mnt.umount(path, { ctx: { pool_name: poolName, device_id: l.thin_id!, device_name: dev! } }), cfg.retry);
-          }
-          tx(db, () => {
-            setMountState(db, path, "unmounted");
-            end(isMounted ? "ok" : "was not mounted");
-          });
-          setPhase("unmounted");
-          await pause("layer:unmounted");
-          break;
-        }
-        case "unmounted": {
-          begin("remove_device");
-          setDeviceState(db, poolName, dev!, "removing");
-          const info = await activeDevice(dev!);
-          if (info) await withRetry(`dmsetup remove ${dev}`, () => dmsetup.remove(dev!, { ctx: { pool_name: poolName, device_id: l.thin_id! } }), cfg.retry);
-          tx(db, () => {
-            setDeviceState(db, poolName, dev!, "removed");
-            end(info ? "ok" : "was not active");
-          });
-          setPhase("deactivated");
-          await pause("layer:deactivated");
-          break;
-        }
-        case "deactivated": {
-          tx(db, () => {
-            // GC may have started deleting this id (a failed layer's id looks unused to it): commit
-            // only while the ledger still says `created`, in the same transaction as the commit
-            const t = getThinId(db, poolName, l.thin_id!);
-            if (t?.state !== "created") {
-              throw new ThinimgError("conflict", `its thin id ${l.thin_id} is ${t?.state ?? "missing from the ledger"} (GC claimed it?); the layer is not committed`, {
-                hint: "re-run the unpack: it builds the layer on a fresh thin id",
-              });
-            }
-            setThinIdState(db, poolName, l.thin_id!, "committed");
-            updateLayer(db, l.id, { phase: "committed", state: "committed", committed_at: Date.now(), error: null, error_kind: null });
-            finishWork(db, work.id, "done");
-          });
-          reload();
-          break;
-        }
-        default:
-          throw new ThinimgError("internal", `layer ${l.id}: unknown phase ${l.phase}`);
-      }
+const isMounted = (path: string | null) => path !== null && mnt.mountinfo().some((m) => m.mountPoint === path);
+
+/** On (re-)entry: check what the recorded phase claims against the ledger, the device and the mount. */
+async function checkOnEntry(b: Build): Promise<void> {
+  const l = b.l;
+  if (l.thin_id === null) {
+    if (l.phase !== "new") b.setPhase("new");
+    return;
+  }
+  const t = getThinId(b.db, b.pool, l.thin_id);
+  if (!t || !LIVE_THIN.has(t.state)) b.abandon(`its thin id is ${t?.state ?? "missing from the ledger"}`);
+  else if (l.phase === "allocated" && t.state === "created") b.setPhase("created");
+  else if (l.phase === "mounted") b.abandon("a previous apply was interrupted; a half-applied layer is never reused");
+  else if (l.phase === "activated" || l.phase === "formatted") {
+    // after a reboot the device is gone (its thin id and data are not): load it again
+    if (!(await activeDevice(b.dev))) {
+      log.info(`layer ${b.input.label}: device ${b.dev} is not active (host restarted?); re-activating thin id ${l.thin_id}`);
+      b.resumeAt = l.phase;
+      b.setPhase("created");
     }
-    return { layer: l, abandoned, built: true };
-  } catch (e) {
-    const leaks = heldResources(l, mountPath);
-    // a create whose outcome is unknown (timeout) stays pending for the next run to settle; until
-    // then its id may exist in the pool
-    if (l.thin_id !== null && !leaks.some((x) => x.kind === "thin_id") && stepsOf(db, work.id).some((s) => s.state === "pending" && s.thin_id === l.thin_id && s.name.startsWith("create_"))) {
-      leaks.push({ kind: "thin_id", ref: l.thin_id, reason: `layer ${l.chain_id}: outcome of its create is unknown (settled by the next run)` });
-    }
-    let c = classify(e);
-    let override: { message: string } | undefined;
-    if (c.errorKind !== "policy" && c.errorKind !== "input" && (await poolOutOfSpace(ctx))) {
-      c = { kind: "dm", errorKind: "no_space" };
-      override = { message: `pool ${poolName} ran out of data space (${(e as Error).message})` };
-    }
-    const err = failure(`layer ${input.label}`, e, leaks, override);
-    tx(db, () => {
-      if (open.step) endStep(db, open.step.id, "failed", "error", err.message);
-      updateLayer(db, l.id, { state: "failed", error: err.message, error_kind: c.errorKind });
-      if (l.device_name && leaks.some((x) => x.kind === "device")) setDeviceState(db, poolName, l.device_name, "leaked", err.message);
-      if (mountPath && leaks.some((x) => x.kind === "mount")) setMountState(db, mountPath, "leaked", err.message);
-      finishWork(db, work.id, "failed", { error: err.message, kind: c.errorKind, leaks });
+  } else if (l.phase === "applied") {
+    // `applied` is written only after `sync -f` succeeded; a row without that proof (an older
+    // thinimg, or a failed flush) is never committed: a fresh syncfs would not report the earlier
+    // write error. Without mount AND device the host restarted before the unmount: the filesystem
+    // was never cleanly unmounted (its journal not replayed), so not adopted.
+    if (!stepDone(b.db, b.pool, "sync", l.thin_id)) b.abandon("its writes were never proven flushed (no successful `sync -f`)");
+    else if (!isMounted(b.mountPath) && !(await activeDevice(b.dev))) b.abandon("the host restarted before it was unmounted; an uncleanly unmounted layer is never reused");
+  }
+}
+
+/** new → allocated: the id and the layer's claim on it in one transaction (a crash leaks nothing). */
+async function allocate(b: Build): Promise<void> {
+  const { db, pool, l, ctx } = b;
+  tx(db, () => {
+    const id = allocateThinId(db, pool, { kind: "layer", id: l.id }, b.input.parent?.thin_id ?? null);
+    updateLayer(db, l.id, { phase: "allocated", thin_id: id, device_name: deviceName(ctx.cfg.prefix, pool, "layer", id), attempt: l.attempt + 1 });
+  });
+  b.reload();
+  await b.pause("layer:allocated");
+}
+
+/** Inside a pool section: create_thin, or create_snap of the INACTIVE parent (no suspend needed).
+ * The section began by settling dead processes' intents: this id may have just been proven created
+ * (resume) or found in the pool unproven (orphaned: never adopted). */
+async function createInPool(b: Build, thinId: number): Promise<"created" | "gone" | null> {
+  const t = getThinId(b.db, b.pool, thinId);
+  if (t?.state === "created") return "created";
+  if (t?.state !== "allocated") return "gone";
+  const parent = b.input.parent;
+  if (!parent) {
+    await poolCreate(b.ctx, b.workId, { op: "create_thin", thinId });
+    return null;
+  }
+  if (await activeDevice(parent.device_name!)) {
+    throw new ThinimgError("conflict", `parent layer device ${parent.device_name} is active; refusing to snapshot it without a suspend`, {
+      hint: "it is not in use by thinimg; check who holds it, then `bun scripts/gc.ts`",
     });
-    throw err;
+  }
+  await poolCreate(b.ctx, b.workId, { op: "create_snap", thinId, originId: parent.thin_id! });
+  return null;
+}
+
+/** allocated → created (or back to new when the id turned out to exist already). */
+async function create(b: Build): Promise<void> {
+  const thinId = b.l.thin_id!;
+  let settled: "created" | "gone" | null;
+  try {
+    settled = await inPoolSection(b.ctx, () => createInPool(b, thinId));
+  } catch (e) {
+    if (!(e instanceof ThinIdTaken)) throw e;
+    if (b.l.attempt >= MAX_ID_TRIES) {
+      throw new ThinimgError("conflict", `pool ${b.pool}: ${MAX_ID_TRIES} thin ids in a row already existed`, { hint: "the pool has devices thinimg did not record; run `bun scripts/gc.ts`" });
+    }
+    b.setPhase("new", { thin_id: null, device_name: null });
+    return;
+  }
+  if (settled === "gone") return b.abandon("an interrupted create of it could not be proven");
+  b.setPhase("created");
+  await b.pause("layer:created");
+}
+
+/** created → activated (or back to the phase a reboot interrupted). */
+async function activateDevice(b: Build): Promise<void> {
+  b.begin("activate_device");
+  setDevice(b.db, { pool: b.pool, name: b.dev, thinId: b.l.thin_id!, kind: "layer", state: "activating" });
+  await ensureActive(b.pool, b.dev, b.l.thin_id!, b.l.virtual_size);
+  tx(b.db, () => {
+    setDeviceState(b.db, b.pool, b.dev, "active");
+    b.end(b.resumeAt ? `ok (re-activated; resuming at ${b.resumeAt})` : "ok");
+  });
+  const next = b.resumeAt ?? "activated";
+  b.resumeAt = null;
+  b.setPhase(next);
+  if (next === "activated") await b.pause("layer:activated");
+}
+
+/** activated → formatted: mkfs.ext4 on a base layer; a child inherits its parent's filesystem. */
+async function format(b: Build): Promise<void> {
+  if (!b.input.parent) {
+    b.begin("mkfs");
+    b.ctx.progress?.stage(`layer ${b.input.label}: mkfs`);
+    await mkfsExt4(dmsetup.mapperPath(b.dev), { ctx: b.cmdCtx });
+    b.end("ok");
+  }
+  b.setPhase("formatted");
+  await b.pause("layer:formatted");
+}
+
+/** formatted → mounted (nosuid,nodev under <stateDir>/mnt); a mount of this very device is adopted. */
+async function mountDevice(b: Build): Promise<void> {
+  const path = mountPathFor(b.ctx.cfg.mountDir, b.dev);
+  mkdirSync(path, { recursive: true, mode: 0o700 });
+  b.begin("mount");
+  setMount(b.db, { path, pool: b.pool, deviceName: b.dev, thinId: b.l.thin_id!, purpose: "apply", state: "mounting" });
+  const info = await activeDevice(b.dev);
+  const mm = info ? `${info.major}:${info.minor}` : null;
+  const already = mnt.mountinfo().filter((m) => m.mountPoint === path);
+  if (already.length > 0) {
+    if (!mm || !already.every((m) => m.majorMinor === mm)) {
+      throw new ThinimgError("conflict", `${path} is already mounted by something else`, { hint: "check `findmnt`; then `bun scripts/gc.ts`" });
+    }
+  } else {
+    await mnt.mount(dmsetup.mapperPath(b.dev), path, { fstype: "ext4", options: APPLY_MOUNT_OPTIONS, ctx: b.cmdCtx });
+  }
+  tx(b.db, () => {
+    setMountState(b.db, path, "mounted");
+    b.end("ok");
+  });
+  b.setPhase("mounted");
+  await b.pause("layer:mounted");
+}
+
+/** mounted → applied: apply the layer, then prove it is on disk. */
+async function applyAndSync(b: Build): Promise<void> {
+  const { ctx, input } = b;
+  const path = b.mountPath!;
+  b.begin("apply");
+  ctx.progress?.stage(`layer ${input.label}: apply`);
+  const stats = await applyLayer(await input.ref.open(), path, {
+    devices: true,
+    sameOwner: true,
+    layerLabel: input.label,
+    limits: { maxEntries: ctx.cfg.limits.maxEntries, maxTotalBytes: ctx.cfg.limits.maxLayerBytes, maxFileBytes: ctx.cfg.limits.maxFileBytes },
+    onProgress: (n) => ctx.progress?.bytes(n, null),
+  });
+  tx(b.db, () => {
+    b.end(`entries=${stats.entries} bytes=${stats.bytes} whiteouts=${stats.whiteouts}`);
+    updateLayer(b.db, b.l.id, { stats: JSON.stringify(stats) });
+  });
+  await b.pause("layer:written"); // fault tests: applied to the page cache, not yet flushed
+  // syncfs before `applied`: a write error (I/O error, pool out of space) surfaces here and the
+  // attempt fails in `mounted` (never resumed). umount does not report such errors, and a later
+  // syncfs only reports errors newer than its open (Linux >= 5.8), so this is the one chance to know
+  // the layer is on disk. The `sync` step row is the proof a resume checks.
+  b.begin("sync");
+  await runTool(["sync", "-f", path], { timeoutMs: 300_000, ctx: b.cmdCtx });
+  tx(b.db, () => {
+    b.end("ok");
+    updateLayer(b.db, b.l.id, { phase: "applied" });
+  });
+  b.reload();
+  await b.pause("layer:applied");
+}
+
+/** applied → unmounted (the data was flushed, and the flush checked, before `applied`). */
+async function unmount(b: Build): Promise<void> {
+  const path = b.mountPath!;
+  b.begin("umount");
+  const wasMounted = isMounted(path);
+  if (wasMounted) {
+    setMountState(b.db, path, "unmounting");
+    await withRetry(`umount ${path}`, () => mnt.umount(path, { ctx: b.cmdCtx }), b.ctx.cfg.retry);
+  }
+  tx(b.db, () => {
+    setMountState(b.db, path, "unmounted");
+    b.end(wasMounted ? "ok" : "was not mounted");
+  });
+  b.setPhase("unmounted");
+  await b.pause("layer:unmounted");
+}
+
+/** unmounted → deactivated: committed layers are kept inactive (snapshots need no suspend). */
+async function deactivate(b: Build): Promise<void> {
+  const dev = b.dev;
+  b.begin("remove_device");
+  setDeviceState(b.db, b.pool, dev, "removing");
+  const info = await activeDevice(dev);
+  if (info) await withRetry(`dmsetup remove ${dev}`, () => dmsetup.remove(dev, { ctx: { pool_name: b.pool, device_id: b.l.thin_id! } }), b.ctx.cfg.retry);
+  tx(b.db, () => {
+    setDeviceState(b.db, b.pool, dev, "removed");
+    b.end(info ? "ok" : "was not active");
+  });
+  b.setPhase("deactivated");
+  await b.pause("layer:deactivated");
+}
+
+/** deactivated → committed: only while the ledger still says `created`, in the same transaction
+ * (GC may have started deleting this id: a failed layer's id looks unused to it). */
+async function commit(b: Build): Promise<void> {
+  const { db, pool, l } = b;
+  tx(db, () => {
+    const t = getThinId(db, pool, l.thin_id!);
+    if (t?.state !== "created") {
+      throw new ThinimgError("conflict", `its thin id ${l.thin_id} is ${t?.state ?? "missing from the ledger"} (GC claimed it?); the layer is not committed`, {
+        hint: "re-run the unpack: it builds the layer on a fresh thin id",
+      });
+    }
+    setThinIdState(db, pool, l.thin_id!, "committed");
+    updateLayer(db, l.id, { phase: "committed", state: "committed", committed_at: Date.now(), error: null, error_kind: null });
+    finishWork(db, b.workId, "done");
+  });
+  b.reload();
+}
+
+/** What follows what: the step that leaves each phase. The one place the order is written down. */
+const STEPS: Record<Exclude<LayerPhase, "committed">, (b: Build) => Promise<void>> = {
+  new: allocate,
+  allocated: create,
+  created: activateDevice,
+  activated: format,
+  formatted: mountDevice,
+  mounted: applyAndSync,
+  applied: unmount,
+  unmounted: deactivate,
+  deactivated: commit,
+};
+
+/** Fail dumb: record the failure and everything the attempt holds; nothing is undone. */
+async function recordFailure(b: Build, e: unknown): Promise<ThinimgError> {
+  const { db, pool, l, mountPath } = b;
+  const leaks = heldResources(l, mountPath);
+  // a create whose outcome is unknown (timeout) stays pending for the next run to settle; until
+  // then its id may exist in the pool
+  if (l.thin_id !== null && !leaks.some((x) => x.kind === "thin_id") && stepsOf(db, b.workId).some((s) => s.state === "pending" && s.thin_id === l.thin_id && s.name.startsWith("create_"))) {
+    leaks.push({ kind: "thin_id", ref: l.thin_id, reason: `layer ${l.chain_id}: outcome of its create is unknown (settled by the next run)` });
+  }
+  let c = classify(e);
+  let override: { message: string } | undefined;
+  if (c.errorKind !== "policy" && c.errorKind !== "input" && (await poolOutOfSpace(b.ctx))) {
+    c = { kind: "dm", errorKind: "no_space" };
+    override = { message: `pool ${pool} ran out of data space (${(e as Error).message})` };
+  }
+  const err = failure(`layer ${b.input.label}`, e, leaks, override);
+  tx(db, () => {
+    if (b.openStep) endStep(db, b.openStep.id, "failed", "error", err.message);
+    updateLayer(db, l.id, { state: "failed", error: err.message, error_kind: c.errorKind });
+    if (l.device_name && leaks.some((x) => x.kind === "device")) setDeviceState(db, pool, l.device_name, "leaked", err.message);
+    if (mountPath && leaks.some((x) => x.kind === "mount")) setMountState(db, mountPath, "leaked", err.message);
+    finishWork(db, b.workId, "failed", { error: err.message, kind: c.errorKind, leaks });
+  });
+  return err;
+}
+
+export async function buildLayer(ctx: Ctx, input: BuildInput): Promise<BuildResult> {
+  const first = getLayer(ctx.db, input.layerId)!;
+  if (first.state === "committed") return { layer: first, abandoned: 0, built: false };
+  const work = startWork(ctx.db, ctx.cfg.pool, "build_layer", `layer:${first.id}`, ctx.owner);
+  const b = new Build(ctx, input, work.id);
+  try {
+    b.setPhase(b.l.phase, { state: "building" });
+    await checkOnEntry(b);
+    while (b.l.phase !== "committed") {
+      const step = STEPS[b.l.phase];
+      if (!step) throw new ThinimgError("internal", `layer ${b.l.id}: unknown phase ${b.l.phase}`);
+      await step(b);
+    }
+    return { layer: b.l, abandoned: b.abandoned, built: true };
+  } catch (e) {
+    throw await recordFailure(b, e);
   }
 }
 

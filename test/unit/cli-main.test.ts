@@ -3,6 +3,7 @@ import { copyFileSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSy
 import { join } from "node:path";
 import { classifyKernelLine } from "../../lib/health/dmesg.ts";
 import { TOOL_PACKAGES } from "../../lib/recover/recover.ts";
+import { run } from "../helpers/run.ts";
 
 describe("runMain", () => {
   test("large --json output through a pipe arrives whole before exit", async () => {
@@ -31,9 +32,7 @@ async function cli(body: string, args: string[]): Promise<{ code: number; out: s
   const file = join(tmp, `cmd${++n}.ts`);
   // a plain command object (no bare "citty" import: the file lives outside the project)
   writeFileSync(file, `import { runMain } from "${MAIN}"; const defineCommand = (c) => c; ${body}`);
-  const p = Bun.spawn(["bun", file, ...args], { stdout: "pipe", stderr: "pipe", cwd: join(import.meta.dir, "../..") });
-  const [out, err, code] = await Promise.all([new Response(p.stdout).text(), new Response(p.stderr).text(), p.exited]);
-  return { code, out, err };
+  return run(["bun", file, ...args]);
 }
 
 describe("terminal or not", () => {

@@ -13,10 +13,9 @@ import { SerialQueue } from "../../lib/dm/queue.ts";
 import { parseThinDumpIds, parseThinLs } from "../../lib/dm/thintools.ts";
 import { assertDmName, assertThinId } from "../../lib/dm/validate.ts";
 import { type CmdResult, CommandError, type Runner, setRunner, spawnRunner } from "../../lib/exec.ts";
+import { cmdResult } from "../helpers/run.ts";
 
-const res = (argv: string[], exitCode: number, stderr = "", stdout = "", timedOut = false): CmdResult => ({
-  argv, stdout, stderr, exitCode, signal: null, timedOut, durationMs: 1,
-});
+const res = (argv: string[], exitCode: number, stderr = "", stdout = "", timedOut = false): CmdResult => cmdResult(argv, { exitCode, stderr, stdout, timedOut });
 
 afterEach(() => setRunner(spawnRunner));
 

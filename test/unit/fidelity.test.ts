@@ -34,6 +34,7 @@ import { resolveImage } from "../../lib/image/resolve.ts";
 import { compress, decompress, REF_NAME } from "../helpers/images.ts";
 import { dir, file, opaque, pax, tar, whiteout } from "../helpers/tarcraft.ts";
 import { diffTrees, listTree } from "../helpers/tree.ts";
+import { run } from "../helpers/run.ts";
 
 if (process.getuid?.() !== 0) throw new Error("the fidelity test needs root (owners, devices, security.capability)");
 
@@ -233,14 +234,8 @@ describe("fidelity with umoci", () => {
 // path: resolve, digest and diff_id checks, budget, apply) on the same umoci image in the four
 // forms an operator may have it in; each result must equal `umoci unpack`'s rootfs exactly.
 describe("acceptance: scripts/extract.ts reproduces umoci unpack in every form", () => {
-  const repo = `${import.meta.dir}/../..`;
   async function cli(source: string, dest: string, extra: string[]): Promise<{ format: string; layers: { compression: string }[] }> {
-    const p = Bun.spawn(["bun", "scripts/extract.ts", source, dest, "--devices", "--json", "--state-dir", `${W}/cli-state`, ...extra], {
-      cwd: repo,
-      stdout: "pipe",
-      stderr: "pipe",
-    });
-    const [out, err, code] = await Promise.all([new Response(p.stdout).text(), new Response(p.stderr).text(), p.exited]);
+    const { out, err, code } = await run(["bun", "scripts/extract.ts", source, dest, "--devices", "--json", "--state-dir", `${W}/cli-state`, ...extra]);
     if (code !== 0) throw new Error(`extract.ts exited ${code}: ${err}`);
     expect(err).toBe("");
     return JSON.parse(out);

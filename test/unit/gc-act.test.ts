@@ -6,12 +6,13 @@ import { act, type GcLedger } from "../../lib/gc/act.ts";
 import type { Orphan } from "../../lib/gc/model.ts";
 import { buildReport, commandsFor, formatHuman } from "../../lib/gc/report.ts";
 import { type CmdResult, type RunOptions, setRunner, spawnRunner } from "../../lib/exec.ts";
+import { cmdResult } from "../helpers/run.ts";
 
 afterEach(() => setRunner(spawnRunner));
 
 const POOL = "tp";
-const ok = (argv: string[], stdout = ""): CmdResult => ({ argv, stdout, stderr: "", exitCode: 0, signal: null, timedOut: false, durationMs: 1 });
-const fail = (argv: string[], stderr: string, timedOut = false): CmdResult => ({ argv, stdout: "", stderr, exitCode: timedOut ? null : 1, signal: null, timedOut, durationMs: 1 });
+const ok = (argv: string[], stdout = ""): CmdResult => cmdResult(argv, { stdout });
+const fail = (argv: string[], stderr: string, timedOut = false): CmdResult => cmdResult(argv, { stderr, exitCode: timedOut ? null : 1, timedOut });
 const status = (mode: string) => `0 524288 thin-pool 5 420/4096 100/4096 - ${mode} no_discard_passdown error_if_no_space - 1024`;
 
 interface Sim {

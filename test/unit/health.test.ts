@@ -14,6 +14,7 @@ import { judgeMemory } from "../../lib/health/memory.ts";
 import { checkPool, judgePool } from "../../lib/health/pool.ts";
 import { assertHealthy, runHealthChecks } from "../../lib/health/run.ts";
 import { DEFAULT_THRESHOLDS as TH } from "../../lib/health/types.ts";
+import { cmdResult } from "../helpers/run.ts";
 
 afterEach(() => setRunner(spawnRunner));
 
@@ -77,7 +78,7 @@ describe("pool checks from status lines", () => {
   });
 
   const fake = (r: Partial<CmdResult>) =>
-    setRunner(async (argv) => ({ argv, stdout: "", stderr: "", exitCode: 0, signal: null, timedOut: false, durationMs: 1, ...r }));
+    setRunner(async (argv) => cmdResult(argv, r));
 
   test("dmsetup says no such device → pool not found", async () => {
     fake({ exitCode: 1, stderr: "Device does not exist.\nCommand failed.\n" });
@@ -434,7 +435,7 @@ describe("runHealthChecks / assertHealthy", () => {
   });
 
   test("assertHealthy throws ThinimgError('unhealthy') with the reason and the runbook step", async () => {
-    setRunner(async (argv) => ({ argv, stdout: "", stderr: "Device does not exist.\n", exitCode: 1, signal: null, timedOut: false, durationMs: 1 }));
+    setRunner(async (argv) => cmdResult(argv, { stderr: "Device does not exist.\n", exitCode: 1 }));
     let err: unknown;
     await assertHealthy({ pool: "gone", io: hostIo() }).catch((e) => {
       err = e;

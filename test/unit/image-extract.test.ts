@@ -20,6 +20,7 @@ import { extractImage } from "../../lib/image/extract.ts";
 import { extractCommand } from "../../scripts/extract.ts";
 import { buildLayerTar, compress, OciLayout, sampleLayer, withRef, writeDockerArchive, writeLayerFamily } from "../helpers/images.ts";
 import { startS3, type TestS3 } from "../helpers/s3.ts";
+import { run } from "../helpers/run.ts";
 
 const repo = join(import.meta.dir, "../..");
 const root = mkdtempSync("/tmp/thinimg-extract-test-");
@@ -30,14 +31,8 @@ let n = 0;
 const tmp = (name: string) => join(root, `${++n}-${name}`);
 
 async function extract(args: string[], env: Record<string, string> = {}) {
-  const p = Bun.spawn(["bun", "scripts/extract.ts", ...args, "--state-dir", stateDir], {
-    cwd: repo,
-    env: { ...process.env, THINIMG_LOG_LEVEL: "info", ...env },
-    stdout: "pipe",
-    stderr: "pipe",
-  });
-  const [stdout, stderr, code] = await Promise.all([new Response(p.stdout).text(), new Response(p.stderr).text(), p.exited]);
-  return { code, stdout, stderr };
+  const r = await run(["bun", "scripts/extract.ts", ...args, "--state-dir", stateDir], { cwd: repo, env: { ...process.env, THINIMG_LOG_LEVEL: "info", ...env } });
+  return { code: r.code, stdout: r.out, stderr: r.err };
 }
 
 /** The CLI as an unprivileged user (nobody), for permission cases; its state dir is its own. */
@@ -45,12 +40,11 @@ async function asNobody(args: string[]) {
   const state = join(root, "state-nobody");
   mkdirSync(state, { recursive: true });
   chmodSync(state, 0o777);
-  const p = Bun.spawn(
-    ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "bun", "scripts/extract.ts", ...args, "--state-dir", state],
-    { cwd: repo, env: { ...process.env, HOME: "/tmp", THINIMG_LOG_LEVEL: "info" }, stdout: "pipe", stderr: "pipe" },
-  );
-  const [stdout, stderr, code] = await Promise.all([new Response(p.stdout).text(), new Response(p.stderr).text(), p.exited]);
-  return { code, stdout, stderr };
+  const r = await run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "bun", "scripts/extract.ts", ...args, "--state-dir", state], {
+    cwd: repo,
+    env: { ...process.env, HOME: "/tmp", THINIMG_LOG_LEVEL: "info" },
+  });
+  return { code: r.code, stdout: r.out, stderr: r.err };
 }
 
 /** A failure is exactly one "error: …" line on stderr, no stack. */

@@ -21,6 +21,7 @@ import { beginStep, listWork, startWork, stepsOf } from "../../lib/store/work.ts
 import { insertSnapshot } from "../../lib/store/snapshots.ts";
 import { beginImage } from "../../lib/store/images.ts";
 import { insertLayer } from "../../lib/store/layers.ts";
+import { cmdResult } from "../helpers/run.ts";
 
 const dir = mkdtempSync("/tmp/thinimg-pipeline-unit-");
 afterAll(() => rmSync(dir, { recursive: true, force: true }));
@@ -111,7 +112,7 @@ describe("failure classification", () => {
   });
 
   test("failed commands (sync -f, umount, mount, mkfs) are classified from their stderr", () => {
-    const cmd = (argv: string[], stderr: string) => new CommandError({ argv, stdout: "", stderr, exitCode: 1, signal: null, timedOut: false, durationMs: 5 });
+    const cmd = (argv: string[], stderr: string) => new CommandError(cmdResult(argv, { stderr, exitCode: 1 }));
     expect(classify(cmd(["sync", "-f", "/m"], "sync: error syncing '/m': Input/output error\n"))).toEqual({ kind: "dm", errorKind: "io" });
     expect(classify(cmd(["sync", "-f", "/m"], "sync: error syncing '/m': No space left on device\n"))).toEqual({ kind: "dm", errorKind: "no_space" });
     expect(classify(cmd(["mount", "/dev/x", "/m"], "mount: /m: cannot mount /dev/x read-only.\n       dmesg(1) may have more information after failed mount system call.\nRead-only file system\n")).errorKind).toBe("io");
@@ -144,7 +145,7 @@ describe("settling intents of dead processes", () => {
 
   function fakePool(o: { txn: number; ids: number[] }): string[][] {
     const calls: string[][] = [];
-    const ok = (argv: string[], stdout: string): CmdResult => ({ argv, stdout, stderr: "", exitCode: 0, signal: null, timedOut: false, durationMs: 1 });
+    const ok = (argv: string[], stdout: string): CmdResult => cmdResult(argv, { stdout });
     let held: number | null = null; // the metadata snapshot our reserve takes
     const runner: Runner = async (argv) => {
       calls.push(argv);
@@ -208,7 +209,7 @@ describe("settling intents of dead processes", () => {
     const id = allocateThinId(db, "pp", { kind: "layer", id: null });
     const w = startWork(db, "pp", "build_layer", "layer:9", ctx.owner);
     let txn = 7;
-    const ok = (argv: string[], stdout: string): CmdResult => ({ argv, stdout, stderr: "", exitCode: 0, signal: null, timedOut: false, durationMs: 1 });
+    const ok = (argv: string[], stdout: string): CmdResult => cmdResult(argv, { stdout });
     setRunner(async (argv) => {
       const a = argv.join(" ");
       if (a.includes(" status ")) return ok(argv, `0 2097152 thin-pool ${txn} 100/4096 10/16384 - rw no_discard_passdown error_if_no_space - 1024\n`);
@@ -216,7 +217,7 @@ describe("settling intents of dead processes", () => {
         txn++; // the kernel did it; the command still timed out
         return { argv, stdout: "", stderr: "", exitCode: null, signal: "SIGKILL", timedOut: true, durationMs: 10_000 };
       }
-      if (a.includes("create_snap")) return { argv, stdout: "", stderr: "device-mapper: message ioctl on pp failed: Invalid argument\n", exitCode: 1, signal: null, timedOut: false, durationMs: 2 };
+      if (a.includes("create_snap")) return cmdResult(argv, { stderr: "device-mapper: message ioctl on pp failed: Invalid argument\n", exitCode: 1 });
       throw new Error(`unexpected command ${a}`);
     });
     const err = await poolCreate(ctx, w.id, { op: "create_thin", thinId: id }).catch((e) => e);
@@ -242,7 +243,7 @@ describe("settling intents of dead processes", () => {
     // our own reserve/release set and clear `ours`
     let outside: (number | null)[] = [];
     let ours: number | null = null;
-    const ok = (argv: string[], stdout: string): CmdResult => ({ argv, stdout, stderr: "", exitCode: 0, signal: null, timedOut: false, durationMs: 1 });
+    const ok = (argv: string[], stdout: string): CmdResult => cmdResult(argv, { stdout });
     setRunner(async (argv) => {
       const a = argv.join(" ");
       if (a.includes(" status ")) {

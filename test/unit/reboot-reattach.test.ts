@@ -13,19 +13,14 @@ import type { Inventory } from "../../lib/pipeline/inventory.ts";
 import type { ReattachAllReport, ReattachResult } from "../../lib/pipeline/reattach.ts";
 import type { RecoverReport } from "../../lib/recover/recover.ts";
 import { buildLayerTar, writeLayerFamily } from "../helpers/images.ts";
+import { vmBoot } from "../helpers/run.ts";
 
-const ROOT = join(import.meta.dir, "../..");
 const B = mkdtempSync("/tmp/thinimg-reboot-reattach-");
 afterAll(() => rmSync(B, { recursive: true, force: true }));
 const POOL = `rb${process.pid}`;
 const SECRET = `written by the microVM ${crypto.randomUUID()}`;
 
-async function boot(script: string): Promise<{ code: number; out: string; err: string }> {
-  const env = `export THINIMG_STATE_DIR=${B}/state THINIMG_POOL=${POOL} THINIMG_VIRTUAL_SIZE=256M THINIMG_LOG_LEVEL=error\n`;
-  const p = Bun.spawn(["bun", "scripts/vm.ts", "--", "sh", "-c", env + script], { cwd: ROOT, stdout: "pipe", stderr: "pipe", stdin: "ignore" });
-  const [out, err, code] = await Promise.all([new Response(p.stdout).text(), new Response(p.stderr).text(), p.exited]);
-  return { code, out, err };
-}
+const boot = (script: string) => vmBoot(`export THINIMG_STATE_DIR=${B}/state THINIMG_POOL=${POOL} THINIMG_VIRTUAL_SIZE=256M THINIMG_LOG_LEVEL=error\n${script}`);
 
 const read = (f: string) => readFileSync(join(B, f), "utf8").trim();
 const json = <T>(f: string): T => {

@@ -6,16 +6,11 @@ import { afterAll, expect, test } from "bun:test";
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import type { RecoverReport } from "../../lib/recover/recover.ts";
+import { vmBoot as vm } from "../helpers/run.ts";
 
-const ROOT = join(import.meta.dir, "../..");
 const base = mkdtempSync("/tmp/thinimg-recover-reboot-");
 afterAll(() => rmSync(base, { recursive: true, force: true }));
 
-async function vm(script: string): Promise<{ code: number; out: string; err: string }> {
-  const p = Bun.spawn(["bun", "scripts/vm.ts", "--", "sh", "-c", script], { cwd: ROOT, stdout: "pipe", stderr: "pipe", stdin: "ignore" });
-  const [out, err, code] = await Promise.all([new Response(p.stdout).text(), new Response(p.stderr).text(), p.exited]);
-  return { code, out, err };
-}
 
 const read = (f: string) => readFileSync(join(base, f), "utf8").trim();
 

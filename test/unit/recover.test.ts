@@ -11,6 +11,7 @@ import { newRecord, type PoolRecord, readRecord, writeRecord } from "../../lib/r
 import { type RecoverOptions, type RecoverReport, recoverPool } from "../../lib/recover/recover.ts";
 import { renderReport } from "../../lib/recover/report.ts";
 import { shellArg, shellLine } from "../../lib/recover/runbook.ts";
+import { cmdResult } from "../helpers/run.ts";
 
 const root = mkdtempSync("/tmp/thinimg-recover-unit-");
 afterAll(() => rmSync(root, { recursive: true, force: true }));
@@ -72,7 +73,7 @@ class FakeHost {
   runner = async (argv: string[], _o?: RunOptions): Promise<CmdResult> => {
     const a = argv.filter((x) => x !== "--noudevsync");
     this.calls.push(a);
-    const res = (exitCode: number, stdout = "", stderr = ""): CmdResult => ({ argv, stdout, stderr, exitCode, signal: null, timedOut: false, durationMs: 1 });
+    const res = (exitCode: number, stdout = "", stderr = ""): CmdResult => cmdResult(argv, { stdout, stderr, exitCode });
     const [cmd, ...rest] = a;
     if (cmd === "losetup") {
       if (rest[0] === "--list") {

@@ -10,12 +10,12 @@ import { dmsetup, losetup, parsePoolStatus, pool } from "../../lib/dm/index.ts";
 import type { RecoverReport } from "../../lib/recover/recover.ts";
 import { setLogLevel } from "../../lib/log.ts";
 import { requireDm } from "../helpers/kernel.ts";
+import { run } from "../helpers/run.ts";
 
 requireDm();
 setDefaultTimeout(180_000); // each step spawns the CLI (a bun start in UML: slow on a busy host)
 setLogLevel("error"); // the expected "no such device" probes are not worth a warning line each
 
-const ROOT = join(import.meta.dir, "../..");
 const base = mkdtempSync("/tmp/thinimg-recover-vm-");
 const dir = join(base, "p");
 const POOL = `rp${process.pid}`;
@@ -26,8 +26,7 @@ const OFFSET = 5 * 1024 * 1024;
 const pattern = crypto.getRandomValues(new Uint8Array(1024 * 1024));
 
 async function recover(...args: string[]): Promise<{ code: number; report: RecoverReport; stderr: string }> {
-  const p = Bun.spawn(["bun", "ops/recover-pool.ts", ...args, "--json"], { cwd: ROOT, stdout: "pipe", stderr: "pipe" });
-  const [out, err, code] = await Promise.all([new Response(p.stdout).text(), new Response(p.stderr).text(), p.exited]);
+  const { out, err, code } = await run(["bun", "ops/recover-pool.ts", ...args, "--json"]);
   let report: RecoverReport;
   try {
     report = JSON.parse(out) as RecoverReport;
