@@ -114,13 +114,14 @@ export async function extractImage(source: string, destArg: string, o: ExtractOp
   };
   try {
     const total = image.layers.length;
+    let holes = 0; // sparse files' holes so far: the byte budget counts apparent sizes
     for (const layer of image.layers) {
       const label = layerLabel(layer.index, total, layer.label);
       const lt0 = performance.now();
       o.progress?.stage(`layer ${label}`);
       // The image as a whole gets the same entry and byte budget as one layer, so many modest
       // layers cannot add up to a disk-filling image: each layer gets what earlier ones left.
-      const left = { entries: limits.maxEntries - summary.entries, bytes: limits.maxTotalBytes - summary.bytes };
+      const left = { entries: limits.maxEntries - summary.entries, bytes: limits.maxTotalBytes - summary.bytes - holes };
       if (left.entries <= 0 || left.bytes <= 0) throw budgetError(label, limits, left, left.entries <= 0 ? "maxEntries" : "maxTotalBytes");
       let stats: Awaited<ReturnType<typeof applyLayer>>;
       try {
@@ -137,7 +138,7 @@ export async function extractImage(source: string, destArg: string, o: ExtractOp
         // A budget cut short by earlier layers: say it is the image total that is over.
         if (e instanceof ThinimgError && e.kind === "policy") {
           if (summary.entries > 0 && /\(maxEntries\)/.test(e.message)) throw budgetError(label, limits, left, "maxEntries");
-          if (summary.bytes > 0 && /\(maxTotalBytes\)|decompressed size exceeds/.test(e.message)) {
+          if (summary.bytes + holes > 0 && /\(maxTotalBytes\)|decompressed size exceeds/.test(e.message)) {
             throw budgetError(label, limits, left, "maxTotalBytes");
           }
         }
@@ -156,6 +157,7 @@ export async function extractImage(source: string, destArg: string, o: ExtractOp
       });
       summary.entries += stats.entries;
       summary.bytes += stats.bytes;
+      holes += stats.holes;
       summary.whiteouts += stats.whiteouts;
       summary.skipped += stats.skipped;
     }

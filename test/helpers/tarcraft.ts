@@ -155,3 +155,66 @@ export function streamOf(buf: Uint8Array, chunk = 65536): ReadableStream<Uint8Ar
     },
   });
 }
+
+/** Data regions of a sparse file: `data` at `offset`; the rest of `size` bytes are holes. */
+export type Regions = [offset: number, data: string | Uint8Array][];
+
+function numField(v: number, len: number): Buffer {
+  const b = Buffer.alloc(len);
+  putNum(b, 0, len, v);
+  return b;
+}
+
+function withChecksum(b: Buffer): Buffer {
+  b.fill(0x20, 148, 156);
+  let sum = 0;
+  for (let i = 0; i < 512; i++) sum += b[i]!;
+  putBytes(b, 148, 8, `${sum.toString(8).padStart(6, "0")}\0 `);
+  return b;
+}
+
+/**
+ * An old-GNU sparse entry (type 'S'): up to 4 regions in the header, the rest in extension blocks
+ * of 21; `size` is the apparent size. `lie` overrides the header's stored size.
+ */
+export function gnuSparse(name: string, size: number, regions: Regions, lie?: { stored?: number }): Buffer {
+  const data = Buffer.concat(regions.map(([, d]) => bytes(d)));
+  const h = header({ name, type: "S", format: "gnu", size: lie?.stored ?? data.length }, data.length);
+  const put = (b: Buffer, off: number, [o, d]: Regions[number]) => {
+    numField(o, 12).copy(b, off);
+    numField(bytes(d).length, 12).copy(b, off + 12);
+  };
+  regions.slice(0, 4).forEach((r, i) => {
+    put(h, 386 + 24 * i, r);
+  });
+  numField(size, 12).copy(h, 483);
+  const ext: Buffer[] = [];
+  for (let i = 4; i < regions.length; i += 21) {
+    const b = Buffer.alloc(512);
+    regions.slice(i, i + 21).forEach((r, j) => {
+      put(b, 24 * j, r);
+    });
+    ext.push(b);
+  }
+  ext.forEach((b, i) => {
+    b[504] = i < ext.length - 1 ? 1 : 0;
+  });
+  h[482] = ext.length > 0 ? 1 : 0;
+  return Buffer.concat([withChecksum(h), ...ext, data, pad(data.length)]);
+}
+
+/** A GNU sparse file in PAX form: "0.0" (offset/numbytes records), "0.1" (map record) or "1.0" (map in the data). */
+export function paxSparse(version: "0.0" | "0.1" | "1.0", name: string, size: number, regions: Regions): Buffer {
+  const data = Buffer.concat(regions.map(([, d]) => bytes(d)));
+  const recs: [string, string][] = [];
+  if (version === "1.0") {
+    recs.push(["GNU.sparse.major", "1"], ["GNU.sparse.minor", "0"], ["GNU.sparse.name", name], ["GNU.sparse.realsize", String(size)]);
+    const map = `${[regions.length, ...regions.flatMap(([o, d]) => [o, bytes(d).length])].join("\n")}\n`;
+    const body = Buffer.concat([Buffer.from(map), pad(map.length), data]);
+    return Buffer.concat([pax(recs), entry({ name: "GNUSparseFile.0/x", data: body })]);
+  }
+  recs.push(["GNU.sparse.size", String(size)], ["GNU.sparse.numblocks", String(regions.length)], ["GNU.sparse.name", name]);
+  if (version === "0.0") for (const [o, d] of regions) recs.push(["GNU.sparse.offset", String(o)], ["GNU.sparse.numbytes", String(bytes(d).length)]);
+  else recs.push(["GNU.sparse.map", regions.flatMap(([o, d]) => [o, bytes(d).length]).join(",")]);
+  return Buffer.concat([pax(recs), entry({ name: "GNUSparseFile.0/x", data })]);
+}

@@ -314,7 +314,7 @@ describe("limits and errors", () => {
     expect(e.message).toContain("truncated archive");
 
     e = await fails(Buffer.from("this is not a tar archive at all, just text ".repeat(30)));
-    expect(e.message).toBe("layer L: not a tar archive (header checksum mismatch at offset 0)");
+    expect(e.message).toBe("layer L: not a tar archive (bad header checksum at offset 0)");
   });
 
   test("a failing source is one input line; an aborted apply cancels the source", async () => {

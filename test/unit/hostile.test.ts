@@ -18,10 +18,12 @@ import {
   entry,
   file,
   gnuLong,
+  gnuSparse,
   hardlink,
   header,
   opaque,
   pax,
+  paxSparse,
   streamOf,
   symlink,
   tar,
@@ -347,9 +349,29 @@ const cases: Record<string, Case> = {
     layers: () => [tar(entry({ name: "sda", type: "4", devmajor: 8, devminor: 0 }))],
     check: (c) => expect(readdirSync(c.dest)).toEqual([]),
   },
-  "GNU sparse entry": {
+  "sparse entry in star (not GNU) format is named unsupported": {
     layers: () => [tar(entry({ name: "sparse", type: "S", data: "x" }))],
-    error: { kind: "input", match: "sparse" },
+    error: { kind: "input", match: "star sparse files are not supported" },
+  },
+  "GNU sparse map past the apparent size": {
+    layers: () => [tar(gnuSparse("s", 100, [[90, "x".repeat(20)]]))],
+    error: { kind: "input", match: "corrupt GNU sparse map" },
+  },
+  "GNU sparse regions out of order": {
+    layers: () => [tar(paxSparse("0.1", "s", 100, [[50, "a"], [10, "b"]]))],
+    error: { kind: "input", match: "corrupt GNU sparse map" },
+  },
+  "GNU sparse map covering less than the data stored": {
+    layers: () => [tar(gnuSparse("s", 100, [[0, "abc"]], { stored: 1000 }), Buffer.alloc(512))],
+    error: { kind: "input", match: "its map covers 3 bytes, the archive stores 1000" },
+  },
+  "unknown GNU sparse version is named unsupported": {
+    layers: () => [tar(pax({ "GNU.sparse.major": "2", "GNU.sparse.minor": "0" }), file("s", "x"))],
+    error: { kind: "input", match: "GNU sparse format 2.0 is not supported" },
+  },
+  "PAX 1.0 sparse map claiming a million regions": {
+    layers: () => [tar(pax({ "GNU.sparse.major": "1", "GNU.sparse.minor": "0", "GNU.sparse.realsize": "10" }), file("s", "99999999\n"))],
+    error: { kind: "input", match: "sparse map of more than" },
   },
   "unknown entry type": {
     layers: () => [tar(entry({ name: "weird", type: "Z", data: "x" }))],
@@ -360,6 +382,15 @@ const cases: Record<string, Case> = {
   "size bomb: a header claiming 100 GiB": {
     layers: () => [Buffer.concat([header({ name: "huge", size: 100 * 1024 ** 3, base256: true }), Buffer.alloc(4096)])],
     error: { kind: "policy", match: "maxFileBytes" },
+  },
+  "sparse bomb: 100 GiB of holes around one byte": {
+    layers: () => [tar(gnuSparse("huge", 100 * 1024 ** 3, [[0, "x"]]))],
+    error: { kind: "policy", match: "maxFileBytes" },
+  },
+  "sparse total bomb: holes count against the layer budget": {
+    layers: () => [tar(...Array.from({ length: 8 }, (_, i) => paxSparse("1.0", `s${i}`, 600_000, [[599_999, "x"]])))],
+    opts: { limits: { maxTotalBytes: 2_000_000 } },
+    error: { kind: "policy", match: "maxTotalBytes" },
   },
   "total size bomb": {
     layers: () => [tar(...Array.from({ length: 8 }, (_, i) => file(`f${i}`, Buffer.alloc(600_000))))],
@@ -447,9 +478,22 @@ const cases: Record<string, Case> = {
     layers: () => [Buffer.from(Array.from({ length: 70_000 }, (_, i) => (i * 7919 + 13) % 251))],
     error: { kind: "input", match: "not a tar archive" },
   },
-  "non-UTF-8 name": {
+  "non-UTF-8 name is kept as bytes": {
     layers: () => [tar(entry({ name: Buffer.from([0x61, 0xff, 0xfe]), data: "x" }))],
-    error: { kind: "input", match: "not valid UTF-8" },
+    check: (c) => {
+      expect(readdirSync(c.dest, { encoding: "buffer" })).toEqual([Buffer.from([0x61, 0xff, 0xfe])]);
+    },
+  },
+  "non-UTF-8 name climbing out is refused, shown escaped": {
+    layers: () => [tar(entry({ name: Buffer.from("../\xff/x", "latin1"), data: "x" }))],
+    error: { kind: "policy", match: /^layer 1: entry \.\.\/\\xff\/x: path climbs out of the root/ },
+  },
+  "non-UTF-8 symlink then a write through it stays inside": {
+    layers: (c) => [
+      tar(entry({ name: Buffer.from("l\xff", "latin1"), type: "2", linkname: Buffer.from(`${c.canary}`) })),
+      tar(entry({ name: Buffer.from("l\xff/new", "latin1"), data: "pwned" })),
+    ],
+    check: (c) => expect(readFileSync(Buffer.from(`${c.dest}${c.canary}/new`), "utf8")).toBe("pwned"),
   },
 };
 

@@ -14,6 +14,7 @@ import {
   constants,
   fchmodSync,
   fchownSync,
+  ftruncateSync,
   futimesSync,
   lchownSync,
   linkSync,
@@ -21,7 +22,6 @@ import {
   lutimesSync,
   mkdirSync,
   openSync,
-  readdirSync,
   renameSync,
   rmdirSync,
   type Stats,
@@ -29,6 +29,7 @@ import {
   unlinkSync,
   writeSync,
 } from "node:fs";
+import { fsPath, readDir } from "./bytepath.ts";
 import { InRoot } from "./inroot.ts";
 import { fsetxattr, lgetxattr, llistxattr, lremovexattr, lsetxattr, mknod, S_IFBLK, S_IFCHR, S_IFIFO } from "./libc.ts";
 import { checkNameBytes, DEPTH_HINT, HOSTILE_HINT, type Limits, RuleError, splitName } from "./rules.ts";
@@ -81,6 +82,8 @@ export class Applier implements TarSink {
   entries = 0;
   whiteouts = 0;
   skipped = 0;
+  /** Bytes of holes in the sparse files so far (their apparent size beyond the data stored). */
+  sparseBytes = 0;
   /** Name of the entry being applied, for error messages. */
   current: string | null = null;
 
@@ -135,7 +138,8 @@ export class Applier implements TarSink {
           "raise --max-file-size / THINIMG_MAX_FILE_SIZE if the image is legitimate",
         );
       }
-      if (e.offset + 512 + e.size > L.maxTotalBytes) {
+      // Holes count: a sparse file costs its apparent size against the layer's budget.
+      if (e.offset + 512 + e.size + this.sparseBytes > L.maxTotalBytes) {
         throw new RuleError(
           "policy",
           `layer would exceed ${L.maxTotalBytes} bytes (maxTotalBytes)`,
@@ -144,7 +148,8 @@ export class Applier implements TarSink {
       }
     }
 
-    if (e.uid > MAX_ID || e.gid > MAX_ID) throw new RuleError("input", `uid/gid ${e.uid}:${e.gid} out of range`);
+    if (e.sparse) this.sparseBytes += e.size - e.sparse.reduce((n, r) => n + r.length, 0);
+    if (e.uid > MAX_ID || e.gid > MAX_ID || e.uid < 0 || e.gid < 0) throw new RuleError("input", `uid/gid ${e.uid}:${e.gid} out of range`);
     if (e.xattrs) for (const k of e.xattrs.keys()) checkXattr(k);
 
     const n = comps.length;
@@ -172,11 +177,11 @@ export class Applier implements TarSink {
 
     switch (e.type) {
       case "dir": {
-        const st = lstatSync(abs, { throwIfNoEntry: false });
+        const st = lstatSync(fsPath(abs), { throwIfNoEntry: false });
         const merged = st?.isDirectory() === true;
         if (!merged) {
           if (st) this.remove(abs, st);
-          mkdirSync(abs, 0o700);
+          mkdirSync(fsPath(abs), 0o700);
           this.clean.add(real);
         }
         this.recordDir(real, e, merged);
@@ -184,7 +189,7 @@ export class Applier implements TarSink {
         break;
       }
       case "file":
-        this.fd = this.create(abs, () => openSync(abs, O_CREATE_FILE, 0o600));
+        this.fd = this.create(abs, () => openSync(fsPath(abs), O_CREATE_FILE, 0o600));
         this.file = e;
         break;
       case "symlink":
@@ -192,7 +197,7 @@ export class Applier implements TarSink {
         if (e.linkname === "") throw new RuleError("input", "symlink with an empty target");
         // Written exactly as in the archive: absolute and climbing targets are legal in images;
         // they are only ever followed by resolution inside the root.
-        this.create(abs, () => symlinkSync(e.linkname, abs));
+        this.create(abs, () => symlinkSync(fsPath(e.linkname), fsPath(abs)));
         this.finishNode(abs, e, false);
         break;
       case "link":
@@ -211,7 +216,7 @@ export class Applier implements TarSink {
           throw new RuleError("policy", "device nodes can only be created as root", "run as root, or drop --devices");
         }
         this.create(abs, () =>
-          mknod(abs, (e.type === "char" ? S_IFCHR : e.type === "block" ? S_IFBLK : S_IFIFO) | 0o600, e.devmajor, e.devminor),
+          mknod(fsPath(abs), (e.type === "char" ? S_IFCHR : e.type === "block" ? S_IFBLK : S_IFIFO) | 0o600, e.devmajor, e.devminor),
         );
         this.finishNode(abs, e, true);
         break;
@@ -219,13 +224,14 @@ export class Applier implements TarSink {
     this.addUpper(real);
   }
 
-  data(buf: Buffer, off: number, len: number): void {
+  data(buf: Buffer, off: number, len: number, pos: number): void {
     const fd = this.fd;
     if (fd < 0) return; // a whiteout marker with content: ignored
     while (len > 0) {
-      const w = writeSync(fd, buf, off, len);
+      const w = writeSync(fd, buf, off, len, pos);
       off += w;
       len -= w;
+      pos += w;
     }
   }
 
@@ -236,6 +242,8 @@ export class Applier implements TarSink {
     this.fd = -1;
     this.file = null;
     try {
+      // A sparse file's holes were never written: the size is set, no zeros are.
+      if (e.sparse) ftruncateSync(fd, e.size);
       // Owner first: chown clears setuid/setgid and security.capability.
       if (this.o.sameOwner) fchownSync(fd, e.uid, e.gid);
       fchmodSync(fd, e.mode);
@@ -266,16 +274,17 @@ export class Applier implements TarSink {
       this.current = r.name;
       if (r.epoch !== this.epoch && !this.fs.isRealDir(real, verified)) continue; // replaced later in the layer
       const abs = this.fs.abs(real);
-      if (this.o.sameOwner) lchownSync(abs, r.uid, r.gid);
-      chmodSync(abs, r.mode); // a verified directory, not a link
-      if (this.o.xattrs) this.setDirXattrs(abs, r);
-      lutimesSync(abs, r.atime, r.mtime);
+      const ap = fsPath(abs);
+      if (this.o.sameOwner) lchownSync(ap, r.uid, r.gid);
+      chmodSync(ap, r.mode); // a verified directory, not a link
+      if (this.o.xattrs) this.setDirXattrs(ap, r);
+      lutimesSync(ap, r.atime, r.mtime);
     }
     for (const [real, t] of this.parentTimes) {
       if (this.dirs.has(real)) continue;
       this.current = real === "" ? "/" : real;
       if (t.epoch !== this.epoch && !this.fs.isRealDir(real, verified)) continue;
-      lutimesSync(this.fs.abs(real), t.atime, t.mtime);
+      lutimesSync(fsPath(this.fs.abs(real)), t.atime, t.mtime);
     }
     this.current = null;
   }
@@ -296,7 +305,7 @@ export class Applier implements TarSink {
     });
   }
 
-  private setDirXattrs(abs: string, r: DirRecord): void {
+  private setDirXattrs(abs: string | Buffer, r: DirRecord): void {
     if (r.merged) {
       // The entry describes the directory completely: attributes it does not list go.
       for (const k of llistxattr(abs)) {
@@ -314,7 +323,8 @@ export class Applier implements TarSink {
   }
 
   /** Owner, mode (not for symlinks), xattrs, times of a just-created non-directory, by path. */
-  private finishNode(abs: string, e: TarEntry, chmod: boolean): void {
+  private finishNode(absName: string, e: TarEntry, chmod: boolean): void {
+    const abs = fsPath(absName);
     if (this.o.sameOwner) lchownSync(abs, e.uid, e.gid);
     if (chmod) chmodSync(abs, e.mode); // a node we just created (mknod never follows links)
     if (e.xattrs && this.o.xattrs) {
@@ -330,7 +340,7 @@ export class Applier implements TarSink {
     } catch (err) {
       if ((err as NodeJS.ErrnoException).code !== "EEXIST") throw err;
     }
-    const st = lstatSync(abs, { throwIfNoEntry: false });
+    const st = lstatSync(fsPath(abs), { throwIfNoEntry: false });
     if (st) this.remove(abs, st);
     return make();
   }
@@ -340,7 +350,7 @@ export class Applier implements TarSink {
       this.removeDir(abs);
       this.bump(abs);
     } else {
-      unlinkSync(abs);
+      unlinkSync(fsPath(abs));
       if (st.isSymbolicLink()) this.bump(abs);
     }
   }
@@ -359,22 +369,21 @@ export class Applier implements TarSink {
     try {
       while (queue.length > 0) {
         const d = queue.pop()!;
-        for (const de of readdirSync(d, { withFileTypes: true })) {
+        for (const de of readDir(d)) {
           const p = `${d}/${de.name}`;
-          const isDir = de.isDirectory() || (!de.isSymbolicLink() && !de.isFile() && lstatSync(p).isDirectory());
-          if (isDir) {
+          if (de.dir) {
             scratch ??= this.makeScratch();
             const t = `${scratch}/${n++}`;
-            renameSync(p, t);
+            renameSync(fsPath(p), fsPath(t));
             queue.push(t);
           } else {
-            unlinkSync(p);
+            unlinkSync(fsPath(p));
           }
         }
-        rmdirSync(d);
+        rmdirSync(fsPath(d));
       }
     } finally {
-      if (scratch !== null) rmdirSync(scratch);
+      if (scratch !== null) rmdirSync(fsPath(scratch));
     }
   }
 
@@ -383,7 +392,7 @@ export class Applier implements TarSink {
     for (let i = 0; ; i++) {
       const p = `${this.fs.root}/.thinimg-rm-${process.pid}-${Math.random().toString(36).slice(2)}`;
       try {
-        mkdirSync(p, 0o700);
+        mkdirSync(fsPath(p), 0o700);
         return p;
       } catch (e) {
         if ((e as NodeJS.ErrnoException).code !== "EEXIST" || i > 8) throw e;
@@ -408,13 +417,13 @@ export class Applier implements TarSink {
     // hardlink to a symlink links the symlink itself, as link(2), GNU tar and umoci do).
     const parent = this.fs.dir(t, t.length - 1, false);
     const target = parent === null ? null : this.fs.abs(parent === "" ? t[t.length - 1]! : `${parent}/${t[t.length - 1]}`);
-    const st = target === null ? undefined : lstatSync(target, { throwIfNoEntry: false });
+    const st = target === null ? undefined : lstatSync(fsPath(target), { throwIfNoEntry: false });
     if (target === null || st === undefined) {
       throw new RuleError("input", `hardlink target ${e.linkname} does not exist`, "the layer is malformed");
     }
     if (st.isDirectory()) throw new RuleError("policy", "hardlink to a directory", HOSTILE_HINT);
     if (target === abs) return; // already itself
-    this.create(abs, () => linkSync(target, abs));
+    this.create(abs, () => linkSync(fsPath(target), fsPath(abs)));
   }
 
   private whiteout(comps: string[], base: string): void {
@@ -434,12 +443,12 @@ export class Applier implements TarSink {
     const dir = this.fs.dir(comps, n - 1, false);
     if (dir === null) return;
     const dirAbs = this.fs.abs(dir);
-    const st = lstatSync(dirAbs, { throwIfNoEntry: false });
+    const st = lstatSync(fsPath(dirAbs), { throwIfNoEntry: false });
     if (!st?.isDirectory()) return;
     this.touchParent(dir);
     if (opaque) {
       if (this.clean.has(dir)) return;
-      for (const c of readdirSync(dirAbs)) this.removeLower(dir === "" ? c : `${dir}/${c}`);
+      for (const c of readDir(dirAbs)) this.removeLower(dir === "" ? c.name : `${dir}/${c.name}`);
       this.clean.add(dir);
     } else {
       this.removeLower(dir === "" ? name : `${dir}/${name}`);
@@ -449,7 +458,7 @@ export class Applier implements TarSink {
   /** Remove real path unless this layer created it; descend into directories that hold such paths. */
   private removeLower(real: string): void {
     const abs = this.fs.abs(real);
-    const st = lstatSync(abs, { throwIfNoEntry: false });
+    const st = lstatSync(fsPath(abs), { throwIfNoEntry: false });
     if (!st) return;
     if (!this.upper.has(real)) {
       this.remove(abs, st);
@@ -457,7 +466,7 @@ export class Applier implements TarSink {
     }
     if (this.clean.has(real)) return;
     if (st.isDirectory()) {
-      for (const c of readdirSync(abs)) this.removeLower(`${real}/${c}`);
+      for (const c of readDir(abs)) this.removeLower(`${real}/${c.name}`);
       this.clean.add(real);
     }
   }
@@ -471,7 +480,7 @@ export class Applier implements TarSink {
   /** First write into a directory this layer has no entry for (yet): remember its times. */
   private touchParent(real: string): void {
     if (this.dirs.has(real) || this.parentTimes.has(real)) return;
-    const st = lstatSync(this.fs.abs(real));
+    const st = lstatSync(fsPath(this.fs.abs(real)));
     this.parentTimes.set(real, { atime: st.atimeMs / 1000, mtime: st.mtimeMs / 1000, epoch: this.epoch });
   }
 }

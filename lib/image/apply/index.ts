@@ -4,6 +4,7 @@
 import { realpathSync, statSync } from "node:fs";
 import { ThinimgError, errorMessage } from "../../errors.ts";
 import { Applier } from "./applier.ts";
+import { byteString } from "./bytepath.ts";
 import { displayName, type Limits, mergeLimits, RuleError } from "./rules.ts";
 import { TarFormatError, TarReader } from "./tar-reader.ts";
 
@@ -34,6 +35,8 @@ export interface ApplyStats {
   durationMs: number;
   /** Device nodes and FIFOs skipped (`devices` off, or a FIFO when not root). */
   skipped: number;
+  /** Bytes of holes in sparse files: their apparent size beyond the data stored (budgets count it). */
+  holes: number;
 }
 
 type Input = ReadableStream<Uint8Array> | AsyncIterable<Uint8Array>;
@@ -48,7 +51,7 @@ export async function applyLayer(input: Input, root: string, opts: ApplyOptions 
   const realRoot = checkRoot(root, label);
   const isRoot = process.getuid?.() === 0;
   const sameOwner = opts.sameOwner ?? isRoot;
-  const applier = new Applier(realRoot, {
+  const applier = new Applier(byteString(realRoot), {
     limits,
     devices: opts.devices === true,
     sameOwner,
@@ -61,7 +64,7 @@ export async function applyLayer(input: Input, root: string, opts: ApplyOptions 
   try {
     for await (const chunk of chunks(input)) {
       bytes += chunk.length;
-      if (bytes > limits.maxTotalBytes) {
+      if (bytes + applier.sparseBytes > limits.maxTotalBytes) {
         throw new ThinimgError(
           "policy",
           `layer ${label}: uncompressed size exceeds ${limits.maxTotalBytes} bytes (maxTotalBytes)`,
@@ -84,6 +87,7 @@ export async function applyLayer(input: Input, root: string, opts: ApplyOptions 
     whiteouts: applier.whiteouts,
     durationMs: Math.round(performance.now() - started),
     skipped: applier.skipped,
+    holes: applier.sparseBytes,
   };
 }
 
@@ -200,7 +204,7 @@ function toThinimgError(e: unknown, label: string, entry: string | null): unknow
   if (e instanceof RuleError) {
     return new ThinimgError(e.kind, `${where}: ${e.rule}`, {
       hint: e.hint,
-      details: { layer: label, entry, rule: e.rule },
+      details: { layer: label, entry: entry === null ? null : displayName(entry), rule: e.rule },
     });
   }
   if (e instanceof TarFormatError) {
@@ -211,8 +215,10 @@ function toThinimgError(e: unknown, label: string, entry: string | null): unknow
           ? `layer ${label}: entry ${displayName(e.entry)}: ${e.message}`
           : `layer ${label}: ${e.message} (after entry ${displayName(e.entry)})`;
     return new ThinimgError("input", msg, {
-      hint: "the layer is not a valid tar archive: it is corrupt, truncated or not a layer",
-      details: { layer: label, entry: e.entry, offset: e.offset },
+      hint: e.unsupported
+        ? "the layer uses a tar feature thinimg does not support (see docs/layer-apply.md); rebuild it with docker, buildkit or GNU tar"
+        : "the layer is not a valid tar archive: it is corrupt, truncated or not a layer",
+      details: { layer: label, entry: e.entry === null ? null : displayName(e.entry), offset: e.offset, unsupported: e.unsupported },
     });
   }
   const code = (e as NodeJS.ErrnoException | null)?.code;
@@ -220,7 +226,7 @@ function toThinimgError(e: unknown, label: string, entry: string | null): unknow
     const sys = (e as NodeJS.ErrnoException).syscall ?? "write";
     return new ThinimgError("input", `${where}: ${sys} failed: ${code}`, {
       hint: FS_HINTS[code] ?? "the entry cannot be applied as written",
-      details: { layer: label, entry, code, syscall: sys },
+      details: { layer: label, entry: entry === null ? null : displayName(entry), code, syscall: sys },
       cause: e,
     });
   }

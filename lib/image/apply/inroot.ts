@@ -18,7 +18,8 @@
 // race against an attacker; hostile input can only change the tree through our own operations,
 // which call invalidate(path) for every directory or symlink they remove. Only what depended on
 // that path is forgotten: resolutions whose result lies under it or that went through it.
-import { chmodSync, lstatSync, mkdirSync, readlinkSync } from "node:fs";
+import { chmodSync, lstatSync, mkdirSync } from "node:fs";
+import { fsPath, readLink } from "./bytepath.ts";
 import { DEPTH_HINT, HOSTILE_HINT, MAX_SYMLINK_HOPS, MAX_WALK_COMPONENTS, RuleError } from "./rules.ts";
 
 /** One real path (relative to the root) we know something about; children by name. */
@@ -53,6 +54,7 @@ function childOf(n: PathNode, name: string): PathNode {
   return c;
 }
 
+/** Paths here are byte strings (bytepath.ts), the root included. */
 export class InRoot {
   /** Lexical directory path (normalised, as in the archive) → its resolution. */
   private readonly cache = new Map<string, Resolution>();
@@ -226,7 +228,7 @@ export class InRoot {
       }
       this.lstats++;
       const abs = `${this.root}/${rel}`;
-      const st = lstatSync(abs, { throwIfNoEntry: false });
+      const st = lstatSync(fsPath(abs), { throwIfNoEntry: false });
       if (st?.isDirectory()) {
         const node = known ?? childOf(parentNode, c);
         node.dir = true;
@@ -244,7 +246,7 @@ export class InRoot {
           );
         }
         deps.push(known ?? childOf(parentNode, c));
-        const target = readlinkSync(abs);
+        const target = readLink(abs);
         parts.pop();
         if (target.startsWith("/")) {
           parts.length = 0;
@@ -275,8 +277,8 @@ export class InRoot {
         const node = childOf(nodes[i]!, parts[i]!);
         const rel = i === 0 ? parts[i]! : `${paths[i]}/${parts[i]}`;
         const p = `${this.root}/${rel}`;
-        mkdirSync(p, 0o755);
-        chmodSync(p, 0o755); // independent of the umask
+        mkdirSync(fsPath(p), 0o755);
+        chmodSync(fsPath(p), 0o755); // independent of the umask
         node.dir = true;
         nodes.push(node);
         paths.push(rel);
@@ -297,7 +299,7 @@ export class InRoot {
     const slash = real.lastIndexOf("/");
     const ok =
       (slash < 0 || this.isRealDir(real.slice(0, slash), memo)) &&
-      lstatSync(`${this.root}/${real}`, { throwIfNoEntry: false })?.isDirectory() === true;
+      lstatSync(fsPath(`${this.root}/${real}`), { throwIfNoEntry: false })?.isDirectory() === true;
     memo.set(real, ok);
     return ok;
   }

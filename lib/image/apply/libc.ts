@@ -61,37 +61,40 @@ function errno(): number {
   return p === null ? 0 : read.i32(p, 0);
 }
 
-const cstr = (s: string): Buffer => Buffer.from(`${s}\0`, "utf8");
+/** A C string: a JS string as UTF-8, a Buffer (a path's raw bytes, bytepath.ts) as it is. */
+const cstr = (s: string | Buffer): Buffer =>
+  typeof s === "string" ? Buffer.from(`${s}\0`, "utf8") : Buffer.concat([s, Buffer.alloc(1)]);
+const shown = (p: string | Buffer): string => (typeof p === "string" ? p : p.toString("latin1"));
 
 export function fsetxattr(fd: number, name: string, value: Uint8Array): void {
   const v = value.length === 0 ? new Uint8Array(1) : value;
   if (libc().symbols.fsetxattr(fd, cstr(name), v, value.length, 0) !== 0) throw new SysError("fsetxattr", errno());
 }
 
-export function lsetxattr(path: string, name: string, value: Uint8Array): void {
+export function lsetxattr(path: string | Buffer, name: string, value: Uint8Array): void {
   const v = value.length === 0 ? new Uint8Array(1) : value;
   if (libc().symbols.lsetxattr(cstr(path), cstr(name), v, value.length, 0) !== 0) {
-    throw new SysError("lsetxattr", errno(), path);
+    throw new SysError("lsetxattr", errno(), shown(path));
   }
 }
 
-export function lremovexattr(path: string, name: string): void {
-  if (libc().symbols.lremovexattr(cstr(path), cstr(name)) !== 0) throw new SysError("lremovexattr", errno(), path);
+export function lremovexattr(path: string | Buffer, name: string): void {
+  if (libc().symbols.lremovexattr(cstr(path), cstr(name)) !== 0) throw new SysError("lremovexattr", errno(), shown(path));
 }
 
 /** Names of the extended attributes of path (the link itself, never its target). */
-export function llistxattr(path: string): string[] {
+export function llistxattr(path: string | Buffer): string[] {
   const p = cstr(path);
   for (let attempt = 0; attempt < 4; attempt++) {
     const size = Number(libc().symbols.llistxattr(p, null, 0));
-    if (size < 0) throw new SysError("llistxattr", errno(), path);
+    if (size < 0) throw new SysError("llistxattr", errno(), shown(path));
     if (size === 0) return [];
     const buf = Buffer.alloc(size);
     const n = Number(libc().symbols.llistxattr(p, buf, size));
     if (n < 0) {
       const e = errno();
       if (e === 34) continue; // ERANGE: the list grew in between
-      throw new SysError("llistxattr", e, path);
+      throw new SysError("llistxattr", e, shown(path));
     }
     return buf
       .subarray(0, n)
@@ -99,11 +102,11 @@ export function llistxattr(path: string): string[] {
       .split("\0")
       .filter((s) => s.length > 0);
   }
-  throw new SysError("llistxattr", 34, path);
+  throw new SysError("llistxattr", 34, shown(path));
 }
 
 /** Value of one extended attribute of path (not following a final symlink); null when absent. */
-export function lgetxattr(path: string, name: string): Buffer | null {
+export function lgetxattr(path: string | Buffer, name: string): Buffer | null {
   const p = cstr(path);
   const nm = cstr(name);
   for (let attempt = 0; attempt < 4; attempt++) {
@@ -111,18 +114,18 @@ export function lgetxattr(path: string, name: string): Buffer | null {
     if (size < 0) {
       const e = errno();
       if (e === 61) return null; // ENODATA
-      throw new SysError("lgetxattr", e, path);
+      throw new SysError("lgetxattr", e, shown(path));
     }
     const buf = Buffer.alloc(Math.max(size, 1));
     const n = Number(libc().symbols.lgetxattr(p, nm, buf, size));
     if (n < 0) {
       const e = errno();
       if (e === 34) continue;
-      throw new SysError("lgetxattr", e, path);
+      throw new SysError("lgetxattr", e, shown(path));
     }
     return buf.subarray(0, n);
   }
-  throw new SysError("lgetxattr", 34, path);
+  throw new SysError("lgetxattr", 34, shown(path));
 }
 
 export const S_IFCHR = 0o020000;
@@ -137,8 +140,8 @@ export function makedev(major: number, minor: number): bigint {
 }
 
 /** mknod(2): creates a node; never follows a final symlink (it fails with EEXIST instead). */
-export function mknod(path: string, mode: number, major: number, minor: number): void {
+export function mknod(path: string | Buffer, mode: number, major: number, minor: number): void {
   if (libc().symbols.mknod(cstr(path), mode >>> 0, makedev(major, minor)) !== 0) {
-    throw new SysError("mknod", errno(), path);
+    throw new SysError("mknod", errno(), shown(path));
   }
 }

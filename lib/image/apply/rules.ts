@@ -1,5 +1,6 @@
 // Limits, the error a rule violation raises, and lexical name checks. Kept apart from the code
 // that touches the filesystem so the rules can be read (and documented) in one place.
+import { displayBytes } from "./bytepath.ts";
 
 export interface Limits {
   /** Entries (files, dirs, links, whiteouts…) in one layer. */
@@ -79,9 +80,9 @@ export function splitName(name: string, what = "path"): string[] {
   return out;
 }
 
+/** `name` is a byte string (see bytepath.ts): its length is its size in bytes. */
 export function checkNameBytes(name: string, limits: Limits, what: string): void {
-  // UTF-8 is at most 3 bytes per UTF-16 unit: only measure names that could be over.
-  if (name.length * 3 > limits.maxPathBytes && Buffer.byteLength(name) > limits.maxPathBytes) {
+  if (name.length > limits.maxPathBytes) {
     throw new RuleError(
       "policy",
       `${what} is longer than ${limits.maxPathBytes} bytes (maxPathBytes)`,
@@ -90,9 +91,5 @@ export function checkNameBytes(name: string, limits: Limits, what: string): void
   }
 }
 
-/** One line, printable, bounded: entry names come from hostile input. */
-export function displayName(name: string): string {
-  let s = name.replace(/[\u0000-\u001f\u007f]/g, (c) => `\\x${c.charCodeAt(0).toString(16).padStart(2, "0")}`);
-  if (s.length > 200) s = `${s.slice(0, 200)}…`;
-  return s === "" ? '""' : s;
-}
+/** One line, printable, bounded: entry names (byte strings) come from hostile input. */
+export const displayName = (name: string): string => displayBytes(name);
