@@ -53,10 +53,6 @@ export class ThinimgError extends Error {
 export const usageError = (message: string, hint?: string) =>
   new ThinimgError("usage", message, { hint: hint ?? "see --help" });
 
-export function isThinimgError(e: unknown): e is ThinimgError {
-  return e instanceof ThinimgError;
-}
-
 export function errorMessage(e: unknown): string {
   return e instanceof Error ? e.message : String(e);
 }

@@ -113,11 +113,6 @@ export function killChildGroups(): void {
   for (const g of groups) signalGroup(g, "SIGKILL");
 }
 
-/** Process groups of commands still running (tests). */
-export function liveChildGroups(): number[] {
-  return [...liveGroups];
-}
-
 const onStopSignal = (sig: StopSignal) => () => {
   // Another handler (a script's own, or the VM registry's) may own this signal. Decide after every
   // listener of this dispatch has run: a handler that stays installed takes responsibility for

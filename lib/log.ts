@@ -55,10 +55,6 @@ export function setLogFormat(f: LogFormat): void {
   log.setReporters([f === "json" ? jsonReporter : humanReporter]);
 }
 
-export function logFormat(): LogFormat {
-  return format;
-}
-
 /** The per-command record (lib/exec.ts), by a policy of its own that a lowered log level does not
  * change (ADR-0001): a failed or timed-out command is always logged (warn); with the JSON format
  * every command is (info); human output shows successful commands only with --verbose (debug).

@@ -15,8 +15,3 @@ export function udevRunning(): boolean {
 export function udevArgs(): { flags: string[]; env: Record<string, string> } {
   return udevRunning() ? { flags: [], env: {} } : { flags: ["--noudevsync"], env: { DM_DISABLE_UDEV: "1" } };
 }
-
-/** Tests only. */
-export function resetUdevCache(): void {
-  cached = undefined;
-}

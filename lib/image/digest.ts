@@ -4,10 +4,6 @@ import { ThinimgError } from "../errors.ts";
 
 const SHA256 = /^sha256:([0-9a-f]{64})$/;
 
-export function isSha256Digest(s: unknown): s is string {
-  return typeof s === "string" && SHA256.test(s);
-}
-
 /** "sha256:<hex>" → "<hex>"; anything else is an input error naming `what`. */
 export function digestHex(digest: string, what = "digest"): string {
   const m = SHA256.exec(digest);

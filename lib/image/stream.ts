@@ -87,18 +87,6 @@ export function capTransform(
   });
 }
 
-/** Counts bytes through a callback (progress). */
-export function countTransform(onBytes: (total: number) => void): TransformStream<Uint8Array, Uint8Array> {
-  let n = 0;
-  return new TransformStream({
-    transform(chunk, controller) {
-      n += chunk.length;
-      onBytes(n);
-      controller.enqueue(chunk);
-    },
-  });
-}
-
 /**
  * Re-raise a stream's errors through `map` (e.g. turn a zlib TypeError into a ThinimgError naming
  * the layer). ThinimgErrors pass through unchanged.

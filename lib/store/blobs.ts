@@ -20,11 +20,3 @@ export function recordBlob(db: Db, b: { digest: string; size: number; compressio
        diff_id = COALESCE(excluded.diff_id, diff_id), state = excluded.state, error = excluded.error, updated_at = excluded.updated_at`,
   ).run(b.digest, b.size, b.compression ?? null, b.diffId ?? null, b.state ?? "present", b.error ?? null, t, t);
 }
-
-export function getBlob(db: Db, digest: string): BlobRow | null {
-  return db.query("SELECT * FROM blobs WHERE digest = ?").get(digest) as BlobRow | null;
-}
-
-export function listBlobs(db: Db): BlobRow[] {
-  return db.query("SELECT * FROM blobs ORDER BY digest").all() as BlobRow[];
-}

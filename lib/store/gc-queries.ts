@@ -63,15 +63,6 @@ export function readGcRows(db: Db, pool: string): GcRows {
   }))();
 }
 
-/** Images whose layer list includes any of these layers. */
-export function imagesUsingLayers(db: Db, layerIds: number[]): number[] {
-  if (layerIds.length === 0) return [];
-  const ph = layerIds.map(() => "?").join(",");
-  return (db.query(`SELECT DISTINCT image_id FROM image_layers WHERE layer_id IN (${ph}) ORDER BY image_id`).all(...layerIds) as { image_id: number }[]).map(
-    (r) => r.image_id,
-  );
-}
-
 // ----- compare-and-set witnesses -----
 
 /** The rows an action on (thin id, device) depends on. */

@@ -22,13 +22,6 @@ export const LAYER_PHASES = [
 ] as const;
 export type LayerPhase = (typeof LAYER_PHASES)[number];
 
-export interface LayerStats {
-  entries: number;
-  bytes: number;
-  whiteouts: number;
-  durationMs: number;
-}
-
 export interface LayerRow {
   id: number;
   pool: string;

@@ -25,7 +25,3 @@ export function putLockRow(db: Db, r: LockRow): void {
 export function deleteLockRow(db: Db, key: string, pid: number, startTime: number | null): boolean {
   return db.query("DELETE FROM locks WHERE key = ? AND pid = ? AND start_time IS ?").run(key, pid, startTime).changes === 1;
 }
-
-export function listLockRows(db: Db): LockRow[] {
-  return db.query("SELECT * FROM locks ORDER BY key").all() as LockRow[];
-}

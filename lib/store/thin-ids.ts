@@ -52,10 +52,6 @@ export function setThinIdState(db: Db, pool: string, thinId: number, state: Thin
   if (r.changes !== 1) throw new ThinimgError("internal", `thin id ${thinId} of pool ${pool} is not in the ledger`);
 }
 
-export function setThinIdOwner(db: Db, pool: string, thinId: number, kind: OwnerKind, id: number | null): void {
-  db.query("UPDATE thin_ids SET owner_kind = ?, owner_id = ?, updated_at = ? WHERE pool = ? AND thin_id = ?").run(kind, id, now(), pool, thinId);
-}
-
 /** Record an id that exists in the pool but was not made by us (or cannot be proven to be ours). */
 export function recordOrphanThinId(db: Db, pool: string, thinId: number, reason: string): void {
   const t = now();

@@ -170,11 +170,6 @@ function uninstall(): void {
 /** Host processes (pid, state) still alive in the VM's process groups; zombies excluded (tests). */
 export const vmProcessesLeft = (groups: number[]) => groupProcesses(groups);
 
-/** Number of VMs this process is currently running (tests). */
-export function liveVmCount(): number {
-  return live.size;
-}
-
 // ---- output tailing: the VM writes through hostfs into files we poll ----
 
 class Tailer {
