@@ -35,7 +35,7 @@ import type { Ctx } from "./context.ts";
 import { classify, failure } from "./failure.ts";
 import { deviceName, mountPathFor } from "./names.ts";
 import { pausePoint } from "./pause.ts";
-import { withRetry } from "./retry.ts";
+import { retryBusyOnce } from "./retry.ts";
 import { ThinIdTaken, activeDevice, inPoolSection, poolCreate, poolMajorMinor } from "./txn.ts";
 
 /** ext4 options while a layer is applied: hostile content can't use setuid or device nodes on the
@@ -286,7 +286,7 @@ export async function buildLayer(ctx: Ctx, input: BuildInput): Promise<BuildResu
           if (isMounted) {
             // the data was flushed (and the flush checked) before `applied`
             setMountState(db, path, "unmounting");
-            await withRetry(`umount ${path}`, () => mnt.umount(path, { ctx: { pool_name: poolName, device_id: l.thin_id!, device_name: dev! } }), cfg.retry);
+            await retryBusyOnce(`umount ${path}`, () => mnt.umount(path, { ctx: { pool_name: poolName, device_id: l.thin_id!, device_name: dev! } }));
           }
           tx(db, () => {
             setMountState(db, path, "unmounted");
@@ -300,7 +300,7 @@ export async function buildLayer(ctx: Ctx, input: BuildInput): Promise<BuildResu
           begin("remove_device");
           setDeviceState(db, poolName, dev!, "removing");
           const info = await activeDevice(dev!);
-          if (info) await withRetry(`dmsetup remove ${dev}`, () => dmsetup.remove(dev!, { ctx: { pool_name: poolName, device_id: l.thin_id! } }), cfg.retry);
+          if (info) await retryBusyOnce(`dmsetup remove ${dev}`, () => dmsetup.remove(dev!, { ctx: { pool_name: poolName, device_id: l.thin_id! } }));
           tx(db, () => {
             setDeviceState(db, poolName, dev!, "removed");
             end(info ? "ok" : "was not active");
