@@ -7,6 +7,7 @@
 // Scans happen BEFORE the DB is read: every pool change is recorded in the DB before it is made, so
 // anything the scans saw that the DB does not know is not work in flight.
 import { existsSync, readFileSync } from "node:fs";
+import { useCommandJournal } from "../cmd-journal.ts";
 import type { Config } from "../config.ts";
 import { errorMessage, ThinimgError } from "../errors.ts";
 import { acknowledgeOwnMessages } from "../health/dmesg.ts";
@@ -82,6 +83,7 @@ function dmInKernel(): boolean {
 
 export async function runGc(o: GcOptions): Promise<GcReport> {
   const { cfg } = o;
+  useCommandJournal(cfg.stateDir);
   const pool = cfg.pool;
   const startedAt = Date.now();
   const notes: string[] = [];
