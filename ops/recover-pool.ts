@@ -3,10 +3,13 @@
 //   bun ops/recover-pool.ts --dir DIR [--pool NAME] [--repair] [--dry-run] [--json]
 // The logic lives in lib/recover/; docs/ops-recover-pool.md is the operator's guide.
 import { defineCommand } from "citty";
-import { dryRunArgs, outputArgs, poolArgs } from "../lib/cli/args.ts";
+import { dryRunArgs, outputArgs, poolArgs, stateArgs } from "../lib/cli/args.ts";
 import { printJson, runMain } from "../lib/cli/main.ts";
+import { loadConfig } from "../lib/config.ts";
+import { holdExclusive } from "../lib/lock/holders.ts";
+import { describeHolder } from "../lib/lock/owner.ts";
 import { usageError } from "../lib/errors.ts";
-import { setLogLevel } from "../lib/log.ts";
+import { log, setLogLevel } from "../lib/log.ts";
 import { recoverPool } from "../lib/recover/recover.ts";
 import { renderReport } from "../lib/recover/report.ts";
 import { parseIntArg, parseSize } from "../lib/util/units.ts";
@@ -27,6 +30,12 @@ export const cmd = defineCommand({
       type: "string",
       description: "--repair of a destroyed superblock: the pool's last transaction id (default: the one in the record)",
     },
+    wait: {
+      type: "string",
+      description: "How long to wait for running unpacks, activations and releases to finish before refusing (env THINIMG_LOCK_WAIT; default 5m)",
+    },
+    "ignore-lock": { type: "boolean", description: "Act even while other thinimg processes use the state dir (logged)", default: false },
+    ...stateArgs,
     ...poolArgs,
     ...dryRunArgs,
     ...outputArgs,
@@ -53,14 +62,26 @@ export const cmd = defineCommand({
     if (args["transaction-id"] !== undefined && !args.repair) throw usageError("--transaction-id only applies with --repair");
     const transactionId =
       args["transaction-id"] === undefined ? undefined : parseIntArg(args["transaction-id"], "--transaction-id", { min: 0, max: 2 ** 53 - 1 });
-    const report = await recoverPool({
-      transactionId,
-      dir: args.dir,
-      pool: args.pool || undefined,
-      dryRun: args["dry-run"],
-      repair: args.repair,
-      create,
-    });
+    // the pool is changed under everyone: no unpack, activation or release may run meanwhile
+    const cfg = loadConfig({ stateDir: args["state-dir"], wait: args.wait });
+    const hold = args["dry-run"]
+      ? { ignored: [], release() {} }
+      : await holdExclusive(cfg.stateDir, { waitMs: cfg.lockWaitMs, ignoreLock: args["ignore-lock"], command: "bun ops/recover-pool.ts", what: "recover-pool" });
+    // the warning must show even with the step list's quiet log level
+    if (hold.ignored.length && log.level < 1) process.stderr.write(`warning: --ignore-lock: going ahead while ${hold.ignored.map(describeHolder).join("; ")} use(s) the state dir\n`);
+    let report: Awaited<ReturnType<typeof recoverPool>>;
+    try {
+      report = await recoverPool({
+        transactionId,
+        dir: args.dir,
+        pool: args.pool || undefined,
+        dryRun: args["dry-run"],
+        repair: args.repair,
+        create,
+      });
+    } finally {
+      hold.release();
+    }
     if (args.json) printJson(report);
     const text = renderReport(report);
     process.stderr.write(text.stderr.map((l) => `${l}\n`).join(""));

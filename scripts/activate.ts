@@ -2,7 +2,7 @@
 import { defineCommand } from "citty";
 import { printJson, runMain } from "../lib/cli/main.ts";
 import { activate } from "../lib/pipeline/activate.ts";
-import { ctxFrom, pipelineArgs } from "../lib/pipeline/cli.ts";
+import { asHolder, ctxFrom, pipelineArgs } from "../lib/pipeline/cli.ts";
 
 export const activateCommand = defineCommand({
   meta: { name: "activate", description: "Activate a fresh snapshot of an unpacked image and print its /dev/mapper path" },
@@ -13,7 +13,7 @@ export const activateCommand = defineCommand({
   async run({ args }) {
     const ctx = ctxFrom(args);
     try {
-      const r = await activate(ctx, args.image);
+      const r = await asHolder(ctx, () => activate(ctx, args.image));
       if (args.json) printJson({ ok: true, ...r });
       else process.stdout.write(`${r.device_path}\n`);
     } finally {
