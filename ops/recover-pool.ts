@@ -2,7 +2,9 @@
 //   bun ops/recover-pool.ts --create --dir DIR --data-size 2G --meta-size 64M [--block-size 64K] [--pool NAME]
 //   bun ops/recover-pool.ts --dir DIR [--pool NAME] [--repair] [--dry-run] [--json]
 // The logic lives in lib/recover/; docs/ops-recover-pool.md is the operator's guide.
+import { existsSync } from "node:fs";
 import { defineCommand } from "citty";
+import { useCommandJournal } from "../lib/cmd-journal.ts";
 import { dryRunArgs, outputArgs, poolArgs, stateArgs } from "../lib/cli/args.ts";
 import { printJson, runMain } from "../lib/cli/main.ts";
 import { loadConfig } from "../lib/config.ts";
@@ -64,6 +66,8 @@ export const cmd = defineCommand({
       args["transaction-id"] === undefined ? undefined : parseIntArg(args["transaction-id"], "--transaction-id", { min: 0, max: 2 ** 53 - 1 });
     // the pool is changed under everyone: no unpack, activation or release may run meanwhile
     const cfg = loadConfig({ stateDir: args["state-dir"], wait: args.wait });
+    // the before-records go to the state dir's journal once there is one (a fresh host has none yet)
+    if (existsSync(cfg.stateDir)) useCommandJournal(cfg.stateDir);
     const hold = args["dry-run"]
       ? { ignored: [], release() {} }
       : await holdExclusive(cfg.stateDir, { waitMs: cfg.lockWaitMs, ignoreLock: args["ignore-lock"], command: "bun ops/recover-pool.ts", what: "recover-pool" });

@@ -184,16 +184,23 @@ async function acquire(command: string): Promise<() => void> {
 }
 
 const inProcess = new SerialQueue();
-const holding = new AsyncLocalStorage<true>();
+/** The hold this async call chain runs in. Compared with the live one, so a context that outlived
+ * its hold (a callback registered inside, run later) never skips the queue. */
+const holding = new AsyncLocalStorage<object>();
+let liveHold: object | null = null;
 
 /** Run fn holding the host queue. Nested calls in fn's async call chain share the hold. */
 export function withHostQueue<T>(label: string, fn: () => Promise<T>): Promise<T> {
-  if (holding.getStore()) return fn();
+  const mine = holding.getStore();
+  if (mine !== undefined && mine === liveHold) return fn();
   return inProcess.run(async () => {
     const release = await acquire(label);
+    const hold = {};
+    liveHold = hold;
     try {
-      return await holding.run(true, fn);
+      return await holding.run(hold, fn);
     } finally {
+      liveHold = null;
       release();
     }
   });
