@@ -39,8 +39,6 @@ export interface Config {
   /** How long a second caller waits for a lock before giving up. */
   lockWaitMs: number;
   limits: Limits;
-  /** Attempts (including the first) for transient failures, and the first backoff. */
-  retry: { attempts: number; baseDelayMs: number };
 }
 
 export interface ConfigInput {
@@ -78,10 +76,6 @@ const Schema = v.object({
     maxLayerBytes: v.pipe(v.number(), v.integer(), v.minValue(1)),
     maxFileBytes: v.pipe(v.number(), v.integer(), v.minValue(1)),
     maxEntries: v.pipe(v.number(), v.integer(), v.minValue(1), v.maxValue(100_000_000)),
-  }),
-  retry: v.object({
-    attempts: v.pipe(v.number(), v.integer(), v.minValue(1), v.maxValue(20)),
-    baseDelayMs: v.pipe(v.number(), v.integer(), v.minValue(0), v.maxValue(60_000)),
   }),
 });
 
@@ -127,15 +121,8 @@ export function loadConfig(input: ConfigInput = {}, env: Env = process.env): Con
         ? parseIntArg(env.THINIMG_MAX_ENTRIES, "THINIMG_MAX_ENTRIES", { min: 1 })
         : 100_000,
     },
-    retry: {
-      attempts: env.THINIMG_RETRY_ATTEMPTS
-        ? parseIntArg(env.THINIMG_RETRY_ATTEMPTS, "THINIMG_RETRY_ATTEMPTS", { min: 1, max: 20 })
-        : 3,
-      baseDelayMs: 250,
-    },
   };
   src["limits.maxEntries"] = "THINIMG_MAX_ENTRIES";
-  src["retry.attempts"] = "THINIMG_RETRY_ATTEMPTS";
   const r = v.safeParse(Schema, raw);
   if (!r.success) {
     const issue = r.issues[0];

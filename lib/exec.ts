@@ -2,8 +2,10 @@
 // SIGTERM→SIGKILL escalation (Bun.spawn's own timeout cannot escalate), and exactly one structured
 // record per call. Tests swap the runner with setRunner() to unit-test decision logic.
 import { appendFileSync } from "node:fs";
+import { journal } from "./cmd-journal.ts";
+import { assertNotTainted, isStateChanging, noteTimeout, withHostQueue } from "./dm/host-queue.ts";
 import { type ErrorKind, ThinimgError } from "./errors.ts";
-import { logCommandRecord } from "./log.ts";
+import { logCommandRecord, logCommandStart } from "./log.ts";
 import { groupProcesses } from "./util/proc.ts";
 
 export interface CmdContext {
@@ -46,6 +48,17 @@ export interface CmdRecord {
   duration_ms: number;
   exit_code: number | null;
   timed_out: boolean;
+  /** RFC 3339 with milliseconds (UTC): when the command was spawned. */
+  started_at: string;
+}
+
+/** Written (and fsync'd to the state dir's command journal) before a state-changing command is
+ * spawned: the same keys, the outcome still null. */
+export interface CmdStartRecord extends Omit<CmdRecord, "event" | "duration_ms" | "exit_code" | "timed_out"> {
+  event: "cmd_start";
+  duration_ms: null;
+  exit_code: null;
+  timed_out: null;
 }
 
 export type Runner = (argv: string[], opts?: RunOptions) => Promise<CmdResult>;
@@ -61,7 +74,7 @@ export function onCommandRecord(fn: RecordListener): () => void {
   return () => listeners.delete(fn);
 }
 
-function emitRecord(r: CmdResult, ctx: CmdContext | undefined, probe = false): void {
+function emitRecord(r: CmdResult, ctx: CmdContext | undefined, startedAt: Date, probe = false): void {
   const rec: CmdRecord = {
     event: "cmd",
     pool_name: ctx?.pool_name ?? null,
@@ -71,8 +84,10 @@ function emitRecord(r: CmdResult, ctx: CmdContext | undefined, probe = false): v
     duration_ms: r.durationMs,
     exit_code: r.exitCode,
     timed_out: r.timedOut,
+    started_at: startedAt.toISOString(),
   };
   for (const fn of listeners) fn(rec);
+  if (isStateChanging(r.argv)) journal(rec);
   const file = process.env.THINIMG_CMD_LOG;
   if (file) {
     try {
@@ -160,6 +175,7 @@ export const spawnRunner: Runner = async (argv, opts = {}) => {
   const timeoutMs = opts.timeoutMs ?? DEFAULT_TIMEOUT_MS;
   const graceMs = opts.killGraceMs ?? 2_000;
   const started = performance.now();
+  const startedAt = new Date();
   let proc: ReturnType<typeof Bun.spawn>;
   installStopHandlers();
   try {
@@ -184,7 +200,7 @@ export const spawnRunner: Runner = async (argv, opts = {}) => {
       timedOut: false,
       durationMs: Math.round(performance.now() - started),
     };
-    emitRecord(r, opts.ctx, opts.probe);
+    emitRecord(r, opts.ctx, startedAt, opts.probe);
     return r;
   }
   const group = proc.pid;
@@ -227,7 +243,7 @@ export const spawnRunner: Runner = async (argv, opts = {}) => {
       timedOut: true,
       durationMs: Math.round(performance.now() - started),
     };
-    emitRecord(r, opts.ctx, opts.probe);
+    emitRecord(r, opts.ctx, startedAt, opts.probe);
     return r;
   }
   // A grandchild that left the group may still hold the pipes: never wait on it for long.
@@ -242,7 +258,7 @@ export const spawnRunner: Runner = async (argv, opts = {}) => {
     timedOut,
     durationMs: Math.round(performance.now() - started),
   };
-  emitRecord(r, opts.ctx, opts.probe);
+  emitRecord(r, opts.ctx, startedAt, opts.probe);
   return r;
 };
 
@@ -265,8 +281,35 @@ export function setRunner(r: Runner): Runner {
   return prev;
 }
 
+/** Run a command. A state-changing one (lib/dm/host-queue.ts decides) waits for the host-wide dm
+ * queue and holds it for exactly its own run, its before-record is on disk before it is spawned, and
+ * it is refused if an earlier command of this process timed out on the same device. */
 export function run(argv: string[], opts?: RunOptions): Promise<CmdResult> {
-  return current(argv, opts);
+  if (!isStateChanging(argv)) return current(argv, opts);
+  assertNotTainted(argv, opts?.ctx);
+  return withHostQueue(argv.join(" "), async () => {
+    assertNotTainted(argv, opts?.ctx);
+    emitStartRecord(argv, opts?.ctx);
+    const r = await current(argv, opts);
+    if (r.timedOut) noteTimeout(argv, opts?.ctx);
+    return r;
+  });
+}
+
+function emitStartRecord(argv: string[], ctx: CmdContext | undefined): void {
+  const rec: CmdStartRecord = {
+    event: "cmd_start",
+    pool_name: ctx?.pool_name ?? null,
+    device_id: ctx?.device_id ?? null,
+    device_name: ctx?.device_name ?? null,
+    command: argv.join(" "),
+    duration_ms: null,
+    exit_code: null,
+    timed_out: null,
+    started_at: new Date().toISOString(),
+  };
+  journal(rec);
+  logCommandStart({ ...rec });
 }
 
 /** Error for a command that failed or timed out; dm/ code refines the kind from stderr (DmError is

@@ -66,6 +66,12 @@ export function logCommandRecord(rec: Record<string, unknown>, failed: boolean):
   else if (failed || log.level >= 4) humanLine({ args: [rec], type: failed ? "warn" : "debug" });
 }
 
+/** A state-changing command's before-record: shown with the JSON format only (human output would
+ * print each command twice). */
+export function logCommandStart(rec: Record<string, unknown>): void {
+  if (log.level > -999 && format === "json") jsonLine({ args: [rec], date: new Date(), type: "info" });
+}
+
 export function setLogLevel(level: "debug" | "info" | "warn" | "error" | "silent"): void {
   log.level = { debug: 4, info: 3, warn: 1, error: 0, silent: -999 }[level];
 }

@@ -5,7 +5,7 @@ import { defineCommand } from "citty";
 import { printJson, runMain } from "../lib/cli/main.ts";
 import { usageError } from "../lib/errors.ts";
 import { activate } from "../lib/pipeline/activate.ts";
-import { ctxFrom, pipelineArgs } from "../lib/pipeline/cli.ts";
+import { asHolder, ctxFrom, pipelineArgs } from "../lib/pipeline/cli.ts";
 import { reattach } from "../lib/pipeline/reattach.ts";
 
 export const activateCommand = defineCommand({
@@ -19,7 +19,7 @@ export const activateCommand = defineCommand({
     if (!args.image === !args.snapshot) throw usageError("give either IMAGE (a new snapshot) or --snapshot ID (re-attach an existing one)");
     const ctx = ctxFrom(args);
     try {
-      const r = args.snapshot ? await reattach(ctx, args.snapshot) : await activate(ctx, args.image!);
+      const r = await asHolder(ctx, () => (args.snapshot ? reattach(ctx, args.snapshot) : activate(ctx, args.image!)));
       if (args.json) printJson({ ok: true, ...r });
       else process.stdout.write(`${r.device_path}\n`);
     } finally {

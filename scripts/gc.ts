@@ -26,13 +26,16 @@ export const gcCommand = defineCommand({
       description: "Act even when another thinimg process holds the process lock (logged; health checks still apply)",
       default: false,
     },
-    wait: { type: "string", description: "How long to wait for the process lock before giving up (e.g. 0, 30s)", default: "30s" },
+    wait: {
+      type: "string",
+      description: "--force: how long to wait for running unpacks, activations and releases to finish before refusing (e.g. 0, 30s; env THINIMG_LOCK_WAIT; default 5m)",
+    },
     ...poolArgs,
     ...stateArgs,
     ...outputArgs,
   },
   async run({ args }) {
-    const cfg = loadConfig({ stateDir: args["state-dir"], pool: args.pool });
+    const cfg = loadConfig({ stateDir: args["state-dir"], pool: args.pool, wait: args.wait });
     const graceMs = args.grace === undefined ? DEFAULT_GRACE_MS : parseDuration(args.grace, "--grace");
     if (args["ignore-lock"] && !args.force) log.warn("--ignore-lock has no effect without --force");
     // SIGTERM/SIGINT (systemd stop, Ctrl-C): finish the current step, release what we hold, report
@@ -49,7 +52,7 @@ export const gcCommand = defineCommand({
       force: args.force,
       graceMs,
       ignoreLock: args["ignore-lock"],
-      lockWaitMs: parseDuration(args.wait ?? "30s", "--wait"),
+      lockWaitMs: cfg.lockWaitMs,
       signal: ac.signal,
       command: `bun scripts/gc.ts${args.force ? " --force" : ""}`,
     });

@@ -2,7 +2,7 @@
 import { defineCommand } from "citty";
 import { printJson, runMain } from "../lib/cli/main.ts";
 import { release } from "../lib/pipeline/activate.ts";
-import { ctxFrom, pipelineArgs } from "../lib/pipeline/cli.ts";
+import { asHolder, ctxFrom, pipelineArgs } from "../lib/pipeline/cli.ts";
 
 export const releaseCommand = defineCommand({
   meta: { name: "release", description: "Release an activated snapshot (its device is removed; `bun scripts/gc.ts` deletes the thin id later)" },
@@ -13,7 +13,7 @@ export const releaseCommand = defineCommand({
   async run({ args }) {
     const ctx = ctxFrom(args);
     try {
-      const r = await release(ctx, args.snapshot);
+      const r = await asHolder(ctx, () => release(ctx, args.snapshot));
       if (args.json) printJson({ ok: true, ...r });
       else process.stdout.write(`snapshot ${r.snapshot_id} (${r.device_name}) ${r.state === "released" ? "released" : "was already released"}\n`);
     } finally {

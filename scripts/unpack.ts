@@ -2,7 +2,7 @@
 // shared between images). Re-running for an unpacked image does no device work.
 import { defineCommand } from "citty";
 import { printJson, runMain } from "../lib/cli/main.ts";
-import { ctxFrom, sizeArgs, pipelineArgs } from "../lib/pipeline/cli.ts";
+import { asHolder, ctxFrom, sizeArgs, pipelineArgs } from "../lib/pipeline/cli.ts";
 import { unpack } from "../lib/pipeline/unpack.ts";
 
 export const unpackCommand = defineCommand({
@@ -18,7 +18,7 @@ export const unpackCommand = defineCommand({
   async run({ args }) {
     const ctx = ctxFrom(args);
     try {
-      const r = await unpack(ctx, { source: args.source, name: args.name, platform: args.platform, refresh: args.refresh });
+      const r = await asHolder(ctx, () => unpack(ctx, { source: args.source, name: args.name, platform: args.platform, refresh: args.refresh }));
       ctx.progress?.done();
       if (args.json) printJson({ ok: true, ...r });
       else {

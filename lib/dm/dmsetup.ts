@@ -1,9 +1,10 @@
-// Typed wrappers over dmsetup. State-changing calls go through the dm queue; reads don't.
+// Typed wrappers over dmsetup. State-changing calls go through the host dm queue (lib/exec.ts run()
+// routes them there); reads don't.
 // Never `remove --force`: a forced remove swaps in an error table under a live user.
 import { type CmdContext, type CmdResult, run } from "../exec.ts";
 import { ThinimgError } from "../errors.ts";
 import { DmError, classifyDmError, dmRefusal, isDmError } from "./errors.ts";
-import { dmQueue } from "./queue.ts";
+import { withHostQueue } from "./host-queue.ts";
 import { udevArgs } from "./udev.ts";
 import { assertDmName } from "./validate.ts";
 
@@ -47,7 +48,7 @@ async function dmsetupOk(args: string[], o: DmOpts = {}, hint?: string): Promise
 }
 
 function mutate(args: string[], o: DmOpts, hint?: string): Promise<CmdResult> {
-  return dmQueue.run(() => dmsetupOk(args, o, hint));
+  return dmsetupOk(args, o, hint);
 }
 
 export function mapperPath(name: string): string {
@@ -62,15 +63,13 @@ export async function create(
   assertDmName(name);
   if (o.uuid !== undefined) assertDmName(o.uuid, "device uuid");
   const args = ["create", name, ...(o.readOnly ? ["--readonly"] : []), ...(o.uuid ? ["--uuid", o.uuid] : [])];
-  await dmQueue.run(async () => {
-    // dmsetup reports an existing name as EBUSY on create; tell the two apart for the caller.
-    const r = await dmsetup([...args, "--table", table], { ...o, ctx: { device_name: name, ...o.ctx } });
-    if (r.timedOut || r.exitCode !== 0) {
-      let kind = classifyDmError(r);
-      if (kind === "busy" && (await info(name, o)) !== null) kind = "exists";
-      throw new DmError(kind, r);
-    }
-  });
+  // dmsetup reports an existing name as EBUSY on create; tell the two apart for the caller.
+  const r = await dmsetup([...args, "--table", table], { ...o, ctx: { device_name: name, ...o.ctx } });
+  if (r.timedOut || r.exitCode !== 0) {
+    let kind = classifyDmError(r);
+    if (kind === "busy" && (await info(name, o)) !== null) kind = "exists";
+    throw new DmError(kind, r);
+  }
 }
 
 export async function remove(name: string, o: DmOpts = {}): Promise<void> {
@@ -93,8 +92,14 @@ export async function resume(name: string, o: DmOpts = {}): Promise<void> {
  * is an outage). A suspend that failed or timed out may still have landed — the kernel call can
  * finish after dmsetup was killed — so then the device is looked at and resumed if it is (or, after
  * a timeout, may yet be) suspended. A failing resume never hides the first error: both are reported.
+ * The host dm queue is held from the suspend to the resume: no other process's command can slip in
+ * between and hang on the suspended device while the resume waits for the queue.
  */
-export async function withSuspended<T>(name: string, fn: () => Promise<T>, o: DmOpts = {}): Promise<T> {
+export function withSuspended<T>(name: string, fn: () => Promise<T>, o: DmOpts = {}): Promise<T> {
+  return withHostQueue(`dmsetup suspend ${name} … resume ${name}`, () => suspended(name, fn, o));
+}
+
+async function suspended<T>(name: string, fn: () => Promise<T>, o: DmOpts): Promise<T> {
   try {
     await suspend(name, o);
   } catch (e) {

@@ -3,7 +3,6 @@ import { realpathSync } from "node:fs";
 import { ThinimgError } from "../errors.ts";
 import type { CmdContext } from "../exec.ts";
 import { runTool } from "./errors.ts";
-import { dmQueue } from "./queue.ts";
 import { assertDevPath } from "./validate.ts";
 
 export interface LoopDevice {
@@ -48,12 +47,10 @@ export async function findByFile(file: string, ctx?: CmdContext): Promise<string
 
 export async function attach(file: string, o: { readOnly?: boolean; ctx?: CmdContext } = {}): Promise<string> {
   assertDevPath(file);
-  const r = await dmQueue.run(() =>
-    runTool(["losetup", "--find", "--show", ...(o.readOnly ? ["--read-only"] : []), file], {
-      timeoutMs: LOSETUP_TIMEOUT_MS,
-      ctx: o.ctx,
-    }),
-  );
+  const r = await runTool(["losetup", "--find", "--show", ...(o.readOnly ? ["--read-only"] : []), file], {
+    timeoutMs: LOSETUP_TIMEOUT_MS,
+    ctx: o.ctx,
+  });
   const dev = r.stdout.trim();
   if (!/^\/dev\/loop\d+$/.test(dev)) throw new ThinimgError("dm", `losetup gave no device for ${file}: "${dev}"`);
   return dev;
@@ -61,7 +58,7 @@ export async function attach(file: string, o: { readOnly?: boolean; ctx?: CmdCon
 
 export async function detach(dev: string, ctx?: CmdContext): Promise<void> {
   assertDevPath(dev);
-  await dmQueue.run(() => runTool(["losetup", "--detach", dev], { timeoutMs: LOSETUP_TIMEOUT_MS, ctx }));
+  await runTool(["losetup", "--detach", dev], { timeoutMs: LOSETUP_TIMEOUT_MS, ctx });
 }
 
 /** A loop device with what it takes to match it to a file even after renames: the backing inode

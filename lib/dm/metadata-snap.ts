@@ -11,21 +11,11 @@
 //   3. reserves, remembers the root it got, and releases only while the pool still shows that root.
 import { closeSync, existsSync, openSync, readdirSync, readFileSync, statSync } from "node:fs";
 import { basename, join } from "node:path";
-import { dlopen, FFIType } from "bun:ffi";
 import { ThinimgError } from "../errors.ts";
+import { tryFlockExclusive, unflock } from "../image/apply/libc.ts";
 import { log } from "../log.ts";
 import * as dmsetup from "./dmsetup.ts";
 import { parsePoolTable, poolStatusOk, releaseMetadataSnap, reserveMetadataSnap } from "./pool.ts";
-
-const LOCK_EX = 2;
-const LOCK_NB = 4;
-const LOCK_UN = 8;
-
-type Lib = ReturnType<typeof openLib>;
-function openLib() {
-  return dlopen("libc.so.6", { flock: { args: [FFIType.i32, FFIType.i32], returns: FFIType.i32 } });
-}
-let lib: Lib | null = null;
 
 export const META_LOCK_FILE = "metadata-snap.lock";
 export const META_LOCK_WAIT_MS = 10_000;
@@ -42,19 +32,18 @@ export interface MetaLock {
 export async function acquireMetaLock(stateDir: string, waitMs = META_LOCK_WAIT_MS): Promise<MetaLock | null> {
   const path = join(stateDir, META_LOCK_FILE);
   if (!existsSync(stateDir)) return { path, release() {} };
-  lib ??= openLib();
   const fd = openSync(path, "a", 0o600);
   const deadline = Date.now() + waitMs;
   let delay = 25;
   for (;;) {
-    if (lib.symbols.flock(fd, LOCK_EX | LOCK_NB) === 0) {
+    if (tryFlockExclusive(fd)) {
       let held = true;
       return {
         path,
         release() {
           if (!held) return;
           held = false;
-          lib!.symbols.flock(fd, LOCK_UN);
+          unflock(fd);
           closeSync(fd);
         },
       };

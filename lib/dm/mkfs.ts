@@ -2,6 +2,7 @@
 // no lazy init (background init threads would keep writing after we unmount and commit).
 import type { CmdContext } from "../exec.ts";
 import { runTool } from "./errors.ts";
+import { toolTimeout } from "./timeouts.ts";
 import { assertDevPath } from "./validate.ts";
 
 export const MKFS_EXT4_OPTS = "nodiscard,lazy_itable_init=0,lazy_journal_init=0";
@@ -10,7 +11,7 @@ export async function mkfsExt4(dev: string, o: { label?: string; timeoutMs?: num
   assertDevPath(dev);
   const label = o.label ? ["-L", o.label.slice(0, 16)] : [];
   await runTool(["mkfs.ext4", "-q", "-F", "-E", MKFS_EXT4_OPTS, ...label, dev], {
-    timeoutMs: o.timeoutMs ?? 120_000,
+    timeoutMs: o.timeoutMs ?? toolTimeout("mkfs", 120_000),
     ctx: o.ctx,
   });
 }

@@ -2,6 +2,7 @@
 import { readFileSync } from "node:fs";
 import type { CmdContext } from "../exec.ts";
 import { runTool } from "./errors.ts";
+import { toolTimeout } from "./timeouts.ts";
 import { assertDevPath } from "./validate.ts";
 
 export interface MountEntry {
@@ -58,12 +59,12 @@ export async function mount(
   assertDevPath(dir);
   const opts = [...(o.readOnly ? ["ro"] : []), ...(o.options ?? [])];
   await runTool(["mount", "-t", o.fstype ?? "ext4", ...(opts.length ? ["-o", opts.join(",")] : []), dev, dir], {
-    timeoutMs: o.timeoutMs ?? 30_000,
+    timeoutMs: o.timeoutMs ?? toolTimeout("mount", 30_000),
     ctx: o.ctx,
   });
 }
 
 export async function umount(dir: string, o: { ctx?: CmdContext; timeoutMs?: number } = {}): Promise<void> {
   assertDevPath(dir);
-  await runTool(["umount", dir], { timeoutMs: o.timeoutMs ?? 60_000, ctx: o.ctx });
+  await runTool(["umount", dir], { timeoutMs: o.timeoutMs ?? toolTimeout("umount", 60_000), ctx: o.ctx });
 }

@@ -1,5 +1,5 @@
-// One in-process queue for every state-changing dm operation: two concurrent async paths in one
-// process must never interleave create/message/remove against the same pool.
+// A promise chain that runs async operations one at a time, in the order asked (the in-process part
+// of the host dm queue, and the pool sections).
 export class SerialQueue {
   private tail: Promise<unknown> = Promise.resolve();
   private depth = 0;
@@ -24,5 +24,3 @@ export class SerialQueue {
     return this.depth;
   }
 }
-
-export const dmQueue = new SerialQueue();

@@ -7,12 +7,14 @@
 // Scans happen BEFORE the DB is read: every pool change is recorded in the DB before it is made, so
 // anything the scans saw that the DB does not know is not work in flight.
 import { existsSync, readFileSync } from "node:fs";
-import type { Config } from "../config.ts";
+import { useCommandJournal } from "../cmd-journal.ts";
+import { type Config, DEFAULT_LOCK_WAIT_MS } from "../config.ts";
 import { errorMessage, ThinimgError } from "../errors.ts";
 import { acknowledgeOwnMessages } from "../health/dmesg.ts";
 import { assertHealthy } from "../health/index.ts";
 import { procIo } from "../health/io.ts";
 import { staleness } from "../lock/owner.ts";
+import { type ExclusiveHold, holdExclusive } from "../lock/holders.ts";
 import { type ProcessLock, acquireProcessLock, readLockFile } from "../lock/process-lock.ts";
 import { describeHolder } from "../lock/owner.ts";
 import { log } from "../log.ts";
@@ -36,14 +38,14 @@ export interface GcOptions {
   force: boolean;
   graceMs: number;
   ignoreLock: boolean;
-  /** How long to wait for the process lock (pool sections are short). */
+  /** How long to wait for the state dir's other holders (unpacks, activations, releases) to finish. */
   lockWaitMs?: number;
   stepTimeoutMs?: number;
   signal?: AbortSignal;
   command?: string;
 }
 
-export const GC_LOCK_WAIT_MS = 30_000;
+export const GC_LOCK_WAIT_MS = DEFAULT_LOCK_WAIT_MS;
 
 const EMPTY_ROWS: GcRows = { thinIds: [], layers: [], snapshots: [], devices: [], mounts: [], images: [], imageLayers: [], runningWork: [] };
 
@@ -82,6 +84,7 @@ function dmInKernel(): boolean {
 
 export async function runGc(o: GcOptions): Promise<GcReport> {
   const { cfg } = o;
+  useCommandJournal(cfg.stateDir);
   const pool = cfg.pool;
   const startedAt = Date.now();
   const notes: string[] = [];
@@ -114,12 +117,20 @@ export async function runGc(o: GcOptions): Promise<GcReport> {
   const db = opened.db;
   if (opened.note) notes.push(opened.note);
   let lock: ProcessLock | null = null;
+  let hold: ExclusiveHold | null = null;
   try {
     // ---- locks and health (force only) ----
     if (o.force && db) {
+      // the state dir alone: no unpack, activation or release runs while GC acts
+      try {
+        hold = await holdExclusive(cfg.stateDir, { waitMs: o.lockWaitMs ?? GC_LOCK_WAIT_MS, ignoreLock: o.ignoreLock, command: o.command, what: "gc --force" });
+      } catch (e) {
+        base.lock = { status: "held", holder: errorMessage(e) };
+        return done({ refused: { reason: "lock_held", detail: `${errorMessage(e)} (the next run retries; --ignore-lock overrides)` } });
+      }
       try {
         lock = await acquireProcessLock(cfg.lockFile, db, { waitMs: o.ignoreLock ? 0 : (o.lockWaitMs ?? GC_LOCK_WAIT_MS), command: o.command });
-        base.lock = { status: "acquired", holder: null };
+        base.lock = hold.ignored.length ? { status: "ignored", holder: hold.ignored.map(describeHolder).join("; ") } : { status: "acquired", holder: null };
       } catch (e) {
         const holder = readLockFile(cfg.lockFile);
         const who = holder ? describeHolder(holder) : errorMessage(e);
@@ -226,6 +237,7 @@ export async function runGc(o: GcOptions): Promise<GcReport> {
     return done({ act: actResult });
   } finally {
     lock?.release();
+    hold?.release();
     db?.close();
   }
 }

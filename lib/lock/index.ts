@@ -3,3 +3,4 @@ export * from "./named-lock.ts";
 export * from "./owner.ts";
 export * from "./process-lock.ts";
 export * from "./section.ts";
+export * from "./holders.ts";

@@ -42,7 +42,7 @@ export function readLockFile(path: string): Holder | null {
   }
 }
 
-function writeLockFile(path: string, h: Holder): void {
+export function writeLockFile(path: string, h: Holder): void {
   const tmp = `${path}.${process.pid}.tmp`;
   writeFileSync(
     tmp,

@@ -18,7 +18,7 @@ import type { Ctx } from "./context.ts";
 import { classify, failure } from "./failure.ts";
 import { deviceName, parseDeviceName } from "./names.ts";
 import { pausePoint } from "./pause.ts";
-import { withRetry } from "./retry.ts";
+import { isTimeout, retryBusyOnce } from "./retry.ts";
 import { ThinIdTaken, activeDevice, inPoolSection, poolCreate } from "./txn.ts";
 
 export interface ActivateResult {
@@ -186,7 +186,7 @@ export async function release(ctx: Ctx, ref: string, o: ActivateOptions = {}): P
     const step = beginStep(db, work.id, poolName, "remove_device", { thinId: snap.thin_id, deviceName: name });
     openStep = step.id;
     setDeviceState(db, poolName, name, "removing");
-    if (info) await withRetry(`dmsetup remove ${name}`, () => dmsetup.remove(name, { ctx: { pool_name: poolName, device_id: snap.thin_id! } }), cfg.retry);
+    if (info) await retryBusyOnce(`dmsetup remove ${name}`, () => dmsetup.remove(name, { ctx: { pool_name: poolName, device_id: snap.thin_id! } }));
     tx(db, () => {
       setDeviceState(db, poolName, name, "removed");
       endStep(db, step.id, "done", info ? "ok" : "was not active");
@@ -198,7 +198,8 @@ export async function release(ctx: Ctx, ref: string, o: ActivateOptions = {}): P
     const err = failure(`release snapshot ${snap.id}`, e, [{ kind: "device", ref: name, reason: "release failed" }]);
     tx(db, () => {
       if (openStep !== null) endStep(db, openStep, "failed", "error", err.message);
-      setDeviceState(db, poolName, name, "active", `release failed: ${err.message}`);
+      // a timed-out remove may still land: the device is GC's now, never this run's to touch again
+      setDeviceState(db, poolName, name, isTimeout(e) ? "leaked" : "active", `release failed: ${err.message}`);
       finishWork(db, work.id, "failed", { error: err.message, kind: classify(e).errorKind });
     });
     throw err;

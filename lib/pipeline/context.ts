@@ -1,5 +1,6 @@
 // What every pipeline operation needs: config, the open state DB, who we are (lock/work owner), and
 // an optional progress sink.
+import { useCommandJournal } from "../cmd-journal.ts";
 import type { Config } from "../config.ts";
 import { currentHolder } from "../lock/owner.ts";
 import { type Db, openDb } from "../store/db.ts";
@@ -15,6 +16,7 @@ export interface Ctx {
 
 export function makeCtx(cfg: Config, o: { command?: string; progress?: Progress; db?: Db } = {}): Ctx {
   const h = currentHolder(o.command);
+  useCommandJournal(cfg.stateDir);
   return {
     cfg,
     db: o.db ?? openDb(cfg.dbPath),

@@ -35,7 +35,7 @@ import type { Ctx } from "./context.ts";
 import { classify, failure } from "./failure.ts";
 import { deviceName, mountPathFor } from "./names.ts";
 import { pausePoint } from "./pause.ts";
-import { withRetry } from "./retry.ts";
+import { retryBusyOnce } from "./retry.ts";
 import { ThinIdTaken, activeDevice, inPoolSection, poolCreate } from "./txn.ts";
 
 /** ext4 options while a layer is applied: hostile content can't use setuid or device nodes on the
@@ -304,7 +304,7 @@ async function unmount(b: Build): Promise<void> {
   const wasMounted = isMounted(path);
   if (wasMounted) {
     setMountState(b.db, path, "unmounting");
-    await withRetry(`umount ${path}`, () => mnt.umount(path, { ctx: b.cmdCtx }), b.ctx.cfg.retry);
+    await retryBusyOnce(`umount ${path}`, () => mnt.umount(path, { ctx: b.cmdCtx }));
   }
   tx(b.db, () => {
     setMountState(b.db, path, "unmounted");
@@ -320,7 +320,7 @@ async function deactivate(b: Build): Promise<void> {
   b.begin("remove_device");
   setDeviceState(b.db, b.pool, dev, "removing");
   const info = await activeDevice(dev);
-  if (info) await withRetry(`dmsetup remove ${dev}`, () => dmsetup.remove(dev, { ctx: { pool_name: b.pool, device_id: b.l.thin_id! } }), b.ctx.cfg.retry);
+  if (info) await retryBusyOnce(`dmsetup remove ${dev}`, () => dmsetup.remove(dev, { ctx: { pool_name: b.pool, device_id: b.l.thin_id! } }));
   tx(b.db, () => {
     setDeviceState(b.db, b.pool, dev, "removed");
     b.end(info ? "ok" : "was not active");

@@ -8,6 +8,7 @@ import { loadConfig } from "../config.ts";
 import * as dmsetup from "../dm/dmsetup.ts";
 import * as pool from "../dm/pool.ts";
 import { ThinimgError, errorMessage } from "../errors.ts";
+import { withSharedHold } from "../lock/holders.ts";
 import { tx } from "../store/db.ts";
 import { setDevice, setDeviceState } from "../store/devices.ts";
 import { getImage } from "../store/images.ts";
@@ -193,14 +194,14 @@ export async function reattachAll(ctx: Ctx, o: { dryRun?: boolean } = {}): Promi
 }
 
 /** The boot runbook's last step (recover-pool): re-attach the pool's handed-out snapshots. */
-export async function reattachPool(o: { pool: string; stateDir?: string | undefined; dryRun?: boolean }): Promise<ReattachAllReport> {
-  const cfg = loadConfig({ pool: o.pool, stateDir: o.stateDir });
+export async function reattachPool(o: { pool: string; stateDir?: string | undefined; wait?: string | undefined; dryRun?: boolean | undefined }): Promise<ReattachAllReport> {
+  const cfg = loadConfig({ pool: o.pool, stateDir: o.stateDir, wait: o.wait });
   if (!existsSync(cfg.dbPath)) {
     return { ...summarize(cfg.pool, o.dryRun === true, [], null), skipped: `no state DB at ${cfg.dbPath}: no snapshots to re-attach (pass --state-dir if thinimg keeps it elsewhere)` };
   }
   const ctx = makeCtx(cfg, { command: "bun ops/recover-pool.ts (re-attach)" });
   try {
-    return await reattachAll(ctx, o);
+    return await withSharedHold(cfg.stateDir, { waitMs: cfg.lockWaitMs, command: ctx.owner.command }, () => reattachAll(ctx, { dryRun: o.dryRun === true }));
   } finally {
     ctx.db.close();
   }

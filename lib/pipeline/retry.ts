@@ -1,19 +1,32 @@
-// Which dm command failures are worth another try (lib/util/retry.ts does the backing off).
+// dm commands are never retried after a timeout: a timed-out umount or `dmsetup remove` may still be
+// running in the kernel, and a second command on that device is exactly what ADR-0001 forbids. The
+// one exception is a "busy" answer (the command ran and the kernel said no, e.g. a reader closing the
+// device): it gets ONE more try after a fixed delay, logged. Everything else fails dumb at once.
 import { isDmError } from "../dm/errors.ts";
 import { CommandError } from "../exec.ts";
-import { withRetry as retry } from "../util/retry.ts";
+import { log } from "../log.ts";
 
-/** Transient: a device briefly busy (udev-less settle, a reader closing), a command timeout. */
-export function isTransient(e: unknown): boolean {
-  if (isDmError(e, "busy") || isDmError(e, "timeout")) return true;
-  if (e instanceof CommandError) {
-    if (e.result.timedOut) return true;
-    if (/target is busy|device is busy|Device or resource busy/i.test(e.result.stderr)) return true;
-  }
-  return false;
+export const BUSY_RETRY_DELAY_MS = 1_000;
+
+/** The command answered "busy" (and did not time out). */
+export function isBusyAnswer(e: unknown): boolean {
+  if (!(e instanceof CommandError) || e.result.timedOut || isDmError(e, "timeout")) return false;
+  return isDmError(e, "busy") || /target is busy|device is busy|Device or resource busy/i.test(e.result.stderr);
 }
 
-/** withRetry for dm commands: transient = isTransient unless told otherwise. */
-export function withRetry<T>(label: string, fn: () => Promise<T>, o: { attempts: number; baseDelayMs: number; transient?: (e: unknown) => boolean }): Promise<T> {
-  return retry(label, fn, { ...o, transient: o.transient ?? isTransient });
+/** fn, and once more after `delayMs` if (and only if) its first answer was "busy". */
+export async function retryBusyOnce<T>(label: string, fn: () => Promise<T>, delayMs = BUSY_RETRY_DELAY_MS): Promise<T> {
+  try {
+    return await fn();
+  } catch (e) {
+    if (!isBusyAnswer(e)) throw e;
+    log.warn(`${label}: busy (${(e as Error).message}); one more try in ${delayMs} ms`);
+    await Bun.sleep(delayMs);
+    return fn();
+  }
+}
+
+/** The command timed out: its outcome is unknown and it may still be running in the kernel. */
+export function isTimeout(e: unknown): boolean {
+  return (e instanceof CommandError && e.result.timedOut) || isDmError(e, "timeout");
 }

@@ -245,6 +245,10 @@ export function migrate(db: Database): number {
   }
   for (let i = current; i < MIGRATIONS.length; i++) {
     db.transaction(() => {
+      // another process opening a fresh state dir at the same moment may have applied it already:
+      // the version read under the write lock decides
+      const now = (db.query("PRAGMA user_version").get() as { user_version: number }).user_version;
+      if (now > i) return;
       db.exec(MIGRATIONS[i]!);
       db.exec(`PRAGMA user_version = ${i + 1}`);
     }).immediate();

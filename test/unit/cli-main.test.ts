@@ -81,7 +81,7 @@ describe("command records", () => {
     const recs = err.split("\n").filter((l) => l.startsWith("{")).map((l) => JSON.parse(l)).filter((r) => r.event === "cmd");
     expect(recs.length).toBeGreaterThanOrEqual(1);
     expect(recs[0].command).toMatch(/^dmsetup .*version$/);
-    expect(Object.keys(recs[0]).sort()).toEqual(["command", "device_id", "device_name", "duration_ms", "event", "exit_code", "level", "pool_name", "timed_out", "ts"]);
+    expect(Object.keys(recs[0]).sort()).toEqual(["command", "device_id", "device_name", "duration_ms", "event", "exit_code", "level", "pool_name", "started_at", "timed_out", "ts"]);
   });
 });
 

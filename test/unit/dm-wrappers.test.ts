@@ -9,6 +9,7 @@ import { parseLosetupJson } from "../../lib/dm/losetup.ts";
 import { mkfsExt4 } from "../../lib/dm/mkfs.ts";
 import { mount, parseMountinfo, umount } from "../../lib/dm/mount.ts";
 import { parsePoolTable, poolTable, thinTable } from "../../lib/dm/pool.ts";
+import { clearTimeouts } from "../../lib/dm/host-queue.ts";
 import { SerialQueue } from "../../lib/dm/queue.ts";
 import { parseThinDumpIds, parseThinLs } from "../../lib/dm/thintools.ts";
 import { assertDmName, assertThinId } from "../../lib/dm/validate.ts";
@@ -17,7 +18,10 @@ import { cmdResult } from "../helpers/run.ts";
 
 const res = (argv: string[], exitCode: number, stderr = "", stdout = "", timedOut = false): CmdResult => cmdResult(argv, { exitCode, stderr, stdout, timedOut });
 
-afterEach(() => setRunner(spawnRunner));
+afterEach(() => {
+  setRunner(spawnRunner);
+  clearTimeouts(); // each test is its own "run": a device that timed out in one is fresh in the next
+});
 
 describe("error typing from real dmsetup stderr", () => {
   const cases: [string, ReturnType<typeof classifyDmError>][] = [

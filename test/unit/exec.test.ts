@@ -40,7 +40,10 @@ describe("run", () => {
     expect(r.exitCode).toBe(3);
     expect(recs).toHaveLength(1);
     expect(recs[0]).toMatchObject({ pool_name: "p", device_id: 4, device_name: "d", command: "sh -c echo out; echo err >&2; exit 3", exit_code: 3, timed_out: false });
-    expect(Object.keys(recs[0]!).sort()).toEqual(["command", "device_id", "device_name", "duration_ms", "event", "exit_code", "pool_name", "timed_out"]);
+    expect(Object.keys(recs[0]!).sort()).toEqual(["command", "device_id", "device_name", "duration_ms", "event", "exit_code", "pool_name", "started_at", "timed_out"]);
+    // RFC 3339 with milliseconds, when it was spawned
+    expect(recs[0]!.started_at).toMatch(/^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$/);
+    expect(Math.abs(Date.parse(recs[0]!.started_at) + recs[0]!.duration_ms - Date.now())).toBeLessThan(2_000);
   });
 
   test("a command past its timeout is killed and logged with timed_out=true", async () => {

@@ -26,6 +26,17 @@ let n = 0;
 const fresh = () => openDb(join(dir, `s${++n}`, "state.db"));
 
 describe("schema", () => {
+  test("ten processes opening one fresh state dir at once all migrate it (once) and succeed", async () => {
+    const path = join(dir, `race-${++n}`, "state.db");
+    const script = `import { openDb } from "${join(import.meta.dir, "../../lib/store/index.ts")}"; openDb(${JSON.stringify(path)}).close(); console.log("ok");`;
+    const procs = Array.from({ length: 10 }, () => Bun.spawn(["bun", "-e", script], { stdout: "pipe", stderr: "pipe" }));
+    const outs = await Promise.all(procs.map(async (p) => `${await new Response(p.stdout).text()}${await new Response(p.stderr).text()}`.trim()));
+    expect(outs).toEqual(Array(10).fill("ok"));
+    const db = new Database(path, { readonly: true });
+    expect((db.query("PRAGMA user_version").get() as { user_version: number }).user_version).toBe(MIGRATIONS.length);
+    db.close();
+  }, 60_000);
+
   test("migrates to the latest version with WAL, foreign keys and STRICT tables", () => {
     const db = fresh();
     expect((db.query("PRAGMA user_version").get() as { user_version: number }).user_version).toBe(MIGRATIONS.length);

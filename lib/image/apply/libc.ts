@@ -1,5 +1,5 @@
 // The few syscalls node:fs lacks, through bun:ffi on glibc: extended attributes (security.capability
-// and friends) and mknod for device nodes and FIFOs. Only path-relative "l" variants (never follow
+// and friends), mknod for device nodes and FIFOs, and flock for the host's dm locks. Only path-relative "l" variants (never follow
 // the final symlink) and fd variants are bound, so nothing here can write through a link.
 import { dlopen, FFIType, read } from "bun:ffi";
 
@@ -13,6 +13,7 @@ function open() {
     lremovexattr: { args: [FFIType.ptr, FFIType.ptr], returns: FFIType.i32 },
     lgetxattr: { args: [FFIType.ptr, FFIType.ptr, FFIType.ptr, FFIType.u64], returns: FFIType.i64 },
     mknod: { args: [FFIType.ptr, FFIType.u32, FFIType.u64], returns: FFIType.i32 },
+    flock: { args: [FFIType.i32, FFIType.i32], returns: FFIType.i32 },
     __errno_location: { args: [], returns: FFIType.ptr },
   });
 }
@@ -144,4 +145,21 @@ export function mknod(path: string | Buffer, mode: number, major: number, minor:
   if (libc().symbols.mknod(cstr(path), mode >>> 0, makedev(major, minor)) !== 0) {
     throw new SysError("mknod", errno(), shown(path));
   }
+}
+
+const LOCK_EX = 2;
+const LOCK_NB = 4;
+const LOCK_UN = 8;
+
+/** flock(fd, LOCK_EX | LOCK_NB): true when taken, false when another open file holds it. The kernel
+ * drops the lock when the holder's last descriptor closes, so a holder is always a live process. */
+export function tryFlockExclusive(fd: number): boolean {
+  if (libc().symbols.flock(fd, LOCK_EX | LOCK_NB) === 0) return true;
+  const e = errno();
+  if (e === 11 || e === 4) return false; // EWOULDBLOCK / EINTR: held elsewhere, try again later
+  throw new SysError("flock", e);
+}
+
+export function unflock(fd: number): void {
+  libc().symbols.flock(fd, LOCK_UN);
 }

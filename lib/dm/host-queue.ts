@@ -1,0 +1,212 @@
+// The host-wide dm queue: every state-changing dm, loop, mkfs, mount and umount command that any
+// thinimg process runs holds it for exactly that command (lib/exec.ts run() routes them here), so no
+// two such commands reach the kernel at once, from any number of processes. Reads (status, info, ls,
+// table, thin_ls…) and everything that is not a command (downloads, hashing, writing files into a
+// mounted layer) do not queue, so two unpacks still overlap their I/O.
+//
+//   - The lock is an flock(2) on /run/thinimg/dm-queue.lock (THINIMG_DM_QUEUE overrides): the kernel
+//     drops it when its holder dies, so a crashed holder never blocks. /run, not the state dir: the
+//     kernel is shared by every state dir on the host.
+//   - Order: inside one process a FIFO; across processes each waiter leaves a ticket in
+//     <lock>.waiting/ and only the oldest live ticket tries the lock (a dead or reused PID's ticket
+//     is ignored and removed), so commands run in the order asked.
+//   - Waiting is bounded (THINIMG_DM_QUEUE_WAIT, default 5m) and visible: after 1 s a waiter logs
+//     "waiting for the dm queue held by pid N (…): `cmd`"; the holder writes who it is into the file.
+//   - withHostQueue(fn) holds it across several commands (suspend → … → resume): commands fn runs
+//     (same async call chain) go straight through; other callers wait.
+//   - A command that timed out may still be running in the kernel: no later state-changing command
+//     of this process may touch the same device or path (resume excepted: a suspend that timed out
+//     must still be resumed, ADR-0001 §5).
+import { AsyncLocalStorage } from "node:async_hooks";
+import { closeSync, ftruncateSync, mkdirSync, openSync, readdirSync, readFileSync, unlinkSync, writeFileSync, writeSync } from "node:fs";
+import { basename, dirname } from "node:path";
+import { ThinimgError } from "../errors.ts";
+import type { CmdContext } from "../exec.ts";
+import { tryFlockExclusive, unflock } from "../image/apply/libc.ts";
+import { commandLine, processStartTime } from "../lock/owner.ts";
+import { log } from "../log.ts";
+import { parseDuration } from "../util/units.ts";
+import { SerialQueue } from "./queue.ts";
+
+export const DEFAULT_QUEUE_FILE = "/run/thinimg/dm-queue.lock";
+export const DEFAULT_QUEUE_WAIT_MS = 5 * 60_000;
+const ANNOUNCE_AFTER_MS = 1_000;
+const POLL_MS = 10;
+
+export function queueFile(): string {
+  return process.env.THINIMG_DM_QUEUE || DEFAULT_QUEUE_FILE;
+}
+
+function queueWaitMs(): number {
+  const raw = process.env.THINIMG_DM_QUEUE_WAIT;
+  return raw ? parseDuration(raw, "THINIMG_DM_QUEUE_WAIT") : DEFAULT_QUEUE_WAIT_MS;
+}
+
+// ---- which commands queue ----
+
+const DMSETUP_READS = new Set(["status", "info", "ls", "table", "targets", "version", "deps", "help", "splitname"]);
+const LOSETUP_READS = new Set(["--list", "-l", "--all", "-a", "--associated", "-j", "--json", "--output", "-O"]);
+
+/** True for a command that changes kernel state (devices, tables, loops, filesystems, mounts). */
+export function isStateChanging(argv: readonly string[]): boolean {
+  const tool = basename(argv[0] ?? "");
+  const rest = argv.slice(1);
+  if (tool === "dmsetup") {
+    const sub = rest.find((a) => !a.startsWith("-"));
+    return sub !== undefined && !DMSETUP_READS.has(sub);
+  }
+  if (tool === "losetup") return rest.length > 0 && !rest.some((a) => LOSETUP_READS.has(a));
+  return tool === "mount" || tool === "umount" || tool.startsWith("mkfs") || tool === "mke2fs";
+}
+
+// ---- devices a timed-out command may still be working on ----
+
+const tainted = new Map<string, string>();
+
+/** The device names and paths a command acts on (its ctx device, its absolute-path arguments). */
+function targetsOf(argv: readonly string[], ctx: CmdContext | undefined): string[] {
+  const t = argv.slice(1).filter((a) => a.startsWith("/"));
+  for (const a of t) if (a.startsWith("/dev/mapper/")) t.push(a.slice("/dev/mapper/".length));
+  if (ctx?.device_name) t.push(ctx.device_name);
+  return t;
+}
+
+/** Refuse a state-changing command on a device or path an earlier command of this run timed out on. */
+export function assertNotTainted(argv: readonly string[], ctx: CmdContext | undefined): void {
+  if (basename(argv[0] ?? "") === "dmsetup" && argv.includes("resume")) return;
+  for (const t of targetsOf(argv, ctx)) {
+    const earlier = tainted.get(t);
+    if (earlier === undefined) continue;
+    throw new ThinimgError("timeout", `refusing \`${argv.join(" ")}\`: \`${earlier}\` on ${t} timed out earlier in this run and may still be running in the kernel`, {
+      hint: "nothing more is sent to that device in this run; review with `bun scripts/gc.ts` (dry-run), remove with `bun scripts/gc.ts --force` once the host is healthy",
+      details: { device: t, timed_out_command: earlier },
+    });
+  }
+}
+
+export function noteTimeout(argv: readonly string[], ctx: CmdContext | undefined): void {
+  for (const t of targetsOf(argv, ctx)) tainted.set(t, argv.join(" "));
+}
+
+/** Forget timed-out devices (unit tests only: a process's run is its lifetime). */
+export function clearTimeouts(): void {
+  tainted.clear();
+}
+
+// ---- the lock ----
+
+interface QueueHolder {
+  pid: number;
+  process: string;
+  command: string;
+}
+
+function readHolder(path: string): QueueHolder | null {
+  try {
+    const j = JSON.parse(readFileSync(path, "utf8")) as Partial<QueueHolder>;
+    return typeof j.pid === "number" ? { pid: j.pid, process: String(j.process ?? ""), command: String(j.command ?? "") } : null;
+  } catch {
+    return null; // free, or the holder is writing its line right now
+  }
+}
+
+const describe = (h: QueueHolder | null) => (h ? `pid ${h.pid} (${h.process}): \`${h.command}\`` : "another process");
+
+/** "<ms>-<pid>-<start time>": sorted by the time asked; the pid and start time tell a live ticket. */
+function ticketName(): string {
+  return `${String(Date.now()).padStart(15, "0")}-${process.pid}-${processStartTime(process.pid) ?? 0}`;
+}
+
+/** True when a live waiter asked before `mine`. Tickets of dead or reused PIDs are removed. */
+function olderLiveTicket(dir: string, mine: string): boolean {
+  let names: string[];
+  try {
+    names = readdirSync(dir);
+  } catch {
+    return false;
+  }
+  for (const n of names) {
+    if (n >= mine) continue;
+    const [, pid, start] = n.split("-");
+    const st = processStartTime(Number(pid));
+    if (st !== null && String(st) === start) return true;
+    try {
+      unlinkSync(`${dir}/${n}`);
+    } catch {}
+  }
+  return false;
+}
+
+/** Take the host lock for `command`, waiting (bounded, visibly) behind earlier askers. */
+async function acquire(command: string): Promise<() => void> {
+  const path = queueFile();
+  const waitDir = `${path}.waiting`;
+  mkdirSync(waitDir, { recursive: true, mode: 0o755 });
+  mkdirSync(dirname(path), { recursive: true, mode: 0o755 });
+  const fd = openSync(path, "a", 0o644);
+  const ticket = ticketName();
+  writeFileSync(`${waitDir}/${ticket}`, "");
+  const t0 = Date.now();
+  const limit = queueWaitMs();
+  let announced = false;
+  try {
+    for (;;) {
+      if (!olderLiveTicket(waitDir, ticket) && tryFlockExclusive(fd)) break;
+      const waited = Date.now() - t0;
+      if (waited >= limit) {
+        throw new ThinimgError("timeout", `gave up after ${Math.round(waited / 1000)} s waiting for the dm queue held by ${describe(readHolder(path))} to run \`${command}\``, {
+          hint: "a dm command on this host is slow or hung: check it (ps, dmesg, bun scripts/health.ts); THINIMG_DM_QUEUE_WAIT raises the limit",
+        });
+      }
+      if (!announced && waited >= ANNOUNCE_AFTER_MS) {
+        announced = true;
+        log.info(`waiting for the dm queue held by ${describe(readHolder(path))} (to run \`${command}\`)`);
+      }
+      await Bun.sleep(POLL_MS);
+    }
+  } catch (e) {
+    closeSync(fd);
+    throw e;
+  } finally {
+    try {
+      unlinkSync(`${waitDir}/${ticket}`);
+    } catch {}
+  }
+  ftruncateSync(fd, 0);
+  writeSync(fd, `${JSON.stringify({ pid: process.pid, process: commandLine(), command, since: new Date().toISOString() })}\n`);
+  return () => {
+    try {
+      ftruncateSync(fd, 0);
+    } catch {}
+    unflock(fd);
+    closeSync(fd);
+  };
+}
+
+const inProcess = new SerialQueue();
+/** The hold this async call chain runs in. Compared with the live one, so a context that outlived
+ * its hold (a callback registered inside, run later) never skips the queue. */
+const holding = new AsyncLocalStorage<object>();
+let liveHold: object | null = null;
+
+/** Run fn holding the host queue. Nested calls in fn's async call chain share the hold. */
+export function withHostQueue<T>(label: string, fn: () => Promise<T>): Promise<T> {
+  const mine = holding.getStore();
+  if (mine !== undefined && mine === liveHold) return fn();
+  return inProcess.run(async () => {
+    const release = await acquire(label);
+    const hold = {};
+    liveHold = hold;
+    try {
+      return await holding.run(hold, fn);
+    } finally {
+      liveHold = null;
+      release();
+    }
+  });
+}
+
+/** Commands queued or running in this process (tests, diagnostics). */
+export function queuedHere(): number {
+  return inProcess.pending;
+}
