@@ -52,7 +52,8 @@ export type Runner = (argv: string[], opts?: RunOptions) => Promise<CmdResult>;
 
 export const DEFAULT_TIMEOUT_MS = 30_000;
 
-type RecordListener = (rec: CmdRecord) => void;
+/** probe: a non-zero exit was an expected answer (not a failure). */
+type RecordListener = (rec: CmdRecord, probe: boolean) => void;
 const listeners = new Set<RecordListener>();
 
 /** Subscribe to command records (tests, progress UIs). Returns an unsubscribe function. */
@@ -72,7 +73,7 @@ function emitRecord(r: CmdResult, ctx: CmdContext | undefined, probe = false): v
     exit_code: r.exitCode,
     timed_out: r.timedOut,
   };
-  for (const fn of listeners) fn(rec);
+  for (const fn of listeners) fn(rec, probe);
   const file = process.env.THINIMG_CMD_LOG;
   if (file) {
     try {

@@ -1,7 +1,7 @@
 // Our runMain: citty's prints stack traces for every error and accepts unknown flags silently.
 // Here a ThinimgError becomes one line (message — hint) and its exit code; unknown flags are refused.
 import { type ArgsDef, type CommandDef, runCommand, showUsage } from "citty";
-import { ThinimgError, fromErrno, usageError } from "../errors.ts";
+import { ThinimgError, errorEnvelope, fromErrno, usageError } from "../errors.ts";
 import { log, setLogFormat, setLogLevel } from "../log.ts";
 
 async function knownFlags(cmd: CommandDef<ArgsDef>): Promise<Set<string>> {
@@ -75,9 +75,7 @@ async function rejectStrayPositionals(cmd: CommandDef<ArgsDef>, rawArgs: string[
 export function reportError(e: unknown, json: boolean): number {
   if (e instanceof ThinimgError) {
     if (json) {
-      process.stdout.write(
-        `${JSON.stringify({ ok: false, error: { kind: e.kind, message: e.message, hint: e.hint ?? null, ...(e.details ? { details: e.details } : {}) } })}\n`,
-      );
+      process.stdout.write(`${JSON.stringify(errorEnvelope(e))}\n`);
     }
     process.stderr.write(`error: ${e.oneLine()}\n`);
     return e.exitCode;
