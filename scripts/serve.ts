@@ -23,11 +23,14 @@ function repeated(rawArgs: string[], flag: string): string[] {
 export const serveCommand = defineCommand({
   meta: { name: "serve", description: "Run the thinimg service (webhook for unpack jobs and activations, Prometheus metrics)" },
   args: {
-    listen: { type: "string", description: `HOST:PORT or unix:/PATH (default ${DEFAULT_LISTEN})`, default: DEFAULT_LISTEN },
+    listen: { type: "string", description: `HOST:PORT or unix:/PATH; env THINIMG_LISTEN (default ${DEFAULT_LISTEN})` },
     "secret-file": { type: "string", description: "HMAC secret for X-Thinimg-Signature (re-read on SIGHUP); required unless --insecure-no-auth" },
     "token-file": { type: "string", description: "Also accept Authorization: Bearer with this token (re-read on SIGHUP)" },
     "insecure-no-auth": { type: "boolean", description: "No authentication at all: loopback or unix socket only, for local tests", default: false },
-    "allow-source": { type: "string", description: "Source prefix callers may unpack from (repeatable; e.g. s3://images-bucket/); default: none" },
+    "allow-source": {
+      type: "string",
+      description: "Source prefix callers may unpack from (repeatable; e.g. s3://images-bucket/); also env THINIMG_ALLOW_SOURCES (space-separated); default: none",
+    },
     retention: { type: "string", description: "Keep finished jobs this long (default 7d as 168h)", default: `${DEFAULT_RETENTION_MS / 3_600_000}h` },
     "drain-timeout": { type: "string", description: "On SIGTERM, wait this long for the running job before interrupting it", default: `${DEFAULT_DRAIN_MS / 1000}s` },
     ...sizeArgs,
@@ -36,11 +39,11 @@ export const serveCommand = defineCommand({
   async run({ args, rawArgs }) {
     const service = await startService({
       cfg: configFrom(args),
-      listen: parseListen(args.listen),
+      listen: parseListen(args.listen || process.env.THINIMG_LISTEN || DEFAULT_LISTEN),
       secretFile: args["secret-file"],
       tokenFile: args["token-file"],
       insecureNoAuth: args["insecure-no-auth"],
-      allowSources: repeated(rawArgs, "--allow-source"),
+      allowSources: [...repeated(rawArgs, "--allow-source"), ...(process.env.THINIMG_ALLOW_SOURCES ?? "").split(/\s+/).filter(Boolean)],
       retentionMs: parseDuration(args.retention, "--retention"),
       drainMs: parseDuration(args["drain-timeout"], "--drain-timeout"),
     });

@@ -2,7 +2,7 @@
 // layer family served by a real S3 server (s3rver, in this process), signed webhook calls. Unpack
 // through a job, activate with a size (ext4 grown to fill it), mount and read, release; metrics and
 // readiness from the live pool; SIGTERM in the middle of a job, then a restart finishes it.
-// vm-seconds: 90 (its run time in one test VM; `bun run test` balances the VMs by it)
+// vm-seconds: 150 (its run time in one test VM; `bun run test` balances the VMs by it)
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { existsSync, mkdirSync, mkdtempSync, readFileSync, statfsSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
@@ -68,7 +68,7 @@ interface Running {
 /** Start the service; resolves with its URL once it listens (port 0: the kernel picks one). */
 async function serve(extraEnv: Record<string, string> = {}): Promise<Running> {
   const proc = Bun.spawn(
-    ["bun", "scripts/serve.ts", "--listen", "127.0.0.1:0", "--secret-file", secretFile, "--allow-source", "s3://images/", "--state-dir", stateDir, "--pool", pool.name, "--virtual-size", "256M", "--drain-timeout", "0"],
+    ["bun", "scripts/serve.ts", "--listen", "127.0.0.1:0", "--secret-file", secretFile, "--allow-source", "s3://images/", "--state-dir", stateDir, "--pool", pool.name, "--virtual-size", "128M", "--drain-timeout", "0"],
     { cwd: ROOT, env: { ...process.env, ...s3.env(true), ...extraEnv }, stdin: "ignore", stdout: "ignore", stderr: "pipe" },
   );
   procs.push(proc);
@@ -125,7 +125,7 @@ describe("service on the real kernel", () => {
       const job = await waitJob(s, q.body.job.id);
       expect(job).toMatchObject({ state: "succeeded", image: "fam", result: { built: 3, image: { name: "fam", state: "ready" } } });
 
-      const small = await call(s, "POST", "/v1/activate", { image: "fam", size: "128M" });
+      const small = await call(s, "POST", "/v1/activate", { image: "fam", size: "64M" });
       expect(small.status).toBe(400);
       expect(small.body.error.message).toMatch(/below image fam's own size/);
 
@@ -152,7 +152,7 @@ describe("service on the real kernel", () => {
       }
       const plain = await call(s, "POST", "/v1/activate", { image: "fam" });
       expect(plain.status).toBe(200);
-      expect(Number((await runOk(["blockdev", "--getsize64", plain.body.snapshot.device])).stdout.trim())).toBe(256 * 1024 ** 2);
+      expect(Number((await runOk(["blockdev", "--getsize64", plain.body.snapshot.device])).stdout.trim())).toBe(128 * 1024 ** 2);
 
       const rel = await call(s, "POST", "/v1/release", { snapshot: a.body.snapshot.id });
       expect(rel.status).toBe(200);
@@ -174,7 +174,7 @@ describe("service on the real kernel", () => {
     } finally {
       expect(await stop(s)).toBe(0);
     }
-  }, 120_000);
+  }, 300_000);
 
   test("SIGTERM in the middle of a job: job interrupted, no dm clean-up; a restart completes it", async () => {
     const marker = join(W, "paused");
@@ -220,5 +220,5 @@ describe("service on the real kernel", () => {
     } finally {
       ctx.db.close();
     }
-  }, 120_000);
+  }, 300_000);
 });
