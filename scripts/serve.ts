@@ -7,7 +7,7 @@ import { log } from "../lib/log.ts";
 import { configFrom, pipelineArgs, sizeArgs } from "../lib/pipeline/cli.ts";
 import { DEFAULT_LISTEN, parseListen } from "../lib/server/listen.ts";
 import { DEFAULT_DRAIN_MS, DEFAULT_RETENTION_MS, startService } from "../lib/server/service.ts";
-import { parseDuration } from "../lib/util/units.ts";
+import { parseDuration, parseIntArg } from "../lib/util/units.ts";
 
 /** Every value of a repeatable string flag (citty keeps only the last). */
 function repeated(rawArgs: string[], flag: string): string[] {
@@ -31,6 +31,7 @@ export const serveCommand = defineCommand({
       type: "string",
       description: "Source prefix callers may unpack from (repeatable; e.g. s3://images-bucket/); also env THINIMG_ALLOW_SOURCES (space-separated); default: none",
     },
+    prefetch: { type: "string", description: "Queued jobs whose downloads may run ahead of the running one (default 1; 0: none)", default: "1" },
     retention: { type: "string", description: "Keep finished jobs this long (default 7d as 168h)", default: `${DEFAULT_RETENTION_MS / 3_600_000}h` },
     "drain-timeout": { type: "string", description: "On SIGTERM, wait this long for the running job before interrupting it", default: `${DEFAULT_DRAIN_MS / 1000}s` },
     ...sizeArgs,
@@ -45,6 +46,7 @@ export const serveCommand = defineCommand({
       insecureNoAuth: args["insecure-no-auth"],
       allowSources: [...repeated(rawArgs, "--allow-source"), ...(process.env.THINIMG_ALLOW_SOURCES ?? "").split(/\s+/).filter(Boolean)],
       retentionMs: parseDuration(args.retention, "--retention"),
+      prefetch: parseIntArg(args.prefetch, "--prefetch", { min: 0, max: 16 }),
       drainMs: parseDuration(args["drain-timeout"], "--drain-timeout"),
     });
     process.on("SIGHUP", () => service.reloadSecrets());

@@ -6,10 +6,12 @@ import { log } from "../log.ts";
 import type { Ctx } from "../pipeline/context.ts";
 import type { Progress } from "../pipeline/progress.ts";
 import type { UnpackOptions, UnpackResult } from "../pipeline/unpack.ts";
-import { type JobError, type JobRow, type UnpackParams, claimNextJob, finishJob, interruptJob } from "./jobs.ts";
+import { type JobError, type JobRow, type UnpackParams, claimNextJob, finishJob, interruptJob, listJobs } from "./jobs.ts";
 
 export interface JobOps {
   unpack(ctx: Ctx, o: UnpackOptions): Promise<UnpackResult>;
+  /** Fetch a queued job's source into the blob cache ahead of its turn (no dm work). */
+  prefetch?(ctx: Ctx, o: UnpackOptions): Promise<void>;
 }
 
 export interface JobProgress {
@@ -20,6 +22,11 @@ export interface JobProgress {
 
 export interface RunnerHooks {
   onFinish?(job: JobRow, state: "succeeded" | "failed" | "interrupted", durationMs: number): void;
+}
+
+export interface RunnerOptions {
+  /** Queued jobs whose downloads may run ahead of the running job (0: none). */
+  prefetch?: number;
 }
 
 export function jobError(e: unknown): JobError {
@@ -45,19 +52,25 @@ export class JobRunner {
   private loop: Promise<void> | null = null;
   private current: { job: JobRow; progress: JobProgress; abort: AbortController } | null = null;
 
+  /** Jobs whose prefetch was started (each once), and the abort for all of them. */
+  private readonly prefetched = new Set<number>();
+  private readonly prefetchAbort = new AbortController();
+
   constructor(
     private readonly ctx: Ctx,
     private readonly ops: JobOps,
     private readonly hooks: RunnerHooks = {},
+    private readonly o: RunnerOptions = {},
   ) {}
 
   start(): void {
     this.loop ??= this.run();
   }
 
-  /** A job was queued: look at the queue now. */
+  /** A job was queued: look at the queue now (and start its download if another job runs). */
   wake(): void {
     this.wakeUp?.();
+    if (this.current && !this.stopping) this.prefetchAhead();
   }
 
   /** The running job's progress (null when it is not the running one). */
@@ -74,6 +87,7 @@ export class JobRunner {
   async stop(): Promise<void> {
     this.stopping = true;
     this.current?.abort.abort(new ThinimgError("conflict", "the service is stopping"));
+    this.prefetchAbort.abort(new ThinimgError("conflict", "the service is stopping"));
     this.wake();
     await this.loop;
   }
@@ -95,7 +109,24 @@ export class JobRunner {
         this.wakeUp = null;
         continue;
       }
+      this.prefetchAhead();
       await this.runJob(job);
+    }
+  }
+
+  /** Start the downloads of the next queued jobs (errors are the job's to report when it runs). */
+  private prefetchAhead(): void {
+    const n = this.o.prefetch ?? 0;
+    const prefetch = this.ops.prefetch;
+    if (n <= 0 || !prefetch) return;
+    for (const job of listJobs(this.ctx.db, this.ctx.cfg.pool, { state: "queued" }).reverse().slice(0, n)) {
+      if (this.prefetched.has(job.id)) continue;
+      this.prefetched.add(job.id);
+      const params = JSON.parse(job.params) as UnpackParams;
+      log.debug(`job ${job.id}: prefetching ${job.source}`);
+      prefetch({ ...this.ctx, progress: undefined }, { source: job.source, name: job.image, platform: params.platform, signal: this.prefetchAbort.signal }).catch((e: unknown) =>
+        log.debug(`job ${job.id}: prefetch failed (the job reports it when it runs): ${errorMessage(e)}`),
+      );
     }
   }
 

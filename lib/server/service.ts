@@ -13,7 +13,7 @@ import { describeHolder } from "../lock/owner.ts";
 import { log } from "../log.ts";
 import { activate, release } from "../pipeline/activate.ts";
 import { type Ctx, makeCtx } from "../pipeline/context.ts";
-import { unpack } from "../pipeline/unpack.ts";
+import { resolveOptions, unpack } from "../pipeline/unpack.ts";
 import { deleteLockRow } from "../store/locks.ts";
 import { makeAllowList } from "./allow.ts";
 import { ReplayCache, type Secrets, readSecretFile } from "./auth.ts";
@@ -31,6 +31,10 @@ const PRUNE_EVERY_MS = 3_600_000;
 export const pipelineOps: ServiceOps = {
   unpack: (ctx, o) => unpack(ctx, o),
   activate: (ctx, image, o) => activate(ctx, image, o.sizeBytes === undefined ? {} : { size: o.sizeBytes }),
+  async prefetch(ctx, o) {
+    const { resolveImage } = await import("../image/resolve.ts");
+    await resolveImage(o.source, resolveOptions(ctx, o));
+  },
   release: (ctx, ref) => release(ctx, ref),
   health: (ctx) => runHealthChecks({ pool: ctx.cfg.pool, stateDir: ctx.cfg.stateDir }),
 };
@@ -45,6 +49,8 @@ export interface ServiceOptions {
   retentionMs?: number;
   /** How long SIGTERM waits for the running job before interrupting it (between two commands). */
   drainMs?: number;
+  /** Queued jobs whose downloads may run ahead of the running one (default 1). */
+  prefetch?: number;
   ops?: ServiceOps;
 }
 
@@ -122,7 +128,7 @@ export async function startService(o: ServiceOptions): Promise<Service> {
       metrics.observeJob(job.kind, state, ms);
       pruneJobs(ctx.db, ctx.cfg.pool, retentionMs);
     },
-  });
+  }, { prefetch: o.prefetch ?? 1 });
   let draining = false;
   let inflight = 0;
   const app = makeApp({ ctx, ops, runner, allow, secrets: () => secrets, replay: new ReplayCache(), draining: () => draining, metrics });

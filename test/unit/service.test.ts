@@ -32,6 +32,7 @@ afterAll(() => rmSync(W, { recursive: true, force: true }));
 /** Fake pipeline: records every unpack; each one waits for its gate (open by default). */
 function fakeOps(o: { gated?: boolean } = {}) {
   const calls: string[] = [];
+  const prefetched: string[] = [];
   let gate = Promise.withResolvers<void>();
   if (!o.gated) gate.resolve();
   const ops: ServiceOps = {
@@ -49,6 +50,9 @@ function fakeOps(o: { gated?: boolean } = {}) {
         duration_ms: 1,
       };
     },
+    async prefetch(_ctx, u: UnpackOptions) {
+      prefetched.push(u.name!);
+    },
     async activate() {
       throw new ThinimgError("dm", "no kernel in unit tests");
     },
@@ -62,6 +66,7 @@ function fakeOps(o: { gated?: boolean } = {}) {
   return {
     ops,
     calls,
+    prefetched,
     open: () => gate.resolve(),
     close: () => {
       gate = Promise.withResolvers<void>();
@@ -337,6 +342,9 @@ describe("jobs", () => {
     const ids: number[] = [];
     for (const img of ["one", "two", "three"]) ids.push((await call(s1, "POST", "/v1/unpack", { source: `s3://images-bucket/${img}/` })).body.job.id);
     await waitFor("job one running", () => a.calls.length === 1);
+    // the next queued job's download runs ahead (--prefetch 1), the one after waits its turn
+    await waitFor("job two prefetched", () => a.prefetched.length === 1);
+    expect(a.prefetched).toEqual(["two"]);
     running.splice(running.indexOf(s1), 1);
     const { interrupted } = await s1.stop();
     expect(interrupted?.id).toBe(ids[0]);
