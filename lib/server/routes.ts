@@ -7,7 +7,7 @@ import * as v from "valibot";
 import { ThinimgError } from "../errors.ts";
 import type { HealthReport } from "../health/types.ts";
 import { log } from "../log.ts";
-import { type ActivateResult, type ReleaseResult, findImage } from "../pipeline/activate.ts";
+import { type ActivateResult, type ReleaseResult, findImage, findSnapshot } from "../pipeline/activate.ts";
 import type { Ctx } from "../pipeline/context.ts";
 import { assertImageName } from "../pipeline/names.ts";
 import { defaultImageName } from "../pipeline/unpack.ts";
@@ -164,6 +164,12 @@ function v1(app: Hono<Env>, d: AppDeps): void {
 
   app.post("/v1/release", async (c) => {
     const b = parseBody(c, ReleaseBody);
+    try {
+      findSnapshot(d.ctx, String(b.snapshot));
+    } catch (e) {
+      if (e instanceof ThinimgError) throw new HttpError(404, "missing", e.message, e.hint);
+      throw e;
+    }
     const r = await d.ops.release(d.ctx, String(b.snapshot));
     return c.json({ ok: true, snapshot: { id: r.snapshot_id, device_name: r.device_name, state: r.state, duration_ms: r.duration_ms } });
   });
@@ -188,6 +194,7 @@ export function makeApp(d: AppDeps): Hono<Env> {
   app.onError((e, c) => {
     const r = errorResponse(e);
     if (r.status >= 500 && !(e instanceof ThinimgError)) log.error(e);
+    else if (r.status >= 500) log.warn(`${c.req.method} ${c.req.path}: ${r.status} ${r.body.error.message}`);
     else log.info(`${c.req.method} ${c.req.path}: ${r.status} ${r.body.error.message}`);
     return c.json(r.body, r.status as 400);
   });

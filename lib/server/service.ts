@@ -3,6 +3,7 @@
 // running job or in-flight dm command finish within the drain time, record an unfinished job as
 // interrupted (it is queued again on the next start), and never clean up dm state.
 import { existsSync, lstatSync, unlinkSync } from "node:fs";
+import { join } from "node:path";
 import type { Server } from "bun";
 import type { Config } from "../config.ts";
 import { ThinimgError, usageError } from "../errors.ts";
@@ -15,7 +16,7 @@ import { activate, release } from "../pipeline/activate.ts";
 import { type Ctx, makeCtx } from "../pipeline/context.ts";
 import { resolveOptions, unpack } from "../pipeline/unpack.ts";
 import { deleteLockRow } from "../store/locks.ts";
-import { makeAllowList } from "./allow.ts";
+import { type AllowList, makeAllowList } from "./allow.ts";
 import { ReplayCache, type Secrets, readSecretFile } from "./auth.ts";
 import { type JobRow, pruneJobs, requeueInterrupted } from "./jobs.ts";
 import { type Listen, formatListen, isLocalOnly } from "./listen.ts";
@@ -27,6 +28,11 @@ export const DEFAULT_RETENTION_MS = 7 * 24 * 3_600_000;
 export const DEFAULT_DRAIN_MS = 60_000;
 const PRUNE_EVERY_MS = 3_600_000;
 
+/** Where /readyz and the metrics keep their own kernel-log cursor: the pre-flight checks before dm
+ * work keep theirs in the state dir, and a poll must never consume the kernel errors they are
+ * there to see. */
+export const serviceHealthDir = (stateDir: string) => join(stateDir, "service-health");
+
 /** The pipeline itself: what the service runs outside of unit tests. */
 export const pipelineOps: ServiceOps = {
   unpack: (ctx, o) => unpack(ctx, o),
@@ -36,7 +42,7 @@ export const pipelineOps: ServiceOps = {
     await resolveImage(o.source, resolveOptions(ctx, o));
   },
   release: (ctx, ref) => release(ctx, ref),
-  health: (ctx) => runHealthChecks({ pool: ctx.cfg.pool, stateDir: ctx.cfg.stateDir }),
+  health: (ctx) => runHealthChecks({ pool: ctx.cfg.pool, stateDir: serviceHealthDir(ctx.cfg.stateDir) }),
 };
 
 export interface ServiceOptions {
@@ -110,17 +116,28 @@ const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
 export async function startService(o: ServiceOptions): Promise<Service> {
   checkAuthOptions(o);
-  let secrets = loadSecrets(o);
+  const secrets = loadSecrets(o);
   const allow = makeAllowList(o.allowSources);
   const ops = o.ops ?? pipelineOps;
   const ctx = makeCtx(o.cfg, { command: "thinimg serve" });
   const lockKey = takeServiceLock(ctx);
+  try {
+    return await startLocked(o, ctx, lockKey, secrets, allow, ops);
+  } catch (e) {
+    deleteLockRow(ctx.db, lockKey, ctx.owner.pid, ctx.owner.startTime);
+    ctx.db.close();
+    throw e;
+  }
+}
+
+async function startLocked(o: ServiceOptions, ctx: Ctx, lockKey: string, initialSecrets: Secrets | null, allow: AllowList, ops: ServiceOps): Promise<Service> {
+  let secrets = initialSecrets;
   const retentionMs = o.retentionMs ?? DEFAULT_RETENTION_MS;
   const requeued = requeueInterrupted(ctx.db, ctx.cfg.pool);
   if (requeued) log.info(`resuming ${requeued} interrupted job(s)`);
   const pruned = pruneJobs(ctx.db, ctx.cfg.pool, retentionMs);
   if (pruned) log.info(`pruned ${pruned} finished job(s) past the retention period`);
-  // Snapshot re-attachment after a reboot belongs here, before the first request is answered.
+  // Re-attaching the active snapshots after a reboot goes here: before the first request is answered.
 
   const metrics = new Metrics(ctx, { refreshHealth: () => ops.health(ctx) });
   const runner = new JobRunner(ctx, ops, {

@@ -192,6 +192,20 @@ describe("authentication", () => {
   });
 });
 
+test("unix socket listener", async () => {
+  const f = fakeOps();
+  const sock = join(W, "thinimg.sock");
+  writeFileSync(sock, ""); // not a socket: left alone, so the listen fails loudly
+  await expect(start({ ops: f.ops, listen: parseListen(`unix:${sock}`) })).rejects.toThrow();
+  rmSync(sock);
+  const s = await start({ ops: f.ops, listen: parseListen(`unix:${sock}`) });
+  expect(s.url).toBe(`unix:${sock}`);
+  const body = JSON.stringify({ source: "s3://images-bucket/sock/" });
+  const res = await fetch("http://localhost/v1/unpack", { method: "POST", unix: sock, body, headers: signed(body) });
+  expect(res.status).toBe(202);
+  expect(((await (await fetch("http://localhost/healthz", { unix: sock })).json()) as { ok: boolean }).ok).toBe(true);
+});
+
 describe("request bodies", () => {
   test("over 64 KiB → 413; malformed JSON, wrong fields → 400 with the valibot message; unknown job/route → 404", async () => {
     const f = fakeOps();
@@ -227,6 +241,9 @@ describe("request bodies", () => {
     expect(noImage.status).toBe(404);
     expect(noImage.body.error.message).toMatch(/no image "nope"/);
 
+    const noSnap = await call(s, "POST", "/v1/release", { snapshot: 42 });
+    expect(noSnap.status).toBe(404);
+    expect(noSnap.body.error.message).toMatch(/no snapshot "42"/);
     expect((await call(s, "GET", "/v1/jobs/999", undefined, signed(""))).status).toBe(404);
     expect((await call(s, "GET", "/v1/jobs?state=bogus", undefined, signed(""))).status).toBe(400);
     const route = await call(s, "GET", "/nope", undefined, {});

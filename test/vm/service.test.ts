@@ -13,6 +13,7 @@ import { runOk } from "../../lib/exec.ts";
 import { checkConsistency } from "../../lib/pipeline/consistency.ts";
 import { makeCtx } from "../../lib/pipeline/context.ts";
 import { sign } from "../../lib/server/auth.ts";
+import { serviceHealthDir } from "../../lib/server/service.ts";
 import { primeKernelLogCursor } from "../helpers/health.ts";
 import { buildLayerTar } from "../helpers/images.ts";
 import { requireDm } from "../helpers/kernel.ts";
@@ -49,6 +50,7 @@ beforeAll(async () => {
   pool = await makeTestPool({ dataSize: "1G" });
   mkdirSync(stateDir, { recursive: true });
   await primeKernelLogCursor(stateDir);
+  await primeKernelLogCursor(serviceHealthDir(stateDir));
 }, 60_000);
 
 afterAll(async () => {
