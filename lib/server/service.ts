@@ -27,6 +27,7 @@ import { JobRunner } from "./runner.ts";
 export const DEFAULT_RETENTION_MS = 7 * 24 * 3_600_000;
 export const DEFAULT_DRAIN_MS = 60_000;
 const PRUNE_EVERY_MS = 3_600_000;
+const ACTIVATION_GRACE_MS = 30_000;
 
 /** Where /readyz and the metrics keep their own kernel-log cursor: the pre-flight checks before dm
  * work keep theirs in the state dir, and a poll must never consume the kernel errors they are
@@ -168,7 +169,8 @@ async function startLocked(o: ServiceOptions, ctx: Ctx, lockKey: string, initial
   const stop = async (): Promise<{ interrupted: JobRow | null }> => {
     draining = true;
     const drainMs = o.drainMs ?? DEFAULT_DRAIN_MS;
-    const deadline = Date.now() + drainMs;
+    // an activation or release in flight is short: let it answer even with a short drain time
+    const deadline = Date.now() + Math.max(drainMs, ACTIVATION_GRACE_MS);
     const loopDone = runner.stop().then(() => true);
     const finished = await Promise.race([loopDone, sleep(drainMs).then(() => false)]);
     while (inflight > 0 && Date.now() < deadline) await sleep(20);
