@@ -2,11 +2,10 @@
 // The snapshot's table is already the requested size (reads past the origin's end return zeros);
 // e2fsck -f -p first (resize2fs refuses an unchecked filesystem), then resize2fs fills the device.
 // Both are bounded; a failure is recorded by the caller and nothing is undone (fail dumb).
-import { toolError } from "../dm/errors.ts";
+import { runTool, toolError } from "../dm/errors.ts";
 import { assertDevPath } from "../dm/validate.ts";
 import { type CmdContext, run } from "../exec.ts";
 import { ThinimgError } from "../errors.ts";
-import { runTool } from "../dm/errors.ts";
 
 export const FSCK_TIMEOUT_MS = 120_000;
 export const RESIZE_TIMEOUT_MS = 300_000;

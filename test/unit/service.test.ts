@@ -103,7 +103,7 @@ async function call(s: Service, method: string, path: string, body?: unknown, he
   return { status: res.status, body: out as Record<string, any> };
 }
 
-async function waitFor(what: string, fn: () => boolean | Promise<boolean>, ms = 5_000): Promise<void> {
+async function waitFor(what: string, fn: () => boolean | Promise<boolean>, ms = 20_000): Promise<void> {
   const until = Date.now() + ms;
   while (!(await fn())) {
     if (Date.now() > until) throw new Error(`timed out waiting for ${what}`);
