@@ -206,6 +206,38 @@ test("unix socket listener", async () => {
   expect(((await (await fetch("http://localhost/healthz", { unix: sock })).json()) as { ok: boolean }).ok).toBe(true);
 });
 
+test("scripts/serve.ts: SIGHUP re-reads the secret file, SIGTERM stops it cleanly (exit 0)", async () => {
+  const dir = join(W, "cli");
+  mkdirSync(dir, { recursive: true });
+  const secret = join(dir, "secret");
+  writeFileSync(secret, SECRET);
+  const proc = Bun.spawn(
+    ["bun", "scripts/serve.ts", "--listen", "127.0.0.1:0", "--secret-file", secret, "--state-dir", join(dir, "state"), "--pool", "clipool", "--allow-source", "s3://images-bucket/"],
+    { cwd: join(import.meta.dir, "../.."), stdin: "ignore", stdout: "ignore", stderr: "pipe" },
+  );
+  let err = "";
+  void (async () => {
+    for await (const c of proc.stderr) err += new TextDecoder().decode(c);
+  })();
+  try {
+    await waitFor("listening", () => /thinimg service on http/.test(err));
+    const url = /thinimg service on (http:\/\/[\d.:]+)/.exec(err)![1]!;
+    const get = async (key: string) => (await fetch(`${url}/v1/jobs`, { headers: signed("", { secret: key }) })).status;
+    expect(await get(SECRET)).toBe(200);
+    const NEW = "rotated-secret-rotated-secret-00";
+    writeFileSync(secret, NEW);
+    proc.kill("SIGHUP");
+    await waitFor("secrets re-read", () => err.includes("secrets re-read"));
+    expect([await get(SECRET), await get(NEW)]).toEqual([401, 200]);
+    expect(err).not.toContain(SECRET);
+    expect(err).not.toContain(NEW);
+    proc.kill("SIGTERM");
+    expect(await proc.exited).toBe(0);
+  } finally {
+    if (proc.exitCode === null) proc.kill(9);
+  }
+}, 60_000);
+
 describe("request bodies", () => {
   test("over 64 KiB → 413; malformed JSON, wrong fields → 400 with the valibot message; unknown job/route → 404", async () => {
     const f = fakeOps();
