@@ -50,6 +50,11 @@ export class ThinimgError extends Error {
   }
 }
 
+/** The JSON error envelope every command (--json) and the service answer with. */
+export function errorEnvelope(e: ThinimgError): { ok: false; error: { kind: ErrorKind; message: string; hint: string | null; details?: Record<string, unknown> } } {
+  return { ok: false, error: { kind: e.kind, message: e.message, hint: e.hint ?? null, ...(e.details ? { details: e.details } : {}) } };
+}
+
 export const usageError = (message: string, hint?: string) =>
   new ThinimgError("usage", message, { hint: hint ?? "see --help" });
 

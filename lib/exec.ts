@@ -65,7 +65,8 @@ export type Runner = (argv: string[], opts?: RunOptions) => Promise<CmdResult>;
 
 export const DEFAULT_TIMEOUT_MS = 30_000;
 
-type RecordListener = (rec: CmdRecord) => void;
+/** probe: a non-zero exit was an expected answer (not a failure). */
+type RecordListener = (rec: CmdRecord, probe: boolean) => void;
 const listeners = new Set<RecordListener>();
 
 /** Subscribe to command records (tests, progress UIs). Returns an unsubscribe function. */
@@ -86,7 +87,7 @@ function emitRecord(r: CmdResult, ctx: CmdContext | undefined, startedAt: Date, 
     timed_out: r.timedOut,
     started_at: startedAt.toISOString(),
   };
-  for (const fn of listeners) fn(rec);
+  for (const fn of listeners) fn(rec, probe);
   if (isStateChanging(r.argv)) journal(rec);
   const file = process.env.THINIMG_CMD_LOG;
   if (file) {
@@ -126,6 +127,11 @@ export function killChildGroups(): void {
   const until = performance.now() + EXIT_GRACE_MS;
   while (performance.now() < until && groupProcesses(groups).length > 0) Bun.sleepSync(10);
   for (const g of groups) signalGroup(g, "SIGKILL");
+}
+
+/** Process groups of commands still running (a service's drain waits for none). */
+export function liveChildGroups(): number[] {
+  return [...liveGroups];
 }
 
 const onStopSignal = (sig: StopSignal) => () => {

@@ -6,6 +6,8 @@ import { defineCommand } from "citty";
 import { outputArgs, poolArgs, stateArgs } from "../lib/cli/args.ts";
 import { jsonText, runMain } from "../lib/cli/main.ts";
 import { loadConfig } from "../lib/config.ts";
+import { errorMessage } from "../lib/errors.ts";
+import { writeLastGcRun } from "../lib/gc/last-run.ts";
 import { DEFAULT_GRACE_MS } from "../lib/gc/plan.ts";
 import { formatHuman } from "../lib/gc/report.ts";
 import { runGc } from "../lib/gc/run.ts";
@@ -56,6 +58,14 @@ export const gcCommand = defineCommand({
       signal: ac.signal,
       command: `bun scripts/gc.ts${args.force ? " --force" : ""}`,
     });
+    // the service's metrics export the last acting run (a dry-run changes nothing, not even this)
+    if (args.force) {
+      try {
+        writeLastGcRun(cfg.stateDir, report);
+      } catch (e) {
+        log.warn(`could not record this run for the metrics: ${errorMessage(e)}`);
+      }
+    }
     // Bun.write resolves once everything is written: runMain's process.exit() right after must not
     // cut a large report short (process.stdout.write to a pipe is asynchronous)
     await Bun.write(Bun.stdout, args.json ? jsonText(report) : formatHuman(report));

@@ -2,7 +2,7 @@
 // Here a ThinimgError becomes one line (message — hint) and its exit code; unknown flags are refused;
 // --version prints the version and acts on nothing; help has colour only on a terminal.
 import { type ArgsDef, type CommandDef, renderUsage, runCommand } from "citty";
-import { ThinimgError, fromErrno, usageError } from "../errors.ts";
+import { ThinimgError, errorEnvelope, fromErrno, usageError } from "../errors.ts";
 import { log, setLogFormat, setLogLevel } from "../log.ts";
 import { THINIMG_VERSION } from "../version.ts";
 
@@ -80,9 +80,7 @@ async function rejectStrayPositionals(cmd: CommandDef<ArgsDef>, rawArgs: string[
 export function reportError(e: unknown, json: boolean): number {
   if (e instanceof ThinimgError) {
     if (json) {
-      process.stdout.write(
-        `${JSON.stringify({ ok: false, error: { kind: e.kind, message: e.message, hint: e.hint ?? null, ...(e.details ? { details: e.details } : {}) } })}\n`,
-      );
+      process.stdout.write(`${JSON.stringify(errorEnvelope(e))}\n`);
     }
     process.stderr.write(`error: ${e.oneLine()}\n`);
     return e.exitCode;

@@ -54,20 +54,20 @@ export interface HoldOptions {
   command?: string;
 }
 
-/** Hold the state dir shared for fn's run: waits (bounded) while gc --force or recover-pool acts. */
-export async function withSharedHold<T>(stateDir: string, o: HoldOptions, fn: () => Promise<T>): Promise<T> {
-  const dir = join(stateDir, HOLDERS_DIR);
-  mkdirSync(dir, { recursive: true });
-  const me = currentHolder(o.command);
-  const mine = join(dir, `${me.pid}-${me.startTime ?? 0}.json`);
-  const deadline = Date.now() + o.waitMs;
+/** Shared holds this process has open, by holder file: one file however many run at once (a
+ * service answers an activation while a job unpacks). */
+const openHolds = new Map<string, number>();
+
+/** Write our holder file once no exclusive holder is live; waits (bounded) while one is. */
+async function acquireShared(stateDir: string, mine: string, me: Holder, waitMs: number): Promise<void> {
+  const deadline = Date.now() + waitMs;
   let announced = false;
   for (;;) {
     let ex = liveExclusive(stateDir);
     if (!ex) {
       writeLockFile(mine, me);
       ex = liveExclusive(stateDir);
-      if (!ex) break;
+      if (!ex) return;
       unlinkSync(mine);
     }
     if (Date.now() >= deadline) {
@@ -82,12 +82,28 @@ export async function withSharedHold<T>(stateDir: string, o: HoldOptions, fn: ()
     }
     await sleep(Math.min(100, Math.max(1, deadline - Date.now())));
   }
+}
+
+/** Hold the state dir shared for fn's run: waits (bounded) while gc --force or recover-pool acts. */
+export async function withSharedHold<T>(stateDir: string, o: HoldOptions, fn: () => Promise<T>): Promise<T> {
+  const dir = join(stateDir, HOLDERS_DIR);
+  mkdirSync(dir, { recursive: true });
+  const me = currentHolder(o.command);
+  const mine = join(dir, `${me.pid}-${me.startTime ?? 0}.json`);
+  // a hold this process already has open is joined, never waited for (an exclusive waiter waits for it)
+  if (!openHolds.has(mine)) await acquireShared(stateDir, mine, me, o.waitMs);
+  openHolds.set(mine, (openHolds.get(mine) ?? 0) + 1);
   try {
     return await fn();
   } finally {
-    try {
-      unlinkSync(mine);
-    } catch {}
+    const left = (openHolds.get(mine) ?? 1) - 1;
+    if (left > 0) openHolds.set(mine, left);
+    else {
+      openHolds.delete(mine);
+      try {
+        unlinkSync(mine);
+      } catch {}
+    }
   }
 }
 

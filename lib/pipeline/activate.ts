@@ -17,6 +17,7 @@ import { type Leak, beginStep, endStep, finishWork, startWork } from "../store/w
 import type { Ctx } from "./context.ts";
 import { classify, failure } from "./failure.ts";
 import { deviceName, parseDeviceName } from "./names.ts";
+import { assertSnapshotSize, growExt4 } from "./grow.ts";
 import { pausePoint } from "./pause.ts";
 import { isTimeout, retryBusyOnce } from "./retry.ts";
 import { ThinIdTaken, activeDevice, inPoolSection, poolCreate } from "./txn.ts";
@@ -41,6 +42,8 @@ export function findImage(ctx: Ctx, ref: string): ImageRow {
 export interface ActivateOptions {
   /** Skip the pre-flight health checks (benchmarks measure them separately). */
   skipHealth?: boolean;
+  /** Bytes: a snapshot larger than the image, its ext4 grown to fill it (lib/pipeline/grow.ts). */
+  size?: number | undefined;
 }
 
 export async function activate(ctx: Ctx, imageRef: string, o: ActivateOptions = {}): Promise<ActivateResult> {
@@ -55,8 +58,9 @@ export async function activate(ctx: Ctx, imageRef: string, o: ActivateOptions = 
   if (top.state !== "committed" || top.thin_id === null || !top.device_name) {
     throw new ThinimgError("conflict", `image ${img.name}: its top layer is ${top.state}`, { hint: "re-run the unpack" });
   }
+  const size = o.size === undefined ? top.virtual_size : assertSnapshotSize(o.size, top.virtual_size, img.name);
   if (!o.skipHealth) await assertHealthy({ pool: poolName, stateDir: cfg.stateDir });
-  const snap = insertSnapshot(db, { pool: poolName, imageId: img.id, layerId: top.id, virtualSize: top.virtual_size, pid: ctx.owner.pid, command: ctx.owner.command });
+  const snap = insertSnapshot(db, { pool: poolName, imageId: img.id, layerId: top.id, virtualSize: size, pid: ctx.owner.pid, command: ctx.owner.command });
   const work = startWork(db, poolName, "activate", `snapshot:${snap.id}`, ctx.owner);
   let thinId: number | null = null;
   let name: string | null = null;
@@ -91,8 +95,9 @@ export async function activate(ctx: Ctx, imageRef: string, o: ActivateOptions = 
       await pausePoint("activate:created", cfg.stateDir);
       openStep = beginStep(db, work.id, poolName, "activate_device", { thinId, deviceName: name }).id;
       setDevice(db, { pool: poolName, name: name!, thinId: thinId!, kind: "snap", state: "activating" });
-      await pool.activateThin(poolName, name!, thinId!, snap.virtual_size ?? top.virtual_size, { ctx: { pool_name: poolName, device_id: thinId!, device_name: name! } });
+      await pool.activateThin(poolName, name!, thinId!, size, { ctx: { pool_name: poolName, device_id: thinId!, device_name: name! } });
       active = true;
+      if (size > top.virtual_size) await growExt4(dmsetup.mapperPath(name!), { ctx: { pool_name: poolName, device_id: thinId!, device_name: name! } });
       tx(db, () => {
         setDeviceState(db, poolName, name!, "active");
         endStep(db, openStep!, "done", "ok");

@@ -3,8 +3,9 @@
 import type { ArgsDef } from "citty";
 import { outputArgs, poolArgs, stateArgs } from "../cli/args.ts";
 import { type Config, loadConfig } from "../config.ts";
-import { withSharedHold } from "../lock/holders.ts";
-import { type Ctx, makeCtx } from "./context.ts";
+import { type Ctx, asHolder, makeCtx } from "./context.ts";
+
+export { asHolder };
 import { noProgress, ttyProgress } from "./progress.ts";
 
 export const waitArgs = {
@@ -34,12 +35,6 @@ interface CommonFlags {
 
 export function configFrom(args: CommonFlags): Config {
   return loadConfig({ stateDir: args["state-dir"], pool: args.pool, wait: args.wait, virtualSize: args["virtual-size"] });
-}
-
-/** Run one pipeline operation as a shared holder of the state dir (gc --force and recover-pool
- * wait for it, and it waits for them). */
-export function asHolder<T>(ctx: Ctx, fn: () => Promise<T>): Promise<T> {
-  return withSharedHold(ctx.cfg.stateDir, { waitMs: ctx.cfg.lockWaitMs, command: ctx.owner.command }, fn);
 }
 
 export function ctxFrom(args: CommonFlags): Ctx {

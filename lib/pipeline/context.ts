@@ -2,6 +2,7 @@
 // an optional progress sink.
 import { useCommandJournal } from "../cmd-journal.ts";
 import type { Config } from "../config.ts";
+import { withSharedHold } from "../lock/holders.ts";
 import { currentHolder } from "../lock/owner.ts";
 import { type Db, openDb } from "../store/db.ts";
 import type { Owner } from "../store/work.ts";
@@ -23,4 +24,10 @@ export function makeCtx(cfg: Config, o: { command?: string; progress?: Progress;
     owner: { pid: h.pid, startTime: h.startTime, host: h.host, command: h.command },
     progress: o.progress,
   };
+}
+
+/** Run one pipeline operation as a shared holder of the state dir (gc --force and recover-pool
+ * wait for it, and it waits for them); an idle process holds nothing. */
+export function asHolder<T>(ctx: Ctx, fn: () => Promise<T>): Promise<T> {
+  return withSharedHold(ctx.cfg.stateDir, { waitMs: ctx.cfg.lockWaitMs, command: ctx.owner.command }, fn);
 }

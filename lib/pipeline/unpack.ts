@@ -3,7 +3,7 @@
 // lookup: no resolve, no dm work.
 import { basename } from "node:path";
 import { ThinimgError } from "../errors.ts";
-import type { LayerRef, ResolvedImage } from "../image/types.ts";
+import type { LayerRef, ResolvedImage, ResolveOptions } from "../image/types.ts";
 import { acquireNamedLock, withNamedLock } from "../lock/named-lock.ts";
 import { log } from "../log.ts";
 import { recordBlob } from "../store/blobs.ts";
@@ -106,6 +106,20 @@ export async function unpack(ctx: Ctx, o: UnpackOptions): Promise<UnpackResult> 
   }
 }
 
+/** How an unpack resolves (fetches into the blob cache) its source; a prefetch does the same ahead. */
+export function resolveOptions(ctx: Ctx, o: UnpackOptions): ResolveOptions {
+  const { cfg } = ctx;
+  return {
+    stateDir: cfg.stateDir,
+    maxBlobBytes: cfg.limits.maxBlobBytes,
+    maxLayerBytes: cfg.limits.maxLayerBytes,
+    ...(o.select ? { select: o.select } : {}),
+    ...(o.platform ? { platform: o.platform } : {}),
+    ...(o.signal ? { signal: o.signal } : {}),
+    onProgress: (p) => ctx.progress?.bytes(p.bytes, p.total),
+  };
+}
+
 async function unpackLocked(ctx: Ctx, name: string, o: UnpackOptions, t0: number, waited: boolean): Promise<UnpackResult> {
   const { db, cfg } = ctx;
   // Loaded only when there is work: a re-run of a ready image never pays for the image/dm/health
@@ -116,15 +130,7 @@ async function unpackLocked(ctx: Ctx, name: string, o: UnpackOptions, t0: number
     import("./preflight.ts"),
   ]);
   ctx.progress?.stage(`resolve ${o.source}`);
-  const resolved: ResolvedImage = await resolveImage(o.source, {
-    stateDir: cfg.stateDir,
-    maxBlobBytes: cfg.limits.maxBlobBytes,
-    maxLayerBytes: cfg.limits.maxLayerBytes,
-    ...(o.select ? { select: o.select } : {}),
-    ...(o.platform ? { platform: o.platform } : {}),
-    ...(o.signal ? { signal: o.signal } : {}),
-    onProgress: (p) => ctx.progress?.bytes(p.bytes, p.total),
-  });
+  const resolved: ResolvedImage = await resolveImage(o.source, resolveOptions(ctx, o));
   if (resolved.layers.length === 0) {
     throw new ThinimgError("input", `${o.source}: the image has no layers`, { hint: "check the source (a layer family needs 1.tar, 2.tar, …)" });
   }

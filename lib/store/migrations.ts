@@ -236,6 +236,32 @@ export const MIGRATIONS: readonly string[] = [
     WHERE state = 'failed' AND error LIKE '%no longer exists (removed outside thinimg); marked failed%'
       AND EXISTS (SELECT 1 FROM thin_ids t WHERE t.pool = snapshots.pool AND t.thin_id = snapshots.thin_id AND t.state = 'committed');
   `,
+  // 5: the service's durable job queue (bun scripts/serve.ts), one row per requested unpack.
+  //   queued → running → succeeded | failed; running → interrupted (the service stopped mid-job; the
+  //   next start queues it again and the pipeline's own crash recovery continues the work).
+  // jobs_live: at most one live job per image, so a second request for it gets the existing job.
+  `
+  CREATE TABLE jobs (
+    id            INTEGER PRIMARY KEY,
+    pool          TEXT NOT NULL,
+    kind          TEXT NOT NULL CHECK (kind IN ('unpack')),
+    state         TEXT NOT NULL CHECK (state IN ('queued','running','succeeded','failed','interrupted')),
+    image         TEXT NOT NULL,
+    source        TEXT NOT NULL,
+    params        TEXT NOT NULL,
+    attempts      INTEGER NOT NULL DEFAULT 0,
+    result        TEXT,
+    error_kind    TEXT,
+    error_message TEXT,
+    error_hint    TEXT,
+    created_at    INTEGER NOT NULL,
+    updated_at    INTEGER NOT NULL,
+    started_at    INTEGER,
+    finished_at   INTEGER
+  ) STRICT;
+  CREATE UNIQUE INDEX jobs_live ON jobs (pool, image) WHERE state IN ('queued','running','interrupted');
+  CREATE INDEX jobs_state ON jobs (pool, state, id);
+  `,
 ];
 
 export function migrate(db: Database): number {

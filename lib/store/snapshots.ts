@@ -29,7 +29,7 @@ export function insertSnapshot(db: Db, s: { pool: string; imageId: number; layer
     .get(s.pool, s.imageId, s.layerId, s.virtualSize, s.pid, s.command, t, t) as SnapshotRow;
 }
 
-type SnapPatch = Partial<Pick<SnapshotRow, "thin_id" | "device_name" | "state" | "error" | "activated_at" | "released_at">>;
+type SnapPatch = Partial<Pick<SnapshotRow, "thin_id" | "device_name" | "state" | "error" | "activated_at" | "released_at" | "virtual_size">>;
 
 export function updateSnapshot(db: Db, id: number, patch: SnapPatch): void {
   const keys = Object.keys(patch) as (keyof SnapPatch)[];

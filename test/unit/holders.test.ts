@@ -30,6 +30,24 @@ async function sharedChild(dir: string, command: string, ms: number) {
 }
 
 describe("shared holders vs exclusive", () => {
+  test("one process, overlapping holds (a service's activation during a job): the hold lasts until the last one ends", async () => {
+    const d = stateDir();
+    const files = () => readdirSync(join(d, HOLDERS_DIR));
+    const job = Promise.withResolvers<void>();
+    const long = withSharedHold(d, { waitMs: 0, command: "serve (job)" }, () => job.promise);
+    await withSharedHold(d, { waitMs: 0, command: "serve (activation)" }, async () => {
+      expect(files()).toHaveLength(1);
+    });
+    // the activation ended; the job still holds the state dir: an exclusive holder must still wait
+    expect(files()).toHaveLength(1);
+    const gc = Bun.spawnSync(["bun", "-e", `import { holdExclusive } from "${lib}/lock/holders.ts";
+      await holdExclusive(${JSON.stringify(d)}, { waitMs: 0, ignoreLock: false, what: "gc --force" }).then(() => console.log("held"), (e) => console.log(e.kind));`]);
+    expect(gc.stdout.toString().trim()).toBe("conflict");
+    job.resolve();
+    await long;
+    expect(files()).toEqual([]);
+  });
+
   test("gc --force with --wait 0 is refused with one line naming every live holder; nothing is left claimed", async () => {
     const d = stateDir();
     const a = await sharedChild(d, "bun scripts/unpack.ts alpine --name a", 60_000);

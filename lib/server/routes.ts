@@ -1,0 +1,221 @@
+// The HTTP face of thinimg (hono): /v1/* (authenticated: unpack jobs, activate, release, images),
+// /healthz, /readyz, /metrics. Every operation is the pipeline's own (through ServiceOps); every error
+// is the CLI's envelope with a status from lib/server/http-error.ts.
+import { type Context, Hono } from "hono";
+import { bodyLimit } from "hono/body-limit";
+import * as v from "valibot";
+import { ThinimgError } from "../errors.ts";
+import type { HealthReport } from "../health/types.ts";
+import { log } from "../log.ts";
+import { type ActivateResult, type ReleaseResult, findImage, findSnapshot } from "../pipeline/activate.ts";
+import type { Ctx } from "../pipeline/context.ts";
+import { assertImageName } from "../pipeline/names.ts";
+import { defaultImageName } from "../pipeline/unpack.ts";
+import { imageLayerIds, listImages } from "../store/images.ts";
+import { parseSize } from "../util/units.ts";
+import { type AllowList, admitSource } from "./allow.ts";
+import { type ReplayCache, type Secrets, authenticate } from "./auth.ts";
+import { HttpError, errorResponse } from "./http-error.ts";
+import { JOB_STATES, type JobRow, type JobState, enqueueUnpack, getJob, listJobs } from "./jobs.ts";
+import type { Metrics } from "./metrics.ts";
+import type { JobOps, JobRunner } from "./runner.ts";
+import type { ReattachAllReport } from "../pipeline/reattach.ts";
+
+export const MAX_BODY_BYTES = 64 * 1024;
+
+export interface ServiceOps extends JobOps {
+  activate(ctx: Ctx, image: string, o: { sizeBytes?: number | undefined }): Promise<ActivateResult>;
+  release(ctx: Ctx, ref: string): Promise<ReleaseResult>;
+  health(ctx: Ctx): Promise<HealthReport>;
+  /** At start-up: every handed-out snapshot whose device is not loaded (a reboot) gets it back. */
+  reattach(ctx: Ctx): Promise<ReattachAllReport>;
+}
+
+export interface AppDeps {
+  ctx: Ctx;
+  ops: ServiceOps;
+  runner: JobRunner;
+  allow: AllowList;
+  /** Current secrets (re-read on SIGHUP); null: --insecure-no-auth. */
+  secrets(): Secrets | null;
+  replay: ReplayCache;
+  draining(): boolean;
+  metrics: Metrics;
+}
+
+type Env = { Variables: { body: Uint8Array } };
+
+const iso = (ms: number | null) => (ms === null ? null : new Date(ms).toISOString());
+
+export function jobJson(j: JobRow, runner: JobRunner) {
+  const progress = j.state === "running" ? runner.progressOf(j.id) : null;
+  return {
+    id: j.id,
+    kind: j.kind,
+    state: j.state,
+    image: j.image,
+    source: j.source,
+    attempts: j.attempts,
+    created_at: iso(j.created_at),
+    started_at: iso(j.started_at),
+    finished_at: iso(j.finished_at),
+    ...(j.error_kind ? { error: { kind: j.error_kind, message: j.error_message, hint: j.error_hint } } : {}),
+    ...(j.result ? { result: JSON.parse(j.result) as unknown } : {}),
+    ...(progress ? { progress } : {}),
+  };
+}
+
+const UnpackBody = v.strictObject({
+  source: v.pipe(v.string(), v.minLength(1), v.maxLength(4096)),
+  name: v.optional(v.pipe(v.string(), v.maxLength(255))),
+  platform: v.optional(v.pipe(v.string(), v.regex(/^[a-z0-9]+\/[a-z0-9_]+(\/[a-z0-9]+)?$/, "use os/arch[/variant], e.g. linux/amd64"))),
+  refresh: v.optional(v.boolean()),
+});
+const ActivateBody = v.strictObject({
+  image: v.pipe(v.string(), v.minLength(1), v.maxLength(255)),
+  size: v.optional(v.pipe(v.string(), v.maxLength(32))),
+});
+const ReleaseBody = v.strictObject({
+  snapshot: v.union([v.pipe(v.number(), v.integer(), v.minValue(1)), v.pipe(v.string(), v.minLength(1), v.maxLength(255))]),
+});
+
+function parseBody<S extends v.GenericSchema>(c: Context<Env>, schema: S): v.InferOutput<S> {
+  const text = new TextDecoder().decode(c.get("body"));
+  let data: unknown;
+  try {
+    data = JSON.parse(text);
+  } catch (e) {
+    throw new ThinimgError("input", `the request body is not JSON: ${(e as Error).message}`, { hint: "send a JSON object with Content-Type: application/json" });
+  }
+  const r = v.safeParse(schema, data);
+  if (!r.success) {
+    const issue = r.issues[0];
+    const path = v.getDotPath(issue);
+    throw new ThinimgError("input", `invalid request body: ${path ? `${path}: ` : ""}${issue.message}`, { hint: "see docs/ops-service.md for the request fields" });
+  }
+  return r.output;
+}
+
+function v1(app: Hono<Env>, d: AppDeps): void {
+  app.use("/v1/*", async (_c, next) => {
+    if (d.draining()) throw new HttpError(503, "conflict", "the service is stopping", "retry against the restarted service");
+    await next();
+  });
+  app.use(
+    "/v1/*",
+    bodyLimit({
+      maxSize: MAX_BODY_BYTES,
+      onError: () => {
+        throw new HttpError(413, "input", `the request body is over ${MAX_BODY_BYTES / 1024} KiB`, "send a smaller JSON object");
+      },
+    }),
+  );
+  app.use("/v1/*", async (c, next) => {
+    const body = new Uint8Array(await c.req.arrayBuffer());
+    c.set("body", body);
+    const secrets = d.secrets();
+    if (secrets) authenticate({ method: c.req.method, header: (n) => c.req.header(n), body }, secrets, d.replay);
+    await next();
+  });
+
+  app.post("/v1/unpack", (c) => {
+    const b = parseBody(c, UnpackBody);
+    const source = admitSource(b.source, d.allow);
+    const image = assertImageName(b.name ?? defaultImageName(source));
+    const r = enqueueUnpack(d.ctx.db, { pool: d.ctx.cfg.pool, image, source, params: { platform: b.platform, refresh: b.refresh } });
+    if (r.created) {
+      log.info(`job ${r.job.id}: queued unpack of ${image} from ${source}`);
+      d.runner.wake();
+      return c.json({ ok: true, job: jobJson(r.job, d.runner) }, 202);
+    }
+    if (r.job.source !== source) {
+      throw new ThinimgError("conflict", `image ${image} is already being unpacked from ${r.job.source} (job ${r.job.id})`, {
+        hint: "wait for that job, or choose another name",
+      });
+    }
+    return c.json({ ok: true, job: jobJson(r.job, d.runner) }, 200);
+  });
+
+  app.get("/v1/jobs/:id", (c) => {
+    const id = c.req.param("id");
+    const job = /^\d{1,15}$/.test(id) ? getJob(d.ctx.db, Number(id)) : null;
+    if (!job || job.pool !== d.ctx.cfg.pool) throw new HttpError(404, "missing", `no job ${JSON.stringify(id)}`, "jobs are pruned after the retention period; GET /v1/jobs lists them");
+    return c.json({ ok: true, job: jobJson(job, d.runner) });
+  });
+
+  app.get("/v1/jobs", (c) => {
+    const state = c.req.query("state");
+    if (state !== undefined && !JOB_STATES.includes(state as JobState)) {
+      throw new ThinimgError("usage", `unknown job state ${JSON.stringify(state)}`, { hint: `use one of ${JOB_STATES.join(", ")}` });
+    }
+    const jobs = listJobs(d.ctx.db, d.ctx.cfg.pool, { state: state as JobState | undefined });
+    return c.json({ ok: true, jobs: jobs.map((j) => jobJson(j, d.runner)) });
+  });
+
+  app.post("/v1/activate", async (c) => {
+    const b = parseBody(c, ActivateBody);
+    const sizeBytes = b.size === undefined ? undefined : parseSize(b.size, "size");
+    try {
+      findImage(d.ctx, b.image);
+    } catch (e) {
+      if (e instanceof ThinimgError) throw new HttpError(404, "missing", e.message, e.hint);
+      throw e;
+    }
+    const r = await d.ops.activate(d.ctx, b.image, { sizeBytes });
+    return c.json({ ok: true, snapshot: { id: r.snapshot_id, device: r.device_path, device_name: r.device_name, image: r.image, thin_id: r.thin_id, duration_ms: r.duration_ms } });
+  });
+
+  app.post("/v1/release", async (c) => {
+    const b = parseBody(c, ReleaseBody);
+    try {
+      findSnapshot(d.ctx, String(b.snapshot));
+    } catch (e) {
+      if (e instanceof ThinimgError) throw new HttpError(404, "missing", e.message, e.hint);
+      throw e;
+    }
+    const r = await d.ops.release(d.ctx, String(b.snapshot));
+    return c.json({ ok: true, snapshot: { id: r.snapshot_id, device_name: r.device_name, state: r.state, duration_ms: r.duration_ms } });
+  });
+
+  app.get("/v1/images", (c) => {
+    const images = listImages(d.ctx.db, d.ctx.cfg.pool).map((i) => ({
+      id: i.id,
+      name: i.name,
+      state: i.state,
+      source: i.source,
+      format: i.format,
+      layers: imageLayerIds(d.ctx.db, i.id).length,
+      ready_at: iso(i.ready_at),
+      error: i.error,
+    }));
+    return c.json({ ok: true, images });
+  });
+}
+
+export function makeApp(d: AppDeps): Hono<Env> {
+  const app = new Hono<Env>();
+  app.onError((e, c) => {
+    const r = errorResponse(e);
+    if (r.status >= 500 && !(e instanceof ThinimgError)) log.error(e);
+    else if (r.status >= 500) log.warn(`${c.req.method} ${c.req.path}: ${r.status} ${r.body.error.message}`);
+    else log.info(`${c.req.method} ${c.req.path}: ${r.status} ${r.body.error.message}`);
+    return c.json(r.body, r.status as 400);
+  });
+  app.notFound(() => {
+    throw new HttpError(404, "missing", "no such endpoint", "see docs/ops-service.md for the API");
+  });
+
+  app.get("/healthz", (c) => c.json({ ok: true, draining: d.draining() }));
+  app.get("/readyz", async (c) => {
+    if (d.draining()) throw new HttpError(503, "conflict", "the service is stopping", "retry against the restarted service");
+    const report = await d.ops.health(d.ctx);
+    d.metrics.observeHealth(report);
+    return c.json({ ok: report.healthy, ...report }, report.healthy ? 200 : 503);
+  });
+  app.get("/metrics", async (c) => {
+    const text = await d.metrics.render();
+    return c.body(text, 200, { "content-type": d.metrics.contentType });
+  });
+  v1(app, d);
+  return app;
+}
