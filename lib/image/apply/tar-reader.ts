@@ -10,7 +10,7 @@
 // sparse support, and turns a corrupt header into a warning and carries on.
 import { BLOCK, HeaderDecoder, padOf, type SparseRegion, type TarEntry } from "../archive/tar-format.ts";
 
-export { type EntryType, MAX_META_BYTES, type TarEntry, TarFormatError } from "../archive/tar-format.ts";
+export { type EntryType, type TarEntry, TarFormatError } from "../archive/tar-format.ts";
 
 export interface TarSink {
   /** A header. For type "file", data() delivers its stored bytes, then fileEnd(). */
