@@ -167,7 +167,7 @@ describe("fuzz: every malformed input ends in one line", () => {
   }, 60_000);
 });
 
-describe("fuzz: scripts/extract.ts answers with one line and exit 3", () => {
+describe("scripts/extract.ts answers malformed input with one line (exit 3)", () => {
   const repo = `${import.meta.dir}/../..`;
   async function cli(source: string): Promise<{ code: number; err: string; out: string }> {
     const dest = `${TMP}/cli-dest-${Math.random().toString(36).slice(2)}`;
@@ -200,6 +200,25 @@ describe("fuzz: scripts/extract.ts answers with one line and exit 3", () => {
     writeLayerFamily(`${TMP}/${name}`, [layer]);
     return `${TMP}/${name}`;
   }
+  test("--json: a name that is not UTF-8 is shown escaped in the error envelope, never mangled", async () => {
+    const layer = tar(entry({ name: Buffer.from("../caf\xe9/\xff", "latin1"), data: "x" }));
+    const dest = `${TMP}/cli-json-dest`;
+    const p = Bun.spawn(["bun", "scripts/extract.ts", family("json", layer), dest, "--json", "--state-dir", `${TMP}/cli-state`], {
+      cwd: repo,
+      stdout: "pipe",
+      stderr: "pipe",
+      timeout: 30_000,
+    });
+    const [out, code] = await Promise.all([new Response(p.stdout).text(), p.exited]);
+    expect(code).toBe(4);
+    const lines = out.trimEnd().split("\n");
+    expect(lines.length).toBe(1);
+    const env = JSON.parse(lines[0]!);
+    expect(env.ok).toBe(false);
+    expect(env.error.message).toBe('layer 1/1 (1.tar): entry ../caf\\xe9/\\xff: path climbs out of the root ("..")');
+    expect(out.includes("\ufffd")).toBe(false);
+  }, 40_000);
+
   for (const [label, make, match] of cases) {
     test(label, async () => {
       const { code, err, out } = await cli(make());
