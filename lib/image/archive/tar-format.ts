@@ -275,10 +275,18 @@ export class HeaderDecoder {
 
   /**
    * A PAX 1.0 sparse map from the first blocks of the data: decimal numbers, one a line (count,
-   * then offset and length per region), padded to a block. Returns null until `buf` holds it all,
-   * else the regions and the bytes the map takes (whole blocks).
+   * then offset and length per region), padded to a block. `buf` holds the blocks read so far and
+   * `newlines` the '\n' bytes in them; the map is parsed only once `need` of them are there (1 for
+   * the count, then 1 + 2 × count), so a big map costs two scans, not one per block. Returns the
+   * bytes the map takes (whole blocks) once complete, else how many newlines it needs.
    */
-  sparseMap1x0(e: TarEntry, stored: number, buf: Buffer, at: number): { used: number } | null {
+  sparseMap1x0(e: TarEntry, stored: number, buf: Buffer, newlines: number, need: number, at: number): { used: number } | { need: number } {
+    const incomplete = (want: number): { need: number } => {
+      if (buf.length > MAX_SPARSE_MAP_BYTES) this.fail(`GNU sparse map at offset ${at} exceeds ${MAX_SPARSE_MAP_BYTES} bytes`, at, true);
+      if (buf.length >= stored) this.fail(`GNU sparse map runs past the entry's data at offset ${at}`, at, true);
+      return { need: want };
+    };
+    if (newlines < need) return incomplete(need);
     const lines: number[] = [];
     let start = 0;
     let want = 1;
@@ -293,11 +301,7 @@ export class HeaderDecoder {
         want = 1 + 2 * v;
       }
     }
-    if (lines.length < want) {
-      if (buf.length > MAX_SPARSE_MAP_BYTES) this.fail(`GNU sparse map at offset ${at} exceeds ${MAX_SPARSE_MAP_BYTES} bytes`, at, true);
-      if (buf.length >= stored) this.fail(`GNU sparse map runs past the entry's data at offset ${at}`, at, true);
-      return null;
-    }
+    if (lines.length < want) return incomplete(want);
     const used = start + padOf(start);
     const map: SparseRegion[] = [];
     for (let i = 1; i < lines.length; i += 2) map.push({ offset: lines[i]!, length: lines[i + 1]! });
