@@ -1,7 +1,7 @@
 // Layer application semantics on hand-built archives, applied to real directories as root:
 // whiteouts, opaque dirs, replacement rules, links, owners, modes, times, xattrs, devices, limits.
 import { afterAll, beforeEach, describe, expect, test } from "bun:test";
-import { existsSync, lstatSync, mkdtempSync, readdirSync, readFileSync, readlinkSync, rmSync, statSync } from "node:fs";
+import { closeSync, existsSync, lstatSync, mkdtempSync, openSync, readdirSync, readFileSync, readlinkSync, readSync, rmSync, statSync } from "node:fs";
 import { ThinimgError } from "../../lib/errors.ts";
 import { type ApplyOptions, applyLayer, DEFAULT_LIMITS } from "../../lib/image/apply/index.ts";
 import { lgetxattr, llistxattr } from "../../lib/image/apply/libc.ts";
@@ -459,6 +459,20 @@ describe("GNU sparse files and names as bytes", () => {
       expect(st.holes).toBe(size - (isMany ? many : regions).reduce((n, [, d]) => n + d.length, 0));
     });
   }
+
+  test("a 9 GiB sparse disk image (base-256 real size, as GNU tar writes past 8 GiB) costs only its data", async () => {
+    const size = 9 * 1024 * MiB;
+    const limits = { maxFileBytes: 16 * 1024 * MiB, maxTotalBytes: 16 * 1024 * MiB };
+    const st = await apply(tar(gnuSparse("vm.img", size, [[0, "MBR"], [size - 4, "tail"]])), { limits });
+    expect(st.holes).toBe(size - 7);
+    expect(lstatSync(p("vm.img")).size).toBe(size);
+    expect(lstatSync(p("vm.img")).blocks * 512).toBeLessThanOrEqual(16384);
+    const fd = openSync(p("vm.img"), "r");
+    const tail = Buffer.alloc(4);
+    readSync(fd, tail, 0, 4, size - 4);
+    closeSync(fd);
+    expect(tail.toString()).toBe("tail");
+  });
 
   test("a sparse file of holes only, and the file budget counting the apparent size", async () => {
     // GNU tar ends every map with an empty region at the apparent size
