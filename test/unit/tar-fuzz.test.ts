@@ -133,6 +133,21 @@ describe("fuzz: every malformed input ends in one line", () => {
     expect(indexTarFile(`${TMP}/seed.tar`, { what: "seed" }).members.has("etc/passwd")).toBe(true);
   });
 
+  test("the archive index finds members past sparse entries, and a sparse file is no blob", () => {
+    writeFileSync(`${TMP}/seed.tar`, SEED);
+    const idx = indexTarFile(`${TMP}/seed.tar`, { what: "seed" });
+    for (const n of ["var/sparse-old", "var/sparse-10", "var/sparse-01", "var/sparse-00"]) expect(idx.members.get(n)?.type).toBe("other");
+    expect(idx.members.get("etc/long-pax-name")).toMatchObject({ type: "file", size: 3 });
+    expect(idx.members.get(`usr/${"n".repeat(150)}`)).toMatchObject({ type: "file", size: 8 });
+    expect(idx.members.get("bin/sh")).toMatchObject({ type: "symlink", linkname: "busybox" });
+    expect(idx.members.get("etc/passwd2")).toMatchObject({ type: "link", linkname: "etc/passwd" });
+    // the member after all four sparse entries, read from its offset
+    const after = tar(SEED.subarray(0, SEED.length - 1024), file("last", "found"));
+    writeFileSync(`${TMP}/after.tar`, after);
+    const m = indexTarFile(`${TMP}/after.tar`, { what: "after" }).members.get("last")!;
+    expect(after.toString("latin1", m.offset, m.offset + m.size)).toBe("found");
+  });
+
   test(`${all.length} mutants through applyLayer: success or one line`, async () => {
     let failed = 0;
     for (const [i, m] of all.entries()) {
