@@ -7,6 +7,7 @@ import { chmodSync, lstatSync, mkdirSync, readdirSync, rmSync, type Stats } from
 import { dirname, join, resolve } from "node:path";
 import { ThinimgError, errorMessage } from "../errors.ts";
 import { log } from "../log.ts";
+import { byteString, fsPath, readDir } from "./apply/bytepath.ts";
 import { applyLayer, DEFAULT_LIMITS, type Limits } from "./apply/index.ts";
 import { integrityError, layerLabel } from "./format/layer.ts";
 import { resolveImage } from "./resolve.ts";
@@ -219,19 +220,17 @@ const round = (s: number) => Math.round(s * 1000) / 1000;
  * image made read-only are opened up first so an unprivileged run can clean up too.
  */
 function removePartial(dest: string, created: boolean, mode: number): void {
+  // dir: a byte string (names that are not UTF-8 are opened up too)
   const openUp = (dir: string) => {
     try {
-      chmodSync(dir, 0o700);
-      for (const name of readdirSync(dir)) {
-        const p = join(dir, name);
-        if (lstatSync(p).isDirectory()) openUp(p);
-      }
+      chmodSync(fsPath(dir), 0o700);
+      for (const d of readDir(dir)) if (d.dir) openUp(`${dir}/${d.name}`);
     } catch {
       // best effort; rmSync reports what is left
     }
   };
   try {
-    openUp(dest);
+    openUp(byteString(dest));
     if (created) rmSync(dest, { recursive: true, force: true });
     else {
       for (const name of readdirSync(dest)) rmSync(join(dest, name), { recursive: true, force: true });

@@ -1,7 +1,9 @@
 // Entry-by-entry description of a directory tree, for comparing our extraction with umoci's:
 // type, mode, owner, mtime, size, content hash, link target, device number, xattrs, hardlink group.
+// Names are read as bytes: a name that is not UTF-8 is listed escaped (\xNN), never mangled.
 import { createHash } from "node:crypto";
-import { type Stats, lstatSync, readFileSync, readdirSync, readlinkSync } from "node:fs";
+import { type Stats, lstatSync, readFileSync } from "node:fs";
+import { displayBytes, fsPath, readDir, readLink } from "../../lib/image/apply/bytepath.ts";
 import { lgetxattr, llistxattr } from "../../lib/image/apply/libc.ts";
 
 export interface Node {
@@ -40,8 +42,11 @@ export function listTree(root: string, o: ListOptions = {}): Map<string, Node> {
   const skipTop = new Set(o.skipTop ?? []);
   const out = new Map<string, Node>();
   const inodes = new Map<number, string[]>();
+  const top = byteRoot(root);
+  // rel: a byte string (apply/bytepath.ts); keys are its printable form
   const walk = (rel: string) => {
-    const abs = rel === "." ? root : `${root}/${rel}`;
+    const abs = fsPath(rel === "." ? top : `${top}/${rel}`);
+    const key = rel === "." ? rel : displayBytes(rel, Number.POSITIVE_INFINITY);
     const st = lstatSync(abs);
     const type = typeOf(st);
     const n: Node = { type, mode: type === "symlink" ? 0 : st.mode & 0o7777, uid: st.uid, gid: st.gid }; // symlink modes mean nothing on Linux
@@ -49,15 +54,16 @@ export function listTree(root: string, o: ListOptions = {}): Map<string, Node> {
     if (st.isFile()) {
       n.size = st.size;
       n.sha = createHash("sha256").update(readFileSync(abs)).digest("hex");
-      if (st.nlink > 1) inodes.set(st.ino, [...(inodes.get(st.ino) ?? []), rel]);
+      if (st.nlink > 1) inodes.set(st.ino, [...(inodes.get(st.ino) ?? []), key]);
     }
-    if (st.isSymbolicLink()) n.link = readlinkSync(abs);
+    if (st.isSymbolicLink()) n.link = displayBytes(readLink(rel === "." ? top : `${top}/${rel}`), Number.POSITIVE_INFINITY);
     if (st.isCharacterDevice() || st.isBlockDevice()) n.rdev = st.rdev;
     const names = llistxattr(abs).filter((k) => k !== "security.selinux").sort();
     if (names.length > 0) n.xattrs = names.map((k) => `${k}=${lgetxattr(abs, k)?.toString("hex")}`).join(",");
-    out.set(rel, n);
+    out.set(key, n);
     if (st.isDirectory()) {
-      for (const c of readdirSync(abs).sort()) if (!(rel === "." && skipTop.has(c))) walk(rel === "." ? c : `${rel}/${c}`);
+      const names = readDir(rel === "." ? top : `${top}/${rel}`).map((d) => d.name);
+      for (const c of names.sort()) if (!(rel === "." && skipTop.has(c))) walk(rel === "." ? c : `${rel}/${c}`);
     }
   };
   walk(".");
@@ -67,6 +73,9 @@ export function listTree(root: string, o: ListOptions = {}): Map<string, Node> {
   }
   return out;
 }
+
+/** A JS path (UTF-8) as a byte string. */
+const byteRoot = (p: string): string => Buffer.from(p, "utf8").toString("latin1");
 
 /** Every difference between two trees, one line each; [] when identical. */
 export function diffTrees(want: Map<string, Node>, got: Map<string, Node>): string[] {

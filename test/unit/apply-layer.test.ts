@@ -1,7 +1,7 @@
 // Layer application semantics on hand-built archives, applied to real directories as root:
 // whiteouts, opaque dirs, replacement rules, links, owners, modes, times, xattrs, devices, limits.
 import { afterAll, beforeEach, describe, expect, test } from "bun:test";
-import { existsSync, lstatSync, mkdtempSync, readdirSync, readFileSync, readlinkSync, rmSync, statSync } from "node:fs";
+import { closeSync, existsSync, lstatSync, mkdtempSync, openSync, readdirSync, readFileSync, readlinkSync, readSync, rmSync, statSync } from "node:fs";
 import { ThinimgError } from "../../lib/errors.ts";
 import { type ApplyOptions, applyLayer, DEFAULT_LIMITS } from "../../lib/image/apply/index.ts";
 import { lgetxattr, llistxattr } from "../../lib/image/apply/libc.ts";
@@ -12,9 +12,11 @@ import {
   fifo,
   file,
   gnuLong,
+  gnuSparse,
   hardlink,
   opaque,
   pax,
+  paxSparse,
   streamOf,
   symlink,
   tar,
@@ -347,5 +349,175 @@ describe("limits and errors", () => {
     expect((await apply(Buffer.alloc(0))).entries).toBe(0);
     await apply(file("a", "no end marker"));
     expect(readFileSync(p("a"), "utf8")).toBe("no end marker");
+  });
+});
+
+/** Re-checksum a header edited in place (tests that aim past the checksum at one field). */
+function resum(h: Buffer): Buffer {
+  h.fill(0x20, 148, 156);
+  let sum = 0;
+  for (const b of h) sum += b;
+  h.write(`${sum.toString(8).padStart(6, "0")}\0 `, 148, "latin1");
+  return h;
+}
+/** A one-file entry whose header is edited by `edit` (checksum fixed after). */
+function edited(spec: Parameters<typeof entry>[0], edit: (h: Buffer) => void): Buffer {
+  const e = entry(spec);
+  edit(e.subarray(0, 512));
+  resum(e.subarray(0, 512));
+  return e;
+}
+
+describe("header rules: as Go's archive/tar", () => {
+  test("lenient: garbage GNU atime/ctime (ignored), an old Go prefix in their place (used, if ASCII), PAX numbers with leading zeros, negative mtime", async () => {
+    await apply(
+      tar(
+        edited({ name: "garbage-times", data: "a", format: "gnu" }, (h) => h.write("\xff\xfe garbage \x80\x81", 345, "latin1")),
+        edited({ name: "f", data: "b", format: "gnu" }, (h) => h.write("old-go-prefix\0", 345, "latin1")),
+        pax({ size: "0000000000000000000000003", uid: "000001001", mtime: "0001600000000.5" }),
+        file("pax-zeros", "ccc"),
+        entry({ name: "before-1970", data: "d", mtime: -86400, base256: true }),
+      ),
+      {},
+      7,
+    );
+    expect(readFileSync(p("garbage-times"), "utf8")).toBe("a");
+    expect(readFileSync(p("old-go-prefix/f"), "utf8")).toBe("b");
+    expect(readFileSync(p("pax-zeros"), "utf8")).toBe("ccc");
+    expect(lstatSync(p("pax-zeros")).uid).toBe(1001);
+    expect(lstatSync(p("pax-zeros")).mtimeMs).toBe(1600000000500);
+    expect(lstatSync(p("before-1970")).mtimeMs).toBe(-86400_000);
+  });
+
+  test("header-only types carry no data whatever their size field says", async () => {
+    const d = edited({ name: "d", type: "5", mode: 0o755 }, (h) => h.write("00000001000\0", 124, "latin1"));
+    await apply(tar(d, file("d/after", "read as a header")));
+    expect(readFileSync(p("d/after"), "utf8")).toBe("read as a header");
+  });
+
+  test("strict: every numeric field must parse, sizes must not be negative, PAX times must be times", async () => {
+    let e = await fails(tar(edited({ name: "f", data: "x" }, (h) => h.write("12x\0", 329, "latin1"))));
+    expect(e.message).toBe("layer L: corrupt tar header at offset 0 (bad devmajor)");
+    expect(e.details?.offset).toBe(0);
+    e = await fails(tar(file("ok", "x"), edited({ name: "f", data: "x" }, (h) => h.write("7 7\0", 108, "latin1"))));
+    expect(e.message).toBe("layer L: corrupt tar header at offset 1024 (bad uid) (after entry ok)");
+    e = await fails(tar(pax({ size: "-5" }), file("f", "x")));
+    expect(e.message).toBe("layer L: PAX size is negative at offset 512");
+    e = await fails(tar(pax({ ctime: "yesterday" }), file("f", "x")));
+    expect(e.message).toBe("layer L: PAX ctime is not a time at offset 512");
+    expect(e.hint).toContain("corrupt");
+  });
+
+  test("valid but unimplemented features are named unsupported, not corrupt", async () => {
+    let e = await fails(tar(entry({ name: "vol2", type: "M", data: "x" })));
+    expect(e.message).toBe("layer L: entry vol2: multi-volume archives are not supported (continuation entry at offset 0)");
+    expect(e.hint).toContain("does not support");
+    expect(e.details?.unsupported).toBe(true);
+    e = await fails(tar(entry({ name: "odd", type: "Z", data: "x" })));
+    expect(e.message).toBe("layer L: entry odd: unsupported entry type 'Z' at offset 0");
+    expect(e.hint).toContain("does not support");
+  });
+});
+
+describe("GNU sparse files and names as bytes", () => {
+  const MiB = 1024 * 1024;
+  const regions: [number, string][] = [
+    [0, "head"],
+    [MiB, "middle"],
+    [3 * MiB - 3, "end"],
+  ];
+  const expected = (size: number) => {
+    const b = Buffer.alloc(size);
+    for (const [o, d] of regions) b.write(d, o, "latin1");
+    return b;
+  };
+  const many: [number, string][] = Array.from({ length: 50 }, (_, i) => [i * 65536 + i, `region ${i}`]);
+
+  for (const [label, layer] of [
+    ["old GNU 'S' (4 regions in the header)", () => gnuSparse("s", 3 * MiB, regions)],
+    ["old GNU 'S' with extension blocks (50 regions)", () => gnuSparse("s", 4 * MiB, many)],
+    ["PAX 0.0", () => paxSparse("0.0", "s", 3 * MiB, regions)],
+    ["PAX 0.1", () => paxSparse("0.1", "s", 3 * MiB, regions)],
+    ["PAX 1.0", () => paxSparse("1.0", "s", 3 * MiB, regions)],
+    ["PAX 1.0 with 50 regions (a map of several blocks)", () => paxSparse("1.0", "s", 4 * MiB, many)],
+  ] as [string, () => Buffer][]) {
+    test(`${label}: the apparent size, the data in place, holes never written`, async () => {
+      const isMany = label.includes("50");
+      const st = await apply(tar(layer(), file("after", "next entry")), {}, 1000);
+      const size = isMany ? 4 * MiB : 3 * MiB;
+      const got = readFileSync(p("s"));
+      let want = expected(size);
+      if (isMany) {
+        want = Buffer.alloc(size);
+        for (const [o, d] of many) want.write(d, o, "latin1");
+      }
+      expect(got.length).toBe(size);
+      expect(got.equals(want)).toBe(true);
+      // each region costs at most two 4 KiB blocks; the rest stays unallocated
+      expect(lstatSync(p("s")).blocks * 512).toBeLessThanOrEqual((isMany ? many : regions).length * 8192);
+      expect(readFileSync(p("after"), "utf8")).toBe("next entry");
+      expect(st.holes).toBe(size - (isMany ? many : regions).reduce((n, [, d]) => n + d.length, 0));
+    });
+  }
+
+  test("a 9 GiB sparse disk image (base-256 real size, as GNU tar writes past 8 GiB) costs only its data", async () => {
+    const size = 9 * 1024 * MiB;
+    const limits = { maxFileBytes: 16 * 1024 * MiB, maxTotalBytes: 16 * 1024 * MiB };
+    const st = await apply(tar(gnuSparse("vm.img", size, [[0, "MBR"], [size - 4, "tail"]])), { limits });
+    expect(st.holes).toBe(size - 7);
+    expect(lstatSync(p("vm.img")).size).toBe(size);
+    expect(lstatSync(p("vm.img")).blocks * 512).toBeLessThanOrEqual(16384);
+    const fd = openSync(p("vm.img"), "r");
+    const tail = Buffer.alloc(4);
+    readSync(fd, tail, 0, 4, size - 4);
+    closeSync(fd);
+    expect(tail.toString()).toBe("tail");
+  });
+
+  test("a sparse file of holes only, and the file budget counting the apparent size", async () => {
+    // GNU tar ends every map with an empty region at the apparent size
+    await apply(tar(paxSparse("0.1", "empty", 5 * MiB, [[5 * MiB, ""]])));
+    expect(lstatSync(p("empty")).size).toBe(5 * MiB);
+    expect(lstatSync(p("empty")).blocks).toBe(0);
+    const e = await fails(tar(gnuSparse("big", 2 * MiB, [[0, "x"]])), { limits: { maxFileBytes: MiB } });
+    expect(e.message).toBe(`layer L: entry big: file of ${2 * MiB} bytes exceeds the ${MiB}-byte limit (maxFileBytes)`);
+  });
+
+  test("PAX hdrcharset=BINARY and raw header bytes: names, link targets and hardlinks keep their bytes", async () => {
+    const raw = (s: string) => Buffer.from(s, "latin1");
+    await apply(
+      tar(
+        pax([
+          ["hdrcharset", "BINARY"],
+          ["path", raw("caf\xe9/menu\xff")],
+        ]),
+        file("placeholder", "pax binary"),
+        entry({ name: raw("caf\xe9/raw\xfe"), data: "ustar bytes" }),
+        entry({ name: raw("caf\xe9/gnu\x80"), data: "gnu bytes", format: "gnu" }),
+        pax({ linkpath: raw("menu\xff") }),
+        entry({ name: raw("caf\xe9-link"), type: "2", linkname: "placeholder" }),
+        entry({ name: raw("hard\xfe"), type: "1", linkname: raw("caf\xe9/raw\xfe") }),
+      ),
+    );
+    const P = (s: string) => Buffer.from(`${root}/${s}`, "latin1");
+    expect(readFileSync(P("caf\xe9/menu\xff"), "utf8")).toBe("pax binary");
+    expect(readFileSync(P("caf\xe9/raw\xfe"), "utf8")).toBe("ustar bytes");
+    expect(readFileSync(P("caf\xe9/gnu\x80"), "utf8")).toBe("gnu bytes");
+    expect(readlinkSync(P("caf\xe9-link"), { encoding: "buffer" })).toEqual(raw("menu\xff"));
+    expect(lstatSync(P("hard\xfe")).ino).toBe(lstatSync(P("caf\xe9/raw\xfe")).ino);
+    expect(readdirSync(Buffer.from(root), { encoding: "buffer" }).map((b) => b.toString("latin1")).sort()).toEqual(
+      ["caf\xe9", "caf\xe9-link", "hard\xfe"].sort(),
+    );
+  });
+
+  test("path rules apply to the bytes; messages show them escaped, valid UTF-8 as text", async () => {
+    let e = await fails(tar(entry({ name: Buffer.from("a/\xff/../../../x", "latin1"), data: "x" })));
+    expect(e.message).toBe('layer L: entry a/\\xff/../../../x: path climbs out of the root ("..")');
+    expect(e.details?.entry).toBe("a/\\xff/../../../x");
+    e = await fails(tar(pax({ path: Buffer.from("\xc3\xa9t\xe9/\xff".repeat(30), "latin1") }), file("x", "x")), {
+      limits: { maxPathBytes: 100 },
+    });
+    expect(e.message).toStartWith("layer L: entry ét\\xe9/\\xffét\\xe9/\\xff");
+    expect(e.message).toContain("path is longer than 100 bytes (maxPathBytes)");
   });
 });

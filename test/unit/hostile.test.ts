@@ -369,6 +369,14 @@ const cases: Record<string, Case> = {
     layers: () => [tar(pax({ "GNU.sparse.major": "2", "GNU.sparse.minor": "0" }), file("s", "x"))],
     error: { kind: "input", match: "GNU sparse format 2.0 is not supported" },
   },
+  "PAX 1.0 sparse map without a newline in 4 MiB of data": {
+    layers: () => [tar(pax({ "GNU.sparse.major": "1", "GNU.sparse.minor": "0", "GNU.sparse.realsize": "10" }), file("s", Buffer.alloc(4 << 20, 0x31)))],
+    error: { kind: "input", match: "GNU sparse map runs past the entry's data" },
+  },
+  "PAX 1.0 sparse map of 100,000 regions stays linear": {
+    layers: () => [tar(paxSparse("1.0", "s", 200_000, Array.from({ length: 100_000 }, (_, i) => [2 * i, "x"] as [number, string])))],
+    check: (c) => expect(lstatSync(`${c.dest}/s`).size).toBe(200_000),
+  },
   "PAX 1.0 sparse map claiming a million regions": {
     layers: () => [tar(pax({ "GNU.sparse.major": "1", "GNU.sparse.minor": "0", "GNU.sparse.realsize": "10" }), file("s", "99999999\n"))],
     error: { kind: "input", match: "sparse map of more than" },

@@ -133,6 +133,21 @@ describe("fuzz: every malformed input ends in one line", () => {
     expect(indexTarFile(`${TMP}/seed.tar`, { what: "seed" }).members.has("etc/passwd")).toBe(true);
   });
 
+  test("the archive index finds members past sparse entries, and a sparse file is no blob", () => {
+    writeFileSync(`${TMP}/seed.tar`, SEED);
+    const idx = indexTarFile(`${TMP}/seed.tar`, { what: "seed" });
+    for (const n of ["var/sparse-old", "var/sparse-10", "var/sparse-01", "var/sparse-00"]) expect(idx.members.get(n)?.type).toBe("other");
+    expect(idx.members.get("etc/long-pax-name")).toMatchObject({ type: "file", size: 3 });
+    expect(idx.members.get(`usr/${"n".repeat(150)}`)).toMatchObject({ type: "file", size: 8 });
+    expect(idx.members.get("bin/sh")).toMatchObject({ type: "symlink", linkname: "busybox" });
+    expect(idx.members.get("etc/passwd2")).toMatchObject({ type: "link", linkname: "etc/passwd" });
+    // the member after all four sparse entries, read from its offset
+    const after = tar(SEED.subarray(0, SEED.length - 1024), file("last", "found"));
+    writeFileSync(`${TMP}/after.tar`, after);
+    const m = indexTarFile(`${TMP}/after.tar`, { what: "after" }).members.get("last")!;
+    expect(after.toString("latin1", m.offset, m.offset + m.size)).toBe("found");
+  });
+
   test(`${all.length} mutants through applyLayer: success or one line`, async () => {
     let failed = 0;
     for (const [i, m] of all.entries()) {
@@ -167,7 +182,7 @@ describe("fuzz: every malformed input ends in one line", () => {
   }, 60_000);
 });
 
-describe("fuzz: scripts/extract.ts answers with one line and exit 3", () => {
+describe("scripts/extract.ts answers malformed input with one line (exit 3)", () => {
   const repo = `${import.meta.dir}/../..`;
   async function cli(source: string): Promise<{ code: number; err: string; out: string }> {
     const dest = `${TMP}/cli-dest-${Math.random().toString(36).slice(2)}`;
@@ -200,6 +215,25 @@ describe("fuzz: scripts/extract.ts answers with one line and exit 3", () => {
     writeLayerFamily(`${TMP}/${name}`, [layer]);
     return `${TMP}/${name}`;
   }
+  test("--json: a name that is not UTF-8 is shown escaped in the error envelope, never mangled", async () => {
+    const layer = tar(entry({ name: Buffer.from("../caf\xe9/\xff", "latin1"), data: "x" }));
+    const dest = `${TMP}/cli-json-dest`;
+    const p = Bun.spawn(["bun", "scripts/extract.ts", family("json", layer), dest, "--json", "--state-dir", `${TMP}/cli-state`], {
+      cwd: repo,
+      stdout: "pipe",
+      stderr: "pipe",
+      timeout: 30_000,
+    });
+    const [out, code] = await Promise.all([new Response(p.stdout).text(), p.exited]);
+    expect(code).toBe(4);
+    const lines = out.trimEnd().split("\n");
+    expect(lines.length).toBe(1);
+    const env = JSON.parse(lines[0]!);
+    expect(env.ok).toBe(false);
+    expect(env.error.message).toBe('layer 1/1 (1.tar): entry ../caf\\xe9/\\xff: path climbs out of the root ("..")');
+    expect(out.includes("\ufffd")).toBe(false);
+  }, 40_000);
+
   for (const [label, make, match] of cases) {
     test(label, async () => {
       const { code, err, out } = await cli(make());

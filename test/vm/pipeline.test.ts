@@ -2,12 +2,13 @@
 // format, with the activated snapshot compared entry by entry to `umoci unpack` of the same image.
 // Also: a re-run does no dm work at all, shared layers are shared devices, many snapshots per image,
 // and the CLI scripts end to end.
-// vm-seconds: 110 (its run time in one test VM; `bun run test` balances the VMs by it)
+// vm-seconds: 135 (its run time in one test VM; `bun run test` balances the VMs by it)
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
-import { lstatSync, mkdirSync, mkdtempSync, readFileSync, readdirSync, } from "node:fs";
+import { closeSync, lstatSync, mkdirSync, mkdtempSync, openSync, readFileSync, readSync, readdirSync, } from "node:fs";
 import { join } from "node:path";
 import { loadConfig } from "../../lib/config.ts";
 import * as dmsetup from "../../lib/dm/dmsetup.ts";
+import { parseThinStatus } from "../../lib/dm/status.ts";
 import * as mnt from "../../lib/dm/mount.ts";
 import { type CmdRecord, onCommandRecord, runOk } from "../../lib/exec.ts";
 import { activate, release } from "../../lib/pipeline/activate.ts";
@@ -23,6 +24,7 @@ import { listWork, stepsOf } from "../../lib/store/work.ts";
 import { type TarEntry, buildLayerTar, compress, writeDockerArchive, writeLayerFamily, writeOciLayout } from "../helpers/images.ts";
 import { primeKernelLogCursor } from "../helpers/health.ts";
 import { requireDm } from "../helpers/kernel.ts";
+import { dir as tarDir, entry, gnuSparse, paxSparse, tar } from "../helpers/tarcraft.ts";
 import { diffTrees, listTree } from "../helpers/tree.ts";
 import { type TestPool, makeTestPool } from "../helpers/pool.ts";
 
@@ -301,5 +303,42 @@ describe("failed activations and rebuilds leave the right record", () => {
     } finally {
       await runOk(["dmsetup", "remove", squatter]); // test teardown
     }
+  });
+});
+
+describe("sparse files and non-UTF-8 names on thin devices", () => {
+  test("900 MiB sparse files on a 256 MiB device cost the pool only their data; names keep their bytes", async () => {
+    const { ctx } = await freshCtx("sparse");
+    const MiB = 1024 * 1024;
+    const regions = Array.from({ length: 40 }, (_, i) => [i * 22 * MiB + i, `region ${i}`] as [number, string]);
+    const raw = Buffer.from("data/caf\xe9-\xff", "latin1"); // not UTF-8
+    const l1 = tar(tarDir("data"), gnuSparse("data/old-gnu.img", 900 * MiB, regions), entry({ name: raw, data: "raw name" }));
+    const l2 = tar(paxSparse("1.0", "data/pax.img", 900 * MiB, [[0, "head"], [900 * MiB - 4, "end!"]]));
+    writeLayerFamily(join(W, "sparse"), [l1, compress(l2, "gzip")]);
+    await unpack(ctx, { source: join(W, "sparse"), name: "sparse" });
+    const a = await activate(ctx, "sparse");
+    // the whole snapshot (ext4 metadata and journal included) maps far less than one file's apparent size
+    const st = parseThinStatus(await dmsetup.status(a.device_name));
+    expect(st.kind === "ok" && st.mappedSectors * 512 < 64 * MiB).toBe(true);
+    const mnt = await mountRo(a.device_path, "sparse");
+    try {
+      const at = (f: string, off: number, n: number) => {
+        const b = Buffer.alloc(n);
+        const fd = openSync(join(mnt, f), "r");
+        readSync(fd, b, 0, n, off);
+        closeSync(fd);
+        return b.toString("latin1");
+      };
+      for (const f of ["data/old-gnu.img", "data/pax.img"]) {
+        expect(lstatSync(join(mnt, f)).size).toBe(900 * MiB);
+        expect(lstatSync(join(mnt, f)).blocks * 512).toBeLessThan(MiB);
+      }
+      for (const [o, d] of regions) expect(at("data/old-gnu.img", o, d.length + 2)).toBe(`${d}\0\0`);
+      expect(at("data/pax.img", 900 * MiB - 6, 6)).toBe("\0\0end!");
+      expect(readFileSync(Buffer.concat([Buffer.from(`${mnt}/`), raw]), "utf8")).toBe("raw name");
+    } finally {
+      await runOk(["umount", mnt]);
+    }
+    await release(ctx, String(a.snapshot_id));
   });
 });

@@ -250,7 +250,7 @@ export class Applier implements TarSink {
       if (e.xattrs && this.o.xattrs) {
         for (const [k, v] of e.xattrs) fsetxattr(fd, k, v);
       }
-      futimesSync(fd, e.atime ?? e.mtime, e.mtime);
+      futimesSync(fd, ts(e.atime ?? e.mtime), ts(e.mtime));
     } finally {
       closeSync(fd);
     }
@@ -278,7 +278,7 @@ export class Applier implements TarSink {
       if (this.o.sameOwner) lchownSync(ap, r.uid, r.gid);
       chmodSync(ap, r.mode); // a verified directory, not a link
       if (this.o.xattrs) this.setDirXattrs(ap, r);
-      lutimesSync(ap, r.atime, r.mtime);
+      lutimesSync(ap, ts(r.atime), ts(r.mtime));
     }
     for (const [real, t] of this.parentTimes) {
       if (this.dirs.has(real)) continue;
@@ -330,7 +330,7 @@ export class Applier implements TarSink {
     if (e.xattrs && this.o.xattrs) {
       for (const [k, v] of e.xattrs) lsetxattr(abs, k, v);
     }
-    lutimesSync(abs, e.atime ?? e.mtime, e.mtime);
+    lutimesSync(abs, ts(e.atime ?? e.mtime), ts(e.mtime));
   }
 
   /** Run an exclusive create; if something is in the way, remove it (never following it) and retry. */
@@ -484,6 +484,9 @@ export class Applier implements TarSink {
     this.parentTimes.set(real, { atime: st.atimeMs / 1000, mtime: st.mtimeMs / 1000, epoch: this.epoch });
   }
 }
+
+/** node:fs turns a negative number of seconds into "now"; a Date keeps times before 1970. */
+const ts = (s: number): number | Date => (s < 0 ? new Date(s * 1000) : s);
 
 function depth(real: string): number {
   if (real === "") return 0;

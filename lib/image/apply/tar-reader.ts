@@ -10,7 +10,7 @@
 // sparse support, and turns a corrupt header into a warning and carries on.
 import { BLOCK, HeaderDecoder, padOf, type SparseRegion, type TarEntry } from "../archive/tar-format.ts";
 
-export { type EntryType, MAX_META_BYTES, type TarEntry, TarFormatError } from "../archive/tar-format.ts";
+export { type EntryType, type TarEntry, TarFormatError } from "../archive/tar-format.ts";
 
 export interface TarSink {
   /** A header. For type "file", data() delivers its stored bytes, then fileEnd(). */
@@ -39,7 +39,11 @@ export class TarReader {
   // The file whose header was read but not yet handed over (sparse extension blocks / map to come).
   private file: TarEntry | null = null;
   private stored = 0;
-  private mapBlocks: Buffer[] = [];
+  // A PAX 1.0 sparse map being collected: its blocks, their newlines, the newlines it needs.
+  private map = Buffer.alloc(0);
+  private mapFill = 0;
+  private mapNewlines = 0;
+  private mapNeed = 1;
   // Regions of the file being written: where the next data bytes go.
   private regions: SparseRegion[] = [];
   private ri = 0;
@@ -162,13 +166,7 @@ export class TarReader {
       return;
     }
     if (this.expect === "map") {
-      this.mapBlocks.push(Buffer.from(b.subarray(o, o + BLOCK)));
-      const buf = this.mapBlocks.length === 1 ? this.mapBlocks[0]! : Buffer.concat(this.mapBlocks);
-      const r = this.dec.sparseMap1x0(this.file!, this.stored, buf, this.file!.offset);
-      if (r === null) return;
-      this.mapBlocks = [];
-      // The map's whole blocks are read; what follows of `buf` (none: maps end on a block) is data.
-      this.startFile(this.file!, this.stored - r.used);
+      this.mapBlock(b, o);
       return;
     }
     const step = this.dec.block(b, o, at);
@@ -201,6 +199,29 @@ export class TarReader {
         }
       }
     }
+  }
+
+  private mapBlock(b: Buffer, o: number): void {
+    if (this.mapFill + BLOCK > this.map.length) {
+      const grown = Buffer.alloc(Math.max(4 * BLOCK, 2 * this.map.length));
+      this.map.copy(grown, 0, 0, this.mapFill);
+      this.map = grown;
+    }
+    b.copy(this.map, this.mapFill, o, o + BLOCK);
+    for (let i = o; i < o + BLOCK; i++) if (b[i] === 0x0a) this.mapNewlines++;
+    this.mapFill += BLOCK;
+    const buf = this.map.subarray(0, this.mapFill);
+    const r = this.dec.sparseMap1x0(this.file!, this.stored, buf, this.mapNewlines, this.mapNeed, this.file!.offset);
+    if ("need" in r) {
+      this.mapNeed = r.need;
+      return;
+    }
+    this.map = Buffer.alloc(0);
+    this.mapFill = 0;
+    this.mapNewlines = 0;
+    this.mapNeed = 1;
+    // The map takes whole blocks, all read by now; the data follows.
+    this.startFile(this.file!, this.stored - r.used);
   }
 
   /** Hand a regular file over; its `stored` data bytes follow. */

@@ -157,114 +157,37 @@ export class HeaderDecoder {
       return { kind: "zero" };
     }
     if (this.zeros > 0) this.fail(`corrupt archive: a lone zero block inside the archive at offset ${at - BLOCK}`, at - BLOCK);
-
     const cksum = parseOctal(b, o + 148, 8);
     if (cksum === null || !checksumOk(b, o, cksum)) {
       this.fail(at === 0 ? "not a tar archive (bad header checksum at offset 0)" : `corrupt tar header at offset ${at} (checksum mismatch)`, at);
     }
-    const magic = b.toString("latin1", o + 257, o + 263);
-    const star = magic === "ustar\0" && b[o + 508] === 0x74 && b[o + 509] === 0x61 && b[o + 510] === 0x72 && b[o + 511] === 0;
-    const ustar = magic === "ustar\0" && !star;
-    const gnu = magic === "ustar " && b[o + 263] === 0x20 && b[o + 264] === 0;
-    const v7 = !ustar && !star && !gnu;
-
+    const fmt = formatOf(b, o);
     // Go parses every numeric field of every header and refuses the archive if one is malformed.
     const size = this.num(b, o + 124, 12, "size", at);
     const mode = this.num(b, o + 100, 8, "mode", at);
     const uid = this.num(b, o + 108, 8, "uid", at);
     const gid = this.num(b, o + 116, 8, "gid", at);
     const mtime = this.num(b, o + 136, 12, "mtime", at);
-    const devmajor = v7 ? 0 : this.num(b, o + 329, 8, "devmajor", at);
-    const devminor = v7 ? 0 : this.num(b, o + 337, 8, "devminor", at);
+    const devmajor = fmt === "v7" ? 0 : this.num(b, o + 329, 8, "devmajor", at);
+    const devminor = fmt === "v7" ? 0 : this.num(b, o + 337, 8, "devminor", at);
     if (size < 0) this.fail(`corrupt tar header at offset ${at} (negative size)`, at);
     if (!Number.isSafeInteger(size)) this.fail(`corrupt tar header at offset ${at} (size too large)`, at);
 
     const flag = b[o + 156]!;
-    switch (flag) {
-      case 0x78: // 'x' PAX extended header (next entry)
-      case 0x67: // 'g' PAX global header
-        return this.startMeta(flag === 0x78 ? "pax" : "gpax", size, at);
-      case 0x4c: // 'L' GNU long name
-        return this.startMeta("longname", size, at);
-      case 0x4b: // 'K' GNU long link name
-        return this.startMeta("longlink", size, at);
-      case 0x56: // 'V' GNU volume label: not a file
-        return { kind: "skip", size };
-    }
-
-    let atime: number | null = null;
-    let prefix = "";
-    if (ustar) prefix = cstr(b, o + 345, 155);
-    else if (star) {
-      prefix = cstr(b, o + 345, 131);
-      atime = this.num(b, o + 476, 12, "atime", at) || null;
-      this.num(b, o + 488, 12, "ctime", at);
-    } else if (gnu) {
-      // Old writers (Go before 1.8) put a ustar prefix here: unparsable atime/ctime are ignored,
-      // and an ASCII prefix in their place is used as one, as Go does.
-      const a = b[o + 345] === 0 ? 0 : parseNumeric(b, o + 345, 12);
-      const c = b[o + 357] === 0 ? 0 : parseNumeric(b, o + 357, 12);
-      if (a === null || c === null) {
-        const pf = cstr(b, o + 345, 155);
-        if (!/[^\x00-\x7f]/.test(pf)) prefix = pf;
-      } else if (a !== 0) atime = a;
-    }
+    const meta = META_TYPES[String.fromCharCode(flag)];
+    if (meta === "skip") return { kind: "skip", size };
+    if (meta !== undefined) return this.startMeta(meta, size, at);
 
     const p = this.pending;
-    let name = cstr(b, o, 100);
-    if (prefix !== "") name = `${prefix}/${name}`;
-    if (p.path !== undefined) name = p.path;
-    if (p.longName !== undefined) name = p.longName;
-    let linkname = cstr(b, o + 157, 100);
-    if (p.linkpath !== undefined) linkname = p.linkpath;
-    if (p.longLink !== undefined) linkname = p.longLink;
+    const { prefix, atime } = this.prefixAndAtime(b, o, at, fmt);
+    let name = p.longName ?? p.path ?? (prefix === "" ? cstr(b, o, 100) : `${prefix}/${cstr(b, o, 100)}`);
+    const linkname = p.longLink ?? p.linkpath ?? cstr(b, o + 157, 100);
     this.lastName = name;
+    const type = this.typeOf(flag, name, fmt, at);
+    const oldSparse = flag === 0x53;
 
-    let type: EntryType;
-    let oldSparse = false;
-    switch (flag) {
-      case 0x30: // '0'
-      case 0x37: // '7' contiguous
-        type = "file";
-        break;
-      case 0: // old-style regular file; a trailing slash meant a directory (v7)
-        type = name.endsWith("/") ? "dir" : "file";
-        break;
-      case 0x31:
-        type = "link";
-        break;
-      case 0x32:
-        type = "symlink";
-        break;
-      case 0x33:
-        type = "char";
-        break;
-      case 0x34:
-        type = "block";
-        break;
-      case 0x35:
-        type = "dir";
-        break;
-      case 0x36:
-        type = "fifo";
-        break;
-      case 0x44: // 'D' GNU dump dir: a directory whose body (a listing) is skipped
-        type = "dir";
-        break;
-      case 0x53: // 'S' old GNU sparse file
-        if (!gnu) this.fail(`sparse entry at offset ${at} is not in GNU format (star sparse files are not supported)`, at, true, true);
-        type = "file";
-        oldSparse = true;
-        break;
-      case 0x4d: // 'M' GNU multi-volume continuation
-        this.fail(`multi-volume archives are not supported (continuation entry at offset ${at})`, at, true, true);
-        break;
-      default:
-        this.fail(`unsupported entry type '${printable(flag)}' at offset ${at}`, at, true, true);
-    }
-
-    // Header-only types carry no data whatever their size field says (Go); a dump dir's listing
-    // and a file's data are the body.
+    // Header-only types carry no data whatever their size field says (Go); a file's data and a dump
+    // dir's listing (skipped) are the body.
     const stored = type === "file" || flag === 0x44 ? (p.size ?? size) : 0;
     let apparent = type === "file" ? stored : 0;
     let sparse: SparseRegion[] | null = null;
@@ -276,15 +199,15 @@ export class HeaderDecoder {
     } else if (type === "file") {
       const ps = this.paxSparse(at);
       if (ps) {
-        if (ps.name !== undefined) name = ps.name;
+        name = ps.name ?? name;
         this.lastName = name;
-        if (ps.size !== undefined) apparent = ps.size;
+        apparent = ps.size ?? apparent;
         sparse = ps.map;
         map1x0 = ps.map1x0;
       }
     }
     if (!Number.isSafeInteger(apparent) || apparent < 0) this.fail(`corrupt tar header at offset ${at} (bad sparse size)`, at, true);
-
+    const device = type === "char" || type === "block";
     const entry: TarEntry = {
       name,
       linkname: type === "link" || type === "symlink" ? linkname : "",
@@ -295,17 +218,50 @@ export class HeaderDecoder {
       size: apparent,
       mtime: p.mtime ?? mtime,
       atime: p.atime ?? atime,
-      devmajor: p.devmajor ?? devmajor,
-      devminor: p.devminor ?? devminor,
+      devmajor: device ? (p.devmajor ?? devmajor) : 0,
+      devminor: device ? (p.devminor ?? devminor) : 0,
       xattrs: p.xattrs ?? null,
       offset: at,
       sparse,
     };
-    if (type !== "char" && type !== "block") entry.devmajor = entry.devminor = 0;
     this.pending = {};
-    if (oldSparse && b[o + GNU_IS_EXTENDED] === 0) this.checkSparse(entry, stored, at);
-    if (!oldSparse && !map1x0 && sparse) this.checkSparse(entry, stored, at);
-    return { kind: "entry", entry, stored, ext: oldSparse && b[o + GNU_IS_EXTENDED] !== 0, map1x0 };
+    const ext = oldSparse && b[o + GNU_IS_EXTENDED] !== 0;
+    if (sparse && !ext && !map1x0) this.checkSparse(entry, stored, at);
+    return { kind: "entry", entry, stored, ext, map1x0 };
+  }
+
+  /** The ustar/star prefix, and atime where the format has one (GNU: leniently, as Go). */
+  private prefixAndAtime(b: Buffer, o: number, at: number, fmt: Format): { prefix: string; atime: number | null } {
+    if (fmt === "ustar") return { prefix: cstr(b, o + 345, 155), atime: null };
+    if (fmt === "star") {
+      const atime = this.num(b, o + 476, 12, "atime", at) || null;
+      this.num(b, o + 488, 12, "ctime", at);
+      return { prefix: cstr(b, o + 345, 131), atime };
+    }
+    if (fmt === "v7") return { prefix: "", atime: null };
+    // Old writers (Go before 1.8) put a ustar prefix here: unparsable atime/ctime are ignored,
+    // and an ASCII prefix in their place is used as one, as Go does.
+    const a = b[o + 345] === 0 ? 0 : parseNumeric(b, o + 345, 12);
+    const c = b[o + 357] === 0 ? 0 : parseNumeric(b, o + 357, 12);
+    if (a !== null && c !== null) return { prefix: "", atime: a === 0 ? null : a };
+    const pf = cstr(b, o + 345, 155);
+    return { prefix: /[^\x00-\x7f]/.test(pf) ? "" : pf, atime: null };
+  }
+
+  private typeOf(flag: number, name: string, fmt: Format, at: number): EntryType {
+    const t = ENTRY_TYPES[String.fromCharCode(flag)];
+    if (t !== undefined) return t;
+    switch (flag) {
+      case 0: // old-style regular file; a trailing slash meant a directory (v7)
+        return name.endsWith("/") ? "dir" : "file";
+      case 0x53: // 'S' old GNU sparse file
+        if (fmt !== "gnu") this.fail(`sparse entry at offset ${at} is not in GNU format (star sparse files are not supported)`, at, true, true);
+        return "file";
+      case 0x4d: // 'M' GNU multi-volume continuation
+        return this.fail(`multi-volume archives are not supported (continuation entry at offset ${at})`, at, true, true);
+      default:
+        return this.fail(`unsupported entry type '${printable(flag)}' at offset ${at}`, at, true, true);
+    }
   }
 
   /** An old-GNU sparse extension block (21 regions); true when another one follows. */
@@ -319,10 +275,18 @@ export class HeaderDecoder {
 
   /**
    * A PAX 1.0 sparse map from the first blocks of the data: decimal numbers, one a line (count,
-   * then offset and length per region), padded to a block. Returns null until `buf` holds it all,
-   * else the regions and the bytes the map takes (whole blocks).
+   * then offset and length per region), padded to a block. `buf` holds the blocks read so far and
+   * `newlines` the '\n' bytes in them; the map is parsed only once `need` of them are there (1 for
+   * the count, then 1 + 2 × count), so a big map costs two scans, not one per block. Returns the
+   * bytes the map takes (whole blocks) once complete, else how many newlines it needs.
    */
-  sparseMap1x0(e: TarEntry, stored: number, buf: Buffer, at: number): { used: number } | null {
+  sparseMap1x0(e: TarEntry, stored: number, buf: Buffer, newlines: number, need: number, at: number): { used: number } | { need: number } {
+    const incomplete = (want: number): { need: number } => {
+      if (buf.length > MAX_SPARSE_MAP_BYTES) this.fail(`GNU sparse map at offset ${at} exceeds ${MAX_SPARSE_MAP_BYTES} bytes`, at, true);
+      if (buf.length >= stored) this.fail(`GNU sparse map runs past the entry's data at offset ${at}`, at, true);
+      return { need: want };
+    };
+    if (newlines < need) return incomplete(need);
     const lines: number[] = [];
     let start = 0;
     let want = 1;
@@ -337,11 +301,7 @@ export class HeaderDecoder {
         want = 1 + 2 * v;
       }
     }
-    if (lines.length < want) {
-      if (buf.length > MAX_SPARSE_MAP_BYTES) this.fail(`GNU sparse map at offset ${at} exceeds ${MAX_SPARSE_MAP_BYTES} bytes`, at, true);
-      if (buf.length >= stored) this.fail(`GNU sparse map runs past the entry's data at offset ${at}`, at, true);
-      return null;
-    }
+    if (lines.length < want) return incomplete(want);
     const used = start + padOf(start);
     const map: SparseRegion[] = [];
     for (let i = 1; i < lines.length; i += 2) map.push({ offset: lines[i]!, length: lines[i + 1]! });
@@ -440,6 +400,38 @@ export class HeaderDecoder {
     return v;
   }
 }
+
+type Format = "ustar" | "star" | "gnu" | "v7";
+
+/** Go's getFormat, once the checksum is good: star has a "tar\0" trailer, GNU its own magic. */
+function formatOf(b: Buffer, o: number): Format {
+  const magic = b.toString("latin1", o + 257, o + 263);
+  if (magic === "ustar\0") return b.toString("latin1", o + 508, o + 512) === "tar\0" ? "star" : "ustar";
+  if (magic === "ustar " && b[o + 263] === 0x20 && b[o + 264] === 0) return "gnu";
+  return "v7";
+}
+
+/** Type flags of extended headers (their body is metadata for the next entry) and skipped bodies. */
+const META_TYPES: Record<string, MetaKind | "skip"> = {
+  x: "pax", // PAX extended header (next entry)
+  g: "gpax", // PAX global header
+  L: "longname", // GNU long name
+  K: "longlink", // GNU long link name
+  V: "skip", // GNU volume label: not a file
+};
+
+/** Type flags of entries, except those that depend on more than the flag (see typeOf). */
+const ENTRY_TYPES: Record<string, EntryType> = {
+  "0": "file",
+  "7": "file", // contiguous file
+  "1": "link",
+  "2": "symlink",
+  "3": "char",
+  "4": "block",
+  "5": "dir",
+  "6": "fifo",
+  D: "dir", // GNU dump dir: a directory whose body (a listing) is skipped
+};
 
 /** A NUL-terminated field as a byte string. */
 function cstr(b: Buffer, start: number, len: number): string {

@@ -69,8 +69,8 @@ export function indexTarFile(path: string, o: TarIndexOptions): TarIndex {
 /** Byte-string names (tar-format.ts) as the UTF-8 names manifests use. */
 const utf8Name = (s: string): string => (/[^\x00-\x7f]/.test(s) ? Buffer.from(s, "latin1").toString("utf8") : s);
 
-function memberType(e: TarEntry): MemberType {
-  if (e.type === "file") return e.sparse ? "other" : "file"; // a sparse file is no blob
+function memberType(e: TarEntry, map1x0: boolean): MemberType {
+  if (e.type === "file") return e.sparse || map1x0 ? "other" : "file"; // a sparse file is no blob
   if (e.type === "dir" || e.type === "symlink" || e.type === "link") return e.type;
   return "other";
 }
@@ -126,8 +126,8 @@ function indexFd(fd: number, o: TarIndexOptions): TarIndex {
       continue;
     }
     const e = step.entry;
-    if (step.ext) while (dec.sparseExt(e, step.stored, blockAt(pos), 0, pos)) pos += BLOCK;
-    if (step.ext) pos += BLOCK;
+    // old-GNU sparse extension blocks sit between the header and the data
+    for (let more = step.ext; more; pos += BLOCK) more = dec.sparseExt(e, step.stored, blockAt(pos), 0, pos);
     const body = pos;
     if (body + step.stored > fileSize) throw corrupt(o.what, `member at offset ${at} runs past the end of the file`);
     pos = body + step.stored + padOf(step.stored);
@@ -135,7 +135,7 @@ function indexFd(fd: number, o: TarIndexOptions): TarIndex {
     if (name !== "") topLevel.add(name.split("/")[0]!);
     // past maxMembers only the top level is recorded
     if (++count > maxMembers || name === "") continue;
-    const type = memberType(e);
+    const type = memberType(e, step.map1x0);
     // a later member with the same name wins, as with tar -x
     members.set(name, {
       name,
