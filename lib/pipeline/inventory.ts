@@ -37,7 +37,8 @@ export async function inventory(db: Db, poolName: string, o: { allSnapshots?: bo
   }
   return {
     pool: p,
-    images: images.map((i) => ({
+    // removed images keep their row (their snapshots reference it) but are not listed
+    images: images.filter((i) => !i.removed_at).map((i) => ({
       id: i.id,
       name: i.name,
       state: i.state,

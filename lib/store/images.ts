@@ -18,6 +18,8 @@ export interface ImageRow {
   created_at: number;
   updated_at: number;
   ready_at: number | null;
+  /** Set by a removal (the row stays: snapshots reference it); cleared when it is unpacked again. */
+  removed_at?: number | null;
 }
 
 export function getImageByName(db: Db, pool: string, name: string): ImageRow | null {
@@ -40,7 +42,7 @@ export function beginImage(db: Db, i: { pool: string; name: string; source: stri
          source = CASE WHEN images.state = 'ready' THEN images.source ELSE excluded.source END,
          format = CASE WHEN images.state = 'ready' THEN images.format ELSE excluded.format END,
          state = CASE WHEN images.state = 'ready' THEN 'ready' ELSE 'unpacking' END,
-         error = NULL, error_kind = NULL, updated_at = excluded.updated_at
+         error = NULL, error_kind = NULL, removed_at = NULL, updated_at = excluded.updated_at
        RETURNING *`,
     )
     .get(i.pool, i.name, i.source, i.format, t, t) as ImageRow;
@@ -52,6 +54,9 @@ export function markImageReady(db: Db, id: number, r: { format: string; config: 
     db.query("DELETE FROM image_layers WHERE image_id = ?").run(id);
     const ins = db.query("INSERT INTO image_layers (image_id, position, layer_id) VALUES (?, ?, ?)");
     for (const [pos, lid] of r.layerIds.entries()) ins.run(id, pos, lid);
+    // referenced again: no longer collectable as released by an earlier removal
+    const rel = db.query("UPDATE layers SET released_at = NULL WHERE id = ? AND released_at IS NOT NULL");
+    for (const lid of r.layerIds) rel.run(lid);
     db.query(
       "UPDATE images SET state = 'ready', source = COALESCE(?, source), format = ?, config = ?, top_layer_id = ?, top_chain_id = ?, error = NULL, error_kind = NULL, ready_at = ?, updated_at = ? WHERE id = ?",
     ).run(r.source ?? null, r.format, r.config === null || r.config === undefined ? null : JSON.stringify(r.config), r.layerIds.at(-1) ?? null, r.topChainId, t, t, id);
