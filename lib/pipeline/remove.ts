@@ -81,7 +81,11 @@ async function removeOne(ctx: Ctx, img: ImageRow, o: RemoveOptions): Promise<Rem
 export async function removeImages(ctx: Ctx, refs: string[], o: RemoveOptions = {}): Promise<RemoveResult> {
   const t0 = performance.now();
   if (refs.length === 0) throw new ThinimgError("usage", "no image given", { hint: "bun scripts/remove.ts IMAGE… (names from `bun scripts/list.ts`)" });
-  const images = refs.map((r) => resolve(ctx, r));
+  return removeImageRows(ctx, refs.map((r) => resolve(ctx, r)), o, t0);
+}
+
+/** Remove these image rows (prune's selection), each under its lock. */
+export async function removeImageRows(ctx: Ctx, images: ImageRow[], o: RemoveOptions = {}, t0 = performance.now()): Promise<RemoveResult> {
   const out: RemovedImage[] = [];
   const seen = new Set<number>();
   for (const img of images) {
