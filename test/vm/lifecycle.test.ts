@@ -9,7 +9,11 @@ import { afterEach, describe, expect, setDefaultTimeout, test } from "bun:test";
 import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { dmsetup, mount, pool as dmpool } from "../../lib/dm/index.ts";
+import { loadConfig } from "../../lib/config.ts";
+import { parsePoolTable } from "../../lib/dm/pool.ts";
 import { run } from "../../lib/exec.ts";
+import { makeCtx } from "../../lib/pipeline/context.ts";
+import { prune } from "../../lib/pipeline/prune.ts";
 import type { GcReport } from "../../lib/gc/report.ts";
 import { sampleLayer, writeLayerFamily } from "../helpers/images.ts";
 import { primeKernelLogCursor } from "../helpers/health.ts";
@@ -118,14 +122,17 @@ interface Removed {
 /** Files of a device, through a read-only mount. */
 async function files(e: Env, device: string, names: string[]): Promise<Record<string, string>> {
   const m = mkdtempSync(join(e.work, "ro-"));
+  let mounted = false;
   try {
     await mount.mount(dmsetup.mapperPath(device), m, { readOnly: true });
+    mounted = true;
     const out: Record<string, string> = {};
     for (const f of names) out[f] = existsSync(join(m, f)) ? readFileSync(join(m, f), "utf8").slice(0, 40) : "<missing>";
     await mount.umount(m);
+    mounted = false;
     return out;
   } finally {
-    await run(["umount", m]);
+    if (mounted) await run(["umount", m]);
   }
 }
 
@@ -245,5 +252,46 @@ describe("remove and gc", () => {
       ["keep", "ready"],
       ["app", "ready"],
     ]);
+  });
+
+  test("list shows the space only each image holds; prune by age (fake clock) removes the unused one, and GC frees exactly that", async () => {
+    const e = await fresh();
+    await json(e, "unpack", [e.fam.b, "--name", "web:2"]);
+    const oneImage = await dataUsed(e);
+    await json(e, "unpack", [e.fam.a, "--name", "web:1"]);
+    const twoImages = await dataUsed(e);
+    const blockBytes = parsePoolTable((await dmsetup.table(e.p.name)).split("\n")[0]!).blockSectors * 512;
+    const s = await json<{ device_name: string; snapshot_id: number }>(e, "activate", ["web:2"]);
+    type Listed = { images: { name: string; exclusive_bytes: number | null; last_activated_at: string | null; active_snapshots: number }[]; space_detail: string | null };
+    const list = await json<Listed>(e, "list", []);
+    expect(list.space_detail).toBeNull();
+    const byName = new Map(list.images.map((i) => [i.name, i]));
+    // web:1's own layer is all it holds; web:2's top layer is shared with its active snapshot
+    expect(byName.get("web:1")!.exclusive_bytes).toBe((twoImages - oneImage) * blockBytes);
+    expect([byName.get("web:1")!.last_activated_at, byName.get("web:1")!.active_snapshots]).toEqual([null, 0]);
+    expect(byName.get("web:2")!.last_activated_at).toBeString();
+    expect(byName.get("web:2")!.active_snapshots).toBe(1);
+
+    // the script with the real clock: nothing is a week old
+    const none = await json<{ prune: unknown[]; freed_bytes: number }>(e, "prune", ["--unused-for", "7d"]);
+    expect([none.prune, none.freed_bytes]).toEqual([[], 0]);
+    // a fake clock: 3 days on nothing is old enough; 8 days on web:1 (never activated) is, web:2 is in use
+    const ctx = makeCtx(loadConfig({ stateDir: e.stateDir, pool: e.p.name }), { command: "lifecycle test prune" });
+    try {
+      const day = 86_400_000;
+      const soon = await prune(ctx, { unusedForMs: 7 * day, keepLast: null, dryRun: true, now: () => Date.now() + 3 * day });
+      expect(soon.prune).toEqual([]);
+      const dry = await prune(ctx, { unusedForMs: 7 * day, keepLast: null, dryRun: true, now: () => Date.now() + 8 * day });
+      expect([dry.prune.map((p) => p.name), dry.kept.map((k) => [k.name, k.keep_reason])]).toEqual([["web:1"], [["web:2", "in_use"]]]);
+      expect(dry.freed_bytes).toBe((twoImages - oneImage) * blockBytes);
+      expect((await json<Listed>(e, "list", [])).images.length).toBe(2); // a dry-run changes nothing
+      const real = await prune(ctx, { unusedForMs: 7 * day, keepLast: null, dryRun: false, now: () => Date.now() + 8 * day });
+      expect(real.removed.map((r) => [r.name, r.state])).toEqual([["web:1", "removed"]]);
+    } finally {
+      ctx.db.close();
+    }
+    expect((await gc(e, "--force", "--grace", "0")).orphans.map((o) => [o.reason, o.outcome])).toEqual([["unreferenced_layer", "done"]]);
+    expect(await dataUsed(e)).toBe(oneImage);
+    expect(await files(e, s.device_name, Object.keys(B_FILES))).toEqual(B_FILES);
   });
 });
