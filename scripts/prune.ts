@@ -37,7 +37,8 @@ export const pruneCommand = defineCommand({
       for (const p of r.prune) process.stdout.write(`${verb} ${p.name}  (last used ${p.last_used_at})\n`);
       for (const x of r.removed.filter((x) => x.state === "skipped")) process.stdout.write(`kept ${x.name}: ${x.skip_reason}\n`);
       const space = r.freed_bytes === null ? `unknown (${r.space_detail})` : formatBytes(r.freed_bytes);
-      process.stdout.write(`${r.prune.length} image(s) ${verb}, ${r.kept.length} kept; \`bun scripts/gc.ts --force\` frees ${space} of pool space\n`);
+      const done = r.dry_run ? "would be removed" : "removed";
+      process.stdout.write(`${r.prune.length} image(s) ${done}, ${r.kept.length} kept; then \`bun scripts/gc.ts --force\` frees ${space} of pool space\n`);
     } finally {
       ctx.db.close();
     }

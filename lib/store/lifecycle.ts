@@ -3,7 +3,7 @@
 // is one transaction, so a crash leaves either the image as it was or removed with its layers
 // released; GC (lib/gc/unreferenced.ts) does the rest.
 import { type Db, now, tx } from "./db.ts";
-import { type ImageRow, getImage } from "./images.ts";
+import { type ImageRow, getImage, releaseIfUnreferenced } from "./images.ts";
 import { updateLayer } from "./layers.ts";
 
 export interface RemovedRecord {
@@ -22,22 +22,10 @@ export function removeImageRecord(db: Db, imageId: number, why: string): Removed
     if (!img) throw new Error(`image ${imageId} vanished`);
     if (img.removed_at !== null && img.removed_at !== undefined) return { already: true, released: [], shared: [] };
     const t = now();
-    const layers = (db.query("SELECT DISTINCT layer_id FROM image_layers WHERE image_id = ? ORDER BY layer_id").all(imageId) as { layer_id: number }[]).map(
-      (r) => r.layer_id,
-    );
+    const layers = (db.query("SELECT layer_id FROM image_layers WHERE image_id = ?").all(imageId) as { layer_id: number }[]).map((r) => r.layer_id);
     db.query("DELETE FROM image_layers WHERE image_id = ?").run(imageId);
     db.query("UPDATE images SET state = 'failed', error = ?, error_kind = 'removed', removed_at = ?, updated_at = ? WHERE id = ?").run(why, t, t, imageId);
-    const stillUsed = db.query("SELECT 1 FROM image_layers WHERE layer_id = ? LIMIT 1");
-    const released: number[] = [];
-    const shared: number[] = [];
-    for (const id of layers) {
-      if (stillUsed.get(id)) shared.push(id);
-      else {
-        db.query("UPDATE layers SET released_at = ?, updated_at = ? WHERE id = ?").run(t, t, id);
-        released.push(id);
-      }
-    }
-    return { already: false, released, shared };
+    return { already: false, ...releaseIfUnreferenced(db, layers, t) };
   });
 }
 

@@ -109,6 +109,18 @@ describe("remove", () => {
   });
 });
 
+describe("refresh", () => {
+  test("a refresh that swaps an image's layers releases the old ones nobody else uses (a new version every deploy)", () => {
+    const base = layer("base", null);
+    const v1 = layer("v1", base);
+    const v2 = layer("v2", base);
+    const id = image("app", [base, v1]);
+    image("other", [base]);
+    markImageReady(ctx.db, id, { format: "layer-family", config: null, layerIds: [base.id, v2.id], topChainId: null });
+    expect([getLayer(ctx.db, v1.id)!.released_at, getLayer(ctx.db, base.id)!.released_at, getLayer(ctx.db, v2.id)!.released_at]).toEqual([expect.any(Number), null, null]);
+  });
+});
+
 describe("GC's claim on a released layer", () => {
   const orphan = (thinId: number): Orphan => ({
     thinId,
