@@ -4,7 +4,7 @@
 // active snapshot of a removed image keeps working; remove waits for an unpack of the same image;
 // a GC killed between remove and its act leaves what the next run finishes; the removed image
 // unpacks again. Each test has its own pool and state dir.
-// vm-seconds: 150 (its run time in one test VM; `bun run test` balances the VMs by it)
+// vm-seconds: 400 (its run time in one test VM; `bun run test` balances the VMs by it)
 import { afterEach, describe, expect, setDefaultTimeout, test } from "bun:test";
 import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
