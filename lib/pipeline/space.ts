@@ -96,7 +96,8 @@ export function keptIds(pool: string, rows: GcRows, map: BlockMap, freed: Set<nu
 
 /** The pool's block map, read from a metadata snapshot (a stale hold is left for gc --force). */
 export async function readBlockMap(pool: string, stateDir: string, timeoutMs = 60_000): Promise<BlockMap> {
-  return withMetadataSnapshot(pool, { stateDir, releaseStale: false }, async (metaDev) =>
+  // list and prune only report: a busy metadata snapshot costs them the figure, never minutes
+  return withMetadataSnapshot(pool, { stateDir, releaseStale: false, maxWaitMs: 10_000 }, async (metaDev) =>
     parseThinDumpBlocks(await thinDump(metaDev, { metadataSnap: true, timeoutMs, ctx: { pool_name: pool } })),
   );
 }
