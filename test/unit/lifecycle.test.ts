@@ -13,7 +13,7 @@ import { currentHolder } from "../../lib/lock/owner.ts";
 import { type Ctx, makeCtx } from "../../lib/pipeline/context.ts";
 import { inventory } from "../../lib/pipeline/inventory.ts";
 import { prune, pruneGroup, selectPrune } from "../../lib/pipeline/prune.ts";
-import { removeImages } from "../../lib/pipeline/remove.ts";
+import { removeImageRows, removeImages } from "../../lib/pipeline/remove.ts";
 import { exclusiveBlocks, layersFreedBy, parseThinDumpBlocks } from "../../lib/pipeline/space.ts";
 import type { ImageUse } from "../../lib/store/lifecycle.ts";
 import { actionWitness, readGcRows } from "../../lib/store/gc-queries.ts";
@@ -73,6 +73,14 @@ describe("remove", () => {
 
     const again = await removeImages(ctx, ["web:1", String(ia)]);
     expect(again.images.map((i) => [i.name, i.state, i.released_layers.length])).toEqual([["web:1", "already_removed", 0]]);
+  });
+
+  test("a guard (prune's re-check under the lock) that says no: skipped with its reason, nothing changes", async () => {
+    const id = image("g", [layer("g", null)]);
+    const img = getImageByName(ctx.db, POOL, "g")!;
+    const r = await removeImageRows(ctx, [img], { guard: (i) => (i.id === id ? "kept: in_use (changed since the selection)" : null) });
+    expect(r.images.map((i) => [i.state, i.skip_reason])).toEqual([["skipped", "kept: in_use (changed since the selection)"]]);
+    expect(getImageByName(ctx.db, POOL, "g")!.removed_at).toBeNull();
   });
 
   test("an unknown name fails before anything is removed, with a one-line error", async () => {
