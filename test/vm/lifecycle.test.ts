@@ -294,4 +294,21 @@ describe("remove and gc", () => {
     expect(await dataUsed(e)).toBe(oneImage);
     expect(await files(e, s.device_name, Object.keys(B_FILES))).toEqual(B_FILES);
   });
+
+  test("a new version unpacked under the same name: gc --force frees the old version's own layer", async () => {
+    const e = await fresh();
+    // deploy 1, then deploy 2 of `web` (a new source: layers 1-2 shared, the top one new)
+    const v1 = await json<Unpacked>(e, "unpack", [e.fam.a, "--name", "web"]);
+    const v2 = await json<Unpacked>(e, "unpack", [e.fam.b, "--name", "web"]);
+    expect(v2.layers.map((l) => l.reused)).toEqual([true, true, false]);
+    const before = await dataUsed(e);
+    const ids = await e.p.thinIds();
+    const forced = await gc(e, "--force", "--grace", "0");
+    expect(forced.orphans.map((o) => [o.thin_id, o.reason, o.outcome])).toEqual([[v1.layers[2]!.thin_id, "unreferenced_layer", "done"]]);
+    expect(await e.p.thinIds()).toEqual(ids.filter((i) => i !== v1.layers[2]!.thin_id));
+    expect(await dataUsed(e)).toBeLessThan(before);
+    const s = await json<{ device_name: string; snapshot_id: number }>(e, "activate", ["web"]);
+    expect(await files(e, s.device_name, Object.keys(B_FILES))).toEqual(B_FILES);
+    await json(e, "release", [String(s.snapshot_id)]);
+  });
 });
