@@ -3,8 +3,9 @@
 // to the one-image figure) while the other still unpacks (a no-op) and activates with its files; an
 // active snapshot of a removed image keeps working; remove waits for an unpack of the same image;
 // a GC killed between remove and its act leaves what the next run finishes; the removed image
-// unpacks again. Each test has its own pool and state dir.
-// vm-seconds: 400 (its run time in one test VM; `bun run test` balances the VMs by it)
+// unpacks again; list's exclusive space and prune's estimate (fake clock) equal what GC frees; a new
+// version under the same name frees the old one's layer. Each test has its own pool and state dir.
+// vm-seconds: 480 (its run time in one test VM; `bun run test` balances the VMs by it)
 import { afterEach, describe, expect, setDefaultTimeout, test } from "bun:test";
 import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
