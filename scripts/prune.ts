@@ -29,6 +29,7 @@ export const pruneCommand = defineCommand({
         dryRun: args["dry-run"],
         space: args.space,
       });
+      ctx.progress?.done(); // a "waiting for image" line must not run into the output
       if (args.json) {
         printJson({ ok: true, ...r });
         return;
@@ -40,6 +41,7 @@ export const pruneCommand = defineCommand({
       const done = r.dry_run ? "would be removed" : "removed";
       process.stdout.write(`${r.prune.length} image(s) ${done}, ${r.kept.length} kept; then \`bun scripts/gc.ts --force\` frees ${space} of pool space\n`);
     } finally {
+      ctx.progress?.done();
       ctx.db.close();
     }
   },

@@ -15,6 +15,7 @@ export const removeCommand = defineCommand({
     const ctx = ctxFrom(args);
     try {
       const r = await removeImages(ctx, args._.map(String));
+      ctx.progress?.done(); // a "waiting for image" line must not run into the output
       if (args.json) printJson({ ok: true, ...r });
       else {
         for (const i of r.images) {
@@ -25,6 +26,7 @@ export const removeCommand = defineCommand({
         if (r.images.some((i) => i.released_layers.length)) process.stdout.write("run `bun scripts/gc.ts --force` to free their space (after the grace period, --grace)\n");
       }
     } finally {
+      ctx.progress?.done();
       ctx.db.close();
     }
   },
