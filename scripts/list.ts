@@ -5,11 +5,13 @@ import { printJson, runMain } from "../lib/cli/main.ts";
 import { configFrom } from "../lib/pipeline/cli.ts";
 import { inventory } from "../lib/pipeline/inventory.ts";
 import { openDb } from "../lib/store/db.ts";
+import { formatBytes } from "../lib/util/units.ts";
 
 export const listCommand = defineCommand({
   meta: { name: "list", description: "List images, layer devices, snapshots and pool use" },
   args: {
     all: { type: "boolean", description: "Include released snapshots", default: false },
+    space: { type: "boolean", description: "Show each image's exclusive pool space (reads a metadata snapshot; --no-space: skip)", default: true },
     ...stateArgs,
     ...poolArgs,
     ...outputArgs,
@@ -18,7 +20,7 @@ export const listCommand = defineCommand({
     const cfg = configFrom(args);
     const db = openDb(cfg.dbPath);
     try {
-      const inv = await inventory(db, cfg.pool, { allSnapshots: args.all });
+      const inv = await inventory(db, cfg.pool, { allSnapshots: args.all, ...(args.space ? { stateDir: cfg.stateDir } : {}) });
       if (args.json) {
         printJson({ ok: true, ...inv });
         return;
@@ -31,7 +33,12 @@ export const listCommand = defineCommand({
           : `pool ${p.name}: ${p.status}${p.detail ? ` (${p.detail})` : ""}`,
       );
       out.push(`images (${inv.images.length}):`);
-      for (const i of inv.images) out.push(`  ${i.name}  ${i.state}  ${i.layers} layers  ${i.format ?? "-"}  ${i.source}${i.error ? `  error: ${i.error}` : ""}`);
+      for (const i of inv.images) {
+        const excl = i.exclusive_bytes === null ? "" : `  exclusive ${formatBytes(i.exclusive_bytes)}`;
+        const used = i.active_snapshots ? `  ${i.active_snapshots} active snapshot(s)` : i.last_activated_at ? `  last activated ${i.last_activated_at}` : "  never activated";
+        out.push(`  ${i.name}  ${i.state}  ${i.layers} layers${excl}${used}  ${i.format ?? "-"}  ${i.source}${i.error ? `  error: ${i.error}` : ""}`);
+      }
+      if (inv.space_detail && inv.images.length && args.space) out.push(`  (${inv.space_detail})`);
       out.push(`layers (${inv.layers.length}):`);
       for (const l of inv.layers) {
         out.push(`  ${l.chain_id.slice(0, 19)}…  ${l.state}${l.state === "building" ? `@${l.phase}` : ""}  ${l.device_name ?? "-"}  thin ${l.thin_id ?? "-"}  used by ${l.images} image(s)${l.error ? `  error: ${l.error}` : ""}`);

@@ -9,6 +9,7 @@ import type { GcRows } from "../store/gc-queries.ts";
 import type { LayerRow } from "../store/layers.ts";
 import type { SnapshotRow } from "../store/snapshots.ts";
 import type { DbDeadReason, DbDevice, DbMount, DbThin, DbView, RowRef } from "./model.ts";
+import { unreferencedLayers } from "./unreferenced.ts";
 
 export type AliveFn = (pid: number, startTime: number | null, host: string | null) => boolean;
 
@@ -45,7 +46,7 @@ export function buildDbView(pool: string, rows: GcRows, alive: AliveFn): DbViewR
 
   type Verdict =
     | { live: true; mustExist: boolean; detail: string; since: number; refs: RowRef[] }
-    | { live: false; reason: DbDeadReason; detail: string; since: number; locked?: string | null };
+    | { live: false; reason: DbDeadReason; detail: string; since: number; locked?: string | null; refs?: RowRef[] };
 
   // Named locks: a live holder of a layer chain's lock is building (or about to resume) it; a live
   // holder of any image lock of this pool may reach any unfinished layer chain (chains are shared
@@ -75,6 +76,7 @@ export function buildDbView(pool: string, rows: GcRows, alive: AliveFn): DbViewR
     return { alive: false, pid: lock?.pid ?? w?.pid ?? null };
   };
 
+  const unreferenced = unreferencedLayers(pool, rows, alive);
   /** What an owner row says about the thin id it references. */
   const layerVerdict = (l: LayerRow): Verdict => {
     const refs: RowRef[] = [
@@ -82,6 +84,8 @@ export function buildDbView(pool: string, rows: GcRows, alive: AliveFn): DbViewR
       { table: "thin_ids", key: l.thin_id! },
       ...(imagesOf.get(l.id) ?? []).map((i): RowRef => ({ table: "images", key: i })),
     ];
+    const u = unreferenced.get(l.id);
+    if (u) return { live: false, reason: "unreferenced_layer", detail: u.detail, since: u.since, locked: u.locked, refs: [{ table: "thin_ids", key: u.thinId }, { table: "layers", key: l.id }] };
     if (l.state === "committed") return { live: true, mustExist: true, detail: `${layerDesc(l)} committed`, since: l.updated_at, refs };
     if (l.state === "building") {
       const b = builder(l);
@@ -177,7 +181,8 @@ export function buildDbView(pool: string, rows: GcRows, alive: AliveFn): DbViewR
       reason = "db_orphaned";
       detail = `ledger: ${t?.state ?? "?"} with no owner${t?.reason ? ` (${t.reason})` : ""}`;
     }
-    thins.set(id, { thinId: id, status: "dead", reason, detail, since, mustExist: false, refs: [{ table: "thin_ids", key: id }], locked });
+    const refs = reason === "unreferenced_layer" ? (dead[0]!.refs ?? []) : [{ table: "thin_ids", key: id } as RowRef];
+    thins.set(id, { thinId: id, status: "dead", reason, detail, since, mustExist: false, refs, locked });
   }
 
   // devices: names from the devices table and from owner rows

@@ -12,6 +12,8 @@ import { updateSnapshot } from "../store/snapshots.ts";
 import { type ThinIdState, getThinId, recordOrphanThinId, setThinIdState } from "../store/thin-ids.ts";
 import type { GcLedger } from "./act.ts";
 import type { Repair } from "./model.ts";
+import { claimUnreferencedLayer } from "./unreferenced-claim.ts";
+import { forgetReleasedLayer } from "../store/lifecycle.ts";
 
 export type AliveFn = (pid: number, startTime: number | null, host: string | null) => boolean;
 
@@ -44,6 +46,10 @@ export function storeLedger(db: Db, pool: string, o: { alive: AliveFn }): GcLedg
           for (const l of fresh.layers) {
             if (l.state === "building") abandonLayerAttempt(db, pool, l, "interrupted build (its builder died), collected by gc");
           }
+        }
+        if (a.reason === "unreferenced_layer" && a.deleteThin && a.thinId !== null) {
+          const why = claimUnreferencedLayer(db, pool, a.thinId, o.alive);
+          if (why !== null) return why;
         }
         if (a.deleteThin && a.thinId !== null) {
           const id = a.thinId;
@@ -102,6 +108,8 @@ function applyOne(db: Db, pool: string, r: Repair): void {
         switch (ref.table) {
           case "layers":
             if (r.kind === "thin_gone") updateLayer(db, Number(ref.key), { state: "failed", error: msg, error_kind: "gone" });
+            // a released layer whose id is already gone: the row lets go of it
+            else if (r.kind === "thin_already_deleted" && r.thinId !== null) forgetReleasedLayer(db, Number(ref.key), r.thinId);
             break;
           case "images":
             if (r.kind === "thin_gone") markImageFailed(db, Number(ref.key), msg, "gone");

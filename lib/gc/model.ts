@@ -71,7 +71,8 @@ export type DbDeadReason =
   | "db_deleting" // a previous GC sent the delete but did not confirm it
   | "db_deleted" // ledger says confirmed deleted, yet the pool still has it
   | "owner_missing" // the ledger names an owner row that no longer exists (row deleted by hand)
-  | "interrupted_build"; // a layer build whose builder died (kill -9, OOM, reboot), older than the grace period
+  | "interrupted_build" // a layer build whose builder died (kill -9, OOM, reboot), older than the grace period
+  | "unreferenced_layer"; // a committed layer an image removal released, referenced by nothing since (unreferenced.ts)
 
 export type OrphanReason = DbDeadReason | "not_in_db" | "device_not_held" | "no_table";
 

@@ -1,28 +1,50 @@
-// What `bun scripts/list.ts` shows: images, layers (with how many images share each), snapshots,
-// and the pool's use when the pool is reachable. A handed-out snapshot whose device is not loaded
-// (after a reboot) shows as `detached`: its data is kept until it is re-attached or released.
+// What `bun scripts/list.ts` shows: images (with the pool space only each holds and its last
+// activation), layers (with how many images share each), snapshots, and the pool's use when the
+// pool is reachable. A handed-out snapshot whose device is not loaded (after a reboot) shows as
+// `detached`: its data is kept until it is re-attached or released.
 import * as pool from "../dm/pool.ts";
 import { errorMessage } from "../errors.ts";
 import type { Db } from "../store/db.ts";
+import { readGcRows } from "../store/gc-queries.ts";
 import { imageLayerIds, listImages } from "../store/images.ts";
+import { imageUses } from "../store/lifecycle.ts";
 import { layerRefCounts, listLayers } from "../store/layers.ts";
 import { type SnapshotRow, listSnapshots } from "../store/snapshots.ts";
 import { listThinIds } from "../store/thin-ids.ts";
 import { isDetached } from "./reattach.ts";
 import { activeDevices } from "./txn.ts";
+import { estimateFreed, readBlockMap } from "./space.ts";
 
 const iso = (ms: number | null) => (ms === null ? null : new Date(ms).toISOString());
 
 export interface Inventory {
   pool: { name: string; status: "ok" | "fail" | "error" | "unavailable"; detail: string | null; transaction_id: number | null; data_used_pct: number | null; meta_used_pct: number | null; data_used_blocks: number | null; data_total_blocks: number | null; mode: string | null };
-  images: { id: number; name: string; state: string; source: string; format: string | null; layers: number; top_chain_id: string | null; ready_at: string | null; error: string | null }[];
+  images: { id: number; name: string; state: string; source: string; format: string | null; layers: number; top_chain_id: string | null; ready_at: string | null; error: string | null; exclusive_bytes: number | null; last_activated_at: string | null; active_snapshots: number }[];
+  /** Why exclusive_bytes is null (pool unreachable, metadata snapshot busy, --no-space). */
+  space_detail: string | null;
   layers: { id: number; chain_id: string; state: string; phase: string; thin_id: number | null; device_name: string | null; images: number; entries: number | null; bytes: number | null; committed_at: string | null; error: string | null }[];
   /** state: the DB's, except `detached` (active, device not loaded: needs a re-attach). */
   snapshots: { id: number; image: string; state: string; thin_id: number | null; device_name: string | null; device_path: string | null; activated_at: string | null; released_at: string | null; error: string | null }[];
   thin_ids: Record<string, number>;
 }
 
-export async function inventory(db: Db, poolName: string, o: { allSnapshots?: boolean; probePool?: boolean } = {}): Promise<Inventory> {
+/**
+ * Per image, the pool space only it holds: what removing it and `gc --force` would free (blocks its
+ * released layers map that no thin id that stays maps; lib/pipeline/space.ts). Needs the pool.
+ */
+async function exclusiveSpace(db: Db, poolName: string, stateDir: string | undefined, ids: number[]): Promise<{ bytes: Map<number, number>; detail: string | null }> {
+  if (!stateDir) return { bytes: new Map(), detail: "not computed" };
+  try {
+    const map = await readBlockMap(poolName, stateDir);
+    const rows = readGcRows(db, poolName);
+    const now = Date.now();
+    return { bytes: new Map(ids.map((id) => [id, estimateFreed(poolName, rows, map, new Set([id]), now).bytes ?? 0])), detail: null };
+  } catch (e) {
+    return { bytes: new Map(), detail: `exclusive space not computed: ${errorMessage(e)}` };
+  }
+}
+
+export async function inventory(db: Db, poolName: string, o: { allSnapshots?: boolean; probePool?: boolean; /** compute exclusive space (reads a metadata snapshot) */ stateDir?: string } = {}): Promise<Inventory> {
   const images = listImages(db, poolName);
   const names = new Map(images.map((i) => [i.id, i.name]));
   const refs = layerRefCounts(db, poolName);
@@ -41,9 +63,12 @@ export async function inventory(db: Db, poolName: string, o: { allSnapshots?: bo
   }
   const loaded = o.probePool !== false ? await activeDevices().catch(() => null) : null;
   const stateOf = (s: SnapshotRow) => (loaded && isDetached(s, loaded) ? "detached" : s.state);
+  // removed images keep their row (their snapshots reference it) but are not listed
+  const uses = new Map(imageUses(db, poolName).map((u) => [u.image.id, u]));
+  const space = p.status === "ok" ? await exclusiveSpace(db, poolName, o.stateDir, [...uses.keys()]) : { bytes: new Map<number, number>(), detail: "pool not reachable" };
   return {
     pool: p,
-    images: images.map((i) => ({
+    images: images.filter((i) => uses.has(i.id)).map((i) => ({
       id: i.id,
       name: i.name,
       state: i.state,
@@ -53,7 +78,11 @@ export async function inventory(db: Db, poolName: string, o: { allSnapshots?: bo
       top_chain_id: i.top_chain_id,
       ready_at: iso(i.ready_at),
       error: i.error,
+      exclusive_bytes: space.bytes.get(i.id) ?? null,
+      last_activated_at: iso(uses.get(i.id)!.lastActivatedAt),
+      active_snapshots: uses.get(i.id)!.activeSnapshots,
     })),
+    space_detail: space.detail,
     layers: listLayers(db, poolName).map((l) => {
       const s = l.stats ? (JSON.parse(l.stats) as { entries?: number; bytes?: number }) : null;
       return {

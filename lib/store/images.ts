@@ -18,6 +18,8 @@ export interface ImageRow {
   created_at: number;
   updated_at: number;
   ready_at: number | null;
+  /** Set by a removal (the row stays: snapshots reference it); cleared when it is unpacked again. */
+  removed_at?: number | null;
 }
 
 export function getImageByName(db: Db, pool: string, name: string): ImageRow | null {
@@ -40,18 +42,44 @@ export function beginImage(db: Db, i: { pool: string; name: string; source: stri
          source = CASE WHEN images.state = 'ready' THEN images.source ELSE excluded.source END,
          format = CASE WHEN images.state = 'ready' THEN images.format ELSE excluded.format END,
          state = CASE WHEN images.state = 'ready' THEN 'ready' ELSE 'unpacking' END,
-         error = NULL, error_kind = NULL, updated_at = excluded.updated_at
+         error = NULL, error_kind = NULL, removed_at = NULL, updated_at = excluded.updated_at
        RETURNING *`,
     )
     .get(i.pool, i.name, i.source, i.format, t, t) as ImageRow;
 }
 
+/**
+ * Layers that just lost a reference (their image was removed, or a refresh swapped its layer list):
+ * those no image references any more get released_at, which lets GC collect them. Call inside a
+ * transaction, after the image_layers change.
+ */
+export function releaseIfUnreferenced(db: Db, layerIds: number[], t: number): { released: number[]; shared: number[] } {
+  const stillUsed = db.query("SELECT 1 FROM image_layers WHERE layer_id = ? LIMIT 1");
+  const mark = db.query("UPDATE layers SET released_at = ?, updated_at = ? WHERE id = ?");
+  const out = { released: [] as number[], shared: [] as number[] };
+  for (const lid of [...new Set(layerIds)].sort((a, b) => a - b)) {
+    if (stillUsed.get(lid)) out.shared.push(lid);
+    else {
+      mark.run(t, t, lid);
+      out.released.push(lid);
+    }
+  }
+  return out;
+}
+
 export function markImageReady(db: Db, id: number, r: { format: string; config: unknown; layerIds: number[]; topChainId: string | null; source?: string }): void {
   tx(db, () => {
     const t = now();
+    const before = imageLayerIds(db, id);
     db.query("DELETE FROM image_layers WHERE image_id = ?").run(id);
     const ins = db.query("INSERT INTO image_layers (image_id, position, layer_id) VALUES (?, ?, ?)");
     for (const [pos, lid] of r.layerIds.entries()) ins.run(id, pos, lid);
+    // referenced again: no longer collectable as released by an earlier removal
+    const rel = db.query("UPDATE layers SET released_at = NULL WHERE id = ? AND released_at IS NOT NULL");
+    for (const lid of r.layerIds) rel.run(lid);
+    // a refresh that swapped the layer list: the old layers nobody uses any more go to GC
+    const dropped = before.filter((lid) => !r.layerIds.includes(lid));
+    if (dropped.length) releaseIfUnreferenced(db, dropped, t);
     db.query(
       "UPDATE images SET state = 'ready', source = COALESCE(?, source), format = ?, config = ?, top_layer_id = ?, top_chain_id = ?, error = NULL, error_kind = NULL, ready_at = ?, updated_at = ? WHERE id = ?",
     ).run(r.source ?? null, r.format, r.config === null || r.config === undefined ? null : JSON.stringify(r.config), r.layerIds.at(-1) ?? null, r.topChainId, t, t, id);

@@ -44,6 +44,8 @@ export interface LayerRow {
   created_at: number;
   updated_at: number;
   committed_at: number | null;
+  /** When a removal left this layer referenced by no image (GC may then collect it). */
+  released_at?: number | null;
 }
 
 export function getLayerByChain(db: Db, pool: string, chainId: string): LayerRow | null {

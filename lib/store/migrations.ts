@@ -262,6 +262,14 @@ export const MIGRATIONS: readonly string[] = [
   CREATE UNIQUE INDEX jobs_live ON jobs (pool, image) WHERE state IN ('queued','running','interrupted');
   CREATE INDEX jobs_state ON jobs (pool, state, id);
   `,
+  // 6: image lifecycle. An image removed by `remove`/`prune` keeps its row (snapshots reference it)
+  // with removed_at set and no image_layers; each layer it alone referenced gets released_at, which
+  // makes it collectable by GC (reason unreferenced_layer) once no image references it again.
+  // Layers left by an unpack that failed half-way never get released_at: its re-run reuses them.
+  `
+  ALTER TABLE images ADD COLUMN removed_at INTEGER;
+  ALTER TABLE layers ADD COLUMN released_at INTEGER;
+  `,
 ];
 
 export function migrate(db: Database): number {

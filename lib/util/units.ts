@@ -40,9 +40,9 @@ export function parseIntArg(value: string, flag: string, opts: { min?: number; m
 
 /** "10s", "500ms", "10m", "2h", "30" (seconds) → milliseconds. */
 export function parseDuration(value: string, flag: string): number {
-  const m = /^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$/.exec(value);
-  if (!m) throw usageError(`${flag}: "${value}" is not a duration`, "use e.g. 500ms, 10s, 10m, 1h");
-  const mult = { ms: 1, s: 1000, m: 60_000, h: 3_600_000 }[(m[2] ?? "s") as "ms" | "s" | "m" | "h"];
+  const m = /^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$/.exec(value);
+  if (!m) throw usageError(`${flag}: "${value}" is not a duration`, "use e.g. 500ms, 10s, 10m, 1h, 7d");
+  const mult = { ms: 1, s: 1000, m: 60_000, h: 3_600_000, d: 86_400_000 }[(m[2] ?? "s") as "ms" | "s" | "m" | "h" | "d"];
   return Math.round(Number(m[1]) * mult);
 }
 

@@ -1,8 +1,21 @@
 // GC decision logic with fixtures: every orphan kind, every skip reason, repairs, and the rule that
 // foreign devices (and the thin ids they map) never end up in the action list.
-import { describe, expect, test } from "bun:test";
+import { afterEach, beforeEach, describe, expect, test } from "bun:test";
 import type { DbDevice, DbThin, DbView, DmDevice, DmScan, ForeignDevice, MetaScan, MountRef, Orphan, Plan } from "../../lib/gc/model.ts";
 import { makePlan, type PlanInput } from "../../lib/gc/plan.ts";
+import { mkdtempSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { buildDbView } from "../../lib/gc/db-view.ts";
+import { currentHolder } from "../../lib/lock/owner.ts";
+import { type Db, openDb } from "../../lib/store/db.ts";
+import { readGcRows } from "../../lib/store/gc-queries.ts";
+import { beginImage, markImageReady } from "../../lib/store/images.ts";
+import { insertLayer, updateLayer } from "../../lib/store/layers.ts";
+import { removeImageRecord } from "../../lib/store/lifecycle.ts";
+import { putLockRow } from "../../lib/store/locks.ts";
+import { insertSnapshot } from "../../lib/store/snapshots.ts";
+import { allocateThinId, setThinIdState } from "../../lib/store/thin-ids.ts";
 
 const POOL = "tp";
 const NOW = 1_700_000_000_000;
@@ -435,5 +448,144 @@ describe("repairs", () => {
       mountPoints: ["/s/mnt/b"],
     });
     expect(p.repairs.map((r) => [r.kind, r.path])).toEqual([["mount_gone", "/s/mnt/a"]]);
+  });
+});
+
+// Layers released by an image removal, from real store rows through buildDbView into makePlan (both
+// pure over what they are given): what the removal frees, and everything that keeps a layer.
+describe("unreferenced layers (image removal)", () => {
+  let dir: string;
+  let db: Db;
+  const alive = (pid: number) => pid === process.pid;
+  const T = Date.now();
+
+  function layer(chain: string, parent: { id: number } | null, committed = true) {
+    const l = insertLayer(db, { pool: POOL, chainId: `sha256:${chain}`, parentId: parent?.id ?? null, parentChainId: null, identity: chain, diffId: null, digest: `sha256:${chain}`, size: 1, virtualSize: 1 << 20 });
+    const id = allocateThinId(db, POOL, { kind: "layer", id: l.id });
+    setThinIdState(db, POOL, id, committed ? "committed" : "created");
+    updateLayer(db, l.id, committed ? { thin_id: id, device_name: `thinimg-${POOL}-layer-${id}`, state: "committed", phase: "committed" } : { thin_id: id, state: "building", phase: "created" });
+    return { id: l.id, thinId: id, chain: `sha256:${chain}` };
+  }
+  function image(name: string, layers: { id: number }[]) {
+    const i = beginImage(db, { pool: POOL, name, source: `/src/${name}`, format: "layer-family" });
+    markImageReady(db, i.id, { format: "layer-family", config: null, layerIds: layers.map((l) => l.id), topChainId: null });
+    return i.id;
+  }
+  /** Every ledger id is in the pool, inactive; `at` is the plan's clock. */
+  function planNow(at = T + 60 * MIN, grace = GRACE): Plan {
+    const rows = readGcRows(db, POOL);
+    const { view } = buildDbView(POOL, rows, alive);
+    const ids = new Map(rows.thinIds.map((t): [number, number] => [t.thin_id, 16]));
+    return makePlan({
+      dm: { pool: { name: POOL, major: 254, minor: 0 }, ours: [], foreign: [], unrelated: 0 },
+      meta: { status: "ok", method: "thin_ls", ids, blockBytes: 65536, transactionId: null, staleHold: null, skipped: null, metaDev: "/dev/loop0" },
+      mounts: new Map(),
+      mountPoints: new Set(),
+      db: view,
+      now: at,
+      graceMs: grace,
+      scannedAt: at,
+    });
+  }
+  const collected = (p: Plan) => p.actions.filter((a) => a.reason === "unreferenced_layer").map((a) => a.thinId);
+
+  beforeEach(() => {
+    dir = mkdtempSync(join(tmpdir(), "thinimg-gc-unref-"));
+    db = openDb(join(dir, "state.db"));
+  });
+  afterEach(() => {
+    db.close();
+    rmSync(dir, { recursive: true, force: true });
+  });
+
+  test("two images sharing a base: removing one collects only its own layers; removing both, all", () => {
+    const base = layer("base", null);
+    const mid = layer("mid", base);
+    const a = layer("a-top", mid);
+    const b = layer("b-top", mid);
+    const ia = image("web:1", [base, mid, a]);
+    const ib = image("web:2", [base, mid, b]);
+    expect(planNow().actions).toEqual([]); // nothing is garbage while both are there
+    const rec = removeImageRecord(db, ia, "test");
+    expect([rec.released, rec.shared]).toEqual([[a.id], [base.id, mid.id]]);
+    const p = planNow();
+    expect(p.actions.map((x) => [x.thinId, x.reason, x.deleteThin, x.device])).toEqual([[a.thinId, "unreferenced_layer", true, null]]);
+    expect(p.actions[0]!.detail).toContain(`layer ${a.id}: no image references it`);
+    expect(p.actions[0]!.mappedBytes).toBe(16 * 65536);
+    removeImageRecord(db, ib, "test");
+    expect(collected(planNow()).sort()).toEqual([base.thinId, mid.thinId, a.thinId, b.thinId].sort());
+  });
+
+  test("a repeat removal changes nothing; a layer referenced again (re-unpacked) is no longer collectable", () => {
+    const base = layer("base", null);
+    const ia = image("app", [base]);
+    removeImageRecord(db, ia, "test");
+    expect(removeImageRecord(db, ia, "again")).toEqual({ already: true, released: [], shared: [] });
+    expect(collected(planNow())).toEqual([base.thinId]);
+    image("app", [base]); // the same name unpacked again reuses the committed layer
+    expect(planNow().actions).toEqual([]);
+  });
+
+  test("layers of an unpack that failed half-way are never released (its re-run reuses them)", () => {
+    layer("lonely", null); // committed, no image ever referenced it
+    expect(planNow().actions).toEqual([]);
+  });
+
+  test("a released parent of a kept or building layer stays (chains)", () => {
+    const base = layer("base", null);
+    const top = layer("top", base);
+    const ia = image("old", [base, top]);
+    removeImageRecord(db, ia, "test");
+    // an unpack builds on top of `top` (its builder is gone, but the attempt may resume): both stay
+    const child = layer("child", top, false);
+    expect(collected(planNow())).toEqual([]);
+    // once that attempt starts afresh (phase new, no thin id) nothing depends on them
+    updateLayer(db, child.id, { thin_id: null, phase: "new" });
+    expect(collected(planNow()).sort()).toEqual([base.thinId, top.thinId].sort());
+  });
+
+  test("an activation in flight (pending snapshot) keeps the layer; an active snapshot does not", () => {
+    const base = layer("base", null);
+    const ia = image("img", [base]);
+    const s = insertSnapshot(db, { pool: POOL, imageId: ia, layerId: base.id, virtualSize: 1 << 30, pid: process.pid, command: "activate" });
+    removeImageRecord(db, ia, "test");
+    expect(collected(planNow())).toEqual([]);
+    db.query("UPDATE snapshots SET state = 'active' WHERE id = ?").run(s.id);
+    expect(collected(planNow())).toEqual([base.thinId]);
+  });
+
+  test("a live image lock (an unpack in progress may reuse it) skips it as locked; grace counts from the removal", () => {
+    const base = layer("base", null);
+    const ia = image("img", [base]);
+    removeImageRecord(db, ia, "test");
+    const young = planNow(Date.now() + MIN);
+    expect(young.actions).toEqual([]);
+    expect(young.skips.map((x) => [x.thinId, x.reason, x.orphanReason])).toEqual([[base.thinId, "too_young", "unreferenced_layer"]]);
+    const me = currentHolder("bun scripts/unpack.ts");
+    putLockRow(db, { key: `image:${POOL}:other`, pid: me.pid, start_time: me.startTime, host: me.host, command: me.command, acquired_at: me.acquiredAt });
+    const locked = planNow();
+    expect(locked.actions).toEqual([]);
+    expect(locked.skips.map((x) => [x.thinId, x.reason])).toEqual([[base.thinId, "locked"]]);
+    expect(locked.skips[0]!.detail).toContain(`image:${POOL}:other held by pid ${process.pid}`);
+  });
+
+  test("a released layer whose thin id is already gone from the pool: repaired, the layer row lets go of it", () => {
+    const base = layer("base", null);
+    removeImageRecord(db, image("img", [base]), "test");
+    const rows = readGcRows(db, POOL);
+    const { view } = buildDbView(POOL, rows, alive);
+    const p = makePlan({
+      dm: { pool: { name: POOL, major: 254, minor: 0 }, ours: [], foreign: [], unrelated: 0 },
+      meta: { status: "ok", method: "thin_ls", ids: new Map(), blockBytes: 65536, transactionId: null, staleHold: null, skipped: null, metaDev: "/dev/loop0" },
+      mounts: new Map(),
+      mountPoints: new Set(),
+      db: view,
+      now: T + 60 * MIN,
+      graceMs: GRACE,
+      scannedAt: T + 60 * MIN,
+    });
+    expect(p.repairs.map((r) => [r.kind, r.thinId, r.refs])).toEqual([
+      ["thin_already_deleted", base.thinId, [{ table: "thin_ids", key: base.thinId }, { table: "layers", key: base.id }]],
+    ]);
   });
 });
