@@ -12,14 +12,16 @@ import type { Ctx } from "../pipeline/context.ts";
 import { assertImageName } from "../pipeline/names.ts";
 import { defaultImageName } from "../pipeline/unpack.ts";
 import { imageLayerIds, listImages } from "../store/images.ts";
-import { parseSize } from "../util/units.ts";
+import { parseDuration, parseSize } from "../util/units.ts";
 import { type AllowList, admitSource } from "./allow.ts";
 import { type ReplayCache, type Secrets, authenticate } from "./auth.ts";
 import { HttpError, errorResponse } from "./http-error.ts";
 import { JOB_STATES, type JobRow, type JobState, enqueueUnpack, getJob, listJobs } from "./jobs.ts";
 import type { Metrics } from "./metrics.ts";
 import type { JobOps, JobRunner } from "./runner.ts";
+import type { PruneOptions, PruneResult } from "../pipeline/prune.ts";
 import type { ReattachAllReport } from "../pipeline/reattach.ts";
+import type { RemoveResult } from "../pipeline/remove.ts";
 
 export const MAX_BODY_BYTES = 64 * 1024;
 
@@ -27,6 +29,8 @@ export interface ServiceOps extends JobOps {
   activate(ctx: Ctx, image: string, o: { sizeBytes?: number | undefined }): Promise<ActivateResult>;
   release(ctx: Ctx, ref: string): Promise<ReleaseResult>;
   health(ctx: Ctx): Promise<HealthReport>;
+  remove(ctx: Ctx, refs: string[]): Promise<RemoveResult>;
+  prune(ctx: Ctx, o: PruneOptions): Promise<PruneResult>;
   /** At start-up: every handed-out snapshot whose device is not loaded (a reboot) gets it back. */
   reattach(ctx: Ctx): Promise<ReattachAllReport>;
 }
@@ -77,6 +81,13 @@ const ActivateBody = v.strictObject({
 });
 const ReleaseBody = v.strictObject({
   snapshot: v.union([v.pipe(v.number(), v.integer(), v.minValue(1)), v.pipe(v.string(), v.minLength(1), v.maxLength(255))]),
+});
+
+const DeleteBody = v.strictObject({ image: v.pipe(v.string(), v.minLength(1), v.maxLength(255)) });
+const PruneBody = v.strictObject({
+  unused_for: v.optional(v.pipe(v.string(), v.minLength(1), v.maxLength(32))),
+  keep_last: v.optional(v.pipe(v.number(), v.integer(), v.minValue(0), v.maxValue(1_000_000))),
+  dry_run: v.optional(v.boolean()),
 });
 
 function parseBody<S extends v.GenericSchema>(c: Context<Env>, schema: S): v.InferOutput<S> {
@@ -177,8 +188,34 @@ function v1(app: Hono<Env>, d: AppDeps): void {
     return c.json({ ok: true, snapshot: { id: r.snapshot_id, device_name: r.device_name, state: r.state, duration_ms: r.duration_ms } });
   });
 
+  app.delete("/v1/images/:name", async (c) => {
+    const name = c.req.param("name");
+    // the signature covers the body, not the path: a body naming the image binds it (and keeps two
+    // deletes in one second from looking like a replay)
+    const named = c.get("body").length > 0 ? parseBody(c, DeleteBody).image : name;
+    if (named !== name) {
+      throw new ThinimgError("input", `invalid request body: image ${JSON.stringify(named)} is not the one in the path (${name})`, { hint: 'send {"image": NAME} for DELETE /v1/images/NAME, or no body' });
+    }
+    try {
+      findImage(d.ctx, name);
+    } catch (e) {
+      if (e instanceof ThinimgError) throw new HttpError(404, "missing", e.message, e.hint);
+      throw e;
+    }
+    return c.json({ ok: true, ...(await d.ops.remove(d.ctx, [name])) });
+  });
+
+  app.post("/v1/prune", async (c) => {
+    const b = parseBody(c, PruneBody);
+    if (b.unused_for === undefined && b.keep_last === undefined) {
+      throw new ThinimgError("input", "invalid request body: give unused_for, keep_last or both", { hint: 'e.g. {"unused_for": "7d", "keep_last": 2}' });
+    }
+    const unusedForMs = b.unused_for === undefined ? null : parseDuration(b.unused_for, "unused_for");
+    return c.json({ ok: true, ...(await d.ops.prune(d.ctx, { unusedForMs, keepLast: b.keep_last ?? null, dryRun: b.dry_run === true })) });
+  });
+
   app.get("/v1/images", (c) => {
-    const images = listImages(d.ctx.db, d.ctx.cfg.pool).map((i) => ({
+    const images = listImages(d.ctx.db, d.ctx.cfg.pool).filter((i) => !i.removed_at).map((i) => ({
       id: i.id,
       name: i.name,
       state: i.state,

@@ -14,7 +14,9 @@ import { describeHolder } from "../lock/owner.ts";
 import { log } from "../log.ts";
 import { activate, release } from "../pipeline/activate.ts";
 import { type Ctx, asHolder, makeCtx } from "../pipeline/context.ts";
+import { prune } from "../pipeline/prune.ts";
 import { reattachAll, renderReattach } from "../pipeline/reattach.ts";
+import { removeImages } from "../pipeline/remove.ts";
 import { resolveOptions, unpack } from "../pipeline/unpack.ts";
 import { deleteLockRow } from "../store/locks.ts";
 import { type AllowList, makeAllowList } from "./allow.ts";
@@ -46,6 +48,8 @@ export const pipelineOps: ServiceOps = {
     await resolveImage(o.source, resolveOptions(ctx, o));
   },
   release: (ctx, ref) => asHolder(ctx, () => release(ctx, ref)),
+  remove: (ctx, refs) => asHolder(ctx, () => removeImages(ctx, refs)),
+  prune: (ctx, o) => asHolder(ctx, () => prune(ctx, o)),
   reattach: (ctx) => asHolder(ctx, () => reattachAll(ctx)),
   health: (ctx) => runHealthChecks({ pool: ctx.cfg.pool, stateDir: serviceHealthDir(ctx.cfg.stateDir) }),
 };

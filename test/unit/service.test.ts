@@ -16,7 +16,8 @@ import { parseListen } from "../../lib/server/listen.ts";
 import { commandLabel } from "../../lib/server/metrics.ts";
 import type { ReattachAllReport } from "../../lib/pipeline/reattach.ts";
 import type { ServiceOps } from "../../lib/server/routes.ts";
-import { type Service, type ServiceOptions, startService } from "../../lib/server/service.ts";
+import { type Service, type ServiceOptions, pipelineOps, startService } from "../../lib/server/service.ts";
+import { beginImage, markImageReady } from "../../lib/store/images.ts";
 import { openDb } from "../../lib/store/db.ts";
 
 const W = mkdtempSync("/tmp/thinimg-service-unit-");
@@ -61,6 +62,9 @@ function fakeOps(o: { gated?: boolean } = {}) {
     async release() {
       throw new ThinimgError("dm", "no kernel in unit tests");
     },
+    // DB-only operations: the real ones, on the service's own state DB
+    remove: pipelineOps.remove,
+    prune: pipelineOps.prune,
     async reattach(ctx): Promise<ReattachAllReport> {
       reattached++;
       return { ok: true, pool: ctx.cfg.pool, dry_run: false, skipped: null, snapshots: [], error: null, summary: { active: 0, reattached: 0, already_attached: 0, failed: 0, not_run: 0 } };
@@ -455,6 +459,42 @@ describe("jobs", () => {
     expect(getJob(db, old.id)).toBeNull();
     expect(getJob(db, live.id)?.state).toBe("queued");
     db.close();
+  });
+});
+
+describe("images", () => {
+  test("DELETE /v1/images/:name removes an image (idempotent, 404 for an unknown one); POST /v1/prune needs a rule", async () => {
+    const f = fakeOps();
+    const stateDir = join(W, "images");
+    const s = await start({ ops: f.ops, stateDir });
+    const db = openDb(join(stateDir, "state.db"));
+    for (const name of ["web-1", "web-2"]) {
+      const i = beginImage(db, { pool: "unitpool", name, source: `/src/${name}`, format: "layer-family" });
+      markImageReady(db, i.id, { format: "layer-family", config: null, layerIds: [], topChainId: null });
+    }
+    db.close();
+    const names = async () => (await call(s, "GET", "/v1/images")).body.images.map((i: { name: string }) => i.name);
+    expect(await names()).toEqual(["web-1", "web-2"]);
+    const mismatch = await call(s, "DELETE", "/v1/images/web-1", { image: "web-2" });
+    expect(mismatch.status).toBe(400);
+    const del = await call(s, "DELETE", "/v1/images/web-1", { image: "web-1" });
+    expect(del.status).toBe(200);
+    expect(del.body.images).toMatchObject([{ name: "web-1", state: "removed" }]);
+    expect(await names()).toEqual(["web-2"]);
+    // no body is accepted too (a signature over the timestamp alone)
+    expect((await call(s, "DELETE", "/v1/images/web-1")).body.images).toMatchObject([{ name: "web-1", state: "already_removed" }]);
+    const unknown = await call(s, "DELETE", "/v1/images/nope", { image: "nope" });
+    expect(unknown.status).toBe(404);
+    expect(unknown.body).toMatchObject({ ok: false, error: { kind: "missing" } });
+
+    const noRule = await call(s, "POST", "/v1/prune", {});
+    expect(noRule.status).toBe(400);
+    expect(noRule.body.error.message).toContain("unused_for, keep_last");
+    const dry = await call(s, "POST", "/v1/prune", { keep_last: 0, dry_run: true });
+    expect(dry.status).toBe(200);
+    expect(dry.body).toMatchObject({ ok: true, dry_run: true, removed: [] });
+    expect(dry.body.prune.map((p: { name: string }) => p.name)).toEqual(["web-2"]);
+    expect(await names()).toEqual(["web-2"]);
   });
 });
 
