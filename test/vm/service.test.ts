@@ -196,14 +196,23 @@ describe("service on the real kernel", () => {
     expect(performance.now() - t0).toBeLessThan(20_000);
     expect((await call(s1, "GET", `/v1/jobs/${q.body.job.id}`)).body.job.state).toBe("running");
     expect((await call(s1, "POST", "/v1/release", { snapshot: a.body.snapshot.id })).status).toBe(200);
+    const kept = await call(s1, "POST", "/v1/activate", { image: "fam" });
+    expect(kept.status).toBe(200);
     const devicesBefore = (await runOk(["dmsetup", "ls"])).stdout;
     expect(await stop(s1)).toBe(0);
     expect(s1.stderr()).toMatch(new RegExp(`job ${q.body.job.id} \\(slow\\) interrupted`));
     // nothing was cleaned up: the half-built layer's device is still there for the restart
     expect((await runOk(["dmsetup", "ls"])).stdout).toBe(devicesBefore);
+    // as a reboot would: the handed-out snapshot's device goes, its data stays
+    const keptName: string = kept.body.snapshot.device_name;
+    const keptTable = (await runOk(["dmsetup", "table", keptName])).stdout;
+    await runOk(["dmsetup", "remove", keptName]);
 
     const s2 = await serve();
     try {
+      // the restarted service re-attached it before answering: same name, same table
+      expect((await runOk(["dmsetup", "table", keptName])).stdout).toBe(keptTable);
+      expect((await call(s2, "POST", "/v1/release", { snapshot: kept.body.snapshot.id })).status).toBe(200);
       const job = await waitJob(s2, q.body.job.id);
       expect(job).toMatchObject({ state: "succeeded", image: "slow", attempts: 2 });
       const a = await call(s2, "POST", "/v1/activate", { image: "slow" });
