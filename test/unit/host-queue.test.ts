@@ -2,7 +2,7 @@
 // runner inside each child (no kernel here), but the lock, the tickets, the waiting and the journal
 // are the real ones. test/vm/host-safety.test.ts checks the same guarantees with real dm commands.
 import { afterAll, afterEach, describe, expect, test } from "bun:test";
-import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { JOURNAL_KEEP, journal, journalPath, useCommandJournal } from "../../lib/cmd-journal.ts";
 import { clearTimeouts, isStateChanging } from "../../lib/dm/host-queue.ts";
@@ -127,7 +127,11 @@ describe("one state-changing command at a time on the host", () => {
     const holder = child(q, [["dmsetup", "remove", "long"]], { ms: 1_600 });
     await Bun.sleep(300);
     const b = child(q, [["dmsetup", "remove", "b"]], { ms: 10 });
-    await Bun.sleep(200);
+    // "asked" is when b's ticket is down, not when its process was spawned (a start under load can
+    // take longer than the gap between two spawns)
+    const waiting = `${q}.waiting`;
+    const until = Date.now() + 20_000;
+    while (!(existsSync(waiting) && readdirSync(waiting).length > 0) && Date.now() < until) await Bun.sleep(10);
     const c = child(q, [["dmsetup", "remove", "c"]], { ms: 10 });
     const [lh, lb, lc] = await Promise.all([lines(holder), lines(b), lines(c)]);
     const hold = lh.find((l) => l.cmd)!;
