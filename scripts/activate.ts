@@ -5,7 +5,7 @@ import { defineCommand } from "citty";
 import { printJson, runMain } from "../lib/cli/main.ts";
 import { usageError } from "../lib/errors.ts";
 import { activate } from "../lib/pipeline/activate.ts";
-import { asHolder, ctxFrom, pipelineArgs } from "../lib/pipeline/cli.ts";
+import { asHolder, ctxFrom, pipelineArgs } from "../lib/cli/pipeline.ts";
 import { reattach } from "../lib/pipeline/reattach.ts";
 import { parseSize } from "../lib/util/units.ts";
 

@@ -10,7 +10,7 @@ import { printJson, runMain } from "../lib/cli/main.ts";
 import { loadConfig } from "../lib/config.ts";
 import { DEFAULT_LIMITS } from "../lib/image/apply/index.ts";
 import { extractImage } from "../lib/image/extract.ts";
-import { ttyProgress } from "../lib/pipeline/progress.ts";
+import { ttyProgress } from "../lib/cli/progress.ts";
 import { formatBytes, parseIntArg, parseSize } from "../lib/util/units.ts";
 
 export const extractCommand = defineCommand({

@@ -2,7 +2,7 @@
 import { defineCommand } from "citty";
 import { outputArgs, poolArgs, stateArgs } from "../lib/cli/args.ts";
 import { printJson, runMain } from "../lib/cli/main.ts";
-import { configFrom } from "../lib/pipeline/cli.ts";
+import { configFrom } from "../lib/cli/pipeline.ts";
 import { inventory } from "../lib/pipeline/inventory.ts";
 import { openDb } from "../lib/store/db.ts";
 import { formatBytes } from "../lib/util/units.ts";

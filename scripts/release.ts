@@ -2,7 +2,7 @@
 import { defineCommand } from "citty";
 import { printJson, runMain } from "../lib/cli/main.ts";
 import { release } from "../lib/pipeline/activate.ts";
-import { asHolder, ctxFrom, pipelineArgs } from "../lib/pipeline/cli.ts";
+import { asHolder, ctxFrom, pipelineArgs } from "../lib/cli/pipeline.ts";
 
 export const releaseCommand = defineCommand({
   meta: { name: "release", description: "Release an activated snapshot (its device is removed; `bun scripts/gc.ts` deletes the thin id later)" },

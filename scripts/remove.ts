@@ -2,7 +2,7 @@
 // released and `bun scripts/gc.ts --force` deletes their thin ids. Active snapshots keep working.
 import { defineCommand } from "citty";
 import { printJson, runMain } from "../lib/cli/main.ts";
-import { ctxFrom, pipelineArgs } from "../lib/pipeline/cli.ts";
+import { ctxFrom, pipelineArgs } from "../lib/cli/pipeline.ts";
 import { removeImages } from "../lib/pipeline/remove.ts";
 
 export const removeCommand = defineCommand({

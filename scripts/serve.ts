@@ -4,7 +4,7 @@
 import { defineCommand } from "citty";
 import { runMain } from "../lib/cli/main.ts";
 import { log } from "../lib/log.ts";
-import { configFrom, pipelineArgs, sizeArgs } from "../lib/pipeline/cli.ts";
+import { configFrom, pipelineArgs, sizeArgs } from "../lib/cli/pipeline.ts";
 import { DEFAULT_LISTEN, parseListen } from "../lib/server/listen.ts";
 import { DEFAULT_DRAIN_MS, DEFAULT_RETENTION_MS, startService } from "../lib/server/service.ts";
 import { parseDuration, parseIntArg } from "../lib/util/units.ts";

@@ -2,7 +2,7 @@
 // shared between images). Re-running for an unpacked image does no device work.
 import { defineCommand } from "citty";
 import { printJson, runMain } from "../lib/cli/main.ts";
-import { asHolder, ctxFrom, sizeArgs, pipelineArgs } from "../lib/pipeline/cli.ts";
+import { asHolder, ctxFrom, sizeArgs, pipelineArgs } from "../lib/cli/pipeline.ts";
 import { unpack } from "../lib/pipeline/unpack.ts";
 
 export const unpackCommand = defineCommand({

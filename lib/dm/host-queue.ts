@@ -22,7 +22,7 @@ import { closeSync, ftruncateSync, mkdirSync, openSync, readdirSync, readFileSyn
 import { basename, dirname } from "node:path";
 import { ThinimgError } from "../errors.ts";
 import type { CmdContext } from "../exec.ts";
-import { tryFlockExclusive, unflock } from "../image/apply/libc.ts";
+import { tryFlockExclusive, unflock } from "../util/libc.ts";
 import { commandLine, processStartTime } from "../lock/owner.ts";
 import { log } from "../log.ts";
 import { parseDuration } from "../util/units.ts";

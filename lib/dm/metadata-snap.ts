@@ -12,7 +12,7 @@
 import { closeSync, existsSync, openSync, readdirSync, readFileSync, statSync } from "node:fs";
 import { basename, join } from "node:path";
 import { ThinimgError } from "../errors.ts";
-import { tryFlockExclusive, unflock } from "../image/apply/libc.ts";
+import { tryFlockExclusive, unflock } from "../util/libc.ts";
 import { log } from "../log.ts";
 import * as dmsetup from "./dmsetup.ts";
 import { parsePoolTable, poolStatusOk, releaseMetadataSnap, reserveMetadataSnap } from "./pool.ts";

@@ -9,7 +9,8 @@ import type { GcRows } from "../store/gc-queries.ts";
 import type { LayerRow } from "../store/layers.ts";
 import type { SnapshotRow } from "../store/snapshots.ts";
 import type { DbDeadReason, DbDevice, DbMount, DbThin, DbView, RowRef } from "./model.ts";
-import { unreferencedLayers } from "./unreferenced.ts";
+import { unreferencedLayers } from "../pool/unreferenced.ts";
+import { isImageLockKey, layerLockKey, parseWorkSubject, workSubject } from "../store/keys.ts";
 
 export type AliveFn = (pid: number, startTime: number | null, host: string | null) => boolean;
 
@@ -29,8 +30,8 @@ export function buildDbView(pool: string, rows: GcRows, alive: AliveFn): DbViewR
   const activateWork = new Map<number, (typeof rows.runningWork)[number]>();
   for (const w of rows.runningWork) {
     if (w.kind !== "activate") continue;
-    const id = Number(w.subject.split(":").at(-1));
-    if (Number.isSafeInteger(id)) activateWork.set(id, w);
+    const s = parseWorkSubject(w.subject);
+    if (s?.kind === "snapshot") activateWork.set(s.id, w);
   }
 
   const layerDesc = (l: LayerRow) => {
@@ -56,12 +57,12 @@ export function buildDbView(pool: string, rows: GcRows, alive: AliveFn): DbViewR
     const r = lockRows.find((x) => x.key === key);
     return r && alive(r.pid, r.start_time, r.host) ? r : null;
   };
-  const liveImageLocks = lockRows.filter((r) => r.key.startsWith(`image:${pool}:`) && alive(r.pid, r.start_time, r.host));
+  const liveImageLocks = lockRows.filter((r) => isImageLockKey(pool, r.key) && alive(r.pid, r.start_time, r.host));
   const holderDesc = (r: { key: string; pid: number; command: string; acquired_at: number }) =>
     `${r.key} held by pid ${r.pid} (${r.command}) since ${new Date(r.acquired_at).toISOString()}`;
   /** Why an unfinished layer must be left alone this run (null: nobody may resume it now). */
   const layerLocked = (l: LayerRow): string | null => {
-    const own = liveLock(`layer:${pool}:${l.chain_id}`);
+    const own = liveLock(layerLockKey(pool, l.chain_id));
     if (own) return holderDesc(own);
     if (liveImageLocks.length) return `${holderDesc(liveImageLocks[0]!)}: an unpack in progress may resume this layer`;
     return null;
@@ -69,9 +70,9 @@ export function buildDbView(pool: string, rows: GcRows, alive: AliveFn): DbViewR
   const buildWork = new Map((rows.buildWork ?? []).map((w) => [w.subject, w]));
   /** The process building a layer: its lock holder or its running build work; null when none is alive. */
   const builder = (l: LayerRow): { alive: boolean; pid: number | null } => {
-    const lock = lockRows.find((x) => x.key === `layer:${pool}:${l.chain_id}`);
+    const lock = lockRows.find((x) => x.key === layerLockKey(pool, l.chain_id));
     if (lock && alive(lock.pid, lock.start_time, lock.host)) return { alive: true, pid: lock.pid };
-    const w = buildWork.get(`layer:${l.id}`) ?? rows.runningWork.find((x) => x.kind === "build_layer" && x.subject === `layer:${l.id}`);
+    const w = buildWork.get(workSubject("layer", l.id)) ?? rows.runningWork.find((x) => x.kind === "build_layer" && x.subject === workSubject("layer", l.id));
     if (w && w.state === "running" && alive(w.pid, w.start_time, w.host)) return { alive: true, pid: w.pid };
     return { alive: false, pid: lock?.pid ?? w?.pid ?? null };
   };

@@ -14,13 +14,14 @@ import type { GcLedger } from "./act.ts";
 import type { Repair } from "./model.ts";
 import { claimUnreferencedLayer } from "./unreferenced-claim.ts";
 import { forgetReleasedLayer } from "../store/lifecycle.ts";
+import { isImageLockKey, layerLockKey } from "../store/keys.ts";
 
 export type AliveFn = (pid: number, startTime: number | null, host: string | null) => boolean;
 
 /** A live process holds the layer chain's lock or an image lock of this pool: it may resume `l`. */
 function lockHeld(db: Db, pool: string, l: LayerRow, alive: AliveFn): string | null {
   for (const r of readPoolLocks(db, pool)) {
-    if (r.key !== `layer:${pool}:${l.chain_id}` && !r.key.startsWith(`image:${pool}:`)) continue;
+    if (r.key !== layerLockKey(pool, l.chain_id) && !isImageLockKey(pool, r.key)) continue;
     if (alive(r.pid, r.start_time, r.host)) return `${r.key} is now held by pid ${r.pid} (${r.command})`;
   }
   return null;

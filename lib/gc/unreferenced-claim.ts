@@ -6,7 +6,7 @@ import type { Db } from "../store/db.ts";
 import { readGcRows } from "../store/gc-queries.ts";
 import { forgetReleasedLayer } from "../store/lifecycle.ts";
 import { setThinIdState } from "../store/thin-ids.ts";
-import { type AliveFn, unreferencedLayers } from "./unreferenced.ts";
+import { type AliveFn, unreferencedLayers } from "../pool/unreferenced.ts";
 
 /** Returns null to go ahead, else why the layer is kept after all. Call inside the claim's transaction. */
 export function claimUnreferencedLayer(db: Db, pool: string, thinId: number, alive: AliveFn): string | null {

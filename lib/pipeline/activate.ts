@@ -2,6 +2,7 @@
 // /dev/mapper/<prefix>-<pool>-snap-<id>. The top layer device is inactive (committed layers are
 // deactivated), so create_snap needs no suspend. Release deactivates and marks the snapshot released;
 // deleting its thin id is GC's job.
+import { activeDevice } from "../dm/active.ts";
 import * as dmsetup from "../dm/dmsetup.ts";
 import * as mnt from "../dm/mount.ts";
 import * as pool from "../dm/pool.ts";
@@ -14,13 +15,14 @@ import { getLayer } from "../store/layers.ts";
 import { type SnapshotRow, getSnapshot, getSnapshotByDevice, insertSnapshot, updateSnapshot } from "../store/snapshots.ts";
 import { allocateThinId, getThinId, setThinIdState } from "../store/thin-ids.ts";
 import { type Leak, beginStep, endStep, finishWork, startWork } from "../store/work.ts";
-import type { Ctx } from "./context.ts";
+import type { Ctx } from "../pool/context.ts";
 import { classify, failure } from "./failure.ts";
-import { deviceName, parseDeviceName } from "./names.ts";
+import { deviceName, parseDeviceName } from "../pool/names.ts";
 import { assertSnapshotSize, growExt4 } from "./grow.ts";
-import { pausePoint } from "./pause.ts";
+import { pausePoint } from "../pool/pause-points.ts";
 import { isTimeout, retryBusyOnce } from "./retry.ts";
-import { ThinIdTaken, activeDevice, inPoolSection, poolCreate } from "./txn.ts";
+import { ThinIdTaken, inPoolSection, poolCreate } from "../pool/journal.ts";
+import { workSubject } from "../store/keys.ts";
 
 export interface ActivateResult {
   snapshot_id: number;
@@ -61,7 +63,7 @@ export async function activate(ctx: Ctx, imageRef: string, o: ActivateOptions = 
   const size = o.size === undefined ? top.virtual_size : assertSnapshotSize(o.size, top.virtual_size, img.name);
   if (!o.skipHealth) await assertHealthy({ pool: poolName, stateDir: cfg.stateDir });
   const snap = insertSnapshot(db, { pool: poolName, imageId: img.id, layerId: top.id, virtualSize: size, pid: ctx.owner.pid, command: ctx.owner.command });
-  const work = startWork(db, poolName, "activate", `snapshot:${snap.id}`, ctx.owner);
+  const work = startWork(db, poolName, "activate", workSubject("snapshot", snap.id), ctx.owner);
   let thinId: number | null = null;
   let name: string | null = null;
   let created = false;
@@ -185,7 +187,7 @@ export async function release(ctx: Ctx, ref: string, o: ActivateOptions = {}): P
     }
   }
   if (!o.skipHealth) await assertHealthy({ pool: poolName, stateDir: cfg.stateDir });
-  const work = startWork(db, poolName, "release", `snapshot:${snap.id}`, ctx.owner);
+  const work = startWork(db, poolName, "release", workSubject("snapshot", snap.id), ctx.owner);
   let openStep: number | null = null;
   try {
     const step = beginStep(db, work.id, poolName, "remove_device", { thinId: snap.thin_id, deviceName: name });

@@ -11,9 +11,9 @@ import { listMounts } from "../store/mounts.ts";
 import { listSnapshots } from "../store/snapshots.ts";
 import { listThinIds } from "../store/thin-ids.ts";
 import { listWork, pendingSteps } from "../store/work.ts";
-import type { Ctx } from "./context.ts";
-import { parseDeviceName } from "./names.ts";
-import { inPoolSection, readPoolThinIds } from "./txn.ts";
+import type { Ctx } from "../pool/context.ts";
+import { parseDeviceName } from "../pool/names.ts";
+import { inPoolSection, readPoolThinIds } from "../pool/journal.ts";
 
 /** Thin ids present in the pool's metadata right now. */
 export function poolThinIds(ctx: Ctx): Promise<number[]> {

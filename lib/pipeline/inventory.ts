@@ -2,6 +2,7 @@
 // activation), layers (with how many images share each), snapshots, and the pool's use when the
 // pool is reachable. A handed-out snapshot whose device is not loaded (after a reboot) shows as
 // `detached`: its data is kept until it is re-attached or released.
+import { activeDevices } from "../dm/active.ts";
 import * as pool from "../dm/pool.ts";
 import { errorMessage } from "../errors.ts";
 import type { Db } from "../store/db.ts";
@@ -12,7 +13,6 @@ import { layerRefCounts, listLayers } from "../store/layers.ts";
 import { type SnapshotRow, listSnapshots } from "../store/snapshots.ts";
 import { listThinIds } from "../store/thin-ids.ts";
 import { isDetached } from "./reattach.ts";
-import { activeDevices } from "./txn.ts";
 import { estimateFreed, readBlockMap } from "./space.ts";
 
 const iso = (ms: number | null) => (ms === null ? null : new Date(ms).toISOString());

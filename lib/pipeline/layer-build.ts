@@ -15,6 +15,7 @@
 // thin id, device and mount are recorded as leaked for GC — and a fresh thin id is built instead.
 // So is an `applied` attempt whose flush is not proven or whose filesystem a reboot left unclean.
 // A reboot also drops the device: `activated`/`formatted` found without it are re-activated.
+import { activeDevice } from "../dm/active.ts";
 import { mkdirSync } from "node:fs";
 import * as dmsetup from "../dm/dmsetup.ts";
 import { isDmError, runTool } from "../dm/errors.ts";
@@ -31,12 +32,13 @@ import { type LayerPhase, type LayerRow, abandonLayerAttempt, getLayer, updateLa
 import { setMount, setMountState } from "../store/mounts.ts";
 import { allocateThinId, getThinId, setThinIdState } from "../store/thin-ids.ts";
 import { type Leak, beginStep, endStep, finishWork, startWork, stepDone, stepsOf } from "../store/work.ts";
-import type { Ctx } from "./context.ts";
+import type { Ctx } from "../pool/context.ts";
 import { classify, failure } from "./failure.ts";
-import { deviceName, mountPathFor } from "./names.ts";
-import { pausePoint } from "./pause.ts";
+import { deviceName, mountPathFor } from "../pool/names.ts";
+import { pausePoint } from "../pool/pause-points.ts";
 import { retryBusyOnce } from "./retry.ts";
-import { ThinIdTaken, activeDevice, inPoolSection, poolCreate } from "./txn.ts";
+import { ThinIdTaken, inPoolSection, poolCreate } from "../pool/journal.ts";
+import { workSubject } from "../store/keys.ts";
 
 /** ext4 options while a layer is applied: hostile content can't use setuid or device nodes on the
  * host; errors make the fs read-only at once instead of continuing on a failing device. */
@@ -389,7 +391,7 @@ async function recordFailure(b: Build, e: unknown): Promise<ThinimgError> {
 export async function buildLayer(ctx: Ctx, input: BuildInput): Promise<BuildResult> {
   const first = getLayer(ctx.db, input.layerId)!;
   if (first.state === "committed") return { layer: first, abandoned: 0, built: false };
-  const work = startWork(ctx.db, ctx.cfg.pool, "build_layer", `layer:${first.id}`, ctx.owner);
+  const work = startWork(ctx.db, ctx.cfg.pool, "build_layer", workSubject("layer", first.id), ctx.owner);
   const b = new Build(ctx, input, work.id);
   try {
     b.setPhase(b.l.phase, { state: "building" });

@@ -10,7 +10,7 @@ import { ThinimgError } from "../errors.ts";
 import { log } from "../log.ts";
 import { readGcRows } from "../store/gc-queries.ts";
 import { type ImageUse, imageUses } from "../store/lifecycle.ts";
-import type { Ctx } from "./context.ts";
+import type { Ctx } from "../pool/context.ts";
 import { type RemovedImage, removeImageRows } from "./remove.ts";
 import { type SpaceEstimate, estimateFreed, readBlockMap } from "./space.ts";
 

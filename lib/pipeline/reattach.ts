@@ -3,6 +3,7 @@
 // the pool. Idempotent (a device already loaded with our table is left as it is), health-checked,
 // and fail dumb: a failed load is recorded on the snapshot and its work row, nothing is removed, and
 // a load that timed out is not tried again in this run (the next run finds the device, or not).
+import { activeDevice, activeDevices } from "../dm/active.ts";
 import { existsSync } from "node:fs";
 import { loadConfig } from "../config.ts";
 import * as dmsetup from "../dm/dmsetup.ts";
@@ -17,10 +18,11 @@ import { type SnapshotRow, listSnapshots, updateSnapshot } from "../store/snapsh
 import { getThinId } from "../store/thin-ids.ts";
 import { beginStep, endStep, finishWork, startWork } from "../store/work.ts";
 import { findSnapshot } from "./activate.ts";
-import { type Ctx, makeCtx } from "./context.ts";
+import { type Ctx, makeCtx } from "../pool/context.ts";
 import { classify, failure } from "./failure.ts";
 import { preflight as assertHealthy } from "./preflight.ts";
-import { activeDevice, activeDevices, inPoolSection } from "./txn.ts";
+import { inPoolSection } from "../pool/journal.ts";
+import { workSubject } from "../store/keys.ts";
 
 export type ReattachOutcome = "reattached" | "already_attached" | "would_reattach" | "failed" | "not_run";
 
@@ -92,7 +94,7 @@ function result(ctx: Ctx, snap: SnapshotRow, outcome: ReattachOutcome, t0: numbe
 /** Load the device, journalled like an activation's own load (work row + step intent first). */
 async function load(ctx: Ctx, h: Handed): Promise<void> {
   const { db, cfg } = ctx;
-  const work = startWork(db, cfg.pool, "activate", `snapshot:${h.snap.id}`, ctx.owner);
+  const work = startWork(db, cfg.pool, "activate", workSubject("snapshot", h.snap.id), ctx.owner);
   const step = beginStep(db, work.id, cfg.pool, "reattach_device", { thinId: h.thinId, deviceName: h.name });
   setDevice(db, { pool: cfg.pool, name: h.name, thinId: h.thinId, kind: "snap", state: "activating", reason: "re-attach" });
   try {

@@ -10,8 +10,9 @@ import { type ImageRow, getImage, getImageByName } from "../store/images.ts";
 import { getLayer } from "../store/layers.ts";
 import { removeImageRecord } from "../store/lifecycle.ts";
 import { listSnapshots } from "../store/snapshots.ts";
-import type { Ctx } from "./context.ts";
-import { assertImageName } from "./names.ts";
+import type { Ctx } from "../pool/context.ts";
+import { assertImageName } from "../pool/names.ts";
+import { imageLockKey } from "../store/keys.ts";
 
 export interface RemovedImage {
   id: number;
@@ -48,7 +49,7 @@ function resolve(ctx: Ctx, ref: string): ImageRow {
 
 async function removeOne(ctx: Ctx, img: ImageRow, o: RemoveOptions): Promise<RemovedImage> {
   const { db, cfg } = ctx;
-  const lock = await acquireNamedLock(db, `image:${cfg.pool}:${img.name}`, {
+  const lock = await acquireNamedLock(db, imageLockKey(cfg.pool, img.name), {
     waitMs: cfg.lockWaitMs,
     command: ctx.owner.command,
     what: `image ${img.name}`,

@@ -7,7 +7,7 @@
 import { withMetadataSnapshot } from "../dm/metadata-snap.ts";
 import { thinDump } from "../dm/thintools.ts";
 import { SECTOR } from "../dm/pool.ts";
-import { type AliveFn, unreferencedLayers } from "../gc/unreferenced.ts";
+import { type AliveFn, unreferencedLayers } from "../pool/unreferenced.ts";
 import type { GcRows } from "../store/gc-queries.ts";
 
 type Range = [start: number, end: number];

@@ -12,10 +12,11 @@ import { type ImageRow, beginImage, getImageByName, imageLayerIds, markImageBuil
 import { type LayerRow, getLayer, getLayerByChain, insertLayer } from "../store/layers.ts";
 import { finishWork, startWork } from "../store/work.ts";
 import { chainIds, identityOf } from "./chain.ts";
-import type { Ctx } from "./context.ts";
+import type { Ctx } from "../pool/context.ts";
 import { isPermanent } from "./failure.ts";
 import type { BuildResult } from "./layer-build.ts";
-import { assertImageName } from "./names.ts";
+import { assertImageName } from "../pool/names.ts";
+import { imageLockKey, layerLockKey, workSubject } from "../store/keys.ts";
 
 export interface UnpackOptions {
   source: string;
@@ -88,7 +89,7 @@ export async function unpack(ctx: Ctx, o: UnpackOptions): Promise<UnpackResult> 
     const img = readyImage(ctx, name, o.source);
     if (img) return resultFromDb(ctx, img, t0, false);
   }
-  const lock = await acquireNamedLock(db, `image:${cfg.pool}:${name}`, {
+  const lock = await acquireNamedLock(db, imageLockKey(cfg.pool, name), {
     waitMs: cfg.lockWaitMs,
     command: ctx.owner.command,
     what: `image ${name}`,
@@ -139,7 +140,7 @@ async function unpackLocked(ctx: Ctx, name: string, o: UnpackOptions, t0: number
   });
   const chains = chainIds(resolved.layers);
   const img = beginImage(db, { pool: cfg.pool, name, source: o.source, format: resolved.format });
-  const work = startWork(db, cfg.pool, "unpack", `image:${img.id}`, ctx.owner);
+  const work = startWork(db, cfg.pool, "unpack", workSubject("image", img.id), ctx.owner);
   const out: UnpackedLayer[] = [];
   let built = 0;
   let healthy = false;
@@ -169,7 +170,7 @@ async function unpackLocked(ctx: Ctx, name: string, o: UnpackOptions, t0: number
       const parentRow: LayerRow | null = parent;
       const result: BuildResult = await withNamedLock(
         db,
-        `layer:${cfg.pool}:${chainId}`,
+        layerLockKey(cfg.pool, chainId),
         { waitMs: cfg.lockWaitMs, command: ctx.owner.command, what: `layer ${label}` },
         () => buildLayer(ctx, { layerId, parent: parentRow, ref, label }),
       );

@@ -7,7 +7,7 @@ import * as pool from "../dm/pool.ts";
 import { type CmdRecord, onCommandRecord } from "../exec.ts";
 import { readLastGcRun } from "../gc/last-run.ts";
 import type { HealthReport } from "../health/types.ts";
-import type { Ctx } from "../pipeline/context.ts";
+import type { Ctx } from "../pool/context.ts";
 import { countJobsByState } from "./jobs.ts";
 
 /** The label for a command record: the tool, and for dmsetup its subcommand (and pool message). */

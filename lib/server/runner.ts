@@ -3,8 +3,8 @@
 // The operations are a parameter so unit tests can drive the queue without a kernel.
 import { ThinimgError, errorMessage } from "../errors.ts";
 import { log } from "../log.ts";
-import type { Ctx } from "../pipeline/context.ts";
-import type { Progress } from "../pipeline/progress.ts";
+import type { Ctx } from "../pool/context.ts";
+import type { Progress } from "../pool/context.ts";
 import type { UnpackOptions, UnpackResult } from "../pipeline/unpack.ts";
 import { type JobError, type JobRow, type UnpackParams, claimNextJob, finishJob, interruptJob, listJobs } from "./jobs.ts";
 

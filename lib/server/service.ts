@@ -13,7 +13,7 @@ import { tryAcquireNamed } from "../lock/named-lock.ts";
 import { describeHolder } from "../lock/owner.ts";
 import { log } from "../log.ts";
 import { activate, release } from "../pipeline/activate.ts";
-import { type Ctx, asHolder, makeCtx } from "../pipeline/context.ts";
+import { type Ctx, asHolder, makeCtx } from "../pool/context.ts";
 import { prune } from "../pipeline/prune.ts";
 import { reattachAll, renderReattach } from "../pipeline/reattach.ts";
 import { removeImages } from "../pipeline/remove.ts";
@@ -26,6 +26,7 @@ import { type Listen, formatListen, isLocalOnly } from "./listen.ts";
 import { Metrics } from "./metrics.ts";
 import { type ServiceOps, makeApp } from "./routes.ts";
 import { JobRunner } from "./runner.ts";
+import { serviceLockKey } from "../store/keys.ts";
 
 export const DEFAULT_RETENTION_MS = 7 * 24 * 3_600_000;
 export const DEFAULT_DRAIN_MS = 60_000;
@@ -102,7 +103,7 @@ function checkAuthOptions(o: ServiceOptions): void {
 
 /** One service per pool and state dir: a named lock held for the process's life. */
 function takeServiceLock(ctx: Ctx): string {
-  const key = `service:${ctx.cfg.pool}`;
+  const key = serviceLockKey(ctx.cfg.pool);
   const r = tryAcquireNamed(ctx.db, key, ctx.owner.command);
   if (!r.ok) {
     throw new ThinimgError("conflict", `another thinimg service runs for pool ${ctx.cfg.pool}: ${describeHolder(r.holder)}`, {

@@ -11,6 +11,7 @@ import type { MountRow } from "./mounts.ts";
 import type { SnapshotRow } from "./snapshots.ts";
 import type { ThinIdRow } from "./thin-ids.ts";
 import type { WorkRow } from "./work.ts";
+import { isPoolLockKey } from "./keys.ts";
 
 export interface GcRows {
   thinIds: ThinIdRow[];
@@ -38,7 +39,7 @@ function hasTable(db: Db, name: string): boolean {
   return db.query("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?").get(name) !== null;
 }
 
-const prefixed = (key: string, pool: string) => key.startsWith(`layer:${pool}:`) || key.startsWith(`image:${pool}:`);
+const prefixed = (key: string, pool: string) => isPoolLockKey(pool, key);
 
 export function readGcRows(db: Db, pool: string): GcRows {
   return db.transaction(() => ({

@@ -7,7 +7,7 @@ import { join } from "node:path";
 import { loadConfig } from "../../lib/config.ts";
 import { createLoopPool } from "../../lib/dm/loop-pool.ts";
 import { runOk } from "../../lib/exec.ts";
-import { makeCtx } from "../../lib/pipeline/context.ts";
+import { makeCtx } from "../../lib/pool/context.ts";
 import { writeDemoImages } from "../../lib/pipeline/demo-image.ts";
 import { unpack } from "../../lib/pipeline/unpack.ts";
 import { sign } from "../../lib/server/auth.ts";

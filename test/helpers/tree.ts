@@ -4,7 +4,7 @@
 import { createHash } from "node:crypto";
 import { type Stats, lstatSync, readFileSync } from "node:fs";
 import { displayBytes, fsPath, readDir, readLink } from "../../lib/image/apply/bytepath.ts";
-import { lgetxattr, llistxattr } from "../../lib/image/apply/libc.ts";
+import { lgetxattr, llistxattr } from "../../lib/util/libc.ts";
 
 export interface Node {
   type: string;

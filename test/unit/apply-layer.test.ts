@@ -4,7 +4,7 @@ import { afterAll, beforeEach, describe, expect, test } from "bun:test";
 import { closeSync, existsSync, lstatSync, mkdtempSync, openSync, readdirSync, readFileSync, readlinkSync, readSync, rmSync, statSync } from "node:fs";
 import { ThinimgError } from "../../lib/errors.ts";
 import { type ApplyOptions, applyLayer, DEFAULT_LIMITS } from "../../lib/image/apply/index.ts";
-import { lgetxattr, llistxattr } from "../../lib/image/apply/libc.ts";
+import { lgetxattr, llistxattr } from "../../lib/util/libc.ts";
 import {
   chardev,
   dir,

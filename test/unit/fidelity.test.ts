@@ -34,7 +34,7 @@ import {
 import { runOk } from "../../lib/exec.ts";
 import { fsPath, readDir } from "../../lib/image/apply/bytepath.ts";
 import { applyLayer } from "../../lib/image/apply/index.ts";
-import { lsetxattr, mknod, S_IFCHR, S_IFIFO } from "../../lib/image/apply/libc.ts";
+import { lsetxattr, mknod, S_IFCHR, S_IFIFO } from "../../lib/util/libc.ts";
 import { extractImage } from "../../lib/image/extract.ts";
 import { resolveImage } from "../../lib/image/resolve.ts";
 import { compress, decompress, REF_NAME } from "../helpers/images.ts";

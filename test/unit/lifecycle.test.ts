@@ -10,7 +10,7 @@ import { ThinimgError } from "../../lib/errors.ts";
 import { storeLedger } from "../../lib/gc/ledger.ts";
 import type { Orphan } from "../../lib/gc/model.ts";
 import { currentHolder } from "../../lib/lock/owner.ts";
-import { type Ctx, makeCtx } from "../../lib/pipeline/context.ts";
+import { type Ctx, makeCtx } from "../../lib/pool/context.ts";
 import { inventory } from "../../lib/pipeline/inventory.ts";
 import { prune, pruneGroup, selectPrune } from "../../lib/pipeline/prune.ts";
 import { removeImageRows, removeImages } from "../../lib/pipeline/remove.ts";

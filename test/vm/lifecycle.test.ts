@@ -13,7 +13,7 @@ import { dmsetup, mount, pool as dmpool } from "../../lib/dm/index.ts";
 import { loadConfig } from "../../lib/config.ts";
 import { parsePoolTable } from "../../lib/dm/pool.ts";
 import { run } from "../../lib/exec.ts";
-import { makeCtx } from "../../lib/pipeline/context.ts";
+import { makeCtx } from "../../lib/pool/context.ts";
 import { prune } from "../../lib/pipeline/prune.ts";
 import type { GcReport } from "../../lib/gc/report.ts";
 import { sampleLayer, writeLayerFamily } from "../helpers/images.ts";

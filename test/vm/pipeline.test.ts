@@ -13,7 +13,7 @@ import * as mnt from "../../lib/dm/mount.ts";
 import { type CmdRecord, onCommandRecord, runOk } from "../../lib/exec.ts";
 import { activate, release } from "../../lib/pipeline/activate.ts";
 import { checkConsistency } from "../../lib/pipeline/consistency.ts";
-import { type Ctx, makeCtx } from "../../lib/pipeline/context.ts";
+import { type Ctx, makeCtx } from "../../lib/pool/context.ts";
 import { writeDemoImages } from "../../lib/pipeline/demo-image.ts";
 import { unpack } from "../../lib/pipeline/unpack.ts";
 import { getLayerByChain, listLayers } from "../../lib/store/layers.ts";

@@ -11,7 +11,7 @@ import { loadConfig } from "../../lib/config.ts";
 import * as mnt from "../../lib/dm/mount.ts";
 import { runOk } from "../../lib/exec.ts";
 import { checkConsistency } from "../../lib/pipeline/consistency.ts";
-import { makeCtx } from "../../lib/pipeline/context.ts";
+import { makeCtx } from "../../lib/pool/context.ts";
 import { sign } from "../../lib/server/auth.ts";
 import { serviceHealthDir } from "../../lib/server/service.ts";
 import { primeKernelLogCursor } from "../helpers/health.ts";

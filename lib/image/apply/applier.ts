@@ -31,7 +31,7 @@ import {
 } from "node:fs";
 import { fsPath, readDir } from "./bytepath.ts";
 import { InRoot } from "./inroot.ts";
-import { fsetxattr, lgetxattr, llistxattr, lremovexattr, lsetxattr, mknod, S_IFBLK, S_IFCHR, S_IFIFO } from "./libc.ts";
+import { fsetxattr, lgetxattr, llistxattr, lremovexattr, lsetxattr, mknod, S_IFBLK, S_IFCHR, S_IFIFO } from "../../util/libc.ts";
 import { checkNameBytes, DEPTH_HINT, HOSTILE_HINT, type Limits, RuleError, splitName } from "./rules.ts";
 import type { TarEntry, TarSink } from "./tar-reader.ts";
 

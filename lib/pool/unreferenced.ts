@@ -9,6 +9,7 @@
 // a dm-thin snapshot does not need its origin.
 import type { GcRows } from "../store/gc-queries.ts";
 import type { LayerRow } from "../store/layers.ts";
+import { isImageLockKey, layerLockKey } from "../store/keys.ts";
 
 export type AliveFn = (pid: number, startTime: number | null, host: string | null) => boolean;
 
@@ -44,11 +45,11 @@ export function unreferencedLayers(pool: string, rows: Rows, alive: AliveFn): Ma
   const released = (l: LayerRow) => l.state === "committed" && l.thin_id !== null && (l.released_at ?? null) !== null && !referenced.has(l.id);
   const needed = neededChains(rows.layers, released);
   const locks = (rows.locks ?? []).filter((r) => alive(r.pid, r.start_time, r.host));
-  const imageLock = locks.find((r) => r.key.startsWith(`image:${pool}:`));
+  const imageLock = locks.find((r) => isImageLockKey(pool, r.key));
   const out = new Map<number, UnreferencedLayer>();
   for (const l of rows.layers) {
     if (!released(l) || needed.has(l.id) || activating.has(l.id)) continue;
-    const own = locks.find((r) => r.key === `layer:${pool}:${l.chain_id}`);
+    const own = locks.find((r) => r.key === layerLockKey(pool, l.chain_id));
     const holder = own ?? imageLock;
     out.set(l.id, {
       layerId: l.id,

@@ -1,9 +1,9 @@
 // Shared plumbing for the pipeline scripts (unpack, activate, release, list): flags → Config,
 // context with a TTY progress line when appropriate.
 import type { ArgsDef } from "citty";
-import { outputArgs, poolArgs, stateArgs } from "../cli/args.ts";
+import { outputArgs, poolArgs, stateArgs } from "./args.ts";
 import { type Config, loadConfig } from "../config.ts";
-import { type Ctx, asHolder, makeCtx } from "./context.ts";
+import { type Ctx, asHolder, makeCtx } from "../pool/context.ts";
 
 export { asHolder };
 import { noProgress, ttyProgress } from "./progress.ts";

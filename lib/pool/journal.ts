@@ -10,9 +10,7 @@
 // the SAME id; present → recorded orphaned (never adopted blindly) and the next id taken. A create
 // whose outcome is unknown to a live process (a timeout) is left pending the same way. Nothing is
 // ever done twice.
-import { readFileSync, readdirSync } from "node:fs";
 import { ThinimgError } from "../errors.ts";
-import * as dmsetup from "../dm/dmsetup.ts";
 import { DmError, isDmError } from "../dm/errors.ts";
 import { type HoldOptions, withMetadataSnapshot } from "../dm/metadata-snap.ts";
 import * as pool from "../dm/pool.ts";
@@ -27,7 +25,8 @@ import { beginStep, endStep, finishWork, listWork, pendingSteps } from "../store
 import { setDeviceState, listDevices } from "../store/devices.ts";
 import { listSnapshots, updateSnapshot } from "../store/snapshots.ts";
 import type { Ctx } from "./context.ts";
-import { pausePoint } from "./pause.ts";
+import { pausePoint } from "./pause-points.ts";
+import { parseWorkSubject } from "../store/keys.ts";
 
 export type PoolOp = { op: "create_thin"; thinId: number } | { op: "create_snap"; thinId: number; originId: number };
 
@@ -182,7 +181,7 @@ export async function reconcilePending(ctx: Ctx): Promise<number> {
     tx(db, () => {
       finishWork(db, w.id, "interrupted", { error: `pid ${w.pid} (${w.command}) died while running`, kind: "interrupted" });
       if (w.kind === "activate") {
-        const snapId = Number(w.subject.split(":")[1]);
+        const snapId = parseWorkSubject(w.subject)?.id ?? Number.NaN;
         for (const snap of listSnapshots(db, name, ["pending"]).filter((x) => x.id === snapId)) {
           updateSnapshot(db, snap.id, { state: "failed", error: `activation interrupted: pid ${w.pid} died` });
           if (snap.thin_id !== null) {
@@ -208,33 +207,4 @@ export async function reconcilePending(ctx: Ctx): Promise<number> {
 export async function readPoolThinIds(poolName: string, o: { stateDir: string } & HoldOptions): Promise<number[]> {
   const entries = await withMetadataSnapshot(poolName, { ...o, releaseStale: true, maxWaitMs: o.maxWaitMs ?? 120_000 }, (meta) => thinLs(meta, { metadataSnap: true }));
   return entries.map((e) => e.id).sort((a, b) => a - b);
-}
-
-/** Active dm devices by name, read from sysfs (/sys/block/dm-N/dm/name): no command is spawned,
- * which matters on the hot path (each dmsetup exec costs more than the check itself). Falls back to
- * `dmsetup ls` where sysfs is not mounted. */
-export async function activeDevices(): Promise<Map<string, { name: string; major: number; minor: number }>> {
-  const out = new Map<string, { name: string; major: number; minor: number }>();
-  let entries: string[];
-  try {
-    entries = readdirSync("/sys/block").filter((e) => e.startsWith("dm-"));
-  } catch {
-    for (const d of await dmsetup.ls()) out.set(d.name, d);
-    return out;
-  }
-  for (const e of entries) {
-    try {
-      const name = readFileSync(`/sys/block/${e}/dm/name`, "utf8").trim();
-      const [major, minor] = readFileSync(`/sys/block/${e}/dev`, "utf8").trim().split(":").map(Number);
-      out.set(name, { name, major: major!, minor: minor! });
-    } catch {
-      // removed while we looked
-    }
-  }
-  return out;
-}
-
-/** The device if it is active, else null (see activeDevices). */
-export async function activeDevice(name: string): Promise<{ name: string; major: number; minor: number } | null> {
-  return (await activeDevices()).get(name) ?? null;
 }

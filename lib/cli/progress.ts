@@ -1,15 +1,8 @@
 // Progress on a TTY: one redrawn line on stderr ("[2/5] apply sha256:ab12… 41% 120 MiB"). Off a TTY
 // (or with --json / --log-format json) nothing is drawn; the log lines carry the story instead.
+import type { Progress } from "../pool/context.ts";
 import { formatBytes } from "../util/units.ts";
 
-export interface Progress {
-  /** A new stage ("fetch", "layer 2/5: apply"). */
-  stage(label: string): void;
-  /** Bytes done (and total when known) within the current stage. */
-  bytes(done: number, total: number | null): void;
-  /** Clear the line (before normal output). */
-  done(): void;
-}
 
 export const noProgress: Progress = { stage() {}, bytes() {}, done() {} };
 

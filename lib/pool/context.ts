@@ -6,7 +6,16 @@ import { withSharedHold } from "../lock/holders.ts";
 import { currentHolder } from "../lock/owner.ts";
 import { type Db, openDb } from "../store/db.ts";
 import type { Owner } from "../store/work.ts";
-import type { Progress } from "./progress.ts";
+
+/** Where an operation reports how far it is (a TTY line in the CLI, a job's progress in the service). */
+export interface Progress {
+  /** A new stage ("fetch", "layer 2/5: apply"). */
+  stage(label: string): void;
+  /** Bytes done (and total when known) within the current stage. */
+  bytes(done: number, total: number | null): void;
+  /** Clear the line (before normal output). */
+  done(): void;
+}
 
 export interface Ctx {
   cfg: Config;
