@@ -13,7 +13,7 @@ import { integrityError, layerLabel } from "./format/layer.ts";
 import { resolveImage } from "./resolve.ts";
 import type { ImageConfig, ImageFormat } from "./types.ts";
 
-/** What a progress display needs (lib/pipeline/progress.ts's ttyProgress() fits). */
+/** What a progress display needs (lib/cli/progress.ts's ttyProgress() fits). */
 export interface ProgressSink {
   stage(label: string): void;
   bytes(done: number, total: number | null): void;

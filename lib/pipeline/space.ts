@@ -71,7 +71,7 @@ const nobodyAlive: AliveFn = () => false;
 
 /**
  * Thin ids of the layers GC would collect once `imageIds` are removed, beyond those it would collect
- * anyway (already released). Same rules as GC (lib/gc/unreferenced.ts): shared layers, parents of
+ * anyway (already released). Same rules as GC (lib/pool/unreferenced.ts): shared layers, parents of
  * kept or building layers and layers with an activation in flight stay.
  */
 export function layersFreedBy(pool: string, rows: GcRows, imageIds: Set<number>, now: number): Set<number> {

@@ -1,7 +1,7 @@
 // Image lifecycle rows: removing an image (its row stays, with removed_at: snapshots reference it) and
 // what prune and list need to know about each image (last use, snapshots holding it). The removal
 // is one transaction, so a crash leaves either the image as it was or removed with its layers
-// released; GC (lib/gc/unreferenced.ts) does the rest.
+// released; GC (lib/pool/unreferenced.ts) does the rest.
 import { type Db, now, tx } from "./db.ts";
 import { type ImageRow, getImage, releaseIfUnreferenced } from "./images.ts";
 import { updateLayer } from "./layers.ts";
