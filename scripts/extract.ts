@@ -9,7 +9,7 @@ import { outputArgs, stateArgs } from "../lib/cli/args.ts";
 import { printJson, runMain } from "../lib/cli/main.ts";
 import { loadConfig } from "../lib/config.ts";
 import { DEFAULT_LIMITS } from "../lib/image/apply/index.ts";
-import { extractImage } from "../lib/image/extract.ts";
+import { extractImage, summaryJson } from "../lib/image/extract.ts";
 import { ttyProgress } from "../lib/cli/progress.ts";
 import { formatBytes, parseIntArg, parseSize } from "../lib/util/units.ts";
 
@@ -70,7 +70,7 @@ export const extractCommand = defineCommand({
       ...(progress ? { progress } : {}),
     });
     if (args.json) {
-      printJson({ ok: true, ...s });
+      printJson({ ok: true, ...summaryJson(s) });
       return;
     }
     const what = [s.format, s.name, s.platform].filter(Boolean).join(", ");

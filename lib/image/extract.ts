@@ -33,6 +33,38 @@ export interface ExtractOptions {
   progress?: ProgressSink;
 }
 
+/** The summary as `extract --json` prints it: snake_case keys, like every command's output. */
+export function summaryJson(s: ExtractSummary) {
+  const c = s.config;
+  return {
+    source: s.source,
+    dest: s.dest,
+    format: s.format,
+    name: s.name,
+    id: s.id,
+    platform: s.platform,
+    layers: s.layers.map((l) => ({ digest: l.digest, diff_id: l.diffId, compression: l.compression, size: l.size, entries: l.entries, bytes: l.bytes, whiteouts: l.whiteouts, skipped: l.skipped, seconds: l.seconds })),
+    entries: s.entries,
+    bytes: s.bytes,
+    whiteouts: s.whiteouts,
+    skipped: s.skipped,
+    seconds: s.seconds,
+    config: c && {
+      digest: c.digest,
+      architecture: c.architecture,
+      os: c.os,
+      variant: c.variant,
+      env: c.env,
+      entrypoint: c.entrypoint,
+      cmd: c.cmd,
+      working_dir: c.workingDir,
+      user: c.user,
+      labels: c.labels,
+      diff_ids: c.diffIds,
+    },
+  };
+}
+
 export interface ExtractSummary {
   source: string;
   dest: string;
