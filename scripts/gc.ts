@@ -3,7 +3,7 @@
 // hand-made ids) and, with --force, remove them one bounded step at a time. Dry-run by default.
 // Exit 0: all done (or, dry-run, nothing needs a human); 1: something failed or needs a human.
 import { defineCommand } from "citty";
-import { outputArgs, poolArgs, stateArgs } from "../lib/cli/args.ts";
+import { kernelWindowArgs, outputArgs, poolArgs, stateArgs } from "../lib/cli/args.ts";
 import { runMain } from "../lib/cli/main.ts";
 import { loadConfig } from "../lib/config.ts";
 import { DEFAULT_GRACE_MS } from "../lib/gc/plan.ts";
@@ -27,12 +27,13 @@ export const gcCommand = defineCommand({
       default: false,
     },
     wait: { type: "string", description: "How long to wait for the process lock before giving up (e.g. 0, 30s)", default: "30s" },
+    ...kernelWindowArgs,
     ...poolArgs,
     ...stateArgs,
     ...outputArgs,
   },
   async run({ args }) {
-    const cfg = loadConfig({ stateDir: args["state-dir"], pool: args.pool });
+    const cfg = loadConfig({ stateDir: args["state-dir"], pool: args.pool, kernelErrorWindow: args["kernel-error-window"] });
     const graceMs = args.grace === undefined ? DEFAULT_GRACE_MS : parseDuration(args.grace, "--grace");
     if (args["ignore-lock"] && !args.force) log.warn("--ignore-lock has no effect without --force");
     // SIGTERM/SIGINT (systemd stop, Ctrl-C): finish the current step, release what we hold, report

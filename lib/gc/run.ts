@@ -9,7 +9,7 @@
 import { existsSync, readFileSync } from "node:fs";
 import type { Config } from "../config.ts";
 import { errorMessage, ThinimgError } from "../errors.ts";
-import { acknowledgeOwnMessages } from "../health/dmesg.ts";
+import { acknowledgeOwnMessages, cursorOf, type KmsgCursor } from "../health/dmesg.ts";
 import { assertHealthy } from "../health/index.ts";
 import { procIo } from "../health/io.ts";
 import { staleness } from "../lock/owner.ts";
@@ -114,6 +114,7 @@ export async function runGc(o: GcOptions): Promise<GcReport> {
   const db = opened.db;
   if (opened.note) notes.push(opened.note);
   let lock: ProcessLock | null = null;
+  let kmsgCursor: KmsgCursor | null = null;
   try {
     // ---- locks and health (force only) ----
     if (o.force && db) {
@@ -133,7 +134,8 @@ export async function runGc(o: GcOptions): Promise<GcReport> {
       try {
         // a full pool is what GC is for: data use alone never blocks it (out_of_data_space mode,
         // needs_check, metadata use, D-state, kernel errors, memory and I/O pressure still do)
-        await assertHealthy({ pool, stateDir: cfg.stateDir, thresholds: { dataBlockPct: 101 } });
+        const h = await assertHealthy({ pool, stateDir: cfg.stateDir, thresholds: { dataBlockPct: 101 }, kernelErrorWindowMs: cfg.kernelErrorWindowMs });
+        kmsgCursor = cursorOf(h.checks.find((c) => c.name === "host.dmesg"));
         base.health = { ok: true, detail: "health checks passed" };
       } catch (e) {
         const msg = e instanceof ThinimgError ? e.oneLine() : errorMessage(e);
@@ -209,7 +211,7 @@ export async function runGc(o: GcOptions): Promise<GcReport> {
       });
       if (actResult.unmountedRemoved.length) {
         try {
-          const lines = await acknowledgeOwnMessages(procIo, cfg.stateDir, new Set(actResult.unmountedRemoved));
+          const lines = await acknowledgeOwnMessages(procIo, cfg.stateDir, new Set(actResult.unmountedRemoved), kmsgCursor);
           base.kernelMessages = lines;
           for (const l of lines) log.warn(`gc: the kernel said, unmounting a device this run then removed (not held against the next health check): ${l}`);
         } catch (e) {

@@ -55,7 +55,7 @@ export async function activate(ctx: Ctx, imageRef: string, o: ActivateOptions = 
   if (top.state !== "committed" || top.thin_id === null || !top.device_name) {
     throw new ThinimgError("conflict", `image ${img.name}: its top layer is ${top.state}`, { hint: "re-run the unpack" });
   }
-  if (!o.skipHealth) await assertHealthy({ pool: poolName, stateDir: cfg.stateDir });
+  if (!o.skipHealth) await assertHealthy({ pool: poolName, stateDir: cfg.stateDir, kernelErrorWindowMs: cfg.kernelErrorWindowMs });
   const snap = insertSnapshot(db, { pool: poolName, imageId: img.id, layerId: top.id, pid: ctx.owner.pid, command: ctx.owner.command });
   const work = startWork(db, poolName, "activate", `snapshot:${snap.id}`, ctx.owner);
   let thinId: number | null = null;
@@ -179,7 +179,7 @@ export async function release(ctx: Ctx, ref: string, o: ActivateOptions = {}): P
       throw new ThinimgError("conflict", `snapshot ${snap.id} (${name}) is open by ${info.open} user(s)`, { hint: "stop the microVM (or whatever holds it) first, then release" });
     }
   }
-  if (!o.skipHealth) await assertHealthy({ pool: poolName, stateDir: cfg.stateDir });
+  if (!o.skipHealth) await assertHealthy({ pool: poolName, stateDir: cfg.stateDir, kernelErrorWindowMs: cfg.kernelErrorWindowMs });
   const work = startWork(db, poolName, "release", `snapshot:${snap.id}`, ctx.owner);
   let openStep: number | null = null;
   try {

@@ -2,6 +2,6 @@
 // kernel log, memory, iowait. Blocks the operation with the check's one-line reason and runbook.
 import { assertHealthy } from "../health/index.ts";
 
-export async function preflight(o: { pool: string; stateDir: string }): Promise<void> {
-  await assertHealthy({ pool: o.pool, stateDir: o.stateDir });
+export async function preflight(o: { pool: string; stateDir: string; kernelErrorWindowMs?: number }): Promise<void> {
+  await assertHealthy({ pool: o.pool, stateDir: o.stateDir, kernelErrorWindowMs: o.kernelErrorWindowMs });
 }

@@ -155,7 +155,7 @@ async function unpackLocked(ctx: Ctx, name: string, o: UnpackOptions, t0: number
       }
       if (!healthy) {
         ctx.progress?.stage("health checks");
-        await assertHealthy({ pool: cfg.pool, stateDir: cfg.stateDir });
+        await assertHealthy({ pool: cfg.pool, stateDir: cfg.stateDir, kernelErrorWindowMs: cfg.kernelErrorWindowMs });
         healthy = true;
       }
       row ??= insertLayerOnce(ctx, chainId, parent, ref);

@@ -345,12 +345,14 @@ describe("pool out of data space mid-apply", () => {
     expect(grown.mode).toBe("rw");
     expect(grown.dataTotal).toBe(newSize / (p.blockSectors * 512));
     expectOneNewThinId(await s.thinIds(), before, l);
-    // the kernel logged the fault; the operator reads it with the health check (reported once),
-    // and the next check is clean
+    // the kernel logged the fault: it blocks every check until the operator, having read it,
+    // acknowledges it
     const h1 = await s.script("health", ["--json"]);
-    process.stderr.write(`[gc-faults] health after extending: exit ${h1.code}\n${h1.err}`);
-    const h2 = await s.script("health", ["--json"]);
-    expect(h2.code).toBe(0);
+    expect(h1.code, h1.err).toBe(1);
+    expect(h1.err).toContain("out-of-data-space");
+    expect((await s.script("health", [])).code).toBe(1);
+    const h2 = await s.script("health", ["--ack", "--json"]);
+    expect(h2.code, h2.err).toBe(0);
 
     await gcCollectsExactly(
       s,
@@ -446,10 +448,10 @@ describe("I/O errors under a layer (dm-flakey data device)", () => {
     const back = await dmpool.poolStatusOk(fk.name);
     expect([back.mode, back.needsCheck]).toEqual(["rw", false]);
     expectOneNewThinId(await s.thinIds(), before, l);
-    // the kernel logged the I/O errors; the operator reads them with the health check (each line is
-    // reported once), and the next check is clean
-    await s.script("health", []);
-    const h = await s.script("health", []);
+    // the kernel logged the I/O errors: they block until the operator, having read them with the
+    // health check, acknowledges them
+    expect((await s.script("health", [])).code).toBe(1);
+    const h = await s.script("health", ["--ack"]);
     expect(h.code, h.err).toBe(0);
 
     // images are used again: a live activated snapshot next to the leak
