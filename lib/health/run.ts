@@ -11,6 +11,7 @@ import { judgeIowait, parseCpuLine } from "./iowait.ts";
 import { judgeMemory } from "./memory.ts";
 import { checkPool } from "./pool.ts";
 import { RUNBOOK } from "./runbook.ts";
+import { checkSuspended } from "./suspended.ts";
 import { type CheckResult, DEFAULT_THRESHOLDS, type HealthReport, result, type Thresholds } from "./types.ts";
 
 export interface HealthOptions {
@@ -81,7 +82,12 @@ export async function runHealthChecks(o: HealthOptions = {}): Promise<HealthRepo
   const firstDone = Promise.allSettled([stat1, d1]).then(() => {
     windowStart = performance.now();
   });
-  const poolP = pool ? bounded("pool.status", timeoutMs, () => checkPool(pool, th, timeoutMs)) : Promise.resolve([]);
+  const poolP = pool
+    ? Promise.all([
+        bounded("pool.status", timeoutMs, () => checkPool(pool, th, timeoutMs)),
+        bounded("pool.suspended", timeoutMs, () => checkSuspended(pool, timeoutMs)),
+      ]).then((r) => r.flat())
+    : Promise.resolve([]);
   const windowMs = o.kernelErrorWindowMs ?? DEFAULT_KERNEL_ERROR_WINDOW_MS;
   const dmesgP = bounded("host.dmesg", timeoutMs, () => checkDmesg(io, { stateDir: o.stateDir, lookbackMs: o.lookbackMs ?? windowMs, windowMs }));
   const window = Promise.all([firstDone.then(() => io.sleep(sampleMs)), poolP, dmesgP]);

@@ -13,6 +13,8 @@ export const RUNBOOK = {
   poolData: `free data space (\`bun scripts/gc.ts --force\` removes released images) or extend the pool's data device (${DOC}#pool-data)`,
   poolMeta: `free metadata (\`bun scripts/gc.ts --force\`) or grow the metadata device; a full metadata device turns the pool read-only (${DOC}#pool-metadata)`,
   poolQueue: `the pool queues I/O when full (queue_if_no_space), which can hang writers forever; recreate it with error_if_no_space via \`bun ops/recover-pool.ts\` (${DOC}#pool-no-space-mode)`,
+  poolSuspended: `a suspended pool queues all I/O: resume it with \`bun ops/recover-pool.ts --dir <pool dir>\` (it resumes a suspended pool and verifies it), or \`dmsetup resume <pool>\`; find who suspended it (a crashed tool) before dm work (${DOC}#pool-suspended)`,
+  deviceSuspended: `resume each with \`dmsetup resume <device>\` (thinimg never leaves one suspended: a crashed tool or a hand-run suspend did), then re-run the check (${DOC}#pool-suspended)`,
   poolStatusUnreadable: `\`dmsetup status <pool>\` failed or hung: check for a suspended device (\`dmsetup info\`) and stuck processes (\`ps -eo pid,stat,wchan:30,comm | awk '$2~/D/'\`) (${DOC}#pool-status)`,
   dstate: `processes are stuck in D state on device-mapper I/O: do not start dm work; check \`dmsetup info\` for SUSPENDED devices (\`dmsetup resume <dev>\`) and the pool's backing storage (${DOC}#host-dstate)`,
   dmesg: `the kernel logged device-mapper or I/O errors since the last check: read them (\`dmesg -T | grep -iE 'device-mapper|dm-[0-9]|I/O error'\`) and check the pool's backing files and disks before continuing (${DOC}#host-dmesg)`,

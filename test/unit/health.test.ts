@@ -3,6 +3,7 @@
 // test/vm/health.test.ts.
 import { afterEach, describe, expect, test } from "bun:test";
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { parseInfoLine } from "../../lib/dm/dmsetup.ts";
 import { parsePoolStatus } from "../../lib/dm/status.ts";
 import { ThinimgError } from "../../lib/errors.ts";
 import { type CmdResult, setRunner, spawnRunner } from "../../lib/exec.ts";
@@ -15,6 +16,7 @@ import { judgeIowait, parseCpuLine } from "../../lib/health/iowait.ts";
 import { judgeMemory } from "../../lib/health/memory.ts";
 import { checkPool, judgePool } from "../../lib/health/pool.ts";
 import { assertHealthy, runHealthChecks } from "../../lib/health/run.ts";
+import { judgeSuspended } from "../../lib/health/suspended.ts";
 import { DEFAULT_THRESHOLDS as TH } from "../../lib/health/types.ts";
 
 afterEach(() => setRunner(spawnRunner));
@@ -99,6 +101,30 @@ describe("pool checks from status lines", () => {
   test("a device that is not a thin-pool blocks instead of crashing", async () => {
     fake({ stdout: "0 2048 linear \n" });
     expect((await checkPool("p", TH, 1000))[0]).toMatchObject({ name: "pool.status", status: "block" });
+  });
+});
+
+describe("suspended pool or device", () => {
+  const info = (name: string, attr = "L--w") => `${name}|${attr}|0|254|1|0|1|`;
+  const infos = (...lines: string[]) => lines.map((l) => parseInfoLine(l)!);
+
+  test("a suspended pool blocks, naming the state and the runbook command that resumes it", () => {
+    const r = judgeSuspended("p", infos(info("p", "L-sw"), info("thinimg-p-layer-1")));
+    expect(r).toMatchObject({ name: "pool.suspended", status: "block" });
+    expect(r.message).toBe("pool p is SUSPENDED (dmsetup info: State SUSPENDED): every I/O on its devices waits");
+    expect(r.runbook).toContain("bun ops/recover-pool.ts --dir <pool dir>");
+    expect(r.runbook).toContain("docs/ops-health.md#pool-suspended");
+  });
+
+  test("a suspended thinimg device of this pool blocks; other pools' and foreign devices do not", () => {
+    const r = judgeSuspended("p", infos(info("p"), info("thinimg-p-snap-7", "L-sw"), info("thinimg-q-layer-1", "L-sw"), info("other", "L-sw")));
+    expect(r.status).toBe("block");
+    expect(r.message).toContain("thinimg-p-snap-7");
+    expect(r.message).not.toContain("thinimg-q-layer-1");
+    expect(r.runbook).toContain("dmsetup resume <device>");
+    expect(judgeSuspended("p", infos(info("p"), info("thinimg-q-layer-1", "L-sw"))).status).toBe("ok");
+    // a missing pool is pool.exists' finding, not this one's
+    expect(judgeSuspended("p", []).status).toBe("ok");
   });
 });
 
@@ -543,6 +569,7 @@ describe("runHealthChecks / assertHealthy", () => {
       "pool.data",
       "pool.metadata",
       "pool.no_space_mode",
+      "pool.suspended",
       "host.dstate",
       "host.dmesg",
       "host.memory",

@@ -54,6 +54,7 @@ describe("a fresh pool", () => {
         "pool.data",
         "pool.metadata",
         "pool.no_space_mode",
+        "pool.suspended",
         "host.dstate",
         "host.dmesg",
         "host.memory",
