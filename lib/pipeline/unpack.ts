@@ -115,6 +115,11 @@ async function unpackLocked(ctx: Ctx, name: string, o: UnpackOptions, t0: number
     import("./layer-build.ts"),
     import("./preflight.ts"),
   ]);
+  const health = { pool: cfg.pool, stateDir: cfg.stateDir, kernelErrorWindowMs: cfg.kernelErrorWindowMs };
+  // fail fast: a missing or sick pool is reported before anything is resolved or downloaded; the
+  // check runs again right before the first dm command (the download may take long)
+  ctx.progress?.stage("health checks");
+  await assertHealthy(health);
   ctx.progress?.stage(`resolve ${o.source}`);
   const resolved: ResolvedImage = await resolveImage(o.source, {
     stateDir: cfg.stateDir,
@@ -155,7 +160,7 @@ async function unpackLocked(ctx: Ctx, name: string, o: UnpackOptions, t0: number
       }
       if (!healthy) {
         ctx.progress?.stage("health checks");
-        await assertHealthy({ pool: cfg.pool, stateDir: cfg.stateDir, kernelErrorWindowMs: cfg.kernelErrorWindowMs });
+        await assertHealthy(health);
         healthy = true;
       }
       row ??= insertLayerOnce(ctx, chainId, parent, ref);

@@ -318,11 +318,14 @@ describe("pool out of data space mid-apply", () => {
     expect(st.mode).toBe("out_of_data_space");
     const l = await leakedByUnpack(s, before, "no_space");
 
-    // a full pool: the dry-run lists the leaked device but cannot read the metadata; --force is
-    // refused by the health checks and changes nothing
+    // a full pool: the dry-run runs the health checks first and, the pool being unhealthy, reports
+    // from dmsetup alone (the leaked device, no metadata snapshot); --force is refused by the health
+    // checks and changes nothing
     const full = await s.gc("--grace", "0");
     process.stderr.write(`[gc-faults] dry-run on the full pool: ${JSON.stringify({ scan: full.r.scan, orphans: full.r.orphans.map((o) => [o.thin_id, o.device, o.reason]) })}\n`);
-    expect(full.r.scan.metadata_skipped).toStartWith("pool_not_rw");
+    expect(full.r.health?.ok).toBe(false);
+    expect(full.r.scan.metadata_skipped).toStartWith("unhealthy: health checks failed, metadata not read: health check pool.mode blocks dm work: ");
+    expect(full.r.scan.metadata_skipped).toContain("out_of_data_space");
     expect(full.r.orphans.map((o) => o.device)).toEqual([l.device_name]);
     const blocked = await s.gc("--force", "--grace", "0");
     expect(blocked.r.refused?.reason).toBe("unhealthy");
@@ -419,7 +422,7 @@ describe("I/O errors under a layer (dm-flakey data device)", () => {
     // The kernel flushes the data device before every metadata commit; that flush failed, so the
     // pool aborted its transaction and went read-only with needs_check ("pre-commit callback
     // failed"). Healing the device does not bring it back: health blocks, GC refuses --force, and
-    // the dry-run cannot read the metadata (a read-only pool refuses reserve_metadata_snap).
+    // the dry-run reports from dmsetup alone (a read-only pool refuses reserve_metadata_snap).
     const st = await dmpool.poolStatusOk(fk.name);
     expect([st.mode, st.needsCheck]).toEqual(["ro", true]);
     expect((await s.script("health", [])).code).toBe(1);
@@ -427,7 +430,7 @@ describe("I/O errors under a layer (dm-flakey data device)", () => {
     expect(blocked.r.refused?.reason).toBe("unhealthy");
     expect(blocked.code).toBe(1);
     const dryRo = await s.gc("--grace", "0");
-    expect(dryRo.r.scan.metadata_skipped).toStartWith("pool_not_rw");
+    expect(dryRo.r.scan.metadata_skipped).toStartWith("unhealthy: ");
     expect(dryRo.r.orphans.map((o) => o.device)).toEqual([l.device_name]);
     expect(await dmsetup.exists(l.device_name)).toBe(true);
 

@@ -508,10 +508,13 @@ describe("locks and a stale metadata hold", () => {
       const r = await act([orphan], { pool: p.name });
       expect(r.stopped?.reason).toBe("pool_not_rw");
       expect(r.results[0]!.outcome).toBe("not_run");
-      // a dry-run still reports, without the metadata scan (a ro pool refuses reserve_metadata_snap)
+      // a dry-run still reports, from dmsetup alone: the health checks run first and block the
+      // metadata scan (a ro pool refuses reserve_metadata_snap anyway)
       const dry = await gc();
       expect(dry.code).toBe(1);
-      expect(dry.r.scan.metadata_skipped).toContain("pool_not_rw");
+      expect(dry.r.health?.ok).toBe(false);
+      expect(dry.r.scan.metadata_skipped).toStartWith("unhealthy: ");
+      expect(dry.r.scan.metadata_skipped).toContain("read-only (ro)");
     } finally {
       await dmsetup.reload(p.name, dmpool.poolTable(params));
       await dmsetup.resume(p.name);
