@@ -1,12 +1,14 @@
 // Runbook: bring a loop-backed thin pool back after a reboot or panic, or create one.
 //   bun ops/recover-pool.ts --create --dir DIR --data-size 2G --meta-size 64M [--block-size 64K] [--pool NAME]
 //   bun ops/recover-pool.ts --dir DIR [--pool NAME] [--repair] [--dry-run] [--json]
+//   bun ops/recover-pool.ts --dir DIR --grow-data SIZE|+SIZE [--grow-meta SIZE|+SIZE] [--dry-run]
 // The logic lives in lib/recover/; docs/ops-recover-pool.md is the operator's guide.
 import { defineCommand } from "citty";
 import { dryRunArgs, outputArgs, poolArgs } from "../lib/cli/args.ts";
 import { printJson, runMain } from "../lib/cli/main.ts";
 import { usageError } from "../lib/errors.ts";
 import { setLogLevel } from "../lib/log.ts";
+import { parseSizeArg } from "../lib/recover/grow.ts";
 import { recoverPool } from "../lib/recover/recover.ts";
 import { renderReport } from "../lib/recover/report.ts";
 import { parseIntArg, parseSize } from "../lib/util/units.ts";
@@ -23,6 +25,8 @@ export const cmd = defineCommand({
     "meta-size": { type: "string", description: "--create: metadata file size, e.g. 64M (2M..16G)" },
     "block-size": { type: "string", description: "--create: pool block size, multiple of 64K (default 64K)" },
     repair: { type: "boolean", description: "If thin_check fails: thin_repair into a new metadata file (old one kept)", default: false },
+    "grow-data": { type: "string", description: "Grow the data file and the pool to SIZE, or by +SIZE (never shrinks), e.g. +10G" },
+    "grow-meta": { type: "string", description: "Grow the metadata file and the pool's metadata to SIZE, or by +SIZE (at most 16G), e.g. +64M" },
     "transaction-id": {
       type: "string",
       description: "--repair of a destroyed superblock: the pool's last transaction id (default: the one in the record)",
@@ -50,6 +54,14 @@ export const cmd = defineCommand({
     } else if (createOnly.length) {
       throw usageError(`--${createOnly[0]} only applies with --create`, "a pool is brought back with the sizes in its record");
     }
+    const grow =
+      args["grow-data"] !== undefined || args["grow-meta"] !== undefined
+        ? {
+            data: args["grow-data"] !== undefined ? parseSizeArg(args["grow-data"], "--grow-data") : undefined,
+            meta: args["grow-meta"] !== undefined ? parseSizeArg(args["grow-meta"], "--grow-meta") : undefined,
+          }
+        : undefined;
+    if (grow && (args.create || args.repair)) throw usageError(`--grow-data/--grow-meta cannot be combined with --${args.create ? "create" : "repair"}`);
     if (args["transaction-id"] !== undefined && !args.repair) throw usageError("--transaction-id only applies with --repair");
     const transactionId =
       args["transaction-id"] === undefined ? undefined : parseIntArg(args["transaction-id"], "--transaction-id", { min: 0, max: 2 ** 53 - 1 });
@@ -60,6 +72,7 @@ export const cmd = defineCommand({
       dryRun: args["dry-run"],
       repair: args.repair,
       create,
+      grow,
     });
     if (args.json) printJson(report);
     const text = renderReport(report);

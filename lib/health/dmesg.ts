@@ -48,7 +48,8 @@ const RULES: { re: RegExp; status: Exclude<CheckStatus, "ok"> | "ignore"; what: 
   // already got the error; it says nothing about the pool's health
   { re: /device-mapper: thin: .*(Creation of new (thinly-provisioned device|snapshot)|Deletion of thin device).* failed/i, status: "warn", what: "pool message refused" },
   { re: /device-mapper: thin: .*switching pool to write mode/i, status: "warn", what: "pool left a degraded mode" },
-  { re: /device-mapper: thin: .*switching pool to (read-only|fail|out-of-data-space)/i, status: "block", what: "pool changed mode" },
+  { re: /device-mapper: thin: .*switching pool to (read-only|fail|out-of-data-space|out-of-metadata-space)/i, status: "block", what: "pool changed mode" },
+  { re: /device-mapper: thin: .*no free metadata blocks/i, status: "block", what: "thin pool out of metadata space" },
   { re: /device-mapper: thin: .*(metadata operation .* failed|aborting current metadata transaction|commit failed)/i, status: "block", what: "thin metadata failure" },
   { re: /needs_check|needs check/i, status: "block", what: "needs_check" },
   { re: /device-mapper: thin: .*(no free (metadata|data) space|unable to)/i, status: "block", what: "thin pool failure" },

@@ -76,6 +76,15 @@ describe("pool checks from status lines", () => {
     expect(byName(custom, "pool.data").status).toBe("block");
   });
 
+  test("read-only with the metadata at the kernel's reserve: out of metadata space, grow it", () => {
+    const r = byName(judge("1 470/512 10/100 - ro discard_passdown error_if_no_space - 10"), "pool.mode");
+    expect(r).toMatchObject({ status: "block", message: "pool p is read-only (ro): out of metadata space (91.8 % used)" });
+    expect(r.runbook).toContain("--grow-meta +SIZE");
+    // read-only with room left (or needs_check): a metadata error, not a full device
+    expect(byName(judge("1 100/512 10/100 - ro discard_passdown error_if_no_space - 10"), "pool.mode").runbook).toContain("thin_check");
+    expect(byName(judge("1 470/512 10/100 - ro discard_passdown error_if_no_space needs_check 10"), "pool.mode").message).toBe("pool p is read-only (ro)");
+  });
+
   test("queue_if_no_space warns (a full pool would hang writers)", () => {
     expect(byName(judge("1 10/100 1/100 - rw discard_passdown queue_if_no_space - 10"), "pool.no_space_mode").status).toBe("warn");
   });
@@ -252,6 +261,8 @@ describe("kernel log", () => {
     const cases: [string, "block" | "warn" | null][] = [
       ["device-mapper: thin: 254:0: switching pool to out-of-data-space (error IO) mode", "block"],
       ["device-mapper: thin: 254:0: switching pool to read-only mode", "block"],
+      ["device-mapper: thin: 254:0: switching pool to out-of-metadata-space (ro) mode", "block"],
+      ["device-mapper: thin: 254:0: No free metadata blocks", "block"],
       ["device-mapper: thin: 254:0: reached low water mark for data device: sending event.", "warn"],
       ["device-mapper: thin: 254:0: switching pool to write mode", "warn"],
       ["Buffer I/O error on dev dm-2, logical block 0, async page read", "block"],

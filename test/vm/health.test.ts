@@ -218,7 +218,7 @@ test(
       await fk.destroy();
     }
   },
-  T,
+  3 * T, // a dozen CLI runs, each a bun start in UML
 );
 
 test(
