@@ -352,7 +352,8 @@ describe("pool out of data space mid-apply", () => {
     // acknowledges it
     const h1 = await s.script("health", ["--json"]);
     expect(h1.code, h1.err).toBe(1);
-    expect(h1.err).toContain("out-of-data-space");
+    const dmesg = (JSON.parse(h1.out) as { checks: { name: string; details?: { findings?: { line: string; acknowledged: boolean }[] } }[] }).checks.find((c) => c.name === "host.dmesg");
+    expect(dmesg?.details?.findings?.some((f) => f.line.includes("out-of-data-space") && !f.acknowledged)).toBe(true);
     expect((await s.script("health", [])).code).toBe(1);
     const h2 = await s.script("health", ["--ack", "--json"]);
     expect(h2.code, h2.err).toBe(0);
