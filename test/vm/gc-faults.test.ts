@@ -21,7 +21,7 @@ import { type FlakyPool, makeFlakyPool, makeTestPool } from "../helpers/pool.ts"
 import { noise } from "../helpers/bytes.ts";
 
 requireDm();
-setDefaultTimeout(300_000);
+setDefaultTimeout(600_000); // each test drives a dozen CLI runs (a bun start each in UML) and two GC cycles
 
 const W = mkdtempSync("/tmp/thinimg-gcf-");
 const cleanups: (() => Promise<void>)[] = [];
