@@ -23,7 +23,7 @@ import { buildLayerTar, sampleLayer, writeLayerFamily } from "../helpers/images.
 import { requireDm } from "../helpers/kernel.ts";
 
 requireDm();
-setDefaultTimeout(300_000);
+setDefaultTimeout(600_000); // each test drives a dozen CLI runs (a bun start each in UML)
 
 const ROOT = join(import.meta.dir, "../..");
 const W = mkdtempSync("/tmp/thinimg-poolf-");
