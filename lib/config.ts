@@ -12,6 +12,8 @@ export const DEFAULT_POOL = "thinimg-pool";
 export const DEVICE_PREFIX = "thinimg";
 export const DEFAULT_VIRTUAL_SIZE = 10 * 1024 ** 3;
 export const DEFAULT_LOCK_WAIT_MS = 5 * 60_000;
+/** A device-mapper/I/O error in the kernel log blocks dm work until it is this old (or acknowledged). */
+export const DEFAULT_KERNEL_ERROR_WINDOW_MS = 15 * 60_000;
 
 /** Longest suffix a device name gets: "-layer-16777215" / "-snap-16777215". */
 const LONGEST_SUFFIX = "-layer-16777215".length;
@@ -38,6 +40,8 @@ export interface Config {
   virtualSize: number;
   /** How long a second caller waits for a lock before giving up. */
   lockWaitMs: number;
+  /** A kernel error blocks dm work until it is this old or an operator acknowledged it. */
+  kernelErrorWindowMs: number;
   limits: Limits;
 }
 
@@ -46,6 +50,7 @@ export interface ConfigInput {
   pool?: string | undefined;
   virtualSize?: string | undefined;
   wait?: string | undefined;
+  kernelErrorWindow?: string | undefined;
 }
 
 type Env = Record<string, string | undefined>;
@@ -71,6 +76,7 @@ const Schema = v.object({
     v.check((n) => n % 4096 === 0, "must be a multiple of 4K"),
   ),
   lockWaitMs: v.pipe(v.number(), v.integer(), v.minValue(0), v.maxValue(24 * 3_600_000, "must be at most 24h")),
+  kernelErrorWindowMs: v.pipe(v.number(), v.integer(), v.minValue(0), v.maxValue(24 * 3_600_000, "must be at most 24h")),
   limits: v.object({
     maxBlobBytes: v.pipe(v.number(), v.integer(), v.minValue(1)),
     maxLayerBytes: v.pipe(v.number(), v.integer(), v.minValue(1)),
@@ -103,6 +109,7 @@ export function loadConfig(input: ConfigInput = {}, env: Env = process.env): Con
   const poolRaw = pick(input.pool, "--pool", env, "THINIMG_POOL", src, "pool");
   const sizeRaw = pick(input.virtualSize, "--virtual-size", env, "THINIMG_VIRTUAL_SIZE", src, "virtualSize");
   const waitRaw = pick(input.wait, "--wait", env, "THINIMG_LOCK_WAIT", src, "lockWaitMs");
+  const windowRaw = pick(input.kernelErrorWindow, "--kernel-error-window", env, "THINIMG_KERNEL_ERROR_WINDOW", src, "kernelErrorWindowMs");
   const size = (envName: string, dflt: number, key: string) => {
     const raw = env[envName];
     src[key] = envName;
@@ -113,6 +120,7 @@ export function loadConfig(input: ConfigInput = {}, env: Env = process.env): Con
     pool: poolRaw ?? DEFAULT_POOL,
     virtualSize: sizeRaw === undefined ? DEFAULT_VIRTUAL_SIZE : parseSize(sizeRaw, src.virtualSize!),
     lockWaitMs: waitRaw === undefined ? DEFAULT_LOCK_WAIT_MS : parseDuration(waitRaw, src.lockWaitMs!),
+    kernelErrorWindowMs: windowRaw === undefined ? DEFAULT_KERNEL_ERROR_WINDOW_MS : parseDuration(windowRaw, src.kernelErrorWindowMs!),
     limits: {
       maxBlobBytes: size("THINIMG_MAX_BLOB_SIZE", 8 * GiB, "limits.maxBlobBytes"),
       maxLayerBytes: size("THINIMG_MAX_LAYER_SIZE", 10 * GiB, "limits.maxLayerBytes"),
@@ -154,6 +162,8 @@ function hintFor(path: string): string {
       return "use e.g. --virtual-size 10G";
     case "lockWaitMs":
       return "use e.g. --wait 30s or --wait 10m";
+    case "kernelErrorWindowMs":
+      return "use e.g. --kernel-error-window 15m (0: a kernel error blocks only the check that first sees it)";
     default:
       return "fix the value or unset the variable to use the default";
   }

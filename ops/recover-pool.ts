@@ -1,6 +1,7 @@
 // Runbook: bring a loop-backed thin pool back after a reboot or panic, or create one.
 //   bun ops/recover-pool.ts --create --dir DIR --data-size 2G --meta-size 64M [--block-size 64K] [--pool NAME]
 //   bun ops/recover-pool.ts --dir DIR [--pool NAME] [--repair] [--dry-run] [--json] [--state-dir D] [--no-reattach]
+//   bun ops/recover-pool.ts --dir DIR --grow-data SIZE|+SIZE [--grow-meta SIZE|+SIZE] [--dry-run]
 // Once the pool is up, every snapshot the state DB holds as handed out gets its device back (the
 // boot runbook's last step). The logic lives in lib/recover/ (boot.ts is this command's whole run);
 // docs/ops-recover-pool.md is the operator's guide.
@@ -12,6 +13,7 @@ import { setLogLevel } from "../lib/log.ts";
 import { renderReattach } from "../lib/pipeline/reattach.ts";
 import { recoverAndReattach } from "../lib/recover/boot.ts";
 import type { CreateSpec } from "../lib/recover/record.ts";
+import { parseSizeArg } from "../lib/recover/grow.ts";
 import { renderReport } from "../lib/recover/report.ts";
 import { parseIntArg, parseSize } from "../lib/util/units.ts";
 
@@ -27,6 +29,8 @@ export const cmd = defineCommand({
     "meta-size": { type: "string", description: "--create: metadata file size, e.g. 64M (2M..16G)" },
     "block-size": { type: "string", description: "--create: pool block size, multiple of 64K (default 64K)" },
     repair: { type: "boolean", description: "If thin_check fails: thin_repair into a new metadata file (old one kept)", default: false },
+    "grow-data": { type: "string", description: "Grow the data file and the pool to SIZE, or by +SIZE (never shrinks), e.g. +10G" },
+    "grow-meta": { type: "string", description: "Grow the metadata file and the pool's metadata to SIZE, or by +SIZE (at most 16G), e.g. +64M" },
     "transaction-id": {
       type: "string",
       description: "--repair of a destroyed superblock: the pool's last transaction id (default: the one in the record)",
@@ -52,6 +56,14 @@ export const cmd = defineCommand({
     // commands always, every command with --log-format json, successful ones in human form with --verbose.
     if (!args.verbose && args["log-format"] !== "json" && !process.env.THINIMG_LOG_LEVEL) setLogLevel("error");
     if (!args.dir) throw usageError("--dir must not be empty");
+    const grow =
+      args["grow-data"] !== undefined || args["grow-meta"] !== undefined
+        ? {
+            data: args["grow-data"] !== undefined ? parseSizeArg(args["grow-data"], "--grow-data") : undefined,
+            meta: args["grow-meta"] !== undefined ? parseSizeArg(args["grow-meta"], "--grow-meta") : undefined,
+          }
+        : undefined;
+    if (grow && (args.create || args.repair)) throw usageError(`--grow-data/--grow-meta cannot be combined with --${args.create ? "create" : "repair"}`);
     if (args["transaction-id"] !== undefined && !args.repair) throw usageError("--transaction-id only applies with --repair");
     const transactionId =
       args["transaction-id"] === undefined ? undefined : parseIntArg(args["transaction-id"], "--transaction-id", { min: 0, max: 2 ** 53 - 1 });
@@ -66,6 +78,7 @@ export const cmd = defineCommand({
       wait: args.wait,
       ignoreLock: args["ignore-lock"],
       reattach: args.reattach,
+      grow,
     });
     if (args.json) printJson({ ...r.report, ok: r.exitCode === 0, reattach: r.reattach });
     const text = renderReport(r.report);

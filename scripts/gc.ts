@@ -1,9 +1,9 @@
-// bun scripts/gc.ts [--force] [--json] [--grace 10m] [--wait 30s] [--ignore-lock] [--pool P] [--state-dir D]
+// bun scripts/gc.ts [--force] [--json] [--grace 10m] [--wait 30s] [--timeout 10s] [--ignore-lock] [--pool P] [--state-dir D]
 // Find devices and thin ids that thinimg leaked (fail-dumb error paths, crashes, released snapshots,
 // hand-made ids) and, with --force, remove them one bounded step at a time. Dry-run by default.
 // Exit 0: all done (or, dry-run, nothing needs a human); 1: something failed or needs a human.
 import { defineCommand } from "citty";
-import { outputArgs, poolArgs, stateArgs } from "../lib/cli/args.ts";
+import { kernelWindowArgs, outputArgs, poolArgs, stateArgs } from "../lib/cli/args.ts";
 import { jsonText, runMain } from "../lib/cli/main.ts";
 import { loadConfig } from "../lib/config.ts";
 import { errorMessage } from "../lib/errors.ts";
@@ -11,6 +11,7 @@ import { writeLastGcRun } from "../lib/gc/last-run.ts";
 import { DEFAULT_GRACE_MS } from "../lib/gc/plan.ts";
 import { formatHuman } from "../lib/gc/report.ts";
 import { runGc } from "../lib/gc/run.ts";
+import { usageError } from "../lib/errors.ts";
 import { log } from "../lib/log.ts";
 import { parseDuration } from "../lib/util/units.ts";
 
@@ -32,13 +33,21 @@ export const gcCommand = defineCommand({
       type: "string",
       description: "--force: how long to wait for running unpacks, activations and releases to finish before refusing (e.g. 0, 30s; env THINIMG_LOCK_WAIT; default 5m)",
     },
+    timeout: {
+      type: "string",
+      description: "Limit for each operation, scans and health checks included (thin_ls of a very large pool may need more, e.g. 60s)",
+      default: "10s",
+    },
+    ...kernelWindowArgs,
     ...poolArgs,
     ...stateArgs,
     ...outputArgs,
   },
   async run({ args }) {
-    const cfg = loadConfig({ stateDir: args["state-dir"], pool: args.pool, wait: args.wait });
+    const cfg = loadConfig({ stateDir: args["state-dir"], pool: args.pool, wait: args.wait, kernelErrorWindow: args["kernel-error-window"] });
     const graceMs = args.grace === undefined ? DEFAULT_GRACE_MS : parseDuration(args.grace, "--grace");
+    const stepTimeoutMs = parseDuration(args.timeout ?? "10s", "--timeout");
+    if (stepTimeoutMs < 1000) throw usageError(`--timeout ${args.timeout} is below 1s: every scan and step would time out`);
     if (args["ignore-lock"] && !args.force) log.warn("--ignore-lock has no effect without --force");
     // SIGTERM/SIGINT (systemd stop, Ctrl-C): finish the current step, release what we hold, report
     const ac = new AbortController();
@@ -55,6 +64,7 @@ export const gcCommand = defineCommand({
       graceMs,
       ignoreLock: args["ignore-lock"],
       lockWaitMs: cfg.lockWaitMs,
+      stepTimeoutMs,
       signal: ac.signal,
       command: `bun scripts/gc.ts${args.force ? " --force" : ""}`,
     });

@@ -18,6 +18,13 @@ export const poolArgs = {
   pool: { type: "string", description: "Thin-pool name; env THINIMG_POOL (default thinimg-pool)" },
 } as const satisfies ArgsDef;
 
+export const kernelWindowArgs = {
+  "kernel-error-window": {
+    type: "string",
+    description: "A device-mapper/I/O error in the kernel log blocks dm work until it is this old or acknowledged (health --ack); env THINIMG_KERNEL_ERROR_WINDOW; default 15m",
+  },
+} as const satisfies ArgsDef;
+
 export const dryRunArgs = {
   "dry-run": { type: "boolean", description: "Print what would be done; change nothing", default: false },
 } as const satisfies ArgsDef;

@@ -1,7 +1,7 @@
 // Shared plumbing for the pipeline scripts (unpack, activate, release, list): flags → Config,
 // context with a TTY progress line when appropriate.
 import type { ArgsDef } from "citty";
-import { outputArgs, poolArgs, stateArgs } from "./args.ts";
+import { kernelWindowArgs, outputArgs, poolArgs, stateArgs } from "./args.ts";
 import { type Config, loadConfig } from "../config.ts";
 import { type Ctx, asHolder, makeCtx } from "../pool/context.ts";
 
@@ -19,6 +19,7 @@ export const sizeArgs = {
 /** What every pipeline script takes besides its own positional: lock wait, state, pool, output. */
 export const pipelineArgs = {
   ...waitArgs,
+  ...kernelWindowArgs,
   ...stateArgs,
   ...poolArgs,
   ...outputArgs,
@@ -29,12 +30,13 @@ interface CommonFlags {
   pool?: string | undefined;
   wait?: string | undefined;
   "virtual-size"?: string | undefined;
+  "kernel-error-window"?: string | undefined;
   json?: boolean | undefined;
   "log-format"?: string | undefined;
 }
 
 export function configFrom(args: CommonFlags): Config {
-  return loadConfig({ stateDir: args["state-dir"], pool: args.pool, wait: args.wait, virtualSize: args["virtual-size"] });
+  return loadConfig({ stateDir: args["state-dir"], pool: args.pool, wait: args.wait, virtualSize: args["virtual-size"], kernelErrorWindow: args["kernel-error-window"] });
 }
 
 export function ctxFrom(args: CommonFlags): Ctx {

@@ -122,6 +122,17 @@ export async function sizeEmptyBackingFile(path: string, size: number): Promise<
   return allocateBackingFile(path, size);
 }
 
+/**
+ * Extend an existing backing file to `size` bytes — never shrinks: a file already that large is left
+ * alone ("unchanged"). fallocate, or truncate only where fallocate is not supported, like a new file.
+ */
+export async function extendBackingFile(path: string, size: number): Promise<"fallocate" | "truncate" | "unchanged"> {
+  const cur = statSync(path).size;
+  if (cur >= size) return "unchanged";
+  assertFreeSpace(dirname(path), size - cur, `growing ${basename(path)}`);
+  return allocateBackingFile(path, size);
+}
+
 export function lowWaterMarkFor(dataBlocks: number): number {
   // event when < 10 % free (at least one block): lets dmeventd-style watchers react early
   return Math.max(1, Math.floor(dataBlocks / 10));

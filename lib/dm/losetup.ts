@@ -1,5 +1,5 @@
 // Loop devices backing file-based pools.
-import { realpathSync } from "node:fs";
+import { readFileSync, realpathSync } from "node:fs";
 import { ThinimgError } from "../errors.ts";
 import type { CmdContext } from "../exec.ts";
 import { runTool } from "./errors.ts";
@@ -54,6 +54,22 @@ export async function attach(file: string, o: { readOnly?: boolean; ctx?: CmdCon
   const dev = r.stdout.trim();
   if (!/^\/dev\/loop\d+$/.test(dev)) throw new ThinimgError("dm", `losetup gave no device for ${file}: "${dev}"`);
   return dev;
+}
+
+/** `losetup --set-capacity`: the loop re-reads its backing file's size (after the file was extended). */
+export async function refreshCapacity(dev: string, ctx?: CmdContext): Promise<void> {
+  assertDevPath(dev);
+  await runTool(["losetup", "--set-capacity", dev], { timeoutMs: LOSETUP_TIMEOUT_MS, ctx });
+}
+
+/** Size in bytes the kernel sees for a block device "MAJ:MIN" (sysfs; 512-byte sectors), or null. */
+export function blockDeviceBytes(majMin: string): number | null {
+  try {
+    const sectors = Number(readFileSync(`/sys/dev/block/${majMin}/size`, "utf8").trim());
+    return Number.isFinite(sectors) ? sectors * 512 : null;
+  } catch {
+    return null;
+  }
 }
 
 export async function detach(dev: string, ctx?: CmdContext): Promise<void> {

@@ -9,21 +9,18 @@
 //      no thin-provisioning tool reading the metadata device; a hold that goes away or changes by
 //      itself belonged to a live reader;
 //   3. reserves, remembers the root it got, and releases only while the pool still shows that root.
-import { closeSync, existsSync, openSync, readdirSync, readFileSync, statSync } from "node:fs";
+import { existsSync, readdirSync, readFileSync, statSync } from "node:fs";
 import { basename, join } from "node:path";
 import { ThinimgError } from "../errors.ts";
-import { tryFlockExclusive, unflock } from "../util/libc.ts";
 import { log } from "../log.ts";
+import { acquireFlock, type Flock } from "../util/flock.ts";
 import * as dmsetup from "./dmsetup.ts";
 import { parsePoolTable, poolStatusOk, releaseMetadataSnap, reserveMetadataSnap } from "./pool.ts";
 
 export const META_LOCK_FILE = "metadata-snap.lock";
 export const META_LOCK_WAIT_MS = 10_000;
 
-export interface MetaLock {
-  path: string;
-  release(): void;
-}
+export type MetaLock = Flock;
 
 /**
  * Take the metadata-snapshot lock of a state dir, waiting up to waitMs. null: another live process
@@ -32,29 +29,7 @@ export interface MetaLock {
 export async function acquireMetaLock(stateDir: string, waitMs = META_LOCK_WAIT_MS): Promise<MetaLock | null> {
   const path = join(stateDir, META_LOCK_FILE);
   if (!existsSync(stateDir)) return { path, release() {} };
-  const fd = openSync(path, "a", 0o600);
-  const deadline = Date.now() + waitMs;
-  let delay = 25;
-  for (;;) {
-    if (tryFlockExclusive(fd)) {
-      let held = true;
-      return {
-        path,
-        release() {
-          if (!held) return;
-          held = false;
-          unflock(fd);
-          closeSync(fd);
-        },
-      };
-    }
-    if (Date.now() >= deadline) {
-      closeSync(fd);
-      return null;
-    }
-    await Bun.sleep(Math.min(delay, Math.max(1, deadline - Date.now())));
-    delay = Math.min(delay * 2, 250);
-  }
+  return acquireFlock(path, waitMs);
 }
 
 /** "7:0" (thin-pool tables name their devices so) → a path that opens that block device, or null. */

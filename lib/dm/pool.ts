@@ -37,6 +37,17 @@ export function poolTable(p: PoolTableParams): string {
   return `0 ${p.dataSectors} thin-pool ${p.metaDev} ${p.dataDev} ${p.blockSectors} ${p.lowWaterMark}${feat}`;
 }
 
+/**
+ * Load a new table into a live pool (a longer data device, a grown metadata device): a bounded
+ * suspend, the reload, the resume that swaps it in — resumed whatever happens (withSuspended).
+ */
+export async function reloadPool(pool: string, p: PoolTableParams, o: dmsetup.DmOpts = {}): Promise<void> {
+  assertDmName(pool, "pool name");
+  const table = poolTable(p);
+  const opts = { ...o, ctx: { pool_name: pool, ...o.ctx } };
+  await dmsetup.withSuspended(pool, () => dmsetup.reload(pool, table, opts), opts);
+}
+
 /** Parsed pool status; DmError not_found when the pool does not exist. */
 export async function poolStatus(pool: string, o: dmsetup.DmOpts = {}): Promise<PoolStatus> {
   assertDmName(pool, "pool name");

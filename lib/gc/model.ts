@@ -49,7 +49,7 @@ export interface MetaScan {
   transactionId?: number | null;
   /** A metadata snapshot was already held when we looked (a previous run died holding it?). */
   staleHold: { heldRoot: number; released: boolean } | null;
-  skipped: { reason: "stale_metadata_snap" | "metadata_snap_busy" | "pool_not_rw" | "scan_failed"; detail: string } | null;
+  skipped: { reason: "stale_metadata_snap" | "metadata_snap_busy" | "pool_not_rw" | "scan_failed" | "unhealthy"; detail: string } | null;
   metaDev: string | null;
 }
 

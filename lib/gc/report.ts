@@ -205,6 +205,7 @@ export function formatHuman(r: GcReport): string {
   const dry = r.mode === "dry_run";
   out.push(`gc ${dry ? "dry-run" : "--force"} on pool ${r.pool} (state dir ${r.state_dir}, grace ${Math.round(r.grace_ms / 1000)}s)`);
   if (r.refused) out.push(`REFUSED: ${r.refused.detail}`);
+  else if (r.health && !r.health.ok) out.push(`UNHEALTHY (metadata not read; report from dmsetup alone): ${r.health.detail}`);
   out.push(
     `scanned: ${r.scan.devices_ours} device(s) of ours, ${r.scan.devices_foreign} foreign, ${r.scan.metadata_thin_ids ?? "?"} thin id(s) in the pool metadata (${r.scan.metadata_method ?? r.scan.metadata_status})`,
   );

@@ -10,7 +10,7 @@ import { existsSync, readFileSync } from "node:fs";
 import { useCommandJournal } from "../cmd-journal.ts";
 import { type Config, DEFAULT_LOCK_WAIT_MS } from "../config.ts";
 import { errorMessage, ThinimgError } from "../errors.ts";
-import { acknowledgeOwnMessages } from "../health/dmesg.ts";
+import { acknowledgeOwnMessages, cursorOf, type KmsgCursor } from "../health/dmesg.ts";
 import { assertHealthy } from "../health/index.ts";
 import { procIo } from "../health/io.ts";
 import { staleness } from "../lock/owner.ts";
@@ -82,6 +82,24 @@ function dmInKernel(): boolean {
   }
 }
 
+/**
+ * The pre-flight checks as GC sees them: a full pool is what GC is for, so data use alone never
+ * blocks it (out_of_data_space mode, needs_check, metadata use, a suspended pool, D-state, kernel
+ * errors, memory and I/O pressure still do). Also returns the kernel-log cursor the check left.
+ */
+async function gcHealth(cfg: Config, timeoutMs: number): Promise<{ health: { ok: boolean; detail: string }; cursor: KmsgCursor | null }> {
+  try {
+    const h = await assertHealthy({ pool: cfg.pool, stateDir: cfg.stateDir, thresholds: { dataBlockPct: 101 }, kernelErrorWindowMs: cfg.kernelErrorWindowMs, timeoutMs });
+    return { health: { ok: true, detail: "health checks passed" }, cursor: cursorOf(h.checks.find((c) => c.name === "host.dmesg")) };
+  } catch (e) {
+    return { health: { ok: false, detail: e instanceof ThinimgError ? e.oneLine() : errorMessage(e) }, cursor: null };
+  }
+}
+
+function unscannedMeta(detail: string): MetaScan {
+  return { status: "skipped", method: null, ids: new Map(), blockBytes: 0, transactionId: null, staleHold: null, skipped: { reason: "unhealthy", detail }, metaDev: null };
+}
+
 export async function runGc(o: GcOptions): Promise<GcReport> {
   const { cfg } = o;
   useCommandJournal(cfg.stateDir);
@@ -107,6 +125,7 @@ export async function runGc(o: GcOptions): Promise<GcReport> {
     notes,
   };
   const done = (extra: Partial<GcReportInput>) => buildReport({ ...base, ...extra, notes, finishedAt: Date.now() });
+  const stepTimeoutMs = o.stepTimeoutMs ?? STEP_TIMEOUT_MS;
 
   if (!existsSync("/dev/mapper/control") || !dmInKernel()) {
     throw new ThinimgError("missing", "device-mapper is not available here (no dm driver in this kernel, or /dev/mapper/control missing)", {
@@ -118,6 +137,7 @@ export async function runGc(o: GcOptions): Promise<GcReport> {
   if (opened.note) notes.push(opened.note);
   let lock: ProcessLock | null = null;
   let hold: ExclusiveHold | null = null;
+  let kmsgCursor: KmsgCursor | null = null;
   try {
     // ---- locks and health (force only) ----
     if (o.force && db) {
@@ -141,16 +161,10 @@ export async function runGc(o: GcOptions): Promise<GcReport> {
         log.warn(`gc --ignore-lock: the process lock is held by ${who}; going ahead without it`);
         base.lock = { status: "ignored", holder: who };
       }
-      try {
-        // a full pool is what GC is for: data use alone never blocks it (out_of_data_space mode,
-        // needs_check, metadata use, D-state, kernel errors, memory and I/O pressure still do)
-        await assertHealthy({ pool, stateDir: cfg.stateDir, thresholds: { dataBlockPct: 101 } });
-        base.health = { ok: true, detail: "health checks passed" };
-      } catch (e) {
-        const msg = e instanceof ThinimgError ? e.oneLine() : errorMessage(e);
-        base.health = { ok: false, detail: msg };
-        return done({ refused: { reason: "unhealthy", detail: `health checks failed: ${msg}` } });
-      }
+      const h = await gcHealth(cfg, stepTimeoutMs);
+      base.health = h.health;
+      kmsgCursor = h.cursor;
+      if (!h.health.ok) return done({ refused: { reason: "unhealthy", detail: `health checks failed: ${h.health.detail}` } });
       if (lock) {
         // settle intents of processes that died (pending activations become orphans GC can see)
         try {
@@ -161,11 +175,18 @@ export async function runGc(o: GcOptions): Promise<GcReport> {
       }
     }
 
+    // dry-run: the same checks, before any metadata snapshot is reserved; an unhealthy pool gets a
+    // report from dmsetup alone
+    if (!o.force) base.health = (await gcHealth(cfg, stepTimeoutMs)).health;
+
     // ---- scans, then the DB ----
     const scannedAt = Date.now();
-    const dm: DmScan = await scanDm(pool, cfg.prefix);
+    const dm: DmScan = await scanDm(pool, cfg.prefix, { timeoutMs: stepTimeoutMs });
     const entries = readMountinfo();
-    const meta: MetaScan = await scanMeta(pool, { releaseStale: o.force && lock !== null, stateDir: cfg.stateDir });
+    const meta: MetaScan =
+      base.health?.ok === false
+        ? unscannedMeta(`health checks failed, metadata not read: ${base.health.detail}`)
+        : await scanMeta(pool, { releaseStale: o.force && lock !== null, stateDir: cfg.stateDir, timeoutMs: stepTimeoutMs });
     const rows = db ? readGcRows(db, pool) : EMPTY_ROWS;
     const { view, notes: dbNotes } = buildDbView(pool, rows, alive);
     notes.push(...dbNotes);
@@ -213,14 +234,14 @@ export async function runGc(o: GcOptions): Promise<GcReport> {
       await pausePoint("gc:planned", cfg.stateDir);
       actResult = await act(plan.actions, {
         pool,
-        stepTimeoutMs: o.stepTimeoutMs ?? STEP_TIMEOUT_MS,
+        stepTimeoutMs,
         ledger: storeLedger(db, pool, { alive }),
         scanned: new Map(dm.ours.map((d) => [d.name, d])),
         signal: o.signal,
       });
       if (actResult.unmountedRemoved.length) {
         try {
-          const lines = await acknowledgeOwnMessages(procIo, cfg.stateDir, new Set(actResult.unmountedRemoved));
+          const lines = await acknowledgeOwnMessages(procIo, cfg.stateDir, new Set(actResult.unmountedRemoved), kmsgCursor);
           base.kernelMessages = lines;
           for (const l of lines) log.warn(`gc: the kernel said, unmounting a device this run then removed (not held against the next health check): ${l}`);
         } catch (e) {

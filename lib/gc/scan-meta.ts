@@ -18,7 +18,7 @@ export interface ScanMetaOptions {
   releaseStale: boolean;
   /** State dir: its metadata-snapshot lock (meta-lock.ts) is held around reserve → read → release. */
   stateDir?: string;
-  /** Per-command timeout (ms). */
+  /** Per-command timeout (ms): GC's per-operation limit, thin_ls and thin_dump included. */
   timeoutMs?: number;
   /** How long a hold found at the start may take to go away by itself before it counts as stale. */
   heldWaitMs?: number;
@@ -97,13 +97,13 @@ async function scanLocked(pool: string, o: ScanMetaOptions, base: MetaScan, time
   }
   try {
     try {
-      const entries = await thinLs(metaDev, { metadataSnap: true, timeoutMs: 60_000, ctx });
+      const entries = await thinLs(metaDev, { metadataSnap: true, timeoutMs, ctx });
       return { ...base, status: "ok", method: "thin_ls", ids: new Map(entries.map((e) => [e.id, e.mappedBlocks])) };
     } catch (e) {
       log.warn(`thin_ls failed (${errorMessage(e)}); falling back to thin_dump`);
     }
     try {
-      const ids = parseThinDumpIds(await thinDump(metaDev, { metadataSnap: true, timeoutMs: 60_000, ctx }));
+      const ids = parseThinDumpIds(await thinDump(metaDev, { metadataSnap: true, timeoutMs, ctx }));
       return { ...base, status: "ok", method: "thin_dump", ids: new Map(ids.map((id) => [id, null])) };
     } catch (e) {
       return { ...base, skipped: { reason: "scan_failed", detail: `reading the metadata snapshot failed: ${errorMessage(e)}` } };

@@ -1,11 +1,22 @@
-// New kernel log lines about device-mapper, thin pools, needs_check and I/O errors on dm devices.
+// Kernel log lines about device-mapper, thin pools, needs_check and I/O errors on dm devices.
 // "New" means after the cursor (boot id + sequence number) remembered in the state dir from the
-// previous check, so an old error is reported once, not forever. Without a cursor (first run, or no
-// state dir) the last `lookbackMs` of the log counts.
+// previous check, so each line is read once; without a cursor (first run, new boot, no state dir) the
+// last `lookbackMs` of the log counts. A blocking line is then kept (kernel-findings.ts): it blocks
+// every check until it is older than the window or acknowledged. Warnings are reported once.
 import { mkdir, readFile, rename, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { errorMessage } from "../errors.ts";
 import type { HealthIo } from "./io.ts";
+import {
+  DEFAULT_KERNEL_ERROR_WINDOW_MS,
+  findingKey,
+  judgeFindings,
+  mergeFindings,
+  readFindings,
+  type StoredFinding,
+  withKmsgLock,
+  writeFindings,
+} from "./kernel-findings.ts";
 import { RUNBOOK } from "./runbook.ts";
 import { type CheckResult, type CheckStatus, result } from "./types.ts";
 
@@ -37,7 +48,8 @@ const RULES: { re: RegExp; status: Exclude<CheckStatus, "ok"> | "ignore"; what: 
   // already got the error; it says nothing about the pool's health
   { re: /device-mapper: thin: .*(Creation of new (thinly-provisioned device|snapshot)|Deletion of thin device).* failed/i, status: "warn", what: "pool message refused" },
   { re: /device-mapper: thin: .*switching pool to write mode/i, status: "warn", what: "pool left a degraded mode" },
-  { re: /device-mapper: thin: .*switching pool to (read-only|fail|out-of-data-space)/i, status: "block", what: "pool changed mode" },
+  { re: /device-mapper: thin: .*switching pool to (read-only|fail|out-of-data-space|out-of-metadata-space)/i, status: "block", what: "pool changed mode" },
+  { re: /device-mapper: thin: .*no free metadata blocks/i, status: "block", what: "thin pool out of metadata space" },
   { re: /device-mapper: thin: .*(metadata operation .* failed|aborting current metadata transaction|commit failed)/i, status: "block", what: "thin metadata failure" },
   { re: /needs_check|needs check/i, status: "block", what: "needs_check" },
   { re: /device-mapper: thin: .*(no free (metadata|data) space|unable to)/i, status: "block", what: "thin pool failure" },
@@ -124,43 +136,107 @@ async function nameDmDevices(io: HealthIo, line: string): Promise<string> {
   return out;
 }
 
-export async function checkDmesg(io: HealthIo, o: { stateDir?: string | undefined; lookbackMs: number }): Promise<CheckResult> {
+export interface DmesgOptions {
+  stateDir?: string | undefined;
+  /** Without a cursor (first run, new boot, no state dir), how far back lines count. */
+  lookbackMs: number;
+  /** A blocking finding blocks until it is this old or acknowledged (default 15 min). */
+  windowMs?: number | undefined;
+  now?: number | undefined;
+}
+
+function fmtAge(s: number): string {
+  if (s < 120) return `${s} s`;
+  if (s < 7200) return `${Math.round(s / 60)} min`;
+  return `${Math.round(s / 3600)} h`;
+}
+
+/** What the kernel logged since the cursor; blocking lines are kept (kernel-findings.ts) and judged. */
+export async function checkDmesg(io: HealthIo, o: DmesgOptions): Promise<CheckResult> {
   let raw: string[];
   try {
     raw = await io.readKmsg();
   } catch (e) {
     return result("host.dmesg", "warn", `cannot read the kernel log: ${errorMessage(e)}`, RUNBOOK.dmesgUnreadable);
   }
-  const [bootId, uptime, cursor] = await Promise.all([
+  const now = o.now ?? Date.now();
+  const windowMs = o.windowMs ?? DEFAULT_KERNEL_ERROR_WINDOW_MS;
+  const [bootId, uptime] = await Promise.all([
     io.readText("/proc/sys/kernel/random/boot_id").then((s) => s.trim(), () => "unknown"),
     io.readText("/proc/uptime").then((s) => Math.round(Number(s.split(/\s+/)[0]) * 1e6), () => 0),
-    readCursor(o.stateDir),
   ]);
   const records = raw.map(parseKmsgRecord).filter((r): r is KmsgRecord => r !== null);
-  const { findings, lastSeq, lost } = findNew(records, { cursor, bootId, uptimeUsec: uptime, lookbackMs: o.lookbackMs });
+  const scan = async (cursor: KmsgCursor | null, stored: StoredFinding[]) => {
+    const found = findNew(records, { cursor, bootId, uptimeUsec: uptime, lookbackMs: o.lookbackMs });
+    const fresh: StoredFinding[] = [];
+    for (const f of found.findings.filter((x) => x.status === "block")) {
+      const tsUsec = records.find((r) => r.seq === f.seq)?.tsUsec ?? uptime;
+      const loggedAt = uptime > 0 ? now - Math.max(0, Math.round((uptime - tsUsec) / 1000)) : now;
+      fresh.push({ boot_id: bootId, seq: f.seq, what: f.what, line: await nameDmDevices(io, f.line), logged_at: loggedAt, first_seen_at: now, acknowledged: null });
+    }
+    return { ...found, fresh, merged: mergeFindings(stored, fresh, now), scope: cursor && cursor.boot_id === bootId ? "since the last check" : `in the last ${Math.round(o.lookbackMs / 60000)} min` };
+  };
+  let s: Awaited<ReturnType<typeof scan>>;
   let cursorNote = "";
   if (o.stateDir) {
-    try {
-      await writeCursor(o.stateDir, { boot_id: bootId, seq: lastSeq });
-    } catch (e) {
-      cursorNote = ` (cursor not saved: ${errorMessage(e)})`;
-    }
-  } else cursorNote = " (no state dir: looked back " + Math.round(o.lookbackMs / 1000) + " s)";
-  const scope = cursor && cursor.boot_id === bootId ? "since the last check" : `in the last ${Math.round(o.lookbackMs / 60000)} min`;
-  if (findings.length === 0) {
-    return result("host.dmesg", "ok", `no new device-mapper/I/O errors in the kernel log ${scope}${cursorNote}`, "", { cursor_seq: lastSeq });
+    const dir = o.stateDir;
+    s = await withKmsgLock(dir, async () => {
+      const r = await scan(await readCursor(dir), await readFindings(dir));
+      if (r.fresh.length) await writeFindings(dir, r.merged);
+      await writeCursor(dir, { boot_id: bootId, seq: r.lastSeq });
+      return r;
+    });
+  } else {
+    s = await scan(null, []);
+    cursorNote = ` (no state dir: looked back ${Math.round(o.lookbackMs / 1000)} s; findings are not kept)`;
   }
-  const blocking = findings.filter((f) => f.status === "block");
-  const worst = blocking[0] ?? findings[0]!;
-  const lines = await Promise.all(findings.slice(0, 10).map((f) => nameDmDevices(io, f.line)));
-  const first = await nameDmDevices(io, worst.line);
-  return result(
-    "host.dmesg",
-    blocking.length ? "block" : "warn",
-    `${findings.length} new kernel message(s) ${scope} (${worst.what}): "${first}"${findings.length > 1 ? ` (+${findings.length - 1} more)` : ""}${lost ? " — some messages were lost from the ring buffer" : ""}${cursorNote}`,
-    RUNBOOK.dmesg,
-    { lines, cursor_seq: lastSeq, lost },
-  );
+  const freshKeys = new Set(s.fresh.map(findingKey));
+  const judged = judgeFindings(s.merged, { now, windowMs, freshKeys });
+  const blocking = judged.filter((f) => f.blocks);
+  const warns = s.findings.filter((f) => f.status === "warn");
+  const details = {
+    findings: judged.map((f) => ({
+      boot_id: f.boot_id,
+      seq: f.seq,
+      what: f.what,
+      line: f.line,
+      age_s: f.age_s,
+      new: f.new,
+      acknowledged: f.acknowledged !== null,
+      acknowledged_by: f.acknowledged?.by ?? null,
+      acknowledged_at: f.acknowledged ? new Date(f.acknowledged.at).toISOString() : null,
+    })),
+    warnings: await Promise.all(warns.slice(0, 10).map((f) => nameDmDevices(io, f.line))),
+    window_s: Math.round(windowMs / 1000),
+    boot_id: bootId,
+    cursor_seq: s.lastSeq,
+    lost: s.lost,
+  };
+  const lostNote = s.lost ? " — some messages were lost from the ring buffer" : "";
+  const acked = judged.length - blocking.length;
+  const ackNote = acked ? ` (${acked} acknowledged kernel error(s) in the last ${fmtAge(details.window_s)} not counted)` : "";
+  if (blocking.length) {
+    const worst = blocking.at(-1)!;
+    const more = blocking.length > 1 ? ` (+${blocking.length - 1} more)` : "";
+    return result(
+      "host.dmesg",
+      "block",
+      `${blocking.length} kernel error(s) not acknowledged, newest ${fmtAge(worst.age_s)} ago${worst.new ? ", new" : ""} (${worst.what}): "${worst.line}"${more}; blocks until acknowledged or ${fmtAge(details.window_s)} old${lostNote}${cursorNote}`,
+      RUNBOOK.dmesg,
+      details,
+    );
+  }
+  if (warns.length) {
+    const first = details.warnings[0]!;
+    return result("host.dmesg", "warn", `${warns.length} new kernel message(s) ${s.scope} (${warns[0]!.what}): "${first}"${warns.length > 1 ? ` (+${warns.length - 1} more)` : ""}${lostNote}${ackNote}${cursorNote}`, RUNBOOK.dmesg, details);
+  }
+  return result("host.dmesg", "ok", `no unacknowledged device-mapper/I/O errors in the kernel log${ackNote}${cursorNote}`, "", details);
+}
+
+/** The cursor a check left (its report's host.dmesg details), for acknowledgeOwnMessages. */
+export function cursorOf(c: CheckResult | undefined): KmsgCursor | null {
+  const d = c?.details;
+  return d && typeof d.boot_id === "string" && typeof d.cursor_seq === "number" ? { boot_id: d.boot_id, seq: d.cursor_seq } : null;
 }
 
 // What GC's own unmount of a failed layer's filesystem makes the kernel say: ext4 errors (e.g.
@@ -196,21 +272,35 @@ export function ownMessagesPrefix(
 /**
  * After GC removed devices it had unmounted: take the kernel's complaints about those unmounts off
  * the health check's plate (they name devices that no longer exist), so the next dm work is not
- * blocked by GC's own cleanup. Returns the lines, for GC's report. Anything else stays reported.
+ * blocked by GC's own cleanup. `since`: the cursor GC's own health check left before it acted (a
+ * check run meanwhile may have moved the cursor past those lines and kept them: they are then
+ * marked acknowledged by gc). Returns the lines, for GC's report. Anything else stays reported.
  */
-export async function acknowledgeOwnMessages(io: HealthIo, stateDir: string, devices: ReadonlySet<string>): Promise<string[]> {
+export async function acknowledgeOwnMessages(
+  io: HealthIo,
+  stateDir: string,
+  devices: ReadonlySet<string>,
+  since: KmsgCursor | null = null,
+): Promise<string[]> {
   if (devices.size === 0) return [];
-  const [raw, bootId, cursor] = await Promise.all([
+  const [raw, bootId] = await Promise.all([
     io.readKmsg(),
     io.readText("/proc/sys/kernel/random/boot_id").then((s) => s.trim(), () => "unknown"),
-    readCursor(stateDir),
   ]);
   const records = raw.map(parseKmsgRecord).filter((r): r is KmsgRecord => r !== null);
-  const r = ownMessagesPrefix(records, { cursor, bootId, devices });
-  if (!r || r.acknowledged.length === 0) return [];
-  // another check may have moved the cursor meanwhile: never move it back
-  const now = await readCursor(stateDir);
-  if (now && now.boot_id === bootId && now.seq >= r.seq) return [];
-  await writeCursor(stateDir, { boot_id: bootId, seq: r.seq });
-  return r.acknowledged.map((f) => f.line);
+  return withKmsgLock(stateDir, async () => {
+    const cursor = await readCursor(stateDir);
+    const from = since && cursor && since.boot_id === cursor.boot_id && since.seq < cursor.seq ? since : cursor;
+    const r = ownMessagesPrefix(records, { cursor: from, bootId, devices });
+    if (!r || r.acknowledged.length === 0) return [];
+    const ours = new Set(r.acknowledged.map((f) => findingKey({ boot_id: bootId, seq: f.seq })));
+    const stored = await readFindings(stateDir);
+    const kept = stored.filter((f) => ours.has(findingKey(f)) && f.acknowledged === null);
+    for (const f of kept) f.acknowledged = { by: "thinimg gc (its own unmount of a device it then removed)", at: Date.now() };
+    if (kept.length) await writeFindings(stateDir, stored);
+    // never move the cursor back
+    if (cursor && cursor.boot_id === bootId && cursor.seq >= r.seq && kept.length === 0) return [];
+    if (!cursor || cursor.boot_id !== bootId || cursor.seq < r.seq) await writeCursor(stateDir, { boot_id: bootId, seq: r.seq });
+    return r.acknowledged.map((f) => f.line);
+  });
 }

@@ -7,6 +7,9 @@ import { errorMessage } from "../errors.ts";
 import { RUNBOOK } from "./runbook.ts";
 import { type CheckResult, result, type Thresholds } from "./types.ts";
 
+/** dm-thin holds back the last 10 % of the metadata blocks: a read-only pool at this use ran out. */
+const OUT_OF_METADATA_PCT = 89;
+
 /** Decide on an already-read status (pure; unit-tested with status line fixtures). */
 export function judgePool(pool: string, st: PoolStatus, th: Thresholds): CheckResult[] {
   const out: CheckResult[] = [result("pool.exists", "ok", `pool ${pool} exists`)];
@@ -20,7 +23,10 @@ export function judgePool(pool: string, st: PoolStatus, th: Thresholds): CheckRe
   }
   out.push(result("pool.status", "ok", `pool ${pool} status readable (transaction ${st.transactionId})`));
   if (st.mode === "rw") out.push(result("pool.mode", "ok", "mode rw"));
-  else if (st.mode === "ro") out.push(result("pool.mode", "block", `pool ${pool} is read-only (ro)`, RUNBOOK.poolReadOnly, { mode: st.mode }));
+  else if (st.mode === "ro" && st.metaUsedPct >= OUT_OF_METADATA_PCT && !st.needsCheck) {
+    // the kernel keeps the last 10 % of the metadata in reserve and goes read-only when it is reached
+    out.push(result("pool.mode", "block", `pool ${pool} is read-only (ro): out of metadata space (${st.metaUsedPct.toFixed(1)} % used)`, RUNBOOK.poolOutOfMeta, { mode: st.mode }));
+  } else if (st.mode === "ro") out.push(result("pool.mode", "block", `pool ${pool} is read-only (ro)`, RUNBOOK.poolReadOnly, { mode: st.mode }));
   else out.push(result("pool.mode", "block", `pool ${pool} is out_of_data_space`, RUNBOOK.poolOutOfData, { mode: st.mode }));
   out.push(
     st.needsCheck

@@ -6,10 +6,12 @@ import { log } from "../log.ts";
 import { checkDmesg } from "./dmesg.ts";
 import { judgeDState, scanDState, stuckOnDm } from "./dstate.ts";
 import { type HealthIo, procIo } from "./io.ts";
+import { DEFAULT_KERNEL_ERROR_WINDOW_MS } from "./kernel-findings.ts";
 import { judgeIowait, parseCpuLine } from "./iowait.ts";
 import { judgeMemory } from "./memory.ts";
 import { checkPool } from "./pool.ts";
 import { RUNBOOK } from "./runbook.ts";
+import { checkSuspended } from "./suspended.ts";
 import { type CheckResult, DEFAULT_THRESHOLDS, type HealthReport, result, type Thresholds } from "./types.ts";
 
 export interface HealthOptions {
@@ -23,8 +25,10 @@ export interface HealthOptions {
   /** Minimum window between the two /proc/stat and D-state samples (default 20 ms). The window
    *  also spans the pool and kernel-log checks, so it costs nothing extra when those are slower. */
   sampleMs?: number | undefined;
-  /** Without a cursor, how far back kernel messages count; default 10 min. */
+  /** Without a cursor, how far back kernel messages count; default: the kernel-error window. */
   lookbackMs?: number | undefined;
+  /** A kernel error blocks until it is this old or acknowledged; default 15 min. */
+  kernelErrorWindowMs?: number | undefined;
   /** Injected readers (unit tests). */
   io?: HealthIo | undefined;
 }
@@ -34,7 +38,6 @@ export const DEFAULT_SAMPLE_MS = 20;
 /** iowait needs a few scheduler ticks (USER_HZ 100 × CPUs) to mean anything; sample longer until then. */
 const MIN_IOWAIT_TICKS = 4;
 const MAX_IOWAIT_WINDOW_MS = 200;
-export const DEFAULT_LOOKBACK_MS = 10 * 60_000;
 
 async function bounded(name: string, timeoutMs: number, work: () => Promise<CheckResult | CheckResult[]>): Promise<CheckResult[]> {
   const t0 = performance.now();
@@ -79,8 +82,14 @@ export async function runHealthChecks(o: HealthOptions = {}): Promise<HealthRepo
   const firstDone = Promise.allSettled([stat1, d1]).then(() => {
     windowStart = performance.now();
   });
-  const poolP = pool ? bounded("pool.status", timeoutMs, () => checkPool(pool, th, timeoutMs)) : Promise.resolve([]);
-  const dmesgP = bounded("host.dmesg", timeoutMs, () => checkDmesg(io, { stateDir: o.stateDir, lookbackMs: o.lookbackMs ?? DEFAULT_LOOKBACK_MS }));
+  const poolP = pool
+    ? Promise.all([
+        bounded("pool.status", timeoutMs, () => checkPool(pool, th, timeoutMs)),
+        bounded("pool.suspended", timeoutMs, () => checkSuspended(pool, timeoutMs)),
+      ]).then((r) => r.flat())
+    : Promise.resolve([]);
+  const windowMs = o.kernelErrorWindowMs ?? DEFAULT_KERNEL_ERROR_WINDOW_MS;
+  const dmesgP = bounded("host.dmesg", timeoutMs, () => checkDmesg(io, { stateDir: o.stateDir, lookbackMs: o.lookbackMs ?? windowMs, windowMs }));
   const window = Promise.all([firstDone.then(() => io.sleep(sampleMs)), poolP, dmesgP]);
 
   const checks = await Promise.all([

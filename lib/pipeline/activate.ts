@@ -7,7 +7,7 @@ import * as dmsetup from "../dm/dmsetup.ts";
 import * as mnt from "../dm/mount.ts";
 import * as pool from "../dm/pool.ts";
 import { ThinimgError } from "../errors.ts";
-import { preflight as assertHealthy } from "./preflight.ts";
+import { preflight } from "./preflight.ts";
 import { tx } from "../store/db.ts";
 import { getDevice, setDevice, setDeviceState } from "../store/devices.ts";
 import { type ImageRow, getImage, getImageByName } from "../store/images.ts";
@@ -61,7 +61,7 @@ export async function activate(ctx: Ctx, imageRef: string, o: ActivateOptions = 
     throw new ThinimgError("conflict", `image ${img.name}: its top layer is ${top.state}`, { hint: "re-run the unpack" });
   }
   const size = o.size === undefined ? top.virtual_size : assertSnapshotSize(o.size, top.virtual_size, img.name);
-  if (!o.skipHealth) await assertHealthy({ pool: poolName, stateDir: cfg.stateDir });
+  if (!o.skipHealth) await preflight(ctx);
   const snap = insertSnapshot(db, { pool: poolName, imageId: img.id, layerId: top.id, virtualSize: size, pid: ctx.owner.pid, command: ctx.owner.command });
   const work = startWork(db, poolName, "activate", workSubject("snapshot", snap.id), ctx.owner);
   let thinId: number | null = null;
@@ -186,7 +186,7 @@ export async function release(ctx: Ctx, ref: string, o: ActivateOptions = {}): P
       throw new ThinimgError("conflict", `snapshot ${snap.id} (${name}) is open by ${info.open} user(s)`, { hint: "stop the microVM (or whatever holds it) first, then release" });
     }
   }
-  if (!o.skipHealth) await assertHealthy({ pool: poolName, stateDir: cfg.stateDir });
+  if (!o.skipHealth) await preflight(ctx);
   const work = startWork(db, poolName, "release", workSubject("snapshot", snap.id), ctx.owner);
   let openStep: number | null = null;
   try {

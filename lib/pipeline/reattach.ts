@@ -20,7 +20,7 @@ import { beginStep, endStep, finishWork, startWork } from "../store/work.ts";
 import { findSnapshot } from "./activate.ts";
 import { type Ctx, makeCtx } from "../pool/context.ts";
 import { classify, failure } from "./failure.ts";
-import { preflight as assertHealthy } from "./preflight.ts";
+import { preflight } from "./preflight.ts";
 import { inPoolSection } from "../pool/journal.ts";
 import { workSubject } from "../store/keys.ts";
 
@@ -126,7 +126,7 @@ async function reattachOne(ctx: Ctx, snap: SnapshotRow, o: { skipHealth?: boolea
   const t0 = performance.now();
   const h = handedOut(ctx, snap);
   if (await alreadyLoaded(ctx, h)) return result(ctx, snap, "already_attached", t0);
-  if (!o.skipHealth) await assertHealthy({ pool: ctx.cfg.pool, stateDir: ctx.cfg.stateDir });
+  if (!o.skipHealth) await preflight(ctx);
   return inPoolSection(ctx, async () => {
     // another process may have loaded it while we waited for the pool section
     if (await alreadyLoaded(ctx, h)) return result(ctx, snap, "already_attached", t0);
@@ -176,7 +176,7 @@ export async function reattachAll(ctx: Ctx, o: { dryRun?: boolean } = {}): Promi
   const active = listSnapshots(ctx.db, ctx.cfg.pool, ["active"]);
   let error: ThinimgError | null = null;
   if (!o.dryRun && active.some((s) => isDetached(s, loaded))) {
-    error = await assertHealthy({ pool: ctx.cfg.pool, stateDir: ctx.cfg.stateDir }).then(() => null, asThinimg);
+    error = await preflight(ctx).then(() => null, asThinimg);
   }
   const out: ReattachResult[] = [];
   for (const s of active) {

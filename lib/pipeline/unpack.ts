@@ -125,11 +125,15 @@ async function unpackLocked(ctx: Ctx, name: string, o: UnpackOptions, t0: number
   const { db, cfg } = ctx;
   // Loaded only when there is work: a re-run of a ready image never pays for the image/dm/health
   // modules (on the test VM's hostfs every module file costs a few ms to load).
-  const [{ resolveImage }, { buildLayer }, { preflight: assertHealthy }] = await Promise.all([
+  const [{ resolveImage }, { buildLayer }, { preflight }] = await Promise.all([
     import("../image/resolve.ts"),
     import("./layer-build.ts"),
     import("./preflight.ts"),
   ]);
+  // fail fast: a missing or sick pool is reported before anything is resolved or downloaded; the
+  // check runs again right before the first dm command (the download may take long)
+  ctx.progress?.stage("health checks");
+  await preflight(ctx);
   ctx.progress?.stage(`resolve ${o.source}`);
   const resolved: ResolvedImage = await resolveImage(o.source, resolveOptions(ctx, o));
   if (resolved.layers.length === 0) {
@@ -162,7 +166,7 @@ async function unpackLocked(ctx: Ctx, name: string, o: UnpackOptions, t0: number
       }
       if (!healthy) {
         ctx.progress?.stage("health checks");
-        await assertHealthy({ pool: cfg.pool, stateDir: cfg.stateDir });
+        await preflight(ctx);
         healthy = true;
       }
       row ??= insertLayerOnce(ctx, chainId, parent, ref);

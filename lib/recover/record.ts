@@ -39,6 +39,9 @@ const RecordSchema = v.object({
    * superblock itself is destroyed (--transaction-id overrides it). */
   last_transaction_id: v.nullable(v.pipe(v.number(), v.integer(), v.minValue(0))),
   last_seen_at: v.nullable(v.string()),
+  /** A grow in progress (recover-pool --grow-data/--grow-meta): the target sizes, written before
+   * anything changes, so that the next run finishes it after a crash. */
+  grow: v.optional(v.nullable(v.object({ data_size: PosInt, meta_size: PosInt, started_at: v.string() }))),
 });
 
 export type PoolRecord = v.InferOutput<typeof RecordSchema>;

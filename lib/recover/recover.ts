@@ -17,6 +17,7 @@ import { assertDevPath, assertDmName } from "../dm/validate.ts";
 import { ThinimgError, fromErrno } from "../errors.ts";
 import { run, which } from "../exec.ts";
 import { formatBytes } from "../util/units.ts";
+import { type GrowRequest, growPool } from "./grow.ts";
 import { type DirLock, lockDir } from "./lock.ts";
 import { fileId, loopsOf, metaTimeoutMs, sameFeatures, superblockBlank, toolReason } from "./observe.ts";
 import { type CreateSpec, type PoolRecord, newRecord, readRecord, recordPath, validateCreateSpec, writeRecord } from "./record.ts";
@@ -46,6 +47,8 @@ export interface RecoverOptions {
   transactionId?: number | undefined;
   /** Present with --create. */
   create?: CreateSpec | undefined;
+  /** --grow-data / --grow-meta. */
+  grow?: GrowRequest | undefined;
   /** System facts, replaceable in unit tests. */
   probe?: Partial<Probe>;
 }
@@ -64,12 +67,12 @@ export const TOOL_PACKAGES: Record<string, string> = {
   thin_repair: "thin-provisioning-tools",
 };
 
-function dmArgv(...args: string[]): { argv: string[]; env: Record<string, string> } {
+export function dmArgv(...args: string[]): { argv: string[]; env: Record<string, string> } {
   const u = udevArgs();
   return { argv: ["dmsetup", ...u.flags, ...args], env: u.env };
 }
 
-class Recovery {
+export class Recovery {
   readonly rb: Runbook;
   readonly probe: Probe;
   readonly dir: string;
@@ -542,7 +545,7 @@ class Recovery {
     if (s.kind === "error") throw new Blocked("unhealthy", `pool ${name} reports Error status`, hint, deactivate);
     if (s.needsCheck) throw new Blocked("unhealthy", `pool ${name} has needs_check set: its metadata must be checked`, hint, deactivate);
     if (s.mode === "out_of_data_space") {
-      throw new Blocked("unhealthy", `pool ${name} is out of data space (${s.dataUsed}/${s.dataTotal} blocks)`, "free space by deleting unused thin devices (the GC command); recover-pool cannot grow a pool", [shellLine(["dmsetup", "status", name])]);
+      throw new Blocked("unhealthy", `pool ${name} is out of data space (${s.dataUsed}/${s.dataTotal} blocks)`, "grow the data device (recover-pool --grow-data +SIZE), then free space with `bun scripts/gc.ts --force`", [shellLine(["dmsetup", "status", name])]);
     }
     if (s.mode !== "rw") throw new Blocked("unhealthy", `pool ${name} is read-only (mode ${s.mode}): the kernel hit a metadata error`, hint, deactivate);
     this.rb.note(
@@ -592,7 +595,12 @@ export async function recoverPool(o: RecoverOptions): Promise<RecoverReport> {
     const spec = o.create ? validateCreateSpec(o.create) : null;
     await r.preflight();
     if (spec) await r.create(spec);
-    else await r.bringUp(r.loadRecord());
+    else {
+      const rec = r.loadRecord();
+      // a grow interrupted by a crash is finished by whatever run comes next
+      if (o.grow || rec.grow) await growPool(r, rec, o.grow);
+      else await r.bringUp(rec);
+    }
     return r.report(null);
   } catch (e) {
     if (e instanceof ThinimgError) return r.report(e);

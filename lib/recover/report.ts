@@ -3,7 +3,7 @@
 import type { PoolStatus } from "../dm/status.ts";
 import type { Step } from "./runbook.ts";
 
-export type RecoverAction = "created" | "recovered" | "healthy" | "blocked";
+export type RecoverAction = "created" | "recovered" | "grown" | "healthy" | "blocked";
 
 export interface StatusJson {
   kind: "ok" | "fail" | "error";
@@ -78,6 +78,7 @@ export interface Rendered {
 const WHAT: Record<RecoverReport["action"], string> = {
   created: "created",
   recovered: "recovered",
+  grown: "grown",
   healthy: "healthy, nothing changed",
   blocked: "blocked",
 };

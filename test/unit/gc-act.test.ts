@@ -325,6 +325,26 @@ describe("report", () => {
     expect(Object.keys(r)).toEqual(["ok", "exit_code", "mode", "pool", "state_dir", "grace_ms", "started_at", "duration_ms", "lock", "health", "refused", "reconciled", "scan", "orphans", "skipped", "repairs", "detached", "foreign", "stopped", "kernel_messages", "notes", "summary"]);
   });
 
+  test("an unhealthy dry-run: exit 1, the health line first, the metadata not read", () => {
+    const detail = "health check pool.suspended blocks dm work: pool tp is SUSPENDED (dmsetup info: State SUSPENDED): every I/O on its devices waits";
+    const r = buildReport({
+      ...base,
+      mode: "dry_run",
+      plan,
+      health: { ok: false, detail },
+      scan: { ...base.scan, metadata: { status: "skipped" as const, method: null, thinIds: null, staleHold: null, skipped: `unhealthy: ${detail}` } },
+    });
+    expect(r.exit_code).toBe(1);
+    expect(r.scan.metadata_skipped).toStartWith("unhealthy: ");
+    expect(formatHuman(r).split("\n")[1]).toBe(`UNHEALTHY (metadata not read; report from dmsetup alone): ${detail}`);
+  });
+
+  test("gc --timeout below 1s is a usage error", () => {
+    const p = Bun.spawnSync(["bun", "scripts/gc.ts", "--timeout", "0"], { stderr: "pipe" });
+    expect(p.exitCode).toBe(2);
+    expect(p.stderr.toString()).toContain("--timeout 0 is below 1s");
+  });
+
   test("exit 1: a skip that needs a human, a refusal, a failure, a stale hold; exit 0 for too_young", () => {
     const skip = (reason: "mounted" | "too_young") => ({ ...plan, actions: [], skips: [{ thinId: 1, device: null, reason, detail: "", orphanReason: "not_in_db" as const }] });
     expect(buildReport({ ...base, mode: "force", plan: skip("mounted") }).exit_code).toBe(1);

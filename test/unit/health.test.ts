@@ -2,17 +2,21 @@
 // readers and a fake command runner. The same checks run against the real kernel in
 // test/vm/health.test.ts.
 import { afterEach, describe, expect, test } from "bun:test";
-import { mkdtempSync, readFileSync, rmSync } from "node:fs";
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { parseInfoLine } from "../../lib/dm/dmsetup.ts";
 import { parsePoolStatus } from "../../lib/dm/status.ts";
 import { ThinimgError } from "../../lib/errors.ts";
 import { type CmdResult, setRunner, spawnRunner } from "../../lib/exec.ts";
-import { acknowledgeOwnMessages, checkDmesg, classifyKernelLine, findNew, type KmsgRecord, ownMessagesPrefix, parseKmsgRecord } from "../../lib/health/dmesg.ts";
+import { acknowledgeFindings } from "../../lib/health/kernel-findings.ts";
+import { loadConfig } from "../../lib/config.ts";
+import { acknowledgeOwnMessages, checkDmesg, cursorOf, classifyKernelLine, findNew, type KmsgRecord, ownMessagesPrefix, parseKmsgRecord } from "../../lib/health/dmesg.ts";
 import { dmMajor, dmMountPoints, parseProcStat, scanDState, stuckOnDm, tiedToDm } from "../../lib/health/dstate.ts";
 import type { HealthIo } from "../../lib/health/io.ts";
 import { judgeIowait, parseCpuLine } from "../../lib/health/iowait.ts";
 import { judgeMemory } from "../../lib/health/memory.ts";
 import { checkPool, judgePool } from "../../lib/health/pool.ts";
 import { assertHealthy, runHealthChecks } from "../../lib/health/run.ts";
+import { judgeSuspended } from "../../lib/health/suspended.ts";
 import { DEFAULT_THRESHOLDS as TH } from "../../lib/health/types.ts";
 import { cmdResult } from "../helpers/run.ts";
 
@@ -73,6 +77,15 @@ describe("pool checks from status lines", () => {
     expect(byName(custom, "pool.data").status).toBe("block");
   });
 
+  test("read-only with the metadata at the kernel's reserve: out of metadata space, grow it", () => {
+    const r = byName(judge("1 470/512 10/100 - ro discard_passdown error_if_no_space - 10"), "pool.mode");
+    expect(r).toMatchObject({ status: "block", message: "pool p is read-only (ro): out of metadata space (91.8 % used)" });
+    expect(r.runbook).toContain("--grow-meta +SIZE");
+    // read-only with room left (or needs_check): a metadata error, not a full device
+    expect(byName(judge("1 100/512 10/100 - ro discard_passdown error_if_no_space - 10"), "pool.mode").runbook).toContain("thin_check");
+    expect(byName(judge("1 470/512 10/100 - ro discard_passdown error_if_no_space needs_check 10"), "pool.mode").message).toBe("pool p is read-only (ro)");
+  });
+
   test("queue_if_no_space warns (a full pool would hang writers)", () => {
     expect(byName(judge("1 10/100 1/100 - rw discard_passdown queue_if_no_space - 10"), "pool.no_space_mode").status).toBe("warn");
   });
@@ -98,6 +111,30 @@ describe("pool checks from status lines", () => {
   test("a device that is not a thin-pool blocks instead of crashing", async () => {
     fake({ stdout: "0 2048 linear \n" });
     expect((await checkPool("p", TH, 1000))[0]).toMatchObject({ name: "pool.status", status: "block" });
+  });
+});
+
+describe("suspended pool or device", () => {
+  const info = (name: string, attr = "L--w") => `${name}|${attr}|0|254|1|0|1|`;
+  const infos = (...lines: string[]) => lines.map((l) => parseInfoLine(l)!);
+
+  test("a suspended pool blocks, naming the state and the runbook command that resumes it", () => {
+    const r = judgeSuspended("p", infos(info("p", "L-sw"), info("thinimg-p-layer-1")));
+    expect(r).toMatchObject({ name: "pool.suspended", status: "block" });
+    expect(r.message).toBe("pool p is SUSPENDED (dmsetup info: State SUSPENDED): every I/O on its devices waits");
+    expect(r.runbook).toContain("bun ops/recover-pool.ts --dir <pool dir>");
+    expect(r.runbook).toContain("docs/ops-health.md#pool-suspended");
+  });
+
+  test("a suspended thinimg device of this pool blocks; other pools' and foreign devices do not", () => {
+    const r = judgeSuspended("p", infos(info("p"), info("thinimg-p-snap-7", "L-sw"), info("thinimg-q-layer-1", "L-sw"), info("other", "L-sw")));
+    expect(r.status).toBe("block");
+    expect(r.message).toContain("thinimg-p-snap-7");
+    expect(r.message).not.toContain("thinimg-q-layer-1");
+    expect(r.runbook).toContain("dmsetup resume <device>");
+    expect(judgeSuspended("p", infos(info("p"), info("thinimg-q-layer-1", "L-sw"))).status).toBe("ok");
+    // a missing pool is pool.exists' finding, not this one's
+    expect(judgeSuspended("p", []).status).toBe("ok");
   });
 });
 
@@ -225,6 +262,8 @@ describe("kernel log", () => {
     const cases: [string, "block" | "warn" | null][] = [
       ["device-mapper: thin: 254:0: switching pool to out-of-data-space (error IO) mode", "block"],
       ["device-mapper: thin: 254:0: switching pool to read-only mode", "block"],
+      ["device-mapper: thin: 254:0: switching pool to out-of-metadata-space (ro) mode", "block"],
+      ["device-mapper: thin: 254:0: No free metadata blocks", "block"],
       ["device-mapper: thin: 254:0: reached low water mark for data device: sending event.", "warn"],
       ["device-mapper: thin: 254:0: switching pool to write mode", "warn"],
       ["Buffer I/O error on dev dm-2, logical block 0, async page read", "block"],
@@ -283,28 +322,142 @@ describe("kernel log", () => {
     sleep: async () => {},
   });
 
-  test("checkDmesg persists the cursor: an error is reported once", async () => {
+  const inTmp = async (fn: (dir: string) => Promise<void>) => {
     const dir = mkdtempSync("/tmp/thinimg-health-unit-");
     try {
+      await fn(dir);
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  };
+  const MIN = 60_000;
+  const T0 = Date.parse("2026-12-05T12:00:00Z");
+
+  test("a kernel error blocks every later check (any number, any caller) until an operator acknowledges it", () =>
+    inTmp(async (dir) => {
       const records = [
         "6,1,1000000,-;device-mapper: ioctl: 4.47.0-ioctl initialised",
         "3,2,2000000,-;Buffer I/O error on dev dm-2, logical block 0, async page read",
       ];
       const io = kmsgIo(records, { "/sys/block/dm-2/dm/name": "pool-t1\n" });
-      const first = await checkDmesg(io, { stateDir: dir, lookbackMs: 60_000 });
+      const at = (now: number) => checkDmesg(io, { stateDir: dir, lookbackMs: MIN, now });
+      const first = await at(T0);
       expect(first.status).toBe("block");
       expect(first.message).toContain('"Buffer I/O error on dev dm-2 (pool-t1), logical block 0, async page read"');
+      expect(first.message).toContain("1 s ago, new");
       expect(JSON.parse(readFileSync(`${dir}/health-kmsg.json`, "utf8"))).toEqual({ boot_id: "boot-1", seq: 2 });
-      const second = await checkDmesg(io, { stateDir: dir, lookbackMs: 60_000 });
-      expect(second.status).toBe("ok");
+      // the GC timer, an operator, another process: the cursor moves on, the finding stays
+      for (let i = 1; i <= 5; i++) {
+        const again = await at(T0 + i * MIN);
+        expect(again.status).toBe("block");
+        expect(again.details?.findings).toEqual([
+          expect.objectContaining({ seq: 2, age_s: 1 + i * 60, new: false, acknowledged: false, acknowledged_by: null }),
+        ]);
+      }
+      // the device name was taken when the line was first seen (dm-2 may be gone by now)
+      const gone = kmsgIo(records);
+      expect((await checkDmesg(gone, { stateDir: dir, lookbackMs: MIN, now: T0 + 6 * MIN })).message).toContain("dm-2 (pool-t1)");
+
+      const acked = await acknowledgeFindings(dir, { by: "alice", now: T0 + 7 * MIN });
+      expect(acked.map((f) => f.seq)).toEqual([2]);
+      const log = readFileSync(`${dir}/health-ack.log`, "utf8").trim().split("\n").map((l) => JSON.parse(l));
+      expect(log).toEqual([expect.objectContaining({ at: "2026-12-05T12:07:00.000Z", by: "alice", findings: [expect.objectContaining({ seq: 2, what: "I/O error on a dm device" })] })]);
+      const after = await at(T0 + 8 * MIN);
+      expect(after.status).toBe("ok");
+      expect(after.details?.findings).toEqual([
+        expect.objectContaining({ seq: 2, acknowledged: true, acknowledged_by: "alice", acknowledged_at: "2026-12-05T12:07:00.000Z" }),
+      ]);
+      expect(after.message).toContain("1 acknowledged kernel error(s)");
+      // acknowledging again has nothing to do; a new error blocks again
+      expect(await acknowledgeFindings(dir, { by: "alice" })).toEqual([]);
       records.push("3,3,2500000,-;device-mapper: thin: 254:0: switching pool to fail mode");
-      const third = await checkDmesg(io, { stateDir: dir, lookbackMs: 60_000 });
+      const third = await at(T0 + 9 * MIN);
       expect(third.status).toBe("block");
       expect(third.message).toContain("switching pool to fail mode");
-    } finally {
-      rmSync(dir, { recursive: true, force: true });
-    }
+      expect(third.message).toMatch(/^1 kernel error\(s\) not acknowledged/);
+    }));
+
+  test("an acknowledgement covers only what a check has recorded, not lines nobody has seen yet", () =>
+    inTmp(async (dir) => {
+      const records = ["3,1,1000000,-;device-mapper: thin: 254:0: switching pool to read-only mode"];
+      const io = kmsgIo(records);
+      expect(await acknowledgeFindings(dir, { by: "bob" })).toEqual([]);
+      expect((await checkDmesg(io, { stateDir: dir, lookbackMs: MIN })).status).toBe("block");
+      records.push("3,2,2000000,-;Buffer I/O error on dev dm-4, logical block 9, async page read");
+      expect((await acknowledgeFindings(dir, { by: "bob" })).map((f) => f.seq)).toEqual([1]);
+      const r = await checkDmesg(io, { stateDir: dir, lookbackMs: MIN });
+      expect(r.status).toBe("block");
+      expect((r.details!.findings as { seq: number; acknowledged: boolean }[]).map((f) => [f.seq, f.acknowledged])).toEqual([
+        [1, true],
+        [2, false],
+      ]);
+    }));
+
+  test("the window: a finding stops blocking once it is that old; one first seen late still blocks once", () =>
+    inTmp(async (dir) => {
+      const records = ["3,1,2000000,-;Buffer I/O error on dev dm-2, logical block 0, async page read"];
+      const io = kmsgIo(records);
+      const at = (now: number, windowMs?: number) => checkDmesg(io, { stateDir: dir, lookbackMs: MIN, now, windowMs });
+      expect((await at(T0)).status).toBe("block");
+      expect((await at(T0 + 14 * MIN)).status).toBe("block"); // default window: 15 min
+      const old = await at(T0 + 15 * MIN);
+      expect(old.status).toBe("ok");
+      expect(old.details?.findings).toEqual([]);
+      // a longer window (another caller's flag) still sees it: findings are kept a day
+      expect((await at(T0 + 16 * MIN, 60 * MIN)).status).toBe("block");
+    }));
+
+  test("a line logged long before any check saw it blocks the check that finds it, then only its age counts", () =>
+    inTmp(async (dir) => {
+      const records = ["6,1,1000000,-;device-mapper: ioctl: 4.47.0-ioctl initialised"];
+      const io = kmsgIo(records, { "/proc/uptime": "1202.50 1.00\n" });
+      expect((await checkDmesg(io, { stateDir: dir, lookbackMs: MIN })).status).toBe("ok");
+      records.push("3,2,2500000,-;device-mapper: thin: 254:0: switching pool to read-only mode"); // 20 min ago
+      const r = await checkDmesg(io, { stateDir: dir, lookbackMs: MIN });
+      expect(r.status).toBe("block");
+      expect(r.details?.findings).toEqual([expect.objectContaining({ seq: 2, age_s: 1200, new: true })]);
+      expect((await checkDmesg(io, { stateDir: dir, lookbackMs: MIN })).status).toBe("ok");
+    }));
+
+  test("window 0 keeps the old behaviour (reported once); without a state dir nothing is kept", async () => {
+    await inTmp(async (dir) => {
+      const io = kmsgIo(["3,1,2000000,-;Buffer I/O error on dev dm-2, logical block 0, async page read"]);
+      expect((await checkDmesg(io, { stateDir: dir, lookbackMs: MIN, windowMs: 0 })).status).toBe("block");
+      expect((await checkDmesg(io, { stateDir: dir, lookbackMs: MIN, windowMs: 0 })).status).toBe("ok");
+    });
+    const io = kmsgIo(["3,1,2000000,-;Buffer I/O error on dev dm-2, logical block 0, async page read"]);
+    const r = await checkDmesg(io, { lookbackMs: MIN });
+    expect(r.status).toBe("block");
+    expect(r.message).toContain("no state dir");
   });
+
+  test("checks running at once lose no finding and no acknowledgement", () =>
+    inTmp(async (dir) => {
+      const records: string[] = [];
+      const io = kmsgIo(records);
+      for (let i = 1; i <= 6; i++) {
+        records.push(`3,${i},${i}000000,-;Buffer I/O error on dev dm-${i}, logical block 0, async page read`);
+        await Promise.all([
+          checkDmesg(io, { stateDir: dir, lookbackMs: MIN }),
+          checkDmesg(io, { stateDir: dir, lookbackMs: MIN }),
+          i === 3 ? acknowledgeFindings(dir, { by: "carol" }) : Promise.resolve([]),
+        ]);
+      }
+      const r = await checkDmesg(io, { stateDir: dir, lookbackMs: MIN });
+      const fs = r.details?.findings as { seq: number; acknowledged: boolean }[];
+      expect(fs.map((f) => f.seq)).toEqual([1, 2, 3, 4, 5, 6]);
+      // the acknowledgement ran with or after the checks of round 3: 1 and 2 are acknowledged, 4–6 are not
+      expect(fs.filter((f) => f.acknowledged).map((f) => f.seq)).toEqual(expect.arrayContaining([1, 2]));
+      expect(fs.filter((f) => !f.acknowledged).map((f) => f.seq)).toEqual(expect.arrayContaining([4, 5, 6]));
+      expect(r.status).toBe("block");
+    }));
+
+  test("a damaged findings file blocks, it does not silently unblock", () =>
+    inTmp(async (dir) => {
+      writeFileSync(`${dir}/health-findings.json`, "{not json");
+      // a check that throws is a blocking result (runHealthChecks' bounded())
+      await expect(checkDmesg(kmsgIo([]), { stateDir: dir, lookbackMs: MIN })).rejects.toThrow(`cannot read ${dir}/health-findings.json`);
+    }));
 
   test("GC's own unmount complaints: acknowledged up to the first message that is not one of them", () => {
     const log = [
@@ -351,6 +504,29 @@ describe("kernel log", () => {
     } finally {
       rmSync(dir, { recursive: true, force: true });
     }
+  });
+
+  test("GC's own lines that another check already kept: acknowledged by gc from the cursor GC's health check left", () =>
+    inTmp(async (dir) => {
+      const records = ["6,1,1000000,-;device-mapper: ioctl: 4.47.0-ioctl initialised"];
+      const io = kmsgIo(records);
+      const gcHealth = await checkDmesg(io, { stateDir: dir, lookbackMs: MIN });
+      const since = cursorOf(gcHealth);
+      expect(since).toEqual({ boot_id: "boot-1", seq: 1 });
+      // GC unmounts and removes dm-2; an operator's check runs before GC reads the log again
+      records.push("3,2,2000000,-;EXT4-fs error (device dm-2): ext4_put_super:1297: comm umount: Couldn't clean up the journal");
+      expect((await checkDmesg(io, { stateDir: dir, lookbackMs: MIN })).status).toBe("block");
+      expect(await acknowledgeOwnMessages(io, dir, new Set(["dm-2"]), since)).toEqual([records[1]!.split(";")[1]!]);
+      const r = await checkDmesg(io, { stateDir: dir, lookbackMs: MIN });
+      expect(r.status).toBe("ok");
+      expect(r.details?.findings).toEqual([expect.objectContaining({ seq: 2, acknowledged: true, acknowledged_by: expect.stringContaining("gc") })]);
+    }));
+
+  test("the window comes from --kernel-error-window, else THINIMG_KERNEL_ERROR_WINDOW, else 15 min", () => {
+    expect(loadConfig({}, {}).kernelErrorWindowMs).toBe(15 * MIN);
+    expect(loadConfig({}, { THINIMG_KERNEL_ERROR_WINDOW: "1h" }).kernelErrorWindowMs).toBe(60 * MIN);
+    expect(loadConfig({ kernelErrorWindow: "30s" }, { THINIMG_KERNEL_ERROR_WINDOW: "1h" }).kernelErrorWindowMs).toBe(30_000);
+    expect(() => loadConfig({}, { THINIMG_KERNEL_ERROR_WINDOW: "2d" })).toThrow("THINIMG_KERNEL_ERROR_WINDOW");
   });
 
   test("an unreadable kernel log warns, it does not pass silently", async () => {
@@ -405,6 +581,7 @@ describe("runHealthChecks / assertHealthy", () => {
       "pool.data",
       "pool.metadata",
       "pool.no_space_mode",
+      "pool.suspended",
       "host.dstate",
       "host.dmesg",
       "host.memory",
@@ -461,6 +638,27 @@ describe("scripts/health.ts arguments", () => {
     expect(p.exitCode).toBe(2);
     expect(p.stderr.toString().trim().split("\n")).toEqual(["error: --data-warn 99 is above --data-block 90 — see --help"]);
   });
+  test("--ack acknowledges the recorded kernel errors, says so, and logs who and when", () => {
+    const dir = mkdtempSync("/tmp/thinimg-health-unit-");
+    try {
+      const f = { boot_id: "b", seq: 7, what: "I/O error on a dm device", line: "Buffer I/O error on dev dm-2", logged_at: Date.now() - 60_000, first_seen_at: Date.now(), acknowledged: null };
+      writeFileSync(`${dir}/health-findings.json`, JSON.stringify({ findings: [f] }));
+      const p = Bun.spawnSync(["bun", "scripts/health.ts", "--ack", "--host-only", "--state-dir", dir, "--json"], {
+        stdout: "pipe",
+        stderr: "pipe",
+        env: { ...process.env, SUDO_USER: "dave" },
+      });
+      expect(p.stderr.toString()).toContain("acknowledged 1 kernel error(s) as dave (via sudo as");
+      expect(JSON.parse(p.stdout.toString()).acknowledged).toEqual([{ boot_id: "b", seq: 7, what: f.what, line: f.line }]);
+      const rec = JSON.parse(readFileSync(`${dir}/health-ack.log`, "utf8"));
+      expect(rec.by).toContain("dave");
+      expect(Math.abs(Date.parse(rec.at) - Date.now())).toBeLessThan(60_000);
+      expect(JSON.parse(readFileSync(`${dir}/health-findings.json`, "utf8")).findings[0].acknowledged.by).toContain("dave");
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
   test("a percentage must be a whole number 0..100", () => {
     const p = Bun.spawnSync(["bun", "scripts/health.ts", "--meta-block", "120"], { stderr: "pipe" });
     expect(p.exitCode).toBe(2);

@@ -311,3 +311,36 @@ describe("settling intents of dead processes", () => {
     }
   });
 });
+
+describe("unpack fails fast", () => {
+  test("a missing pool is reported before the source is resolved or downloaded", async () => {
+    let requests = 0;
+    const server = Bun.serve({
+      hostname: "127.0.0.1",
+      port: 0,
+      fetch() {
+        requests++;
+        return new Response("not reached", { status: 404 });
+      },
+    });
+    const dmCalls: string[] = [];
+    setRunner(async (argv) => {
+      dmCalls.push(argv.join(" "));
+      return { argv, stdout: "", stderr: "Device does not exist.\nCommand failed.\n", exitCode: 1, signal: null, timedOut: false, durationMs: 1 };
+    });
+    try {
+      const ctx = makeCtx(loadConfig({ stateDir: join(dir, "failfast"), pool: "gone" }, {}), { command: "unit" });
+      const { unpack } = await import("../../lib/pipeline/unpack.ts");
+      const err = await unpack(ctx, { source: `http://127.0.0.1:${server.port}/big.tar`, name: "big" }).catch((e: unknown) => e);
+      expect(err).toBeInstanceOf(ThinimgError);
+      expect((err as ThinimgError).kind).toBe("unhealthy");
+      expect((err as ThinimgError).message).toContain("pool gone not found");
+      expect(requests).toBe(0);
+      // only reads were sent: the pool's status and `dmsetup info`
+      expect(dmCalls.every((c) => /^dmsetup .*\b(status|info)\b/.test(c))).toBe(true);
+      ctx.db.close();
+    } finally {
+      server.stop(true);
+    }
+  });
+});

@@ -5,6 +5,7 @@ import { afterAll, afterEach, beforeEach, describe, expect, test } from "bun:tes
 import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { type CmdResult, type RunOptions, setRunner, spawnRunner } from "../../lib/exec.ts";
+import { growTargets, grownRecord, parseSizeArg } from "../../lib/recover/grow.ts";
 import { LOCK_FILE, lockDir, staleReason } from "../../lib/recover/lock.ts";
 import { devString, toolReason } from "../../lib/recover/observe.ts";
 import { newRecord, type PoolRecord, readRecord, writeRecord } from "../../lib/recover/record.ts";
@@ -616,3 +617,51 @@ describe("pieces", () => {
 function readdirNames(dir: string): string[] {
   return readdirSync(dir).sort();
 }
+
+describe("grow targets", () => {
+  const rec: PoolRecord = { ...newRecord("tp", { dataSize: GiB, metaSize: 32 * MiB, blockSize: 65536, features: ["error_if_no_space"] }, NOW), state: "ready" };
+
+  test("SIZE is the new size, +SIZE is that much more; the other part keeps its size", () => {
+    expect(parseSizeArg("+512M", "--grow-data")).toEqual({ bytes: 512 * MiB, relative: true });
+    expect(parseSizeArg("2G", "--grow-data")).toEqual({ bytes: 2 * GiB, relative: false });
+    expect(growTargets(rec, { data: parseSizeArg("+512M", "--grow-data") })).toEqual({ dataSize: GiB + 512 * MiB, metaSize: 32 * MiB });
+    expect(growTargets(rec, { data: parseSizeArg("2G", "x"), meta: parseSizeArg("+32M", "y") })).toEqual({ dataSize: 2 * GiB, metaSize: 64 * MiB });
+  });
+
+  test("never shrinks; metadata is a multiple of 4K and at most 16G: one-line usage errors", () => {
+    expect(() => growTargets(rec, { data: parseSizeArg("512M", "--grow-data") })).toThrow("--grow-data 512 MiB is smaller than the pool's data size 1.0 GiB: a pool never shrinks");
+    expect(() => growTargets(rec, { meta: parseSizeArg("16M", "--grow-meta") })).toThrow("a pool never shrinks");
+    expect(() => growTargets(rec, { meta: parseSizeArg("17G", "--grow-meta") })).toThrow("at most 16G");
+    expect(() => growTargets(rec, { meta: { bytes: 32 * MiB + 512, relative: false } })).toThrow("multiple of 4K");
+    try {
+      growTargets(rec, { data: parseSizeArg("1M", "--grow-data") });
+    } catch (e) {
+      expect((e as { kind: string }).kind).toBe("usage");
+    }
+  });
+
+  test("a pending grow is finished first: the same target continues, another is refused", () => {
+    const pending = { ...rec, grow: { data_size: 2 * GiB, meta_size: 32 * MiB, started_at: NOW.toISOString() } };
+    expect(growTargets(pending, undefined)).toEqual({ dataSize: 2 * GiB, metaSize: 32 * MiB });
+    // "+1G" against the record (not yet updated) is the same target: a re-run of the same command continues
+    expect(growTargets(pending, { data: parseSizeArg("+1G", "--grow-data") })).toEqual({ dataSize: 2 * GiB, metaSize: 32 * MiB });
+    expect(() => growTargets(pending, { data: parseSizeArg("3G", "--grow-data") })).toThrow("an interrupted grow of pool tp");
+  });
+
+  test("the grown record: sizes, data length in whole blocks (a partial block is not used), low water mark for the new size, nothing pending", () => {
+    const g = grownRecord({ ...rec, grow: { data_size: 2 * GiB, meta_size: 64 * MiB, started_at: "x" } }, { dataSize: 2 * GiB + 1000 * 512, metaSize: 64 * MiB }, new Date("2026-01-01T00:00:00Z"));
+    expect(g).toMatchObject({ data_size: 2 * GiB + 1000 * 512, meta_size: 64 * MiB, data_sectors: 32775 * 128, low_water_mark: 3277, grow: null, updated_at: "2026-01-01T00:00:00.000Z" });
+    // it is a valid record (the schema accepts it and the pending field)
+    const dir = mkdtempSync(join(root, "grow-"));
+    writeRecord(dir, { ...rec, grow: { data_size: 2 * GiB, meta_size: 32 * MiB, started_at: NOW.toISOString() } });
+    expect(readRecord(dir)?.grow?.data_size).toBe(2 * GiB);
+    writeRecord(dir, g);
+    expect(readRecord(dir)?.grow).toBeNull();
+  });
+
+  test("recover-pool rejects --grow-* with --create or --repair (exit 2)", () => {
+    const p = Bun.spawnSync(["bun", "ops/recover-pool.ts", "--dir", root, "--repair", "--grow-data", "+1G"], { stderr: "pipe" });
+    expect(p.exitCode).toBe(2);
+    expect(p.stderr.toString()).toContain("--grow-data/--grow-meta cannot be combined with --repair");
+  });
+});

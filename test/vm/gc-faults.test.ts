@@ -21,7 +21,7 @@ import { type FlakyPool, makeFlakyPool, makeTestPool } from "../helpers/pool.ts"
 import { noise } from "../helpers/bytes.ts";
 
 requireDm();
-setDefaultTimeout(300_000);
+setDefaultTimeout(600_000); // each test drives a dozen CLI runs (a bun start each in UML) and two GC cycles
 
 const W = mkdtempSync("/tmp/thinimg-gcf-");
 const cleanups: (() => Promise<void>)[] = [];
@@ -318,11 +318,14 @@ describe("pool out of data space mid-apply", () => {
     expect(st.mode).toBe("out_of_data_space");
     const l = await leakedByUnpack(s, before, "no_space");
 
-    // a full pool: the dry-run lists the leaked device but cannot read the metadata; --force is
-    // refused by the health checks and changes nothing
+    // a full pool: the dry-run runs the health checks first and, the pool being unhealthy, reports
+    // from dmsetup alone (the leaked device, no metadata snapshot); --force is refused by the health
+    // checks and changes nothing
     const full = await s.gc("--grace", "0");
     process.stderr.write(`[gc-faults] dry-run on the full pool: ${JSON.stringify({ scan: full.r.scan, orphans: full.r.orphans.map((o) => [o.thin_id, o.device, o.reason]) })}\n`);
-    expect(full.r.scan.metadata_skipped).toStartWith("pool_not_rw");
+    expect(full.r.health?.ok).toBe(false);
+    expect(full.r.scan.metadata_skipped).toStartWith("unhealthy: health checks failed, metadata not read: health check pool.mode blocks dm work: ");
+    expect(full.r.scan.metadata_skipped).toContain("out_of_data_space");
     expect(full.r.orphans.map((o) => o.device)).toEqual([l.device_name]);
     const blocked = await s.gc("--force", "--grace", "0");
     expect(blocked.r.refused?.reason).toBe("unhealthy");
@@ -345,12 +348,15 @@ describe("pool out of data space mid-apply", () => {
     expect(grown.mode).toBe("rw");
     expect(grown.dataTotal).toBe(newSize / (p.blockSectors * 512));
     expectOneNewThinId(await s.thinIds(), before, l);
-    // the kernel logged the fault; the operator reads it with the health check (reported once),
-    // and the next check is clean
+    // the kernel logged the fault: it blocks every check until the operator, having read it,
+    // acknowledges it
     const h1 = await s.script("health", ["--json"]);
-    process.stderr.write(`[gc-faults] health after extending: exit ${h1.code}\n${h1.err}`);
-    const h2 = await s.script("health", ["--json"]);
-    expect(h2.code).toBe(0);
+    expect(h1.code, h1.err).toBe(1);
+    const dmesg = (JSON.parse(h1.out) as { checks: { name: string; details?: { findings?: { line: string; acknowledged: boolean }[] } }[] }).checks.find((c) => c.name === "host.dmesg");
+    expect(dmesg?.details?.findings?.some((f) => f.line.includes("out-of-data-space") && !f.acknowledged)).toBe(true);
+    expect((await s.script("health", [])).code).toBe(1);
+    const h2 = await s.script("health", ["--ack", "--json"]);
+    expect(h2.code, h2.err).toBe(0);
 
     await gcCollectsExactly(
       s,
@@ -417,7 +423,7 @@ describe("I/O errors under a layer (dm-flakey data device)", () => {
     // The kernel flushes the data device before every metadata commit; that flush failed, so the
     // pool aborted its transaction and went read-only with needs_check ("pre-commit callback
     // failed"). Healing the device does not bring it back: health blocks, GC refuses --force, and
-    // the dry-run cannot read the metadata (a read-only pool refuses reserve_metadata_snap).
+    // the dry-run reports from dmsetup alone (a read-only pool refuses reserve_metadata_snap).
     const st = await dmpool.poolStatusOk(fk.name);
     expect([st.mode, st.needsCheck]).toEqual(["ro", true]);
     expect((await s.script("health", [])).code).toBe(1);
@@ -425,7 +431,7 @@ describe("I/O errors under a layer (dm-flakey data device)", () => {
     expect(blocked.r.refused?.reason).toBe("unhealthy");
     expect(blocked.code).toBe(1);
     const dryRo = await s.gc("--grace", "0");
-    expect(dryRo.r.scan.metadata_skipped).toStartWith("pool_not_rw");
+    expect(dryRo.r.scan.metadata_skipped).toStartWith("unhealthy: ");
     expect(dryRo.r.orphans.map((o) => o.device)).toEqual([l.device_name]);
     expect(await dmsetup.exists(l.device_name)).toBe(true);
 
@@ -446,10 +452,10 @@ describe("I/O errors under a layer (dm-flakey data device)", () => {
     const back = await dmpool.poolStatusOk(fk.name);
     expect([back.mode, back.needsCheck]).toEqual(["rw", false]);
     expectOneNewThinId(await s.thinIds(), before, l);
-    // the kernel logged the I/O errors; the operator reads them with the health check (each line is
-    // reported once), and the next check is clean
-    await s.script("health", []);
-    const h = await s.script("health", []);
+    // the kernel logged the I/O errors: they block until the operator, having read them with the
+    // health check, acknowledges them
+    expect((await s.script("health", [])).code).toBe(1);
+    const h = await s.script("health", ["--ack"]);
     expect(h.code, h.err).toBe(0);
 
     // images are used again: a live activated snapshot next to the leak

@@ -441,6 +441,9 @@ describe("GC racing the pipeline", () => {
     expect(refused.r.refused?.reason).toBe("unhealthy");
     expect(refused.r.refused?.detail).toContain(`EXT4-fs error (device ${other} (${mountedOrphan.device_name}))`);
     expect(refused.r.refused?.detail).not.toContain(`device ${leaked}`);
+    // …and every one after it, until the operator acknowledges it
+    expect((await gc("--force", "--grace", "0")).r.refused?.reason).toBe("unhealthy");
+    expect((await script("health", ["--ack"])).code).toBe(0);
     expect(r.orphans.map((o) => [o.thin_id, o.device, o.reason, o.outcome])).toEqual([[l.thin_id, l.device_name, "interrupted_build", "done"]]);
     expect(await thinIds()).toEqual(before.filter((i) => i !== l.thin_id));
     expect(await dmsetup.info(String(l.device_name))).toBeNull();

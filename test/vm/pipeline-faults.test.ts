@@ -21,7 +21,7 @@ import { type Leak, listWork, stepsOf } from "../../lib/store/work.ts";
 import { getThinId } from "../../lib/store/thin-ids.ts";
 import { activate, release } from "../../lib/pipeline/activate.ts";
 import { buildLayerTar, writeLayerFamily } from "../helpers/images.ts";
-import { primeKernelLogCursor } from "../helpers/health.ts";
+import { acknowledgeKernelErrors, primeKernelLogCursor } from "../helpers/health.ts";
 import { requireDm } from "../helpers/kernel.ts";
 import { type FlakyPool, makeFlakyPool, type TestPool, makeTestPool } from "../helpers/pool.ts";
 import { noise } from "../helpers/bytes.ts";
@@ -181,8 +181,9 @@ describe("I/O errors under a layer (dm-flakey data device)", () => {
     expect(layer.phase).toBe("mounted");
     const work = listWork(ctx.db, ctx.cfg.pool).find((w) => w.kind === "build_layer" && w.state === "failed")!;
     expect(stepsOf(ctx.db, work.id).at(-1)).toMatchObject({ name: "sync", state: "failed" });
-    // healthy again: a re-run (the kernel errors above are history) rebuilds layer 2 on a new thin id
-    await primeKernelLogCursor(ctx.cfg.stateDir);
+    // healthy again: once the operator acknowledged the kernel errors above, a re-run rebuilds layer
+    // 2 on a new thin id
+    await acknowledgeKernelErrors(ctx.cfg.stateDir);
     const r = await unpack(ctx, { source: src, name: "fl2" });
     expect(r.image.state).toBe("ready");
     expect(r.layers[1]!.thin_id).not.toBe(layer.thin_id);
