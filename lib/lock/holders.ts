@@ -3,9 +3,10 @@
 // SHARED holder: it leaves <state dir>/holders/<pid>-<start time>.json for its run. `gc --force` and
 // `recover-pool` are EXCLUSIVE: they write <state dir>/exclusive.lock, then wait (up to --wait) for
 // the shared holders to finish, and refuse with one line naming every one of them — unless
-// --ignore-lock, which takes no part in the lock and goes ahead with a warning. New shared holders wait while an exclusive one is
-// live. Each side writes its own file before looking at the other's, so of two that arrive together
-// at least one sees the other. Files of dead or reused PIDs never block: they are removed.
+// --ignore-lock, which takes no part in the lock and goes ahead with a warning. New shared holders
+// wait while an exclusive one is live. Each side writes its own file before looking at the other's,
+// so of two that arrive together at least one sees the other. Files of dead or reused PIDs never
+// block: they are removed.
 // (The process lock file, thinimg.lock, stays the short mutex around pool sections.)
 import { existsSync, linkSync, mkdirSync, readdirSync, unlinkSync } from "node:fs";
 import { join } from "node:path";
