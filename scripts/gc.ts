@@ -26,7 +26,7 @@ export const gcCommand = defineCommand({
     grace: { type: "string", description: "Leave orphans younger than this for the next run (e.g. 10m, 0)", default: "10m" },
     "ignore-lock": {
       type: "boolean",
-      description: "Act even when another thinimg process holds the process lock (logged; health checks still apply)",
+      description: "Act even while unpacks, activations or releases run or another process holds the process lock (logged; health checks still apply)",
       default: false,
     },
     wait: {

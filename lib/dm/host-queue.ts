@@ -19,7 +19,7 @@
 //     must still be resumed, ADR-0001 §5).
 import { AsyncLocalStorage } from "node:async_hooks";
 import { closeSync, ftruncateSync, mkdirSync, openSync, readdirSync, readFileSync, unlinkSync, writeFileSync, writeSync } from "node:fs";
-import { basename, dirname } from "node:path";
+import { basename } from "node:path";
 import { ThinimgError } from "../errors.ts";
 import type { CmdContext } from "../exec.ts";
 import { tryFlockExclusive, unflock } from "../util/libc.ts";
@@ -141,8 +141,7 @@ function olderLiveTicket(dir: string, mine: string): boolean {
 async function acquire(command: string): Promise<() => void> {
   const path = queueFile();
   const waitDir = `${path}.waiting`;
-  mkdirSync(waitDir, { recursive: true, mode: 0o755 });
-  mkdirSync(dirname(path), { recursive: true, mode: 0o755 });
+  mkdirSync(waitDir, { recursive: true, mode: 0o755 }); // and the lock's own directory
   const fd = openSync(path, "a", 0o644);
   const ticket = ticketName();
   writeFileSync(`${waitDir}/${ticket}`, "");

@@ -3,9 +3,10 @@
 // SHARED holder: it leaves <state dir>/holders/<pid>-<start time>.json for its run. `gc --force` and
 // `recover-pool` are EXCLUSIVE: they write <state dir>/exclusive.lock, then wait (up to --wait) for
 // the shared holders to finish, and refuse with one line naming every one of them — unless
-// --ignore-lock, which goes ahead with a warning. New shared holders wait while an exclusive one is
-// live. Each side writes its own file before looking at the other's, so of two that arrive together
-// at least one sees the other. Files of dead or reused PIDs never block: they are removed.
+// --ignore-lock, which takes no part in the lock and goes ahead with a warning. New shared holders
+// wait while an exclusive one is live. Each side writes its own file before looking at the other's,
+// so of two that arrive together at least one sees the other. Files of dead or reused PIDs never
+// block: they are removed.
 // (The process lock file, thinimg.lock, stays the short mutex around pool sections.)
 import { existsSync, linkSync, mkdirSync, readdirSync, unlinkSync } from "node:fs";
 import { join } from "node:path";
@@ -115,14 +116,20 @@ export interface ExclusiveHold {
 
 /**
  * Hold the state dir exclusively: wait up to waitMs for every other holder to finish, then refuse
- * with one line naming each (pid, start time, command) — or, with ignoreLock, go ahead and warn.
+ * with one line naming each (pid, start time, command). With ignoreLock it takes no part in the lock
+ * at all (it neither waits nor makes others wait) and warns, naming whoever holds it.
  * A state dir that does not exist has no holders.
  */
 export async function holdExclusive(stateDir: string, o: HoldOptions & { ignoreLock: boolean; what: string }): Promise<ExclusiveHold> {
   if (!existsSync(stateDir)) return { ignored: [], release() {} };
+  if (o.ignoreLock) {
+    const others = [liveExclusive(stateDir), ...sharedHolders(stateDir)].filter((h): h is Holder => h !== null);
+    if (others.length) log.warn(`${o.what} --ignore-lock: going ahead while the state dir is held by ${describeAll(others)}`);
+    return { ignored: others, release() {} };
+  }
   const path = join(stateDir, EXCLUSIVE_FILE);
   const me = currentHolder(o.command);
-  const deadline = Date.now() + (o.ignoreLock ? 0 : o.waitMs);
+  const deadline = Date.now() + o.waitMs;
   let mineWritten = false;
   const release = () => {
     if (!mineWritten) return;
@@ -149,10 +156,6 @@ export async function holdExclusive(stateDir: string, o: HoldOptions & { ignoreL
     const others = [...(mineWritten ? [] : [liveExclusive(stateDir)].filter((h): h is Holder => h !== null)), ...sharedHolders(stateDir)];
     if (mineWritten && others.length === 0) return { ignored: [], release };
     if (Date.now() >= deadline) {
-      if (o.ignoreLock) {
-        log.warn(`${o.what} --ignore-lock: going ahead while the state dir is held by ${describeAll(others)}`);
-        return { ignored: others, release };
-      }
       release();
       throw new ThinimgError("conflict", `${o.what}: the state dir is in use by ${others.length === 1 ? "" : `${others.length} processes: `}${describeAll(others)}; nothing was done`, {
         hint: "wait for them to finish (or pass a longer --wait); --ignore-lock goes ahead anyway",

@@ -3,6 +3,7 @@
 import { afterAll, beforeAll, describe, expect, setDefaultTimeout, test } from "bun:test";
 import { readFileSync } from "node:fs";
 import { dmsetup, isDmError, losetup, mkfsExt4, mount, parsePoolStatus, parseThinStatus, pool, thintools } from "../../lib/dm/index.ts";
+import { clearTimeouts } from "../../lib/dm/host-queue.ts";
 import { type CmdRecord, onCommandRecord, run } from "../../lib/exec.ts";
 import { requireDm } from "../helpers/kernel.ts";
 import { type TestPool, makeTestPool } from "../helpers/pool.ts";
@@ -235,11 +236,16 @@ describe("withSuspended on the real kernel", () => {
       const e = await dmsetup.withSuspended(top, async () => (ran = true), { timeoutMs: 1_000 }).catch((x) => x);
       expect(isDmError(e, "timeout")).toBe(true);
       expect(ran).toBe(false);
+      // no command after the timeout but the mandatory resume: a remove is refused without being sent
+      await expect(dmsetup.remove(top)).rejects.toThrow(/refusing `dmsetup .*remove .*timed out earlier in this run/);
       expect((await reader).exitCode).toBe(0); // bottom resumed: the queued read completes
       expect((await dmsetup.info(top))?.state).toBe("ACTIVE");
       expect((await dmsetup.info(bottom))?.state).toBe("ACTIVE");
     } finally {
       clearTimeout(unblock);
+      // teardown is a new "run": the suspend of top timed out, so this process refuses further
+      // commands to top until told otherwise (ADR-0001 §4)
+      clearTimeouts();
       if ((await dmsetup.info(bottom))?.state === "SUSPENDED") await dmsetup.resume(bottom);
       if ((await dmsetup.info(top))?.state === "SUSPENDED") await dmsetup.resume(top);
       await dmsetup.remove(top);

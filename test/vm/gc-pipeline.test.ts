@@ -3,7 +3,7 @@
 // killed -9, a released snapshot, a snapshot row deleted by hand, a thin id made by hand — next to a
 // live image and snapshot, a mounted orphan and a foreign device. `bun scripts/gc.ts` lists exactly
 // the leaks, `--force` removes exactly them, and a second `--force` finds nothing. GC run while an
-// unpack holds the process lock does nothing.
+// unpack runs (it holds the state dir for its whole run) does nothing.
 // vm-seconds: 200 (its run time in one test VM; `bun run test` balances the VMs by it)
 import { afterAll, beforeAll, describe, expect, setDefaultTimeout, test } from "bun:test";
 import { chmodSync, existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
@@ -350,21 +350,25 @@ describe("GC racing the pipeline", () => {
       phase: string;
     };
 
-  test("an unpack paused with its layer mounted (no process lock held): gc --force --grace 0 leaves it alone; the unpack finishes", async () => {
+  test("an unpack paused with its layer mounted (outside any pool section): gc --force --wait 0 refuses, naming it (the unpack holds the state dir for its whole run); the unpack finishes", async () => {
     const { proc, cont } = await pausedWithContinue("unpack", [fam.paused, "--name", "paused"], "layer:mounted");
     try {
       const l = lastLayer();
       expect(l.state).toBe("building");
       const ids = await thinIds();
-      const { r } = await gc("--force", "--grace", "0");
-      expect(r.lock.status).toBe("acquired");
-      expect(r.orphans.filter((o) => o.thin_id === l.thin_id || o.device === l.device_name)).toEqual([]);
+      const { code, r } = await gc("--force", "--wait", "0", "--grace", "0");
+      expect(code).toBe(1);
+      expect(r.refused?.reason).toBe("lock_held");
+      expect(r.lock.holder).toContain(`pid ${proc.pid} (bun scripts/unpack.ts`);
       expect(await thinIds()).toEqual(ids);
       expect(await dmsetup.info(String(l.device_name))).not.toBeNull();
       cont();
       const done = await finished(proc);
       expect(done.code).toBe(0);
       expect(rowsOf("SELECT state FROM images WHERE pool = ? AND name = 'paused'", p.name)[0]!.state).toBe("ready");
+      const after = await gc("--force", "--wait", "0", "--grace", "0");
+      expect(after.r.lock.status).toBe("acquired");
+      expect(after.r.orphans.filter((o) => o.thin_id === l.thin_id || o.device === l.device_name)).toEqual([]);
     } finally {
       proc.kill(9);
     }
@@ -375,8 +379,9 @@ describe("GC racing the pipeline", () => {
     expect(failed.code).not.toBe(0);
     const l = lastLayer();
     expect([l.state, l.phase]).toEqual(["failed", "activated"]);
-    // gc plans (the failed layer's device and id are orphans), then waits before acting
-    const g = await pausedWithContinue("gc", ["--json", "--force", "--grace", "0"], "gc:planned");
+    // gc plans (the failed layer's device and id are orphans), then waits before acting; with
+    // --ignore-lock it does not make the re-run wait for it, so only the DB compare-and-set decides
+    const g = await pausedWithContinue("gc", ["--json", "--force", "--ignore-lock", "--grace", "0"], "gc:planned");
     // meanwhile the re-run picks the failed layer up again, same thin id, and pauses after mkfs
     const u = await pausedWithContinue("unpack", [fam.race, "--name", "race"], "layer:formatted");
     try {

@@ -1,9 +1,9 @@
 // Host-wide safety on the real kernel, with several thinimg processes at once: the host dm queue
 // (no two state-changing commands overlap, proved from the command records), the state dir's
 // reader-writer contract (gc --force refuses while an unpack is mid-apply, naming it), ten
-// processes asking for the same image (one build, ten answers), and an umount that times out (no
-// second command to that device; GC removes it later). Each test stands alone.
-// vm-seconds: 330 (its run time in one test VM; `bun run test` balances the VMs by it)
+// processes asking for the same image (one build, ten answers), and an umount or mkfs that times out
+// (no second command to that device; GC removes it later). Each test stands alone.
+// vm-seconds: 250 (its run time in one test VM; `bun run test` balances the VMs by it)
 import { afterAll, beforeAll, describe, expect, setDefaultTimeout, test } from "bun:test";
 import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
@@ -181,58 +181,66 @@ describe("many processes asking for the same image", () => {
 });
 
 describe("no retry after a timeout", () => {
-  test("an umount that times out (its device stops answering): no second command to that device; GC removes it later", async () => {
-    const state = await freshState();
-    const cmdLog = join(work, "timeout-cmds.jsonl");
-    writeFileSync(cmdLog, "");
-    const flag = join(work, `paused-t-${Date.now()}`);
-    const contFile = join(work, `continue-t-${Date.now()}`);
-    const unpack = spawnScript(state, "unpack", [family(1), "--name", "stuck"], {
-      THINIMG_TIMEOUT_UMOUNT: "2s",
-      THINIMG_CMD_LOG: cmdLog,
-      THINIMG_TEST_PAUSE_AT: "layer:applied",
-      THINIMG_TEST_PAUSE_FILE: flag,
-      THINIMG_TEST_PAUSE_CONTINUE: contFile,
+  // the layer's device stops answering (suspended, so its I/O queues for ever: what a wedged disk
+  // looks like) right before the command: it times out, and must be the last one sent to that device
+  const cases: { tool: string; pause: string; env: Record<string, string>; isIt: (command: string, dev: string, mountPath: string) => boolean }[] = [
+    { tool: "umount", pause: "layer:applied", env: { THINIMG_TIMEOUT_UMOUNT: "2s" }, isIt: (c: string, _dev: string, mnt: string) => c === `umount ${mnt}` },
+    { tool: "mkfs.ext4", pause: "layer:activated", env: { THINIMG_TIMEOUT_MKFS: "2s" }, isIt: (c: string, dev: string) => c.startsWith("mkfs.ext4 ") && c.endsWith(`/dev/mapper/${dev}`) },
+  ];
+  for (const k of cases) {
+    test(`${k.tool} times out: no second command to that device or its mount in that run; recorded leaked; GC removes it later`, async () => {
+      const state = await freshState();
+      const cmdLog = join(work, `timeout-${k.tool}.jsonl`);
+      writeFileSync(cmdLog, "");
+      const flag = join(work, `paused-${k.tool}-${Date.now()}`);
+      const contFile = join(work, `continue-${k.tool}-${Date.now()}`);
+      const unpack = spawnScript(state, "unpack", [family(1), "--name", "stuck"], {
+        ...k.env,
+        THINIMG_CMD_LOG: cmdLog,
+        THINIMG_TEST_PAUSE_AT: k.pause,
+        THINIMG_TEST_PAUSE_FILE: flag,
+        THINIMG_TEST_PAUSE_CONTINUE: contFile,
+      });
+      for (let i = 0; i < 1200 && !existsSync(flag); i++) await Bun.sleep(100);
+      expect(readFileSync(flag, "utf8")).toStartWith(k.pause);
+      const db = openDb(join(state, "state.db"), { readOnly: true });
+      const layer = db.query("SELECT device_name, thin_id FROM layers WHERE state = 'building'").get() as { device_name: string; thin_id: number };
+      db.close();
+      const dev = layer.device_name;
+      const mountPath = join(state, "mnt", dev);
+      await runOk(["dmsetup", "suspend", "--nolockfs", dev]);
+      let resumed = false;
+      try {
+        writeFileSync(contFile, "go\n");
+        const u = await finished(unpack);
+        expect(u.code).not.toBe(0);
+        expect(u.err).toContain("timed out");
+        expect(u.err).toContain("bun scripts/gc.ts --force");
+        const recs = jsonLines(readFileSync(cmdLog, "utf8")).filter((r) => r.event === "cmd");
+        const i = recs.findIndex((r) => k.isIt(String(r.command), dev, mountPath));
+        expect(recs[i]).toMatchObject({ timed_out: true, device_name: dev });
+        // nothing after it touched that device or its mount: no retry, no remove
+        const later = recs.slice(i + 1).filter((r) => r.device_name === dev || String(r.command).includes(dev) || String(r.command).includes(mountPath));
+        expect(later).toEqual([]);
+        expect(recs.filter((r) => String(r.command).startsWith(`${k.tool} `))).toHaveLength(1);
+        // recorded for GC
+        const db2 = openDb(join(state, "state.db"), { readOnly: true });
+        expect(db2.query("SELECT state FROM devices WHERE name = ?").get(dev)).toEqual({ state: "leaked" });
+        db2.close();
+        // the disk comes back: the command still in the kernel finishes by itself
+        await runOk(["dmsetup", "resume", dev]);
+        resumed = true;
+        const busy = async () => mount.mountinfo().some((m) => m.mountPoint === mountPath) || ((await dmsetup.info(dev))?.open ?? 0) > 0;
+        for (let n = 0; n < 300 && (await busy()); n++) await Bun.sleep(100);
+        expect(await busy()).toBe(false);
+      } finally {
+        if (!resumed) await run(["dmsetup", "resume", dev]);
+      }
+      // later, on a healthy host, GC removes it
+      const g = await finished(spawnScript(state, "gc", ["--force", "--wait", "0", "--grace", "0", "--json"]));
+      expect({ code: g.code, err: g.code ? g.err : "" }).toEqual({ code: 0, err: "" });
+      expect(await dmsetup.info(dev)).toBeNull();
+      expect(await p.thinIds()).not.toContain(layer.thin_id);
     });
-    for (let i = 0; i < 1200 && !existsSync(flag); i++) await Bun.sleep(100);
-    expect(readFileSync(flag, "utf8")).toStartWith("layer:applied");
-    const db = openDb(join(state, "state.db"), { readOnly: true });
-    const layer = db.query("SELECT device_name, thin_id FROM layers WHERE state = 'building'").get() as { device_name: string; thin_id: number };
-    db.close();
-    const dev = layer.device_name;
-    const mountPath = mount.mountinfo().find((m) => m.mountPoint.startsWith(state))!.mountPoint;
-    // the device stops answering: umount's writes queue for ever (what a wedged disk looks like)
-    await runOk(["dmsetup", "suspend", "--nolockfs", dev]);
-    let resumed = false;
-    try {
-      writeFileSync(contFile, "go\n");
-      const u = await finished(unpack);
-      expect(u.code).not.toBe(0);
-      expect(u.err).toContain("timed out");
-      expect(u.err).toContain("bun scripts/gc.ts --force");
-      const recs = jsonLines(readFileSync(cmdLog, "utf8")).filter((r) => r.event === "cmd");
-      const i = recs.findIndex((r) => String(r.command) === `umount ${mountPath}`);
-      expect(recs[i]).toMatchObject({ timed_out: true, device_name: dev });
-      // nothing after it touched that device or its mount: no retry, no remove
-      const later = recs.slice(i + 1).filter((r) => r.device_name === dev || String(r.command).includes(dev) || String(r.command).includes(mountPath));
-      expect(later).toEqual([]);
-      expect(recs.filter((r) => String(r.command).startsWith("umount "))).toHaveLength(1);
-      // recorded for GC
-      const db2 = openDb(join(state, "state.db"), { readOnly: true });
-      expect(db2.query("SELECT state FROM devices WHERE name = ?").get(dev)).toEqual({ state: "leaked" });
-      db2.close();
-      // the disk comes back: the umount still in the kernel finishes by itself
-      await runOk(["dmsetup", "resume", dev]);
-      resumed = true;
-      for (let k = 0; k < 100 && mount.mountinfo().some((m) => m.mountPoint === mountPath); k++) await Bun.sleep(100);
-      expect(mount.mountinfo().some((m) => m.mountPoint === mountPath)).toBe(false);
-    } finally {
-      if (!resumed) await run(["dmsetup", "resume", dev]);
-    }
-    // later, on a healthy host, GC removes it
-    const g = await finished(spawnScript(state, "gc", ["--force", "--wait", "0", "--grace", "0", "--json"]));
-    expect(g.code).toBe(0);
-    expect(await dmsetup.info(dev)).toBeNull();
-    expect(await p.thinIds()).not.toContain(layer.thin_id);
-  });
+  }
 });
