@@ -8,7 +8,7 @@ import { kernelWindowArgs, outputArgs, poolArgs, stateArgs } from "../lib/cli/ar
 import { printJson, runMain } from "../lib/cli/main.ts";
 import { loadConfig } from "../lib/config.ts";
 import { usageError } from "../lib/errors.ts";
-import { type CheckResult, DEFAULT_THRESHOLDS, runHealthChecks, type Thresholds } from "../lib/health/index.ts";
+import { type CheckResult, DEFAULT_THRESHOLDS, reportJson, runHealthChecks, type Thresholds, thresholdsJson } from "../lib/health/index.ts";
 import { acknowledgeFindings, whoAmI } from "../lib/health/kernel-findings.ts";
 import { log, setLogLevel } from "../lib/log.ts";
 import { parseDuration, parseIntArg } from "../lib/util/units.ts";
@@ -88,7 +88,7 @@ export const healthCommand = defineCommand({
     });
     const blocking = report.checks.filter((c) => c.status === "block");
     if (args.json) {
-      printJson({ ok: report.healthy, ...report, thresholds: eff, ...(args.ack ? { acknowledged } : {}) });
+      printJson({ ok: report.healthy, ...reportJson(report), thresholds: thresholdsJson(eff), ...(args.ack ? { acknowledged } : {}) });
     } else {
       const lines = report.checks.flatMap((c) => [`${MARK[c.status]} ${c.name.padEnd(18)} ${c.message}`, ...findingLines(c)]);
       lines.push(`${report.healthy ? "healthy" : "BLOCKED"}${report.pool ? ` (pool ${report.pool})` : " (host only)"} in ${Math.round(report.durationMs)} ms`);

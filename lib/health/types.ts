@@ -63,3 +63,28 @@ export function result(
 ): CheckResult {
   return { name, status, message, runbook: status === "ok" ? "" : runbook, durationMs: 0, ...(details ? { details } : {}) };
 }
+
+/** A report as `health --json` and the service's /readyz print it: snake_case keys. */
+export function reportJson(r: HealthReport) {
+  return {
+    healthy: r.healthy,
+    pool: r.pool,
+    duration_ms: r.durationMs,
+    checks: r.checks.map((c) => ({ name: c.name, status: c.status, message: c.message, runbook: c.runbook, duration_ms: c.durationMs, ...(c.details ? { details: c.details } : {}) })),
+  };
+}
+
+export function thresholdsJson(t: Thresholds) {
+  return {
+    data_warn_pct: t.dataWarnPct,
+    data_block_pct: t.dataBlockPct,
+    meta_warn_pct: t.metaWarnPct,
+    meta_block_pct: t.metaBlockPct,
+    mem_warn_pct: t.memWarnPct,
+    mem_block_pct: t.memBlockPct,
+    swap_warn_pct: t.swapWarnPct,
+    swap_block_pct: t.swapBlockPct,
+    iowait_warn_pct: t.iowaitWarnPct,
+    iowait_block_pct: t.iowaitBlockPct,
+  };
+}

@@ -5,7 +5,7 @@ import { type Context, Hono } from "hono";
 import { bodyLimit } from "hono/body-limit";
 import * as v from "valibot";
 import { ThinimgError } from "../errors.ts";
-import type { HealthReport } from "../health/types.ts";
+import { type HealthReport, reportJson } from "../health/types.ts";
 import { log } from "../log.ts";
 import { type ActivateResult, type ReleaseResult, findImage, findSnapshot } from "../pipeline/activate.ts";
 import type { Ctx } from "../pool/context.ts";
@@ -247,7 +247,7 @@ export function makeApp(d: AppDeps): Hono<Env> {
     if (d.draining()) throw new HttpError(503, "conflict", "the service is stopping", "retry against the restarted service");
     const report = await d.ops.health(d.ctx);
     d.metrics.observeHealth(report);
-    return c.json({ ok: report.healthy, ...report }, report.healthy ? 200 : 503);
+    return c.json({ ok: report.healthy, ...reportJson(report) }, report.healthy ? 200 : 503);
   });
   app.get("/metrics", async (c) => {
     const text = await d.metrics.render();
