@@ -36,7 +36,8 @@ export interface UnpackedLayer {
   device_name: string;
   /** true: the device was already committed (shared with another image or an earlier run). */
   reused: boolean;
-  stats: unknown;
+  /** What the layer's apply did (null: built by an older thinimg, or not recorded). */
+  stats: { entries: number; bytes: number; whiteouts: number; skipped: number; holes: number; duration_ms: number } | null;
 }
 
 export interface UnpackResult {
@@ -51,6 +52,13 @@ export interface UnpackResult {
   duration_ms: number;
 }
 
+/** A layer's recorded apply stats (lib/image/apply ApplyStats, stored as JSON) in the output's style. */
+function statsJson(raw: string | null): UnpackedLayer["stats"] {
+  if (!raw) return null;
+  const s = JSON.parse(raw) as Partial<{ entries: number; bytes: number; whiteouts: number; skipped: number; holes: number; durationMs: number }>;
+  return { entries: s.entries ?? 0, bytes: s.bytes ?? 0, whiteouts: s.whiteouts ?? 0, skipped: s.skipped ?? 0, holes: s.holes ?? 0, duration_ms: s.durationMs ?? 0 };
+}
+
 /** Default image name: the source's last path component without archive suffixes. */
 export function defaultImageName(source: string): string {
   const trimmed = source.replace(/\/+$/, "");
@@ -62,7 +70,7 @@ export function defaultImageName(source: string): string {
 function resultFromDb(ctx: Ctx, img: ImageRow, t0: number, waited: boolean): UnpackResult {
   const layers = imageLayerIds(ctx.db, img.id).map((id, index) => {
     const l = getLayer(ctx.db, id)!;
-    return { index, chain_id: l.chain_id, thin_id: l.thin_id!, device_name: l.device_name!, reused: true, stats: l.stats ? JSON.parse(l.stats) : null };
+    return { index, chain_id: l.chain_id, thin_id: l.thin_id!, device_name: l.device_name!, reused: true, stats: statsJson(l.stats) };
   });
   return {
     image: { id: img.id, name: img.name, source: img.source, format: img.format, state: img.state },
@@ -213,7 +221,7 @@ function layerIdOf(ctx: Ctx, chainId: string): number {
 }
 
 function layerOut(index: number, l: LayerRow, reused: boolean): UnpackedLayer {
-  return { index, chain_id: l.chain_id, thin_id: l.thin_id!, device_name: l.device_name!, reused, stats: l.stats ? JSON.parse(l.stats) : null };
+  return { index, chain_id: l.chain_id, thin_id: l.thin_id!, device_name: l.device_name!, reused, stats: statsJson(l.stats) };
 }
 
 /** Insert the layer row; another process may have inserted the same chain a moment ago. */
