@@ -19,6 +19,7 @@ import { buildLayerTar, sampleLayer, writeLayerFamily } from "../helpers/images.
 import { requireDm } from "../helpers/kernel.ts";
 import { type FlakyPool, makeFlakyPool, makeTestPool } from "../helpers/pool.ts";
 import { noise } from "../helpers/bytes.ts";
+import { type Ran, run as runCli } from "../helpers/run.ts";
 
 requireDm();
 setDefaultTimeout(600_000); // each test drives a dozen CLI runs (a bun start each in UML) and two GC cycles
@@ -32,12 +33,6 @@ afterAll(async () => {
   for (const c of cleanups.reverse()) await c().catch(() => {});
   rmSync(W, { recursive: true, force: true });
 }, 120_000);
-
-interface Ran {
-  code: number;
-  out: string;
-  err: string;
-}
 
 /** One pool + its state dir, driven through the real commands. */
 class Scene {
@@ -58,10 +53,8 @@ class Scene {
     });
   }
 
-  async script(name: string, args: string[], env: Record<string, string> = {}): Promise<Ran> {
-    const proc = this.spawn(name, args, env);
-    const [out, err, code] = await Promise.all([new Response(proc.stdout).text(), new Response(proc.stderr).text(), proc.exited]);
-    return { code, out, err };
+  script(name: string, args: string[], env: Record<string, string> = {}): Promise<Ran> {
+    return runCli(["bun", `scripts/${name}.ts`, ...args, "--pool", this.pool, "--state-dir", this.stateDir], { env: { ...process.env, THINIMG_VIRTUAL_SIZE: "256M", ...env } });
   }
 
   async gc(...args: string[]): Promise<{ code: number; r: GcReport; err: string }> {

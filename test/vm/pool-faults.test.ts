@@ -21,6 +21,7 @@ import { noise } from "../helpers/bytes.ts";
 import { primeKernelLogCursor } from "../helpers/health.ts";
 import { buildLayerTar, sampleLayer, writeLayerFamily } from "../helpers/images.ts";
 import { requireDm } from "../helpers/kernel.ts";
+import { type Ran, run as runCli } from "../helpers/run.ts";
 
 requireDm();
 setDefaultTimeout(600_000); // each test drives a dozen CLI runs (a bun start each in UML)
@@ -36,17 +37,7 @@ afterAll(async () => {
   rmSync(W, { recursive: true, force: true });
 }, 120_000);
 
-interface Ran {
-  code: number;
-  out: string;
-  err: string;
-}
-
-async function spawn(argv: string[], env: Record<string, string> = {}): Promise<Ran> {
-  const p = Bun.spawn(argv, { cwd: ROOT, stdout: "pipe", stderr: "pipe", env: { ...process.env, THINIMG_VIRTUAL_SIZE: "64M", ...env } });
-  const [out, err, code] = await Promise.all([new Response(p.stdout).text(), new Response(p.stderr).text(), p.exited]);
-  return { code, out, err };
-}
+const spawn = (argv: string[], env: Record<string, string> = {}): Promise<Ran> => runCli(argv, { env: { ...process.env, THINIMG_VIRTUAL_SIZE: "64M", ...env } });
 
 /** A pool made by recover-pool in its own dir, and a state dir, driven through the scripts. */
 class Site {
