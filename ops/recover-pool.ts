@@ -80,7 +80,7 @@ export const cmd = defineCommand({
       reattach: args.reattach,
       grow,
     });
-    if (args.json) printJson({ ...r.report, ok: r.exitCode === 0, reattach: r.reattach });
+    if (args.json) printJson({ ...r.report, ok: r.exitCode === 0, reattach: r.reattach }, "recover-pool");
     const text = renderReport(r.report);
     process.stderr.write([...r.warnings, ...text.stderr, ...(r.reattach ? renderReattach(r.reattach) : [])].map((l) => `${l}\n`).join(""));
     if (!args.json && text.stdout.length) process.stdout.write(text.stdout.map((l) => `${l}\n`).join(""));

@@ -24,7 +24,7 @@ export const activateCommand = defineCommand({
     try {
       const size = args.size === undefined ? {} : { size: parseSize(args.size, "--size") };
       const r = await asHolder(ctx, () => (args.snapshot ? reattach(ctx, args.snapshot) : activate(ctx, args.image!, size)));
-      if (args.json) printJson({ ok: true, ...r });
+      if (args.json) printJson({ ok: true, ...r }, "activate");
       else process.stdout.write(`${r.device_path}\n`);
     } finally {
       ctx.db.close();

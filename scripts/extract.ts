@@ -70,7 +70,7 @@ export const extractCommand = defineCommand({
       ...(progress ? { progress } : {}),
     });
     if (args.json) {
-      printJson({ ok: true, ...summaryJson(s) });
+      printJson({ ok: true, ...summaryJson(s) }, "extract");
       return;
     }
     const what = [s.format, s.name, s.platform].filter(Boolean).join(", ");

@@ -4,7 +4,7 @@
 // Exit 0: all done (or, dry-run, nothing needs a human); 1: something failed or needs a human.
 import { defineCommand } from "citty";
 import { kernelWindowArgs, outputArgs, poolArgs, stateArgs } from "../lib/cli/args.ts";
-import { jsonText, runMain } from "../lib/cli/main.ts";
+import { printJson, runMain } from "../lib/cli/main.ts";
 import { loadConfig } from "../lib/config.ts";
 import { errorMessage } from "../lib/errors.ts";
 import { writeLastGcRun } from "../lib/gc/last-run.ts";
@@ -78,7 +78,8 @@ export const gcCommand = defineCommand({
     }
     // Bun.write resolves once everything is written: runMain's process.exit() right after must not
     // cut a large report short (process.stdout.write to a pipe is asynchronous)
-    await Bun.write(Bun.stdout, args.json ? jsonText(report) : formatHuman(report));
+    if (args.json) printJson(report, "gc");
+    else await Bun.write(Bun.stdout, formatHuman(report));
     process.exitCode = report.exit_code;
   },
 });

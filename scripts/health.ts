@@ -88,7 +88,7 @@ export const healthCommand = defineCommand({
     });
     const blocking = report.checks.filter((c) => c.status === "block");
     if (args.json) {
-      printJson({ ok: report.healthy, ...reportJson(report), thresholds: thresholdsJson(eff), ...(args.ack ? { acknowledged } : {}) });
+      printJson({ ok: report.healthy, ...reportJson(report), thresholds: thresholdsJson(eff), ...(args.ack ? { acknowledged } : {}) }, "health");
     } else {
       const lines = report.checks.flatMap((c) => [`${MARK[c.status]} ${c.name.padEnd(18)} ${c.message}`, ...findingLines(c)]);
       lines.push(`${report.healthy ? "healthy" : "BLOCKED"}${report.pool ? ` (pool ${report.pool})` : " (host only)"} in ${Math.round(report.durationMs)} ms`);

@@ -22,7 +22,7 @@ export const listCommand = defineCommand({
     try {
       const inv = await inventory(db, cfg.pool, { allSnapshots: args.all, ...(args.space ? { stateDir: cfg.stateDir } : {}) });
       if (args.json) {
-        printJson({ ok: true, ...inv });
+        printJson({ ok: true, ...inv }, "list");
         return;
       }
       const out: string[] = [];

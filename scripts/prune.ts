@@ -31,7 +31,7 @@ export const pruneCommand = defineCommand({
       });
       ctx.progress?.done(); // a "waiting for image" line must not run into the output
       if (args.json) {
-        printJson({ ok: true, ...r });
+        printJson({ ok: true, ...r }, "prune");
         return;
       }
       const verb = r.dry_run ? "would remove" : "removed";

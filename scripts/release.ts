@@ -14,7 +14,7 @@ export const releaseCommand = defineCommand({
     const ctx = ctxFrom(args);
     try {
       const r = await asHolder(ctx, () => release(ctx, args.snapshot));
-      if (args.json) printJson({ ok: true, ...r });
+      if (args.json) printJson({ ok: true, ...r }, "release");
       else process.stdout.write(`snapshot ${r.snapshot_id} (${r.device_name}) ${r.state === "released" ? "released" : "was already released"}\n`);
     } finally {
       ctx.db.close();

@@ -16,7 +16,7 @@ export const removeCommand = defineCommand({
     try {
       const r = await removeImages(ctx, args._.map(String));
       ctx.progress?.done(); // a "waiting for image" line must not run into the output
-      if (args.json) printJson({ ok: true, ...r });
+      if (args.json) printJson({ ok: true, ...r }, "remove");
       else {
         for (const i of r.images) {
           const snaps = i.active_snapshots ? `; ${i.active_snapshots} active snapshot(s) keep working until released` : "";

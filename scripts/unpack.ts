@@ -20,7 +20,7 @@ export const unpackCommand = defineCommand({
     try {
       const r = await asHolder(ctx, () => unpack(ctx, { source: args.source, name: args.name, platform: args.platform, refresh: args.refresh }));
       ctx.progress?.done();
-      if (args.json) printJson({ ok: true, ...r });
+      if (args.json) printJson({ ok: true, ...r }, "unpack");
       else {
         const verb = r.dm_work ? "unpacked" : r.waited ? "unpacked by another process; reused" : "already unpacked";
         process.stdout.write(`image ${r.image.name}: ${verb} — ${r.layers.length} layers (${r.built} built, ${r.reused} reused) in ${r.duration_ms} ms\n`);

@@ -5,6 +5,7 @@ import { type ArgsDef, type CommandDef, renderUsage, runCommand } from "citty";
 import { ThinimgError, errorEnvelope, fromErrno, usageError } from "../errors.ts";
 import { log, setLogFormat, setLogLevel } from "../log.ts";
 import { THINIMG_VERSION } from "../version.ts";
+import type { CommandName } from "./schemas.ts";
 
 /** Colour and indentation are for a person at a terminal; pipes and journald get plain, compact text. */
 const forTerminal = () => process.stdout.isTTY === true && !process.env.NO_COLOR;
@@ -133,9 +134,22 @@ export function jsonText(data: unknown): string {
   return `${forTerminal() ? JSON.stringify(data, null, 2) : JSON.stringify(data)}\n`;
 }
 
-/** Write a JSON document to stdout (the only thing that goes there); runMain waits for it. */
-export function printJson(data: unknown): void {
-  pendingWrites.push(Bun.write(Bun.stdout, jsonText(data)));
+/** Tests run with THINIMG_CHECK_JSON=1: a document that is not its command's documented shape
+ * (lib/cli/schemas.ts) fails the command (exit 70) instead of reaching stdout. */
+async function checkShape(command: CommandName | undefined, data: unknown): Promise<boolean> {
+  if (process.env.THINIMG_CHECK_JSON !== "1" || command === undefined) return true;
+  const { outputProblems } = await import("./schemas.ts");
+  const problems = outputProblems(command, data);
+  if (!problems) return true;
+  process.stderr.write(`internal error: the --json output of ${command} does not match its schema (lib/cli/schemas.ts): ${problems}\n`);
+  process.exitCode = 70;
+  return false;
+}
+
+/** Write a JSON document to stdout (the only thing that goes there); runMain waits for it. `command`
+ * names its documented schema (benchmarks and test helpers print undocumented ones). */
+export function printJson(data: unknown, command?: CommandName): void {
+  pendingWrites.push(checkShape(command, data).then((ok) => (ok ? Bun.write(Bun.stdout, jsonText(data)) : 0)));
 }
 
 async function flushStdout(): Promise<void> {

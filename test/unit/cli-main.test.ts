@@ -3,6 +3,8 @@ import { copyFileSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSy
 import { join } from "node:path";
 import { classifyKernelLine } from "../../lib/health/dmesg.ts";
 import { TOOL_PACKAGES } from "../../lib/recover/recover.ts";
+import { outputProblems } from "../../lib/cli/schemas.ts";
+import { ThinimgError, errorEnvelope } from "../../lib/errors.ts";
 import { run } from "../helpers/run.ts";
 
 describe("runMain", () => {
@@ -48,6 +50,24 @@ describe("terminal or not", () => {
     expect(help.stdout.toString()).not.toContain("\u001b[");
     const { out } = await cli(`import { printJson } from "${MAIN}"; await runMain(defineCommand({ run() { printJson({ a: 1, b: { c: [1, 2] } }); } }));`, []);
     expect(out).toBe('{"a":1,"b":{"c":[1,2]}}\n');
+  });
+});
+
+describe("--json schemas", () => {
+  test("a document that drifted from its command's schema fails the command (exit 70), never reaching stdout", async () => {
+    const body = `import { printJson } from "${MAIN}";
+      await runMain(defineCommand({ run() { printJson({ ok: true, snapshot_id: 1, image: "web", thin_id: 2, device_name: "d", devicePath: "/dev/mapper/d", duration_ms: 1 }, "activate"); } }));`;
+    const { code, out, err } = await cli(body, []);
+    expect(code).toBe(70);
+    expect(out).toBe("");
+    expect(err).toContain("the --json output of activate does not match its schema");
+  });
+
+  test("every error is the one envelope; a matching document passes", () => {
+    const e = errorEnvelope(new ThinimgError("input", "bad", { hint: "fix it", details: { offset: 512 } }));
+    expect(outputProblems("error", e)).toBeNull();
+    expect(outputProblems("release", { ok: true, snapshot_id: 3, device_name: null, state: "released", duration_ms: 2 })).toBeNull();
+    expect(outputProblems("release", { ok: true, snapshotId: 3, device_name: null, state: "released", duration_ms: 2 })).toContain("snapshot_id");
   });
 });
 
