@@ -125,9 +125,7 @@ export function loadConfig(input: ConfigInput = {}, env: Env = process.env): Con
       maxBlobBytes: size("THINIMG_MAX_BLOB_SIZE", 8 * GiB, "limits.maxBlobBytes"),
       maxLayerBytes: size("THINIMG_MAX_LAYER_SIZE", 10 * GiB, "limits.maxLayerBytes"),
       maxFileBytes: size("THINIMG_MAX_FILE_SIZE", GiB, "limits.maxFileBytes"),
-      maxEntries: env.THINIMG_MAX_ENTRIES
-        ? parseIntArg(env.THINIMG_MAX_ENTRIES, "THINIMG_MAX_ENTRIES", { min: 1 })
-        : 100_000,
+      maxEntries: env.THINIMG_MAX_ENTRIES ? parseIntArg(env.THINIMG_MAX_ENTRIES, "THINIMG_MAX_ENTRIES", { min: 1 }) : 100_000,
     },
   };
   src["limits.maxEntries"] = "THINIMG_MAX_ENTRIES";

@@ -31,11 +31,7 @@ export class ThinimgError extends Error {
   /** Extra structured data for --json error output. */
   readonly details: Record<string, unknown> | undefined;
 
-  constructor(
-    kind: ErrorKind,
-    message: string,
-    opts: { hint?: string; exitCode?: number; cause?: unknown; details?: Record<string, unknown> } = {},
-  ) {
+  constructor(kind: ErrorKind, message: string, opts: { hint?: string; exitCode?: number; cause?: unknown; details?: Record<string, unknown> } = {}) {
     super(message, opts.cause === undefined ? undefined : { cause: opts.cause });
     this.name = "ThinimgError";
     this.kind = kind;
@@ -51,12 +47,14 @@ export class ThinimgError extends Error {
 }
 
 /** The JSON error envelope every command (--json) and the service answer with. */
-export function errorEnvelope(e: ThinimgError): { ok: false; error: { kind: ErrorKind; message: string; hint: string | null; details?: Record<string, unknown> } } {
+export function errorEnvelope(e: ThinimgError): {
+  ok: false;
+  error: { kind: ErrorKind; message: string; hint: string | null; details?: Record<string, unknown> };
+} {
   return { ok: false, error: { kind: e.kind, message: e.message, hint: e.hint ?? null, ...(e.details ? { details: e.details } : {}) } };
 }
 
-export const usageError = (message: string, hint?: string) =>
-  new ThinimgError("usage", message, { hint: hint ?? "see --help" });
+export const usageError = (message: string, hint?: string) => new ThinimgError("usage", message, { hint: hint ?? "see --help" });
 
 export function errorMessage(e: unknown): string {
   return e instanceof Error ? e.message : String(e);

@@ -236,7 +236,11 @@ export const spawnRunner: Runner = async (argv, opts = {}) => {
   // A process in uninterruptible sleep (D state, e.g. I/O on a suspended device) ignores even
   // SIGKILL. Waiting for it would wedge us too, so past timeout + grace + 1 s we return without it.
   const abandonAfter = timeoutMs + graceMs + 1_000;
-  const exited = await within(proc.exited.then(() => true), abandonAfter, false);
+  const exited = await within(
+    proc.exited.then(() => true),
+    abandonAfter,
+    false,
+  );
   clearTimeout(termTimer);
   if (killTimer && exited) clearTimeout(killTimer);
   if (!exited) {
@@ -322,11 +326,7 @@ function emitStartRecord(argv: string[], ctx: CmdContext | undefined): void {
  * a CommandError, so callers that catch CommandError keep catching what lib/dm throws). */
 export class CommandError extends ThinimgError {
   readonly result: CmdResult;
-  constructor(
-    result: CmdResult,
-    hint?: string,
-    o: { kind?: ErrorKind; message?: string; details?: Record<string, unknown> } = {},
-  ) {
+  constructor(result: CmdResult, hint?: string, o: { kind?: ErrorKind; message?: string; details?: Record<string, unknown> } = {}) {
     const what = result.argv.join(" ");
     const why = result.timedOut
       ? `timed out after ${result.durationMs} ms`

@@ -12,8 +12,8 @@ import { usageError } from "../lib/errors.ts";
 import { setLogLevel } from "../lib/log.ts";
 import { renderReattach } from "../lib/pipeline/reattach.ts";
 import { recoverAndReattach } from "../lib/recover/boot.ts";
-import type { CreateSpec } from "../lib/recover/record.ts";
 import { parseSizeArg } from "../lib/recover/grow.ts";
+import type { CreateSpec } from "../lib/recover/record.ts";
 import { renderReport } from "../lib/recover/report.ts";
 import { parseIntArg, parseSize } from "../lib/util/units.ts";
 
@@ -98,7 +98,8 @@ function createSpec(args: SizeFlags): CreateSpec | undefined {
     return undefined;
   }
   if (args.repair) throw usageError("--repair cannot be combined with --create");
-  if (!args["data-size"] || !args["meta-size"]) throw usageError("--create needs --data-size and --meta-size", "e.g. --create --dir /var/lib/thinimg/pool --data-size 2G --meta-size 64M");
+  if (!args["data-size"] || !args["meta-size"])
+    throw usageError("--create needs --data-size and --meta-size", "e.g. --create --dir /var/lib/thinimg/pool --data-size 2G --meta-size 64M");
   return {
     dataSize: parseSize(args["data-size"], "--data-size"),
     metaSize: parseSize(args["meta-size"], "--meta-size"),

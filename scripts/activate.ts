@@ -3,9 +3,9 @@
 // after a reboot: same name, same thin id, same size, same data.
 import { defineCommand } from "citty";
 import { printJson, runMain } from "../lib/cli/main.ts";
+import { asHolder, ctxFrom, pipelineArgs } from "../lib/cli/pipeline.ts";
 import { usageError } from "../lib/errors.ts";
 import { activate } from "../lib/pipeline/activate.ts";
-import { asHolder, ctxFrom, pipelineArgs } from "../lib/cli/pipeline.ts";
 import { reattach } from "../lib/pipeline/reattach.ts";
 import { parseSize } from "../lib/util/units.ts";
 

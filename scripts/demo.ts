@@ -4,9 +4,10 @@
 // re-run does nothing, activates a snapshot, mounts it read-only and shows some files, releases it,
 // runs a GC dry-run, and prints a summary. Everything it makes lives under one /tmp directory and is
 // torn down at the end.
-import { defineCommand } from "citty";
-import { existsSync, mkdirSync, mkdtempSync, readFileSync, readdirSync, rmSync } from "node:fs";
+
+import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync } from "node:fs";
 import { join } from "node:path";
+import { defineCommand } from "citty";
 import { outputArgs } from "../lib/cli/args.ts";
 import { runMain } from "../lib/cli/main.ts";
 import * as dmsetup from "../lib/dm/dmsetup.ts";
@@ -36,7 +37,13 @@ async function thinimg(env: Record<string, string>, script: string, ...args: str
   const [out, err] = await Promise.all([new Response(p.stdout).text(), new Response(p.stderr).text(), p.exited]);
   const ms = Math.round(performance.now() - t0);
   const shown = `${out}${err}`.trimEnd();
-  if (shown) say(shown.split("\n").map((l) => `  ${l}`).join("\n"));
+  if (shown)
+    say(
+      shown
+        .split("\n")
+        .map((l) => `  ${l}`)
+        .join("\n"),
+    );
   return { code: p.exitCode ?? 1, out, ms };
 }
 
@@ -52,7 +59,10 @@ async function inside(): Promise<void> {
   const summary: string[] = [];
   try {
     step(1, "create a loop-backed thin pool");
-    must(await thinimg(env, "ops/recover-pool.ts", "--create", "--dir", join(work, "pool"), "--data-size", "2G", "--meta-size", "64M", "--pool", pool), "pool create");
+    must(
+      await thinimg(env, "ops/recover-pool.ts", "--create", "--dir", join(work, "pool"), "--data-size", "2G", "--meta-size", "64M", "--pool", pool),
+      "pool create",
+    );
 
     step(2, "generate two 5-layer images that share layers 1-3 (like the golang/node/python families)");
     const imgs = await writeDemoImages(join(work, "images"));
@@ -126,7 +136,8 @@ export const demoCommand = defineCommand({
   },
   async run({ args }) {
     if (args.inside) {
-      if (!existsSync("/dev/mapper/control")) throw new ThinimgError("missing", "no device-mapper here", { hint: "run `bun run demo` (it starts the VM itself)" });
+      if (!existsSync("/dev/mapper/control"))
+        throw new ThinimgError("missing", "no device-mapper here", { hint: "run `bun run demo` (it starts the VM itself)" });
       await inside();
       return;
     }

@@ -7,17 +7,16 @@
 import { defineCommand } from "citty";
 import { outputArgs, stateArgs } from "../lib/cli/args.ts";
 import { printJson, runMain } from "../lib/cli/main.ts";
+import { ttyProgress } from "../lib/cli/progress.ts";
 import { loadConfig } from "../lib/config.ts";
 import { DEFAULT_LIMITS } from "../lib/image/apply/index.ts";
 import { extractImage, summaryJson } from "../lib/image/extract.ts";
-import { ttyProgress } from "../lib/cli/progress.ts";
 import { formatBytes, parseIntArg, parseSize } from "../lib/util/units.ts";
 
 export const extractCommand = defineCommand({
   meta: {
     name: "extract",
-    description:
-      "Extract an image (layer family, docker-archive or OCI layout; local, HTTP(S) or S3) into a plain directory",
+    description: "Extract an image (layer family, docker-archive or OCI layout; local, HTTP(S) or S3) into a plain directory",
   },
   args: {
     source: {
@@ -50,9 +49,7 @@ export const extractCommand = defineCommand({
   },
   async run({ args }) {
     const cfg = loadConfig({ stateDir: args["state-dir"] });
-    const maxEntries = args["max-entries"]
-      ? parseIntArg(args["max-entries"], "--max-entries", { min: 1 })
-      : cfg.limits.maxEntries;
+    const maxEntries = args["max-entries"] ? parseIntArg(args["max-entries"], "--max-entries", { min: 1 }) : cfg.limits.maxEntries;
     const maxTotalBytes = args["max-bytes"] ? parseSize(args["max-bytes"], "--max-bytes") : cfg.limits.maxLayerBytes;
     const maxFileBytes = args["max-file-size"] ? parseSize(args["max-file-size"], "--max-file-size") : cfg.limits.maxFileBytes;
     const maxBlobBytes = args["max-blob-size"] ? parseSize(args["max-blob-size"], "--max-blob-size") : cfg.limits.maxBlobBytes;

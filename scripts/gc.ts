@@ -6,12 +6,11 @@ import { defineCommand } from "citty";
 import { kernelWindowArgs, outputArgs, poolArgs, stateArgs } from "../lib/cli/args.ts";
 import { printJson, runMain } from "../lib/cli/main.ts";
 import { loadConfig } from "../lib/config.ts";
-import { errorMessage } from "../lib/errors.ts";
+import { errorMessage, usageError } from "../lib/errors.ts";
 import { writeLastGcRun } from "../lib/gc/last-run.ts";
 import { DEFAULT_GRACE_MS } from "../lib/gc/plan.ts";
 import { formatHuman } from "../lib/gc/report.ts";
 import { runGc } from "../lib/gc/run.ts";
-import { usageError } from "../lib/errors.ts";
 import { log } from "../lib/log.ts";
 import { parseDuration } from "../lib/util/units.ts";
 
@@ -31,7 +30,8 @@ export const gcCommand = defineCommand({
     },
     wait: {
       type: "string",
-      description: "--force: how long to wait for running unpacks, activations and releases to finish before refusing (e.g. 0, 30s; env THINIMG_LOCK_WAIT; default 5m)",
+      description:
+        "--force: how long to wait for running unpacks, activations and releases to finish before refusing (e.g. 0, 30s; env THINIMG_LOCK_WAIT; default 5m)",
     },
     timeout: {
       type: "string",

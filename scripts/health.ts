@@ -76,7 +76,9 @@ export const healthCommand = defineCommand({
       // a warning, so it lands in the journal whatever the report's verbosity
       for (const f of acknowledged) log.warn(`health: kernel error acknowledged by ${by}: ${f.line}`);
       process.stderr.write(
-        acknowledged.length ? `acknowledged ${acknowledged.length} kernel error(s) as ${by} (logged in ${cfg.stateDir}/health-ack.log)\n` : "nothing to acknowledge: no check has recorded an unacknowledged kernel error\n",
+        acknowledged.length
+          ? `acknowledged ${acknowledged.length} kernel error(s) as ${by} (logged in ${cfg.stateDir}/health-ack.log)\n`
+          : "nothing to acknowledge: no check has recorded an unacknowledged kernel error\n",
       );
     }
     const report = await runHealthChecks({

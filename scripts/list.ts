@@ -35,20 +35,28 @@ export const listCommand = defineCommand({
       out.push(`images (${inv.images.length}):`);
       for (const i of inv.images) {
         const excl = i.exclusive_bytes === null ? "" : `  exclusive ${formatBytes(i.exclusive_bytes)}`;
-        const used = i.active_snapshots ? `  ${i.active_snapshots} active snapshot(s)` : i.last_activated_at ? `  last activated ${i.last_activated_at}` : "  never activated";
+        const used = i.active_snapshots
+          ? `  ${i.active_snapshots} active snapshot(s)`
+          : i.last_activated_at
+            ? `  last activated ${i.last_activated_at}`
+            : "  never activated";
         out.push(`  ${i.name}  ${i.state}  ${i.layers} layers${excl}${used}  ${i.format ?? "-"}  ${i.source}${i.error ? `  error: ${i.error}` : ""}`);
       }
       if (inv.space_detail && inv.images.length && args.space) out.push(`  (${inv.space_detail})`);
       out.push(`layers (${inv.layers.length}):`);
       for (const l of inv.layers) {
-        out.push(`  ${l.chain_id.slice(0, 19)}…  ${l.state}${l.state === "building" ? `@${l.phase}` : ""}  ${l.device_name ?? "-"}  thin ${l.thin_id ?? "-"}  used by ${l.images} image(s)${l.error ? `  error: ${l.error}` : ""}`);
+        out.push(
+          `  ${l.chain_id.slice(0, 19)}…  ${l.state}${l.state === "building" ? `@${l.phase}` : ""}  ${l.device_name ?? "-"}  thin ${l.thin_id ?? "-"}  used by ${l.images} image(s)${l.error ? `  error: ${l.error}` : ""}`,
+        );
       }
       out.push(`snapshots (${inv.snapshots.length}${args.all ? "" : ", without released"}):`);
       for (const s of inv.snapshots) {
         const reattach = s.state === "detached" ? `  needs re-attach: bun scripts/activate.ts --snapshot ${s.id} (or release it)` : "";
         out.push(`  ${s.id}  ${s.image}  ${s.state}  ${s.device_path ?? s.device_name ?? "-"}${reattach}${s.error ? `  error: ${s.error}` : ""}`);
       }
-      const t = Object.entries(inv.thin_ids).map(([k, v]) => `${k} ${v}`).join(", ");
+      const t = Object.entries(inv.thin_ids)
+        .map(([k, v]) => `${k} ${v}`)
+        .join(", ");
       out.push(`thin ids: ${t || "none"}`);
       process.stdout.write(`${out.join("\n")}\n`);
     } finally {

@@ -4,8 +4,8 @@
 import { defineCommand } from "citty";
 import { dryRunArgs } from "../lib/cli/args.ts";
 import { printJson, runMain } from "../lib/cli/main.ts";
-import { usageError } from "../lib/errors.ts";
 import { ctxFrom, pipelineArgs } from "../lib/cli/pipeline.ts";
+import { usageError } from "../lib/errors.ts";
 import { prune } from "../lib/pipeline/prune.ts";
 import { formatBytes, parseDuration } from "../lib/util/units.ts";
 

@@ -1,8 +1,8 @@
 // bun scripts/release.ts SNAPSHOT — deactivate a snapshot and mark it released (GC deletes its thin id).
 import { defineCommand } from "citty";
 import { printJson, runMain } from "../lib/cli/main.ts";
-import { release } from "../lib/pipeline/activate.ts";
 import { asHolder, ctxFrom, pipelineArgs } from "../lib/cli/pipeline.ts";
+import { release } from "../lib/pipeline/activate.ts";
 
 export const releaseCommand = defineCommand({
   meta: { name: "release", description: "Release an activated snapshot (its device is removed; `bun scripts/gc.ts` deletes the thin id later)" },

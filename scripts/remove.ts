@@ -20,10 +20,14 @@ export const removeCommand = defineCommand({
       else {
         for (const i of r.images) {
           const snaps = i.active_snapshots ? `; ${i.active_snapshots} active snapshot(s) keep working until released` : "";
-          const what = i.state === "already_removed" ? "was already removed" : `removed: ${i.released_layers.length} layer(s) released, ${i.shared_layers} shared layer(s) kept${snaps}`;
+          const what =
+            i.state === "already_removed"
+              ? "was already removed"
+              : `removed: ${i.released_layers.length} layer(s) released, ${i.shared_layers} shared layer(s) kept${snaps}`;
           process.stdout.write(`image ${i.name}: ${what}\n`);
         }
-        if (r.images.some((i) => i.released_layers.length)) process.stdout.write("run `bun scripts/gc.ts --force` to free their space (after the grace period, --grace)\n");
+        if (r.images.some((i) => i.released_layers.length))
+          process.stdout.write("run `bun scripts/gc.ts --force` to free their space (after the grace period, --grace)\n");
       }
     } finally {
       ctx.progress?.done();

@@ -3,8 +3,8 @@
 // /healthz, /readyz. docs/ops-service.md has the API, a signed curl request and the systemd units.
 import { defineCommand } from "citty";
 import { runMain } from "../lib/cli/main.ts";
-import { log } from "../lib/log.ts";
 import { configFrom, pipelineArgs, sizeArgs } from "../lib/cli/pipeline.ts";
+import { log } from "../lib/log.ts";
 import { DEFAULT_LISTEN, parseListen } from "../lib/server/listen.ts";
 import { DEFAULT_DRAIN_MS, DEFAULT_RETENTION_MS, startService } from "../lib/server/service.ts";
 import { parseDuration, parseIntArg } from "../lib/util/units.ts";
@@ -29,11 +29,16 @@ export const serveCommand = defineCommand({
     "insecure-no-auth": { type: "boolean", description: "No authentication at all: loopback or unix socket only, for local tests", default: false },
     "allow-source": {
       type: "string",
-      description: "Source prefix callers may unpack from (repeatable; e.g. s3://images-bucket/); also env THINIMG_ALLOW_SOURCES (space-separated); default: none",
+      description:
+        "Source prefix callers may unpack from (repeatable; e.g. s3://images-bucket/); also env THINIMG_ALLOW_SOURCES (space-separated); default: none",
     },
     prefetch: { type: "string", description: "Queued jobs whose downloads may run ahead of the running one (default 1; 0: none)", default: "1" },
     retention: { type: "string", description: "Keep finished jobs this long (default 7d as 168h)", default: `${DEFAULT_RETENTION_MS / 3_600_000}h` },
-    "drain-timeout": { type: "string", description: "On SIGTERM, wait this long for the running job before interrupting it", default: `${DEFAULT_DRAIN_MS / 1000}s` },
+    "drain-timeout": {
+      type: "string",
+      description: "On SIGTERM, wait this long for the running job before interrupting it",
+      default: `${DEFAULT_DRAIN_MS / 1000}s`,
+    },
     ...sizeArgs,
     ...pipelineArgs,
   },

@@ -127,7 +127,7 @@ export const testCommand = defineCommand({
     if (plan.check || plan.lint) {
       const jobs: [string, string[]][] = [];
       if (plan.check) jobs.push(["type-check (bun check)", ["bun", "check"]]);
-      if (plan.lint) jobs.push(["lint (biome)", ["node_modules/.bin/biome", "lint", "lib", "scripts", "ops", "test"]]);
+      if (plan.lint) jobs.push(["lint and format (biome check)", ["node_modules/.bin/biome", "check", "lib", "scripts", "ops", "test"]]);
       for (const [label, argv] of jobs) {
         banner(label);
         const r = await runHost(argv);

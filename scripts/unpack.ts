@@ -2,7 +2,7 @@
 // shared between images). Re-running for an unpacked image does no device work.
 import { defineCommand } from "citty";
 import { printJson, runMain } from "../lib/cli/main.ts";
-import { asHolder, ctxFrom, sizeArgs, pipelineArgs } from "../lib/cli/pipeline.ts";
+import { asHolder, ctxFrom, pipelineArgs, sizeArgs } from "../lib/cli/pipeline.ts";
 import { unpack } from "../lib/pipeline/unpack.ts";
 
 export const unpackCommand = defineCommand({
@@ -24,7 +24,8 @@ export const unpackCommand = defineCommand({
       else {
         const verb = r.dm_work ? "unpacked" : r.waited ? "unpacked by another process; reused" : "already unpacked";
         process.stdout.write(`image ${r.image.name}: ${verb} — ${r.layers.length} layers (${r.built} built, ${r.reused} reused) in ${r.duration_ms} ms\n`);
-        for (const l of r.layers) process.stdout.write(`  ${l.index + 1}. ${l.device_name}  thin ${l.thin_id}  ${l.reused ? "reused" : "built"}  ${l.chain_id.slice(0, 19)}…\n`);
+        for (const l of r.layers)
+          process.stdout.write(`  ${l.index + 1}. ${l.device_name}  thin ${l.thin_id}  ${l.reused ? "reused" : "built"}  ${l.chain_id.slice(0, 19)}…\n`);
       }
     } finally {
       ctx.progress?.done();

@@ -2,7 +2,7 @@
 // Here a ThinimgError becomes one line (message — hint) and its exit code; unknown flags are refused;
 // --version prints the version and acts on nothing; help has colour only on a terminal.
 import { type ArgsDef, type CommandDef, renderUsage, runCommand } from "citty";
-import { ThinimgError, errorEnvelope, fromErrno, usageError } from "../errors.ts";
+import { errorEnvelope, fromErrno, ThinimgError, usageError } from "../errors.ts";
 import { log, setLogFormat, setLogLevel } from "../log.ts";
 import { THINIMG_VERSION } from "../version.ts";
 import type { CommandName } from "./schemas.ts";
@@ -118,8 +118,7 @@ export async function runMain<T extends ArgsDef>(cmd: CommandDef<T>, rawArgs = p
     // citty's own errors (missing required positional, bad enum) are usage errors
     // a filesystem errno error (EACCES, EROFS, ENOSPC, ENOENT…) is the operator's, not a bug: one
     // line; its stack stays available with --verbose
-    const err =
-      e instanceof Error && e.name === "CLIError" ? usageError(e.message.replace(/\.$/, "")) : (fromErrno(e) ?? e);
+    const err = e instanceof Error && e.name === "CLIError" ? usageError(e.message.replace(/\.$/, "")) : (fromErrno(e) ?? e);
     log.debug(e);
     await flushStdout();
     process.exit(reportError(err, json));

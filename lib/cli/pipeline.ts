@@ -1,11 +1,12 @@
 // Shared plumbing for the pipeline scripts (unpack, activate, release, list): flags → Config,
 // context with a TTY progress line when appropriate.
 import type { ArgsDef } from "citty";
-import { kernelWindowArgs, outputArgs, poolArgs, stateArgs } from "./args.ts";
 import { type Config, loadConfig } from "../config.ts";
-import { type Ctx, asHolder, makeCtx } from "../pool/context.ts";
+import { asHolder, type Ctx, makeCtx } from "../pool/context.ts";
+import { kernelWindowArgs, outputArgs, poolArgs, stateArgs } from "./args.ts";
 
 export { asHolder };
+
 import { noProgress, ttyProgress } from "./progress.ts";
 
 export const waitArgs = {
@@ -36,7 +37,13 @@ interface CommonFlags {
 }
 
 export function configFrom(args: CommonFlags): Config {
-  return loadConfig({ stateDir: args["state-dir"], pool: args.pool, wait: args.wait, virtualSize: args["virtual-size"], kernelErrorWindow: args["kernel-error-window"] });
+  return loadConfig({
+    stateDir: args["state-dir"],
+    pool: args.pool,
+    wait: args.wait,
+    virtualSize: args["virtual-size"],
+    kernelErrorWindow: args["kernel-error-window"],
+  });
 }
 
 export function ctxFrom(args: CommonFlags): Ctx {

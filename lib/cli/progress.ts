@@ -3,7 +3,6 @@
 import type { Progress } from "../pool/context.ts";
 import { formatBytes } from "../util/units.ts";
 
-
 export const noProgress: Progress = { stage() {}, bytes() {}, done() {} };
 
 export function ttyProgress(stream: NodeJS.WriteStream = process.stderr): Progress {

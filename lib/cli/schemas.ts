@@ -36,7 +36,13 @@ const Reattached = { ...Activated, outcome: v.picklist(["reattached", "already_a
 
 export const ActivateOutput = v.union([obj({ ok: v.literal(true), ...Activated }), obj({ ok: v.literal(true), ...Reattached })]);
 
-export const ReleaseOutput = obj({ ok: v.literal(true), snapshot_id: int, device_name: n(str), state: v.picklist(["released", "already_released"]), duration_ms: num });
+export const ReleaseOutput = obj({
+  ok: v.literal(true),
+  snapshot_id: int,
+  device_name: n(str),
+  state: v.picklist(["released", "already_released"]),
+  duration_ms: num,
+});
 
 export const ListOutput = obj({
   ok: v.literal(true),
@@ -69,10 +75,32 @@ export const ListOutput = obj({
   ),
   space_detail: n(str),
   layers: v.array(
-    obj({ id: int, chain_id: str, state: str, phase: str, thin_id: n(int), device_name: n(str), images: int, entries: n(int), bytes: n(int), committed_at: n(str), error: n(str) }),
+    obj({
+      id: int,
+      chain_id: str,
+      state: str,
+      phase: str,
+      thin_id: n(int),
+      device_name: n(str),
+      images: int,
+      entries: n(int),
+      bytes: n(int),
+      committed_at: n(str),
+      error: n(str),
+    }),
   ),
   snapshots: v.array(
-    obj({ id: int, image: str, state: str, thin_id: n(int), device_name: n(str), device_path: n(str), activated_at: n(str), released_at: n(str), error: n(str) }),
+    obj({
+      id: int,
+      image: str,
+      state: str,
+      thin_id: n(int),
+      device_name: n(str),
+      device_path: n(str),
+      activated_at: n(str),
+      released_at: n(str),
+      error: n(str),
+    }),
   ),
   thin_ids: v.record(str, int),
 });
@@ -123,7 +151,18 @@ export const GcOutput = obj({
   stopped: n(Detail),
   kernel_messages: v.array(str),
   notes: v.array(str),
-  summary: obj({ orphans: int, removed: int, skipped: int, failed: int, not_run: int, repairs: int, detached: int, foreign: int, needs_human: bool, mapped_bytes: num }),
+  summary: obj({
+    orphans: int,
+    removed: int,
+    skipped: int,
+    failed: int,
+    not_run: int,
+    repairs: int,
+    detached: int,
+    foreign: int,
+    needs_human: bool,
+    mapped_bytes: num,
+  }),
 });
 
 export const HealthOutput = obj({
@@ -131,7 +170,9 @@ export const HealthOutput = obj({
   healthy: bool,
   pool: n(str),
   duration_ms: num,
-  checks: v.array(obj({ name: str, status: v.picklist(["ok", "warn", "block"]), message: str, runbook: str, duration_ms: num, details: v.optional(v.record(str, any)) })),
+  checks: v.array(
+    obj({ name: str, status: v.picklist(["ok", "warn", "block"]), message: str, runbook: str, duration_ms: num, details: v.optional(v.record(str, any)) }),
+  ),
   thresholds: v.record(str, num),
   acknowledged: v.optional(v.array(obj({ boot_id: str, seq: int, what: str, line: str }))),
 });

@@ -1,6 +1,6 @@
 // Which dm devices are loaded right now, read from sysfs (/sys/block/dm-N/dm/name): no command is
 // spawned, which matters on hot paths (each dmsetup exec costs more than the check itself).
-import { readFileSync, readdirSync } from "node:fs";
+import { readdirSync, readFileSync } from "node:fs";
 import * as dmsetup from "./dmsetup.ts";
 
 /** Active dm devices by name, read from sysfs (/sys/block/dm-N/dm/name): no command is spawned,

@@ -1,9 +1,10 @@
 // Typed wrappers over dmsetup. State-changing calls go through the host dm queue (lib/exec.ts run()
 // routes them there); reads don't.
 // Never `remove --force`: a forced remove swaps in an error table under a live user.
-import { type CmdContext, type CmdResult, run } from "../exec.ts";
+
 import { ThinimgError } from "../errors.ts";
-import { DmError, classifyDmError, dmRefusal, isDmError } from "./errors.ts";
+import { type CmdContext, type CmdResult, run } from "../exec.ts";
+import { classifyDmError, DmError, dmRefusal, isDmError } from "./errors.ts";
 import { withHostQueue } from "./host-queue.ts";
 import { udevArgs } from "./udev.ts";
 import { assertDmName } from "./validate.ts";
@@ -55,11 +56,7 @@ export function mapperPath(name: string): string {
   return `/dev/mapper/${assertDmName(name)}`;
 }
 
-export async function create(
-  name: string,
-  table: string,
-  o: DmOpts & { readOnly?: boolean; uuid?: string } = {},
-): Promise<void> {
+export async function create(name: string, table: string, o: DmOpts & { readOnly?: boolean; uuid?: string } = {}): Promise<void> {
   assertDmName(name);
   if (o.uuid !== undefined) assertDmName(o.uuid, "device uuid");
   const args = ["create", name, ...(o.readOnly ? ["--readonly"] : []), ...(o.uuid ? ["--uuid", o.uuid] : [])];
@@ -166,7 +163,6 @@ export async function message(poolName: string, msg: string, o: DmOpts = {}): Pr
   if (!/^[a-z_]+( \d+)*$/.test(msg)) throw dmRefusal(["dmsetup", "message", poolName, "0", msg], "refused: malformed pool message");
   await mutate(["message", poolName, "0", msg], { ...o, ctx: { pool_name: poolName, ...o.ctx } });
 }
-
 
 /** Raw status text ("start len target args…"); throws DmError not_found when absent. */
 export async function status(name: string, o: DmOpts = {}): Promise<string> {

@@ -32,7 +32,12 @@ export class DmError extends CommandError {
    * ("argv: exit N: last stderr line") instead of dmsetup's shorter one. */
   constructor(dmKind: DmErrorKind, result: CmdResult, hint?: string, o: { kind?: ErrorKind; commandMessage?: boolean } = {}) {
     const what = result.argv.join(" ");
-    const last = result.stderr.trim().split("\n").filter((l) => l && l !== "Command failed.").at(-1) ?? "";
+    const last =
+      result.stderr
+        .trim()
+        .split("\n")
+        .filter((l) => l && l !== "Command failed.")
+        .at(-1) ?? "";
     const why = result.timedOut ? `timed out after ${result.durationMs} ms` : last || `exit ${result.exitCode}`;
     super(result, hint ?? (dmKind === "missing" ? MISSING_HINT : undefined), {
       kind: o.kind ?? errorKindFor(dmKind),
@@ -100,9 +105,5 @@ export function isDmError(e: unknown, kind?: DmErrorKind): e is DmError {
 
 /** A DmError for something refused before any command ran (bad parameters, unusable state). */
 export function dmRefusal(argv: string[], reason: string, hint?: string): DmError {
-  return new DmError(
-    "other",
-    { argv, stdout: "", stderr: reason, exitCode: null, signal: null, timedOut: false, durationMs: 0 },
-    hint,
-  );
+  return new DmError("other", { argv, stdout: "", stderr: reason, exitCode: null, signal: null, timedOut: false, durationMs: 0 }, hint);
 }

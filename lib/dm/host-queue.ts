@@ -22,9 +22,9 @@ import { closeSync, ftruncateSync, mkdirSync, openSync, readdirSync, readFileSyn
 import { basename } from "node:path";
 import { ThinimgError } from "../errors.ts";
 import type { CmdContext } from "../exec.ts";
-import { tryFlockExclusive, unflock } from "../util/libc.ts";
 import { commandLine, processStartTime } from "../lock/owner.ts";
 import { log } from "../log.ts";
+import { tryFlockExclusive, unflock } from "../util/libc.ts";
 import { parseDuration } from "../util/units.ts";
 import { SerialQueue } from "./queue.ts";
 
@@ -77,10 +77,14 @@ export function assertNotTainted(argv: readonly string[], ctx: CmdContext | unde
   for (const t of targetsOf(argv, ctx)) {
     const earlier = tainted.get(t);
     if (earlier === undefined) continue;
-    throw new ThinimgError("timeout", `refusing \`${argv.join(" ")}\`: \`${earlier}\` on ${t} timed out earlier in this run and may still be running in the kernel`, {
-      hint: "nothing more is sent to that device in this run; review with `bun scripts/gc.ts` (dry-run), remove with `bun scripts/gc.ts --force` once the host is healthy",
-      details: { device: t, timed_out_command: earlier },
-    });
+    throw new ThinimgError(
+      "timeout",
+      `refusing \`${argv.join(" ")}\`: \`${earlier}\` on ${t} timed out earlier in this run and may still be running in the kernel`,
+      {
+        hint: "nothing more is sent to that device in this run; review with `bun scripts/gc.ts` (dry-run), remove with `bun scripts/gc.ts --force` once the host is healthy",
+        details: { device: t, timed_out_command: earlier },
+      },
+    );
   }
 }
 
@@ -153,9 +157,13 @@ async function acquire(command: string): Promise<() => void> {
       if (!olderLiveTicket(waitDir, ticket) && tryFlockExclusive(fd)) break;
       const waited = Date.now() - t0;
       if (waited >= limit) {
-        throw new ThinimgError("timeout", `gave up after ${Math.round(waited / 1000)} s waiting for the dm queue held by ${describe(readHolder(path))} to run \`${command}\``, {
-          hint: "a dm command on this host is slow or hung: check it (ps, dmesg, bun scripts/health.ts); THINIMG_DM_QUEUE_WAIT raises the limit",
-        });
+        throw new ThinimgError(
+          "timeout",
+          `gave up after ${Math.round(waited / 1000)} s waiting for the dm queue held by ${describe(readHolder(path))} to run \`${command}\``,
+          {
+            hint: "a dm command on this host is slow or hung: check it (ps, dmesg, bun scripts/health.ts); THINIMG_DM_QUEUE_WAIT raises the limit",
+          },
+        );
       }
       if (!announced && waited >= ANNOUNCE_AFTER_MS) {
         announced = true;

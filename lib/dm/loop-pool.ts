@@ -2,15 +2,15 @@
 // the tests use. Files are allocated with fallocate; only where the filesystem does not support it
 // (hostfs in the test VM, some NFS) are they made sparse with truncate. Any other fallocate failure
 // (no space, quota, I/O error) stops: a sparse file on a full disk would fail later, under the pool.
-import { closeSync, existsSync, ftruncateSync, openSync, statSync, statfsSync } from "node:fs";
+import { closeSync, existsSync, ftruncateSync, openSync, statfsSync, statSync } from "node:fs";
 import { basename, dirname, join } from "node:path";
-import { ThinimgError, fromErrno } from "../errors.ts";
+import { fromErrno, ThinimgError } from "../errors.ts";
 import { type CmdResult, run } from "../exec.ts";
 import { formatBytes } from "../util/units.ts";
 import * as dmsetup from "./dmsetup.ts";
-import { DmError, classifyDmError } from "./errors.ts";
+import { classifyDmError, DmError } from "./errors.ts";
 import * as losetup from "./losetup.ts";
-import { SECTOR, poolTable } from "./pool.ts";
+import { poolTable, SECTOR } from "./pool.ts";
 import { assertDmName } from "./validate.ts";
 
 export interface LoopPoolSpec {

@@ -80,10 +80,7 @@ export function liveMetadataReader(metaDev: string, procDir = "/proc"): string |
   return null;
 }
 
-export type HeldSnapshot =
-  | { kind: "none" }
-  | { kind: "stale"; root: number }
-  | { kind: "busy"; root: number; reader: string | null };
+export type HeldSnapshot = { kind: "none" } | { kind: "stale"; root: number } | { kind: "busy"; root: number; reader: string | null };
 
 export interface HoldOptions {
   /** How long a hold must stay unchanged, with no metadata tool running, before it counts as stale. */
@@ -119,7 +116,9 @@ export async function inspectHold(pool: string, metaDev: string, o: HoldOptions 
 
 /** Release a hold inspectHold() found stale (a reader died holding it; left alone, every later reserve fails). */
 export async function releaseStaleHold(pool: string, root: number, timeoutMs = 10_000): Promise<void> {
-  log.warn(`pool ${pool}: releasing a stale metadata snapshot (held root ${root}): its reader is gone (no thinimg reader holds the lock, no metadata tool is running)`);
+  log.warn(
+    `pool ${pool}: releasing a stale metadata snapshot (held root ${root}): its reader is gone (no thinimg reader holds the lock, no metadata tool is running)`,
+  );
   await releaseMetadataSnap(pool, { timeoutMs, ctx: { pool_name: pool } });
 }
 

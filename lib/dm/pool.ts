@@ -58,7 +58,11 @@ export async function poolStatus(pool: string, o: dmsetup.DmOpts = {}): Promise<
 export async function poolStatusOk(pool: string, o: dmsetup.DmOpts = {}): Promise<PoolStatusOk> {
   const s = await poolStatus(pool, o);
   if (s.kind !== "ok") {
-    throw dmRefusal(["dmsetup", "status", pool], `pool ${pool} is in ${s.kind === "fail" ? "Fail" : "Error"} state`, "run `bun scripts/health.ts` and follow docs/ops-recover-pool.md");
+    throw dmRefusal(
+      ["dmsetup", "status", pool],
+      `pool ${pool} is in ${s.kind === "fail" ? "Fail" : "Error"} state`,
+      "run `bun scripts/health.ts` and follow docs/ops-recover-pool.md",
+    );
   }
   return s;
 }

@@ -27,9 +27,7 @@ export interface PoolStatusOk {
 
 export type PoolStatus = PoolStatusOk | { kind: "fail" } | { kind: "error" };
 
-export type ThinStatus =
-  | { kind: "ok"; mappedSectors: number; highestMappedSector: number | null }
-  | { kind: "fail" };
+export type ThinStatus = { kind: "ok"; mappedSectors: number; highestMappedSector: number | null } | { kind: "fail" };
 
 export class StatusParseError extends Error {}
 

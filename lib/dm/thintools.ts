@@ -1,12 +1,12 @@
 // thin-provisioning-tools: thin_check before bringing a pool back, thin_ls/thin_dump on a metadata
 // snapshot to see thin ids that no active dm device shows (GC's inactive leaks).
 import { type CmdContext, run } from "../exec.ts";
-import { DmError, classifyDmError } from "./errors.ts";
+import { classifyDmError, DmError } from "./errors.ts";
 import { assertDevPath } from "./validate.ts";
 
 export async function thinCheck(
   metaDev: string,
-  o: { ctx?: CmdContext; timeoutMs?: number; /** clear the superblock's needs_check flag when the check passes */ clearNeedsCheck?: boolean } = {},
+  o: { ctx?: CmdContext; timeoutMs?: number /** clear the superblock's needs_check flag when the check passes */; clearNeedsCheck?: boolean } = {},
 ) {
   assertDevPath(metaDev);
   const argv = ["thin_check", ...(o.clearNeedsCheck ? ["--clear-needs-check-flag"] : []), metaDev];
@@ -30,15 +30,12 @@ export function parseThinLs(out: string): ThinLsEntry[] {
 }
 
 /** Thin ids in the pool's metadata. With metadataSnap, reads the held snapshot (pool may be live). */
-export async function thinLs(
-  metaDev: string,
-  o: { metadataSnap?: boolean; ctx?: CmdContext; timeoutMs?: number } = {},
-): Promise<ThinLsEntry[]> {
+export async function thinLs(metaDev: string, o: { metadataSnap?: boolean; ctx?: CmdContext; timeoutMs?: number } = {}): Promise<ThinLsEntry[]> {
   assertDevPath(metaDev);
-  const r = await run(
-    ["thin_ls", ...(o.metadataSnap ? ["--metadata-snap"] : []), "--no-headers", "--format", "DEV,MAPPED_BLOCKS", metaDev],
-    { timeoutMs: o.timeoutMs ?? 60_000, ctx: o.ctx },
-  );
+  const r = await run(["thin_ls", ...(o.metadataSnap ? ["--metadata-snap"] : []), "--no-headers", "--format", "DEV,MAPPED_BLOCKS", metaDev], {
+    timeoutMs: o.timeoutMs ?? 60_000,
+    ctx: o.ctx,
+  });
   if (r.timedOut || r.exitCode !== 0) throw new DmError(classifyDmError(r), r);
   return parseThinLs(r.stdout);
 }
@@ -48,10 +45,7 @@ export function parseThinDumpIds(xml: string): number[] {
   return [...xml.matchAll(/<device\s+dev_id="(\d+)"/g)].map((m) => Number(m[1]));
 }
 
-export async function thinDump(
-  metaDev: string,
-  o: { metadataSnap?: boolean; ctx?: CmdContext; timeoutMs?: number } = {},
-): Promise<string> {
+export async function thinDump(metaDev: string, o: { metadataSnap?: boolean; ctx?: CmdContext; timeoutMs?: number } = {}): Promise<string> {
   assertDevPath(metaDev);
   const r = await run(["thin_dump", ...(o.metadataSnap ? ["--metadata-snap"] : []), metaDev], {
     timeoutMs: o.timeoutMs ?? 60_000,
@@ -77,11 +71,7 @@ export function thinRepairArgv(input: string, output: string, ov?: SuperblockOve
 }
 
 /** thin_repair from a damaged metadata device into a new (zeroed, large enough) one. */
-export async function thinRepair(
-  input: string,
-  output: string,
-  o: { ctx?: CmdContext; timeoutMs?: number; overrides?: SuperblockOverrides } = {},
-) {
+export async function thinRepair(input: string, output: string, o: { ctx?: CmdContext; timeoutMs?: number; overrides?: SuperblockOverrides } = {}) {
   assertDevPath(input);
   assertDevPath(output);
   const r = await run(thinRepairArgv(input, output, o.overrides), { timeoutMs: o.timeoutMs ?? 600_000, ctx: o.ctx });

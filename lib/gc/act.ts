@@ -125,7 +125,12 @@ function classifyCheck(e: unknown): StepOutcome {
   return "changed";
 }
 
-async function step(op: StepResult["op"], target: string, fn: () => Promise<StepOutcome | undefined>, classify: (e: unknown) => StepOutcome): Promise<StepResult> {
+async function step(
+  op: StepResult["op"],
+  target: string,
+  fn: () => Promise<StepOutcome | undefined>,
+  classify: (e: unknown) => StepOutcome,
+): Promise<StepResult> {
   const t0 = performance.now();
   let outcome: StepOutcome = "ok";
   let error: string | null = null;
@@ -273,7 +278,8 @@ export async function act(actions: Orphan[], o: ActOptions): Promise<ActResult> 
             async () => {
               const now = await dmsetup.info(name, { timeoutMs, ctx: ctx(a.thinId, name) });
               if (!now) return "already_gone";
-              if (now.major !== (info as { major: number } | null)?.major || now.minor !== (info as { minor: number } | null)?.minor) throw new Error("a different device now has this name");
+              if (now.major !== (info as { major: number } | null)?.major || now.minor !== (info as { minor: number } | null)?.minor)
+                throw new Error("a different device now has this name");
               if (now.open > 0) throw new Error(`open count is ${now.open} after our unmount`);
               return undefined;
             },

@@ -5,12 +5,13 @@
 // Liveness comes from the OWNER rows first (a committed layer, an active snapshot, a layer being
 // built, an activation whose process still runs) and only then from the thin id ledger: a row that
 // references an id keeps it alive even if the ledger disagrees — GC errs on the side of keeping.
+
+import { unreferencedLayers } from "../pool/unreferenced.ts";
 import type { GcRows } from "../store/gc-queries.ts";
+import { isImageLockKey, layerLockKey, parseWorkSubject, workSubject } from "../store/keys.ts";
 import type { LayerRow } from "../store/layers.ts";
 import type { SnapshotRow } from "../store/snapshots.ts";
 import type { DbDeadReason, DbDevice, DbMount, DbThin, DbView, RowRef } from "./model.ts";
-import { unreferencedLayers } from "../pool/unreferenced.ts";
-import { isImageLockKey, layerLockKey, parseWorkSubject, workSubject } from "../store/keys.ts";
 
 export type AliveFn = (pid: number, startTime: number | null, host: string | null) => boolean;
 
@@ -86,7 +87,18 @@ export function buildDbView(pool: string, rows: GcRows, alive: AliveFn): DbViewR
       ...(imagesOf.get(l.id) ?? []).map((i): RowRef => ({ table: "images", key: i })),
     ];
     const u = unreferenced.get(l.id);
-    if (u) return { live: false, reason: "unreferenced_layer", detail: u.detail, since: u.since, locked: u.locked, refs: [{ table: "thin_ids", key: u.thinId }, { table: "layers", key: l.id }] };
+    if (u)
+      return {
+        live: false,
+        reason: "unreferenced_layer",
+        detail: u.detail,
+        since: u.since,
+        locked: u.locked,
+        refs: [
+          { table: "thin_ids", key: u.thinId },
+          { table: "layers", key: l.id },
+        ],
+      };
     if (l.state === "committed") return { live: true, mustExist: true, detail: `${layerDesc(l)} committed`, since: l.updated_at, refs };
     if (l.state === "building") {
       const b = builder(l);
@@ -99,7 +111,13 @@ export function buildDbView(pool: string, rows: GcRows, alive: AliveFn): DbViewR
         locked: layerLocked(l),
       };
     }
-    return { live: false, reason: "db_failed", detail: `${layerDesc(l)} failed${l.error ? `: ${l.error.slice(0, 160)}` : ""}`, since: l.updated_at, locked: layerLocked(l) };
+    return {
+      live: false,
+      reason: "db_failed",
+      detail: `${layerDesc(l)} failed${l.error ? `: ${l.error.slice(0, 160)}` : ""}`,
+      since: l.updated_at,
+      locked: layerLocked(l),
+    };
   };
   const snapVerdict = (s: SnapshotRow): Verdict => {
     const refs: RowRef[] = [
@@ -153,7 +171,15 @@ export function buildDbView(pool: string, rows: GcRows, alive: AliveFn): DbViewR
     const since = Math.max(ledgerSince, ...dead.map((v) => v.since));
     const locked = dead.map((v) => v.locked).find((x) => x) ?? null;
     if (t?.state === "deleted") {
-      thins.set(id, { thinId: id, status: "deleted", reason: "db_deleted", detail: "ledger says GC deleted it", since, mustExist: false, refs: [{ table: "thin_ids", key: id }] });
+      thins.set(id, {
+        thinId: id,
+        status: "deleted",
+        reason: "db_deleted",
+        detail: "ledger says GC deleted it",
+        since,
+        mustExist: false,
+        refs: [{ table: "thin_ids", key: id }],
+      });
       continue;
     }
     let reason: DbDeadReason;
@@ -207,7 +233,8 @@ export function buildDbView(pool: string, rows: GcRows, alive: AliveFn): DbViewR
     else if (layer && layer.thin_id === thinId) {
       v = layerVerdict(layer);
       // a committed layer's device is deactivated before commit: an active one is a leftover
-      if (v.live && layer.state === "committed") v = { live: false, reason: "db_orphaned", detail: `${layerDesc(layer)} is committed; its device should be inactive`, since };
+      if (v.live && layer.state === "committed")
+        v = { live: false, reason: "db_orphaned", detail: `${layerDesc(layer)} is committed; its device should be inactive`, since };
     }
     if (v?.live) {
       // whatever its device row says: only a release makes a handed-out snapshot's device optional

@@ -3,18 +3,18 @@
 // and the repairs of rows that describe things the pool no longer has (also compare-and-set). Writes
 // go through lib/store's functions.
 import { type Db, tx } from "../store/db.ts";
-import { actionWitness, forgetFirstSeen, readActionRows, readPoolLocks, readRefRows, refsWitness } from "../store/gc-queries.ts";
 import { getDevice, setDeviceState } from "../store/devices.ts";
+import { actionWitness, forgetFirstSeen, readActionRows, readPoolLocks, readRefRows, refsWitness } from "../store/gc-queries.ts";
 import { markImageFailed } from "../store/images.ts";
-import { type LayerRow, abandonLayerAttempt, updateLayer } from "../store/layers.ts";
+import { isImageLockKey, layerLockKey } from "../store/keys.ts";
+import { abandonLayerAttempt, type LayerRow, updateLayer } from "../store/layers.ts";
+import { forgetReleasedLayer } from "../store/lifecycle.ts";
 import { getMount, setMountState } from "../store/mounts.ts";
 import { updateSnapshot } from "../store/snapshots.ts";
-import { type ThinIdState, getThinId, recordOrphanThinId, setThinIdState } from "../store/thin-ids.ts";
+import { getThinId, recordOrphanThinId, setThinIdState, type ThinIdState } from "../store/thin-ids.ts";
 import type { GcLedger } from "./act.ts";
 import type { Repair } from "./model.ts";
 import { claimUnreferencedLayer } from "./unreferenced-claim.ts";
-import { forgetReleasedLayer } from "../store/lifecycle.ts";
-import { isImageLockKey, layerLockKey } from "../store/keys.ts";
 
 export type AliveFn = (pid: number, startTime: number | null, host: string | null) => boolean;
 
@@ -104,33 +104,34 @@ export function applyRepairs(db: Db, pool: string, repairs: Repair[]): Repair[] 
 
 function applyOne(db: Db, pool: string, r: Repair): void {
   {
-      const msg = r.detail.slice(0, 500);
-      for (const ref of r.refs) {
-        switch (ref.table) {
-          case "layers":
-            if (r.kind === "thin_gone") updateLayer(db, Number(ref.key), { state: "failed", error: msg, error_kind: "gone" });
-            // a released layer whose id is already gone: the row lets go of it
-            else if (r.kind === "thin_already_deleted" && r.thinId !== null) forgetReleasedLayer(db, Number(ref.key), r.thinId);
-            break;
-          case "images":
-            if (r.kind === "thin_gone") markImageFailed(db, Number(ref.key), msg, "gone");
-            break;
-          case "snapshots":
-            if (r.kind === "thin_gone") updateSnapshot(db, Number(ref.key), { state: "failed", error: msg });
-            break;
-          case "thin_ids": {
-            const id = Number(ref.key);
-            if (!getThinId(db, pool, id)) break;
-            if (r.kind === "thin_gone" || r.kind === "thin_already_deleted") setThinIdState(db, pool, id, "deleted", `gc: not in the pool (${msg.slice(0, 200)})`);
-            break;
-          }
-          case "devices":
-            if (getDevice(db, pool, String(ref.key))) setDeviceState(db, pool, String(ref.key), "removed", `gc: ${msg.slice(0, 200)}`);
-            break;
-          case "mounts":
-            if (getMount(db, String(ref.key))) setMountState(db, String(ref.key), "unmounted", "gc: no longer mounted");
-            break;
+    const msg = r.detail.slice(0, 500);
+    for (const ref of r.refs) {
+      switch (ref.table) {
+        case "layers":
+          if (r.kind === "thin_gone") updateLayer(db, Number(ref.key), { state: "failed", error: msg, error_kind: "gone" });
+          // a released layer whose id is already gone: the row lets go of it
+          else if (r.kind === "thin_already_deleted" && r.thinId !== null) forgetReleasedLayer(db, Number(ref.key), r.thinId);
+          break;
+        case "images":
+          if (r.kind === "thin_gone") markImageFailed(db, Number(ref.key), msg, "gone");
+          break;
+        case "snapshots":
+          if (r.kind === "thin_gone") updateSnapshot(db, Number(ref.key), { state: "failed", error: msg });
+          break;
+        case "thin_ids": {
+          const id = Number(ref.key);
+          if (!getThinId(db, pool, id)) break;
+          if (r.kind === "thin_gone" || r.kind === "thin_already_deleted")
+            setThinIdState(db, pool, id, "deleted", `gc: not in the pool (${msg.slice(0, 200)})`);
+          break;
         }
+        case "devices":
+          if (getDevice(db, pool, String(ref.key))) setDeviceState(db, pool, String(ref.key), "removed", `gc: ${msg.slice(0, 200)}`);
+          break;
+        case "mounts":
+          if (getMount(db, String(ref.key))) setMountState(db, String(ref.key), "unmounted", "gc: no longer mounted");
+          break;
       }
+    }
   }
 }

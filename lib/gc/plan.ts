@@ -17,21 +17,7 @@
 //    changed before the scans began, so work that started after our snapshot is never "repaired";
 //  - a snapshot handed to a user whose device is not loaded (a reboot) is detached: listed for
 //    re-attach, its thin id live — only its user's release makes its data garbage.
-import type {
-  DbThin,
-  Detached,
-  DbView,
-  DmDevice,
-  DmScan,
-  MetaScan,
-  MountRef,
-  Orphan,
-  OrphanReason,
-  Plan,
-  Repair,
-  Skip,
-  SkipReason,
-} from "./model.ts";
+import type { DbThin, DbView, Detached, DmDevice, DmScan, MetaScan, MountRef, Orphan, OrphanReason, Plan, Repair, Skip, SkipReason } from "./model.ts";
 
 export const DEFAULT_GRACE_MS = 10 * 60_000;
 
@@ -147,7 +133,15 @@ export function makePlan(inp: PlanInput): Plan {
       const dbThin = db.thins.get(id);
       if (dbThin?.status === "live") continue;
       const why = thinOrphanReason(dbThin);
-      candidates.push({ thinId: id, device: null, deleteThin: true, reason: why.reason, detail: why.detail, since: dbThin?.since ?? unknownSince(db, id, now), locked: dbThin?.locked ?? null });
+      candidates.push({
+        thinId: id,
+        device: null,
+        deleteThin: true,
+        reason: why.reason,
+        detail: why.detail,
+        since: dbThin?.since ?? unknownSince(db, id, now),
+        locked: dbThin?.locked ?? null,
+      });
     }
   }
 
@@ -162,7 +156,10 @@ export function makePlan(inp: PlanInput): Plan {
   // second state dir on the pool): ids it does not know prove nothing
   const poolTxn = meta.transactionId ?? null;
   const behind = db.known && poolTxn !== null && poolTxn > (db.lastTxn ?? 0);
-  if (behind) notes.push(`the DB is behind the pool: pool transaction id ${poolTxn}, the DB's last recorded ${db.lastTxn ?? "none"} (restored from a backup?); unknown thin ids are left for a human`);
+  if (behind)
+    notes.push(
+      `the DB is behind the pool: pool transaction id ${poolTxn}, the DB's last recorded ${db.lastTxn ?? "none"} (restored from a backup?); unknown thin ids are left for a human`,
+    );
   for (const c of candidates) {
     const age = c.since === null ? null : now - c.since;
     const firstSeenNow = c.reason === "not_in_db" && c.thinId !== null && !db.firstSeen?.has(c.thinId);
@@ -201,7 +198,13 @@ export function makePlan(inp: PlanInput): Plan {
       skip(c, "open", `open count ${c.device.open}${ms.length ? " beyond our own mount" : ""}: a process, VM or holder device uses it`);
     } else if (foreignUser) {
       // our stale device may go; the id stays while something foreign maps it
-      skips.push({ thinId: c.thinId, device: null, reason: "foreign", detail: `thin id ${c.thinId} is also mapped by foreign device ${foreignUser}: kept`, orphanReason: c.reason });
+      skips.push({
+        thinId: c.thinId,
+        device: null,
+        reason: "foreign",
+        detail: `thin id ${c.thinId} is also mapped by foreign device ${foreignUser}: kept`,
+        orphanReason: c.reason,
+      });
       accepted.push({ ...c, deleteThin: false, detail: `${c.detail}; thin id kept (mapped by foreign device ${foreignUser})` });
     } else accepted.push(c);
   }
@@ -233,7 +236,9 @@ export function makePlan(inp: PlanInput): Plan {
   const byId = new Map<number, Orphan[]>();
   for (const a of actions) if (a.thinId !== null && a.deleteThin) byId.set(a.thinId, [...(byId.get(a.thinId) ?? []), a]);
   for (const list of byId.values()) for (const a of list.slice(0, -1)) a.deleteThin = false;
-  actions.sort((a, b) => Number(a.device === null) - Number(b.device === null) || (a.thinId ?? -1) - (b.thinId ?? -1) || Number(a.deleteThin) - Number(b.deleteThin));
+  actions.sort(
+    (a, b) => Number(a.device === null) - Number(b.device === null) || (a.thinId ?? -1) - (b.thinId ?? -1) || Number(a.deleteThin) - Number(b.deleteThin),
+  );
 
   // --- 4. repairs: the DB says something exists that is gone ---
   const older = (since: number) => since < inp.scannedAt;
@@ -286,12 +291,30 @@ export function makePlan(inp: PlanInput): Plan {
     // say "leaked" forever. Only its device row is touched; the thin id has its own verdict.
     const rowRefs = d.refs.filter((r) => r.table === "devices");
     if (d.status === "dead" && rowRefs.length > 0 && !devNames.has(d.name) && older(d.since)) {
-      repairs.push({ kind: "device_row_gone", thinId: null, device: d.name, path: null, detail: `${d.detail}: /dev/mapper/${d.name} no longer exists; marked removed`, refs: rowRefs });
+      repairs.push({
+        kind: "device_row_gone",
+        thinId: null,
+        device: d.name,
+        path: null,
+        detail: `${d.detail}: /dev/mapper/${d.name} no longer exists; marked removed`,
+        refs: rowRefs,
+      });
     }
   }
   for (const m of db.mounts) {
-    if ((m.state === "mounted" || m.state === "mounting" || m.state === "leaked" || m.state === "unmounting") && !inp.mountPoints.has(m.path) && older(m.since)) {
-      repairs.push({ kind: "mount_gone", thinId: null, device: m.deviceName, path: m.path, detail: `${m.path} is no longer mounted; marked unmounted`, refs: [{ table: "mounts", key: m.path }] });
+    if (
+      (m.state === "mounted" || m.state === "mounting" || m.state === "leaked" || m.state === "unmounting") &&
+      !inp.mountPoints.has(m.path) &&
+      older(m.since)
+    ) {
+      repairs.push({
+        kind: "mount_gone",
+        thinId: null,
+        device: m.deviceName,
+        path: m.path,
+        detail: `${m.path} is no longer mounted; marked unmounted`,
+        refs: [{ table: "mounts", key: m.path }],
+      });
     }
   }
 

@@ -18,7 +18,13 @@ export interface GcReportInput {
     ours: number;
     foreign: number;
     unrelated: number;
-    metadata: { status: "ok" | "skipped"; method: string | null; thinIds: number | null; staleHold: { heldRoot: number; released: boolean } | null; skipped: string | null };
+    metadata: {
+      status: "ok" | "skipped";
+      method: string | null;
+      thinIds: number | null;
+      staleHold: { heldRoot: number; released: boolean } | null;
+      skipped: string | null;
+    };
     dbKnown: boolean;
   };
   plan: Plan | null;
@@ -135,7 +141,14 @@ export function buildReport(i: GcReportInput): GcReport {
     detail: s.detail,
     needs_human: NEEDS_HUMAN[s.reason],
   }));
-  const repairs = (plan?.repairs ?? []).map((r: Repair) => ({ kind: r.kind, thin_id: r.thinId, device: r.device, path: r.path, detail: r.detail, applied: i.repairsApplied && !(i.repairsNotApplied ?? []).includes(r) }));
+  const repairs = (plan?.repairs ?? []).map((r: Repair) => ({
+    kind: r.kind,
+    thin_id: r.thinId,
+    device: r.device,
+    path: r.path,
+    detail: r.detail,
+    applied: i.repairsApplied && !(i.repairsNotApplied ?? []).includes(r),
+  }));
   const detached = (plan?.detached ?? []).map((d) => ({ snapshot_id: d.snapshotId, thin_id: d.thinId, device: d.device, detail: d.detail }));
   const foreign = (plan?.foreign ?? []).map((f: ForeignDevice) => ({ name: f.name, thin_id: f.thinId, why: f.why, detail: f.detail }));
   const count = (o: string) => orphans.filter((x) => x.outcome === o).length;
@@ -223,7 +236,8 @@ export function formatHuman(r: GcReport): string {
   }
   if (r.skipped.length) {
     out.push(`left alone this run (${r.skipped.length}):`);
-    for (const s of r.skipped) out.push(`  - ${what(s.thin_id, s.device)}: ${s.reason}${s.needs_human ? " [needs a human]" : ""} — ${s.detail} (would be: ${s.orphan_reason})`);
+    for (const s of r.skipped)
+      out.push(`  - ${what(s.thin_id, s.device)}: ${s.reason}${s.needs_human ? " [needs a human]" : ""} — ${s.detail} (would be: ${s.orphan_reason})`);
   }
   if (r.repairs.length) {
     out.push(`${dry ? "would repair" : "repaired"} ${r.repairs.length} DB row set(s):`);

@@ -13,16 +13,15 @@ import { errorMessage, ThinimgError } from "../errors.ts";
 import { acknowledgeOwnMessages, cursorOf, type KmsgCursor } from "../health/dmesg.ts";
 import { assertHealthy } from "../health/index.ts";
 import { procIo } from "../health/io.ts";
-import { staleness } from "../lock/owner.ts";
 import { type ExclusiveHold, holdExclusive } from "../lock/holders.ts";
-import { type ProcessLock, acquireProcessLock, readLockFile } from "../lock/process-lock.ts";
-import { describeHolder } from "../lock/owner.ts";
+import { describeHolder, staleness } from "../lock/owner.ts";
+import { acquireProcessLock, type ProcessLock, readLockFile } from "../lock/process-lock.ts";
 import { log } from "../log.ts";
 import { makeCtx } from "../pool/context.ts";
 import { reconcilePending } from "../pool/journal.ts";
-import { type Db, openDb } from "../store/db.ts";
-import { type GcRows, actionWitness, forgetFirstSeen, readGcRows, recordFirstSeen, refsWitness } from "../store/gc-queries.ts";
 import { pausePoint } from "../pool/pause-points.ts";
+import { type Db, openDb } from "../store/db.ts";
+import { actionWitness, forgetFirstSeen, type GcRows, readGcRows, recordFirstSeen, refsWitness } from "../store/gc-queries.ts";
 import { type ActResult, act, STEP_TIMEOUT_MS } from "./act.ts";
 import { buildDbView } from "./db-view.ts";
 import { applyRepairs, storeLedger } from "./ledger.ts";
@@ -89,7 +88,13 @@ function dmInKernel(): boolean {
  */
 async function gcHealth(cfg: Config, timeoutMs: number): Promise<{ health: { ok: boolean; detail: string }; cursor: KmsgCursor | null }> {
   try {
-    const h = await assertHealthy({ pool: cfg.pool, stateDir: cfg.stateDir, thresholds: { dataBlockPct: 101 }, kernelErrorWindowMs: cfg.kernelErrorWindowMs, timeoutMs });
+    const h = await assertHealthy({
+      pool: cfg.pool,
+      stateDir: cfg.stateDir,
+      thresholds: { dataBlockPct: 101 },
+      kernelErrorWindowMs: cfg.kernelErrorWindowMs,
+      timeoutMs,
+    });
     return { health: { ok: true, detail: "health checks passed" }, cursor: cursorOf(h.checks.find((c) => c.name === "host.dmesg")) };
   } catch (e) {
     return { health: { ok: false, detail: e instanceof ThinimgError ? e.oneLine() : errorMessage(e) }, cursor: null };
@@ -97,7 +102,16 @@ async function gcHealth(cfg: Config, timeoutMs: number): Promise<{ health: { ok:
 }
 
 function unscannedMeta(detail: string): MetaScan {
-  return { status: "skipped", method: null, ids: new Map(), blockBytes: 0, transactionId: null, staleHold: null, skipped: { reason: "unhealthy", detail }, metaDev: null };
+  return {
+    status: "skipped",
+    method: null,
+    ids: new Map(),
+    blockBytes: 0,
+    transactionId: null,
+    staleHold: null,
+    skipped: { reason: "unhealthy", detail },
+    metaDev: null,
+  };
 }
 
 export async function runGc(o: GcOptions): Promise<GcReport> {
@@ -156,7 +170,9 @@ export async function runGc(o: GcOptions): Promise<GcReport> {
         const who = holder ? describeHolder(holder) : errorMessage(e);
         if (!o.ignoreLock) {
           base.lock = { status: "held", holder: who };
-          return done({ refused: { reason: "lock_held", detail: `the process lock is held by ${who}; nothing was done (the next run retries; --ignore-lock overrides)` } });
+          return done({
+            refused: { reason: "lock_held", detail: `the process lock is held by ${who}; nothing was done (the next run retries; --ignore-lock overrides)` },
+          });
         }
         log.warn(`gc --ignore-lock: the process lock is held by ${who}; going ahead without it`);
         base.lock = { status: "ignored", holder: who };
@@ -190,7 +206,12 @@ export async function runGc(o: GcOptions): Promise<GcReport> {
     const rows = db ? readGcRows(db, pool) : EMPTY_ROWS;
     const { view, notes: dbNotes } = buildDbView(pool, rows, alive);
     notes.push(...dbNotes);
-    const mounts = mountsByDevice(dm.ours, entries, cfg.mountDir, view.mounts.map((m) => m.path));
+    const mounts = mountsByDevice(
+      dm.ours,
+      entries,
+      cfg.mountDir,
+      view.mounts.map((m) => m.path),
+    );
     const plan: Plan = makePlan({
       dm,
       meta,
@@ -225,7 +246,12 @@ export async function runGc(o: GcOptions): Promise<GcReport> {
     if (o.force && db) {
       // ids the DB has never heard of: their grace period counts from the first run that saw them
       const unknown = [...plan.actions, ...plan.skips].filter((x) => x.thinId !== null && ("orphanReason" in x ? x.orphanReason : x.reason) === "not_in_db");
-      recordFirstSeen(db, pool, unknown.map((x) => x.thinId!), scannedAt);
+      recordFirstSeen(
+        db,
+        pool,
+        unknown.map((x) => x.thinId!),
+        scannedAt,
+      );
       if (meta.status === "ok") {
         const inPool = new Set([...meta.ids.keys(), ...dm.ours.flatMap((d) => (d.thin ? [d.thin.thinId] : []))]);
         const ledgerIds = new Set(rows.thinIds.map((t) => t.thin_id));
@@ -252,7 +278,8 @@ export async function runGc(o: GcOptions): Promise<GcReport> {
         const notApplied = applyRepairs(db, pool, plan.repairs);
         base.repairsApplied = true;
         base.repairsNotApplied = notApplied;
-        if (notApplied.length) notes.push(`${notApplied.length} repair(s) not applied: their rows changed since the scan (work in flight); the next run looks again`);
+        if (notApplied.length)
+          notes.push(`${notApplied.length} repair(s) not applied: their rows changed since the scan (work in flight); the next run looks again`);
       }
     }
     return done({ act: actResult });

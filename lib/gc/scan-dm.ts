@@ -3,8 +3,8 @@
 // (on this pool without our prefix, or our prefix on something else) and unrelated (counted only).
 // Two dmsetup calls in all (`info` and `table` for every device), so a thousand devices stay cheap.
 import * as dmsetup from "../dm/dmsetup.ts";
+import { classifyDmError, DmError } from "../dm/errors.ts";
 import { parseThinTable } from "../dm/pool.ts";
-import { DmError, classifyDmError } from "../dm/errors.ts";
 import { udevArgs } from "../dm/udev.ts";
 import { assertDmName } from "../dm/validate.ts";
 import { ThinimgError } from "../errors.ts";
@@ -67,7 +67,11 @@ export function classifyDevices(poolName: string, prefix: string, devices: RawDe
       // e.g. `dmsetup create` killed between create and load: a name without a table holds nothing
       ours.push(dev);
     } else if (named) {
-      const what = thin ? `a thin device of pool ${thin.poolMajorMinor}, not ${poolMM}` : d.table ? `a "${d.table.split(/\s+/)[2] ?? "?"}" target` : "a device with no table";
+      const what = thin
+        ? `a thin device of pool ${thin.poolMajorMinor}, not ${poolMM}`
+        : d.table
+          ? `a "${d.table.split(/\s+/)[2] ?? "?"}" target`
+          : "a device with no table";
       foreign.push({ name: d.name, thinId: null, why: "prefix_other_target", detail: `has thinimg's prefix but is ${what}` });
     } else if (onPool) {
       foreign.push({
@@ -88,7 +92,10 @@ export async function listDevices(o: { timeoutMs?: number } = {}): Promise<RawDe
   const u = udevArgs();
   const r = await run(["dmsetup", ...u.flags, "table"], { timeoutMs: o.timeoutMs ?? 30_000, env: u.env });
   if (r.timedOut || r.exitCode !== 0) throw new DmError(classifyDmError(r), r);
-  const tables = parseTableAll(r.stdout, infos.map((i) => i.name));
+  const tables = parseTableAll(
+    r.stdout,
+    infos.map((i) => i.name),
+  );
   return infos.map((i) => ({
     name: i.name,
     major: i.major,

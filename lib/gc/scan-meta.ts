@@ -41,7 +41,10 @@ export async function scanMeta(pool: string, o: ScanMetaOptions): Promise<MetaSc
   if (!lock) {
     return {
       ...base,
-      skipped: { reason: "metadata_snap_busy", detail: `pool ${pool}: another thinimg process is reading a metadata snapshot (it holds ${META_LOCK_FILE}); next run` },
+      skipped: {
+        reason: "metadata_snap_busy",
+        detail: `pool ${pool}: another thinimg process is reading a metadata snapshot (it holds ${META_LOCK_FILE}); next run`,
+      },
     };
   }
   try {
@@ -61,12 +64,21 @@ async function scanLocked(pool: string, o: ScanMetaOptions, base: MetaScan, time
   base.transactionId = st.transactionId;
   if (st.mode !== "rw" || st.needsCheck) {
     // a read-only pool refuses reserve_metadata_snap (EOPNOTSUPP); GC will not act on it anyway
-    return { ...base, skipped: { reason: "pool_not_rw", detail: `pool ${pool} is ${st.needsCheck ? "flagged needs_check" : `in ${st.mode} mode`}: its metadata cannot be snapshotted` } };
+    return {
+      ...base,
+      skipped: {
+        reason: "pool_not_rw",
+        detail: `pool ${pool} is ${st.needsCheck ? "flagged needs_check" : `in ${st.mode} mode`}: its metadata cannot be snapshotted`,
+      },
+    };
   }
   if (hold.kind === "busy") {
     return {
       ...base,
-      skipped: { reason: "metadata_snap_busy", detail: `pool ${pool}: its metadata snapshot (root ${hold.root}) is being read by ${hold.reader ?? "someone"}; next run` },
+      skipped: {
+        reason: "metadata_snap_busy",
+        detail: `pool ${pool}: its metadata snapshot (root ${hold.root}) is being read by ${hold.reader ?? "someone"}; next run`,
+      },
     };
   }
   if (hold.kind === "stale") {

@@ -2,11 +2,12 @@
 // claim's transaction, the verdict is made again from fresh rows (an unpack may have reused the layer
 // or started since the scan); if it still holds, the layer row lets go of the id (it starts afresh,
 // as an abandoned build attempt does) and the id becomes an orphan GC is deleting.
+
+import { type AliveFn, unreferencedLayers } from "../pool/unreferenced.ts";
 import type { Db } from "../store/db.ts";
 import { readGcRows } from "../store/gc-queries.ts";
 import { forgetReleasedLayer } from "../store/lifecycle.ts";
 import { setThinIdState } from "../store/thin-ids.ts";
-import { type AliveFn, unreferencedLayers } from "../pool/unreferenced.ts";
 
 /** Returns null to go ahead, else why the layer is kept after all. Call inside the claim's transaction. */
 export function claimUnreferencedLayer(db: Db, pool: string, thinId: number, alive: AliveFn): string | null {

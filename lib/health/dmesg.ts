@@ -46,14 +46,26 @@ const RULES: { re: RegExp; status: Exclude<CheckStatus, "ok"> | "ignore"; what: 
   { re: /device-mapper: (ioctl|table|uevent):/i, status: "ignore", what: "" },
   // a refused pool message (create on an existing id, delete of a missing/busy one): the caller
   // already got the error; it says nothing about the pool's health
-  { re: /device-mapper: thin: .*(Creation of new (thinly-provisioned device|snapshot)|Deletion of thin device).* failed/i, status: "warn", what: "pool message refused" },
+  {
+    re: /device-mapper: thin: .*(Creation of new (thinly-provisioned device|snapshot)|Deletion of thin device).* failed/i,
+    status: "warn",
+    what: "pool message refused",
+  },
   { re: /device-mapper: thin: .*switching pool to write mode/i, status: "warn", what: "pool left a degraded mode" },
   { re: /device-mapper: thin: .*switching pool to (read-only|fail|out-of-data-space|out-of-metadata-space)/i, status: "block", what: "pool changed mode" },
   { re: /device-mapper: thin: .*no free metadata blocks/i, status: "block", what: "thin pool out of metadata space" },
-  { re: /device-mapper: thin: .*(metadata operation .* failed|aborting current metadata transaction|commit failed)/i, status: "block", what: "thin metadata failure" },
+  {
+    re: /device-mapper: thin: .*(metadata operation .* failed|aborting current metadata transaction|commit failed)/i,
+    status: "block",
+    what: "thin metadata failure",
+  },
   { re: /needs_check|needs check/i, status: "block", what: "needs_check" },
   { re: /device-mapper: thin: .*(no free (metadata|data) space|unable to)/i, status: "block", what: "thin pool failure" },
-  { re: /device-mapper: (space map|block manager|btree|transaction manager|persistent data|array|bio prison)/i, status: "block", what: "persistent-data error" },
+  {
+    re: /device-mapper: (space map|block manager|btree|transaction manager|persistent data|array|bio prison)/i,
+    status: "block",
+    what: "persistent-data error",
+  },
   { re: /device-mapper: thin: .*reached low water mark/i, status: "warn", what: "pool reached its low water mark" },
   { re: /\bI\/O error\b.*\bdm-\d+|\bdm-\d+\b.*\bI\/O error\b/i, status: "block", what: "I/O error on a dm device" },
   { re: /(EXT4-fs|XFS|Buffer I\/O).*(error|corrupt).*\bdm-\d+|EXT4-fs error \(device dm-\d+\)/i, status: "block", what: "filesystem error on a dm device" },
@@ -162,8 +174,14 @@ export async function checkDmesg(io: HealthIo, o: DmesgOptions): Promise<CheckRe
   const now = o.now ?? Date.now();
   const windowMs = o.windowMs ?? DEFAULT_KERNEL_ERROR_WINDOW_MS;
   const [bootId, uptime] = await Promise.all([
-    io.readText("/proc/sys/kernel/random/boot_id").then((s) => s.trim(), () => "unknown"),
-    io.readText("/proc/uptime").then((s) => Math.round(Number(s.split(/\s+/)[0]) * 1e6), () => 0),
+    io.readText("/proc/sys/kernel/random/boot_id").then(
+      (s) => s.trim(),
+      () => "unknown",
+    ),
+    io.readText("/proc/uptime").then(
+      (s) => Math.round(Number(s.split(/\s+/)[0]) * 1e6),
+      () => 0,
+    ),
   ]);
   const records = raw.map(parseKmsgRecord).filter((r): r is KmsgRecord => r !== null);
   const scan = async (cursor: KmsgCursor | null, stored: StoredFinding[]) => {
@@ -172,9 +190,22 @@ export async function checkDmesg(io: HealthIo, o: DmesgOptions): Promise<CheckRe
     for (const f of found.findings.filter((x) => x.status === "block")) {
       const tsUsec = records.find((r) => r.seq === f.seq)?.tsUsec ?? uptime;
       const loggedAt = uptime > 0 ? now - Math.max(0, Math.round((uptime - tsUsec) / 1000)) : now;
-      fresh.push({ boot_id: bootId, seq: f.seq, what: f.what, line: await nameDmDevices(io, f.line), logged_at: loggedAt, first_seen_at: now, acknowledged: null });
+      fresh.push({
+        boot_id: bootId,
+        seq: f.seq,
+        what: f.what,
+        line: await nameDmDevices(io, f.line),
+        logged_at: loggedAt,
+        first_seen_at: now,
+        acknowledged: null,
+      });
     }
-    return { ...found, fresh, merged: mergeFindings(stored, fresh, now), scope: cursor && cursor.boot_id === bootId ? "since the last check" : `in the last ${Math.round(o.lookbackMs / 60000)} min` };
+    return {
+      ...found,
+      fresh,
+      merged: mergeFindings(stored, fresh, now),
+      scope: cursor && cursor.boot_id === bootId ? "since the last check" : `in the last ${Math.round(o.lookbackMs / 60000)} min`,
+    };
   };
   let s: Awaited<ReturnType<typeof scan>>;
   let cursorNote = "";
@@ -228,7 +259,13 @@ export async function checkDmesg(io: HealthIo, o: DmesgOptions): Promise<CheckRe
   }
   if (warns.length) {
     const first = details.warnings[0]!;
-    return result("host.dmesg", "warn", `${warns.length} new kernel message(s) ${s.scope} (${warns[0]!.what}): "${first}"${warns.length > 1 ? ` (+${warns.length - 1} more)` : ""}${lostNote}${ackNote}${cursorNote}`, RUNBOOK.dmesg, details);
+    return result(
+      "host.dmesg",
+      "warn",
+      `${warns.length} new kernel message(s) ${s.scope} (${warns[0]!.what}): "${first}"${warns.length > 1 ? ` (+${warns.length - 1} more)` : ""}${lostNote}${ackNote}${cursorNote}`,
+      RUNBOOK.dmesg,
+      details,
+    );
   }
   return result("host.dmesg", "ok", `no unacknowledged device-mapper/I/O errors in the kernel log${ackNote}${cursorNote}`, "", details);
 }
@@ -276,16 +313,14 @@ export function ownMessagesPrefix(
  * check run meanwhile may have moved the cursor past those lines and kept them: they are then
  * marked acknowledged by gc). Returns the lines, for GC's report. Anything else stays reported.
  */
-export async function acknowledgeOwnMessages(
-  io: HealthIo,
-  stateDir: string,
-  devices: ReadonlySet<string>,
-  since: KmsgCursor | null = null,
-): Promise<string[]> {
+export async function acknowledgeOwnMessages(io: HealthIo, stateDir: string, devices: ReadonlySet<string>, since: KmsgCursor | null = null): Promise<string[]> {
   if (devices.size === 0) return [];
   const [raw, bootId] = await Promise.all([
     io.readKmsg(),
-    io.readText("/proc/sys/kernel/random/boot_id").then((s) => s.trim(), () => "unknown"),
+    io.readText("/proc/sys/kernel/random/boot_id").then(
+      (s) => s.trim(),
+      () => "unknown",
+    ),
   ]);
   const records = raw.map(parseKmsgRecord).filter((r): r is KmsgRecord => r !== null);
   return withKmsgLock(stateDir, async () => {

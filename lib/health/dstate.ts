@@ -40,7 +40,11 @@ export function tiedToDm(comm: string, wchan: string, stack: string): string | n
   if (DM_COMM.some((re) => re.test(comm))) return `name ${comm}`;
   if (DM_KERNEL_CODE.test(wchan)) return `sleeping in ${wchan}`;
   const frame = stack.split("\n").find((l) => DM_KERNEL_CODE.test(l));
-  if (frame) return `stack ${frame.replace(/^\[<[0-9a-f]+>\]\s*/, "").replace(/\+0x.*$/, "").trim()}`;
+  if (frame)
+    return `stack ${frame
+      .replace(/^\[<[0-9a-f]+>\]\s*/, "")
+      .replace(/\+0x.*$/, "")
+      .trim()}`;
   return null;
 }
 

@@ -25,7 +25,11 @@ export function judgePool(pool: string, st: PoolStatus, th: Thresholds): CheckRe
   if (st.mode === "rw") out.push(result("pool.mode", "ok", "mode rw"));
   else if (st.mode === "ro" && st.metaUsedPct >= OUT_OF_METADATA_PCT && !st.needsCheck) {
     // the kernel keeps the last 10 % of the metadata in reserve and goes read-only when it is reached
-    out.push(result("pool.mode", "block", `pool ${pool} is read-only (ro): out of metadata space (${st.metaUsedPct.toFixed(1)} % used)`, RUNBOOK.poolOutOfMeta, { mode: st.mode }));
+    out.push(
+      result("pool.mode", "block", `pool ${pool} is read-only (ro): out of metadata space (${st.metaUsedPct.toFixed(1)} % used)`, RUNBOOK.poolOutOfMeta, {
+        mode: st.mode,
+      }),
+    );
   } else if (st.mode === "ro") out.push(result("pool.mode", "block", `pool ${pool} is read-only (ro)`, RUNBOOK.poolReadOnly, { mode: st.mode }));
   else out.push(result("pool.mode", "block", `pool ${pool} is out_of_data_space`, RUNBOOK.poolOutOfData, { mode: st.mode }));
   out.push(
@@ -33,12 +37,8 @@ export function judgePool(pool: string, st: PoolStatus, th: Thresholds): CheckRe
       ? result("pool.needs_check", "block", `pool ${pool} metadata is flagged needs_check`, RUNBOOK.poolNeedsCheck)
       : result("pool.needs_check", "ok", "needs_check not set"),
   );
-  out.push(
-    usage("pool.data", `data ${st.dataUsed}/${st.dataTotal} blocks`, st.dataUsedPct, th.dataWarnPct, th.dataBlockPct, RUNBOOK.poolData),
-  );
-  out.push(
-    usage("pool.metadata", `metadata ${st.metaUsed}/${st.metaTotal} blocks`, st.metaUsedPct, th.metaWarnPct, th.metaBlockPct, RUNBOOK.poolMeta),
-  );
+  out.push(usage("pool.data", `data ${st.dataUsed}/${st.dataTotal} blocks`, st.dataUsedPct, th.dataWarnPct, th.dataBlockPct, RUNBOOK.poolData));
+  out.push(usage("pool.metadata", `metadata ${st.metaUsed}/${st.metaTotal} blocks`, st.metaUsedPct, th.metaWarnPct, th.metaBlockPct, RUNBOOK.poolMeta));
   out.push(
     st.noSpace === "queue_if_no_space"
       ? result("pool.no_space_mode", "warn", `pool ${pool} uses queue_if_no_space (writers hang when it fills)`, RUNBOOK.poolQueue)

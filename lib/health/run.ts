@@ -6,8 +6,8 @@ import { log } from "../log.ts";
 import { checkDmesg } from "./dmesg.ts";
 import { judgeDState, scanDState, stuckOnDm } from "./dstate.ts";
 import { type HealthIo, procIo } from "./io.ts";
-import { DEFAULT_KERNEL_ERROR_WINDOW_MS } from "./kernel-findings.ts";
 import { judgeIowait, parseCpuLine } from "./iowait.ts";
+import { DEFAULT_KERNEL_ERROR_WINDOW_MS } from "./kernel-findings.ts";
 import { judgeMemory } from "./memory.ts";
 import { checkPool } from "./pool.ts";
 import { RUNBOOK } from "./runbook.ts";
@@ -43,10 +43,7 @@ async function bounded(name: string, timeoutMs: number, work: () => Promise<Chec
   const t0 = performance.now();
   let timer: ReturnType<typeof setTimeout> | undefined;
   const timeout = new Promise<CheckResult[]>((resolve) => {
-    timer = setTimeout(
-      () => resolve([result(name, "block", `check did not finish within ${timeoutMs} ms`, RUNBOOK.timeout, { timed_out: true })]),
-      timeoutMs,
-    );
+    timer = setTimeout(() => resolve([result(name, "block", `check did not finish within ${timeoutMs} ms`, RUNBOOK.timeout, { timed_out: true })]), timeoutMs);
   });
   const done = work().then(
     (r) => (Array.isArray(r) ? r : [r]),
@@ -132,7 +129,13 @@ export async function assertHealthy(o: HealthOptions = {}): Promise<HealthReport
   const blocking = report.checks.filter((c) => c.status === "block");
   if (blocking.length > 0) {
     const first = blocking[0]!;
-    const more = blocking.length > 1 ? ` (+${blocking.length - 1} more: ${blocking.slice(1).map((c) => c.name).join(", ")})` : "";
+    const more =
+      blocking.length > 1
+        ? ` (+${blocking.length - 1} more: ${blocking
+            .slice(1)
+            .map((c) => c.name)
+            .join(", ")})`
+        : "";
     throw new ThinimgError("unhealthy", `health check ${first.name} blocks dm work: ${first.message}${more}`, {
       hint: first.runbook,
       details: { checks: report.checks },

@@ -54,13 +54,7 @@ export interface HealthReport {
 }
 
 /** Build a result (durationMs is filled in by the runner). */
-export function result(
-  name: string,
-  status: CheckStatus,
-  message: string,
-  runbook = "",
-  details?: Record<string, unknown>,
-): CheckResult {
+export function result(name: string, status: CheckStatus, message: string, runbook = "", details?: Record<string, unknown>): CheckResult {
   return { name, status, message, runbook: status === "ok" ? "" : runbook, durationMs: 0, ...(details ? { details } : {}) };
 }
 
@@ -70,7 +64,14 @@ export function reportJson(r: HealthReport) {
     healthy: r.healthy,
     pool: r.pool,
     duration_ms: r.durationMs,
-    checks: r.checks.map((c) => ({ name: c.name, status: c.status, message: c.message, runbook: c.runbook, duration_ms: c.durationMs, ...(c.details ? { details: c.details } : {}) })),
+    checks: r.checks.map((c) => ({
+      name: c.name,
+      status: c.status,
+      message: c.message,
+      runbook: c.runbook,
+      duration_ms: c.durationMs,
+      ...(c.details ? { details: c.details } : {}),
+    })),
   };
 }
 

@@ -267,10 +267,7 @@ export class BlobCache {
 
   private sweepTmp(): void {
     const now = Date.now();
-    const old = [
-      ...readdirSync(this.tmpDir).map((n) => join(this.tmpDir, n)),
-      ...readdirSync(this.partialDir).map((n) => join(this.partialDir, n)),
-    ];
+    const old = [...readdirSync(this.tmpDir).map((n) => join(this.tmpDir, n)), ...readdirSync(this.partialDir).map((n) => join(this.partialDir, n))];
     for (const p of old) {
       try {
         if (now - statSync(p).mtimeMs > STALE_TMP_MS) rmSync(p, { force: true });

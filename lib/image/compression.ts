@@ -2,9 +2,9 @@
 // Decompression uses the runtime's DecompressionStream (gzip and zstd in Bun 1.4: native, 512 KiB
 // chunks, ~2x faster here than node:zlib streams) followed by a byte cap: a decompression bomb stops
 // at the cap, not at the end of the disk.
-import { ThinimgError, errorMessage } from "../errors.ts";
-import type { Compression } from "./types.ts";
+import { errorMessage, ThinimgError } from "../errors.ts";
 import { capTransform, mapStreamErrors } from "./stream.ts";
+import type { Compression } from "./types.ts";
 
 export type { Compression } from "./types.ts";
 
@@ -40,11 +40,7 @@ export interface DecompressOptions {
  * The decompressed stream. Errors with ThinimgError("policy", "… decompressed size exceeds …")
  * past maxBytes, ThinimgError("input", …) on corrupt or truncated data.
  */
-export function decompressStream(
-  stream: ReadableStream<Uint8Array>,
-  kind: Compression,
-  opts: DecompressOptions,
-): ReadableStream<Uint8Array> {
+export function decompressStream(stream: ReadableStream<Uint8Array>, kind: Compression, opts: DecompressOptions): ReadableStream<Uint8Array> {
   const what = opts.what ?? "stream";
   const cap = capTransform(opts.maxBytes, what, "decompressed size", "raise --max-bytes / THINIMG_MAX_LAYER_SIZE if the image is legitimate");
   if (kind === "none") return stream.pipeThrough(cap);

@@ -5,7 +5,7 @@
 // cache keeps what was fetched, so the re-run does not download again.
 import { chmodSync, lstatSync, mkdirSync, readdirSync, rmSync, type Stats } from "node:fs";
 import { dirname, join, resolve } from "node:path";
-import { ThinimgError, errorMessage } from "../errors.ts";
+import { errorMessage, ThinimgError } from "../errors.ts";
 import { log } from "../log.ts";
 import { byteString, fsPath, readDir } from "./apply/bytepath.ts";
 import { applyLayer, DEFAULT_LIMITS, type Limits } from "./apply/index.ts";
@@ -43,7 +43,17 @@ export function summaryJson(s: ExtractSummary) {
     name: s.name,
     id: s.id,
     platform: s.platform,
-    layers: s.layers.map((l) => ({ digest: l.digest, diff_id: l.diffId, compression: l.compression, size: l.size, entries: l.entries, bytes: l.bytes, whiteouts: l.whiteouts, skipped: l.skipped, seconds: l.seconds })),
+    layers: s.layers.map((l) => ({
+      digest: l.digest,
+      diff_id: l.diffId,
+      compression: l.compression,
+      size: l.size,
+      entries: l.entries,
+      bytes: l.bytes,
+      whiteouts: l.whiteouts,
+      skipped: l.skipped,
+      seconds: l.seconds,
+    })),
     entries: s.entries,
     bytes: s.bytes,
     whiteouts: s.whiteouts,
@@ -201,22 +211,14 @@ export async function extractImage(source: string, destArg: string, o: ExtractOp
   }
   o.progress?.done();
   if (summary.skipped > 0) {
-    const why =
-      o.devices !== true
-        ? "pass --devices (as root) to create them"
-        : "not running as root: FIFOs are created only as root";
+    const why = o.devices !== true ? "pass --devices (as root) to create them" : "not running as root: FIFOs are created only as root";
     log.warn(`${summary.skipped} device node(s)/FIFO(s) skipped — ${why}`);
   }
   summary.seconds = round((performance.now() - t0) / 1000);
   return summary;
 }
 
-function budgetError(
-  label: string,
-  limits: Limits,
-  left: { entries: number; bytes: number },
-  rule: "maxEntries" | "maxTotalBytes",
-): ThinimgError {
+function budgetError(label: string, limits: Limits, left: { entries: number; bytes: number }, rule: "maxEntries" | "maxTotalBytes"): ThinimgError {
   const msg =
     rule === "maxEntries"
       ? `image total exceeds the limit of ${limits.maxEntries} entries (maxEntries; ${Math.max(0, left.entries)} left after earlier layers)`

@@ -20,13 +20,7 @@ import { parsePlatform } from "./format/platform.ts";
 import { download } from "./source/download.ts";
 import { S3Bucket, s3Settings } from "./source/s3.ts";
 import { parseSource } from "./source/spec.ts";
-import {
-  DEFAULT_MAX_BLOB_BYTES,
-  DEFAULT_MAX_LAYER_BYTES,
-  type LayerRef,
-  type ResolvedImage,
-  type ResolveOptions,
-} from "./types.ts";
+import { DEFAULT_MAX_BLOB_BYTES, DEFAULT_MAX_LAYER_BYTES, type LayerRef, type ResolvedImage, type ResolveOptions } from "./types.ts";
 
 export type { LayerRef, ResolvedImage, ResolveOptions } from "./types.ts";
 
@@ -74,9 +68,7 @@ function fsError(e: unknown, stateDir: string): unknown {
   const { code, path } = x;
   const syscall = x.syscall ?? "read";
   const inCache = path?.startsWith(`${stateDir.replace(/\/+$/, "")}/`) === true;
-  const hint =
-    FS_HINTS[code] ??
-    (inCache ? "the blob cache in the state directory cannot be written; check --state-dir" : "the input cannot be read as given");
+  const hint = FS_HINTS[code] ?? (inCache ? "the blob cache in the state directory cannot be written; check --state-dir" : "the input cannot be read as given");
   return new ThinimgError("input", `${path ?? "image"}: ${syscall} failed: ${code}`, {
     hint,
     details: { code, syscall, path },
@@ -220,12 +212,7 @@ async function resolveFile(path: string, what: string, ctx: Ctx, info: FileInfo)
 /** Names that only occur in image archives: a tar holding them without a manifest is broken, not a rootfs. */
 const IMAGE_MARKERS = ["manifest.json", "index.json", "oci-layout", "repositories", "blobs"];
 
-async function resolveArchive(
-  archive: Archive,
-  source: string,
-  ctx: Ctx,
-  file: (FileInfo & { path: string }) | null,
-): Promise<ResolvedImage> {
+async function resolveArchive(archive: Archive, source: string, ctx: Ctx, file: (FileInfo & { path: string }) | null): Promise<ResolvedImage> {
   const select = ctx.select ?? undefined;
   const top = archive.topLevel();
   if (archive instanceof TarArchive && !archive.complete && top.some((n) => IMAGE_MARKERS.includes(n))) {
@@ -359,10 +346,7 @@ async function resolveS3Family(bucket: S3Bucket, prefix: string, ctx: Ctx): Prom
   for (const [i, m] of order.layers.entries()) {
     const d = downloads[i]!;
     const what = bucket.uri(objs[i]!.key);
-    const compression = sniffCompression(
-      new Uint8Array(await Bun.file(d.path).slice(0, MAGIC_BYTES).arrayBuffer()),
-      what,
-    );
+    const compression = sniffCompression(new Uint8Array(await Bun.file(d.path).slice(0, MAGIC_BYTES).arrayBuffer()), what);
     layers.push(
       makeLayerRef({
         index: i,

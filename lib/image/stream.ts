@@ -91,10 +91,7 @@ export function capTransform(
  * Re-raise a stream's errors through `map` (e.g. turn a zlib TypeError into a ThinimgError naming
  * the layer). ThinimgErrors pass through unchanged.
  */
-export function mapStreamErrors(
-  src: ReadableStream<Uint8Array>,
-  map: (e: unknown) => unknown,
-): ReadableStream<Uint8Array> {
+export function mapStreamErrors(src: ReadableStream<Uint8Array>, map: (e: unknown) => unknown): ReadableStream<Uint8Array> {
   const reader = src.getReader();
   return new ReadableStream<Uint8Array>({
     async pull(controller) {

@@ -12,7 +12,7 @@ import { existsSync, linkSync, mkdirSync, readdirSync, unlinkSync } from "node:f
 import { join } from "node:path";
 import { ThinimgError } from "../errors.ts";
 import { log } from "../log.ts";
-import { type Holder, currentHolder, describeHolder, isSelf, sleep, staleness } from "./owner.ts";
+import { currentHolder, describeHolder, type Holder, isSelf, sleep, staleness } from "./owner.ts";
 import { readLockFile, writeLockFile } from "./process-lock.ts";
 
 export const HOLDERS_DIR = "holders";
@@ -157,10 +157,14 @@ export async function holdExclusive(stateDir: string, o: HoldOptions & { ignoreL
     if (mineWritten && others.length === 0) return { ignored: [], release };
     if (Date.now() >= deadline) {
       release();
-      throw new ThinimgError("conflict", `${o.what}: the state dir is in use by ${others.length === 1 ? "" : `${others.length} processes: `}${describeAll(others)}; nothing was done`, {
-        hint: "wait for them to finish (or pass a longer --wait); --ignore-lock goes ahead anyway",
-        details: { holders: others },
-      });
+      throw new ThinimgError(
+        "conflict",
+        `${o.what}: the state dir is in use by ${others.length === 1 ? "" : `${others.length} processes: `}${describeAll(others)}; nothing was done`,
+        {
+          hint: "wait for them to finish (or pass a longer --wait); --ignore-lock goes ahead anyway",
+          details: { holders: others },
+        },
+      );
     }
     if (!announced) {
       announced = true;

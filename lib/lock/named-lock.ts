@@ -4,7 +4,7 @@ import { ThinimgError } from "../errors.ts";
 import { log } from "../log.ts";
 import { type Db, tx } from "../store/db.ts";
 import { deleteLockRow, getLockRow, type LockRow, putLockRow } from "../store/locks.ts";
-import { type Holder, currentHolder, describeHolder, sleep, staleness } from "./owner.ts";
+import { currentHolder, describeHolder, type Holder, sleep, staleness } from "./owner.ts";
 
 export interface NamedLockOptions {
   waitMs: number;

@@ -5,12 +5,13 @@
 //
 // Check-and-write happens inside an IMMEDIATE transaction on the state DB: SQLite's write lock is the
 // mutex that makes stale takeover race-free, and the kernel drops it if we die.
+
+import type { Database } from "bun:sqlite";
 import { AsyncLocalStorage } from "node:async_hooks";
 import { existsSync, readFileSync, renameSync, unlinkSync, writeFileSync } from "node:fs";
-import type { Database } from "bun:sqlite";
 import { ThinimgError } from "../errors.ts";
 import { log } from "../log.ts";
-import { type Holder, currentHolder, describeHolder, isSelf, sleep, staleness } from "./owner.ts";
+import { currentHolder, describeHolder, type Holder, isSelf, sleep, staleness } from "./owner.ts";
 
 export interface ProcessLockOptions {
   /** How long to wait for a live holder; 0 = fail at once. */

@@ -7,22 +7,22 @@ import * as dmsetup from "../dm/dmsetup.ts";
 import * as mnt from "../dm/mount.ts";
 import * as pool from "../dm/pool.ts";
 import { ThinimgError } from "../errors.ts";
-import { preflight } from "./preflight.ts";
+import type { Ctx } from "../pool/context.ts";
+import { inPoolSection, poolCreate, ThinIdTaken } from "../pool/journal.ts";
+import { deviceName, parseDeviceName } from "../pool/names.ts";
+import { pausePoint } from "../pool/pause-points.ts";
 import { tx } from "../store/db.ts";
 import { getDevice, setDevice, setDeviceState } from "../store/devices.ts";
-import { type ImageRow, getImage, getImageByName } from "../store/images.ts";
-import { getLayer } from "../store/layers.ts";
-import { type SnapshotRow, getSnapshot, getSnapshotByDevice, insertSnapshot, updateSnapshot } from "../store/snapshots.ts";
-import { allocateThinId, getThinId, setThinIdState } from "../store/thin-ids.ts";
-import { type Leak, beginStep, endStep, finishWork, startWork } from "../store/work.ts";
-import type { Ctx } from "../pool/context.ts";
-import { classify, failure } from "./failure.ts";
-import { deviceName, parseDeviceName } from "../pool/names.ts";
-import { assertSnapshotSize, growExt4 } from "./grow.ts";
-import { pausePoint } from "../pool/pause-points.ts";
-import { isTimeout, retryBusyOnce } from "./retry.ts";
-import { ThinIdTaken, inPoolSection, poolCreate } from "../pool/journal.ts";
+import { getImage, getImageByName, type ImageRow } from "../store/images.ts";
 import { workSubject } from "../store/keys.ts";
+import { getLayer } from "../store/layers.ts";
+import { getSnapshot, getSnapshotByDevice, insertSnapshot, type SnapshotRow, updateSnapshot } from "../store/snapshots.ts";
+import { allocateThinId, getThinId, setThinIdState } from "../store/thin-ids.ts";
+import { beginStep, endStep, finishWork, type Leak, startWork } from "../store/work.ts";
+import { classify, failure } from "./failure.ts";
+import { assertSnapshotSize, growExt4 } from "./grow.ts";
+import { preflight } from "./preflight.ts";
+import { isTimeout, retryBusyOnce } from "./retry.ts";
 
 export interface ActivateResult {
   snapshot_id: number;
@@ -36,7 +36,9 @@ export interface ActivateResult {
 export function findImage(ctx: Ctx, ref: string): ImageRow {
   const img = getImageByName(ctx.db, ctx.cfg.pool, ref) ?? (/^\d+$/.test(ref) ? getImage(ctx.db, Number(ref)) : null);
   if (!img || img.pool !== ctx.cfg.pool) {
-    throw new ThinimgError("input", `no image ${JSON.stringify(ref)} in pool ${ctx.cfg.pool}`, { hint: "see `bun scripts/list.ts`; unpack it first with `bun scripts/unpack.ts SOURCE --name NAME`" });
+    throw new ThinimgError("input", `no image ${JSON.stringify(ref)} in pool ${ctx.cfg.pool}`, {
+      hint: "see `bun scripts/list.ts`; unpack it first with `bun scripts/unpack.ts SOURCE --name NAME`",
+    });
   }
   return img;
 }
@@ -54,7 +56,9 @@ export async function activate(ctx: Ctx, imageRef: string, o: ActivateOptions = 
   const poolName = cfg.pool;
   const img = findImage(ctx, imageRef);
   if (img.state !== "ready" || img.top_layer_id === null) {
-    throw new ThinimgError("conflict", `image ${img.name} is ${img.state}${img.error ? ` (${img.error})` : ""}`, { hint: `unpack it first: bun scripts/unpack.ts ${img.source} --name ${img.name}` });
+    throw new ThinimgError("conflict", `image ${img.name} is ${img.state}${img.error ? ` (${img.error})` : ""}`, {
+      hint: `unpack it first: bun scripts/unpack.ts ${img.source} --name ${img.name}`,
+    });
   }
   const top = getLayer(db, img.top_layer_id)!;
   if (top.state !== "committed" || top.thin_id === null || !top.device_name) {
@@ -115,7 +119,11 @@ export async function activate(ctx: Ctx, imageRef: string, o: ActivateOptions = 
     // a failed (e.g. timed-out) `dmsetup create` may still have left the device: gone only if verified
     const deviceRow = name !== null && getDevice(db, poolName, name) !== null;
     let deviceLeft = active;
-    if (!active && deviceRow) deviceLeft = await activeDevice(name!).then((d) => d !== null, () => true);
+    if (!active && deviceRow)
+      deviceLeft = await activeDevice(name!).then(
+        (d) => d !== null,
+        () => true,
+      );
     if (name && deviceLeft) leaks.push({ kind: "device", ref: name, reason: `activation of snapshot ${snap.id} failed` });
     const err = failure(`activate ${img.name}`, e, leaks);
     const c = classify(e);
@@ -127,7 +135,8 @@ export async function activate(ctx: Ctx, imageRef: string, o: ActivateOptions = 
         // allocated-but-unconfirmed ids may exist in the pool: orphaned, so GC looks at them
         if (t && (t.state === "allocated" || t.state === "created")) setThinIdState(db, poolName, thinId, "orphaned", `activation failed: ${err.message}`);
       }
-      if (name && deviceRow) setDeviceState(db, poolName, name, deviceLeft ? "leaked" : "removed", deviceLeft ? err.message : `never activated (verified absent): ${err.message}`);
+      if (name && deviceRow)
+        setDeviceState(db, poolName, name, deviceLeft ? "leaked" : "removed", deviceLeft ? err.message : `never activated (verified absent): ${err.message}`);
       finishWork(db, work.id, "failed", { error: err.message, kind: c.errorKind, leaks });
     });
     throw err;
@@ -169,7 +178,8 @@ export async function release(ctx: Ctx, ref: string, o: ActivateOptions = {}): P
   const { db, cfg } = ctx;
   const poolName = cfg.pool;
   const snap = findSnapshot(ctx, ref);
-  if (snap.state === "released") return { snapshot_id: snap.id, device_name: snap.device_name, state: "already_released", duration_ms: Math.round(performance.now() - t0) };
+  if (snap.state === "released")
+    return { snapshot_id: snap.id, device_name: snap.device_name, state: "already_released", duration_ms: Math.round(performance.now() - t0) };
   if (snap.state !== "active" || !snap.device_name || snap.thin_id === null) {
     throw new ThinimgError("conflict", `snapshot ${snap.id} is ${snap.state}${snap.error ? ` (${snap.error})` : ""}; there is nothing to release`, {
       hint: snap.state === "failed" ? "its leftovers are recorded; `bun scripts/gc.ts` removes them" : "wait for the activation to finish",
@@ -180,10 +190,14 @@ export async function release(ctx: Ctx, ref: string, o: ActivateOptions = {}): P
   if (info) {
     const mounts = mnt.mountsOf(`${info.major}:${info.minor}`);
     if (mounts.length > 0) {
-      throw new ThinimgError("conflict", `snapshot ${snap.id} (${name}) is mounted at ${mounts.map((m) => m.mountPoint).join(", ")}`, { hint: "unmount it first, then release" });
+      throw new ThinimgError("conflict", `snapshot ${snap.id} (${name}) is mounted at ${mounts.map((m) => m.mountPoint).join(", ")}`, {
+        hint: "unmount it first, then release",
+      });
     }
     if (info.open > 0) {
-      throw new ThinimgError("conflict", `snapshot ${snap.id} (${name}) is open by ${info.open} user(s)`, { hint: "stop the microVM (or whatever holds it) first, then release" });
+      throw new ThinimgError("conflict", `snapshot ${snap.id} (${name}) is open by ${info.open} user(s)`, {
+        hint: "stop the microVM (or whatever holds it) first, then release",
+      });
     }
   }
   if (!o.skipHealth) await preflight(ctx);

@@ -5,15 +5,15 @@
 import * as dmsetup from "../dm/dmsetup.ts";
 import * as mnt from "../dm/mount.ts";
 import { isSelf, staleness } from "../lock/owner.ts";
+import type { Ctx } from "../pool/context.ts";
+import { inPoolSection, readPoolThinIds } from "../pool/journal.ts";
+import { parseDeviceName } from "../pool/names.ts";
 import { listDevices } from "../store/devices.ts";
 import { listLayers } from "../store/layers.ts";
 import { listMounts } from "../store/mounts.ts";
 import { listSnapshots } from "../store/snapshots.ts";
 import { listThinIds } from "../store/thin-ids.ts";
 import { listWork, pendingSteps } from "../store/work.ts";
-import type { Ctx } from "../pool/context.ts";
-import { parseDeviceName } from "../pool/names.ts";
-import { inPoolSection, readPoolThinIds } from "../pool/journal.ts";
 
 /** Thin ids present in the pool's metadata right now. */
 export function poolThinIds(ctx: Ctx): Promise<number[]> {
@@ -37,12 +37,14 @@ export async function checkConsistency(ctx: Ctx): Promise<ConsistencyReport> {
   const dead = (pid: number, st: number | null, host: string) => !isSelf({ pid, startTime: st, host }) && staleness({ pid, startTime: st, host }).stale;
 
   for (const s of pendingSteps(db, name)) problems.push(`step ${s.id} (${s.name}, thin ${s.thin_id}) still pending`);
-  for (const w of listWork(db, name, ["running"])) if (dead(w.pid, w.start_time, w.host)) problems.push(`work ${w.id} (${w.kind} ${w.subject}) running but pid ${w.pid} is dead`);
+  for (const w of listWork(db, name, ["running"]))
+    if (dead(w.pid, w.start_time, w.host)) problems.push(`work ${w.id} (${w.kind} ${w.subject}) running but pid ${w.pid} is dead`);
 
   for (const l of listLayers(db, name)) {
     if (l.state !== "committed") continue;
     if (l.thin_id === null || !inPool.has(l.thin_id)) problems.push(`committed layer ${l.id} has thin id ${l.thin_id} which is not in the pool`);
-    else if (ledger.get(l.thin_id)?.state !== "committed") problems.push(`committed layer ${l.id}: ledger says thin id ${l.thin_id} is ${ledger.get(l.thin_id)?.state}`);
+    else if (ledger.get(l.thin_id)?.state !== "committed")
+      problems.push(`committed layer ${l.id}: ledger says thin id ${l.thin_id} is ${ledger.get(l.thin_id)?.state}`);
   }
   for (const s of listSnapshots(db, name, ["active"])) {
     if (s.thin_id === null || !inPool.has(s.thin_id)) problems.push(`active snapshot ${s.id} has thin id ${s.thin_id} which is not in the pool`);

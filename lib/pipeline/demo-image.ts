@@ -2,7 +2,7 @@
 // golang/node/python families), built with GNU tar from staging directories. Deterministic (fixed
 // mtimes, owners, sort order, seeded content), so shared layers are byte-identical → same digests →
 // same chain ids → the second image reuses the first one's devices.
-import { chmodSync, mkdirSync, rmSync, symlinkSync, linkSync, writeFileSync } from "node:fs";
+import { chmodSync, linkSync, mkdirSync, rmSync, symlinkSync, writeFileSync } from "node:fs";
 import { dirname, join } from "node:path";
 import { runOk } from "../exec.ts";
 
@@ -66,10 +66,9 @@ function stage(dir: string, entries: Entry[]): void {
 }
 
 async function tarDir(src: string, out: string): Promise<void> {
-  await runOk(
-    ["tar", "-C", src, "--sort=name", "--mtime=@1700000000", "--owner=0", "--group=0", "--numeric-owner", "--format=gnu", "-cf", out, "."],
-    { timeoutMs: 600_000 },
-  );
+  await runOk(["tar", "-C", src, "--sort=name", "--mtime=@1700000000", "--owner=0", "--group=0", "--numeric-owner", "--format=gnu", "-cf", out, "."], {
+    timeoutMs: 600_000,
+  });
 }
 
 function many(prefix: string, n: number, size: number): Entry[] {

@@ -1,7 +1,7 @@
 // Fail dumb: on an error path nothing is unmounted, removed or deleted. The failure and every
 // resource it leaves behind are recorded, and the message names the GC command.
 import { classifyDmError, DmError } from "../dm/errors.ts";
-import { type ErrorKind, ThinimgError, errorMessage } from "../errors.ts";
+import { type ErrorKind, errorMessage, ThinimgError } from "../errors.ts";
 import type { Leak } from "../store/work.ts";
 
 export const GC_HINT = "review with `bun scripts/gc.ts` (dry-run), remove with `bun scripts/gc.ts --force`";
@@ -26,7 +26,12 @@ export function classify(e: unknown): { kind: ErrorKind; errorKind: string } {
   // sync -f, umount, mount, mkfs: the errno is only in the command's stderr — typed by lib/dm's
   // classifier (already done for a DmError; any other error carrying stderr goes through it here)
   const stderr = e instanceof DmError ? "" : commandStderr(e);
-  const dmKind = e instanceof DmError ? e.dmKind : stderr ? classifyDmError({ argv: [], stdout: "", stderr, exitCode: 1, signal: null, timedOut: false, durationMs: 0 }) : null;
+  const dmKind =
+    e instanceof DmError
+      ? e.dmKind
+      : stderr
+        ? classifyDmError({ argv: [], stdout: "", stderr, exitCode: 1, signal: null, timedOut: false, durationMs: 0 })
+        : null;
   if (dmKind === "no_space") return { kind: "dm", errorKind: "no_space" };
   if (dmKind === "io") return { kind: "dm", errorKind: "io" };
   // applyLayer reports a failed syscall as an "input" error with details.code; a device error
@@ -52,9 +57,7 @@ export function failure(what: string, e: unknown, leaks: Leak[], override?: { ki
   // the applier already says "layer 2/5 (…): entry …": don't say the layer twice
   const msg = inner.startsWith(`${what}:`) ? inner : `${what}: ${inner}`;
   const base = e instanceof ThinimgError ? e.hint : undefined;
-  const hint = leaks.length
-    ? `left in place (nothing was cleaned up): ${describeLeaks(leaks)}; ${GC_HINT}${base ? `; ${base}` : ""}`
-    : base;
+  const hint = leaks.length ? `left in place (nothing was cleaned up): ${describeLeaks(leaks)}; ${GC_HINT}${base ? `; ${base}` : ""}` : base;
   return new ThinimgError(override?.kind ?? c.kind, msg, {
     hint,
     cause: e,

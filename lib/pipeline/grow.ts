@@ -4,8 +4,8 @@
 // Both are bounded; a failure is recorded by the caller and nothing is undone (fail dumb).
 import { runTool, toolError } from "../dm/errors.ts";
 import { assertDevPath } from "../dm/validate.ts";
-import { type CmdContext, run } from "../exec.ts";
 import { ThinimgError } from "../errors.ts";
+import { type CmdContext, run } from "../exec.ts";
 
 export const FSCK_TIMEOUT_MS = 120_000;
 export const RESIZE_TIMEOUT_MS = 300_000;
@@ -28,6 +28,7 @@ export async function growExt4(dev: string, o: { ctx?: CmdContext } = {}): Promi
   // exit 0: clean; 1: errors corrected (a snapshot of a cleanly unmounted layer has none, but the
   // journal-less fsck of a fresh snapshot may fix counters); anything else stops here
   const r = await run(["e2fsck", "-f", "-p", dev], { timeoutMs: FSCK_TIMEOUT_MS, ctx: o.ctx });
-  if (r.timedOut || r.exitCode === null || r.exitCode > 1) throw toolError(r, "the snapshot is left active and recorded; release it and `bun scripts/gc.ts` removes it");
+  if (r.timedOut || r.exitCode === null || r.exitCode > 1)
+    throw toolError(r, "the snapshot is left active and recorded; release it and `bun scripts/gc.ts` removes it");
   await runTool(["resize2fs", dev], { timeoutMs: RESIZE_TIMEOUT_MS, ctx: o.ctx });
 }

@@ -8,9 +8,9 @@ import { errorMessage } from "../errors.ts";
 import type { Db } from "../store/db.ts";
 import { readGcRows } from "../store/gc-queries.ts";
 import { imageLayerIds, listImages } from "../store/images.ts";
-import { imageUses } from "../store/lifecycle.ts";
 import { layerRefCounts, listLayers } from "../store/layers.ts";
-import { type SnapshotRow, listSnapshots } from "../store/snapshots.ts";
+import { imageUses } from "../store/lifecycle.ts";
+import { listSnapshots, type SnapshotRow } from "../store/snapshots.ts";
 import { listThinIds } from "../store/thin-ids.ts";
 import { isDetached } from "./reattach.ts";
 import { estimateFreed, readBlockMap } from "./space.ts";
@@ -18,13 +18,58 @@ import { estimateFreed, readBlockMap } from "./space.ts";
 const iso = (ms: number | null) => (ms === null ? null : new Date(ms).toISOString());
 
 export interface Inventory {
-  pool: { name: string; status: "ok" | "fail" | "error" | "unavailable"; detail: string | null; transaction_id: number | null; data_used_pct: number | null; meta_used_pct: number | null; data_used_blocks: number | null; data_total_blocks: number | null; mode: string | null };
-  images: { id: number; name: string; state: string; source: string; format: string | null; layers: number; top_chain_id: string | null; ready_at: string | null; error: string | null; exclusive_bytes: number | null; last_activated_at: string | null; active_snapshots: number }[];
+  pool: {
+    name: string;
+    status: "ok" | "fail" | "error" | "unavailable";
+    detail: string | null;
+    transaction_id: number | null;
+    data_used_pct: number | null;
+    meta_used_pct: number | null;
+    data_used_blocks: number | null;
+    data_total_blocks: number | null;
+    mode: string | null;
+  };
+  images: {
+    id: number;
+    name: string;
+    state: string;
+    source: string;
+    format: string | null;
+    layers: number;
+    top_chain_id: string | null;
+    ready_at: string | null;
+    error: string | null;
+    exclusive_bytes: number | null;
+    last_activated_at: string | null;
+    active_snapshots: number;
+  }[];
   /** Why exclusive_bytes is null (pool unreachable, metadata snapshot busy, --no-space). */
   space_detail: string | null;
-  layers: { id: number; chain_id: string; state: string; phase: string; thin_id: number | null; device_name: string | null; images: number; entries: number | null; bytes: number | null; committed_at: string | null; error: string | null }[];
+  layers: {
+    id: number;
+    chain_id: string;
+    state: string;
+    phase: string;
+    thin_id: number | null;
+    device_name: string | null;
+    images: number;
+    entries: number | null;
+    bytes: number | null;
+    committed_at: string | null;
+    error: string | null;
+  }[];
   /** state: the DB's, except `detached` (active, device not loaded: needs a re-attach). */
-  snapshots: { id: number; image: string; state: string; thin_id: number | null; device_name: string | null; device_path: string | null; activated_at: string | null; released_at: string | null; error: string | null }[];
+  snapshots: {
+    id: number;
+    image: string;
+    state: string;
+    thin_id: number | null;
+    device_name: string | null;
+    device_path: string | null;
+    activated_at: string | null;
+    released_at: string | null;
+    error: string | null;
+  }[];
   thin_ids: Record<string, number>;
 }
 
@@ -32,7 +77,12 @@ export interface Inventory {
  * Per image, the pool space only it holds: what removing it and `gc --force` would free (blocks its
  * released layers map that no thin id that stays maps; lib/pipeline/space.ts). Needs the pool.
  */
-async function exclusiveSpace(db: Db, poolName: string, stateDir: string | undefined, ids: number[]): Promise<{ bytes: Map<number, number>; detail: string | null }> {
+async function exclusiveSpace(
+  db: Db,
+  poolName: string,
+  stateDir: string | undefined,
+  ids: number[],
+): Promise<{ bytes: Map<number, number>; detail: string | null }> {
   if (!stateDir) return { bytes: new Map(), detail: "not computed" };
   try {
     const map = await readBlockMap(poolName, stateDir);
@@ -44,18 +94,41 @@ async function exclusiveSpace(db: Db, poolName: string, stateDir: string | undef
   }
 }
 
-export async function inventory(db: Db, poolName: string, o: { allSnapshots?: boolean; probePool?: boolean; /** compute exclusive space (reads a metadata snapshot) */ stateDir?: string } = {}): Promise<Inventory> {
+export async function inventory(
+  db: Db,
+  poolName: string,
+  o: { allSnapshots?: boolean; probePool?: boolean /** compute exclusive space (reads a metadata snapshot) */; stateDir?: string } = {},
+): Promise<Inventory> {
   const images = listImages(db, poolName);
   const names = new Map(images.map((i) => [i.id, i.name]));
   const refs = layerRefCounts(db, poolName);
   const thinCounts: Record<string, number> = {};
   for (const t of listThinIds(db, poolName)) thinCounts[t.state] = (thinCounts[t.state] ?? 0) + 1;
-  let p: Inventory["pool"] = { name: poolName, status: "unavailable", detail: null, transaction_id: null, data_used_pct: null, meta_used_pct: null, data_used_blocks: null, data_total_blocks: null, mode: null };
+  let p: Inventory["pool"] = {
+    name: poolName,
+    status: "unavailable",
+    detail: null,
+    transaction_id: null,
+    data_used_pct: null,
+    meta_used_pct: null,
+    data_used_blocks: null,
+    data_total_blocks: null,
+    mode: null,
+  };
   if (o.probePool !== false) {
     try {
       const st = await pool.poolStatus(poolName, { timeoutMs: 5_000 });
       if (st.kind === "ok") {
-        p = { ...p, status: "ok", transaction_id: st.transactionId, data_used_pct: st.dataUsedPct, meta_used_pct: st.metaUsedPct, data_used_blocks: st.dataUsed, data_total_blocks: st.dataTotal, mode: st.mode };
+        p = {
+          ...p,
+          status: "ok",
+          transaction_id: st.transactionId,
+          data_used_pct: st.dataUsedPct,
+          meta_used_pct: st.metaUsedPct,
+          data_used_blocks: st.dataUsed,
+          data_total_blocks: st.dataTotal,
+          mode: st.mode,
+        };
       } else p = { ...p, status: st.kind };
     } catch (e) {
       p = { ...p, detail: errorMessage(e) };
@@ -65,23 +138,26 @@ export async function inventory(db: Db, poolName: string, o: { allSnapshots?: bo
   const stateOf = (s: SnapshotRow) => (loaded && isDetached(s, loaded) ? "detached" : s.state);
   // removed images keep their row (their snapshots reference it) but are not listed
   const uses = new Map(imageUses(db, poolName).map((u) => [u.image.id, u]));
-  const space = p.status === "ok" ? await exclusiveSpace(db, poolName, o.stateDir, [...uses.keys()]) : { bytes: new Map<number, number>(), detail: "pool not reachable" };
+  const space =
+    p.status === "ok" ? await exclusiveSpace(db, poolName, o.stateDir, [...uses.keys()]) : { bytes: new Map<number, number>(), detail: "pool not reachable" };
   return {
     pool: p,
-    images: images.filter((i) => uses.has(i.id)).map((i) => ({
-      id: i.id,
-      name: i.name,
-      state: i.state,
-      source: i.source,
-      format: i.format,
-      layers: imageLayerIds(db, i.id).length,
-      top_chain_id: i.top_chain_id,
-      ready_at: iso(i.ready_at),
-      error: i.error,
-      exclusive_bytes: space.bytes.get(i.id) ?? null,
-      last_activated_at: iso(uses.get(i.id)!.lastActivatedAt),
-      active_snapshots: uses.get(i.id)!.activeSnapshots,
-    })),
+    images: images
+      .filter((i) => uses.has(i.id))
+      .map((i) => ({
+        id: i.id,
+        name: i.name,
+        state: i.state,
+        source: i.source,
+        format: i.format,
+        layers: imageLayerIds(db, i.id).length,
+        top_chain_id: i.top_chain_id,
+        ready_at: iso(i.ready_at),
+        error: i.error,
+        exclusive_bytes: space.bytes.get(i.id) ?? null,
+        last_activated_at: iso(uses.get(i.id)!.lastActivatedAt),
+        active_snapshots: uses.get(i.id)!.activeSnapshots,
+      })),
     space_detail: space.detail,
     layers: listLayers(db, poolName).map((l) => {
       const s = l.stats ? (JSON.parse(l.stats) as { entries?: number; bytes?: number }) : null;

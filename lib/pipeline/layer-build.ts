@@ -15,8 +15,9 @@
 // thin id, device and mount are recorded as leaked for GC — and a fresh thin id is built instead.
 // So is an `applied` attempt whose flush is not proven or whose filesystem a reboot left unclean.
 // A reboot also drops the device: `activated`/`formatted` found without it are re-activated.
-import { activeDevice } from "../dm/active.ts";
+
 import { mkdirSync } from "node:fs";
+import { activeDevice } from "../dm/active.ts";
 import * as dmsetup from "../dm/dmsetup.ts";
 import { isDmError, runTool } from "../dm/errors.ts";
 import { mkfsExt4 } from "../dm/mkfs.ts";
@@ -26,19 +27,19 @@ import { ThinimgError } from "../errors.ts";
 import { applyLayer } from "../image/apply/index.ts";
 import type { LayerRef } from "../image/types.ts";
 import { log } from "../log.ts";
-import { tx } from "../store/db.ts";
-import { setDevice, setDeviceState } from "../store/devices.ts";
-import { type LayerPhase, type LayerRow, abandonLayerAttempt, getLayer, updateLayer } from "../store/layers.ts";
-import { setMount, setMountState } from "../store/mounts.ts";
-import { allocateThinId, getThinId, setThinIdState } from "../store/thin-ids.ts";
-import { type Leak, beginStep, endStep, finishWork, startWork, stepDone, stepsOf } from "../store/work.ts";
 import type { Ctx } from "../pool/context.ts";
-import { classify, failure } from "./failure.ts";
+import { inPoolSection, poolCreate, ThinIdTaken } from "../pool/journal.ts";
 import { deviceName, mountPathFor } from "../pool/names.ts";
 import { pausePoint } from "../pool/pause-points.ts";
-import { retryBusyOnce } from "./retry.ts";
-import { ThinIdTaken, inPoolSection, poolCreate } from "../pool/journal.ts";
+import { tx } from "../store/db.ts";
+import { setDevice, setDeviceState } from "../store/devices.ts";
 import { workSubject } from "../store/keys.ts";
+import { abandonLayerAttempt, getLayer, type LayerPhase, type LayerRow, updateLayer } from "../store/layers.ts";
+import { setMount, setMountState } from "../store/mounts.ts";
+import { allocateThinId, getThinId, setThinIdState } from "../store/thin-ids.ts";
+import { beginStep, endStep, finishWork, type Leak, startWork, stepDone, stepsOf } from "../store/work.ts";
+import { classify, failure } from "./failure.ts";
+import { retryBusyOnce } from "./retry.ts";
 
 /** ext4 options while a layer is applied: hostile content can't use setuid or device nodes on the
  * host; errors make the fs read-only at once instead of continuing on a failing device. */
@@ -69,9 +70,12 @@ function heldResources(l: LayerRow, mountPath: string | null): Leak[] {
   const order: LayerPhase[] = ["new", "allocated", "created", "activated", "formatted", "mounted", "applied", "unmounted", "deactivated", "committed"];
   const at = order.indexOf(l.phase);
   // an id whose create never succeeded is not a leak (the re-run creates that same id)
-  if (l.thin_id !== null && at >= order.indexOf("created")) leaks.push({ kind: "thin_id", ref: l.thin_id, reason: `layer ${l.chain_id} build failed at ${l.phase}` });
-  if (l.device_name && at >= order.indexOf("activated") && at < order.indexOf("deactivated")) leaks.push({ kind: "device", ref: l.device_name, reason: "layer build failed" });
-  if (mountPath && at >= order.indexOf("mounted") && at < order.indexOf("unmounted")) leaks.push({ kind: "mount", ref: mountPath, reason: "layer build failed" });
+  if (l.thin_id !== null && at >= order.indexOf("created"))
+    leaks.push({ kind: "thin_id", ref: l.thin_id, reason: `layer ${l.chain_id} build failed at ${l.phase}` });
+  if (l.device_name && at >= order.indexOf("activated") && at < order.indexOf("deactivated"))
+    leaks.push({ kind: "device", ref: l.device_name, reason: "layer build failed" });
+  if (mountPath && at >= order.indexOf("mounted") && at < order.indexOf("unmounted"))
+    leaks.push({ kind: "mount", ref: mountPath, reason: "layer build failed" });
   return leaks;
 }
 
@@ -161,7 +165,8 @@ async function checkOnEntry(b: Build): Promise<void> {
     // write error. Without mount AND device the host restarted before the unmount: the filesystem
     // was never cleanly unmounted (its journal not replayed), so not adopted.
     if (!stepDone(b.db, b.pool, "sync", l.thin_id)) b.abandon("its writes were never proven flushed (no successful `sync -f`)");
-    else if (!isMounted(b.mountPath) && !(await activeDevice(b.dev))) b.abandon("the host restarted before it was unmounted; an uncleanly unmounted layer is never reused");
+    else if (!isMounted(b.mountPath) && !(await activeDevice(b.dev)))
+      b.abandon("the host restarted before it was unmounted; an uncleanly unmounted layer is never reused");
   }
 }
 
@@ -206,7 +211,9 @@ async function create(b: Build): Promise<void> {
   } catch (e) {
     if (!(e instanceof ThinIdTaken)) throw e;
     if (b.l.attempt >= MAX_ID_TRIES) {
-      throw new ThinimgError("conflict", `pool ${b.pool}: ${MAX_ID_TRIES} thin ids in a row already existed`, { hint: "the pool has devices thinimg did not record; run `bun scripts/gc.ts`" });
+      throw new ThinimgError("conflict", `pool ${b.pool}: ${MAX_ID_TRIES} thin ids in a row already existed`, {
+        hint: "the pool has devices thinimg did not record; run `bun scripts/gc.ts`",
+      });
     }
     b.setPhase("new", { thin_id: null, device_name: null });
     return;
@@ -368,7 +375,11 @@ async function recordFailure(b: Build, e: unknown): Promise<ThinimgError> {
   const leaks = heldResources(l, mountPath);
   // a create whose outcome is unknown (timeout) stays pending for the next run to settle; until
   // then its id may exist in the pool
-  if (l.thin_id !== null && !leaks.some((x) => x.kind === "thin_id") && stepsOf(db, b.workId).some((s) => s.state === "pending" && s.thin_id === l.thin_id && s.name.startsWith("create_"))) {
+  if (
+    l.thin_id !== null &&
+    !leaks.some((x) => x.kind === "thin_id") &&
+    stepsOf(db, b.workId).some((s) => s.state === "pending" && s.thin_id === l.thin_id && s.name.startsWith("create_"))
+  ) {
     leaks.push({ kind: "thin_id", ref: l.thin_id, reason: `layer ${l.chain_id}: outcome of its create is unknown (settled by the next run)` });
   }
   let c = classify(e);
@@ -426,4 +437,3 @@ async function poolOutOfSpace(ctx: Ctx): Promise<boolean> {
     return false;
   }
 }
-

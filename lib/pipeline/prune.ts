@@ -8,11 +8,11 @@
 // lock; the space figure is what `gc --force` then frees (lib/pipeline/space.ts).
 import { ThinimgError } from "../errors.ts";
 import { log } from "../log.ts";
+import type { Ctx } from "../pool/context.ts";
 import { readGcRows } from "../store/gc-queries.ts";
 import { type ImageUse, imageUses } from "../store/lifecycle.ts";
-import type { Ctx } from "../pool/context.ts";
 import { type RemovedImage, removeImageRows } from "./remove.ts";
-import { type SpaceEstimate, estimateFreed, readBlockMap } from "./space.ts";
+import { estimateFreed, readBlockMap, type SpaceEstimate } from "./space.ts";
 
 export interface PruneOptions {
   /** Only images unused for at least this long (ms); null: any age. */
@@ -78,7 +78,13 @@ export function selectPrune(uses: ImageUse[], o: Pick<PruneOptions, "unusedForMs
   const prune: PruneEntry[] = [];
   const kept: PruneEntry[] = [];
   for (const u of uses) {
-    const entry = (keep: KeepReason | null): PruneEntry => ({ id: u.image.id, name: u.image.name, group: pruneGroup(u.image.name), last_used_at: new Date(lastUsed(u)).toISOString(), keep_reason: keep });
+    const entry = (keep: KeepReason | null): PruneEntry => ({
+      id: u.image.id,
+      name: u.image.name,
+      group: pruneGroup(u.image.name),
+      last_used_at: new Date(lastUsed(u)).toISOString(),
+      keep_reason: keep,
+    });
     let keep: KeepReason | null = null;
     if (u.image.state === "unpacking") keep = "not_ready";
     else if (u.activeSnapshots > 0) keep = "in_use";
@@ -104,13 +110,17 @@ async function estimate(ctx: Ctx, ids: Set<number>, now: number): Promise<SpaceE
 export async function prune(ctx: Ctx, o: PruneOptions): Promise<PruneResult> {
   const t0 = performance.now();
   if (o.unusedForMs === null && o.keepLast === null) {
-    throw new ThinimgError("usage", "prune needs --unused-for and/or --keep-last", { hint: "e.g. bun scripts/prune.ts --unused-for 7d --keep-last 2 --dry-run" });
+    throw new ThinimgError("usage", "prune needs --unused-for and/or --keep-last", {
+      hint: "e.g. bun scripts/prune.ts --unused-for 7d --keep-last 2 --dry-run",
+    });
   }
-  if (o.keepLast !== null && (!Number.isSafeInteger(o.keepLast) || o.keepLast < 0)) throw new ThinimgError("usage", `--keep-last must be a whole number ≥ 0, not ${o.keepLast}`);
+  if (o.keepLast !== null && (!Number.isSafeInteger(o.keepLast) || o.keepLast < 0))
+    throw new ThinimgError("usage", `--keep-last must be a whole number ≥ 0, not ${o.keepLast}`);
   const clock = o.now ?? Date.now;
   const now = clock();
   const sel = selectPrune(imageUses(ctx.db, ctx.cfg.pool), o, now);
-  const space = o.space === false ? { bytes: null, blocks: null, detail: "not computed (--no-space)" } : await estimate(ctx, new Set(sel.prune.map((p) => p.id)), now);
+  const space =
+    o.space === false ? { bytes: null, blocks: null, detail: "not computed (--no-space)" } : await estimate(ctx, new Set(sel.prune.map((p) => p.id)), now);
   let removed: RemovedImage[] = [];
   if (!o.dryRun && sel.prune.length) {
     // each image is checked again under its lock: activated or unpacked anew since the selection → kept
@@ -120,7 +130,9 @@ export async function prune(ctx: Ctx, o: PruneOptions): Promise<PruneResult> {
       const again = selectPrune([u], { unusedForMs: o.unusedForMs, keepLast: null }, clock()).kept[0];
       return again ? `kept: ${again.keep_reason} (changed since the selection)` : null;
     };
-    const rows = imageUses(ctx.db, ctx.cfg.pool).filter((u) => sel.prune.some((p) => p.id === u.image.id)).map((u) => u.image);
+    const rows = imageUses(ctx.db, ctx.cfg.pool)
+      .filter((u) => sel.prune.some((p) => p.id === u.image.id))
+      .map((u) => u.image);
     removed = (await removeImageRows(ctx, rows, { guard })).images;
   }
   return {

@@ -3,26 +3,27 @@
 // the pool. Idempotent (a device already loaded with our table is left as it is), health-checked,
 // and fail dumb: a failed load is recorded on the snapshot and its work row, nothing is removed, and
 // a load that timed out is not tried again in this run (the next run finds the device, or not).
-import { activeDevice, activeDevices } from "../dm/active.ts";
+
 import { existsSync } from "node:fs";
 import { loadConfig } from "../config.ts";
+import { activeDevice, activeDevices } from "../dm/active.ts";
 import * as dmsetup from "../dm/dmsetup.ts";
 import * as pool from "../dm/pool.ts";
-import { ThinimgError, errorMessage } from "../errors.ts";
+import { errorMessage, ThinimgError } from "../errors.ts";
 import { withSharedHold } from "../lock/holders.ts";
+import { type Ctx, makeCtx } from "../pool/context.ts";
+import { inPoolSection } from "../pool/journal.ts";
 import { tx } from "../store/db.ts";
 import { setDevice, setDeviceState } from "../store/devices.ts";
 import { getImage } from "../store/images.ts";
+import { workSubject } from "../store/keys.ts";
 import { getLayer } from "../store/layers.ts";
-import { type SnapshotRow, listSnapshots, updateSnapshot } from "../store/snapshots.ts";
+import { listSnapshots, type SnapshotRow, updateSnapshot } from "../store/snapshots.ts";
 import { getThinId } from "../store/thin-ids.ts";
 import { beginStep, endStep, finishWork, startWork } from "../store/work.ts";
 import { findSnapshot } from "./activate.ts";
-import { type Ctx, makeCtx } from "../pool/context.ts";
 import { classify, failure } from "./failure.ts";
 import { preflight } from "./preflight.ts";
-import { inPoolSection } from "../pool/journal.ts";
-import { workSubject } from "../store/keys.ts";
 
 export type ReattachOutcome = "reattached" | "already_attached" | "would_reattach" | "failed" | "not_run";
 
@@ -62,9 +63,13 @@ function handedOut(ctx: Ctx, snap: SnapshotRow): Handed {
   }
   const ledger = getThinId(ctx.db, ctx.cfg.pool, snap.thin_id);
   if (ledger && ledger.state !== "committed") {
-    throw new ThinimgError("conflict", `snapshot ${snap.id}: its thin id ${snap.thin_id} is ${ledger.state} in the ledger, not committed; refusing to load it`, {
-      hint: "see `bun scripts/gc.ts` (dry-run) for what happened to it",
-    });
+    throw new ThinimgError(
+      "conflict",
+      `snapshot ${snap.id}: its thin id ${snap.thin_id} is ${ledger.state} in the ledger, not committed; refusing to load it`,
+      {
+        hint: "see `bun scripts/gc.ts` (dry-run) for what happened to it",
+      },
+    );
   }
   const size = snap.virtual_size ?? getLayer(ctx.db, snap.layer_id)?.virtual_size;
   if (!size) throw new ThinimgError("internal", `snapshot ${snap.id}: no size recorded and its layer ${snap.layer_id} is gone`);
@@ -196,10 +201,18 @@ export async function reattachAll(ctx: Ctx, o: { dryRun?: boolean } = {}): Promi
 }
 
 /** The boot runbook's last step (recover-pool): re-attach the pool's handed-out snapshots. */
-export async function reattachPool(o: { pool: string; stateDir?: string | undefined; wait?: string | undefined; dryRun?: boolean | undefined }): Promise<ReattachAllReport> {
+export async function reattachPool(o: {
+  pool: string;
+  stateDir?: string | undefined;
+  wait?: string | undefined;
+  dryRun?: boolean | undefined;
+}): Promise<ReattachAllReport> {
   const cfg = loadConfig({ pool: o.pool, stateDir: o.stateDir, wait: o.wait });
   if (!existsSync(cfg.dbPath)) {
-    return { ...summarize(cfg.pool, o.dryRun === true, [], null), skipped: `no state DB at ${cfg.dbPath}: no snapshots to re-attach (pass --state-dir if thinimg keeps it elsewhere)` };
+    return {
+      ...summarize(cfg.pool, o.dryRun === true, [], null),
+      skipped: `no state DB at ${cfg.dbPath}: no snapshots to re-attach (pass --state-dir if thinimg keeps it elsewhere)`,
+    };
   }
   const ctx = makeCtx(cfg, { command: "bun ops/recover-pool.ts (re-attach)" });
   try {
@@ -219,9 +232,14 @@ export function renderReattach(r: ReattachAllReport): string[] {
     failed: "FAILED",
     not_run: "not run",
   };
-  const lines = r.snapshots.map((s) => `  ${verb[s.outcome].padEnd(16)} snapshot ${s.snapshot_id} (image ${s.image}, thin id ${s.thin_id}) ${s.device_path}${s.error ? `: ${s.error}` : ""}`);
+  const lines = r.snapshots.map(
+    (s) =>
+      `  ${verb[s.outcome].padEnd(16)} snapshot ${s.snapshot_id} (image ${s.image}, thin id ${s.thin_id}) ${s.device_path}${s.error ? `: ${s.error}` : ""}`,
+  );
   const n = r.summary;
-  lines.push(`re-attach: ${n.active} active snapshot(s): ${n.reattached} re-attached, ${n.already_attached} already attached${n.failed ? `, ${n.failed} failed` : ""}${n.not_run ? `, ${n.not_run} not run` : ""}`);
+  lines.push(
+    `re-attach: ${n.active} active snapshot(s): ${n.reattached} re-attached, ${n.already_attached} already attached${n.failed ? `, ${n.failed} failed` : ""}${n.not_run ? `, ${n.not_run} not run` : ""}`,
+  );
   if (r.error) lines.push(`error: ${r.error.message}${r.error.hint ? ` — ${r.error.hint}` : ""}`);
   return lines;
 }

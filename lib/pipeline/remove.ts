@@ -6,13 +6,13 @@
 // untouched: a dm-thin snapshot does not need its origin; they stay listed until released.
 import { ThinimgError } from "../errors.ts";
 import { acquireNamedLock } from "../lock/named-lock.ts";
-import { type ImageRow, getImage, getImageByName } from "../store/images.ts";
+import type { Ctx } from "../pool/context.ts";
+import { assertImageName } from "../pool/names.ts";
+import { getImage, getImageByName, type ImageRow } from "../store/images.ts";
+import { imageLockKey } from "../store/keys.ts";
 import { getLayer } from "../store/layers.ts";
 import { removeImageRecord } from "../store/lifecycle.ts";
 import { listSnapshots } from "../store/snapshots.ts";
-import type { Ctx } from "../pool/context.ts";
-import { assertImageName } from "../pool/names.ts";
-import { imageLockKey } from "../store/keys.ts";
 
 export interface RemovedImage {
   id: number;
@@ -40,9 +40,13 @@ export interface RemoveOptions {
 
 /** IMAGE is a name or an image id. Unknown names fail before anything is removed. */
 function resolve(ctx: Ctx, ref: string): ImageRow {
-  const img = /^\d+$/.test(ref) ? (getImageByName(ctx.db, ctx.cfg.pool, ref) ?? getImage(ctx.db, Number(ref))) : getImageByName(ctx.db, ctx.cfg.pool, assertImageName(ref));
+  const img = /^\d+$/.test(ref)
+    ? (getImageByName(ctx.db, ctx.cfg.pool, ref) ?? getImage(ctx.db, Number(ref)))
+    : getImageByName(ctx.db, ctx.cfg.pool, assertImageName(ref));
   if (!img || img.pool !== ctx.cfg.pool) {
-    throw new ThinimgError("input", `no image ${JSON.stringify(ref)} in pool ${ctx.cfg.pool}`, { hint: "see `bun scripts/list.ts` for the images of this pool" });
+    throw new ThinimgError("input", `no image ${JSON.stringify(ref)} in pool ${ctx.cfg.pool}`, {
+      hint: "see `bun scripts/list.ts` for the images of this pool",
+    });
   }
   return img;
 }
@@ -82,7 +86,12 @@ async function removeOne(ctx: Ctx, img: ImageRow, o: RemoveOptions): Promise<Rem
 export async function removeImages(ctx: Ctx, refs: string[], o: RemoveOptions = {}): Promise<RemoveResult> {
   const t0 = performance.now();
   if (refs.length === 0) throw new ThinimgError("usage", "no image given", { hint: "bun scripts/remove.ts IMAGE… (names from `bun scripts/list.ts`)" });
-  return removeImageRows(ctx, refs.map((r) => resolve(ctx, r)), o, t0);
+  return removeImageRows(
+    ctx,
+    refs.map((r) => resolve(ctx, r)),
+    o,
+    t0,
+  );
 }
 
 /** Remove these image rows (prune's selection), each under its lock. */

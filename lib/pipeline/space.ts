@@ -5,8 +5,8 @@
 // block ranges come from `thin_dump` of a metadata snapshot (reserve → dump → release, under the
 // state dir's metadata-snapshot lock, as GC's dry-run reads it), bounded by its timeout.
 import { withMetadataSnapshot } from "../dm/metadata-snap.ts";
-import { thinDump } from "../dm/thintools.ts";
 import { SECTOR } from "../dm/pool.ts";
+import { thinDump } from "../dm/thintools.ts";
 import { type AliveFn, unreferencedLayers } from "../pool/unreferenced.ts";
 import type { GcRows } from "../store/gc-queries.ts";
 

@@ -6,17 +6,17 @@ import { ThinimgError } from "../errors.ts";
 import type { LayerRef, ResolvedImage, ResolveOptions } from "../image/types.ts";
 import { acquireNamedLock, withNamedLock } from "../lock/named-lock.ts";
 import { log } from "../log.ts";
+import type { Ctx } from "../pool/context.ts";
+import { assertImageName } from "../pool/names.ts";
 import { recordBlob } from "../store/blobs.ts";
 import { tx } from "../store/db.ts";
-import { type ImageRow, beginImage, getImageByName, imageLayerIds, markImageBuildFailed, markImageReady } from "../store/images.ts";
-import { type LayerRow, getLayer, getLayerByChain, insertLayer } from "../store/layers.ts";
+import { beginImage, getImageByName, type ImageRow, imageLayerIds, markImageBuildFailed, markImageReady } from "../store/images.ts";
+import { imageLockKey, layerLockKey, workSubject } from "../store/keys.ts";
+import { getLayer, getLayerByChain, insertLayer, type LayerRow } from "../store/layers.ts";
 import { finishWork, startWork } from "../store/work.ts";
 import { chainIds, identityOf } from "./chain.ts";
-import type { Ctx } from "../pool/context.ts";
 import { isPermanent } from "./failure.ts";
 import type { BuildResult } from "./layer-build.ts";
-import { assertImageName } from "../pool/names.ts";
-import { imageLockKey, layerLockKey, workSubject } from "../store/keys.ts";
 
 export interface UnpackOptions {
   source: string;
@@ -56,14 +56,24 @@ export interface UnpackResult {
 function statsJson(raw: string | null): UnpackedLayer["stats"] {
   if (!raw) return null;
   const s = JSON.parse(raw) as Partial<{ entries: number; bytes: number; whiteouts: number; skipped: number; holes: number; durationMs: number }>;
-  return { entries: s.entries ?? 0, bytes: s.bytes ?? 0, whiteouts: s.whiteouts ?? 0, skipped: s.skipped ?? 0, holes: s.holes ?? 0, duration_ms: s.durationMs ?? 0 };
+  return {
+    entries: s.entries ?? 0,
+    bytes: s.bytes ?? 0,
+    whiteouts: s.whiteouts ?? 0,
+    skipped: s.skipped ?? 0,
+    holes: s.holes ?? 0,
+    duration_ms: s.durationMs ?? 0,
+  };
 }
 
 /** Default image name: the source's last path component without archive suffixes. */
 export function defaultImageName(source: string): string {
   const trimmed = source.replace(/\/+$/, "");
   const base = basename(trimmed.replace(/^[a-z0-9]+:\/\/[^/]*/i, "")) || "image";
-  const n = base.replace(/\.(tar|tgz|tar\.gz|tar\.zst|oci)$/i, "").replace(/[^A-Za-z0-9._:@+-]/g, "_").replace(/^[^A-Za-z0-9]+/, "");
+  const n = base
+    .replace(/\.(tar|tgz|tar\.gz|tar\.zst|oci)$/i, "")
+    .replace(/[^A-Za-z0-9._:@+-]/g, "_")
+    .replace(/^[^A-Za-z0-9]+/, "");
   return n || "image";
 }
 
@@ -189,11 +199,19 @@ async function unpackLocked(ctx: Ctx, name: string, o: UnpackOptions, t0: number
       const reused = !result.built;
       if (!reused) built++;
       ctx.progress?.done(); // the log line must not land in the middle of the progress line
-      log.info(`layer ${label}: ${reused ? "reused" : "built"} ${result.layer.device_name}${result.abandoned ? ` (${result.abandoned} interrupted attempt(s) left for GC)` : ""}`);
+      log.info(
+        `layer ${label}: ${reused ? "reused" : "built"} ${result.layer.device_name}${result.abandoned ? ` (${result.abandoned} interrupted attempt(s) left for GC)` : ""}`,
+      );
       out.push(layerOut(i, result.layer, reused));
       parent = result.layer;
     }
-    markImageReady(db, img.id, { source: o.source, format: resolved.format, config: resolved.config, layerIds: out.map((l) => layerIdOf(ctx, l.chain_id)), topChainId: chains.at(-1) ?? null });
+    markImageReady(db, img.id, {
+      source: o.source,
+      format: resolved.format,
+      config: resolved.config,
+      layerIds: out.map((l) => layerIdOf(ctx, l.chain_id)),
+      topChainId: chains.at(-1) ?? null,
+    });
     finishWork(db, work.id, "done");
   } catch (e) {
     const msg = e instanceof Error ? e.message : String(e);

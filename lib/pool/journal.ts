@@ -10,23 +10,24 @@
 // the SAME id; present → recorded orphaned (never adopted blindly) and the next id taken. A create
 // whose outcome is unknown to a live process (a timeout) is left pending the same way. Nothing is
 // ever done twice.
-import { ThinimgError } from "../errors.ts";
+
 import { DmError, isDmError } from "../dm/errors.ts";
 import { type HoldOptions, withMetadataSnapshot } from "../dm/metadata-snap.ts";
 import * as pool from "../dm/pool.ts";
-import { thinLs } from "../dm/thintools.ts";
 import type { PoolStatusOk } from "../dm/status.ts";
-import { poolSection } from "../lock/section.ts";
+import { thinLs } from "../dm/thintools.ts";
+import { ThinimgError } from "../errors.ts";
 import { isSelf, staleness } from "../lock/owner.ts";
+import { poolSection } from "../lock/section.ts";
 import { log } from "../log.ts";
 import { tx } from "../store/db.ts";
+import { listDevices, setDeviceState } from "../store/devices.ts";
+import { parseWorkSubject } from "../store/keys.ts";
+import { listSnapshots, updateSnapshot } from "../store/snapshots.ts";
 import { getThinId, recordOrphanThinId, setThinIdState } from "../store/thin-ids.ts";
 import { beginStep, endStep, finishWork, listWork, pendingSteps } from "../store/work.ts";
-import { setDeviceState, listDevices } from "../store/devices.ts";
-import { listSnapshots, updateSnapshot } from "../store/snapshots.ts";
 import type { Ctx } from "./context.ts";
 import { pausePoint } from "./pause-points.ts";
-import { parseWorkSubject } from "../store/keys.ts";
 
 export type PoolOp = { op: "create_thin"; thinId: number } | { op: "create_snap"; thinId: number; originId: number };
 
@@ -142,7 +143,9 @@ export async function reconcilePending(ctx: Ctx): Promise<number> {
   // Read it from a metadata snapshot rather than by trying the create again, which would log a
   // device-mapper error in the kernel log (and trip the dmesg health check).
   let poolIds: Set<number> | null = null;
-  if (steps.some((s) => (s.name === "create_thin" || s.name === "create_snap") && s.txn_before !== null && txn === s.txn_before && s.work_kind !== "activate")) {
+  if (
+    steps.some((s) => (s.name === "create_thin" || s.name === "create_snap") && s.txn_before !== null && txn === s.txn_before && s.work_kind !== "activate")
+  ) {
     poolIds = new Set(await readPoolThinIds(name, { stateDir: ctx.cfg.stateDir }));
   }
   for (const s of steps) {
@@ -162,14 +165,15 @@ export async function reconcilePending(ctx: Ctx): Promise<number> {
             s.txn_before === null
               ? `reconciled: ${s.name} of an interrupted activation (no transaction id record); unconfirmed`
               : txn === s.txn_before
-              ? `reconciled: pool transaction id still ${txn}; the ${s.name} may or may not have run`
-              : `reconciled: pool transaction id moved to ${txn} (expected ${s.txn_before} or ${s.txn_after}); unconfirmed`;
+                ? `reconciled: pool transaction id still ${txn}; the ${s.name} may or may not have run`
+                : `reconciled: pool transaction id moved to ${txn} (expected ${s.txn_before} or ${s.txn_after}); unconfirmed`;
           endStep(db, s.id, "failed", why);
           // Not in the pool → the create never ran: the id stays 'allocated' and its layer owner
           // creates it on resume. In the pool but unproven → recorded orphaned, never adopted (GC
           // deletes it). A dead activation has no owner to resume: orphaned either way.
           const absent = poolIds !== null && !poolIds.has(s.thin_id!);
-          if (t && t.state === "allocated" && !absent) setThinIdState(db, name, s.thin_id!, "orphaned", `${why}; ${poolIds?.has(s.thin_id!) ? "it is in the pool" : "it may be in the pool"}`);
+          if (t && t.state === "allocated" && !absent)
+            setThinIdState(db, name, s.thin_id!, "orphaned", `${why}; ${poolIds?.has(s.thin_id!) ? "it is in the pool" : "it may be in the pool"}`);
         }
       });
       log.warn(`pool ${name}: interrupted ${s.name} of thin id ${s.thin_id} (pid ${s.work_pid} died) settled`);
@@ -205,6 +209,8 @@ export async function reconcilePending(ctx: Ctx): Promise<number> {
  * reader that died holding it (killed between reserve and release) — released, or every later reserve
  * would fail with EBUSY. */
 export async function readPoolThinIds(poolName: string, o: { stateDir: string } & HoldOptions): Promise<number[]> {
-  const entries = await withMetadataSnapshot(poolName, { ...o, releaseStale: true, maxWaitMs: o.maxWaitMs ?? 120_000 }, (meta) => thinLs(meta, { metadataSnap: true }));
+  const entries = await withMetadataSnapshot(poolName, { ...o, releaseStale: true, maxWaitMs: o.maxWaitMs ?? 120_000 }, (meta) =>
+    thinLs(meta, { metadataSnap: true }),
+  );
   return entries.map((e) => e.id).sort((a, b) => a - b);
 }

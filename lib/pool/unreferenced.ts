@@ -8,8 +8,8 @@
 // its chain's lock: an unpack in progress may be about to reuse it. Active snapshots do not keep it:
 // a dm-thin snapshot does not need its origin.
 import type { GcRows } from "../store/gc-queries.ts";
-import type { LayerRow } from "../store/layers.ts";
 import { isImageLockKey, layerLockKey } from "../store/keys.ts";
+import type { LayerRow } from "../store/layers.ts";
 
 export type AliveFn = (pid: number, startTime: number | null, host: string | null) => boolean;
 
@@ -32,7 +32,11 @@ function neededChains(layers: LayerRow[], isCandidate: (l: LayerRow) => boolean)
   for (const l of layers) {
     const keeps = (l.state === "committed" && !isCandidate(l)) || (l.state === "building" && l.phase !== "new");
     if (!keeps) continue;
-    for (let p = l.parent_id === null ? undefined : byId.get(l.parent_id); p && !needed.has(p.id); p = p.parent_id === null ? undefined : byId.get(p.parent_id)) {
+    for (
+      let p = l.parent_id === null ? undefined : byId.get(l.parent_id);
+      p && !needed.has(p.id);
+      p = p.parent_id === null ? undefined : byId.get(p.parent_id)
+    ) {
       needed.add(p.id);
     }
   }

@@ -32,9 +32,17 @@ export async function recoverAndReattach(o: BootOptions): Promise<BootResult> {
   if (existsSync(cfg.stateDir)) useCommandJournal(cfg.stateDir);
   const hold = o.dryRun
     ? { ignored: [], release() {} }
-    : await holdExclusive(cfg.stateDir, { waitMs: cfg.lockWaitMs, ignoreLock: o.ignoreLock === true, command: "bun ops/recover-pool.ts", what: "recover-pool" });
+    : await holdExclusive(cfg.stateDir, {
+        waitMs: cfg.lockWaitMs,
+        ignoreLock: o.ignoreLock === true,
+        command: "bun ops/recover-pool.ts",
+        what: "recover-pool",
+      });
   // holdExclusive logs it too; the runbook's quiet log level must not hide it
-  const warnings = hold.ignored.length && log.level < 1 ? [`warning: --ignore-lock: going ahead while ${hold.ignored.map(describeHolder).join("; ")} use(s) the state dir`] : [];
+  const warnings =
+    hold.ignored.length && log.level < 1
+      ? [`warning: --ignore-lock: going ahead while ${hold.ignored.map(describeHolder).join("; ")} use(s) the state dir`]
+      : [];
   let report: RecoverReport;
   try {
     report = await recoverPool(o);
@@ -42,6 +50,8 @@ export async function recoverAndReattach(o: BootOptions): Promise<BootResult> {
     hold.release();
   }
   const reattach =
-    report.ok && !o.create && o.reattach !== false && report.pool ? await reattachPool({ pool: report.pool, stateDir: o.stateDir, wait: o.wait, dryRun: o.dryRun }) : null;
+    report.ok && !o.create && o.reattach !== false && report.pool
+      ? await reattachPool({ pool: report.pool, stateDir: o.stateDir, wait: o.wait, dryRun: o.dryRun })
+      : null;
   return { report, reattach, warnings, exitCode: report.exit_code || (reattach && !reattach.ok ? 1 : 0) };
 }

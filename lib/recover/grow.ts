@@ -7,8 +7,8 @@
 // disk and then loaded from the grown record like any recovery.
 import { join } from "node:path";
 import * as dmsetup from "../dm/dmsetup.ts";
-import * as losetup from "../dm/losetup.ts";
 import { extendBackingFile, lowWaterMarkFor } from "../dm/loop-pool.ts";
+import * as losetup from "../dm/losetup.ts";
 import { type PoolTableParams, parsePoolTable, poolStatus, poolTable, reloadPool } from "../dm/pool.ts";
 import { ThinimgError, usageError } from "../errors.ts";
 import { formatBytes, parseSize } from "../util/units.ts";
@@ -56,11 +56,17 @@ export function growTargets(rec: PoolRecord, req: GrowRequest | undefined): Grow
   }
   if (pending) return { dataSize: pending.data_size, metaSize: pending.meta_size };
   if (t.dataSize < rec.data_size) {
-    throw usageError(`--grow-data ${formatBytes(t.dataSize)} is smaller than the pool's data size ${formatBytes(rec.data_size)}: a pool never shrinks`, "give the new, larger size (e.g. --grow-data +1G)");
+    throw usageError(
+      `--grow-data ${formatBytes(t.dataSize)} is smaller than the pool's data size ${formatBytes(rec.data_size)}: a pool never shrinks`,
+      "give the new, larger size (e.g. --grow-data +1G)",
+    );
   }
   if (t.dataSize % 512 !== 0) throw usageError(`--grow-data ${t.dataSize} bytes is not a multiple of 512`, "use e.g. --grow-data +1G");
   if (t.metaSize < rec.meta_size) {
-    throw usageError(`--grow-meta ${formatBytes(t.metaSize)} is smaller than the pool's metadata size ${formatBytes(rec.meta_size)}: a pool never shrinks`, "give the new, larger size (e.g. --grow-meta +64M)");
+    throw usageError(
+      `--grow-meta ${formatBytes(t.metaSize)} is smaller than the pool's metadata size ${formatBytes(rec.meta_size)}: a pool never shrinks`,
+      "give the new, larger size (e.g. --grow-meta +64M)",
+    );
   }
   if (t.metaSize % META_BLOCK !== 0 || t.metaSize > MAX_META_SIZE) {
     throw usageError(`--grow-meta ${formatBytes(t.metaSize)} must be a multiple of 4K and at most 16G`, "use e.g. --grow-meta +64M");
@@ -96,7 +102,12 @@ async function checkLive(r: Recovery, rec: PoolRecord, next: PoolRecord, info: d
   const name = rec.pool;
   const inspect = [shellLine(["dmsetup", "info", name]), shellLine(["dmsetup", "table", name]), shellLine(["losetup", "--list"])];
   if (!info.live || info.inactive) {
-    throw new Blocked("conflict", `pool ${name} has ${info.live ? "an inactive table waiting" : "no live table"}`, "bring it back first: run recover-pool without --grow-*", inspect);
+    throw new Blocked(
+      "conflict",
+      `pool ${name} has ${info.live ? "an inactive table waiting" : "no live table"}`,
+      "bring it back first: run recover-pool without --grow-*",
+      inspect,
+    );
   }
   const t = parsePoolTable((await dmsetup.table(name)).split("\n")[0] ?? "");
   const loops = await losetup.listDetailed({ pool_name: name });
@@ -108,7 +119,13 @@ async function checkLive(r: Recovery, rec: PoolRecord, next: PoolRecord, info: d
   if (t.blockSectors !== rec.block_sectors) diffs.push(`block size ${t.blockSectors} sectors, recorded ${rec.block_sectors}`);
   if (!sameFeatures(t.features, rec.features)) diffs.push(`features [${t.features.join(" ")}], recorded [${rec.features.join(" ")}]`);
   if (t.dataSectors !== rec.data_sectors && t.dataSectors !== next.data_sectors) diffs.push(`length ${t.dataSectors} sectors, recorded ${rec.data_sectors}`);
-  if (diffs.length) throw new Blocked("conflict", `pool ${name} is not loaded as recorded: ${diffs.join("; ")}`, "recover-pool grows only the pool its record describes; check --dir", inspect);
+  if (diffs.length)
+    throw new Blocked(
+      "conflict",
+      `pool ${name} is not loaded as recorded: ${diffs.join("; ")}`,
+      "recover-pool grows only the pool its record describes; check --dir",
+      inspect,
+    );
   const st = await poolStatus(name, { ctx: { pool_name: name } });
   if (st.kind !== "ok" || st.needsCheck) {
     throw new Blocked(
@@ -168,7 +185,12 @@ export async function growPool(r: Recovery, rec: PoolRecord, req: GrowRequest | 
     await r.rb.act(
       "extend-file",
       `extend the ${role} file ${path} from ${formatBytes(sizes[i]!)} to ${formatBytes(size)} (never shrinks)`,
-      { argv: ["fallocate", "-l", String(size), path], shell: sizeFileShell(size, path), planned: undefined, done: (how) => `${path}: ${formatBytes(size)} via ${how}` },
+      {
+        argv: ["fallocate", "-l", String(size), path],
+        shell: sizeFileShell(size, path),
+        planned: undefined,
+        done: (how) => `${path}: ${formatBytes(size)} via ${how}`,
+      },
       () => extendBackingFile(path, size),
     );
   }
@@ -202,7 +224,9 @@ async function refreshLoops(r: Recovery, items: [string, losetup.LoopDetail, num
         await losetup.refreshCapacity(loop.device, { pool_name: r.pool ?? undefined });
         const now = losetup.blockDeviceBytes(loop.majMin);
         if (now !== null && now < size) {
-          throw new ThinimgError("dm", `${loop.device} still sees ${formatBytes(now)} after losetup --set-capacity`, { hint: "check the file's size and `dmesg | tail`; re-run recover-pool" });
+          throw new ThinimgError("dm", `${loop.device} still sees ${formatBytes(now)} after losetup --set-capacity`, {
+            hint: "check the file's size and `dmesg | tail`; re-run recover-pool",
+          });
         }
       },
     );

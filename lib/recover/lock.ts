@@ -6,8 +6,8 @@
 import { closeSync, openSync, readFileSync, statSync, unlinkSync, writeSync } from "node:fs";
 import { join } from "node:path";
 import { ThinimgError } from "../errors.ts";
-import { log } from "../log.ts";
 import { pidAlive, processStartTime } from "../lock/owner.ts";
+import { log } from "../log.ts";
 
 export const LOCK_FILE = ".recover-pool.lock";
 

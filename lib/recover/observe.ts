@@ -57,7 +57,10 @@ export function superblockBlank(path: string): boolean {
 
 /** The line of thin_check/thin_repair output that says what is wrong (not "has not been fully examined"). */
 export function toolReason(out: string): string {
-  const lines = out.split("\n").map((l) => l.trim()).filter(Boolean);
+  const lines = out
+    .split("\n")
+    .map((l) => l.trim())
+    .filter(Boolean);
   return lines.find((l) => /corrupt|bad |checksum|error|fail|invalid|missing|needs to be provided/i.test(l)) ?? lines.at(-1) ?? "";
 }
 

@@ -5,7 +5,7 @@
 import { closeSync, existsSync, fsyncSync, openSync, readFileSync, renameSync, writeSync } from "node:fs";
 import { join } from "node:path";
 import * as v from "valibot";
-import { DATA_FILE, DEFAULT_FEATURES, META_FILE, lowWaterMarkFor } from "../dm/loop-pool.ts";
+import { DATA_FILE, DEFAULT_FEATURES, lowWaterMarkFor, META_FILE } from "../dm/loop-pool.ts";
 import { SECTOR } from "../dm/pool.ts";
 import { ThinimgError } from "../errors.ts";
 import { formatBytes } from "../util/units.ts";
@@ -128,9 +128,13 @@ export function validateCreateSpec(c: CreateSpec): Required<CreateSpec> {
     });
   }
   if (c.dataSize < blockSize || c.dataSize % SECTOR !== 0) {
-    throw new ThinimgError("usage", `--data-size ${formatBytes(c.dataSize)} must be a multiple of 512 bytes and at least one block (${formatBytes(blockSize)})`, {
-      hint: "use e.g. --data-size 2G",
-    });
+    throw new ThinimgError(
+      "usage",
+      `--data-size ${formatBytes(c.dataSize)} must be a multiple of 512 bytes and at least one block (${formatBytes(blockSize)})`,
+      {
+        hint: "use e.g. --data-size 2G",
+      },
+    );
   }
   return { dataSize: c.dataSize, metaSize: c.metaSize, blockSize, features: c.features ?? DEFAULT_FEATURES };
 }

@@ -8,19 +8,19 @@ import { join, resolve } from "node:path";
 import { loadConfig } from "../config.ts";
 import * as dmsetup from "../dm/dmsetup.ts";
 import { isDmError } from "../dm/errors.ts";
+import { assertFreeSpace, DATA_FILE, META_FILE, makeBackingFile, sizeEmptyBackingFile } from "../dm/loop-pool.ts";
 import * as losetup from "../dm/losetup.ts";
-import { DATA_FILE, META_FILE, assertFreeSpace, makeBackingFile, sizeEmptyBackingFile } from "../dm/loop-pool.ts";
 import { parsePoolTable, poolStatus, poolTable } from "../dm/pool.ts";
 import * as thintools from "../dm/thintools.ts";
 import { udevArgs } from "../dm/udev.ts";
 import { assertDevPath, assertDmName } from "../dm/validate.ts";
-import { ThinimgError, fromErrno } from "../errors.ts";
+import { fromErrno, ThinimgError } from "../errors.ts";
 import { run, which } from "../exec.ts";
 import { formatBytes } from "../util/units.ts";
 import { type GrowRequest, growPool } from "./grow.ts";
 import { type DirLock, lockDir } from "./lock.ts";
 import { fileId, loopsOf, metaTimeoutMs, sameFeatures, superblockBlank, toolReason } from "./observe.ts";
-import { type CreateSpec, type PoolRecord, newRecord, readRecord, recordPath, validateCreateSpec, writeRecord } from "./record.ts";
+import { type CreateSpec, newRecord, type PoolRecord, readRecord, recordPath, validateCreateSpec, writeRecord } from "./record.ts";
 import { type RepairContext, repairMetadata, repairPlan } from "./repair.ts";
 import { type RecoverAction, type RecoverReport, type StatusJson, statusJson } from "./report.ts";
 import { Blocked, Runbook, shellLine, sizeFileShell } from "./runbook.ts";
@@ -204,9 +204,7 @@ export class Recovery {
     const rec = readRecord(this.dir);
     if (!rec) {
       const present = [META_FILE, DATA_FILE].filter((f) => existsSync(join(this.dir, f)));
-      const files = present.length
-        ? `${present.join(" and ")} exist${present.length === 1 ? "s" : ""} there`
-        : "no backing files exist there either";
+      const files = present.length ? `${present.join(" and ")} exist${present.length === 1 ? "s" : ""} there` : "no backing files exist there either";
       throw new ThinimgError("missing", `no pool record ${recordPath(this.dir)} (${files})`, {
         hint: present.length
           ? "recover-pool rebuilds a pool only from its record: restore pool.json from a backup (docs/ops-recover-pool.md, 'Record missing')"
@@ -219,7 +217,10 @@ export class Recovery {
       });
     }
     this.pool = rec.pool;
-    this.rb.note("read-record", `${recordPath(this.dir)}: pool ${rec.pool}, state ${rec.state}, data ${formatBytes(rec.data_size)}, metadata ${formatBytes(rec.meta_size)}, block ${formatBytes(rec.block_size)}`);
+    this.rb.note(
+      "read-record",
+      `${recordPath(this.dir)}: pool ${rec.pool}, state ${rec.state}, data ${formatBytes(rec.data_size)}, metadata ${formatBytes(rec.meta_size)}, block ${formatBytes(rec.block_size)}`,
+    );
     return rec;
   }
 
@@ -227,12 +228,18 @@ export class Recovery {
     const creating = rec.state === "creating";
     if (creating) {
       // an interrupted --create: the files still to make (or size) must fit, all of them, up front
-      const todo = ([
-        [rec.meta_file, rec.meta_size],
-        [rec.data_file, rec.data_size],
-      ] as const).filter(([f]) => fileSize(join(this.dir, f)) === 0);
+      const todo = (
+        [
+          [rec.meta_file, rec.meta_size],
+          [rec.data_file, rec.data_size],
+        ] as const
+      ).filter(([f]) => fileSize(join(this.dir, f)) === 0);
       if (todo.length > 0) {
-        assertFreeSpace(this.dir, todo.reduce((n, [, size]) => n + size, 0), todo.map(([f]) => f).join(" and "));
+        assertFreeSpace(
+          this.dir,
+          todo.reduce((n, [, size]) => n + size, 0),
+          todo.map(([f]) => f).join(" and "),
+        );
       }
     }
     for (const [role, file, size] of [
@@ -270,7 +277,12 @@ export class Recovery {
           await this.rb.act(
             "size-file",
             `size the empty ${role} file ${p} left by an interrupted --create to ${formatBytes(size)}`,
-            { argv: ["fallocate", "-l", String(size), p], shell: sizeFileShell(size, p), planned: undefined, done: (how) => `${p}: ${formatBytes(size)} via ${how}` },
+            {
+              argv: ["fallocate", "-l", String(size), p],
+              shell: sizeFileShell(size, p),
+              planned: undefined,
+              done: (how) => `${p}: ${formatBytes(size)} via ${how}`,
+            },
             () => sizeEmptyBackingFile(p, size),
           );
           continue;
@@ -327,7 +339,12 @@ export class Recovery {
       if (lines.length !== 1) throw new Error("several targets");
       t = parsePoolTable(lines[0]!);
     } catch {
-      throw new Blocked("conflict", `device ${name} is active but is not a thin-pool (table: ${lines.join(" | ")})`, "another device uses this name; choose another --pool", inspect);
+      throw new Blocked(
+        "conflict",
+        `device ${name} is active but is not a thin-pool (table: ${lines.join(" | ")})`,
+        "another device uses this name; choose another --pool",
+        inspect,
+      );
     }
     const diffs: string[] = [];
     if (!metaLoops.some((l) => l.majMin === t.metaDev)) {
@@ -372,11 +389,7 @@ export class Recovery {
     this.action = rec.state === "creating" ? "created" : changed ? "recovered" : "healthy";
   }
 
-  async whenInactive(
-    rec: PoolRecord,
-    metaLoops: losetup.LoopDetail[],
-    dataLoops: losetup.LoopDetail[],
-  ): Promise<void> {
+  async whenInactive(rec: PoolRecord, metaLoops: losetup.LoopDetail[], dataLoops: losetup.LoopDetail[]): Promise<void> {
     const name = rec.pool;
     // The files must not be under another pool (this one active under another name): loading a
     // second pool on the same metadata would destroy it.
@@ -416,7 +429,9 @@ export class Recovery {
       );
     } catch (e) {
       if (isDmError(e, "exists")) {
-        throw new Blocked("conflict", `device ${name} appeared while recovering (another process?)`, "re-run recover-pool to check it", [this.recoverCommand()]);
+        throw new Blocked("conflict", `device ${name} appeared while recovering (another process?)`, "re-run recover-pool to check it", [
+          this.recoverCommand(),
+        ]);
       }
       const msg = e instanceof ThinimgError ? e.message : String(e);
       throw new Blocked(
@@ -448,7 +463,13 @@ export class Recovery {
   async loopFor(role: string, path: string, found: losetup.LoopDetail[], variable: string, pool: string): Promise<string> {
     const usable = found.filter((l) => !l.readOnly);
     if (usable.length) {
-      const extra = usable.length > 1 ? ` (also attached on ${usable.slice(1).map((l) => l.device).join(", ")}; left alone)` : "";
+      const extra =
+        usable.length > 1
+          ? ` (also attached on ${usable
+              .slice(1)
+              .map((l) => l.device)
+              .join(", ")}; left alone)`
+          : "";
       this.rb.note("reuse-loop", `${role} file already attached on ${usable[0]!.device}${extra}`);
       return usable[0]!.device;
     }
@@ -529,7 +550,13 @@ export class Recovery {
   async verify(rec: PoolRecord, read: boolean): Promise<void> {
     const name = rec.pool;
     if (!read) {
-      this.rb.steps.push({ name: "verify-status", status: "planned", argv: ["dmsetup", "status", name], command: shellLine(["dmsetup", "status", name]), detail: "expect rw, no needs_check" });
+      this.rb.steps.push({
+        name: "verify-status",
+        status: "planned",
+        argv: ["dmsetup", "status", name],
+        command: shellLine(["dmsetup", "status", name]),
+        detail: "expect rw, no needs_check",
+      });
       return;
     }
     const s = await poolStatus(name, { ctx: { pool_name: name } });
@@ -540,12 +567,19 @@ export class Recovery {
       shellLine(["dmsetup", "remove", name]),
       this.recoverCommand(),
     ];
-    const hint = "the pool was left as it is. Stop what uses it, remove its thin devices and the pool (no --force), then re-run recover-pool: it runs thin_check first";
-    if (s.kind === "fail") throw new Blocked("unhealthy", `pool ${name} is in Fail mode (the kernel stopped it after a metadata or device error)`, hint, deactivate);
+    const hint =
+      "the pool was left as it is. Stop what uses it, remove its thin devices and the pool (no --force), then re-run recover-pool: it runs thin_check first";
+    if (s.kind === "fail")
+      throw new Blocked("unhealthy", `pool ${name} is in Fail mode (the kernel stopped it after a metadata or device error)`, hint, deactivate);
     if (s.kind === "error") throw new Blocked("unhealthy", `pool ${name} reports Error status`, hint, deactivate);
     if (s.needsCheck) throw new Blocked("unhealthy", `pool ${name} has needs_check set: its metadata must be checked`, hint, deactivate);
     if (s.mode === "out_of_data_space") {
-      throw new Blocked("unhealthy", `pool ${name} is out of data space (${s.dataUsed}/${s.dataTotal} blocks)`, "grow the data device (recover-pool --grow-data +SIZE), then free space with `bun scripts/gc.ts --force`", [shellLine(["dmsetup", "status", name])]);
+      throw new Blocked(
+        "unhealthy",
+        `pool ${name} is out of data space (${s.dataUsed}/${s.dataTotal} blocks)`,
+        "grow the data device (recover-pool --grow-data +SIZE), then free space with `bun scripts/gc.ts --force`",
+        [shellLine(["dmsetup", "status", name])],
+      );
     }
     if (s.mode !== "rw") throw new Blocked("unhealthy", `pool ${name} is read-only (mode ${s.mode}): the kernel hit a metadata error`, hint, deactivate);
     this.rb.note(

@@ -5,8 +5,8 @@
 // crash anywhere in it starts over from a consistent state (the scratch file is never the live one).
 import { existsSync, linkSync, renameSync, unlinkSync } from "node:fs";
 import { join } from "node:path";
-import * as losetup from "../dm/losetup.ts";
 import { makeBackingFile } from "../dm/loop-pool.ts";
+import * as losetup from "../dm/losetup.ts";
 import * as thintools from "../dm/thintools.ts";
 import { formatBytes } from "../util/units.ts";
 import { fileId, loopsOf, metaTimeoutMs, toolReason } from "./observe.ts";
@@ -24,7 +24,10 @@ export interface RepairContext {
 }
 
 function timestamp(d: Date): string {
-  return d.toISOString().replace(/[-:]/g, "").replace(/\.\d+Z$/, "Z");
+  return d
+    .toISOString()
+    .replace(/[-:]/g, "")
+    .replace(/\.\d+Z$/, "Z");
 }
 
 export function repairPaths(c: RepairContext, rec: PoolRecord) {
@@ -81,8 +84,11 @@ export async function repairMetadata(c: RepairContext, rec: PoolRecord, metaDev:
   // from an interrupted repair, and any loop on it, are ours to discard.
   if (existsSync(scratch) || rb.dryRun) {
     for (const l of loopsOf(await losetup.listDetailed(ctx), fileId(scratch))) {
-      await rb.act("repair-cleanup", `detach ${l.device} left on ${scratch} by an interrupted repair`, { ...none, argv: ["losetup", "--detach", l.device] }, () =>
-        losetup.detach(l.device, ctx),
+      await rb.act(
+        "repair-cleanup",
+        `detach ${l.device} left on ${scratch} by an interrupted repair`,
+        { ...none, argv: ["losetup", "--detach", l.device] },
+        () => losetup.detach(l.device, ctx),
       );
     }
     await rb.act("repair-cleanup", `remove the scratch file ${scratch}`, { ...none, argv: ["rm", "-f", scratch] }, () => {
@@ -92,7 +98,12 @@ export async function repairMetadata(c: RepairContext, rec: PoolRecord, metaDev:
   await rb.act(
     "repair-file",
     `new metadata file ${scratch} (${formatBytes(rec.meta_size)})`,
-    { ...none, argv: ["fallocate", "-l", String(rec.meta_size), scratch], shell: sizeFileShell(rec.meta_size, scratch), done: (how) => `${scratch} via ${how}` },
+    {
+      ...none,
+      argv: ["fallocate", "-l", String(rec.meta_size), scratch],
+      shell: sizeFileShell(rec.meta_size, scratch),
+      done: (how) => `${scratch} via ${how}`,
+    },
     () => makeBackingFile(scratch, rec.meta_size),
   );
   const repairDev = await rb.act(
@@ -135,13 +146,22 @@ export async function repairMetadata(c: RepairContext, rec: PoolRecord, metaDev:
   );
   await rb.act("check-repaired", `thin_check the rebuilt metadata on ${repairDev}`, { ...none, argv: ["thin_check", repairDev] }, async () => {
     const r = await thintools.thinCheck(repairDev, { timeoutMs: metaTimeoutMs(rec.meta_size), ctx });
-    if (!r.ok) throw new Blocked("unhealthy", `the rebuilt metadata fails thin_check too: ${toolReason(r.output)}`, `${untouched}. Restore the metadata from a backup or get expert help`);
+    if (!r.ok)
+      throw new Blocked(
+        "unhealthy",
+        `the rebuilt metadata fails thin_check too: ${toolReason(r.output)}`,
+        `${untouched}. Restore the metadata from a backup or get expert help`,
+      );
   });
   await rb.act("repair-detach", `detach ${repairDev}`, { ...none, argv: ["losetup", "--detach", repairDev] }, () => losetup.detach(repairDev, ctx));
   // Detach the damaged file's loop BEFORE the swap: afterwards it would show as "metadata.img (deleted)"
   // and could be mistaken for the new file's loop by anything matching on names.
-  await rb.act("repair-detach", `detach the damaged metadata's loop ${metaDev}`, { ...none, argv: ["losetup", "--detach", metaDev] }, () => losetup.detach(metaDev, ctx));
-  await rb.act("keep-old-metadata", `keep the damaged metadata as ${keptPath}`, { ...none, argv: ["ln", metaPath, keptPath] }, () => linkSync(metaPath, keptPath));
+  await rb.act("repair-detach", `detach the damaged metadata's loop ${metaDev}`, { ...none, argv: ["losetup", "--detach", metaDev] }, () =>
+    losetup.detach(metaDev, ctx),
+  );
+  await rb.act("keep-old-metadata", `keep the damaged metadata as ${keptPath}`, { ...none, argv: ["ln", metaPath, keptPath] }, () =>
+    linkSync(metaPath, keptPath),
+  );
   // One atomic rename swaps the files: at every instant metadata.img is the old or the new one.
   await rb.act("swap-metadata", `${scratch} becomes ${metaPath}`, { ...none, argv: ["mv", "-T", scratch, metaPath] }, () => renameSync(scratch, metaPath));
   const at = c.now.toISOString();
@@ -157,7 +177,11 @@ export async function repairMetadata(c: RepairContext, rec: PoolRecord, metaDev:
   if (!rb.dryRun) {
     const r = await thintools.thinCheck(newDev, { clearNeedsCheck: true, timeoutMs: metaTimeoutMs(rec.meta_size), ctx });
     if (!r.ok) {
-      throw new Blocked("unhealthy", `the repaired metadata on ${newDev} fails thin_check: ${toolReason(r.output)}`, `the pool was not loaded; the old metadata is kept as ${keptPath}`);
+      throw new Blocked(
+        "unhealthy",
+        `the repaired metadata on ${newDev} fails thin_check: ${toolReason(r.output)}`,
+        `the pool was not loaded; the old metadata is kept as ${keptPath}`,
+      );
     }
     rb.note("check-metadata", `thin_check passed on the repaired metadata (${newDev})`, "ok", ["thin_check", "--clear-needs-check-flag", newDev]);
   }

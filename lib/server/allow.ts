@@ -69,7 +69,8 @@ export function makeAllowList(prefixes: string[]): AllowList {
   return {
     prefixes: prefixes.map((raw) => {
       const kind = kindOf(raw);
-      if (kind === "other") throw usageError(`--allow-source ${raw}: unsupported scheme`, "use s3://BUCKET/PREFIX, https://HOST/PATH or an absolute local directory");
+      if (kind === "other")
+        throw usageError(`--allow-source ${raw}: unsupported scheme`, "use s3://BUCKET/PREFIX, https://HOST/PATH or an absolute local directory");
       const bad = ambiguous(raw);
       if (bad) throw usageError(`--allow-source ${raw}: ${bad}`);
       if (kind === "local" && !isAbsolute(localPath(raw))) throw usageError(`--allow-source ${raw}: a local prefix must be an absolute path`);

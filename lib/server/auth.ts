@@ -89,11 +89,17 @@ export function authenticate(req: AuthRequest, secrets: Secrets, replay: ReplayC
   const sig = req.header(SIGNATURE_HEADER);
   if (!secrets.hmac) throw unauthorized("missing bearer token", "send Authorization: Bearer <token from --token-file>");
   if (!ts || !sig) {
-    throw unauthorized("missing X-Thinimg-Timestamp / X-Thinimg-Signature headers", 'sign the request: X-Thinimg-Signature: sha256=HMAC-SHA256(secret, "<timestamp>.<body>") in hex (docs/ops-service.md)');
+    throw unauthorized(
+      "missing X-Thinimg-Timestamp / X-Thinimg-Signature headers",
+      'sign the request: X-Thinimg-Signature: sha256=HMAC-SHA256(secret, "<timestamp>.<body>") in hex (docs/ops-service.md)',
+    );
   }
   if (!/^\d{1,12}$/.test(ts)) throw unauthorized("X-Thinimg-Timestamp is not unix seconds", "send the current time as whole seconds since the epoch");
   if (Math.abs(nowS - Number(ts)) > MAX_SKEW_S) {
-    throw unauthorized(`stale timestamp: ${Math.abs(nowS - Number(ts))} s from the server's clock (limit ${MAX_SKEW_S} s)`, "sign each request when it is sent, and keep clocks in sync (NTP)");
+    throw unauthorized(
+      `stale timestamp: ${Math.abs(nowS - Number(ts))} s from the server's clock (limit ${MAX_SKEW_S} s)`,
+      "sign each request when it is sent, and keep clocks in sync (NTP)",
+    );
   }
   const m = /^sha256=([0-9a-f]{64})$/i.exec(sig);
   const expected = Buffer.from(sign(secrets.hmac, ts, req.body), "hex");
@@ -102,6 +108,7 @@ export function authenticate(req: AuthRequest, secrets: Secrets, replay: ReplayC
   }
   // a read (GET) is checked for validity and freshness only: a poller signs an empty body, so two
   // polls in one second carry the same signature; anything that changes state is accepted once
-  if (req.method !== "GET" && req.method !== "HEAD" && !replay.admit(m[1]!.toLowerCase(), nowS)) throw unauthorized("replayed request: this signature was already used", "sign every request afresh (a new timestamp)");
+  if (req.method !== "GET" && req.method !== "HEAD" && !replay.admit(m[1]!.toLowerCase(), nowS))
+    throw unauthorized("replayed request: this signature was already used", "sign every request afresh (a new timestamp)");
   return "hmac";
 }

@@ -1,7 +1,7 @@
 // HTTP status for thinimg's errors. Every error a route answers with is the CLI's own envelope
 // ({"ok": false, "error": {"kind", "message", "hint"}}); the status comes from the error's kind, or
 // from an HttpError where the kind alone cannot say it (401, 404, 413, 503 draining).
-import { type ErrorKind, ThinimgError, errorEnvelope } from "../errors.ts";
+import { type ErrorKind, errorEnvelope, ThinimgError } from "../errors.ts";
 
 export class HttpError extends ThinimgError {
   constructor(

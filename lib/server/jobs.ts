@@ -41,9 +41,7 @@ export interface JobError {
 export type EnqueueResult = { created: true; job: JobRow } | { created: false; job: JobRow };
 
 const liveJob = (db: Db, pool: string, image: string): JobRow | null =>
-  db
-    .query(`SELECT * FROM jobs WHERE pool = ? AND image = ? AND state IN (${LIVE.map(() => "?").join(",")})`)
-    .get(pool, image, ...LIVE) as JobRow | null;
+  db.query(`SELECT * FROM jobs WHERE pool = ? AND image = ? AND state IN (${LIVE.map(() => "?").join(",")})`).get(pool, image, ...LIVE) as JobRow | null;
 
 /** Queue an unpack of `image`, or return the live job already there for it. */
 export function enqueueUnpack(db: Db, j: { pool: string; image: string; source: string; params: UnpackParams }): EnqueueResult {
@@ -73,7 +71,8 @@ export function listJobs(db: Db, pool: string, o: { state?: JobState | undefined
 
 export function countJobsByState(db: Db, pool: string): Record<JobState, number> {
   const out = Object.fromEntries(JOB_STATES.map((s) => [s, 0])) as Record<JobState, number>;
-  for (const r of db.query("SELECT state, COUNT(*) AS n FROM jobs WHERE pool = ? GROUP BY state").all(pool) as { state: JobState; n: number }[]) out[r.state] = r.n;
+  for (const r of db.query("SELECT state, COUNT(*) AS n FROM jobs WHERE pool = ? GROUP BY state").all(pool) as { state: JobState; n: number }[])
+    out[r.state] = r.n;
   return out;
 }
 
@@ -93,16 +92,16 @@ export function claimNextJob(db: Db, pool: string): JobRow | null {
 export function finishJob(db: Db, id: number, r: { ok: true; result: unknown } | { ok: false; error: JobError }): void {
   const t = now();
   if (r.ok) {
-    db.query("UPDATE jobs SET state = 'succeeded', result = ?, finished_at = ?, updated_at = ? WHERE id = ? AND state = 'running'").run(JSON.stringify(r.result), t, t, id);
-  } else {
-    db.query("UPDATE jobs SET state = 'failed', error_kind = ?, error_message = ?, error_hint = ?, finished_at = ?, updated_at = ? WHERE id = ? AND state = 'running'").run(
-      r.error.kind,
-      r.error.message,
-      r.error.hint,
+    db.query("UPDATE jobs SET state = 'succeeded', result = ?, finished_at = ?, updated_at = ? WHERE id = ? AND state = 'running'").run(
+      JSON.stringify(r.result),
       t,
       t,
       id,
     );
+  } else {
+    db.query(
+      "UPDATE jobs SET state = 'failed', error_kind = ?, error_message = ?, error_hint = ?, finished_at = ?, updated_at = ? WHERE id = ? AND state = 'running'",
+    ).run(r.error.kind, r.error.message, r.error.hint, t, t, id);
   }
 }
 
@@ -123,7 +122,5 @@ export function requeueInterrupted(db: Db, pool: string): number {
 
 /** Delete finished jobs older than the retention period; returns how many. */
 export function pruneJobs(db: Db, pool: string, olderThanMs: number, at = now()): number {
-  return db
-    .query("DELETE FROM jobs WHERE pool = ? AND state IN ('succeeded','failed') AND finished_at < ?")
-    .run(pool, at - olderThanMs).changes;
+  return db.query("DELETE FROM jobs WHERE pool = ? AND state IN ('succeeded','failed') AND finished_at < ?").run(pool, at - olderThanMs).changes;
 }

@@ -10,7 +10,8 @@ export type Listen = { kind: "tcp"; host: string; port: number } | { kind: "unix
 export function parseListen(raw: string): Listen {
   if (raw.startsWith("unix:")) {
     const path = raw.slice(5);
-    if (!isAbsolute(path) || /[\0-\x1f]/.test(path)) throw usageError(`--listen ${raw}: the socket path must be absolute`, "use e.g. unix:/run/thinimg/thinimg.sock");
+    if (!isAbsolute(path) || /[\0-\x1f]/.test(path))
+      throw usageError(`--listen ${raw}: the socket path must be absolute`, "use e.g. unix:/run/thinimg/thinimg.sock");
     return { kind: "unix", path };
   }
   const m = /^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+):(\d{1,5})$/.exec(raw);

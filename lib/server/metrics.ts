@@ -54,7 +54,12 @@ export class Metrics {
         buckets: [0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120],
         registers,
       }),
-      cmdFailures: new Counter({ name: "thinimg_command_failures_total", help: "Commands that exited non-zero or were killed (expected probe answers aside)", labelNames: ["command"], registers }),
+      cmdFailures: new Counter({
+        name: "thinimg_command_failures_total",
+        help: "Commands that exited non-zero or were killed (expected probe answers aside)",
+        labelNames: ["command"],
+        registers,
+      }),
       cmdTimeouts: new Counter({ name: "thinimg_command_timeouts_total", help: "Commands killed at their timeout", labelNames: ["command"], registers }),
       jobDuration: new Histogram({
         name: "thinimg_job_duration_seconds",
@@ -69,7 +74,10 @@ export class Metrics {
       poolMode: gauge("thinimg_pool_mode", "The pool's mode (1 for the current one): rw, ro, out_of_data_space, fail, error, unavailable", ["mode"]),
       needsCheck: gauge("thinimg_pool_needs_check", "1 when the pool has needs_check set"),
       rows: Object.fromEntries(
-        (["images", "layers", "snapshots"] as const).map((t) => [t, gauge(`thinimg_${t}`, `${t[0]!.toUpperCase()}${t.slice(1)} in the state DB by state`, ["state"])]),
+        (["images", "layers", "snapshots"] as const).map((t) => [
+          t,
+          gauge(`thinimg_${t}`, `${t[0]!.toUpperCase()}${t.slice(1)} in the state DB by state`, ["state"]),
+        ]),
       ) as Record<"images" | "layers" | "snapshots", Gauge<"state">>,
       health: gauge("thinimg_health_check", "Last health check results: 1 for each check's current status (ok, warn, block)", ["check", "status"]),
       healthDuration: gauge("thinimg_health_check_duration_seconds", "Duration of each check in the last run", ["check"]),

@@ -7,21 +7,21 @@ import * as v from "valibot";
 import { ThinimgError } from "../errors.ts";
 import { type HealthReport, reportJson } from "../health/types.ts";
 import { log } from "../log.ts";
-import { type ActivateResult, type ReleaseResult, findImage, findSnapshot } from "../pipeline/activate.ts";
-import type { Ctx } from "../pool/context.ts";
-import { assertImageName } from "../pool/names.ts";
-import { defaultImageName } from "../pipeline/unpack.ts";
-import { imageLayerIds, listImages } from "../store/images.ts";
-import { parseDuration, parseSize } from "../util/units.ts";
-import { type AllowList, admitSource } from "./allow.ts";
-import { type ReplayCache, type Secrets, authenticate } from "./auth.ts";
-import { HttpError, errorResponse } from "./http-error.ts";
-import { JOB_STATES, type JobRow, type JobState, enqueueUnpack, getJob, listJobs } from "./jobs.ts";
-import type { Metrics } from "./metrics.ts";
-import type { JobOps, JobRunner } from "./runner.ts";
+import { type ActivateResult, findImage, findSnapshot, type ReleaseResult } from "../pipeline/activate.ts";
 import type { PruneOptions, PruneResult } from "../pipeline/prune.ts";
 import type { ReattachAllReport } from "../pipeline/reattach.ts";
 import type { RemoveResult } from "../pipeline/remove.ts";
+import { defaultImageName } from "../pipeline/unpack.ts";
+import type { Ctx } from "../pool/context.ts";
+import { assertImageName } from "../pool/names.ts";
+import { imageLayerIds, listImages } from "../store/images.ts";
+import { parseDuration, parseSize } from "../util/units.ts";
+import { type AllowList, admitSource } from "./allow.ts";
+import { authenticate, type ReplayCache, type Secrets } from "./auth.ts";
+import { errorResponse, HttpError } from "./http-error.ts";
+import { enqueueUnpack, getJob, JOB_STATES, type JobRow, type JobState, listJobs } from "./jobs.ts";
+import type { Metrics } from "./metrics.ts";
+import type { JobOps, JobRunner } from "./runner.ts";
 
 export const MAX_BODY_BYTES = 64 * 1024;
 
@@ -96,13 +96,17 @@ function parseBody<S extends v.GenericSchema>(c: Context<Env>, schema: S): v.Inf
   try {
     data = JSON.parse(text);
   } catch (e) {
-    throw new ThinimgError("input", `the request body is not JSON: ${(e as Error).message}`, { hint: "send a JSON object with Content-Type: application/json" });
+    throw new ThinimgError("input", `the request body is not JSON: ${(e as Error).message}`, {
+      hint: "send a JSON object with Content-Type: application/json",
+    });
   }
   const r = v.safeParse(schema, data);
   if (!r.success) {
     const issue = r.issues[0];
     const path = v.getDotPath(issue);
-    throw new ThinimgError("input", `invalid request body: ${path ? `${path}: ` : ""}${issue.message}`, { hint: "see docs/ops-service.md for the request fields" });
+    throw new ThinimgError("input", `invalid request body: ${path ? `${path}: ` : ""}${issue.message}`, {
+      hint: "see docs/ops-service.md for the request fields",
+    });
   }
   return r.output;
 }
@@ -150,7 +154,8 @@ function v1(app: Hono<Env>, d: AppDeps): void {
   app.get("/v1/jobs/:id", (c) => {
     const id = c.req.param("id");
     const job = /^\d{1,15}$/.test(id) ? getJob(d.ctx.db, Number(id)) : null;
-    if (!job || job.pool !== d.ctx.cfg.pool) throw new HttpError(404, "missing", `no job ${JSON.stringify(id)}`, "jobs are pruned after the retention period; GET /v1/jobs lists them");
+    if (!job || job.pool !== d.ctx.cfg.pool)
+      throw new HttpError(404, "missing", `no job ${JSON.stringify(id)}`, "jobs are pruned after the retention period; GET /v1/jobs lists them");
     return c.json({ ok: true, job: jobJson(job, d.runner) });
   });
 
@@ -173,7 +178,10 @@ function v1(app: Hono<Env>, d: AppDeps): void {
       throw e;
     }
     const r = await d.ops.activate(d.ctx, b.image, { sizeBytes });
-    return c.json({ ok: true, snapshot: { id: r.snapshot_id, device: r.device_path, device_name: r.device_name, image: r.image, thin_id: r.thin_id, duration_ms: r.duration_ms } });
+    return c.json({
+      ok: true,
+      snapshot: { id: r.snapshot_id, device: r.device_path, device_name: r.device_name, image: r.image, thin_id: r.thin_id, duration_ms: r.duration_ms },
+    });
   });
 
   app.post("/v1/release", async (c) => {
@@ -194,7 +202,9 @@ function v1(app: Hono<Env>, d: AppDeps): void {
     // deletes in one second from looking like a replay)
     const named = c.get("body").length > 0 ? parseBody(c, DeleteBody).image : name;
     if (named !== name) {
-      throw new ThinimgError("input", `invalid request body: image ${JSON.stringify(named)} is not the one in the path (${name})`, { hint: 'send {"image": NAME} for DELETE /v1/images/NAME, or no body' });
+      throw new ThinimgError("input", `invalid request body: image ${JSON.stringify(named)} is not the one in the path (${name})`, {
+        hint: 'send {"image": NAME} for DELETE /v1/images/NAME, or no body',
+      });
     }
     try {
       findImage(d.ctx, name);
@@ -215,16 +225,18 @@ function v1(app: Hono<Env>, d: AppDeps): void {
   });
 
   app.get("/v1/images", (c) => {
-    const images = listImages(d.ctx.db, d.ctx.cfg.pool).filter((i) => !i.removed_at).map((i) => ({
-      id: i.id,
-      name: i.name,
-      state: i.state,
-      source: i.source,
-      format: i.format,
-      layers: imageLayerIds(d.ctx.db, i.id).length,
-      ready_at: iso(i.ready_at),
-      error: i.error,
-    }));
+    const images = listImages(d.ctx.db, d.ctx.cfg.pool)
+      .filter((i) => !i.removed_at)
+      .map((i) => ({
+        id: i.id,
+        name: i.name,
+        state: i.state,
+        source: i.source,
+        format: i.format,
+        layers: imageLayerIds(d.ctx.db, i.id).length,
+        ready_at: iso(i.ready_at),
+        error: i.error,
+      }));
     return c.json({ ok: true, images });
   });
 }

@@ -1,12 +1,11 @@
 // The job runner: unpack jobs one at a time through the pipeline (the ADR's unpack queue of 1; the
 // pipeline's own locks and dm queue serialize the dm work against activations and other processes).
 // The operations are a parameter so unit tests can drive the queue without a kernel.
-import { ThinimgError, errorMessage } from "../errors.ts";
+import { errorMessage, ThinimgError } from "../errors.ts";
 import { log } from "../log.ts";
-import type { Ctx } from "../pool/context.ts";
-import type { Progress } from "../pool/context.ts";
 import type { UnpackOptions, UnpackResult } from "../pipeline/unpack.ts";
-import { type JobError, type JobRow, type UnpackParams, claimNextJob, finishJob, interruptJob, listJobs } from "./jobs.ts";
+import type { Ctx, Progress } from "../pool/context.ts";
+import { claimNextJob, finishJob, interruptJob, type JobError, type JobRow, listJobs, type UnpackParams } from "./jobs.ts";
 
 export interface JobOps {
   unpack(ctx: Ctx, o: UnpackOptions): Promise<UnpackResult>;
@@ -124,9 +123,10 @@ export class JobRunner {
       this.prefetched.add(job.id);
       const params = JSON.parse(job.params) as UnpackParams;
       log.debug(`job ${job.id}: prefetching ${job.source}`);
-      prefetch({ ...this.ctx, progress: undefined }, { source: job.source, name: job.image, platform: params.platform, signal: this.prefetchAbort.signal }).catch((e: unknown) =>
-        log.debug(`job ${job.id}: prefetch failed (the job reports it when it runs): ${errorMessage(e)}`),
-      );
+      prefetch(
+        { ...this.ctx, progress: undefined },
+        { source: job.source, name: job.image, platform: params.platform, signal: this.prefetchAbort.signal },
+      ).catch((e: unknown) => log.debug(`job ${job.id}: prefetch failed (the job reports it when it runs): ${errorMessage(e)}`));
     }
   }
 

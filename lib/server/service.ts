@@ -13,20 +13,20 @@ import { tryAcquireNamed } from "../lock/named-lock.ts";
 import { describeHolder } from "../lock/owner.ts";
 import { log } from "../log.ts";
 import { activate, release } from "../pipeline/activate.ts";
-import { type Ctx, asHolder, makeCtx } from "../pool/context.ts";
 import { prune } from "../pipeline/prune.ts";
 import { reattachAll, renderReattach } from "../pipeline/reattach.ts";
 import { removeImages } from "../pipeline/remove.ts";
 import { resolveOptions, unpack } from "../pipeline/unpack.ts";
+import { asHolder, type Ctx, makeCtx } from "../pool/context.ts";
+import { serviceLockKey } from "../store/keys.ts";
 import { deleteLockRow } from "../store/locks.ts";
 import { type AllowList, makeAllowList } from "./allow.ts";
-import { ReplayCache, type Secrets, readSecretFile } from "./auth.ts";
+import { ReplayCache, readSecretFile, type Secrets } from "./auth.ts";
 import { type JobRow, pruneJobs, requeueInterrupted } from "./jobs.ts";
-import { type Listen, formatListen, isLocalOnly } from "./listen.ts";
+import { formatListen, isLocalOnly, type Listen } from "./listen.ts";
 import { Metrics } from "./metrics.ts";
-import { type ServiceOps, makeApp } from "./routes.ts";
+import { makeApp, type ServiceOps } from "./routes.ts";
 import { JobRunner } from "./runner.ts";
-import { serviceLockKey } from "../store/keys.ts";
 
 export const DEFAULT_RETENTION_MS = 7 * 24 * 3_600_000;
 export const DEFAULT_DRAIN_MS = 60_000;
@@ -94,7 +94,10 @@ function checkAuthOptions(o: ServiceOptions): void {
   if (o.insecureNoAuth) {
     if (o.secretFile || o.tokenFile) throw usageError("--insecure-no-auth cannot be combined with --secret-file or --token-file");
     if (!isLocalOnly(o.listen)) {
-      throw usageError(`--insecure-no-auth listens only on loopback or a unix socket, not ${formatListen(o.listen)}`, "give --secret-file FILE, or --listen 127.0.0.1:PORT");
+      throw usageError(
+        `--insecure-no-auth listens only on loopback or a unix socket, not ${formatListen(o.listen)}`,
+        "give --secret-file FILE, or --listen 127.0.0.1:PORT",
+      );
     }
   } else if (!o.secretFile && !o.tokenFile) {
     throw usageError("--secret-file is required", "create one with `openssl rand -hex 32 > /etc/thinimg/secret` (or run a local test with --insecure-no-auth)");
@@ -153,12 +156,17 @@ async function startLocked(o: ServiceOptions, ctx: Ctx, lockKey: string, initial
   if (!re.ok || re.summary.reattached > 0) for (const line of renderReattach(re)) (re.ok ? log.info : log.warn)(line);
 
   const metrics = new Metrics(ctx, { refreshHealth: () => ops.health(ctx) });
-  const runner = new JobRunner(ctx, ops, {
-    onFinish(job, state, ms) {
-      metrics.observeJob(job.kind, state, ms);
-      pruneJobs(ctx.db, ctx.cfg.pool, retentionMs);
+  const runner = new JobRunner(
+    ctx,
+    ops,
+    {
+      onFinish(job, state, ms) {
+        metrics.observeJob(job.kind, state, ms);
+        pruneJobs(ctx.db, ctx.cfg.pool, retentionMs);
+      },
     },
-  }, { prefetch: o.prefetch ?? 1 });
+    { prefetch: o.prefetch ?? 1 },
+  );
   let draining = false;
   let inflight = 0;
   const app = makeApp({ ctx, ops, runner, allow, secrets: () => secrets, replay: new ReplayCache(), draining: () => draining, metrics });

@@ -12,7 +12,10 @@ export interface BlobRow {
   updated_at: number;
 }
 
-export function recordBlob(db: Db, b: { digest: string; size: number; compression?: BlobRow["compression"]; diffId?: string | null; state?: BlobRow["state"]; error?: string | null }): void {
+export function recordBlob(
+  db: Db,
+  b: { digest: string; size: number; compression?: BlobRow["compression"]; diffId?: string | null; state?: BlobRow["state"]; error?: string | null },
+): void {
   const t = now();
   db.query(
     `INSERT INTO blobs (digest, size, compression, diff_id, state, error, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)

@@ -4,7 +4,7 @@
 import { Database } from "bun:sqlite";
 import { mkdirSync } from "node:fs";
 import { dirname } from "node:path";
-import { ThinimgError, errorMessage } from "../errors.ts";
+import { errorMessage, ThinimgError } from "../errors.ts";
 import { MIGRATIONS, migrate } from "./migrations.ts";
 
 export type Db = Database;
@@ -32,9 +32,7 @@ export function openDb(path: string, o: OpenOptions = {}): Db {
     db.exec("PRAGMA synchronous = FULL");
   }
   db.exec("PRAGMA foreign_keys = ON");
-  const version = o.readOnly
-    ? (db.query("PRAGMA user_version").get() as { user_version: number }).user_version
-    : migrate(db);
+  const version = o.readOnly ? (db.query("PRAGMA user_version").get() as { user_version: number }).user_version : migrate(db);
   if (version > MIGRATIONS.length) {
     db.close();
     throw new ThinimgError("conflict", `state database ${path} has schema version ${version}, this thinimg knows ${MIGRATIONS.length}`, {

@@ -5,13 +5,13 @@
 import type { Db } from "./db.ts";
 import type { DeviceRow } from "./devices.ts";
 import type { ImageRow } from "./images.ts";
+import { isPoolLockKey } from "./keys.ts";
 import type { LayerRow } from "./layers.ts";
 import type { LockRow } from "./locks.ts";
 import type { MountRow } from "./mounts.ts";
 import type { SnapshotRow } from "./snapshots.ts";
 import type { ThinIdRow } from "./thin-ids.ts";
 import type { WorkRow } from "./work.ts";
-import { isPoolLockKey } from "./keys.ts";
 
 export interface GcRows {
   thinIds: ThinIdRow[];
@@ -59,7 +59,10 @@ export function readGcRows(db: Db, pool: string): GcRows {
     locks: (db.query("SELECT * FROM locks ORDER BY key").all() as LockRow[]).filter((l) => prefixed(l.key, pool)),
     lastTxn: (db.query("SELECT MAX(txn_after) AS m FROM steps WHERE pool = ?").get(pool) as { m: number | null }).m,
     firstSeen: hasTable(db, "gc_unknown_ids")
-      ? (db.query("SELECT thin_id, first_seen_at FROM gc_unknown_ids WHERE pool = ? ORDER BY thin_id").all(pool) as { thin_id: number; first_seen_at: number }[])
+      ? (db.query("SELECT thin_id, first_seen_at FROM gc_unknown_ids WHERE pool = ? ORDER BY thin_id").all(pool) as {
+          thin_id: number;
+          first_seen_at: number;
+        }[])
       : [],
   }))();
 }

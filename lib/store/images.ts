@@ -67,7 +67,11 @@ export function releaseIfUnreferenced(db: Db, layerIds: number[], t: number): { 
   return out;
 }
 
-export function markImageReady(db: Db, id: number, r: { format: string; config: unknown; layerIds: number[]; topChainId: string | null; source?: string }): void {
+export function markImageReady(
+  db: Db,
+  id: number,
+  r: { format: string; config: unknown; layerIds: number[]; topChainId: string | null; source?: string },
+): void {
   tx(db, () => {
     const t = now();
     const before = imageLayerIds(db, id);
@@ -82,7 +86,16 @@ export function markImageReady(db: Db, id: number, r: { format: string; config: 
     if (dropped.length) releaseIfUnreferenced(db, dropped, t);
     db.query(
       "UPDATE images SET state = 'ready', source = COALESCE(?, source), format = ?, config = ?, top_layer_id = ?, top_chain_id = ?, error = NULL, error_kind = NULL, ready_at = ?, updated_at = ? WHERE id = ?",
-    ).run(r.source ?? null, r.format, r.config === null || r.config === undefined ? null : JSON.stringify(r.config), r.layerIds.at(-1) ?? null, r.topChainId, t, t, id);
+    ).run(
+      r.source ?? null,
+      r.format,
+      r.config === null || r.config === undefined ? null : JSON.stringify(r.config),
+      r.layerIds.at(-1) ?? null,
+      r.topChainId,
+      t,
+      t,
+      id,
+    );
   });
 }
 

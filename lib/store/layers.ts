@@ -8,18 +8,7 @@ import { getThinId, setThinIdState } from "./thin-ids.ts";
 export type LayerState = "building" | "committed" | "failed";
 
 /** Build steps in order; `phase` holds the last one completed (the resume point). */
-export const LAYER_PHASES = [
-  "new",
-  "allocated",
-  "created",
-  "activated",
-  "formatted",
-  "mounted",
-  "applied",
-  "unmounted",
-  "deactivated",
-  "committed",
-] as const;
+export const LAYER_PHASES = ["new", "allocated", "created", "activated", "formatted", "mounted", "applied", "unmounted", "deactivated", "committed"] as const;
 export type LayerPhase = (typeof LAYER_PHASES)[number];
 
 export interface LayerRow {
@@ -56,7 +45,20 @@ export function getLayer(db: Db, id: number): LayerRow | null {
   return db.query("SELECT * FROM layers WHERE id = ?").get(id) as LayerRow | null;
 }
 
-export function insertLayer(db: Db, l: { pool: string; chainId: string; parentId: number | null; parentChainId: string | null; identity: string; diffId: string | null; digest: string; size: number; virtualSize: number }): LayerRow {
+export function insertLayer(
+  db: Db,
+  l: {
+    pool: string;
+    chainId: string;
+    parentId: number | null;
+    parentChainId: string | null;
+    identity: string;
+    diffId: string | null;
+    digest: string;
+    size: number;
+    virtualSize: number;
+  },
+): LayerRow {
   const t = now();
   const r = db
     .query(
@@ -67,7 +69,9 @@ export function insertLayer(db: Db, l: { pool: string; chainId: string; parentId
   return r;
 }
 
-type LayerPatch = Partial<Pick<LayerRow, "thin_id" | "device_name" | "state" | "phase" | "attempt" | "error" | "error_kind" | "stats" | "committed_at" | "virtual_size">>;
+type LayerPatch = Partial<
+  Pick<LayerRow, "thin_id" | "device_name" | "state" | "phase" | "attempt" | "error" | "error_kind" | "stats" | "committed_at" | "virtual_size">
+>;
 
 export function updateLayer(db: Db, id: number, patch: LayerPatch): void {
   const keys = Object.keys(patch) as (keyof LayerPatch)[];
@@ -97,12 +101,14 @@ export function layerRefCounts(db: Db, pool: string): Map<number, number> {
 export function abandonLayerAttempt(db: Db, pool: string, l: LayerRow, why: string, mountPath: string | null = null): void {
   if (l.thin_id !== null) {
     const t = getThinId(db, pool, l.thin_id);
-    if (t && t.state !== "deleted" && t.state !== "deleting") setThinIdState(db, pool, l.thin_id, "orphaned", `abandoned build attempt of layer ${l.id}: ${why}`);
+    if (t && t.state !== "deleted" && t.state !== "deleting")
+      setThinIdState(db, pool, l.thin_id, "orphaned", `abandoned build attempt of layer ${l.id}: ${why}`);
   }
   const mounts = new Set<string>(mountPath ? [mountPath] : []);
   if (l.device_name) {
     const d = getDevice(db, pool, l.device_name);
-    if (d && (d.state === "active" || d.state === "activating" || d.state === "removing")) setDeviceState(db, pool, d.name, "leaked", `abandoned build attempt: ${why}`);
+    if (d && (d.state === "active" || d.state === "activating" || d.state === "removing"))
+      setDeviceState(db, pool, d.name, "leaked", `abandoned build attempt: ${why}`);
     const rows = db.query("SELECT path FROM mounts WHERE pool = ? AND device_name = ?").all(pool, l.device_name) as { path: string }[];
     for (const m of rows) mounts.add(m.path);
   }

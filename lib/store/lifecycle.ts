@@ -3,7 +3,7 @@
 // is one transaction, so a crash leaves either the image as it was or removed with its layers
 // released; GC (lib/pool/unreferenced.ts) does the rest.
 import { type Db, now, tx } from "./db.ts";
-import { type ImageRow, getImage, releaseIfUnreferenced } from "./images.ts";
+import { getImage, type ImageRow, releaseIfUnreferenced } from "./images.ts";
 import { updateLayer } from "./layers.ts";
 
 export interface RemovedRecord {

@@ -15,7 +15,10 @@ export interface MountRow {
   updated_at: number;
 }
 
-export function setMount(db: Db, m: { path: string; pool: string; deviceName: string; thinId: number; purpose: "apply" | "inspect"; state: MountState; reason?: string | null }): void {
+export function setMount(
+  db: Db,
+  m: { path: string; pool: string; deviceName: string; thinId: number; purpose: "apply" | "inspect"; state: MountState; reason?: string | null },
+): void {
   const t = now();
   db.query(
     `INSERT INTO mounts (path, pool, device_name, thin_id, purpose, state, reason, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)

@@ -25,7 +25,9 @@ export interface SnapshotRow {
 export function insertSnapshot(db: Db, s: { pool: string; imageId: number; layerId: number; virtualSize: number; pid: number; command: string }): SnapshotRow {
   const t = now();
   return db
-    .query("INSERT INTO snapshots (pool, image_id, layer_id, virtual_size, state, pid, command, created_at, updated_at) VALUES (?, ?, ?, ?, 'pending', ?, ?, ?, ?) RETURNING *")
+    .query(
+      "INSERT INTO snapshots (pool, image_id, layer_id, virtual_size, state, pid, command, created_at, updated_at) VALUES (?, ?, ?, ?, 'pending', ?, ?, ?, ?) RETURNING *",
+    )
     .get(s.pool, s.imageId, s.layerId, s.virtualSize, s.pid, s.command, t, t) as SnapshotRow;
 }
 

@@ -24,23 +24,33 @@ export const FIRST_THIN_ID = 1;
 
 /** Reserve the next free id for an owner. Reuses only ids GC has confirmed deleted, and only once
  * the 24-bit space is exhausted. */
-export function allocateThinId(db: Db, pool: string, owner: { kind: OwnerKind; id: number | null }, originThinId: number | null = null, reason: string | null = null): number {
+export function allocateThinId(
+  db: Db,
+  pool: string,
+  owner: { kind: OwnerKind; id: number | null },
+  originThinId: number | null = null,
+  reason: string | null = null,
+): number {
   return tx(db, () => {
     const max = (db.query("SELECT MAX(thin_id) AS m FROM thin_ids WHERE pool = ?").get(pool) as { m: number | null }).m;
     let id = max === null ? FIRST_THIN_ID : max + 1;
     const t = now();
     if (id > MAX_THIN_ID) {
-      const free = db.query("SELECT thin_id FROM thin_ids WHERE pool = ? AND state = 'deleted' ORDER BY thin_id LIMIT 1").get(pool) as { thin_id: number } | null;
+      const free = db.query("SELECT thin_id FROM thin_ids WHERE pool = ? AND state = 'deleted' ORDER BY thin_id LIMIT 1").get(pool) as {
+        thin_id: number;
+      } | null;
       if (!free) {
         throw new ThinimgError("policy", `pool ${pool}: all ${MAX_THIN_ID} thin ids are in use or awaiting GC`, { hint: "run `bun scripts/gc.ts --force`" });
       }
       id = free.thin_id;
-      db.query("UPDATE thin_ids SET owner_kind = ?, owner_id = ?, origin_thin_id = ?, state = 'allocated', reason = ?, created_at = ?, updated_at = ? WHERE pool = ? AND thin_id = ?")
-        .run(owner.kind, owner.id, originThinId, reason, t, t, pool, id);
+      db.query(
+        "UPDATE thin_ids SET owner_kind = ?, owner_id = ?, origin_thin_id = ?, state = 'allocated', reason = ?, created_at = ?, updated_at = ? WHERE pool = ? AND thin_id = ?",
+      ).run(owner.kind, owner.id, originThinId, reason, t, t, pool, id);
       return id;
     }
-    db.query("INSERT INTO thin_ids (pool, thin_id, owner_kind, owner_id, origin_thin_id, state, reason, created_at, updated_at) VALUES (?, ?, ?, ?, ?, 'allocated', ?, ?, ?)")
-      .run(pool, id, owner.kind, owner.id, originThinId, reason, t, t);
+    db.query(
+      "INSERT INTO thin_ids (pool, thin_id, owner_kind, owner_id, origin_thin_id, state, reason, created_at, updated_at) VALUES (?, ?, ?, ?, ?, 'allocated', ?, ?, ?)",
+    ).run(pool, id, owner.kind, owner.id, originThinId, reason, t, t);
     return id;
   });
 }

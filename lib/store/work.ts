@@ -105,7 +105,10 @@ export function endStep(db: Db, id: number, state: Exclude<StepState, "pending">
   db.query("UPDATE steps SET state = ?, outcome = ?, error = ?, updated_at = ? WHERE id = ?").run(state, outcome, error, now(), id);
 }
 
-export function pendingSteps(db: Db, pool: string): (StepRow & { work_pid: number; work_start_time: number | null; work_host: string; work_kind: WorkKind; work_subject: string })[] {
+export function pendingSteps(
+  db: Db,
+  pool: string,
+): (StepRow & { work_pid: number; work_start_time: number | null; work_host: string; work_kind: WorkKind; work_subject: string })[] {
   return db
     .query(
       `SELECT s.*, w.pid AS work_pid, w.start_time AS work_start_time, w.host AS work_host, w.kind AS work_kind, w.subject AS work_subject

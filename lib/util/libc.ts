@@ -63,8 +63,7 @@ function errno(): number {
 }
 
 /** A C string: a JS string as UTF-8, a Buffer (a path's raw bytes, bytepath.ts) as it is. */
-const cstr = (s: string | Buffer): Buffer =>
-  typeof s === "string" ? Buffer.from(`${s}\0`, "utf8") : Buffer.concat([s, Buffer.alloc(1)]);
+const cstr = (s: string | Buffer): Buffer => (typeof s === "string" ? Buffer.from(`${s}\0`, "utf8") : Buffer.concat([s, Buffer.alloc(1)]));
 const shown = (p: string | Buffer): string => (typeof p === "string" ? p : p.toString("latin1"));
 
 export function fsetxattr(fd: number, name: string, value: Uint8Array): void {

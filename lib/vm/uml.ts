@@ -6,8 +6,8 @@
 // watchdog does the same if this process is SIGKILLed and cannot clean up.
 import { closeSync, existsSync, mkdtempSync, openSync, readdirSync, readFileSync, readSync, rmSync, writeFileSync } from "node:fs";
 import { ThinimgError } from "../errors.ts";
-import { parseSize } from "../util/units.ts";
 import { groupProcesses } from "../util/proc.ts";
+import { parseSize } from "../util/units.ts";
 import { vmEnv } from "./env.ts";
 import { vmHost } from "./host.ts";
 import { buildInitScript, parseResult, RUN_FILES } from "./init.ts";
@@ -319,7 +319,11 @@ export async function runInVm(opts: VmOptions): Promise<VmResult> {
   const processGroups = [vm.group];
   const result = parseResult(resultText);
   if (result.kind === "setup-failed") {
-    throw new VmError(`VM setup failed: ${result.message}`, kernelLog, "see the kernel log above; check the UML modules (apt-get install --reinstall user-mode-linux)");
+    throw new VmError(
+      `VM setup failed: ${result.message}`,
+      kernelLog,
+      "see the kernel log above; check the UML modules (apt-get install --reinstall user-mode-linux)",
+    );
   }
   if (result.kind === "rc") {
     return { exitCode: result.exitCode, timedOut: false, kernelLog, stdout, stderr, durationMs, runDir, processGroups };

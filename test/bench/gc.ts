@@ -11,7 +11,7 @@
 import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { loadConfig } from "../../lib/config.ts";
-import { dmsetup, losetup, pool as dmpool, thintools } from "../../lib/dm/index.ts";
+import { pool as dmpool, dmsetup, losetup, thintools } from "../../lib/dm/index.ts";
 import { makeBackingFile } from "../../lib/dm/loop-pool.ts";
 import { udevArgs } from "../../lib/dm/udev.ts";
 import { runOk } from "../../lib/exec.ts";
@@ -67,7 +67,14 @@ async function makePool(tag: string, xml: string): Promise<BenchPool> {
   const dataDev = await losetup.attach(data);
   await dmsetup.create(
     name,
-    dmpool.poolTable({ metaDev, dataDev, dataSectors: DATA_BLOCKS * BLOCK_SECTORS, blockSectors: BLOCK_SECTORS, lowWaterMark: 64, features: ["error_if_no_space"] }),
+    dmpool.poolTable({
+      metaDev,
+      dataDev,
+      dataSectors: DATA_BLOCKS * BLOCK_SECTORS,
+      blockSectors: BLOCK_SECTORS,
+      lowWaterMark: 64,
+      features: ["error_if_no_space"],
+    }),
   );
   return { name, dir, metaDev, dataDev };
 }
@@ -97,8 +104,12 @@ function seedDb(stateDir: string, pool: string): void {
     const layer = db.query(
       "INSERT INTO layers (id, pool, chain_id, identity, digest, size, thin_id, device_name, virtual_size, state, phase, created_at, updated_at) VALUES (?, ?, ?, ?, ?, 1, ?, ?, 1073741824, 'committed', 'committed', ?, ?)",
     );
-    const ledger = db.query("INSERT INTO thin_ids (pool, thin_id, owner_kind, owner_id, state, reason, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)");
-    const snap = db.query("INSERT INTO snapshots (id, pool, image_id, layer_id, thin_id, device_name, state, created_at, updated_at, released_at) VALUES (?, ?, 1, 1, ?, ?, 'released', ?, ?, ?)");
+    const ledger = db.query(
+      "INSERT INTO thin_ids (pool, thin_id, owner_kind, owner_id, state, reason, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+    );
+    const snap = db.query(
+      "INSERT INTO snapshots (id, pool, image_id, layer_id, thin_id, device_name, state, created_at, updated_at, released_at) VALUES (?, ?, 1, 1, ?, ?, 'released', ?, ?, ?)",
+    );
     for (let id = 1; id <= LIVE; id++) {
       ledger.run(pool, id, "layer", id, "committed", null, t, t);
       layer.run(id, pool, `sha256:${id}`, `sha256:${id}`, `sha256:${id}`, id, `thinimg-${pool}-layer-${id}`, t, t);
@@ -110,8 +121,12 @@ function seedDb(stateDir: string, pool: string): void {
     // ids LIVE+RELEASED+1..COUNT: in the pool, unknown to the DB
     // the DB recorded the pool's last change (transaction 1 in the restored metadata): it is not
     // behind the pool, so GC may treat the ids it does not know as orphans
-    db.query("INSERT INTO work (id, pool, kind, subject, state, pid, host, command, created_at, updated_at, finished_at) VALUES (1, ?, 'build_layer', 'layer:1', 'done', 1, 'bench', 'bench', ?, ?, ?)").run(pool, t, t, t);
-    db.query("INSERT INTO steps (work_id, pool, name, state, thin_id, txn_before, txn_after, created_at, updated_at) VALUES (1, ?, 'create_thin', 'done', ?, 0, 1, ?, ?)").run(pool, LIVE, t, t);
+    db.query(
+      "INSERT INTO work (id, pool, kind, subject, state, pid, host, command, created_at, updated_at, finished_at) VALUES (1, ?, 'build_layer', 'layer:1', 'done', 1, 'bench', 'bench', ?, ?, ?)",
+    ).run(pool, t, t, t);
+    db.query(
+      "INSERT INTO steps (work_id, pool, name, state, thin_id, txn_before, txn_after, created_at, updated_at) VALUES (1, ?, 'create_thin', 'done', ?, 0, 1, ?, ?)",
+    ).run(pool, LIVE, t, t);
   });
   db.close();
 }
@@ -149,7 +164,9 @@ async function gc(p: BenchPool, stateDir: string, force: boolean): Promise<GcRun
     return { ms, r: JSON.parse(out) as GcReport, code, cmds };
   } catch {
     writeFileSync(`${cmdLog}.stdout`, out);
-    throw new Error(`gc${force ? " --force" : ""} exit ${code}: stdout not JSON (${out.length} chars, kept in ${cmdLog}.stdout): ${out.slice(0, 200)} … ${out.slice(-200)}\n${err}`);
+    throw new Error(
+      `gc${force ? " --force" : ""} exit ${code}: stdout not JSON (${out.length} chars, kept in ${cmdLog}.stdout): ${out.slice(0, 200)} … ${out.slice(-200)}\n${err}`,
+    );
   }
 }
 
@@ -181,7 +198,9 @@ try {
   seedDb(stateDir, a.name);
   const orphanIds = Array.from({ length: COUNT - LIVE }, (_, i) => LIVE + 1 + i);
   const before = await dmpool.poolStatusOk(a.name);
-  console.log(`pool: ${COUNT} thin ids (${LIVE} live, ${RELEASED} released snapshots, ${COUNT - LIVE - RELEASED} unknown to the DB), ${before.dataUsed} data blocks used`);
+  console.log(
+    `pool: ${COUNT} thin ids (${LIVE} live, ${RELEASED} released snapshots, ${COUNT - LIVE - RELEASED} unknown to the DB), ${before.dataUsed} data blocks used`,
+  );
 
   const dry = await gc(a, stateDir, false);
   if (dry.r.orphans.length !== COUNT - LIVE) throw new Error(`dry-run found ${dry.r.orphans.length} orphans, expected ${COUNT - LIVE}`);
@@ -201,12 +220,18 @@ try {
 
   const n = COUNT - LIVE;
   console.log(`dry-run:   ${fmt(dry.ms)} wall (${fmt(dry.r.duration_ms)} inside gc), ${dry.r.orphans.length} orphans listed, exit ${dry.code}`);
-  console.log(`--force:   ${fmt(force.ms)} wall (${fmt(force.r.duration_ms)} inside gc), ${done} removed, ${(force.r.duration_ms / n).toFixed(1)} ms/id, exit ${force.code}`);
-  console.log(`baseline:  ${fmt(baseMs)} for ${n} raw \`dmsetup message delete\` (${(baseMs / n).toFixed(1)} ms/id; ${fmt(base1)} before and ${fmt(base2)} after the --force run)`);
+  console.log(
+    `--force:   ${fmt(force.ms)} wall (${fmt(force.r.duration_ms)} inside gc), ${done} removed, ${(force.r.duration_ms / n).toFixed(1)} ms/id, exit ${force.code}`,
+  );
+  console.log(
+    `baseline:  ${fmt(baseMs)} for ${n} raw \`dmsetup message delete\` (${(baseMs / n).toFixed(1)} ms/id; ${fmt(base1)} before and ${fmt(base2)} after the --force run)`,
+  );
   console.log(`ratio:     --force / baseline = ${(force.ms / baseMs).toFixed(2)}x wall, ${(force.r.duration_ms / baseMs).toFixed(2)}x inside gc`);
   // drift-proof: the same run's own delete commands, timed by lib/exec, against the whole run
   const ownDeletes = force.cmds.get("dmsetup message delete")?.[1] ?? 0;
-  console.log(`overhead:  --force inside gc / its own ${n} delete commands = ${(force.r.duration_ms / ownDeletes).toFixed(2)}x (${fmt(force.r.duration_ms - ownDeletes)} for scans, health, pool checks, ledger)`);
+  console.log(
+    `overhead:  --force inside gc / its own ${n} delete commands = ${(force.r.duration_ms / ownDeletes).toFixed(2)}x (${fmt(force.r.duration_ms - ownDeletes)} for scans, health, pool checks, ledger)`,
+  );
   console.log(`commands:  dry-run: ${cmdSummary(dry)}`);
   console.log(`           --force: ${cmdSummary(force)}`);
   console.log(`data use:  ${before.dataUsed} → ${after.dataUsed} blocks; second --force: ${again.r.orphans.length} orphans (${fmt(again.ms)})`);

@@ -7,9 +7,9 @@ import { join } from "node:path";
 import { loadConfig } from "../../lib/config.ts";
 import { createLoopPool } from "../../lib/dm/loop-pool.ts";
 import { runOk } from "../../lib/exec.ts";
-import { makeCtx } from "../../lib/pool/context.ts";
 import { writeDemoImages } from "../../lib/pipeline/demo-image.ts";
 import { unpack } from "../../lib/pipeline/unpack.ts";
+import { makeCtx } from "../../lib/pool/context.ts";
 import { sign } from "../../lib/server/auth.ts";
 import { parseListen } from "../../lib/server/listen.ts";
 import { startService } from "../../lib/server/service.ts";
@@ -73,7 +73,9 @@ async function main(): Promise<void> {
   }
   console.log("\nthinimg service activation benchmark (inside the test VM)");
   console.log(`  runs: service ${ours.map(ms).join(", ")}; raw ${raw.map(ms).join(", ")}`);
-  console.log(`  activate via signed HTTP (incl. health checks), median  ${ms(median(ours)).padStart(7)}  vs ${ms(median(raw))} raw dmsetup  ${(median(ours) / median(raw)).toFixed(2)}×  target ≤ 1.2×`);
+  console.log(
+    `  activate via signed HTTP (incl. health checks), median  ${ms(median(ours)).padStart(7)}  vs ${ms(median(raw))} raw dmsetup  ${(median(ours) / median(raw)).toFixed(2)}×  target ≤ 1.2×`,
+  );
 }
 
 try {

@@ -7,16 +7,16 @@
 //   3. re-run of an unpacked image: in-process call and whole CLI                                    (target ≤ 100 ms)
 //   4. second image sharing 3 of 5 layers vs a full unpack                                          (target ≤ 0.4×)
 //   5. peak RSS unpacking a ~1 GB image                                                             (target ≤ 200 MB)
-import { mkdirSync, mkdtempSync, readFileSync, readdirSync, rmSync } from "node:fs";
+import { mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync } from "node:fs";
 import { join } from "node:path";
 import { parseArgs } from "node:util";
 import { loadConfig } from "../../lib/config.ts";
 import { createLoopPool } from "../../lib/dm/loop-pool.ts";
 import { runOk } from "../../lib/exec.ts";
 import { activate } from "../../lib/pipeline/activate.ts";
-import { makeCtx } from "../../lib/pool/context.ts";
 import { writeDemoImages } from "../../lib/pipeline/demo-image.ts";
 import { unpack } from "../../lib/pipeline/unpack.ts";
+import { makeCtx } from "../../lib/pool/context.ts";
 import { dmAvailable } from "../helpers/kernel.ts";
 
 const { values: flags } = parseArgs({
@@ -103,10 +103,16 @@ async function main() {
   const shell = await timed(["bash", "-c", shellUnpackScript(pool, layersOf(alpha.dir), 100_000, join(root, "mnt-shell"))]);
   const cmdLog = join(root, "cmd.log");
   const full = await timed(cli("unpack.ts", alpha.dir, "--name", "alpha"), { THINIMG_CMD_LOG: cmdLog });
-  const recs = readFileSync(cmdLog, "utf8").trim().split("\n").map((l) => JSON.parse(l) as { command: string; duration_ms: number });
+  const recs = readFileSync(cmdLog, "utf8")
+    .trim()
+    .split("\n")
+    .map((l) => JSON.parse(l) as { command: string; duration_ms: number });
   const byTool = new Map<string, { n: number; ms: number }>();
   for (const r of recs) {
-    const tool = r.command.split(" ").filter((w) => !w.startsWith("-"))[0] === "dmsetup" ? `dmsetup ${r.command.split(" ").find((w, i) => i > 0 && !w.startsWith("-"))}` : r.command.split(" ")[0]!;
+    const tool =
+      r.command.split(" ").filter((w) => !w.startsWith("-"))[0] === "dmsetup"
+        ? `dmsetup ${r.command.split(" ").find((w, i) => i > 0 && !w.startsWith("-"))}`
+        : r.command.split(" ")[0]!;
     const t = byTool.get(tool) ?? { n: 0, ms: 0 };
     t.n++;
     t.ms += r.duration_ms;
@@ -122,7 +128,8 @@ async function main() {
   });
 
   console.log(`\nunpack ran ${recs.length} external commands (${ms(recs.reduce((a, r) => a + r.duration_ms, 0))}); the shell baseline runs ${shellCmds}:`);
-  for (const [tool, t] of [...byTool].sort((a, b) => b[1].ms - a[1].ms)) console.log(`  ${tool.padEnd(24)} ${String(t.n).padStart(4)}×  ${ms(t.ms).padStart(9)}`);
+  for (const [tool, t] of [...byTool].sort((a, b) => b[1].ms - a[1].ms))
+    console.log(`  ${tool.padEnd(24)} ${String(t.n).padStart(4)}×  ${ms(t.ms).padStart(9)}`);
 
   // 3. re-run: whole CLI, and the in-process call (what the CLI does after bun has started)
   const rerunCli = await timed(cli("unpack.ts", alpha.dir, "--name", "alpha"));
@@ -166,7 +173,11 @@ async function main() {
   for (let i = 0; i < 5; i++) {
     const id = 200_000 + i;
     const t0 = performance.now();
-    await runOk(["bash", "-c", `export DM_DISABLE_UDEV=1; dmsetup --noudevsync message ${pool} 0 "create_snap ${id} ${topThin}" && dmsetup --noudevsync create raw-${pool}-${id} --table "0 ${VSIZE / 512} thin /dev/mapper/${pool} ${id}"`]);
+    await runOk([
+      "bash",
+      "-c",
+      `export DM_DISABLE_UDEV=1; dmsetup --noudevsync message ${pool} 0 "create_snap ${id} ${topThin}" && dmsetup --noudevsync create raw-${pool}-${id} --table "0 ${VSIZE / 512} thin /dev/mapper/${pool} ${id}"`,
+    ]);
     raw.push(performance.now() - t0);
     const t1 = performance.now();
     await activate(ctx, "alpha");
@@ -183,7 +194,13 @@ async function main() {
   const t2 = performance.now();
   for (let i = 0; i < 3; i++) await activate(ctx, "alpha", { skipHealth: true });
   const noHealth = (performance.now() - t2) / 3;
-  results.push({ name: "activate (in-process, health checks skipped)", value: ms(noHealth), baseline: `${ms(best(raw))} raw dmsetup`, ratio: `${(noHealth / best(raw)).toFixed(2)}×`, target: "-" });
+  results.push({
+    name: "activate (in-process, health checks skipped)",
+    value: ms(noHealth),
+    baseline: `${ms(best(raw))} raw dmsetup`,
+    ratio: `${(noHealth / best(raw)).toFixed(2)}×`,
+    target: "-",
+  });
   ctx.db.close();
 
   // 5. peak RSS on a ~1 GB image

@@ -43,8 +43,7 @@ export function startHttp(initial: Record<string, Served> = {}): TestHttp {
     fetch(req) {
       const path = decodeURIComponent(new URL(req.url).pathname);
       const f = files.get(path);
-      const log = (status: number) =>
-        requests.push({ method: req.method, path, status, headers: Object.fromEntries(req.headers) });
+      const log = (status: number) => requests.push({ method: req.method, path, status, headers: Object.fromEntries(req.headers) });
       if (!f) {
         log(404);
         return new Response("not found\n", { status: 404 });
@@ -141,16 +140,11 @@ export function startRawHttp(routes: Record<string, RawResponse | ((req: RawRequ
         if (!s.data.buf.includes("\r\n\r\n")) return;
         const [first, ...lines] = s.data.buf.split("\r\n\r\n")[0]!.split("\r\n");
         const [method = "GET", path = "/"] = first!.split(" ");
-        const headers = Object.fromEntries(
-          lines.map((l) => [l.slice(0, l.indexOf(":")).trim().toLowerCase(), l.slice(l.indexOf(":") + 1).trim()]),
-        );
+        const headers = Object.fromEntries(lines.map((l) => [l.slice(0, l.indexOf(":")).trim().toLowerCase(), l.slice(l.indexOf(":") + 1).trim()]));
         const req = { method, path, headers };
         requests.push(req);
         const route = routes[path];
-        const r =
-          typeof route === "function"
-            ? route(req)
-            : (route ?? { head: ["HTTP/1.1 404 Not Found", "Content-Length: 0"], body: new Uint8Array(0) });
+        const r = typeof route === "function" ? route(req) : (route ?? { head: ["HTTP/1.1 404 Not Found", "Content-Length: 0"], body: new Uint8Array(0) });
         s.write(`${[...r.head, "Connection: close"].join("\r\n")}\r\n\r\n`);
         s.write(r.body);
         s.flush();

@@ -70,10 +70,7 @@ function paxRecord(key: string, value: Buffer): Buffer {
 }
 
 function metaEntry(type: string, name: string, body: Buffer, mtime: Date): Buffer {
-  return Buffer.concat([
-    header({ path: name, type: type as never, size: body.length, mode: 0o644, mtime, uid: 0, gid: 0 }),
-    pad512(body),
-  ]);
+  return Buffer.concat([header({ path: name, type: type as never, size: body.length, mode: 0o644, mtime, uid: 0, gid: 0 }), pad512(body)]);
 }
 
 export function tarEntry(e: TarEntry): Buffer {
@@ -145,9 +142,7 @@ export interface ArchiveMember {
 
 /** An archive of plain files and symlinks (for outer image archives). */
 export function buildTar(files: ArchiveMember[]): Buffer {
-  return buildLayerTar(
-    files.map((f) => (f.link !== undefined ? { path: f.name, type: "symlink", linkpath: f.link } : { path: f.name, content: f.data })),
-  );
+  return buildLayerTar(files.map((f) => (f.link !== undefined ? { path: f.name, type: "symlink", linkpath: f.link } : { path: f.name, content: f.data })));
 }
 
 export type Kind = "none" | "gzip" | "zstd";
@@ -305,11 +300,7 @@ export function withRef(d: Descriptor, ref: string): Descriptor {
 }
 
 /** One-call OCI layout: each image with an optional ref name; `tar` writes a tar instead of a dir. */
-export function writeOciLayout(
-  target: string,
-  images: (ImageSpec & { ref?: string })[],
-  opts: { tar?: boolean } = {},
-): BuiltImage[] {
+export function writeOciLayout(target: string, images: (ImageSpec & { ref?: string })[], opts: { tar?: boolean } = {}): BuiltImage[] {
   const layout = new OciLayout();
   const built = images.map((img) => layout.addImage(img));
   const top = built.map((b, i) => (images[i]!.ref ? withRef(b.manifest, images[i]!.ref!) : b.manifest));
@@ -351,8 +342,7 @@ export function writeDockerArchive(
   for (const img of images) {
     const diffIds = img.layers.map((l) => sha256(decompress(l)));
     const layerNames = img.layers.map((l, i) => {
-      const name =
-        style === "blobs" ? `blobs/sha256/${sha256(l).slice(7)}` : `${sha256(diffIds.slice(0, i + 1).join(",")).slice(7)}/layer.tar`;
+      const name = style === "blobs" ? `blobs/sha256/${sha256(l).slice(7)}` : `${sha256(diffIds.slice(0, i + 1).join(",")).slice(7)}/layer.tar`;
       files.set(name, l);
       if (style === "legacy") files.set(name.replace("layer.tar", "VERSION"), Buffer.from("1.0"));
       return name;
@@ -378,10 +368,5 @@ export function writeDockerArchive(
 
 /** A recognisable layer: marker file /layers/<n> containing `n`, plus optional extra entries. */
 export function sampleLayer(n: number, extra: TarEntry[] = []): Buffer {
-  return buildLayerTar([
-    { path: "layers/", type: "dir" },
-    { path: `layers/${n}`, content: `layer ${n}\n` },
-    { path: "top", content: `${n}\n` },
-    ...extra,
-  ]);
+  return buildLayerTar([{ path: "layers/", type: "dir" }, { path: `layers/${n}`, content: `layer ${n}\n` }, { path: "top", content: `${n}\n` }, ...extra]);
 }

@@ -1,8 +1,8 @@
 // A real loop-backed thin pool for VM tests, in a fresh /tmp dir with a unique name.
 import { mkdirSync, mkdtempSync, rmSync } from "node:fs";
 import { join } from "node:path";
-import { dmsetup, losetup, pool as dmpool, thintools } from "../../lib/dm/index.ts";
-import { type LoopPool, createLoopPool } from "../../lib/dm/loop-pool.ts";
+import { pool as dmpool, dmsetup, losetup, thintools } from "../../lib/dm/index.ts";
+import { createLoopPool, type LoopPool } from "../../lib/dm/loop-pool.ts";
 import { runOk } from "../../lib/exec.ts";
 import { parseSize } from "../../lib/util/units.ts";
 
@@ -81,7 +81,10 @@ export async function makeFlakyPool(dir: string, name: string): Promise<FlakyPoo
   const sectors = (512 * 1024 * 1024) / 512;
   const linear = `0 ${sectors} linear ${dataDev} 0`;
   await dmsetup.create(flaky, linear);
-  await dmsetup.create(name, dmpool.poolTable({ metaDev, dataDev: `/dev/mapper/${flaky}`, dataSectors: sectors, blockSectors: 128, lowWaterMark: 64, features: ["error_if_no_space"] }));
+  await dmsetup.create(
+    name,
+    dmpool.poolTable({ metaDev, dataDev: `/dev/mapper/${flaky}`, dataSectors: sectors, blockSectors: 128, lowWaterMark: 64, features: ["error_if_no_space"] }),
+  );
   const swap = async (table: string) => {
     await dmsetup.reload(flaky, table);
     await dmsetup.resume(flaky);

@@ -69,8 +69,7 @@ export async function startS3(buckets: string[]): Promise<TestS3> {
   await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", () => resolve()));
   const { port } = server.address() as AddressInfo;
   const endpoint = `http://127.0.0.1:${port}`;
-  const client = (bucket: string) =>
-    new S3Client({ endpoint, bucket, accessKeyId: S3_KEY, secretAccessKey: S3_SECRET, region: "us-east-1" });
+  const client = (bucket: string) => new S3Client({ endpoint, bucket, accessKeyId: S3_KEY, secretAccessKey: S3_SECRET, region: "us-east-1" });
   return {
     endpoint,
     requests,

@@ -121,18 +121,13 @@ export interface Meta {
   mtime?: number;
 }
 
-export const file = (name: string, data: string | Uint8Array = "", m: Meta = {}): Buffer =>
-  entry({ name, data, type: "0", ...m });
+export const file = (name: string, data: string | Uint8Array = "", m: Meta = {}): Buffer => entry({ name, data, type: "0", ...m });
 export const dir = (name: string, m: Meta = {}): Buffer => entry({ name, type: "5", mode: 0o755, ...m });
-export const symlink = (name: string, target: string, m: Meta = {}): Buffer =>
-  entry({ name, type: "2", linkname: target, mode: 0o777, ...m });
-export const hardlink = (name: string, target: string, m: Meta = {}): Buffer =>
-  entry({ name, type: "1", linkname: target, ...m });
+export const symlink = (name: string, target: string, m: Meta = {}): Buffer => entry({ name, type: "2", linkname: target, mode: 0o777, ...m });
+export const hardlink = (name: string, target: string, m: Meta = {}): Buffer => entry({ name, type: "1", linkname: target, ...m });
 export const fifo = (name: string, m: Meta = {}): Buffer => entry({ name, type: "6", ...m });
-export const chardev = (name: string, major: number, minor: number, m: Meta = {}): Buffer =>
-  entry({ name, type: "3", devmajor: major, devminor: minor, ...m });
-export const whiteout = (dirPath: string, name: string): Buffer =>
-  file(`${dirPath ? `${dirPath}/` : ""}.wh.${name}`, "", { mode: 0o600 });
+export const chardev = (name: string, major: number, minor: number, m: Meta = {}): Buffer => entry({ name, type: "3", devmajor: major, devminor: minor, ...m });
+export const whiteout = (dirPath: string, name: string): Buffer => file(`${dirPath ? `${dirPath}/` : ""}.wh.${name}`, "", { mode: 0o600 });
 export const opaque = (dirPath: string): Buffer => file(`${dirPath ? `${dirPath}/` : ""}.wh..wh..opq`, "", { mode: 0o600 });
 
 /** Entries, then the two zero blocks that end an archive. */

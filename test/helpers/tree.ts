@@ -2,7 +2,7 @@
 // type, mode, owner, mtime, size, content hash, link target, device number, xattrs, hardlink group.
 // Names are read as bytes: a name that is not UTF-8 is listed escaped (\xNN), never mangled.
 import { createHash } from "node:crypto";
-import { type Stats, lstatSync, readFileSync } from "node:fs";
+import { lstatSync, readFileSync, type Stats } from "node:fs";
 import { displayBytes, fsPath, readDir, readLink } from "../../lib/image/apply/bytepath.ts";
 import { lgetxattr, llistxattr } from "../../lib/util/libc.ts";
 
@@ -58,7 +58,9 @@ export function listTree(root: string, o: ListOptions = {}): Map<string, Node> {
     }
     if (st.isSymbolicLink()) n.link = displayBytes(readLink(rel === "." ? top : `${top}/${rel}`), Number.POSITIVE_INFINITY);
     if (st.isCharacterDevice() || st.isBlockDevice()) n.rdev = st.rdev;
-    const names = llistxattr(abs).filter((k) => k !== "security.selinux").sort();
+    const names = llistxattr(abs)
+      .filter((k) => k !== "security.selinux")
+      .sort();
     if (names.length > 0) n.xattrs = names.map((k) => `${k}=${lgetxattr(abs, k)?.toString("hex")}`).join(",");
     out.set(key, n);
     if (st.isDirectory()) {

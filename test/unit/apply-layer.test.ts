@@ -155,9 +155,7 @@ describe("entries and metadata", () => {
   });
 
   test("lower directories this layer only writes into keep their times", async () => {
-    await apply(
-      tar(dir("etc", { mtime: T1 }), file("etc/a", "a", { mtime: T1 }), dir("etc/tree/sub/deeper"), dir("./", { mtime: T1 })),
-    );
+    await apply(tar(dir("etc", { mtime: T1 }), file("etc/a", "a", { mtime: T1 }), dir("etc/tree/sub/deeper"), dir("./", { mtime: T1 })));
     await apply(tar(file("etc/b", "b", { mtime: T2 }), whiteout("etc", "a"), whiteout("etc", "tree")));
     expect(ls("etc")).toEqual(["b"]);
     expect(mtime("etc")).toBe(T1);
@@ -399,7 +397,12 @@ describe("header rules: as Go's archive/tar", () => {
     let e = await fails(tar(edited({ name: "f", data: "x" }, (h) => h.write("12x\0", 329, "latin1"))));
     expect(e.message).toBe("layer L: corrupt tar header at offset 0 (bad devmajor)");
     expect(e.details?.offset).toBe(0);
-    e = await fails(tar(file("ok", "x"), edited({ name: "f", data: "x" }, (h) => h.write("7 7\0", 108, "latin1"))));
+    e = await fails(
+      tar(
+        file("ok", "x"),
+        edited({ name: "f", data: "x" }, (h) => h.write("7 7\0", 108, "latin1")),
+      ),
+    );
     expect(e.message).toBe("layer L: corrupt tar header at offset 1024 (bad uid) (after entry ok)");
     e = await fails(tar(pax({ size: "-5" }), file("f", "x")));
     expect(e.message).toBe("layer L: PAX size is negative at offset 512");
@@ -463,7 +466,15 @@ describe("GNU sparse files and names as bytes", () => {
   test("a 9 GiB sparse disk image (base-256 real size, as GNU tar writes past 8 GiB) costs only its data", async () => {
     const size = 9 * 1024 * MiB;
     const limits = { maxFileBytes: 16 * 1024 * MiB, maxTotalBytes: 16 * 1024 * MiB };
-    const st = await apply(tar(gnuSparse("vm.img", size, [[0, "MBR"], [size - 4, "tail"]])), { limits });
+    const st = await apply(
+      tar(
+        gnuSparse("vm.img", size, [
+          [0, "MBR"],
+          [size - 4, "tail"],
+        ]),
+      ),
+      { limits },
+    );
     expect(st.holes).toBe(size - 7);
     expect(lstatSync(p("vm.img")).size).toBe(size);
     expect(lstatSync(p("vm.img")).blocks * 512).toBeLessThanOrEqual(16384);
@@ -505,9 +516,11 @@ describe("GNU sparse files and names as bytes", () => {
     expect(readFileSync(P("caf\xe9/gnu\x80"), "utf8")).toBe("gnu bytes");
     expect(readlinkSync(P("caf\xe9-link"), { encoding: "buffer" })).toEqual(raw("menu\xff"));
     expect(lstatSync(P("hard\xfe")).ino).toBe(lstatSync(P("caf\xe9/raw\xfe")).ino);
-    expect(readdirSync(Buffer.from(root), { encoding: "buffer" }).map((b) => b.toString("latin1")).sort()).toEqual(
-      ["caf\xe9", "caf\xe9-link", "hard\xfe"].sort(),
-    );
+    expect(
+      readdirSync(Buffer.from(root), { encoding: "buffer" })
+        .map((b) => b.toString("latin1"))
+        .sort(),
+    ).toEqual(["caf\xe9", "caf\xe9-link", "hard\xfe"].sort());
   });
 
   test("path rules apply to the bytes; messages show them escaped, valid UTF-8 as text", async () => {

@@ -1,10 +1,10 @@
 import { afterAll, describe, expect, test } from "bun:test";
 import { copyFileSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
+import { outputProblems } from "../../lib/cli/schemas.ts";
+import { errorEnvelope, ThinimgError } from "../../lib/errors.ts";
 import { classifyKernelLine } from "../../lib/health/dmesg.ts";
 import { TOOL_PACKAGES } from "../../lib/recover/recover.ts";
-import { outputProblems } from "../../lib/cli/schemas.ts";
-import { ThinimgError, errorEnvelope } from "../../lib/errors.ts";
 import { run } from "../helpers/run.ts";
 
 describe("runMain", () => {
@@ -39,7 +39,10 @@ async function cli(body: string, args: string[]): Promise<{ code: number; out: s
 
 describe("terminal or not", () => {
   test("--version prints the version and acts on nothing (even with --force)", async () => {
-    const { code, out } = await cli(`await runMain(defineCommand({ args: { force: { type: "boolean" } }, run() { console.log("ACTED"); } }));`, ["--force", "--version"]);
+    const { code, out } = await cli(`await runMain(defineCommand({ args: { force: { type: "boolean" } }, run() { console.log("ACTED"); } }));`, [
+      "--force",
+      "--version",
+    ]);
     expect(code).toBe(0);
     expect(out).toMatch(/^thinimg \d+\.\d+\.\d+\n$/);
   });
@@ -98,10 +101,26 @@ describe("command records", () => {
       env: { ...process.env, THINIMG_LOG_LEVEL: "", THINIMG_LOG_FORMAT: "" },
     });
     const [err] = await Promise.all([new Response(p.stderr).text(), p.exited]);
-    const recs = err.split("\n").filter((l) => l.startsWith("{")).map((l) => JSON.parse(l)).filter((r) => r.event === "cmd");
+    const recs = err
+      .split("\n")
+      .filter((l) => l.startsWith("{"))
+      .map((l) => JSON.parse(l))
+      .filter((r) => r.event === "cmd");
     expect(recs.length).toBeGreaterThanOrEqual(1);
     expect(recs[0].command).toMatch(/^dmsetup .*version$/);
-    expect(Object.keys(recs[0]).sort()).toEqual(["command", "device_id", "device_name", "duration_ms", "event", "exit_code", "level", "pool_name", "started_at", "timed_out", "ts"]);
+    expect(Object.keys(recs[0]).sort()).toEqual([
+      "command",
+      "device_id",
+      "device_name",
+      "duration_ms",
+      "event",
+      "exit_code",
+      "level",
+      "pool_name",
+      "started_at",
+      "timed_out",
+      "ts",
+    ]);
   });
 });
 
@@ -120,9 +139,10 @@ describe("stray positional words", () => {
     expect([r.code, r.err]).toEqual([2, 'error: unexpected argument "create": this command takes no positional arguments — see --help\n']);
   });
 
-  const body = (args: string) =>
-    `await runMain(defineCommand({ args: ${args}, run({ args }) { console.log(JSON.stringify(args._)); } }));`;
-  const twoPositionals = body(`{ source: { type: "positional", required: true }, dest: { type: "positional", required: true }, name: { type: "string" }, n: { type: "string", alias: "N" }, json: { type: "boolean" } }`);
+  const body = (args: string) => `await runMain(defineCommand({ args: ${args}, run({ args }) { console.log(JSON.stringify(args._)); } }));`;
+  const twoPositionals = body(
+    `{ source: { type: "positional", required: true }, dest: { type: "positional", required: true }, name: { type: "string" }, n: { type: "string", alias: "N" }, json: { type: "boolean" } }`,
+  );
 
   test("defined positionals pass; flag values (--name v, -N v, --name=v) are not counted; one word more is refused", async () => {
     expect(await cli(twoPositionals, ["a", "--name", "x", "b", "--json"])).toMatchObject({ code: 0, out: '["a","b"]\n' });
@@ -158,7 +178,11 @@ describe("set-up and CI", () => {
     copyFileSync(join(ROOT, ".ci/run"), join(t, ".ci/run"));
     writeFileSync(join(t, "scripts/setup.sh"), `echo setup output; exit ${setupRc}\n`);
     writeFileSync(join(t, "bin/bun"), `#!/bin/sh\necho "ran: bun $*"; echo "7 passed, 2 failed"; exit 1\n`, { mode: 0o755 });
-    const p = Bun.spawn(["bash", join(t, ".ci/run")], { stdout: "pipe", stderr: "pipe", env: { ...process.env, PATH: `${join(t, "bin")}:${process.env.PATH}` } });
+    const p = Bun.spawn(["bash", join(t, ".ci/run")], {
+      stdout: "pipe",
+      stderr: "pipe",
+      env: { ...process.env, PATH: `${join(t, "bin")}:${process.env.PATH}` },
+    });
     const [out, code] = await Promise.all([new Response(p.stdout).text(), p.exited]);
     return { code, out };
   }

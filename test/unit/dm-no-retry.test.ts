@@ -21,7 +21,10 @@ const answer = (argv: string[], a: Answer): CmdResult => {
   if (a === "ok") return { ...base, stderr: "", exitCode: 0, timedOut: false };
   if (a === "timeout") return { ...base, stderr: "", exitCode: null, signal: "SIGKILL", timedOut: true, durationMs: 60_000 };
   if (a === "busy") {
-    const stderr = argv[0] === "umount" ? "umount: /m: target is busy.\n" : "device-mapper: remove ioctl on thinimg-p-layer-1  failed: Device or resource busy\nCommand failed.\n";
+    const stderr =
+      argv[0] === "umount"
+        ? "umount: /m: target is busy.\n"
+        : "device-mapper: remove ioctl on thinimg-p-layer-1  failed: Device or resource busy\nCommand failed.\n";
     return { ...base, stderr, exitCode: argv[0] === "umount" ? 32 : 1, timedOut: false };
   }
   return { ...base, stderr: `${argv[0]}: Input/output error\n`, exitCode: 1, timedOut: false };
@@ -80,7 +83,9 @@ describe("dm commands on the pipeline's paths", () => {
     test(`${name}: busy twice fails after the second command (never a third)`, async () => {
       const calls = scripted(["busy", "busy", "ok"]);
       const w = warnings();
-      const e = await retryBusyOnce(name, op, 1).catch((x) => x).finally(w.stop);
+      const e = await retryBusyOnce(name, op, 1)
+        .catch((x) => x)
+        .finally(w.stop);
       expect(calls.length).toBe(2);
       expect(String(e.message)).toMatch(/busy/i);
     });
@@ -88,7 +93,9 @@ describe("dm commands on the pipeline's paths", () => {
     test(`${name}: busy, then a timeout: two commands, the timeout is the error`, async () => {
       const calls = scripted(["busy", "timeout", "ok"]);
       const w = warnings();
-      const e = await retryBusyOnce(name, op, 1).catch((x) => x).finally(w.stop);
+      const e = await retryBusyOnce(name, op, 1)
+        .catch((x) => x)
+        .finally(w.stop);
       expect(calls.length).toBe(2);
       expect(isTimeout(e)).toBe(true);
     });

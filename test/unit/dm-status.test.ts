@@ -1,5 +1,5 @@
 import { describe, expect, test } from "bun:test";
-import { StatusParseError, parsePoolStatus, parseThinStatus } from "../../lib/dm/status.ts";
+import { parsePoolStatus, parseThinStatus, StatusParseError } from "../../lib/dm/status.ts";
 
 describe("parsePoolStatus", () => {
   test("healthy pool line as printed by the 6.1 kernel", () => {

@@ -1,22 +1,23 @@
 import { afterAll, afterEach, describe, expect, test } from "bun:test";
 import { existsSync, mkdtempSync, rmSync, statSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
-import { classifyDmError, isDmError } from "../../lib/dm/errors.ts";
 import * as dmsetup from "../../lib/dm/dmsetup.ts";
+import { classifyDmError, isDmError } from "../../lib/dm/errors.ts";
+import { clearTimeouts } from "../../lib/dm/host-queue.ts";
 import { makeBackingFile } from "../../lib/dm/loop-pool.ts";
 import * as losetup from "../../lib/dm/losetup.ts";
 import { parseLosetupJson } from "../../lib/dm/losetup.ts";
 import { mkfsExt4 } from "../../lib/dm/mkfs.ts";
 import { mount, parseMountinfo, umount } from "../../lib/dm/mount.ts";
 import { parsePoolTable, poolTable, thinTable } from "../../lib/dm/pool.ts";
-import { clearTimeouts } from "../../lib/dm/host-queue.ts";
 import { SerialQueue } from "../../lib/dm/queue.ts";
 import { parseThinDumpIds, parseThinLs } from "../../lib/dm/thintools.ts";
 import { assertDmName, assertThinId } from "../../lib/dm/validate.ts";
 import { type CmdResult, CommandError, type Runner, setRunner, spawnRunner } from "../../lib/exec.ts";
 import { cmdResult } from "../helpers/run.ts";
 
-const res = (argv: string[], exitCode: number, stderr = "", stdout = "", timedOut = false): CmdResult => cmdResult(argv, { exitCode, stderr, stdout, timedOut });
+const res = (argv: string[], exitCode: number, stderr = "", stdout = "", timedOut = false): CmdResult =>
+  cmdResult(argv, { exitCode, stderr, stdout, timedOut });
 
 afterEach(() => {
   setRunner(spawnRunner);
@@ -41,7 +42,8 @@ describe("error typing from real dmsetup stderr", () => {
   test("a tool that cannot run, or a kernel without device-mapper, is 'missing' — never 'not_found'", () => {
     expect(classifyDmError(res(["dmsetup", "info", "x"], 127, 'Executable not found in $PATH: "dmsetup"'))).toBe("missing");
     expect(classifyDmError(res(["losetup", "--list"], 127, "ENOENT: No such file or directory, posix_spawn 'losetup'"))).toBe("missing");
-    const noDm = "/dev/mapper/control: open failed: No such device\nFailure to communicate with kernel device-mapper driver.\nCheck that device-mapper is available in the kernel.\nCommand failed.";
+    const noDm =
+      "/dev/mapper/control: open failed: No such device\nFailure to communicate with kernel device-mapper driver.\nCheck that device-mapper is available in the kernel.\nCommand failed.";
     expect(classifyDmError(res(["dmsetup", "info", "x"], 1, noDm))).toBe("missing");
     expect(classifyDmError(res(["dmsetup", "status", "x"], 1, "/dev/mapper/control: open failed: No such file or directory"))).toBe("missing");
   });
@@ -168,9 +170,7 @@ describe("dmsetup wrappers (fake runner: decisions only; the VM tests run the re
     expect(isDmError(err, "exists")).toBe(true);
   });
   test("create that is busy for another reason stays 'busy'", async () => {
-    setRunner(async (argv) =>
-      argv.includes("create") ? res(argv, 1, "failed: Device or resource busy") : res(argv, 1, "Device does not exist."),
-    );
+    setRunner(async (argv) => (argv.includes("create") ? res(argv, 1, "failed: Device or resource busy") : res(argv, 1, "Device does not exist.")));
     const err = await dmsetup.create("thin1", "0 8 thin /dev/mapper/p 1").catch((e) => e);
     expect(isDmError(err, "busy")).toBe(true);
   });
@@ -193,17 +193,35 @@ describe("dmsetup wrappers (fake runner: decisions only; the VM tests run the re
     );
     expect(await dmsetup.info("gone")).toBeNull();
     expect(await dmsetup.info("snap")).toEqual({
-      name: "snap", live: true, inactive: false, state: "SUSPENDED", readOnly: true,
-      open: 2, major: 254, minor: 3, eventNr: 7, targets: 1, uuid: "THINIMG-p-3",
+      name: "snap",
+      live: true,
+      inactive: false,
+      state: "SUSPENDED",
+      readOnly: true,
+      open: 2,
+      major: 254,
+      minor: 3,
+      eventNr: 7,
+      targets: 1,
+      uuid: "THINIMG-p-3",
     });
   });
   test("withSuspended resumes in finally even when the body throws", async () => {
     const calls: string[] = [];
     setRunner(async (argv) => {
-      calls.push(argv.filter((a) => a !== "--noudevsync").slice(1).join(" "));
+      calls.push(
+        argv
+          .filter((a) => a !== "--noudevsync")
+          .slice(1)
+          .join(" "),
+      );
       return res(argv, 0);
     });
-    await expect(dmsetup.withSuspended("dev1", async () => { throw new Error("boom"); })).rejects.toThrow("boom");
+    await expect(
+      dmsetup.withSuspended("dev1", async () => {
+        throw new Error("boom");
+      }),
+    ).rejects.toThrow("boom");
     expect(calls).toEqual(["suspend dev1", "resume dev1"]);
   });
   test("ls parses both output formats", () => {
@@ -242,32 +260,62 @@ describe("queue", () => {
 
 describe("tables and tool output parsers", () => {
   test("pool table round-trips and refuses bad block sizes", () => {
-    const t = poolTable({ metaDev: "/dev/loop0", dataDev: "/dev/loop1", dataSectors: 2097152, blockSectors: 128, lowWaterMark: 1638, features: ["error_if_no_space"] });
+    const t = poolTable({
+      metaDev: "/dev/loop0",
+      dataDev: "/dev/loop1",
+      dataSectors: 2097152,
+      blockSectors: 128,
+      lowWaterMark: 1638,
+      features: ["error_if_no_space"],
+    });
     expect(t).toBe("0 2097152 thin-pool /dev/loop0 /dev/loop1 128 1638 1 error_if_no_space");
-    expect(parsePoolTable("0 2097152 thin-pool 7:0 7:1 128 1638 1 error_if_no_space")).toMatchObject({ blockSectors: 128, lowWaterMark: 1638, features: ["error_if_no_space"], metaDev: "7:0" });
-    expect(() => poolTable({ metaDev: "/dev/loop0", dataDev: "/dev/loop1", dataSectors: 8, blockSectors: 100, lowWaterMark: 1, features: [] })).toThrow(/multiple of 128/);
+    expect(parsePoolTable("0 2097152 thin-pool 7:0 7:1 128 1638 1 error_if_no_space")).toMatchObject({
+      blockSectors: 128,
+      lowWaterMark: 1638,
+      features: ["error_if_no_space"],
+      metaDev: "7:0",
+    });
+    expect(() => poolTable({ metaDev: "/dev/loop0", dataDev: "/dev/loop1", dataSectors: 8, blockSectors: 100, lowWaterMark: 1, features: [] })).toThrow(
+      /multiple of 128/,
+    );
     expect(thinTable("pool", 5, 10 * 1024 ** 3)).toBe("0 20971520 thin /dev/mapper/pool 5");
     expect(() => thinTable("pool", 5, 1000)).toThrow(/multiple of 512/);
   });
   test("thin_ls, thin_dump, losetup --json, mountinfo with escapes", () => {
-    expect(parseThinLs("  1      0\n  7   1024\n")).toEqual([{ id: 1, mappedBlocks: 0 }, { id: 7, mappedBlocks: 1024 }]);
+    expect(parseThinLs("  1      0\n  7   1024\n")).toEqual([
+      { id: 1, mappedBlocks: 0 },
+      { id: 7, mappedBlocks: 1024 },
+    ]);
     expect(parseThinDumpIds('<superblock><device dev_id="1" mapped_blocks="0"></device><device dev_id="42"></device>')).toEqual([1, 42]);
     expect(parseLosetupJson('{"loopdevices":[{"name":"/dev/loop0","back-file":"/tmp/a b/meta (deleted)","ro":false}]}')).toEqual([
       { device: "/dev/loop0", backingFile: "/tmp/a b/meta", readOnly: false },
     ]);
     const m = parseMountinfo("36 25 254:3 / /var/lib/thin\\040img/mnt rw,nosuid,nodev shared:1 - ext4 /dev/mapper/thinimg-p-layer-3 rw\n");
-    expect(m).toEqual([{ mountId: 36, majorMinor: "254:3", root: "/", mountPoint: "/var/lib/thin img/mnt", options: "rw,nosuid,nodev", fstype: "ext4", source: "/dev/mapper/thinimg-p-layer-3", superOptions: "rw" }]);
+    expect(m).toEqual([
+      {
+        mountId: 36,
+        majorMinor: "254:3",
+        root: "/",
+        mountPoint: "/var/lib/thin img/mnt",
+        options: "rw,nosuid,nodev",
+        fstype: "ext4",
+        source: "/dev/mapper/thinimg-p-layer-3",
+        superOptions: "rw",
+      },
+    ]);
   });
 });
 
 describe("backing files: fallocate, and truncate only where fallocate is unsupported", () => {
   const tmp = mkdtempSync("/tmp/thinimg-backing-");
   afterAll(() => rmSync(tmp, { recursive: true, force: true }));
-  const fallocateSays = (exitCode: number, stderr: string): Runner => async (argv) => {
-    if (argv[0] !== "fallocate") throw new Error(`unexpected ${argv.join(" ")}`);
-    writeFileSync(argv.at(-1)!, ""); // fallocate(1) creates the file before it fails
-    return res(argv, exitCode, stderr);
-  };
+  const fallocateSays =
+    (exitCode: number, stderr: string): Runner =>
+    async (argv) => {
+      if (argv[0] !== "fallocate") throw new Error(`unexpected ${argv.join(" ")}`);
+      writeFileSync(argv.at(-1)!, ""); // fallocate(1) creates the file before it fails
+      return res(argv, exitCode, stderr);
+    };
 
   test("no space left: a no_space error, and no sparse file of the requested size", async () => {
     setRunner(fallocateSays(1, "fallocate: fallocate failed: No space left on device"));
@@ -360,15 +408,19 @@ describe("withSuspended never leaves a device suspended, and never hides the fir
   test("suspend failed, resume failed too: one error naming both and the device left suspended", async () => {
     fakeDm({ suspend: "timeout", resume: "fail", attr: "L-sw" });
     const e = await dmsetup.withSuspended("d", body).catch((x) => x);
-    expect(e.message).toMatch(/suspend d: timed out .*; then resuming d failed: .*resume d: device-mapper: resume ioctl on d {2}failed: Input\/output error — d may be left SUSPENDED/);
+    expect(e.message).toMatch(
+      /suspend d: timed out .*; then resuming d failed: .*resume d: device-mapper: resume ioctl on d {2}failed: Input\/output error — d may be left SUSPENDED/,
+    );
     expect(e.hint).toContain("dmsetup resume d");
   });
 
   test("fn threw and resume failed: both errors, the first one first", async () => {
     fakeDm({ suspend: "ok", resume: "fail", attr: "L-sw" });
-    const e = await dmsetup.withSuspended("d", async () => {
-      throw new Error("snapshot step failed");
-    }).catch((x) => x);
+    const e = await dmsetup
+      .withSuspended("d", async () => {
+        throw new Error("snapshot step failed");
+      })
+      .catch((x) => x);
     expect(e.message).toMatch(/^snapshot step failed; then resuming d failed: .*Input\/output error — d may be left SUSPENDED$/);
     expect(e.cause.message).toBe("snapshot step failed");
   });

@@ -1,5 +1,5 @@
-import { readdirSync, readFileSync } from "node:fs";
 import { afterEach, describe, expect, test } from "bun:test";
+import { readdirSync, readFileSync } from "node:fs";
 import { type CmdRecord, CommandError, onCommandRecord, run, runOk } from "../../lib/exec.ts";
 
 let off: (() => void) | undefined;
@@ -39,8 +39,25 @@ describe("run", () => {
     expect(r.stderr).toBe("err\n");
     expect(r.exitCode).toBe(3);
     expect(recs).toHaveLength(1);
-    expect(recs[0]).toMatchObject({ pool_name: "p", device_id: 4, device_name: "d", command: "sh -c echo out; echo err >&2; exit 3", exit_code: 3, timed_out: false });
-    expect(Object.keys(recs[0]!).sort()).toEqual(["command", "device_id", "device_name", "duration_ms", "event", "exit_code", "pool_name", "started_at", "timed_out"]);
+    expect(recs[0]).toMatchObject({
+      pool_name: "p",
+      device_id: 4,
+      device_name: "d",
+      command: "sh -c echo out; echo err >&2; exit 3",
+      exit_code: 3,
+      timed_out: false,
+    });
+    expect(Object.keys(recs[0]!).sort()).toEqual([
+      "command",
+      "device_id",
+      "device_name",
+      "duration_ms",
+      "event",
+      "exit_code",
+      "pool_name",
+      "started_at",
+      "timed_out",
+    ]);
     // RFC 3339 with milliseconds, when it was spawned
     expect(recs[0]!.started_at).toMatch(/^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$/);
     expect(Math.abs(Date.parse(recs[0]!.started_at) + recs[0]!.duration_ms - Date.now())).toBeLessThan(2_000);
@@ -228,4 +245,3 @@ describe("command records on stderr", () => {
     expect(verbose.map((l) => JSON.parse(l.replace(/^\[\w+\] /, "")).command)).toEqual(["true", "false", "sh -c exit 4", "sleep 5"]);
   }, 20_000);
 });
-

@@ -17,8 +17,8 @@ import {
   chownSync,
   closeSync,
   ftruncateSync,
-  linkSync,
   lchownSync,
+  linkSync,
   lstatSync,
   lutimesSync,
   mkdirSync,
@@ -34,13 +34,13 @@ import {
 import { runOk } from "../../lib/exec.ts";
 import { fsPath, readDir } from "../../lib/image/apply/bytepath.ts";
 import { applyLayer } from "../../lib/image/apply/index.ts";
-import { lsetxattr, mknod, S_IFCHR, S_IFIFO } from "../../lib/util/libc.ts";
 import { extractImage } from "../../lib/image/extract.ts";
 import { resolveImage } from "../../lib/image/resolve.ts";
+import { lsetxattr, mknod, S_IFCHR, S_IFIFO } from "../../lib/util/libc.ts";
 import { compress, decompress, REF_NAME } from "../helpers/images.ts";
+import { run } from "../helpers/run.ts";
 import { dir, file, opaque, pax, tar, whiteout } from "../helpers/tarcraft.ts";
 import { diffTrees, listTree } from "../helpers/tree.ts";
-import { run } from "../helpers/run.ts";
 
 if (process.getuid?.() !== 0) throw new Error("the fidelity test needs root (owners, devices, security.capability)");
 
@@ -76,7 +76,11 @@ function stampTimes(root: string, base: number): void {
   // paths as byte strings: names that are not UTF-8 are stamped too
   const walk = (abs: string) => {
     const st = lstatSync(fsPath(abs));
-    if (st.isDirectory()) for (const c of readDir(abs).map((d) => d.name).sort()) walk(`${abs}/${c}`);
+    if (st.isDirectory())
+      for (const c of readDir(abs)
+        .map((d) => d.name)
+        .sort())
+        walk(`${abs}/${c}`);
     const t = base + 3600 * i++;
     lutimesSync(fsPath(abs), t, t);
   };
@@ -213,10 +217,7 @@ describe("fidelity with umoci", () => {
     expect(t.get(LONG)?.sha).toBeDefined();
     expect(t.get("usr/lib/climb")?.link).toBe("../../etc/passwd");
     expect([...t.keys()].filter((p) => p.startsWith("var/cache/app/")).sort()).toEqual(["var/cache/app/fresh"]);
-    expect([...t.keys()].filter((p) => p.startsWith("usr/share/doc/")).sort()).toEqual([
-      "usr/share/doc/new",
-      "usr/share/doc/new/NEWS",
-    ]);
+    expect([...t.keys()].filter((p) => p.startsWith("usr/share/doc/")).sort()).toEqual(["usr/share/doc/new", "usr/share/doc/new/NEWS"]);
     expect([...t.keys()].some((p) => p.includes(".wh."))).toBe(false);
   });
 
@@ -344,7 +345,13 @@ describe("fidelity: sparse files and non-UTF-8 names from GNU tar", () => {
   const MiB = 1024 * 1024;
   /** name → apparent size, and data written at offsets (the rest is holes) */
   const SPARSE: Record<string, { size: number; data: [number, string][] }> = {
-    "sparse/big": { size: 64 * MiB, data: [[MiB, "hello"], [32 * MiB, "tail"]] },
+    "sparse/big": {
+      size: 64 * MiB,
+      data: [
+        [MiB, "hello"],
+        [32 * MiB, "tail"],
+      ],
+    },
     "sparse/holes-only": { size: 8 * MiB, data: [] },
     "sparse/many": { size: 16 * MiB, data: Array.from({ length: 30 }, (_, i) => [i * 400 * 1024, `chunk ${i}`] as [number, string]) },
     "sparse/data-at-end": { size: 4 * MiB, data: [[4 * MiB - 4, "end!"]] },
@@ -410,9 +417,11 @@ describe("fidelity: sparse files and non-UTF-8 names from GNU tar", () => {
       expect(want.get("sparse/big")?.size).toBe(64 * MiB);
       expect(diffTrees(want, listTree(ours))).toEqual([]);
       // the bytes themselves, not only their escaped listing
-      expect(readdirSync(`${ours}/names`, { encoding: "buffer" }).map((b) => b.toString("latin1")).sort()).toEqual(
-        ["d\xe9j\xe0", "hard\xfe", "link\xff", Buffer.from("naïve ✓").toString("latin1"), "\xff\xfe"].sort(),
-      );
+      expect(
+        readdirSync(`${ours}/names`, { encoding: "buffer" })
+          .map((b) => b.toString("latin1"))
+          .sort(),
+      ).toEqual(["d\xe9j\xe0", "hard\xfe", "link\xff", Buffer.from("naïve ✓").toString("latin1"), "\xff\xfe"].sort());
       // holes: a sparse file costs its data (a few 4 KiB blocks), never its apparent size
       for (const [name, s] of Object.entries(SPARSE)) {
         const allocated = lstatSync(`${ours}/${name}`).blocks * 512;

@@ -2,10 +2,10 @@
 // skip, "no data" = already gone, timeout = stop, ledger order, per-step timeouts, never --force).
 // The same behaviours run against the real kernel in test/vm/gc.test.ts.
 import { afterEach, describe, expect, test } from "bun:test";
+import { type CmdResult, type RunOptions, setRunner, spawnRunner } from "../../lib/exec.ts";
 import { act, type GcLedger } from "../../lib/gc/act.ts";
 import type { Orphan } from "../../lib/gc/model.ts";
 import { buildReport, commandsFor, formatHuman } from "../../lib/gc/report.ts";
-import { type CmdResult, type RunOptions, setRunner, spawnRunner } from "../../lib/exec.ts";
 import { cmdResult } from "../helpers/run.ts";
 
 afterEach(() => setRunner(spawnRunner));
@@ -92,8 +92,19 @@ function recLedger() {
   return { ev, l };
 }
 
-const mi = (...entries: [string, string][]) => () =>
-  entries.map(([mountPoint, majorMinor], i) => ({ mountId: i, majorMinor, root: "/", mountPoint, options: "rw", fstype: "ext4", source: "/dev/x", superOptions: "rw" }));
+const mi =
+  (...entries: [string, string][]) =>
+  () =>
+    entries.map(([mountPoint, majorMinor], i) => ({
+      mountId: i,
+      majorMinor,
+      root: "/",
+      mountPoint,
+      options: "rw",
+      fstype: "ext4",
+      source: "/dev/x",
+      superOptions: "rw",
+    }));
 
 const info = (name: string, open = 0, attr = "L--w") => `${name}|${attr}|${open}|254|7|0|1|`;
 
@@ -253,7 +264,21 @@ describe("act", () => {
 
   test("same name, same major:minor, but another table (the kernel reused the number): changed, not removed", async () => {
     const dev = "thinimg-tp-snap-4";
-    const scanned = new Map([[dev, { name: dev, major: 254, minor: 7, open: 0, suspended: false, inactiveTable: false, table: "0 8 thin 254:0 4", thin: { poolMajorMinor: "254:0", thinId: 4, sectors: 8 } }]]);
+    const scanned = new Map([
+      [
+        dev,
+        {
+          name: dev,
+          major: 254,
+          minor: 7,
+          open: 0,
+          suspended: false,
+          inactiveTable: false,
+          table: "0 8 thin 254:0 4",
+          thin: { poolMajorMinor: "254:0", thinId: 4, sectors: 8 },
+        },
+      ],
+    ]);
     let calls = fake({ mode: ["rw"], info: { [dev]: info(dev) }, table: { [dev]: "0 8 thin 254:0 5" } });
     let r = await act([orphan(4, dev)], { pool: POOL, scanned });
     expect(r.results[0]!.skipReason).toContain("table changed");
@@ -307,7 +332,13 @@ describe("report", () => {
     finishedAt: 5,
     lock: { status: "acquired" as const, holder: null },
     health: { ok: true, detail: "ok" },
-    scan: { ours: 1, foreign: 0, unrelated: 0, metadata: { status: "ok" as const, method: "thin_ls", thinIds: 3, staleHold: null, skipped: null }, dbKnown: true },
+    scan: {
+      ours: 1,
+      foreign: 0,
+      unrelated: 0,
+      metadata: { status: "ok" as const, method: "thin_ls", thinIds: 3, staleHold: null, skipped: null },
+      dbKnown: true,
+    },
     act: null,
     repairsApplied: false,
     reconciled: 0,
@@ -315,14 +346,45 @@ describe("report", () => {
     kernelMessages: [],
     notes: [],
   };
-  const plan = { pool: POOL, actions: [orphan(7, "thinimg-tp-snap-7", { unmount: ["/s/mnt/x"] })], skips: [], repairs: [], detached: [], foreign: [], notes: [] };
+  const plan = {
+    pool: POOL,
+    actions: [orphan(7, "thinimg-tp-snap-7", { unmount: ["/s/mnt/x"] })],
+    skips: [],
+    repairs: [],
+    detached: [],
+    foreign: [],
+    notes: [],
+  };
 
   test("dry-run lists the exact commands; exit 0", () => {
     expect(commandsFor(POOL, plan.actions[0]!)).toEqual(["umount /s/mnt/x", "dmsetup remove thinimg-tp-snap-7", 'dmsetup message tp 0 "delete 7"']);
     const r = buildReport({ ...base, mode: "dry_run", plan });
     expect(r.exit_code).toBe(0);
     expect(r.orphans[0]!.outcome).toBe("would_remove");
-    expect(Object.keys(r)).toEqual(["ok", "exit_code", "mode", "pool", "state_dir", "grace_ms", "started_at", "duration_ms", "lock", "health", "refused", "reconciled", "scan", "orphans", "skipped", "repairs", "detached", "foreign", "stopped", "kernel_messages", "notes", "summary"]);
+    expect(Object.keys(r)).toEqual([
+      "ok",
+      "exit_code",
+      "mode",
+      "pool",
+      "state_dir",
+      "grace_ms",
+      "started_at",
+      "duration_ms",
+      "lock",
+      "health",
+      "refused",
+      "reconciled",
+      "scan",
+      "orphans",
+      "skipped",
+      "repairs",
+      "detached",
+      "foreign",
+      "stopped",
+      "kernel_messages",
+      "notes",
+      "summary",
+    ]);
   });
 
   test("an unhealthy dry-run: exit 1, the health line first, the metadata not read", () => {
@@ -346,16 +408,27 @@ describe("report", () => {
   });
 
   test("exit 1: a skip that needs a human, a refusal, a failure, a stale hold; exit 0 for too_young", () => {
-    const skip = (reason: "mounted" | "too_young") => ({ ...plan, actions: [], skips: [{ thinId: 1, device: null, reason, detail: "", orphanReason: "not_in_db" as const }] });
+    const skip = (reason: "mounted" | "too_young") => ({
+      ...plan,
+      actions: [],
+      skips: [{ thinId: 1, device: null, reason, detail: "", orphanReason: "not_in_db" as const }],
+    });
     expect(buildReport({ ...base, mode: "force", plan: skip("mounted") }).exit_code).toBe(1);
     expect(buildReport({ ...base, mode: "force", plan: skip("too_young") }).exit_code).toBe(0);
     expect(buildReport({ ...base, mode: "force", plan: null, refused: { reason: "lock_held", detail: "x" } }).exit_code).toBe(1);
     const failed = { results: [{ action: plan.actions[0]!, outcome: "failed" as const, steps: [], skipReason: null }], stopped: null, unmountedRemoved: [] };
     expect(buildReport({ ...base, mode: "force", plan, act: failed }).exit_code).toBe(1);
-    const stale = { ...base.scan, metadata: { ...base.scan.metadata, status: "skipped" as const, staleHold: { heldRoot: 3, released: false }, skipped: "stale" } };
+    const stale = {
+      ...base.scan,
+      metadata: { ...base.scan.metadata, status: "skipped" as const, staleHold: { heldRoot: 3, released: false }, skipped: "stale" },
+    };
     expect(buildReport({ ...base, scan: stale, mode: "dry_run", plan }).exit_code).toBe(1);
     // a detached snapshot (kept) needs its re-attach: reported, exit 1, and never an orphan
-    const detached = buildReport({ ...base, mode: "force", plan: { ...plan, actions: [], detached: [{ snapshotId: 6, thinId: 6, device: "thinimg-tp-snap-6", detail: "re-attach it" }] } });
+    const detached = buildReport({
+      ...base,
+      mode: "force",
+      plan: { ...plan, actions: [], detached: [{ snapshotId: 6, thinId: 6, device: "thinimg-tp-snap-6", detail: "re-attach it" }] },
+    });
     expect(detached.exit_code).toBe(1);
     expect(detached.detached).toEqual([{ snapshot_id: 6, thin_id: 6, device: "thinimg-tp-snap-6", detail: "re-attach it" }]);
     expect(detached.summary).toMatchObject({ detached: 1, needs_human: true, orphans: 0 });

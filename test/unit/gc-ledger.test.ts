@@ -31,7 +31,17 @@ afterEach(() => {
 });
 
 function failedLayer(state: "failed" | "building" = "failed") {
-  const l = insertLayer(db, { pool: POOL, chainId: "sha256:c1", parentId: null, parentChainId: null, identity: "x", diffId: null, digest: "sha256:d", size: 1, virtualSize: 1 << 20 });
+  const l = insertLayer(db, {
+    pool: POOL,
+    chainId: "sha256:c1",
+    parentId: null,
+    parentChainId: null,
+    identity: "x",
+    diffId: null,
+    digest: "sha256:d",
+    size: 1,
+    virtualSize: 1 << 20,
+  });
   const id = allocateThinId(db, POOL, { kind: "layer", id: l.id });
   setThinIdState(db, POOL, id, "created");
   const name = `thinimg-${POOL}-layer-${id}`;
@@ -104,7 +114,15 @@ describe("repairs (compare-and-set)", () => {
   test("applied only while the rows are unchanged", async () => {
     const f = failedLayer();
     const refs: Repair["refs"] = [{ table: "thin_ids", key: f.thinId }];
-    const r: Repair = { kind: "thin_already_deleted", thinId: f.thinId, device: null, path: null, detail: "gone", refs, witness: refsWitness(readGcRows(db, POOL), refs) };
+    const r: Repair = {
+      kind: "thin_already_deleted",
+      thinId: f.thinId,
+      device: null,
+      path: null,
+      detail: "gone",
+      refs,
+      witness: refsWitness(readGcRows(db, POOL), refs),
+    };
     await Bun.sleep(2);
     setThinIdState(db, POOL, f.thinId, "created", "touched by a re-run");
     expect(applyRepairs(db, POOL, [r])).toEqual([r]);

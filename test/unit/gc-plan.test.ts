@@ -1,12 +1,12 @@
 // GC decision logic with fixtures: every orphan kind, every skip reason, repairs, and the rule that
 // foreign devices (and the thin ids they map) never end up in the action list.
 import { afterEach, beforeEach, describe, expect, test } from "bun:test";
-import type { DbDevice, DbThin, DbView, DmDevice, DmScan, ForeignDevice, MetaScan, MountRef, Orphan, Plan } from "../../lib/gc/model.ts";
-import { makePlan, type PlanInput } from "../../lib/gc/plan.ts";
 import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { buildDbView } from "../../lib/gc/db-view.ts";
+import type { DbDevice, DbThin, DbView, DmDevice, DmScan, ForeignDevice, MetaScan, MountRef, Orphan, Plan } from "../../lib/gc/model.ts";
+import { makePlan, type PlanInput } from "../../lib/gc/plan.ts";
 import { currentHolder } from "../../lib/lock/owner.ts";
 import { type Db, openDb } from "../../lib/store/db.ts";
 import { readGcRows } from "../../lib/store/gc-queries.ts";
@@ -93,7 +93,9 @@ function plan(f: Fx): Plan {
     thins: new Map((f.thins ?? []).map((t) => [t.thinId, t])),
     devices: new Map((f.devices ?? []).map((d) => [d.name, d])),
     mounts: f.dbMounts ?? [],
-    firstSeen: new Map(f.firstSeen ?? [...(f.ids ?? []), ...(f.ours ?? []).flatMap((d) => (d.thin ? [d.thin.thinId] : []))].map((i): [number, number] => [i, OLD])),
+    firstSeen: new Map(
+      f.firstSeen ?? [...(f.ids ?? []), ...(f.ours ?? []).flatMap((d) => (d.thin ? [d.thin.thinId] : []))].map((i): [number, number] => [i, OLD]),
+    ),
     lastTxn: f.lastTxn ?? null,
   };
   const inp: PlanInput = {
@@ -145,7 +147,13 @@ describe("orphan kinds", () => {
   });
 
   test("locked: a failed layer an unpack may resume is left alone; a live row's repair is not made either", () => {
-    const p = plan({ ids: [5], thins: [thin(5, "dead", { reason: "db_failed", locked: "layer:tp:x held by pid 7" }), thin(6, "dead", { reason: "interrupted_build", locked: "image:tp:web held by pid 7" })] });
+    const p = plan({
+      ids: [5],
+      thins: [
+        thin(5, "dead", { reason: "db_failed", locked: "layer:tp:x held by pid 7" }),
+        thin(6, "dead", { reason: "interrupted_build", locked: "image:tp:web held by pid 7" }),
+      ],
+    });
     expect(p.actions).toEqual([]);
     expect(p.skips.map((x) => [x.thinId, x.reason])).toEqual([[5, "locked"]]);
     expect(p.skips[0]!.detail).toContain("held by pid 7");
@@ -183,7 +191,12 @@ describe("orphan kinds", () => {
 
   test("device of a live id that the DB does not hold: only the device goes", () => {
     const d = dev(3, { name: `thinimg-${POOL}-layer-3` });
-    const p = plan({ ours: [d], ids: [3], thins: [thin(3, "live")], devices: [dbdev(d.name, 3, "dead", { reason: "db_orphaned", detail: "committed layer's device should be inactive" })] });
+    const p = plan({
+      ours: [d],
+      ids: [3],
+      thins: [thin(3, "live")],
+      devices: [dbdev(d.name, 3, "dead", { reason: "db_orphaned", detail: "committed layer's device should be inactive" })],
+    });
     expect(p.actions.map(brief)).toEqual([{ thinId: 3, device: d.name, deleteThin: false, reason: "device_not_held", unmount: [] }]);
     expect(p.actions[0]!.mappedBytes).toBeNull();
   });
@@ -358,7 +371,10 @@ describe("metadata scan skipped", () => {
 
 describe("repairs", () => {
   test("pool recreated: live ids gone → thin_gone for each, with a note", () => {
-    const refs = [{ table: "layers" as const, key: 1 }, { table: "thin_ids" as const, key: 1 }];
+    const refs = [
+      { table: "layers" as const, key: 1 },
+      { table: "thin_ids" as const, key: 1 },
+    ];
     const p = plan({ ids: [], thins: [thin(1, "live", { refs }), thin(2, "live")] });
     expect(p.repairs.map((r) => [r.kind, r.thinId])).toEqual([
       ["thin_gone", 1],
@@ -394,7 +410,9 @@ describe("repairs", () => {
     const snapDev = dbdev("thinimg-tp-snap-4", 4, "live", { mustExist: true, snapshotId: 12 });
     for (const grace of [0, GRACE]) {
       const p = plan({ ids: [4], thins: [thin(4, "live")], devices: [snapDev], grace });
-      expect(p.detached).toEqual([{ snapshotId: 12, thinId: 4, device: "thinimg-tp-snap-4", detail: expect.stringContaining("bun scripts/activate.ts --snapshot 12") }]);
+      expect(p.detached).toEqual([
+        { snapshotId: 12, thinId: 4, device: "thinimg-tp-snap-4", detail: expect.stringContaining("bun scripts/activate.ts --snapshot 12") },
+      ]);
       expect(p.repairs).toEqual([]);
       expect(p.actions).toEqual([]);
       expect(p.skips).toEqual([]);
@@ -402,7 +420,12 @@ describe("repairs", () => {
   });
 
   test("detached is listed even when the pool metadata could not be read", () => {
-    const p = plan({ ids: [], meta: { status: "skipped", skipped: { reason: "metadata_snap_busy", detail: "busy" } }, thins: [thin(4, "live")], devices: [dbdev("thinimg-tp-snap-4", 4, "live", { mustExist: true, snapshotId: 3 })] });
+    const p = plan({
+      ids: [],
+      meta: { status: "skipped", skipped: { reason: "metadata_snap_busy", detail: "busy" } },
+      thins: [thin(4, "live")],
+      devices: [dbdev("thinimg-tp-snap-4", 4, "live", { mustExist: true, snapshotId: 3 })],
+    });
     expect(p.detached.map((d) => d.snapshotId)).toEqual([3]);
     expect(p.repairs).toEqual([]);
   });
@@ -427,7 +450,13 @@ describe("repairs", () => {
   });
 
   test("a dead device row whose device is gone: device_row_gone (only the row; a live or present one is left)", () => {
-    const gone = dbdev("thinimg-tp-layer-6", 6, "dead", { reason: "db_failed", refs: [{ table: "devices", key: "thinimg-tp-layer-6" }, { table: "snapshots", key: 9 }] });
+    const gone = dbdev("thinimg-tp-layer-6", 6, "dead", {
+      reason: "db_failed",
+      refs: [
+        { table: "devices", key: "thinimg-tp-layer-6" },
+        { table: "snapshots", key: 9 },
+      ],
+    });
     const present = dev(7, { name: "thinimg-tp-layer-7" });
     const p = plan({
       ours: [present],
@@ -435,7 +464,9 @@ describe("repairs", () => {
       thins: [thin(6, "dead", { reason: "db_failed" }), thin(7, "dead", { reason: "db_failed" })],
       devices: [gone, dbdev(present.name, 7, "dead", { reason: "db_failed" }), dbdev("thinimg-tp-layer-8", 8, "removed")],
     });
-    expect(p.repairs.map((r) => [r.kind, r.device, r.refs])).toEqual([["device_row_gone", "thinimg-tp-layer-6", [{ table: "devices", key: "thinimg-tp-layer-6" }]]]);
+    expect(p.repairs.map((r) => [r.kind, r.device, r.refs])).toEqual([
+      ["device_row_gone", "thinimg-tp-layer-6", [{ table: "devices", key: "thinimg-tp-layer-6" }]],
+    ]);
   });
 
   test("mount rows that are no longer mounted", () => {
@@ -460,10 +491,26 @@ describe("unreferenced layers (image removal)", () => {
   const T = Date.now();
 
   function layer(chain: string, parent: { id: number } | null, committed = true) {
-    const l = insertLayer(db, { pool: POOL, chainId: `sha256:${chain}`, parentId: parent?.id ?? null, parentChainId: null, identity: chain, diffId: null, digest: `sha256:${chain}`, size: 1, virtualSize: 1 << 20 });
+    const l = insertLayer(db, {
+      pool: POOL,
+      chainId: `sha256:${chain}`,
+      parentId: parent?.id ?? null,
+      parentChainId: null,
+      identity: chain,
+      diffId: null,
+      digest: `sha256:${chain}`,
+      size: 1,
+      virtualSize: 1 << 20,
+    });
     const id = allocateThinId(db, POOL, { kind: "layer", id: l.id });
     setThinIdState(db, POOL, id, committed ? "committed" : "created");
-    updateLayer(db, l.id, committed ? { thin_id: id, device_name: `thinimg-${POOL}-layer-${id}`, state: "committed", phase: "committed" } : { thin_id: id, state: "building", phase: "created" });
+    updateLayer(
+      db,
+      l.id,
+      committed
+        ? { thin_id: id, device_name: `thinimg-${POOL}-layer-${id}`, state: "committed", phase: "committed" }
+        : { thin_id: id, state: "building", phase: "created" },
+    );
     return { id: l.id, thinId: id, chain: `sha256:${chain}` };
   }
   function image(name: string, layers: { id: number }[]) {
@@ -585,7 +632,14 @@ describe("unreferenced layers (image removal)", () => {
       scannedAt: T + 60 * MIN,
     });
     expect(p.repairs.map((r) => [r.kind, r.thinId, r.refs])).toEqual([
-      ["thin_already_deleted", base.thinId, [{ table: "thin_ids", key: base.thinId }, { table: "layers", key: base.id }]],
+      [
+        "thin_already_deleted",
+        base.thinId,
+        [
+          { table: "thin_ids", key: base.thinId },
+          { table: "layers", key: base.id },
+        ],
+      ],
     ]);
   });
 });

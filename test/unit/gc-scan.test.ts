@@ -1,12 +1,12 @@
 // GC's parsing and classification of what the kernel shows (fixtures taken from real dmsetup output
 // in the test VM), and the DB view built from store rows.
 import { describe, expect, test } from "bun:test";
+import { devPathFor } from "../../lib/dm/metadata-snap.ts";
 import { parseMountinfo } from "../../lib/dm/mount.ts";
+import { parseThinTable } from "../../lib/dm/pool.ts";
 import { buildDbView } from "../../lib/gc/db-view.ts";
 import { mountsByDevice } from "../../lib/gc/mounts.ts";
-import { parseThinTable } from "../../lib/dm/pool.ts";
-import { type RawDevice, classifyDevices, parseTableAll } from "../../lib/gc/scan-dm.ts";
-import { devPathFor } from "../../lib/dm/metadata-snap.ts";
+import { classifyDevices, parseTableAll, type RawDevice } from "../../lib/gc/scan-dm.ts";
 import type { GcRows } from "../../lib/store/gc-queries.ts";
 import type { LayerRow } from "../../lib/store/layers.ts";
 import type { LockRow } from "../../lib/store/locks.ts";
@@ -109,7 +109,9 @@ describe("mounts", () => {
     "/var/lib/thinimg/mnt",
   );
   test("ours only under the mount dir and only for the device root", () => {
-    expect(m.get("thinimg-tp-layer-5")).toEqual([{ mountPoint: "/var/lib/thinimg/mnt/thinimg-tp-layer-5", majorMinor: "254:5", source: "/dev/mapper/thinimg-tp-layer-5", ours: true }]);
+    expect(m.get("thinimg-tp-layer-5")).toEqual([
+      { mountPoint: "/var/lib/thinimg/mnt/thinimg-tp-layer-5", majorMinor: "254:5", source: "/dev/mapper/thinimg-tp-layer-5", ours: true },
+    ]);
     expect(m.get("thinimg-tp-snap-6")?.map((x) => [x.mountPoint, x.ours])).toEqual([
       ["/srv/vm6", false],
       ["/var/lib/thinimg/mnt/bind", false],
@@ -197,7 +199,17 @@ const work = (layerId: number, state: WorkRow["state"], pid: number): WorkRow =>
   updated_at: T0,
   finished_at: null,
 });
-const rows = (o: Partial<GcRows>): GcRows => ({ thinIds: [], layers: [], snapshots: [], devices: [], mounts: [], images: [{ id: 1, name: "web", state: "ready", updated_at: T0 }], imageLayers: [{ image_id: 1, layer_id: 1 }], runningWork: [], ...o });
+const rows = (o: Partial<GcRows>): GcRows => ({
+  thinIds: [],
+  layers: [],
+  snapshots: [],
+  devices: [],
+  mounts: [],
+  images: [{ id: 1, name: "web", state: "ready", updated_at: T0 }],
+  imageLayers: [{ image_id: 1, layer_id: 1 }],
+  runningWork: [],
+  ...o,
+});
 
 describe("DB view", () => {
   const alive = (pid: number) => pid === 4242;
@@ -205,7 +217,15 @@ describe("DB view", () => {
     const { view } = buildDbView(
       "tp",
       rows({
-        thinIds: [ledger(1, "committed", "layer", 1), ledger(2, "created", "layer", 2), ledger(3, "created", "layer", 3), ledger(4, "committed", "snapshot", 1), ledger(5, "orphaned", "snapshot", 2), ledger(6, "created", "snapshot", 3), ledger(7, "created", "snapshot", 4)],
+        thinIds: [
+          ledger(1, "committed", "layer", 1),
+          ledger(2, "created", "layer", 2),
+          ledger(3, "created", "layer", 3),
+          ledger(4, "committed", "snapshot", 1),
+          ledger(5, "orphaned", "snapshot", 2),
+          ledger(6, "created", "snapshot", 3),
+          ledger(7, "created", "snapshot", 4),
+        ],
         layers: [layer(1, 1, "committed"), layer(2, 2, "building"), layer(3, 3, "failed")],
         snapshots: [snap(1, 4, "active"), snap(2, 5, "released"), snap(3, 6, "pending"), snap(4, 7, "pending", 4242)],
         locks: [lockRow("layer:tp:sha256:2", 4242)],
@@ -241,7 +261,11 @@ describe("DB view", () => {
 
   test("a failed or interrupted layer is locked while a live process holds its chain's lock or any image lock of the pool", () => {
     const thinIds = [ledger(3, "created", "layer", 3)];
-    const free = buildDbView("tp", rows({ thinIds, layers: [layer(3, 3, "failed")], locks: [lockRow("image:tp:web", 31337), lockRow("image:other:x", 4242)] }), alive);
+    const free = buildDbView(
+      "tp",
+      rows({ thinIds, layers: [layer(3, 3, "failed")], locks: [lockRow("image:tp:web", 31337), lockRow("image:other:x", 4242)] }),
+      alive,
+    );
     expect(free.view.thins.get(3)).toMatchObject({ status: "dead", reason: "db_failed", locked: null });
     const byLayer = buildDbView("tp", rows({ thinIds, layers: [layer(3, 3, "failed")], locks: [lockRow("layer:tp:sha256:3", 4242)] }), alive);
     expect(byLayer.view.thins.get(3)?.locked).toContain("layer:tp:sha256:3 held by pid 4242");
@@ -249,13 +273,19 @@ describe("DB view", () => {
     const byImage = buildDbView("tp", rows({ thinIds, layers: [layer(3, 3, "failed")], locks: [lockRow("image:tp:web", 4242)] }), alive);
     expect(byImage.view.thins.get(3)?.locked).toContain("image:tp:web");
     // a released snapshot is not a layer: image locks do not keep it
-    const snapView = buildDbView("tp", rows({ thinIds: [ledger(5, "orphaned", "snapshot", 2)], snapshots: [snap(2, 5, "released")], locks: [lockRow("image:tp:web", 4242)] }), alive);
+    const snapView = buildDbView(
+      "tp",
+      rows({ thinIds: [ledger(5, "orphaned", "snapshot", 2)], snapshots: [snap(2, 5, "released")], locks: [lockRow("image:tp:web", 4242)] }),
+      alive,
+    );
     expect(snapView.view.thins.get(5)?.locked ?? null).toBeNull();
   });
 
   test("a handed-out snapshot's device must exist whatever its device row says (a reboot, a failed release); a released one's need not", () => {
     for (const rowState of ["active", "removed", "removing", "leaked"] as const) {
-      const devices = [{ pool: "tp", name: "thinimg-tp-snap-4", thin_id: 4, kind: "snap" as const, state: rowState, reason: null, created_at: T0, updated_at: T0 }];
+      const devices = [
+        { pool: "tp", name: "thinimg-tp-snap-4", thin_id: 4, kind: "snap" as const, state: rowState, reason: null, created_at: T0, updated_at: T0 },
+      ];
       const { view } = buildDbView("tp", rows({ thinIds: [ledger(4, "committed", "snapshot", 1)], snapshots: [snap(1, 4, "active")], devices }), alive);
       expect(view.devices.get("thinimg-tp-snap-4")).toMatchObject({ status: "live", mustExist: true, snapshotId: 1 });
       expect(view.thins.get(4)).toMatchObject({ status: "live" });
@@ -271,7 +301,15 @@ describe("DB view", () => {
   });
 
   test("a hand-deleted owner row: owner_missing; a superseded attempt: orphaned", () => {
-    const { view } = buildDbView("tp", rows({ thinIds: [ledger(8, "committed", "snapshot", 77), ledger(9, "created", "layer", 1)], layers: [layer(1, 10, "building")], locks: [lockRow("layer:tp:sha256:1", 4242)] }), alive);
+    const { view } = buildDbView(
+      "tp",
+      rows({
+        thinIds: [ledger(8, "committed", "snapshot", 77), ledger(9, "created", "layer", 1)],
+        layers: [layer(1, 10, "building")],
+        locks: [lockRow("layer:tp:sha256:1", 4242)],
+      }),
+      alive,
+    );
     expect(view.thins.get(8)?.reason).toBe("owner_missing");
     expect(view.thins.get(9)?.reason).toBe("db_orphaned");
     expect(view.thins.get(9)?.detail).toContain("superseded");

@@ -3,16 +3,25 @@
 // test/vm/health.test.ts.
 import { afterEach, describe, expect, test } from "bun:test";
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { loadConfig } from "../../lib/config.ts";
 import { parseInfoLine } from "../../lib/dm/dmsetup.ts";
 import { parsePoolStatus } from "../../lib/dm/status.ts";
 import { ThinimgError } from "../../lib/errors.ts";
 import { type CmdResult, setRunner, spawnRunner } from "../../lib/exec.ts";
-import { acknowledgeFindings } from "../../lib/health/kernel-findings.ts";
-import { loadConfig } from "../../lib/config.ts";
-import { acknowledgeOwnMessages, checkDmesg, cursorOf, classifyKernelLine, findNew, type KmsgRecord, ownMessagesPrefix, parseKmsgRecord } from "../../lib/health/dmesg.ts";
+import {
+  acknowledgeOwnMessages,
+  checkDmesg,
+  classifyKernelLine,
+  cursorOf,
+  findNew,
+  type KmsgRecord,
+  ownMessagesPrefix,
+  parseKmsgRecord,
+} from "../../lib/health/dmesg.ts";
 import { dmMajor, dmMountPoints, parseProcStat, scanDState, stuckOnDm, tiedToDm } from "../../lib/health/dstate.ts";
 import type { HealthIo } from "../../lib/health/io.ts";
 import { judgeIowait, parseCpuLine } from "../../lib/health/iowait.ts";
+import { acknowledgeFindings } from "../../lib/health/kernel-findings.ts";
 import { judgeMemory } from "../../lib/health/memory.ts";
 import { checkPool, judgePool } from "../../lib/health/pool.ts";
 import { assertHealthy, runHealthChecks } from "../../lib/health/run.ts";
@@ -35,15 +44,7 @@ describe("pool checks from status lines", () => {
 
   test("a fresh pool is all ok", () => {
     const r = judge("0 111/4096 0/16384 - rw no_discard_passdown error_if_no_space - 1638");
-    expect(r.map((c) => c.name)).toEqual([
-      "pool.exists",
-      "pool.status",
-      "pool.mode",
-      "pool.needs_check",
-      "pool.data",
-      "pool.metadata",
-      "pool.no_space_mode",
-    ]);
+    expect(r.map((c) => c.name)).toEqual(["pool.exists", "pool.status", "pool.mode", "pool.needs_check", "pool.data", "pool.metadata", "pool.no_space_mode"]);
     expect(r.every((c) => c.status === "ok" && c.runbook === "")).toBe(true);
   });
 
@@ -90,8 +91,7 @@ describe("pool checks from status lines", () => {
     expect(byName(judge("1 10/100 1/100 - rw discard_passdown queue_if_no_space - 10"), "pool.no_space_mode").status).toBe("warn");
   });
 
-  const fake = (r: Partial<CmdResult>) =>
-    setRunner(async (argv) => cmdResult(argv, r));
+  const fake = (r: Partial<CmdResult>) => setRunner(async (argv) => cmdResult(argv, r));
 
   test("dmsetup says no such device → pool not found", async () => {
     fake({ exitCode: 1, stderr: "Device does not exist.\nCommand failed.\n" });
@@ -199,8 +199,7 @@ describe("D-state processes tied to dm", () => {
     expect(dmMountPoints(mi, 254)).toEqual(["/mnt/img x"]);
   });
 
-  const stat = (pid: number, comm: string, state: string, start = 100) =>
-    `${pid} (${comm}) ${state} 1 1 1 0 -1 0 0 0 0 0 0 0 0 0 20 0 1 0 ${start} 0 0`;
+  const stat = (pid: number, comm: string, state: string, start = 100) => `${pid} (${comm}) ${state} 1 1 1 0 -1 0 0 0 0 0 0 0 0 0 20 0 1 0 ${start} 0 0`;
   const fakeIo = (scans: string[][], files: Record<string, string>, fds: Record<string, Record<string, string>> = {}): HealthIo => {
     let n = 0;
     return {
@@ -234,7 +233,10 @@ describe("D-state processes tied to dm", () => {
     );
     const first = await scanDState(io);
     expect([...first.keys()].sort()).toEqual(["10:100", "11:100", "13:100", "14:100"]);
-    const second = await scanDState(io, [...first.values()].map((s) => String(s.pid)));
+    const second = await scanDState(
+      io,
+      [...first.values()].map((s) => String(s.pid)),
+    );
     const stuck = await stuckOnDm(io, first, second);
     // 12 was not in D first; 13 left D; 14 is a different process (new starttime) now
     expect(stuck.map((s) => [s.pid, s.why])).toEqual([
@@ -360,8 +362,17 @@ describe("kernel log", () => {
 
       const acked = await acknowledgeFindings(dir, { by: "alice", now: T0 + 7 * MIN });
       expect(acked.map((f) => f.seq)).toEqual([2]);
-      const log = readFileSync(`${dir}/health-ack.log`, "utf8").trim().split("\n").map((l) => JSON.parse(l));
-      expect(log).toEqual([expect.objectContaining({ at: "2026-12-05T12:07:00.000Z", by: "alice", findings: [expect.objectContaining({ seq: 2, what: "I/O error on a dm device" })] })]);
+      const log = readFileSync(`${dir}/health-ack.log`, "utf8")
+        .trim()
+        .split("\n")
+        .map((l) => JSON.parse(l));
+      expect(log).toEqual([
+        expect.objectContaining({
+          at: "2026-12-05T12:07:00.000Z",
+          by: "alice",
+          findings: [expect.objectContaining({ seq: 2, what: "I/O error on a dm device" })],
+        }),
+      ]);
       const after = await at(T0 + 8 * MIN);
       expect(after.status).toBe("ok");
       expect(after.details?.findings).toEqual([
@@ -472,7 +483,9 @@ describe("kernel log", () => {
     // dm-3 was not unmounted by GC: it and everything after it stay for the next check
     expect(r?.acknowledged.map((f) => f.seq)).toEqual([11, 12]);
     expect(r?.seq).toBe(12);
-    expect(findNew(log, { cursor: { boot_id: "b1", seq: r!.seq }, bootId: "b1", uptimeUsec: 2e6, lookbackMs: 1000 }).findings.map((f) => f.seq)).toEqual([13, 14]);
+    expect(findNew(log, { cursor: { boot_id: "b1", seq: r!.seq }, bootId: "b1", uptimeUsec: 2e6, lookbackMs: 1000 }).findings.map((f) => f.seq)).toEqual([
+      13, 14,
+    ]);
     // a pool-level message is never GC's to acknowledge, even if it names the device
     const pool = [rec(10, 1, "device-mapper: thin: 254:0: switching pool to read-only mode (dm-2)"), rec(11, 1, log[1]!.message)];
     expect(ownMessagesPrefix(pool, { cursor, bootId: "b1", devices: new Set(["dm-2"]) })?.acknowledged).toEqual([]);
@@ -641,7 +654,15 @@ describe("scripts/health.ts arguments", () => {
   test("--ack acknowledges the recorded kernel errors, says so, and logs who and when", () => {
     const dir = mkdtempSync("/tmp/thinimg-health-unit-");
     try {
-      const f = { boot_id: "b", seq: 7, what: "I/O error on a dm device", line: "Buffer I/O error on dev dm-2", logged_at: Date.now() - 60_000, first_seen_at: Date.now(), acknowledged: null };
+      const f = {
+        boot_id: "b",
+        seq: 7,
+        what: "I/O error on a dm device",
+        line: "Buffer I/O error on dev dm-2",
+        logged_at: Date.now() - 60_000,
+        first_seen_at: Date.now(),
+        acknowledged: null,
+      };
       writeFileSync(`${dir}/health-findings.json`, JSON.stringify({ findings: [f] }));
       const p = Bun.spawnSync(["bun", "scripts/health.ts", "--ack", "--host-only", "--state-dir", dir, "--json"], {
         stdout: "pipe",

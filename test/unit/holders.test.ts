@@ -20,8 +20,12 @@ const stateDir = () => {
 /** A child holding the state dir shared for `ms`, as `command`; resolves once it holds it. */
 async function sharedChild(dir: string, command: string, ms: number) {
   const p = Bun.spawn(
-    ["bun", "-e", `import { withSharedHold } from "${lib}/lock/holders.ts";
-      await withSharedHold(${JSON.stringify(dir)}, { waitMs: 0, command: ${JSON.stringify(command)} }, async () => { console.log("held"); await Bun.sleep(${ms}); });`],
+    [
+      "bun",
+      "-e",
+      `import { withSharedHold } from "${lib}/lock/holders.ts";
+      await withSharedHold(${JSON.stringify(dir)}, { waitMs: 0, command: ${JSON.stringify(command)} }, async () => { console.log("held"); await Bun.sleep(${ms}); });`,
+    ],
     { stdout: "pipe", stderr: "inherit" },
   );
   const { value } = await p.stdout.getReader().read();
@@ -40,8 +44,12 @@ describe("shared holders vs exclusive", () => {
     });
     // the activation ended; the job still holds the state dir: an exclusive holder must still wait
     expect(files()).toHaveLength(1);
-    const gc = Bun.spawnSync(["bun", "-e", `import { holdExclusive } from "${lib}/lock/holders.ts";
-      await holdExclusive(${JSON.stringify(d)}, { waitMs: 0, ignoreLock: false, what: "gc --force" }).then(() => console.log("held"), (e) => console.log(e.kind));`]);
+    const gc = Bun.spawnSync([
+      "bun",
+      "-e",
+      `import { holdExclusive } from "${lib}/lock/holders.ts";
+      await holdExclusive(${JSON.stringify(d)}, { waitMs: 0, ignoreLock: false, what: "gc --force" }).then(() => console.log("held"), (e) => console.log(e.kind));`,
+    ]);
     expect(gc.stdout.toString().trim()).toBe("conflict");
     job.resolve();
     await long;
@@ -57,7 +65,10 @@ describe("shared holders vs exclusive", () => {
       expect(e.kind).toBe("conflict");
       expect(e.message).not.toContain("\n");
       expect(e.message).toStartWith("gc --force: the state dir is in use by 2 processes: ");
-      for (const [p, cmd] of [[a, "unpack.ts alpine"], [b, "activate.ts a"]] as const) {
+      for (const [p, cmd] of [
+        [a, "unpack.ts alpine"],
+        [b, "activate.ts a"],
+      ] as const) {
         expect(e.message).toContain(`pid ${p.pid} (bun scripts/${cmd}`);
       }
       expect(e.message).toMatch(/since \d{4}-\d\d-\d\dT/);
@@ -78,8 +89,12 @@ describe("shared holders vs exclusive", () => {
     await a.exited;
     // while it is held, a shared holder waits, and is refused past its own wait, naming it
     const late = Bun.spawn(
-      ["bun", "-e", `import { withSharedHold } from "${lib}/lock/holders.ts";
-        try { await withSharedHold(${JSON.stringify(d)}, { waitMs: 300 }, async () => console.log("ran")); } catch (e) { console.log(e.message); }`],
+      [
+        "bun",
+        "-e",
+        `import { withSharedHold } from "${lib}/lock/holders.ts";
+        try { await withSharedHold(${JSON.stringify(d)}, { waitMs: 300 }, async () => console.log("ran")); } catch (e) { console.log(e.message); }`,
+      ],
       { stdout: "pipe", stderr: "pipe" },
     );
     const out = await new Response(late.stdout).text();

@@ -5,8 +5,8 @@ import { afterAll, afterEach, describe, expect, test } from "bun:test";
 import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { JOURNAL_KEEP, journal, journalPath, useCommandJournal } from "../../lib/cmd-journal.ts";
-import { clearTimeouts, isStateChanging } from "../../lib/dm/host-queue.ts";
 import * as dmsetup from "../../lib/dm/dmsetup.ts";
+import { clearTimeouts, isStateChanging } from "../../lib/dm/host-queue.ts";
 import * as mnt from "../../lib/dm/mount.ts";
 import { type CmdResult, setRunner, spawnRunner } from "../../lib/exec.ts";
 
@@ -152,7 +152,9 @@ describe("one state-changing command at a time on the host", () => {
     const w = child(q, [["dmsetup", "remove", "w"]], { ms: 10, env: { THINIMG_DM_QUEUE_WAIT: "300ms" } });
     const lw = await lines(w);
     expect(lw.filter((l) => l.cmd)).toEqual([]);
-    expect(lw.find((l) => l.error)?.error).toMatch(new RegExp(`gave up after \\d+ s waiting for the dm queue held by pid ${holder.pid} .*dmsetup remove long.* to run \`dmsetup remove w\``));
+    expect(lw.find((l) => l.error)?.error).toMatch(
+      new RegExp(`gave up after \\d+ s waiting for the dm queue held by pid ${holder.pid} .*dmsetup remove long.* to run \`dmsetup remove w\``),
+    );
     await lines(holder);
   }, 30_000);
 
@@ -221,10 +223,21 @@ describe("before-records", () => {
     await dmsetup.remove("thinimg-p-layer-5", { ctx: { pool_name: "p", device_id: 5 } });
     await dmsetup.info("thinimg-p-layer-5").catch(() => null); // a read: no before-record
     const before = JSON.parse(seenBefore[0]!);
-    expect(before).toMatchObject({ event: "cmd_start", pool_name: "p", device_id: 5, device_name: "thinimg-p-layer-5", duration_ms: null, exit_code: null, timed_out: null });
+    expect(before).toMatchObject({
+      event: "cmd_start",
+      pool_name: "p",
+      device_id: 5,
+      device_name: "thinimg-p-layer-5",
+      duration_ms: null,
+      exit_code: null,
+      timed_out: null,
+    });
     expect(before.command).toMatch(/^dmsetup .*remove thinimg-p-layer-5$/);
     expect(before.started_at).toMatch(/^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$/);
-    const recs = readFileSync(journalPath(state), "utf8").trimEnd().split("\n").map((l) => JSON.parse(l));
+    const recs = readFileSync(journalPath(state), "utf8")
+      .trimEnd()
+      .split("\n")
+      .map((l) => JSON.parse(l));
     expect(recs.map((r) => r.event)).toEqual(["cmd_start"]); // the fake runner emits no after-record
     expect(seenBefore).toHaveLength(2);
   });
@@ -237,12 +250,22 @@ describe("before-records", () => {
       useCommandJournal(${JSON.stringify(state)});
       await run(["umount", ${JSON.stringify(join(dir, "not-mounted"))}], { ctx: { pool_name: "p", device_name: "thinimg-p-layer-6" } });
     `;
-    const p = Bun.spawn(["bun", "-e", script], { env: { ...process.env, THINIMG_DM_QUEUE: freshQueue(), THINIMG_LOG_FORMAT: "json" }, stdout: "pipe", stderr: "pipe" });
+    const p = Bun.spawn(["bun", "-e", script], {
+      env: { ...process.env, THINIMG_DM_QUEUE: freshQueue(), THINIMG_LOG_FORMAT: "json" },
+      stdout: "pipe",
+      stderr: "pipe",
+    });
     const err = await new Response(p.stderr).text();
     await p.exited;
-    const shown = err.split("\n").filter((l) => l.startsWith("{")).map((l) => JSON.parse(l));
+    const shown = err
+      .split("\n")
+      .filter((l) => l.startsWith("{"))
+      .map((l) => JSON.parse(l));
     expect(shown.map((r) => r.event)).toEqual(["cmd_start", "cmd"]);
-    const recs = readFileSync(journalPath(state), "utf8").trimEnd().split("\n").map((l) => JSON.parse(l));
+    const recs = readFileSync(journalPath(state), "utf8")
+      .trimEnd()
+      .split("\n")
+      .map((l) => JSON.parse(l));
     expect(recs.map((r) => r.event)).toEqual(["cmd_start", "cmd"]);
     expect(recs[0].command).toBe(recs[1].command);
     expect(recs[1].exit_code).not.toBe(0);
@@ -256,7 +279,10 @@ describe("before-records", () => {
     const path = journalPath(state);
     for (let k = 1; k <= JOURNAL_KEEP; k++) expect(existsSync(`${path}.${k}`)).toBe(true);
     expect(existsSync(`${path}.${JOURNAL_KEEP + 1}`)).toBe(false);
-    const last = readFileSync(path, "utf8").trimEnd().split("\n").map((l) => JSON.parse(l).i);
+    const last = readFileSync(path, "utf8")
+      .trimEnd()
+      .split("\n")
+      .map((l) => JSON.parse(l).i);
     expect(last.at(-1)).toBe(39);
     expect(readFileSync(path, "utf8").length).toBeLessThan(1_000 + 200);
   });

@@ -13,22 +13,7 @@ import { Applier } from "../../lib/image/apply/applier.ts";
 import { type ApplyOptions, applyLayer, DEFAULT_LIMITS } from "../../lib/image/apply/index.ts";
 import { TarReader } from "../../lib/image/apply/tar-reader.ts";
 import { decompressStream } from "../../lib/image/compression.ts";
-import {
-  dir,
-  entry,
-  file,
-  gnuLong,
-  gnuSparse,
-  hardlink,
-  header,
-  opaque,
-  pax,
-  paxSparse,
-  streamOf,
-  symlink,
-  tar,
-  whiteout,
-} from "../helpers/tarcraft.ts";
+import { dir, entry, file, gnuLong, gnuSparse, hardlink, header, opaque, pax, paxSparse, streamOf, symlink, tar, whiteout } from "../helpers/tarcraft.ts";
 
 if (process.getuid?.() !== 0) throw new Error("the hostile corpus runs as root, where a mistake would hurt most");
 
@@ -205,9 +190,7 @@ const cases: Record<string, Case> = {
     error: { kind: "policy", match: "too many levels of symbolic links" },
   },
   "chain of 60 links is bounded": {
-    layers: (c) => [
-      tar(...Array.from({ length: 60 }, (_, i) => symlink(`l${i}`, i === 59 ? c.canary : `l${i + 1}`)), file("l0/file", "pwned")),
-    ],
+    layers: (c) => [tar(...Array.from({ length: 60 }, (_, i) => symlink(`l${i}`, i === 59 ? c.canary : `l${i + 1}`)), file("l0/file", "pwned"))],
     error: { kind: "policy", match: "more than 40" },
   },
   "link target with thousands of components is bounded by maxDepth": {
@@ -358,7 +341,14 @@ const cases: Record<string, Case> = {
     error: { kind: "input", match: "corrupt GNU sparse map" },
   },
   "GNU sparse regions out of order": {
-    layers: () => [tar(paxSparse("0.1", "s", 100, [[50, "a"], [10, "b"]]))],
+    layers: () => [
+      tar(
+        paxSparse("0.1", "s", 100, [
+          [50, "a"],
+          [10, "b"],
+        ]),
+      ),
+    ],
     error: { kind: "input", match: "corrupt GNU sparse map" },
   },
   "GNU sparse map covering less than the data stored": {
@@ -374,7 +364,16 @@ const cases: Record<string, Case> = {
     error: { kind: "input", match: "GNU sparse map runs past the entry's data" },
   },
   "PAX 1.0 sparse map of 100,000 regions stays linear": {
-    layers: () => [tar(paxSparse("1.0", "s", 200_000, Array.from({ length: 100_000 }, (_, i) => [2 * i, "x"] as [number, string])))],
+    layers: () => [
+      tar(
+        paxSparse(
+          "1.0",
+          "s",
+          200_000,
+          Array.from({ length: 100_000 }, (_, i) => [2 * i, "x"] as [number, string]),
+        ),
+      ),
+    ],
     check: (c) => expect(lstatSync(`${c.dest}/s`).size).toBe(200_000),
   },
   "PAX 1.0 sparse map claiming a million regions": {
@@ -419,20 +418,15 @@ const cases: Record<string, Case> = {
     error: { kind: "input", match: "extended header of" },
   },
   "20,000 opaque markers over 20,000 entries of the same layer stay linear": {
-    layers: () => [
-      tar(dir("d"), ...Array.from({ length: 20_000 }, (_, i) => file(`d/f${i}`)), ...Array.from({ length: 20_000 }, () => opaque("d"))),
-    ],
+    layers: () => [tar(dir("d"), ...Array.from({ length: 20_000 }, (_, i) => file(`d/f${i}`)), ...Array.from({ length: 20_000 }, () => opaque("d")))],
     check: (c) => expect(readdirSync(`${c.dest}/d`).length).toBe(20_000),
   },
   "20,000 whiteouts of a tree this layer built stay linear": {
-    layers: () => [
-      tar(dir("t"), ...Array.from({ length: 20_000 }, (_, i) => file(`t/f${i}`)), ...Array.from({ length: 20_000 }, () => whiteout("", "t"))),
-    ],
+    layers: () => [tar(dir("t"), ...Array.from({ length: 20_000 }, (_, i) => file(`t/f${i}`)), ...Array.from({ length: 20_000 }, () => whiteout("", "t")))],
     check: (c) => expect(readdirSync(`${c.dest}/t`).length).toBe(20_000),
   },
   "replacing 1000-deep directory chains many times stays fast": {
-    layers: () =>
-      Array.from({ length: 5 }, () => tar(...Array.from({ length: 1000 }, (_, i) => dir(`x${"/n".repeat(i)}`)), file("x", "flat"))),
+    layers: () => Array.from({ length: 5 }, () => tar(...Array.from({ length: 1000 }, (_, i) => dir(`x${"/n".repeat(i)}`)), file("x", "flat"))),
     check: (c) => expect(readFileSync(`${c.dest}/x`, "utf8")).toBe("flat"),
   },
   "endless zero padding after the end marker": {

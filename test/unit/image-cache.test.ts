@@ -82,12 +82,8 @@ describe("BlobCache.ingest", () => {
 
   test("a pinned size: short or long bodies are refused", async () => {
     const cache = new BlobCache(stateDir());
-    expect((await rejects(cache.ingest(chunks(data), { what: "s", maxBytes: 1e6, size: data.length + 1 }))).message).toContain(
-      "truncated",
-    );
-    expect((await rejects(cache.ingest(chunks(data), { what: "s", maxBytes: 1e6, size: data.length - 1 }))).message).toContain(
-      "more than",
-    );
+    expect((await rejects(cache.ingest(chunks(data), { what: "s", maxBytes: 1e6, size: data.length + 1 }))).message).toContain("truncated");
+    expect((await rejects(cache.ingest(chunks(data), { what: "s", maxBytes: 1e6, size: data.length - 1 }))).message).toContain("more than");
   });
 
   test("two concurrent ingests of the same content end with one blob", async () => {

@@ -1,26 +1,14 @@
 // `bun scripts/extract.ts` end to end, as a user runs it: real processes, real files, a real S3
 // server; exit codes and one-line errors (never a stack trace) for bad input.
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
-import {
-  chmodSync,
-  existsSync,
-  lstatSync,
-  mkdirSync,
-  mkdtempSync,
-  readdirSync,
-  readFileSync,
-  readlinkSync,
-  rmSync,
-  symlinkSync,
-  writeFileSync,
-} from "node:fs";
+import { chmodSync, existsSync, lstatSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, readlinkSync, rmSync, symlinkSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { ThinimgError } from "../../lib/errors.ts";
 import { extractImage } from "../../lib/image/extract.ts";
 import { extractCommand } from "../../scripts/extract.ts";
 import { buildLayerTar, compress, OciLayout, sampleLayer, withRef, writeDockerArchive, writeLayerFamily } from "../helpers/images.ts";
-import { startS3, type TestS3 } from "../helpers/s3.ts";
 import { run } from "../helpers/run.ts";
+import { startS3, type TestS3 } from "../helpers/s3.ts";
 
 const repo = join(import.meta.dir, "../..");
 const root = mkdtempSync("/tmp/thinimg-extract-test-");
@@ -31,7 +19,10 @@ let n = 0;
 const tmp = (name: string) => join(root, `${++n}-${name}`);
 
 async function extract(args: string[], env: Record<string, string> = {}) {
-  const r = await run(["bun", "scripts/extract.ts", ...args, "--state-dir", stateDir], { cwd: repo, env: { ...process.env, THINIMG_LOG_LEVEL: "info", ...env } });
+  const r = await run(["bun", "scripts/extract.ts", ...args, "--state-dir", stateDir], {
+    cwd: repo,
+    env: { ...process.env, THINIMG_LOG_LEVEL: "info", ...env },
+  });
   return { code: r.code, stdout: r.out, stderr: r.err };
 }
 
@@ -83,7 +74,10 @@ function checkTree(dest: string) {
 describe("extract: success", () => {
   test("docker-archive:TAG → tree, human summary on stdout", async () => {
     const src = tmp("img.tar");
-    writeDockerArchive(src, [{ tags: ["app:1"], layers: [base, compress(top, "gzip")] }, { tags: ["other:1"], layers: [base] }]);
+    writeDockerArchive(src, [
+      { tags: ["app:1"], layers: [base, compress(top, "gzip")] },
+      { tags: ["other:1"], layers: [base] },
+    ]);
     const dest = tmp("out");
     const r = await extract([`${src}:app:1`, dest]);
     expect(r.stderr).toBe("");
@@ -172,7 +166,13 @@ describe("extract: refusals are one line with an exit code", () => {
 
   test("a hostile entry names layer, entry and rule; the partial DEST is removed", async () => {
     const src = tmp("fam");
-    writeLayerFamily(src, [base, buildLayerTar([{ path: "ok", content: "x" }, { path: "../../escape", content: "pwned" }])]);
+    writeLayerFamily(src, [
+      base,
+      buildLayerTar([
+        { path: "ok", content: "x" },
+        { path: "../../escape", content: "pwned" },
+      ]),
+    ]);
     const dest = tmp("out");
     const r = await extract([src, dest]);
     expect(r.code).not.toBe(0);
@@ -256,7 +256,9 @@ describe("extract: the image-wide budget", () => {
     writeLayerFamily(src, big);
     const r = await extract([src, tmp("out"), "--max-bytes", "150K"]);
     expect(r.code).toBe(4);
-    expect(oneLine(r)).toMatch(/^error: layer 2\/2 \(2\.tar\): image total exceeds the limit of 153600 bytes \(maxTotalBytes; \d+ left after earlier layers\) — raise --max-bytes/);
+    expect(oneLine(r)).toMatch(
+      /^error: layer 2\/2 \(2\.tar\): image total exceeds the limit of 153600 bytes \(maxTotalBytes; \d+ left after earlier layers\) — raise --max-bytes/,
+    );
   });
 
   test("under the budget, all layers apply and the totals add up", async () => {
@@ -287,9 +289,21 @@ describe("extract: limits and their flags", () => {
   const cases: [string, Uint8Array, string[], RegExp, string][] = [
     ["entries", sampleLayer(1), ["--max-entries", "2"], /more than 2 entries \(maxEntries\)/, "max-entries"],
     ["file size", buildLayerTar([{ path: "big", content: new Uint8Array(5000) }]), ["--max-file-size", "4K"], /\(maxFileBytes\)/, "max-file-size"],
-    ["layer bytes", buildLayerTar([{ path: "big", content: new Uint8Array(5000) }]), ["--max-bytes", "4K"], /\(maxTotalBytes\)|decompressed size exceeds/, "max-bytes"],
+    [
+      "layer bytes",
+      buildLayerTar([{ path: "big", content: new Uint8Array(5000) }]),
+      ["--max-bytes", "4K"],
+      /\(maxTotalBytes\)|decompressed size exceeds/,
+      "max-bytes",
+    ],
     ["depth", buildLayerTar([{ path: "a/b/c/d/e", content: "x" }]), ["--max-depth", "4"], /deeper than 4 levels \(maxDepth\)/, "max-depth"],
-    ["path bytes", buildLayerTar([{ path: `${"n".repeat(60)}`, content: "x" }]), ["--max-path-bytes", "50"], /longer than 50 bytes \(maxPathBytes\)/, "max-path-bytes"],
+    [
+      "path bytes",
+      buildLayerTar([{ path: `${"n".repeat(60)}`, content: "x" }]),
+      ["--max-path-bytes", "50"],
+      /longer than 50 bytes \(maxPathBytes\)/,
+      "max-path-bytes",
+    ],
     ["blob size", sampleLayer(1), ["--max-blob-size", "1K"], /larger than the 1024-byte limit/, "max-blob-size"],
   ];
   for (const [what, layer, flags, rule, flag] of cases) {
@@ -360,7 +374,13 @@ describe("extract: devices and FIFOs", () => {
 
   test("with --devices but not root: a FIFO is skipped (counted, warned), not created", async () => {
     const src = tmp("fam");
-    writeLayerFamily(src, [buildLayerTar([{ path: "run/", type: "dir" }, { path: "run/initctl", type: "fifo" }, { path: "x", content: "x" }])]);
+    writeLayerFamily(src, [
+      buildLayerTar([
+        { path: "run/", type: "dir" },
+        { path: "run/initctl", type: "fifo" },
+        { path: "x", content: "x" },
+      ]),
+    ]);
     const dest = tmp("out");
     const r = await asNobody([src, dest, "--json", "--devices"]);
     expect(r.stderr).toMatch(/^\[warn\] 1 device node\(s\)\/FIFO\(s\) skipped — not running as root/);

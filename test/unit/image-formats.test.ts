@@ -81,7 +81,10 @@ describe("layer family directory", () => {
     const dir = tmp("fam12");
     const layers = Array.from({ length: 12 }, (_, i) => sampleLayer(i + 1));
     const kinds = ["none", "gzip", "zstd"] as const;
-    writeLayerFamily(dir, layers.map((l, i) => compress(l, kinds[i % 3]!)));
+    writeLayerFamily(
+      dir,
+      layers.map((l, i) => compress(l, kinds[i % 3]!)),
+    );
     writeFileSync(join(dir, "README"), "not a layer");
     mkdirSync(join(dir, "13.tar")); // a directory is not a layer: ignored
     const img = await resolveImage(dir, opts());
@@ -239,7 +242,10 @@ describe("docker-archive", () => {
     const p = tmp("missing.tar");
     writeDockerArchive(p, [{ tags: ["x:1"], layers: [L[0]!] }], {
       mutate: (files) => {
-        files.splice(files.findIndex((f) => f.name.endsWith("layer.tar")), 1);
+        files.splice(
+          files.findIndex((f) => f.name.endsWith("layer.tar")),
+          1,
+        );
       },
     });
     expect((await resolveError(p)).message).toMatch(/layer 1\/1: .*layer\.tar is missing from the archive/);
@@ -304,7 +310,11 @@ describe("OCI layout", () => {
     expect(e.message).toContain(`"t": no image for platform linux/s390x`);
     expect(e.hint).toContain("linux/amd64, linux/arm64");
     // two unrelated images with one name and no platform stay ambiguous
-    const q = layout.writeDir(tmp("oci"), [withRef(other.manifest, "x"), withRef(amd.manifest, "x"), withRef(layout.addImage({ layers: [L[3]!] }).manifest, "x")]);
+    const q = layout.writeDir(tmp("oci"), [
+      withRef(other.manifest, "x"),
+      withRef(amd.manifest, "x"),
+      withRef(layout.addImage({ layers: [L[3]!] }).manifest, "x"),
+    ]);
     expect((await resolveError(`${q}:x`)).message).toContain('3 different images are named "x"');
   });
 
@@ -436,7 +446,13 @@ describe("single archives", () => {
     writeFileSync(t, buildTar([{ name: "a", data: "x".repeat(5000) }]).subarray(0, 2048));
     expect((await resolveError(t)).message).toContain("not a valid tar archive");
     const h = tmp("half.tar");
-    writeFileSync(h, buildTar([{ name: "blobs/sha256/abc", data: "x" }, { name: "oci-layout", data: "{}" }]));
+    writeFileSync(
+      h,
+      buildTar([
+        { name: "blobs/sha256/abc", data: "x" },
+        { name: "oci-layout", data: "{}" },
+      ]),
+    );
     expect((await resolveError(h)).message).toContain("but no manifest.json or index.json");
   });
 

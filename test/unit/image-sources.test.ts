@@ -78,7 +78,13 @@ describe("SOURCE[:REF] parsing", () => {
   test("S3 settings from the standard environment", () => {
     expect(s3Settings({})).toEqual({ endpoint: null, region: null, accessKeyId: null, secretAccessKey: null, sessionToken: null });
     expect(
-      s3Settings({ AWS_ENDPOINT_URL: "http://127.0.0.1:9000/", AWS_REGION: "eu-west-1", AWS_ACCESS_KEY_ID: "k", AWS_SECRET_ACCESS_KEY: "s", AWS_SESSION_TOKEN: "t" }),
+      s3Settings({
+        AWS_ENDPOINT_URL: "http://127.0.0.1:9000/",
+        AWS_REGION: "eu-west-1",
+        AWS_ACCESS_KEY_ID: "k",
+        AWS_SECRET_ACCESS_KEY: "s",
+        AWS_SESSION_TOKEN: "t",
+      }),
     ).toEqual({ endpoint: "http://127.0.0.1:9000", region: "eu-west-1", accessKeyId: "k", secretAccessKey: "s", sessionToken: "t" });
     expect(s3Settings({ S3_ENDPOINT: "https://s3.example" }).endpoint).toBe("https://s3.example");
     expect(() => s3Settings({ AWS_ACCESS_KEY_ID: "k" })).toThrow("S3 credentials are incomplete");
@@ -88,7 +94,10 @@ describe("SOURCE[:REF] parsing", () => {
 
 describe("HTTP", () => {
   const archive = fresh("served.tar");
-  writeDockerArchive(archive, [{ tags: ["app:1"], layers: [L[0]!, compress(L[1]!, "gzip")] }, { tags: ["other:2"], layers: [L[2]!] }]);
+  writeDockerArchive(archive, [
+    { tags: ["app:1"], layers: [L[0]!, compress(L[1]!, "gzip")] },
+    { tags: ["other:2"], layers: [L[2]!] },
+  ]);
   const served = readFileSync(archive);
   const big = new Uint8Array(3 * 1024 * 1024);
   const http = startHttp({
@@ -172,15 +181,25 @@ describe("HTTP", () => {
     try {
       const cache = new BlobCache(fresh("state"));
       const url = `http://127.0.0.1:${srv.port}`;
-      const d = await download(cache, { url: `${url}/flaky.tar`, what: "flaky.tar", key: `http:${url}/flaky.tar`, maxBytes: 1e9, retry: { attempts: 4, baseDelayMs: 20 } });
+      const d = await download(cache, {
+        url: `${url}/flaky.tar`,
+        what: "flaky.tar",
+        key: `http:${url}/flaky.tar`,
+        maxBytes: 1e9,
+        retry: { attempts: 4, baseDelayMs: 20 },
+      });
       expect(d.digest).toBe(sha256(blob));
       expect(answers).toEqual([]); // 503, 429, then the object
-      const e = await refused(download(cache, { url: `${url}/gone.tar`, what: "gone.tar", key: `http:${url}/gone.tar`, maxBytes: 1e9, retry: { attempts: 4, baseDelayMs: 20 } }));
+      const e = await refused(
+        download(cache, { url: `${url}/gone.tar`, what: "gone.tar", key: `http:${url}/gone.tar`, maxBytes: 1e9, retry: { attempts: 4, baseDelayMs: 20 } }),
+      );
       expect(e.message).toBe("gone.tar: HTTP 404 Not Found");
       expect(calls404).toBe(1);
       // out of attempts: the last transient failure is the error
       answers.push(503, 503);
-      const e2 = await refused(download(cache, { url: `${url}/again.tar`, what: "again.tar", key: `http:${url}/again.tar`, maxBytes: 1e9, retry: { attempts: 2, baseDelayMs: 20 } }));
+      const e2 = await refused(
+        download(cache, { url: `${url}/again.tar`, what: "again.tar", key: `http:${url}/again.tar`, maxBytes: 1e9, retry: { attempts: 2, baseDelayMs: 20 } }),
+      );
       expect(e2.message).toBe("again.tar: HTTP 503 Service Unavailable");
     } finally {
       await srv.stop(true);
@@ -198,7 +217,12 @@ describe("HTTP", () => {
         if (m && req.headers["if-range"] === '"v1"') {
           const from = Number(m[1]);
           return {
-            head: ["HTTP/1.1 206 Partial Content", `Content-Length: ${blob.length - from}`, `Content-Range: bytes ${from}-${blob.length - 1}/${blob.length}`, 'ETag: "v1"'],
+            head: [
+              "HTTP/1.1 206 Partial Content",
+              `Content-Length: ${blob.length - from}`,
+              `Content-Range: bytes ${from}-${blob.length - 1}/${blob.length}`,
+              'ETag: "v1"',
+            ],
             body: blob.subarray(from),
           };
         }
@@ -258,7 +282,10 @@ describe("S3 (s3rver on 127.0.0.1)", () => {
     await s3.put("public", "fam/sub/1.tar", "not part of the family");
     await s3.put("public", "gap/1.tar", L[0]!);
     await s3.put("public", "gap/3.tar", L[1]!);
-    writeDockerArchive(archive, [{ tags: ["app:1"], layers: [L[0]!, L[1]!] }, { tags: ["app:2"], layers: [L[2]!] }]);
+    writeDockerArchive(archive, [
+      { tags: ["app:1"], layers: [L[0]!, L[1]!] },
+      { tags: ["app:2"], layers: [L[2]!] },
+    ]);
     await s3.put("private", "images/app.tar", readFileSync(archive));
     const layout = new OciLayout();
     const a = layout.addImage({ layers: [compress(L[0]!, "gzip")], platform: { os: "linux", architecture: "amd64" } });

@@ -10,15 +10,15 @@ import { ThinimgError } from "../../lib/errors.ts";
 import { storeLedger } from "../../lib/gc/ledger.ts";
 import type { Orphan } from "../../lib/gc/model.ts";
 import { currentHolder } from "../../lib/lock/owner.ts";
-import { type Ctx, makeCtx } from "../../lib/pool/context.ts";
 import { inventory } from "../../lib/pipeline/inventory.ts";
 import { prune, pruneGroup, selectPrune } from "../../lib/pipeline/prune.ts";
 import { removeImageRows, removeImages } from "../../lib/pipeline/remove.ts";
 import { exclusiveBlocks, layersFreedBy, parseThinDumpBlocks } from "../../lib/pipeline/space.ts";
-import type { ImageUse } from "../../lib/store/lifecycle.ts";
+import { type Ctx, makeCtx } from "../../lib/pool/context.ts";
 import { actionWitness, readGcRows } from "../../lib/store/gc-queries.ts";
 import { beginImage, getImageByName, markImageReady } from "../../lib/store/images.ts";
 import { getLayer, insertLayer, updateLayer } from "../../lib/store/layers.ts";
+import type { ImageUse } from "../../lib/store/lifecycle.ts";
 import { putLockRow } from "../../lib/store/locks.ts";
 import { insertSnapshot, updateSnapshot } from "../../lib/store/snapshots.ts";
 import { allocateThinId, getThinId, setThinIdState } from "../../lib/store/thin-ids.ts";
@@ -39,7 +39,17 @@ afterEach(() => {
 
 function layer(chain: string, parent: { id: number } | null) {
   const db = ctx.db;
-  const l = insertLayer(db, { pool: POOL, chainId: `sha256:${chain}`, parentId: parent?.id ?? null, parentChainId: null, identity: chain, diffId: null, digest: `sha256:${chain}`, size: 1, virtualSize: 1 << 20 });
+  const l = insertLayer(db, {
+    pool: POOL,
+    chainId: `sha256:${chain}`,
+    parentId: parent?.id ?? null,
+    parentChainId: null,
+    identity: chain,
+    diffId: null,
+    digest: `sha256:${chain}`,
+    size: 1,
+    virtualSize: 1 << 20,
+  });
   const id = allocateThinId(db, POOL, { kind: "layer", id: l.id });
   setThinIdState(db, POOL, id, "committed");
   updateLayer(db, l.id, { thin_id: id, device_name: `thinimg-${POOL}-layer-${id}`, state: "committed", phase: "committed" });
@@ -63,7 +73,15 @@ describe("remove", () => {
 
     const r = await removeImages(ctx, ["web:1"]);
     expect(r.images).toEqual([
-      { id: ia, name: "web:1", state: "removed", skip_reason: null, released_layers: [{ id: a.id, chain_id: "sha256:a", thin_id: a.thinId }], shared_layers: 1, active_snapshots: 1 },
+      {
+        id: ia,
+        name: "web:1",
+        state: "removed",
+        skip_reason: null,
+        released_layers: [{ id: a.id, chain_id: "sha256:a", thin_id: a.thinId }],
+        shared_layers: 1,
+        active_snapshots: 1,
+      },
     ]);
     expect(getLayer(ctx.db, a.id)!.released_at).toBeNumber();
     expect(getLayer(ctx.db, base.id)!.released_at).toBeNull();
@@ -125,7 +143,11 @@ describe("refresh", () => {
     const id = image("app", [base, v1]);
     image("other", [base]);
     markImageReady(ctx.db, id, { format: "layer-family", config: null, layerIds: [base.id, v2.id], topChainId: null });
-    expect([getLayer(ctx.db, v1.id)!.released_at, getLayer(ctx.db, base.id)!.released_at, getLayer(ctx.db, v2.id)!.released_at]).toEqual([expect.any(Number), null, null]);
+    expect([getLayer(ctx.db, v1.id)!.released_at, getLayer(ctx.db, base.id)!.released_at, getLayer(ctx.db, v2.id)!.released_at]).toEqual([
+      expect.any(Number),
+      null,
+      null,
+    ]);
   });
 });
 
@@ -182,7 +204,23 @@ describe("prune selection (fake clock)", () => {
   const DAY = 86_400_000;
   const NOW = Date.UTC(2026, 11, 5);
   const use = (id: number, name: string, o: { readyDaysAgo: number; activatedDaysAgo?: number; active?: number; state?: string }): ImageUse => ({
-    image: { id, pool: POOL, name, source: "/s", format: null, top_chain_id: null, top_layer_id: null, config: null, state: (o.state ?? "ready") as "ready", error: null, error_kind: null, created_at: NOW - o.readyDaysAgo * DAY, updated_at: NOW - o.readyDaysAgo * DAY, ready_at: NOW - o.readyDaysAgo * DAY, removed_at: null },
+    image: {
+      id,
+      pool: POOL,
+      name,
+      source: "/s",
+      format: null,
+      top_chain_id: null,
+      top_layer_id: null,
+      config: null,
+      state: (o.state ?? "ready") as "ready",
+      error: null,
+      error_kind: null,
+      created_at: NOW - o.readyDaysAgo * DAY,
+      updated_at: NOW - o.readyDaysAgo * DAY,
+      ready_at: NOW - o.readyDaysAgo * DAY,
+      removed_at: null,
+    },
     layerIds: [],
     activeSnapshots: o.active ?? 0,
     lastActivatedAt: o.activatedDaysAgo === undefined ? null : NOW - o.activatedDaysAgo * DAY,
@@ -220,11 +258,21 @@ describe("prune selection (fake clock)", () => {
     ]);
     expect(r.prune[1]!.last_used_at).toBe(new Date(NOW - 10 * DAY).toISOString());
     // a day later the one used yesterday is still recent; 7 days later it goes too
-    expect(selectPrune(uses, { unusedForMs: 7 * DAY, keepLast: null }, NOW + 7 * DAY).prune.map((p) => p.name)).toEqual(["old-never", "old-but-used", "old-activated", "new"]);
+    expect(selectPrune(uses, { unusedForMs: 7 * DAY, keepLast: null }, NOW + 7 * DAY).prune.map((p) => p.name)).toEqual([
+      "old-never",
+      "old-but-used",
+      "old-activated",
+      "new",
+    ]);
   });
 
   test("--keep-last N keeps the newest N per group (by unpack time), combined with --unused-for", () => {
-    const uses = [use(1, "web:1", { readyDaysAgo: 30 }), use(2, "web:2", { readyDaysAgo: 20 }), use(3, "web:3", { readyDaysAgo: 10 }), use(4, "db:1", { readyDaysAgo: 40 })];
+    const uses = [
+      use(1, "web:1", { readyDaysAgo: 30 }),
+      use(2, "web:2", { readyDaysAgo: 20 }),
+      use(3, "web:3", { readyDaysAgo: 10 }),
+      use(4, "db:1", { readyDaysAgo: 40 }),
+    ];
     expect(selectPrune(uses, { unusedForMs: null, keepLast: 1 }, NOW).prune.map((p) => p.name)).toEqual(["web:1", "web:2"]);
     expect(selectPrune(uses, { unusedForMs: null, keepLast: 2 }, NOW).prune.map((p) => p.name)).toEqual(["web:1"]);
     expect(selectPrune(uses, { unusedForMs: 15 * DAY, keepLast: 0 }, NOW).prune.map((p) => p.name)).toEqual(["web:1", "web:2", "db:1"]);

@@ -5,8 +5,8 @@ import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { hostname } from "node:os";
 import { join } from "node:path";
 import { acquireNamedLock, acquireProcessLock, processStartTime, readLockFile, staleness, withProcessLock } from "../../lib/lock/index.ts";
-import { type Db, openDb } from "../../lib/store/index.ts";
 import { log } from "../../lib/log.ts";
+import { type Db, openDb } from "../../lib/store/index.ts";
 import { getLockRow } from "../../lib/store/locks.ts";
 
 const dir = mkdtempSync("/tmp/thinimg-lock-test-");

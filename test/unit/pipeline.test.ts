@@ -6,21 +6,21 @@ import { afterAll, afterEach, describe, expect, test } from "bun:test";
 import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { loadConfig } from "../../lib/config.ts";
+import { liveMetadataReader } from "../../lib/dm/metadata-snap.ts";
 import { ThinimgError } from "../../lib/errors.ts";
 import { type CmdResult, CommandError, type Runner, setRunner, spawnRunner } from "../../lib/exec.ts";
 import { chainIds } from "../../lib/pipeline/chain.ts";
-import { makeCtx } from "../../lib/pool/context.ts";
 import { classify, failure, isPermanent } from "../../lib/pipeline/failure.ts";
-import { deviceName, parseDeviceName } from "../../lib/pool/names.ts";
-import { liveMetadataReader } from "../../lib/dm/metadata-snap.ts";
-import { poolCreate, readPoolThinIds, reconcilePending } from "../../lib/pool/journal.ts";
 import { defaultImageName } from "../../lib/pipeline/unpack.ts";
+import { makeCtx } from "../../lib/pool/context.ts";
+import { poolCreate, readPoolThinIds, reconcilePending } from "../../lib/pool/journal.ts";
+import { deviceName, parseDeviceName } from "../../lib/pool/names.ts";
 import { tx } from "../../lib/store/db.ts";
-import { allocateThinId, getThinId, setThinIdState } from "../../lib/store/thin-ids.ts";
-import { beginStep, listWork, startWork, stepsOf } from "../../lib/store/work.ts";
-import { insertSnapshot } from "../../lib/store/snapshots.ts";
 import { beginImage } from "../../lib/store/images.ts";
 import { insertLayer } from "../../lib/store/layers.ts";
+import { insertSnapshot } from "../../lib/store/snapshots.ts";
+import { allocateThinId, getThinId, setThinIdState } from "../../lib/store/thin-ids.ts";
+import { beginStep, listWork, startWork, stepsOf } from "../../lib/store/work.ts";
 import { cmdResult } from "../helpers/run.ts";
 
 const dir = mkdtempSync("/tmp/thinimg-pipeline-unit-");
@@ -43,7 +43,12 @@ describe("chain ids", () => {
     expect(c[1]).toBe(sha(`${d1} ${d2}`));
     expect(c[2]).toBe(sha(`${c[1]} ${blob3}`));
     // a shared prefix gives shared chain ids; the same layer on another base does not
-    expect(chainIds([{ diffId: d1, digest: "" }, { diffId: d2, digest: "" }])).toEqual(c.slice(0, 2));
+    expect(
+      chainIds([
+        { diffId: d1, digest: "" },
+        { diffId: d2, digest: "" },
+      ]),
+    ).toEqual(c.slice(0, 2));
     expect(chainIds([{ diffId: d2, digest: "" }])[0]).not.toBe(c[1]);
   });
 });
@@ -52,7 +57,14 @@ describe("names", () => {
   test("device names carry prefix, pool, kind and id; anything else is not ours", () => {
     expect(deviceName("thinimg", "pool1", "layer", 7)).toBe("thinimg-pool1-layer-7");
     expect(parseDeviceName("thinimg", "pool1", "thinimg-pool1-snap-16777215")).toEqual({ kind: "snap", thinId: 16777215 });
-    for (const n of ["thinimg-pool2-layer-7", "other-pool1-layer-7", "thinimg-pool1-layer-07", "thinimg-pool1-layer-16777216", "thinimg-pool1-disk-1", "thinimg-pool1-layer-1x"]) {
+    for (const n of [
+      "thinimg-pool2-layer-7",
+      "other-pool1-layer-7",
+      "thinimg-pool1-layer-07",
+      "thinimg-pool1-layer-16777216",
+      "thinimg-pool1-disk-1",
+      "thinimg-pool1-layer-1x",
+    ]) {
       expect(parseDeviceName("thinimg", "pool1", n)).toBeNull();
     }
     expect(() => deviceName("thinimg", "pool 1", "layer", 1)).toThrow(/invalid device name/);
@@ -69,8 +81,18 @@ describe("names", () => {
 
 describe("config", () => {
   test("flags win over env, env over defaults; sizes and durations parsed", () => {
-    const c = loadConfig({ pool: "flagpool" }, { THINIMG_POOL: "envpool", THINIMG_STATE_DIR: "/srv/state", THINIMG_VIRTUAL_SIZE: "2G", THINIMG_LOCK_WAIT: "90s" });
-    expect(c).toMatchObject({ pool: "flagpool", stateDir: "/srv/state", virtualSize: 2 * 1024 ** 3, lockWaitMs: 90_000, dbPath: "/srv/state/state.db", lockFile: "/srv/state/thinimg.lock" });
+    const c = loadConfig(
+      { pool: "flagpool" },
+      { THINIMG_POOL: "envpool", THINIMG_STATE_DIR: "/srv/state", THINIMG_VIRTUAL_SIZE: "2G", THINIMG_LOCK_WAIT: "90s" },
+    );
+    expect(c).toMatchObject({
+      pool: "flagpool",
+      stateDir: "/srv/state",
+      virtualSize: 2 * 1024 ** 3,
+      lockWaitMs: 90_000,
+      dbPath: "/srv/state/state.db",
+      lockFile: "/srv/state/thinimg.lock",
+    });
     expect(loadConfig({}, {})).toMatchObject({ pool: "thinimg-pool", stateDir: "/var/lib/thinimg", virtualSize: 10 * 1024 ** 3, prefix: "thinimg" });
   });
 
@@ -115,7 +137,14 @@ describe("failure classification", () => {
     const cmd = (argv: string[], stderr: string) => new CommandError(cmdResult(argv, { stderr, exitCode: 1 }));
     expect(classify(cmd(["sync", "-f", "/m"], "sync: error syncing '/m': Input/output error\n"))).toEqual({ kind: "dm", errorKind: "io" });
     expect(classify(cmd(["sync", "-f", "/m"], "sync: error syncing '/m': No space left on device\n"))).toEqual({ kind: "dm", errorKind: "no_space" });
-    expect(classify(cmd(["mount", "/dev/x", "/m"], "mount: /m: cannot mount /dev/x read-only.\n       dmesg(1) may have more information after failed mount system call.\nRead-only file system\n")).errorKind).toBe("io");
+    expect(
+      classify(
+        cmd(
+          ["mount", "/dev/x", "/m"],
+          "mount: /m: cannot mount /dev/x read-only.\n       dmesg(1) may have more information after failed mount system call.\nRead-only file system\n",
+        ),
+      ).errorKind,
+    ).toBe("io");
     expect(classify(cmd(["mkfs.ext4", "/dev/x"], "mkfs.ext4: Input/output error while writing out and closing file system\n")).errorKind).toBe("io");
     // a typed error carrying the stderr in its details counts the same
     expect(classify(new ThinimgError("dm", "umount failed", { details: { stderr: "umount: /m: Input/output error" } })).errorKind).toBe("io");
@@ -150,7 +179,8 @@ describe("settling intents of dead processes", () => {
     const runner: Runner = async (argv) => {
       calls.push(argv);
       const a = argv.join(" ");
-      if (a.includes(" status ")) return ok(argv, `0 2097152 thin-pool ${o.txn} 100/4096 10/16384 ${held ?? "-"} rw no_discard_passdown error_if_no_space - 1024\n`);
+      if (a.includes(" status "))
+        return ok(argv, `0 2097152 thin-pool ${o.txn} 100/4096 10/16384 ${held ?? "-"} rw no_discard_passdown error_if_no_space - 1024\n`);
       if (a.includes(" table ")) return ok(argv, "0 2097152 thin-pool 7:0 7:1 128 1638 1 error_if_no_space\n");
       if (a.includes(" message ")) {
         if (a.endsWith("reserve_metadata_snap")) held = 42;
@@ -169,7 +199,8 @@ describe("settling intents of dead processes", () => {
     const ctx = makeCtx(cfg, { command: "unit" });
     const { db } = ctx;
     const dead = { pid: await deadPid(), startTime: 1, host: ctx.owner.host, command: "bun scripts/unpack.ts x" };
-    const layer = (c: string) => insertLayer(db, { pool: "pp", chainId: c, parentId: null, parentChainId: null, identity: c, diffId: null, digest: c, size: 1, virtualSize: 1 << 30 });
+    const layer = (c: string) =>
+      insertLayer(db, { pool: "pp", chainId: c, parentId: null, parentChainId: null, identity: c, diffId: null, digest: c, size: 1, virtualSize: 1 << 30 });
     const mk = (txnBefore: number, kind: "build_layer" | "activate", subject: string, ownerKind: "layer" | "snapshot", ownerId: number) => {
       const id = allocateThinId(db, "pp", { kind: ownerKind, id: ownerId });
       const w = startWork(db, "pp", kind, subject, dead);

@@ -20,7 +20,8 @@ afterAll(() => rmSync(B, { recursive: true, force: true }));
 const POOL = `rb${process.pid}`;
 const SECRET = `written by the microVM ${crypto.randomUUID()}`;
 
-const boot = (script: string) => vmBoot(`export THINIMG_STATE_DIR=${B}/state THINIMG_POOL=${POOL} THINIMG_VIRTUAL_SIZE=256M THINIMG_LOG_LEVEL=error\n${script}`);
+const boot = (script: string) =>
+  vmBoot(`export THINIMG_STATE_DIR=${B}/state THINIMG_POOL=${POOL} THINIMG_VIRTUAL_SIZE=256M THINIMG_LOG_LEVEL=error\n${script}`);
 
 const read = (f: string) => readFileSync(join(B, f), "utf8").trim();
 const json = <T>(f: string): T => {
@@ -33,8 +34,14 @@ const json = <T>(f: string): T => {
 
 test("a reboot never costs an active snapshot its data: detached, kept by GC, re-attached by the boot runbook", async () => {
   writeLayerFamily(join(B, "img"), [
-    buildLayerTar([{ path: "etc/", type: "dir" }, { path: "etc/os-release", content: "ID=reboot-test\n" }]),
-    buildLayerTar([{ path: "app/", type: "dir" }, { path: "app/run", content: "#!/bin/sh\necho hi\n", mode: 0o755 }]),
+    buildLayerTar([
+      { path: "etc/", type: "dir" },
+      { path: "etc/os-release", content: "ID=reboot-test\n" },
+    ]),
+    buildLayerTar([
+      { path: "app/", type: "dir" },
+      { path: "app/run", content: "#!/bin/sh\necho hi\n", mode: 0o755 },
+    ]),
   ]);
   const boot1 = await boot(`set -e
     bun ops/recover-pool.ts --create --dir ${B}/pool --data-size 1G --meta-size 32M --pool ${POOL} > /dev/null

@@ -11,7 +11,6 @@ import { vmBoot as vm } from "../helpers/run.ts";
 const base = mkdtempSync("/tmp/thinimg-recover-reboot-");
 afterAll(() => rmSync(base, { recursive: true, force: true }));
 
-
 const read = (f: string) => readFileSync(join(base, f), "utf8").trim();
 
 test("pool created in one boot comes back in the next with the same table and data", async () => {

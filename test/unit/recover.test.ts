@@ -5,7 +5,7 @@ import { afterAll, afterEach, beforeEach, describe, expect, test } from "bun:tes
 import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { type CmdResult, type RunOptions, setRunner, spawnRunner } from "../../lib/exec.ts";
-import { growTargets, grownRecord, parseSizeArg } from "../../lib/recover/grow.ts";
+import { grownRecord, growTargets, parseSizeArg } from "../../lib/recover/grow.ts";
 import { LOCK_FILE, lockDir, staleReason } from "../../lib/recover/lock.ts";
 import { devString, toolReason } from "../../lib/recover/observe.ts";
 import { newRecord, type PoolRecord, readRecord, writeRecord } from "../../lib/recover/record.ts";
@@ -67,7 +67,14 @@ class FakeHost {
   }
   mutations(): string[] {
     return this.calls
-      .filter((a) => (a[0] === "losetup" && !a.includes("--list")) || (a[0] === "dmsetup" && /^(create|remove|resume|suspend|reload|message|clear)$/.test(a[1]!)) || a[0] === "thin_repair" || a[0] === "fallocate" || a.includes("--clear-needs-check-flag"))
+      .filter(
+        (a) =>
+          (a[0] === "losetup" && !a.includes("--list")) ||
+          (a[0] === "dmsetup" && /^(create|remove|resume|suspend|reload|message|clear)$/.test(a[1]!)) ||
+          a[0] === "thin_repair" ||
+          a[0] === "fallocate" ||
+          a.includes("--clear-needs-check-flag"),
+      )
       .map((a) => a.join(" "));
   }
 
@@ -78,9 +85,19 @@ class FakeHost {
     const [cmd, ...rest] = a;
     if (cmd === "losetup") {
       if (rest[0] === "--list") {
-        return res(0, JSON.stringify({
-          loopdevices: this.loops.map((l) => ({ name: l.device, "back-file": l.file, ro: l.ro, "maj:min": `  ${this.majMin(l.device)}  `, "back-ino": l.ino, "back-maj:min": `   ${l.dev} ` })),
-        }));
+        return res(
+          0,
+          JSON.stringify({
+            loopdevices: this.loops.map((l) => ({
+              name: l.device,
+              "back-file": l.file,
+              ro: l.ro,
+              "maj:min": `  ${this.majMin(l.device)}  `,
+              "back-ino": l.ino,
+              "back-maj:min": `   ${l.dev} `,
+            })),
+          }),
+        );
       }
       if (rest[0] === "--find") {
         if (this.attachFails) return res(1, "", "losetup: cannot find an unused loop device");
@@ -96,7 +113,9 @@ class FakeHost {
       const d = this.dm.get(name);
       switch (rest[0]) {
         case "version":
-          return this.noDriver ? res(1, "Library version:   1.02.185\n", "/dev/mapper/control: open failed: No such device\nCommand failed.") : res(0, "Driver version:    4.47.0\n");
+          return this.noDriver
+            ? res(1, "Library version:   1.02.185\n", "/dev/mapper/control: open failed: No such device\nCommand failed.")
+            : res(0, "Driver version:    4.47.0\n");
         case "info": {
           if (!d) return res(1, "", "Device does not exist.\nCommand failed.");
           const attr = `${d.live ? "L" : "-"}${d.inactive ? "I" : "-"}${d.suspended ? "s" : "-"}w`;
@@ -152,7 +171,11 @@ const names = (r: RecoverReport) => r.steps.map((s) => `${s.name}:${s.status}`);
 function readyDir(o: { pool?: string; txid?: number } = {}): { dir: string; rec: PoolRecord; meta: string; data: string } {
   const dir = freshDir();
   mkdirSync(dir);
-  const rec: PoolRecord = { ...newRecord(o.pool ?? "tp", { dataSize: GiB, metaSize: 32 * MiB, blockSize: 65536, features: ["error_if_no_space"] }, NOW), state: "ready", last_transaction_id: o.txid ?? 7 };
+  const rec: PoolRecord = {
+    ...newRecord(o.pool ?? "tp", { dataSize: GiB, metaSize: 32 * MiB, blockSize: 65536, features: ["error_if_no_space"] }, NOW),
+    state: "ready",
+    last_transaction_id: o.txid ?? 7,
+  };
   writeRecord(dir, rec);
   const meta = join(dir, "metadata.img");
   const data = join(dir, "data.img");
@@ -180,15 +203,36 @@ describe("--create", () => {
     expect(r).toMatchObject({ ok: true, action: "created", pool: "tp", exit_code: 0, devices: { metadata: "/dev/loop0", data: "/dev/loop1" } });
     expect(recordBeforeFiles).toBe(true);
     expect(names(r)).toEqual([
-      "preflight:ok", "mkdir:done", "write-record:done", "create-file:done", "create-file:done", "check-files:ok",
-      "attach-loop:done", "attach-loop:done", "check-metadata:skipped", "create-pool:done", "verify-status:ok", "write-record:done",
+      "preflight:ok",
+      "mkdir:done",
+      "write-record:done",
+      "create-file:done",
+      "create-file:done",
+      "check-files:ok",
+      "attach-loop:done",
+      "attach-loop:done",
+      "check-metadata:skipped",
+      "create-pool:done",
+      "verify-status:ok",
+      "write-record:done",
     ]);
     expect(host.dm.get("tp")!.table).toBe("0 2097152 thin-pool 7:0 7:1 128 1638 1 error_if_no_space");
     expect(statSync(join(dir, "metadata.img")).size).toBe(32 * MiB);
     expect(statSync(join(dir, "data.img")).size).toBe(GiB);
     expect(host.calls.some((c) => c[0] === "thin_check")).toBe(false); // blank metadata: the kernel formats it
     const rec = readRecord(dir)!;
-    expect(rec).toMatchObject({ pool: "tp", state: "ready", meta_size: 32 * MiB, data_size: GiB, block_size: 65536, block_sectors: 128, data_sectors: 2097152, low_water_mark: 1638, features: ["error_if_no_space"], last_transaction_id: 7 });
+    expect(rec).toMatchObject({
+      pool: "tp",
+      state: "ready",
+      meta_size: 32 * MiB,
+      data_size: GiB,
+      block_size: 65536,
+      block_sectors: 128,
+      data_sectors: 2097152,
+      low_water_mark: 1638,
+      features: ["error_if_no_space"],
+      last_transaction_id: 7,
+    });
     expect(existsSync(join(dir, LOCK_FILE))).toBe(false);
   });
 
@@ -278,7 +322,9 @@ describe("--create", () => {
   test("bad sizes are usage errors", async () => {
     const dir = freshDir();
     expect((await run({ dir, create: { dataSize: GiB, metaSize: MiB } })).error!.message).toMatch(/--meta-size 1\.0 MiB must be/);
-    expect((await run({ dir, create: { dataSize: GiB, metaSize: 32 * MiB, blockSize: 4096 } })).error!.message).toMatch(/--block-size 4\.0 KiB must be a multiple of 64K/);
+    expect((await run({ dir, create: { dataSize: GiB, metaSize: 32 * MiB, blockSize: 4096 } })).error!.message).toMatch(
+      /--block-size 4\.0 KiB must be a multiple of 64K/,
+    );
     expect((await run({ dir, create: { dataSize: 1000, metaSize: 32 * MiB } })).exit_code).toBe(2);
     expect(existsSync(dir)).toBe(false);
   });
@@ -336,7 +382,10 @@ describe("recover", () => {
     const r = await run({ dir });
     expect(r.ok).toBe(true);
     expect(r.steps.find((s) => s.name === "reuse-loop")!.detail).toBe(`metadata file already attached on ${m} (also attached on /dev/loop1; left alone)`);
-    expect(host.mutations()).toEqual([`thin_check --clear-needs-check-flag ${m}`, `dmsetup create tp --table 0 2097152 thin-pool ${m} ${d} 128 1638 1 error_if_no_space`]);
+    expect(host.mutations()).toEqual([
+      `thin_check --clear-needs-check-flag ${m}`,
+      `dmsetup create tp --table 0 2097152 thin-pool ${m} ${d} 128 1638 1 error_if_no_space`,
+    ]);
   });
 
   test("a loop on a renamed-away file (same path, other inode) is not reused", async () => {
@@ -420,7 +469,10 @@ describe("recover", () => {
 
   test("thin_check fails: stop before loading, print the exact repair commands", async () => {
     const { dir, meta } = readyDir({ txid: 12 });
-    host.check.set("/dev/loop0", { ok: false, out: "examining superblock\n  superblock is corrupt\n    bad checksum in superblock, wanted 1234\nmetadata has not been fully examined" });
+    host.check.set("/dev/loop0", {
+      ok: false,
+      out: "examining superblock\n  superblock is corrupt\n    bad checksum in superblock, wanted 1234\nmetadata has not been fully examined",
+    });
     const r = await run({ dir });
     expect(r).toMatchObject({ ok: false, action: "blocked", exit_code: 1 });
     expect(r.error!.message).toBe("metadata of pool tp is damaged: thin_check failed on /dev/loop0: superblock is corrupt");
@@ -446,7 +498,9 @@ describe("recover", () => {
     const { dir, meta, data } = readyDir({ txid: 12 });
     const oldIno = statSync(meta).ino;
     host.check.set("/dev/loop0", { ok: false, out: "bad checksum in superblock" });
-    host.repairResults = [{ ok: false, out: "The following field needs to be provided on the command line due to corruption in the superblock: transaction id" }];
+    host.repairResults = [
+      { ok: false, out: "The following field needs to be provided on the command line due to corruption in the superblock: transaction id" },
+    ];
     const r = await run({ dir, repair: true });
     expect(r.error).toBeNull();
     expect(r).toMatchObject({ ok: true, action: "recovered", devices: { metadata: "/dev/loop3" } });
@@ -542,10 +596,15 @@ describe("recover", () => {
     const r3 = readyDir();
     host.attachFails = true;
     r = await run({ dir: r3.dir });
-    expect(r.error!.message).toBe(`could not attach a loop device to ${r3.meta}: losetup --find --show ${r3.meta}: exit 1: losetup: cannot find an unused loop device`);
+    expect(r.error!.message).toBe(
+      `could not attach a loop device to ${r3.meta}: losetup --find --show ${r3.meta}: exit 1: losetup: cannot find an unused loop device`,
+    );
 
     r = await recoverPool({ dir: r3.dir, probe: { ...probe, which: (c) => (c === "dmsetup" ? null : c) } });
-    expect([r.error!.message, r.error!.hint]).toEqual(["dmsetup is not installed (not on PATH)", "install it: apt-get install -y dmsetup (or bash scripts/setup.sh)"]);
+    expect([r.error!.message, r.error!.hint]).toEqual([
+      "dmsetup is not installed (not on PATH)",
+      "install it: apt-get install -y dmsetup (or bash scripts/setup.sh)",
+    ]);
     r = await recoverPool({ dir: r3.dir, repair: true, probe: { ...probe, which: (c) => (c === "thin_repair" ? null : c) } });
     expect(r.error!.message).toBe("thin_repair is not installed (not on PATH)");
     host.noDriver = true;
@@ -576,7 +635,9 @@ describe("pieces", () => {
   });
 
   test("tool output: the line that says what is wrong", () => {
-    expect(toolReason("examining superblock\n  superblock is corrupt\n    bad checksum in superblock\nmetadata has not been fully examined")).toBe("superblock is corrupt");
+    expect(toolReason("examining superblock\n  superblock is corrupt\n    bad checksum in superblock\nmetadata has not been fully examined")).toBe(
+      "superblock is corrupt",
+    );
     expect(toolReason("just one line")).toBe("just one line");
   });
 
@@ -629,7 +690,9 @@ describe("grow targets", () => {
   });
 
   test("never shrinks; metadata is a multiple of 4K and at most 16G: one-line usage errors", () => {
-    expect(() => growTargets(rec, { data: parseSizeArg("512M", "--grow-data") })).toThrow("--grow-data 512 MiB is smaller than the pool's data size 1.0 GiB: a pool never shrinks");
+    expect(() => growTargets(rec, { data: parseSizeArg("512M", "--grow-data") })).toThrow(
+      "--grow-data 512 MiB is smaller than the pool's data size 1.0 GiB: a pool never shrinks",
+    );
     expect(() => growTargets(rec, { meta: parseSizeArg("16M", "--grow-meta") })).toThrow("a pool never shrinks");
     expect(() => growTargets(rec, { meta: parseSizeArg("17G", "--grow-meta") })).toThrow("at most 16G");
     expect(() => growTargets(rec, { meta: { bytes: 32 * MiB + 512, relative: false } })).toThrow("multiple of 4K");
@@ -649,8 +712,19 @@ describe("grow targets", () => {
   });
 
   test("the grown record: sizes, data length in whole blocks (a partial block is not used), low water mark for the new size, nothing pending", () => {
-    const g = grownRecord({ ...rec, grow: { data_size: 2 * GiB, meta_size: 64 * MiB, started_at: "x" } }, { dataSize: 2 * GiB + 1000 * 512, metaSize: 64 * MiB }, new Date("2026-01-01T00:00:00Z"));
-    expect(g).toMatchObject({ data_size: 2 * GiB + 1000 * 512, meta_size: 64 * MiB, data_sectors: 32775 * 128, low_water_mark: 3277, grow: null, updated_at: "2026-01-01T00:00:00.000Z" });
+    const g = grownRecord(
+      { ...rec, grow: { data_size: 2 * GiB, meta_size: 64 * MiB, started_at: "x" } },
+      { dataSize: 2 * GiB + 1000 * 512, metaSize: 64 * MiB },
+      new Date("2026-01-01T00:00:00Z"),
+    );
+    expect(g).toMatchObject({
+      data_size: 2 * GiB + 1000 * 512,
+      meta_size: 64 * MiB,
+      data_sectors: 32775 * 128,
+      low_water_mark: 3277,
+      grow: null,
+      updated_at: "2026-01-01T00:00:00.000Z",
+    });
     // it is a valid record (the schema accepts it and the pending field)
     const dir = mkdtempSync(join(root, "grow-"));
     writeRecord(dir, { ...rec, grow: { data_size: 2 * GiB, meta_size: 32 * MiB, started_at: NOW.toISOString() } });

@@ -8,17 +8,17 @@ import { join } from "node:path";
 import { loadConfig } from "../../lib/config.ts";
 import { ThinimgError } from "../../lib/errors.ts";
 import type { HealthReport } from "../../lib/health/types.ts";
+import type { ReattachAllReport } from "../../lib/pipeline/reattach.ts";
 import type { UnpackOptions, UnpackResult } from "../../lib/pipeline/unpack.ts";
 import { admitSource, makeAllowList } from "../../lib/server/allow.ts";
 import { sign } from "../../lib/server/auth.ts";
-import { enqueueUnpack, finishJob, getJob, claimNextJob, pruneJobs } from "../../lib/server/jobs.ts";
+import { claimNextJob, enqueueUnpack, finishJob, getJob, pruneJobs } from "../../lib/server/jobs.ts";
 import { parseListen } from "../../lib/server/listen.ts";
 import { commandLabel } from "../../lib/server/metrics.ts";
-import type { ReattachAllReport } from "../../lib/pipeline/reattach.ts";
 import type { ServiceOps } from "../../lib/server/routes.ts";
-import { type Service, type ServiceOptions, pipelineOps, startService } from "../../lib/server/service.ts";
-import { beginImage, markImageReady } from "../../lib/store/images.ts";
+import { pipelineOps, type Service, type ServiceOptions, startService } from "../../lib/server/service.ts";
 import { openDb } from "../../lib/store/db.ts";
+import { beginImage, markImageReady } from "../../lib/store/images.ts";
 
 const W = mkdtempSync("/tmp/thinimg-service-unit-");
 const SECRET = "0123456789abcdef0123456789abcdef";
@@ -67,7 +67,15 @@ function fakeOps(o: { gated?: boolean } = {}) {
     prune: pipelineOps.prune,
     async reattach(ctx): Promise<ReattachAllReport> {
       reattached++;
-      return { ok: true, pool: ctx.cfg.pool, dry_run: false, skipped: null, snapshots: [], error: null, summary: { active: 0, reattached: 0, already_attached: 0, failed: 0, not_run: 0 } };
+      return {
+        ok: true,
+        pool: ctx.cfg.pool,
+        dry_run: false,
+        skipped: null,
+        snapshots: [],
+        error: null,
+        summary: { active: 0, reattached: 0, already_attached: 0, failed: 0, not_run: 0 },
+      };
     },
     async health(ctx): Promise<HealthReport> {
       return { healthy: true, pool: ctx.cfg.pool, checks: [{ name: "host.memory", status: "ok", message: "fine", runbook: "", durationMs: 1 }], durationMs: 1 };
@@ -224,7 +232,20 @@ test("scripts/serve.ts: SIGHUP re-reads the secret file, SIGTERM stops it cleanl
   const secret = join(dir, "secret");
   writeFileSync(secret, SECRET);
   const proc = Bun.spawn(
-    ["bun", "scripts/serve.ts", "--listen", "127.0.0.1:0", "--secret-file", secret, "--state-dir", join(dir, "state"), "--pool", "clipool", "--allow-source", "s3://images-bucket/"],
+    [
+      "bun",
+      "scripts/serve.ts",
+      "--listen",
+      "127.0.0.1:0",
+      "--secret-file",
+      secret,
+      "--state-dir",
+      join(dir, "state"),
+      "--pool",
+      "clipool",
+      "--allow-source",
+      "s3://images-bucket/",
+    ],
     { cwd: join(import.meta.dir, "../.."), stdin: "ignore", stdout: "ignore", stderr: "pipe" },
   );
   let err = "";
@@ -393,7 +414,11 @@ describe("jobs", () => {
     const r = await call(s, "POST", "/v1/unpack", { source: "s3://images-bucket/broken/" });
     await waitFor("job failed", () => getJob(s.ctx.db, r.body.job.id)?.state === "failed");
     const j = await call(s, "GET", `/v1/jobs?state=failed`, undefined, signed(""));
-    expect(j.body.jobs[0]).toMatchObject({ id: r.body.job.id, state: "failed", error: { kind: "input", message: expect.stringContaining("no layers"), hint: "check the source" } });
+    expect(j.body.jobs[0]).toMatchObject({
+      id: r.body.job.id,
+      state: "failed",
+      error: { kind: "input", message: expect.stringContaining("no layers"), hint: "check the source" },
+    });
   });
 
   test("restart with queued and interrupted jobs: none lost, none run twice, in order", async () => {
@@ -528,7 +553,13 @@ describe("health and metrics", () => {
     const s = await start({ ops: f.ops });
     writeFileSync(
       join(s.ctx.cfg.stateDir, "gc-last-run.json"),
-      JSON.stringify({ ok: true, mode: "force", started_at: "2026-12-01T00:00:00.000Z", duration_ms: 5, summary: { orphans: 4, removed: 3, skipped: 1, failed: 0 } }),
+      JSON.stringify({
+        ok: true,
+        mode: "force",
+        started_at: "2026-12-01T00:00:00.000Z",
+        duration_ms: 5,
+        summary: { orphans: 4, removed: 3, skipped: 1, failed: 0 },
+      }),
     );
     const text = await (await fetch(`${s.url}/metrics`)).text();
     expect(text).toContain(`\nthinimg_gc_last_run_timestamp_seconds ${Date.parse("2026-12-01T00:00:00.000Z") / 1000}\n`);

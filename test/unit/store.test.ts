@@ -1,7 +1,8 @@
 // The state DB on real SQLite files: schema, constraints, migrations, and the thin id ledger under
 // concurrent processes.
-import { afterAll, describe, expect, test } from "bun:test";
+
 import { Database } from "bun:sqlite";
+import { afterAll, describe, expect, test } from "bun:test";
 import { mkdirSync, mkdtempSync, rmSync } from "node:fs";
 import { join } from "node:path";
 import {
@@ -11,9 +12,9 @@ import {
   imageLayerIds,
   insertLayer,
   listThinIds,
+  MIGRATIONS,
   markImageBuildFailed,
   markImageReady,
-  MIGRATIONS,
   openDb,
   recordOrphanThinId,
   setThinIdState,
@@ -47,7 +48,9 @@ describe("schema", () => {
       expect(tables).toContain(t);
     }
     // STRICT: a string in an INTEGER column is refused
-    expect(() => db.query("INSERT INTO locks (key, pid, host, command, acquired_at) VALUES ('k', 'abc', 'h', 'c', 1)").run()).toThrow(/cannot store TEXT value in INTEGER column/);
+    expect(() => db.query("INSERT INTO locks (key, pid, host, command, acquired_at) VALUES ('k', 'abc', 'h', 'c', 1)").run()).toThrow(
+      /cannot store TEXT value in INTEGER column/,
+    );
     // CHECK on states
     expect(() =>
       db.query("INSERT INTO thin_ids (pool, thin_id, owner_kind, state, created_at, updated_at) VALUES ('p', 1, 'layer', 'bogus', 1, 1)").run(),
@@ -89,7 +92,12 @@ describe("schema", () => {
     `);
     old.close();
     const db = openDb(path);
-    const snaps = db.query("SELECT id, state, error, virtual_size FROM snapshots ORDER BY id").all() as { id: number; state: string; error: string | null; virtual_size: number | null }[];
+    const snaps = db.query("SELECT id, state, error, virtual_size FROM snapshots ORDER BY id").all() as {
+      id: number;
+      state: string;
+      error: string | null;
+      virtual_size: number | null;
+    }[];
     expect(snaps.map((x) => [x.id, x.state])).toEqual([
       [1, "active"],
       [2, "failed"],
@@ -118,11 +126,25 @@ describe("schema", () => {
 
   test("layers.phase is checked: an unknown phase is refused on insert and update", () => {
     const db = fresh();
-    const l = insertLayer(db, { pool: "p", chainId: "sha256:ph", parentId: null, parentChainId: null, identity: "x", diffId: null, digest: "sha256:x", size: 1, virtualSize: 1 });
+    const l = insertLayer(db, {
+      pool: "p",
+      chainId: "sha256:ph",
+      parentId: null,
+      parentChainId: null,
+      identity: "x",
+      diffId: null,
+      digest: "sha256:x",
+      size: 1,
+      virtualSize: 1,
+    });
     updateLayer(db, l.id, { phase: "mounted" });
     expect(() => updateLayer(db, l.id, { phase: "half-mounted" as never })).toThrow(/CHECK constraint failed: layers.phase/);
     expect(() =>
-      db.query("INSERT INTO layers (pool, chain_id, identity, digest, size, virtual_size, state, phase, attempt, created_at, updated_at) VALUES ('p','sha256:q','x','d',1,1,'building','bogus',0,0,0)").run(),
+      db
+        .query(
+          "INSERT INTO layers (pool, chain_id, identity, digest, size, virtual_size, state, phase, attempt, created_at, updated_at) VALUES ('p','sha256:q','x','d',1,1,'building','bogus',0,0,0)",
+        )
+        .run(),
     ).toThrow(/CHECK constraint failed: layers.phase/);
     expect((db.query("SELECT phase FROM layers WHERE id = ?").get(l.id) as { phase: string }).phase).toBe("mounted");
     db.close();
@@ -130,13 +152,45 @@ describe("schema", () => {
 
   test("foreign keys: a layer cannot point at a thin id missing from the ledger", () => {
     const db = fresh();
-    const l = insertLayer(db, { pool: "p", chainId: "sha256:aa", parentId: null, parentChainId: null, identity: "sha256:bb", diffId: "sha256:bb", digest: "sha256:cc", size: 1, virtualSize: 1 << 30 });
+    const l = insertLayer(db, {
+      pool: "p",
+      chainId: "sha256:aa",
+      parentId: null,
+      parentChainId: null,
+      identity: "sha256:bb",
+      diffId: "sha256:bb",
+      digest: "sha256:cc",
+      size: 1,
+      virtualSize: 1 << 30,
+    });
     expect(() => updateLayer(db, l.id, { thin_id: 77 })).toThrow(/FOREIGN KEY/);
     const id = allocateThinId(db, "p", { kind: "layer", id: l.id });
     updateLayer(db, l.id, { thin_id: id });
     // chain ids are unique per pool, not globally
-    expect(() => insertLayer(db, { pool: "p", chainId: "sha256:aa", parentId: null, parentChainId: null, identity: "x", diffId: null, digest: "sha256:cc", size: 1, virtualSize: 1 })).toThrow(/UNIQUE/);
-    insertLayer(db, { pool: "q", chainId: "sha256:aa", parentId: null, parentChainId: null, identity: "x", diffId: null, digest: "sha256:cc", size: 1, virtualSize: 1 });
+    expect(() =>
+      insertLayer(db, {
+        pool: "p",
+        chainId: "sha256:aa",
+        parentId: null,
+        parentChainId: null,
+        identity: "x",
+        diffId: null,
+        digest: "sha256:cc",
+        size: 1,
+        virtualSize: 1,
+      }),
+    ).toThrow(/UNIQUE/);
+    insertLayer(db, {
+      pool: "q",
+      chainId: "sha256:aa",
+      parentId: null,
+      parentChainId: null,
+      identity: "x",
+      diffId: null,
+      digest: "sha256:cc",
+      size: 1,
+      virtualSize: 1,
+    });
     db.close();
   });
 });

@@ -41,8 +41,15 @@ const SEED = tar(
   symlink("bin/sh", "busybox"),
   hardlink("etc/passwd2", "etc/passwd"),
   entry({ name: "big-ids", data: "b", uid: 70000, base256: true }),
-  gnuSparse("var/sparse-old", 1 << 20, Array.from({ length: 30 }, (_, i) => [i * 32768, `r${i}`] as [number, string])),
-  paxSparse("1.0", "var/sparse-10", 1 << 20, [[4096, "a"], [1 << 19, "b"]]),
+  gnuSparse(
+    "var/sparse-old",
+    1 << 20,
+    Array.from({ length: 30 }, (_, i) => [i * 32768, `r${i}`] as [number, string]),
+  ),
+  paxSparse("1.0", "var/sparse-10", 1 << 20, [
+    [4096, "a"],
+    [1 << 19, "b"],
+  ]),
   paxSparse("0.1", "var/sparse-01", 65536, [[0, "c"]]),
   paxSparse("0.0", "var/sparse-00", 65536, [[100, "d"]]),
 );
@@ -84,8 +91,20 @@ function mutants(): Mutant[] {
   }
   // scrambled header fields with a valid checksum: the decoder's field rules are what answers
   const fields: [number, number][] = [
-    [0, 100], [100, 8], [108, 8], [116, 8], [124, 12], [136, 12], [156, 1], [157, 100],
-    [329, 8], [337, 8], [345, 155], [386, 96], [482, 1], [483, 12],
+    [0, 100],
+    [100, 8],
+    [108, 8],
+    [116, 8],
+    [124, 12],
+    [136, 12],
+    [156, 1],
+    [157, 100],
+    [329, 8],
+    [337, 8],
+    [345, 155],
+    [386, 96],
+    [482, 1],
+    [483, 12],
   ];
   for (let i = 0; i < 300; i++) {
     const b = Buffer.from(SEED);
@@ -204,7 +223,11 @@ describe("scripts/extract.ts answers malformed input with one line (exit 3)", ()
   const cases: [string, () => string, RegExp][] = [
     ["20,000 random bytes as an image", () => write("random.bin", random), /not a valid tar archive \(bad header checksum at offset 0\)/],
     ["a truncated single-layer tarball", () => write("trunc.tar", SEED.subarray(0, 1024 + 300)), /offset \d+/],
-    ["a layer family whose layer has a flipped header bit", () => family("flip", flipped), new RegExp(`layer 1/1 \\(1\\.tar\\): corrupt tar header at offset ${second} \\(checksum mismatch\\)`)],
+    [
+      "a layer family whose layer has a flipped header bit",
+      () => family("flip", flipped),
+      new RegExp(`layer 1/1 \\(1\\.tar\\): corrupt tar header at offset ${second} \\(checksum mismatch\\)`),
+    ],
     ["a layer family whose layer is truncated in a sparse map", () => family("trunc", SEED.subarray(0, SEED.indexOf("GNUSparseFile") + 600)), /offset \d+/],
   ];
   function write(name: string, data: Buffer): string {

@@ -30,7 +30,10 @@ describe("splitFiles", () => {
   const sizes: Record<string, number> = { a: 100, b: 60, c: 50, d: 10 };
   test("balances by size over n groups", () => {
     const g = splitFiles(["a", "b", "c", "d"], 2, (f) => sizes[f]!);
-    expect(g).toEqual([["a", "d"], ["b", "c"]]);
+    expect(g).toEqual([
+      ["a", "d"],
+      ["b", "c"],
+    ]);
   });
   test("a file's weight is its measured `// vm-seconds: N`, else its size / 100", () => {
     const d = mkdtempSync("/tmp/thinimg-testplan-");

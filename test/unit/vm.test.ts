@@ -57,9 +57,7 @@ describe("pure parts", () => {
       GITHUB_TOKEN: "t",
       DM_DISABLE_UDEV: "0",
     });
-    expect(Object.keys(e).sort()).toEqual(
-      ["AWS_REGION", "CI", "DM_DISABLE_UDEV", "HOME", "LANG", "PATH", "S3_ENDPOINT", "TERM", "THINIMG_POOL"].sort(),
-    );
+    expect(Object.keys(e).sort()).toEqual(["AWS_REGION", "CI", "DM_DISABLE_UDEV", "HOME", "LANG", "PATH", "S3_ENDPOINT", "TERM", "THINIMG_POOL"].sort());
     expect(e.DM_DISABLE_UDEV).toBe("1");
     // host PATH first (bun may live in ~/.bun/bin), sbin dirs appended for dmsetup/losetup
     expect(e.PATH!.startsWith("/opt/bun/bin:/usr/bin:")).toBe(true);
@@ -130,7 +128,7 @@ describe("real VM", () => {
         // biome-ignore lint/suspicious/noTemplateCurlyInString: shell parameter expansion, not JS
         'echo out-line; echo err-line >&2; echo "x=${THINIMG_X-unset} y=${SECRET_Y-unset} udev=$DM_DISABLE_UDEV"; pwd; cat from-host; echo vm-data > from-vm; echo "$1|$2"; exit 3',
         "sh",
-        "it's a \"quoted\" arg",
+        'it\'s a "quoted" arg',
         "$HOME",
       ],
       env: { PATH: process.env.PATH, THINIMG_X: "carried", SECRET_Y: "leaked" },
@@ -172,80 +170,100 @@ describe("real VM", () => {
     rmSync(dir, { recursive: true, force: true });
   });
 
-  test.concurrent("a VM that cannot boot is an error (VmError, exit 125) with the kernel log, not a silent pass", async () => {
-    let err: unknown;
-    await runInVm({ argv: ["true"], kernelArgs: ["rootfstype=ext4", "root=/dev/nosuch"], timeoutMs: 150_000 }).catch((e) => {
-      err = e;
-    });
-    expect(err).toBeInstanceOf(VmError);
-    const e = err as VmError;
-    expect(e.exitCode).toBe(125);
-    expect(e.message).toContain("VM did not boot");
-    expect(e.kernelLog).toMatch(/Kernel panic|VFS: Unable to mount root/);
-  }, VM_TEST_MS);
+  test.concurrent(
+    "a VM that cannot boot is an error (VmError, exit 125) with the kernel log, not a silent pass",
+    async () => {
+      let err: unknown;
+      await runInVm({ argv: ["true"], kernelArgs: ["rootfstype=ext4", "root=/dev/nosuch"], timeoutMs: 150_000 }).catch((e) => {
+        err = e;
+      });
+      expect(err).toBeInstanceOf(VmError);
+      const e = err as VmError;
+      expect(e.exitCode).toBe(125);
+      expect(e.message).toContain("VM did not boot");
+      expect(e.kernelLog).toMatch(/Kernel panic|VFS: Unable to mount root/);
+    },
+    VM_TEST_MS,
+  );
 
-  test.concurrent("timeout kills the VM and leaves no UML process behind", async () => {
-    const t0 = performance.now();
-    const t = await runInVm({ argv: ["sh", "-c", "echo started; exec sleep 600"], timeoutMs: 15_000 });
-    expect(t.timedOut).toBe(true);
-    expect(t.exitCode).toBeNull();
-    // output produced before the kill is kept (on a loaded box the VM may not have got that far)
-    expect(["", "started\n"]).toContain(t.stdout);
-    expect(performance.now() - t0).toBeLessThan(25_000);
-    expect(t.processGroups.length).toBe(1);
-    expect(vmProcessesLeft(t.processGroups)).toEqual([]);
-  }, VM_TEST_MS);
+  test.concurrent(
+    "timeout kills the VM and leaves no UML process behind",
+    async () => {
+      const t0 = performance.now();
+      const t = await runInVm({ argv: ["sh", "-c", "echo started; exec sleep 600"], timeoutMs: 15_000 });
+      expect(t.timedOut).toBe(true);
+      expect(t.exitCode).toBeNull();
+      // output produced before the kill is kept (on a loaded box the VM may not have got that far)
+      expect(["", "started\n"]).toContain(t.stdout);
+      expect(performance.now() - t0).toBeLessThan(25_000);
+      expect(t.processGroups.length).toBe(1);
+      expect(vmProcessesLeft(t.processGroups)).toEqual([]);
+    },
+    VM_TEST_MS,
+  );
 
-  test.concurrent("two VMs at once, each with real dm-thin (dmsetup targets lists thin-pool)", async () => {
-    const cmd = (tag: string) =>
-      runInVm({ argv: ["sh", "-c", `dmsetup targets; ls /dev/mapper/control; echo ${tag}; cat /proc/sys/kernel/hostname`], timeoutMs: 150_000 });
-    const t0 = performance.now();
-    const [a, b] = await Promise.all([cmd("vm-a"), cmd("vm-b")]);
-    const wall = performance.now() - t0;
-    for (const [x, tag] of [
-      [a, "vm-a"],
-      [b, "vm-b"],
-    ] as const) {
-      expect(x.exitCode).toBe(0);
-      expect(x.stdout).toMatch(/^thin-pool\s+v\d/m);
-      expect(x.stdout).toMatch(/^thin\s+v\d/m);
-      expect(x.stdout).toMatch(/^flakey\s+v\d/m);
-      expect(x.stdout).toMatch(/^delay\s+v\d/m);
-      expect(x.stdout).toContain(`/dev/mapper/control\n${tag}\nthinimg-vm\n`);
-    }
-    expect(a.runDir).not.toBe(b.runDir);
-    // they overlapped: together they took less wall time than one after the other
-    expect(wall).toBeLessThan(a.durationMs + b.durationMs);
-  }, VM_TEST_MS);
+  test.concurrent(
+    "two VMs at once, each with real dm-thin (dmsetup targets lists thin-pool)",
+    async () => {
+      const cmd = (tag: string) =>
+        runInVm({ argv: ["sh", "-c", `dmsetup targets; ls /dev/mapper/control; echo ${tag}; cat /proc/sys/kernel/hostname`], timeoutMs: 150_000 });
+      const t0 = performance.now();
+      const [a, b] = await Promise.all([cmd("vm-a"), cmd("vm-b")]);
+      const wall = performance.now() - t0;
+      for (const [x, tag] of [
+        [a, "vm-a"],
+        [b, "vm-b"],
+      ] as const) {
+        expect(x.exitCode).toBe(0);
+        expect(x.stdout).toMatch(/^thin-pool\s+v\d/m);
+        expect(x.stdout).toMatch(/^thin\s+v\d/m);
+        expect(x.stdout).toMatch(/^flakey\s+v\d/m);
+        expect(x.stdout).toMatch(/^delay\s+v\d/m);
+        expect(x.stdout).toContain(`/dev/mapper/control\n${tag}\nthinimg-vm\n`);
+      }
+      expect(a.runDir).not.toBe(b.runDir);
+      // they overlapped: together they took less wall time than one after the other
+      expect(wall).toBeLessThan(a.durationMs + b.durationMs);
+    },
+    VM_TEST_MS,
+  );
 
-  test.concurrent("Ctrl-C on scripts/vm.ts powers the VM off (exit 130, no UML left)", async () => {
-    const { p, seen, umlPid } = await startSleepingVm();
-    expect(seen).toBe("ready\n");
-    expect(umlPid).toBeGreaterThan(0);
-    expect(vmProcessesLeft([umlPid]).length).toBeGreaterThan(2);
-    p.kill("SIGINT");
-    expect(await p.exited).toBe(130);
-    expect(vmProcessesLeft([umlPid])).toEqual([]);
-  }, VM_TEST_MS);
+  test.concurrent(
+    "Ctrl-C on scripts/vm.ts powers the VM off (exit 130, no UML left)",
+    async () => {
+      const { p, seen, umlPid } = await startSleepingVm();
+      expect(seen).toBe("ready\n");
+      expect(umlPid).toBeGreaterThan(0);
+      expect(vmProcessesLeft([umlPid]).length).toBeGreaterThan(2);
+      p.kill("SIGINT");
+      expect(await p.exited).toBe(130);
+      expect(vmProcessesLeft([umlPid])).toEqual([]);
+    },
+    VM_TEST_MS,
+  );
 
-  test.concurrent("if the caller is SIGKILLed, the watchdog still powers the VM off after its limit", async () => {
-    const t0 = performance.now();
-    // vm.ts's own limit must outlast a slow boot on a loaded machine (the unit tests run concurrently
-    // with other VMs booting): a VM that vm.ts powered off itself before our SIGKILL would prove
-    // nothing about the watchdog. So wait for the command inside to run, then kill.
-    const limitS = 45;
-    const { p, seen, umlPid } = await startSleepingVm(["--timeout", String(limitS)]);
-    expect(seen).toBe("ready\n");
-    expect(umlPid).toBeGreaterThan(0);
-    p.kill("SIGKILL"); // no handlers run, nothing cleans up but the watchdog
-    await p.exited;
-    const killedAt = performance.now() - t0;
-    expect(killedAt).toBeLessThan(limitS * 1000);
-    expect(vmProcessesLeft([umlPid]).length).toBeGreaterThan(0);
-    // limit + 10 s grace from the start, then some slack for a loaded machine
-    while (vmProcessesLeft([umlPid]).length > 0 && performance.now() - t0 < (limitS + 35) * 1000) await Bun.sleep(250);
-    const left = vmProcessesLeft([umlPid]).map((x) => ({ ...x, cmd: readFileSync(`/proc/${x.pid}/cmdline`, "latin1").slice(0, 60) }));
-    expect(left).toEqual([]);
-    expect(performance.now() - t0).toBeGreaterThan((limitS + 9) * 1000); // it was the watchdog
-  }, VM_TEST_MS);
+  test.concurrent(
+    "if the caller is SIGKILLed, the watchdog still powers the VM off after its limit",
+    async () => {
+      const t0 = performance.now();
+      // vm.ts's own limit must outlast a slow boot on a loaded machine (the unit tests run concurrently
+      // with other VMs booting): a VM that vm.ts powered off itself before our SIGKILL would prove
+      // nothing about the watchdog. So wait for the command inside to run, then kill.
+      const limitS = 45;
+      const { p, seen, umlPid } = await startSleepingVm(["--timeout", String(limitS)]);
+      expect(seen).toBe("ready\n");
+      expect(umlPid).toBeGreaterThan(0);
+      p.kill("SIGKILL"); // no handlers run, nothing cleans up but the watchdog
+      await p.exited;
+      const killedAt = performance.now() - t0;
+      expect(killedAt).toBeLessThan(limitS * 1000);
+      expect(vmProcessesLeft([umlPid]).length).toBeGreaterThan(0);
+      // limit + 10 s grace from the start, then some slack for a loaded machine
+      while (vmProcessesLeft([umlPid]).length > 0 && performance.now() - t0 < (limitS + 35) * 1000) await Bun.sleep(250);
+      const left = vmProcessesLeft([umlPid]).map((x) => ({ ...x, cmd: readFileSync(`/proc/${x.pid}/cmdline`, "latin1").slice(0, 60) }));
+      expect(left).toEqual([]);
+      expect(performance.now() - t0).toBeGreaterThan((limitS + 9) * 1000); // it was the watchdog
+    },
+    VM_TEST_MS,
+  );
 });

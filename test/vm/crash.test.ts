@@ -13,23 +13,23 @@ import { join } from "node:path";
 import { loadConfig } from "../../lib/config.ts";
 import * as dmsetup from "../../lib/dm/dmsetup.ts";
 import * as mnt from "../../lib/dm/mount.ts";
+import { poolStatusOk } from "../../lib/dm/pool.ts";
 import { runOk } from "../../lib/exec.ts";
 import { log } from "../../lib/log.ts";
-import { poolStatusOk } from "../../lib/dm/pool.ts";
 import { activate, release } from "../../lib/pipeline/activate.ts";
 import { checkConsistency } from "../../lib/pipeline/consistency.ts";
-import { mountPathFor } from "../../lib/pool/names.ts";
-import { readPoolThinIds } from "../../lib/pool/journal.ts";
-import { type Ctx, makeCtx } from "../../lib/pool/context.ts";
 import { unpack } from "../../lib/pipeline/unpack.ts";
+import { type Ctx, makeCtx } from "../../lib/pool/context.ts";
+import { readPoolThinIds } from "../../lib/pool/journal.ts";
+import { mountPathFor } from "../../lib/pool/names.ts";
 import { getImageByName, imageLayerIds } from "../../lib/store/images.ts";
-import { listMounts } from "../../lib/store/mounts.ts";
 import { listLayers } from "../../lib/store/layers.ts";
+import { listMounts } from "../../lib/store/mounts.ts";
 import { listThinIds } from "../../lib/store/thin-ids.ts";
-import { buildLayerTar, writeLayerFamily } from "../helpers/images.ts";
 import { primeKernelLogCursor } from "../helpers/health.ts";
+import { buildLayerTar, writeLayerFamily } from "../helpers/images.ts";
 import { requireDm } from "../helpers/kernel.ts";
-import { type TestPool, makeTestPool } from "../helpers/pool.ts";
+import { makeTestPool, type TestPool } from "../helpers/pool.ts";
 
 requireDm();
 
@@ -66,16 +66,19 @@ function image(tag: string): string {
       { path: "usr/lib/blob", content: big },
       { path: "gone", content: "removed by layer 2" },
     ]),
-    buildLayerTar([
-      { path: "layer2", content: `${tag} layer 2\n` },
-      { path: ".wh.gone" },
-    ]),
+    buildLayerTar([{ path: "layer2", content: `${tag} layer 2\n` }, { path: ".wh.gone" }]),
   ]);
   return dir;
 }
 
 function env(extra: Record<string, string> = {}): Record<string, string> {
-  return { ...(process.env as Record<string, string>), THINIMG_STATE_DIR: ctx.cfg.stateDir, THINIMG_POOL: ctx.cfg.pool, THINIMG_VIRTUAL_SIZE: "128M", ...extra };
+  return {
+    ...(process.env as Record<string, string>),
+    THINIMG_STATE_DIR: ctx.cfg.stateDir,
+    THINIMG_POOL: ctx.cfg.pool,
+    THINIMG_VIRTUAL_SIZE: "128M",
+    ...extra,
+  };
 }
 
 /** Start a real unpack process that pauses at `at`; resolve once it is there, then kill -9 it. */
@@ -174,7 +177,9 @@ function createsById(): Map<number, number> {
 function leaksOf(name: string, poolIds: Set<number>): { thin: number; mounts: number } {
   const img = getImageByName(ctx.db, ctx.cfg.pool, name)!;
   const layerIds = new Set(imageLayerIds(ctx.db, img.id));
-  const thins = listThinIds(ctx.db, ctx.cfg.pool).filter((t) => t.owner_kind === "layer" && layerIds.has(t.owner_id!) && t.state === "orphaned" && poolIds.has(t.thin_id));
+  const thins = listThinIds(ctx.db, ctx.cfg.pool).filter(
+    (t) => t.owner_kind === "layer" && layerIds.has(t.owner_id!) && t.state === "orphaned" && poolIds.has(t.thin_id),
+  );
   const thinSet = new Set(thins.map((t) => t.thin_id));
   const mounts = listMounts(ctx.db, ctx.cfg.pool, ["leaked"]).filter((m) => thinSet.has(m.thin_id));
   return { thin: thins.length, mounts: mounts.length };
@@ -269,11 +274,14 @@ describe("a metadata snapshot left held", () => {
   test("by a live reader (a lock-free GC dry-run): waited for, never released under it", async () => {
     const P = ctx.cfg.pool;
     // reserve, hold 2 s, release: the holder's own release fails if anyone released it meanwhile
-    const holder = Bun.spawn(["sh", "-c", `dmsetup message ${P} 0 reserve_metadata_snap && echo held && sleep 2 && dmsetup message ${P} 0 release_metadata_snap`], {
-      stdout: "pipe",
-      stderr: "pipe",
-      env: { ...process.env, DM_DISABLE_UDEV: "1" },
-    });
+    const holder = Bun.spawn(
+      ["sh", "-c", `dmsetup message ${P} 0 reserve_metadata_snap && echo held && sleep 2 && dmsetup message ${P} 0 release_metadata_snap`],
+      {
+        stdout: "pipe",
+        stderr: "pipe",
+        env: { ...process.env, DM_DISABLE_UDEV: "1" },
+      },
+    );
     const reader = holder.stdout.getReader();
     expect(new TextDecoder().decode((await reader.read()).value)).toContain("held");
     const w = captureWarnings();
@@ -302,7 +310,9 @@ describe("concurrency", () => {
         stderr: "pipe",
       }),
     );
-    const outs = await Promise.all(procs.map(async (p) => ({ code: await p.exited, out: await new Response(p.stdout).text(), err: await new Response(p.stderr).text() })));
+    const outs = await Promise.all(
+      procs.map(async (p) => ({ code: await p.exited, out: await new Response(p.stdout).text(), err: await new Response(p.stderr).text() })),
+    );
     for (const o of outs) expect(o.code, o.err).toBe(0);
     const results = outs.map((o) => JSON.parse(o.out) as { dm_work: boolean; built: number; waited: boolean; layers: { thin_id: number }[] });
     expect(results.filter((r) => r.dm_work)).toHaveLength(1);

@@ -2,11 +2,11 @@
 // vm-seconds: 35 (its run time in one test VM; `bun run test` balances the VMs by it)
 import { afterAll, beforeAll, describe, expect, setDefaultTimeout, test } from "bun:test";
 import { readFileSync } from "node:fs";
-import { dmsetup, isDmError, losetup, mkfsExt4, mount, parsePoolStatus, parseThinStatus, pool, thintools } from "../../lib/dm/index.ts";
 import { clearTimeouts } from "../../lib/dm/host-queue.ts";
+import { dmsetup, isDmError, losetup, mkfsExt4, mount, parsePoolStatus, parseThinStatus, pool, thintools } from "../../lib/dm/index.ts";
 import { type CmdRecord, onCommandRecord, run } from "../../lib/exec.ts";
 import { requireDm } from "../helpers/kernel.ts";
-import { type TestPool, makeTestPool } from "../helpers/pool.ts";
+import { makeTestPool, type TestPool } from "../helpers/pool.ts";
 
 requireDm();
 setDefaultTimeout(60_000);
@@ -76,10 +76,12 @@ describe("pool lifecycle on the real kernel", () => {
   test("suspend/resume, and withSuspended always resumes", async () => {
     const name = `${p.name}-t1b`;
     await pool.activateThin(p.name, name, 1, GiB);
-    await expect(dmsetup.withSuspended(name, async () => {
-      expect((await dmsetup.info(name))?.state).toBe("SUSPENDED");
-      throw new Error("body failed");
-    })).rejects.toThrow("body failed");
+    await expect(
+      dmsetup.withSuspended(name, async () => {
+        expect((await dmsetup.info(name))?.state).toBe("SUSPENDED");
+        throw new Error("body failed");
+      }),
+    ).rejects.toThrow("body failed");
     expect((await dmsetup.info(name))?.state).toBe("ACTIVE");
     await dmsetup.remove(name);
   });

@@ -10,15 +10,15 @@
 import { afterAll, describe, expect, setDefaultTimeout, test } from "bun:test";
 import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
-import { dmsetup, mount, pool as dmpool, thintools } from "../../lib/dm/index.ts";
+import { pool as dmpool, dmsetup, mount, thintools } from "../../lib/dm/index.ts";
 import { run, runOk } from "../../lib/exec.ts";
 import type { GcReport } from "../../lib/gc/report.ts";
 import { openDb } from "../../lib/store/db.ts";
+import { noise } from "../helpers/bytes.ts";
 import { primeKernelLogCursor } from "../helpers/health.ts";
 import { buildLayerTar, sampleLayer, writeLayerFamily } from "../helpers/images.ts";
 import { requireDm } from "../helpers/kernel.ts";
 import { type FlakyPool, makeFlakyPool, makeTestPool } from "../helpers/pool.ts";
-import { noise } from "../helpers/bytes.ts";
 import { type Ran, run as runCli } from "../helpers/run.ts";
 
 requireDm();
@@ -54,7 +54,9 @@ class Scene {
   }
 
   script(name: string, args: string[], env: Record<string, string> = {}): Promise<Ran> {
-    return runCli(["bun", `scripts/${name}.ts`, ...args, "--pool", this.pool, "--state-dir", this.stateDir], { env: { ...process.env, THINIMG_VIRTUAL_SIZE: "256M", ...env } });
+    return runCli(["bun", `scripts/${name}.ts`, ...args, "--pool", this.pool, "--state-dir", this.stateDir], {
+      env: { ...process.env, THINIMG_VIRTUAL_SIZE: "256M", ...env },
+    });
   }
 
   async gc(...args: string[]): Promise<{ code: number; r: GcReport; err: string }> {
@@ -110,7 +112,11 @@ async function devices(): Promise<string[]> {
   return (await dmsetup.infoAll()).map((d) => `${d.name} ${d.major}:${d.minor} open=${d.open} ${d.state}${d.inactive ? " +inactive" : ""}`).sort();
 }
 const deviceNames = async () => (await dmsetup.infoAll()).map((d) => d.name).sort();
-const mountsNow = () => mount.mountinfo().map((m) => `${m.mountPoint} ${m.majorMinor}`).sort();
+const mountsNow = () =>
+  mount
+    .mountinfo()
+    .map((m) => `${m.mountPoint} ${m.majorMinor}`)
+    .sort();
 
 /** sha256 of the live snapshot's files, read through a read-only mount (no journal replay). */
 async function hashFiles(device: string): Promise<Record<string, string>> {
@@ -219,7 +225,9 @@ async function gcCollectsExactly(s: Scene, want: Expected, usedBefore: number, l
   const rows0 = s.dbDump();
   const mounts0 = mountsNow();
   const dry = await s.gc("--grace", "0");
-  process.stderr.write(`[gc-faults] ${s.tag} dry-run: ${JSON.stringify({ orphans: dry.r.orphans, skipped: dry.r.skipped, repairs: dry.r.repairs, foreign: dry.r.foreign, scan: dry.r.scan })}\n`);
+  process.stderr.write(
+    `[gc-faults] ${s.tag} dry-run: ${JSON.stringify({ orphans: dry.r.orphans, skipped: dry.r.skipped, repairs: dry.r.repairs, foreign: dry.r.foreign, scan: dry.r.scan })}\n`,
+  );
   expect(dry.r.mode).toBe("dry_run");
   expect(dry.r.scan.metadata_status).toBe("ok");
   expect(dry.r.orphans.map((o) => [key(o), o.reason, o.outcome, o.commands])).toEqual([[key(want), want.reason, "would_remove", want.commands]]);
@@ -252,7 +260,9 @@ async function gcCollectsExactly(s: Scene, want: Expected, usedBefore: number, l
   for (const line of force.r.kernel_messages) expect([line, [...new Set(line.match(/\bdm-\d+\b/g))]]).toEqual([line, [leakKernelName!]]);
   expect(force.r.stopped).toBeNull();
   expect(force.r.orphans.map((o) => [key(o), o.reason, o.outcome])).toEqual([[key(want), want.reason, "done"]]);
-  expect(force.r.orphans[0]!.steps.filter((x) => x.op !== "claim" && x.op !== "check").map((x) => `${x.op} ${x.outcome}`)).toEqual(want.steps.map((x) => `${x} ok`));
+  expect(force.r.orphans[0]!.steps.filter((x) => x.op !== "claim" && x.op !== "check").map((x) => `${x.op} ${x.outcome}`)).toEqual(
+    want.steps.map((x) => `${x} ok`),
+  );
   expect(force.r.repairs.map((r) => [repairKey(r), r.applied])).toEqual(want.repairs.map((r) => [r, true]));
   expect(force.code).toBe(0);
   expect(await s.thinIds()).toEqual(ids0.filter((i) => i !== want.thin_id));
@@ -302,7 +312,13 @@ describe("pool out of data space mid-apply", () => {
 
     // "big" shares layer 1 with "live"; its layer 2 does not fit in the pool
     const src = join(W, "big");
-    writeLayerFamily(src, [sampleLayer(1), buildLayerTar([{ path: "data/", type: "dir" }, { path: "data/big.bin", content: noise(64 * 1024 * 1024, 7) }])]);
+    writeLayerFamily(src, [
+      sampleLayer(1),
+      buildLayerTar([
+        { path: "data/", type: "dir" },
+        { path: "data/big.bin", content: noise(64 * 1024 * 1024, 7) },
+      ]),
+    ]);
     const u = await s.script("unpack", [src, "--name", "big"]);
     expect(u.code).not.toBe(0);
     expect(u.err).toContain("ran out of data space");
@@ -315,7 +331,9 @@ describe("pool out of data space mid-apply", () => {
     // from dmsetup alone (the leaked device, no metadata snapshot); --force is refused by the health
     // checks and changes nothing
     const full = await s.gc("--grace", "0");
-    process.stderr.write(`[gc-faults] dry-run on the full pool: ${JSON.stringify({ scan: full.r.scan, orphans: full.r.orphans.map((o) => [o.thin_id, o.device, o.reason]) })}\n`);
+    process.stderr.write(
+      `[gc-faults] dry-run on the full pool: ${JSON.stringify({ scan: full.r.scan, orphans: full.r.orphans.map((o) => [o.thin_id, o.device, o.reason]) })}\n`,
+    );
     expect(full.r.health?.ok).toBe(false);
     expect(full.r.scan.metadata_skipped).toStartWith("unhealthy: health checks failed, metadata not read: health check pool.mode blocks dm work: ");
     expect(full.r.scan.metadata_skipped).toContain("out_of_data_space");
@@ -345,7 +363,9 @@ describe("pool out of data space mid-apply", () => {
     // acknowledges it
     const h1 = await s.script("health", ["--json"]);
     expect(h1.code, h1.err).toBe(1);
-    const dmesg = (JSON.parse(h1.out) as { checks: { name: string; details?: { findings?: { line: string; acknowledged: boolean }[] } }[] }).checks.find((c) => c.name === "host.dmesg");
+    const dmesg = (JSON.parse(h1.out) as { checks: { name: string; details?: { findings?: { line: string; acknowledged: boolean }[] } }[] }).checks.find(
+      (c) => c.name === "host.dmesg",
+    );
     expect(dmesg?.details?.findings?.some((f) => f.line.includes("out-of-data-space") && !f.acknowledged)).toBe(true);
     expect((await s.script("health", [])).code).toBe(1);
     const h2 = await s.script("health", ["--ack", "--json"]);
@@ -389,10 +409,20 @@ describe("I/O errors under a layer (dm-flakey data device)", () => {
     // "fl" shares layer 1 with "live"; its layer 2 build pauses once mounted, the data device
     // starts failing, the apply runs into it
     const src = join(W, "fl");
-    writeLayerFamily(src, [sampleLayer(1), buildLayerTar([{ path: "data/", type: "dir" }, { path: "data/file.bin", content: noise(8 * 1024 * 1024, 11) }])]);
+    writeLayerFamily(src, [
+      sampleLayer(1),
+      buildLayerTar([
+        { path: "data/", type: "dir" },
+        { path: "data/file.bin", content: noise(8 * 1024 * 1024, 11) },
+      ]),
+    ]);
     const paused = join(W, "io-paused");
     const cont = join(W, "io-continue");
-    const proc = s.spawn("unpack", [src, "--name", "fl"], { THINIMG_TEST_PAUSE_AT: "layer:mounted", THINIMG_TEST_PAUSE_FILE: paused, THINIMG_TEST_PAUSE_CONTINUE: cont });
+    const proc = s.spawn("unpack", [src, "--name", "fl"], {
+      THINIMG_TEST_PAUSE_AT: "layer:mounted",
+      THINIMG_TEST_PAUSE_FILE: paused,
+      THINIMG_TEST_PAUSE_CONTINUE: cont,
+    });
     let u: Ran;
     try {
       for (let i = 0; i < 1200 && !existsSync(paused); i++) {
@@ -440,7 +470,11 @@ describe("I/O errors under a layer (dm-flakey data device)", () => {
     const check = await thintools.thinCheck(fk.metaDev, { clearNeedsCheck: true });
     expect(check.ok).toBe(true);
     // the inactive metadata still holds the leaked thin id: exactly one beyond the live image's
-    expectOneNewThinId((await thintools.thinLs(fk.metaDev)).map((e) => e.id).sort((a, b) => a - b), before, l);
+    expectOneNewThinId(
+      (await thintools.thinLs(fk.metaDev)).map((e) => e.id).sort((a, b) => a - b),
+      before,
+      l,
+    );
     await dmsetup.create(fk.name, poolTableLine);
     const back = await dmpool.poolStatusOk(fk.name);
     expect([back.mode, back.needsCheck]).toEqual(["rw", false]);

@@ -8,14 +8,14 @@
 import { afterAll, beforeAll, describe, expect, setDefaultTimeout, test } from "bun:test";
 import { chmodSync, existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
-import { dmsetup, mount, pool as dmpool } from "../../lib/dm/index.ts";
+import { pool as dmpool, dmsetup, mount } from "../../lib/dm/index.ts";
 import { run } from "../../lib/exec.ts";
 import type { GcReport } from "../../lib/gc/report.ts";
 import { openDb } from "../../lib/store/db.ts";
-import { sampleLayer, writeLayerFamily } from "../helpers/images.ts";
 import { primeKernelLogCursor } from "../helpers/health.ts";
+import { sampleLayer, writeLayerFamily } from "../helpers/images.ts";
 import { requireDm } from "../helpers/kernel.ts";
-import { type TestPool, makeTestPool } from "../helpers/pool.ts";
+import { makeTestPool, type TestPool } from "../helpers/pool.ts";
 
 requireDm();
 setDefaultTimeout(300_000);
@@ -98,7 +98,11 @@ function dbDump(): string {
     db.close();
   }
 }
-const mountsNow = () => mount.mountinfo().map((m) => `${m.mountPoint} ${m.majorMinor}`).sort();
+const mountsNow = () =>
+  mount
+    .mountinfo()
+    .map((m) => `${m.mountPoint} ${m.majorMinor}`)
+    .sort();
 
 const thinIds = () => p.thinIds();
 const dataUsed = async () => (await dmpool.poolStatusOk(p.name)).dataUsed;
@@ -144,13 +148,20 @@ beforeAll(async () => {
   writeLayerFamily(fam.live, [sampleLayer(1), sampleLayer(2)]);
   writeLayerFamily(fam.crash, [sampleLayer(10, [{ path: "big.bin", content: "x".repeat(3 * 1024 * 1024) }])]);
   writeLayerFamily(fam.lock, [sampleLayer(30)]);
-  for (const [k, n] of [["paused", 40], ["race", 41], ["killed", 42]] as const) {
+  for (const [k, n] of [
+    ["paused", 40],
+    ["race", 41],
+    ["killed", 42],
+  ] as const) {
     fam[k] = join(work, k);
     writeLayerFamily(fam[k], [sampleLayer(n, [{ path: "big.bin", content: "y".repeat(2 * 1024 * 1024) }])]);
   }
   // failing tools, put first on PATH for one run each
   mkdirSync(fakeMkfs());
-  writeFileSync(join(fakeMkfs(), "mkfs.ext4"), "#!/bin/sh\necho 'mkfs.ext4: Input/output error while writing out and closing file system (test)' >&2\nexit 1\n");
+  writeFileSync(
+    join(fakeMkfs(), "mkfs.ext4"),
+    "#!/bin/sh\necho 'mkfs.ext4: Input/output error while writing out and closing file system (test)' >&2\nexit 1\n",
+  );
   chmodSync(join(fakeMkfs(), "mkfs.ext4"), 0o755);
   mkdirSync(fakeDmCreate());
   const real = Bun.which("dmsetup");
@@ -286,7 +297,10 @@ describe("gc", () => {
     dry = r;
     expect(r.orphans.map(key).sort()).toEqual([...expected.keys()].sort());
     expect(r.orphans.find((o) => o.thin_id === 900)?.reason).toBe("not_in_db");
-    expect(r.orphans.find((o) => o.device === `thinimg-${p.name}-snap-${[...expected.entries()].find(([, v]) => v === "row deleted by hand")![0].split("/")[0]}`)?.reason).toBe("owner_missing");
+    expect(
+      r.orphans.find((o) => o.device === `thinimg-${p.name}-snap-${[...expected.entries()].find(([, v]) => v === "row deleted by hand")![0].split("/")[0]}`)
+        ?.reason,
+    ).toBe("owner_missing");
     expect(r.orphans.find((o) => o.reason === "db_released")).toBeDefined();
     const abandoned = r.orphans.find((o) => o.commands[0]?.startsWith("umount "));
     expect(abandoned?.commands[0]).toContain(join(stateDir, "mnt"));
@@ -454,7 +468,12 @@ describe("GC racing the pipeline", () => {
     expect(await dmsetup.info(String(l.device_name))).toBeNull();
     expect(mount.mountinfo().some((m) => m.mountPoint === mnt)).toBe(false);
     // the layer row starts afresh, exactly as the pipeline's abandon() leaves it
-    expect(rowsOf("SELECT thin_id, device_name, state, phase FROM layers WHERE id = ?", Number(l.id))[0]).toEqual({ thin_id: null, device_name: null, state: "building", phase: "new" });
+    expect(rowsOf("SELECT thin_id, device_name, state, phase FROM layers WHERE id = ?", Number(l.id))[0]).toEqual({
+      thin_id: null,
+      device_name: null,
+      state: "building",
+      phase: "new",
+    });
     expect(rowsOf("SELECT state FROM thin_ids WHERE pool = ? AND thin_id = ?", p.name, Number(l.thin_id))[0]!.state).toBe("deleted");
     const again = await gc("--force", "--grace", "0");
     expect(again.r.orphans).toEqual([]);

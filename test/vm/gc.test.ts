@@ -9,13 +9,13 @@ import { afterAll, beforeAll, describe, expect, setDefaultTimeout, test } from "
 import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync } from "node:fs";
 import { join } from "node:path";
 import { loadConfig } from "../../lib/config.ts";
-import { dmsetup, mkfsExt4, mount, pool as dmpool } from "../../lib/dm/index.ts";
+import { pool as dmpool, dmsetup, mkfsExt4, mount } from "../../lib/dm/index.ts";
 import { run, runOk } from "../../lib/exec.ts";
 import { act } from "../../lib/gc/act.ts";
 import type { GcReport } from "../../lib/gc/report.ts";
 import { type Db, openDb } from "../../lib/store/db.ts";
+import { getDevice, setDevice, setDeviceState } from "../../lib/store/devices.ts";
 import { recordFirstSeen } from "../../lib/store/gc-queries.ts";
-import { setDevice, setDeviceState, getDevice } from "../../lib/store/devices.ts";
 import { beginImage, markImageReady } from "../../lib/store/images.ts";
 import { insertLayer, updateLayer } from "../../lib/store/layers.ts";
 import { getMount, setMount } from "../../lib/store/mounts.ts";
@@ -23,7 +23,7 @@ import { insertSnapshot, updateSnapshot } from "../../lib/store/snapshots.ts";
 import { allocateThinId, getThinId, setThinIdState } from "../../lib/store/thin-ids.ts";
 import { primeKernelLogCursor } from "../helpers/health.ts";
 import { requireDm } from "../helpers/kernel.ts";
-import { type TestPool, makeTestPool } from "../helpers/pool.ts";
+import { makeTestPool, type TestPool } from "../helpers/pool.ts";
 
 requireDm();
 setDefaultTimeout(180_000);
@@ -134,7 +134,17 @@ beforeAll(async () => {
   mkdirSync(tmpMnt, { recursive: true });
 
   // ---- live: a committed base layer with files, an image, an active snapshot with its own file ----
-  const L1 = insertLayer(db, { pool: p.name, chainId: "sha256:l1", parentId: null, parentChainId: null, identity: "sha256:l1", diffId: null, digest: "sha256:l1", size: 1, virtualSize: VSIZE });
+  const L1 = insertLayer(db, {
+    pool: p.name,
+    chainId: "sha256:l1",
+    parentId: null,
+    parentChainId: null,
+    identity: "sha256:l1",
+    diffId: null,
+    digest: "sha256:l1",
+    size: 1,
+    virtualSize: VSIZE,
+  });
   layer1 = L1.id;
   ids.layer1 = await ledgerThin({ kind: "layer", id: L1.id }, null);
   names.layer1 = nm("layer", ids.layer1);
@@ -213,7 +223,17 @@ beforeAll(async () => {
   setDeviceState(db, p.name, fa.name, "leaked", "activation failed");
 
   // failed layer build: upper layer, left active AND mounted in our mount dir
-  const L2 = insertLayer(db, { pool: p.name, chainId: "sha256:l2", parentId: L1.id, parentChainId: "sha256:l1", identity: "sha256:l2", diffId: null, digest: "sha256:l2", size: 1, virtualSize: VSIZE });
+  const L2 = insertLayer(db, {
+    pool: p.name,
+    chainId: "sha256:l2",
+    parentId: L1.id,
+    parentChainId: "sha256:l1",
+    identity: "sha256:l2",
+    diffId: null,
+    digest: "sha256:l2",
+    size: 1,
+    virtualSize: VSIZE,
+  });
   ids.failedLayer = await ledgerThin({ kind: "layer", id: L2.id }, ids.layer1);
   names.failedLayer = nm("layer", ids.failedLayer);
   updateLayer(db, L2.id, { thin_id: ids.failedLayer, device_name: names.failedLayer, phase: "created" });
@@ -226,7 +246,15 @@ beforeAll(async () => {
   await sh(["dd", "if=/dev/urandom", `of=${l2mnt}/half-applied.bin`, "bs=1M", "count=4", "conv=fsync", "status=none"]);
   updateLayer(db, L2.id, { state: "failed", phase: "mounted", error: "test: layer apply failed", error_kind: "policy" });
   setDeviceState(db, p.name, names.failedLayer, "leaked", "layer build failed");
-  setMount(db, { path: l2mnt, pool: p.name, deviceName: names.failedLayer, thinId: ids.failedLayer, purpose: "apply", state: "leaked", reason: "layer build failed" });
+  setMount(db, {
+    path: l2mnt,
+    pool: p.name,
+    deviceName: names.failedLayer,
+    thinId: ids.failedLayer,
+    purpose: "apply",
+    state: "leaked",
+    reason: "layer build failed",
+  });
 
   // a snapshot whose DB row was deleted by hand
   const gone = await snapshot({ activate: true });
@@ -290,7 +318,11 @@ describe("gc on real leaks", () => {
     expect(r.orphans.every((o) => o.outcome === "would_remove")).toBe(true);
     // the exact commands, our own mount first
     const fl = r.orphans.find((o) => o.device === names.failedLayer)!;
-    expect(fl.commands).toEqual([`umount ${join(mountDir, names.failedLayer!)}`, `dmsetup remove ${names.failedLayer}`, `dmsetup message ${p.name} 0 "delete ${ids.failedLayer}"`]);
+    expect(fl.commands).toEqual([
+      `umount ${join(mountDir, names.failedLayer!)}`,
+      `dmsetup remove ${names.failedLayer}`,
+      `dmsetup message ${p.name} 0 "delete ${ids.failedLayer}"`,
+    ]);
     expect(r.orphans.find((o) => o.device === names.tableless)!.commands).toEqual([`dmsetup remove ${names.tableless}`]);
     expect(Object.fromEntries(r.skipped.map((s) => [`${s.thin_id}`, s.reason]))).toEqual({
       [`${ids.mounted}`]: "mounted",
@@ -421,7 +453,14 @@ describe("locks and a stale metadata hold", () => {
       expect((await gc("--grace", "0")).r.orphans.map((o) => o.thin_id)).toEqual([800]);
       // --ignore-lock does not bypass the health checks: a read-only pool blocks it, nothing is done
       const pt = dmpool.parsePoolTable(await dmsetup.table(p.name));
-      const params = { metaDev: p.metaDev, dataDev: p.dataDev, dataSectors: pt.dataSectors, blockSectors: pt.blockSectors, lowWaterMark: pt.lowWaterMark, features: pt.features };
+      const params = {
+        metaDev: p.metaDev,
+        dataDev: p.dataDev,
+        dataSectors: pt.dataSectors,
+        blockSectors: pt.blockSectors,
+        lowWaterMark: pt.lowWaterMark,
+        features: pt.features,
+      };
       await dmsetup.reload(p.name, dmpool.poolTable({ ...params, features: [...pt.features, "read_only"] }));
       await dmsetup.resume(p.name);
       let blocked: Awaited<ReturnType<typeof gc>>;
@@ -496,7 +535,14 @@ describe("locks and a stale metadata hold", () => {
   test("a pool that is not rw: --force refuses (health) and act() stops before touching anything", async () => {
     await dmsetup.message(p.name, "create_thin 802");
     const pt = dmpool.parsePoolTable(await dmsetup.table(p.name));
-    const params = { metaDev: p.metaDev, dataDev: p.dataDev, dataSectors: pt.dataSectors, blockSectors: pt.blockSectors, lowWaterMark: pt.lowWaterMark, features: pt.features };
+    const params = {
+      metaDev: p.metaDev,
+      dataDev: p.dataDev,
+      dataSectors: pt.dataSectors,
+      blockSectors: pt.blockSectors,
+      lowWaterMark: pt.lowWaterMark,
+      features: pt.features,
+    };
     await dmsetup.reload(p.name, dmpool.poolTable({ ...params, features: [...pt.features, "read_only"] }));
     await dmsetup.resume(p.name);
     try {

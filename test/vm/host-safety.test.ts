@@ -8,15 +8,15 @@ import { afterAll, beforeAll, describe, expect, setDefaultTimeout, test } from "
 import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { journalPath } from "../../lib/cmd-journal.ts";
-import { dmsetup, mount } from "../../lib/dm/index.ts";
 import { isStateChanging } from "../../lib/dm/host-queue.ts";
+import { dmsetup, mount } from "../../lib/dm/index.ts";
 import { run, runOk } from "../../lib/exec.ts";
-import { openDb } from "../../lib/store/db.ts";
 import type { GcReport } from "../../lib/gc/report.ts";
+import { openDb } from "../../lib/store/db.ts";
 import { primeKernelLogCursor } from "../helpers/health.ts";
 import { sampleLayer, writeLayerFamily } from "../helpers/images.ts";
 import { requireDm } from "../helpers/kernel.ts";
-import { type TestPool, makeTestPool } from "../helpers/pool.ts";
+import { makeTestPool, type TestPool } from "../helpers/pool.ts";
 
 requireDm();
 setDefaultTimeout(300_000);
@@ -131,7 +131,10 @@ describe("the state dir's reader-writer contract", () => {
     for (let i = 0; i < 1200 && !existsSync(flag); i++) await Bun.sleep(100);
     expect(readFileSync(flag, "utf8")).toStartWith("layer:mounted");
     const ids = await p.thinIds();
-    const mounts = mount.mountinfo().filter((m) => m.mountPoint.startsWith(state)).map((m) => m.mountPoint);
+    const mounts = mount
+      .mountinfo()
+      .filter((m) => m.mountPoint.startsWith(state))
+      .map((m) => m.mountPoint);
     expect(mounts.length).toBe(1);
 
     const g = await finished(spawnScript(state, "gc", ["--force", "--wait", "0", "--grace", "0", "--json"]));
@@ -141,7 +144,12 @@ describe("the state dir's reader-writer contract", () => {
     expect(r.refused?.detail).toContain(`pid ${unpack.pid} (bun scripts/unpack.ts`);
     expect(r.refused?.detail).not.toContain("\n");
     expect(await p.thinIds()).toEqual(ids);
-    expect(mount.mountinfo().filter((m) => m.mountPoint.startsWith(state)).map((m) => m.mountPoint)).toEqual(mounts);
+    expect(
+      mount
+        .mountinfo()
+        .filter((m) => m.mountPoint.startsWith(state))
+        .map((m) => m.mountPoint),
+    ).toEqual(mounts);
 
     writeFileSync(contFile, "go\n");
     const u = await finished(unpack);
@@ -160,7 +168,9 @@ describe("many processes asking for the same image", () => {
     const procs = Array.from({ length: 10 }, () => spawnScript(state, "unpack", [src, "--name", "same", "--json"]));
     const results = await Promise.all(procs.map(finished));
     for (const r of results) expect({ code: r.code, err: r.code ? r.err : "" }).toEqual({ code: 0, err: "" });
-    const answers = results.map((r) => JSON.parse(r.out) as { dm_work: boolean; built: number; layers: { thin_id: number; device_name: string; chain_id: string }[] });
+    const answers = results.map(
+      (r) => JSON.parse(r.out) as { dm_work: boolean; built: number; layers: { thin_id: number; device_name: string; chain_id: string }[] },
+    );
     expect(answers.filter((a) => a.dm_work).length).toBe(1);
     expect(answers.reduce((n, a) => n + a.built, 0)).toBe(2);
     const layers = JSON.stringify(answers[0]!.layers.map((l) => [l.chain_id, l.thin_id, l.device_name]));
@@ -185,7 +195,12 @@ describe("no retry after a timeout", () => {
   // looks like) right before the command: it times out, and must be the last one sent to that device
   const cases: { tool: string; pause: string; env: Record<string, string>; isIt: (command: string, dev: string, mountPath: string) => boolean }[] = [
     { tool: "umount", pause: "layer:applied", env: { THINIMG_TIMEOUT_UMOUNT: "2s" }, isIt: (c: string, _dev: string, mnt: string) => c === `umount ${mnt}` },
-    { tool: "mkfs.ext4", pause: "layer:activated", env: { THINIMG_TIMEOUT_MKFS: "2s" }, isIt: (c: string, dev: string) => c.startsWith("mkfs.ext4 ") && c.endsWith(`/dev/mapper/${dev}`) },
+    {
+      tool: "mkfs.ext4",
+      pause: "layer:activated",
+      env: { THINIMG_TIMEOUT_MKFS: "2s" },
+      isIt: (c: string, dev: string) => c.startsWith("mkfs.ext4 ") && c.endsWith(`/dev/mapper/${dev}`),
+    },
   ];
   for (const k of cases) {
     test(`${k.tool} times out: no second command to that device or its mount in that run; recorded leaked; GC removes it later`, async () => {

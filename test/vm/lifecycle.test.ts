@@ -9,17 +9,17 @@
 import { afterEach, describe, expect, setDefaultTimeout, test } from "bun:test";
 import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
-import { dmsetup, mount, pool as dmpool } from "../../lib/dm/index.ts";
 import { loadConfig } from "../../lib/config.ts";
+import { pool as dmpool, dmsetup, mount } from "../../lib/dm/index.ts";
 import { parsePoolTable } from "../../lib/dm/pool.ts";
 import { run } from "../../lib/exec.ts";
-import { makeCtx } from "../../lib/pool/context.ts";
-import { prune } from "../../lib/pipeline/prune.ts";
 import type { GcReport } from "../../lib/gc/report.ts";
-import { sampleLayer, writeLayerFamily } from "../helpers/images.ts";
+import { prune } from "../../lib/pipeline/prune.ts";
+import { makeCtx } from "../../lib/pool/context.ts";
 import { primeKernelLogCursor } from "../helpers/health.ts";
+import { sampleLayer, writeLayerFamily } from "../helpers/images.ts";
 import { requireDm } from "../helpers/kernel.ts";
-import { type TestPool, makeTestPool } from "../helpers/pool.ts";
+import { makeTestPool, type TestPool } from "../helpers/pool.ts";
 
 requireDm();
 setDefaultTimeout(300_000);
@@ -60,7 +60,8 @@ async function fresh(): Promise<Env> {
 
 afterEach(async () => {
   for (const e of envs.splice(0)) {
-    for (const m of mount.mountinfo().filter((x) => x.mountPoint.startsWith(e.stateDir) || x.mountPoint.startsWith(e.work))) await run(["umount", m.mountPoint]);
+    for (const m of mount.mountinfo().filter((x) => x.mountPoint.startsWith(e.stateDir) || x.mountPoint.startsWith(e.work)))
+      await run(["umount", m.mountPoint]);
     await e.p.destroy();
     rmSync(e.stateDir, { recursive: true, force: true });
     rmSync(e.work, { recursive: true, force: true });
@@ -154,7 +155,9 @@ describe("remove and gc", () => {
     expect(oneImage).toBeGreaterThan(empty);
 
     const r = await json<Removed>(e, "remove", ["web:1"]);
-    expect(r.images.map((i) => [i.name, i.state, i.released_layers.map((l) => l.thin_id), i.shared_layers])).toEqual([["web:1", "removed", [a.layers[2]!.thin_id], 2]]);
+    expect(r.images.map((i) => [i.name, i.state, i.released_layers.map((l) => l.thin_id), i.shared_layers])).toEqual([
+      ["web:1", "removed", [a.layers[2]!.thin_id], 2],
+    ]);
     const list = await json<{ images: { name: string }[] }>(e, "list", []);
     expect(list.images.map((i) => i.name)).toEqual(["web:2"]);
     expect(await dataUsed(e)).toBe(twoImages); // nothing happens to the pool before GC
@@ -263,7 +266,10 @@ describe("remove and gc", () => {
     const twoImages = await dataUsed(e);
     const blockBytes = parsePoolTable((await dmsetup.table(e.p.name)).split("\n")[0]!).blockSectors * 512;
     const s = await json<{ device_name: string; snapshot_id: number }>(e, "activate", ["web:2"]);
-    type Listed = { images: { name: string; exclusive_bytes: number | null; last_activated_at: string | null; active_snapshots: number }[]; space_detail: string | null };
+    type Listed = {
+      images: { name: string; exclusive_bytes: number | null; last_activated_at: string | null; active_snapshots: number }[];
+      space_detail: string | null;
+    };
     const list = await json<Listed>(e, "list", []);
     expect(list.space_detail).toBeNull();
     const byName = new Map(list.images.map((i) => [i.name, i]));

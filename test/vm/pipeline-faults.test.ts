@@ -11,20 +11,20 @@ import * as dmsetup from "../../lib/dm/dmsetup.ts";
 import * as mnt from "../../lib/dm/mount.ts";
 import type { ThinimgError } from "../../lib/errors.ts";
 import { runOk } from "../../lib/exec.ts";
+import { activate, release } from "../../lib/pipeline/activate.ts";
+import { unpack } from "../../lib/pipeline/unpack.ts";
 import { type Ctx, makeCtx } from "../../lib/pool/context.ts";
 import { resetPausePoints } from "../../lib/pool/pause-points.ts";
-import { unpack } from "../../lib/pipeline/unpack.ts";
 import { listDevices } from "../../lib/store/devices.ts";
 import { listLayers } from "../../lib/store/layers.ts";
 import { listMounts } from "../../lib/store/mounts.ts";
-import { type Leak, listWork, stepsOf } from "../../lib/store/work.ts";
 import { getThinId } from "../../lib/store/thin-ids.ts";
-import { activate, release } from "../../lib/pipeline/activate.ts";
-import { buildLayerTar, writeLayerFamily } from "../helpers/images.ts";
-import { acknowledgeKernelErrors, primeKernelLogCursor } from "../helpers/health.ts";
-import { requireDm } from "../helpers/kernel.ts";
-import { type FlakyPool, makeFlakyPool, type TestPool, makeTestPool } from "../helpers/pool.ts";
+import { type Leak, listWork, stepsOf } from "../../lib/store/work.ts";
 import { noise } from "../helpers/bytes.ts";
+import { acknowledgeKernelErrors, primeKernelLogCursor } from "../helpers/health.ts";
+import { buildLayerTar, writeLayerFamily } from "../helpers/images.ts";
+import { requireDm } from "../helpers/kernel.ts";
+import { type FlakyPool, makeFlakyPool, makeTestPool, type TestPool } from "../helpers/pool.ts";
 
 requireDm();
 
@@ -78,8 +78,14 @@ describe("pool out of data space mid-apply", () => {
     const ctx = await ctxFor("nospace", pool.name);
     const src = join(W, "big");
     writeLayerFamily(src, [
-      buildLayerTar([{ path: "etc/", type: "dir" }, { path: "etc/ok", content: "base" }]),
-      buildLayerTar([{ path: "data/", type: "dir" }, { path: "data/big.bin", content: noise(48 * 1024 * 1024, 7) }]),
+      buildLayerTar([
+        { path: "etc/", type: "dir" },
+        { path: "etc/ok", content: "base" },
+      ]),
+      buildLayerTar([
+        { path: "data/", type: "dir" },
+        { path: "data/big.bin", content: noise(48 * 1024 * 1024, 7) },
+      ]),
     ]);
     const err = (await unpack(ctx, { source: src, name: "big" }).catch((e) => e)) as ThinimgError;
     expect(err.kind).toBe("dm");
@@ -125,8 +131,14 @@ describe("I/O errors under a layer (dm-flakey data device)", () => {
     const ctx = await ctxFor("flaky", name);
     const src = join(W, "fl");
     writeLayerFamily(src, [
-      buildLayerTar([{ path: "etc/", type: "dir" }, { path: "etc/ok", content: "base" }]),
-      buildLayerTar([{ path: "data/", type: "dir" }, { path: "data/file.bin", content: noise(8 * 1024 * 1024, 11) }]),
+      buildLayerTar([
+        { path: "etc/", type: "dir" },
+        { path: "etc/ok", content: "base" },
+      ]),
+      buildLayerTar([
+        { path: "data/", type: "dir" },
+        { path: "data/file.bin", content: noise(8 * 1024 * 1024, 11) },
+      ]),
     ]);
     // pause once layer 2 is mounted; break the data device; let the apply run into it
     try {
@@ -152,8 +164,14 @@ describe("I/O errors under a layer (dm-flakey data device)", () => {
     const src = join(W, "fl2");
     const data = noise(8 * 1024 * 1024, 13);
     writeLayerFamily(src, [
-      buildLayerTar([{ path: "etc/", type: "dir" }, { path: "etc/ok", content: "base" }]),
-      buildLayerTar([{ path: "data/", type: "dir" }, { path: "data/file.bin", content: data }]),
+      buildLayerTar([
+        { path: "etc/", type: "dir" },
+        { path: "etc/ok", content: "base" },
+      ]),
+      buildLayerTar([
+        { path: "data/", type: "dir" },
+        { path: "data/file.bin", content: data },
+      ]),
     ]);
     // layer 2 is fully written to the page cache; then its device starts failing every I/O (an
     // `error` table swapped in under the mounted fs without freezing it, so nothing is flushed by

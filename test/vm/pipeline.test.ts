@@ -4,29 +4,29 @@
 // and the CLI scripts end to end.
 // vm-seconds: 135 (its run time in one test VM; `bun run test` balances the VMs by it)
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
-import { closeSync, lstatSync, mkdirSync, mkdtempSync, openSync, readFileSync, readSync, readdirSync, } from "node:fs";
+import { closeSync, lstatSync, mkdirSync, mkdtempSync, openSync, readdirSync, readFileSync, readSync } from "node:fs";
 import { join } from "node:path";
 import { loadConfig } from "../../lib/config.ts";
 import * as dmsetup from "../../lib/dm/dmsetup.ts";
-import { parseThinStatus } from "../../lib/dm/status.ts";
 import * as mnt from "../../lib/dm/mount.ts";
+import { parseThinStatus } from "../../lib/dm/status.ts";
 import { type CmdRecord, onCommandRecord, runOk } from "../../lib/exec.ts";
 import { activate, release } from "../../lib/pipeline/activate.ts";
 import { checkConsistency } from "../../lib/pipeline/consistency.ts";
-import { type Ctx, makeCtx } from "../../lib/pool/context.ts";
 import { writeDemoImages } from "../../lib/pipeline/demo-image.ts";
 import { unpack } from "../../lib/pipeline/unpack.ts";
-import { getLayerByChain, listLayers } from "../../lib/store/layers.ts";
-import { listThinIds } from "../../lib/store/thin-ids.ts";
+import { type Ctx, makeCtx } from "../../lib/pool/context.ts";
 import { listDevices } from "../../lib/store/devices.ts";
 import { getImageByName } from "../../lib/store/images.ts";
+import { getLayerByChain, listLayers } from "../../lib/store/layers.ts";
+import { listThinIds } from "../../lib/store/thin-ids.ts";
 import { listWork, stepsOf } from "../../lib/store/work.ts";
-import { type TarEntry, buildLayerTar, compress, writeDockerArchive, writeLayerFamily, writeOciLayout } from "../helpers/images.ts";
 import { primeKernelLogCursor } from "../helpers/health.ts";
+import { buildLayerTar, compress, type TarEntry, writeDockerArchive, writeLayerFamily, writeOciLayout } from "../helpers/images.ts";
 import { requireDm } from "../helpers/kernel.ts";
-import { dir as tarDir, entry, gnuSparse, paxSparse, tar } from "../helpers/tarcraft.ts";
+import { makeTestPool, type TestPool } from "../helpers/pool.ts";
+import { entry, gnuSparse, paxSparse, tar, dir as tarDir } from "../helpers/tarcraft.ts";
 import { diffTrees, listTree } from "../helpers/tree.ts";
-import { type TestPool, makeTestPool } from "../helpers/pool.ts";
 
 requireDm();
 
@@ -54,7 +54,6 @@ afterAll(async () => {
 }, 120_000);
 
 // ---- tree comparison (same fields as the image issue's fidelity test) ---------------------------
-
 
 async function mountRo(dev: string, tag: string): Promise<string> {
   const dir = join(W, `mnt-${tag}`);
@@ -267,8 +266,19 @@ describe("failed activations and rebuilds leave the right record", () => {
   test("a rebuild (new source) that fails keeps the ready image serving on its current layers", async () => {
     const good = join(W, "rb-good");
     const bad = join(W, "rb-bad");
-    writeLayerFamily(good, [buildLayerTar([{ path: "etc/", type: "dir" }, { path: "etc/v", content: "v1\n" }])]);
-    writeLayerFamily(bad, [buildLayerTar([{ path: "etc/", type: "dir" }, { path: "etc/v", content: "v2\n" }]), buildLayerTar([{ path: "../canary/file", content: "x" }])]);
+    writeLayerFamily(good, [
+      buildLayerTar([
+        { path: "etc/", type: "dir" },
+        { path: "etc/v", content: "v1\n" },
+      ]),
+    ]);
+    writeLayerFamily(bad, [
+      buildLayerTar([
+        { path: "etc/", type: "dir" },
+        { path: "etc/v", content: "v2\n" },
+      ]),
+      buildLayerTar([{ path: "../canary/file", content: "x" }]),
+    ]);
     const first = await unpack(ctx, { source: good, name: "rb" });
     const err = (await unpack(ctx, { source: bad, name: "rb" }).catch((e) => e)) as Error;
     expect(err.message).toContain("climbs out of the root");
@@ -295,7 +305,9 @@ describe("failed activations and rebuilds leave the right record", () => {
       expect(dev.state).toBe("leaked");
       // nothing removed on the error path
       expect(await dmsetup.exists(squatter)).toBe(true);
-      const work = listWork(ctx.db, ctx.cfg.pool).filter((w) => w.kind === "activate").at(-1)!;
+      const work = listWork(ctx.db, ctx.cfg.pool)
+        .filter((w) => w.kind === "activate")
+        .at(-1)!;
       expect(work.state).toBe("failed");
       expect(JSON.parse(work.leaks!).map((l: { kind: string; ref: string }) => `${l.kind}:${l.ref}`)).toContain(`device:${squatter}`);
       expect(stepsOf(ctx.db, work.id).find((s) => s.name === "activate_device")).toMatchObject({ state: "failed" });
@@ -313,7 +325,12 @@ describe("sparse files and non-UTF-8 names on thin devices", () => {
     const regions = Array.from({ length: 40 }, (_, i) => [i * 22 * MiB + i, `region ${i}`] as [number, string]);
     const raw = Buffer.from("data/caf\xe9-\xff", "latin1"); // not UTF-8
     const l1 = tar(tarDir("data"), gnuSparse("data/old-gnu.img", 900 * MiB, regions), entry({ name: raw, data: "raw name" }));
-    const l2 = tar(paxSparse("1.0", "data/pax.img", 900 * MiB, [[0, "head"], [900 * MiB - 4, "end!"]]));
+    const l2 = tar(
+      paxSparse("1.0", "data/pax.img", 900 * MiB, [
+        [0, "head"],
+        [900 * MiB - 4, "end!"],
+      ]),
+    );
     writeLayerFamily(join(W, "sparse"), [l1, compress(l2, "gzip")]);
     await unpack(ctx, { source: join(W, "sparse"), name: "sparse" });
     const a = await activate(ctx, "sparse");

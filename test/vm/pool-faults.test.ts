@@ -8,10 +8,10 @@
 import { afterAll, describe, expect, setDefaultTimeout, test } from "bun:test";
 import { existsSync, mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
-import { dmsetup, losetup, mount, pool as dmpool, thintools } from "../../lib/dm/index.ts";
+import { loadConfig } from "../../lib/config.ts";
+import { pool as dmpool, dmsetup, losetup, mount, thintools } from "../../lib/dm/index.ts";
 import { devPathFor } from "../../lib/dm/metadata-snap.ts";
 import { run } from "../../lib/exec.ts";
-import { loadConfig } from "../../lib/config.ts";
 import { checkConsistency } from "../../lib/pipeline/consistency.ts";
 import { makeCtx } from "../../lib/pool/context.ts";
 import { readRecord, writeRecord } from "../../lib/recover/record.ts";
@@ -37,7 +37,8 @@ afterAll(async () => {
   rmSync(W, { recursive: true, force: true });
 }, 120_000);
 
-const spawn = (argv: string[], env: Record<string, string> = {}): Promise<Ran> => runCli(argv, { env: { ...process.env, THINIMG_VIRTUAL_SIZE: "64M", ...env } });
+const spawn = (argv: string[], env: Record<string, string> = {}): Promise<Ran> =>
+  runCli(argv, { env: { ...process.env, THINIMG_VIRTUAL_SIZE: "64M", ...env } });
 
 /** A pool made by recover-pool in its own dir, and a state dir, driven through the scripts. */
 class Site {
@@ -210,7 +211,13 @@ describe("growing a full pool", () => {
     const s = await Site.create("data", { data: "48M", meta: "4M" });
     const env = { THINIMG_VIRTUAL_SIZE: "256M" };
     const src = join(W, "img-big");
-    writeLayerFamily(src, [sampleLayer(1), buildLayerTar([{ path: "data/", type: "dir" }, { path: "data/big.bin", content: noise(64 * MiB, 7) }])]);
+    writeLayerFamily(src, [
+      sampleLayer(1),
+      buildLayerTar([
+        { path: "data/", type: "dir" },
+        { path: "data/big.bin", content: noise(64 * MiB, 7) },
+      ]),
+    ]);
     const u = await s.script("unpack", [src, "--name", "big"], env);
     expect(u.code).not.toBe(0);
     expect(u.err).toContain("ran out of data space");
@@ -239,7 +246,13 @@ describe("growing a full pool", () => {
     expect(g.code, g.err).toBe(0);
     const report = JSON.parse(g.out) as RecoverReport;
     expect(report).toMatchObject({ ok: true, action: "grown" });
-    expect(report.steps.filter((x) => x.status === "done").map((x) => x.name)).toEqual(["write-record", "extend-file", "refresh-loop", "reload-pool", "write-record"]);
+    expect(report.steps.filter((x) => x.status === "done").map((x) => x.name)).toEqual([
+      "write-record",
+      "extend-file",
+      "refresh-loop",
+      "reload-pool",
+      "write-record",
+    ]);
     await expectGrown(s, want, 4 * MiB);
     // a second run has nothing to do
     const again = await s.recover("--json");
@@ -304,7 +317,13 @@ describe("growing a full pool", () => {
   test("metadata space exhausted mid-unpack (2M metadata device) → --grow-meta → the pool is rw and usable", async () => {
     const s = await Site.create("meta", { data: "256M", meta: "2M" });
     const src = join(W, "img-meta");
-    writeLayerFamily(src, [sampleLayer(1), buildLayerTar([{ path: "data/", type: "dir" }, { path: "data/file.bin", content: noise(16 * MiB, 3) }])]);
+    writeLayerFamily(src, [
+      sampleLayer(1),
+      buildLayerTar([
+        { path: "data/", type: "dir" },
+        { path: "data/file.bin", content: noise(16 * MiB, 3) },
+      ]),
+    ]);
     // the unpack stops once layer 2 is mounted; meanwhile other users of the pool (here: thin ids
     // made by hand, one metadata block each) take the metadata up to the kernel's reserve
     const u = await pausedUnpack(s, [src, "--name", "meta"], "layer:mounted#2", { THINIMG_VIRTUAL_SIZE: "64M" });

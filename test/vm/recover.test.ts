@@ -4,11 +4,26 @@
 // table differs, and stop on (then repair) corrupt metadata.
 // vm-seconds: 70 (its run time in one test VM; `bun run test` balances the VMs by it)
 import { afterAll, describe, expect, setDefaultTimeout, test } from "bun:test";
-import { closeSync, copyFileSync, existsSync, fsyncSync, mkdirSync, mkdtempSync, openSync, readdirSync, readFileSync, readSync, rmSync, statSync, writeFileSync, writeSync } from "node:fs";
+import {
+  closeSync,
+  copyFileSync,
+  existsSync,
+  fsyncSync,
+  mkdirSync,
+  mkdtempSync,
+  openSync,
+  readdirSync,
+  readFileSync,
+  readSync,
+  rmSync,
+  statSync,
+  writeFileSync,
+  writeSync,
+} from "node:fs";
 import { join } from "node:path";
 import { dmsetup, losetup, parsePoolStatus, pool } from "../../lib/dm/index.ts";
-import type { RecoverReport } from "../../lib/recover/recover.ts";
 import { setLogLevel } from "../../lib/log.ts";
+import type { RecoverReport } from "../../lib/recover/recover.ts";
 import { requireDm } from "../helpers/kernel.ts";
 import { run } from "../helpers/run.ts";
 
@@ -98,17 +113,28 @@ describe("recover-pool on the real kernel", () => {
     expect(s.noSpace).toBe("error_if_no_space");
     expect(s.dataTotal).toBe(4096);
     const rec = JSON.parse(readFileSync(join(dir, "pool.json"), "utf8"));
-    expect(rec).toMatchObject({ pool: POOL, state: "ready", data_size: 256 * 1024 ** 2, meta_size: 8 * 1024 ** 2, block_size: 65536, features: ["error_if_no_space"], last_transaction_id: 0 });
+    expect(rec).toMatchObject({
+      pool: POOL,
+      state: "ready",
+      data_size: 256 * 1024 ** 2,
+      meta_size: 8 * 1024 ** 2,
+      block_size: 65536,
+      features: ["error_if_no_space"],
+      last_transaction_id: 0,
+    });
     expect(statSync(join(dir, "data.img")).size).toBe(256 * 1024 ** 2);
     const t = pool.parsePoolTable(await dmsetup.table(POOL));
     expect(t).toMatchObject({ dataSectors: 524288, blockSectors: 128, lowWaterMark: 409, features: ["error_if_no_space"] });
   });
 
   test("--create again is refused; files, record and dm state untouched", async () => {
-    const files = () => readdirSync(dir).sort().map((f) => {
-      const st = statSync(join(dir, f));
-      return `${f} ${st.ino} ${st.size} ${st.mtimeMs}`;
-    });
+    const files = () =>
+      readdirSync(dir)
+        .sort()
+        .map((f) => {
+          const st = statSync(join(dir, f));
+          return `${f} ${st.ino} ${st.size} ${st.mtimeMs}`;
+        });
     const before = { files: files(), record: readFileSync(join(dir, "pool.json"), "utf8"), dm: await snapshot() };
     const { code, report } = await recover("--create", "--dir", dir, "--data-size", "256M", "--meta-size", "8M", "--pool", POOL);
     expect(code).toBe(8);
@@ -142,7 +168,14 @@ describe("recover-pool on the real kernel", () => {
     const dry = await recover("--dir", dir, "--dry-run");
     expect(dry.code).toBe(0);
     expect(dry.report).toMatchObject({ ok: true, action: "recovered", dry_run: true });
-    expect(dry.report.steps.filter((s) => s.status === "planned").map((s) => s.name)).toEqual(["attach-loop", "attach-loop", "check-metadata", "create-pool", "verify-status", "write-record"]);
+    expect(dry.report.steps.filter((s) => s.status === "planned").map((s) => s.name)).toEqual([
+      "attach-loop",
+      "attach-loop",
+      "check-metadata",
+      "create-pool",
+      "verify-status",
+      "write-record",
+    ]);
     expect(await snapshot()).toBe(dm0);
 
     const { code, report } = await recover("--dir", dir);
@@ -175,7 +208,10 @@ describe("recover-pool on the real kernel", () => {
     const other = join(base, "other");
     mkdirSync(other);
     copyFileSync(join(dir, "pool.json"), join(other, "pool.json"));
-    for (const [f, size] of [["metadata.img", 8 * 1024 ** 2], ["data.img", 256 * 1024 ** 2]] as const) {
+    for (const [f, size] of [
+      ["metadata.img", 8 * 1024 ** 2],
+      ["data.img", 256 * 1024 ** 2],
+    ] as const) {
       writeFileSync(join(other, f), "");
       Bun.spawnSync(["truncate", "-s", String(size), join(other, f)]);
     }

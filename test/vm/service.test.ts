@@ -17,8 +17,8 @@ import { serviceHealthDir } from "../../lib/server/service.ts";
 import { primeKernelLogCursor } from "../helpers/health.ts";
 import { buildLayerTar } from "../helpers/images.ts";
 import { requireDm } from "../helpers/kernel.ts";
-import { type TestPool, makeTestPool } from "../helpers/pool.ts";
-import { type TestS3, startS3 } from "../helpers/s3.ts";
+import { makeTestPool, type TestPool } from "../helpers/pool.ts";
+import { startS3, type TestS3 } from "../helpers/s3.ts";
 
 requireDm();
 
@@ -39,7 +39,10 @@ const layers = (tag: string) => [
     { path: "bin/", type: "dir" },
     { path: "bin/hello", content: "#!/bin/sh\necho hello\n", mode: 0o755 },
   ]),
-  buildLayerTar([{ path: "data/", type: "dir" }, { path: "data/two.txt", content: `${tag} layer two\n` }]),
+  buildLayerTar([
+    { path: "data/", type: "dir" },
+    { path: "data/two.txt", content: `${tag} layer two\n` },
+  ]),
   buildLayerTar([{ path: "etc/release", content: `${tag} v3\n` }, { path: "bin/.wh.hello" }]),
 ];
 
@@ -70,7 +73,24 @@ interface Running {
 /** Start the service; resolves with its URL once it listens (port 0: the kernel picks one). */
 async function serve(extraEnv: Record<string, string> = {}): Promise<Running> {
   const proc = Bun.spawn(
-    ["bun", "scripts/serve.ts", "--listen", "127.0.0.1:0", "--secret-file", secretFile, "--allow-source", "s3://images/", "--state-dir", stateDir, "--pool", pool.name, "--virtual-size", "128M", "--drain-timeout", "0"],
+    [
+      "bun",
+      "scripts/serve.ts",
+      "--listen",
+      "127.0.0.1:0",
+      "--secret-file",
+      secretFile,
+      "--allow-source",
+      "s3://images/",
+      "--state-dir",
+      stateDir,
+      "--pool",
+      pool.name,
+      "--virtual-size",
+      "128M",
+      "--drain-timeout",
+      "0",
+    ],
     { cwd: ROOT, env: { ...process.env, ...s3.env(true), ...extraEnv }, stdin: "ignore", stdout: "ignore", stderr: "pipe" },
   );
   procs.push(proc);
@@ -92,7 +112,7 @@ let tsBump = 0;
 async function call(s: Running, method: string, path: string, body?: unknown) {
   const text = body === undefined ? "" : JSON.stringify(body);
   // distinct timestamps: two identical POSTs in one second would be replays
-  const ts = String(Math.floor(Date.now() / 1000) - tsBump++ % 200);
+  const ts = String(Math.floor(Date.now() / 1000) - (tsBump++ % 200));
   const res = await fetch(`${s.url}${path}`, {
     method,
     body: method === "GET" ? undefined : text,

@@ -29,9 +29,9 @@ import {
   unlinkSync,
   writeSync,
 } from "node:fs";
+import { fsetxattr, lgetxattr, llistxattr, lremovexattr, lsetxattr, mknod, S_IFBLK, S_IFCHR, S_IFIFO } from "../../util/libc.ts";
 import { fsPath, readDir } from "./bytepath.ts";
 import { InRoot } from "./inroot.ts";
-import { fsetxattr, lgetxattr, llistxattr, lremovexattr, lsetxattr, mknod, S_IFBLK, S_IFCHR, S_IFIFO } from "../../util/libc.ts";
 import { checkNameBytes, DEPTH_HINT, HOSTILE_HINT, type Limits, RuleError, splitName } from "./rules.ts";
 import type { TarEntry, TarSink } from "./tar-reader.ts";
 
@@ -119,11 +119,7 @@ export class Applier implements TarSink {
     this.current = e.name;
     const L = this.o.limits;
     if (++this.entries > L.maxEntries) {
-      throw new RuleError(
-        "policy",
-        `more than ${L.maxEntries} entries (maxEntries)`,
-        "raise --max-entries / THINIMG_MAX_ENTRIES if the image is legitimate",
-      );
+      throw new RuleError("policy", `more than ${L.maxEntries} entries (maxEntries)`, "raise --max-entries / THINIMG_MAX_ENTRIES if the image is legitimate");
     }
     checkNameBytes(e.name, L, "path");
     const comps = splitName(e.name);
@@ -215,9 +211,7 @@ export class Applier implements TarSink {
         if (!this.o.isRoot) {
           throw new RuleError("policy", "device nodes can only be created as root", "run as root, or drop --devices");
         }
-        this.create(abs, () =>
-          mknod(fsPath(abs), (e.type === "char" ? S_IFCHR : e.type === "block" ? S_IFBLK : S_IFIFO) | 0o600, e.devmajor, e.devminor),
-        );
+        this.create(abs, () => mknod(fsPath(abs), (e.type === "char" ? S_IFCHR : e.type === "block" ? S_IFBLK : S_IFIFO) | 0o600, e.devmajor, e.devminor));
         this.finishNode(abs, e, true);
         break;
     }
@@ -432,7 +426,8 @@ export class Applier implements TarSink {
     let opaque = false;
     let name = "";
     if (base === WH_OPAQUE) opaque = true;
-    else if (base.startsWith(WH_META_PREFIX)) return; // other AUFS metadata (.wh..wh.plnk…): ignored, as containerd does
+    else if (base.startsWith(WH_META_PREFIX))
+      return; // other AUFS metadata (.wh..wh.plnk…): ignored, as containerd does
     else {
       name = base.slice(WH_PREFIX.length);
       if (name === "" || name === "." || name === "..") {

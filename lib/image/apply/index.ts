@@ -2,7 +2,7 @@
 // semantics, safe against hostile archives. Contract: /tmp/brief/contracts.md (lib/image/), rules
 // and decisions: docs/layer-apply.md.
 import { realpathSync, statSync } from "node:fs";
-import { ThinimgError, errorMessage } from "../../errors.ts";
+import { errorMessage, ThinimgError } from "../../errors.ts";
 import { Applier } from "./applier.ts";
 import { byteString } from "./bytepath.ts";
 import { displayName, type Limits, mergeLimits, RuleError } from "./rules.ts";
@@ -65,11 +65,10 @@ export async function applyLayer(input: Input, root: string, opts: ApplyOptions 
     for await (const chunk of chunks(input)) {
       bytes += chunk.length;
       if (bytes + applier.sparseBytes > limits.maxTotalBytes) {
-        throw new ThinimgError(
-          "policy",
-          `layer ${label}: uncompressed size exceeds ${limits.maxTotalBytes} bytes (maxTotalBytes)`,
-          { hint: "raise --max-bytes / THINIMG_MAX_LAYER_SIZE if the image is legitimate", details: { layer: label, rule: "maxTotalBytes" } },
-        );
+        throw new ThinimgError("policy", `layer ${label}: uncompressed size exceeds ${limits.maxTotalBytes} bytes (maxTotalBytes)`, {
+          hint: "raise --max-bytes / THINIMG_MAX_LAYER_SIZE if the image is legitimate",
+          details: { layer: label, rule: "maxTotalBytes" },
+        });
       }
       reader.push(Buffer.from(chunk.buffer, chunk.byteOffset, chunk.byteLength));
       opts.onProgress?.(bytes);

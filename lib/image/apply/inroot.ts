@@ -155,13 +155,7 @@ export class InRoot {
     return r.res.real;
   }
 
-  private walk(
-    base: Resolution | null,
-    comps: readonly string[],
-    from: number,
-    to: number,
-    create: boolean,
-  ): { res: Resolution; cacheable: boolean } | null {
+  private walk(base: Resolution | null, comps: readonly string[], from: number, to: number, create: boolean): { res: Resolution; cacheable: boolean } | null {
     // parts: the path so far. Its first `verified` components are real directories, whose nodes
     // and paths are nodes[1..verified] / paths[1..verified]; the rest are lexical (the first of them
     // missing or not a directory, the others under it).
@@ -193,11 +187,7 @@ export class InRoot {
     while (todo.length > 0) {
       const c = todo.pop()!;
       if (++steps > this.budget) {
-        throw new RuleError(
-          "policy",
-          `resolving the parent walks more than ${this.budget} path components (symbolic links expand too much)`,
-          HOSTILE_HINT,
-        );
+        throw new RuleError("policy", `resolving the parent walks more than ${this.budget} path components (symbolic links expand too much)`, HOSTILE_HINT);
       }
       if (c === "..") {
         if (parts.length === 0) continue; // clamps at the root, like the kernel does at "/"
@@ -239,11 +229,7 @@ export class InRoot {
       }
       if (st?.isSymbolicLink()) {
         if (++hops > MAX_SYMLINK_HOPS) {
-          throw new RuleError(
-            "policy",
-            `too many levels of symbolic links under ${rel} (more than ${MAX_SYMLINK_HOPS})`,
-            HOSTILE_HINT,
-          );
+          throw new RuleError("policy", `too many levels of symbolic links under ${rel} (more than ${MAX_SYMLINK_HOPS})`, HOSTILE_HINT);
         }
         deps.push(known ?? childOf(parentNode, c));
         const target = readLink(abs);
@@ -298,8 +284,7 @@ export class InRoot {
     if (known !== undefined) return known;
     const slash = real.lastIndexOf("/");
     const ok =
-      (slash < 0 || this.isRealDir(real.slice(0, slash), memo)) &&
-      lstatSync(fsPath(`${this.root}/${real}`), { throwIfNoEntry: false })?.isDirectory() === true;
+      (slash < 0 || this.isRealDir(real.slice(0, slash), memo)) && lstatSync(fsPath(`${this.root}/${real}`), { throwIfNoEntry: false })?.isDirectory() === true;
     memo.set(real, ok);
     return ok;
   }

@@ -108,7 +108,9 @@ export class TarArchive implements Archive {
   open(name: string): ReadableStream<Uint8Array> {
     const m = this.resolve(name);
     if (!m) throw missing(this.what, name);
-    return Bun.file(this.path).slice(m.offset, m.offset + m.size).stream();
+    return Bun.file(this.path)
+      .slice(m.offset, m.offset + m.size)
+      .stream();
   }
 
   async read(name: string, maxBytes: number): Promise<Uint8Array> {
@@ -120,7 +122,11 @@ export class TarArchive implements Archive {
   async head(name: string, n: number): Promise<Uint8Array> {
     const m = this.resolve(name);
     if (!m) throw missing(this.what, name);
-    return new Uint8Array(await Bun.file(this.path).slice(m.offset, m.offset + Math.min(n, m.size)).arrayBuffer());
+    return new Uint8Array(
+      await Bun.file(this.path)
+        .slice(m.offset, m.offset + Math.min(n, m.size))
+        .arrayBuffer(),
+    );
   }
 
   topLevel(): string[] {

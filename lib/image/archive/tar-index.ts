@@ -6,7 +6,7 @@
 // archive is never held in memory. Malformed input is one line naming the offset.
 import { closeSync, fstatSync, openSync, readSync } from "node:fs";
 import { ThinimgError } from "../../errors.ts";
-import { BLOCK, HeaderDecoder, padOf, TarFormatError, type TarEntry } from "./tar-format.ts";
+import { BLOCK, HeaderDecoder, padOf, type TarEntry, TarFormatError } from "./tar-format.ts";
 
 export type MemberType = "file" | "dir" | "symlink" | "link" | "other";
 

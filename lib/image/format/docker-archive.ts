@@ -65,11 +65,9 @@ export async function resolveDockerArchive(archive: Archive, o: DockerArchiveOpt
   }
   const config = toImageConfig(parseDoc(ImageConfigDoc, configBytes, `${what}: config ${configName}`), configDigest);
   if (config.diffIds !== null && config.diffIds.length !== entry.Layers.length) {
-    throw new ThinimgError(
-      "input",
-      `${what}: manifest.json lists ${entry.Layers.length} layers but the config has ${config.diffIds.length} diff_ids`,
-      { hint: "the archive is inconsistent; save the image again" },
-    );
+    throw new ThinimgError("input", `${what}: manifest.json lists ${entry.Layers.length} layers but the config has ${config.diffIds.length} diff_ids`, {
+      hint: "the archive is inconsistent; save the image again",
+    });
   }
 
   const total = entry.Layers.length;
@@ -121,4 +119,3 @@ export async function resolveDockerArchive(archive: Archive, o: DockerArchiveOpt
     layers,
   };
 }
-

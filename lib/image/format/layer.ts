@@ -36,9 +36,7 @@ export function makeLayerRef(s: LayerSpec): LayerRef {
     compression: s.compression,
     label: s.name,
     async open(o) {
-      const raw = s.openRaw().pipeThrough(
-        verifyTransform({ what, digest: s.digest, size: s.size, onMismatch: s.onMismatch }),
-      );
+      const raw = s.openRaw().pipeThrough(verifyTransform({ what, digest: s.digest, size: s.size, onMismatch: s.onMismatch }));
       const maxBytes = Math.min(s.maxLayerBytes, o?.maxBytes ?? Number.POSITIVE_INFINITY);
       const out = decompressStream(raw, s.compression, { maxBytes, what });
       // (An uncompressed blob whose digest differs from its diff_id fails one of the two checks.)

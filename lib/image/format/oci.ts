@@ -9,15 +9,7 @@ import type { ImageConfig, LayerRef, ResolvedImage } from "../types.ts";
 import { MAGIC_BYTES, makeLayerRef, sniffCompression } from "./layer.ts";
 import { formatPlatform, hostPlatform, type PlatformSpec, parsePlatform, platformMatches } from "./platform.ts";
 import { refMatches } from "./ref.ts";
-import {
-  type Descriptor,
-  ImageConfigDoc,
-  OciIndex,
-  OciLayoutFile,
-  OciManifest,
-  parseDoc,
-  toImageConfig,
-} from "./schemas.ts";
+import { type Descriptor, ImageConfigDoc, OciIndex, OciLayoutFile, OciManifest, parseDoc, toImageConfig } from "./schemas.ts";
 
 export const REF_NAME = "org.opencontainers.image.ref.name";
 const CONTAINERD_NAME = "io.containerd.image.name";
@@ -58,8 +50,7 @@ export interface OciOptions {
 
 const isIndex = (d: Descriptor) => d.mediaType === MT.ociIndex || d.mediaType === MT.dockerList;
 const isAttestation = (d: Descriptor) =>
-  d.annotations?.["vnd.docker.reference.type"] === "attestation-manifest" ||
-  (d.platform?.os === "unknown" && d.platform?.architecture === "unknown");
+  d.annotations?.["vnd.docker.reference.type"] === "attestation-manifest" || (d.platform?.os === "unknown" && d.platform?.architecture === "unknown");
 
 export function blobName(digest: string, what: string): string {
   return `blobs/sha256/${digestHex(digest, what)}`;
@@ -69,9 +60,10 @@ export function blobName(digest: string, what: string): string {
 async function readBlob(archive: Archive, d: Descriptor, max: number, what: string): Promise<Uint8Array> {
   const name = blobName(d.digest, what);
   const have = archive.size(name);
-  if (have === null) throw new ThinimgError("input", `${what}: blob ${d.digest} is missing from ${archive.what}`, {
-    hint: "the OCI layout is incomplete",
-  });
+  if (have === null)
+    throw new ThinimgError("input", `${what}: blob ${d.digest} is missing from ${archive.what}`, {
+      hint: "the OCI layout is incomplete",
+    });
   if (have !== d.size) {
     throw new ThinimgError("input", `${what}: blob ${shortDigest(d.digest)} is ${have} bytes, descriptor says ${d.size}`, {
       hint: "the OCI layout is corrupt or was tampered with",
@@ -121,7 +113,9 @@ async function checkLayoutVersion(archive: Archive): Promise<void> {
   if (archive.size("oci-layout") === null) return;
   const layout = parseDoc(OciLayoutFile, await archive.read("oci-layout", 64 * 1024), `${archive.what}: oci-layout`);
   if (!/^1\./.test(layout.imageLayoutVersion)) {
-    throw new ThinimgError("input", `${archive.what}: unsupported OCI layout version ${layout.imageLayoutVersion}`, { hint: "only image layout 1.x is supported" });
+    throw new ThinimgError("input", `${archive.what}: unsupported OCI layout version ${layout.imageLayoutVersion}`, {
+      hint: "only image layout 1.x is supported",
+    });
   }
 }
 
@@ -167,7 +161,8 @@ function selectDefault(what: string, index: OciIndex, want: PlatformSpec): Found
   const tops = index.manifests.filter((d) => !isAttestation(d));
   if (tops.length === 1) return { desc: tops[0]!, refName: refNamesOf(tops[0]!)[0] ?? null };
   if (tops.length === 0) throw new ThinimgError("input", `${what}: index.json lists no images`);
-  const perArch = tops.every((d) => !isIndex(d) && d.platform) && new Set(tops.map((d) => d.digest)).size === tops.length && tops.every((d) => refNamesOf(d).length === 0);
+  const perArch =
+    tops.every((d) => !isIndex(d) && d.platform) && new Set(tops.map((d) => d.digest)).size === tops.length && tops.every((d) => refNamesOf(d).length === 0);
   if (perArch) return { desc: pickPlatform(tops, want, what), refName: null };
   const names = tops.flatMap(refNamesOf);
   throw new ThinimgError("input", `${what}: holds ${tops.length} images; choose one`, {
@@ -189,13 +184,20 @@ async function descend(what: string, chosen: Descriptor, loadIndex: LoadIndex, w
     platform = desc.platform ? formatPlatform(desc.platform) : platform;
   }
   if (desc.mediaType && desc.mediaType !== MT.ociManifest && desc.mediaType !== MT.dockerManifest) {
-    throw new ThinimgError("input", `${what}: ${shortDigest(desc.digest)} is a ${desc.mediaType}, not an image manifest`, { hint: "select a container image, not an artifact" });
+    throw new ThinimgError("input", `${what}: ${shortDigest(desc.digest)} is a ${desc.mediaType}, not an image manifest`, {
+      hint: "select a container image, not an artifact",
+    });
   }
   return { desc, platform };
 }
 
 /** The manifest and its config, checked against each other and the wanted platform. */
-async function manifestAndConfig(archive: Archive, desc: Descriptor, o: OciOptions, want: PlatformSpec): Promise<{ manifest: OciManifest; config: ImageConfig; platform: string | null }> {
+async function manifestAndConfig(
+  archive: Archive,
+  desc: Descriptor,
+  o: OciOptions,
+  want: PlatformSpec,
+): Promise<{ manifest: OciManifest; config: ImageConfig; platform: string | null }> {
   const what = archive.what;
   const manifestWhat = `${what}: manifest ${shortDigest(desc.digest)}`;
   const manifest = parseDoc(OciManifest, await readBlob(archive, desc, MAX_INDEX_BYTES, manifestWhat), manifestWhat);
@@ -204,12 +206,16 @@ async function manifestAndConfig(archive: Archive, desc: Descriptor, o: OciOptio
   }
   const cm = manifest.config.mediaType;
   if (cm && cm !== MT.ociConfig && cm !== MT.dockerConfig) {
-    throw new ThinimgError("input", `${manifestWhat}: config media type ${cm} is not a container image config`, { hint: "this is an OCI artifact, not a container image" });
+    throw new ThinimgError("input", `${manifestWhat}: config media type ${cm} is not a container image config`, {
+      hint: "this is an OCI artifact, not a container image",
+    });
   }
   const configBytes = await readBlob(archive, manifest.config, MAX_CONFIG_BYTES, `${what}: config`);
   const config = toImageConfig(parseDoc(ImageConfigDoc, configBytes, `${what}: config ${shortDigest(manifest.config.digest)}`), manifest.config.digest);
   if (config.diffIds !== null && config.diffIds.length !== manifest.layers.length) {
-    throw new ThinimgError("input", `${manifestWhat}: ${manifest.layers.length} layers but the config lists ${config.diffIds.length} diff_ids`, { hint: "the image is inconsistent; rebuild it" });
+    throw new ThinimgError("input", `${manifestWhat}: ${manifest.layers.length} layers but the config lists ${config.diffIds.length} diff_ids`, {
+      hint: "the image is inconsistent; rebuild it",
+    });
   }
   let platform: string | null = null;
   if (config.os && config.architecture) {
@@ -238,9 +244,20 @@ async function layerRef(archive: Archive, l: Descriptor, i: number, total: numbe
       hint: l.urls?.length ? "it is a non-distributable layer; fetch it into the layout first" : "the OCI layout is incomplete",
     });
   }
-  if (size !== l.size) throw new ThinimgError("input", `${lwhat}: blob is ${size} bytes, descriptor says ${l.size}`, { hint: "the OCI layout is corrupt or was tampered with" });
+  if (size !== l.size)
+    throw new ThinimgError("input", `${lwhat}: blob is ${size} bytes, descriptor says ${l.size}`, { hint: "the OCI layout is corrupt or was tampered with" });
   const compression = sniffCompression(await archive.head(name, MAGIC_BYTES), lwhat);
-  return makeLayerRef({ index: i, total, digest: l.digest, diffId, size, compression, name: shortDigest(l.digest), maxLayerBytes: o.maxLayerBytes, openRaw: () => archive.open(name) });
+  return makeLayerRef({
+    index: i,
+    total,
+    digest: l.digest,
+    diffId,
+    size,
+    compression,
+    name: shortDigest(l.digest),
+    maxLayerBytes: o.maxLayerBytes,
+    openRaw: () => archive.open(name),
+  });
 }
 
 export async function resolveOci(archive: Archive, o: OciOptions): Promise<ResolvedImage> {

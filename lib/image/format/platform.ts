@@ -36,10 +36,7 @@ export function formatPlatform(p: { os: string; architecture: string; variant?: 
 }
 
 /** Does a descriptor's platform satisfy the wanted one? arm64's variant defaults to v8. */
-export function platformMatches(
-  have: { os: string; architecture: string; variant?: string | null | undefined },
-  want: PlatformSpec,
-): boolean {
+export function platformMatches(have: { os: string; architecture: string; variant?: string | null | undefined }, want: PlatformSpec): boolean {
   if (have.os !== want.os || have.architecture !== want.architecture) return false;
   if (!want.variant) return true;
   const hv = have.variant || (have.architecture === "arm64" ? "v8" : null);

@@ -2,12 +2,12 @@
 // the blob cache, resuming an interrupted one with a Range request. Size cap on the bytes actually received (a Content-Length is only used to refuse
 // early); an ETag/size pinned by a HEAD or a listing is enforced on the GET (If-Match, response
 // ETag, exact length), so an object replaced mid-run is an error, not a mixed image.
-import { ThinimgError, errorMessage } from "../../errors.ts";
+import { errorMessage, ThinimgError } from "../../errors.ts";
 import { log } from "../../log.ts";
+import { withRetry } from "../../util/retry.ts";
 import type { BlobCache, PartialDownload, SourceRecord, StoredBlob } from "../cache.ts";
 import { tooBig } from "../digest.ts";
 import type { DownloadProgress } from "../types.ts";
-import { withRetry } from "../../util/retry.ts";
 
 export interface Pin {
   etag: string | null;

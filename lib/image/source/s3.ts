@@ -13,7 +13,7 @@
 // Custom endpoints (MinIO, R2, s3rver…) use path-style URLs; AWS uses virtual-hosted style.
 import { S3Client } from "bun";
 import * as v from "valibot";
-import { ThinimgError, errorMessage } from "../../errors.ts";
+import { errorMessage, ThinimgError } from "../../errors.ts";
 import { errorBody, httpError, networkError } from "./download.ts";
 
 type Env = Record<string, string | undefined>;
@@ -154,9 +154,7 @@ export class S3Bucket {
           hint: "a layer family holds a handful of layers; point at the right prefix",
         });
       }
-      const { objects, next } = this.client
-        ? await this.listSigned(prefix, token, pageSize)
-        : await this.listAnonymous(prefix, token, pageSize, signal);
+      const { objects, next } = this.client ? await this.listSigned(prefix, token, pageSize) : await this.listAnonymous(prefix, token, pageSize, signal);
       for (const o of objects) {
         if (!o.key.startsWith(prefix) || o.key.slice(prefix.length).includes("/")) continue;
         const seen = byKey.get(o.key);
@@ -174,11 +172,7 @@ export class S3Bucket {
     return [...byKey.values()];
   }
 
-  private async listSigned(
-    prefix: string,
-    token: string | undefined,
-    pageSize: number,
-  ): Promise<{ objects: S3Object[]; next?: string }> {
+  private async listSigned(prefix: string, token: string | undefined, pageSize: number): Promise<{ objects: S3Object[]; next?: string }> {
     try {
       const r = await this.client!.list({
         prefix,
