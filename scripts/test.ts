@@ -110,7 +110,7 @@ export const testCommand = defineCommand({
     filters: { type: "positional", required: false, description: "unit | vm | check | lint | test file paths (default: everything)" },
     vms: { type: "string", description: "VMs to run test/vm files in, in parallel", default: "2" },
     mem: { type: "string", description: "Memory per VM", default: "1G" },
-    timeout: { type: "string", description: "Limit per VM run (e.g. 900, 15m)", default: "900" },
+    timeout: { type: "string", description: "Limit per VM run (e.g. 1200, 20m)", default: "1200" },
   },
   async run({ args }) {
     let plan: ReturnType<typeof planRun>;

@@ -6,7 +6,7 @@
 // device after the kill (what a host restart does), and a metadata snapshot left held by a killed
 // process must not block the next run. Then: five processes asking for one image at once → one
 // build, all five get it.
-// vm-seconds: 270 (its run time in one test VM; `bun run test` balances the VMs by it)
+// vm-seconds: 280 (its run time in one test VM; `bun run test` balances the VMs by it)
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync } from "node:fs";
 import { join } from "node:path";

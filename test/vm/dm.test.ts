@@ -1,5 +1,5 @@
 // lib/dm against the real dm-thin kernel in the VM: every behaviour the product relies on.
-// vm-seconds: 35 (its run time in one test VM; `bun run test` balances the VMs by it)
+// vm-seconds: 25 (its run time in one test VM; `bun run test` balances the VMs by it)
 import { afterAll, beforeAll, describe, expect, setDefaultTimeout, test } from "bun:test";
 import { readFileSync } from "node:fs";
 import { clearTimeouts } from "../../lib/dm/host-queue.ts";

@@ -6,7 +6,7 @@
 // exactly those leaks and changes nothing, `--force` removes exactly them (the live image, its
 // activated snapshot and the foreign flakey device untouched; pool data use back to where it was
 // before the failed unpack), and a second `--force` finds nothing.
-// vm-seconds: 260 (its run time in one test VM; `bun run test` balances the VMs by it)
+// vm-seconds: 150 (its run time in one test VM; `bun run test` balances the VMs by it)
 import { afterAll, describe, expect, setDefaultTimeout, test } from "bun:test";
 import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { join } from "node:path";

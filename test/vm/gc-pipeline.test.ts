@@ -4,7 +4,7 @@
 // live image and snapshot, a mounted orphan and a foreign device. `bun scripts/gc.ts` lists exactly
 // the leaks, `--force` removes exactly them, and a second `--force` finds nothing. GC run while an
 // unpack runs (it holds the state dir for its whole run) does nothing.
-// vm-seconds: 200 (its run time in one test VM; `bun run test` balances the VMs by it)
+// vm-seconds: 90 (its run time in one test VM; `bun run test` balances the VMs by it)
 import { afterAll, beforeAll, describe, expect, setDefaultTimeout, test } from "bun:test";
 import { chmodSync, existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { join } from "node:path";

@@ -1,5 +1,5 @@
 // Health checks against real pools and the real kernel log in the VM.
-// vm-seconds: 80 (its run time in one test VM; `bun run test` balances the VMs by it)
+// vm-seconds: 45 (its run time in one test VM; `bun run test` balances the VMs by it)
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { mkdtempSync, readFileSync, rmSync } from "node:fs";
 import { dmsetup, pool } from "../../lib/dm/index.ts";

@@ -3,7 +3,7 @@
 // reader-writer contract (gc --force refuses while an unpack is mid-apply, naming it), ten
 // processes asking for the same image (one build, ten answers), and an umount or mkfs that times out
 // (no second command to that device; GC removes it later). Each test stands alone.
-// vm-seconds: 250 (its run time in one test VM; `bun run test` balances the VMs by it)
+// vm-seconds: 140 (its run time in one test VM; `bun run test` balances the VMs by it)
 import { afterAll, beforeAll, describe, expect, setDefaultTimeout, test } from "bun:test";
 import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { join } from "node:path";

@@ -5,7 +5,7 @@
 // a GC killed between remove and its act leaves what the next run finishes; the removed image
 // unpacks again; list's exclusive space and prune's estimate (fake clock) equal what GC frees; a new
 // version under the same name frees the old one's layer. Each test has its own pool and state dir.
-// vm-seconds: 480 (its run time in one test VM; `bun run test` balances the VMs by it)
+// vm-seconds: 250 (its run time in one test VM; `bun run test` balances the VMs by it)
 import { afterEach, describe, expect, setDefaultTimeout, test } from "bun:test";
 import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { join } from "node:path";

@@ -2,7 +2,7 @@
 // data device under the pool starts failing I/O (dm-flakey) while a layer is being applied. Both must
 // end in a clear one-line error naming GC, with NOTHING cleaned up (device still active, mount still
 // there, thin id still allocated) and every leaked resource recorded in the DB.
-// vm-seconds: 65 (its run time in one test VM; `bun run test` balances the VMs by it)
+// vm-seconds: 50 (its run time in one test VM; `bun run test` balances the VMs by it)
 import { afterAll, describe, expect, test } from "bun:test";
 import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { join } from "node:path";

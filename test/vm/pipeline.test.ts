@@ -2,7 +2,7 @@
 // format, with the activated snapshot compared entry by entry to `umoci unpack` of the same image.
 // Also: a re-run does no dm work at all, shared layers are shared devices, many snapshots per image,
 // and the CLI scripts end to end.
-// vm-seconds: 135 (its run time in one test VM; `bun run test` balances the VMs by it)
+// vm-seconds: 100 (its run time in one test VM; `bun run test` balances the VMs by it)
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { closeSync, lstatSync, mkdirSync, mkdtempSync, openSync, readdirSync, readFileSync, readSync } from "node:fs";
 import { join } from "node:path";

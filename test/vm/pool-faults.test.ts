@@ -4,7 +4,7 @@
 // resumes it. A pool that runs out of data space, or of metadata space, mid-unpack is grown with one
 // command (--grow-data / --grow-meta; --dry-run prints the commands first), is rw again, and the
 // re-run completes; a grow interrupted mid-way is finished by the next run.
-// vm-seconds: 270 (its run time in one test VM; `bun run test` balances the VMs by it)
+// vm-seconds: 225 (its run time in one test VM; `bun run test` balances the VMs by it)
 import { afterAll, describe, expect, setDefaultTimeout, test } from "bun:test";
 import { existsSync, mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from "node:fs";
 import { join } from "node:path";

@@ -2,7 +2,7 @@
 // operator runs it: create, refuse to re-create, leave a healthy pool alone, bring a pool back after
 // a simulated reboot with its thin data intact, resume a suspended pool, refuse a pool whose live
 // table differs, and stop on (then repair) corrupt metadata.
-// vm-seconds: 70 (its run time in one test VM; `bun run test` balances the VMs by it)
+// vm-seconds: 30 (its run time in one test VM; `bun run test` balances the VMs by it)
 import { afterAll, describe, expect, setDefaultTimeout, test } from "bun:test";
 import {
   closeSync,

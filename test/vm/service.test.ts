@@ -2,7 +2,7 @@
 // layer family served by a real S3 server (s3rver, in this process), signed webhook calls. Unpack
 // through a job, activate with a size (ext4 grown to fill it), mount and read, release; metrics and
 // readiness from the live pool; SIGTERM in the middle of a job, then a restart finishes it.
-// vm-seconds: 170 (its run time in one test VM; `bun run test` balances the VMs by it)
+// vm-seconds: 60 (its run time in one test VM; `bun run test` balances the VMs by it)
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { existsSync, mkdirSync, mkdtempSync, readFileSync, statfsSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
