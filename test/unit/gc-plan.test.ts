@@ -10,12 +10,11 @@ import { makePlan, type PlanInput } from "../../lib/gc/plan.ts";
 import { currentHolder } from "../../lib/lock/owner.ts";
 import { type Db, openDb } from "../../lib/store/db.ts";
 import { readGcRows } from "../../lib/store/gc-queries.ts";
-import { beginImage, markImageReady } from "../../lib/store/images.ts";
-import { insertLayer, updateLayer } from "../../lib/store/layers.ts";
+import { updateLayer } from "../../lib/store/layers.ts";
 import { removeImageRecord } from "../../lib/store/lifecycle.ts";
 import { putLockRow } from "../../lib/store/locks.ts";
 import { insertSnapshot } from "../../lib/store/snapshots.ts";
-import { allocateThinId, setThinIdState } from "../../lib/store/thin-ids.ts";
+import { makeImage, makeLayer } from "../helpers/store.ts";
 
 const POOL = "tp";
 const NOW = 1_700_000_000_000;
@@ -490,34 +489,8 @@ describe("unreferenced layers (image removal)", () => {
   const alive = (pid: number) => pid === process.pid;
   const T = Date.now();
 
-  function layer(chain: string, parent: { id: number } | null, committed = true) {
-    const l = insertLayer(db, {
-      pool: POOL,
-      chainId: `sha256:${chain}`,
-      parentId: parent?.id ?? null,
-      parentChainId: null,
-      identity: chain,
-      diffId: null,
-      digest: `sha256:${chain}`,
-      size: 1,
-      virtualSize: 1 << 20,
-    });
-    const id = allocateThinId(db, POOL, { kind: "layer", id: l.id });
-    setThinIdState(db, POOL, id, committed ? "committed" : "created");
-    updateLayer(
-      db,
-      l.id,
-      committed
-        ? { thin_id: id, device_name: `thinimg-${POOL}-layer-${id}`, state: "committed", phase: "committed" }
-        : { thin_id: id, state: "building", phase: "created" },
-    );
-    return { id: l.id, thinId: id, chain: `sha256:${chain}` };
-  }
-  function image(name: string, layers: { id: number }[]) {
-    const i = beginImage(db, { pool: POOL, name, source: `/src/${name}`, format: "layer-family" });
-    markImageReady(db, i.id, { format: "layer-family", config: null, layerIds: layers.map((l) => l.id), topChainId: null });
-    return i.id;
-  }
+  const layer = (chain: string, parent: { id: number } | null, committed = true) => makeLayer(db, POOL, chain, parent, committed);
+  const image = (name: string, layers: { id: number }[]) => makeImage(db, POOL, name, layers);
   /** Every ledger id is in the pool, inactive; `at` is the plan's clock. */
   function planNow(at = T + 60 * MIN, grace = GRACE): Plan {
     const rows = readGcRows(db, POOL);

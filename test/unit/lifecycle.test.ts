@@ -17,11 +17,12 @@ import { exclusiveBlocks, layersFreedBy, parseThinDumpBlocks } from "../../lib/p
 import { type Ctx, makeCtx } from "../../lib/pool/context.ts";
 import { actionWitness, readGcRows } from "../../lib/store/gc-queries.ts";
 import { beginImage, getImageByName, markImageReady } from "../../lib/store/images.ts";
-import { getLayer, insertLayer, updateLayer } from "../../lib/store/layers.ts";
+import { getLayer } from "../../lib/store/layers.ts";
 import type { ImageUse } from "../../lib/store/lifecycle.ts";
 import { putLockRow } from "../../lib/store/locks.ts";
 import { insertSnapshot, updateSnapshot } from "../../lib/store/snapshots.ts";
-import { allocateThinId, getThinId, setThinIdState } from "../../lib/store/thin-ids.ts";
+import { getThinId } from "../../lib/store/thin-ids.ts";
+import { makeImage, makeLayer } from "../helpers/store.ts";
 
 const POOL = "tp";
 let dir: string;
@@ -37,29 +38,8 @@ afterEach(() => {
   rmSync(dir, { recursive: true, force: true });
 });
 
-function layer(chain: string, parent: { id: number } | null) {
-  const db = ctx.db;
-  const l = insertLayer(db, {
-    pool: POOL,
-    chainId: `sha256:${chain}`,
-    parentId: parent?.id ?? null,
-    parentChainId: null,
-    identity: chain,
-    diffId: null,
-    digest: `sha256:${chain}`,
-    size: 1,
-    virtualSize: 1 << 20,
-  });
-  const id = allocateThinId(db, POOL, { kind: "layer", id: l.id });
-  setThinIdState(db, POOL, id, "committed");
-  updateLayer(db, l.id, { thin_id: id, device_name: `thinimg-${POOL}-layer-${id}`, state: "committed", phase: "committed" });
-  return { id: l.id, thinId: id };
-}
-function image(name: string, layers: { id: number }[]) {
-  const i = beginImage(ctx.db, { pool: POOL, name, source: `/src/${name}`, format: "layer-family" });
-  markImageReady(ctx.db, i.id, { format: "layer-family", config: null, layerIds: layers.map((l) => l.id), topChainId: null });
-  return i.id;
-}
+const layer = (chain: string, parent: { id: number } | null) => makeLayer(ctx.db, POOL, chain, parent);
+const image = (name: string, layers: { id: number }[]) => makeImage(ctx.db, POOL, name, layers);
 
 describe("remove", () => {
   test("releases only the layers no other image uses; gone from list; a repeat is a no-op; its active snapshot stays listed", async () => {
