@@ -1,8 +1,11 @@
 // A suspended pool (or a suspended thinimg device on it) queues every I/O: status still reads fine,
 // the pool messages still succeed — so without this check health says "healthy", activate sends
-// create_snap, and the `dmsetup create` after it fails with the thin id leaked. One `dmsetup info`.
+// create_snap, and the `dmsetup create` after it fails with the thin id leaked. Read from sysfs
+// (/sys/block/dm-N/dm/suspended: a flag, it never waits on the device) so the pre-flight spawns no
+// extra command; one `dmsetup info` where sysfs cannot tell.
 import { DEVICE_PREFIX } from "../config.ts";
-import { type DmInfo, infoAll } from "../dm/dmsetup.ts";
+import { activeDevices } from "../dm/active.ts";
+import { infoAll } from "../dm/dmsetup.ts";
 import { isDmError } from "../dm/errors.ts";
 import { errorMessage } from "../errors.ts";
 import { RUNBOOK } from "./runbook.ts";
@@ -10,8 +13,10 @@ import { type CheckResult, result } from "./types.ts";
 
 const NAME = "pool.suspended";
 
-/** Decide on `dmsetup info` of every device (pure). */
-export function judgeSuspended(pool: string, infos: DmInfo[]): CheckResult {
+type DeviceState = { name: string; state: string };
+
+/** Decide on every device's state, SUSPENDED or ACTIVE (pure). */
+export function judgeSuspended(pool: string, infos: DeviceState[]): CheckResult {
   const mine = `${DEVICE_PREFIX}-${pool}-`;
   const p = infos.find((d) => d.name === pool);
   const devices = infos.filter((d) => d.name.startsWith(mine) && d.state === "SUSPENDED").map((d) => d.name);
@@ -34,10 +39,17 @@ export function judgeSuspended(pool: string, infos: DmInfo[]): CheckResult {
   return result(NAME, "ok", `pool ${pool} and its thinimg devices are active (not suspended)`, "", { pool_state: p?.state ?? null, suspended_devices: [] });
 }
 
+/** Device states from sysfs; null when sysfs cannot tell for every device. */
+async function sysfsStates(): Promise<DeviceState[] | null> {
+  const loaded = [...(await activeDevices()).values()];
+  if (loaded.some((d) => d.suspended === null)) return null;
+  return loaded.map((d) => ({ name: d.name, state: d.suspended ? "SUSPENDED" : "ACTIVE" }));
+}
+
 export async function checkSuspended(pool: string, timeoutMs: number): Promise<CheckResult> {
-  let infos: DmInfo[];
+  let infos: DeviceState[];
   try {
-    infos = await infoAll({ timeoutMs, ctx: { pool_name: pool } });
+    infos = (await sysfsStates().catch(() => null)) ?? (await infoAll({ timeoutMs, ctx: { pool_name: pool } }));
   } catch (e) {
     if (isDmError(e, "timeout")) return result(NAME, "block", `dmsetup info timed out after ${timeoutMs} ms`, RUNBOOK.poolStatusUnreadable);
     // no device-mapper, no dmsetup: pool.exists says so
