@@ -56,7 +56,8 @@ export function isStateChanging(argv: readonly string[]): boolean {
     return sub !== undefined && !DMSETUP_READS.has(sub);
   }
   if (tool === "losetup") return rest.length > 0 && !rest.some((a) => LOSETUP_READS.has(a));
-  return tool === "mount" || tool === "umount" || tool.startsWith("mkfs") || tool === "mke2fs";
+  // e2fsck -p and resize2fs write a filesystem on a dm device, like mkfs
+  return tool === "mount" || tool === "umount" || tool.startsWith("mkfs") || tool === "mke2fs" || tool === "e2fsck" || tool === "resize2fs";
 }
 
 // ---- devices a timed-out command may still be working on ----

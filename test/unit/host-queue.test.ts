@@ -81,6 +81,8 @@ describe("which commands queue", () => {
       ["mkfs.ext4", "-q", "/dev/mapper/x"],
       ["mount", "-t", "ext4", "/dev/mapper/x", "/m"],
       ["umount", "/m"],
+      ["e2fsck", "-f", "-p", "/dev/mapper/x"],
+      ["resize2fs", "/dev/mapper/x"],
     ];
     const no = [
       ["dmsetup", "--noudevsync", "status", "x"],
