@@ -1,4 +1,4 @@
-// Read-only queries for GC (issue 5; owned by the GC engineer). Everything GC needs about one pool,
+// Read-only queries for GC. Everything GC needs about one pool,
 // read in ONE transaction so the picture is consistent with itself — plus the compare-and-set
 // "witnesses" GC re-checks just before it acts, and GC's own side table of thin ids it has seen in the
 // pool without any DB record (first seen, for the grace period).

@@ -3,7 +3,7 @@
 // the previous version intact. Never edit a shipped migration: append a new one.
 //
 // Conventions: every *_at column is unix milliseconds (INTEGER); every table is STRICT; `pool` scopes
-// rows that belong to one thin-pool (thin ids are per pool). GC (issue 5) reads these tables to find
+// rows that belong to one thin-pool (thin ids are per pool). GC reads these tables to find
 // every thin id ever allocated (thin_ids), every dm device ever activated (devices), every mount
 // (mounts) and every unit of work with its owner process (work/steps).
 import type { Database } from "bun:sqlite";

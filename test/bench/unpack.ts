@@ -1,4 +1,4 @@
-// Benchmarks for unpack and activate (issue 4), run INSIDE the test VM:
+// Benchmarks for unpack and activate, run INSIDE the test VM:
 //   bun scripts/vm.ts --mem 2G --timeout 1800 -- bun test/bench/unpack.ts [--scale 16] [--rss-scale 170] [--skip-rss]
 // (or `bun run bench:unpack`, which does exactly that). Every figure is printed beside a baseline
 // measured in the same VM run:

@@ -1,4 +1,4 @@
-// Fidelity (issue 3, item 6): a real multi-layer image built with Debian's umoci over a root
+// Fidelity: a real multi-layer image built with Debian's umoci over a root
 // filesystem assembled here — owners, setuid/setgid/sticky, capabilities, hardlinks, absolute and
 // climbing symlinks, devices, empty dirs, long and non-ASCII names, fixed mtimes; a second layer
 // that deletes, replaces and re-owns (umoci computes the whiteouts); a third, hand-written layer
@@ -7,7 +7,7 @@
 // with resolveImage and applied with applyLayer, then compared with `umoci unpack` entry by entry:
 // type, mode, owner, size, content, link target, device number, xattrs, hardlink groups, mtime.
 // Zero differences. The same image goes through `bun scripts/extract.ts` as an OCI layout dir,
-// an OCI layout tar, a docker-archive and a layer family (the acceptance check), with the same result.
+// an OCI layout tar, a docker-archive and a layer family, with the same result.
 //
 // A second block does the same against GNU tar itself: one tree archived in GNU tar's posix, gnu,
 // oldgnu and ustar formats, extracted by GNU tar and by applyLayer.
@@ -238,10 +238,10 @@ describe("fidelity with umoci", () => {
   }, 60_000);
 });
 
-// The acceptance check as a user runs it: `bun scripts/extract.ts` (a subprocess, the whole product
+// The whole product as a user runs it: `bun scripts/extract.ts` (a subprocess, the whole product
 // path: resolve, digest and diff_id checks, budget, apply) on the same umoci image in the four
 // forms an operator may have it in; each result must equal `umoci unpack`'s rootfs exactly.
-describe("acceptance: scripts/extract.ts reproduces umoci unpack in every form", () => {
+describe("scripts/extract.ts reproduces umoci unpack in every form", () => {
   async function cli(source: string, dest: string, extra: string[]): Promise<{ format: string; layers: { compression: string }[] }> {
     const { out, err, code } = await run(["bun", "scripts/extract.ts", source, dest, "--devices", "--json", "--state-dir", `${W}/cli-state`, ...extra]);
     if (code !== 0) throw new Error(`extract.ts exited ${code}: ${err}`);

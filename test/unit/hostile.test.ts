@@ -1,4 +1,4 @@
-// The hostile corpus (issue 3, item 5), built header by header with test/helpers/tarcraft.ts.
+// The hostile corpus, built header by header with test/helpers/tarcraft.ts.
 // Every case runs against a fresh DEST with a CANARY directory beside it that a naive extractor
 // would reach (absolute symlinks name the canary's real path, relative ones climb to it). After
 // each case: the canary's whole tree — types, modes, owners, sizes, contents, link targets,

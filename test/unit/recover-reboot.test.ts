@@ -1,4 +1,4 @@
-// The issue's acceptance test, from the host: two separate VM runs are two boots of a real kernel on
+// Recovery across a reboot, from the host: two separate VM runs are two boots of a real kernel on
 // the same files. Boot 1 creates the pool (the exact documented one-liner, then health), writes a
 // random pattern through a thin device and powers off with the pool still loaded. Boot 2 runs
 // `bun ops/recover-pool.ts --dir …`, which must bring the same pool back with the bytes intact.
@@ -50,7 +50,7 @@ test("pool created in one boot comes back in the next with the same table and da
   expect(report.status?.data_used).toBe(16);
   expect(Buffer.from(readFileSync(join(base, "readback"))).equals(Buffer.from(pattern))).toBe(true);
 
-  // the issue's one-liner: create && health --json prints a healthy report
+  // the documented one-liner: create && health --json prints a healthy report
   expect(read("accept.rc"), `scripts/health.ts --json after --create did not exit 0: ${readFileSync(join(base, "health.json"), "utf8")}`).toBe("0");
   expect((JSON.parse(read("health.json")) as { ok: boolean }).ok).toBe(true);
 }, 300_000);

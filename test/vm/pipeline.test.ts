@@ -53,7 +53,7 @@ afterAll(async () => {
   Bun.spawnSync(["rm", "-rf", W]);
 }, 120_000);
 
-// ---- tree comparison (same fields as the image issue's fidelity test) ---------------------------
+// ---- tree comparison (same fields as test/unit/fidelity.test.ts) ---------------------------
 
 async function mountRo(dev: string, tag: string): Promise<string> {
   const dir = join(W, `mnt-${tag}`);
