@@ -26,6 +26,20 @@ export interface Limits {
   maxLayerBytes: number;
   maxFileBytes: number;
   maxEntries: number;
+  /** Most path components of an entry, or of a path a link resolves to. */
+  maxDepth: number;
+  /** Longest entry name or link target in bytes. */
+  maxPathBytes: number;
+}
+
+/** Limit flags a command takes (extract), each overriding its THINIMG_MAX_* variable. */
+export interface LimitFlags {
+  maxBlobBytes?: string | undefined;
+  maxLayerBytes?: string | undefined;
+  maxFileBytes?: string | undefined;
+  maxEntries?: string | undefined;
+  maxDepth?: string | undefined;
+  maxPathBytes?: string | undefined;
 }
 
 export interface Config {
@@ -51,6 +65,7 @@ export interface ConfigInput {
   virtualSize?: string | undefined;
   wait?: string | undefined;
   kernelErrorWindow?: string | undefined;
+  limits?: LimitFlags;
 }
 
 type Env = Record<string, string | undefined>;
@@ -82,6 +97,8 @@ const Schema = v.object({
     maxLayerBytes: v.pipe(v.number(), v.integer(), v.minValue(1)),
     maxFileBytes: v.pipe(v.number(), v.integer(), v.minValue(1)),
     maxEntries: v.pipe(v.number(), v.integer(), v.minValue(1), v.maxValue(100_000_000)),
+    maxDepth: v.pipe(v.number(), v.integer(), v.minValue(1)),
+    maxPathBytes: v.pipe(v.number(), v.integer(), v.minValue(1)),
   }),
 });
 
@@ -110,11 +127,13 @@ export function loadConfig(input: ConfigInput = {}, env: Env = process.env): Con
   const sizeRaw = pick(input.virtualSize, "--virtual-size", env, "THINIMG_VIRTUAL_SIZE", src, "virtualSize");
   const waitRaw = pick(input.wait, "--wait", env, "THINIMG_LOCK_WAIT", src, "lockWaitMs");
   const windowRaw = pick(input.kernelErrorWindow, "--kernel-error-window", env, "THINIMG_KERNEL_ERROR_WINDOW", src, "kernelErrorWindowMs");
-  const size = (envName: string, dflt: number, key: string) => {
-    const raw = env[envName];
-    src[key] = envName;
-    return raw ? parseSize(raw, envName) : dflt;
+  const lim = input.limits ?? {};
+  const limit = (k: keyof Limits, flagName: string, envName: string, dflt: number, parse: (raw: string, name: string) => number) => {
+    const raw = pick(lim[k], flagName, env, envName, src, `limits.${k}`);
+    return raw === undefined ? dflt : parse(raw, src[`limits.${k}`]!);
   };
+  const size = (raw: string, name: string) => parseSize(raw, name);
+  const count = (raw: string, name: string) => parseIntArg(raw, name, { min: 1 });
   const raw = {
     stateDir: stateRaw === undefined ? DEFAULT_STATE_DIR : resolve(stateRaw),
     pool: poolRaw ?? DEFAULT_POOL,
@@ -122,13 +141,14 @@ export function loadConfig(input: ConfigInput = {}, env: Env = process.env): Con
     lockWaitMs: waitRaw === undefined ? DEFAULT_LOCK_WAIT_MS : parseDuration(waitRaw, src.lockWaitMs!),
     kernelErrorWindowMs: windowRaw === undefined ? DEFAULT_KERNEL_ERROR_WINDOW_MS : parseDuration(windowRaw, src.kernelErrorWindowMs!),
     limits: {
-      maxBlobBytes: size("THINIMG_MAX_BLOB_SIZE", 8 * GiB, "limits.maxBlobBytes"),
-      maxLayerBytes: size("THINIMG_MAX_LAYER_SIZE", 10 * GiB, "limits.maxLayerBytes"),
-      maxFileBytes: size("THINIMG_MAX_FILE_SIZE", GiB, "limits.maxFileBytes"),
-      maxEntries: env.THINIMG_MAX_ENTRIES ? parseIntArg(env.THINIMG_MAX_ENTRIES, "THINIMG_MAX_ENTRIES", { min: 1 }) : 100_000,
+      maxBlobBytes: limit("maxBlobBytes", "--max-blob-size", "THINIMG_MAX_BLOB_SIZE", 8 * GiB, size),
+      maxLayerBytes: limit("maxLayerBytes", "--max-bytes", "THINIMG_MAX_LAYER_SIZE", 10 * GiB, size),
+      maxFileBytes: limit("maxFileBytes", "--max-file-size", "THINIMG_MAX_FILE_SIZE", GiB, size),
+      maxEntries: limit("maxEntries", "--max-entries", "THINIMG_MAX_ENTRIES", 100_000, count),
+      maxDepth: limit("maxDepth", "--max-depth", "THINIMG_MAX_DEPTH", 1024, count),
+      maxPathBytes: limit("maxPathBytes", "--max-path-bytes", "THINIMG_MAX_PATH_BYTES", 4096, count),
     },
   };
-  src["limits.maxEntries"] = "THINIMG_MAX_ENTRIES";
   const r = v.safeParse(Schema, raw);
   if (!r.success) {
     const issue = r.issues[0];
@@ -148,6 +168,13 @@ export function loadConfig(input: ConfigInput = {}, env: Env = process.env): Con
     lockFile: join(c.stateDir, "thinimg.lock"),
     mountDir: join(c.stateDir, "mnt"),
   };
+}
+
+/** A pool name given outside loadConfig (recover-pool --create --pool), checked by the same rule. */
+export function checkPoolName(name: string): string {
+  const r = v.safeParse(Schema.entries.pool, name);
+  if (r.success) return r.output;
+  throw new ThinimgError("usage", `--pool ${JSON.stringify(name)}: ${r.issues[0].message}`, { hint: hintFor("pool") });
 }
 
 function hintFor(path: string): string {

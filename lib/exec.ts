@@ -7,6 +7,7 @@ import { assertNotTainted, isStateChanging, noteTimeout, withHostQueue } from ".
 import { type ErrorKind, ThinimgError } from "./errors.ts";
 import { logCommandRecord, logCommandStart } from "./log.ts";
 import { groupProcesses } from "./util/proc.ts";
+import { onStop } from "./util/signals.ts";
 
 export interface CmdContext {
   pool_name?: string | undefined;
@@ -102,13 +103,10 @@ function emitRecord(r: CmdResult, ctx: CmdContext | undefined, startedAt: Date, 
 
 // ---- live child groups: killed when this process is stopped or exits ----
 // Every command runs in its own process group (detached), so a signal to thinimg does not reach it
-// and it would outlive us. On SIGINT/SIGTERM/SIGHUP, unless the script handles the signal itself
-// (gc finishes its current step), and always on exit, each live group gets SIGTERM, then SIGKILL.
+// and it would outlive us. The stop registry (util/signals.ts) gives each live group SIGTERM, then
+// SIGKILL, unless the script handles the signal itself (then on exit).
 
 const liveGroups = new Set<number>();
-const STOP_SIGNALS = ["SIGINT", "SIGTERM", "SIGHUP"] as const;
-type StopSignal = (typeof STOP_SIGNALS)[number];
-const SIGNO: Record<StopSignal, number> = { SIGINT: 2, SIGTERM: 15, SIGHUP: 1 };
 /** How long the exit path waits after SIGTERM before SIGKILL. */
 const EXIT_GRACE_MS = 500;
 
@@ -134,37 +132,18 @@ export function liveChildGroups(): number[] {
   return [...liveGroups];
 }
 
-const onStopSignal = (sig: StopSignal) => () => {
-  // Another handler (a script's own, or the VM registry's) may own this signal. Decide after every
-  // listener of this dispatch has run: a handler that stays installed takes responsibility for
-  // exiting (children are then killed on "exit"); if only ours is left, stop like the default would.
-  const decide = () => {
-    if (process.listeners(sig).some((l) => l !== signalHandlers[sig])) return;
-    killChildGroups();
-    process.exit(128 + SIGNO[sig]);
-  };
-  if (process.listeners(sig).every((l) => l === signalHandlers[sig])) decide();
-  else setImmediate(decide);
-};
-const signalHandlers = Object.fromEntries(STOP_SIGNALS.map((s) => [s, onStopSignal(s)])) as Record<StopSignal, () => void>;
-let handlersInstalled = false;
+let unregisterStop: (() => void) | null = null;
 
-/** Before a spawn: a signal that arrives while Bun.spawn runs is handled (in JS) only after the
- * spawn returned and the group was registered — installing afterwards would leave a window in
- * which the default action kills us and orphans the new command. */
+/** Before a spawn (see onStop): the group is registered only after Bun.spawn returns. */
 function installStopHandlers(): void {
-  if (handlersInstalled) return;
-  handlersInstalled = true;
-  for (const s of STOP_SIGNALS) process.on(s, signalHandlers[s]);
-  process.on("exit", killChildGroups);
+  unregisterStop ??= onStop({ run: killChildGroups });
 }
 
 function untrackGroup(group: number | null): void {
   if (group !== null) liveGroups.delete(group);
-  if (liveGroups.size > 0 || !handlersInstalled) return;
-  handlersInstalled = false;
-  for (const s of STOP_SIGNALS) process.off(s, signalHandlers[s]);
-  process.off("exit", killChildGroups);
+  if (liveGroups.size > 0 || unregisterStop === null) return;
+  unregisterStop();
+  unregisterStop = null;
 }
 
 function validateArgv(argv: string[]): void {

@@ -8,6 +8,7 @@
 import { defineCommand } from "citty";
 import { dryRunArgs, outputArgs, poolArgs, stateArgs } from "../lib/cli/args.ts";
 import { printJson, runMain } from "../lib/cli/main.ts";
+import { loadConfig } from "../lib/config.ts";
 import { usageError } from "../lib/errors.ts";
 import { setLogLevel } from "../lib/log.ts";
 import { renderReattach } from "../lib/pipeline/reattach.ts";
@@ -74,8 +75,7 @@ export const cmd = defineCommand({
       dryRun: args["dry-run"],
       repair: args.repair,
       create: createSpec(args),
-      stateDir: args["state-dir"],
-      wait: args.wait,
+      cfg: loadConfig({ stateDir: args["state-dir"], wait: args.wait }),
       ignoreLock: args["ignore-lock"],
       reattach: args.reattach,
       grow,

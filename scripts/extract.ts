@@ -9,9 +9,8 @@ import { outputArgs, stateArgs } from "../lib/cli/args.ts";
 import { printJson, runMain } from "../lib/cli/main.ts";
 import { ttyProgress } from "../lib/cli/progress.ts";
 import { loadConfig } from "../lib/config.ts";
-import { DEFAULT_LIMITS } from "../lib/image/apply/index.ts";
 import { extractImage, summaryJson } from "../lib/image/extract.ts";
-import { formatBytes, parseIntArg, parseSize } from "../lib/util/units.ts";
+import { formatBytes } from "../lib/util/units.ts";
 
 export const extractCommand = defineCommand({
   meta: {
@@ -48,13 +47,18 @@ export const extractCommand = defineCommand({
     ...outputArgs,
   },
   async run({ args }) {
-    const cfg = loadConfig({ stateDir: args["state-dir"] });
-    const maxEntries = args["max-entries"] ? parseIntArg(args["max-entries"], "--max-entries", { min: 1 }) : cfg.limits.maxEntries;
-    const maxTotalBytes = args["max-bytes"] ? parseSize(args["max-bytes"], "--max-bytes") : cfg.limits.maxLayerBytes;
-    const maxFileBytes = args["max-file-size"] ? parseSize(args["max-file-size"], "--max-file-size") : cfg.limits.maxFileBytes;
-    const maxBlobBytes = args["max-blob-size"] ? parseSize(args["max-blob-size"], "--max-blob-size") : cfg.limits.maxBlobBytes;
-    const maxDepth = intLimit(args["max-depth"], "--max-depth", "THINIMG_MAX_DEPTH", DEFAULT_LIMITS.maxDepth);
-    const maxPathBytes = intLimit(args["max-path-bytes"], "--max-path-bytes", "THINIMG_MAX_PATH_BYTES", DEFAULT_LIMITS.maxPathBytes);
+    const cfg = loadConfig({
+      stateDir: args["state-dir"],
+      limits: {
+        maxEntries: args["max-entries"],
+        maxLayerBytes: args["max-bytes"],
+        maxFileBytes: args["max-file-size"],
+        maxBlobBytes: args["max-blob-size"],
+        maxDepth: args["max-depth"],
+        maxPathBytes: args["max-path-bytes"],
+      },
+    });
+    const { maxEntries, maxLayerBytes: maxTotalBytes, maxFileBytes, maxBlobBytes, maxDepth, maxPathBytes } = cfg.limits;
     const progress = args.json || args["log-format"] === "json" ? undefined : ttyProgress(process.stderr);
 
     const s = await extractImage(args.source, args.dest, {
@@ -76,12 +80,5 @@ export const extractCommand = defineCommand({
     );
   },
 });
-
-/** A whole-number limit from its flag, else its environment variable, else the default. */
-function intLimit(flag: string | undefined, flagName: string, envName: string, dflt: number): number {
-  if (flag) return parseIntArg(flag, flagName, { min: 1 });
-  const env = process.env[envName];
-  return env ? parseIntArg(env, envName, { min: 1 }) : dflt;
-}
 
 if (import.meta.main) await runMain(extractCommand);

@@ -5,7 +5,7 @@
 // a load that timed out is not tried again in this run (the next run finds the device, or not).
 
 import { existsSync } from "node:fs";
-import { loadConfig } from "../config.ts";
+import type { Config } from "../config.ts";
 import { activeDevice, activeDevices } from "../dm/active.ts";
 import * as dmsetup from "../dm/dmsetup.ts";
 import * as pool from "../dm/pool.ts";
@@ -201,13 +201,7 @@ export async function reattachAll(ctx: Ctx, o: { dryRun?: boolean } = {}): Promi
 }
 
 /** The boot runbook's last step (recover-pool): re-attach the pool's handed-out snapshots. */
-export async function reattachPool(o: {
-  pool: string;
-  stateDir?: string | undefined;
-  wait?: string | undefined;
-  dryRun?: boolean | undefined;
-}): Promise<ReattachAllReport> {
-  const cfg = loadConfig({ pool: o.pool, stateDir: o.stateDir, wait: o.wait });
+export async function reattachPool(cfg: Config, o: { dryRun?: boolean | undefined }): Promise<ReattachAllReport> {
   if (!existsSync(cfg.dbPath)) {
     return {
       ...summarize(cfg.pool, o.dryRun === true, [], null),

@@ -4,7 +4,7 @@
 // device): it gets ONE more try after a fixed delay, logged. Everything else fails dumb at once.
 import { isDmError } from "../dm/errors.ts";
 import { CommandError } from "../exec.ts";
-import { log } from "../log.ts";
+import { withRetry } from "../util/retry.ts";
 
 export const BUSY_RETRY_DELAY_MS = 1_000;
 
@@ -16,14 +16,12 @@ export function isBusyAnswer(e: unknown): boolean {
 
 /** fn, and once more after `delayMs` if (and only if) its first answer was "busy". */
 export async function retryBusyOnce<T>(label: string, fn: () => Promise<T>, delayMs = BUSY_RETRY_DELAY_MS): Promise<T> {
-  try {
-    return await fn();
-  } catch (e) {
-    if (!isBusyAnswer(e)) throw e;
-    log.warn(`${label}: busy (${(e as Error).message}); one more try in ${delayMs} ms`);
-    await Bun.sleep(delayMs);
-    return fn();
-  }
+  return withRetry(label, fn, {
+    attempts: 2,
+    baseDelayMs: delayMs,
+    transient: isBusyAnswer,
+    note: (e) => `${label}: busy (${(e as Error).message}); one more try in ${delayMs} ms`,
+  });
 }
 
 /** The command timed out: its outcome is unknown and it may still be running in the kernel. */

@@ -3,7 +3,7 @@
 // state DB holds as handed out is re-attached, as a shared holder like any activation.
 import { existsSync } from "node:fs";
 import { useCommandJournal } from "../cmd-journal.ts";
-import { loadConfig } from "../config.ts";
+import type { Config } from "../config.ts";
 import { holdExclusive } from "../lock/holders.ts";
 import { describeHolder } from "../lock/owner.ts";
 import { log } from "../log.ts";
@@ -11,8 +11,8 @@ import { type ReattachAllReport, reattachPool } from "../pipeline/reattach.ts";
 import { type RecoverOptions, type RecoverReport, recoverPool } from "./recover.ts";
 
 export interface BootOptions extends RecoverOptions {
-  stateDir?: string | undefined;
-  wait?: string | undefined;
+  /** The command's config (state dir, lock wait), resolved once by the command. */
+  cfg: Config;
   ignoreLock?: boolean;
   /** Re-attach the handed-out snapshots once the pool is up (not with --create). */
   reattach?: boolean;
@@ -27,7 +27,7 @@ export interface BootResult {
 }
 
 export async function recoverAndReattach(o: BootOptions): Promise<BootResult> {
-  const cfg = loadConfig({ stateDir: o.stateDir, wait: o.wait });
+  const { cfg } = o;
   // the before-records go to the state dir's journal once there is one (a fresh host has none yet)
   if (existsSync(cfg.stateDir)) useCommandJournal(cfg.stateDir);
   const hold = o.dryRun
@@ -45,13 +45,11 @@ export async function recoverAndReattach(o: BootOptions): Promise<BootResult> {
       : [];
   let report: RecoverReport;
   try {
-    report = await recoverPool(o);
+    report = await recoverPool({ ...o, defaultPool: cfg.pool });
   } finally {
     hold.release();
   }
   const reattach =
-    report.ok && !o.create && o.reattach !== false && report.pool
-      ? await reattachPool({ pool: report.pool, stateDir: o.stateDir, wait: o.wait, dryRun: o.dryRun })
-      : null;
+    report.ok && !o.create && o.reattach !== false && report.pool ? await reattachPool({ ...cfg, pool: report.pool }, { dryRun: o.dryRun }) : null;
   return { report, reattach, warnings, exitCode: report.exit_code || (reattach && !reattach.ok ? 1 : 0) };
 }

@@ -5,7 +5,7 @@
 // suspended, and on an error it stops where it is (fail dumb) and says what to run next.
 import { existsSync, mkdirSync, statSync } from "node:fs";
 import { join, resolve } from "node:path";
-import { loadConfig } from "../config.ts";
+import { checkPoolName, DEFAULT_POOL } from "../config.ts";
 import * as dmsetup from "../dm/dmsetup.ts";
 import { isDmError } from "../dm/errors.ts";
 import { assertFreeSpace, DATA_FILE, META_FILE, makeBackingFile, sizeEmptyBackingFile } from "../dm/loop-pool.ts";
@@ -40,6 +40,8 @@ export interface RecoverOptions {
   dir: string;
   /** --pool: the name to create, or (recover) an assertion that the record names this pool. */
   pool?: string | undefined;
+  /** The configured pool (THINIMG_POOL or the default) a --create without --pool makes. */
+  defaultPool?: string | undefined;
   dryRun?: boolean;
   /** Permission to run thin_repair when thin_check fails. */
   repair?: boolean;
@@ -115,7 +117,7 @@ export class Recovery {
 
   /** --create: record first (state "creating"), then the rest is the same as a recovery. */
   async create(s: Required<CreateSpec>): Promise<void> {
-    const name = loadConfig({ pool: this.o.pool }).pool;
+    const name = this.o.pool !== undefined ? checkPoolName(this.o.pool) : (this.o.defaultPool ?? DEFAULT_POOL);
     this.pool = name;
     const dirExists = existsSync(this.dir);
     if (dirExists && !statSync(this.dir).isDirectory()) {

@@ -5,6 +5,8 @@ export interface RetryOptions {
   attempts: number;
   baseDelayMs: number;
   transient: (e: unknown) => boolean;
+  /** The warning logged before a retry; default names the attempt and the delay. */
+  note?: (e: unknown, attempt: number, delayMs: number) => string;
 }
 
 export async function withRetry<T>(label: string, fn: () => Promise<T>, o: RetryOptions): Promise<T> {
@@ -14,7 +16,7 @@ export async function withRetry<T>(label: string, fn: () => Promise<T>, o: Retry
     } catch (e) {
       if (i >= o.attempts || !o.transient(e)) throw e;
       const delay = o.baseDelayMs * 2 ** (i - 1);
-      log.warn(`${label}: transient failure (attempt ${i}/${o.attempts}), retrying in ${delay} ms: ${(e as Error).message}`);
+      log.warn(o.note?.(e, i, delay) ?? `${label}: transient failure (attempt ${i}/${o.attempts}), retrying in ${delay} ms: ${(e as Error).message}`);
       await Bun.sleep(delay);
     }
   }

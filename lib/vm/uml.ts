@@ -7,6 +7,7 @@
 import { closeSync, existsSync, mkdtempSync, openSync, readdirSync, readFileSync, readSync, rmSync, writeFileSync } from "node:fs";
 import { ThinimgError } from "../errors.ts";
 import { groupProcesses } from "../util/proc.ts";
+import { onStop } from "../util/signals.ts";
 import { parseSize } from "../util/units.ts";
 import { vmEnv } from "./env.ts";
 import { vmHost } from "./host.ts";
@@ -90,8 +91,6 @@ interface LiveVm {
   cleanup: () => void;
 }
 const live = new Map<number, LiveVm>();
-const SIGNALS = ["SIGINT", "SIGTERM", "SIGHUP"] as const;
-const SIGNO: Record<(typeof SIGNALS)[number], number> = { SIGINT: 2, SIGTERM: 15, SIGHUP: 1 };
 
 /** Pids whose argv carries umid=<umid> (UML helpers keep linux.uml's argv). */
 function umidProcesses(umid: string): number[] {
@@ -144,27 +143,16 @@ function killAll(): void {
   }
 }
 
-const onSignal = (sig: (typeof SIGNALS)[number]) => () => {
-  killAll();
-  uninstall();
-  // Only decide the exit if nobody else handles this signal.
-  if (process.listenerCount(sig) === 0) process.exit(128 + SIGNO[sig]);
-};
-const handlers = Object.fromEntries(SIGNALS.map((s) => [s, onSignal(s)])) as Record<(typeof SIGNALS)[number], () => void>;
-let installed = false;
+// Eager: a VM is killed as soon as we are stopped, even when the script handles the signal.
+let unregisterStop: (() => void) | null = null;
 
 function install(): void {
-  if (installed) return;
-  installed = true;
-  for (const s of SIGNALS) process.on(s, handlers[s]);
-  process.on("exit", killAll);
+  unregisterStop ??= onStop({ run: killAll, eager: true });
 }
 
 function uninstall(): void {
-  if (!installed) return;
-  installed = false;
-  for (const s of SIGNALS) process.off(s, handlers[s]);
-  process.off("exit", killAll);
+  unregisterStop?.();
+  unregisterStop = null;
 }
 
 /** Host processes (pid, state) still alive in the VM's process groups; zombies excluded (tests). */

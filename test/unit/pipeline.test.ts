@@ -96,6 +96,21 @@ describe("config", () => {
     expect(loadConfig({}, {})).toMatchObject({ pool: "thinimg-pool", stateDir: "/var/lib/thinimg", virtualSize: 10 * 1024 ** 3, prefix: "thinimg" });
   });
 
+  test("limits: a flag wins over its THINIMG_MAX_* variable, which wins over the default", () => {
+    const env = { THINIMG_MAX_DEPTH: "64", THINIMG_MAX_PATH_BYTES: "512", THINIMG_MAX_LAYER_SIZE: "1G", THINIMG_MAX_ENTRIES: "50" };
+    expect(loadConfig({ limits: { maxDepth: "8", maxLayerBytes: "2M" } }, env).limits).toEqual({
+      maxBlobBytes: 8 * 1024 ** 3,
+      maxLayerBytes: 2 * 1024 ** 2,
+      maxFileBytes: 1024 ** 3,
+      maxEntries: 50,
+      maxDepth: 8,
+      maxPathBytes: 512,
+    });
+    expect(loadConfig({}, {}).limits).toMatchObject({ maxDepth: 1024, maxPathBytes: 4096, maxEntries: 100_000 });
+    expect(() => loadConfig({ limits: { maxDepth: "0" } }, {})).toThrow(/--max-depth/);
+    expect(() => loadConfig({}, { THINIMG_MAX_PATH_BYTES: "x" })).toThrow(/THINIMG_MAX_PATH_BYTES/);
+  });
+
   test("bad values: one line naming the flag or variable and what to do", () => {
     const cases: [Parameters<typeof loadConfig>[0], Record<string, string>, RegExp][] = [
       [{ pool: "bad name" }, {}, /^--pool "bad name": use letters.* — pass --pool NAME or set THINIMG_POOL/],
