@@ -14,7 +14,7 @@ import { acknowledgeOwnMessages, cursorOf, type KmsgCursor } from "../health/dme
 import { assertHealthy } from "../health/index.ts";
 import { procIo } from "../health/io.ts";
 import { type ExclusiveHold, holdExclusive } from "../lock/holders.ts";
-import { describeHolder, staleness } from "../lock/owner.ts";
+import { describeHolder, pidAlive, staleness } from "../lock/owner.ts";
 import { acquireProcessLock, type ProcessLock, readLockFile } from "../lock/process-lock.ts";
 import { log } from "../log.ts";
 import { makeCtx } from "../pool/context.ts";
@@ -61,14 +61,7 @@ function openForRun(cfg: Config, force: boolean): { db: Db | null; note: string 
 }
 
 export const alive = (pid: number, startTime: number | null, host: string | null) => {
-  if (host === null) {
-    try {
-      process.kill(pid, 0);
-      return true;
-    } catch (e) {
-      return (e as NodeJS.ErrnoException).code === "EPERM";
-    }
-  }
+  if (host === null) return pidAlive(pid);
   return !staleness({ pid, startTime, host }).stale;
 };
 

@@ -7,7 +7,7 @@ import * as pool from "../dm/pool.ts";
 import { errorMessage } from "../errors.ts";
 import type { Db } from "../store/db.ts";
 import { readGcRows } from "../store/gc-queries.ts";
-import { imageLayerIds, listImages } from "../store/images.ts";
+import { type ImageRow, imageLayerIds, listImages } from "../store/images.ts";
 import { layerRefCounts, listLayers } from "../store/layers.ts";
 import { imageUses } from "../store/lifecycle.ts";
 import { listSnapshots, type SnapshotRow } from "../store/snapshots.ts";
@@ -15,7 +15,23 @@ import { listThinIds } from "../store/thin-ids.ts";
 import { isDetached } from "./reattach.ts";
 import { estimateFreed, readBlockMap } from "./space.ts";
 
-const iso = (ms: number | null) => (ms === null ? null : new Date(ms).toISOString());
+/** Unix milliseconds as an ISO string, as every JSON document shows a time. */
+export const iso = (ms: number | null) => (ms === null ? null : new Date(ms).toISOString());
+
+/** An image row as `list --json` and the service's GET /v1/images show it. */
+export function imageJson(db: Db, i: ImageRow) {
+  return {
+    id: i.id,
+    name: i.name,
+    state: i.state,
+    source: i.source,
+    format: i.format,
+    layers: imageLayerIds(db, i.id).length,
+    top_chain_id: i.top_chain_id,
+    ready_at: iso(i.ready_at),
+    error: i.error,
+  };
+}
 
 export interface Inventory {
   pool: {
@@ -145,15 +161,7 @@ export async function inventory(
     images: images
       .filter((i) => uses.has(i.id))
       .map((i) => ({
-        id: i.id,
-        name: i.name,
-        state: i.state,
-        source: i.source,
-        format: i.format,
-        layers: imageLayerIds(db, i.id).length,
-        top_chain_id: i.top_chain_id,
-        ready_at: iso(i.ready_at),
-        error: i.error,
+        ...imageJson(db, i),
         exclusive_bytes: space.bytes.get(i.id) ?? null,
         last_activated_at: iso(uses.get(i.id)!.lastActivatedAt),
         active_snapshots: uses.get(i.id)!.activeSnapshots,

@@ -8,13 +8,14 @@ import { ThinimgError } from "../errors.ts";
 import { type HealthReport, reportJson } from "../health/types.ts";
 import { log } from "../log.ts";
 import { type ActivateResult, findImage, findSnapshot, type ReleaseResult } from "../pipeline/activate.ts";
+import { imageJson, iso } from "../pipeline/inventory.ts";
 import type { PruneOptions, PruneResult } from "../pipeline/prune.ts";
 import type { ReattachAllReport } from "../pipeline/reattach.ts";
 import type { RemoveResult } from "../pipeline/remove.ts";
 import { defaultImageName } from "../pipeline/unpack.ts";
 import type { Ctx } from "../pool/context.ts";
 import { assertImageName } from "../pool/names.ts";
-import { imageLayerIds, listImages } from "../store/images.ts";
+import { listImages } from "../store/images.ts";
 import { parseDuration, parseSize } from "../util/units.ts";
 import { type AllowList, admitSource } from "./allow.ts";
 import { authenticate, type ReplayCache, type Secrets } from "./auth.ts";
@@ -48,8 +49,6 @@ export interface AppDeps {
 }
 
 type Env = { Variables: { body: Uint8Array } };
-
-const iso = (ms: number | null) => (ms === null ? null : new Date(ms).toISOString());
 
 export function jobJson(j: JobRow, runner: JobRunner) {
   const progress = j.state === "running" ? runner.progressOf(j.id) : null;
@@ -227,16 +226,7 @@ function v1(app: Hono<Env>, d: AppDeps): void {
   app.get("/v1/images", (c) => {
     const images = listImages(d.ctx.db, d.ctx.cfg.pool)
       .filter((i) => !i.removed_at)
-      .map((i) => ({
-        id: i.id,
-        name: i.name,
-        state: i.state,
-        source: i.source,
-        format: i.format,
-        layers: imageLayerIds(d.ctx.db, i.id).length,
-        ready_at: iso(i.ready_at),
-        error: i.error,
-      }));
+      .map((i) => imageJson(d.ctx.db, i));
     return c.json({ ok: true, images });
   });
 }

@@ -48,3 +48,10 @@ export function tx<T>(db: Db, fn: () => T): T {
 }
 
 export const now = (): number => Date.now();
+
+/** A pool's rows of `table`, all or only those in `states`, in `orderBy` order. */
+export function poolRowsInStates<T>(db: Db, table: string, pool: string, orderBy: string, states?: readonly string[]): T[] {
+  if (!states) return db.query(`SELECT * FROM ${table} WHERE pool = ? ORDER BY ${orderBy}`).all(pool) as T[];
+  const ph = states.map(() => "?").join(",");
+  return db.query(`SELECT * FROM ${table} WHERE pool = ? AND state IN (${ph}) ORDER BY ${orderBy}`).all(pool, ...states) as T[];
+}

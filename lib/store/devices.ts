@@ -1,5 +1,5 @@
 // Every dm device thinimg activates, with its state, so GC can tell ours-and-live from leaked.
-import { type Db, now } from "./db.ts";
+import { type Db, now, poolRowsInStates } from "./db.ts";
 
 export type DeviceState = "activating" | "active" | "removing" | "removed" | "leaked";
 export type DeviceKind = "layer" | "snap";
@@ -34,7 +34,5 @@ export function getDevice(db: Db, pool: string, name: string): DeviceRow | null 
 }
 
 export function listDevices(db: Db, pool: string, states?: DeviceState[]): DeviceRow[] {
-  if (!states) return db.query("SELECT * FROM devices WHERE pool = ? ORDER BY name").all(pool) as DeviceRow[];
-  const ph = states.map(() => "?").join(",");
-  return db.query(`SELECT * FROM devices WHERE pool = ? AND state IN (${ph}) ORDER BY name`).all(pool, ...states) as DeviceRow[];
+  return poolRowsInStates<DeviceRow>(db, "devices", pool, "name", states);
 }

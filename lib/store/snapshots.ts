@@ -1,5 +1,5 @@
 // Activations: one fresh thin snapshot of an image's top layer per request.
-import { type Db, now } from "./db.ts";
+import { type Db, now, poolRowsInStates } from "./db.ts";
 
 export type SnapshotState = "pending" | "active" | "released" | "failed";
 
@@ -48,7 +48,5 @@ export function getSnapshotByDevice(db: Db, pool: string, deviceName: string): S
 }
 
 export function listSnapshots(db: Db, pool: string, states?: SnapshotState[]): SnapshotRow[] {
-  if (!states) return db.query("SELECT * FROM snapshots WHERE pool = ? ORDER BY id").all(pool) as SnapshotRow[];
-  const ph = states.map(() => "?").join(",");
-  return db.query(`SELECT * FROM snapshots WHERE pool = ? AND state IN (${ph}) ORDER BY id`).all(pool, ...states) as SnapshotRow[];
+  return poolRowsInStates<SnapshotRow>(db, "snapshots", pool, "id", states);
 }

@@ -1,7 +1,7 @@
 // The thin id ledger. Ids are handed out by the DB (max + 1 per pool), so two processes never pick the
 // same one, and an id is never reused before GC has confirmed its delete.
 import { ThinimgError } from "../errors.ts";
-import { type Db, now, tx } from "./db.ts";
+import { type Db, now, poolRowsInStates, tx } from "./db.ts";
 
 export type ThinIdState = "allocated" | "created" | "committed" | "deleting" | "deleted" | "orphaned";
 export type OwnerKind = "layer" | "snapshot" | "none";
@@ -77,7 +77,5 @@ export function getThinId(db: Db, pool: string, thinId: number): ThinIdRow | nul
 }
 
 export function listThinIds(db: Db, pool: string, states?: ThinIdState[]): ThinIdRow[] {
-  if (!states) return db.query("SELECT * FROM thin_ids WHERE pool = ? ORDER BY thin_id").all(pool) as ThinIdRow[];
-  const ph = states.map(() => "?").join(",");
-  return db.query(`SELECT * FROM thin_ids WHERE pool = ? AND state IN (${ph}) ORDER BY thin_id`).all(pool, ...states) as ThinIdRow[];
+  return poolRowsInStates<ThinIdRow>(db, "thin_ids", pool, "thin_id", states);
 }
