@@ -3,8 +3,8 @@
 // record per call. Tests swap the runner with setRunner() to unit-test decision logic.
 import { appendFileSync } from "node:fs";
 import { journal } from "./cmd-journal.ts";
-import { assertNotTainted, isStateChanging, noteTimeout, withHostQueue } from "./dm/host-queue.ts";
 import { type ErrorKind, ThinimgError } from "./errors.ts";
+import { assertNotTainted, isStateChanging, noteTimeout, withHostQueue } from "./lock/host-queue.ts";
 import { logCommandRecord, logCommandStart } from "./log.ts";
 import { groupProcesses } from "./util/proc.ts";
 import { onStop } from "./util/signals.ts";
@@ -270,7 +270,7 @@ export function setRunner(r: Runner): Runner {
   return prev;
 }
 
-/** Run a command. A state-changing one (lib/dm/host-queue.ts decides) waits for the host-wide dm
+/** Run a command. A state-changing one (lib/lock/host-queue.ts decides) waits for the host-wide dm
  * queue and holds it for exactly its own run, its before-record is on disk before it is spawned, and
  * it is refused if an earlier command of this process timed out on the same device. */
 export function run(argv: string[], opts?: RunOptions): Promise<CmdResult> {

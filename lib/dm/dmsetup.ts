@@ -4,8 +4,8 @@
 
 import { ThinimgError } from "../errors.ts";
 import { type CmdContext, type CmdResult, run } from "../exec.ts";
+import { withHostQueue } from "../lock/host-queue.ts";
 import { classifyDmError, DmError, dmRefusal, isDmError } from "./errors.ts";
-import { withHostQueue } from "./host-queue.ts";
 import { udevArgs } from "./udev.ts";
 import { assertDmName } from "./validate.ts";
 

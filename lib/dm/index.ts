@@ -6,7 +6,6 @@ export * as losetup from "./losetup.ts";
 export * from "./mkfs.ts";
 export * as mount from "./mount.ts";
 export * as pool from "./pool.ts";
-export * from "./queue.ts";
 export * from "./status.ts";
 export * as thintools from "./thintools.ts";
 export * from "./udev.ts";

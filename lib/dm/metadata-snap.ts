@@ -28,7 +28,7 @@ export type MetaLock = Flock;
  */
 export async function acquireMetaLock(stateDir: string, waitMs = META_LOCK_WAIT_MS): Promise<MetaLock | null> {
   const path = join(stateDir, META_LOCK_FILE);
-  if (!existsSync(stateDir)) return { path, release() {} };
+  if (!existsSync(stateDir)) return { path, previous: null, release() {} };
   return acquireFlock(path, waitMs);
 }
 

@@ -156,7 +156,7 @@ export async function runGc(o: GcOptions): Promise<GcReport> {
         return done({ refused: { reason: "lock_held", detail: `${errorMessage(e)} (the next run retries; --ignore-lock overrides)` } });
       }
       try {
-        lock = await acquireProcessLock(cfg.lockFile, db, { waitMs: o.ignoreLock ? 0 : (o.lockWaitMs ?? GC_LOCK_WAIT_MS), command: o.command });
+        lock = await acquireProcessLock(cfg.lockFile, { waitMs: o.ignoreLock ? 0 : (o.lockWaitMs ?? GC_LOCK_WAIT_MS), command: o.command });
         base.lock = hold.ignored.length ? { status: "ignored", holder: hold.ignored.map(describeHolder).join("; ") } : { status: "acquired", holder: null };
       } catch (e) {
         const holder = readLockFile(cfg.lockFile);

@@ -1,34 +1,30 @@
 // The state dir as a reader-writer lock over the pool. Every operation that creates or uses pool
 // state (an unpack, an activation, a release — a script's whole run, or one job of a service) is a
-// SHARED holder: it leaves <state dir>/holders/<pid>-<start time>.json for its run. `gc --force` and
-// `recover-pool` are EXCLUSIVE: they write <state dir>/exclusive.lock, then wait (up to --wait) for
+// SHARED holder: it holds <state dir>/holders/<pid>-<start time>.json for its run. `gc --force` and
+// `recover-pool` are EXCLUSIVE: they hold <state dir>/exclusive.lock, then wait (up to --wait) for
 // the shared holders to finish, and refuse with one line naming every one of them — unless
 // --ignore-lock, which takes no part in the lock and goes ahead with a warning. New shared holders
-// wait while an exclusive one is live. Each side writes its own file before looking at the other's,
-// so of two that arrive together at least one sees the other. Files of dead or reused PIDs never
-// block: they are removed.
+// wait while an exclusive one is live. Each side takes its own file before looking at the other's,
+// so of two that arrive together at least one sees the other. Every file is a flock (util/flock.ts)
+// holding its holder's record: a file whose holder died is not held, never blocks and is removed.
 // (The process lock file, thinimg.lock, stays the short mutex around pool sections.)
-import { existsSync, linkSync, mkdirSync, readdirSync, unlinkSync } from "node:fs";
+import { existsSync, mkdirSync, readdirSync } from "node:fs";
 import { join } from "node:path";
 import { ThinimgError } from "../errors.ts";
 import { log } from "../log.ts";
-import { currentHolder, describeHolder, type Holder, isSelf, sleep, staleness } from "./owner.ts";
-import { readLockFile, writeLockFile } from "./process-lock.ts";
+import { type Flock, flockHeld, tryFlock } from "../util/flock.ts";
+import { currentHolder, describeHolder, type Holder, isSelf, sleep } from "./owner.ts";
+import { holderRecord, readLockFile } from "./process-lock.ts";
 
 export const HOLDERS_DIR = "holders";
 export const EXCLUSIVE_FILE = "exclusive.lock";
+const POLL_MS = 100;
 
-/** A holder's file, or null (and the file removed) when its process is gone. */
+/** A holder file's holder while it is held, or null (and the file removed) when it is not. */
 function live(path: string): Holder | null {
-  const h = readLockFile(path);
-  if (!h) return null;
-  if (h.pid === 0 || staleness(h).stale) {
-    try {
-      unlinkSync(path);
-    } catch {}
-    return null;
-  }
-  return h;
+  if (!flockHeld(path)) return null;
+  // held, but its record not written yet: a holder starting up
+  return readLockFile(path) ?? { pid: 0, startTime: null, host: "", command: "(starting)", acquiredAt: Date.now() };
 }
 
 /** Live shared holders of a state dir (this process excluded). */
@@ -57,31 +53,35 @@ export interface HoldOptions {
 
 /** Shared holds this process has open, by holder file: one file however many run at once (a
  * service answers an activation while a job unpacks). */
-const openHolds = new Map<string, number>();
+const openHolds = new Map<string, { flock: Promise<Flock>; count: number }>();
 
-/** Write our holder file once no exclusive holder is live; waits (bounded) while one is. */
-async function acquireShared(stateDir: string, mine: string, me: Holder, waitMs: number): Promise<void> {
+/** Take our holder file once no exclusive holder is live; waits (bounded) while one is. */
+async function acquireShared(stateDir: string, mine: string, me: Holder, waitMs: number): Promise<Flock> {
   const deadline = Date.now() + waitMs;
   let announced = false;
   for (;;) {
     let ex = liveExclusive(stateDir);
     if (!ex) {
-      writeLockFile(mine, me);
+      // null only while another process probes the file for a moment: try again
+      const flock = tryFlock(mine, { record: holderRecord(me), mode: 0o644 });
       ex = liveExclusive(stateDir);
-      if (!ex) return;
-      unlinkSync(mine);
+      if (flock && !ex) return flock;
+      flock?.release();
     }
-    if (Date.now() >= deadline) {
+    if (!ex && Date.now() >= deadline + 1_000) {
+      throw new ThinimgError("conflict", `${mine} stays locked by another process`, { hint: "retry; if it persists, check what holds it (lsof)" });
+    }
+    if (ex && Date.now() >= deadline) {
       throw new ThinimgError("conflict", `the state dir is held exclusively by ${describeHolder(ex)}`, {
         hint: "wait for it to finish or pass a longer --wait (a holder whose process is gone never blocks)",
         details: { holder: ex },
       });
     }
-    if (!announced) {
+    if (ex && !announced) {
       announced = true;
       log.info(`waiting for ${describeHolder(ex)} (it needs the state dir alone)`);
     }
-    await sleep(Math.min(100, Math.max(1, deadline - Date.now())));
+    await sleep(ex ? Math.min(POLL_MS, Math.max(1, deadline - Date.now())) : 5);
   }
 }
 
@@ -92,19 +92,27 @@ export async function withSharedHold<T>(stateDir: string, o: HoldOptions, fn: ()
   const me = currentHolder(o.command);
   const mine = join(dir, `${me.pid}-${me.startTime ?? 0}.json`);
   // a hold this process already has open is joined, never waited for (an exclusive waiter waits for it)
-  if (!openHolds.has(mine)) await acquireShared(stateDir, mine, me, o.waitMs);
-  openHolds.set(mine, (openHolds.get(mine) ?? 0) + 1);
+  let open = openHolds.get(mine);
+  if (!open) {
+    open = { flock: acquireShared(stateDir, mine, me, o.waitMs), count: 0 };
+    openHolds.set(mine, open);
+  }
+  open.count++;
+  const leave = async () => {
+    if (--open.count > 0) return;
+    openHolds.delete(mine);
+    (await open.flock).release();
+  };
+  try {
+    await open.flock;
+  } catch (e) {
+    if (--open.count === 0) openHolds.delete(mine);
+    throw e;
+  }
   try {
     return await fn();
   } finally {
-    const left = (openHolds.get(mine) ?? 1) - 1;
-    if (left > 0) openHolds.set(mine, left);
-    else {
-      openHolds.delete(mine);
-      try {
-        unlinkSync(mine);
-      } catch {}
-    }
+    await leave();
   }
 }
 
@@ -112,6 +120,15 @@ export interface ExclusiveHold {
   /** Holders that were live when --ignore-lock went ahead anyway (empty otherwise). */
   ignored: Holder[];
   release(): void;
+}
+
+/** Refused: the state dir stayed in use until the deadline. */
+function inUse(what: string, others: Holder[]): ThinimgError {
+  return new ThinimgError(
+    "conflict",
+    `${what}: the state dir is in use by ${others.length === 1 ? "" : `${others.length} processes: `}${describeAll(others)}; nothing was done`,
+    { hint: "wait for them to finish (or pass a longer --wait); --ignore-lock goes ahead anyway", details: { holders: others } },
+  );
 }
 
 /**
@@ -128,48 +145,24 @@ export async function holdExclusive(stateDir: string, o: HoldOptions & { ignoreL
     return { ignored: others, release() {} };
   }
   const path = join(stateDir, EXCLUSIVE_FILE);
-  const me = currentHolder(o.command);
+  const record = holderRecord(currentHolder(o.command));
   const deadline = Date.now() + o.waitMs;
-  let mineWritten = false;
-  const release = () => {
-    if (!mineWritten) return;
-    mineWritten = false;
-    const cur = readLockFile(path);
-    if (cur && isSelf(cur)) unlinkSync(path);
-  };
+  let mine: Flock | null = null;
   let announced = false;
   for (;;) {
-    if (!mineWritten) {
-      // written whole, then linked into place: link(2) fails if another one got there first
-      const tmp = `${path}.${process.pid}`;
-      writeLockFile(tmp, me);
-      try {
-        linkSync(tmp, path);
-        mineWritten = true;
-      } catch (e) {
-        if ((e as NodeJS.ErrnoException).code !== "EEXIST") throw e;
-      } finally {
-        unlinkSync(tmp);
-      }
-      if (!mineWritten && live(path) === null) continue; // its holder is gone (file removed): claim it again
+    mine ??= tryFlock(path, { record, mode: 0o644 });
+    // another exclusive holder (this process's too: exclusive holds do not nest)
+    const ex = mine ? null : live(path);
+    const others = [...(ex ? [ex] : []), ...sharedHolders(stateDir)];
+    if (mine && others.length === 0) return { ignored: [], release: () => mine?.release() };
+    if (Date.now() >= deadline && others.length) {
+      mine?.release();
+      throw inUse(o.what, others);
     }
-    const others = [...(mineWritten ? [] : [liveExclusive(stateDir)].filter((h): h is Holder => h !== null)), ...sharedHolders(stateDir)];
-    if (mineWritten && others.length === 0) return { ignored: [], release };
-    if (Date.now() >= deadline) {
-      release();
-      throw new ThinimgError(
-        "conflict",
-        `${o.what}: the state dir is in use by ${others.length === 1 ? "" : `${others.length} processes: `}${describeAll(others)}; nothing was done`,
-        {
-          hint: "wait for them to finish (or pass a longer --wait); --ignore-lock goes ahead anyway",
-          details: { holders: others },
-        },
-      );
-    }
-    if (!announced) {
+    if (!announced && others.length) {
       announced = true;
       log.info(`${o.what}: waiting for ${describeAll(others)} to finish`);
     }
-    await sleep(Math.min(100, Math.max(1, deadline - Date.now())));
+    await sleep(Math.min(POLL_MS, Math.max(1, deadline - Date.now())));
   }
 }

@@ -1,4 +1,4 @@
-// lib/lock: the process lock file, named SQLite locks, and the in-process section mutex.
+// lib/lock: every lock — the process lock, the state dir holders, the host dm queue, named SQLite locks, pool sections.
 
 export * from "./holders.ts";
 export * from "./named-lock.ts";

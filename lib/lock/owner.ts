@@ -51,18 +51,19 @@ export function currentHolder(command = commandLine()): Holder {
 
 export type Staleness = { stale: false } | { stale: true; why: string };
 
+/** Why the process (pid, start time) of this host is gone, or null while it runs. */
+export function goneReason(pid: number, startTime: number | null): string | null {
+  const st = processStartTime(pid);
+  if (st === null) return pidAlive(pid) ? null : `pid ${pid} is not running`; // no /proc: trust kill(0)
+  if (startTime !== null && st !== startTime) return `pid ${pid} was reused (start time ${st}, lock says ${startTime})`;
+  return null;
+}
+
 /** Same host: dead PID or changed start time → stale. Other host: we cannot tell → live. */
 export function staleness(h: Pick<Holder, "pid" | "startTime" | "host">): Staleness {
   if (h.host !== hostname()) return { stale: false };
-  const st = processStartTime(h.pid);
-  if (st === null) {
-    if (pidAlive(h.pid)) return { stale: false }; // no /proc: trust kill(0)
-    return { stale: true, why: `pid ${h.pid} is not running` };
-  }
-  if (h.startTime !== null && st !== h.startTime) {
-    return { stale: true, why: `pid ${h.pid} was reused (start time ${st}, lock says ${h.startTime})` };
-  }
-  return { stale: false };
+  const why = goneReason(h.pid, h.startTime);
+  return why === null ? { stale: false } : { stale: true, why };
 }
 
 export function isSelf(h: Pick<Holder, "pid" | "startTime" | "host">): boolean {

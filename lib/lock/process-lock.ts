@@ -1,17 +1,14 @@
 // The process lock file (<stateDir>/thinimg.lock): one thinimg process at a time changes the pool.
 // It is held around each pool-changing section (intent → pool message → transaction id → record),
 // not for a whole unpack, so activations are never stuck behind a long layer apply; GC holds it for
-// its whole run. The file says who holds it (PID, start time, host, command, since when).
-//
-// Check-and-write happens inside an IMMEDIATE transaction on the state DB: SQLite's write lock is the
-// mutex that makes stale takeover race-free, and the kernel drops it if we die.
+// its whole run. It is a flock (util/flock.ts): the kernel drops it when its holder dies. The file
+// says who holds it (PID, start time, host, command, since when) for the messages of those who wait.
 
-import type { Database } from "bun:sqlite";
 import { AsyncLocalStorage } from "node:async_hooks";
-import { existsSync, readFileSync, renameSync, unlinkSync, writeFileSync } from "node:fs";
 import { ThinimgError } from "../errors.ts";
 import { log } from "../log.ts";
-import { currentHolder, describeHolder, type Holder, isSelf, sleep, staleness } from "./owner.ts";
+import { acquireFlock, type Flock, readFlockRecord } from "../util/flock.ts";
+import { currentHolder, describeHolder, type Holder, isSelf, staleness } from "./owner.ts";
 
 export interface ProcessLockOptions {
   /** How long to wait for a live holder; 0 = fail at once. */
@@ -21,13 +18,9 @@ export interface ProcessLockOptions {
   onWait?: (holder: Holder) => void;
 }
 
-export function readLockFile(path: string): Holder | null {
-  let text: string;
-  try {
-    text = readFileSync(path, "utf8");
-  } catch {
-    return null;
-  }
+/** A holder record (the JSON line a lock or holder file holds), or null when there is none. */
+export function parseHolder(text: string | null): Holder | null {
+  if (text === null) return null;
   try {
     const j = JSON.parse(text) as Record<string, unknown>;
     return {
@@ -38,28 +31,36 @@ export function readLockFile(path: string): Holder | null {
       acquiredAt: Number(j.acquired_at ?? 0),
     };
   } catch {
-    // unreadable content: treat as a dead holder (pid 0) so it can be taken over, with a warning
+    // unreadable content: a dead holder (pid 0)
     return { pid: 0, startTime: null, host: "", command: "(unreadable lock file)", acquiredAt: 0 };
   }
 }
 
-export function writeLockFile(path: string, h: Holder): void {
-  const tmp = `${path}.${process.pid}.tmp`;
-  writeFileSync(
-    tmp,
-    `${JSON.stringify({ pid: h.pid, start_time: h.startTime, host: h.host, command: h.command, acquired_at: h.acquiredAt, acquired_at_iso: new Date(h.acquiredAt).toISOString() })}\n`,
-    { mode: 0o644 },
-  );
-  renameSync(tmp, path);
+export function holderRecord(h: Holder): string {
+  return JSON.stringify({
+    pid: h.pid,
+    start_time: h.startTime,
+    host: h.host,
+    command: h.command,
+    acquired_at: h.acquiredAt,
+    acquired_at_iso: new Date(h.acquiredAt).toISOString(),
+  });
+}
+
+export function readLockFile(path: string): Holder | null {
+  return parseHolder(readFlockRecord(path));
 }
 
 export class ProcessLock {
   private depth = 1;
   constructor(
-    readonly path: string,
-    private readonly db: Database,
+    private readonly flock: Flock,
     readonly holder: Holder,
   ) {}
+
+  get path(): string {
+    return this.flock.path;
+  }
 
   /** Nested acquire in the same process (re-entrant). */
   retain(): this {
@@ -70,12 +71,7 @@ export class ProcessLock {
   release(): void {
     if (--this.depth > 0) return;
     held.delete(this.path);
-    this.db
-      .transaction(() => {
-        const cur = readLockFile(this.path);
-        if (cur && isSelf(cur)) unlinkSync(this.path);
-      })
-      .immediate();
+    this.flock.release();
   }
 }
 
@@ -84,58 +80,44 @@ const held = new Map<string, ProcessLock>();
  * Another async path of this process that wants a held lock waits for it like another process. */
 const nesting = new AsyncLocalStorage<ReadonlySet<string>>();
 
-type Attempt = { ok: true; lock: ProcessLock } | { ok: false; holder: Holder };
-
-function tryAcquire(path: string, db: Database, command: string | undefined): Attempt {
-  return db
-    .transaction((): Attempt => {
-      const cur = existsSync(path) ? readLockFile(path) : null;
-      if (cur && !isSelf(cur)) {
-        const s = cur.pid === 0 ? { stale: true as const, why: "lock file unreadable" } : staleness(cur);
-        if (!s.stale) return { ok: false, holder: cur };
-        log.warn(`taking over stale lock ${path}: ${s.why} (was ${describeHolder(cur)})`);
-      }
-      const me = currentHolder(command);
-      writeLockFile(path, me);
-      return { ok: true, lock: new ProcessLock(path, db, me) };
-    })
-    .immediate();
+/** A holder that died holding the lock left its record: say so once we have taken it over. */
+function noteTakeover(path: string, previous: string | null): void {
+  const was = parseHolder(previous);
+  if (!was || isSelf(was)) return;
+  const s = staleness(was);
+  const why = was.pid === 0 ? "lock file unreadable" : s.stale ? s.why : "its holder released it without clearing it";
+  log.warn(`taking over stale lock ${path}: ${why} (was ${describeHolder(was)})`);
 }
 
 /** Acquire the process lock, waiting up to waitMs for a live holder. Re-entrant only for real
  * nesting: a call made inside withProcessLock's fn (same async call chain) shares the lock; any
  * other caller in this process waits until it is released. */
-export async function acquireProcessLock(path: string, db: Database, o: ProcessLockOptions): Promise<ProcessLock> {
+export async function acquireProcessLock(path: string, o: ProcessLockOptions): Promise<ProcessLock> {
   const mine = held.get(path);
   if (mine && nesting.getStore()?.has(path)) return mine.retain();
-  const deadline = Date.now() + o.waitMs;
-  let delay = 25;
-  let announced = false;
-  for (;;) {
-    const ours = held.get(path);
-    const a: Attempt = ours ? { ok: false, holder: ours.holder } : tryAcquire(path, db, o.command);
-    if (a.ok) {
-      held.set(path, a.lock);
-      return a.lock;
-    }
-    if (Date.now() >= deadline) {
-      throw new ThinimgError("conflict", `the state dir is locked by ${describeHolder(a.holder)}`, {
-        hint: `wait for it to finish or pass a longer --wait; a lock whose process is gone is taken over automatically (${path})`,
-        details: { lock: path, holder: a.holder },
-      });
-    }
-    if (!announced) {
-      announced = true;
-      o.onWait?.(a.holder);
-      log.info(`waiting for the state dir lock held by ${describeHolder(a.holder)}`);
-    }
-    await sleep(Math.min(delay, Math.max(1, deadline - Date.now())));
-    delay = Math.min(delay * 2, 500);
+  const me = currentHolder(o.command);
+  const onWait = (record: string | null) => {
+    const h = parseHolder(record);
+    if (!h) return;
+    o.onWait?.(h);
+    log.info(`waiting for the state dir lock held by ${describeHolder(h)}`);
+  };
+  const flock = await acquireFlock(path, o.waitMs, { record: holderRecord(me), mode: 0o644, maxPollMs: 500, onWait });
+  if (!flock) {
+    const h = readLockFile(path);
+    throw new ThinimgError("conflict", `the state dir is locked by ${h ? describeHolder(h) : "another process"}`, {
+      hint: `wait for it to finish or pass a longer --wait; a lock whose process is gone is taken over automatically (${path})`,
+      details: { lock: path, holder: h },
+    });
   }
+  noteTakeover(path, flock.previous);
+  const lock = new ProcessLock(flock, me);
+  held.set(path, lock);
+  return lock;
 }
 
-export async function withProcessLock<T>(path: string, db: Database, o: ProcessLockOptions, fn: () => Promise<T>): Promise<T> {
-  const lock = await acquireProcessLock(path, db, o);
+export async function withProcessLock<T>(path: string, o: ProcessLockOptions, fn: () => Promise<T>): Promise<T> {
+  const lock = await acquireProcessLock(path, o);
   try {
     return await nesting.run(new Set([...(nesting.getStore() ?? []), path]), fn);
   } finally {

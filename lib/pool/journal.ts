@@ -40,7 +40,7 @@ export class ThinIdTaken extends Error {
 
 /** Run fn as a pool section; pending intents of dead processes are reconciled first. */
 export function inPoolSection<T>(ctx: Ctx, fn: () => Promise<T>): Promise<T> {
-  return poolSection(ctx.cfg.lockFile, ctx.db, { waitMs: ctx.cfg.lockWaitMs, command: ctx.owner.command }, async () => {
+  return poolSection(ctx.cfg.lockFile, { waitMs: ctx.cfg.lockWaitMs, command: ctx.owner.command }, async () => {
     await reconcilePending(ctx);
     return fn();
   });

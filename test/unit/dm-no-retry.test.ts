@@ -4,9 +4,9 @@
 // against the real kernel.
 import { afterEach, describe, expect, test } from "bun:test";
 import * as dmsetup from "../../lib/dm/dmsetup.ts";
-import { clearTimeouts } from "../../lib/dm/host-queue.ts";
 import * as mnt from "../../lib/dm/mount.ts";
 import { type CmdResult, type Runner, setRunner, spawnRunner } from "../../lib/exec.ts";
+import { clearTimeouts } from "../../lib/lock/host-queue.ts";
 import { log } from "../../lib/log.ts";
 import { isTimeout, retryBusyOnce } from "../../lib/pipeline/retry.ts";
 

@@ -3,17 +3,17 @@ import { existsSync, mkdtempSync, rmSync, statSync, writeFileSync } from "node:f
 import { join } from "node:path";
 import * as dmsetup from "../../lib/dm/dmsetup.ts";
 import { classifyDmError, isDmError } from "../../lib/dm/errors.ts";
-import { clearTimeouts } from "../../lib/dm/host-queue.ts";
 import { makeBackingFile } from "../../lib/dm/loop-pool.ts";
 import * as losetup from "../../lib/dm/losetup.ts";
 import { parseLosetupJson } from "../../lib/dm/losetup.ts";
 import { mkfsExt4 } from "../../lib/dm/mkfs.ts";
 import { mount, parseMountinfo, umount } from "../../lib/dm/mount.ts";
 import { parsePoolTable, poolTable, thinTable } from "../../lib/dm/pool.ts";
-import { SerialQueue } from "../../lib/dm/queue.ts";
 import { parseThinDumpIds, parseThinLs } from "../../lib/dm/thintools.ts";
 import { assertDmName, assertThinId } from "../../lib/dm/validate.ts";
 import { type CmdResult, CommandError, type Runner, setRunner, spawnRunner } from "../../lib/exec.ts";
+import { clearTimeouts } from "../../lib/lock/host-queue.ts";
+import { SerialQueue } from "../../lib/util/serial-queue.ts";
 import { cmdResult } from "../helpers/run.ts";
 
 const res = (argv: string[], exitCode: number, stderr = "", stdout = "", timedOut = false): CmdResult =>

@@ -1,10 +1,10 @@
 // The state dir's reader-writer contract (lib/lock/holders.ts) between real processes: unpack,
 // activate and release hold it shared for their whole run; gc --force and recover-pool need it alone.
 import { afterAll, describe, expect, test } from "bun:test";
-import { existsSync, mkdirSync, mkdtempSync, readdirSync, rmSync } from "node:fs";
+import { existsSync, mkdirSync, mkdtempSync, readdirSync, rmSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { EXCLUSIVE_FILE, HOLDERS_DIR, holdExclusive, sharedHolders, withSharedHold } from "../../lib/lock/holders.ts";
-import { writeLockFile } from "../../lib/lock/process-lock.ts";
+import { holderRecord } from "../../lib/lock/process-lock.ts";
 import { log } from "../../lib/log.ts";
 
 const root = mkdtempSync("/tmp/thinimg-holders-");
@@ -106,15 +106,16 @@ describe("shared holders vs exclusive", () => {
     expect(readdirSync(join(d, HOLDERS_DIR))).toEqual([]);
   }, 30_000);
 
-  test("dead or reused PIDs never block, and their files are removed", async () => {
+  test("files of dead holders never block, and are removed", async () => {
     const d = stateDir();
     const dead = Bun.spawn(["true"]);
     await dead.exited;
     mkdirSync(join(d, HOLDERS_DIR));
     const base = { host: (await import("node:os")).hostname(), command: "bun scripts/unpack.ts gone", acquiredAt: Date.now() };
-    writeLockFile(join(d, HOLDERS_DIR, `${dead.pid}-1.json`), { ...base, pid: dead.pid, startTime: 1 });
-    writeLockFile(join(d, HOLDERS_DIR, "1-12345.json"), { ...base, pid: 1, startTime: 12345 }); // pid 1 lives, but started at another time
-    writeLockFile(join(d, EXCLUSIVE_FILE), { ...base, pid: dead.pid, startTime: 1, command: "bun scripts/gc.ts --force" });
+    // files their holders left when they died: records, but nobody holds their flock
+    writeFileSync(join(d, HOLDERS_DIR, `${dead.pid}-1.json`), holderRecord({ ...base, pid: dead.pid, startTime: 1 }));
+    writeFileSync(join(d, HOLDERS_DIR, "1-12345.json"), holderRecord({ ...base, pid: 1, startTime: 12345 }));
+    writeFileSync(join(d, EXCLUSIVE_FILE), holderRecord({ ...base, pid: dead.pid, startTime: 1, command: "bun scripts/gc.ts --force" }));
     expect(sharedHolders(d)).toEqual([]);
     const hold = await holdExclusive(d, { waitMs: 0, ignoreLock: false, what: "gc --force" });
     expect(hold.ignored).toEqual([]);

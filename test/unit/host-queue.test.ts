@@ -1,4 +1,4 @@
-// The host-wide dm queue (lib/dm/host-queue.ts) across real processes: commands are answered by a fake
+// The host-wide dm queue (lib/lock/host-queue.ts) across real processes: commands are answered by a fake
 // runner inside each child (no kernel here), but the lock, the tickets, the waiting and the journal
 // are the real ones. test/vm/host-safety.test.ts checks the same guarantees with real dm commands.
 import { afterAll, afterEach, describe, expect, test } from "bun:test";
@@ -6,9 +6,9 @@ import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSy
 import { join } from "node:path";
 import { JOURNAL_KEEP, journal, journalPath, useCommandJournal } from "../../lib/cmd-journal.ts";
 import * as dmsetup from "../../lib/dm/dmsetup.ts";
-import { clearTimeouts, isStateChanging } from "../../lib/dm/host-queue.ts";
 import * as mnt from "../../lib/dm/mount.ts";
 import { type CmdResult, setRunner, spawnRunner } from "../../lib/exec.ts";
+import { clearTimeouts, isStateChanging } from "../../lib/lock/host-queue.ts";
 
 const dir = mkdtempSync("/tmp/thinimg-host-queue-");
 const lib = join(import.meta.dir, "../../lib");

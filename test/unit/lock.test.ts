@@ -5,9 +5,9 @@ import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { hostname } from "node:os";
 import { join } from "node:path";
 import { acquireNamedLock, acquireProcessLock, processStartTime, readLockFile, staleness, withProcessLock } from "../../lib/lock/index.ts";
-import { log } from "../../lib/log.ts";
 import { type Db, openDb } from "../../lib/store/index.ts";
 import { getLockRow } from "../../lib/store/locks.ts";
+import { captureWarnings } from "../helpers/log.ts";
 
 const dir = mkdtempSync("/tmp/thinimg-lock-test-");
 afterAll(() => rmSync(dir, { recursive: true, force: true }));
@@ -26,7 +26,7 @@ function holder(kind: "process" | "named", dbPath: string, target: string, holdM
     import { openDb } from ${JSON.stringify(`${LIB}/store/index.ts`)};
     import { acquireProcessLock, acquireNamedLock } from ${JSON.stringify(`${LIB}/lock/index.ts`)};
     const db = openDb(${JSON.stringify(dbPath)});
-    const l = ${kind === "process" ? `await acquireProcessLock(${JSON.stringify(target)}, db, { waitMs: 0, command: "test-holder" })` : `await acquireNamedLock(db, ${JSON.stringify(target)}, { waitMs: 0, command: "test-holder" })`};
+    const l = ${kind === "process" ? `await acquireProcessLock(${JSON.stringify(target)}, { waitMs: 0, command: "test-holder" })` : `await acquireNamedLock(db, ${JSON.stringify(target)}, { waitMs: 0, command: "test-holder" })`};
     console.log("READY");
     await Bun.sleep(${holdMs});
     l.release();
@@ -41,20 +41,6 @@ function holder(kind: "process" | "named", dbPath: string, target: string, holdM
   return { proc: p, ready };
 }
 
-function captureWarnings(): { lines: string[]; stop(): void } {
-  const lines: string[] = [];
-  const orig = log.warn.bind(log);
-  log.warn = ((...a: unknown[]) => {
-    lines.push(a.map(String).join(" "));
-  }) as typeof log.warn;
-  return {
-    lines,
-    stop: () => {
-      log.warn = orig;
-    },
-  };
-}
-
 describe("process lock file", () => {
   test("a live holder blocks; the error names its pid, command and since when", async () => {
     const s = freshState();
@@ -65,7 +51,7 @@ describe("process lock file", () => {
     expect(onFile.startTime).toBe(processStartTime(h.proc.pid));
     expect(onFile.command).toBe("test-holder");
     const t0 = Date.now();
-    const err = await acquireProcessLock(s.lockFile, s.db, { waitMs: 300 }).catch((e) => e);
+    const err = await acquireProcessLock(s.lockFile, { waitMs: 300 }).catch((e) => e);
     expect(Date.now() - t0).toBeGreaterThanOrEqual(290);
     expect(err.kind).toBe("conflict");
     expect(err.message).toContain(`pid ${h.proc.pid} (test-holder) on ${hostname()} since ${new Date(onFile.acquiredAt).toISOString()}`);
@@ -80,7 +66,7 @@ describe("process lock file", () => {
     h.proc.kill(9);
     await h.proc.exited;
     const w = captureWarnings();
-    const lock = await acquireProcessLock(s.lockFile, s.db, { waitMs: 0 });
+    const lock = await acquireProcessLock(s.lockFile, { waitMs: 0 });
     w.stop();
     expect(w.lines.join("\n")).toMatch(new RegExp(`taking over stale lock .*pid ${h.proc.pid} is not running`));
     expect(readLockFile(s.lockFile)!.pid).toBe(process.pid);
@@ -96,7 +82,7 @@ describe("process lock file", () => {
       stale: true,
       why: `pid ${process.pid} was reused (start time ${processStartTime(process.pid)}, lock says 1)`,
     });
-    const lock = await acquireProcessLock(s.lockFile, s.db, { waitMs: 0 });
+    const lock = await acquireProcessLock(s.lockFile, { waitMs: 0 });
     expect(readLockFile(s.lockFile)!.startTime).toBe(processStartTime(process.pid));
     lock.release();
   });
@@ -110,7 +96,7 @@ describe("process lock file", () => {
     const h = holder("process", s.dbPath, s.lockFile, 400);
     await h.ready;
     const t0 = Date.now();
-    const lock = await acquireProcessLock(s.lockFile, s.db, { waitMs: 10_000 });
+    const lock = await acquireProcessLock(s.lockFile, { waitMs: 10_000 });
     expect(Date.now() - t0).toBeGreaterThanOrEqual(250);
     expect(Date.now() - t0).toBeLessThan(5_000);
     lock.release();
@@ -129,9 +115,9 @@ describe("process lock file", () => {
     const outerStarted = new Promise<void>((r) => {
       outerIn = r;
     });
-    const outer = withProcessLock(s.lockFile, s.db, { waitMs: 0 }, async () => {
+    const outer = withProcessLock(s.lockFile, { waitMs: 0 }, async () => {
       // a nested acquire (same call chain) gets it at once, and releasing it keeps the outer hold
-      await withProcessLock(s.lockFile, s.db, { waitMs: 0 }, async () => void order.push("nested"));
+      await withProcessLock(s.lockFile, { waitMs: 0 }, async () => void order.push("nested"));
       expect(readLockFile(s.lockFile)!.pid).toBe(process.pid);
       outerIn();
       await outerHeld;
@@ -139,10 +125,10 @@ describe("process lock file", () => {
     });
     await outerStarted;
     // not nested: refused at once with waitMs 0, naming this process as the holder …
-    const err = (await acquireProcessLock(s.lockFile, s.db, { waitMs: 0 }).catch((e) => e)) as Error;
+    const err = (await acquireProcessLock(s.lockFile, { waitMs: 0 }).catch((e) => e)) as Error;
     expect(err.message).toContain(`locked by pid ${process.pid}`);
     // … and with a wait, it gets the lock only after the outer section is done
-    const waiter = withProcessLock(s.lockFile, s.db, { waitMs: 5_000 }, async () => void order.push("other path"));
+    const waiter = withProcessLock(s.lockFile, { waitMs: 5_000 }, async () => void order.push("other path"));
     await Bun.sleep(200);
     expect(order).toEqual(["nested"]);
     releaseOuter();

@@ -2,9 +2,9 @@
 // vm-seconds: 25 (its run time in one test VM; `bun run test` balances the VMs by it)
 import { afterAll, beforeAll, describe, expect, setDefaultTimeout, test } from "bun:test";
 import { readFileSync } from "node:fs";
-import { clearTimeouts } from "../../lib/dm/host-queue.ts";
 import { dmsetup, isDmError, losetup, mkfsExt4, mount, parsePoolStatus, parseThinStatus, pool, thintools } from "../../lib/dm/index.ts";
 import { type CmdRecord, onCommandRecord, run } from "../../lib/exec.ts";
+import { clearTimeouts } from "../../lib/lock/host-queue.ts";
 import { requireDm } from "../helpers/kernel.ts";
 import { makeTestPool, type TestPool } from "../helpers/pool.ts";
 

@@ -432,9 +432,8 @@ describe("locks and a stale metadata hold", () => {
       [
         "bun",
         "-e",
-        `import { openDb } from "./lib/store/db.ts"; import { acquireProcessLock } from "./lib/lock/process-lock.ts";
-         const db = openDb(${JSON.stringify(join(stateDir, "state.db"))});
-         await acquireProcessLock(${JSON.stringify(join(stateDir, "thinimg.lock"))}, db, { waitMs: 0, command: "bun scripts/unpack.ts (test holder)" });
+        `import { acquireProcessLock } from "./lib/lock/process-lock.ts";
+         await acquireProcessLock(${JSON.stringify(join(stateDir, "thinimg.lock"))}, { waitMs: 0, command: "bun scripts/unpack.ts (test holder)" });
          console.log("locked"); await Bun.sleep(120000);`,
       ],
       { stdout: "pipe", stderr: "inherit" },

@@ -8,10 +8,10 @@ import { afterAll, beforeAll, describe, expect, setDefaultTimeout, test } from "
 import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { journalPath } from "../../lib/cmd-journal.ts";
-import { isStateChanging } from "../../lib/dm/host-queue.ts";
 import { dmsetup, mount } from "../../lib/dm/index.ts";
 import { run, runOk } from "../../lib/exec.ts";
 import type { GcReport } from "../../lib/gc/report.ts";
+import { isStateChanging } from "../../lib/lock/host-queue.ts";
 import { openDb } from "../../lib/store/db.ts";
 import { primeKernelLogCursor } from "../helpers/health.ts";
 import { sampleLayer, writeLayerFamily } from "../helpers/images.ts";

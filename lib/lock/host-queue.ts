@@ -4,8 +4,8 @@
 // table, thin_ls…) and everything that is not a command (downloads, hashing, writing files into a
 // mounted layer) do not queue, so two unpacks still overlap their I/O.
 //
-//   - The lock is an flock(2) on /run/thinimg/dm-queue.lock (THINIMG_DM_QUEUE overrides): the kernel
-//     drops it when its holder dies, so a crashed holder never blocks. /run, not the state dir: the
+//   - The lock is an flock (util/flock.ts) on /run/thinimg/dm-queue.lock (THINIMG_DM_QUEUE
+//     overrides): the kernel drops it when its holder dies, so a crashed holder never blocks. /run, not the state dir: the
 //     kernel is shared by every state dir on the host.
 //   - Order: inside one process a FIFO; across processes each waiter leaves a ticket in
 //     <lock>.waiting/ and only the oldest live ticket tries the lock (a dead or reused PID's ticket
@@ -18,15 +18,14 @@
 //     of this process may touch the same device or path (resume excepted: a suspend that timed out
 //     must still be resumed, ADR-0001 §5).
 import { AsyncLocalStorage } from "node:async_hooks";
-import { closeSync, ftruncateSync, mkdirSync, openSync, readdirSync, readFileSync, unlinkSync, writeFileSync, writeSync } from "node:fs";
+import { mkdirSync, readdirSync, unlinkSync, writeFileSync } from "node:fs";
 import { basename } from "node:path";
 import { ThinimgError } from "../errors.ts";
-import type { CmdContext } from "../exec.ts";
-import { commandLine, processStartTime } from "../lock/owner.ts";
 import { log } from "../log.ts";
-import { tryFlockExclusive, unflock } from "../util/libc.ts";
+import { readFlockRecord, tryFlock } from "../util/flock.ts";
+import { SerialQueue } from "../util/serial-queue.ts";
 import { parseDuration } from "../util/units.ts";
-import { SerialQueue } from "./queue.ts";
+import { commandLine, goneReason, processStartTime } from "./owner.ts";
 
 export const DEFAULT_QUEUE_FILE = "/run/thinimg/dm-queue.lock";
 export const DEFAULT_QUEUE_WAIT_MS = 5 * 60_000;
@@ -64,8 +63,13 @@ export function isStateChanging(argv: readonly string[]): boolean {
 
 const tainted = new Map<string, string>();
 
+/** What a command's record names (exec.ts's CmdContext): its device, if any. */
+export interface CmdTarget {
+  device_name?: string | undefined;
+}
+
 /** The device names and paths a command acts on (its ctx device, its absolute-path arguments). */
-function targetsOf(argv: readonly string[], ctx: CmdContext | undefined): string[] {
+function targetsOf(argv: readonly string[], ctx: CmdTarget | undefined): string[] {
   const t = argv.slice(1).filter((a) => a.startsWith("/"));
   for (const a of t) if (a.startsWith("/dev/mapper/")) t.push(a.slice("/dev/mapper/".length));
   if (ctx?.device_name) t.push(ctx.device_name);
@@ -73,7 +77,7 @@ function targetsOf(argv: readonly string[], ctx: CmdContext | undefined): string
 }
 
 /** Refuse a state-changing command on a device or path an earlier command of this run timed out on. */
-export function assertNotTainted(argv: readonly string[], ctx: CmdContext | undefined): void {
+export function assertNotTainted(argv: readonly string[], ctx: CmdTarget | undefined): void {
   if (basename(argv[0] ?? "") === "dmsetup" && argv.includes("resume")) return;
   for (const t of targetsOf(argv, ctx)) {
     const earlier = tainted.get(t);
@@ -89,7 +93,7 @@ export function assertNotTainted(argv: readonly string[], ctx: CmdContext | unde
   }
 }
 
-export function noteTimeout(argv: readonly string[], ctx: CmdContext | undefined): void {
+export function noteTimeout(argv: readonly string[], ctx: CmdTarget | undefined): void {
   for (const t of targetsOf(argv, ctx)) tainted.set(t, argv.join(" "));
 }
 
@@ -108,7 +112,7 @@ interface QueueHolder {
 
 function readHolder(path: string): QueueHolder | null {
   try {
-    const j = JSON.parse(readFileSync(path, "utf8")) as Partial<QueueHolder>;
+    const j = JSON.parse(readFlockRecord(path) ?? "") as Partial<QueueHolder>;
     return typeof j.pid === "number" ? { pid: j.pid, process: String(j.process ?? ""), command: String(j.command ?? "") } : null;
   } catch {
     return null; // free, or the holder is writing its line right now
@@ -133,8 +137,7 @@ function olderLiveTicket(dir: string, mine: string): boolean {
   for (const n of names) {
     if (n >= mine) continue;
     const [, pid, start] = n.split("-");
-    const st = processStartTime(Number(pid));
-    if (st !== null && String(st) === start) return true;
+    if (goneReason(Number(pid), start === "0" ? null : Number(start)) === null) return true;
     try {
       unlinkSync(`${dir}/${n}`);
     } catch {}
@@ -147,7 +150,7 @@ async function acquire(command: string): Promise<() => void> {
   const path = queueFile();
   const waitDir = `${path}.waiting`;
   mkdirSync(waitDir, { recursive: true, mode: 0o755 }); // and the lock's own directory
-  const fd = openSync(path, "a", 0o644);
+  const record = JSON.stringify({ pid: process.pid, process: commandLine(), command, since: new Date().toISOString() });
   const ticket = ticketName();
   writeFileSync(`${waitDir}/${ticket}`, "");
   const t0 = Date.now();
@@ -155,7 +158,8 @@ async function acquire(command: string): Promise<() => void> {
   let announced = false;
   try {
     for (;;) {
-      if (!olderLiveTicket(waitDir, ticket) && tryFlockExclusive(fd)) break;
+      const lock = olderLiveTicket(waitDir, ticket) ? null : tryFlock(path, { record, mode: 0o644 });
+      if (lock) return () => lock.release();
       const waited = Date.now() - t0;
       if (waited >= limit) {
         throw new ThinimgError(
@@ -172,23 +176,11 @@ async function acquire(command: string): Promise<() => void> {
       }
       await Bun.sleep(POLL_MS);
     }
-  } catch (e) {
-    closeSync(fd);
-    throw e;
   } finally {
     try {
       unlinkSync(`${waitDir}/${ticket}`);
     } catch {}
   }
-  ftruncateSync(fd, 0);
-  writeSync(fd, `${JSON.stringify({ pid: process.pid, process: commandLine(), command, since: new Date().toISOString() })}\n`);
-  return () => {
-    try {
-      ftruncateSync(fd, 0);
-    } catch {}
-    unflock(fd);
-    closeSync(fd);
-  };
 }
 
 const inProcess = new SerialQueue();
