@@ -12,10 +12,12 @@ import * as losetup from "../dm/losetup.ts";
 import { type PoolTableParams, parsePoolTable, poolStatus, poolTable, reloadPool } from "../dm/pool.ts";
 import { ThinimgError, usageError } from "../errors.ts";
 import { formatBytes, parseSize } from "../util/units.ts";
+import { bringUp } from "./bring-up.ts";
 import { fileId, loopsOf, sameFeatures } from "./observe.ts";
 import { MAX_META_SIZE, type PoolRecord, recordPath, writeRecord } from "./record.ts";
-import { dmArgv, type Recovery } from "./recover.ts";
+import { dmArgv, type RecoverRun } from "./run.ts";
 import { Blocked, shellLine, sizeFileShell } from "./runbook.ts";
+import { verify } from "./verify.ts";
 
 /** "2G" (the new size) or "+512M" (that much more). */
 export interface SizeArg {
@@ -98,7 +100,7 @@ interface Live {
 }
 
 /** The loaded pool must be this directory's, as recorded (its length may already be the new one). */
-async function checkLive(r: Recovery, rec: PoolRecord, next: PoolRecord, info: dmsetup.DmInfo): Promise<Live> {
+async function checkLive(r: RecoverRun, rec: PoolRecord, next: PoolRecord, info: dmsetup.DmInfo): Promise<Live> {
   const name = rec.pool;
   const inspect = [shellLine(["dmsetup", "info", name]), shellLine(["dmsetup", "table", name]), shellLine(["losetup", "--list"])];
   if (!info.live || info.inactive) {
@@ -146,12 +148,12 @@ async function checkLive(r: Recovery, rec: PoolRecord, next: PoolRecord, info: d
   return { params, table: t, suspended: info.state === "SUSPENDED", metaLoop: metaLoop!, dataLoop: dataLoop!, metaTotal: st.metaTotal };
 }
 
-export async function growPool(r: Recovery, rec: PoolRecord, req: GrowRequest | undefined): Promise<void> {
+export async function growPool(r: RecoverRun, rec: PoolRecord, req: GrowRequest | undefined): Promise<void> {
   const t = growTargets(rec, req);
   const next = grownRecord(rec, t, r.probe.now());
   if (t.dataSize === rec.data_size && t.metaSize === rec.meta_size && !rec.grow) {
     r.rb.note("grow", `pool ${rec.pool} already has data ${formatBytes(rec.data_size)} and metadata ${formatBytes(rec.meta_size)}: nothing to grow`);
-    return r.bringUp(rec);
+    return bringUp(r, rec);
   }
   const files = [
     ["metadata", join(r.dir, rec.meta_file), rec.meta_size, t.metaSize],
@@ -202,7 +204,7 @@ export async function growPool(r: Recovery, rec: PoolRecord, req: GrowRequest | 
   const metaBlocks = Math.floor(Math.min(t.metaSize, KERNEL_META_MAX) / META_BLOCK);
   const reload = live.table.dataSectors !== next.data_sectors || live.table.lowWaterMark !== next.low_water_mark || live.metaTotal < metaBlocks;
   if (reload || live.suspended) await reloadStep(r, rec.pool, live, reload);
-  await r.verify(next, !r.rb.dryRun);
+  await verify(r, next, !r.rb.dryRun);
   r.devices = { metadata: live.params.metaDev, data: live.params.dataDev };
   const now = r.probe.now().toISOString();
   await r.rb.act("write-record", `record the new sizes in ${recordPath(r.dir)}`, { planned: undefined }, () =>
@@ -212,7 +214,7 @@ export async function growPool(r: Recovery, rec: PoolRecord, req: GrowRequest | 
 }
 
 /** The loops re-read their files' sizes (each only if it does not see the size yet). */
-async function refreshLoops(r: Recovery, items: [string, losetup.LoopDetail, number][]): Promise<void> {
+async function refreshLoops(r: RecoverRun, items: [string, losetup.LoopDetail, number][]): Promise<void> {
   for (const [role, loop, size] of items) {
     const seen = losetup.blockDeviceBytes(loop.majMin);
     if (seen !== null && seen >= size) continue;
@@ -233,7 +235,7 @@ async function refreshLoops(r: Recovery, items: [string, losetup.LoopDetail, num
   }
 }
 
-async function reloadStep(r: Recovery, name: string, live: Live, reload: boolean): Promise<void> {
+async function reloadStep(r: RecoverRun, name: string, live: Live, reload: boolean): Promise<void> {
   const table = poolTable(live.params);
   const d = (...a: string[]) => shellLine(dmArgv(...a).argv, undefined, dmArgv().env);
   if (!reload) {
@@ -258,7 +260,7 @@ async function reloadStep(r: Recovery, name: string, live: Live, reload: boolean
 }
 
 /** Not loaded: the files are grown; record the new sizes, then load it like any recovery. */
-async function growOffline(r: Recovery, next: PoolRecord): Promise<void> {
+async function growOffline(r: RecoverRun, next: PoolRecord): Promise<void> {
   await r.rb.act("write-record", `record the new sizes in ${recordPath(r.dir)}`, { planned: undefined }, () => writeRecord(r.dir, next));
   if (r.rb.dryRun) {
     r.rb.steps.push({ name: "bring-up", status: "planned", argv: null, command: r.recoverCommand(), detail: "then load the pool from the grown record" });
@@ -271,6 +273,6 @@ async function growOffline(r: Recovery, next: PoolRecord): Promise<void> {
     ...loopsOf(loops, fileId(join(r.dir, next.meta_file))).map((l): [string, losetup.LoopDetail, number] => ["metadata", l, next.meta_size]),
     ...loopsOf(loops, fileId(join(r.dir, next.data_file))).map((l): [string, losetup.LoopDetail, number] => ["data", l, next.data_size]),
   ]);
-  await r.bringUp(next);
+  await bringUp(r, next);
   r.action = "grown";
 }
