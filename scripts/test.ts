@@ -1,4 +1,4 @@
-// bun run test [unit|vm|check|lint|test/unit/x.test.ts|test/vm/y.test.ts ...]
+// bun run test [unit|vm|check|lint|test/unit/x.test.ts|test/vm/y.test.ts ...] [-t NAME]
 // Type-check + lint, host unit tests, then test/vm/*.test.ts inside UML VMs (split over --vms VMs in
 // parallel). Output streams live; the last line is "N passed, N failed" from bun test's real counts
 // (a failed type-check/lint, a VM that cannot boot or a run without a summary each count as 1 failed).
@@ -57,7 +57,7 @@ function prefixed(prefix: string, w: NodeJS.WriteStream, collect: (s: string) =>
   };
 }
 
-async function runVmGroup(name: string, files: string[], mem: string, timeoutMs: number): Promise<Totals> {
+async function runVmGroup(name: string, files: string[], mem: string, timeoutMs: number, filter: string[]): Promise<Totals> {
   let output = "";
   const collect = (s: string) => {
     output += s;
@@ -67,7 +67,7 @@ async function runVmGroup(name: string, files: string[], mem: string, timeoutMs:
   process.stderr.write(`[${name}] bun test ${files.join(" ")}\n`);
   try {
     const kernelArgs = process.env.THINIMG_VM_KERNEL_ARGS?.split(/\s+/).filter(Boolean) ?? [];
-    const r = await runInVm({ argv: ["bun", "test", ...TEST_TIMEOUT, ...files], mem, timeoutMs, stdout: out.sink, stderr: err.sink, kernelArgs });
+    const r = await runInVm({ argv: ["bun", "test", ...TEST_TIMEOUT, ...filter, ...files], mem, timeoutMs, stdout: out.sink, stderr: err.sink, kernelArgs });
     out.flush();
     err.flush();
     if (r.timedOut) {
@@ -111,6 +111,11 @@ export const testCommand = defineCommand({
     vms: { type: "string", description: "VMs to run test/vm files in, in parallel", default: "2" },
     mem: { type: "string", description: "Memory per VM", default: "1G" },
     timeout: { type: "string", description: "Limit per VM run (e.g. 1200, 20m)", default: "1200" },
+    "test-name-pattern": {
+      type: "string",
+      alias: "t",
+      description: "Run only the tests whose name matches this regex (bun test -t), e.g. one test of one file",
+    },
   },
   async run({ args }) {
     let plan: ReturnType<typeof planRun>;
@@ -122,6 +127,7 @@ export const testCommand = defineCommand({
     const vms = parseIntArg(args.vms, "--vms", { min: 1, max: 8 });
     const timeoutMs = parseDuration(args.timeout, "--timeout");
     const total: Totals = { pass: 0, fail: 0, failed: [] };
+    const filter = args["test-name-pattern"] ? ["-t", args["test-name-pattern"]] : [];
     const t0 = performance.now();
 
     if (plan.check || plan.lint) {
@@ -142,7 +148,7 @@ export const testCommand = defineCommand({
 
     if (plan.unit.length) {
       banner(`host unit tests: bun test ${plan.unit.join(" ")}`);
-      const r = await runHost(["bun", "test", ...TEST_TIMEOUT, ...plan.unit]);
+      const r = await runHost(["bun", "test", ...TEST_TIMEOUT, ...filter, ...plan.unit]);
       const c = withNames(countRun(r.output, r.exitCode), r.output, "host");
       total.pass += c.pass;
       total.fail += c.fail;
@@ -152,7 +158,7 @@ export const testCommand = defineCommand({
     if (plan.vm.length) {
       const groups = splitFiles(plan.vm, vms);
       banner(`VM tests: ${plan.vm.length} file(s) in ${groups.length} VM(s)`);
-      const results = await Promise.all(groups.map((files, i) => runVmGroup(`vm${i + 1}`, files, args.mem, timeoutMs)));
+      const results = await Promise.all(groups.map((files, i) => runVmGroup(`vm${i + 1}`, files, args.mem, timeoutMs, filter)));
       for (const c of results) {
         total.pass += c.pass;
         total.fail += c.fail;

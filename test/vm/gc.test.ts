@@ -294,15 +294,42 @@ afterAll(async () => {
 
 const key = (o: { thin_id: number | null; device: string | null }) => `${o.thin_id}/${o.device}`;
 
-describe("gc on real leaks", () => {
-  let dry: GcReport;
-  let before: number[];
+// The leak scenario's runs, in order. Each runs once, when the first test that needs it asks (and
+// after the runs before it), so any one test also runs alone (-t NAME) and a failed assertion in
+// one test does not change what the next one sees.
+const once = <T>(fn: () => Promise<T>) => {
+  let p: Promise<T> | undefined;
+  return () => (p ??= fn());
+};
+const dryRun = once(async () => {
+  const before = await thinIds();
+  const devsBefore = (await dmsetup.infoAll()).map((d) => d.name).sort();
+  const { code, r } = await gc();
+  const after = { thinIds: await thinIds(), devs: (await dmsetup.infoAll()).map((d) => d.name).sort(), heldRoot: (await dmpool.poolStatusOk(p.name)).heldRoot };
+  return { before, devsBefore, code, r, after };
+});
+const firstForce = once(async () => {
+  await dryRun();
+  return gc("--force");
+});
+const secondForce = once(async () => {
+  await firstForce();
+  return gc("--force");
+});
+const afterUnmount = once(async () => {
+  await secondForce();
+  await mount.umount(foreignMnt);
+  return gc("--force");
+});
+/** The last run of the scenario: every leak collected, the pool as clean as the baseline. */
+const graceZero = once(async () => {
+  await afterUnmount();
+  return gc("--force", "--grace", "0");
+});
 
+describe("gc on real leaks", () => {
   test("dry-run lists exactly the leaks, with their reasons, and changes nothing", async () => {
-    before = await thinIds();
-    const devsBefore = (await dmsetup.infoAll()).map((d) => d.name).sort();
-    const { code, r } = await gc();
-    dry = r;
+    const { before, devsBefore, code, r, after } = await dryRun();
     expect(r.mode).toBe("dry_run");
     expect(r.scan.metadata_status).toBe("ok");
     expect(r.scan.metadata_method).toBe("thin_ls");
@@ -334,14 +361,15 @@ describe("gc on real leaks", () => {
     expect(code).toBe(1);
     expect(r.summary.needs_human).toBe(true);
     // nothing changed: same thin ids, same devices, no stale hold, DB untouched
-    expect(await thinIds()).toEqual(before);
-    expect((await dmsetup.infoAll()).map((d) => d.name).sort()).toEqual(devsBefore);
-    expect((await dmpool.poolStatusOk(p.name)).heldRoot).toBeNull();
+    expect(after.thinIds).toEqual(before);
+    expect(after.devs).toEqual(devsBefore);
+    expect(after.heldRoot).toBeNull();
     expect(getThinId(db, p.name, ids.released!)!.state).toBe("orphaned");
     expect(getThinId(db, p.name, 500)).toBeNull();
   });
 
   test("human output says the same thing", async () => {
+    await dryRun(); // and before any --force
     const proc = Bun.spawn(["bun", "scripts/gc.ts", "--pool", p.name, "--state-dir", stateDir], { stdout: "pipe", stderr: "pipe" });
     const out = await new Response(proc.stdout).text();
     await proc.exited;
@@ -352,10 +380,11 @@ describe("gc on real leaks", () => {
   });
 
   test("--force removes exactly them; live data intact; pool use back to the baseline", async () => {
+    const { r: dry, before } = await dryRun();
     // what the leaks mapped (shared blocks included: the failed layer is a snapshot of a live one)
     const leakBlocks = dry.orphans.reduce((n, o) => n + (o.mapped_bytes ?? 0), 0);
     expect(leakBlocks).toBeGreaterThan(20 * MiB); // 5 leaks × 4 MiB + the layer's fs and file
-    const { code, r } = await gc("--force");
+    const { code, r } = await firstForce();
     expect(r.mode).toBe("force");
     expect(r.lock.status).toBe("acquired");
     expect(r.health?.ok).toBe(true);
@@ -380,6 +409,7 @@ describe("gc on real leaks", () => {
   });
 
   test("live layer and snapshot files are unchanged", async () => {
+    await firstForce();
     const m = mkdtempSync("/tmp/thinimg-gc-verify-");
     try {
       await mount.mount(dev(names.liveSnap!), m, { readOnly: true });
@@ -400,15 +430,14 @@ describe("gc on real leaks", () => {
   });
 
   test("a second --force finds nothing new", async () => {
-    const { r } = await gc("--force");
+    const { r } = await secondForce();
     expect(r.orphans).toEqual([]);
     expect(r.skipped.map((s) => s.reason).sort()).toEqual(["foreign", "mounted", "too_young"]);
     expect(await settledDataUsed(baseline)).toBe(baseline);
   });
 
   test("once unmounted, the skipped orphan goes too; the foreign device never does", async () => {
-    await mount.umount(foreignMnt);
-    const { code, r } = await gc("--force");
+    const { code, r } = await afterUnmount();
     expect(r.orphans.map((o) => [key(o), o.outcome])).toEqual([[`${ids.mounted}/${names.mounted}`, "done"]]);
     expect(code).toBe(0);
     expect(await dmsetup.info(names.foreign!)).not.toBeNull();
@@ -419,13 +448,18 @@ describe("gc on real leaks", () => {
   });
 
   test("--grace 0 takes the young orphan too", async () => {
-    const { r } = await gc("--force", "--grace", "0");
+    const { r } = await graceZero();
     expect(r.orphans.map((o) => [o.thin_id, o.reason, o.outcome])).toEqual([[ids.young ?? -1, "db_released", "done"]]);
     expect((await thinIds()).includes(ids.young!)).toBe(false);
   });
 });
 
 describe("locks and a stale metadata hold", () => {
+  // each test starts from a pool without leaks (the scenario above collected them all)
+  beforeAll(async () => {
+    await graceZero();
+  });
+
   test("a held process lock: --force refuses and changes nothing; --ignore-lock acts, with a warning", async () => {
     await dmsetup.message(p.name, "create_thin 800");
     const holder = Bun.spawn(
