@@ -15,6 +15,7 @@ import { openDb } from "../../lib/store/db.ts";
 import { primeKernelLogCursor } from "../helpers/health.ts";
 import { sampleLayer, writeLayerFamily } from "../helpers/images.ts";
 import { requireDm } from "../helpers/kernel.ts";
+import { once } from "../helpers/once.ts";
 import { makeTestPool, type TestPool } from "../helpers/pool.ts";
 
 requireDm();
@@ -187,6 +188,88 @@ afterAll(async () => {
   for (const d of [stateDir, work, elsewhere]) if (d) rmSync(d, { recursive: true, force: true });
 });
 
+// The leaks, GC's runs over them and what follows, in order (helpers/once.ts).
+const crashMidApply = once(async () => {
+  const unpack = await pausedAt("unpack", [fam.crash, "--name", "crash"], "layer:mounted");
+  unpack.kill(9);
+  await unpack.exited;
+  return { pid: unpack.pid };
+});
+const rerunFailsInMkfs = once(async () => {
+  await crashMidApply();
+  const rerun = await script("unpack", [fam.crash, "--name", "crash"], { PATH: `${fakeMkfs()}:${process.env.PATH}` });
+  const ids = rowsOf("SELECT thin_id, state FROM thin_ids WHERE pool = ? AND owner_kind = 'layer' ORDER BY thin_id", p.name);
+  const abandoned = ids.filter((x) => x.state === "orphaned").map((x) => Number(x.thin_id));
+  const failed = rowsOf("SELECT thin_id, device_name FROM layers WHERE pool = ? AND state = 'failed'", p.name);
+  if (abandoned.length === 1) expected.set(`${abandoned[0]}/thinimg-${p.name}-layer-${abandoned[0]}`, "abandoned apply (mounted in our mount dir)");
+  if (failed.length === 1) expected.set(`${failed[0]!.thin_id}/${failed[0]!.device_name}`, "failed mkfs");
+  return { rerun, abandoned, failed };
+});
+const failedActivation = once(async () => {
+  const r = await script("activate", ["live", "--json"], { PATH: `${fakeDmCreate()}:${process.env.PATH}` });
+  const snap = rowsOf("SELECT thin_id FROM snapshots WHERE pool = ? AND state = 'failed' ORDER BY id DESC LIMIT 1", p.name)[0]!;
+  expected.set(`${snap.thin_id}/null`, "failed activation");
+  return r;
+});
+const killedActivation = once(async () => {
+  const a = await pausedAt("activate", ["live"], "activate:created");
+  a.kill(9);
+  await a.exited;
+  const snap = rowsOf("SELECT thin_id, state FROM snapshots WHERE pool = ? ORDER BY id DESC LIMIT 1", p.name)[0]!;
+  expected.set(`${snap.thin_id}/null`, "interrupted activation");
+  return snap;
+});
+const handMadeLeaks = once(async () => {
+  const rel = await activate();
+  const released = await script("release", [String(rel.snapshot_id)]);
+  expected.set(`${rel.thin_id}/null`, "released");
+  const del = await activate();
+  const db = openDb(join(stateDir, "state.db"));
+  db.query("DELETE FROM snapshots WHERE id = ?").run(del.snapshot_id);
+  db.close();
+  expected.set(`${del.thin_id}/${del.device_name}`, "row deleted by hand");
+  await dmsetup.message(p.name, "create_thin 900");
+  expected.set("900/null", "made by hand");
+  return { released };
+});
+// (950, not 901: GC records the hand-made 900 in the ledger when it deletes it, so the pipeline's
+// next id is 901 — it would find it taken, record it and move on, but the kernel logs the refused
+// create_snap and the next health check blocks once on that line)
+const untouchables = once(async () => {
+  mountedOrphan = await activate();
+  elsewhere = mkdtempSync("/tmp/thinimg-gcp-elsewhere-");
+  await mount.mount(dmsetup.mapperPath(mountedOrphan.device_name), elsewhere, { readOnly: true });
+  const db = openDb(join(stateDir, "state.db"));
+  db.query("DELETE FROM snapshots WHERE id = ?").run(mountedOrphan.snapshot_id);
+  db.close();
+  await dmsetup.message(p.name, "create_thin 950");
+  await dmpool.activateThin(p.name, `fx${process.pid}`, 950, 256 * 1024 ** 2);
+});
+const allLeaks = once(async () => {
+  for (const step of [rerunFailsInMkfs, failedActivation, killedActivation, handMadeLeaks, untouchables]) await step();
+});
+const dryRun = once(async () => {
+  await allLeaks();
+  const before = { ids: await thinIds(), rows: dbDump(), mounts: mountsNow(), devs: (await dmsetup.infoAll()).map((d) => `${d.name}:${d.open}`).sort() };
+  const { code, r } = await gc("--grace", "0");
+  const after = { ids: await thinIds(), rows: dbDump(), mounts: mountsNow(), devs: (await dmsetup.infoAll()).map((d) => `${d.name}:${d.open}`).sort() };
+  return { code, r, before, after };
+});
+const forced = once(async () => {
+  await dryRun();
+  const before = await thinIds();
+  return { before, ...(await gc("--force", "--grace", "0")) };
+});
+/** The scenario's end: the live image activated again, a second --force, the crashed unpack re-run. */
+const afterCleanup = once(async () => {
+  await forced();
+  const again = await activate();
+  const second = await gc("--force", "--grace", "0");
+  const rerun = await script("unpack", [fam.crash, "--name", "crash"]);
+  const third = await gc("--force", "--grace", "0");
+  return { again, second, rerun, third };
+});
+
 describe("leaks made by the pipeline", () => {
   test("GC during an unpack respects the process lock", async () => {
     const before = await thinIds();
@@ -205,10 +288,7 @@ describe("leaks made by the pipeline", () => {
   });
 
   test("kill -9 mid-apply: the dry-run lists the interrupted build (device, our mount, thin id) and changes nothing", async () => {
-    const unpack = await pausedAt("unpack", [fam.crash, "--name", "crash"], "layer:mounted");
-    const pid = unpack.pid;
-    unpack.kill(9);
-    await unpack.exited;
+    const { pid } = await crashMidApply();
     const rows = dbDump();
     const mounts = mountsNow();
     const ids = await thinIds();
@@ -226,75 +306,39 @@ describe("leaks made by the pipeline", () => {
   });
 
   test("the re-run abandons the half-applied attempt and then fails in mkfs: both attempts leak", async () => {
-    const rerun = await script("unpack", [fam.crash, "--name", "crash"], { PATH: `${fakeMkfs()}:${process.env.PATH}` });
+    const { rerun, abandoned, failed } = await rerunFailsInMkfs();
     expect(rerun.code).not.toBe(0);
     expect(rerun.err).toContain("gc.ts");
-    const ids = rowsOf("SELECT thin_id, state FROM thin_ids WHERE pool = ? AND owner_kind = 'layer' ORDER BY thin_id", p.name);
-    const abandoned = ids.filter((x) => x.state === "orphaned").map((x) => Number(x.thin_id));
     expect(abandoned.length).toBe(1);
-    const failed = rowsOf("SELECT thin_id, device_name FROM layers WHERE pool = ? AND state = 'failed'", p.name);
     expect(failed.length).toBe(1);
-    expected.set(`${abandoned[0]}/thinimg-${p.name}-layer-${abandoned[0]}`, "abandoned apply (mounted in our mount dir)");
-    expected.set(`${failed[0]!.thin_id}/${failed[0]!.device_name}`, "failed mkfs");
     // the abandoned attempt is still mounted under the state dir's mount dir
     expect(mount.mountinfo().some((m) => m.mountPoint === join(stateDir, "mnt", `thinimg-${p.name}-layer-${abandoned[0]}`))).toBe(true);
   });
 
   test("an activation whose device load fails leaks its thin id", async () => {
-    const r = await script("activate", ["live", "--json"], { PATH: `${fakeDmCreate()}:${process.env.PATH}` });
-    expect(r.code).not.toBe(0);
-    const snap = rowsOf("SELECT thin_id FROM snapshots WHERE pool = ? AND state = 'failed' ORDER BY id DESC LIMIT 1", p.name)[0]!;
-    expected.set(`${snap.thin_id}/null`, "failed activation");
+    expect((await failedActivation()).code).not.toBe(0);
   });
 
   test("an activation killed -9 after its snapshot was created", async () => {
-    const a = await pausedAt("activate", ["live"], "activate:created");
-    a.kill(9);
-    await a.exited;
-    const snap = rowsOf("SELECT thin_id, state FROM snapshots WHERE pool = ? ORDER BY id DESC LIMIT 1", p.name)[0]!;
-    expect(snap.state).toBe("pending");
-    expected.set(`${snap.thin_id}/null`, "interrupted activation");
+    expect((await killedActivation()).state).toBe("pending");
   });
 
   test("a released snapshot, a snapshot row deleted by hand, a thin id made by hand", async () => {
-    const rel = await activate();
-    expect((await script("release", [String(rel.snapshot_id)])).code).toBe(0);
-    expected.set(`${rel.thin_id}/null`, "released");
-    const del = await activate();
-    const db = openDb(join(stateDir, "state.db"));
-    db.query("DELETE FROM snapshots WHERE id = ?").run(del.snapshot_id);
-    db.close();
-    expected.set(`${del.thin_id}/${del.device_name}`, "row deleted by hand");
-    await dmsetup.message(p.name, "create_thin 900");
-    expected.set("900/null", "made by hand");
+    expect((await handMadeLeaks()).released.code).toBe(0);
   });
 
-  // (950, not 901: GC records the hand-made 900 in the ledger when it deletes it, so the pipeline's
-  // next id is 901 — it would find it taken, record it and move on, but the kernel logs the refused
-  // create_snap and the next health check blocks once on that line)
   test("not to be touched: a mounted orphan and a foreign device", async () => {
-    mountedOrphan = await activate();
-    elsewhere = mkdtempSync("/tmp/thinimg-gcp-elsewhere-");
-    await mount.mount(dmsetup.mapperPath(mountedOrphan.device_name), elsewhere, { readOnly: true });
-    const db = openDb(join(stateDir, "state.db"));
-    db.query("DELETE FROM snapshots WHERE id = ?").run(mountedOrphan.snapshot_id);
-    db.close();
-    await dmsetup.message(p.name, "create_thin 950");
-    await dmpool.activateThin(p.name, `fx${process.pid}`, 950, 256 * 1024 ** 2);
+    await untouchables();
+    expect(mount.mountinfo().some((m) => m.mountPoint === elsewhere)).toBe(true);
+    expect(await dmsetup.info(`fx${process.pid}`)).not.toBeNull();
   });
 });
 
 describe("gc", () => {
   const key = (o: { thin_id: number | null; device: string | null }) => `${o.thin_id}/${o.device}`;
-  let dry: GcReport;
 
   test("dry-run shows exactly the leaks and changes nothing", async () => {
-    const ids = await thinIds();
-    const rows = dbDump();
-    const mounts = mountsNow();
-    const devs = (await dmsetup.infoAll()).map((d) => `${d.name}:${d.open}`).sort();
-    const { code, r } = await gc("--grace", "0");
-    dry = r;
+    const { code, r, before, after } = await dryRun();
     expect(r.orphans.map(key).sort()).toEqual([...expected.keys()].sort());
     expect(r.orphans.find((o) => o.thin_id === 900)?.reason).toBe("not_in_db");
     expect(
@@ -312,15 +356,15 @@ describe("gc", () => {
     );
     expect(r.foreign.map((f) => f.name)).toEqual([`fx${process.pid}`]);
     expect(code).toBe(1); // the mounted orphan needs a human
-    expect(await thinIds()).toEqual(ids);
-    expect((await dmsetup.infoAll()).map((d) => `${d.name}:${d.open}`).sort()).toEqual(devs);
-    expect(dbDump()).toBe(rows);
-    expect(mountsNow()).toEqual(mounts);
+    expect(after.ids).toEqual(before.ids);
+    expect(after.devs).toEqual(before.devs);
+    expect(after.rows).toBe(before.rows);
+    expect(after.mounts).toEqual(before.mounts);
   });
 
   test("--force removes exactly them; the live image and snapshot are intact; pool use is back to the baseline", async () => {
-    const before = await thinIds();
-    const { r } = await gc("--force", "--grace", "0");
+    const { r: dry } = await dryRun();
+    const { before, r } = await forced();
     expect(r.orphans.map((o) => [key(o), o.outcome]).sort()).toEqual(dry.orphans.map((o) => [key(o), "done"]).sort());
     const removed = dry.orphans.map((o) => o.thin_id).filter((x): x is number => x !== null);
     expect(await thinIds()).toEqual(before.filter((i) => !removed.includes(i)));
@@ -342,19 +386,23 @@ describe("gc", () => {
   });
 
   test("the live image still activates; a second --force finds nothing", async () => {
-    const again = await activate();
+    const { again, second, rerun, third } = await afterCleanup();
     expect(await liveFiles(again.device_name)).toEqual(liveFilesBefore);
-    const { r } = await gc("--force", "--grace", "0");
-    expect(r.refused).toBeNull();
-    expect(r.orphans).toEqual([]);
-    expect(r.skipped.map((s) => s.reason).sort()).toEqual(["foreign", "mounted"]);
+    expect(second.r.refused).toBeNull();
+    expect(second.r.orphans).toEqual([]);
+    expect(second.r.skipped.map((s) => s.reason).sort()).toEqual(["foreign", "mounted"]);
     // the interrupted unpacks can be finished by a re-run; GC left them resumable
-    expect((await script("unpack", [fam.crash, "--name", "crash"])).code).toBe(0);
-    expect((await gc("--force", "--grace", "0")).r.orphans).toEqual([]);
+    expect(rerun.code).toBe(0);
+    expect(third.r.orphans).toEqual([]);
   });
 });
 
 describe("GC racing the pipeline", () => {
+  // from a pool GC has cleaned, the mounted orphan and the foreign device still there
+  beforeAll(async () => {
+    await afterCleanup();
+  });
+
   const lastLayer = () =>
     rowsOf("SELECT id, thin_id, device_name, state, phase FROM layers WHERE pool = ? ORDER BY id DESC LIMIT 1", p.name)[0] as {
       id: number;

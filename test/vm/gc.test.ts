@@ -23,6 +23,7 @@ import { insertSnapshot, updateSnapshot } from "../../lib/store/snapshots.ts";
 import { allocateThinId, getThinId, setThinIdState } from "../../lib/store/thin-ids.ts";
 import { primeKernelLogCursor } from "../helpers/health.ts";
 import { requireDm } from "../helpers/kernel.ts";
+import { once } from "../helpers/once.ts";
 import { makeTestPool, type TestPool } from "../helpers/pool.ts";
 
 requireDm();
@@ -294,13 +295,7 @@ afterAll(async () => {
 
 const key = (o: { thin_id: number | null; device: string | null }) => `${o.thin_id}/${o.device}`;
 
-// The leak scenario's runs, in order. Each runs once, when the first test that needs it asks (and
-// after the runs before it), so any one test also runs alone (-t NAME) and a failed assertion in
-// one test does not change what the next one sees.
-const once = <T>(fn: () => Promise<T>) => {
-  let p: Promise<T> | undefined;
-  return () => (p ??= fn());
-};
+// The leak scenario's GC runs, in order (helpers/once.ts).
 const dryRun = once(async () => {
   const before = await thinIds();
   const devsBefore = (await dmsetup.infoAll()).map((d) => d.name).sort();
