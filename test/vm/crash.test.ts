@@ -29,6 +29,7 @@ import { listThinIds } from "../../lib/store/thin-ids.ts";
 import { primeKernelLogCursor } from "../helpers/health.ts";
 import { buildLayerTar, writeLayerFamily } from "../helpers/images.ts";
 import { requireDm } from "../helpers/kernel.ts";
+import { once } from "../helpers/once.ts";
 import { makeTestPool, type TestPool } from "../helpers/pool.ts";
 
 requireDm();
@@ -185,23 +186,34 @@ function leaksOf(name: string, poolIds: Set<number>): { thin: number; mounts: nu
   return { thin: thins.length, mounts: mounts.length };
 }
 
+// One crash per boundary, each in its own image; every crash is settled by the NEXT process that
+// touches the pool (the next crashing child, then the re-runs) — as on a real host. Both steps run
+// once, when the first test that needs them asks (helpers/once.ts).
+const crashes = once(async () => {
+  for (const [i, c] of CASES.entries()) {
+    await crashAt(c.at, ["scripts/unpack.ts", image(`c${i}`), "--name", `c${i}`], `c${i}`);
+    if (c.reboot) await reboot();
+  }
+});
+const reruns = once(async () => {
+  await crashes();
+  const out: { state: string; layers: number; devicesLeft: number }[] = [];
+  for (const [i] of CASES.entries()) {
+    const r = await unpack(ctx, { source: join(W, "img", `c${i}`), name: `c${i}` });
+    let devicesLeft = 0;
+    for (const l of r.layers) if (await dmsetup.exists(l.device_name)) devicesLeft++;
+    out.push({ state: r.image.state, layers: r.layers.length, devicesLeft });
+  }
+  return out;
+});
+
 describe("kill -9 at every step boundary, then re-run", () => {
-  // One crash per boundary, each in its own image; every crash is settled by the NEXT process that
-  // touches the pool (the next crashing child, then the re-runs) — as on a real host.
   test("crash each unpack at its boundary", async () => {
-    for (const [i, c] of CASES.entries()) {
-      await crashAt(c.at, ["scripts/unpack.ts", image(`c${i}`), "--name", `c${i}`], `c${i}`);
-      if (c.reboot) await reboot();
-    }
+    await crashes();
   }, 600_000);
 
   test("re-runs complete every image; DB and pool agree; leaks exactly where expected", async () => {
-    for (const [i] of CASES.entries()) {
-      const r = await unpack(ctx, { source: join(W, "img", `c${i}`), name: `c${i}` });
-      expect(r.image.state).toBe("ready");
-      expect(r.layers).toHaveLength(2);
-      for (const l of r.layers) expect(await dmsetup.exists(l.device_name)).toBe(false);
-    }
+    expect(await reruns()).toEqual(CASES.map(() => ({ state: "ready", layers: 2, devicesLeft: 0 })));
     const check = await checkConsistency(ctx);
     expect(check.problems).toEqual([]);
     const poolIds = new Set(check.pool_ids);
@@ -217,12 +229,14 @@ describe("kill -9 at every step boundary, then re-run", () => {
   }, 600_000);
 
   test("every re-run image has exactly its files", async () => {
+    await reruns();
     for (const [i] of CASES.entries()) {
       expect(await contentOf(`c${i}`)).toEqual({ caseFile: `c${i}\n`, layer2: `c${i} layer 2\n`, goneExists: false });
     }
   }, 600_000);
 
   test("an activation killed after its create_snap: the next activation works, the id is recorded for GC", async () => {
+    await reruns();
     const thinBefore = listThinIds(ctx.db, ctx.cfg.pool).length;
     await crashAt("activate:created", ["scripts/activate.ts", "c0"], "act");
     const a = await activate(ctx, "c0"); // also settles the dead activation's intent
