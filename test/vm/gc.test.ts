@@ -6,7 +6,7 @@
 // runs as a user would run it.
 // vm-seconds: 210 (its run time in one test VM; `bun run test` balances the VMs by it)
 import { afterAll, beforeAll, describe, expect, setDefaultTimeout, test } from "bun:test";
-import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync } from "node:fs";
+import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { loadConfig } from "../../lib/config.ts";
 import { pool as dmpool, dmsetup, mkfsExt4, mount } from "../../lib/dm/index.ts";
@@ -625,13 +625,16 @@ describe("locks and a stale metadata hold", () => {
 
   test("a live metadata-snapshot reader is never released by --force; its own release still works", async () => {
     await dmsetup.message(p.name, "create_thin 851");
+    // the reader holds its snapshot until GC is done (a marker file), however slow the host is
+    const gcDone = join(stateDir, "gc-done");
     const holder = Bun.spawn(
       [
         "bun",
         "-e",
-        `import { withMetadataSnapshot } from "./lib/dm/metadata-snap.ts"; import { poolStatusOk } from "./lib/dm/pool.ts";
+        `import { existsSync } from "node:fs"; import { withMetadataSnapshot } from "./lib/dm/metadata-snap.ts"; import { poolStatusOk } from "./lib/dm/pool.ts";
          await withMetadataSnapshot(${JSON.stringify(p.name)}, { stateDir: ${JSON.stringify(stateDir)} }, async () => {
-           console.log("held " + (await poolStatusOk(${JSON.stringify(p.name)})).heldRoot); await Bun.sleep(20000);
+           console.log("held " + (await poolStatusOk(${JSON.stringify(p.name)})).heldRoot);
+           for (let i = 0; i < 1200 && !existsSync(${JSON.stringify(gcDone)}); i++) await Bun.sleep(100);
            console.log("still " + (await poolStatusOk(${JSON.stringify(p.name)})).heldRoot);
          });
          console.log("after " + (await poolStatusOk(${JSON.stringify(p.name)})).heldRoot);`,
@@ -644,6 +647,7 @@ describe("locks and a stale metadata hold", () => {
     expect(root).not.toBeNull();
     // GC --force waits for the reader's lock (10 s), then leaves the snapshot alone
     const forced = await gc("--force", "--grace", "0");
+    writeFileSync(gcDone, "");
     expect(forced.r.scan.metadata_skipped).toContain("metadata_snap_busy");
     expect(forced.r.scan.stale_metadata_hold).toBeNull();
     expect(forced.r.orphans.map((o) => o.thin_id)).not.toContain(851);
