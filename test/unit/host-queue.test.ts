@@ -9,6 +9,7 @@ import * as dmsetup from "../../lib/dm/dmsetup.ts";
 import * as mnt from "../../lib/dm/mount.ts";
 import { type CmdResult, setRunner, spawnRunner } from "../../lib/exec.ts";
 import { clearTimeouts, isStateChanging } from "../../lib/lock/host-queue.ts";
+import { readFlockRecord } from "../../lib/util/flock.ts";
 
 const dir = mkdtempSync("/tmp/thinimg-host-queue-");
 const lib = join(import.meta.dir, "../../lib");
@@ -23,6 +24,13 @@ let n = 0;
 /** A fresh queue file per test, so tests never wait on each other. */
 function freshQueue(): string {
   return join(dir, `q${++n}`, "dm-queue.lock");
+}
+
+/** Until the queue's holder has written who it is (a child's start is slow on a loaded host). */
+async function heldBy(queue: string, command: string): Promise<void> {
+  const until = Date.now() + 20_000;
+  while (!(readFlockRecord(queue) ?? "").includes(command) && Date.now() < until) await Bun.sleep(10);
+  expect(readFlockRecord(queue)).toContain(command);
 }
 
 /**
@@ -127,7 +135,7 @@ describe("one state-changing command at a time on the host", () => {
   test("a waiter says whose command it waits for, and waits in the order asked", async () => {
     const q = freshQueue();
     const holder = child(q, [["dmsetup", "remove", "long"]], { ms: 1_600 });
-    await Bun.sleep(300);
+    await heldBy(q, "dmsetup remove long");
     const b = child(q, [["dmsetup", "remove", "b"]], { ms: 10 });
     // "asked" is when b's ticket is down, not when its process was spawned (a start under load can
     // take longer than the gap between two spawns)
@@ -150,7 +158,7 @@ describe("one state-changing command at a time on the host", () => {
   test("waiting is bounded: past THINIMG_DM_QUEUE_WAIT the command is refused, naming the holder, and never sent", async () => {
     const q = freshQueue();
     const holder = child(q, [["dmsetup", "remove", "long"]], { ms: 2_000 });
-    await Bun.sleep(300);
+    await heldBy(q, "dmsetup remove long");
     const w = child(q, [["dmsetup", "remove", "w"]], { ms: 10, env: { THINIMG_DM_QUEUE_WAIT: "300ms" } });
     const lw = await lines(w);
     expect(lw.filter((l) => l.cmd)).toEqual([]);
@@ -163,7 +171,7 @@ describe("one state-changing command at a time on the host", () => {
   test("a holder that died (SIGKILL) or a dead waiter's ticket never blocks", async () => {
     const q = freshQueue();
     const holder = child(q, [["dmsetup", "remove", "forever"]], { ms: 60_000 });
-    await Bun.sleep(400);
+    await heldBy(q, "dmsetup remove forever");
     // a ticket left by a process that is gone, older than anyone's
     writeFileSync(`${q}.waiting/000000000000001-999999-1`, "");
     holder.kill("SIGKILL");
