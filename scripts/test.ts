@@ -64,7 +64,7 @@ async function runVmGroup(name: string, files: string[], mem: string, timeoutMs:
   };
   const out = prefixed(`[${name}] `, process.stdout, collect);
   const err = prefixed(`[${name}] `, process.stderr, collect);
-  process.stderr.write(`[${name}] bun test ${files.join(" ")}\n`);
+  process.stderr.write(`[${name}] bun test ${[...filter, ...files].join(" ")}\n`);
   try {
     const kernelArgs = process.env.THINIMG_VM_KERNEL_ARGS?.split(/\s+/).filter(Boolean) ?? [];
     const r = await runInVm({ argv: ["bun", "test", ...TEST_TIMEOUT, ...filter, ...files], mem, timeoutMs, stdout: out.sink, stderr: err.sink, kernelArgs });
