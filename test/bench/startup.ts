@@ -92,9 +92,17 @@ async function main(): Promise<void> {
     const n = median(rs.map((r) => r.commands));
     const cmdMs = median(rs.map((r) => r.commandMs));
     const ratio = c === cases[0] ? "" : `${(f / bare).toFixed(2)}×  target ≤ 1.3×${f / bare <= 1.3 ? " (met)" : " (missed)"}`;
-    console.log(`  ${c.name.padEnd(18)} ${ms(median(rs.map((r) => r.wall))).padStart(8)} ${`${n} / ${ms(cmdMs)}`.padStart(14)} ${ms(f).padStart(11)}  ${ratio}`);
+    console.log(
+      `  ${c.name.padEnd(18)} ${ms(median(rs.map((r) => r.wall))).padStart(8)} ${`${n} / ${ms(cmdMs)}`.padStart(14)} ${ms(f).padStart(11)}  ${ratio}`,
+    );
   }
-  for (const c of cases) console.log(`  runs ${c.name}: ${runs.get(c.name)!.map((r) => ms(fixed(r))).join(", ")}`);
+  for (const c of cases)
+    console.log(
+      `  runs ${c.name}: ${runs
+        .get(c.name)!
+        .map((r) => ms(fixed(r)))
+        .join(", ")}`,
+    );
 }
 
 try {
