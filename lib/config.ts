@@ -26,6 +26,9 @@ export interface Limits {
   maxLayerBytes: number;
   maxFileBytes: number;
   maxEntries: number;
+  /** Path components of an entry or of what a link resolves to; longest name or link target. */
+  maxDepth: number;
+  maxPathBytes: number;
 }
 
 export interface Config {
@@ -51,6 +54,13 @@ export interface ConfigInput {
   virtualSize?: string | undefined;
   wait?: string | undefined;
   kernelErrorWindow?: string | undefined;
+  /** The image limits (--max-entries, --max-bytes, …; lib/cli/args.ts limitArgs). */
+  maxEntries?: string | undefined;
+  maxBytes?: string | undefined;
+  maxFileSize?: string | undefined;
+  maxBlobSize?: string | undefined;
+  maxDepth?: string | undefined;
+  maxPathBytes?: string | undefined;
 }
 
 type Env = Record<string, string | undefined>;
@@ -82,6 +92,8 @@ const Schema = v.object({
     maxLayerBytes: v.pipe(v.number(), v.integer(), v.minValue(1)),
     maxFileBytes: v.pipe(v.number(), v.integer(), v.minValue(1)),
     maxEntries: v.pipe(v.number(), v.integer(), v.minValue(1), v.maxValue(100_000_000)),
+    maxDepth: v.pipe(v.number(), v.integer(), v.minValue(1)),
+    maxPathBytes: v.pipe(v.number(), v.integer(), v.minValue(1)),
   }),
 });
 
@@ -110,11 +122,11 @@ export function loadConfig(input: ConfigInput = {}, env: Env = process.env): Con
   const sizeRaw = pick(input.virtualSize, "--virtual-size", env, "THINIMG_VIRTUAL_SIZE", src, "virtualSize");
   const waitRaw = pick(input.wait, "--wait", env, "THINIMG_LOCK_WAIT", src, "lockWaitMs");
   const windowRaw = pick(input.kernelErrorWindow, "--kernel-error-window", env, "THINIMG_KERNEL_ERROR_WINDOW", src, "kernelErrorWindowMs");
-  const size = (envName: string, dflt: number, key: string) => {
-    const raw = env[envName];
-    src[key] = envName;
-    return raw ? parseSize(raw, envName) : dflt;
+  const limit = (flag: string | undefined, flagName: string, envName: string, key: string, parse: (raw: string, what: string) => number, dflt: number) => {
+    const raw = pick(flag, flagName, env, envName, src, `limits.${key}`);
+    return raw === undefined ? dflt : parse(raw, src[`limits.${key}`]!);
   };
+  const count = (raw: string, what: string) => parseIntArg(raw, what, { min: 1 });
   const raw = {
     stateDir: stateRaw === undefined ? DEFAULT_STATE_DIR : resolve(stateRaw),
     pool: poolRaw ?? DEFAULT_POOL,
@@ -122,13 +134,14 @@ export function loadConfig(input: ConfigInput = {}, env: Env = process.env): Con
     lockWaitMs: waitRaw === undefined ? DEFAULT_LOCK_WAIT_MS : parseDuration(waitRaw, src.lockWaitMs!),
     kernelErrorWindowMs: windowRaw === undefined ? DEFAULT_KERNEL_ERROR_WINDOW_MS : parseDuration(windowRaw, src.kernelErrorWindowMs!),
     limits: {
-      maxBlobBytes: size("THINIMG_MAX_BLOB_SIZE", 8 * GiB, "limits.maxBlobBytes"),
-      maxLayerBytes: size("THINIMG_MAX_LAYER_SIZE", 10 * GiB, "limits.maxLayerBytes"),
-      maxFileBytes: size("THINIMG_MAX_FILE_SIZE", GiB, "limits.maxFileBytes"),
-      maxEntries: env.THINIMG_MAX_ENTRIES ? parseIntArg(env.THINIMG_MAX_ENTRIES, "THINIMG_MAX_ENTRIES", { min: 1 }) : 100_000,
+      maxBlobBytes: limit(input.maxBlobSize, "--max-blob-size", "THINIMG_MAX_BLOB_SIZE", "maxBlobBytes", parseSize, 8 * GiB),
+      maxLayerBytes: limit(input.maxBytes, "--max-bytes", "THINIMG_MAX_LAYER_SIZE", "maxLayerBytes", parseSize, 10 * GiB),
+      maxFileBytes: limit(input.maxFileSize, "--max-file-size", "THINIMG_MAX_FILE_SIZE", "maxFileBytes", parseSize, GiB),
+      maxEntries: limit(input.maxEntries, "--max-entries", "THINIMG_MAX_ENTRIES", "maxEntries", count, 100_000),
+      maxDepth: limit(input.maxDepth, "--max-depth", "THINIMG_MAX_DEPTH", "maxDepth", count, 1024),
+      maxPathBytes: limit(input.maxPathBytes, "--max-path-bytes", "THINIMG_MAX_PATH_BYTES", "maxPathBytes", count, 4096),
     },
   };
-  src["limits.maxEntries"] = "THINIMG_MAX_ENTRIES";
   const r = v.safeParse(Schema, raw);
   if (!r.success) {
     const issue = r.issues[0];

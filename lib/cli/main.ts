@@ -1,7 +1,7 @@
 // Our runMain: citty's prints stack traces for every error and accepts unknown flags silently.
 // Here a ThinimgError becomes one line (message — hint) and its exit code; unknown flags are refused;
 // --version prints the version and acts on nothing; help has colour only on a terminal.
-import { type ArgsDef, type CommandDef, renderUsage, runCommand } from "citty";
+import { type ArgsDef, type CommandDef, runCommand } from "citty";
 import { errorEnvelope, fromErrno, ThinimgError, usageError } from "../errors.ts";
 import { log, setLogFormat, setLogLevel } from "../log.ts";
 import { THINIMG_VERSION } from "../version.ts";
@@ -101,7 +101,8 @@ export async function runMain<T extends ArgsDef>(cmd: CommandDef<T>, rawArgs = p
     }
     if (rawArgs.includes("--verbose") || rawArgs.includes("-v")) setLogLevel("debug");
     if (rawArgs.includes("--help") || rawArgs.includes("-h")) {
-      const usage = await renderUsage(cmd as CommandDef<ArgsDef>);
+      const { helpText } = await import("./help.ts");
+      const usage = await helpText(cmd as CommandDef<ArgsDef>);
       await Bun.write(Bun.stdout, `${forTerminal() ? usage : Bun.stripANSI(usage)}\n`);
       process.exit(0);
     }

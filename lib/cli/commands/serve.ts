@@ -1,11 +1,13 @@
 // bun scripts/serve.ts --secret-file FILE --allow-source s3://images-bucket/ [--listen 127.0.0.1:7878]
 // The thinimg service: a signed webhook for unpacks (durable jobs) and activations, /metrics,
 // /healthz, /readyz. docs/ops-service.md has the API, a signed curl request and the systemd units.
+
 import { defineCommand } from "citty";
 import { log } from "../../log.ts";
 import { DEFAULT_LISTEN, parseListen } from "../../server/listen.ts";
 import { DEFAULT_DRAIN_MS, DEFAULT_RETENTION_MS, startService } from "../../server/service.ts";
 import { parseDuration, parseIntArg } from "../../util/units.ts";
+import { limitArgs } from "../args.ts";
 import { configFrom, pipelineArgs, sizeArgs } from "../pipeline.ts";
 
 /** Every value of a repeatable string flag (citty keeps only the last). */
@@ -39,6 +41,7 @@ export const serveCommand = defineCommand({
       default: `${DEFAULT_DRAIN_MS / 1000}s`,
     },
     ...sizeArgs,
+    ...limitArgs,
     ...pipelineArgs,
   },
   async run({ args, rawArgs }) {

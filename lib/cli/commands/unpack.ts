@@ -1,7 +1,9 @@
 // bun scripts/unpack.ts SOURCE [--name NAME] — turn an image into thin devices (one per layer,
 // shared between images). Re-running for an unpacked image does no device work.
+
 import { defineCommand } from "citty";
 import { unpack } from "../../pipeline/unpack.ts";
+import { limitArgs } from "../args.ts";
 import { printJson } from "../main.ts";
 import { asHolder, ctxFrom, pipelineArgs, sizeArgs } from "../pipeline.ts";
 
@@ -13,6 +15,7 @@ export const unpackCommand = defineCommand({
     platform: { type: "string", description: "os/arch[/variant] for multi-platform images" },
     refresh: { type: "boolean", description: "Resolve the source again even if the image is already unpacked", default: false },
     ...sizeArgs,
+    ...limitArgs,
     ...pipelineArgs,
   },
   async run({ args }) {
