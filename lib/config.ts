@@ -150,7 +150,7 @@ export function loadConfig(input: ConfigInput = {}, env: Env = process.env): Con
     const shown = JSON.stringify(issue.input) ?? String(issue.input);
     const value = shown.length > 60 ? `${shown.slice(0, 57)}…"` : shown;
     throw new ThinimgError("usage", `${where} ${value}: ${issue.message}`, {
-      hint: hintFor(path),
+      hint: hintFor(path, where),
     });
   }
   const c = r.output;
@@ -163,19 +163,18 @@ export function loadConfig(input: ConfigInput = {}, env: Env = process.env): Con
   };
 }
 
-function hintFor(path: string): string {
-  switch (path) {
-    case "stateDir":
-      return `pass --state-dir /abs/path or set THINIMG_STATE_DIR (default ${DEFAULT_STATE_DIR})`;
-    case "pool":
-      return `pass --pool NAME or set THINIMG_POOL (default ${DEFAULT_POOL})`;
-    case "virtualSize":
-      return "use e.g. --virtual-size 10G";
-    case "lockWaitMs":
-      return "use e.g. --wait 30s or --wait 10m";
-    case "kernelErrorWindowMs":
-      return "use e.g. --kernel-error-window 15m (0: a kernel error blocks only the check that first sees it)";
-    default:
-      return "fix the value or unset the variable to use the default";
-  }
+/** The next step for a bad value, naming where it came from (the command's flag, or the variable:
+ * a command without that flag only reads the variable). */
+function hintFor(path: string, where: string): string {
+  const example: Record<string, string> = {
+    stateDir: "/abs/path",
+    pool: "NAME",
+    virtualSize: "10G",
+    lockWaitMs: "30s",
+    kernelErrorWindowMs: "15m (0: a kernel error blocks only the check that first sees it)",
+  };
+  const ex = example[path];
+  if (where.startsWith("--")) return ex ? `use e.g. ${where} ${ex}` : `fix ${where}`;
+  if (where.startsWith("THINIMG_")) return ex ? `set ${where} to e.g. ${ex}, or unset it for the default` : `fix ${where} or unset it for the default`;
+  return "fix the value or unset the variable to use the default";
 }

@@ -22,7 +22,7 @@ export const kernelWindowArgs = {
   "kernel-error-window": {
     type: "string",
     description:
-      "A device-mapper/I/O error in the kernel log blocks dm work until it is this old or acknowledged (health --ack); env THINIMG_KERNEL_ERROR_WINDOW; default 15m",
+      "A device-mapper/I/O error in the kernel log blocks dm work until it is this old or acknowledged (`bun scripts/health.ts --ack`); env THINIMG_KERNEL_ERROR_WINDOW; default 15m",
   },
 } as const satisfies ArgsDef;
 

@@ -141,7 +141,7 @@ async function checkShape(command: CommandName | undefined, data: unknown): Prom
   const { outputProblems } = await import("./schemas.ts");
   const problems = outputProblems(command, data);
   if (!problems) return true;
-  process.stderr.write(`internal error: the --json output of ${command} does not match its schema (lib/cli/schemas.ts): ${problems}\n`);
+  process.stderr.write(`internal error: the JSON output of ${command} does not match its schema (lib/cli/schemas.ts): ${problems}\n`);
   process.exitCode = 70;
   return false;
 }

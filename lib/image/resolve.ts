@@ -236,7 +236,7 @@ async function resolveArchive(archive: Archive, source: string, ctx: Ctx, file: 
   // A plain tar that is not an image archive: a single-layer image (e.g. a rootfs tarball).
   if (ctx.select) {
     throw new ThinimgError("input", `${source}: is a single layer, not an image archive; it has no image "${ctx.select}"`, {
-      hint: "drop the :REF / --select",
+      hint: "drop the :REF (or extract --select)",
     });
   }
   const f = file!;
@@ -263,7 +263,7 @@ async function resolveDirFamily(dir: DirArchive, source: string, ctx: Ctx): Prom
   if (order.ignored.length) log.debug(`${source}: ignoring ${order.ignored.join(", ")}`);
   if (ctx.select) {
     throw new ThinimgError("input", `${source}: a layer family holds one image; it has no image "${ctx.select}"`, {
-      hint: "drop the :REF / --select",
+      hint: "drop the :REF (or extract --select)",
     });
   }
   const total = order.layers.length;
@@ -300,7 +300,7 @@ async function resolveS3Family(bucket: S3Bucket, prefix: string, ctx: Ctx): Prom
   const source = bucket.uri(prefix);
   if (ctx.select) {
     throw new ThinimgError("input", `${source}: a layer family holds one image; it has no image "${ctx.select}"`, {
-      hint: "drop the --select",
+      hint: "drop the extract --select",
     });
   }
   const objects = (await bucket.list(prefix, ctx.signal)).filter((o) => o.key !== prefix);

@@ -161,7 +161,7 @@ export async function holdExclusive(stateDir: string, o: HoldOptions & { ignoreL
         "conflict",
         `${o.what}: the state dir is in use by ${others.length === 1 ? "" : `${others.length} processes: `}${describeAll(others)}; nothing was done`,
         {
-          hint: "wait for them to finish (or pass a longer --wait); --ignore-lock goes ahead anyway",
+          hint: "wait for them to finish (or pass a longer --wait); gc --ignore-lock goes ahead anyway",
           details: { holders: others },
         },
       );

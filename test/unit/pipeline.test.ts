@@ -98,8 +98,10 @@ describe("config", () => {
 
   test("bad values: one line naming the flag or variable and what to do", () => {
     const cases: [Parameters<typeof loadConfig>[0], Record<string, string>, RegExp][] = [
-      [{ pool: "bad name" }, {}, /^--pool "bad name": use letters.* — pass --pool NAME or set THINIMG_POOL/],
-      [{}, { THINIMG_POOL: "p".repeat(105) }, /^THINIMG_POOL "p+…": must be at most 104 characters/],
+      [{ pool: "bad name" }, {}, /^--pool "bad name": use letters.* — use e.g. --pool NAME$/],
+      [{}, { THINIMG_POOL: "p".repeat(105) }, /^THINIMG_POOL "p+…": must be at most 104 characters.* — set THINIMG_POOL to e.g. NAME, or unset it/],
+      [{ maxBytes: "lots" }, {}, /^--max-bytes: "lots" is not a size/],
+      [{}, { THINIMG_MAX_DEPTH: "0" }, /^THINIMG_MAX_DEPTH/],
       [{ virtualSize: "10M" }, {}, /^--virtual-size 10485760: must be at least 64M/],
       [{}, { THINIMG_VIRTUAL_SIZE: "huge" }, /^THINIMG_VIRTUAL_SIZE: "huge" is not a size/],
       [{ wait: "soon" }, {}, /^--wait: "soon" is not a duration/],

@@ -5,13 +5,14 @@ import { openDb } from "../../store/db.ts";
 import { formatBytes } from "../../util/units.ts";
 import { outputArgs, poolArgs, stateArgs } from "../args.ts";
 import { printJson } from "../main.ts";
-import { configFrom } from "../pipeline.ts";
+import { configFrom, waitArgs } from "../pipeline.ts";
 
 export const listCommand = defineCommand({
   meta: { name: "list", description: "List images, layer devices, snapshots and pool use" },
   args: {
     all: { type: "boolean", description: "Include released snapshots", default: false },
     space: { type: "boolean", description: "Show each image's exclusive pool space (reads a metadata snapshot; --no-space: skip)", default: true },
+    ...waitArgs,
     ...stateArgs,
     ...poolArgs,
     ...outputArgs,
