@@ -3,7 +3,7 @@
 // local files and directories are read in place. Formats are recognised from content:
 //   directory: index.json → OCI layout; manifest.json → docker-archive (unpacked); N.tar → layer family
 //   file:      (gzip/zstd → decompressed into the cache first) tar with manifest.json → docker-archive,
-//              index.json → OCI layout, anything else → a single-layer image (a rootfs tarball).
+//              index.json → OCI layout, anything else → a single-layer image (a rootfs tarball: "layer-tar").
 import { realpathSync, statSync } from "node:fs";
 import { basename } from "node:path";
 import { errnoOf, ThinimgError } from "../errors.ts";
@@ -254,7 +254,7 @@ async function resolveArchive(archive: Archive, source: string, ctx: Ctx, file: 
     openRaw: () => Bun.file(f.path).stream(),
     onMismatch: f.cached ? () => ctx.cache.evict(digest) : undefined,
   });
-  return { source, format: "layer-family", name: null, id: null, platform: null, config: null, layers: [layer] };
+  return { source, format: "layer-tar", name: null, id: null, platform: null, config: null, layers: [layer] };
 }
 
 async function resolveDirFamily(dir: DirArchive, source: string, ctx: Ctx): Promise<ResolvedImage> {
