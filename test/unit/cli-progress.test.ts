@@ -24,7 +24,11 @@ describe("progress line", () => {
     expect(lineWidth(20)).toBe(MIN_WIDTH);
     expect(lineWidth(200)).toBe(199);
     let out = "";
-    const tty = { isTTY: true, columns: 0, write: (s: string) => ((out = s), true) } as unknown as NodeJS.WriteStream;
+    const write = (s: string) => {
+      out = s;
+      return true;
+    };
+    const tty = { isTTY: true, columns: 0, write } as unknown as NodeJS.WriteStream;
     const p = ttyProgress(tty);
     p.stage("[1/1] apply sha256:0123456789abcdef0123456789abcdef0123456789abcdef");
     p.bytes(10, 100);
