@@ -19,20 +19,26 @@ function entrySource(name: string): string {
   return `export { default as command } from "../../lib/cli/commands/${name}.ts";\nexport { runMain } from "../../lib/cli/main.ts";\n`;
 }
 
-/** Build one command's bundle; the manifest is written last (atomically), and only when no input
- * changed while the build read it — otherwise the previous manifest stays (or none: the sources run). */
+/** Build one command's bundle; the manifest is written last (atomically). An input changed in the
+ * second the build started (or later) could change again unseen at whole-second resolution: then
+ * the build waits for the next second and runs again; an input still changing fails it. */
 export async function buildBundle(name: string): Promise<BuiltBundle> {
   const t0 = Date.now();
+  for (let attempt = 0; ; attempt++) {
+    const r = await buildOnce(name);
+    if (r.built) return { ...r.built, ms: Date.now() - t0 };
+    if (attempt === 1) throw new Error(`bun build ${name}: ${r.changed} keeps changing during the build; run it again`);
+    await Bun.sleep(1000 - (Date.now() % 1000) + 20);
+  }
+}
+
+async function buildOnce(name: string): Promise<{ built?: Omit<BuiltBundle, "ms">; changed?: string }> {
   const srcDir = join(BUNDLE_DIR, "src");
   mkdirSync(srcDir, { recursive: true });
   const entry = join(srcDir, `${name}.ts`);
-  // rewritten only when it differs: it is an input too, and a fresh ctime would look like an edit
-  if ((existsSync(entry) ? readFileSync(entry, "utf8") : "") !== entrySource(name)) {
-    writeFileSync(entry, entrySource(name));
-    await Bun.sleep(40); // its ctime must fall before the build's start, margin included
-  }
-  // a ctime is stamped from the kernel's coarse clock, a tick behind Date.now(): a margin
-  const startedMs = Date.now() - 20;
+  // rewritten only when it differs: it is an input too
+  if ((existsSync(entry) ? readFileSync(entry, "utf8") : "") !== entrySource(name)) writeFileSync(entry, entrySource(name));
+  const startedS = Math.floor(Date.now() / 1000);
   const r = await Bun.build({
     entrypoints: [entry],
     target: "bun",
@@ -49,8 +55,8 @@ export async function buildBundle(name: string): Promise<BuiltBundle> {
     const rel = relative(REPO_ROOT, resolve(process.cwd(), key));
     const stamp = stampOf(rel);
     if (!stamp) throw new Error(`bun build ${name}: input ${key} not found after the build`);
-    // changed while (or after) the bundler read it: this bundle may hold older code than the file
-    if (stamp[3] >= startedMs || stamp[4] >= startedMs) throw new Error(`bun build ${name}: ${rel} changed during the build; run it again`);
+    // changed in the build's first second or later: the bundle may hold other bytes than the file
+    if (stamp[3] >= startedS || stamp[4] >= startedS) return { changed: rel };
     inputs.push(stamp);
   }
   const manifest: BundleManifest = { bun: Bun.version, bundle: relative(BUNDLE_DIR, out.path), inputs };
@@ -58,7 +64,7 @@ export async function buildBundle(name: string): Promise<BuiltBundle> {
   writeFileSync(tmp, JSON.stringify(manifest));
   renameSync(tmp, manifestPath(name));
   removeOldBundles(name, manifest.bundle);
-  return { name, bytes: statSync(out.path).size, inputs: inputs.length, ms: Date.now() - t0 };
+  return { built: { name, bytes: statSync(out.path).size, inputs: inputs.length } };
 }
 
 /** Earlier builds of `name`: kept a minute, for a process that read the old manifest just now. */

@@ -8,7 +8,9 @@
 // Freshness: the manifest lists every input of the bundle (ours and node_modules) with its size,
 // inode, mtime and ctime, recorded after a build that saw no input change while it ran. Any
 // edit, checkout, `bun install` or rename changes ctime (which user space cannot set back), so one
-// stat per input — no reads, no hashing — proves the bundle current. A missing input, a different bun
+// stat per input — no reads, no hashing — proves the bundle current. Times are compared in whole
+// seconds, because the test VM's hostfs reports no finer; the build makes sure every recorded
+// ctime falls in an earlier second than the build's start, so any later change shows. A missing input, a different bun
 // or any mismatch runs the sources instead, silently: a stale bundle is only slower, never wrong.
 import { readFileSync, statSync } from "node:fs";
 import { join } from "node:path";
@@ -16,8 +18,8 @@ import { join } from "node:path";
 export const REPO_ROOT = join(import.meta.dir, "../..");
 export const BUNDLE_DIR = join(REPO_ROOT, ".build");
 
-/** One input: repo-relative path, size, inode, mtime (ms), ctime (ms). */
-export type InputStamp = [path: string, size: number, ino: number, mtimeMs: number, ctimeMs: number];
+/** One input: repo-relative path, size, inode, mtime and ctime (whole seconds). */
+export type InputStamp = [path: string, size: number, ino: number, mtimeS: number, ctimeS: number];
 
 export interface BundleManifest {
   bun: string;
@@ -32,7 +34,7 @@ export function manifestPath(name: string): string {
 
 export function stampOf(relPath: string): InputStamp | null {
   const st = statSync(join(REPO_ROOT, relPath), { throwIfNoEntry: false });
-  return st ? [relPath, st.size, st.ino, st.mtimeMs, st.ctimeMs] : null;
+  return st ? [relPath, st.size, st.ino, Math.floor(st.mtimeMs / 1000), Math.floor(st.ctimeMs / 1000)] : null;
 }
 
 /** The bundle's path when its manifest proves it was built from the sources as they are now. */
