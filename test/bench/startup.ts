@@ -14,6 +14,7 @@ import { mkdirSync, mkdtempSync, readFileSync, rmSync } from "node:fs";
 import { join } from "node:path";
 import { loadConfig } from "../../lib/config.ts";
 import { createLoopPool } from "../../lib/dm/loop-pool.ts";
+import { freshBundle } from "../../lib/cli/start.ts";
 import { writeDemoImages } from "../../lib/pipeline/demo-image.ts";
 import { unpack } from "../../lib/pipeline/unpack.ts";
 import { makeCtx } from "../../lib/pool/context.ts";
@@ -83,8 +84,11 @@ async function main(): Promise<void> {
   for (let i = 0; i < ROUNDS; i++) for (const c of cases) runs.get(c.name)!.push(await run(c.argv));
 
   const fixed = (r: Run) => r.wall - r.commandMs;
+  // what ran: the start-up bundles (bun run bench:startup builds them first) or the sources
+  const from = ["unpack", "list", "activate"].map((n) => `${n}: ${freshBundle(n) ? "bundle" : "sources (no current bundle)"}`).join(", ");
   const bare = median(runs.get(cases[0]!.name)!.map(fixed));
   console.log(`\nthinimg CLI start-up benchmark (inside the test VM; ${ROUNDS} interleaved rounds, medians)`);
+  console.log(`  started from — ${from}`);
   console.log(`  ${"command".padEnd(18)} ${"wall".padStart(8)} ${"ext. cmds".padStart(14)} ${"fixed cost".padStart(11)}  vs bare bun`);
   for (const c of cases) {
     const rs = runs.get(c.name)!;
