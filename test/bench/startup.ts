@@ -12,9 +12,9 @@
 // (bare bun, unpack, list, activate, bare bun, …) so machine noise hits every figure alike.
 import { mkdirSync, mkdtempSync, readFileSync, rmSync } from "node:fs";
 import { join } from "node:path";
+import { freshBundle } from "../../lib/cli/start.ts";
 import { loadConfig } from "../../lib/config.ts";
 import { createLoopPool } from "../../lib/dm/loop-pool.ts";
-import { freshBundle } from "../../lib/cli/start.ts";
 import { writeDemoImages } from "../../lib/pipeline/demo-image.ts";
 import { unpack } from "../../lib/pipeline/unpack.ts";
 import { makeCtx } from "../../lib/pool/context.ts";
