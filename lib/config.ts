@@ -26,20 +26,9 @@ export interface Limits {
   maxLayerBytes: number;
   maxFileBytes: number;
   maxEntries: number;
-  /** Most path components of an entry, or of a path a link resolves to. */
+  /** Path components of an entry or of what a link resolves to; longest name or link target. */
   maxDepth: number;
-  /** Longest entry name or link target in bytes. */
   maxPathBytes: number;
-}
-
-/** Limit flags a command takes (extract), each overriding its THINIMG_MAX_* variable. */
-export interface LimitFlags {
-  maxBlobBytes?: string | undefined;
-  maxLayerBytes?: string | undefined;
-  maxFileBytes?: string | undefined;
-  maxEntries?: string | undefined;
-  maxDepth?: string | undefined;
-  maxPathBytes?: string | undefined;
 }
 
 export interface Config {
@@ -65,7 +54,13 @@ export interface ConfigInput {
   virtualSize?: string | undefined;
   wait?: string | undefined;
   kernelErrorWindow?: string | undefined;
-  limits?: LimitFlags;
+  /** The image limits (--max-entries, --max-bytes, …; lib/cli/args.ts limitArgs). */
+  maxEntries?: string | undefined;
+  maxBytes?: string | undefined;
+  maxFileSize?: string | undefined;
+  maxBlobSize?: string | undefined;
+  maxDepth?: string | undefined;
+  maxPathBytes?: string | undefined;
 }
 
 type Env = Record<string, string | undefined>;
@@ -127,13 +122,11 @@ export function loadConfig(input: ConfigInput = {}, env: Env = process.env): Con
   const sizeRaw = pick(input.virtualSize, "--virtual-size", env, "THINIMG_VIRTUAL_SIZE", src, "virtualSize");
   const waitRaw = pick(input.wait, "--wait", env, "THINIMG_LOCK_WAIT", src, "lockWaitMs");
   const windowRaw = pick(input.kernelErrorWindow, "--kernel-error-window", env, "THINIMG_KERNEL_ERROR_WINDOW", src, "kernelErrorWindowMs");
-  const lim = input.limits ?? {};
-  const limit = (k: keyof Limits, flagName: string, envName: string, dflt: number, parse: (raw: string, name: string) => number) => {
-    const raw = pick(lim[k], flagName, env, envName, src, `limits.${k}`);
-    return raw === undefined ? dflt : parse(raw, src[`limits.${k}`]!);
+  const limit = (flag: string | undefined, flagName: string, envName: string, key: string, parse: (raw: string, what: string) => number, dflt: number) => {
+    const raw = pick(flag, flagName, env, envName, src, `limits.${key}`);
+    return raw === undefined ? dflt : parse(raw, src[`limits.${key}`]!);
   };
-  const size = (raw: string, name: string) => parseSize(raw, name);
-  const count = (raw: string, name: string) => parseIntArg(raw, name, { min: 1 });
+  const count = (raw: string, what: string) => parseIntArg(raw, what, { min: 1 });
   const raw = {
     stateDir: stateRaw === undefined ? DEFAULT_STATE_DIR : resolve(stateRaw),
     pool: poolRaw ?? DEFAULT_POOL,
@@ -141,12 +134,12 @@ export function loadConfig(input: ConfigInput = {}, env: Env = process.env): Con
     lockWaitMs: waitRaw === undefined ? DEFAULT_LOCK_WAIT_MS : parseDuration(waitRaw, src.lockWaitMs!),
     kernelErrorWindowMs: windowRaw === undefined ? DEFAULT_KERNEL_ERROR_WINDOW_MS : parseDuration(windowRaw, src.kernelErrorWindowMs!),
     limits: {
-      maxBlobBytes: limit("maxBlobBytes", "--max-blob-size", "THINIMG_MAX_BLOB_SIZE", 8 * GiB, size),
-      maxLayerBytes: limit("maxLayerBytes", "--max-bytes", "THINIMG_MAX_LAYER_SIZE", 10 * GiB, size),
-      maxFileBytes: limit("maxFileBytes", "--max-file-size", "THINIMG_MAX_FILE_SIZE", GiB, size),
-      maxEntries: limit("maxEntries", "--max-entries", "THINIMG_MAX_ENTRIES", 100_000, count),
-      maxDepth: limit("maxDepth", "--max-depth", "THINIMG_MAX_DEPTH", 1024, count),
-      maxPathBytes: limit("maxPathBytes", "--max-path-bytes", "THINIMG_MAX_PATH_BYTES", 4096, count),
+      maxBlobBytes: limit(input.maxBlobSize, "--max-blob-size", "THINIMG_MAX_BLOB_SIZE", "maxBlobBytes", parseSize, 8 * GiB),
+      maxLayerBytes: limit(input.maxBytes, "--max-bytes", "THINIMG_MAX_LAYER_SIZE", "maxLayerBytes", parseSize, 10 * GiB),
+      maxFileBytes: limit(input.maxFileSize, "--max-file-size", "THINIMG_MAX_FILE_SIZE", "maxFileBytes", parseSize, GiB),
+      maxEntries: limit(input.maxEntries, "--max-entries", "THINIMG_MAX_ENTRIES", "maxEntries", count, 100_000),
+      maxDepth: limit(input.maxDepth, "--max-depth", "THINIMG_MAX_DEPTH", "maxDepth", count, 1024),
+      maxPathBytes: limit(input.maxPathBytes, "--max-path-bytes", "THINIMG_MAX_PATH_BYTES", "maxPathBytes", count, 4096),
     },
   };
   const r = v.safeParse(Schema, raw);
@@ -157,7 +150,7 @@ export function loadConfig(input: ConfigInput = {}, env: Env = process.env): Con
     const shown = JSON.stringify(issue.input) ?? String(issue.input);
     const value = shown.length > 60 ? `${shown.slice(0, 57)}…"` : shown;
     throw new ThinimgError("usage", `${where} ${value}: ${issue.message}`, {
-      hint: hintFor(path),
+      hint: hintFor(path, where),
     });
   }
   const c = r.output;
@@ -174,22 +167,21 @@ export function loadConfig(input: ConfigInput = {}, env: Env = process.env): Con
 export function checkPoolName(name: string): string {
   const r = v.safeParse(Schema.entries.pool, name);
   if (r.success) return r.output;
-  throw new ThinimgError("usage", `--pool ${JSON.stringify(name)}: ${r.issues[0].message}`, { hint: hintFor("pool") });
+  throw new ThinimgError("usage", `--pool ${JSON.stringify(name)}: ${r.issues[0].message}`, { hint: hintFor("pool", "--pool") });
 }
 
-function hintFor(path: string): string {
-  switch (path) {
-    case "stateDir":
-      return `pass --state-dir /abs/path or set THINIMG_STATE_DIR (default ${DEFAULT_STATE_DIR})`;
-    case "pool":
-      return `pass --pool NAME or set THINIMG_POOL (default ${DEFAULT_POOL})`;
-    case "virtualSize":
-      return "use e.g. --virtual-size 10G";
-    case "lockWaitMs":
-      return "use e.g. --wait 30s or --wait 10m";
-    case "kernelErrorWindowMs":
-      return "use e.g. --kernel-error-window 15m (0: a kernel error blocks only the check that first sees it)";
-    default:
-      return "fix the value or unset the variable to use the default";
-  }
+/** The next step for a bad value, naming where it came from (the command's flag, or the variable:
+ * a command without that flag only reads the variable). */
+function hintFor(path: string, where: string): string {
+  const example: Record<string, string> = {
+    stateDir: "/abs/path",
+    pool: "NAME",
+    virtualSize: "10G",
+    lockWaitMs: "30s",
+    kernelErrorWindowMs: "15m (0: a kernel error blocks only the check that first sees it)",
+  };
+  const ex = example[path];
+  if (where.startsWith("--")) return ex ? `use e.g. ${where} ${ex}` : `fix ${where}`;
+  if (where.startsWith("THINIMG_")) return ex ? `set ${where} to e.g. ${ex}, or unset it for the default` : `fix ${where} or unset it for the default`;
+  return "fix the value or unset the variable to use the default";
 }

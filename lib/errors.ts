@@ -12,7 +12,8 @@ export type ErrorKind =
   | "conflict" // already exists / busy / locked
   | "internal";
 
-const EXIT: Record<ErrorKind, number> = {
+/** The exit code of each error kind (listed in every command's --help). */
+export const EXIT_CODES: Record<ErrorKind, number> = {
   usage: 2,
   input: 3,
   policy: 4,
@@ -36,7 +37,7 @@ export class ThinimgError extends Error {
     this.name = "ThinimgError";
     this.kind = kind;
     this.hint = opts.hint;
-    this.exitCode = opts.exitCode ?? EXIT[kind];
+    this.exitCode = opts.exitCode ?? EXIT_CODES[kind];
     this.details = opts.details;
   }
 

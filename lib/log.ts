@@ -1,6 +1,6 @@
 // Logging: human lines on stderr by default; JSON lines on stderr with --log-format json
 // (or THINIMG_LOG_FORMAT=json). stdout is reserved for --json data.
-import { type ConsolaReporter, createConsola, type LogObject } from "consola/core";
+import { type ConsolaInstance, type ConsolaReporter, createConsola, type LogObject } from "consola/core";
 
 export type LogFormat = "human" | "json";
 
@@ -43,16 +43,36 @@ function levelFromEnv(): number {
 }
 
 let format: LogFormat = process.env.THINIMG_LOG_FORMAT === "json" ? "json" : "human";
+let level = levelFromEnv();
+let instance: ConsolaInstance | undefined;
 
-export const log = createConsola({
-  level: levelFromEnv(),
-  throttle: 0,
-  reporters: [format === "json" ? jsonReporter : humanReporter],
-});
+// Created on first use: consola's set-up (deep-merging its defaults) is a measurable part of a
+// command's start in the VM, and most runs of a command log nothing.
+function consola(): ConsolaInstance {
+  instance ??= createConsola({ level, throttle: 0, reporters: [format === "json" ? jsonReporter : humanReporter] });
+  return instance;
+}
+
+const LEVEL = { error: 0, warn: 1, info: 3, debug: 4 } as const;
+type Args = [message?: unknown, ...rest: unknown[]];
+
+export const log = {
+  error: (...a: Args) => level >= LEVEL.error && consola().error(...a),
+  warn: (...a: Args) => level >= LEVEL.warn && consola().warn(...a),
+  info: (...a: Args) => level >= LEVEL.info && consola().info(...a),
+  debug: (...a: Args) => level >= LEVEL.debug && consola().debug(...a),
+  get level(): number {
+    return level;
+  },
+  set level(l: number) {
+    level = l;
+    if (instance) instance.level = l;
+  },
+};
 
 export function setLogFormat(f: LogFormat): void {
   format = f;
-  log.setReporters([f === "json" ? jsonReporter : humanReporter]);
+  instance?.setReporters([f === "json" ? jsonReporter : humanReporter]);
 }
 
 /** The per-command record (lib/exec.ts), by a policy of its own that a lowered log level does not

@@ -18,4 +18,7 @@ if ! command -v bun >/dev/null || [ "$(bun --version 2>/dev/null)" != "$BUN_VERS
   npm install -g --no-fund --no-audit "bun@$BUN_VERSION" >/dev/null 2>&1
 fi
 bun install --frozen-lockfile >/dev/null 2>&1 || bun install
+# the commands' start-up bundles (.build/): a bundle that no longer matches its sources is never run,
+# so a failed build only means the commands start from the sources (slower, same behaviour)
+bun scripts/build.ts || echo "setup: start-up bundles not built; the commands run from the sources" >&2
 echo "setup: ok (bun $(bun --version), $(linux.uml --version 2>/dev/null | head -1 || echo uml))" >&2

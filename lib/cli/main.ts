@@ -1,14 +1,17 @@
 // Our runMain: citty's prints stack traces for every error and accepts unknown flags silently.
 // Here a ThinimgError becomes one line (message — hint) and its exit code; unknown flags are refused;
 // --version prints the version and acts on nothing; help has colour only on a terminal.
-import { type ArgsDef, type CommandDef, renderUsage, runCommand } from "citty";
+import { isatty } from "node:tty";
+import { type ArgsDef, type CommandDef, runCommand } from "citty";
 import { errorEnvelope, fromErrno, ThinimgError, usageError } from "../errors.ts";
 import { log, setLogFormat, setLogLevel } from "../log.ts";
 import { THINIMG_VERSION } from "../version.ts";
 import type { CommandName } from "./schemas.ts";
 
 /** Colour and indentation are for a person at a terminal; pipes and journald get plain, compact text. */
-const forTerminal = () => process.stdout.isTTY === true && !process.env.NO_COLOR;
+// isatty(1), not process.stdout.isTTY: that would build the stdout stream (and load the stream
+// classes) just to answer, a measurable part of a command's start in the VM.
+const forTerminal = () => isatty(1) && !process.env.NO_COLOR;
 
 async function knownFlags(cmd: CommandDef<ArgsDef>): Promise<Set<string>> {
   const args = (typeof cmd.args === "function" ? await cmd.args() : await cmd.args) ?? {};
@@ -101,7 +104,8 @@ export async function runMain<T extends ArgsDef>(cmd: CommandDef<T>, rawArgs = p
     }
     if (rawArgs.includes("--verbose") || rawArgs.includes("-v")) setLogLevel("debug");
     if (rawArgs.includes("--help") || rawArgs.includes("-h")) {
-      const usage = await renderUsage(cmd as CommandDef<ArgsDef>);
+      const { helpText } = await import("./help.ts");
+      const usage = await helpText(cmd as CommandDef<ArgsDef>);
       await Bun.write(Bun.stdout, `${forTerminal() ? usage : Bun.stripANSI(usage)}\n`);
       process.exit(0);
     }
@@ -140,7 +144,7 @@ async function checkShape(command: CommandName | undefined, data: unknown): Prom
   const { outputProblems } = await import("./schemas.ts");
   const problems = outputProblems(command, data);
   if (!problems) return true;
-  process.stderr.write(`internal error: the --json output of ${command} does not match its schema (lib/cli/schemas.ts): ${problems}\n`);
+  process.stderr.write(`internal error: the JSON output of ${command} does not match its schema (lib/cli/schemas.ts): ${problems}\n`);
   process.exitCode = 70;
   return false;
 }

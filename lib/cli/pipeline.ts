@@ -3,7 +3,7 @@
 import type { ArgsDef } from "citty";
 import { type Config, loadConfig } from "../config.ts";
 import { asHolder, type Ctx, makeCtx } from "../pool/context.ts";
-import { kernelWindowArgs, outputArgs, poolArgs, stateArgs } from "./args.ts";
+import { kernelWindowArgs, type LimitFlags, limitInput, outputArgs, poolArgs, stateArgs } from "./args.ts";
 
 export { asHolder };
 
@@ -26,7 +26,7 @@ export const pipelineArgs = {
   ...outputArgs,
 } as const satisfies ArgsDef;
 
-interface CommonFlags {
+interface CommonFlags extends LimitFlags {
   "state-dir"?: string | undefined;
   pool?: string | undefined;
   wait?: string | undefined;
@@ -43,6 +43,7 @@ export function configFrom(args: CommonFlags): Config {
     wait: args.wait,
     virtualSize: args["virtual-size"],
     kernelErrorWindow: args["kernel-error-window"],
+    ...limitInput(args),
   });
 }
 

@@ -3,7 +3,7 @@
 // local files and directories are read in place. Formats are recognised from content:
 //   directory: index.json → OCI layout; manifest.json → docker-archive (unpacked); N.tar → layer family
 //   file:      (gzip/zstd → decompressed into the cache first) tar with manifest.json → docker-archive,
-//              index.json → OCI layout, anything else → a single-layer image (a rootfs tarball).
+//              index.json → OCI layout, anything else → a single-layer image (a rootfs tarball: "layer-tar").
 import { realpathSync, statSync } from "node:fs";
 import { basename } from "node:path";
 import { errnoOf, ThinimgError } from "../errors.ts";
@@ -236,7 +236,7 @@ async function resolveArchive(archive: Archive, source: string, ctx: Ctx, file: 
   // A plain tar that is not an image archive: a single-layer image (e.g. a rootfs tarball).
   if (ctx.select) {
     throw new ThinimgError("input", `${source}: is a single layer, not an image archive; it has no image "${ctx.select}"`, {
-      hint: "drop the :REF / --select",
+      hint: "drop the :REF (or extract --select)",
     });
   }
   const f = file!;
@@ -254,7 +254,7 @@ async function resolveArchive(archive: Archive, source: string, ctx: Ctx, file: 
     openRaw: () => Bun.file(f.path).stream(),
     onMismatch: f.cached ? () => ctx.cache.evict(digest) : undefined,
   });
-  return { source, format: "layer-family", name: null, id: null, platform: null, config: null, layers: [layer] };
+  return { source, format: "layer-tar", name: null, id: null, platform: null, config: null, layers: [layer] };
 }
 
 async function resolveDirFamily(dir: DirArchive, source: string, ctx: Ctx): Promise<ResolvedImage> {
@@ -263,7 +263,7 @@ async function resolveDirFamily(dir: DirArchive, source: string, ctx: Ctx): Prom
   if (order.ignored.length) log.debug(`${source}: ignoring ${order.ignored.join(", ")}`);
   if (ctx.select) {
     throw new ThinimgError("input", `${source}: a layer family holds one image; it has no image "${ctx.select}"`, {
-      hint: "drop the :REF / --select",
+      hint: "drop the :REF (or extract --select)",
     });
   }
   const total = order.layers.length;
@@ -300,7 +300,7 @@ async function resolveS3Family(bucket: S3Bucket, prefix: string, ctx: Ctx): Prom
   const source = bucket.uri(prefix);
   if (ctx.select) {
     throw new ThinimgError("input", `${source}: a layer family holds one image; it has no image "${ctx.select}"`, {
-      hint: "drop the --select",
+      hint: "drop the extract --select",
     });
   }
   const objects = (await bucket.list(prefix, ctx.signal)).filter((o) => o.key !== prefix);

@@ -3,7 +3,8 @@
 // together.
 
 export type Compression = "none" | "gzip" | "zstd";
-export type ImageFormat = "layer-family" | "docker-archive" | "oci-layout";
+/** layer-tar: one tar (plain or compressed) that is not an image archive, e.g. a rootfs tarball. */
+export type ImageFormat = "layer-family" | "layer-tar" | "docker-archive" | "oci-layout";
 
 /** The parts of an image config a runtime needs, parsed and validated (OCI image-spec config). */
 export interface ImageConfig {

@@ -127,7 +127,7 @@ function inUse(what: string, others: Holder[]): ThinimgError {
   return new ThinimgError(
     "conflict",
     `${what}: the state dir is in use by ${others.length === 1 ? "" : `${others.length} processes: `}${describeAll(others)}; nothing was done`,
-    { hint: "wait for them to finish (or pass a longer --wait); --ignore-lock goes ahead anyway", details: { holders: others } },
+    { hint: "wait for them to finish (or pass a longer --wait); gc --ignore-lock goes ahead anyway", details: { holders: others } },
   );
 }
 

@@ -284,7 +284,13 @@ async function applyAndSync(b: Build): Promise<void> {
     devices: true,
     sameOwner: true,
     layerLabel: input.label,
-    limits: { maxEntries: ctx.cfg.limits.maxEntries, maxTotalBytes: ctx.cfg.limits.maxLayerBytes, maxFileBytes: ctx.cfg.limits.maxFileBytes },
+    limits: {
+      maxEntries: ctx.cfg.limits.maxEntries,
+      maxTotalBytes: ctx.cfg.limits.maxLayerBytes,
+      maxFileBytes: ctx.cfg.limits.maxFileBytes,
+      maxDepth: ctx.cfg.limits.maxDepth,
+      maxPathBytes: ctx.cfg.limits.maxPathBytes,
+    },
     onProgress: (n) => ctx.progress?.bytes(n, null),
   });
   tx(b.db, () => {

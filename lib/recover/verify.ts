@@ -16,7 +16,7 @@ function unusable(r: RecoverRun, name: string, s: PoolStatus): Blocked | null {
     r.recoverCommand(),
   ];
   const hint =
-    "the pool was left as it is. Stop what uses it, remove its thin devices and the pool (no --force), then re-run recover-pool: it runs thin_check first";
+    "the pool was left as it is. Stop what uses it, remove its thin devices and the pool (dmsetup remove without --force), then re-run recover-pool: it runs thin_check first";
   if (s.kind === "fail")
     return new Blocked("unhealthy", `pool ${name} is in Fail mode (the kernel stopped it after a metadata or device error)`, hint, deactivate);
   if (s.kind === "error") return new Blocked("unhealthy", `pool ${name} reports Error status`, hint, deactivate);

@@ -63,7 +63,7 @@ describe("--json schemas", () => {
     const { code, out, err } = await cli(body, []);
     expect(code).toBe(70);
     expect(out).toBe("");
-    expect(err).toContain("the --json output of activate does not match its schema");
+    expect(err).toContain("the JSON output of activate does not match its schema");
   });
 
   test("every error is the one envelope; a matching document passes", () => {

@@ -3,9 +3,9 @@
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { chmodSync, existsSync, lstatSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, readlinkSync, rmSync, symlinkSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
+import { extractCommand } from "../../lib/cli/commands/extract.ts";
 import { ThinimgError } from "../../lib/errors.ts";
 import { extractImage } from "../../lib/image/extract.ts";
-import { extractCommand } from "../../scripts/extract.ts";
 import { buildLayerTar, compress, OciLayout, sampleLayer, withRef, writeDockerArchive, writeLayerFamily } from "../helpers/images.ts";
 import { run } from "../helpers/run.ts";
 import { startS3, type TestS3 } from "../helpers/s3.ts";

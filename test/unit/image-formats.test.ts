@@ -428,13 +428,14 @@ describe("single archives", () => {
     const p = tmp("rootfs.tar");
     writeFileSync(p, L[0]!);
     const a = await resolveImage(p, opts());
-    expect(a.format).toBe("layer-family");
+    expect(a.format).toBe("layer-tar");
     expect(a.layers.length).toBe(1);
     expect(a.layers[0]!.digest).toBe(sha256(L[0]!));
     expect((await readLayer(a.layers[0]!)).equals(L[0]!)).toBe(true);
     const z = tmp("rootfs.tar.zst");
     writeFileSync(z, compress(L[1]!, "zstd"));
     const b = await resolveImage(z, opts());
+    expect(b.format).toBe("layer-tar");
     expect((await readLayer(b.layers[0]!)).equals(L[1]!)).toBe(true);
   });
 

@@ -98,7 +98,7 @@ describe("config", () => {
 
   test("limits: a flag wins over its THINIMG_MAX_* variable, which wins over the default", () => {
     const env = { THINIMG_MAX_DEPTH: "64", THINIMG_MAX_PATH_BYTES: "512", THINIMG_MAX_LAYER_SIZE: "1G", THINIMG_MAX_ENTRIES: "50" };
-    expect(loadConfig({ limits: { maxDepth: "8", maxLayerBytes: "2M" } }, env).limits).toEqual({
+    expect(loadConfig({ maxDepth: "8", maxBytes: "2M" }, env).limits).toEqual({
       maxBlobBytes: 8 * 1024 ** 3,
       maxLayerBytes: 2 * 1024 ** 2,
       maxFileBytes: 1024 ** 3,
@@ -107,14 +107,16 @@ describe("config", () => {
       maxPathBytes: 512,
     });
     expect(loadConfig({}, {}).limits).toMatchObject({ maxDepth: 1024, maxPathBytes: 4096, maxEntries: 100_000 });
-    expect(() => loadConfig({ limits: { maxDepth: "0" } }, {})).toThrow(/--max-depth/);
+    expect(() => loadConfig({ maxDepth: "0" }, {})).toThrow(/--max-depth/);
     expect(() => loadConfig({}, { THINIMG_MAX_PATH_BYTES: "x" })).toThrow(/THINIMG_MAX_PATH_BYTES/);
   });
 
   test("bad values: one line naming the flag or variable and what to do", () => {
     const cases: [Parameters<typeof loadConfig>[0], Record<string, string>, RegExp][] = [
-      [{ pool: "bad name" }, {}, /^--pool "bad name": use letters.* — pass --pool NAME or set THINIMG_POOL/],
-      [{}, { THINIMG_POOL: "p".repeat(105) }, /^THINIMG_POOL "p+…": must be at most 104 characters/],
+      [{ pool: "bad name" }, {}, /^--pool "bad name": use letters.* — use e.g. --pool NAME$/],
+      [{}, { THINIMG_POOL: "p".repeat(105) }, /^THINIMG_POOL "p+…": must be at most 104 characters.* — set THINIMG_POOL to e.g. NAME, or unset it/],
+      [{ maxBytes: "lots" }, {}, /^--max-bytes: "lots" is not a size/],
+      [{}, { THINIMG_MAX_DEPTH: "0" }, /^THINIMG_MAX_DEPTH/],
       [{ virtualSize: "10M" }, {}, /^--virtual-size 10485760: must be at least 64M/],
       [{}, { THINIMG_VIRTUAL_SIZE: "huge" }, /^THINIMG_VIRTUAL_SIZE: "huge" is not a size/],
       [{ wait: "soon" }, {}, /^--wait: "soon" is not a duration/],

@@ -209,7 +209,7 @@ export class Applier implements TarSink {
           return;
         }
         if (!this.o.isRoot) {
-          throw new RuleError("policy", "device nodes can only be created as root", "run as root, or drop --devices");
+          throw new RuleError("policy", "device nodes can only be created as root", "run as root, or do not ask for device nodes (extract --devices)");
         }
         this.create(abs, () => mknod(fsPath(abs), (e.type === "char" ? S_IFCHR : e.type === "block" ? S_IFBLK : S_IFIFO) | 0o600, e.devmajor, e.devminor));
         this.finishNode(abs, e, true);

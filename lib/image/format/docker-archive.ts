@@ -48,7 +48,7 @@ export async function resolveDockerArchive(archive: Archive, o: DockerArchiveOpt
     name = (entry.RepoTags ?? []).find((t) => refMatches(t, o.select!)) ?? o.select;
   } else if (manifest.length > 1) {
     throw new ThinimgError("input", `${what}: holds ${manifest.length} images; choose one`, {
-      hint: allTags.length ? `append :TAG or pass --select TAG (available: ${allTags.slice(0, 10).join(", ")})` : "append :TAG or pass --select TAG",
+      hint: allTags.length ? `append :TAG to the source (available: ${allTags.slice(0, 10).join(", ")})` : "append :TAG to the source",
     });
   } else {
     name = entry.RepoTags?.[0] ?? null;

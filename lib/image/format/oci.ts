@@ -166,7 +166,7 @@ function selectDefault(what: string, index: OciIndex, want: PlatformSpec): Found
   if (perArch) return { desc: pickPlatform(tops, want, what), refName: null };
   const names = tops.flatMap(refNamesOf);
   throw new ThinimgError("input", `${what}: holds ${tops.length} images; choose one`, {
-    hint: names.length ? `append :REF or pass --select REF (available: ${[...new Set(names)].slice(0, 10).join(", ")})` : "append :REF or pass --select REF",
+    hint: names.length ? `append :REF to the source (available: ${[...new Set(names)].slice(0, 10).join(", ")})` : "append :REF to the source",
   });
 }
 
