@@ -163,11 +163,11 @@ export function loadConfig(input: ConfigInput = {}, env: Env = process.env): Con
   };
 }
 
-/** A pool name given outside loadConfig (recover-pool --create --pool), checked by the same rule. */
-export function checkPoolName(name: string): string {
+/** A pool name given outside loadConfig (recover-pool --create's flag, named by `where`), checked by the same rule. */
+export function checkPoolName(name: string, where: string): string {
   const r = v.safeParse(Schema.entries.pool, name);
   if (r.success) return r.output;
-  throw new ThinimgError("usage", `--pool ${JSON.stringify(name)}: ${r.issues[0].message}`, { hint: hintFor("pool", "--pool") });
+  throw new ThinimgError("usage", `${where} ${JSON.stringify(name)}: ${r.issues[0].message}`, { hint: hintFor("pool", where) });
 }
 
 /** The next step for a bad value, naming where it came from (the command's flag, or the variable:

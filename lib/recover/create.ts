@@ -67,7 +67,7 @@ async function startCreate(r: RecoverRun, rec: PoolRecord): Promise<PoolRecord> 
 }
 
 export async function create(r: RecoverRun, s: Required<CreateSpec>): Promise<void> {
-  const name = r.o.pool !== undefined ? checkPoolName(r.o.pool) : (r.o.defaultPool ?? DEFAULT_POOL);
+  const name = r.o.pool !== undefined ? checkPoolName(r.o.pool, "--pool") : (r.o.defaultPool ?? DEFAULT_POOL);
   r.pool = name;
   const dirExists = existsSync(r.dir);
   if (dirExists && !statSync(r.dir).isDirectory()) {
