@@ -453,6 +453,8 @@ async function streamedS3Family(
         name: m.name,
         maxLayerBytes: ctx.maxLayerBytes,
         openRaw: () => (cachedPath ? Bun.file(cachedPath).stream() : family.open(i)),
+        // the download hashes what it writes into the cache; the reader follows that very file
+        sourceDigest: cachedPath ? undefined : () => family.fetched(i),
         prefetch: cachedPath ? undefined : () => family.prefetch(i),
         onMismatch: () => {
           ctx.cache.forgetDigest(lazyKey);

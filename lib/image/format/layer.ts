@@ -20,6 +20,9 @@ export interface LayerSpec {
   openRaw(): ReadableStream<Uint8Array>;
   /** Called when the raw bytes do not match the digest (e.g. evict a cache file). */
   onMismatch?(): void;
+  /** The raw stream is hashed by its source (a download into the blob cache): this resolves with
+   * that digest once the stream has ended, so open() checks it instead of hashing the bytes again. */
+  sourceDigest?(): Promise<{ digest: string; size: number }>;
   /** A lazy layer about to be read: start fetching it (and what follows it). */
   prefetch?(): void;
   /** Called once a complete read computed the digest of a lazy layer (e.g. remember it). */
@@ -76,7 +79,9 @@ export function makeLayerRef(s: LayerSpec): LayerRef {
     async open(o) {
       // a lazy layer not hashed yet: hashed as it is read (verifyTransform reports it at EOF)
       const expect = digest;
-      const raw = s.openRaw().pipeThrough(verifyTransform({ what, digest: expect, size: s.size, onMismatch: s.onMismatch, onDigest: learn }));
+      const raw = s.sourceDigest
+        ? s.openRaw().pipeThrough(sourceChecked(what, expect, s.sourceDigest, s.onMismatch, learn))
+        : s.openRaw().pipeThrough(verifyTransform({ what, digest: expect, size: s.size, onMismatch: s.onMismatch, onDigest: learn }));
       const maxBytes = Math.min(s.maxLayerBytes, o?.maxBytes ?? Number.POSITIVE_INFINITY);
       const out = decompressStream(raw, s.compression, { maxBytes, what });
       // (An uncompressed blob whose digest differs from its diff_id fails one of the two checks.)
@@ -87,6 +92,31 @@ export function makeLayerRef(s: LayerSpec): LayerRef {
       return out;
     },
   };
+}
+
+/** A pass-through that, at EOF, checks the digest its source computed (see LayerSpec.sourceDigest). */
+function sourceChecked(
+  what: string,
+  expect: string | null,
+  sourceDigest: () => Promise<{ digest: string; size: number }>,
+  onMismatch: (() => void) | undefined,
+  learn: (digest: string, size: number) => void,
+): TransformStream<Uint8Array, Uint8Array> {
+  return new TransformStream({
+    async flush(controller) {
+      const got = await sourceDigest();
+      if (expect && got.digest !== expect) {
+        onMismatch?.();
+        controller.error(
+          new ThinimgError("input", `${what}: digest mismatch: expected ${expect}, got ${got.digest}`, {
+            hint: "the image is corrupt or was tampered with; do not use it",
+          }),
+        );
+        return;
+      }
+      learn(got.digest, got.size);
+    },
+  });
 }
 
 /**
