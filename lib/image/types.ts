@@ -30,7 +30,8 @@ export interface LayerRef {
   readonly digest: string;
   /** sha256:… of the uncompressed tar when known (config diff_ids, or an uncompressed blob). */
   readonly diffId: string | null;
-  /** Set when the blob's digest is not known before its bytes are read (ResolveOptions.lazyDigests):
+  /** Set when the source names the bytes without reading them (a local file, an S3 object): their
+   *  digest may then be unknown until read (ResolveOptions.lazyDigests; lazy.known() is null) —
    *  open() hashes as it reads, so the one read that applies the layer also names it. */
   readonly lazy?: LazyDigest;
   /** Bytes of the blob as stored. */

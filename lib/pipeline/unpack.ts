@@ -260,21 +260,24 @@ function layerOut(index: number, l: LayerRow, reused: boolean): UnpackedLayer {
  */
 async function chainFor(ctx: Ctx, parent: LayerRow | null, ref: LayerRef): Promise<string> {
   const parentChain = parent?.chain_id ?? null;
-  if (ref.lazy && ref.lazy.known() === null) {
+  if (ref.lazy) {
     const provisional = provisionalChainId(parentChain, ref.lazy.key);
     const row = getLayerByChain(ctx.db, ctx.cfg.pool, provisional);
-    // an earlier build of these bytes resumes — unless it learnt their digest and the layer has since
-    // been built under its real chain id (by another unpack): then that one is looked up
+    // an earlier build of these bytes resumes (its digest may be remembered by now) — unless it
+    // learnt their digest and the layer has since been built under its real chain id (by another
+    // unpack): then that one is looked up
     const builtMeanwhile =
       row !== null &&
       row.digest !== provisional &&
       getLayerByChain(ctx.db, ctx.cfg.pool, chainIdOf(parentChain, identityOf({ diffId: row.diff_id, digest: row.digest }))) !== null;
-    if ((row && !builtMeanwhile) || (!row && !anyLayerOfSize(ctx.db, ctx.cfg.pool, ref.size))) {
+    if ((row && !builtMeanwhile) || (!row && ref.lazy.known() === null && !anyLayerOfSize(ctx.db, ctx.cfg.pool, ref.size))) {
       ref.lazy.prefetch(); // a remote layer downloads while its device is made
       return provisional;
     }
-    ctx.progress?.stage(`hash ${ref.label}`);
-    await ref.lazy.hash();
+    if (ref.lazy.known() === null) {
+      ctx.progress?.stage(`hash ${ref.label}`);
+      await ref.lazy.hash();
+    }
   }
   return chainIdOf(parentChain, identityOf(ref));
 }

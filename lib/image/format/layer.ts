@@ -8,8 +8,9 @@ import type { Compression, LayerRef } from "../types.ts";
 export interface LayerSpec {
   index: number;
   total: number;
-  /** null: not known until the bytes are read (a lazy layer; `lazyKey` then names the bytes). */
+  /** null: not known until the bytes are read (then `lazyKey` must name the bytes). */
   digest: string | null;
+  /** What identifies the bytes without reading them (LayerRef.lazy.key); given, the ref has `lazy`. */
   lazyKey?: string;
   diffId: string | null;
   size: number;
@@ -35,6 +36,7 @@ export function layerLabel(index: number, total: number, name: string): string {
 
 export function makeLayerRef(s: LayerSpec): LayerRef {
   const what = `layer ${layerLabel(s.index, s.total, s.name)}`;
+  if (s.digest === null && s.lazyKey === undefined) throw new ThinimgError("internal", `${what}: neither a digest nor what names its bytes`);
   let digest = s.digest;
   const learn = (d: string, n: number) => {
     if (digest !== null) return;
@@ -55,10 +57,10 @@ export function makeLayerRef(s: LayerSpec): LayerRef {
     get diffId() {
       return s.diffId ?? (s.compression === "none" ? known() : null);
     },
-    ...(s.digest === null
+    ...(s.lazyKey !== undefined
       ? {
           lazy: {
-            key: s.lazyKey ?? `${what}`,
+            key: s.lazyKey,
             known: () => digest,
             prefetch: () => s.prefetch?.(),
             async hash() {
