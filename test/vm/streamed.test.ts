@@ -7,6 +7,7 @@ import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync } from "node:f
 import { join } from "node:path";
 import { loadConfig } from "../../lib/config.ts";
 import * as mnt from "../../lib/dm/mount.ts";
+import { ThinimgError } from "../../lib/errors.ts";
 import { runOk } from "../../lib/exec.ts";
 import { BlobCache } from "../../lib/image/cache.ts";
 import { resolveImage } from "../../lib/image/resolve.ts";
@@ -113,9 +114,10 @@ describe("streamed S3 unpack", () => {
       () => null,
       (e: unknown) => e as Error,
     );
+    expect(err).toBeInstanceOf(ThinimgError);
     expect(err?.message).toContain("layer 2/3");
     expect(err?.message).toContain("digest mismatch");
-    expect(err?.message).toContain("left in place"); // nothing cleaned up: recorded for GC
+    expect((err as ThinimgError).hint).toContain("left in place"); // nothing cleaned up: recorded for GC
     const failed = listLayers(ctx.db, ctx.cfg.pool).filter((l) => l.state === "failed");
     expect(failed.length).toBe(1);
     // the bad record was forgotten: a re-run learns the digest from the download and completes
