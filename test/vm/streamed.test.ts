@@ -1,7 +1,7 @@
 // Streamed S3 unpack on the real kernel (s3rver in this process on 127.0.0.1): a layer family is
 // applied while it downloads and committed under the digest its download computed; a wrong digest
 // fails that layer dumb; an unpack killed mid-stream is completed by a re-run.
-// vm-seconds: 90 (its run time in one test VM; `bun run test` balances the VMs by it)
+// vm-seconds: 150 (its run time in one test VM; `bun run test` balances the VMs by it)
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync } from "node:fs";
 import { join } from "node:path";
