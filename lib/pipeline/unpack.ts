@@ -258,7 +258,7 @@ function layerOut(index: number, l: LayerRow, reused: boolean): UnpackedLayer {
  * match it — one of the same blob size exists; else it is built under a provisional chain id and
  * named by the read that applies it (an interrupted build of the same bytes is found by that id).
  */
-async function chainFor(ctx: Ctx, parent: LayerRow | null, ref: LayerRef): Promise<string> {
+export async function chainFor(ctx: Ctx, parent: LayerRow | null, ref: LayerRef): Promise<string> {
   const parentChain = parent?.chain_id ?? null;
   if (ref.lazy) {
     const provisional = provisionalChainId(parentChain, ref.lazy.key);

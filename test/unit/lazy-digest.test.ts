@@ -4,11 +4,15 @@
 import { afterAll, describe, expect, test } from "bun:test";
 import { mkdtempSync, rmSync, utimesSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
+import { loadConfig } from "../../lib/config.ts";
 import { ThinimgError } from "../../lib/errors.ts";
 import { BlobCache } from "../../lib/image/cache.ts";
 import { fileIdentity, resolveImage } from "../../lib/image/resolve.ts";
 import type { LayerRef } from "../../lib/image/types.ts";
 import { chainIdOf, isProvisionalChainId, provisionalChainId } from "../../lib/pipeline/chain.ts";
+import { chainFor } from "../../lib/pipeline/unpack.ts";
+import { makeCtx } from "../../lib/pool/context.ts";
+import { insertLayer, type LayerRow, updateLayer } from "../../lib/store/layers.ts";
 import { sampleLayer, sha256, writeLayerFamily } from "../helpers/images.ts";
 
 const root = mkdtempSync("/tmp/thinimg-lazy-digest-test-");
@@ -89,5 +93,71 @@ describe("provisional chain ids", () => {
     expect(provisionalChainId("sha256:00", "file:1:2:3:4")).not.toBe(a);
     expect(isProvisionalChainId(chainIdOf(null, sha256("x")))).toBe(false);
     expect(isProvisionalChainId(chainIdOf(sha256("x"), sha256("y")))).toBe(false);
+  });
+});
+
+describe("which chain id a layer gets before it is built (real SQLite, no kernel)", () => {
+  const setup = async (tag: string) => {
+    const dir = fresh(`fam-${tag}`);
+    const stateDir = fresh(`state-${tag}`);
+    writeLayerFamily(dir, [sampleLayer(10), sampleLayer(11)]);
+    const ctx = makeCtx(loadConfig({ stateDir, pool: "lazypool" }, {}), { command: "lazy-digest.test" });
+    const img = await resolveImage(dir, { stateDir, lazyDigests: true });
+    const row = (chainId: string, digest: string, size: number, parent: LayerRow | null = null) =>
+      insertLayer(ctx.db, {
+        pool: "lazypool",
+        chainId,
+        parentId: parent?.id ?? null,
+        parentChainId: parent?.chain_id ?? null,
+        identity: digest,
+        diffId: null,
+        digest,
+        size,
+        virtualSize: 1024 ** 3,
+      });
+    return { ctx, img, row };
+  };
+
+  test("no layer row of the same blob size: not hashed, a provisional chain id", async () => {
+    const { ctx, img, row } = await setup("a");
+    row(sha256("elsewhere"), sha256("elsewhere"), 12345);
+    const l = img.layers[0]!;
+    const c = await chainFor(ctx, null, l);
+    expect(c).toBe(provisionalChainId(null, l.lazy!.key));
+    expect(l.lazy!.known()).toBeNull(); // not read
+    ctx.db.close();
+  });
+
+  test("a row of the same size could match: hashed first, the real chain id (a committed copy is found)", async () => {
+    const { ctx, img, row } = await setup("b");
+    const l = img.layers[0]!;
+    const real = sha256(sampleLayer(10));
+    row(real, real, l.size);
+    expect(await chainFor(ctx, null, l)).toBe(real);
+    expect(l.lazy!.known()).toBe(real);
+    ctx.db.close();
+  });
+
+  test("an interrupted provisional build of the same bytes resumes, even once their digest is remembered", async () => {
+    const { ctx, img, row } = await setup("c");
+    const l = img.layers[0]!;
+    const provisional = provisionalChainId(null, l.lazy!.key);
+    row(provisional, provisional, l.size);
+    expect(await chainFor(ctx, null, l)).toBe(provisional);
+    await l.lazy!.hash(); // remembered now
+    expect(await chainFor(ctx, null, l)).toBe(provisional);
+    ctx.db.close();
+  });
+
+  test("a provisional build that learnt its digest, built meanwhile under the real chain id: the real one", async () => {
+    const { ctx, img, row } = await setup("d");
+    const l = img.layers[0]!;
+    const real = sha256(sampleLayer(10));
+    const provisional = provisionalChainId(null, l.lazy!.key);
+    const p = row(provisional, provisional, l.size);
+    updateLayer(ctx.db, p.id, { digest: real, diff_id: real });
+    row(real, real, l.size);
+    expect(await chainFor(ctx, null, l)).toBe(real);
+    ctx.db.close();
   });
 });
