@@ -5,7 +5,7 @@
 // new), and no more: the read-ahead is bounded by layers, and the bytes wait on disk, never in
 // memory. A reader reaches EOF only after its download completed and was verified (size, ETag pin)
 // and its digest is known, so a layer is never committed from bytes its digest does not name.
-import { type FileHandle, open } from "node:fs/promises";
+import { closeSync, openSync, readSync } from "node:fs";
 import { ThinimgError } from "../../errors.ts";
 import type { BlobCache } from "../cache.ts";
 import { type Downloaded, type DownloadOptions, download } from "./download.ts";
@@ -62,46 +62,48 @@ class Transfer {
 const CHUNK = 1024 * 1024;
 
 /** The object's bytes as they arrive: follows the temp file (re-opened when a retry resumes into a
- * new one), ends when the download is complete, errors with the download's error. */
+ * new one), ends when the download is complete, errors with the download's error. Reads are made a
+ * MiB at a time (while the download is running, once a MiB is there), synchronously: the bytes were
+ * just written, so they come from the page cache, and a thread-pool hop per read costs more. */
 function follow(t: Transfer): ReadableStream<Uint8Array> {
-  let fh: FileHandle | null = null;
+  let fd: number | null = null;
   let path: string | null = null;
   let pos = 0;
-  const close = async () => {
-    await fh?.close().catch(() => {});
-    fh = null;
+  const close = () => {
+    if (fd !== null) closeSync(fd);
+    fd = null;
   };
   return new ReadableStream<Uint8Array>(
     {
       async pull(c) {
         for (;;) {
           if (t.error) {
-            await close();
+            close();
             throw t.error;
           }
           // the final blob once complete (also a cache hit, which has no temp file); else the temp file
+          const done = t.result !== null;
           const want = t.result ? t.result.path : t.path;
           const limit = t.result ? t.result.size : t.written;
           if (want !== null && want !== path) {
-            await close();
-            fh = await open(want, "r");
+            close();
+            fd = openSync(want, "r");
             path = want;
           }
-          if (fh && pos < limit) {
+          if (fd !== null && (limit - pos >= CHUNK || (done && pos < limit))) {
             const buf = new Uint8Array(Math.min(CHUNK, limit - pos));
-            const { bytesRead } = await fh.read(buf, 0, buf.length, pos);
-            if (bytesRead === 0) throw new ThinimgError("internal", `${path}: shorter than the ${limit} bytes written`);
-            pos += bytesRead;
-            c.enqueue(bytesRead === buf.length ? buf : buf.subarray(0, bytesRead));
+            const n = readSync(fd, buf, 0, buf.length, pos);
+            if (n === 0) throw new ThinimgError("internal", `${path}: shorter than the ${limit} bytes written`);
+            pos += n;
+            c.enqueue(n === buf.length ? buf : buf.subarray(0, n));
             return;
           }
-          if (t.result && t.result.path === path && pos >= t.result.size) {
-            await close();
+          if (done && pos >= limit) {
+            close();
             c.close();
             return;
           }
-          // (the download may have finished while the file was being opened: look again)
-          if (!t.result && !t.error && t.written <= pos && t.path === path) await t.changed();
+          await t.changed();
         }
       },
       cancel: close,
