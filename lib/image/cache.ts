@@ -4,6 +4,8 @@
 // A small source index (<stateDir>/blobs/sources/<sha256(key)>.json) remembers which digest a remote
 // object (URL or S3 key + ETag + size) had, so a re-run does not download it again. An interrupted
 // download of an object with an ETag is kept in blobs/partial/ and resumed (HTTP Range) next time.
+// A digest index (<stateDir>/blobs/digests/) remembers the sha256 of bytes named by what identifies
+// them without reading them (a local file's device, inode, size and mtime), so they are hashed once.
 import {
   closeSync,
   existsSync,
@@ -36,6 +38,9 @@ export interface IngestOptions {
   /** Refuse the blob unless it is exactly this long. */
   size?: number | null;
   onBytes?(n: number): void;
+  /** The temp file the blob is being written to, and how many bytes it already holds (a resumed
+   * partial): a reader may follow it while it grows (bytes up to the last onBytes count are written). */
+  onTmp?(path: string, bytes: number): void;
   signal?: AbortSignal | undefined;
   /** Continue a claimed partial download: its bytes are hashed first, new bytes are appended. */
   resume?: PartialDownload | undefined;
@@ -84,6 +89,7 @@ export class BlobCache {
   private readonly tmpDir: string;
   private readonly srcDir: string;
   private readonly partialDir: string;
+  private readonly digestDir: string;
 
   constructor(stateDir: string) {
     this.root = join(stateDir, "blobs");
@@ -91,8 +97,9 @@ export class BlobCache {
     this.tmpDir = join(this.root, "tmp");
     this.srcDir = join(this.root, "sources");
     this.partialDir = join(this.root, "partial");
+    this.digestDir = join(this.root, "digests");
     try {
-      for (const d of [this.blobDir, this.tmpDir, this.srcDir, this.partialDir]) mkdirSync(d, { recursive: true, mode: 0o755 });
+      for (const d of [this.blobDir, this.tmpDir, this.srcDir, this.partialDir, this.digestDir]) mkdirSync(d, { recursive: true, mode: 0o755 });
     } catch (e) {
       throw new ThinimgError("missing", `cannot create the blob cache in ${this.root}: ${(e as Error).message}`, {
         hint: "pass --state-dir (or THINIMG_STATE_DIR) pointing at a writable directory",
@@ -136,6 +143,7 @@ export class BlobCache {
   async ingest(stream: ReadableStream<Uint8Array> | AsyncIterable<Uint8Array>, o: IngestOptions): Promise<StoredBlob> {
     const tmp = o.resume?.tmp ?? this.newTmp();
     const fd = o.resume ? openSync(tmp, "r+") : openSync(tmp, "wx", 0o644);
+    o.onTmp?.(tmp, o.resume?.bytes ?? 0);
     const h = new Bun.CryptoHasher("sha256");
     let n = 0;
     let ok = false;
@@ -263,6 +271,38 @@ export class BlobCache {
     const tmp = `${p}.${process.pid}.tmp`;
     writeFileSync(tmp, JSON.stringify({ ...rec, savedAt: new Date().toISOString() }));
     renameSync(tmp, p);
+  }
+
+  // ---- digest index -------------------------------------------------------------------------------
+
+  private digestPath(key: string): string {
+    return join(this.digestDir, `${sha256Hex(key)}.json`);
+  }
+
+  /** The digest remembered for bytes identified by `key` (no blob needs to be cached). A hit is
+   * still checked when the bytes are read: a stale record fails that read, and is forgotten. */
+  lookupDigest(key: string): { digest: string; size: number } | null {
+    try {
+      const r = v.safeParse(SourceRecord, JSON.parse(readFileSync(this.digestPath(key), "utf8")));
+      return r.success && r.output.key === key ? { digest: r.output.digest, size: r.output.size } : null;
+    } catch {
+      return null; // none, or damaged: it only costs a hash
+    }
+  }
+
+  recordDigest(key: string, digest: string, size: number): void {
+    const p = this.digestPath(key);
+    const tmp = `${p}.${process.pid}.tmp`;
+    try {
+      writeFileSync(tmp, JSON.stringify({ key, etag: null, size, digest, savedAt: new Date().toISOString() }));
+      renameSync(tmp, p);
+    } catch (e) {
+      log.debug(`digest index: cannot record ${key}: ${(e as Error).message}`); // only costs a hash next time
+    }
+  }
+
+  forgetDigest(key: string): void {
+    rmSync(this.digestPath(key), { force: true });
   }
 
   private sweepTmp(): void {

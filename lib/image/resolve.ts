@@ -17,9 +17,10 @@ import { MAGIC_BYTES, makeLayerRef, sniffCompression } from "./format/layer.ts";
 import { orderLayerFamily } from "./format/layer-family.ts";
 import { resolveOci } from "./format/oci.ts";
 import { parsePlatform } from "./format/platform.ts";
-import { download } from "./source/download.ts";
+import { download, sameEtag } from "./source/download.ts";
 import { S3Bucket, s3Settings } from "./source/s3.ts";
 import { parseSource } from "./source/spec.ts";
+import { StreamedFamily } from "./source/streamed.ts";
 import { DEFAULT_MAX_BLOB_BYTES, DEFAULT_MAX_LAYER_BYTES, type LayerRef, type ResolvedImage, type ResolveOptions } from "./types.ts";
 
 export type { LayerRef, ResolvedImage, ResolveOptions } from "./types.ts";
@@ -34,6 +35,7 @@ interface Ctx {
   onProgress: ResolveOptions["onProgress"];
   env: Record<string, string | undefined>;
   fetchRetry: ResolveOptions["fetchRetry"];
+  lazyDigests: boolean;
 }
 
 export async function resolveImage(ref: string, opts: ResolveOptions): Promise<ResolvedImage> {
@@ -89,6 +91,7 @@ async function resolve(ref: string, opts: ResolveOptions): Promise<ResolvedImage
     onProgress: opts.onProgress,
     env: opts.env ?? process.env,
     fetchRetry: opts.fetchRetry,
+    lazyDigests: opts.lazyDigests === true,
   };
 
   switch (spec.kind) {
@@ -273,27 +276,49 @@ async function resolveDirFamily(dir: DirArchive, source: string, ctx: Ctx): Prom
     // symlink is followed only while it stays inside).
     const p = dir.file(m.name);
     if (p === null) throw new ThinimgError("input", `${source}: ${m.name} is not a regular file`);
-    const st = statSync(p);
-    if (st.size > ctx.maxBlobBytes) throw tooBig(`${source}/${m.name}`, ctx.maxBlobBytes);
-    // Hashing here (one read, ~1 GB/s) gives the pipeline a digest to dedupe layers by; open()
-    // re-checks it, so a file changed in between is caught.
-    const { digest, size } = await sha256File(p, ctx.maxBlobBytes);
     const compression = sniffCompression(await dir.head(m.name, MAGIC_BYTES), `${source}/${m.name}`);
-    layers.push(
-      makeLayerRef({
-        index: i,
-        total,
-        digest,
-        diffId: null,
-        size,
-        compression,
-        name: m.name,
-        maxLayerBytes: ctx.maxLayerBytes,
-        openRaw: () => Bun.file(p).stream(),
-      }),
-    );
+    layers.push(await localLayer(ctx, p, { index: i, total, name: m.name, what: `${source}/${m.name}`, compression }));
   }
   return { source, format: "layer-family", name: null, id: null, platform: null, config: null, layers };
+}
+
+/** What names a local file's bytes without reading them: a change of any of these means new bytes. */
+export function fileIdentity(path: string): { key: string; size: number } {
+  const st = statSync(path, { bigint: true });
+  return { key: `file:${st.dev}:${st.ino}:${st.size}:${st.mtimeNs}`, size: Number(st.size) };
+}
+
+/**
+ * A layer read in place from a local file. Its digest comes from the digest index when the file's
+ * identity is remembered; else it is hashed now (one read, ~1 GB/s) — or, with lazyDigests, by the
+ * read that applies it. Either way open() checks the bytes it reads against it.
+ */
+async function localLayer(
+  ctx: Ctx,
+  p: string,
+  m: { index: number; total: number; name: string; what: string; compression: LayerRef["compression"] },
+): Promise<LayerRef> {
+  const id = fileIdentity(p);
+  if (id.size > ctx.maxBlobBytes) throw tooBig(m.what, ctx.maxBlobBytes);
+  let digest = ctx.cache.lookupDigest(id.key)?.digest ?? null;
+  if (digest === null && !ctx.lazyDigests) {
+    digest = (await sha256File(p, ctx.maxBlobBytes)).digest;
+    ctx.cache.recordDigest(id.key, digest, id.size);
+  }
+  return makeLayerRef({
+    index: m.index,
+    total: m.total,
+    digest,
+    lazyKey: id.key,
+    diffId: null,
+    size: id.size,
+    compression: m.compression,
+    name: m.name,
+    maxLayerBytes: ctx.maxLayerBytes,
+    openRaw: () => Bun.file(p).stream(),
+    onMismatch: () => ctx.cache.forgetDigest(id.key),
+    onDigest: (d, n) => ctx.cache.recordDigest(id.key, d, n),
+  });
 }
 
 async function resolveS3Family(bucket: S3Bucket, prefix: string, ctx: Ctx): Promise<ResolvedImage> {
@@ -314,6 +339,7 @@ async function resolveS3Family(bucket: S3Bucket, prefix: string, ctx: Ctx): Prom
   if (order.ignored.length) log.debug(`${source}: ignoring ${order.ignored.join(", ")}`);
   const total = order.layers.length;
   const objs = order.layers.map((m) => byName.get(m.name)!);
+  if (ctx.lazyDigests) return streamedS3Family(bucket, source, order.layers, objs, ctx);
   // Layers download in parallel (a few at a time); progress is reported for the family as a whole.
   const done = new Array<number>(total).fill(0);
   const totalBytes = objs.reduce((a, o) => a + o.size, 0);
@@ -363,6 +389,97 @@ async function resolveS3Family(bucket: S3Bucket, prefix: string, ctx: Ctx): Prom
     );
   }
   return { source, format: "layer-family", name: null, id: null, platform: null, config: null, layers };
+}
+
+/** Layers a streamed family downloads ahead of the one being applied. */
+const READ_AHEAD_LAYERS = 1;
+
+/**
+ * A layer family whose objects are applied while they download (lib/image/source/streamed.ts): no
+ * object is fetched here. One the cache holds already (same ETag and size) is read from the cache;
+ * the others stream, their digest remembered (digest index) or learnt from their download.
+ */
+async function streamedS3Family(
+  bucket: S3Bucket,
+  source: string,
+  members: { name: string }[],
+  objs: { key: string; etag: string | null; size: number }[],
+  ctx: Ctx,
+): Promise<ResolvedImage> {
+  const total = objs.length;
+  const totalBytes = objs.reduce((a, o) => a + o.size, 0);
+  const done = new Array<number>(total).fill(0);
+  const dl = (obj: (typeof objs)[number], i: number) => ({
+    url: bucket.url(obj.key, "GET"),
+    what: bucket.uri(obj.key),
+    key: bucket.cacheKey(obj.key),
+    maxBytes: ctx.maxBlobBytes,
+    pin: { etag: obj.etag, size: obj.size },
+    signal: ctx.signal,
+    onProgress: ctx.onProgress
+      ? (p: { bytes: number }) => {
+          done[i] = p.bytes;
+          ctx.onProgress!({ what: source, bytes: done.reduce((a, b) => a + b, 0), total: totalBytes });
+        }
+      : undefined,
+    retry: ctx.fetchRetry,
+  });
+  const family = new StreamedFamily(
+    ctx.cache,
+    objs.map((o, i) => ({ download: dl(o, i) })),
+    READ_AHEAD_LAYERS,
+  );
+  const heads = await Promise.all(objs.map((o) => cachedOrHead(bucket, o, ctx)));
+  const layers: LayerRef[] = [];
+  for (const [i, m] of members.entries()) {
+    const obj = objs[i]!;
+    const what = bucket.uri(obj.key);
+    if (obj.size > ctx.maxBlobBytes) throw tooBig(what, ctx.maxBlobBytes);
+    const h = heads[i]!;
+    const compression = sniffCompression(h.head, what);
+    // what names the object's bytes without reading them: its key, ETag and size
+    const lazyKey = `${bucket.cacheKey(obj.key)}:${obj.etag ?? ""}:${obj.size}`;
+    const cachedPath = h.cached?.path ?? null;
+    const digest = h.cached?.digest ?? ctx.cache.lookupDigest(lazyKey)?.digest ?? null;
+    layers.push(
+      makeLayerRef({
+        index: i,
+        total,
+        digest,
+        lazyKey,
+        diffId: null,
+        size: obj.size,
+        compression,
+        name: m.name,
+        maxLayerBytes: ctx.maxLayerBytes,
+        openRaw: () => (cachedPath ? Bun.file(cachedPath).stream() : family.open(i)),
+        // the download hashes what it writes into the cache; the reader follows that very file
+        sourceDigest: cachedPath ? undefined : () => family.fetched(i),
+        prefetch: cachedPath ? undefined : () => family.prefetch(i),
+        onMismatch: () => {
+          ctx.cache.forgetDigest(lazyKey);
+          if (digest) ctx.cache.evict(digest);
+        },
+        onDigest: (d, n) => ctx.cache.recordDigest(lazyKey, d, n),
+      }),
+    );
+  }
+  return { source, format: "layer-family", name: null, id: null, platform: null, config: null, layers };
+}
+
+/** The object's blob when the cache holds this very version; else its first bytes (a ranged GET
+ * pinned to the listed ETag), which say how it is compressed before it is downloaded. */
+async function cachedOrHead(
+  bucket: S3Bucket,
+  obj: { key: string; etag: string | null; size: number },
+  ctx: Ctx,
+): Promise<{ cached: { path: string; digest: string } | null; head: Uint8Array }> {
+  const rec = ctx.cache.lookupSource(bucket.cacheKey(obj.key));
+  if (rec && sameEtag(rec.etag, obj.etag) && rec.size === obj.size) {
+    const path = ctx.cache.path(rec.digest);
+    return { cached: { path, digest: rec.digest }, head: new Uint8Array(await Bun.file(path).slice(0, MAGIC_BYTES).arrayBuffer()) };
+  }
+  return { cached: null, head: await bucket.firstBytes(obj.key, MAGIC_BYTES, obj.etag, ctx.signal) };
 }
 
 const DOWNLOAD_CONCURRENCY = 4;

@@ -26,10 +26,15 @@ export interface ImageConfig {
 export interface LayerRef {
   /** 0-based position; layers apply in this order. */
   index: number;
-  /** sha256:… of the blob as stored (possibly compressed). */
-  digest: string;
+  /** sha256:… of the blob as stored (possibly compressed). A lazy layer's (`lazy` set) is known only
+   *  once lazy.known() is: reading it before throws. */
+  readonly digest: string;
   /** sha256:… of the uncompressed tar when known (config diff_ids, or an uncompressed blob). */
-  diffId: string | null;
+  readonly diffId: string | null;
+  /** Set when the source names the bytes without reading them (a local file, an S3 object): their
+   *  digest may then be unknown until read (ResolveOptions.lazyDigests; lazy.known() is null) —
+   *  open() hashes as it reads, so the one read that applies the layer also names it. */
+  readonly lazy?: LazyDigest;
   /** Bytes of the blob as stored. */
   size: number;
   compression: Compression;
@@ -42,6 +47,17 @@ export interface LayerRef {
    * at the latest at EOF. Each call opens a fresh stream.
    */
   open(opts?: OpenOptions): Promise<ReadableStream<Uint8Array>>;
+}
+
+export interface LazyDigest {
+  /** What identifies the bytes without reading them (a local file's device, inode, size, mtime). */
+  key: string;
+  /** The digest once a complete read (open() to EOF, or hash()) has computed it. */
+  known(): string | null;
+  /** Read the blob now and hash it (a committed layer could match it, so its identity is needed first). */
+  hash(): Promise<string>;
+  /** The layer will be read soon (it is about to be built): a remote one starts downloading. */
+  prefetch(): void;
 }
 
 export interface OpenOptions {
@@ -83,6 +99,8 @@ export interface ResolveOptions {
   /** Environment for S3 endpoint/region/credentials; default process.env. */
   env?: Record<string, string | undefined>;
   onProgress?(p: DownloadProgress): void;
+  /** Layers whose digest is not remembered (digest cache) are not hashed up front: see LayerRef.lazy. */
+  lazyDigests?: boolean;
   /** Retries of a transient fetch failure (dropped connection, 5xx, 429); default 4 attempts, 1 s doubling. */
   fetchRetry?: { attempts: number; baseDelayMs: number };
 }

@@ -34,10 +34,11 @@ import { pausePoint } from "../pool/pause-points.ts";
 import { tx } from "../store/db.ts";
 import { setDevice, setDeviceState } from "../store/devices.ts";
 import { workSubject } from "../store/keys.ts";
-import { abandonLayerAttempt, getLayer, type LayerPhase, type LayerRow, updateLayer } from "../store/layers.ts";
+import { abandonLayerAttempt, getLayer, getLayerByChain, type LayerPhase, type LayerRow, updateLayer } from "../store/layers.ts";
 import { setMount, setMountState } from "../store/mounts.ts";
 import { allocateThinId, getThinId, setThinIdState } from "../store/thin-ids.ts";
 import { beginStep, endStep, finishWork, type Leak, startWork, stepDone, stepsOf } from "../store/work.ts";
+import { chainIdOf, identityOf, isProvisionalChainId } from "./chain.ts";
 import { classify, failure } from "./failure.ts";
 import { retryBusyOnce } from "./retry.ts";
 
@@ -293,9 +294,11 @@ async function applyAndSync(b: Build): Promise<void> {
     },
     onProgress: (n) => ctx.progress?.bytes(n, null),
   });
+  // a layer built under a provisional chain id learnt its digest from this read
+  const named = isProvisionalChainId(b.l.chain_id) ? { digest: input.ref.digest, diff_id: input.ref.diffId } : {};
   tx(b.db, () => {
     b.end(`entries=${stats.entries} bytes=${stats.bytes} whiteouts=${stats.whiteouts}`);
-    updateLayer(b.db, b.l.id, { stats: JSON.stringify(stats) });
+    updateLayer(b.db, b.l.id, { stats: JSON.stringify(stats), ...named });
   });
   await b.pause("layer:written"); // fault tests: applied to the page cache, not yet flushed
   // syncfs before `applied`: a write error (I/O error, pool out of space) surfaces here and the
@@ -356,10 +359,27 @@ async function commit(b: Build): Promise<void> {
       });
     }
     setThinIdState(db, pool, l.thin_id!, "committed");
-    updateLayer(db, l.id, { phase: "committed", state: "committed", committed_at: Date.now(), error: null, error_kind: null });
+    updateLayer(db, l.id, { phase: "committed", state: "committed", committed_at: Date.now(), error: null, error_kind: null, ...realChain(b) });
     finishWork(db, b.workId, "done");
   });
   b.reload();
+}
+
+/** A layer built under a provisional chain id commits under its real one (call inside the commit
+ * transaction). Another process may have committed the same bytes meanwhile: then this build is not
+ * committed (its device is left for GC), and a re-run reuses that layer. */
+function realChain(b: Build): { chain_id: string; identity: string } | Record<string, never> {
+  const l = b.l;
+  if (!isProvisionalChainId(l.chain_id)) return {};
+  if (isProvisionalChainId(l.digest)) throw new ThinimgError("internal", `layer ${b.input.label}: applied but its digest was not recorded`);
+  const identity = identityOf({ diffId: l.diff_id, digest: l.digest });
+  const chainId = chainIdOf(l.parent_chain_id, identity);
+  if (getLayerByChain(b.db, b.pool, chainId)) {
+    throw new ThinimgError("conflict", `the same layer (${chainId}) was built meanwhile by another unpack; this copy is not committed`, {
+      hint: "re-run the unpack: it reuses that layer",
+    });
+  }
+  return { chain_id: chainId, identity };
 }
 
 /** What follows what: the step that leaves each phase. The one place the order is written down. */

@@ -12,9 +12,9 @@ import { recordBlob } from "../store/blobs.ts";
 import { tx } from "../store/db.ts";
 import { beginImage, getImageByName, type ImageRow, imageLayerIds, markImageBuildFailed, markImageReady } from "../store/images.ts";
 import { imageLockKey, layerLockKey, workSubject } from "../store/keys.ts";
-import { getLayer, getLayerByChain, insertLayer, type LayerRow } from "../store/layers.ts";
+import { anyLayerOfSize, getLayer, getLayerByChain, insertLayer, type LayerRow } from "../store/layers.ts";
 import { finishWork, startWork } from "../store/work.ts";
-import { chainIds, identityOf } from "./chain.ts";
+import { chainIdOf, identityOf, isProvisionalChainId, provisionalChainId } from "./chain.ts";
 import { isPermanent } from "./failure.ts";
 import type { BuildResult } from "./layer-build.ts";
 
@@ -99,6 +99,9 @@ function readyImage(ctx: Ctx, name: string, source: string): ImageRow | null {
   return img && img.state === "ready" && img.source === source ? img : null;
 }
 
+/** How long a passed pre-flight check stands for the first dm command (each check spawns `dmsetup status`). */
+const PREFLIGHT_FRESH_MS = 5_000;
+
 export async function unpack(ctx: Ctx, o: UnpackOptions): Promise<UnpackResult> {
   const t0 = performance.now();
   const { db, cfg } = ctx;
@@ -136,6 +139,7 @@ export function resolveOptions(ctx: Ctx, o: UnpackOptions): ResolveOptions {
     ...(o.platform ? { platform: o.platform } : {}),
     ...(o.signal ? { signal: o.signal } : {}),
     onProgress: (p) => ctx.progress?.bytes(p.bytes, p.total),
+    lazyDigests: true,
   };
 }
 
@@ -149,27 +153,30 @@ async function unpackLocked(ctx: Ctx, name: string, o: UnpackOptions, t0: number
     import("./preflight.ts"),
   ]);
   // fail fast: a missing or sick pool is reported before anything is resolved or downloaded; the
-  // check runs again right before the first dm command (the download may take long)
+  // check runs again right before the first dm command when the resolve took long (a download)
   ctx.progress?.stage("health checks");
   await preflight(ctx);
+  const checkedAt = performance.now();
   ctx.progress?.stage(`resolve ${o.source}`);
   const resolved: ResolvedImage = await resolveImage(o.source, resolveOptions(ctx, o));
   if (resolved.layers.length === 0) {
     throw new ThinimgError("input", `${o.source}: the image has no layers`, { hint: "check the source (a layer family needs 1.tar, 2.tar, …)" });
   }
   tx(db, () => {
-    for (const l of resolved.layers) recordBlob(db, { digest: l.digest, size: l.size, compression: l.compression, diffId: l.diffId });
+    for (const l of resolved.layers) {
+      if (!l.lazy || l.lazy.known()) recordBlob(db, { digest: l.digest, size: l.size, compression: l.compression, diffId: l.diffId });
+    }
   });
-  const chains = chainIds(resolved.layers);
   const img = beginImage(db, { pool: cfg.pool, name, source: o.source, format: resolved.format });
   const work = startWork(db, cfg.pool, "unpack", workSubject("image", img.id), ctx.owner);
   const out: UnpackedLayer[] = [];
   let built = 0;
-  let healthy = false;
+  // a check that just passed still speaks for the host; after a long resolve (a download) it runs again
+  let healthy = performance.now() - checkedAt < PREFLIGHT_FRESH_MS;
   try {
     let parent: LayerRow | null = null;
     for (const [i, ref] of resolved.layers.entries()) {
-      const chainId = chains[i]!;
+      const chainId = await chainFor(ctx, parent, ref);
       const label = `${i + 1}/${resolved.layers.length} (${ref.label})`;
       let row = getLayerByChain(db, cfg.pool, chainId);
       if (row?.state === "committed") {
@@ -196,6 +203,10 @@ async function unpackLocked(ctx: Ctx, name: string, o: UnpackOptions, t0: number
         { waitMs: cfg.lockWaitMs, command: ctx.owner.command, what: `layer ${label}` },
         () => buildLayer(ctx, { layerId, parent: parentRow, ref, label }),
       );
+      if (ref.lazy) {
+        const l = result.layer;
+        recordBlob(db, { digest: l.digest, size: l.size, compression: ref.compression, diffId: l.diff_id });
+      }
       const reused = !result.built;
       if (!reused) built++;
       ctx.progress?.done(); // the log line must not land in the middle of the progress line
@@ -210,7 +221,7 @@ async function unpackLocked(ctx: Ctx, name: string, o: UnpackOptions, t0: number
       format: resolved.format,
       config: resolved.config,
       layerIds: out.map((l) => layerIdOf(ctx, l.chain_id)),
-      topChainId: chains.at(-1) ?? null,
+      topChainId: out.at(-1)?.chain_id ?? null,
     });
     finishWork(db, work.id, "done");
   } catch (e) {
@@ -242,6 +253,35 @@ function layerOut(index: number, l: LayerRow, reused: boolean): UnpackedLayer {
   return { index, chain_id: l.chain_id, thin_id: l.thin_id!, device_name: l.device_name!, reused, stats: statsJson(l.stats) };
 }
 
+/**
+ * The layer's chain id. A layer whose digest is not known yet is hashed first only when a row could
+ * match it — one of the same blob size exists; else it is built under a provisional chain id and
+ * named by the read that applies it (an interrupted build of the same bytes is found by that id).
+ */
+export async function chainFor(ctx: Ctx, parent: LayerRow | null, ref: LayerRef): Promise<string> {
+  const parentChain = parent?.chain_id ?? null;
+  if (ref.lazy) {
+    const provisional = provisionalChainId(parentChain, ref.lazy.key);
+    const row = getLayerByChain(ctx.db, ctx.cfg.pool, provisional);
+    // an earlier build of these bytes resumes (its digest may be remembered by now) — unless it
+    // learnt their digest and the layer has since been built under its real chain id (by another
+    // unpack): then that one is looked up
+    const builtMeanwhile =
+      row !== null &&
+      row.digest !== provisional &&
+      getLayerByChain(ctx.db, ctx.cfg.pool, chainIdOf(parentChain, identityOf({ diffId: row.diff_id, digest: row.digest }))) !== null;
+    if ((row && !builtMeanwhile) || (!row && ref.lazy.known() === null && !anyLayerOfSize(ctx.db, ctx.cfg.pool, ref.size))) {
+      ref.lazy.prefetch(); // a remote layer downloads while its device is made
+      return provisional;
+    }
+    if (ref.lazy.known() === null) {
+      ctx.progress?.stage(`hash ${ref.label}`);
+      await ref.lazy.hash();
+    }
+  }
+  return chainIdOf(parentChain, identityOf(ref));
+}
+
 /** Insert the layer row; another process may have inserted the same chain a moment ago. */
 function insertLayerOnce(ctx: Ctx, chainId: string, parent: LayerRow | null, ref: LayerRef): LayerRow {
   return tx(ctx.db, () => {
@@ -252,9 +292,10 @@ function insertLayerOnce(ctx: Ctx, chainId: string, parent: LayerRow | null, ref
       chainId,
       parentId: parent?.id ?? null,
       parentChainId: parent?.chain_id ?? null,
-      identity: identityOf(ref),
-      diffId: ref.diffId,
-      digest: ref.digest,
+      // a provisional row is named by its build (layer-build's apply and commit)
+      ...(isProvisionalChainId(chainId)
+        ? { identity: chainId, diffId: null, digest: chainId }
+        : { identity: identityOf(ref), diffId: ref.diffId, digest: ref.digest }),
       size: ref.size,
       virtualSize: parent?.virtual_size ?? ctx.cfg.virtualSize,
     });

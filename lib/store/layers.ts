@@ -41,6 +41,12 @@ export function getLayerByChain(db: Db, pool: string, chainId: string): LayerRow
   return db.query("SELECT * FROM layers WHERE pool = ? AND chain_id = ?").get(pool, chainId) as LayerRow | null;
 }
 
+/** Whether any layer row of the pool (any state) has a blob of this size: if none, no row can hold
+ * a blob of a given digest of that size either, so there is no need to hash it to look one up. */
+export function anyLayerOfSize(db: Db, pool: string, size: number): boolean {
+  return db.query("SELECT 1 FROM layers WHERE pool = ? AND size = ? LIMIT 1").get(pool, size) !== null;
+}
+
 export function getLayer(db: Db, id: number): LayerRow | null {
   return db.query("SELECT * FROM layers WHERE id = ?").get(id) as LayerRow | null;
 }
@@ -70,7 +76,23 @@ export function insertLayer(
 }
 
 type LayerPatch = Partial<
-  Pick<LayerRow, "thin_id" | "device_name" | "state" | "phase" | "attempt" | "error" | "error_kind" | "stats" | "committed_at" | "virtual_size">
+  Pick<
+    LayerRow,
+    | "thin_id"
+    | "device_name"
+    | "state"
+    | "phase"
+    | "attempt"
+    | "error"
+    | "error_kind"
+    | "stats"
+    | "committed_at"
+    | "virtual_size"
+    | "chain_id"
+    | "identity"
+    | "digest"
+    | "diff_id"
+  >
 >;
 
 export function updateLayer(db: Db, id: number, patch: LayerPatch): void {

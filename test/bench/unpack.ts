@@ -1,8 +1,9 @@
 // Benchmarks for unpack and activate, run INSIDE the test VM:
-//   bun scripts/vm.ts --mem 2G --timeout 1800 -- bun test/bench/unpack.ts [--scale 16] [--rss-scale 170] [--skip-rss]
+//   bun scripts/vm.ts --mem 2G --timeout 1800 -- bun test/bench/unpack.ts [--scale 16] [--rss-scale 170] [--skip-rss] [--rounds 3]
 // (or `bun run bench:unpack`, which does exactly that). Every figure is printed beside a baseline
 // measured in the same VM run:
-//   1. unpack (the CLI, as a user runs it) vs a shell script doing the same dm steps with GNU tar (target ≤ 1.1×)
+//   1. unpack (the CLI, as a user runs it) vs a shell script doing the same dm steps with GNU tar (target ≤ 1.1×;
+//      3 interleaved rounds, each on a fresh pool, medians)
 //   2. activation vs the raw dmsetup sequence (create_snap + table load)                          (target ≤ 1.2×)
 //   3. re-run of an unpacked image: in-process call and whole CLI                                    (target ≤ 100 ms)
 //   4. second image sharing 3 of 5 layers vs a full unpack                                          (target ≤ 0.4×)
@@ -24,6 +25,7 @@ const { values: flags } = parseArgs({
     scale: { type: "string", default: "16" },
     "rss-scale": { type: "string", default: "170" },
     "skip-rss": { type: "boolean", default: false },
+    rounds: { type: "string", default: "3" },
   },
 });
 const dm = dmAvailable();
@@ -38,6 +40,17 @@ const root = mkdtempSync("/tmp/thinimg-bench-unpack-");
 const repo = join(import.meta.dir, "../..");
 const results: { name: string; value: string; baseline: string; ratio: string; target: string }[] = [];
 const ms = (n: number) => `${n.toFixed(0)} ms`;
+const median = (a: number[]) => [...a].sort((x, y) => x - y)[Math.floor(a.length / 2)]!;
+const cli = (pool: string, stateDir: string, script: string, ...args: string[]) => [
+  "bun",
+  join(repo, "scripts", script),
+  ...args,
+  "--pool",
+  pool,
+  "--state-dir",
+  stateDir,
+  "--json",
+];
 
 /** Run a command to completion; wall time and the child's peak RSS (VmHWM, polled). */
 async function timed(argv: string[], env: Record<string, string> = {}): Promise<{ ms: number; peakRssKb: number; stdout: string }> {
@@ -90,19 +103,37 @@ async function main() {
   console.error(`bench: generating images (scale ${scale}) under ${root}`);
   const imgs = await writeDemoImages(join(root, "img"), { scale, apps: ["alpha", "beta"] });
   const [alpha, beta] = imgs.families as [{ name: string; dir: string }, { name: string; dir: string }];
-  const pool = `bench${process.pid}`;
-  mkdirSync(join(root, "pool"));
-  await createLoopPool({ dir: join(root, "pool"), name: pool, dataSize: 8 * GiB, metaSize: 128 * 1024 ** 2 });
-  const stateDir = join(root, "state");
-  const cli = (script: string, ...args: string[]) => ["bun", join(repo, "scripts", script), ...args, "--pool", pool, "--state-dir", stateDir, "--json"];
-
   // Warm the page cache for both readers alike.
   for (const f of [...layersOf(alpha.dir), ...layersOf(beta.dir)]) await Bun.file(f).arrayBuffer();
 
-  // 1. full unpack vs shell + GNU tar (same layers, same pool, other thin ids)
-  const shell = await timed(["bash", "-c", shellUnpackScript(pool, layersOf(alpha.dir), 100_000, join(root, "mnt-shell"))]);
-  const cmdLog = join(root, "cmd.log");
-  const full = await timed(cli("unpack.ts", alpha.dir, "--name", "alpha"), { THINIMG_CMD_LOG: cmdLog });
+  // 1. full unpack vs shell + GNU tar (same layers, same pool, other thin ids), interleaved rounds
+  // (each on a fresh pool and state dir, the order alternating); medians reported
+  const rounds = Number(flags.rounds);
+  const shellMs: number[] = [];
+  const fullMs: number[] = [];
+  let pool = "";
+  let stateDir = "";
+  let cmdLog = "";
+  for (let r = 0; r < rounds; r++) {
+    pool = `bench${process.pid}r${r}`;
+    mkdirSync(join(root, `pool-${r}`));
+    await createLoopPool({ dir: join(root, `pool-${r}`), name: pool, dataSize: 8 * GiB, metaSize: 128 * 1024 ** 2 });
+    stateDir = join(root, `state-${r}`);
+    cmdLog = join(root, `cmd-${r}.log`);
+    const runShell = async () =>
+      shellMs.push((await timed(["bash", "-c", shellUnpackScript(pool, layersOf(alpha.dir), 100_000, join(root, `mnt-shell-${r}`))])).ms);
+    const runOurs = async () => fullMs.push((await timed(cli(pool, stateDir, "unpack.ts", alpha.dir, "--name", "alpha"), { THINIMG_CMD_LOG: cmdLog })).ms);
+    if (r % 2 === 0) {
+      await runShell();
+      await runOurs();
+    } else {
+      await runOurs();
+      await runShell();
+    }
+    console.error(`bench: round ${r + 1}/${rounds}: unpack ${ms(fullMs.at(-1)!)}, shell ${ms(shellMs.at(-1)!)}`);
+  }
+  const full = { ms: median(fullMs) };
+  const shell = { ms: median(shellMs) };
   const recs = readFileSync(cmdLog, "utf8")
     .trim()
     .split("\n")
@@ -120,19 +151,21 @@ async function main() {
   }
   const shellCmds = shellUnpackScript(pool, layersOf(alpha.dir), 0, "/x").split("\n").length - 3;
   results.push({
-    name: `unpack 5 layers (${(imgs.bytes[0]! / 1024 ** 2).toFixed(0)} MiB of tar)`,
+    name: `unpack 5 layers (${(imgs.bytes[0]! / 1024 ** 2).toFixed(0)} MiB of tar), median of ${rounds}`,
     value: ms(full.ms),
     baseline: `${ms(shell.ms)} shell+GNU tar`,
     ratio: `${(full.ms / shell.ms).toFixed(2)}×`,
     target: "≤ 1.1×",
   });
-
-  console.log(`\nunpack ran ${recs.length} external commands (${ms(recs.reduce((a, r) => a + r.duration_ms, 0))}); the shell baseline runs ${shellCmds}:`);
+  console.log(`\nrounds: unpack ${fullMs.map(ms).join(", ")}; shell ${shellMs.map(ms).join(", ")}`);
+  console.log(
+    `last round's unpack ran ${recs.length} external commands (${ms(recs.reduce((a, r) => a + r.duration_ms, 0))}); the shell baseline runs ${shellCmds}:`,
+  );
   for (const [tool, t] of [...byTool].sort((a, b) => b[1].ms - a[1].ms))
     console.log(`  ${tool.padEnd(24)} ${String(t.n).padStart(4)}×  ${ms(t.ms).padStart(9)}`);
 
   // 3. re-run: whole CLI, and the in-process call (what the CLI does after bun has started)
-  const rerunCli = await timed(cli("unpack.ts", alpha.dir, "--name", "alpha"));
+  const rerunCli = await timed(cli(pool, stateDir, "unpack.ts", alpha.dir, "--name", "alpha"));
   const cfg = loadConfig({ stateDir, pool });
   const ctx = makeCtx(cfg, { command: "bench" });
   const r0 = performance.now();
@@ -156,7 +189,7 @@ async function main() {
   });
 
   // 4. second image sharing layers 1-3
-  const second = await timed(cli("unpack.ts", beta.dir, "--name", "beta"));
+  const second = await timed(cli(pool, stateDir, "unpack.ts", beta.dir, "--name", "beta"));
   const j = JSON.parse(second.stdout) as { reused: number; built: number };
   results.push({
     name: `second image sharing 3 of 5 layers (reused ${j.reused}, built ${j.built})`,
@@ -207,7 +240,7 @@ async function main() {
   if (!flags["skip-rss"]) {
     const big = await writeDemoImages(join(root, "big"), { scale: Number(flags["rss-scale"]), apps: ["gamma"] });
     const gamma = big.families[0]!;
-    const r = await timed(cli("unpack.ts", gamma.dir, "--name", "gamma"));
+    const r = await timed(cli(pool, stateDir, "unpack.ts", gamma.dir, "--name", "gamma"));
     results.push({
       name: `peak RSS unpacking ${(big.bytes[0]! / 1024 ** 3).toFixed(2)} GiB image`,
       value: `${(r.peakRssKb / 1024).toFixed(0)} MB`,

@@ -8,7 +8,10 @@ import type { Compression, LayerRef } from "../types.ts";
 export interface LayerSpec {
   index: number;
   total: number;
-  digest: string;
+  /** null: not known until the bytes are read (then `lazyKey` must name the bytes). */
+  digest: string | null;
+  /** What identifies the bytes without reading them (LayerRef.lazy.key); given, the ref has `lazy`. */
+  lazyKey?: string;
   diffId: string | null;
   size: number;
   compression: Compression;
@@ -18,6 +21,13 @@ export interface LayerSpec {
   openRaw(): ReadableStream<Uint8Array>;
   /** Called when the raw bytes do not match the digest (e.g. evict a cache file). */
   onMismatch?(): void;
+  /** The raw stream is hashed by its source (a download into the blob cache): this resolves with
+   * that digest once the stream has ended, so open() checks it instead of hashing the bytes again. */
+  sourceDigest?(): Promise<{ digest: string; size: number }>;
+  /** A lazy layer about to be read: start fetching it (and what follows it). */
+  prefetch?(): void;
+  /** Called once a complete read computed the digest of a lazy layer (e.g. remember it). */
+  onDigest?(digest: string, size: number): void;
 }
 
 export function layerLabel(index: number, total: number, name: string): string {
@@ -26,26 +36,89 @@ export function layerLabel(index: number, total: number, name: string): string {
 
 export function makeLayerRef(s: LayerSpec): LayerRef {
   const what = `layer ${layerLabel(s.index, s.total, s.name)}`;
+  if (s.digest === null && s.lazyKey === undefined) throw new ThinimgError("internal", `${what}: neither a digest nor what names its bytes`);
+  let digest = s.digest;
+  const learn = (d: string, n: number) => {
+    if (digest !== null) return;
+    digest = d;
+    s.onDigest?.(d, n);
+  };
+  const known = (): string => {
+    if (digest === null) throw new ThinimgError("internal", `${what}: digest read before the layer was hashed`);
+    return digest;
+  };
   // An uncompressed blob's digest IS its diff_id; one hash then checks both.
-  const diffId = s.diffId ?? (s.compression === "none" ? s.digest : null);
+  const diffIdOf = (d: string) => s.diffId ?? (s.compression === "none" ? d : null);
   return {
     index: s.index,
-    digest: s.digest,
-    diffId,
+    get digest() {
+      return known();
+    },
+    get diffId() {
+      return s.diffId ?? (s.compression === "none" ? known() : null);
+    },
+    ...(s.lazyKey !== undefined
+      ? {
+          lazy: {
+            key: s.lazyKey,
+            known: () => digest,
+            prefetch: () => s.prefetch?.(),
+            async hash() {
+              if (digest !== null) return digest;
+              const reader = s
+                .openRaw()
+                .pipeThrough(verifyTransform({ what, size: s.size, onDigest: learn }))
+                .getReader();
+              while (!(await reader.read()).done) {}
+              return known();
+            },
+          },
+        }
+      : {}),
     size: s.size,
     compression: s.compression,
     label: s.name,
     async open(o) {
-      const raw = s.openRaw().pipeThrough(verifyTransform({ what, digest: s.digest, size: s.size, onMismatch: s.onMismatch }));
+      // a lazy layer not hashed yet: hashed as it is read (verifyTransform reports it at EOF)
+      const expect = digest;
+      const raw = s.sourceDigest
+        ? s.openRaw().pipeThrough(sourceChecked(what, expect, s.sourceDigest, s.onMismatch, learn))
+        : s.openRaw().pipeThrough(verifyTransform({ what, digest: expect, size: s.size, onMismatch: s.onMismatch, onDigest: learn }));
       const maxBytes = Math.min(s.maxLayerBytes, o?.maxBytes ?? Number.POSITIVE_INFINITY);
       const out = decompressStream(raw, s.compression, { maxBytes, what });
       // (An uncompressed blob whose digest differs from its diff_id fails one of the two checks.)
-      if (diffId && diffId !== s.digest) {
+      const diffId = expect === null ? s.diffId : diffIdOf(expect);
+      if (diffId && diffId !== expect) {
         return out.pipeThrough(verifyTransform({ what, digest: diffId, digestName: "diff_id" }));
       }
       return out;
     },
   };
+}
+
+/** A pass-through that, at EOF, checks the digest its source computed (see LayerSpec.sourceDigest). */
+function sourceChecked(
+  what: string,
+  expect: string | null,
+  sourceDigest: () => Promise<{ digest: string; size: number }>,
+  onMismatch: (() => void) | undefined,
+  learn: (digest: string, size: number) => void,
+): TransformStream<Uint8Array, Uint8Array> {
+  return new TransformStream({
+    async flush(controller) {
+      const got = await sourceDigest();
+      if (expect && got.digest !== expect) {
+        onMismatch?.();
+        controller.error(
+          new ThinimgError("input", `${what}: digest mismatch: expected ${expect}, got ${got.digest}`, {
+            hint: "the image is corrupt or was tampered with; do not use it",
+          }),
+        );
+        return;
+      }
+      learn(got.digest, got.size);
+    },
+  });
 }
 
 /**

@@ -29,6 +29,8 @@ export interface DownloadOptions {
   /** Transient failures (connection dropped, 5xx, 429) are retried with backoff; a retry after a
    * dropped transfer resumes where it stopped. Default 4 attempts, 1 s doubling. */
   retry?: { attempts: number; baseDelayMs: number };
+  /** See IngestOptions.onTmp (a reader following the download). */
+  onTmp?: ((path: string, bytes: number) => void) | undefined;
 }
 
 export interface Downloaded extends StoredBlob {
@@ -216,6 +218,7 @@ async function get(cache: BlobCache, o: DownloadOptions, rec: SourceRecord | nul
       signal: o.signal,
       resume,
       keepPartial: etag ? { key: o.key, etag, size: total } : undefined,
+      onTmp: o.onTmp,
       onBytes: o.onProgress ? (bytes) => o.onProgress!({ what: o.what, bytes, total }) : undefined,
     });
   } catch (e) {

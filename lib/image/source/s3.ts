@@ -144,6 +144,25 @@ export class S3Bucket {
     return { key, etag: res.headers.get("etag"), size: Number(len) };
   }
 
+  /** The first `n` bytes of an object (fewer if it is shorter), pinned to the listed ETag. */
+  async firstBytes(key: string, n: number, etag: string | null, signal?: AbortSignal): Promise<Uint8Array> {
+    const what = this.uri(key);
+    let res: Response;
+    try {
+      res = await fetch(this.url(key, "GET"), {
+        headers: { range: `bytes=0-${n - 1}`, "accept-encoding": "identity", ...(etag ? { "if-match": etag } : {}) },
+        signal,
+        decompress: false,
+      });
+    } catch (e) {
+      throw networkError(what, e);
+    }
+    if (res.status === 416) return new Uint8Array(0); // an empty object
+    if (res.status !== 200 && res.status !== 206) throw httpError(what, res, await errorBody(res));
+    const bytes = new Uint8Array(await res.arrayBuffer());
+    return bytes.subarray(0, n); // a server ignoring Range sends it all: only the start is used
+  }
+
   /** Objects directly under a prefix ("dir/" → "dir/1.tar", not "dir/sub/x"), all pages. */
   async list(prefix: string, signal?: AbortSignal, pageSize = 1000): Promise<S3Object[]> {
     const byKey = new Map<string, S3Object>();
