@@ -252,6 +252,7 @@ async function resolveArchive(archive: Archive, source: string, ctx: Ctx, file: 
     name: basename(source),
     maxLayerBytes: ctx.maxLayerBytes,
     openRaw: () => Bun.file(f.path).stream(),
+    file: f.path,
     onMismatch: f.cached ? () => ctx.cache.evict(digest) : undefined,
   });
   return { source, format: "layer-family", name: null, id: null, platform: null, config: null, layers: [layer] };
@@ -290,6 +291,7 @@ async function resolveDirFamily(dir: DirArchive, source: string, ctx: Ctx): Prom
         name: m.name,
         maxLayerBytes: ctx.maxLayerBytes,
         openRaw: () => Bun.file(p).stream(),
+        file: p,
       }),
     );
   }

@@ -16,6 +16,8 @@ export interface LayerSpec {
   name: string;
   maxLayerBytes: number;
   openRaw(): ReadableStream<Uint8Array>;
+  /** The blob is this local file (LayerRef.file when it is an uncompressed tar). */
+  file?: string;
   /** Called when the raw bytes do not match the digest (e.g. evict a cache file). */
   onMismatch?(): void;
 }
@@ -35,6 +37,7 @@ export function makeLayerRef(s: LayerSpec): LayerRef {
     size: s.size,
     compression: s.compression,
     label: s.name,
+    ...(s.file !== undefined && s.compression === "none" ? { file: s.file } : {}),
     async open(o) {
       const raw = s.openRaw().pipeThrough(verifyTransform({ what, digest: s.digest, size: s.size, onMismatch: s.onMismatch }));
       const maxBytes = Math.min(s.maxLayerBytes, o?.maxBytes ?? Number.POSITIVE_INFINITY);
