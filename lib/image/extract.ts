@@ -128,6 +128,7 @@ export async function extractImage(source: string, destArg: string, o: ExtractOp
   o.progress?.stage(`fetch ${source}`);
   const image = await resolveImage(source, {
     stateDir: o.stateDir,
+    lazyLocalDigests: true,
     maxLayerBytes: limits.maxTotalBytes,
     ...(o.maxBlobBytes ? { maxBlobBytes: o.maxBlobBytes } : {}),
     ...(o.select ? { select: o.select } : {}),
@@ -175,10 +176,16 @@ export async function extractImage(source: string, destArg: string, o: ExtractOp
           onProgress: (b: number) => o.progress?.bytes(b, layer.compression === "none" ? layer.size : null),
         };
         // A local plain tar is read directly (same size and digest checks, one pass, less CPU).
-        stats =
-          layer.file !== undefined && (layer.diffId === null || layer.diffId === layer.digest)
-            ? await applyLayerFile({ path: layer.file, digest: layer.digest, size: layer.size, what: `layer ${label}` }, dest, applyOpts)
-            : await applyLayer(await layer.open({ maxBytes: left.bytes }), dest, applyOpts);
+        // A lazy digest (not computed at resolve) is the sha256 of the bytes applied.
+        const lazy = layer.settleDigest !== undefined;
+        if (layer.file !== undefined && (lazy || layer.diffId === null || layer.diffId === layer.digest)) {
+          const what = `layer ${label}`;
+          const got = await applyLayerFile({ path: layer.file, digest: lazy ? null : layer.digest, size: layer.size, what }, dest, applyOpts);
+          layer.settleDigest?.(got.digest);
+          stats = got;
+        } else {
+          stats = await applyLayer(await layer.open({ maxBytes: left.bytes }), dest, applyOpts);
+        }
       } catch (e) {
         // A damaged blob usually breaks the tar before its digest can be checked at EOF: when the
         // layer fails verification, that is the error to report, not the tar parser's symptom.

@@ -34,6 +34,7 @@ interface Ctx {
   onProgress: ResolveOptions["onProgress"];
   env: Record<string, string | undefined>;
   fetchRetry: ResolveOptions["fetchRetry"];
+  lazyLocalDigests: boolean;
 }
 
 export async function resolveImage(ref: string, opts: ResolveOptions): Promise<ResolvedImage> {
@@ -89,6 +90,7 @@ async function resolve(ref: string, opts: ResolveOptions): Promise<ResolvedImage
     onProgress: opts.onProgress,
     env: opts.env ?? process.env,
     fetchRetry: opts.fetchRetry,
+    lazyLocalDigests: opts.lazyLocalDigests === true,
   };
 
   switch (spec.kind) {
@@ -276,10 +278,10 @@ async function resolveDirFamily(dir: DirArchive, source: string, ctx: Ctx): Prom
     if (p === null) throw new ThinimgError("input", `${source}: ${m.name} is not a regular file`);
     const st = statSync(p);
     if (st.size > ctx.maxBlobBytes) throw tooBig(`${source}/${m.name}`, ctx.maxBlobBytes);
-    // Hashing here (one read, ~1 GB/s) gives the pipeline a digest to dedupe layers by; open()
-    // re-checks it, so a file changed in between is caught.
-    const { digest, size } = await sha256File(p, ctx.maxBlobBytes);
     const compression = sniffCompression(await dir.head(m.name, MAGIC_BYTES), `${source}/${m.name}`);
+    // Hashing here (one read, ~1 GB/s) gives the pipeline a digest to dedupe layers by; open()
+    // re-checks it, so a file changed in between is caught. A lazy plain tar is hashed as applied.
+    const { digest, size } = ctx.lazyLocalDigests && compression === "none" ? { digest: null, size: st.size } : await sha256File(p, ctx.maxBlobBytes);
     layers.push(
       makeLayerRef({
         index: i,

@@ -46,6 +46,12 @@ export interface LayerRef {
    * applyLayerFile reads it faster than open() does, with the same size and digest checks.
    */
   file?: string;
+  /**
+   * Present when the digest was not computed at resolve (ResolveOptions.lazyLocalDigests): reading
+   * `digest` or `diffId` first hashes the file; an apply pass that hashed the bytes it applied
+   * hands its result over here instead (a digest already computed must match, else this throws).
+   */
+  settleDigest?(digest: string): void;
 }
 
 export interface OpenOptions {
@@ -89,6 +95,12 @@ export interface ResolveOptions {
   onProgress?(p: DownloadProgress): void;
   /** Retries of a transient fetch failure (dropped connection, 5xx, 429); default 4 attempts, 1 s doubling. */
   fetchRetry?: { attempts: number; baseDelayMs: number };
+  /**
+   * Do not hash the plain-tar members of a local layer family at resolve: their digest is
+   * computed when applied (LayerRef.settleDigest), so the file is read once. Only for callers
+   * that need the digests after applying (extract), not to decide anything before.
+   */
+  lazyLocalDigests?: boolean;
 }
 
 export const DEFAULT_MAX_BLOB_BYTES = 8 * 1024 ** 3;

@@ -7,6 +7,8 @@ import { createHash, randomBytes } from "node:crypto";
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { ThinimgError } from "../../lib/errors.ts";
 import { applyLayer, applyLayerFile } from "../../lib/image/apply/index.ts";
+import { extractImage } from "../../lib/image/extract.ts";
+import { resolveImage } from "../../lib/image/resolve.ts";
 import { dir, file, streamOf, symlink, tar } from "../helpers/tarcraft.ts";
 import { diffTrees, listTree } from "../helpers/tree.ts";
 
@@ -103,5 +105,37 @@ describe("applyLayerFile", () => {
     expect(e.kind).toBe("input");
     expect(e.message).toContain("reading the layer failed");
     expect(e.message).toContain("ENOENT");
+  });
+});
+
+describe("a local layer family: each plain tar is read once, its digest computed as it is applied", () => {
+  function family(): { dir: string; layers: Buffer[] } {
+    const d = `${TMP}/fam${n++}`;
+    Bun.spawnSync(["mkdir", d]);
+    const layers = [layerOf(9 * 1024 * 1024), tar(file("d/f1", "changed"), file("top", "x"))];
+    layers.forEach((l, i) => writeFileSync(`${d}/${i + 1}.tar`, l));
+    return { dir: d, layers };
+  }
+
+  test("extract reports the sha256 of every layer applied", async () => {
+    const { dir: d, layers } = family();
+    const s = await extractImage(d, `${TMP}/out${n++}`, { stateDir: `${TMP}/state` });
+    expect(s.layers.map((l) => l.digest)).toEqual(layers.map(sha));
+    expect(s.layers.map((l) => l.diffId)).toEqual(layers.map(sha));
+    expect(readFileSync(`${s.dest}/d/f1`, "utf8")).toBe("changed");
+  });
+
+  test("resolved lazily: a digest asked for before applying is computed then, and a different one settled later is refused", async () => {
+    const { dir: d, layers } = family();
+    const img = await resolveImage(d, { stateDir: `${TMP}/state`, lazyLocalDigests: true });
+    const [a, b] = img.layers;
+    expect(a!.settleDigest).toBeDefined();
+    a!.settleDigest!(sha(layers[0]!));
+    expect(a!.digest).toBe(sha(layers[0]!));
+    expect(b!.digest).toBe(sha(layers[1]!)); // hashed on demand
+    expect(() => b!.settleDigest!(sha(layers[0]!))).toThrow("digest mismatch");
+    // without the option nothing changes: digests known at resolve, nothing to settle
+    const eager = await resolveImage(d, { stateDir: `${TMP}/state` });
+    expect(eager.layers.map((l) => [l.digest, l.settleDigest])).toEqual(layers.map((l) => [sha(l), undefined]));
   });
 });

@@ -1,5 +1,6 @@
 // Building a LayerRef: the one place where a layer's bytes are checked as they are read — blob size
 // and digest (raw bytes), decompressed-size cap (bomb guard), diff_id (uncompressed bytes).
+import { closeSync, openSync, readSync } from "node:fs";
 import { ThinimgError } from "../../errors.ts";
 import { decompressStream, detectCompression, MAGIC_BYTES, unsupportedCompression } from "../compression.ts";
 import { verifyTransform } from "../stream.ts";
@@ -8,7 +9,8 @@ import type { Compression, LayerRef } from "../types.ts";
 export interface LayerSpec {
   index: number;
   total: number;
-  digest: string;
+  /** null: not computed yet (a local plain tar, `file` set): computed on first need, see settleDigest. */
+  digest: string | null;
   diffId: string | null;
   size: number;
   compression: Compression;
@@ -28,27 +30,63 @@ export function layerLabel(index: number, total: number, name: string): string {
 
 export function makeLayerRef(s: LayerSpec): LayerRef {
   const what = `layer ${layerLabel(s.index, s.total, s.name)}`;
+  if (s.digest === null && (s.file === undefined || s.compression !== "none")) throw new Error(`${what}: a lazy digest needs a local plain tar`);
+  let known = s.digest;
+  const file = s.compression === "none" ? s.file : undefined;
+  // Hashing on demand blocks, but only a caller that asked for lazy digests and then reads one
+  // before applying gets here.
+  const digest = (): string => (known ??= `sha256:${sha256FileSync(s.file!)}`);
   // An uncompressed blob's digest IS its diff_id; one hash then checks both.
-  const diffId = s.diffId ?? (s.compression === "none" ? s.digest : null);
+  const diffId = (): string | null => s.diffId ?? (s.compression === "none" ? digest() : null);
   return {
     index: s.index,
-    digest: s.digest,
-    diffId,
+    get digest() {
+      return digest();
+    },
+    get diffId() {
+      return diffId();
+    },
     size: s.size,
     compression: s.compression,
     label: s.name,
-    ...(s.file !== undefined && s.compression === "none" ? { file: s.file } : {}),
+    ...(file !== undefined ? { file } : {}),
+    ...(s.digest === null
+      ? {
+          settleDigest(d: string) {
+            if (known !== null && known !== d) {
+              throw new ThinimgError("input", `${what}: digest mismatch: expected ${known}, got ${d}`, {
+                hint: "the file changed while being read; run again",
+              });
+            }
+            known = d;
+          },
+        }
+      : {}),
     async open(o) {
-      const raw = s.openRaw().pipeThrough(verifyTransform({ what, digest: s.digest, size: s.size, onMismatch: s.onMismatch }));
+      const raw = s.openRaw().pipeThrough(verifyTransform({ what, digest: digest(), size: s.size, onMismatch: s.onMismatch }));
       const maxBytes = Math.min(s.maxLayerBytes, o?.maxBytes ?? Number.POSITIVE_INFINITY);
       const out = decompressStream(raw, s.compression, { maxBytes, what });
       // (An uncompressed blob whose digest differs from its diff_id fails one of the two checks.)
-      if (diffId && diffId !== s.digest) {
-        return out.pipeThrough(verifyTransform({ what, digest: diffId, digestName: "diff_id" }));
+      const id = diffId();
+      if (id && id !== digest()) {
+        return out.pipeThrough(verifyTransform({ what, digest: id, digestName: "diff_id" }));
       }
       return out;
     },
   };
+}
+
+/** sha256 hex of a file, read synchronously (a lazy digest asked for before the layer was read). */
+function sha256FileSync(path: string): string {
+  const h = new Bun.CryptoHasher("sha256");
+  const buf = Buffer.allocUnsafe(1 << 20);
+  const fd = openSync(path, "r");
+  try {
+    for (let n = readSync(fd, buf); n > 0; n = readSync(fd, buf)) h.update(buf.subarray(0, n));
+  } finally {
+    closeSync(fd);
+  }
+  return h.digest("hex");
 }
 
 /**
