@@ -113,7 +113,7 @@ describe("a local layer family: each plain tar is read once, its digest computed
     const d = `${TMP}/fam${n++}`;
     Bun.spawnSync(["mkdir", d]);
     const layers = [layerOf(9 * 1024 * 1024), tar(file("d/f1", "changed"), file("top", "x"))];
-    layers.forEach((l, i) => writeFileSync(`${d}/${i + 1}.tar`, l));
+    for (const [i, l] of layers.entries()) writeFileSync(`${d}/${i + 1}.tar`, l);
     return { dir: d, layers };
   }
 
