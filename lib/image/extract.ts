@@ -3,12 +3,12 @@
 // DEST must not exist or be empty. On failure what this run wrote is removed (DEST itself if we
 // created it), so the one-line error is the whole outcome and a re-run starts clean; the blob
 // cache keeps what was fetched, so the re-run does not download again.
-import { chmodSync, lstatSync, mkdirSync, readdirSync, rmSync, type Stats } from "node:fs";
+import { chmodSync, existsSync, lstatSync, mkdirSync, readdirSync, rmSync, type Stats } from "node:fs";
 import { dirname, join, resolve } from "node:path";
 import { errorMessage, ThinimgError } from "../errors.ts";
 import { log } from "../log.ts";
 import { byteString, fsPath, readDir } from "./apply/bytepath.ts";
-import { applyLayer, applyLayerFile, DEFAULT_LIMITS, type Limits } from "./apply/index.ts";
+import { applyLayer, applyLayerFile, DEFAULT_LIMITS, type Limits, warmFileReader } from "./apply/index.ts";
 import { integrityError, layerLabel } from "./format/layer.ts";
 import { resolveImage } from "./resolve.ts";
 import type { ImageConfig, ImageFormat } from "./types.ts";
@@ -126,6 +126,8 @@ export async function extractImage(source: string, destArg: string, o: ExtractOp
   const limits: Limits = { ...DEFAULT_LIMITS, ...(o.limits ?? {}) };
 
   o.progress?.stage(`fetch ${source}`);
+  // A local source may hold plain tars, read by a reader thread: let it boot while resolving.
+  if (existsSync(source)) warmFileReader();
   const image = await resolveImage(source, {
     stateDir: o.stateDir,
     lazyLocalDigests: true,

@@ -9,6 +9,7 @@ import { FileReadError, type FileReadResult, fileChunks } from "./file-source.ts
 import { displayName, type Limits, mergeLimits, RuleError } from "./rules.ts";
 import { TarFormatError, TarReader } from "./tar-reader.ts";
 
+export { warmFileReader } from "./file-source.ts";
 export { DEFAULT_LIMITS, type Limits } from "./rules.ts";
 
 export interface ApplyOptions {
