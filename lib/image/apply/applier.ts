@@ -38,6 +38,7 @@ import type { TarEntry, TarSink } from "./tar-reader.ts";
 const WH_PREFIX = ".wh.";
 const WH_META_PREFIX = ".wh..wh.";
 const WH_OPAQUE = ".wh..wh..opq";
+const S_ISGID = 0o2000;
 
 // Bun opens every fd close-on-exec already.
 const O_CREATE_FILE = constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL | constants.O_NOFOLLOW;
@@ -100,10 +101,18 @@ export class Applier implements TarSink {
   private readonly clean = new Set<string>();
   /** Bumped whenever a directory or symlink is removed: recorded paths must be re-checked. */
   private epoch = 0;
+  /**
+   * Directories known to have no setgid bit now (modes are applied only in finish()): a file
+   * created in one gets exactly our euid/egid, so an entry owned by them needs no chown.
+   */
+  private readonly plainGroup = new Set<string>();
+  private readonly euid = process.geteuid?.() ?? -1;
+  private readonly egid = process.getegid?.() ?? -1;
 
-  // The regular file being written.
+  // The regular file being written, and the real path of its directory.
   private fd = -1;
   private file: TarEntry | null = null;
+  private fileDir = "";
 
   constructor(
     root: string,
@@ -112,7 +121,9 @@ export class Applier implements TarSink {
     this.fs = new InRoot(root, o.limits.maxDepth, (real) => {
       this.addUpper(real);
       this.clean.add(real);
+      this.createdDir(real);
     });
+    if ((lstatSync(fsPath(root)).mode & S_ISGID) === 0) this.plainGroup.add("");
   }
 
   entry(e: TarEntry): void {
@@ -179,7 +190,9 @@ export class Applier implements TarSink {
           if (st) this.remove(abs, st);
           mkdirSync(fsPath(abs), 0o700);
           this.clean.add(real);
-        }
+          this.createdDir(real);
+        } else if ((st.mode & S_ISGID) === 0) this.plainGroup.add(real);
+        else this.plainGroup.delete(real);
         this.recordDir(real, e, merged);
         this.fs.remember(comps.join("/"), real);
         break;
@@ -187,6 +200,7 @@ export class Applier implements TarSink {
       case "file":
         this.fd = this.create(abs, () => openSync(fsPath(abs), O_CREATE_FILE, 0o600));
         this.file = e;
+        this.fileDir = parent;
         break;
       case "symlink":
         checkNameBytes(e.linkname, this.o.limits, "symlink target");
@@ -238,8 +252,11 @@ export class Applier implements TarSink {
     try {
       // A sparse file's holes were never written: the size is set, no zeros are.
       if (e.sparse) ftruncateSync(fd, e.size);
-      // Owner first: chown clears setuid/setgid and security.capability.
-      if (this.o.sameOwner) fchownSync(fd, e.uid, e.gid);
+      // Owner first: chown clears setuid/setgid and security.capability. A new file already has
+      // our euid/egid unless its directory is setgid (then it has the directory's group).
+      if (this.o.sameOwner && !(e.uid === this.euid && e.gid === this.egid && this.plainGroup.has(this.fileDir))) {
+        fchownSync(fd, e.uid, e.gid);
+      }
       fchmodSync(fd, e.mode);
       if (e.xattrs && this.o.xattrs) {
         for (const [k, v] of e.xattrs) fsetxattr(fd, k, v);
@@ -466,6 +483,13 @@ export class Applier implements TarSink {
     }
   }
 
+  /** mkdir inherits the setgid bit of the parent: a new directory is plain when its parent is. */
+  private createdDir(real: string): void {
+    const slash = real.lastIndexOf("/");
+    if (this.plainGroup.has(slash < 0 ? "" : real.slice(0, slash))) this.plainGroup.add(real);
+    else this.plainGroup.delete(real);
+  }
+
   private addUpper(real: string): void {
     for (let p = real; p !== "" && !this.upper.has(p); p = p.slice(0, Math.max(0, p.lastIndexOf("/")))) {
       this.upper.add(p);
@@ -476,6 +500,7 @@ export class Applier implements TarSink {
   private touchParent(real: string): void {
     if (this.dirs.has(real) || this.parentTimes.has(real)) return;
     const st = lstatSync(fsPath(this.fs.abs(real)));
+    if ((st.mode & S_ISGID) === 0) this.plainGroup.add(real);
     this.parentTimes.set(real, { atime: st.atimeMs / 1000, mtime: st.mtimeMs / 1000, epoch: this.epoch });
   }
 }
