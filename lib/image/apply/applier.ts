@@ -208,7 +208,7 @@ export class Applier implements TarSink {
         // Written exactly as in the archive: absolute and climbing targets are legal in images;
         // they are only ever followed by resolution inside the root.
         this.create(abs, () => symlinkSync(fsPath(e.linkname), fsPath(abs)));
-        this.finishNode(abs, e, false);
+        this.finishNode(abs, parent, e, false);
         break;
       case "link":
         this.hardlink(abs, e);
@@ -226,7 +226,7 @@ export class Applier implements TarSink {
           throw new RuleError("policy", "device nodes can only be created as root", "run as root, or drop --devices");
         }
         this.create(abs, () => mknod(fsPath(abs), (e.type === "char" ? S_IFCHR : e.type === "block" ? S_IFBLK : S_IFIFO) | 0o600, e.devmajor, e.devminor));
-        this.finishNode(abs, e, true);
+        this.finishNode(abs, parent, e, true);
         break;
     }
     this.addUpper(real);
@@ -254,9 +254,7 @@ export class Applier implements TarSink {
       if (e.sparse) ftruncateSync(fd, e.size);
       // Owner first: chown clears setuid/setgid and security.capability. A new file already has
       // our euid/egid unless its directory is setgid (then it has the directory's group).
-      if (this.o.sameOwner && !(e.uid === this.euid && e.gid === this.egid && this.plainGroup.has(this.fileDir))) {
-        fchownSync(fd, e.uid, e.gid);
-      }
+      if (this.o.sameOwner && !this.ownedAlready(e, this.fileDir)) fchownSync(fd, e.uid, e.gid);
       fchmodSync(fd, e.mode);
       if (e.xattrs && this.o.xattrs) {
         for (const [k, v] of e.xattrs) fsetxattr(fd, k, v);
@@ -334,9 +332,9 @@ export class Applier implements TarSink {
   }
 
   /** Owner, mode (not for symlinks), xattrs, times of a just-created non-directory, by path. */
-  private finishNode(absName: string, e: TarEntry, chmod: boolean): void {
+  private finishNode(absName: string, dir: string, e: TarEntry, chmod: boolean): void {
     const abs = fsPath(absName);
-    if (this.o.sameOwner) lchownSync(abs, e.uid, e.gid);
+    if (this.o.sameOwner && !this.ownedAlready(e, dir)) lchownSync(abs, e.uid, e.gid);
     if (chmod) chmodSync(abs, e.mode); // a node we just created (mknod never follows links)
     if (e.xattrs && this.o.xattrs) {
       for (const [k, v] of e.xattrs) lsetxattr(abs, k, v);
@@ -481,6 +479,11 @@ export class Applier implements TarSink {
       for (const c of readDir(abs)) this.removeLower(`${real}/${c.name}`);
       this.clean.add(real);
     }
+  }
+
+  /** A node just made in real directory `dir` already has the entry's owner (see plainGroup). */
+  private ownedAlready(e: TarEntry, dir: string): boolean {
+    return e.uid === this.euid && e.gid === this.egid && this.plainGroup.has(dir);
   }
 
   /** mkdir inherits the setgid bit of the parent: a new directory is plain when its parent is. */
