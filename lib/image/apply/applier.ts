@@ -277,9 +277,9 @@ export class Applier implements TarSink {
 
   /** End of the layer: directory metadata deepest first, then restore untouched parents' times. */
   finish(): void {
-    const recs = [...this.dirs].sort((a, b) => depth(b[0]) - depth(a[0]));
+    const recs = [...this.dirs].map(([real, r]) => ({ real, r, d: depth(real) })).sort((a, b) => b.d - a.d);
     const verified = new Map<string, boolean>();
-    for (const [real, r] of recs) {
+    for (const { real, r } of recs) {
       this.current = r.name;
       if (r.epoch !== this.epoch && !this.fs.isRealDir(real, verified)) continue; // replaced later in the layer
       const abs = this.fs.abs(real);
