@@ -290,6 +290,12 @@ async function main(): Promise<void> {
   row("A. compressed blobs ", thinGz, tarGz);
   row("B. uncompressed tars", thin, tar);
   console.log(`C. umoci unpack        ${s(wall(um))} (cpu ${cpu(um).toFixed(2)} s)   ${x(wall(um), wall(tarGz))} GNU tar -xzf`);
+  // The same round's runs share the machine's state of the moment: their ratio is the fairest.
+  const perRound = (a: Contender, b: Contender, f: (c: Contender) => number[]) => x(median(f(a).map((v, i) => v / f(b)[i]!)), 1);
+  console.log(
+    `median of the per-round ratios: from the gzip blobs ${perRound(thinGz, tarGz, (c) => c.walls)} wall, ${perRound(thinGz, tarGz, (c) => c.cpus)} cpu; ` +
+      `from the plain layer tars ${perRound(thin, tar, (c) => c.walls)} wall, ${perRound(thin, tar, (c) => c.cpus)} cpu`,
+  );
   console.log(
     `ratio (thinimg extractImage / GNU tar, medians of ${RUNS} interleaved rounds): ` +
       `from the gzip blobs ${x(wall(thinGz), wall(tarGz))} wall, ${x(cpu(thinGz), cpu(tarGz))} cpu; ` +
