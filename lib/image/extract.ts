@@ -3,12 +3,12 @@
 // DEST must not exist or be empty. On failure what this run wrote is removed (DEST itself if we
 // created it), so the one-line error is the whole outcome and a re-run starts clean; the blob
 // cache keeps what was fetched, so the re-run does not download again.
-import { chmodSync, lstatSync, mkdirSync, readdirSync, rmSync, type Stats } from "node:fs";
+import { chmodSync, existsSync, lstatSync, mkdirSync, readdirSync, rmSync, type Stats } from "node:fs";
 import { dirname, join, resolve } from "node:path";
 import { errorMessage, ThinimgError } from "../errors.ts";
 import { log } from "../log.ts";
 import { byteString, fsPath, readDir } from "./apply/bytepath.ts";
-import { applyLayer, DEFAULT_LIMITS, type Limits } from "./apply/index.ts";
+import { applyLayer, applyLayerFile, DEFAULT_LIMITS, type Limits, warmFileReader } from "./apply/index.ts";
 import { integrityError, layerLabel } from "./format/layer.ts";
 import { resolveImage } from "./resolve.ts";
 import type { ImageConfig, ImageFormat } from "./types.ts";
@@ -126,8 +126,11 @@ export async function extractImage(source: string, destArg: string, o: ExtractOp
   const limits: Limits = { ...DEFAULT_LIMITS, ...(o.limits ?? {}) };
 
   o.progress?.stage(`fetch ${source}`);
+  // A local source may hold plain tars, read by a reader thread: let it boot while resolving.
+  if (existsSync(source)) warmFileReader();
   const image = await resolveImage(source, {
     stateDir: o.stateDir,
+    lazyLocalDigests: true,
     maxLayerBytes: limits.maxTotalBytes,
     ...(o.maxBlobBytes ? { maxBlobBytes: o.maxBlobBytes } : {}),
     ...(o.select ? { select: o.select } : {}),
@@ -168,12 +171,23 @@ export async function extractImage(source: string, destArg: string, o: ExtractOp
       if (left.entries <= 0 || left.bytes <= 0) throw budgetError(label, limits, left, left.entries <= 0 ? "maxEntries" : "maxTotalBytes");
       let stats: Awaited<ReturnType<typeof applyLayer>>;
       try {
-        stats = await applyLayer(await layer.open({ maxBytes: left.bytes }), dest, {
+        const applyOpts = {
           devices: o.devices === true,
           limits: { ...limits, maxEntries: left.entries, maxTotalBytes: left.bytes },
           layerLabel: label,
-          onProgress: (b) => o.progress?.bytes(b, layer.compression === "none" ? layer.size : null),
-        });
+          onProgress: (b: number) => o.progress?.bytes(b, layer.compression === "none" ? layer.size : null),
+        };
+        // A local plain tar is read directly (same size and digest checks, one pass, less CPU).
+        // A lazy digest (not computed at resolve) is the sha256 of the bytes applied.
+        const lazy = layer.settleDigest !== undefined;
+        if (layer.file !== undefined && (lazy || layer.diffId === null || layer.diffId === layer.digest)) {
+          const what = `layer ${label}`;
+          const got = await applyLayerFile({ path: layer.file, digest: lazy ? null : layer.digest, size: layer.size, what }, dest, applyOpts);
+          layer.settleDigest?.(got.digest);
+          stats = got;
+        } else {
+          stats = await applyLayer(await layer.open({ maxBytes: left.bytes }), dest, applyOpts);
+        }
       } catch (e) {
         // A damaged blob usually breaks the tar before its digest can be checked at EOF: when the
         // layer fails verification, that is the error to report, not the tar parser's symptom.

@@ -36,6 +36,7 @@ interface Ctx {
   env: Record<string, string | undefined>;
   fetchRetry: ResolveOptions["fetchRetry"];
   lazyDigests: boolean;
+  lazyLocalDigests: boolean;
 }
 
 export async function resolveImage(ref: string, opts: ResolveOptions): Promise<ResolvedImage> {
@@ -92,6 +93,7 @@ async function resolve(ref: string, opts: ResolveOptions): Promise<ResolvedImage
     env: opts.env ?? process.env,
     fetchRetry: opts.fetchRetry,
     lazyDigests: opts.lazyDigests === true,
+    lazyLocalDigests: opts.lazyLocalDigests === true,
   };
 
   switch (spec.kind) {
@@ -255,6 +257,7 @@ async function resolveArchive(archive: Archive, source: string, ctx: Ctx, file: 
     name: basename(source),
     maxLayerBytes: ctx.maxLayerBytes,
     openRaw: () => Bun.file(f.path).stream(),
+    file: f.path,
     onMismatch: f.cached ? () => ctx.cache.evict(digest) : undefined,
   });
   return { source, format: "layer-tar", name: null, id: null, platform: null, config: null, layers: [layer] };
@@ -301,7 +304,7 @@ async function localLayer(
   const id = fileIdentity(p);
   if (id.size > ctx.maxBlobBytes) throw tooBig(m.what, ctx.maxBlobBytes);
   let digest = ctx.cache.lookupDigest(id.key)?.digest ?? null;
-  if (digest === null && !ctx.lazyDigests) {
+  if (digest === null && !ctx.lazyDigests && !(ctx.lazyLocalDigests && m.compression === "none")) {
     digest = (await sha256File(p, ctx.maxBlobBytes)).digest;
     ctx.cache.recordDigest(id.key, digest, id.size);
   }
@@ -316,6 +319,7 @@ async function localLayer(
     name: m.name,
     maxLayerBytes: ctx.maxLayerBytes,
     openRaw: () => Bun.file(p).stream(),
+    file: p,
     onMismatch: () => ctx.cache.forgetDigest(id.key),
     onDigest: (d, n) => ctx.cache.recordDigest(id.key, d, n),
   });

@@ -47,6 +47,17 @@ export interface LayerRef {
    * at the latest at EOF. Each call opens a fresh stream.
    */
   open(opts?: OpenOptions): Promise<ReadableStream<Uint8Array>>;
+  /**
+   * Path of a local file holding exactly the layer's bytes, when they are an uncompressed tar:
+   * applyLayerFile reads it faster than open() does, with the same size and digest checks.
+   */
+  file?: string;
+  /**
+   * Present when the digest was not computed at resolve (ResolveOptions.lazyLocalDigests): reading
+   * `digest` or `diffId` first hashes the file; an apply pass that hashed the bytes it applied
+   * hands its result over here instead (a digest already computed must match, else this throws).
+   */
+  settleDigest?(digest: string): void;
 }
 
 export interface LazyDigest {
@@ -103,6 +114,12 @@ export interface ResolveOptions {
   lazyDigests?: boolean;
   /** Retries of a transient fetch failure (dropped connection, 5xx, 429); default 4 attempts, 1 s doubling. */
   fetchRetry?: { attempts: number; baseDelayMs: number };
+  /**
+   * Do not hash the plain-tar members of a local layer family at resolve: their digest is
+   * computed when applied (LayerRef.settleDigest), so the file is read once. Only for callers
+   * that need the digests after applying (extract), not to decide anything before.
+   */
+  lazyLocalDigests?: boolean;
 }
 
 export const DEFAULT_MAX_BLOB_BYTES = 8 * 1024 ** 3;

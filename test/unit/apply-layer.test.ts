@@ -534,3 +534,25 @@ describe("GNU sparse files and names as bytes", () => {
     expect(e.message).toContain("path is longer than 100 bytes (maxPathBytes)");
   });
 });
+
+describe("owners under setgid directories", () => {
+  test("a root-owned file or symlink keeps gid 0 in a setgid directory of a lower layer, in new directories under it, and under the root made setgid", async () => {
+    await apply(tar(dir("var", { mode: 0o755 }), dir("var/mail", { mode: 0o2775, uid: 0, gid: 8 }), dir(".", { mode: 0o2755, gid: 9 })));
+    expect(lstatSync(p("var/mail")).mode & 0o7777).toBe(0o2775);
+    await apply(
+      tar(
+        file("var/mail/root", "x", { mode: 0o600, uid: 0, gid: 0 }),
+        file("var/mail/sub/deeper/f", "y", { mode: 0o644, uid: 0, gid: 0 }),
+        dir("var/mail/d2", { mode: 0o755, uid: 0, gid: 0 }),
+        file("var/mail/d2/g", "z", { mode: 0o644, uid: 0, gid: 0 }),
+        file("top", "t", { mode: 0o644, uid: 0, gid: 0 }),
+        file("var/plain", "p", { mode: 0o644, uid: 0, gid: 0 }),
+        symlink("var/mail/link", "root", { uid: 0, gid: 0 }),
+        symlink("toplink", "top", { uid: 0, gid: 0 }),
+      ),
+    );
+    for (const f of ["var/mail/root", "var/mail/sub/deeper/f", "var/mail/d2/g", "top", "var/plain", "var/mail/link", "toplink"]) {
+      expect([f, lstatSync(p(f)).uid, lstatSync(p(f)).gid]).toEqual([f, 0, 0]);
+    }
+  });
+});

@@ -38,6 +38,7 @@ import type { TarEntry, TarSink } from "./tar-reader.ts";
 const WH_PREFIX = ".wh.";
 const WH_META_PREFIX = ".wh..wh.";
 const WH_OPAQUE = ".wh..wh..opq";
+const S_ISGID = 0o2000;
 
 // Bun opens every fd close-on-exec already.
 const O_CREATE_FILE = constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL | constants.O_NOFOLLOW;
@@ -100,10 +101,18 @@ export class Applier implements TarSink {
   private readonly clean = new Set<string>();
   /** Bumped whenever a directory or symlink is removed: recorded paths must be re-checked. */
   private epoch = 0;
+  /**
+   * Directories known to have no setgid bit now (modes are applied only in finish()): a file
+   * created in one gets exactly our euid/egid, so an entry owned by them needs no chown.
+   */
+  private readonly plainGroup = new Set<string>();
+  private readonly euid = process.geteuid?.() ?? -1;
+  private readonly egid = process.getegid?.() ?? -1;
 
-  // The regular file being written.
+  // The regular file being written, and the real path of its directory.
   private fd = -1;
   private file: TarEntry | null = null;
+  private fileDir = "";
 
   constructor(
     root: string,
@@ -112,7 +121,9 @@ export class Applier implements TarSink {
     this.fs = new InRoot(root, o.limits.maxDepth, (real) => {
       this.addUpper(real);
       this.clean.add(real);
+      this.createdDir(real);
     });
+    if ((lstatSync(fsPath(root)).mode & S_ISGID) === 0) this.plainGroup.add("");
   }
 
   entry(e: TarEntry): void {
@@ -179,7 +190,9 @@ export class Applier implements TarSink {
           if (st) this.remove(abs, st);
           mkdirSync(fsPath(abs), 0o700);
           this.clean.add(real);
-        }
+          this.createdDir(real);
+        } else if ((st.mode & S_ISGID) === 0) this.plainGroup.add(real);
+        else this.plainGroup.delete(real);
         this.recordDir(real, e, merged);
         this.fs.remember(comps.join("/"), real);
         break;
@@ -187,6 +200,7 @@ export class Applier implements TarSink {
       case "file":
         this.fd = this.create(abs, () => openSync(fsPath(abs), O_CREATE_FILE, 0o600));
         this.file = e;
+        this.fileDir = parent;
         break;
       case "symlink":
         checkNameBytes(e.linkname, this.o.limits, "symlink target");
@@ -194,7 +208,7 @@ export class Applier implements TarSink {
         // Written exactly as in the archive: absolute and climbing targets are legal in images;
         // they are only ever followed by resolution inside the root.
         this.create(abs, () => symlinkSync(fsPath(e.linkname), fsPath(abs)));
-        this.finishNode(abs, e, false);
+        this.finishNode(abs, parent, e, false);
         break;
       case "link":
         this.hardlink(abs, e);
@@ -212,7 +226,7 @@ export class Applier implements TarSink {
           throw new RuleError("policy", "device nodes can only be created as root", "run as root, or do not ask for device nodes (extract --devices)");
         }
         this.create(abs, () => mknod(fsPath(abs), (e.type === "char" ? S_IFCHR : e.type === "block" ? S_IFBLK : S_IFIFO) | 0o600, e.devmajor, e.devminor));
-        this.finishNode(abs, e, true);
+        this.finishNode(abs, parent, e, true);
         break;
     }
     this.addUpper(real);
@@ -238,8 +252,9 @@ export class Applier implements TarSink {
     try {
       // A sparse file's holes were never written: the size is set, no zeros are.
       if (e.sparse) ftruncateSync(fd, e.size);
-      // Owner first: chown clears setuid/setgid and security.capability.
-      if (this.o.sameOwner) fchownSync(fd, e.uid, e.gid);
+      // Owner first: chown clears setuid/setgid and security.capability. A new file already has
+      // our euid/egid unless its directory is setgid (then it has the directory's group).
+      if (this.o.sameOwner && !this.ownedAlready(e, this.fileDir)) fchownSync(fd, e.uid, e.gid);
       fchmodSync(fd, e.mode);
       if (e.xattrs && this.o.xattrs) {
         for (const [k, v] of e.xattrs) fsetxattr(fd, k, v);
@@ -262,9 +277,9 @@ export class Applier implements TarSink {
 
   /** End of the layer: directory metadata deepest first, then restore untouched parents' times. */
   finish(): void {
-    const recs = [...this.dirs].sort((a, b) => depth(b[0]) - depth(a[0]));
+    const recs = [...this.dirs].map(([real, r]) => ({ real, r, d: depth(real) })).sort((a, b) => b.d - a.d);
     const verified = new Map<string, boolean>();
-    for (const [real, r] of recs) {
+    for (const { real, r } of recs) {
       this.current = r.name;
       if (r.epoch !== this.epoch && !this.fs.isRealDir(real, verified)) continue; // replaced later in the layer
       const abs = this.fs.abs(real);
@@ -317,9 +332,9 @@ export class Applier implements TarSink {
   }
 
   /** Owner, mode (not for symlinks), xattrs, times of a just-created non-directory, by path. */
-  private finishNode(absName: string, e: TarEntry, chmod: boolean): void {
+  private finishNode(absName: string, dir: string, e: TarEntry, chmod: boolean): void {
     const abs = fsPath(absName);
-    if (this.o.sameOwner) lchownSync(abs, e.uid, e.gid);
+    if (this.o.sameOwner && !this.ownedAlready(e, dir)) lchownSync(abs, e.uid, e.gid);
     if (chmod) chmodSync(abs, e.mode); // a node we just created (mknod never follows links)
     if (e.xattrs && this.o.xattrs) {
       for (const [k, v] of e.xattrs) lsetxattr(abs, k, v);
@@ -466,6 +481,18 @@ export class Applier implements TarSink {
     }
   }
 
+  /** A node just made in real directory `dir` already has the entry's owner (see plainGroup). */
+  private ownedAlready(e: TarEntry, dir: string): boolean {
+    return e.uid === this.euid && e.gid === this.egid && this.plainGroup.has(dir);
+  }
+
+  /** mkdir inherits the setgid bit of the parent: a new directory is plain when its parent is. */
+  private createdDir(real: string): void {
+    const slash = real.lastIndexOf("/");
+    if (this.plainGroup.has(slash < 0 ? "" : real.slice(0, slash))) this.plainGroup.add(real);
+    else this.plainGroup.delete(real);
+  }
+
   private addUpper(real: string): void {
     for (let p = real; p !== "" && !this.upper.has(p); p = p.slice(0, Math.max(0, p.lastIndexOf("/")))) {
       this.upper.add(p);
@@ -476,6 +503,7 @@ export class Applier implements TarSink {
   private touchParent(real: string): void {
     if (this.dirs.has(real) || this.parentTimes.has(real)) return;
     const st = lstatSync(fsPath(this.fs.abs(real)));
+    if ((st.mode & S_ISGID) === 0) this.plainGroup.add(real);
     this.parentTimes.set(real, { atime: st.atimeMs / 1000, mtime: st.mtimeMs / 1000, epoch: this.epoch });
   }
 }

@@ -1,5 +1,6 @@
 // Building a LayerRef: the one place where a layer's bytes are checked as they are read — blob size
 // and digest (raw bytes), decompressed-size cap (bomb guard), diff_id (uncompressed bytes).
+import { closeSync, openSync, readSync } from "node:fs";
 import { ThinimgError } from "../../errors.ts";
 import { decompressStream, detectCompression, MAGIC_BYTES, unsupportedCompression } from "../compression.ts";
 import { verifyTransform } from "../stream.ts";
@@ -19,6 +20,8 @@ export interface LayerSpec {
   name: string;
   maxLayerBytes: number;
   openRaw(): ReadableStream<Uint8Array>;
+  /** The blob is this local file (LayerRef.file when it is an uncompressed tar). */
+  file?: string;
   /** Called when the raw bytes do not match the digest (e.g. evict a cache file). */
   onMismatch?(): void;
   /** The raw stream is hashed by its source (a download into the blob cache): this resolves with
@@ -43,7 +46,11 @@ export function makeLayerRef(s: LayerSpec): LayerRef {
     digest = d;
     s.onDigest?.(d, n);
   };
+  const file = s.compression === "none" ? s.file : undefined;
   const known = (): string => {
+    // Hashing on demand blocks, but only a caller that asked for lazy digests and then reads one
+    // before applying gets here.
+    if (digest === null && file !== undefined) learn(`sha256:${sha256FileSync(file)}`, s.size);
     if (digest === null) throw new ThinimgError("internal", `${what}: digest read before the layer was hashed`);
     return digest;
   };
@@ -78,6 +85,20 @@ export function makeLayerRef(s: LayerSpec): LayerRef {
     size: s.size,
     compression: s.compression,
     label: s.name,
+    ...(file !== undefined ? { file } : {}),
+    ...(s.digest === null
+      ? {
+          settleDigest(d: string) {
+            if (digest !== null && digest !== d) {
+              s.onMismatch?.();
+              throw new ThinimgError("input", `${what}: digest mismatch: expected ${digest}, got ${d}`, {
+                hint: "the file changed while being read; run again",
+              });
+            }
+            learn(d, s.size);
+          },
+        }
+      : {}),
     async open(o) {
       // a lazy layer not hashed yet: hashed as it is read (verifyTransform reports it at EOF)
       const expect = digest;
@@ -119,6 +140,19 @@ function sourceChecked(
       learn(got.digest, got.size);
     },
   });
+}
+
+/** sha256 hex of a file, read synchronously (a lazy digest asked for before the layer was read). */
+function sha256FileSync(path: string): string {
+  const h = new Bun.CryptoHasher("sha256");
+  const buf = Buffer.allocUnsafe(1 << 20);
+  const fd = openSync(path, "r");
+  try {
+    for (let n = readSync(fd, buf); n > 0; n = readSync(fd, buf)) h.update(buf.subarray(0, n));
+  } finally {
+    closeSync(fd);
+  }
+  return h.digest("hex");
 }
 
 /**

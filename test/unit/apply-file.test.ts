@@ -1,0 +1,141 @@
+// applyLayerFile: a layer read from a local plain tar, hashed in the same pass — on this thread for
+// small files, by a reader thread through a ring of shared buffers for big ones. The tree must be
+// the one applyLayer makes from a stream of the same bytes, the digest that of the whole file, and
+// every way the file can disagree with what was expected must fail the layer.
+import { afterAll, beforeEach, describe, expect, test } from "bun:test";
+import { createHash, randomBytes } from "node:crypto";
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { ThinimgError } from "../../lib/errors.ts";
+import { applyLayer, applyLayerFile } from "../../lib/image/apply/index.ts";
+import { extractImage } from "../../lib/image/extract.ts";
+import { resolveImage } from "../../lib/image/resolve.ts";
+import { dir, file, streamOf, symlink, tar } from "../helpers/tarcraft.ts";
+import { diffTrees, listTree } from "../helpers/tree.ts";
+
+const TMP = mkdtempSync("/tmp/thinimg-apply-file-");
+let n = 0;
+let root = "";
+beforeEach(() => {
+  root = `${TMP}/r${n++}`;
+  Bun.spawnSync(["mkdir", root]);
+});
+afterAll(() => rmSync(TMP, { recursive: true, force: true }));
+
+const sha = (b: Uint8Array) => `sha256:${createHash("sha256").update(b).digest("hex")}`;
+/** Random content: a chunk boundary or a reused buffer that leaked into another file would show. */
+const blob = (len: number) => randomBytes(len);
+
+function layerOf(big: number): Buffer {
+  const parts: Buffer[] = [dir("d", { mode: 0o750 })];
+  for (let i = 0; i < 40; i++) parts.push(file(`d/f${i}`, blob(1 + ((i * 37_123) % 300_000)), { mode: 0o644 }));
+  parts.push(file("d/big", blob(big), { mode: 0o600 }));
+  parts.push(symlink("d/link", "big"));
+  parts.push(file("d/after", "tail"));
+  return tar(...parts);
+}
+
+function save(layer: Buffer): string {
+  const p = `${TMP}/layer${n++}.tar`;
+  writeFileSync(p, layer);
+  return p;
+}
+
+async function failure(f: () => Promise<unknown>): Promise<ThinimgError> {
+  try {
+    await f();
+  } catch (e) {
+    expect(e).toBeInstanceOf(ThinimgError);
+    return e as ThinimgError;
+  }
+  throw new Error("expected a failure");
+}
+
+describe("applyLayerFile", () => {
+  for (const [what, big] of [
+    ["a small file (read on this thread)", 100_000],
+    ["a big file (reader thread, files spanning ring slots)", 23 * 1024 * 1024 + 777],
+  ] as const) {
+    test(`${what}: same tree as from a stream, digest of the whole file`, async () => {
+      const layer = layerOf(big);
+      const path = save(layer);
+      const got = await applyLayerFile({ path, digest: sha(layer) }, root, { layerLabel: "L" });
+      expect(got.digest).toBe(sha(layer));
+      expect(got.bytes).toBe(layer.length);
+      expect(got.entries).toBe(44);
+      const ref = `${TMP}/ref${n++}`;
+      Bun.spawnSync(["mkdir", ref]);
+      await applyLayer(streamOf(layer, 65_536), ref, { layerLabel: "L" });
+      // (the roots themselves were made at different times: their times are kept as they were)
+      expect(diffTrees(listTree(ref), listTree(root)).filter((d) => !d.startsWith(".: mtime"))).toEqual([]);
+      expect(readFileSync(`${root}/d/after`, "utf8")).toBe("tail");
+    });
+  }
+
+  test("a digest that does not match fails the layer, naming both digests", async () => {
+    const layer = layerOf(10 * 1024 * 1024);
+    const path = save(layer);
+    const wrong = sha(Buffer.from("something else"));
+    const e = await failure(() => applyLayerFile({ path, digest: wrong, what: "layer 1/1 (1.tar)" }, root));
+    expect(e.kind).toBe("input");
+    expect(e.message).toBe(`layer 1/1 (1.tar): digest mismatch: expected ${wrong}, got ${sha(layer)}`);
+  });
+
+  test("a file shorter or longer than declared fails the layer", async () => {
+    const layer = layerOf(9 * 1024 * 1024);
+    const path = save(layer);
+    expect((await failure(() => applyLayerFile({ path, size: layer.length + 512 }, root))).message).toContain("truncated");
+    root = `${TMP}/r${n++}`;
+    Bun.spawnSync(["mkdir", root]);
+    expect((await failure(() => applyLayerFile({ path, size: layer.length - 512 }, root))).message).toContain("more bytes than");
+  });
+
+  test("a rule broken mid-layer stops the reader thread, and the next layer reads cleanly", async () => {
+    const bad = tar(file("x", blob(12 * 1024 * 1024)), file("../escape", "no"));
+    const e = await failure(() => applyLayerFile({ path: save(bad) }, root, { layerLabel: "L" }));
+    expect(e.kind).toBe("policy");
+    expect(e.message).toContain("climbs out of the root");
+    const good = layerOf(12 * 1024 * 1024);
+    root = `${TMP}/r${n++}`;
+    Bun.spawnSync(["mkdir", root]);
+    expect((await applyLayerFile({ path: save(good) }, root)).digest).toBe(sha(good));
+  });
+
+  test("a missing file is a one-line input error", async () => {
+    const e = await failure(() => applyLayerFile({ path: `${TMP}/nope.tar`, size: 20 * 1024 * 1024 }, root, { layerLabel: "L" }));
+    expect(e.kind).toBe("input");
+    expect(e.message).toContain("reading the layer failed");
+    expect(e.message).toContain("ENOENT");
+  });
+});
+
+describe("a local layer family: each plain tar is read once, its digest computed as it is applied", () => {
+  function family(): { dir: string; layers: Buffer[] } {
+    const d = `${TMP}/fam${n++}`;
+    Bun.spawnSync(["mkdir", d]);
+    const layers = [layerOf(9 * 1024 * 1024), tar(file("d/f1", "changed"), file("top", "x"))];
+    for (const [i, l] of layers.entries()) writeFileSync(`${d}/${i + 1}.tar`, l);
+    return { dir: d, layers };
+  }
+
+  test("extract reports the sha256 of every layer applied", async () => {
+    const { dir: d, layers } = family();
+    const s = await extractImage(d, `${TMP}/out${n++}`, { stateDir: `${TMP}/state` });
+    expect(s.layers.map((l) => l.digest)).toEqual(layers.map(sha));
+    expect(s.layers.map((l) => l.diffId)).toEqual(layers.map(sha));
+    expect(readFileSync(`${s.dest}/d/f1`, "utf8")).toBe("changed");
+  });
+
+  test("resolved lazily: a digest asked for before applying is computed then, and a different one settled later is refused", async () => {
+    const { dir: d, layers } = family();
+    const img = await resolveImage(d, { stateDir: `${TMP}/state`, lazyLocalDigests: true });
+    const [a, b] = img.layers;
+    expect(a!.settleDigest).toBeDefined();
+    a!.settleDigest!(sha(layers[0]!));
+    expect(a!.digest).toBe(sha(layers[0]!));
+    expect(b!.digest).toBe(sha(layers[1]!)); // hashed on demand
+    expect(() => b!.settleDigest!(sha(layers[0]!))).toThrow("digest mismatch");
+    // without the option nothing changes: digests known at resolve, nothing to settle
+    const eager = await resolveImage(d, { stateDir: `${TMP}/state` });
+    expect(eager.layers.map((l) => [l.digest, l.settleDigest])).toEqual(layers.map((l) => [sha(l), undefined]));
+  });
+});
