@@ -320,6 +320,7 @@ async function localLayer(
     maxLayerBytes: ctx.maxLayerBytes,
     openRaw: () => Bun.file(p).stream(),
     file: p,
+    hashOnDemand: ctx.lazyLocalDigests,
     onMismatch: () => ctx.cache.forgetDigest(id.key),
     onDigest: (d, n) => ctx.cache.recordDigest(id.key, d, n),
   });

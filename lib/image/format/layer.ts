@@ -29,6 +29,9 @@ export interface LayerSpec {
   sourceDigest?(): Promise<{ digest: string; size: number }>;
   /** A lazy layer about to be read: start fetching it (and what follows it). */
   prefetch?(): void;
+  /** A lazy local plain tar whose digest, read before any apply, is computed then (extract);
+   * otherwise reading it early is a bug (the pipeline must never read a layer twice). */
+  hashOnDemand?: boolean;
   /** Called once a complete read computed the digest of a lazy layer (e.g. remember it). */
   onDigest?(digest: string, size: number): void;
 }
@@ -50,7 +53,7 @@ export function makeLayerRef(s: LayerSpec): LayerRef {
   const known = (): string => {
     // Hashing on demand blocks, but only a caller that asked for lazy digests and then reads one
     // before applying gets here.
-    if (digest === null && file !== undefined) learn(`sha256:${sha256FileSync(file)}`, s.size);
+    if (digest === null && file !== undefined && s.hashOnDemand) learn(`sha256:${sha256FileSync(file)}`, s.size);
     if (digest === null) throw new ThinimgError("internal", `${what}: digest read before the layer was hashed`);
     return digest;
   };
