@@ -8,7 +8,8 @@ import { dirname, join, resolve } from "node:path";
 import { errorMessage, ThinimgError } from "../errors.ts";
 import { log } from "../log.ts";
 import { byteString, fsPath, readDir } from "./apply/bytepath.ts";
-import { applyLayer, applyLayerFile, DEFAULT_LIMITS, type Limits, warmFileReader } from "./apply/index.ts";
+import { type ApplyStats, DEFAULT_LIMITS, type Limits, warmFileReader } from "./apply/index.ts";
+import { applyLayerRef } from "./apply-layer.ts";
 import { integrityError, layerLabel } from "./format/layer.ts";
 import { resolveImage } from "./resolve.ts";
 import type { ImageConfig, ImageFormat } from "./types.ts";
@@ -169,7 +170,7 @@ export async function extractImage(source: string, destArg: string, o: ExtractOp
       // layers cannot add up to a disk-filling image: each layer gets what earlier ones left.
       const left = { entries: limits.maxEntries - summary.entries, bytes: limits.maxTotalBytes - summary.bytes - holes };
       if (left.entries <= 0 || left.bytes <= 0) throw budgetError(label, limits, left, left.entries <= 0 ? "maxEntries" : "maxTotalBytes");
-      let stats: Awaited<ReturnType<typeof applyLayer>>;
+      let stats: ApplyStats;
       try {
         const applyOpts = {
           devices: o.devices === true,
@@ -177,17 +178,7 @@ export async function extractImage(source: string, destArg: string, o: ExtractOp
           layerLabel: label,
           onProgress: (b: number) => o.progress?.bytes(b, layer.compression === "none" ? layer.size : null),
         };
-        // A local plain tar is read directly (same size and digest checks, one pass, less CPU).
-        // A lazy digest (not computed at resolve) is the sha256 of the bytes applied.
-        const lazy = layer.settleDigest !== undefined;
-        if (layer.file !== undefined && (lazy || layer.diffId === null || layer.diffId === layer.digest)) {
-          const what = `layer ${label}`;
-          const got = await applyLayerFile({ path: layer.file, digest: lazy ? null : layer.digest, size: layer.size, what }, dest, applyOpts);
-          layer.settleDigest?.(got.digest);
-          stats = got;
-        } else {
-          stats = await applyLayer(await layer.open({ maxBytes: left.bytes }), dest, applyOpts);
-        }
+        stats = await applyLayerRef(layer, dest, { ...applyOpts, maxBytes: left.bytes });
       } catch (e) {
         // A damaged blob usually breaks the tar before its digest can be checked at EOF: when the
         // layer fails verification, that is the error to report, not the tar parser's symptom.

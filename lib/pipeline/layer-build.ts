@@ -24,7 +24,7 @@ import { mkfsExt4 } from "../dm/mkfs.ts";
 import * as mnt from "../dm/mount.ts";
 import * as pool from "../dm/pool.ts";
 import { ThinimgError } from "../errors.ts";
-import { applyLayer } from "../image/apply/index.ts";
+import { applyLayerRef } from "../image/apply-layer.ts";
 import type { LayerRef } from "../image/types.ts";
 import { log } from "../log.ts";
 import type { Ctx } from "../pool/context.ts";
@@ -281,7 +281,7 @@ async function applyAndSync(b: Build): Promise<void> {
   const path = b.mountPath!;
   b.begin("apply");
   ctx.progress?.stage(`layer ${input.label}: apply`);
-  const stats = await applyLayer(await input.ref.open(), path, {
+  const stats = await applyLayerRef(input.ref, path, {
     devices: true,
     sameOwner: true,
     layerLabel: input.label,
