@@ -1,6 +1,7 @@
 // The command journal: <state dir>/commands.log. Before a state-changing command is spawned its
 // before-record is appended and fsync'd, so after a panic or a hard reboot the last command sent to
-// the kernel is on disk; its after-record follows. Bounded: past MAX_BYTES the file is rotated
+// the kernel is on disk; its after-record follows (written, not fsync'd: the next before-record's
+// fsync carries it to disk). Bounded: past MAX_BYTES the file is rotated
 // (commands.log.1 … .KEEP). Appends and rotations happen under the host dm queue (one writer at a
 // time on the host). A journal that cannot be written never stops dm work: one warning per process.
 import { closeSync, fsyncSync, mkdirSync, openSync, renameSync, statSync, writeSync } from "node:fs";

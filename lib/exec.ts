@@ -89,7 +89,9 @@ function emitRecord(r: CmdResult, ctx: CmdContext | undefined, startedAt: Date, 
     started_at: startedAt.toISOString(),
   };
   for (const fn of listeners) fn(rec, probe);
-  if (isStateChanging(r.argv)) journal(rec);
+  // the after-record is not fsync'd on its own: the next before-record's fsync flushes it with it,
+  // and a crash before that loses only an outcome the journal cannot promise anyway
+  if (isStateChanging(r.argv)) journal(rec, { sync: false });
   const file = process.env.THINIMG_CMD_LOG;
   if (file) {
     try {

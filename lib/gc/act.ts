@@ -68,6 +68,12 @@ export interface GcLedger {
   thinDeleted(id: number): void;
   /** The delete was not done (busy, failed, a step before it did not go through): undo the intent. */
   thinDeleteAborted(id: number, why: string): void;
+  /**
+   * Write what is still held back (confirmations may ride along with the next orphan's claim, to
+   * spend one durable transaction per delete; an unconfirmed `deleting` id is confirmed by the next
+   * run). Called when the run stops acting.
+   */
+  flush?(): void;
 }
 
 export const NO_LEDGER: GcLedger = {
@@ -83,7 +89,7 @@ export interface ActOptions {
   stepTimeoutMs?: number;
   /**
    * Inactive thin ids only (no device, no mount): re-check the pool after this long (default 1 s,
-   * stretched to 10× the last status call so the checks never cost more than ~10 % of the run),
+   * stretched to 50× the last status call so the checks never cost more than ~2 % of the run),
    * and at once after any step that did not succeed. A delete on a pool that went read-only fails
    * in the kernel, which triggers the check; a status call per delete would double the cost of
    * every delete. 0 = check before every orphan.
@@ -156,158 +162,253 @@ async function poolGate(pool: string, timeoutMs: number): Promise<ActResult["sto
   }
 }
 
-export async function act(actions: Orphan[], o: ActOptions): Promise<ActResult> {
-  const timeoutMs = o.stepTimeoutMs ?? STEP_TIMEOUT_MS;
-  const ledger = o.ledger ?? NO_LEDGER;
-  const results: ActionResult[] = [];
-  const unmountedRemoved: string[] = [];
-  let stopped: ActResult["stopped"] = null;
-  const every = o.poolCheckEveryMs ?? 1_000;
+/** The periodic pool check is stretched to this many times its own cost (so it stays ≤ ~2 % of a run). */
+const CHECK_STRETCH = 50;
+
+/** When the pool's status is read again: before any device or mount, after any step that did not
+ * succeed, and for bare deletes at most every `every` ms (stretched to CHECK_STRETCH × its cost). */
+function poolChecks(pool: string, timeoutMs: number, every: number) {
   let lastCheck = Number.NEGATIVE_INFINITY;
   let interval = every;
-  let lastOk = true;
-  const mounts = o.mountinfo ?? mountinfo;
-  const ctx = (id: number | null, name: string | null) => ({ pool_name: o.pool, device_id: id ?? undefined, device_name: name ?? undefined });
-
-  for (const a of actions) {
-    if (!stopped && o.signal?.aborted) stopped = { reason: "aborted", detail: "stop requested (signal)" };
-    // devices and mounts: always check first; bare deletes: see poolCheckEveryMs
-    if (!stopped && (a.device !== null || a.unmount.length > 0 || !lastOk || performance.now() - lastCheck >= interval)) {
+  return {
+    due: (a: Orphan, lastOk: boolean) => a.device !== null || a.unmount.length > 0 || !lastOk || performance.now() - lastCheck >= interval,
+    async check(): Promise<ActResult["stopped"]> {
       const t0 = performance.now();
-      stopped = await poolGate(o.pool, timeoutMs);
+      const stopped = await poolGate(pool, timeoutMs);
       lastCheck = performance.now();
-      if (every > 0) interval = Math.max(every, 10 * (lastCheck - t0));
-    }
-    if (stopped) {
-      results.push({ action: a, outcome: "not_run", steps: [], skipReason: null });
-      continue;
-    }
-    const steps: StepResult[] = [];
-    const res: ActionResult = { action: a, outcome: "done", steps, skipReason: null };
-    results.push(res);
-    const finish = (s: StepResult): boolean => {
-      steps.push(s);
-      if (s.outcome === "ok" || s.outcome === "already_gone") return true;
-      if (s.outcome === "busy" || s.outcome === "changed") {
-        res.outcome = "skipped";
-        res.skipReason = s.outcome === "busy" ? `${s.op} ${s.target}: busy; next run` : `${s.target}: ${s.error ?? "changed since the scan"}`;
-      } else {
-        res.outcome = "failed";
-        if (s.outcome === "timeout") stopped = { reason: "timeout", detail: `${s.op} ${s.target} timed out after ${timeoutMs} ms: the host may be unhealthy` };
-      }
-      log.warn(`gc: ${s.op} ${s.target}: ${s.outcome}${s.error ? `: ${s.error}` : ""}`);
-      return false;
-    };
+      if (every > 0) interval = Math.max(every, CHECK_STRETCH * (lastCheck - t0));
+      return stopped;
+    },
+  };
+}
 
-    let ok = true;
-    let claimed = false;
-    const abortIntent = (why: string) => {
-      if (claimed && a.deleteThin && a.thinId !== null) ledger.thinDeleteAborted(a.thinId, why);
-    };
-    // 1. the DB rows are still what the plan saw; the id is marked `deleting`
-    ok = finish(
-      await step(
-        "claim",
-        a.thinId !== null ? `thin ${a.thinId}` : (a.device ?? "?"),
-        async () => {
-          const why = ledger.claim(a);
-          if (why !== null) throw new Error(why);
-          claimed = true;
-          return undefined;
-        },
-        () => "changed",
-      ),
-    );
-    let info: Awaited<ReturnType<typeof dmsetup.info>> = null;
-    if (ok && a.device) {
-      const name = a.device;
-      const was = o.scanned?.get(name);
-      // 2. the scan may be seconds old: the name must still be the device we planned on, with the
-      //    same table, idle but for our own mount
-      ok = finish(
-        await step(
-          "check",
-          name,
-          async () => {
-            info = await dmsetup.info(name, { timeoutMs, ctx: ctx(a.thinId, name) });
-            if (!info) return "already_gone";
-            if (was && (info.major !== was.major || info.minor !== was.minor)) throw new Error("a different device now has this name");
-            if (info.state === "SUSPENDED") throw new Error("now suspended");
-            const ourMounted = a.unmount.some((p) => mounts().some((m) => m.mountPoint === p && m.majorMinor === `${info!.major}:${info!.minor}`));
-            if (info.open > (ourMounted ? 1 : 0)) throw new Error(`open count is now ${info.open}${ourMounted ? " (beyond our own mount)" : ""}`);
-            if (was) {
-              const table = await dmsetup.table(name, { timeoutMs, ctx: ctx(a.thinId, name) });
-              const now = parseThinTable(table.trim() ? table : null);
-              const same = was.thin === null ? now === null : now !== null && now.poolMajorMinor === was.thin.poolMajorMinor && now.thinId === was.thin.thinId;
-              if (!same) throw new Error(`its table changed since the scan (now: ${table.trim() || "none"})`);
-            }
-            return undefined;
-          },
-          classifyCheck,
-        ),
-      );
-      const gone = steps.at(-1)?.outcome === "already_gone";
-      let unmountedHere = false;
-      // 3. our own mounts, each only if it is still this device mounted there
-      for (const path of gone ? [] : a.unmount) {
-        if (!ok) break;
-        const mm = info ? `${(info as { major: number }).major}:${(info as { minor: number }).minor}` : null;
-        ok = finish(
-          await step(
-            "umount",
-            path,
-            async () => {
-              const at = mounts().filter((m) => m.mountPoint === path);
-              if (at.length === 0) return "already_gone";
-              if (!at.every((m) => m.majorMinor === mm)) throw new Error(`${path} now has ${at.map((m) => m.majorMinor).join(", ")} mounted, not ${mm}`);
-              await umount(path, { timeoutMs, ctx: ctx(a.thinId, a.device) });
-              return undefined;
-            },
-            (e) => (e instanceof CommandError ? classifyDm(e) : "changed"),
-          ),
-        );
-        if (ok) ledger.mountUnmounted(path);
-        if (ok && steps.at(-1)?.outcome === "ok") unmountedHere = true;
-      }
-      // 4. nothing holds it now; 5. remove it
-      if (ok && !gone && a.unmount.length > 0) {
-        ok = finish(
-          await step(
-            "check",
-            name,
-            async () => {
-              const now = await dmsetup.info(name, { timeoutMs, ctx: ctx(a.thinId, name) });
-              if (!now) return "already_gone";
-              if (now.major !== (info as { major: number } | null)?.major || now.minor !== (info as { minor: number } | null)?.minor)
-                throw new Error("a different device now has this name");
-              if (now.open > 0) throw new Error(`open count is ${now.open} after our unmount`);
-              return undefined;
-            },
-            classifyCheck,
-          ),
-        );
-      }
-      if (ok && steps.at(-1)?.outcome !== "already_gone") {
-        ok = finish(await step("remove", name, () => dmsetup.remove(name, { timeoutMs, ctx: ctx(a.thinId, name) }).then(() => undefined), classifyDm));
-      }
-      if (ok) ledger.deviceRemoved(name);
-      if (ok && unmountedHere && info) unmountedRemoved.push(`dm-${(info as { minor: number }).minor}`);
-    }
-    if (ok && a.deleteThin && a.thinId !== null) {
-      const id = a.thinId;
-      const s = await step("delete", `thin ${id}`, () => deleteThin(o.pool, id, { timeoutMs, ctx: ctx(id, null) }).then(() => undefined), classifyDelete);
-      if (s.outcome === "pool_gone") {
-        // "no such device" from a pool message: is the pool still there?
-        const poolInfo = await dmsetup.info(o.pool, { timeoutMs, ctx: ctx(null, o.pool) }).catch(() => undefined);
-        if (poolInfo === null) stopped = { reason: "pool_gone", detail: `pool ${o.pool} disappeared during the run: ${s.error ?? ""}` };
-        s.outcome = "failed";
-      }
-      ok = finish(s);
-      if (ok) ledger.thinDeleted(id);
-      // a timed-out delete may still land: leave the intent ('deleting'); the next run confirms it
-      else if (s.outcome !== "timeout") ledger.thinDeleteAborted(id, `${s.outcome}: ${s.error ?? ""}`);
-    } else if (!ok) abortIntent(`${steps.at(-1)?.op ?? "?"} ${steps.at(-1)?.outcome ?? "?"}: ${steps.at(-1)?.error ?? ""}`);
-    lastOk = res.outcome === "done";
+/** What every orphan's steps share. */
+interface ActEnv {
+  pool: string;
+  timeoutMs: number;
+  ledger: GcLedger;
+  mounts: () => MountEntry[];
+  scanned: Map<string, DmDevice> | undefined;
+  unmountedRemoved: string[];
+}
+
+const cmdCtx = (e: ActEnv, id: number | null, name: string | null) => ({ pool_name: e.pool, device_id: id ?? undefined, device_name: name ?? undefined });
+
+/** One orphan's steps so far, and what they mean for it and for the run. */
+class ActionRun {
+  readonly res: ActionResult;
+  stopped: ActResult["stopped"] = null;
+  claimed = false;
+  constructor(
+    readonly a: Orphan,
+    private readonly timeoutMs: number,
+  ) {
+    this.res = { action: a, outcome: "done", steps: [], skipReason: null };
   }
-  return { results, stopped, unmountedRemoved };
+  get last(): StepResult | undefined {
+    return this.res.steps.at(-1);
+  }
+  /** Record a step; true when the orphan may go on. */
+  finish(s: StepResult): boolean {
+    const res = this.res;
+    res.steps.push(s);
+    if (s.outcome === "ok" || s.outcome === "already_gone") return true;
+    if (s.outcome === "busy" || s.outcome === "changed") {
+      res.outcome = "skipped";
+      res.skipReason = s.outcome === "busy" ? `${s.op} ${s.target}: busy; next run` : `${s.target}: ${s.error ?? "changed since the scan"}`;
+    } else {
+      res.outcome = "failed";
+      if (s.outcome === "timeout")
+        this.stopped = { reason: "timeout", detail: `${s.op} ${s.target} timed out after ${this.timeoutMs} ms: the host may be unhealthy` };
+    }
+    log.warn(`gc: ${s.op} ${s.target}: ${s.outcome}${s.error ? `: ${s.error}` : ""}`);
+    return false;
+  }
+}
+
+/** 1. The DB rows are still what the plan saw; a thin id to delete is marked `deleting`. */
+async function claimStep(run: ActionRun, e: ActEnv): Promise<boolean> {
+  const a = run.a;
+  const target = a.thinId !== null ? `thin ${a.thinId}` : (a.device ?? "?");
+  const s = await step(
+    "claim",
+    target,
+    async () => {
+      const why = e.ledger.claim(a);
+      if (why !== null) throw new Error(why);
+      run.claimed = true;
+      return undefined;
+    },
+    () => "changed",
+  );
+  return run.finish(s);
+}
+
+type DmInfo = NonNullable<Awaited<ReturnType<typeof dmsetup.info>>>;
+
+/** The live table still maps the pool and thin id the scan saw. */
+async function sameTable(e: ActEnv, name: string, id: number | null, was: DmDevice): Promise<void> {
+  const table = await dmsetup.table(name, { timeoutMs: e.timeoutMs, ctx: cmdCtx(e, id, name) });
+  const now = parseThinTable(table.trim() ? table : null);
+  const same = was.thin === null ? now === null : now !== null && now.poolMajorMinor === was.thin.poolMajorMinor && now.thinId === was.thin.thinId;
+  if (!same) throw new Error(`its table changed since the scan (now: ${table.trim() || "none"})`);
+}
+
+/** 2. The scan may be seconds old: the name must still be the device we planned on, with the same
+ * table, idle but for our own mount. Returns the device as it is now (null: gone). */
+async function checkDevice(run: ActionRun, e: ActEnv, name: string): Promise<{ ok: boolean; info: DmInfo | null }> {
+  const a = run.a;
+  const was = e.scanned?.get(name);
+  let info: DmInfo | null = null;
+  const s = await step(
+    "check",
+    name,
+    async () => {
+      const now = await dmsetup.info(name, { timeoutMs: e.timeoutMs, ctx: cmdCtx(e, a.thinId, name) });
+      if (!now) return "already_gone";
+      info = now;
+      if (was && (now.major !== was.major || now.minor !== was.minor)) throw new Error("a different device now has this name");
+      if (now.state === "SUSPENDED") throw new Error("now suspended");
+      const ourMounted = a.unmount.some((p) => e.mounts().some((m) => m.mountPoint === p && m.majorMinor === `${now.major}:${now.minor}`));
+      if (now.open > (ourMounted ? 1 : 0)) throw new Error(`open count is now ${now.open}${ourMounted ? " (beyond our own mount)" : ""}`);
+      if (was) await sameTable(e, name, a.thinId, was);
+      return undefined;
+    },
+    classifyCheck,
+  );
+  return { ok: run.finish(s), info };
+}
+
+/** 3. Our own mounts, each only if it is still this device mounted there. Returns whether any was
+ * unmounted here, or null when a step did not go through. */
+async function unmountOwn(run: ActionRun, e: ActEnv, info: DmInfo | null): Promise<boolean | null> {
+  const a = run.a;
+  const mm = info ? `${info.major}:${info.minor}` : null;
+  let unmountedHere = false;
+  for (const path of a.unmount) {
+    const s = await step(
+      "umount",
+      path,
+      async () => {
+        const at = e.mounts().filter((m) => m.mountPoint === path);
+        if (at.length === 0) return "already_gone";
+        if (!at.every((m) => m.majorMinor === mm)) throw new Error(`${path} now has ${at.map((m) => m.majorMinor).join(", ")} mounted, not ${mm}`);
+        await umount(path, { timeoutMs: e.timeoutMs, ctx: cmdCtx(e, a.thinId, a.device) });
+        return undefined;
+      },
+      (err) => (err instanceof CommandError ? classifyDm(err) : "changed"),
+    );
+    if (!run.finish(s)) return null;
+    e.ledger.mountUnmounted(path);
+    if (s.outcome === "ok") unmountedHere = true;
+  }
+  return unmountedHere;
+}
+
+/** 4. After our unmount nothing holds the device (same device, open count 0). */
+async function checkIdle(run: ActionRun, e: ActEnv, name: string, info: DmInfo | null): Promise<boolean> {
+  const s = await step(
+    "check",
+    name,
+    async () => {
+      const now = await dmsetup.info(name, { timeoutMs: e.timeoutMs, ctx: cmdCtx(e, run.a.thinId, name) });
+      if (!now) return "already_gone";
+      if (now.major !== info?.major || now.minor !== info?.minor) throw new Error("a different device now has this name");
+      if (now.open > 0) throw new Error(`open count is ${now.open} after our unmount`);
+      return undefined;
+    },
+    classifyCheck,
+  );
+  return run.finish(s);
+}
+
+/** Steps 2–5 for an orphan with a device: check, unmount our own mounts, check idle, remove. */
+async function deviceSteps(run: ActionRun, e: ActEnv, name: string): Promise<boolean> {
+  const a = run.a;
+  const { ok: checked, info } = await checkDevice(run, e, name);
+  if (!checked) return false;
+  const gone = run.last?.outcome === "already_gone";
+  let unmountedHere = false;
+  if (!gone && a.unmount.length > 0) {
+    const u = await unmountOwn(run, e, info);
+    if (u === null) return false;
+    unmountedHere = u;
+    if (!(await checkIdle(run, e, name, info))) return false;
+  }
+  if (run.last?.outcome !== "already_gone") {
+    const s = await step(
+      "remove",
+      name,
+      () => dmsetup.remove(name, { timeoutMs: e.timeoutMs, ctx: cmdCtx(e, a.thinId, name) }).then(() => undefined),
+      classifyDm,
+    );
+    if (!run.finish(s)) return false;
+  }
+  e.ledger.deviceRemoved(name);
+  if (unmountedHere && info) e.unmountedRemoved.push(`dm-${info.minor}`);
+  return true;
+}
+
+/** 6. The pool `delete`; the ledger says `deleted` only once the pool confirmed it. */
+async function deleteStep(run: ActionRun, e: ActEnv, id: number): Promise<void> {
+  const s = await step(
+    "delete",
+    `thin ${id}`,
+    () => deleteThin(e.pool, id, { timeoutMs: e.timeoutMs, ctx: cmdCtx(e, id, null) }).then(() => undefined),
+    classifyDelete,
+  );
+  if (s.outcome === "pool_gone") {
+    // "no such device" from a pool message: is the pool still there?
+    const poolInfo = await dmsetup.info(e.pool, { timeoutMs: e.timeoutMs, ctx: cmdCtx(e, null, e.pool) }).catch(() => undefined);
+    if (poolInfo === null) run.stopped = { reason: "pool_gone", detail: `pool ${e.pool} disappeared during the run: ${s.error ?? ""}` };
+    s.outcome = "failed";
+  }
+  if (run.finish(s)) e.ledger.thinDeleted(id);
+  // a timed-out delete may still land: leave the intent ('deleting'); the next run confirms it
+  else if (s.outcome !== "timeout") e.ledger.thinDeleteAborted(id, `${s.outcome}: ${s.error ?? ""}`);
+}
+
+/** One orphan, start to finish. */
+async function actOne(a: Orphan, e: ActEnv): Promise<ActionRun> {
+  const run = new ActionRun(a, e.timeoutMs);
+  let ok = await claimStep(run, e);
+  if (ok && a.device) ok = await deviceSteps(run, e, a.device);
+  if (ok && a.deleteThin && a.thinId !== null) await deleteStep(run, e, a.thinId);
+  else if (!ok && run.claimed && a.deleteThin && a.thinId !== null) {
+    const l = run.last;
+    e.ledger.thinDeleteAborted(a.thinId, `${l?.op ?? "?"} ${l?.outcome ?? "?"}: ${l?.error ?? ""}`);
+  }
+  return run;
+}
+
+export async function act(actions: Orphan[], o: ActOptions): Promise<ActResult> {
+  const e: ActEnv = {
+    pool: o.pool,
+    timeoutMs: o.stepTimeoutMs ?? STEP_TIMEOUT_MS,
+    ledger: o.ledger ?? NO_LEDGER,
+    mounts: o.mountinfo ?? mountinfo,
+    scanned: o.scanned,
+    unmountedRemoved: [],
+  };
+  const checks = poolChecks(o.pool, e.timeoutMs, o.poolCheckEveryMs ?? 1_000);
+  const results: ActionResult[] = [];
+  let stopped: ActResult["stopped"] = null;
+  let lastOk = true;
+  try {
+    for (const a of actions) {
+      if (!stopped && o.signal?.aborted) stopped = { reason: "aborted", detail: "stop requested (signal)" };
+      if (!stopped && checks.due(a, lastOk)) stopped = await checks.check();
+      if (stopped) {
+        results.push({ action: a, outcome: "not_run", steps: [], skipReason: null });
+        continue;
+      }
+      const run = await actOne(a, e);
+      results.push(run.res);
+      stopped = run.stopped;
+      lastOk = run.res.outcome === "done";
+    }
+  } finally {
+    e.ledger.flush?.();
+  }
+  return { results, stopped, unmountedRemoved: e.unmountedRemoved };
 }

@@ -107,17 +107,13 @@ function unscannedMeta(detail: string): MetaScan {
   };
 }
 
-export async function runGc(o: GcOptions): Promise<GcReport> {
-  const { cfg } = o;
-  useCommandJournal(cfg.stateDir);
-  const pool = cfg.pool;
-  const startedAt = Date.now();
-  const notes: string[] = [];
-  const mode = o.force ? "force" : "dry_run";
-  const base: Omit<GcReportInput, "finishedAt"> = {
-    mode,
-    pool,
-    stateDir: cfg.stateDir,
+type RunBase = Omit<GcReportInput, "finishedAt">;
+
+function reportBase(o: GcOptions, startedAt: number, notes: string[]): RunBase {
+  return {
+    mode: o.force ? "force" : "dry_run",
+    pool: o.cfg.pool,
+    stateDir: o.cfg.stateDir,
     graceMs: o.graceMs,
     startedAt,
     lock: { status: "not_taken", holder: null },
@@ -131,154 +127,192 @@ export async function runGc(o: GcOptions): Promise<GcReport> {
     kernelMessages: [],
     notes,
   };
-  const done = (extra: Partial<GcReportInput>) => buildReport({ ...base, ...extra, notes, finishedAt: Date.now() });
-  const stepTimeoutMs = o.stepTimeoutMs ?? STEP_TIMEOUT_MS;
+}
 
-  if (!existsSync("/dev/mapper/control") || !dmInKernel()) {
-    throw new ThinimgError("missing", "device-mapper is not available here (no dm driver in this kernel, or /dev/mapper/control missing)", {
-      hint: "run gc on the host that has the pool (modprobe dm-thin-pool), as root",
-    });
+function assertDmAvailable(): void {
+  if (existsSync("/dev/mapper/control") && dmInKernel()) return;
+  throw new ThinimgError("missing", "device-mapper is not available here (no dm driver in this kernel, or /dev/mapper/control missing)", {
+    hint: "run gc on the host that has the pool (modprobe dm-thin-pool), as root",
+  });
+}
+
+/** What --force holds while it runs; released in runGc's finally. */
+interface Holds {
+  hold: ExclusiveHold | null;
+  lock: ProcessLock | null;
+}
+
+/** The state dir exclusively (no unpack, activation or release runs while GC acts), then the process
+ * lock. Returns why the run is refused, or null; base.lock says what was taken. */
+async function takeLocks(o: GcOptions, base: RunBase, holds: Holds): Promise<GcReportInput["refused"]> {
+  const { cfg } = o;
+  const waitMs = o.lockWaitMs ?? GC_LOCK_WAIT_MS;
+  try {
+    holds.hold = await holdExclusive(cfg.stateDir, { waitMs, ignoreLock: o.ignoreLock, command: o.command, what: "gc --force" });
+  } catch (e) {
+    base.lock = { status: "held", holder: errorMessage(e) };
+    return { reason: "lock_held", detail: `${errorMessage(e)} (the next run retries; --ignore-lock overrides)` };
   }
+  const hold = holds.hold;
+  try {
+    holds.lock = await acquireProcessLock(cfg.lockFile, { waitMs: o.ignoreLock ? 0 : waitMs, command: o.command });
+    base.lock = hold.ignored.length ? { status: "ignored", holder: hold.ignored.map(describeHolder).join("; ") } : { status: "acquired", holder: null };
+  } catch (e) {
+    const holder = readLockFile(cfg.lockFile);
+    const who = holder ? describeHolder(holder) : errorMessage(e);
+    if (!o.ignoreLock) {
+      base.lock = { status: "held", holder: who };
+      return { reason: "lock_held", detail: `the process lock is held by ${who}; nothing was done (the next run retries; --ignore-lock overrides)` };
+    }
+    log.warn(`gc --ignore-lock: the process lock is held by ${who}; going ahead without it`);
+    base.lock = { status: "ignored", holder: who };
+  }
+  return null;
+}
+
+/** --force before any scan: health must pass, then intents of processes that died are settled
+ * (pending activations become orphans GC can see). Returns the kernel-log cursor, or why refused. */
+async function forcePreflight(o: GcOptions, db: Db, base: RunBase, lock: ProcessLock | null, timeoutMs: number) {
+  const h = await gcHealth(o.cfg, timeoutMs);
+  base.health = h.health;
+  if (!h.health.ok) return { refused: { reason: "unhealthy", detail: `health checks failed: ${h.health.detail}` }, cursor: null };
+  if (lock) {
+    try {
+      base.reconciled = await reconcilePending(makeCtx(o.cfg, { db, command: o.command }));
+    } catch (e) {
+      base.notes.push(`settling interrupted work failed: ${errorMessage(e)}`);
+    }
+  }
+  return { refused: null, cursor: h.cursor };
+}
+
+interface Scanned {
+  dm: DmScan;
+  meta: MetaScan;
+  rows: GcRows;
+  plan: Plan;
+  scannedAt: number;
+}
+
+/** Scans, then the DB (see the top of this file), then the plan with its compare-and-set witnesses. */
+async function scanAndPlan(o: GcOptions, db: Db | null, base: RunBase, releaseStale: boolean, timeoutMs: number): Promise<Scanned> {
+  const { cfg } = o;
+  const scannedAt = Date.now();
+  const dm = await scanDm(cfg.pool, cfg.prefix, { timeoutMs });
+  const entries = readMountinfo();
+  const meta: MetaScan =
+    base.health?.ok === false
+      ? unscannedMeta(`health checks failed, metadata not read: ${base.health.detail}`)
+      : await scanMeta(cfg.pool, { releaseStale, stateDir: cfg.stateDir, timeoutMs });
+  const rows = db ? readGcRows(db, cfg.pool) : EMPTY_ROWS;
+  const { view, notes } = buildDbView(cfg.pool, rows, alive);
+  base.notes.push(...notes);
+  const dbMounts = view.mounts.map((m) => m.path);
+  const mounts = mountsByDevice(dm.ours, entries, cfg.mountDir, dbMounts);
+  const mountPoints = new Set(entries.map((e) => e.mountPoint));
+  const plan = makePlan({ dm, meta, mounts, mountPoints, db: view, now: Date.now(), graceMs: o.graceMs, scannedAt });
+  base.notes.push(...plan.notes);
+  // compare-and-set witnesses: the rows each verdict was made from, checked again before acting
+  for (const a of plan.actions) a.witness = actionWitness(rows, a.thinId, a.device);
+  for (const r of plan.repairs) r.witness = refsWitness(rows, r.refs);
+  base.scan = {
+    ours: dm.ours.length,
+    foreign: dm.foreign.length,
+    unrelated: dm.unrelated,
+    metadata: {
+      status: meta.status,
+      method: meta.method,
+      thinIds: meta.status === "ok" ? meta.ids.size : null,
+      staleHold: meta.staleHold,
+      skipped: meta.skipped ? `${meta.skipped.reason}: ${meta.skipped.detail}` : null,
+    },
+    dbKnown: view.known,
+  };
+  base.plan = plan;
+  return { dm, meta, rows, plan, scannedAt };
+}
+
+/** Ids the DB has never heard of: their grace period counts from the first run that saw them. */
+function recordSightings(db: Db, pool: string, s: Scanned): void {
+  const { plan, meta, dm, rows } = s;
+  const unknown = [...plan.actions, ...plan.skips].filter((x) => x.thinId !== null && ("orphanReason" in x ? x.orphanReason : x.reason) === "not_in_db");
+  recordFirstSeen(
+    db,
+    pool,
+    unknown.map((x) => x.thinId!),
+    s.scannedAt,
+  );
+  if (meta.status !== "ok") return;
+  const inPool = new Set([...meta.ids.keys(), ...dm.ours.flatMap((d) => (d.thin ? [d.thin.thinId] : []))]);
+  const ledgerIds = new Set(rows.thinIds.map((t) => t.thin_id));
+  forgetFirstSeen(db, pool, (id) => inPool.has(id) && !ledgerIds.has(id));
+}
+
+/** Kernel messages from unmounting devices this run then removed are ours, not the next run's. */
+async function acknowledgeUnmounts(cfg: Config, base: RunBase, r: ActResult, cursor: KmsgCursor | null): Promise<void> {
+  if (!r.unmountedRemoved.length) return;
+  try {
+    const lines = await acknowledgeOwnMessages(procIo, cfg.stateDir, new Set(r.unmountedRemoved), cursor);
+    base.kernelMessages = lines;
+    for (const l of lines) log.warn(`gc: the kernel said, unmounting a device this run then removed (not held against the next health check): ${l}`);
+  } catch (e) {
+    base.notes.push(`could not read the kernel log after acting: ${errorMessage(e)}`);
+  }
+}
+
+/** --force after the plan: act on every orphan, then repair the DB unless the run stopped early. */
+async function actAndRepair(o: GcOptions, db: Db, base: RunBase, s: Scanned, cursor: KmsgCursor | null, timeoutMs: number): Promise<ActResult> {
+  const { cfg } = o;
+  recordSightings(db, cfg.pool, s);
+  await pausePoint("gc:planned", cfg.stateDir);
+  const r = await act(s.plan.actions, {
+    pool: cfg.pool,
+    stepTimeoutMs: timeoutMs,
+    ledger: storeLedger(db, cfg.pool, { alive }),
+    scanned: new Map(s.dm.ours.map((d) => [d.name, d])),
+    signal: o.signal,
+  });
+  await acknowledgeUnmounts(cfg, base, r, cursor);
+  if (s.plan.repairs.length && !r.stopped) {
+    const notApplied = applyRepairs(db, cfg.pool, s.plan.repairs);
+    base.repairsApplied = true;
+    base.repairsNotApplied = notApplied;
+    if (notApplied.length)
+      base.notes.push(`${notApplied.length} repair(s) not applied: their rows changed since the scan (work in flight); the next run looks again`);
+  }
+  return r;
+}
+
+export async function runGc(o: GcOptions): Promise<GcReport> {
+  const { cfg } = o;
+  useCommandJournal(cfg.stateDir);
+  const notes: string[] = [];
+  const base = reportBase(o, Date.now(), notes);
+  const done = (extra: Partial<GcReportInput>) => buildReport({ ...base, ...extra, notes, finishedAt: Date.now() });
+  const timeoutMs = o.stepTimeoutMs ?? STEP_TIMEOUT_MS;
+  assertDmAvailable();
   const opened = openForRun(cfg, o.force);
   const db = opened.db;
   if (opened.note) notes.push(opened.note);
-  let lock: ProcessLock | null = null;
-  let hold: ExclusiveHold | null = null;
-  let kmsgCursor: KmsgCursor | null = null;
+  const holds: Holds = { hold: null, lock: null };
   try {
-    // ---- locks and health (force only) ----
+    let cursor: KmsgCursor | null = null;
     if (o.force && db) {
-      // the state dir alone: no unpack, activation or release runs while GC acts
-      try {
-        hold = await holdExclusive(cfg.stateDir, { waitMs: o.lockWaitMs ?? GC_LOCK_WAIT_MS, ignoreLock: o.ignoreLock, command: o.command, what: "gc --force" });
-      } catch (e) {
-        base.lock = { status: "held", holder: errorMessage(e) };
-        return done({ refused: { reason: "lock_held", detail: `${errorMessage(e)} (the next run retries; --ignore-lock overrides)` } });
-      }
-      try {
-        lock = await acquireProcessLock(cfg.lockFile, { waitMs: o.ignoreLock ? 0 : (o.lockWaitMs ?? GC_LOCK_WAIT_MS), command: o.command });
-        base.lock = hold.ignored.length ? { status: "ignored", holder: hold.ignored.map(describeHolder).join("; ") } : { status: "acquired", holder: null };
-      } catch (e) {
-        const holder = readLockFile(cfg.lockFile);
-        const who = holder ? describeHolder(holder) : errorMessage(e);
-        if (!o.ignoreLock) {
-          base.lock = { status: "held", holder: who };
-          return done({
-            refused: { reason: "lock_held", detail: `the process lock is held by ${who}; nothing was done (the next run retries; --ignore-lock overrides)` },
-          });
-        }
-        log.warn(`gc --ignore-lock: the process lock is held by ${who}; going ahead without it`);
-        base.lock = { status: "ignored", holder: who };
-      }
-      const h = await gcHealth(cfg, stepTimeoutMs);
-      base.health = h.health;
-      kmsgCursor = h.cursor;
-      if (!h.health.ok) return done({ refused: { reason: "unhealthy", detail: `health checks failed: ${h.health.detail}` } });
-      if (lock) {
-        // settle intents of processes that died (pending activations become orphans GC can see)
-        try {
-          base.reconciled = await reconcilePending(makeCtx(cfg, { db, command: o.command }));
-        } catch (e) {
-          notes.push(`settling interrupted work failed: ${errorMessage(e)}`);
-        }
-      }
+      const refused = await takeLocks(o, base, holds);
+      if (refused) return done({ refused });
+      const pre = await forcePreflight(o, db, base, holds.lock, timeoutMs);
+      if (pre.refused) return done({ refused: pre.refused });
+      cursor = pre.cursor;
     }
-
     // dry-run: the same checks, before any metadata snapshot is reserved; an unhealthy pool gets a
     // report from dmsetup alone
-    if (!o.force) base.health = (await gcHealth(cfg, stepTimeoutMs)).health;
-
-    // ---- scans, then the DB ----
-    const scannedAt = Date.now();
-    const dm: DmScan = await scanDm(pool, cfg.prefix, { timeoutMs: stepTimeoutMs });
-    const entries = readMountinfo();
-    const meta: MetaScan =
-      base.health?.ok === false
-        ? unscannedMeta(`health checks failed, metadata not read: ${base.health.detail}`)
-        : await scanMeta(pool, { releaseStale: o.force && lock !== null, stateDir: cfg.stateDir, timeoutMs: stepTimeoutMs });
-    const rows = db ? readGcRows(db, pool) : EMPTY_ROWS;
-    const { view, notes: dbNotes } = buildDbView(pool, rows, alive);
-    notes.push(...dbNotes);
-    const mounts = mountsByDevice(
-      dm.ours,
-      entries,
-      cfg.mountDir,
-      view.mounts.map((m) => m.path),
-    );
-    const plan: Plan = makePlan({
-      dm,
-      meta,
-      mounts,
-      mountPoints: new Set(entries.map((e) => e.mountPoint)),
-      db: view,
-      now: Date.now(),
-      graceMs: o.graceMs,
-      scannedAt,
-    });
-    notes.push(...plan.notes);
-    // compare-and-set witnesses: the rows each verdict was made from, checked again before acting
-    for (const a of plan.actions) a.witness = actionWitness(rows, a.thinId, a.device);
-    for (const r of plan.repairs) r.witness = refsWitness(rows, r.refs);
-    base.scan = {
-      ours: dm.ours.length,
-      foreign: dm.foreign.length,
-      unrelated: dm.unrelated,
-      metadata: {
-        status: meta.status,
-        method: meta.method,
-        thinIds: meta.status === "ok" ? meta.ids.size : null,
-        staleHold: meta.staleHold,
-        skipped: meta.skipped ? `${meta.skipped.reason}: ${meta.skipped.detail}` : null,
-      },
-      dbKnown: view.known,
-    };
-    base.plan = plan;
-
-    // ---- act (force only) ----
-    let actResult: ActResult | null = null;
-    if (o.force && db) {
-      // ids the DB has never heard of: their grace period counts from the first run that saw them
-      const unknown = [...plan.actions, ...plan.skips].filter((x) => x.thinId !== null && ("orphanReason" in x ? x.orphanReason : x.reason) === "not_in_db");
-      recordFirstSeen(
-        db,
-        pool,
-        unknown.map((x) => x.thinId!),
-        scannedAt,
-      );
-      if (meta.status === "ok") {
-        const inPool = new Set([...meta.ids.keys(), ...dm.ours.flatMap((d) => (d.thin ? [d.thin.thinId] : []))]);
-        const ledgerIds = new Set(rows.thinIds.map((t) => t.thin_id));
-        forgetFirstSeen(db, pool, (id) => inPool.has(id) && !ledgerIds.has(id));
-      }
-      await pausePoint("gc:planned", cfg.stateDir);
-      actResult = await act(plan.actions, {
-        pool,
-        stepTimeoutMs,
-        ledger: storeLedger(db, pool, { alive }),
-        scanned: new Map(dm.ours.map((d) => [d.name, d])),
-        signal: o.signal,
-      });
-      if (actResult.unmountedRemoved.length) {
-        try {
-          const lines = await acknowledgeOwnMessages(procIo, cfg.stateDir, new Set(actResult.unmountedRemoved), kmsgCursor);
-          base.kernelMessages = lines;
-          for (const l of lines) log.warn(`gc: the kernel said, unmounting a device this run then removed (not held against the next health check): ${l}`);
-        } catch (e) {
-          notes.push(`could not read the kernel log after acting: ${errorMessage(e)}`);
-        }
-      }
-      if (plan.repairs.length && !actResult.stopped) {
-        const notApplied = applyRepairs(db, pool, plan.repairs);
-        base.repairsApplied = true;
-        base.repairsNotApplied = notApplied;
-        if (notApplied.length)
-          notes.push(`${notApplied.length} repair(s) not applied: their rows changed since the scan (work in flight); the next run looks again`);
-      }
-    }
+    if (!o.force) base.health = (await gcHealth(cfg, timeoutMs)).health;
+    const scanned = await scanAndPlan(o, db, base, o.force && holds.lock !== null, timeoutMs);
+    const actResult = o.force && db ? await actAndRepair(o, db, base, scanned, cursor, timeoutMs) : null;
     return done({ act: actResult });
   } finally {
-    lock?.release();
-    hold?.release();
+    holds.lock?.release();
+    holds.hold?.release();
     db?.close();
   }
 }

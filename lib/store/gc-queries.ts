@@ -178,3 +178,9 @@ export function forgetFirstSeen(db: Db, pool: string, keep: (id: number) => bool
   const del = db.query("DELETE FROM gc_unknown_ids WHERE pool = ? AND thin_id = ?");
   for (const r of rows) if (!keep(r.thin_id)) del.run(pool, r.thin_id);
 }
+
+/** Forget these ids (the pool confirmed their delete). */
+export function forgetFirstSeenIds(db: Db, pool: string, ids: number[]): void {
+  const del = db.query("DELETE FROM gc_unknown_ids WHERE pool = ? AND thin_id = ?");
+  for (const id of ids) del.run(pool, id);
+}

@@ -1,5 +1,5 @@
 // GC benchmark, in the test VM (real dm-thin):
-//   bun scripts/vm.ts --timeout 1800 -- bun test/bench/gc.ts [--count 1000]
+//   bun scripts/vm.ts --timeout 1800 -- bun test/bench/gc.ts [--count 1000] [--rounds 3]
 //
 // A pool with COUNT thin ids, half of them orphaned: COUNT/2 live (committed layers in the DB),
 // COUNT/4 released snapshots (ledger: orphaned), COUNT/4 unknown to the DB (made behind thinimg's
@@ -8,6 +8,8 @@
 // Measured: `bun scripts/gc.ts` (dry-run) and `bun scripts/gc.ts --force`, as a user runs them
 // (process start, health checks and report included), against a baseline in the same VM: a raw
 // sequential loop of `dmsetup message <pool> 0 "delete N"` over the same ids on an identical pool.
+// --rounds R (default 3) rounds on fresh pools, each with its baseline split around its --force
+// run; the medians are printed.
 import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { loadConfig } from "../../lib/config.ts";
@@ -190,53 +192,94 @@ async function rawDeletes(p: BenchPool, ids: number[]): Promise<number> {
 
 const fmt = (ms: number) => `${(ms / 1000).toFixed(2)} s`;
 
-const xml = metadataXml();
-const a = await makePool("a", xml);
-const b = await makePool("b", xml);
-const stateDir = mkdtempSync("/tmp/thinimg-bench-gc-state-");
-try {
-  seedDb(stateDir, a.name);
-  const orphanIds = Array.from({ length: COUNT - LIVE }, (_, i) => LIVE + 1 + i);
-  const before = await dmpool.poolStatusOk(a.name);
-  console.log(
-    `pool: ${COUNT} thin ids (${LIVE} live, ${RELEASED} released snapshots, ${COUNT - LIVE - RELEASED} unknown to the DB), ${before.dataUsed} data blocks used`,
-  );
-
-  const dry = await gc(a, stateDir, false);
-  if (dry.r.orphans.length !== COUNT - LIVE) throw new Error(`dry-run found ${dry.r.orphans.length} orphans, expected ${COUNT - LIVE}`);
-  if ((await countIds(a)) !== COUNT) throw new Error("dry-run changed the pool");
-
-  // the baseline is split around the GC run so that a drift in the host's load hits both alike
-  const half = Math.floor(orphanIds.length / 2);
-  const base1 = await rawDeletes(b, orphanIds.slice(0, half));
-  const force = await gc(a, stateDir, true);
-  const base2 = await rawDeletes(b, orphanIds.slice(half));
-  const baseMs = base1 + base2;
-  const done = force.r.orphans.filter((o) => o.outcome === "done").length;
-  const left = await countIds(a);
-  const after = await dmpool.poolStatusOk(a.name);
-  if (done !== COUNT - LIVE || left !== LIVE) throw new Error(`--force removed ${done}, ${left} ids left (expected ${LIVE})`);
-  const again = await gc(a, stateDir, true);
-
-  const n = COUNT - LIVE;
-  console.log(`dry-run:   ${fmt(dry.ms)} wall (${fmt(dry.r.duration_ms)} inside gc), ${dry.r.orphans.length} orphans listed, exit ${dry.code}`);
-  console.log(
-    `--force:   ${fmt(force.ms)} wall (${fmt(force.r.duration_ms)} inside gc), ${done} removed, ${(force.r.duration_ms / n).toFixed(1)} ms/id, exit ${force.code}`,
-  );
-  console.log(
-    `baseline:  ${fmt(baseMs)} for ${n} raw \`dmsetup message delete\` (${(baseMs / n).toFixed(1)} ms/id; ${fmt(base1)} before and ${fmt(base2)} after the --force run)`,
-  );
-  console.log(`ratio:     --force / baseline = ${(force.ms / baseMs).toFixed(2)}x wall, ${(force.r.duration_ms / baseMs).toFixed(2)}x inside gc`);
-  // drift-proof: the same run's own delete commands, timed by lib/exec, against the whole run
-  const ownDeletes = force.cmds.get("dmsetup message delete")?.[1] ?? 0;
-  console.log(
-    `overhead:  --force inside gc / its own ${n} delete commands = ${(force.r.duration_ms / ownDeletes).toFixed(2)}x (${fmt(force.r.duration_ms - ownDeletes)} for scans, health, pool checks, ledger)`,
-  );
-  console.log(`commands:  dry-run: ${cmdSummary(dry)}`);
-  console.log(`           --force: ${cmdSummary(force)}`);
-  console.log(`data use:  ${before.dataUsed} → ${after.dataUsed} blocks; second --force: ${again.r.orphans.length} orphans (${fmt(again.ms)})`);
-} finally {
-  await destroy(a);
-  await destroy(b);
-  rmSync(stateDir, { recursive: true, force: true });
+interface Round {
+  dryMs: number;
+  forceMs: number;
+  /** --force's own duration_ms (process start and exit excluded) */
+  forceInsideMs: number;
+  baseMs: number;
+  ownDeletesMs: number;
+  force: GcRun;
+  dry: GcRun;
+  againMs: number;
 }
+
+const ORPHANS = COUNT - LIVE;
+const median = (xs: number[]) => {
+  const s = [...xs].sort((x, y) => x - y);
+  const m = Math.floor(s.length / 2);
+  return s.length % 2 ? s[m]! : (s[m - 1]! + s[m]!) / 2;
+};
+
+/** One round on fresh pools: dry-run, then the raw baseline split around the --force run so that a
+ * drift in the host's load hits both alike. */
+async function round(i: number, xml: string): Promise<Round> {
+  const a = await makePool(`a${i}`, xml);
+  const b = await makePool(`b${i}`, xml);
+  const stateDir = mkdtempSync("/tmp/thinimg-bench-gc-state-");
+  try {
+    seedDb(stateDir, a.name);
+    const orphanIds = Array.from({ length: ORPHANS }, (_, k) => LIVE + 1 + k);
+    const before = await dmpool.poolStatusOk(a.name);
+    const dry = await gc(a, stateDir, false);
+    if (dry.r.orphans.length !== ORPHANS) throw new Error(`dry-run found ${dry.r.orphans.length} orphans, expected ${ORPHANS}`);
+    if ((await countIds(a)) !== COUNT) throw new Error("dry-run changed the pool");
+    const half = Math.floor(orphanIds.length / 2);
+    const base1 = await rawDeletes(b, orphanIds.slice(0, half));
+    const force = await gc(a, stateDir, true);
+    const base2 = await rawDeletes(b, orphanIds.slice(half));
+    const done = force.r.orphans.filter((o) => o.outcome === "done").length;
+    const left = await countIds(a);
+    const after = await dmpool.poolStatusOk(a.name);
+    if (done !== ORPHANS || left !== LIVE) throw new Error(`--force removed ${done}, ${left} ids left (expected ${LIVE})`);
+    if (after.dataUsed !== before.dataUsed - ORPHANS * 2)
+      throw new Error(`data use ${before.dataUsed} → ${after.dataUsed}: the deletes did not free their blocks`);
+    const again = await gc(a, stateDir, true);
+    if (again.r.orphans.length !== 0) throw new Error(`a second --force found ${again.r.orphans.length} orphans`);
+    const r: Round = {
+      dryMs: dry.ms,
+      forceMs: force.ms,
+      forceInsideMs: force.r.duration_ms,
+      baseMs: base1 + base2,
+      ownDeletesMs: force.cmds.get("dmsetup message delete")?.[1] ?? 0,
+      force,
+      dry,
+      againMs: again.ms,
+    };
+    const perId = (ms: number) => `${(ms / ORPHANS).toFixed(1)} ms/id`;
+    console.log(
+      `round ${i}: --force ${fmt(r.forceMs)} (${perId(r.forceMs)}; ${fmt(r.forceInsideMs)} inside gc), baseline ${fmt(r.baseMs)} (${perId(r.baseMs)}; ${fmt(base1)} before, ${fmt(base2)} after), ratio ${(r.forceMs / r.baseMs).toFixed(2)}x; dry-run ${fmt(r.dryMs)}; second --force ${fmt(r.againMs)}`,
+    );
+    return r;
+  } finally {
+    await destroy(a);
+    await destroy(b);
+    rmSync(stateDir, { recursive: true, force: true });
+  }
+}
+
+const ri = argv.indexOf("--rounds");
+const ROUNDS = ri >= 0 ? parseIntArg(argv[ri + 1] ?? "", "--rounds", { min: 1, max: 20 }) : 3;
+const xml = metadataXml();
+console.log(`pool: ${COUNT} thin ids (${LIVE} live, ${RELEASED} released snapshots, ${COUNT - LIVE - RELEASED} unknown to the DB); ${ROUNDS} rounds`);
+const rounds: Round[] = [];
+for (let i = 1; i <= ROUNDS; i++) rounds.push(await round(i, xml));
+
+const med = (f: (r: Round) => number) => median(rounds.map(f));
+const n = ORPHANS;
+const last = rounds.at(-1)!;
+console.log(`median of ${ROUNDS} rounds (${n} orphans each):`);
+console.log(`dry-run:   ${fmt(med((r) => r.dryMs))} wall`);
+console.log(
+  `--force:   ${fmt(med((r) => r.forceMs))} wall, ${(med((r) => r.forceMs) / n).toFixed(1)} ms/id (${(med((r) => r.forceInsideMs) / n).toFixed(1)} ms/id inside gc)`,
+);
+console.log(`baseline:  ${fmt(med((r) => r.baseMs))} for ${n} raw \`dmsetup message delete\` (${(med((r) => r.baseMs) / n).toFixed(1)} ms/id)`);
+console.log(
+  `ratio:     --force / baseline = ${med((r) => r.forceMs / r.baseMs).toFixed(2)}x wall (median of the rounds' ratios), ${med((r) => r.forceInsideMs / r.baseMs).toFixed(2)}x inside gc`,
+);
+// drift-proof: the same run's own delete commands, timed by lib/exec, against the whole run
+console.log(
+  `overhead:  --force inside gc / its own ${n} delete commands = ${med((r) => r.forceInsideMs / r.ownDeletesMs).toFixed(2)}x (${fmt(med((r) => r.forceInsideMs - r.ownDeletesMs))} for scans, health, pool checks, ledger)`,
+);
+console.log(`commands (last round): dry-run: ${cmdSummary(last.dry)}`);
+console.log(`                       --force: ${cmdSummary(last.force)}`);

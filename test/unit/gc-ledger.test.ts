@@ -10,7 +10,7 @@ import type { Orphan, Repair } from "../../lib/gc/model.ts";
 import { currentHolder } from "../../lib/lock/owner.ts";
 import { type Db, openDb } from "../../lib/store/db.ts";
 import { setDevice } from "../../lib/store/devices.ts";
-import { actionWitness, readGcRows, refsWitness } from "../../lib/store/gc-queries.ts";
+import { actionWitness, readGcRows, recordFirstSeen, refsWitness } from "../../lib/store/gc-queries.ts";
 import { getLayer, insertLayer, updateLayer } from "../../lib/store/layers.ts";
 import { putLockRow } from "../../lib/store/locks.ts";
 import { getMount, setMount } from "../../lib/store/mounts.ts";
@@ -107,6 +107,44 @@ describe("claim (compare-and-set before acting)", () => {
     // the delete did not happen: back to orphaned (the layer no longer owns it)
     led.thinDeleteAborted(f.thinId, "busy");
     expect(getThinId(db, POOL, f.thinId)?.state).toBe("orphaned");
+  });
+});
+
+describe("confirmations (one durable transaction per delete)", () => {
+  const unknown = (id: number): Orphan => ({
+    thinId: id,
+    device: null,
+    unmount: [],
+    deleteThin: true,
+    reason: "not_in_db",
+    detail: "",
+    ageMs: 0,
+    mappedBytes: null,
+    witness: actionWitness(readGcRows(db, POOL), id, null),
+  });
+
+  test("a confirmed delete is written with the next claim, or by flush; its first sighting is forgotten", () => {
+    recordFirstSeen(db, POOL, [41, 42, 43], Date.now());
+    const led = storeLedger(db, POOL, { alive });
+    expect(led.claim(unknown(41))).toBeNull();
+    expect(getThinId(db, POOL, 41)?.state).toBe("deleting"); // the intent is on disk before the delete
+    led.thinDeleted(41);
+    expect(getThinId(db, POOL, 41)?.state).toBe("deleting"); // held back: a crash now leaves the intent
+    expect(led.claim(unknown(42))).toBeNull();
+    expect([getThinId(db, POOL, 41)?.state, getThinId(db, POOL, 42)?.state]).toEqual(["deleted", "deleting"]);
+    led.thinDeleted(42);
+    led.flush();
+    expect(getThinId(db, POOL, 42)?.state).toBe("deleted");
+    expect(readGcRows(db, POOL).firstSeen?.map((r) => r.thin_id)).toEqual([43]);
+  });
+
+  test("an abort writes what is held back too, and undoes only its own intent", () => {
+    const led = storeLedger(db, POOL, { alive });
+    expect(led.claim(unknown(51))).toBeNull();
+    led.thinDeleted(51);
+    expect(led.claim(unknown(52))).toBeNull();
+    led.thinDeleteAborted(52, "busy");
+    expect([getThinId(db, POOL, 51)?.state, getThinId(db, POOL, 52)?.state]).toEqual(["deleted", "orphaned"]);
   });
 });
 
