@@ -111,6 +111,11 @@ export class HealthGate {
     this.timer.unref();
   }
 
+  /** Resolves when no probe is running (starts none). */
+  async settled(): Promise<void> {
+    while (this.inflight) await this.inflight;
+  }
+
   /** Stop the timer and wait for a probe in flight (it is bounded by the checks' timeouts). */
   async stop(): Promise<void> {
     if (this.timer) clearInterval(this.timer);
