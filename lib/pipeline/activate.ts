@@ -69,8 +69,11 @@ export async function activate(ctx: Ctx, imageRef: string, o: ActivateOptions = 
   }
   const size = o.size === undefined ? top.virtual_size : assertSnapshotSize(o.size, top.virtual_size, img.name);
   if (!o.skipHealth) await (o.preflight ?? preflight)(ctx);
-  const snap = insertSnapshot(db, { pool: poolName, imageId: img.id, layerId: top.id, virtualSize: size, pid: ctx.owner.pid, command: ctx.owner.command });
-  const work = startWork(db, poolName, "activate", workSubject("snapshot", snap.id), ctx.owner);
+  // one commit (each is an fsync with synchronous=FULL): the snapshot row and its work record
+  const [snap, work] = tx(db, () => {
+    const sn = insertSnapshot(db, { pool: poolName, imageId: img.id, layerId: top.id, virtualSize: size, pid: ctx.owner.pid, command: ctx.owner.command });
+    return [sn, startWork(db, poolName, "activate", workSubject("snapshot", sn.id), ctx.owner)] as const;
+  });
   let thinId: number | null = null;
   let name: string | null = null;
   let created = false;
@@ -102,8 +105,11 @@ export async function activate(ctx: Ctx, imageRef: string, o: ActivateOptions = 
         }
       }
       await pausePoint("activate:created", cfg.stateDir);
-      openStep = beginStep(db, work.id, poolName, "activate_device", { thinId, deviceName: name }).id;
-      setDevice(db, { pool: poolName, name: name!, thinId: thinId!, kind: "snap", state: "activating" });
+      openStep = tx(db, () => {
+        const id = beginStep(db, work.id, poolName, "activate_device", { thinId, deviceName: name }).id;
+        setDevice(db, { pool: poolName, name: name!, thinId: thinId!, kind: "snap", state: "activating" });
+        return id;
+      });
       await pool.activateThin(poolName, name!, thinId!, size, { ctx: { pool_name: poolName, device_id: thinId!, device_name: name! } });
       active = true;
       if (size > top.virtual_size) await growExt4(dmsetup.mapperPath(name!), { ctx: { pool_name: poolName, device_id: thinId!, device_name: name! } });
