@@ -57,6 +57,7 @@ describe("admit", () => {
     now += 5_000; // exactly at the bound: still fresh
     expect(await g.admit()).toBe("cached");
     expect(c.calls).toBe(1);
+    expect(g.admitted).toEqual({ cached: 1, waited: 1 });
   });
 
   test("a stale passed probe is not trusted: the request runs the checks now, and a block found then refuses it (503)", async () => {
@@ -133,7 +134,7 @@ describe("the probe", () => {
     expect(all[0]).toBe(all[3]);
     // one that finished is not shared: the next refresh runs the checks again
     g.refresh();
-    await g.stop();
+    await g.settled();
     expect(c.calls).toBe(2);
   });
 

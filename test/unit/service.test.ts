@@ -642,7 +642,7 @@ describe("the pre-flight of activations and releases (the health gate)", () => {
     const a = await activateWeb(s);
     expect(a.status).toBe(200);
     expect(a.body.snapshot.device).toBe("/dev/mapper/thinimg-unitpool-snap-7");
-    await s.gate.stop();
+    await s.gate.settled();
     expect(g.events).toEqual(["dm web", "check"]);
   });
 
@@ -656,7 +656,7 @@ describe("the pre-flight of activations and releases (the health gate)", () => {
       ok: false,
       error: { kind: "unhealthy", message: "health check pool.mode blocks dm work: pool unitpool is read-only (ro)", hint: "see ops" },
     });
-    await s.gate.stop();
+    await s.gate.settled();
     expect(g.events.filter((e) => e.startsWith("dm"))).toEqual([]);
     // the host recovers: the probe after the refused request saw it, so the next request goes through
     h.status = "ok";
@@ -671,13 +671,13 @@ describe("the pre-flight of activations and releases (the health gate)", () => {
     await Bun.sleep(80);
     g.events.length = 0;
     expect((await activateWeb(s)).status).toBe(200);
-    await s.gate.stop();
+    await s.gate.settled();
     expect(g.events).toEqual(["check", "dm web", "check"]);
     await Bun.sleep(80);
     h.status = "block";
     g.events.length = 0;
     expect((await activateWeb(s)).status).toBe(503);
-    await s.gate.stop();
+    await s.gate.settled();
     expect(g.events).toEqual(["check", "check"]);
   });
 });
