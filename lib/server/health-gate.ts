@@ -44,6 +44,7 @@ export class HealthGate {
   private inflight: Promise<Probe> | null = null;
   private timer: ReturnType<typeof setInterval> | null = null;
   private refreshTimer: ReturnType<typeof setTimeout> | null = null;
+  private stopped = false;
   private warned = "";
   /** Probes started so far, and requests admitted each way (diagnostics, the benchmark). */
   probes = 0;
@@ -86,7 +87,7 @@ export class HealthGate {
    * next turn of the event loop: the probe's first reads and its spawn are synchronous work that
    * the answer to the request should not wait behind. */
   refresh(): void {
-    if (this.refreshTimer) return;
+    if (this.refreshTimer || this.stopped) return;
     this.refreshTimer = setTimeout(() => {
       this.refreshTimer = null;
       void this.probe();
@@ -126,8 +127,9 @@ export class HealthGate {
     while (this.inflight || this.refreshTimer) await (this.inflight ?? Bun.sleep(1));
   }
 
-  /** Stop the timer and wait for a probe in flight (it is bounded by the checks' timeouts). */
+  /** Stop the timer and the refreshes, and wait for a probe in flight (it is bounded by the checks' timeouts). */
   async stop(): Promise<void> {
+    this.stopped = true;
     if (this.timer) clearInterval(this.timer);
     if (this.refreshTimer) clearTimeout(this.refreshTimer);
     this.timer = null;
