@@ -49,6 +49,8 @@ export class HealthGate {
   /** Probes started so far, and requests admitted each way (diagnostics, the benchmark). */
   probes = 0;
   readonly admitted: Record<Admission, number> = { cached: 0, waited: 0 };
+  /** Requests refused (a blocking probe). */
+  refused = 0;
 
   constructor(private readonly o: HealthGateOptions) {
     this.maxAgeMs = o.maxAgeMs ?? DEFAULT_HEALTH_MAX_AGE_MS;
@@ -98,14 +100,16 @@ export class HealthGate {
    * ThinimgError("unhealthy") (503) with the blocking check's reason and runbook otherwise. */
   async admit(): Promise<Admission> {
     const cached = this.last;
-    if (cached && this.now() - cached.startedAt <= this.maxAgeMs) {
-      assertReport(cached.report);
-      this.admitted.cached++;
-      return "cached";
+    const how: Admission = cached && this.now() - cached.startedAt <= this.maxAgeMs ? "cached" : "waited";
+    const report = how === "cached" ? cached!.report : (await this.probe()).report;
+    try {
+      assertReport(report);
+    } catch (e) {
+      this.refused++;
+      throw e;
     }
-    assertReport((await this.probe()).report);
-    this.admitted.waited++;
-    return "waited";
+    this.admitted[how]++;
+    return how;
   }
 
   /** Probe now and then every periodMs (a tick finding a probe younger than periodMs skips). */

@@ -164,8 +164,8 @@ async function startLocked(o: ServiceOptions, ctx: Ctx, lockKey: string, initial
   const re = await ops.reattach(ctx);
   if (!re.ok || re.summary.reattached > 0) for (const line of renderReattach(re)) (re.ok ? log.info : log.warn)(line);
 
-  const metrics = new Metrics(ctx, { refreshHealth: () => ops.health(ctx) });
   const gate = new HealthGate({ check: () => ops.preflightChecks(ctx), maxAgeMs: o.healthMaxAgeMs, periodMs: o.healthPeriodMs });
+  const metrics = new Metrics(ctx, { refreshHealth: () => ops.health(ctx), gate });
   const runner = new JobRunner(
     ctx,
     ops,

@@ -662,6 +662,12 @@ describe("the pre-flight of activations and releases (the health gate)", () => {
     h.status = "ok";
     await s.gate.probe();
     expect((await activateWeb(s)).status).toBe(200);
+    const text = await (await fetch(`${s.url}/metrics`)).text();
+    expect(text).toMatch(/^thinimg_preflight_requests_total\{outcome="refused"\} 1$/m);
+    expect(text).toMatch(/^thinimg_preflight_requests_total\{outcome="cached"\} 1$/m);
+    expect(text).toMatch(/^thinimg_preflight_requests_total\{outcome="waited"\} 0$/m);
+    expect(text).toMatch(/^thinimg_preflight_probe_passed 1$/m);
+    expect(text).toMatch(/^thinimg_preflight_probe_age_seconds \d/m);
   });
 
   test("a stale probe is checked again inside the request (synchronously), and its verdict decides", async () => {
