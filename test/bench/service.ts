@@ -51,11 +51,12 @@ async function main(): Promise<void> {
   ctx.db.close();
   writeFileSync(join(root, "secret"), SECRET);
   const s = await startService({ cfg, listen: parseListen("127.0.0.1:0"), secretFile: join(root, "secret"), allowSources: [] });
-  let skew = 0;
+  let lastTs = Number.POSITIVE_INFINITY;
   const viaService = async () => {
     const body = JSON.stringify({ image: "alpha" });
-    // distinct signatures for identical bodies: each request's timestamp a second further back
-    const ts = String(Math.floor(Date.now() / 1000) - skew++);
+    // distinct signatures for identical bodies: each timestamp a second before the last one at least
+    lastTs = Math.min(Math.floor(Date.now() / 1000), lastTs - 1);
+    const ts = String(lastTs);
     const res = await fetch(`${s.url}/v1/activate`, {
       method: "POST",
       body,

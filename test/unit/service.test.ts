@@ -617,10 +617,11 @@ describe("the pre-flight of activations and releases (the health gate)", () => {
   }
 
   // distinct signatures for identical bodies sent within one second (the replay cache refuses repeats)
-  let skew = 0;
+  let lastTs = Number.POSITIVE_INFINITY;
   const activateWeb = (s: Service) => {
     const body = JSON.stringify({ image: "web" });
-    return call(s, "POST", "/v1/activate", body, signed(body, { ts: Math.floor(Date.now() / 1000) - ++skew }));
+    lastTs = Math.min(Math.floor(Date.now() / 1000), lastTs - 1);
+    return call(s, "POST", "/v1/activate", body, signed(body, { ts: lastTs }));
   };
 
   async function withImage(o: Partial<ServiceOptions> & { ops: ServiceOps }): Promise<Service> {

@@ -110,11 +110,13 @@ async function serve(extraEnv: Record<string, string> = {}): Promise<Running> {
   }
 }
 
-let tsBump = 0;
+let lastTs = Number.POSITIVE_INFINITY;
 async function call(s: Running, method: string, path: string, body?: unknown) {
   const text = body === undefined ? "" : JSON.stringify(body);
-  // distinct timestamps: two identical POSTs in one second would be replays
-  const ts = String(Math.floor(Date.now() / 1000) - (tsBump++ % 200));
+  // distinct timestamps: two identical POSTs in one second would be replays (GETs are not)
+  const now = Math.floor(Date.now() / 1000);
+  if (method !== "GET") lastTs = Math.min(now, lastTs - 1);
+  const ts = String(method === "GET" ? now : lastTs);
   const res = await fetch(`${s.url}${path}`, {
     method,
     body: method === "GET" ? undefined : text,
