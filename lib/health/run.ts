@@ -126,6 +126,11 @@ export async function runHealthChecks(o: HealthOptions = {}): Promise<HealthRepo
 export async function assertHealthy(o: HealthOptions = {}): Promise<HealthReport> {
   const report = await runHealthChecks(o);
   for (const c of report.checks) if (c.status === "warn") log.warn(`health: ${c.name}: ${c.message}`);
+  return assertReport(report);
+}
+
+/** Throw ThinimgError("unhealthy") naming the first blocking check of a report (no logging). */
+export function assertReport(report: HealthReport): HealthReport {
   const blocking = report.checks.filter((c) => c.status === "block");
   if (blocking.length > 0) {
     const first = blocking[0]!;

@@ -21,7 +21,7 @@ import { allocateThinId, getThinId, setThinIdState } from "../store/thin-ids.ts"
 import { beginStep, endStep, finishWork, type Leak, startWork } from "../store/work.ts";
 import { classify, failure } from "./failure.ts";
 import { assertSnapshotSize, growExt4 } from "./grow.ts";
-import { preflight } from "./preflight.ts";
+import { type Preflight, preflight } from "./preflight.ts";
 import { isTimeout, retryBusyOnce } from "./retry.ts";
 
 export interface ActivateResult {
@@ -48,6 +48,9 @@ export interface ActivateOptions {
   skipHealth?: boolean;
   /** Bytes: a snapshot larger than the image, its ext4 grown to fill it (lib/pipeline/grow.ts). */
   size?: number | undefined;
+  /** The pre-flight to run before the dm work (default: the synchronous checks; the service passes
+   * its gate on the background checks, lib/server/health-gate.ts). */
+  preflight?: Preflight | undefined;
 }
 
 export async function activate(ctx: Ctx, imageRef: string, o: ActivateOptions = {}): Promise<ActivateResult> {
@@ -65,9 +68,12 @@ export async function activate(ctx: Ctx, imageRef: string, o: ActivateOptions = 
     throw new ThinimgError("conflict", `image ${img.name}: its top layer is ${top.state}`, { hint: "re-run the unpack" });
   }
   const size = o.size === undefined ? top.virtual_size : assertSnapshotSize(o.size, top.virtual_size, img.name);
-  if (!o.skipHealth) await preflight(ctx);
-  const snap = insertSnapshot(db, { pool: poolName, imageId: img.id, layerId: top.id, virtualSize: size, pid: ctx.owner.pid, command: ctx.owner.command });
-  const work = startWork(db, poolName, "activate", workSubject("snapshot", snap.id), ctx.owner);
+  if (!o.skipHealth) await (o.preflight ?? preflight)(ctx);
+  // one commit (each is an fsync with synchronous=FULL): the snapshot row and its work record
+  const [snap, work] = tx(db, () => {
+    const sn = insertSnapshot(db, { pool: poolName, imageId: img.id, layerId: top.id, virtualSize: size, pid: ctx.owner.pid, command: ctx.owner.command });
+    return [sn, startWork(db, poolName, "activate", workSubject("snapshot", sn.id), ctx.owner)] as const;
+  });
   let thinId: number | null = null;
   let name: string | null = null;
   let created = false;
@@ -99,8 +105,11 @@ export async function activate(ctx: Ctx, imageRef: string, o: ActivateOptions = 
         }
       }
       await pausePoint("activate:created", cfg.stateDir);
-      openStep = beginStep(db, work.id, poolName, "activate_device", { thinId, deviceName: name }).id;
-      setDevice(db, { pool: poolName, name: name!, thinId: thinId!, kind: "snap", state: "activating" });
+      openStep = tx(db, () => {
+        const id = beginStep(db, work.id, poolName, "activate_device", { thinId, deviceName: name }).id;
+        setDevice(db, { pool: poolName, name: name!, thinId: thinId!, kind: "snap", state: "activating" });
+        return id;
+      });
       await pool.activateThin(poolName, name!, thinId!, size, { ctx: { pool_name: poolName, device_id: thinId!, device_name: name! } });
       active = true;
       if (size > top.virtual_size) await growExt4(dmsetup.mapperPath(name!), { ctx: { pool_name: poolName, device_id: thinId!, device_name: name! } });
@@ -200,7 +209,7 @@ export async function release(ctx: Ctx, ref: string, o: ActivateOptions = {}): P
       });
     }
   }
-  if (!o.skipHealth) await preflight(ctx);
+  if (!o.skipHealth) await (o.preflight ?? preflight)(ctx);
   const work = startWork(db, poolName, "release", workSubject("snapshot", snap.id), ctx.owner);
   let openStep: number | null = null;
   try {

@@ -8,6 +8,7 @@ import { type CmdRecord, onCommandRecord } from "../exec.ts";
 import { readLastGcRun } from "../gc/last-run.ts";
 import type { HealthReport } from "../health/types.ts";
 import type { Ctx } from "../pool/context.ts";
+import type { HealthGate } from "./health-gate.ts";
 import { countJobsByState } from "./jobs.ts";
 
 /** The label for a command record: the tool, and for dmsetup its subcommand (and pool message). */
@@ -38,7 +39,7 @@ export class Metrics {
 
   constructor(
     private readonly ctx: Ctx,
-    private readonly o: { refreshHealth?: (() => Promise<HealthReport>) | undefined; healthMaxAgeMs?: number } = {},
+    private readonly o: { refreshHealth?: (() => Promise<HealthReport>) | undefined; healthMaxAgeMs?: number; gate?: HealthGate } = {},
   ) {
     const registers = [this.registry];
     const gauge = <L extends string>(name: string, help: string, labelNames: L[] = []) => new Gauge<L>({ name, help, labelNames, registers });
@@ -83,6 +84,14 @@ export class Metrics {
       healthDuration: gauge("thinimg_health_check_duration_seconds", "Duration of each check in the last run", ["check"]),
       healthy: gauge("thinimg_healthy", "1 when no health check blocks dm work (last run)"),
       healthAt: gauge("thinimg_health_last_run_timestamp_seconds", "When the health checks last ran"),
+      gateAge: gauge("thinimg_preflight_probe_age_seconds", "Age of the last background pre-flight of activations and releases"),
+      gatePassed: gauge("thinimg_preflight_probe_passed", "1 when the last background pre-flight passed (activations and releases may proceed on it)"),
+      gateRequests: new Counter({
+        name: "thinimg_preflight_requests_total",
+        help: "Activations and releases by pre-flight outcome: cached (a fresh passed probe), waited (checks run in the request), refused (503)",
+        labelNames: ["outcome"],
+        registers,
+      }),
       gcAt: gauge("thinimg_gc_last_run_timestamp_seconds", "When the last acting GC run (gc --force) started; absent before the first run"),
       gcOk: gauge("thinimg_gc_last_run_success", "1 when the last GC run needed no human"),
       gcOrphans: gauge("thinimg_gc_last_run_orphans", "Orphans the last GC run saw, by outcome", ["outcome"]),
@@ -115,6 +124,7 @@ export class Metrics {
     }
     for (const md of POOL_MODES) m.poolMode.set({ mode: md }, md === mode ? 1 : 0);
     await this.refreshHealth();
+    this.refreshGate();
     this.refreshGc();
   }
 
@@ -129,6 +139,25 @@ export class Metrics {
     for (const c of h.checks) {
       m.healthDuration.set({ check: c.name }, c.durationMs / 1000);
       for (const st of ["ok", "warn", "block"] as const) m.health.set({ check: c.name, status: st }, c.status === st ? 1 : 0);
+    }
+  }
+
+  private readonly gateSeen = { cached: 0, waited: 0, refused: 0 };
+  private refreshGate(): void {
+    const { m } = this;
+    const g = this.o.gate;
+    if (!g) return;
+    const last = g.lastProbe;
+    m.gateAge.reset();
+    m.gatePassed.reset();
+    if (last) {
+      m.gateAge.set(Math.max(0, Date.now() - last.startedAt) / 1000);
+      m.gatePassed.set(last.report.healthy ? 1 : 0);
+    }
+    const now = { ...g.admitted, refused: g.refused };
+    for (const k of ["cached", "waited", "refused"] as const) {
+      m.gateRequests.inc({ outcome: k }, now[k] - this.gateSeen[k]);
+      this.gateSeen[k] = now[k];
     }
   }
 

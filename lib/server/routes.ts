@@ -9,6 +9,7 @@ import { type HealthReport, reportJson } from "../health/types.ts";
 import { log } from "../log.ts";
 import { type ActivateResult, findImage, findSnapshot, type ReleaseResult } from "../pipeline/activate.ts";
 import { imageJson, iso } from "../pipeline/inventory.ts";
+import type { Preflight } from "../pipeline/preflight.ts";
 import type { PruneOptions, PruneResult } from "../pipeline/prune.ts";
 import type { ReattachAllReport } from "../pipeline/reattach.ts";
 import type { RemoveResult } from "../pipeline/remove.ts";
@@ -19,6 +20,7 @@ import { listImages } from "../store/images.ts";
 import { parseDuration, parseSize } from "../util/units.ts";
 import { type AllowList, admitSource } from "./allow.ts";
 import { authenticate, type ReplayCache, type Secrets } from "./auth.ts";
+import type { HealthGate } from "./health-gate.ts";
 import { errorResponse, HttpError } from "./http-error.ts";
 import { enqueueUnpack, getJob, JOB_STATES, type JobRow, type JobState, listJobs } from "./jobs.ts";
 import type { Metrics } from "./metrics.ts";
@@ -27,9 +29,13 @@ import type { JobOps, JobRunner } from "./runner.ts";
 export const MAX_BODY_BYTES = 64 * 1024;
 
 export interface ServiceOps extends JobOps {
-  activate(ctx: Ctx, image: string, o: { sizeBytes?: number | undefined }): Promise<ActivateResult>;
-  release(ctx: Ctx, ref: string): Promise<ReleaseResult>;
+  /** preflight: run before the dm work, in place of the synchronous checks (the service's gate). */
+  activate(ctx: Ctx, image: string, o: { sizeBytes?: number | undefined; preflight?: Preflight | undefined }): Promise<ActivateResult>;
+  release(ctx: Ctx, ref: string, o?: { preflight?: Preflight | undefined }): Promise<ReleaseResult>;
+  /** /readyz and the metrics (their own kernel-log cursor). */
   health(ctx: Ctx): Promise<HealthReport>;
+  /** The full pre-flight checks, as before dm work (the state dir's cursor): the gate's probe. */
+  preflightChecks(ctx: Ctx): Promise<HealthReport>;
   remove(ctx: Ctx, refs: string[]): Promise<RemoveResult>;
   prune(ctx: Ctx, o: PruneOptions): Promise<PruneResult>;
   /** At start-up: every handed-out snapshot whose device is not loaded (a reboot) gets it back. */
@@ -46,6 +52,8 @@ export interface AppDeps {
   replay: ReplayCache;
   draining(): boolean;
   metrics: Metrics;
+  /** The pre-flight of activations and releases (lib/server/health-gate.ts). */
+  gate: HealthGate;
 }
 
 type Env = { Variables: { body: Uint8Array } };
@@ -108,6 +116,17 @@ function parseBody<S extends v.GenericSchema>(c: Context<Env>, schema: S): v.Inf
     });
   }
   return r.output;
+}
+
+/** An operation whose pre-flight is the gate; the health is probed again once it is done. */
+async function gated<T>(d: AppDeps, op: (preflight: Preflight) => Promise<T>): Promise<T> {
+  try {
+    return await op(async () => {
+      await d.gate.admit();
+    });
+  } finally {
+    d.gate.refresh();
+  }
 }
 
 function v1(app: Hono<Env>, d: AppDeps): void {
@@ -176,7 +195,7 @@ function v1(app: Hono<Env>, d: AppDeps): void {
       if (e instanceof ThinimgError) throw new HttpError(404, "missing", e.message, e.hint);
       throw e;
     }
-    const r = await d.ops.activate(d.ctx, b.image, { sizeBytes });
+    const r = await gated(d, (preflight) => d.ops.activate(d.ctx, b.image, { sizeBytes, preflight }));
     return c.json({
       ok: true,
       snapshot: { id: r.snapshot_id, device: r.device_path, device_name: r.device_name, image: r.image, thin_id: r.thin_id, duration_ms: r.duration_ms },
@@ -191,7 +210,7 @@ function v1(app: Hono<Env>, d: AppDeps): void {
       if (e instanceof ThinimgError) throw new HttpError(404, "missing", e.message, e.hint);
       throw e;
     }
-    const r = await d.ops.release(d.ctx, String(b.snapshot));
+    const r = await gated(d, (preflight) => d.ops.release(d.ctx, String(b.snapshot), { preflight }));
     return c.json({ ok: true, snapshot: { id: r.snapshot_id, device_name: r.device_name, state: r.state, duration_ms: r.duration_ms } });
   });
 

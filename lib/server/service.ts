@@ -13,6 +13,7 @@ import { tryAcquireNamed } from "../lock/named-lock.ts";
 import { describeHolder } from "../lock/owner.ts";
 import { log } from "../log.ts";
 import { activate, release } from "../pipeline/activate.ts";
+import { preflightOptions } from "../pipeline/preflight.ts";
 import { prune } from "../pipeline/prune.ts";
 import { reattachAll, renderReattach } from "../pipeline/reattach.ts";
 import { removeImages } from "../pipeline/remove.ts";
@@ -22,6 +23,7 @@ import { serviceLockKey } from "../store/keys.ts";
 import { deleteLockRow } from "../store/locks.ts";
 import { type AllowList, makeAllowList } from "./allow.ts";
 import { ReplayCache, readSecretFile, type Secrets } from "./auth.ts";
+import { HealthGate } from "./health-gate.ts";
 import { type JobRow, pruneJobs, requeueInterrupted } from "./jobs.ts";
 import { formatListen, isLocalOnly, type Listen } from "./listen.ts";
 import { Metrics } from "./metrics.ts";
@@ -43,16 +45,17 @@ export const serviceHealthDir = (stateDir: string) => join(stateDir, "service-he
  * so gc --force and recover-pool can act between jobs). */
 export const pipelineOps: ServiceOps = {
   unpack: (ctx, o) => asHolder(ctx, () => unpack(ctx, o)),
-  activate: (ctx, image, o) => asHolder(ctx, () => activate(ctx, image, o.sizeBytes === undefined ? {} : { size: o.sizeBytes })),
+  activate: (ctx, image, o) => asHolder(ctx, () => activate(ctx, image, { size: o.sizeBytes, preflight: o.preflight })),
   async prefetch(ctx, o) {
     const { resolveImage } = await import("../image/resolve.ts");
     await resolveImage(o.source, resolveOptions(ctx, o));
   },
-  release: (ctx, ref) => asHolder(ctx, () => release(ctx, ref)),
+  release: (ctx, ref, o) => asHolder(ctx, () => release(ctx, ref, { preflight: o?.preflight })),
   remove: (ctx, refs) => asHolder(ctx, () => removeImages(ctx, refs)),
   prune: (ctx, o) => asHolder(ctx, () => prune(ctx, o)),
   reattach: (ctx) => asHolder(ctx, () => reattachAll(ctx)),
   health: (ctx) => runHealthChecks({ pool: ctx.cfg.pool, stateDir: serviceHealthDir(ctx.cfg.stateDir) }),
+  preflightChecks: (ctx) => runHealthChecks(preflightOptions(ctx)),
 };
 
 export interface ServiceOptions {
@@ -67,6 +70,10 @@ export interface ServiceOptions {
   drainMs?: number;
   /** Queued jobs whose downloads may run ahead of the running one (default 1). */
   prefetch?: number;
+  /** Activations and releases proceed on a passed background pre-flight at most this old (ms). */
+  healthMaxAgeMs?: number;
+  /** The background pre-flight's period (ms; 0: only after each dm operation). */
+  healthPeriodMs?: number;
   ops?: ServiceOps;
 }
 
@@ -76,6 +83,8 @@ export interface Service {
   port: number | null;
   ctx: Ctx;
   runner: JobRunner;
+  /** The pre-flight of activations and releases (its last probe, how many ran). */
+  gate: HealthGate;
   /** Re-read the secret and token files (SIGHUP); keeps the old ones when a file is unreadable. */
   reloadSecrets(): void;
   /** Stop: 503 from now on, drain, interrupt what is left; resolves with the interrupted job. */
@@ -155,13 +164,15 @@ async function startLocked(o: ServiceOptions, ctx: Ctx, lockKey: string, initial
   const re = await ops.reattach(ctx);
   if (!re.ok || re.summary.reattached > 0) for (const line of renderReattach(re)) (re.ok ? log.info : log.warn)(line);
 
-  const metrics = new Metrics(ctx, { refreshHealth: () => ops.health(ctx) });
+  const gate = new HealthGate({ check: () => ops.preflightChecks(ctx), maxAgeMs: o.healthMaxAgeMs, periodMs: o.healthPeriodMs });
+  const metrics = new Metrics(ctx, { refreshHealth: () => ops.health(ctx), gate });
   const runner = new JobRunner(
     ctx,
     ops,
     {
       onFinish(job, state, ms) {
         metrics.observeJob(job.kind, state, ms);
+        gate.refresh();
         pruneJobs(ctx.db, ctx.cfg.pool, retentionMs);
       },
     },
@@ -169,7 +180,8 @@ async function startLocked(o: ServiceOptions, ctx: Ctx, lockKey: string, initial
   );
   let draining = false;
   let inflight = 0;
-  const app = makeApp({ ctx, ops, runner, allow, secrets: () => secrets, replay: new ReplayCache(), draining: () => draining, metrics });
+  const app = makeApp({ ctx, ops, runner, allow, secrets: () => secrets, replay: new ReplayCache(), draining: () => draining, metrics, gate });
+  gate.start(); // the first probe runs while the server comes up
   const server = serve(o.listen, async (req) => {
     inflight++;
     try {
@@ -199,6 +211,7 @@ async function startLocked(o: ServiceOptions, ctx: Ctx, lockKey: string, initial
     const interrupted = finished ? null : runner.interruptRunning();
     if (interrupted) log.warn(`job ${interrupted.id} (${interrupted.image}) interrupted; it resumes on the next start`);
     clearInterval(pruneTimer);
+    await gate.stop();
     server.stop(true);
     metrics.close();
     deleteLockRow(ctx.db, lockKey, ctx.owner.pid, ctx.owner.startTime);
@@ -210,6 +223,7 @@ async function startLocked(o: ServiceOptions, ctx: Ctx, lockKey: string, initial
     port: o.listen.kind === "tcp" ? (server.port ?? null) : null,
     ctx,
     runner,
+    gate,
     reloadSecrets() {
       try {
         secrets = loadSecrets(o);

@@ -80,6 +80,9 @@ function fakeOps(o: { gated?: boolean } = {}) {
     async health(ctx): Promise<HealthReport> {
       return { healthy: true, pool: ctx.cfg.pool, checks: [{ name: "host.memory", status: "ok", message: "fine", runbook: "", durationMs: 1 }], durationMs: 1 };
     },
+    async preflightChecks(ctx): Promise<HealthReport> {
+      return { healthy: true, pool: ctx.cfg.pool, checks: [{ name: "host.memory", status: "ok", message: "fine", runbook: "", durationMs: 1 }], durationMs: 1 };
+    },
   };
   return {
     ops,
@@ -568,5 +571,120 @@ describe("health and metrics", () => {
     expect(commandLabel("dmsetup --noudevsync message pool1 0 create_snap 5 4")).toBe("dmsetup message create_snap");
     expect(commandLabel("dmsetup status pool1")).toBe("dmsetup status");
     expect(commandLabel("/sbin/mkfs.ext4 -q -F /dev/mapper/x")).toBe("mkfs.ext4");
+  });
+});
+
+describe("the pre-flight of activations and releases (the health gate)", () => {
+  /** Activations that run the gate's pre-flight before their (pretend) dm work; health from a script. */
+  function gatedOps(health: { status: "ok" | "block" }) {
+    const events: string[] = [];
+    const f = fakeOps();
+    const ops: ServiceOps = {
+      ...f.ops,
+      async activate(ctx, image, o) {
+        await o.preflight?.(ctx);
+        events.push(`dm ${image}`);
+        return {
+          snapshot_id: 1,
+          image,
+          thin_id: 7,
+          device_name: "thinimg-unitpool-snap-7",
+          device_path: "/dev/mapper/thinimg-unitpool-snap-7",
+          duration_ms: 1,
+        };
+      },
+      async preflightChecks(ctx) {
+        events.push("check");
+        await Bun.sleep(5);
+        const block = health.status === "block";
+        return {
+          healthy: !block,
+          pool: ctx.cfg.pool,
+          checks: [
+            {
+              name: "pool.mode",
+              status: health.status,
+              message: block ? "pool unitpool is read-only (ro)" : "mode rw",
+              runbook: block ? "see ops" : "",
+              durationMs: 5,
+            },
+          ],
+          durationMs: 5,
+        };
+      },
+    };
+    return { ops, events };
+  }
+
+  // distinct signatures for identical bodies sent within one second (the replay cache refuses repeats)
+  let lastTs = Number.POSITIVE_INFINITY;
+  const activateWeb = (s: Service) => {
+    const body = JSON.stringify({ image: "web" });
+    lastTs = Math.min(Math.floor(Date.now() / 1000), lastTs - 1);
+    return call(s, "POST", "/v1/activate", body, signed(body, { ts: lastTs }));
+  };
+
+  async function withImage(o: Partial<ServiceOptions> & { ops: ServiceOps }): Promise<Service> {
+    const stateDir = join(W, `gate-${++n}`);
+    const s = await start({ ...o, stateDir });
+    const db = openDb(join(stateDir, "state.db"));
+    const i = beginImage(db, { pool: "unitpool", name: "web", source: "/src/web", format: "layer-family" });
+    markImageReady(db, i.id, { format: "layer-family", config: null, layerIds: [], topChainId: null });
+    db.close();
+    await s.gate.probe(); // the start-up probe
+    return s;
+  }
+
+  test("a fresh passed probe lets the activation through without running the checks in the request; one runs after it", async () => {
+    const h = { status: "ok" as const };
+    const g = gatedOps(h);
+    const s = await withImage({ ops: g.ops, healthPeriodMs: 0 });
+    g.events.length = 0;
+    const a = await activateWeb(s);
+    expect(a.status).toBe(200);
+    expect(a.body.snapshot.device).toBe("/dev/mapper/thinimg-unitpool-snap-7");
+    await s.gate.settled();
+    expect(g.events).toEqual(["dm web", "check"]);
+  });
+
+  test("a failed probe within the bound blocks the activation with 503 before any dm work; a passing one later admits", async () => {
+    const h: { status: "ok" | "block" } = { status: "block" };
+    const g = gatedOps(h);
+    const s = await withImage({ ops: g.ops, healthPeriodMs: 0 });
+    const a = await activateWeb(s);
+    expect(a.status).toBe(503);
+    expect(a.body).toMatchObject({
+      ok: false,
+      error: { kind: "unhealthy", message: "health check pool.mode blocks dm work: pool unitpool is read-only (ro)", hint: "see ops" },
+    });
+    await s.gate.settled();
+    expect(g.events.filter((e) => e.startsWith("dm"))).toEqual([]);
+    // the host recovers: the probe after the refused request saw it, so the next request goes through
+    h.status = "ok";
+    await s.gate.probe();
+    expect((await activateWeb(s)).status).toBe(200);
+    const text = await (await fetch(`${s.url}/metrics`)).text();
+    expect(text).toMatch(/^thinimg_preflight_requests_total\{outcome="refused"\} 1$/m);
+    expect(text).toMatch(/^thinimg_preflight_requests_total\{outcome="cached"\} 1$/m);
+    expect(text).toMatch(/^thinimg_preflight_requests_total\{outcome="waited"\} 0$/m);
+    expect(text).toMatch(/^thinimg_preflight_probe_passed 1$/m);
+    expect(text).toMatch(/^thinimg_preflight_probe_age_seconds \d/m);
+  });
+
+  test("a stale probe is checked again inside the request (synchronously), and its verdict decides", async () => {
+    const h: { status: "ok" | "block" } = { status: "ok" };
+    const g = gatedOps(h);
+    const s = await withImage({ ops: g.ops, healthPeriodMs: 0, healthMaxAgeMs: 50 });
+    await Bun.sleep(80);
+    g.events.length = 0;
+    expect((await activateWeb(s)).status).toBe(200);
+    await s.gate.settled();
+    expect(g.events).toEqual(["check", "dm web", "check"]);
+    await Bun.sleep(80);
+    h.status = "block";
+    g.events.length = 0;
+    expect((await activateWeb(s)).status).toBe(503);
+    await s.gate.settled();
+    expect(g.events).toEqual(["check", "check"]);
   });
 });

@@ -1,7 +1,8 @@
 // The service end to end on the real kernel: `bun scripts/serve.ts` as a process on 127.0.0.1, a
 // layer family served by a real S3 server (s3rver, in this process), signed webhook calls. Unpack
 // through a job, activate with a size (ext4 grown to fill it), mount and read, release; metrics and
-// readiness from the live pool; SIGTERM in the middle of a job, then a restart finishes it.
+// readiness from the live pool; SIGTERM in the middle of a job, then a restart finishes it; the
+// health gate (activations on the background pre-flight; a suspended pool → 503, no dm command).
 // vm-seconds: 60 (its run time in one test VM; `bun run test` balances the VMs by it)
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { existsSync, mkdirSync, mkdtempSync, readFileSync, statfsSync, writeFileSync } from "node:fs";
@@ -9,11 +10,12 @@ import { join } from "node:path";
 import type { Subprocess } from "bun";
 import { loadConfig } from "../../lib/config.ts";
 import * as mnt from "../../lib/dm/mount.ts";
-import { runOk } from "../../lib/exec.ts";
+import { type CmdRecord, onCommandRecord, runOk } from "../../lib/exec.ts";
 import { checkConsistency } from "../../lib/pipeline/consistency.ts";
 import { makeCtx } from "../../lib/pool/context.ts";
 import { sign } from "../../lib/server/auth.ts";
-import { serviceHealthDir } from "../../lib/server/service.ts";
+import { parseListen } from "../../lib/server/listen.ts";
+import { serviceHealthDir, startService } from "../../lib/server/service.ts";
 import { primeKernelLogCursor } from "../helpers/health.ts";
 import { buildLayerTar } from "../helpers/images.ts";
 import { requireDm } from "../helpers/kernel.ts";
@@ -108,11 +110,13 @@ async function serve(extraEnv: Record<string, string> = {}): Promise<Running> {
   }
 }
 
-let tsBump = 0;
+let lastTs = Number.POSITIVE_INFINITY;
 async function call(s: Running, method: string, path: string, body?: unknown) {
   const text = body === undefined ? "" : JSON.stringify(body);
-  // distinct timestamps: two identical POSTs in one second would be replays
-  const ts = String(Math.floor(Date.now() / 1000) - (tsBump++ % 200));
+  // distinct timestamps: two identical POSTs in one second would be replays (GETs are not)
+  const now = Math.floor(Date.now() / 1000);
+  if (method !== "GET") lastTs = Math.min(now, lastTs - 1);
+  const ts = String(method === "GET" ? now : lastTs);
   const res = await fetch(`${s.url}${path}`, {
     method,
     body: method === "GET" ? undefined : text,
@@ -260,4 +264,54 @@ describe("service on the real kernel", () => {
       ctx.db.close();
     }
   }, 300_000);
+
+  test("health gate: a fresh probe admits without a status read in the request; a stale one is read first; a suspended pool → 503, nothing sent", async () => {
+    // in-process, to watch the commands each request runs (the image "fam" comes from the first test)
+    const cfg = loadConfig({ stateDir, pool: pool.name, virtualSize: "128M" }, {});
+    const s = await startService({ cfg, listen: parseListen("127.0.0.1:0"), secretFile, allowSources: [], healthPeriodMs: 0, healthMaxAgeMs: 1_500 });
+    const here: Running = { url: s.url, proc: null as never, stderr: () => "" };
+    const seen: CmdRecord[] = [];
+    const off = onCommandRecord((r) => seen.push(r));
+    /** The request's answer and the commands it ran ("dmsetup SUB"), no probe running before it. */
+    const during = async (path: string, body: unknown) => {
+      await s.gate.settled();
+      seen.length = 0;
+      const r = await call(here, "POST", path, body);
+      const cmds = seen.map((c) => c.command.replace(/^dmsetup (--noudevsync )?(\S+).*$/, "dmsetup $2"));
+      // the probe started after the request's dm work (the refresh) may end before the answer arrives
+      while (cmds.at(-1) === "dmsetup status" && cmds.length > 1) cmds.pop();
+      return { ...r, cmds };
+    };
+    try {
+      await s.gate.probe();
+      const fresh = await during("/v1/activate", { image: "fam" });
+      expect(fresh.status).toBe(200);
+      expect(fresh.cmds).toEqual(["dmsetup message", "dmsetup create"]);
+
+      await Bun.sleep(1_600); // the last probe is now older than the bound: read again, before the dm work
+      const stale = await during("/v1/activate", { image: "fam" });
+      expect(stale.status).toBe(200);
+      expect(stale.cmds.slice(0, 3)).toEqual(["dmsetup status", "dmsetup message", "dmsetup create"]);
+
+      await runOk(["dmsetup", "suspend", pool.name]);
+      try {
+        await s.gate.probe();
+        const blocked = await during("/v1/activate", { image: "fam" });
+        expect(blocked.status).toBe(503);
+        expect(blocked.body.error).toMatchObject({ kind: "unhealthy", message: expect.stringContaining("pool.suspended") });
+        expect(blocked.cmds.filter((c) => c !== "dmsetup status")).toEqual([]);
+        const rel = await during("/v1/release", { snapshot: fresh.body.snapshot.id });
+        expect(rel.status).toBe(503);
+        expect(rel.cmds.filter((c) => c !== "dmsetup status" && c !== "dmsetup info")).toEqual([]);
+      } finally {
+        await runOk(["dmsetup", "resume", pool.name]);
+      }
+      await s.gate.settled(); // a probe started while it was suspended still says so
+      await s.gate.probe();
+      for (const a of [fresh, stale]) expect((await during("/v1/release", { snapshot: a.body.snapshot.id })).status).toBe(200);
+    } finally {
+      off();
+      await s.stop();
+    }
+  }, 120_000);
 });

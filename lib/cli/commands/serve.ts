@@ -40,6 +40,12 @@ export const serveCommand = defineCommand({
       description: "On SIGTERM, wait this long for the running job before interrupting it",
       default: `${DEFAULT_DRAIN_MS / 1000}s`,
     },
+    "health-max-age": {
+      type: "string",
+      description: "Activations and releases proceed on a passed background pre-flight at most this old (default 5s; 0: the checks run in every request)",
+      default: "5s",
+    },
+    "health-interval": { type: "string", description: "The background pre-flight runs when the last one is this old (default 2s)", default: "2s" },
     ...sizeArgs,
     ...limitArgs,
     ...pipelineArgs,
@@ -55,6 +61,8 @@ export const serveCommand = defineCommand({
       retentionMs: parseDuration(args.retention, "--retention"),
       prefetch: parseIntArg(args.prefetch, "--prefetch", { min: 0, max: 16 }),
       drainMs: parseDuration(args["drain-timeout"], "--drain-timeout"),
+      healthMaxAgeMs: parseDuration(args["health-max-age"], "--health-max-age"),
+      healthPeriodMs: parseDuration(args["health-interval"], "--health-interval"),
     });
     process.on("SIGHUP", () => service.reloadSecrets());
     await new Promise<void>((resolve) => {
