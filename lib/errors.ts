@@ -31,6 +31,9 @@ export class ThinimgError extends Error {
   readonly exitCode: number;
   /** Extra structured data for --json error output. */
   readonly details: Record<string, unknown> | undefined;
+  /** What the command had done when it failed, in its own --json shape (e.g. the layers an unpack
+   * built before the one that failed); carried by the error envelope. */
+  partial: Record<string, unknown> | undefined;
 
   constructor(kind: ErrorKind, message: string, opts: { hint?: string; exitCode?: number; cause?: unknown; details?: Record<string, unknown> } = {}) {
     super(message, opts.cause === undefined ? undefined : { cause: opts.cause });
@@ -51,8 +54,10 @@ export class ThinimgError extends Error {
 export function errorEnvelope(e: ThinimgError): {
   ok: false;
   error: { kind: ErrorKind; message: string; hint: string | null; details?: Record<string, unknown> };
+  partial?: Record<string, unknown>;
 } {
-  return { ok: false, error: { kind: e.kind, message: e.message, hint: e.hint ?? null, ...(e.details ? { details: e.details } : {}) } };
+  const error = { kind: e.kind, message: e.message, hint: e.hint ?? null, ...(e.details ? { details: e.details } : {}) };
+  return { ok: false, error, ...(e.partial ? { partial: e.partial } : {}) };
 }
 
 export const usageError = (message: string, hint?: string) => new ThinimgError("usage", message, { hint: hint ?? "see --help" });

@@ -16,6 +16,8 @@ const any = v.unknown();
 export const ErrorEnvelope = obj({
   ok: v.literal(false),
   error: obj({ kind: str, message: str, hint: n(str), details: v.optional(v.record(str, any)) }),
+  /** The failed command's document so far, in its own keys (unpack: image + layers built). */
+  partial: v.optional(v.record(str, any)),
 });
 
 const LayerStats = obj({ entries: int, bytes: int, whiteouts: int, skipped: int, holes: int, duration_ms: num });

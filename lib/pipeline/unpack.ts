@@ -231,6 +231,10 @@ async function unpackLocked(ctx: Ctx, name: string, o: UnpackOptions, t0: number
       markImageBuildFailed(db, img.id, msg, kind);
       finishWork(db, work.id, "failed", { error: msg, kind });
     });
+    if (e instanceof ThinimgError && !e.partial) {
+      const now = getImageByName(db, cfg.pool, name);
+      e.partial = { image: { id: img.id, name, source: o.source, format: resolved.format, state: now?.state ?? "failed" }, layers: out, built };
+    }
     throw e;
   }
   const final = getImageByName(db, cfg.pool, name)!;

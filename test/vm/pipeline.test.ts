@@ -4,7 +4,8 @@
 // and the CLI scripts end to end.
 // vm-seconds: 100 (its run time in one test VM; `bun run test` balances the VMs by it)
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
-import { closeSync, lstatSync, mkdirSync, mkdtempSync, openSync, readdirSync, readFileSync, readSync } from "node:fs";
+import { closeSync, copyFileSync, lstatSync, mkdirSync, mkdtempSync, openSync, readdirSync, readFileSync, readSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { loadConfig } from "../../lib/config.ts";
 import * as dmsetup from "../../lib/dm/dmsetup.ts";
@@ -249,6 +250,16 @@ describe("sharing, idempotence, activations", () => {
     expect(l.layers.filter((x: { images: number }) => x.images === 2)).toHaveLength(3);
     const rel = run(["scripts/release.ts", dev, "--json"]);
     expect(JSON.parse(rel.out)).toMatchObject({ ok: true, state: "released" });
+    // a layer that is not a tar: the error envelope carries what was done (layer 1 reused)
+    const broken = mkdtempSync(join(tmpdir(), "thinimg-broken-"));
+    copyFileSync(join(fams[1]!.dir, "1.tar"), join(broken, "1.tar"));
+    writeFileSync(join(broken, "2.tar"), Buffer.alloc(4096, 0x5a));
+    const f = run(["scripts/unpack.ts", broken, "--name", "broken", "--json"]);
+    expect(f.code).not.toBe(0);
+    const fj = JSON.parse(f.out);
+    expect(fj).toMatchObject({ ok: false, error: { kind: "input" }, partial: { image: { name: "broken" }, built: 0 } });
+    expect(fj.partial.layers).toHaveLength(1);
+    expect(fj.partial.layers[0]).toMatchObject({ index: 0, reused: true });
     // bad input: one line, non-zero, no stack
     const bad = run(["scripts/activate.ts", "no-such-image"]);
     expect(bad.code).toBe(3);
