@@ -72,16 +72,12 @@ export function repairPlan(c: RepairContext, rec: PoolRecord, metaDev: string): 
   ];
 }
 
-/** Perform the repair (pool not loaded; metaDev = the damaged metadata's loop). Returns the loop of
- * the repaired metadata, checked. Updates `rec` (repairs history). Fail dumb: on an error, whatever
- * was attached stays attached and the damaged file stays in place. */
-export async function repairMetadata(c: RepairContext, rec: PoolRecord, metaDev: string): Promise<string> {
-  const { metaPath, scratch, kept, keptPath } = repairPaths(c, rec);
-  const ctx = { pool_name: rec.pool };
-  const rb = c.rb;
-  const none = { planned: undefined };
-  // The scratch file is never the live metadata (only the final rename makes it so): a leftover
-  // from an interrupted repair, and any loop on it, are ours to discard.
+type Ctx = { pool_name: string };
+const none = { planned: undefined };
+
+/** The scratch file is never the live metadata (only the final rename makes it so): a leftover
+ * from an interrupted repair, and any loop on it, are ours to discard. */
+async function discardScratch(rb: Runbook, scratch: string, ctx: Ctx): Promise<void> {
   if (existsSync(scratch) || rb.dryRun) {
     for (const l of loopsOf(await losetup.listDetailed(ctx), fileId(scratch))) {
       await rb.act(
@@ -95,6 +91,10 @@ export async function repairMetadata(c: RepairContext, rec: PoolRecord, metaDev:
       if (existsSync(scratch)) unlinkSync(scratch);
     });
   }
+}
+
+/** A fresh scratch file of the metadata's size, attached; returns its loop. */
+async function attachScratch(rb: Runbook, rec: PoolRecord, scratch: string, ctx: Ctx): Promise<string> {
   await rb.act(
     "repair-file",
     `new metadata file ${scratch} (${formatBytes(rec.meta_size)})`,
@@ -106,12 +106,18 @@ export async function repairMetadata(c: RepairContext, rec: PoolRecord, metaDev:
     },
     () => makeBackingFile(scratch, rec.meta_size),
   );
-  const repairDev = await rb.act(
+  return await rb.act(
     "repair-attach",
     `attach ${scratch}`,
     { argv: ["losetup", "--find", "--show", scratch], assign: "REPAIR_DEV", planned: "$REPAIR_DEV", done: (d) => `${scratch} on ${d}` },
     () => losetup.attach(scratch, { ctx }),
   );
+}
+
+/** thin_repair metaDev into repairDev (with the record's superblock fields when it asks for them),
+ * then thin_check the result. Returns the transaction id taken from the record, or null. */
+async function rebuildMetadata(c: RepairContext, rec: PoolRecord, metaDev: string, repairDev: string, metaPath: string, ctx: Ctx): Promise<number | null> {
+  const rb = c.rb;
   const untouched = `the damaged metadata is untouched in ${metaPath}; the pool was not loaded`;
   const ov = superblockOverrides(c, rec);
   const timeoutMs = metaTimeoutMs(rec.meta_size, 4);
@@ -153,6 +159,12 @@ export async function repairMetadata(c: RepairContext, rec: PoolRecord, metaDev:
         `${untouched}. Restore the metadata from a backup or get expert help`,
       );
   });
+  return usedTxid;
+}
+
+/** Detach both loops, keep the damaged file under another name, rename the scratch file over it. */
+async function swapIn(rb: Runbook, metaDev: string, repairDev: string, paths: ReturnType<typeof repairPaths>, ctx: Ctx): Promise<void> {
+  const { metaPath, scratch, keptPath } = paths;
   await rb.act("repair-detach", `detach ${repairDev}`, { ...none, argv: ["losetup", "--detach", repairDev] }, () => losetup.detach(repairDev, ctx));
   // Detach the damaged file's loop BEFORE the swap: afterwards it would show as "metadata.img (deleted)"
   // and could be mistaken for the new file's loop by anything matching on names.
@@ -164,10 +176,10 @@ export async function repairMetadata(c: RepairContext, rec: PoolRecord, metaDev:
   );
   // One atomic rename swaps the files: at every instant metadata.img is the old or the new one.
   await rb.act("swap-metadata", `${scratch} becomes ${metaPath}`, { ...none, argv: ["mv", "-T", scratch, metaPath] }, () => renameSync(scratch, metaPath));
-  const at = c.now.toISOString();
-  const updated: PoolRecord = { ...rec, updated_at: at, repairs: [...rec.repairs, { at, kept, transaction_id: usedTxid }] };
-  await rb.act("write-record", `note the repair in ${recordPath(c.dir)}`, none, () => writeRecord(c.dir, updated));
-  Object.assign(rec, updated);
+}
+
+/** Attach the repaired metadata file and thin_check it (clearing needs_check); returns its loop. */
+async function attachRepaired(rb: Runbook, rec: PoolRecord, metaPath: string, keptPath: string, ctx: Ctx): Promise<string> {
   const newDev = await rb.act(
     "attach-loop",
     `attach the repaired metadata file ${metaPath}`,
@@ -186,4 +198,23 @@ export async function repairMetadata(c: RepairContext, rec: PoolRecord, metaDev:
     rb.note("check-metadata", `thin_check passed on the repaired metadata (${newDev})`, "ok", ["thin_check", "--clear-needs-check-flag", newDev]);
   }
   return newDev;
+}
+
+/** Perform the repair (pool not loaded; metaDev = the damaged metadata's loop). Returns the loop of
+ * the repaired metadata, checked. Updates `rec` (repairs history). Fail dumb: on an error, whatever
+ * was attached stays attached and the damaged file stays in place. */
+export async function repairMetadata(c: RepairContext, rec: PoolRecord, metaDev: string): Promise<string> {
+  const paths = repairPaths(c, rec);
+  const { metaPath, scratch, kept, keptPath } = paths;
+  const ctx = { pool_name: rec.pool };
+  const rb = c.rb;
+  await discardScratch(rb, scratch, ctx);
+  const repairDev = await attachScratch(rb, rec, scratch, ctx);
+  const usedTxid = await rebuildMetadata(c, rec, metaDev, repairDev, metaPath, ctx);
+  await swapIn(rb, metaDev, repairDev, paths, ctx);
+  const at = c.now.toISOString();
+  const updated: PoolRecord = { ...rec, updated_at: at, repairs: [...rec.repairs, { at, kept, transaction_id: usedTxid }] };
+  await rb.act("write-record", `note the repair in ${recordPath(c.dir)}`, none, () => writeRecord(c.dir, updated));
+  Object.assign(rec, updated);
+  return await attachRepaired(rb, rec, metaPath, keptPath, ctx);
 }
