@@ -163,17 +163,9 @@ function fmtAge(s: number): string {
   return `${Math.round(s / 3600)} h`;
 }
 
-/** What the kernel logged since the cursor; blocking lines are kept (kernel-findings.ts) and judged. */
-export async function checkDmesg(io: HealthIo, o: DmesgOptions): Promise<CheckResult> {
-  let raw: string[];
-  try {
-    raw = await io.readKmsg();
-  } catch (e) {
-    return result("host.dmesg", "warn", `cannot read the kernel log: ${errorMessage(e)}`, RUNBOOK.dmesgUnreadable);
-  }
-  const now = o.now ?? Date.now();
-  const windowMs = o.windowMs ?? DEFAULT_KERNEL_ERROR_WINDOW_MS;
-  const [bootId, uptime] = await Promise.all([
+/** This boot's id and uptime in µs, "unknown" and 0 when unreadable. */
+async function bootAndUptime(io: HealthIo): Promise<[string, number]> {
+  return await Promise.all([
     io.readText("/proc/sys/kernel/random/boot_id").then(
       (s) => s.trim(),
       () => "unknown",
@@ -183,44 +175,48 @@ export async function checkDmesg(io: HealthIo, o: DmesgOptions): Promise<CheckRe
       () => 0,
     ),
   ]);
-  const records = raw.map(parseKmsgRecord).filter((r): r is KmsgRecord => r !== null);
-  const scan = async (cursor: KmsgCursor | null, stored: StoredFinding[]) => {
-    const found = findNew(records, { cursor, bootId, uptimeUsec: uptime, lookbackMs: o.lookbackMs });
-    const fresh: StoredFinding[] = [];
-    for (const f of found.findings.filter((x) => x.status === "block")) {
-      const tsUsec = records.find((r) => r.seq === f.seq)?.tsUsec ?? uptime;
-      const loggedAt = uptime > 0 ? now - Math.max(0, Math.round((uptime - tsUsec) / 1000)) : now;
-      fresh.push({
-        boot_id: bootId,
-        seq: f.seq,
-        what: f.what,
-        line: await nameDmDevices(io, f.line),
-        logged_at: loggedAt,
-        first_seen_at: now,
-        acknowledged: null,
-      });
-    }
-    return {
-      ...found,
-      fresh,
-      merged: mergeFindings(stored, fresh, now),
-      scope: cursor && cursor.boot_id === bootId ? "since the last check" : `in the last ${Math.round(o.lookbackMs / 60000)} min`,
-    };
-  };
-  let s: Awaited<ReturnType<typeof scan>>;
-  let cursorNote = "";
-  if (o.stateDir) {
-    const dir = o.stateDir;
-    s = await withKmsgLock(dir, async () => {
-      const r = await scan(await readCursor(dir), await readFindings(dir));
-      if (r.fresh.length) await writeFindings(dir, r.merged);
-      await writeCursor(dir, { boot_id: bootId, seq: r.lastSeq });
-      return r;
+}
+
+interface KmsgScanEnv {
+  io: HealthIo;
+  records: KmsgRecord[];
+  bootId: string;
+  uptime: number;
+  now: number;
+  lookbackMs: number;
+}
+
+/** The records after `cursor`: their findings, the blocking ones as fresh stored findings, merged into `stored`. */
+async function scanKmsg(e: KmsgScanEnv, cursor: KmsgCursor | null, stored: StoredFinding[]) {
+  const { io, records, bootId, uptime, now } = e;
+  const found = findNew(records, { cursor, bootId, uptimeUsec: uptime, lookbackMs: e.lookbackMs });
+  const fresh: StoredFinding[] = [];
+  for (const f of found.findings.filter((x) => x.status === "block")) {
+    const tsUsec = records.find((r) => r.seq === f.seq)?.tsUsec ?? uptime;
+    const loggedAt = uptime > 0 ? now - Math.max(0, Math.round((uptime - tsUsec) / 1000)) : now;
+    fresh.push({
+      boot_id: bootId,
+      seq: f.seq,
+      what: f.what,
+      line: await nameDmDevices(io, f.line),
+      logged_at: loggedAt,
+      first_seen_at: now,
+      acknowledged: null,
     });
-  } else {
-    s = await scan(null, []);
-    cursorNote = ` (no state dir: looked back ${Math.round(o.lookbackMs / 1000)} s; findings are not kept)`;
   }
+  return {
+    ...found,
+    fresh,
+    merged: mergeFindings(stored, fresh, now),
+    scope: cursor && cursor.boot_id === bootId ? "since the last check" : `in the last ${Math.round(e.lookbackMs / 60000)} min`,
+  };
+}
+
+type KmsgScan = Awaited<ReturnType<typeof scanKmsg>>;
+
+/** Judge the scan's findings into the host.dmesg result. */
+async function dmesgResult(io: HealthIo, s: KmsgScan, o: { now: number; windowMs: number; bootId: string; cursorNote: string }): Promise<CheckResult> {
+  const { now, windowMs, bootId, cursorNote } = o;
   const freshKeys = new Set(s.fresh.map(findingKey));
   const judged = judgeFindings(s.merged, { now, windowMs, freshKeys });
   const blocking = judged.filter((f) => f.blocks);
@@ -268,6 +264,36 @@ export async function checkDmesg(io: HealthIo, o: DmesgOptions): Promise<CheckRe
     );
   }
   return result("host.dmesg", "ok", `no unacknowledged device-mapper/I/O errors in the kernel log${ackNote}${cursorNote}`, "", details);
+}
+
+/** What the kernel logged since the cursor; blocking lines are kept (kernel-findings.ts) and judged. */
+export async function checkDmesg(io: HealthIo, o: DmesgOptions): Promise<CheckResult> {
+  let raw: string[];
+  try {
+    raw = await io.readKmsg();
+  } catch (e) {
+    return result("host.dmesg", "warn", `cannot read the kernel log: ${errorMessage(e)}`, RUNBOOK.dmesgUnreadable);
+  }
+  const now = o.now ?? Date.now();
+  const windowMs = o.windowMs ?? DEFAULT_KERNEL_ERROR_WINDOW_MS;
+  const [bootId, uptime] = await bootAndUptime(io);
+  const records = raw.map(parseKmsgRecord).filter((r): r is KmsgRecord => r !== null);
+  const env: KmsgScanEnv = { io, records, bootId, uptime, now, lookbackMs: o.lookbackMs };
+  let s: KmsgScan;
+  let cursorNote = "";
+  if (o.stateDir) {
+    const dir = o.stateDir;
+    s = await withKmsgLock(dir, async () => {
+      const r = await scanKmsg(env, await readCursor(dir), await readFindings(dir));
+      if (r.fresh.length) await writeFindings(dir, r.merged);
+      await writeCursor(dir, { boot_id: bootId, seq: r.lastSeq });
+      return r;
+    });
+  } else {
+    s = await scanKmsg(env, null, []);
+    cursorNote = ` (no state dir: looked back ${Math.round(o.lookbackMs / 1000)} s; findings are not kept)`;
+  }
+  return await dmesgResult(io, s, { now, windowMs, bootId, cursorNote });
 }
 
 /** The cursor a check left (its report's host.dmesg details), for acknowledgeOwnMessages. */
