@@ -157,13 +157,12 @@ function validateArgv(argv: string[]): void {
   }
 }
 
-export const spawnRunner: Runner = async (argv, opts = {}) => {
-  validateArgv(argv);
-  const timeoutMs = opts.timeoutMs ?? DEFAULT_TIMEOUT_MS;
-  const graceMs = opts.killGraceMs ?? 2_000;
-  const started = performance.now();
-  const startedAt = new Date();
-  let proc: ReturnType<typeof Bun.spawn>;
+type Spawned = ReturnType<typeof Bun.spawn>;
+
+/** Spawn argv in its own process group, tracked as live until it exits. A failed spawn (ENOENT:
+ * the binary is missing) is recorded and returned as the command's result. */
+function spawnTracked(argv: string[], opts: RunOptions, started: number, startedAt: Date): { proc: Spawned } | { failed: CmdResult } {
+  let proc: Spawned;
   installStopHandlers();
   try {
     proc = Bun.spawn(argv, {
@@ -188,7 +187,7 @@ export const spawnRunner: Runner = async (argv, opts = {}) => {
       durationMs: Math.round(performance.now() - started),
     };
     emitRecord(r, opts.ctx, startedAt, opts.probe);
-    return r;
+    return { failed: r };
   }
   const group = proc.pid;
   liveGroups.add(group);
@@ -196,8 +195,18 @@ export const spawnRunner: Runner = async (argv, opts = {}) => {
     () => untrackGroup(group),
     () => untrackGroup(group),
   );
-  let timedOut = false;
-  let killTimer: ReturnType<typeof setTimeout> | undefined;
+  return { proc };
+}
+
+interface Deadline {
+  timedOut: boolean;
+  termTimer: ReturnType<typeof setTimeout> | undefined;
+  killTimer: ReturnType<typeof setTimeout> | undefined;
+}
+
+/** The command's time limit: at timeoutMs SIGTERM to its group, graceMs later SIGKILL. */
+function armDeadline(proc: Spawned, timeoutMs: number, graceMs: number): Deadline {
+  const d: Deadline = { timedOut: false, termTimer: undefined, killTimer: undefined };
   const killGroup = (sig: NodeJS.Signals) => {
     try {
       process.kill(-proc.pid, sig);
@@ -207,11 +216,24 @@ export const spawnRunner: Runner = async (argv, opts = {}) => {
       } catch {}
     }
   };
-  const termTimer = setTimeout(() => {
-    timedOut = true;
+  d.termTimer = setTimeout(() => {
+    d.timedOut = true;
     killGroup("SIGTERM");
-    killTimer = setTimeout(() => killGroup("SIGKILL"), graceMs);
+    d.killTimer = setTimeout(() => killGroup("SIGKILL"), graceMs);
   }, timeoutMs);
+  return d;
+}
+
+export const spawnRunner: Runner = async (argv, opts = {}) => {
+  validateArgv(argv);
+  const timeoutMs = opts.timeoutMs ?? DEFAULT_TIMEOUT_MS;
+  const graceMs = opts.killGraceMs ?? 2_000;
+  const started = performance.now();
+  const startedAt = new Date();
+  const spawned = spawnTracked(argv, opts, started, startedAt);
+  if ("failed" in spawned) return spawned.failed;
+  const { proc } = spawned;
+  const deadline = armDeadline(proc, timeoutMs, graceMs);
   const out = new Response(proc.stdout as ReadableStream).text();
   const err = new Response(proc.stderr as ReadableStream).text();
   // A process in uninterruptible sleep (D state, e.g. I/O on a suspended device) ignores even
@@ -222,8 +244,8 @@ export const spawnRunner: Runner = async (argv, opts = {}) => {
     abandonAfter,
     false,
   );
-  clearTimeout(termTimer);
-  if (killTimer && exited) clearTimeout(killTimer);
+  clearTimeout(deadline.termTimer);
+  if (deadline.killTimer && exited) clearTimeout(deadline.killTimer);
   if (!exited) {
     const r: CmdResult = {
       argv,
@@ -246,7 +268,7 @@ export const spawnRunner: Runner = async (argv, opts = {}) => {
     stderr,
     exitCode: proc.signalCode ? null : proc.exitCode,
     signal: proc.signalCode ? String(proc.signalCode) : null,
-    timedOut,
+    timedOut: deadline.timedOut,
     durationMs: Math.round(performance.now() - started),
   };
   emitRecord(r, opts.ctx, startedAt, opts.probe);
