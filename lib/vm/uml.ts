@@ -10,7 +10,7 @@ import { groupProcesses } from "../util/proc.ts";
 import { onStop } from "../util/signals.ts";
 import { parseSize } from "../util/units.ts";
 import { vmEnv } from "./env.ts";
-import { vmHost } from "./host.ts";
+import { type VmHost, vmHost } from "./host.ts";
 import { buildInitScript, parseResult, RUN_FILES } from "./init.ts";
 
 export type Sink = (chunk: Uint8Array) => void;
@@ -208,17 +208,15 @@ for f in $(grep -lsazx 'umid=${umid}' /proc/[0-9]*/cmdline); do p=\${f#/proc/}; 
   }
 }
 
-export async function runInVm(opts: VmOptions): Promise<VmResult> {
-  if (opts.argv.length === 0) throw new ThinimgError("usage", "no command given", { hint: "usage: bun scripts/vm.ts -- CMD ARG..." });
-  for (const a of opts.argv) {
+function validateVmArgv(argv: string[]): void {
+  if (argv.length === 0) throw new ThinimgError("usage", "no command given", { hint: "usage: bun scripts/vm.ts -- CMD ARG..." });
+  for (const a of argv) {
     if (a.includes("\0")) throw new ThinimgError("usage", "command arguments cannot contain NUL bytes");
   }
-  const host = vmHost();
-  const mem = memArg(opts.mem ?? DEFAULT_VM_MEM);
-  const timeoutMs = opts.timeoutMs ?? DEFAULT_VM_TIMEOUT_MS;
-  const cwd = opts.cwd ?? process.cwd();
-  if (!existsSync(cwd)) throw new ThinimgError("usage", `working directory ${cwd} does not exist`, { hint: "run from (or pass) an existing directory" });
+}
 
+/** A fresh run directory (its name is the VM's umid) with empty output files and the init script. */
+function prepareRunDir(opts: VmOptions, host: VmHost, cwd: string): { runDir: string; umid: string; file: (f: string) => string } {
   const runDir = mkdtempSync("/tmp/thinimg-vm-");
   const umid = runDir.slice("/tmp/".length);
   const file = (f: string) => `${runDir}/${f}`;
@@ -228,7 +226,17 @@ export async function runInVm(opts: VmOptions): Promise<VmResult> {
     buildInitScript({ runDir, argv: opts.argv, env: vmEnv(opts.env ?? process.env), cwd, driversDir: host.driversDir, insmod: host.insmod }),
     { mode: 0o755 },
   );
+  return { runDir, umid, file };
+}
 
+/** Boot linux.uml in its own process group, its console into the kernel log file. */
+function spawnUml(
+  opts: VmOptions,
+  host: VmHost,
+  mem: string,
+  run: { runDir: string; umid: string; file: (f: string) => string },
+): { proc: ReturnType<typeof Bun.spawn>; started: number } {
+  const { runDir, umid, file } = run;
   const kernelFd = openSync(file(RUN_FILES.kernelLog), "a");
   const started = performance.now();
   const proc = Bun.spawn(
@@ -252,21 +260,13 @@ export async function runInVm(opts: VmOptions): Promise<VmResult> {
     { stdin: "ignore", stdout: kernelFd, stderr: kernelFd, detached: true, cwd: runDir, env: { PATH: process.env.PATH ?? "/usr/bin:/bin", TMPDIR: umlTmp() } },
   );
   closeSync(kernelFd);
-  const vm: LiveVm = {
-    group: proc.pid,
-    umid,
-    watchdog: null,
-    cleanup: () => {
-      if (!opts.keep) rmSync(runDir, { recursive: true, force: true });
-    },
-  };
-  live.set(proc.pid, vm);
-  install();
-  vm.watchdog = startWatchdog(proc.pid, umid, Math.ceil(timeoutMs / 1000) + 10, opts.keep ? null : runDir);
+  return { proc, started };
+}
 
-  const out = new Tailer(file(RUN_FILES.stdout), opts.stdout);
-  const err = new Tailer(file(RUN_FILES.stderr), opts.stderr);
-  const klog = new Tailer(file(RUN_FILES.kernelLog), opts.kernel);
+/** Wait for the VM (killing it at its limit) while tailing its output; then make sure nothing of it
+ * is left running. Returns whether it timed out. */
+async function superviseVm(proc: ReturnType<typeof Bun.spawn>, vm: LiveVm, tailers: [Tailer, Tailer, Tailer], timeoutMs: number): Promise<boolean> {
+  const [out, err, klog] = tailers;
   let timedOut = false;
   const timer = setTimeout(() => {
     timedOut = true;
@@ -293,6 +293,36 @@ export async function runInVm(opts: VmOptions): Promise<VmResult> {
     live.delete(proc.pid);
     if (live.size === 0) uninstall();
   }
+  return timedOut;
+}
+
+export async function runInVm(opts: VmOptions): Promise<VmResult> {
+  validateVmArgv(opts.argv);
+  const host = vmHost();
+  const mem = memArg(opts.mem ?? DEFAULT_VM_MEM);
+  const timeoutMs = opts.timeoutMs ?? DEFAULT_VM_TIMEOUT_MS;
+  const cwd = opts.cwd ?? process.cwd();
+  if (!existsSync(cwd)) throw new ThinimgError("usage", `working directory ${cwd} does not exist`, { hint: "run from (or pass) an existing directory" });
+
+  const run = prepareRunDir(opts, host, cwd);
+  const { runDir, umid, file } = run;
+  const { proc, started } = spawnUml(opts, host, mem, run);
+  const vm: LiveVm = {
+    group: proc.pid,
+    umid,
+    watchdog: null,
+    cleanup: () => {
+      if (!opts.keep) rmSync(runDir, { recursive: true, force: true });
+    },
+  };
+  live.set(proc.pid, vm);
+  install();
+  vm.watchdog = startWatchdog(proc.pid, umid, Math.ceil(timeoutMs / 1000) + 10, opts.keep ? null : runDir);
+
+  const out = new Tailer(file(RUN_FILES.stdout), opts.stdout);
+  const err = new Tailer(file(RUN_FILES.stderr), opts.stderr);
+  const klog = new Tailer(file(RUN_FILES.kernelLog), opts.kernel);
+  const timedOut = await superviseVm(proc, vm, [out, err, klog], timeoutMs);
   const stdout = out.close();
   const stderr = err.close();
   klog.close();
