@@ -29,6 +29,91 @@ async function time(fn: () => Promise<unknown>): Promise<number> {
   return performance.now() - t;
 }
 
+/** The pool to check: the given one, none with --host-only, else a temporary loop-backed pool in
+ * stateDir; and how to remove what was made. */
+async function benchPool(stateDir: string, given: string | null, hostOnly: boolean): Promise<{ poolName: string | null; cleanup: () => Promise<void> }> {
+  let poolName = given;
+  let cleanup = async () => {};
+  if (!hostOnly && !poolName) {
+    const p = await createLoopPool({ dir: stateDir, name: `bench${process.pid}`, dataSize: 256 * 1024 ** 2, metaSize: 8 * 1024 ** 2 });
+    poolName = p.name;
+    cleanup = async () => {
+      await dmsetup.remove(p.name);
+      await losetup.detach(p.metaDev);
+      await losetup.detach(p.dataDev);
+    };
+  }
+  return { poolName, cleanup };
+}
+
+/** 3 warm-up runs, then `runs` interleaved runs of the baseline and the whole health check. */
+async function measure(pool: string | null, stateDir: string, runs: number) {
+  const baselineArgv = pool ? ["dmsetup", "status", pool] : null;
+  const baseline = async () => {
+    if (baselineArgv) {
+      const p = Bun.spawn(baselineArgv, { stdout: "pipe", stderr: "pipe", env: { ...process.env, DM_DISABLE_UDEV: "1" } });
+      await new Response(p.stdout).text();
+      if ((await p.exited) !== 0) throw new ThinimgError("dm", `${baselineArgv.join(" ")} failed`);
+    } else await Bun.file("/proc/meminfo").text();
+  };
+  const check = async () => {
+    const r = await runHealthChecks({ pool, stateDir });
+    if (!r.healthy) {
+      const b = r.checks.find((c) => c.status === "block")!;
+      throw new ThinimgError("unhealthy", `host is not healthy, cannot benchmark: ${b.name}: ${b.message}`, { hint: b.runbook });
+    }
+    return r;
+  };
+  for (let i = 0; i < 3; i++) {
+    await baseline();
+    await check();
+  }
+  const base: number[] = [];
+  const health: number[] = [];
+  const perCheck: Record<string, number[]> = {};
+  // interleaved, so drift (other load, caches) hits both series alike
+  for (let i = 0; i < runs; i++) {
+    base.push(await time(baseline));
+    const t = performance.now();
+    const r = await check();
+    health.push(performance.now() - t);
+    for (const c of r.checks) {
+      const key = c.name.startsWith("pool.") ? "pool.*" : c.name;
+      perCheck[key] = [...(perCheck[key] ?? []), c.durationMs];
+    }
+  }
+  const h = stats(health);
+  const b = stats(base);
+  return {
+    runs,
+    pool,
+    target_ms: TARGET_MS,
+    health_ms: h,
+    baseline: { what: baselineArgv ? baselineArgv.join(" ") : "read /proc/meminfo", ms: b },
+    ratio_median: Math.round((h.median / b.median) * 100) / 100,
+    overhead_median_ms: Math.round((h.median - b.median) * 10) / 10,
+    per_check_median_ms: Object.fromEntries(Object.entries(perCheck).map(([k, v]) => [k, stats(v).median])),
+    meets_target: h.median <= TARGET_MS,
+  };
+}
+
+function printReport(out: Awaited<ReturnType<typeof measure>>, json: boolean): void {
+  if (json) printJson(out);
+  else {
+    const { pool, runs, health_ms: h } = out;
+    const b = out.baseline.ms;
+    const lines = [
+      `health check (${pool ? `pool ${pool}` : "host only"}), ${runs} runs:  median ${h.median} ms  p95 ${h.p95} ms  (min ${h.min}, max ${h.max})  target ≤ ${TARGET_MS} ms: ${out.meets_target ? "met" : "NOT met"}`,
+      `baseline ${out.baseline.what}:  median ${b.median} ms  p95 ${b.p95} ms`,
+      `ratio health/baseline (median): ${out.ratio_median}x   overhead over baseline: ${out.overhead_median_ms} ms`,
+      `per check (median ms, concurrent): ${Object.entries(out.per_check_median_ms)
+        .map(([k, v]) => `${k} ${v}`)
+        .join(", ")}`,
+    ];
+    process.stdout.write(`${lines.join("\n")}\n`);
+  }
+}
+
 export const benchHealthCommand = defineCommand({
   meta: { name: "bench-health", description: "Benchmark the pre-flight health check (target ≤ 50 ms) against a bare dmsetup status" },
   args: {
@@ -47,78 +132,9 @@ export const benchHealthCommand = defineCommand({
       });
     }
     const stateDir = mkdtempSync("/tmp/thinimg-bench-health-");
-    let poolName = args.pool ?? null;
-    let cleanup = async () => {};
-    if (!hostOnly && !poolName) {
-      const p = await createLoopPool({ dir: stateDir, name: `bench${process.pid}`, dataSize: 256 * 1024 ** 2, metaSize: 8 * 1024 ** 2 });
-      poolName = p.name;
-      cleanup = async () => {
-        await dmsetup.remove(p.name);
-        await losetup.detach(p.metaDev);
-        await losetup.detach(p.dataDev);
-      };
-    }
+    const { poolName, cleanup } = await benchPool(stateDir, args.pool ?? null, hostOnly);
     try {
-      const pool = hostOnly ? null : poolName;
-      const baselineArgv = pool ? ["dmsetup", "status", pool] : null;
-      const baseline = async () => {
-        if (baselineArgv) {
-          const p = Bun.spawn(baselineArgv, { stdout: "pipe", stderr: "pipe", env: { ...process.env, DM_DISABLE_UDEV: "1" } });
-          await new Response(p.stdout).text();
-          if ((await p.exited) !== 0) throw new ThinimgError("dm", `${baselineArgv.join(" ")} failed`);
-        } else await Bun.file("/proc/meminfo").text();
-      };
-      const check = async () => {
-        const r = await runHealthChecks({ pool, stateDir });
-        if (!r.healthy) {
-          const b = r.checks.find((c) => c.status === "block")!;
-          throw new ThinimgError("unhealthy", `host is not healthy, cannot benchmark: ${b.name}: ${b.message}`, { hint: b.runbook });
-        }
-        return r;
-      };
-      for (let i = 0; i < 3; i++) {
-        await baseline();
-        await check();
-      }
-      const base: number[] = [];
-      const health: number[] = [];
-      const perCheck: Record<string, number[]> = {};
-      // interleaved, so drift (other load, caches) hits both series alike
-      for (let i = 0; i < runs; i++) {
-        base.push(await time(baseline));
-        const t = performance.now();
-        const r = await check();
-        health.push(performance.now() - t);
-        for (const c of r.checks) {
-          const key = c.name.startsWith("pool.") ? "pool.*" : c.name;
-          perCheck[key] = [...(perCheck[key] ?? []), c.durationMs];
-        }
-      }
-      const h = stats(health);
-      const b = stats(base);
-      const out = {
-        runs,
-        pool,
-        target_ms: TARGET_MS,
-        health_ms: h,
-        baseline: { what: baselineArgv ? baselineArgv.join(" ") : "read /proc/meminfo", ms: b },
-        ratio_median: Math.round((h.median / b.median) * 100) / 100,
-        overhead_median_ms: Math.round((h.median - b.median) * 10) / 10,
-        per_check_median_ms: Object.fromEntries(Object.entries(perCheck).map(([k, v]) => [k, stats(v).median])),
-        meets_target: h.median <= TARGET_MS,
-      };
-      if (args.json) printJson(out);
-      else {
-        const lines = [
-          `health check (${pool ? `pool ${pool}` : "host only"}), ${runs} runs:  median ${h.median} ms  p95 ${h.p95} ms  (min ${h.min}, max ${h.max})  target ≤ ${TARGET_MS} ms: ${out.meets_target ? "met" : "NOT met"}`,
-          `baseline ${out.baseline.what}:  median ${b.median} ms  p95 ${b.p95} ms`,
-          `ratio health/baseline (median): ${out.ratio_median}x   overhead over baseline: ${out.overhead_median_ms} ms`,
-          `per check (median ms, concurrent): ${Object.entries(out.per_check_median_ms)
-            .map(([k, v]) => `${k} ${v}`)
-            .join(", ")}`,
-        ];
-        process.stdout.write(`${lines.join("\n")}\n`);
-      }
+      printReport(await measure(hostOnly ? null : poolName, stateDir, runs), Boolean(args.json));
     } finally {
       await cleanup();
       rmSync(stateDir, { recursive: true, force: true });
