@@ -114,11 +114,11 @@ export function commandsFor(pool: string, a: Orphan): string[] {
 
 const stepJson = (s: StepResult) => ({ op: s.op, target: s.target, outcome: s.outcome, duration_ms: s.durationMs, error: s.error });
 
-export function buildReport(i: GcReportInput): GcReport {
-  const plan = i.plan;
+/** Each planned orphan with its commands and, after a --force run, its outcome and steps. */
+function orphansJson(i: GcReportInput): OrphanJson[] {
   const byAction = new Map<Orphan, ActionResult>();
   for (const r of i.act?.results ?? []) byAction.set(r.action, r);
-  const orphans: OrphanJson[] = (plan?.actions ?? []).map((a) => {
+  return (i.plan?.actions ?? []).map((a) => {
     const r = byAction.get(a);
     return {
       thin_id: a.thinId,
@@ -133,6 +133,26 @@ export function buildReport(i: GcReportInput): GcReport {
       steps: (r?.steps ?? []).map(stepJson),
     };
   });
+}
+
+/** The scan's section of the report. */
+function scanJson(scan: GcReportInput["scan"]): GcReport["scan"] {
+  return {
+    devices_ours: scan.ours,
+    devices_foreign: scan.foreign,
+    devices_unrelated: scan.unrelated,
+    metadata_status: scan.metadata.status,
+    metadata_method: scan.metadata.method,
+    metadata_thin_ids: scan.metadata.thinIds,
+    metadata_skipped: scan.metadata.skipped,
+    stale_metadata_hold: scan.metadata.staleHold ? { held_root: scan.metadata.staleHold.heldRoot, released: scan.metadata.staleHold.released } : null,
+    db_known: scan.dbKnown,
+  };
+}
+
+export function buildReport(i: GcReportInput): GcReport {
+  const plan = i.plan;
+  const orphans = orphansJson(i);
   const skipped = (plan?.skips ?? []).map((s: Skip) => ({
     thin_id: s.thinId,
     device: s.device,
@@ -175,17 +195,7 @@ export function buildReport(i: GcReportInput): GcReport {
     health: i.health,
     refused: i.refused,
     reconciled: i.reconciled,
-    scan: {
-      devices_ours: i.scan.ours,
-      devices_foreign: i.scan.foreign,
-      devices_unrelated: i.scan.unrelated,
-      metadata_status: i.scan.metadata.status,
-      metadata_method: i.scan.metadata.method,
-      metadata_thin_ids: i.scan.metadata.thinIds,
-      metadata_skipped: i.scan.metadata.skipped,
-      stale_metadata_hold: i.scan.metadata.staleHold ? { held_root: i.scan.metadata.staleHold.heldRoot, released: i.scan.metadata.staleHold.released } : null,
-      db_known: i.scan.dbKnown,
-    },
+    scan: scanJson(i.scan),
     orphans,
     skipped,
     repairs,

@@ -15,10 +15,10 @@ import { tx } from "../store/db.ts";
 import { getDevice, setDevice, setDeviceState } from "../store/devices.ts";
 import { getImage, getImageByName, type ImageRow } from "../store/images.ts";
 import { workSubject } from "../store/keys.ts";
-import { getLayer } from "../store/layers.ts";
+import { getLayer, type LayerRow } from "../store/layers.ts";
 import { getSnapshot, getSnapshotByDevice, insertSnapshot, type SnapshotRow, updateSnapshot } from "../store/snapshots.ts";
 import { allocateThinId, getThinId, setThinIdState } from "../store/thin-ids.ts";
-import { beginStep, endStep, finishWork, type Leak, startWork } from "../store/work.ts";
+import { beginStep, endStep, finishWork, type Leak, startWork, type WorkRow } from "../store/work.ts";
 import { classify, failure } from "./failure.ts";
 import { assertSnapshotSize, growExt4 } from "./grow.ts";
 import { type Preflight, preflight } from "./preflight.ts";
@@ -53,20 +53,36 @@ export interface ActivateOptions {
   preflight?: Preflight | undefined;
 }
 
-export async function activate(ctx: Ctx, imageRef: string, o: ActivateOptions = {}): Promise<ActivateResult> {
-  const t0 = performance.now();
-  const { db, cfg } = ctx;
-  const poolName = cfg.pool;
-  const img = findImage(ctx, imageRef);
+/** The activation's progress, read by the failure path to record exactly what was left behind. */
+interface ActivationProgress {
+  thinId: number | null;
+  name: string | null;
+  created: boolean;
+  active: boolean;
+  /** a step whose intent is written but not its outcome: ended `failed` on an error (recording only) */
+  openStep: number | null;
+}
+
+/** The image's committed top layer, or a conflict error if the image cannot be activated. */
+function readyTopLayer(ctx: Ctx, img: ImageRow): LayerRow {
   if (img.state !== "ready" || img.top_layer_id === null) {
     throw new ThinimgError("conflict", `image ${img.name} is ${img.state}${img.error ? ` (${img.error})` : ""}`, {
       hint: `unpack it first: bun scripts/unpack.ts ${img.source} --name ${img.name}`,
     });
   }
-  const top = getLayer(db, img.top_layer_id)!;
+  const top = getLayer(ctx.db, img.top_layer_id)!;
   if (top.state !== "committed" || top.thin_id === null || !top.device_name) {
     throw new ThinimgError("conflict", `image ${img.name}: its top layer is ${top.state}`, { hint: "re-run the unpack" });
   }
+  return top;
+}
+
+export async function activate(ctx: Ctx, imageRef: string, o: ActivateOptions = {}): Promise<ActivateResult> {
+  const t0 = performance.now();
+  const { db } = ctx;
+  const poolName = ctx.cfg.pool;
+  const img = findImage(ctx, imageRef);
+  const top = readyTopLayer(ctx, img);
   const size = o.size === undefined ? top.virtual_size : assertSnapshotSize(o.size, top.virtual_size, img.name);
   if (!o.skipHealth) await (o.preflight ?? preflight)(ctx);
   // one commit (each is an fsync with synchronous=FULL): the snapshot row and its work record
@@ -74,90 +90,100 @@ export async function activate(ctx: Ctx, imageRef: string, o: ActivateOptions = 
     const sn = insertSnapshot(db, { pool: poolName, imageId: img.id, layerId: top.id, virtualSize: size, pid: ctx.owner.pid, command: ctx.owner.command });
     return [sn, startWork(db, poolName, "activate", workSubject("snapshot", sn.id), ctx.owner)] as const;
   });
-  let thinId: number | null = null;
-  let name: string | null = null;
-  let created = false;
-  let active = false;
-  // a step whose intent is written but not its outcome: ended `failed` on an error (recording only)
-  let openStep: number | null = null;
+  const st: ActivationProgress = { thinId: null, name: null, created: false, active: false, openStep: null };
   try {
-    await inPoolSection(ctx, async () => {
-      const topInfo = await activeDevice(top.device_name!);
-      if (topInfo) {
-        throw new ThinimgError("conflict", `layer device ${top.device_name} is active; refusing to snapshot it without a suspend`, {
-          hint: "committed layers are never left active by thinimg; `bun scripts/gc.ts` shows why it is",
-        });
-      }
-      for (let tries = 0; ; tries++) {
-        // the id and the snapshot's claim on it in one transaction
-        [thinId, name] = tx(db, (): [number, string] => {
-          const id = allocateThinId(db, poolName, { kind: "snapshot", id: snap.id }, top.thin_id);
-          const n = deviceName(cfg.prefix, poolName, "snap", id);
-          updateSnapshot(db, snap.id, { thin_id: id, device_name: n });
-          return [id, n];
-        });
-        try {
-          await poolCreate(ctx, work.id, { op: "create_snap", thinId, originId: top.thin_id! }, { txn: false });
-          created = true;
-          break;
-        } catch (e) {
-          if (!(e instanceof ThinIdTaken) || tries >= 15) throw e;
-        }
-      }
-      await pausePoint("activate:created", cfg.stateDir);
-      openStep = tx(db, () => {
-        const id = beginStep(db, work.id, poolName, "activate_device", { thinId, deviceName: name }).id;
-        setDevice(db, { pool: poolName, name: name!, thinId: thinId!, kind: "snap", state: "activating" });
-        return id;
-      });
-      await pool.activateThin(poolName, name!, thinId!, size, { ctx: { pool_name: poolName, device_id: thinId!, device_name: name! } });
-      active = true;
-      if (size > top.virtual_size) await growExt4(dmsetup.mapperPath(name!), { ctx: { pool_name: poolName, device_id: thinId!, device_name: name! } });
-      tx(db, () => {
-        setDeviceState(db, poolName, name!, "active");
-        endStep(db, openStep!, "done", "ok");
-        openStep = null;
-        setThinIdState(db, poolName, thinId!, "committed");
-        updateSnapshot(db, snap.id, { state: "active", activated_at: Date.now() });
-        finishWork(db, work.id, "done");
-      });
-    });
+    await inPoolSection(ctx, () => activateInPool(ctx, top, snap, work, size, st));
   } catch (e) {
-    const leaks: Leak[] = [];
-    if (thinId !== null && created) leaks.push({ kind: "thin_id", ref: thinId, reason: `activation of snapshot ${snap.id} failed` });
-    // a failed (e.g. timed-out) `dmsetup create` may still have left the device: gone only if verified
-    const deviceRow = name !== null && getDevice(db, poolName, name) !== null;
-    let deviceLeft = active;
-    if (!active && deviceRow)
-      deviceLeft = await activeDevice(name!).then(
-        (d) => d !== null,
-        () => true,
-      );
-    if (name && deviceLeft) leaks.push({ kind: "device", ref: name, reason: `activation of snapshot ${snap.id} failed` });
-    const err = failure(`activate ${img.name}`, e, leaks);
-    const c = classify(e);
-    tx(db, () => {
-      if (openStep !== null) endStep(db, openStep, "failed", "error", err.message);
-      updateSnapshot(db, snap.id, { state: "failed", error: err.message });
-      if (thinId !== null) {
-        const t = getThinId(db, poolName, thinId);
-        // allocated-but-unconfirmed ids may exist in the pool: orphaned, so GC looks at them
-        if (t && (t.state === "allocated" || t.state === "created")) setThinIdState(db, poolName, thinId, "orphaned", `activation failed: ${err.message}`);
-      }
-      if (name && deviceRow)
-        setDeviceState(db, poolName, name, deviceLeft ? "leaked" : "removed", deviceLeft ? err.message : `never activated (verified absent): ${err.message}`);
-      finishWork(db, work.id, "failed", { error: err.message, kind: c.errorKind, leaks });
-    });
-    throw err;
+    throw await recordActivateFailure(ctx, img, snap, work, st, e);
   }
   return {
     snapshot_id: snap.id,
     image: img.name,
-    thin_id: thinId!,
-    device_name: name!,
-    device_path: dmsetup.mapperPath(name!),
+    thin_id: st.thinId!,
+    device_name: st.name!,
+    device_path: dmsetup.mapperPath(st.name!),
     duration_ms: Math.round(performance.now() - t0),
   };
+}
+
+/** The pool section of an activation: create the snapshot's thin id, load its device, grow it. */
+async function activateInPool(ctx: Ctx, top: LayerRow, snap: SnapshotRow, work: WorkRow, size: number, st: ActivationProgress): Promise<void> {
+  const { db, cfg } = ctx;
+  const poolName = cfg.pool;
+  const topInfo = await activeDevice(top.device_name!);
+  if (topInfo) {
+    throw new ThinimgError("conflict", `layer device ${top.device_name} is active; refusing to snapshot it without a suspend`, {
+      hint: "committed layers are never left active by thinimg; `bun scripts/gc.ts` shows why it is",
+    });
+  }
+  for (let tries = 0; ; tries++) {
+    // the id and the snapshot's claim on it in one transaction
+    [st.thinId, st.name] = tx(db, (): [number, string] => {
+      const id = allocateThinId(db, poolName, { kind: "snapshot", id: snap.id }, top.thin_id);
+      const n = deviceName(cfg.prefix, poolName, "snap", id);
+      updateSnapshot(db, snap.id, { thin_id: id, device_name: n });
+      return [id, n];
+    });
+    try {
+      await poolCreate(ctx, work.id, { op: "create_snap", thinId: st.thinId, originId: top.thin_id! }, { txn: false });
+      st.created = true;
+      break;
+    } catch (e) {
+      if (!(e instanceof ThinIdTaken) || tries >= 15) throw e;
+    }
+  }
+  await pausePoint("activate:created", cfg.stateDir);
+  const thinId = st.thinId;
+  const name = st.name;
+  st.openStep = tx(db, () => {
+    const id = beginStep(db, work.id, poolName, "activate_device", { thinId, deviceName: name }).id;
+    setDevice(db, { pool: poolName, name: name!, thinId: thinId!, kind: "snap", state: "activating" });
+    return id;
+  });
+  await pool.activateThin(poolName, name!, thinId!, size, { ctx: { pool_name: poolName, device_id: thinId!, device_name: name! } });
+  st.active = true;
+  if (size > top.virtual_size) await growExt4(dmsetup.mapperPath(name!), { ctx: { pool_name: poolName, device_id: thinId!, device_name: name! } });
+  tx(db, () => {
+    setDeviceState(db, poolName, name!, "active");
+    endStep(db, st.openStep!, "done", "ok");
+    st.openStep = null;
+    setThinIdState(db, poolName, thinId!, "committed");
+    updateSnapshot(db, snap.id, { state: "active", activated_at: Date.now() });
+    finishWork(db, work.id, "done");
+  });
+}
+
+/** Records a failed activation (leaks, the snapshot, thin id, device and work rows) and returns the error to throw. */
+async function recordActivateFailure(ctx: Ctx, img: ImageRow, snap: SnapshotRow, work: WorkRow, st: ActivationProgress, e: unknown): Promise<ThinimgError> {
+  const { db } = ctx;
+  const poolName = ctx.cfg.pool;
+  const { thinId, name, created, active, openStep } = st;
+  const leaks: Leak[] = [];
+  if (thinId !== null && created) leaks.push({ kind: "thin_id", ref: thinId, reason: `activation of snapshot ${snap.id} failed` });
+  // a failed (e.g. timed-out) `dmsetup create` may still have left the device: gone only if verified
+  const deviceRow = name !== null && getDevice(db, poolName, name) !== null;
+  let deviceLeft = active;
+  if (!active && deviceRow)
+    deviceLeft = await activeDevice(name!).then(
+      (d) => d !== null,
+      () => true,
+    );
+  if (name && deviceLeft) leaks.push({ kind: "device", ref: name, reason: `activation of snapshot ${snap.id} failed` });
+  const err = failure(`activate ${img.name}`, e, leaks);
+  const c = classify(e);
+  tx(db, () => {
+    if (openStep !== null) endStep(db, openStep, "failed", "error", err.message);
+    updateSnapshot(db, snap.id, { state: "failed", error: err.message });
+    if (thinId !== null) {
+      const t = getThinId(db, poolName, thinId);
+      // allocated-but-unconfirmed ids may exist in the pool: orphaned, so GC looks at them
+      if (t && (t.state === "allocated" || t.state === "created")) setThinIdState(db, poolName, thinId, "orphaned", `activation failed: ${err.message}`);
+    }
+    if (name && deviceRow)
+      setDeviceState(db, poolName, name, deviceLeft ? "leaked" : "removed", deviceLeft ? err.message : `never activated (verified absent): ${err.message}`);
+    finishWork(db, work.id, "failed", { error: err.message, kind: c.errorKind, leaks });
+  });
+  return err;
 }
 
 /** SNAPSHOT is a snapshot id, a device name, or /dev/mapper/<name>. */

@@ -8,7 +8,7 @@ import { errorMessage } from "../errors.ts";
 import type { Db } from "../store/db.ts";
 import { readGcRows } from "../store/gc-queries.ts";
 import { type ImageRow, imageLayerIds, listImages } from "../store/images.ts";
-import { layerRefCounts, listLayers } from "../store/layers.ts";
+import { type LayerRow, layerRefCounts, listLayers } from "../store/layers.ts";
 import { imageUses } from "../store/lifecycle.ts";
 import { listSnapshots, type SnapshotRow } from "../store/snapshots.ts";
 import { listThinIds } from "../store/thin-ids.ts";
@@ -110,16 +110,8 @@ async function exclusiveSpace(
   }
 }
 
-export async function inventory(
-  db: Db,
-  poolName: string,
-  o: { allSnapshots?: boolean; probePool?: boolean /** compute exclusive space (reads a metadata snapshot) */; stateDir?: string } = {},
-): Promise<Inventory> {
-  const images = listImages(db, poolName);
-  const names = new Map(images.map((i) => [i.id, i.name]));
-  const refs = layerRefCounts(db, poolName);
-  const thinCounts: Record<string, number> = {};
-  for (const t of listThinIds(db, poolName)) thinCounts[t.state] = (thinCounts[t.state] ?? 0) + 1;
+/** The pool's row of the inventory: its status when probed (one bounded `dmsetup status`). */
+async function poolJson(poolName: string, probe: boolean): Promise<Inventory["pool"]> {
   let p: Inventory["pool"] = {
     name: poolName,
     status: "unavailable",
@@ -131,7 +123,7 @@ export async function inventory(
     data_total_blocks: null,
     mode: null,
   };
-  if (o.probePool !== false) {
+  if (probe) {
     try {
       const st = await pool.poolStatus(poolName, { timeoutMs: 5_000 });
       if (st.kind === "ok") {
@@ -150,6 +142,38 @@ export async function inventory(
       p = { ...p, detail: errorMessage(e) };
     }
   }
+  return p;
+}
+
+/** One layer's row of the inventory. */
+function layerJson(l: LayerRow, refs: Map<number, number>): Inventory["layers"][number] {
+  const s = l.stats ? (JSON.parse(l.stats) as { entries?: number; bytes?: number }) : null;
+  return {
+    id: l.id,
+    chain_id: l.chain_id,
+    state: l.state,
+    phase: l.phase,
+    thin_id: l.thin_id,
+    device_name: l.device_name,
+    images: refs.get(l.id) ?? 0,
+    entries: s?.entries ?? null,
+    bytes: s?.bytes ?? null,
+    committed_at: iso(l.committed_at),
+    error: l.error,
+  };
+}
+
+export async function inventory(
+  db: Db,
+  poolName: string,
+  o: { allSnapshots?: boolean; probePool?: boolean /** compute exclusive space (reads a metadata snapshot) */; stateDir?: string } = {},
+): Promise<Inventory> {
+  const images = listImages(db, poolName);
+  const names = new Map(images.map((i) => [i.id, i.name]));
+  const refs = layerRefCounts(db, poolName);
+  const thinCounts: Record<string, number> = {};
+  for (const t of listThinIds(db, poolName)) thinCounts[t.state] = (thinCounts[t.state] ?? 0) + 1;
+  const p = await poolJson(poolName, o.probePool !== false);
   const loaded = o.probePool !== false ? await activeDevices().catch(() => null) : null;
   const stateOf = (s: SnapshotRow) => (loaded && isDetached(s, loaded) ? "detached" : s.state);
   // removed images keep their row (their snapshots reference it) but are not listed
@@ -167,22 +191,7 @@ export async function inventory(
         active_snapshots: uses.get(i.id)!.activeSnapshots,
       })),
     space_detail: space.detail,
-    layers: listLayers(db, poolName).map((l) => {
-      const s = l.stats ? (JSON.parse(l.stats) as { entries?: number; bytes?: number }) : null;
-      return {
-        id: l.id,
-        chain_id: l.chain_id,
-        state: l.state,
-        phase: l.phase,
-        thin_id: l.thin_id,
-        device_name: l.device_name,
-        images: refs.get(l.id) ?? 0,
-        entries: s?.entries ?? null,
-        bytes: s?.bytes ?? null,
-        committed_at: iso(l.committed_at),
-        error: l.error,
-      };
-    }),
+    layers: listLayers(db, poolName).map((l) => layerJson(l, refs)),
     snapshots: listSnapshots(db, poolName, o.allSnapshots ? undefined : ["active", "pending", "failed"]).map((s) => ({
       id: s.id,
       image: names.get(s.image_id) ?? String(s.image_id),

@@ -13,7 +13,7 @@ import { tx } from "../store/db.ts";
 import { beginImage, getImageByName, type ImageRow, imageLayerIds, markImageBuildFailed, markImageReady } from "../store/images.ts";
 import { imageLockKey, layerLockKey, workSubject } from "../store/keys.ts";
 import { anyLayerOfSize, getLayer, getLayerByChain, insertLayer, type LayerRow } from "../store/layers.ts";
-import { finishWork, startWork } from "../store/work.ts";
+import { finishWork, startWork, type WorkRow } from "../store/work.ts";
 import { chainIdOf, identityOf, isProvisionalChainId, provisionalChainId } from "./chain.ts";
 import { isPermanent } from "./failure.ts";
 import type { BuildResult } from "./layer-build.ts";
@@ -169,74 +169,23 @@ async function unpackLocked(ctx: Ctx, name: string, o: UnpackOptions, t0: number
   });
   const img = beginImage(db, { pool: cfg.pool, name, source: o.source, format: resolved.format });
   const work = startWork(db, cfg.pool, "unpack", workSubject("image", img.id), ctx.owner);
-  const out: UnpackedLayer[] = [];
-  let built = 0;
   // a check that just passed still speaks for the host; after a long resolve (a download) it runs again
-  let healthy = performance.now() - checkedAt < PREFLIGHT_FRESH_MS;
+  const p: LayersProgress = { out: [], built: 0, healthy: performance.now() - checkedAt < PREFLIGHT_FRESH_MS };
   try {
-    let parent: LayerRow | null = null;
-    for (const [i, ref] of resolved.layers.entries()) {
-      const chainId = await chainFor(ctx, parent, ref);
-      const label = `${i + 1}/${resolved.layers.length} (${ref.label})`;
-      let row = getLayerByChain(db, cfg.pool, chainId);
-      if (row?.state === "committed") {
-        out.push(layerOut(i, row, true));
-        parent = row;
-        continue;
-      }
-      if (row?.state === "failed" && isPermanent(row.error_kind)) {
-        throw new ThinimgError(row.error_kind === "policy" ? "policy" : "input", `layer ${label} failed earlier and would fail again: ${row.error}`, {
-          hint: "fix the image; a re-run does no device work for it",
-        });
-      }
-      if (!healthy) {
-        ctx.progress?.stage("health checks");
-        await preflight(ctx);
-        healthy = true;
-      }
-      row ??= insertLayerOnce(ctx, chainId, parent, ref);
-      const layerId = row.id;
-      const parentRow: LayerRow | null = parent;
-      const result: BuildResult = await withNamedLock(
-        db,
-        layerLockKey(cfg.pool, chainId),
-        { waitMs: cfg.lockWaitMs, command: ctx.owner.command, what: `layer ${label}` },
-        () => buildLayer(ctx, { layerId, parent: parentRow, ref, label }),
-      );
-      if (ref.lazy) {
-        const l = result.layer;
-        recordBlob(db, { digest: l.digest, size: l.size, compression: ref.compression, diffId: l.diff_id });
-      }
-      const reused = !result.built;
-      if (!reused) built++;
-      ctx.progress?.done(); // the log line must not land in the middle of the progress line
-      log.info(
-        `layer ${label}: ${reused ? "reused" : "built"} ${result.layer.device_name}${result.abandoned ? ` (${result.abandoned} interrupted attempt(s) left for GC)` : ""}`,
-      );
-      out.push(layerOut(i, result.layer, reused));
-      parent = result.layer;
-    }
+    await buildLayers(ctx, resolved, p, buildLayer, preflight);
     markImageReady(db, img.id, {
       source: o.source,
       format: resolved.format,
       config: resolved.config,
-      layerIds: out.map((l) => layerIdOf(ctx, l.chain_id)),
-      topChainId: out.at(-1)?.chain_id ?? null,
+      layerIds: p.out.map((l) => layerIdOf(ctx, l.chain_id)),
+      topChainId: p.out.at(-1)?.chain_id ?? null,
     });
     finishWork(db, work.id, "done");
   } catch (e) {
-    const msg = e instanceof Error ? e.message : String(e);
-    const kind = e instanceof ThinimgError ? e.kind : "internal";
-    tx(db, () => {
-      markImageBuildFailed(db, img.id, msg, kind);
-      finishWork(db, work.id, "failed", { error: msg, kind });
-    });
-    if (e instanceof ThinimgError && !e.partial) {
-      const now = getImageByName(db, cfg.pool, name);
-      e.partial = { image: { id: img.id, name, source: o.source, format: resolved.format, state: now?.state ?? "failed" }, layers: out, built };
-    }
+    recordUnpackFailure(ctx, name, o, img, work, resolved, p, e);
     throw e;
   }
+  const { out, built } = p;
   const final = getImageByName(db, cfg.pool, name)!;
   return {
     image: { id: final.id, name: final.name, source: final.source, format: final.format, state: final.state },
@@ -247,6 +196,89 @@ async function unpackLocked(ctx: Ctx, name: string, o: UnpackOptions, t0: number
     waited,
     duration_ms: Math.round(performance.now() - t0),
   };
+}
+
+/** An unpack's progress through its layers, read by the failure path for the partial document. */
+interface LayersProgress {
+  out: UnpackedLayer[];
+  built: number;
+  /** a pre-flight check passed recently enough to speak for the host */
+  healthy: boolean;
+}
+
+type BuildLayer = typeof import("./layer-build.ts")["buildLayer"];
+type Preflight = typeof import("./preflight.ts")["preflight"];
+
+/** Each layer in order: reused when its chain is committed, otherwise built under its layer lock. */
+async function buildLayers(ctx: Ctx, resolved: ResolvedImage, p: LayersProgress, buildLayer: BuildLayer, preflight: Preflight): Promise<void> {
+  const { db, cfg } = ctx;
+  const out = p.out;
+  let parent: LayerRow | null = null;
+  for (const [i, ref] of resolved.layers.entries()) {
+    const chainId = await chainFor(ctx, parent, ref);
+    const label = `${i + 1}/${resolved.layers.length} (${ref.label})`;
+    let row = getLayerByChain(db, cfg.pool, chainId);
+    if (row?.state === "committed") {
+      out.push(layerOut(i, row, true));
+      parent = row;
+      continue;
+    }
+    if (row?.state === "failed" && isPermanent(row.error_kind)) {
+      throw new ThinimgError(row.error_kind === "policy" ? "policy" : "input", `layer ${label} failed earlier and would fail again: ${row.error}`, {
+        hint: "fix the image; a re-run does no device work for it",
+      });
+    }
+    if (!p.healthy) {
+      ctx.progress?.stage("health checks");
+      await preflight(ctx);
+      p.healthy = true;
+    }
+    row ??= insertLayerOnce(ctx, chainId, parent, ref);
+    const layerId = row.id;
+    const parentRow: LayerRow | null = parent;
+    const result: BuildResult = await withNamedLock(
+      db,
+      layerLockKey(cfg.pool, chainId),
+      { waitMs: cfg.lockWaitMs, command: ctx.owner.command, what: `layer ${label}` },
+      () => buildLayer(ctx, { layerId, parent: parentRow, ref, label }),
+    );
+    if (ref.lazy) {
+      const l = result.layer;
+      recordBlob(db, { digest: l.digest, size: l.size, compression: ref.compression, diffId: l.diff_id });
+    }
+    const reused = !result.built;
+    if (!reused) p.built++;
+    ctx.progress?.done(); // the log line must not land in the middle of the progress line
+    log.info(
+      `layer ${label}: ${reused ? "reused" : "built"} ${result.layer.device_name}${result.abandoned ? ` (${result.abandoned} interrupted attempt(s) left for GC)` : ""}`,
+    );
+    out.push(layerOut(i, result.layer, reused));
+    parent = result.layer;
+  }
+}
+
+/** Records a failed unpack (image and work rows) and gives its error the partial document. */
+function recordUnpackFailure(
+  ctx: Ctx,
+  name: string,
+  o: UnpackOptions,
+  img: ImageRow,
+  work: WorkRow,
+  resolved: ResolvedImage,
+  p: LayersProgress,
+  e: unknown,
+): void {
+  const { db, cfg } = ctx;
+  const msg = e instanceof Error ? e.message : String(e);
+  const kind = e instanceof ThinimgError ? e.kind : "internal";
+  tx(db, () => {
+    markImageBuildFailed(db, img.id, msg, kind);
+    finishWork(db, work.id, "failed", { error: msg, kind });
+  });
+  if (e instanceof ThinimgError && !e.partial) {
+    const now = getImageByName(db, cfg.pool, name);
+    e.partial = { image: { id: img.id, name, source: o.source, format: resolved.format, state: now?.state ?? "failed" }, layers: p.out, built: p.built };
+  }
 }
 
 function layerIdOf(ctx: Ctx, chainId: string): number {

@@ -129,6 +129,7 @@ async function gated<T>(d: AppDeps, op: (preflight: Preflight) => Promise<T>): P
   }
 }
 
+/** /v1/*: every route refuses while draining, bounds its body, and authenticates it. */
 function v1(app: Hono<Env>, d: AppDeps): void {
   app.use("/v1/*", async (_c, next) => {
     if (d.draining()) throw new HttpError(503, "conflict", "the service is stopping", "retry against the restarted service");
@@ -151,6 +152,13 @@ function v1(app: Hono<Env>, d: AppDeps): void {
     await next();
   });
 
+  v1Jobs(app, d);
+  v1Snapshots(app, d);
+  v1Images(app, d);
+}
+
+/** POST /v1/unpack (a queued job), GET /v1/jobs/:id, GET /v1/jobs. */
+function v1Jobs(app: Hono<Env>, d: AppDeps): void {
   app.post("/v1/unpack", (c) => {
     const b = parseBody(c, UnpackBody);
     const source = admitSource(b.source, d.allow);
@@ -185,7 +193,10 @@ function v1(app: Hono<Env>, d: AppDeps): void {
     const jobs = listJobs(d.ctx.db, d.ctx.cfg.pool, { state: state as JobState | undefined });
     return c.json({ ok: true, jobs: jobs.map((j) => jobJson(j, d.runner)) });
   });
+}
 
+/** POST /v1/activate, POST /v1/release (their pre-flight is the health gate). */
+function v1Snapshots(app: Hono<Env>, d: AppDeps): void {
   app.post("/v1/activate", async (c) => {
     const b = parseBody(c, ActivateBody);
     const sizeBytes = b.size === undefined ? undefined : parseSize(b.size, "size");
@@ -213,7 +224,10 @@ function v1(app: Hono<Env>, d: AppDeps): void {
     const r = await gated(d, (preflight) => d.ops.release(d.ctx, String(b.snapshot), { preflight }));
     return c.json({ ok: true, snapshot: { id: r.snapshot_id, device_name: r.device_name, state: r.state, duration_ms: r.duration_ms } });
   });
+}
 
+/** DELETE /v1/images/:name, POST /v1/prune, GET /v1/images. */
+function v1Images(app: Hono<Env>, d: AppDeps): void {
   app.delete("/v1/images/:name", async (c) => {
     const name = c.req.param("name");
     // the signature covers the body, not the path: a body naming the image binds it (and keeps two

@@ -152,9 +152,9 @@ export async function startService(o: ServiceOptions): Promise<Service> {
   }
 }
 
-async function startLocked(o: ServiceOptions, ctx: Ctx, lockKey: string, initialSecrets: Secrets | null, allow: AllowList, ops: ServiceOps): Promise<Service> {
-  let secrets = initialSecrets;
-  const retentionMs = o.retentionMs ?? DEFAULT_RETENTION_MS;
+/** Before the first request: interrupted jobs queued again, finished ones past retention pruned,
+ * handed-out snapshots' devices back. */
+async function prepareStart(ctx: Ctx, ops: ServiceOps, retentionMs: number): Promise<void> {
   const requeued = requeueInterrupted(ctx.db, ctx.cfg.pool);
   if (requeued) log.info(`resuming ${requeued} interrupted job(s)`);
   const pruned = pruneJobs(ctx.db, ctx.cfg.pool, retentionMs);
@@ -163,6 +163,47 @@ async function startLocked(o: ServiceOptions, ctx: Ctx, lockKey: string, initial
   // unless it was skipped); a failure is logged and the service still starts (/readyz says why)
   const re = await ops.reattach(ctx);
   if (!re.ok || re.summary.reattached > 0) for (const line of renderReattach(re)) (re.ok ? log.info : log.warn)(line);
+}
+
+/** The running service's request state: draining refuses new /v1 requests; inflight counts the answers owed. */
+interface Serving {
+  draining: boolean;
+  inflight: number;
+}
+
+/** Drain (the runner, then the requests in flight, then the dm commands), then release everything. */
+async function stopService(
+  o: ServiceOptions,
+  ctx: Ctx,
+  lockKey: string,
+  st: Serving,
+  p: { runner: JobRunner; gate: HealthGate; metrics: Metrics; server: Server<undefined>; pruneTimer: ReturnType<typeof setInterval> },
+): Promise<{ interrupted: JobRow | null }> {
+  const { runner, gate, metrics, server, pruneTimer } = p;
+  st.draining = true;
+  const drainMs = o.drainMs ?? DEFAULT_DRAIN_MS;
+  // an activation or release in flight is short: let it answer even with a short drain time
+  const deadline = Date.now() + Math.max(drainMs, ACTIVATION_GRACE_MS);
+  const loopDone = runner.stop().then(() => true);
+  const finished = await Promise.race([loopDone, sleep(drainMs).then(() => false)]);
+  while (st.inflight > 0 && Date.now() < deadline) await sleep(20);
+  // never kill a dm command: each one ends within its own timeout
+  while (liveChildGroups().length > 0) await sleep(20);
+  const interrupted = finished ? null : runner.interruptRunning();
+  if (interrupted) log.warn(`job ${interrupted.id} (${interrupted.image}) interrupted; it resumes on the next start`);
+  clearInterval(pruneTimer);
+  await gate.stop();
+  server.stop(true);
+  metrics.close();
+  deleteLockRow(ctx.db, lockKey, ctx.owner.pid, ctx.owner.startTime);
+  if (!interrupted && st.inflight === 0) ctx.db.close();
+  return { interrupted };
+}
+
+async function startLocked(o: ServiceOptions, ctx: Ctx, lockKey: string, initialSecrets: Secrets | null, allow: AllowList, ops: ServiceOps): Promise<Service> {
+  let secrets = initialSecrets;
+  const retentionMs = o.retentionMs ?? DEFAULT_RETENTION_MS;
+  await prepareStart(ctx, ops, retentionMs);
 
   const gate = new HealthGate({ check: () => ops.preflightChecks(ctx), maxAgeMs: o.healthMaxAgeMs, periodMs: o.healthPeriodMs });
   const metrics = new Metrics(ctx, { refreshHealth: () => ops.health(ctx), gate });
@@ -178,16 +219,15 @@ async function startLocked(o: ServiceOptions, ctx: Ctx, lockKey: string, initial
     },
     { prefetch: o.prefetch ?? 1 },
   );
-  let draining = false;
-  let inflight = 0;
-  const app = makeApp({ ctx, ops, runner, allow, secrets: () => secrets, replay: new ReplayCache(), draining: () => draining, metrics, gate });
+  const st: Serving = { draining: false, inflight: 0 };
+  const app = makeApp({ ctx, ops, runner, allow, secrets: () => secrets, replay: new ReplayCache(), draining: () => st.draining, metrics, gate });
   gate.start(); // the first probe runs while the server comes up
   const server = serve(o.listen, async (req) => {
-    inflight++;
+    st.inflight++;
     try {
       return await app.fetch(req);
     } finally {
-      inflight--;
+      st.inflight--;
     }
   });
   const pruneTimer = setInterval(() => pruneJobs(ctx.db, ctx.cfg.pool, retentionMs), PRUNE_EVERY_MS);
@@ -198,26 +238,7 @@ async function startLocked(o: ServiceOptions, ctx: Ctx, lockKey: string, initial
   log.info(`thinimg service on ${url} (pool ${ctx.cfg.pool}, state ${ctx.cfg.stateDir}, ${allow.prefixes.length} allowed source prefix(es))`);
 
   let stopped: Promise<{ interrupted: JobRow | null }> | null = null;
-  const stop = async (): Promise<{ interrupted: JobRow | null }> => {
-    draining = true;
-    const drainMs = o.drainMs ?? DEFAULT_DRAIN_MS;
-    // an activation or release in flight is short: let it answer even with a short drain time
-    const deadline = Date.now() + Math.max(drainMs, ACTIVATION_GRACE_MS);
-    const loopDone = runner.stop().then(() => true);
-    const finished = await Promise.race([loopDone, sleep(drainMs).then(() => false)]);
-    while (inflight > 0 && Date.now() < deadline) await sleep(20);
-    // never kill a dm command: each one ends within its own timeout
-    while (liveChildGroups().length > 0) await sleep(20);
-    const interrupted = finished ? null : runner.interruptRunning();
-    if (interrupted) log.warn(`job ${interrupted.id} (${interrupted.image}) interrupted; it resumes on the next start`);
-    clearInterval(pruneTimer);
-    await gate.stop();
-    server.stop(true);
-    metrics.close();
-    deleteLockRow(ctx.db, lockKey, ctx.owner.pid, ctx.owner.startTime);
-    if (!interrupted && inflight === 0) ctx.db.close();
-    return { interrupted };
-  };
+  const stop = () => stopService(o, ctx, lockKey, st, { runner, gate, metrics, server, pruneTimer });
   return {
     url,
     port: o.listen.kind === "tcp" ? (server.port ?? null) : null,
