@@ -260,19 +260,19 @@ export class InRoot {
       return;
     }
     if (st?.isSymbolicLink()) {
-      this.follow(w, known ?? childOf(parentNode, c), abs, rel);
+      this.follow(w, known, parentNode, c, abs, rel);
       return;
     }
     // Missing, or not a directory: taken lexically from here on (a ".." may still undo it).
     w.lexExists = st !== undefined;
   }
 
-  /** Replace the symlink just pushed (node `link`, at `abs` / `rel`) by its target's components. */
-  private follow(w: Walk, link: PathNode, abs: string, rel: string): void {
+  /** Replace the symlink just pushed (`c` in parentNode, node `known` if any, at `abs` / `rel`) by its target's components. */
+  private follow(w: Walk, known: PathNode | undefined, parentNode: PathNode, c: string, abs: string, rel: string): void {
     if (++w.hops > MAX_SYMLINK_HOPS) {
       throw new RuleError("policy", `too many levels of symbolic links under ${rel} (more than ${MAX_SYMLINK_HOPS})`, HOSTILE_HINT);
     }
-    w.deps.push(link);
+    w.deps.push(known ?? childOf(parentNode, c));
     const target = readLink(abs);
     w.parts.pop();
     if (target.startsWith("/")) {
