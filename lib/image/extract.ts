@@ -12,7 +12,7 @@ import { type ApplyStats, DEFAULT_LIMITS, type Limits, warmFileReader } from "./
 import { applyLayerRef } from "./apply-layer.ts";
 import { integrityError, layerLabel } from "./format/layer.ts";
 import { resolveImage } from "./resolve.ts";
-import type { ImageConfig, ImageFormat } from "./types.ts";
+import type { ImageConfig, ImageFormat, LayerRef, ResolvedImage } from "./types.ts";
 
 /** What a progress display needs (lib/cli/progress.ts's ttyProgress() fits). */
 export interface ProgressSink {
@@ -126,22 +126,7 @@ export async function extractImage(source: string, destArg: string, o: ExtractOp
   const { created, mode } = checkDest(dest);
   const limits: Limits = { ...DEFAULT_LIMITS, ...(o.limits ?? {}) };
 
-  o.progress?.stage(`fetch ${source}`);
-  // A local source may hold plain tars, read by a reader thread: let it boot while resolving.
-  if (existsSync(source)) warmFileReader();
-  const image = await resolveImage(source, {
-    stateDir: o.stateDir,
-    lazyLocalDigests: true,
-    maxLayerBytes: limits.maxTotalBytes,
-    ...(o.maxBlobBytes ? { maxBlobBytes: o.maxBlobBytes } : {}),
-    ...(o.select ? { select: o.select } : {}),
-    ...(o.platform ? { platform: o.platform } : {}),
-    ...(o.signal ? { signal: o.signal } : {}),
-    ...(o.env ? { env: o.env } : {}),
-    onProgress: (p) => o.progress?.bytes(p.bytes, p.total),
-  });
-  if (image.layers.length === 0) throw new ThinimgError("input", `${source}: the image has no layers`);
-  log.debug(`${source}: ${image.format}, ${image.layers.length} layers${image.name ? `, ${image.name}` : ""}`);
+  const image = await fetchImage(source, o, limits);
 
   if (created) createDest(dest);
   const summary: ExtractSummary = {
@@ -170,28 +155,7 @@ export async function extractImage(source: string, destArg: string, o: ExtractOp
       // layers cannot add up to a disk-filling image: each layer gets what earlier ones left.
       const left = { entries: limits.maxEntries - summary.entries, bytes: limits.maxTotalBytes - summary.bytes - holes };
       if (left.entries <= 0 || left.bytes <= 0) throw budgetError(label, limits, left, left.entries <= 0 ? "maxEntries" : "maxTotalBytes");
-      let stats: ApplyStats;
-      try {
-        const applyOpts = {
-          devices: o.devices === true,
-          limits: { ...limits, maxEntries: left.entries, maxTotalBytes: left.bytes },
-          layerLabel: label,
-          onProgress: (b: number) => o.progress?.bytes(b, layer.compression === "none" ? layer.size : null),
-        };
-        stats = await applyLayerRef(layer, dest, { ...applyOpts, maxBytes: left.bytes });
-      } catch (e) {
-        // A damaged blob usually breaks the tar before its digest can be checked at EOF: when the
-        // layer fails verification, that is the error to report, not the tar parser's symptom.
-        if (e instanceof ThinimgError && e.kind === "input") throw (await integrityError(layer)) ?? e;
-        // A budget cut short by earlier layers: say it is the image total that is over.
-        if (e instanceof ThinimgError && e.kind === "policy") {
-          if (summary.entries > 0 && /\(maxEntries\)/.test(e.message)) throw budgetError(label, limits, left, "maxEntries");
-          if (summary.bytes + holes > 0 && /\(maxTotalBytes\)|decompressed size exceeds/.test(e.message)) {
-            throw budgetError(label, limits, left, "maxTotalBytes");
-          }
-        }
-        throw e;
-      }
+      const stats = await applyOne(layer, dest, label, o, limits, left, summary.entries > 0, summary.bytes + holes > 0);
       summary.layers.push({
         digest: layer.digest,
         diffId: layer.diffId,
@@ -221,6 +185,64 @@ export async function extractImage(source: string, destArg: string, o: ExtractOp
   }
   summary.seconds = round((performance.now() - t0) / 1000);
   return summary;
+}
+
+/** Resolve `source` into an image with at least one layer. */
+async function fetchImage(source: string, o: ExtractOptions, limits: Limits): Promise<ResolvedImage> {
+  o.progress?.stage(`fetch ${source}`);
+  // A local source may hold plain tars, read by a reader thread: let it boot while resolving.
+  if (existsSync(source)) warmFileReader();
+  const image = await resolveImage(source, {
+    stateDir: o.stateDir,
+    lazyLocalDigests: true,
+    maxLayerBytes: limits.maxTotalBytes,
+    ...(o.maxBlobBytes ? { maxBlobBytes: o.maxBlobBytes } : {}),
+    ...(o.select ? { select: o.select } : {}),
+    ...(o.platform ? { platform: o.platform } : {}),
+    ...(o.signal ? { signal: o.signal } : {}),
+    ...(o.env ? { env: o.env } : {}),
+    onProgress: (p) => o.progress?.bytes(p.bytes, p.total),
+  });
+  if (image.layers.length === 0) throw new ThinimgError("input", `${source}: the image has no layers`);
+  log.debug(`${source}: ${image.format}, ${image.layers.length} layers${image.name ? `, ${image.name}` : ""}`);
+  return image;
+}
+
+/**
+ * Apply one layer within what earlier layers `left` of the image's budget; `hadEntries` /
+ * `hadBytes`: earlier layers used some of it. Errors name the real cause (integrity, image total).
+ */
+async function applyOne(
+  layer: LayerRef,
+  dest: string,
+  label: string,
+  o: ExtractOptions,
+  limits: Limits,
+  left: { entries: number; bytes: number },
+  hadEntries: boolean,
+  hadBytes: boolean,
+): Promise<ApplyStats> {
+  try {
+    const applyOpts = {
+      devices: o.devices === true,
+      limits: { ...limits, maxEntries: left.entries, maxTotalBytes: left.bytes },
+      layerLabel: label,
+      onProgress: (b: number) => o.progress?.bytes(b, layer.compression === "none" ? layer.size : null),
+    };
+    return await applyLayerRef(layer, dest, { ...applyOpts, maxBytes: left.bytes });
+  } catch (e) {
+    // A damaged blob usually breaks the tar before its digest can be checked at EOF: when the
+    // layer fails verification, that is the error to report, not the tar parser's symptom.
+    if (e instanceof ThinimgError && e.kind === "input") throw (await integrityError(layer)) ?? e;
+    // A budget cut short by earlier layers: say it is the image total that is over.
+    if (e instanceof ThinimgError && e.kind === "policy") {
+      if (hadEntries && /\(maxEntries\)/.test(e.message)) throw budgetError(label, limits, left, "maxEntries");
+      if (hadBytes && /\(maxTotalBytes\)|decompressed size exceeds/.test(e.message)) {
+        throw budgetError(label, limits, left, "maxTotalBytes");
+      }
+    }
+    throw e;
+  }
 }
 
 function budgetError(label: string, limits: Limits, left: { entries: number; bytes: number }, rule: "maxEntries" | "maxTotalBytes"): ThinimgError {

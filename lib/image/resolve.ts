@@ -19,7 +19,7 @@ import { resolveOci } from "./format/oci.ts";
 import { parsePlatform } from "./format/platform.ts";
 import { download, sameEtag } from "./source/download.ts";
 import { S3Bucket, s3Settings } from "./source/s3.ts";
-import { parseSource } from "./source/spec.ts";
+import { parseSource, type SourceSpec } from "./source/spec.ts";
 import { StreamedFamily } from "./source/streamed.ts";
 import { DEFAULT_MAX_BLOB_BYTES, DEFAULT_MAX_LAYER_BYTES, type LayerRef, type ResolvedImage, type ResolveOptions } from "./types.ts";
 
@@ -97,76 +97,90 @@ async function resolve(ref: string, opts: ResolveOptions): Promise<ResolvedImage
   };
 
   switch (spec.kind) {
-    case "local": {
-      ctx.select = spec.select;
-      let st: ReturnType<typeof statSync>;
-      try {
-        st = statSync(spec.path);
-      } catch (e) {
-        throw new ThinimgError("input", `${spec.path}: ${(e as NodeJS.ErrnoException).code ?? "unreadable"}`, {
-          hint: "check the path and its permissions",
-        });
-      }
-      if (st.isDirectory()) return resolveArchive(new DirArchive(spec.path), spec.path, ctx, null);
-      if (!st.isFile()) {
-        throw new ThinimgError("input", `${spec.path}: not a regular file or directory`, {
-          hint: "give an image archive, an OCI layout or a layer-family directory",
-        });
-      }
-      if (st.size > ctx.maxBlobBytes) throw tooBig(spec.path, ctx.maxBlobBytes);
-      const memo = `local:${realpathSync(spec.path)}:${st.size}:${st.mtimeMs}:${st.ino}`;
-      return resolveFile(spec.path, spec.path, ctx, { digest: null, memo, cached: false });
-    }
-    case "http": {
-      let first404: unknown = null;
-      for (const c of spec.candidates) {
-        const what = displayUrl(c.url);
-        try {
-          const d = await download(ctx.cache, {
-            url: c.url,
-            what,
-            key: urlKey(c.url),
-            maxBytes: ctx.maxBlobBytes,
-            signal: ctx.signal,
-            onProgress: ctx.onProgress,
-            retry: ctx.fetchRetry,
-          });
-          ctx.select = c.select;
-          return await resolveFile(d.path, what, ctx, { digest: d.digest, memo: `blob:${d.digest}`, cached: true });
-        } catch (e) {
-          // a 404 moves on to the next reading of URL:REF; if none exists, report the URL as given
-          if (!(e instanceof ThinimgError && e.details?.status === 404)) throw e;
-          first404 ??= e;
-        }
-      }
-      throw first404;
-    }
-    case "s3": {
-      const bucket = new S3Bucket(spec.bucket, s3Settings(ctx.env));
-      log.debug(`s3 ${bucket.anonymous ? "anonymous" : "signed"} access to ${spec.bucket} via ${bucket.settings.endpoint ?? "AWS"}`);
-      if (spec.prefix) return resolveS3Family(bucket, spec.candidates[0]!.key, ctx);
-      for (const c of spec.candidates) {
-        const obj = await bucket.head(c.key, ctx.signal);
-        if (!obj) continue;
-        const what = bucket.uri(c.key);
-        const d = await download(ctx.cache, {
-          url: bucket.url(c.key, "GET"),
-          what,
-          key: bucket.cacheKey(c.key),
-          maxBytes: ctx.maxBlobBytes,
-          pin: { etag: obj.etag, size: obj.size },
-          signal: ctx.signal,
-          onProgress: ctx.onProgress,
-          retry: ctx.fetchRetry,
-        });
-        ctx.select = c.select;
-        return resolveFile(d.path, what, ctx, { digest: d.digest, memo: `blob:${d.digest}`, cached: true });
-      }
-      throw new ThinimgError("input", `${bucket.uri(spec.candidates[0]!.key)}: no such object`, {
-        hint: "check the key; for a layer family end the prefix with /",
+    case "local":
+      return resolveLocal(spec, ctx);
+    case "http":
+      return resolveHttp(spec, ctx);
+    case "s3":
+      return resolveS3(spec, ctx);
+  }
+}
+
+type Spec<K extends SourceSpec["kind"]> = Extract<SourceSpec, { kind: K }>;
+
+/** A local file or directory, read in place. */
+async function resolveLocal(spec: Spec<"local">, ctx: Ctx): Promise<ResolvedImage> {
+  ctx.select = spec.select;
+  let st: ReturnType<typeof statSync>;
+  try {
+    st = statSync(spec.path);
+  } catch (e) {
+    throw new ThinimgError("input", `${spec.path}: ${(e as NodeJS.ErrnoException).code ?? "unreadable"}`, {
+      hint: "check the path and its permissions",
+    });
+  }
+  if (st.isDirectory()) return resolveArchive(new DirArchive(spec.path), spec.path, ctx, null);
+  if (!st.isFile()) {
+    throw new ThinimgError("input", `${spec.path}: not a regular file or directory`, {
+      hint: "give an image archive, an OCI layout or a layer-family directory",
+    });
+  }
+  if (st.size > ctx.maxBlobBytes) throw tooBig(spec.path, ctx.maxBlobBytes);
+  const memo = `local:${realpathSync(spec.path)}:${st.size}:${st.mtimeMs}:${st.ino}`;
+  return resolveFile(spec.path, spec.path, ctx, { digest: null, memo, cached: false });
+}
+
+/** The first candidate URL that exists (a URL:REF source has two readings). */
+async function resolveHttp(spec: Spec<"http">, ctx: Ctx): Promise<ResolvedImage> {
+  let first404: unknown = null;
+  for (const c of spec.candidates) {
+    const what = displayUrl(c.url);
+    try {
+      const d = await download(ctx.cache, {
+        url: c.url,
+        what,
+        key: urlKey(c.url),
+        maxBytes: ctx.maxBlobBytes,
+        signal: ctx.signal,
+        onProgress: ctx.onProgress,
+        retry: ctx.fetchRetry,
       });
+      ctx.select = c.select;
+      return await resolveFile(d.path, what, ctx, { digest: d.digest, memo: `blob:${d.digest}`, cached: true });
+    } catch (e) {
+      // a 404 moves on to the next reading of URL:REF; if none exists, report the URL as given
+      if (!(e instanceof ThinimgError && e.details?.status === 404)) throw e;
+      first404 ??= e;
     }
   }
+  throw first404;
+}
+
+/** An S3 object (the first candidate key that exists) or, for a prefix, a layer family. */
+async function resolveS3(spec: Spec<"s3">, ctx: Ctx): Promise<ResolvedImage> {
+  const bucket = new S3Bucket(spec.bucket, s3Settings(ctx.env));
+  log.debug(`s3 ${bucket.anonymous ? "anonymous" : "signed"} access to ${spec.bucket} via ${bucket.settings.endpoint ?? "AWS"}`);
+  if (spec.prefix) return resolveS3Family(bucket, spec.candidates[0]!.key, ctx);
+  for (const c of spec.candidates) {
+    const obj = await bucket.head(c.key, ctx.signal);
+    if (!obj) continue;
+    const what = bucket.uri(c.key);
+    const d = await download(ctx.cache, {
+      url: bucket.url(c.key, "GET"),
+      what,
+      key: bucket.cacheKey(c.key),
+      maxBytes: ctx.maxBlobBytes,
+      pin: { etag: obj.etag, size: obj.size },
+      signal: ctx.signal,
+      onProgress: ctx.onProgress,
+      retry: ctx.fetchRetry,
+    });
+    ctx.select = c.select;
+    return resolveFile(d.path, what, ctx, { digest: d.digest, memo: `blob:${d.digest}`, cached: true });
+  }
+  throw new ThinimgError("input", `${bucket.uri(spec.candidates[0]!.key)}: no such object`, {
+    hint: "check the key; for a layer family end the prefix with /",
+  });
 }
 
 /** Messages never show credentials or query strings (presigned tokens). */

@@ -128,42 +128,8 @@ export class Applier implements TarSink {
 
   entry(e: TarEntry): void {
     this.current = e.name;
-    const L = this.o.limits;
-    if (++this.entries > L.maxEntries) {
-      throw new RuleError("policy", `more than ${L.maxEntries} entries (maxEntries)`, "raise --max-entries / THINIMG_MAX_ENTRIES if the image is legitimate");
-    }
-    checkNameBytes(e.name, L, "path");
-    const comps = splitName(e.name);
-    if (comps.length > L.maxDepth) {
-      throw new RuleError("policy", `path is deeper than ${L.maxDepth} levels (maxDepth)`, DEPTH_HINT);
-    }
-    if (e.type === "file") {
-      if (e.size > L.maxFileBytes) {
-        throw new RuleError(
-          "policy",
-          `file of ${e.size} bytes exceeds the ${L.maxFileBytes}-byte limit (maxFileBytes)`,
-          "raise --max-file-size / THINIMG_MAX_FILE_SIZE if the image is legitimate",
-        );
-      }
-      // Holes count: a sparse file costs its apparent size against the layer's budget.
-      if (e.offset + 512 + e.size + this.sparseBytes > L.maxTotalBytes) {
-        throw new RuleError(
-          "policy",
-          `layer would exceed ${L.maxTotalBytes} bytes (maxTotalBytes)`,
-          "raise --max-bytes / THINIMG_MAX_LAYER_SIZE if the image is legitimate",
-        );
-      }
-    }
-
-    if (e.sparse) this.sparseBytes += e.size - e.sparse.reduce((n, r) => n + r.length, 0);
-    if (e.uid > MAX_ID || e.gid > MAX_ID || e.uid < 0 || e.gid < 0) throw new RuleError("input", `uid/gid ${e.uid}:${e.gid} out of range`);
-    if (e.xattrs) for (const k of e.xattrs.keys()) checkXattr(k);
-
+    const comps = this.check(e);
     const n = comps.length;
-    for (let i = 0; i < n - 1; i++) {
-      // A marker is only ever a last component; as a directory it would appear in the result.
-      if (comps[i]!.startsWith(WH_PREFIX)) throw new RuleError("policy", "a whiteout name used as a directory", HOSTILE_HINT);
-    }
     const base = n > 0 ? comps[n - 1]! : "";
     if (base.startsWith(WH_PREFIX)) {
       this.whiteout(comps, base);
@@ -230,6 +196,47 @@ export class Applier implements TarSink {
         break;
     }
     this.addUpper(real);
+  }
+
+  /** The entry's limits and rules (counted against the layer's budget); its name's components. */
+  private check(e: TarEntry): string[] {
+    const L = this.o.limits;
+    if (++this.entries > L.maxEntries) {
+      throw new RuleError("policy", `more than ${L.maxEntries} entries (maxEntries)`, "raise --max-entries / THINIMG_MAX_ENTRIES if the image is legitimate");
+    }
+    checkNameBytes(e.name, L, "path");
+    const comps = splitName(e.name);
+    if (comps.length > L.maxDepth) {
+      throw new RuleError("policy", `path is deeper than ${L.maxDepth} levels (maxDepth)`, DEPTH_HINT);
+    }
+    if (e.type === "file") {
+      if (e.size > L.maxFileBytes) {
+        throw new RuleError(
+          "policy",
+          `file of ${e.size} bytes exceeds the ${L.maxFileBytes}-byte limit (maxFileBytes)`,
+          "raise --max-file-size / THINIMG_MAX_FILE_SIZE if the image is legitimate",
+        );
+      }
+      // Holes count: a sparse file costs its apparent size against the layer's budget.
+      if (e.offset + 512 + e.size + this.sparseBytes > L.maxTotalBytes) {
+        throw new RuleError(
+          "policy",
+          `layer would exceed ${L.maxTotalBytes} bytes (maxTotalBytes)`,
+          "raise --max-bytes / THINIMG_MAX_LAYER_SIZE if the image is legitimate",
+        );
+      }
+    }
+
+    if (e.sparse) this.sparseBytes += e.size - e.sparse.reduce((n, r) => n + r.length, 0);
+    if (e.uid > MAX_ID || e.gid > MAX_ID || e.uid < 0 || e.gid < 0) throw new RuleError("input", `uid/gid ${e.uid}:${e.gid} out of range`);
+    if (e.xattrs) for (const k of e.xattrs.keys()) checkXattr(k);
+
+    const n = comps.length;
+    for (let i = 0; i < n - 1; i++) {
+      // A marker is only ever a last component; as a directory it would appear in the result.
+      if (comps[i]!.startsWith(WH_PREFIX)) throw new RuleError("policy", "a whiteout name used as a directory", HOSTILE_HINT);
+    }
+    return comps;
   }
 
   data(buf: Buffer, off: number, len: number, pos: number): void {

@@ -54,6 +54,47 @@ function childOf(n: PathNode, name: string): PathNode {
   return c;
 }
 
+/**
+ * One lookup in progress. parts: the path so far. Its first `verified` components are real
+ * directories, whose nodes and paths are nodes[1..verified] / paths[1..verified]; the rest are
+ * lexical (the first of them missing or not a directory, the others under it).
+ */
+interface Walk {
+  parts: string[];
+  nodes: PathNode[];
+  paths: string[];
+  verified: number;
+  /** The first lexical component exists (it is a file, not missing). */
+  lexExists: boolean;
+  cacheable: boolean;
+  deps: PathNode[];
+  /** Components still to walk, last first (a link's target is pushed on top). */
+  todo: string[];
+  hops: number;
+  steps: number;
+}
+
+/** A ".." component: drop the last part (clamped at the root, like the kernel does at "/"). */
+function stepUp(w: Walk): void {
+  if (w.parts.length === 0) return;
+  // Undoing the first lexical component: the result depended on it not being a directory,
+  // which nothing tracks, so this resolution is not cached.
+  if (w.parts.length - 1 === w.verified) w.cacheable = false;
+  w.parts.pop();
+  if (w.verified > w.parts.length) {
+    w.verified = w.parts.length;
+    w.nodes.length = w.verified + 1;
+    w.paths.length = w.verified + 1;
+  }
+}
+
+/** The component just pushed is the real directory `node` at `rel`. */
+function pushVerified(w: Walk, node: PathNode, rel: string): void {
+  w.nodes.push(node);
+  w.paths.push(rel);
+  w.verified++;
+}
+
 /** Paths here are byte strings (bytepath.ts), the root included. */
 export class InRoot {
   /** Lexical directory path (normalised, as in the archive) → its resolution. */
@@ -156,122 +197,114 @@ export class InRoot {
   }
 
   private walk(base: Resolution | null, comps: readonly string[], from: number, to: number, create: boolean): { res: Resolution; cacheable: boolean } | null {
-    // parts: the path so far. Its first `verified` components are real directories, whose nodes
-    // and paths are nodes[1..verified] / paths[1..verified]; the rest are lexical (the first of them
-    // missing or not a directory, the others under it).
-    const parts: string[] = [];
-    const nodes: PathNode[] = [this.tree];
-    const paths: string[] = [""];
+    const w = this.startWalk(base, comps, from, to);
+    while (w.todo.length > 0) this.step(w, w.todo.pop()!);
+    if (w.verified < w.parts.length) {
+      // Looking up (whiteouts, hardlink targets): a missing directory or a file in the way means
+      // "does not exist", as ENOTDIR does for umoci. Creating: the layer needs a directory where a
+      // file is.
+      if (!create) return null;
+      this.createRest(w);
+    }
+    return { res: { real: w.paths[w.parts.length]!, node: w.nodes[w.parts.length]!, deps: w.deps }, cacheable: w.cacheable };
+  }
+
+  /** The walk's state at its start: the cached prefix `base` (if any), comps[from..to) to do. */
+  private startWalk(base: Resolution | null, comps: readonly string[], from: number, to: number): Walk {
+    const w: Walk = { parts: [], nodes: [this.tree], paths: [""], verified: 0, lexExists: false, cacheable: true, deps: [], todo: [], hops: 0, steps: 0 };
     if (base !== null && base.real !== "") {
       // A cached resolution: a chain of real directories.
       const chain: PathNode[] = [];
       for (let x: PathNode | null = base.node; x !== null && x.parent !== null; x = x.parent) chain.push(x);
       for (let i = chain.length - 1; i >= 0; i--) {
         const x = chain[i]!;
-        parts.push(x.name);
-        nodes.push(x);
-        paths.push(paths.length === 1 ? x.name : `${paths[paths.length - 1]}/${x.name}`);
+        w.parts.push(x.name);
+        w.nodes.push(x);
+        w.paths.push(w.paths.length === 1 ? x.name : `${w.paths[w.paths.length - 1]}/${x.name}`);
       }
     }
-    let verified = parts.length;
-    /** The first lexical component exists (it is a file, not missing). */
-    let lexExists = false;
-    let cacheable = true;
-    const deps: PathNode[] = base === null ? [] : [...base.deps];
-    // Components still to walk, last first (a link's target is pushed on top).
-    const todo: string[] = [];
-    for (let i = to - 1; i >= from; i--) todo.push(comps[i]!);
-    let hops = 0;
-    let steps = 0;
+    w.verified = w.parts.length;
+    if (base !== null) w.deps = [...base.deps];
+    for (let i = to - 1; i >= from; i--) w.todo.push(comps[i]!);
+    return w;
+  }
 
-    while (todo.length > 0) {
-      const c = todo.pop()!;
-      if (++steps > this.budget) {
-        throw new RuleError("policy", `resolving the parent walks more than ${this.budget} path components (symbolic links expand too much)`, HOSTILE_HINT);
-      }
-      if (c === "..") {
-        if (parts.length === 0) continue; // clamps at the root, like the kernel does at "/"
-        // Undoing the first lexical component: the result depended on it not being a directory,
-        // which nothing tracks, so this resolution is not cached.
-        if (parts.length - 1 === verified) cacheable = false;
-        parts.pop();
-        if (verified > parts.length) {
-          verified = parts.length;
-          nodes.length = verified + 1;
-          paths.length = verified + 1;
-        }
-        continue;
-      }
-      parts.push(c);
-      if (parts.length > this.maxDepth) {
-        throw new RuleError("policy", `path resolves deeper than ${this.maxDepth} levels (maxDepth)`, DEPTH_HINT);
-      }
-      if (verified < parts.length - 1) continue; // under a missing component: lexical too
-      const parentNode = nodes[verified]!;
-      const known = parentNode.kids?.get(c);
-      const rel = verified === 0 ? c : `${paths[verified]}/${c}`;
-      if (known?.dir) {
-        nodes.push(known);
-        paths.push(rel);
-        verified++;
-        continue;
-      }
-      this.lstats++;
-      const abs = `${this.root}/${rel}`;
-      const st = lstatSync(fsPath(abs), { throwIfNoEntry: false });
-      if (st?.isDirectory()) {
-        const node = known ?? childOf(parentNode, c);
-        node.dir = true;
-        nodes.push(node);
-        paths.push(rel);
-        verified++;
-        continue;
-      }
-      if (st?.isSymbolicLink()) {
-        if (++hops > MAX_SYMLINK_HOPS) {
-          throw new RuleError("policy", `too many levels of symbolic links under ${rel} (more than ${MAX_SYMLINK_HOPS})`, HOSTILE_HINT);
-        }
-        deps.push(known ?? childOf(parentNode, c));
-        const target = readLink(abs);
-        parts.pop();
-        if (target.startsWith("/")) {
-          parts.length = 0;
-          verified = 0;
-          nodes.length = 1;
-          paths.length = 1;
-        }
-        const tc = target.split("/");
-        for (let i = tc.length - 1; i >= 0; i--) {
-          const x = tc[i]!;
-          if (x !== "" && x !== ".") todo.push(x);
-        }
-        continue;
-      }
-      // Missing, or not a directory: taken lexically from here on (a ".." may still undo it).
-      lexExists = st !== undefined;
+  /** Walk one component `c`. */
+  private step(w: Walk, c: string): void {
+    if (++w.steps > this.budget) {
+      throw new RuleError("policy", `resolving the parent walks more than ${this.budget} path components (symbolic links expand too much)`, HOSTILE_HINT);
     }
+    if (c === "..") {
+      stepUp(w);
+      return;
+    }
+    w.parts.push(c);
+    if (w.parts.length > this.maxDepth) {
+      throw new RuleError("policy", `path resolves deeper than ${this.maxDepth} levels (maxDepth)`, DEPTH_HINT);
+    }
+    if (w.verified < w.parts.length - 1) return; // under a missing component: lexical too
+    const parentNode = w.nodes[w.verified]!;
+    const known = parentNode.kids?.get(c);
+    const rel = w.verified === 0 ? c : `${w.paths[w.verified]}/${c}`;
+    if (known?.dir) {
+      pushVerified(w, known, rel);
+      return;
+    }
+    this.lstats++;
+    const abs = `${this.root}/${rel}`;
+    const st = lstatSync(fsPath(abs), { throwIfNoEntry: false });
+    if (st?.isDirectory()) {
+      const node = known ?? childOf(parentNode, c);
+      node.dir = true;
+      pushVerified(w, node, rel);
+      return;
+    }
+    if (st?.isSymbolicLink()) {
+      this.follow(w, known, parentNode, c, abs, rel);
+      return;
+    }
+    // Missing, or not a directory: taken lexically from here on (a ".." may still undo it).
+    w.lexExists = st !== undefined;
+  }
 
-    if (verified < parts.length) {
-      // Looking up (whiteouts, hardlink targets): a missing directory or a file in the way means
-      // "does not exist", as ENOTDIR does for umoci. Creating: the layer needs a directory where a
-      // file is.
-      if (!create) return null;
-      if (lexExists) {
-        throw new RuleError("policy", `parent ${parts.slice(0, verified + 1).join("/")} is not a directory`, HOSTILE_HINT);
-      }
-      for (let i = verified; i < parts.length; i++) {
-        const node = childOf(nodes[i]!, parts[i]!);
-        const rel = i === 0 ? parts[i]! : `${paths[i]}/${parts[i]}`;
-        const p = `${this.root}/${rel}`;
-        mkdirSync(fsPath(p), 0o755);
-        chmodSync(fsPath(p), 0o755); // independent of the umask
-        node.dir = true;
-        nodes.push(node);
-        paths.push(rel);
-        this.onCreate(rel);
-      }
+  /** Replace the symlink just pushed (`c` in parentNode, node `known` if any, at `abs` / `rel`) by its target's components. */
+  private follow(w: Walk, known: PathNode | undefined, parentNode: PathNode, c: string, abs: string, rel: string): void {
+    if (++w.hops > MAX_SYMLINK_HOPS) {
+      throw new RuleError("policy", `too many levels of symbolic links under ${rel} (more than ${MAX_SYMLINK_HOPS})`, HOSTILE_HINT);
     }
-    return { res: { real: paths[parts.length]!, node: nodes[parts.length]!, deps }, cacheable };
+    w.deps.push(known ?? childOf(parentNode, c));
+    const target = readLink(abs);
+    w.parts.pop();
+    if (target.startsWith("/")) {
+      w.parts.length = 0;
+      w.verified = 0;
+      w.nodes.length = 1;
+      w.paths.length = 1;
+    }
+    const tc = target.split("/");
+    for (let i = tc.length - 1; i >= 0; i--) {
+      const x = tc[i]!;
+      if (x !== "" && x !== ".") w.todo.push(x);
+    }
+  }
+
+  /** Create the walk's lexical components as directories (mode 0755). */
+  private createRest(w: Walk): void {
+    if (w.lexExists) {
+      throw new RuleError("policy", `parent ${w.parts.slice(0, w.verified + 1).join("/")} is not a directory`, HOSTILE_HINT);
+    }
+    const { parts, nodes, paths } = w;
+    for (let i = w.verified; i < parts.length; i++) {
+      const node = childOf(nodes[i]!, parts[i]!);
+      const rel = i === 0 ? parts[i]! : `${paths[i]}/${parts[i]}`;
+      const p = `${this.root}/${rel}`;
+      mkdirSync(fsPath(p), 0o755);
+      chmodSync(fsPath(p), 0o755); // independent of the umask
+      node.dir = true;
+      nodes.push(node);
+      paths.push(rel);
+      this.onCreate(rel);
+    }
   }
 
   /**

@@ -156,11 +156,7 @@ export class HeaderDecoder {
       }
       return { kind: "zero" };
     }
-    if (this.zeros > 0) this.fail(`corrupt archive: a lone zero block inside the archive at offset ${at - BLOCK}`, at - BLOCK);
-    const cksum = parseOctal(b, o + 148, 8);
-    if (cksum === null || !checksumOk(b, o, cksum)) {
-      this.fail(at === 0 ? "not a tar archive (bad header checksum at offset 0)" : `corrupt tar header at offset ${at} (checksum mismatch)`, at);
-    }
+    this.checkHeader(b, o, at);
     const fmt = formatOf(b, o);
     // Go parses every numeric field of every header and refuses the archive if one is malformed.
     const size = this.num(b, o + 124, 12, "size", at);
@@ -228,6 +224,15 @@ export class HeaderDecoder {
     const ext = oldSparse && b[o + GNU_IS_EXTENDED] !== 0;
     if (sparse && !ext && !map1x0) this.checkSparse(entry, stored, at);
     return { kind: "entry", entry, stored, ext, map1x0 };
+  }
+
+  /** A non-zero header block: refused after a lone zero block or with a bad checksum. */
+  private checkHeader(b: Buffer, o: number, at: number): void {
+    if (this.zeros > 0) this.fail(`corrupt archive: a lone zero block inside the archive at offset ${at - BLOCK}`, at - BLOCK);
+    const cksum = parseOctal(b, o + 148, 8);
+    if (cksum === null || !checksumOk(b, o, cksum)) {
+      this.fail(at === 0 ? "not a tar archive (bad header checksum at offset 0)" : `corrupt tar header at offset ${at} (checksum mismatch)`, at);
+    }
   }
 
   /** The ustar/star prefix, and atime where the format has one (GNU: leniently, as Go). */

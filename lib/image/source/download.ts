@@ -142,16 +142,9 @@ async function downloadOnce(cache: BlobCache, o: DownloadOptions): Promise<Downl
 }
 
 async function get(cache: BlobCache, o: DownloadOptions, rec: SourceRecord | null, partial: PartialDownload | null): Promise<Downloaded> {
-  const headers: Record<string, string> = { "accept-encoding": "identity" };
-  if (o.pin?.etag) headers["if-match"] = o.pin.etag;
-  if (partial) {
-    headers.range = `bytes=${partial.bytes}-`;
-    if (!o.pin?.etag) headers["if-range"] = partial.etag;
-  } else if (!o.pin && rec?.etag) headers["if-none-match"] = rec.etag;
-
   let res: Response;
   try {
-    res = await fetch(o.url, { headers, signal: o.signal, redirect: "follow", decompress: false });
+    res = await fetch(o.url, { headers: requestHeaders(o, rec, partial), signal: o.signal, redirect: "follow", decompress: false });
   } catch (e) {
     throw networkError(o.what, e);
   }
@@ -160,53 +153,9 @@ async function get(cache: BlobCache, o: DownloadOptions, rec: SourceRecord | nul
     log.debug(`not modified ${o.what} → ${rec.digest}`);
     return { digest: rec.digest, size: rec.size, path: cache.path(rec.digest), etag: rec.etag, cached: true };
   }
-  let resume: PartialDownload | undefined;
-  if (res.status === 206 && partial) {
-    const m = /^bytes (\d+)-(\d+)\/(\d+|\*)$/.exec(res.headers.get("content-range") ?? "");
-    const expectTotal = o.pin?.size ?? partial.size;
-    if (!m || Number(m[1]) !== partial.bytes || (expectTotal !== null && m[3] !== "*" && Number(m[3]) !== expectTotal)) {
-      await res.body?.cancel().catch(() => {});
-      throw new ThinimgError("input", `${o.what}: server resumed at the wrong place (${res.headers.get("content-range")})`, {
-        hint: "run again; the partial download has been discarded",
-      });
-    }
-    resume = partial;
-    log.debug(`resuming ${o.what} at byte ${partial.bytes}`);
-  } else if (res.status === 200) {
-    if (partial) {
-      cache.dropPartial(partial); // the server sent the whole object (changed, or no Range support)
-    }
-  } else {
-    throw httpError(o.what, res, await errorBody(res));
-  }
-
+  const resume = await resumeOf(cache, o, res, partial);
   const etag = res.headers.get("etag");
-  if (o.pin?.etag && !sameEtag(etag, o.pin.etag)) {
-    await res.body?.cancel().catch(() => {});
-    throw new ThinimgError("input", `${o.what}: changed since it was listed (ETag ${o.pin.etag} → ${etag ?? "none"})`, {
-      hint: "the object was replaced while the image was being fetched; run again once uploads are finished",
-    });
-  }
-  const encoding = res.headers.get("content-encoding");
-  if (encoding && encoding !== "identity") {
-    await res.body?.cancel().catch(() => {});
-    throw new ThinimgError("input", `${o.what}: server applied Content-Encoding ${encoding}`, {
-      hint: "serve the file as-is (no transfer compression); compressed layers are detected by content",
-    });
-  }
-  const offset = resume?.bytes ?? 0;
-  const lenHeader = res.headers.get("content-length");
-  const declared = lenHeader !== null && /^\d+$/.test(lenHeader) ? offset + Number(lenHeader) : null;
-  if (declared !== null && declared > o.maxBytes) {
-    await res.body?.cancel().catch(() => {});
-    throw tooBig(o.what, o.maxBytes);
-  }
-  if (o.pin?.size != null && declared !== null && declared !== o.pin.size) {
-    await res.body?.cancel().catch(() => {});
-    throw new ThinimgError("input", `${o.what}: changed since it was listed (${o.pin.size} → ${declared} bytes)`, {
-      hint: "the object was replaced while the image was being fetched; run again once uploads are finished",
-    });
-  }
+  const declared = await checkResponse(o, res, etag, resume?.bytes ?? 0);
   if (!res.body) throw new ThinimgError("input", `${o.what}: empty response`);
   const total = o.pin?.size ?? declared;
   let stored: StoredBlob;
@@ -227,4 +176,71 @@ async function get(cache: BlobCache, o: DownloadOptions, rec: SourceRecord | nul
   cache.recordSource({ key: o.key, etag, size: stored.size, digest: stored.digest, lastModified: res.headers.get("last-modified") });
   log.debug(`fetched ${o.what} (${stored.size} bytes) → ${stored.digest}`);
   return { ...stored, etag, cached: false };
+}
+
+/** The GET's headers: pinned ETag, a Range to resume `partial`, or a conditional GET on `rec`. */
+function requestHeaders(o: DownloadOptions, rec: SourceRecord | null, partial: PartialDownload | null): Record<string, string> {
+  const headers: Record<string, string> = { "accept-encoding": "identity" };
+  if (o.pin?.etag) headers["if-match"] = o.pin.etag;
+  if (partial) {
+    headers.range = `bytes=${partial.bytes}-`;
+    if (!o.pin?.etag) headers["if-range"] = partial.etag;
+  } else if (!o.pin && rec?.etag) headers["if-none-match"] = rec.etag;
+  return headers;
+}
+
+/** The partial download a 206 resumes (checked against Content-Range); a 200 drops it; else an error. */
+async function resumeOf(cache: BlobCache, o: DownloadOptions, res: Response, partial: PartialDownload | null): Promise<PartialDownload | undefined> {
+  if (res.status === 206 && partial) {
+    const m = /^bytes (\d+)-(\d+)\/(\d+|\*)$/.exec(res.headers.get("content-range") ?? "");
+    const expectTotal = o.pin?.size ?? partial.size;
+    if (!m || Number(m[1]) !== partial.bytes || (expectTotal !== null && m[3] !== "*" && Number(m[3]) !== expectTotal)) {
+      await res.body?.cancel().catch(() => {});
+      throw new ThinimgError("input", `${o.what}: server resumed at the wrong place (${res.headers.get("content-range")})`, {
+        hint: "run again; the partial download has been discarded",
+      });
+    }
+    log.debug(`resuming ${o.what} at byte ${partial.bytes}`);
+    return partial;
+  }
+  if (res.status === 200) {
+    if (partial) {
+      cache.dropPartial(partial); // the server sent the whole object (changed, or no Range support)
+    }
+    return undefined;
+  }
+  throw httpError(o.what, res, await errorBody(res));
+}
+
+/**
+ * Refuse a response that changed under its pin, was transfer-encoded or is too big; the size it
+ * declares (from `offset`, where a resumed body starts), or null.
+ */
+async function checkResponse(o: DownloadOptions, res: Response, etag: string | null, offset: number): Promise<number | null> {
+  if (o.pin?.etag && !sameEtag(etag, o.pin.etag)) {
+    await res.body?.cancel().catch(() => {});
+    throw new ThinimgError("input", `${o.what}: changed since it was listed (ETag ${o.pin.etag} → ${etag ?? "none"})`, {
+      hint: "the object was replaced while the image was being fetched; run again once uploads are finished",
+    });
+  }
+  const encoding = res.headers.get("content-encoding");
+  if (encoding && encoding !== "identity") {
+    await res.body?.cancel().catch(() => {});
+    throw new ThinimgError("input", `${o.what}: server applied Content-Encoding ${encoding}`, {
+      hint: "serve the file as-is (no transfer compression); compressed layers are detected by content",
+    });
+  }
+  const lenHeader = res.headers.get("content-length");
+  const declared = lenHeader !== null && /^\d+$/.test(lenHeader) ? offset + Number(lenHeader) : null;
+  if (declared !== null && declared > o.maxBytes) {
+    await res.body?.cancel().catch(() => {});
+    throw tooBig(o.what, o.maxBytes);
+  }
+  if (o.pin?.size != null && declared !== null && declared !== o.pin.size) {
+    await res.body?.cancel().catch(() => {});
+    throw new ThinimgError("input", `${o.what}: changed since it was listed (${o.pin.size} → ${declared} bytes)`, {
+      hint: "the object was replaced while the image was being fetched; run again once uploads are finished",
+    });
+  }
+  return declared;
 }
