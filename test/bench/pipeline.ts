@@ -9,7 +9,7 @@
 //   end to end       `unpack s3://…/` (streamed: layer N applies while it downloads, N+1 downloads)
 // and prints the medians: end to end vs the larger of the other two (target ≤ 1.10×), then the peak
 // RSS of a streamed unpack of a ~1 GiB image (target ≤ 100 MB).
-import { mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync } from "node:fs";
+import { mkdirSync, mkdtempSync, readdirSync, rmSync } from "node:fs";
 import { join } from "node:path";
 import { parseArgs } from "node:util";
 import { createLoopPool } from "../../lib/dm/loop-pool.ts";
@@ -17,6 +17,7 @@ import { runOk } from "../../lib/exec.ts";
 import { writeDemoImages } from "../../lib/pipeline/demo-image.ts";
 import { dmAvailable } from "../helpers/kernel.ts";
 import { startS3, type TestS3 } from "../helpers/s3.ts";
+import { median, timed } from "../helpers/timed.ts";
 
 const { values: flags } = parseArgs({
   options: {
@@ -37,25 +38,6 @@ const GiB = 1024 ** 3;
 const root = mkdtempSync("/tmp/thinimg-bench-pipeline-");
 const repo = join(import.meta.dir, "../..");
 const ms = (n: number) => `${n.toFixed(0)} ms`;
-const median = (a: number[]) => [...a].sort((x, y) => x - y)[Math.floor(a.length / 2)]!;
-
-/** Run a command to completion; wall time and the child's peak RSS (VmHWM, polled). */
-async function timed(argv: string[], env: Record<string, string> = {}): Promise<{ ms: number; peakRssKb: number; stdout: string }> {
-  const t0 = performance.now();
-  const p = Bun.spawn(argv, { stdout: "pipe", stderr: "pipe", env: { ...process.env, ...env }, cwd: repo });
-  let peak = 0;
-  const poll = setInterval(() => {
-    try {
-      const m = /VmHWM:\s+(\d+) kB/.exec(readFileSync(`/proc/${p.pid}/status`, "utf8"));
-      if (m) peak = Math.max(peak, Number(m[1]));
-    } catch {}
-  }, 20);
-  const [stdout, stderr] = await Promise.all([new Response(p.stdout).text(), new Response(p.stderr).text(), p.exited]);
-  clearInterval(poll);
-  const elapsed = performance.now() - t0;
-  if (p.exitCode !== 0) throw new Error(`${argv.join(" ")} failed (${p.exitCode}): ${stderr.trim().split("\n").slice(-3).join(" | ")}`);
-  return { ms: elapsed, peakRssKb: peak, stdout };
-}
 
 /** A proxy in front of S3 that passes at most `rate` bytes/s of response bodies, over all connections. */
 function throttlingProxy(upstream: string, rate: number): { url: string; stop(): void } {

@@ -19,6 +19,7 @@ import { writeDemoImages } from "../../lib/pipeline/demo-image.ts";
 import { unpack } from "../../lib/pipeline/unpack.ts";
 import { makeCtx } from "../../lib/pool/context.ts";
 import { dmAvailable } from "../helpers/kernel.ts";
+import { median, timed } from "../helpers/timed.ts";
 
 const { values: flags } = parseArgs({
   options: {
@@ -40,7 +41,6 @@ const root = mkdtempSync("/tmp/thinimg-bench-unpack-");
 const repo = join(import.meta.dir, "../..");
 const results: { name: string; value: string; baseline: string; ratio: string; target: string }[] = [];
 const ms = (n: number) => `${n.toFixed(0)} ms`;
-const median = (a: number[]) => [...a].sort((x, y) => x - y)[Math.floor(a.length / 2)]!;
 const cli = (pool: string, stateDir: string, script: string, ...args: string[]) => [
   "bun",
   join(repo, "scripts", script),
@@ -51,24 +51,6 @@ const cli = (pool: string, stateDir: string, script: string, ...args: string[]) 
   stateDir,
   "--json",
 ];
-
-/** Run a command to completion; wall time and the child's peak RSS (VmHWM, polled). */
-async function timed(argv: string[], env: Record<string, string> = {}): Promise<{ ms: number; peakRssKb: number; stdout: string }> {
-  const t0 = performance.now();
-  const p = Bun.spawn(argv, { stdout: "pipe", stderr: "pipe", env: { ...process.env, ...env }, cwd: repo });
-  let peak = 0;
-  const poll = setInterval(() => {
-    try {
-      const m = /VmHWM:\s+(\d+) kB/.exec(readFileSync(`/proc/${p.pid}/status`, "utf8"));
-      if (m) peak = Math.max(peak, Number(m[1]));
-    } catch {}
-  }, 20);
-  const [stdout, stderr] = await Promise.all([new Response(p.stdout).text(), new Response(p.stderr).text(), p.exited]);
-  clearInterval(poll);
-  const elapsed = performance.now() - t0;
-  if (p.exitCode !== 0) throw new Error(`${argv.join(" ")} failed (${p.exitCode}): ${stderr.trim().split("\n").slice(-3).join(" | ")}`);
-  return { ms: elapsed, peakRssKb: peak, stdout };
-}
 
 function layersOf(dir: string): string[] {
   return readdirSync(dir)
