@@ -6,8 +6,9 @@ const repo = join(import.meta.dir, "../..");
 
 export const median = (a: number[]) => [...a].sort((x, y) => x - y)[Math.floor(a.length / 2)]!;
 
-/** Run a command to completion (cwd: the repo); wall time and the child's peak RSS (VmHWM, polled). */
-export async function timed(argv: string[], env: Record<string, string> = {}): Promise<{ ms: number; peakRssKb: number; stdout: string }> {
+/** Run a command to completion (cwd: the repo); wall time, CPU time (user + system, its reaped
+ * children included) and the child's peak RSS (VmHWM, polled). */
+export async function timed(argv: string[], env: Record<string, string> = {}): Promise<{ ms: number; cpuMs: number; peakRssKb: number; stdout: string }> {
   const t0 = performance.now();
   const p = Bun.spawn(argv, { stdout: "pipe", stderr: "pipe", env: { ...process.env, ...env }, cwd: repo });
   let peak = 0;
@@ -21,5 +22,6 @@ export async function timed(argv: string[], env: Record<string, string> = {}): P
   clearInterval(poll);
   const elapsed = performance.now() - t0;
   if (p.exitCode !== 0) throw new Error(`${argv.join(" ")} failed (${p.exitCode}): ${stderr.trim().split("\n").slice(-3).join(" | ")}`);
-  return { ms: elapsed, peakRssKb: peak, stdout };
+  const cpu = p.resourceUsage()?.cpuTime;
+  return { ms: elapsed, cpuMs: cpu ? Number(cpu.total) / 1000 : Number.NaN, peakRssKb: peak, stdout };
 }
