@@ -1,6 +1,7 @@
 // Carry out a plan, one orphan at a time, each step bounded. Per orphan:
 //   claim   the DB rows are still what the plan saw (compare-and-set; a thin id to delete is marked
-//           `deleting` in the same transaction) — an unpack re-run that picked it up wins
+//           `deleting` in the same transaction) — an unpack re-run that picked it up wins; the
+//           claims of bare deletes are made a few at a time, in one transaction (claim-ahead.ts)
 //   check   the device: same major:minor, same table (this pool, this thin id), not suspended, open
 //           at most by our own mount
 //   umount  our own mount — only if mountinfo at that path still shows the planned device
@@ -19,6 +20,7 @@ import { deleteThin, parseThinTable, poolStatus } from "../dm/pool.ts";
 import { errorMessage } from "../errors.ts";
 import { CommandError } from "../exec.ts";
 import { log } from "../log.ts";
+import { Claims } from "./claim-ahead.ts";
 import type { DmDevice, Orphan } from "./model.ts";
 
 export const STEP_TIMEOUT_MS = 10_000;
@@ -62,6 +64,8 @@ export interface GcLedger {
    * then marked `deleting` (the intent). Returns null to go ahead, else why not (the orphan is skipped).
    */
   claim(a: Orphan): string | null;
+  /** Several claims in one transaction (claim-ahead.ts: bare deletes only), each as claim() would. */
+  claimMany?(as: Orphan[]): (string | null)[];
   mountUnmounted(path: string): void;
   deviceRemoved(name: string): void;
   /** The pool confirmed the id is gone (deleted now, or already). */
@@ -187,6 +191,7 @@ interface ActEnv {
   pool: string;
   timeoutMs: number;
   ledger: GcLedger;
+  claims: Claims;
   mounts: () => MountEntry[];
   scanned: Map<string, DmDevice> | undefined;
   unmountedRemoved: string[];
@@ -234,7 +239,7 @@ async function claimStep(run: ActionRun, e: ActEnv): Promise<boolean> {
     "claim",
     target,
     async () => {
-      const why = e.ledger.claim(a);
+      const why = e.claims.claim(a);
       if (why !== null) throw new Error(why);
       run.claimed = true;
       return undefined;
@@ -382,10 +387,12 @@ async function actOne(a: Orphan, e: ActEnv): Promise<ActionRun> {
 }
 
 export async function act(actions: Orphan[], o: ActOptions): Promise<ActResult> {
+  const ledger = o.ledger ?? NO_LEDGER;
   const e: ActEnv = {
     pool: o.pool,
     timeoutMs: o.stepTimeoutMs ?? STEP_TIMEOUT_MS,
-    ledger: o.ledger ?? NO_LEDGER,
+    ledger,
+    claims: new Claims(actions, ledger),
     mounts: o.mountinfo ?? mountinfo,
     scanned: o.scanned,
     unmountedRemoved: [],
@@ -399,6 +406,7 @@ export async function act(actions: Orphan[], o: ActOptions): Promise<ActResult> 
       if (!stopped && o.signal?.aborted) stopped = { reason: "aborted", detail: "stop requested (signal)" };
       if (!stopped && checks.due(a, lastOk)) stopped = await checks.check();
       if (stopped) {
+        e.claims.drop(a, `not run: ${stopped.reason}`);
         results.push({ action: a, outcome: "not_run", steps: [], skipReason: null });
         continue;
       }

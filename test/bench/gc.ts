@@ -1,5 +1,6 @@
 // GC benchmark, in the test VM (real dm-thin):
-//   bun scripts/vm.ts --timeout 1800 -- bun test/bench/gc.ts [--count 1000] [--rounds 3]
+//   bun scripts/build.ts gc && bun scripts/vm.ts --timeout 1800 -- bun test/bench/gc.ts [--count 1000] [--rounds 3]
+//   (or `bun run bench:gc`; the build gives gc its start-up bundle, as scripts/setup.sh does on a host)
 //
 // A pool with COUNT thin ids, half of them orphaned: COUNT/2 live (committed layers in the DB),
 // COUNT/4 released snapshots (ledger: orphaned), COUNT/4 unknown to the DB (made behind thinimg's
@@ -12,6 +13,7 @@
 // run; the medians are printed.
 import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
+import { freshBundle } from "../../lib/cli/start.ts";
 import { loadConfig } from "../../lib/config.ts";
 import { pool as dmpool, dmsetup, losetup, thintools } from "../../lib/dm/index.ts";
 import { makeBackingFile } from "../../lib/dm/loop-pool.ts";
@@ -261,6 +263,7 @@ async function round(i: number, xml: string): Promise<Round> {
 const ri = argv.indexOf("--rounds");
 const ROUNDS = ri >= 0 ? parseIntArg(argv[ri + 1] ?? "", "--rounds", { min: 1, max: 20 }) : 3;
 const xml = metadataXml();
+console.log(`gc starts from ${freshBundle("gc") ? "its bundle" : "the sources (no current bundle: bun scripts/build.ts gc)"}`);
 console.log(`pool: ${COUNT} thin ids (${LIVE} live, ${RELEASED} released snapshots, ${COUNT - LIVE - RELEASED} unknown to the DB); ${ROUNDS} rounds`);
 const rounds: Round[] = [];
 for (let i = 1; i <= ROUNDS; i++) rounds.push(await round(i, xml));
