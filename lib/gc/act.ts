@@ -99,6 +99,11 @@ export interface ActOptions {
    * every delete. 0 = check before every orphan.
    */
   poolCheckEveryMs?: number;
+  /**
+   * performance.now() of a pool status read just before (the metadata scan's: ok, rw, no
+   * needs_check): it counts as the first check, so bare deletes start without another status call.
+   */
+  poolCheckedAt?: number | undefined;
   ledger?: GcLedger;
   /** Devices as scanned, to re-check that a name is still the same device, mapping the same thin id. */
   scanned?: Map<string, DmDevice>;
@@ -171,8 +176,8 @@ const CHECK_STRETCH = 50;
 
 /** When the pool's status is read again: before any device or mount, after any step that did not
  * succeed, and for bare deletes at most every `every` ms (stretched to CHECK_STRETCH × its cost). */
-function poolChecks(pool: string, timeoutMs: number, every: number) {
-  let lastCheck = Number.NEGATIVE_INFINITY;
+function poolChecks(pool: string, timeoutMs: number, every: number, checkedAt = Number.NEGATIVE_INFINITY) {
+  let lastCheck = checkedAt;
   let interval = every;
   return {
     due: (a: Orphan, lastOk: boolean) => a.device !== null || a.unmount.length > 0 || !lastOk || performance.now() - lastCheck >= interval,
@@ -397,7 +402,7 @@ export async function act(actions: Orphan[], o: ActOptions): Promise<ActResult> 
     scanned: o.scanned,
     unmountedRemoved: [],
   };
-  const checks = poolChecks(o.pool, e.timeoutMs, o.poolCheckEveryMs ?? 1_000);
+  const checks = poolChecks(o.pool, e.timeoutMs, o.poolCheckEveryMs ?? 1_000, o.poolCheckedAt);
   const results: ActionResult[] = [];
   let stopped: ActResult["stopped"] = null;
   let lastOk = true;
