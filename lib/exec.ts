@@ -26,6 +26,8 @@ export interface RunOptions {
   cwd?: string;
   /** A non-zero exit is an expected answer here (a probe): log it at debug, not warn. */
   probe?: boolean;
+  /** "ignore": the command prints nothing we read (a pool message): no pipe, result stdout "". */
+  stdout?: "pipe" | "ignore";
 }
 
 export interface CmdResult {
@@ -167,7 +169,7 @@ function spawnTracked(argv: string[], opts: RunOptions, started: number, started
   try {
     proc = Bun.spawn(argv, {
       stdin: opts.stdin === undefined ? "ignore" : new Blob([opts.stdin]),
-      stdout: "pipe",
+      stdout: opts.stdout ?? "pipe",
       stderr: "pipe",
       env: opts.env ? { ...process.env, ...opts.env } : process.env,
       cwd: opts.cwd,
@@ -234,7 +236,7 @@ export const spawnRunner: Runner = async (argv, opts = {}) => {
   if ("failed" in spawned) return spawned.failed;
   const { proc } = spawned;
   const deadline = armDeadline(proc, timeoutMs, graceMs);
-  const out = new Response(proc.stdout as ReadableStream).text();
+  const out = proc.stdout instanceof ReadableStream ? new Response(proc.stdout).text() : Promise.resolve("");
   const err = new Response(proc.stderr as ReadableStream).text();
   // A process in uninterruptible sleep (D state, e.g. I/O on a suspended device) ignores even
   // SIGKILL. Waiting for it would wedge us too, so past timeout + grace + 1 s we return without it.

@@ -32,18 +32,19 @@ export interface DmInfo {
 
 export const DMSETUP_TIMEOUT_MS = 30_000;
 
-async function dmsetup(args: string[], o: DmOpts = {}, probe = false): Promise<CmdResult> {
+async function dmsetup(args: string[], o: DmOpts = {}, probe = false, stdout: "pipe" | "ignore" = "pipe"): Promise<CmdResult> {
   const u = udevArgs();
   return run(["dmsetup", ...u.flags, ...args], {
     timeoutMs: o.timeoutMs ?? DMSETUP_TIMEOUT_MS,
     ctx: o.ctx,
     env: u.env,
     probe,
+    stdout,
   });
 }
 
-async function dmsetupOk(args: string[], o: DmOpts = {}, hint?: string): Promise<CmdResult> {
-  const r = await dmsetup(args, o);
+async function dmsetupOk(args: string[], o: DmOpts = {}, hint?: string, stdout: "pipe" | "ignore" = "pipe"): Promise<CmdResult> {
+  const r = await dmsetup(args, o, false, stdout);
   if (r.timedOut || r.exitCode !== 0) throw new DmError(classifyDmError(r), r, hint);
   return r;
 }
@@ -161,7 +162,8 @@ export async function reload(name: string, table: string, o: DmOpts = {}): Promi
 export async function message(poolName: string, msg: string, o: DmOpts = {}): Promise<void> {
   assertDmName(poolName, "pool name");
   if (!/^[a-z_]+( \d+)*$/.test(msg)) throw dmRefusal(["dmsetup", "message", poolName, "0", msg], "refused: malformed pool message");
-  await mutate(["message", poolName, "0", msg], { ...o, ctx: { pool_name: poolName, ...o.ctx } });
+  // a pool message prints nothing: no stdout pipe to make and drain (stderr still classifies failures)
+  await dmsetupOk(["message", poolName, "0", msg], { ...o, ctx: { pool_name: poolName, ...o.ctx } }, undefined, "ignore");
 }
 
 /** Raw status text ("start len target args…"); throws DmError not_found when absent. */

@@ -16,6 +16,7 @@ import { log } from "../log.ts";
 import { acquireFlock, type Flock } from "../util/flock.ts";
 import * as dmsetup from "./dmsetup.ts";
 import { parsePoolTable, poolStatusOk, releaseMetadataSnap, reserveMetadataSnap } from "./pool.ts";
+import type { PoolStatusOk } from "./status.ts";
 
 export const META_LOCK_FILE = "metadata-snap.lock";
 export const META_LOCK_WAIT_MS = 10_000;
@@ -91,22 +92,27 @@ export interface HoldOptions {
   timeoutMs?: number;
 }
 
-/** Call with the metadata-snapshot lock held: is a snapshot held already, and is its holder gone? */
-export async function inspectHold(pool: string, metaDev: string, o: HoldOptions = {}): Promise<HeldSnapshot> {
+/**
+ * Call with the metadata-snapshot lock held: is a snapshot held already, and is its holder gone?
+ * `status` is the last pool status it read (callers need not read it again).
+ */
+export async function inspectHold(pool: string, metaDev: string, o: HoldOptions = {}): Promise<HeldSnapshot & { status: PoolStatusOk }> {
   const quietMs = o.quietMs ?? 3_000;
   const deadline = Date.now() + (o.maxWaitMs ?? 60_000);
   const q = { timeoutMs: o.timeoutMs ?? 10_000, ctx: { pool_name: pool } };
-  let held = (await poolStatusOk(pool, q)).heldRoot;
-  if (held === null) return { kind: "none" };
+  let status = await poolStatusOk(pool, q);
+  let held = status.heldRoot;
+  if (held === null) return { kind: "none", status };
   let quietSince = Date.now();
   for (;;) {
     const reader = liveMetadataReader(metaDev);
     if (reader) quietSince = Date.now();
-    else if (Date.now() - quietSince >= quietMs) return { kind: "stale", root: held };
-    if (Date.now() >= deadline) return { kind: "busy", root: held, reader };
+    else if (Date.now() - quietSince >= quietMs) return { kind: "stale", root: held, status };
+    if (Date.now() >= deadline) return { kind: "busy", root: held, reader, status };
     await Bun.sleep(250);
-    const now = (await poolStatusOk(pool, q)).heldRoot;
-    if (now === null) return { kind: "none" }; // its live holder released it
+    status = await poolStatusOk(pool, q);
+    const now = status.heldRoot;
+    if (now === null) return { kind: "none", status }; // its live holder released it
     if (now !== held) {
       held = now;
       quietSince = Date.now();

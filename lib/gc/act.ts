@@ -1,6 +1,7 @@
 // Carry out a plan, one orphan at a time, each step bounded. Per orphan:
 //   claim   the DB rows are still what the plan saw (compare-and-set; a thin id to delete is marked
-//           `deleting` in the same transaction) — an unpack re-run that picked it up wins
+//           `deleting` in the same transaction) — an unpack re-run that picked it up wins; the
+//           claims of bare deletes are made a few at a time, in one transaction (claim-ahead.ts)
 //   check   the device: same major:minor, same table (this pool, this thin id), not suspended, open
 //           at most by our own mount
 //   umount  our own mount — only if mountinfo at that path still shows the planned device
@@ -19,6 +20,7 @@ import { deleteThin, parseThinTable, poolStatus } from "../dm/pool.ts";
 import { errorMessage } from "../errors.ts";
 import { CommandError } from "../exec.ts";
 import { log } from "../log.ts";
+import { Claims } from "./claim-ahead.ts";
 import type { DmDevice, Orphan } from "./model.ts";
 
 export const STEP_TIMEOUT_MS = 10_000;
@@ -62,6 +64,8 @@ export interface GcLedger {
    * then marked `deleting` (the intent). Returns null to go ahead, else why not (the orphan is skipped).
    */
   claim(a: Orphan): string | null;
+  /** Several claims in one transaction (claim-ahead.ts: bare deletes only), each as claim() would. */
+  claimMany?(as: Orphan[]): (string | null)[];
   mountUnmounted(path: string): void;
   deviceRemoved(name: string): void;
   /** The pool confirmed the id is gone (deleted now, or already). */
@@ -95,6 +99,11 @@ export interface ActOptions {
    * every delete. 0 = check before every orphan.
    */
   poolCheckEveryMs?: number;
+  /**
+   * performance.now() of a pool status read just before (the metadata scan's: ok, rw, no
+   * needs_check): it counts as the first check, so bare deletes start without another status call.
+   */
+  poolCheckedAt?: number | undefined;
   ledger?: GcLedger;
   /** Devices as scanned, to re-check that a name is still the same device, mapping the same thin id. */
   scanned?: Map<string, DmDevice>;
@@ -167,8 +176,8 @@ const CHECK_STRETCH = 50;
 
 /** When the pool's status is read again: before any device or mount, after any step that did not
  * succeed, and for bare deletes at most every `every` ms (stretched to CHECK_STRETCH × its cost). */
-function poolChecks(pool: string, timeoutMs: number, every: number) {
-  let lastCheck = Number.NEGATIVE_INFINITY;
+function poolChecks(pool: string, timeoutMs: number, every: number, checkedAt = Number.NEGATIVE_INFINITY) {
+  let lastCheck = checkedAt;
   let interval = every;
   return {
     due: (a: Orphan, lastOk: boolean) => a.device !== null || a.unmount.length > 0 || !lastOk || performance.now() - lastCheck >= interval,
@@ -187,6 +196,7 @@ interface ActEnv {
   pool: string;
   timeoutMs: number;
   ledger: GcLedger;
+  claims: Claims;
   mounts: () => MountEntry[];
   scanned: Map<string, DmDevice> | undefined;
   unmountedRemoved: string[];
@@ -234,7 +244,7 @@ async function claimStep(run: ActionRun, e: ActEnv): Promise<boolean> {
     "claim",
     target,
     async () => {
-      const why = e.ledger.claim(a);
+      const why = e.claims.claim(a);
       if (why !== null) throw new Error(why);
       run.claimed = true;
       return undefined;
@@ -382,15 +392,17 @@ async function actOne(a: Orphan, e: ActEnv): Promise<ActionRun> {
 }
 
 export async function act(actions: Orphan[], o: ActOptions): Promise<ActResult> {
+  const ledger = o.ledger ?? NO_LEDGER;
   const e: ActEnv = {
     pool: o.pool,
     timeoutMs: o.stepTimeoutMs ?? STEP_TIMEOUT_MS,
-    ledger: o.ledger ?? NO_LEDGER,
+    ledger,
+    claims: new Claims(actions, ledger),
     mounts: o.mountinfo ?? mountinfo,
     scanned: o.scanned,
     unmountedRemoved: [],
   };
-  const checks = poolChecks(o.pool, e.timeoutMs, o.poolCheckEveryMs ?? 1_000);
+  const checks = poolChecks(o.pool, e.timeoutMs, o.poolCheckEveryMs ?? 1_000, o.poolCheckedAt);
   const results: ActionResult[] = [];
   let stopped: ActResult["stopped"] = null;
   let lastOk = true;
@@ -399,6 +411,7 @@ export async function act(actions: Orphan[], o: ActOptions): Promise<ActResult> 
       if (!stopped && o.signal?.aborted) stopped = { reason: "aborted", detail: "stop requested (signal)" };
       if (!stopped && checks.due(a, lastOk)) stopped = await checks.check();
       if (stopped) {
+        e.claims.drop(a, `not run: ${stopped.reason}`);
         results.push({ action: a, outcome: "not_run", steps: [], skipReason: null });
         continue;
       }

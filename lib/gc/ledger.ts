@@ -50,10 +50,11 @@ function claimChecks(db: Db, pool: string, a: Orphan, alive: AliveFn): string | 
 }
 
 /**
- * The DB side of act. Each claim is one durable transaction (the intent `deleting` is on disk before
- * the delete is sent); a confirmed delete (`deleted`) is written with the next claim, or by flush():
- * one fsync per delete instead of two. A crash in between leaves the id `deleting`, which the next
- * run confirms from the pool, as it does after a timed-out delete.
+ * The DB side of act. Each claim is a durable transaction (the intent `deleting` is on disk before
+ * the delete is sent; claimMany makes the claims of several bare deletes in one, claim-ahead.ts); a
+ * confirmed delete (`deleted`) is written with the next claim, or by flush(). A crash in between
+ * leaves the id `deleting`, which the next run confirms from the pool, as it does after a timed-out
+ * delete.
  */
 export function storeLedger(db: Db, pool: string, o: { alive: AliveFn }): GcLedger & { flush(): void } {
   const before = new Map<number, ThinIdState | null>();
@@ -62,21 +63,25 @@ export function storeLedger(db: Db, pool: string, o: { alive: AliveFn }): GcLedg
     if (confirmed.length) forgetFirstSeenIds(db, pool, confirmed);
     for (const id of confirmed.splice(0)) setThinIdState(db, pool, id, "deleted", "gc: the pool confirmed the delete");
   };
+  const claimOne = (a: Orphan): string | null => {
+    const why = claimChecks(db, pool, a, o.alive);
+    if (why !== null || !a.deleteThin || a.thinId === null) return why;
+    const id = a.thinId;
+    const t = getThinId(db, pool, id);
+    before.set(id, t?.state ?? null);
+    // an id the DB never knew gets a ledger row first, so its delete is on record too
+    if (!t) recordOrphanThinId(db, pool, id, "found in the pool, unknown to the DB");
+    setThinIdState(db, pool, id, "deleting", "gc: deleting");
+    return null;
+  };
+  const claimMany = (as: Orphan[]): (string | null)[] =>
+    tx(db, () => {
+      writeConfirmed();
+      return as.map(claimOne);
+    });
   return {
-    claim(a) {
-      return tx(db, (): string | null => {
-        writeConfirmed();
-        const why = claimChecks(db, pool, a, o.alive);
-        if (why !== null || !a.deleteThin || a.thinId === null) return why;
-        const id = a.thinId;
-        const t = getThinId(db, pool, id);
-        before.set(id, t?.state ?? null);
-        // an id the DB never knew gets a ledger row first, so its delete is on record too
-        if (!t) recordOrphanThinId(db, pool, id, "found in the pool, unknown to the DB");
-        setThinIdState(db, pool, id, "deleting", "gc: deleting");
-        return null;
-      });
-    },
+    claim: (a) => claimMany([a])[0]!,
+    claimMany,
     mountUnmounted(path) {
       if (getMount(db, path)) setMountState(db, path, "unmounted", "unmounted by gc");
     },

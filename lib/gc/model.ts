@@ -29,7 +29,7 @@ export interface ForeignDevice {
 }
 
 export interface DmScan {
-  pool: { name: string; major: number; minor: number };
+  pool: { name: string; major: number; minor: number; table?: string | null };
   /** Devices named `<prefix>-<pool>-…` whose table is a thin target on this pool, or no table at all. */
   ours: DmDevice[];
   foreign: ForeignDevice[];
@@ -47,6 +47,8 @@ export interface MetaScan {
   blockBytes: number;
   /** The pool's transaction id when the metadata was read (null: not read). */
   transactionId?: number | null;
+  /** performance.now() when the status the scan went on (ok, rw, no needs_check) was read. */
+  statusAt?: number;
   /** A metadata snapshot was already held when we looked (a previous run died holding it?). */
   staleHold: { heldRoot: number; released: boolean } | null;
   skipped: { reason: "stale_metadata_snap" | "metadata_snap_busy" | "pool_not_rw" | "scan_failed" | "unhealthy"; detail: string } | null;

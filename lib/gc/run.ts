@@ -203,7 +203,7 @@ async function scanAndPlan(o: GcOptions, db: Db | null, base: RunBase, releaseSt
   const meta: MetaScan =
     base.health?.ok === false
       ? unscannedMeta(`health checks failed, metadata not read: ${base.health.detail}`)
-      : await scanMeta(cfg.pool, { releaseStale, stateDir: cfg.stateDir, timeoutMs });
+      : await scanMeta(cfg.pool, { releaseStale, stateDir: cfg.stateDir, timeoutMs, poolTable: dm.pool.table });
   const rows = db ? readGcRows(db, cfg.pool) : EMPTY_ROWS;
   const { view, notes } = buildDbView(cfg.pool, rows, alive);
   base.notes.push(...notes);
@@ -271,6 +271,7 @@ async function actAndRepair(o: GcOptions, db: Db, base: RunBase, s: Scanned, cur
     ledger: storeLedger(db, cfg.pool, { alive }),
     scanned: new Map(s.dm.ours.map((d) => [d.name, d])),
     signal: o.signal,
+    poolCheckedAt: s.meta.status === "ok" ? s.meta.statusAt : undefined,
   });
   await acknowledgeUnmounts(cfg, base, r, cursor);
   if (s.plan.repairs.length && !r.stopped) {

@@ -82,7 +82,7 @@ export function classifyDevices(poolName: string, prefix: string, devices: RawDe
       });
     } else unrelated++;
   }
-  return { pool: { name: poolName, major: poolDev.major, minor: poolDev.minor }, ours, foreign, unrelated };
+  return { pool: { name: poolName, major: poolDev.major, minor: poolDev.minor, table: poolDev.table }, ours, foreign, unrelated };
 }
 
 /** Every device with its table, two dmsetup calls. */

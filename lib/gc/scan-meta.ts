@@ -7,7 +7,7 @@
 import * as dmsetup from "../dm/dmsetup.ts";
 import { isDmError } from "../dm/errors.ts";
 import { acquireMetaLock, devPathFor, inspectHold, META_LOCK_FILE, META_LOCK_WAIT_MS, releaseOwn, releaseStaleHold, reserveOwn } from "../dm/metadata-snap.ts";
-import { parsePoolTable, poolStatusOk, SECTOR } from "../dm/pool.ts";
+import { parsePoolTable, SECTOR } from "../dm/pool.ts";
 import { parseThinDumpIds, thinDump, thinLs } from "../dm/thintools.ts";
 import { errorMessage } from "../errors.ts";
 import { log } from "../log.ts";
@@ -24,12 +24,15 @@ export interface ScanMetaOptions {
   heldWaitMs?: number;
   /** How long to wait for another thinimg reader's metadata-snapshot lock. */
   lockWaitMs?: number;
+  /** The pool's table as the device scan just read it (saves reading it again). */
+  poolTable?: string | null;
 }
 
 export async function scanMeta(pool: string, o: ScanMetaOptions): Promise<MetaScan> {
   const timeoutMs = o.timeoutMs ?? 10_000;
   const ctx = { pool_name: pool };
-  const pt = parsePoolTable((await dmsetup.table(pool, { timeoutMs, ctx })).split("\n")[0] ?? "");
+  const table = o.poolTable ?? (await dmsetup.table(pool, { timeoutMs, ctx }));
+  const pt = parsePoolTable(table.split("\n")[0] ?? "");
   const blockBytes = pt.blockSectors * SECTOR;
   const metaDev = devPathFor(pt.metaDev);
   const base: MetaScan = { status: "skipped", method: null, ids: new Map(), blockBytes, transactionId: null, staleHold: null, skipped: null, metaDev };
@@ -60,7 +63,7 @@ async function scanLocked(pool: string, o: ScanMetaOptions, base: MetaScan, time
   // no thinimg reader is active (we hold the lock), but a hand-run thin_ls may be: give it time
   const quietMs = o.heldWaitMs ?? 3_000;
   const hold = await inspectHold(pool, metaDev, { quietMs, maxWaitMs: quietMs + 10_000, timeoutMs });
-  const st = await poolStatusOk(pool, { timeoutMs, ctx });
+  const st = hold.status;
   base.transactionId = st.transactionId;
   if (st.mode !== "rw" || st.needsCheck) {
     // a read-only pool refuses reserve_metadata_snap (EOPNOTSUPP); GC will not act on it anyway
@@ -72,6 +75,8 @@ async function scanLocked(pool: string, o: ScanMetaOptions, base: MetaScan, time
       },
     };
   }
+  // ok (not Fail/Error: poolStatusOk), rw, not needs_check: it also serves as act's first pool check
+  base.statusAt = performance.now();
   if (hold.kind === "busy") {
     return {
       ...base,

@@ -9,7 +9,9 @@
 //     kernel is shared by every state dir on the host.
 //   - Order: inside one process a FIFO; across processes each waiter leaves a ticket in
 //     <lock>.waiting/ and only the oldest live ticket tries the lock (a dead or reused PID's ticket
-//     is ignored and removed), so commands run in the order asked.
+//     is ignored and removed), so commands run in the order asked. With no ticket there at all, the
+//     lock is tried at once without leaving one (nobody asked before us; a waiter arriving later
+//     leaves its ticket and waits its turn): the common, uncontended case costs one flock.
 //   - Waiting is bounded (THINIMG_DM_QUEUE_WAIT, default 5m) and visible: after 1 s a waiter logs
 //     "waiting for the dm queue held by pid N (…): `cmd`"; the holder writes who it is into the file.
 //   - withHostQueue(fn) holds it across several commands (suspend → … → resume): commands fn runs
@@ -126,15 +128,18 @@ function ticketName(): string {
   return `${String(Date.now()).padStart(15, "0")}-${process.pid}-${processStartTime(process.pid) ?? 0}`;
 }
 
+/** The waiting room: ticket names, or null when the directory does not exist (yet). */
+function tickets(dir: string): string[] | null {
+  try {
+    return readdirSync(dir);
+  } catch {
+    return null;
+  }
+}
+
 /** True when a live waiter asked before `mine`. Tickets of dead or reused PIDs are removed. */
 function olderLiveTicket(dir: string, mine: string): boolean {
-  let names: string[];
-  try {
-    names = readdirSync(dir);
-  } catch {
-    return false;
-  }
-  for (const n of names) {
+  for (const n of tickets(dir) ?? []) {
     if (n >= mine) continue;
     const [, pid, start] = n.split("-");
     if (goneReason(Number(pid), start === "0" ? null : Number(start)) === null) return true;
@@ -149,8 +154,14 @@ function olderLiveTicket(dir: string, mine: string): boolean {
 async function acquire(command: string): Promise<() => void> {
   const path = queueFile();
   const waitDir = `${path}.waiting`;
-  mkdirSync(waitDir, { recursive: true, mode: 0o755 }); // and the lock's own directory
   const record = JSON.stringify({ pid: process.pid, process: commandLine(), command, since: new Date().toISOString() });
+  const waiting = tickets(waitDir);
+  if (waiting === null)
+    mkdirSync(waitDir, { recursive: true, mode: 0o755 }); // and the lock's own directory
+  else if (waiting.length === 0) {
+    const lock = tryFlock(path, { record, mode: 0o644 });
+    if (lock) return () => lock.release();
+  }
   const ticket = ticketName();
   writeFileSync(`${waitDir}/${ticket}`, "");
   const t0 = Date.now();

@@ -1,5 +1,6 @@
 // GC benchmark, in the test VM (real dm-thin):
-//   bun scripts/vm.ts --timeout 1800 -- bun test/bench/gc.ts [--count 1000] [--rounds 3]
+//   bun scripts/build.ts gc && bun scripts/vm.ts --timeout 1800 -- bun test/bench/gc.ts [--count 1000] [--rounds 3]
+//   (or `bun run bench:gc`; the build gives gc its start-up bundle, as scripts/setup.sh does on a host)
 //
 // A pool with COUNT thin ids, half of them orphaned: COUNT/2 live (committed layers in the DB),
 // COUNT/4 released snapshots (ledger: orphaned), COUNT/4 unknown to the DB (made behind thinimg's
@@ -12,6 +13,7 @@
 // run; the medians are printed.
 import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
+import { freshBundle } from "../../lib/cli/start.ts";
 import { loadConfig } from "../../lib/config.ts";
 import { pool as dmpool, dmsetup, losetup, thintools } from "../../lib/dm/index.ts";
 import { makeBackingFile } from "../../lib/dm/loop-pool.ts";
@@ -139,11 +141,24 @@ interface GcRun {
   code: number;
   /** command → [calls, total ms] from the structured command records */
   cmds: Map<string, [number, number]>;
+  /** Where the wall time went: spawn → first delete sent, first delete → last delete's end, → exit. */
+  phases: { beforeMs: number; deletesSpanMs: number; afterMs: number } | null;
+}
+
+/** Split a run's wall time around its deletes, from the records' start times and durations. */
+function phasesOf(recs: { command: string; duration_ms: number; started_at: string }[], spawnedAt: number, exitedAt: number): GcRun["phases"] {
+  const dels = recs.filter((r) => / message \S+ 0 delete \d+$/.test(r.command));
+  if (!dels.length) return null;
+  const first = Date.parse(dels[0]!.started_at);
+  const last = dels.at(-1)!;
+  const end = Date.parse(last.started_at) + last.duration_ms;
+  return { beforeMs: first - spawnedAt, deletesSpanMs: end - first, afterMs: exitedAt - end };
 }
 
 async function gc(p: BenchPool, stateDir: string, force: boolean): Promise<GcRun> {
   const cmdLog = join(stateDir, `cmd-${force ? "force" : "dry"}-${Date.now()}.jsonl`);
   const t0 = performance.now();
+  const spawnedAt = Date.now();
   const proc = Bun.spawn(["bun", "scripts/gc.ts", "--json", "--pool", p.name, "--state-dir", stateDir, "--grace", "0", ...(force ? ["--force"] : [])], {
     stdout: "pipe",
     stderr: "pipe",
@@ -151,11 +166,14 @@ async function gc(p: BenchPool, stateDir: string, force: boolean): Promise<GcRun
   });
   const [out, err, code] = await Promise.all([new Response(proc.stdout).text(), new Response(proc.stderr).text(), proc.exited]);
   const ms = performance.now() - t0;
+  const exitedAt = Date.now();
   const cmds = new Map<string, [number, number]>();
+  const recs: { command: string; duration_ms: number; started_at: string }[] = [];
   if (existsSync(cmdLog)) {
     for (const line of readFileSync(cmdLog, "utf8").split("\n")) {
       if (!line) continue;
-      const rec = JSON.parse(line) as { command: string; duration_ms: number };
+      const rec = JSON.parse(line) as { command: string; duration_ms: number; started_at: string };
+      recs.push(rec);
       const w = rec.command.split(" ").filter((x) => !x.startsWith("--noudev"));
       const k = w[0] === "dmsetup" ? `dmsetup ${w[1] === "message" ? `message ${(w[4] ?? "").split(" ")[0]}` : w[1]}` : (w[0] ?? "?");
       const c = cmds.get(k) ?? [0, 0];
@@ -163,7 +181,7 @@ async function gc(p: BenchPool, stateDir: string, force: boolean): Promise<GcRun
     }
   }
   try {
-    return { ms, r: JSON.parse(out) as GcReport, code, cmds };
+    return { ms, r: JSON.parse(out) as GcReport, code, cmds, phases: phasesOf(recs, spawnedAt, exitedAt) };
   } catch {
     writeFileSync(`${cmdLog}.stdout`, out);
     throw new Error(
@@ -261,6 +279,7 @@ async function round(i: number, xml: string): Promise<Round> {
 const ri = argv.indexOf("--rounds");
 const ROUNDS = ri >= 0 ? parseIntArg(argv[ri + 1] ?? "", "--rounds", { min: 1, max: 20 }) : 3;
 const xml = metadataXml();
+console.log(`gc starts from ${freshBundle("gc") ? "its bundle" : "the sources (no current bundle: bun scripts/build.ts gc)"}`);
 console.log(`pool: ${COUNT} thin ids (${LIVE} live, ${RELEASED} released snapshots, ${COUNT - LIVE - RELEASED} unknown to the DB); ${ROUNDS} rounds`);
 const rounds: Round[] = [];
 for (let i = 1; i <= ROUNDS; i++) rounds.push(await round(i, xml));
@@ -283,3 +302,10 @@ console.log(
 );
 console.log(`commands (last round): dry-run: ${cmdSummary(last.dry)}`);
 console.log(`                       --force: ${cmdSummary(last.force)}`);
+// where --force's wall time goes: before its first delete (start-up, locks, health, scans, plan),
+// the deletes (their commands, and GC's own work between them: claims, journal, queue, pool checks),
+// after the last (ledger flush, report, exit)
+const ph = (f: (p: NonNullable<GcRun["phases"]>) => number) => med((r) => (r.force.phases ? f(r.force.phases) : Number.NaN));
+console.log(
+  `phases:    before the first delete ${fmt(ph((p) => p.beforeMs))}; deletes ${fmt(ph((p) => p.deletesSpanMs))} (${(ph((p) => p.deletesSpanMs) / n).toFixed(1)} ms/id, of which GC's own between its delete commands ${(med((r) => (r.force.phases ? r.force.phases.deletesSpanMs - r.ownDeletesMs : Number.NaN)) / n).toFixed(1)} ms/id); after the last ${fmt(ph((p) => p.afterMs))}`,
+);

@@ -100,6 +100,12 @@ describe("run", () => {
     expect(e.message).toContain("exit 2: the reason");
   });
 
+  test('stdout "ignore": no output read, stderr and the exit code still are', async () => {
+    const r = await run(["sh", "-c", "echo out; echo err >&2; exit 3"], { stdout: "ignore" });
+    expect([r.stdout, r.stderr, r.exitCode, r.timedOut]).toEqual(["", "err\n", 3, false]);
+    expect((await run(["sh", "-c", "echo out"])).stdout).toBe("out\n");
+  });
+
   test("arguments are passed as argv, never through a shell", async () => {
     const r = await run(["echo", "$(id)", ";", "rm -rf /"]);
     expect(r.stdout).toBe("$(id) ; rm -rf /\n");

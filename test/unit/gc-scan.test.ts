@@ -74,7 +74,8 @@ describe("device classification", () => {
       ["thinimg-tp-layer-2", 2],
       ["thinimg-tp-snap-9", null],
     ]);
-    expect(s.pool).toEqual({ name: "tp", major: 254, minor: 0 });
+    // the pool's own table comes along: the metadata scan need not read it again
+    expect(s.pool).toEqual({ name: "tp", major: 254, minor: 0, table: devices.find((d) => d.name === "tp")!.table });
   });
   test("foreign: listed with why; unrelated only counted", () => {
     expect(s.foreign.map((f) => [f.name, f.why, f.thinId])).toEqual([

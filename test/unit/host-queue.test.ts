@@ -9,6 +9,7 @@ import * as dmsetup from "../../lib/dm/dmsetup.ts";
 import * as mnt from "../../lib/dm/mount.ts";
 import { type CmdResult, setRunner, spawnRunner } from "../../lib/exec.ts";
 import { clearTimeouts, isStateChanging } from "../../lib/lock/host-queue.ts";
+import { processStartTime } from "../../lib/lock/owner.ts";
 import { readFlockRecord } from "../../lib/util/flock.ts";
 
 const dir = mkdtempSync("/tmp/thinimg-host-queue-");
@@ -167,6 +168,33 @@ describe("one state-changing command at a time on the host", () => {
     );
     await lines(holder);
   }, 30_000);
+
+  test("uncontended: taken without leaving a ticket; a live waiter's older ticket still goes first", async () => {
+    const q = freshQueue();
+    const prev = process.env.THINIMG_DM_QUEUE;
+    process.env.THINIMG_DM_QUEUE = q;
+    try {
+      let seen = null as string[] | null;
+      setRunner(async (argv) => {
+        seen = readdirSync(`${q}.waiting`);
+        expect(readFlockRecord(q)).toContain(argv.join(" "));
+        return { argv, stdout: "", stderr: "", exitCode: 0, signal: null, timedOut: false, durationMs: 1 };
+      });
+      await dmsetup.remove("fast");
+      expect(seen).toEqual([]); // the waiting room was made, no ticket left in it
+      // a live waiter (this process's pid and start time) asked first: we wait until its ticket is gone
+      const older = `${q}.waiting/000000000000001-${process.pid}-${processStartTime(process.pid) ?? 0}`;
+      writeFileSync(older, "");
+      setTimeout(() => rmSync(older), 300);
+      const t0 = Date.now();
+      await dmsetup.remove("after");
+      expect(Date.now() - t0).toBeGreaterThanOrEqual(250);
+      expect(seen).toEqual([]);
+    } finally {
+      if (prev === undefined) delete process.env.THINIMG_DM_QUEUE;
+      else process.env.THINIMG_DM_QUEUE = prev;
+    }
+  });
 
   test("a holder that died (SIGKILL) or a dead waiter's ticket never blocks", async () => {
     const q = freshQueue();
