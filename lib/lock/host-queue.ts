@@ -145,12 +145,33 @@ function olderLiveTicket(dir: string, mine: string): boolean {
   return false;
 }
 
+/** No ticket in the waiting room (or no room yet): nobody else is waiting. */
+function nobodyWaiting(dir: string): boolean {
+  try {
+    return readdirSync(dir).length === 0;
+  } catch {
+    return true;
+  }
+}
+
 /** Take the host lock for `command`, waiting (bounded, visibly) behind earlier askers. */
 async function acquire(command: string): Promise<() => void> {
   const path = queueFile();
   const waitDir = `${path}.waiting`;
-  mkdirSync(waitDir, { recursive: true, mode: 0o755 }); // and the lock's own directory
   const record = JSON.stringify({ pid: process.pid, process: commandLine(), command, since: new Date().toISOString() });
+  // The common case, no other process waiting: take it without a ticket of our own (a waiter always
+  // has one while it waits, so nobody who asked earlier is passed; two arriving together both try,
+  // one wins, as with tickets of the same millisecond).
+  if (nobodyWaiting(waitDir)) {
+    let lock: ReturnType<typeof tryFlock> = null;
+    try {
+      lock = tryFlock(path, { record, mode: 0o644 });
+    } catch {
+      // no lock directory yet: made below
+    }
+    if (lock) return () => lock.release();
+  }
+  mkdirSync(waitDir, { recursive: true, mode: 0o755 }); // and the lock's own directory
   const ticket = ticketName();
   writeFileSync(`${waitDir}/${ticket}`, "");
   const t0 = Date.now();
