@@ -51,7 +51,8 @@ export interface HoldOptions {
   command?: string;
   /** Keep the hold this long after the last operation using it ends (a long-lived service: the next
    * request joins it instead of taking the file again). An exclusive holder that arrives meanwhile
-   * waits at most this long, and a request that finds one waiting gives the hold up and waits too. */
+   * is seen within LINGER_CHECK_MS and the hold given up; a request that finds one waiting gives the
+   * hold up too and waits its turn. */
   lingerMs?: number;
 }
 
@@ -61,12 +62,14 @@ export interface HoldOptions {
 interface OpenHold {
   flock: Promise<Flock>;
   count: number;
-  linger: ReturnType<typeof setTimeout> | null;
+  linger: ReturnType<typeof setInterval> | null;
 }
 const openHolds = new Map<string, OpenHold>();
+/** How often a lingering hold looks for an exclusive holder waiting for it. */
+export const LINGER_CHECK_MS = 100;
 
 async function releaseHold(mine: string, open: OpenHold): Promise<void> {
-  if (open.linger) clearTimeout(open.linger);
+  if (open.linger) clearInterval(open.linger);
   open.linger = null;
   if (openHolds.get(mine) === open) openHolds.delete(mine);
   (await open.flock).release();
@@ -124,16 +127,17 @@ export async function withSharedHold<T>(stateDir: string, o: HoldOptions, fn: ()
     open = { flock: acquireShared(stateDir, mine, me, o.waitMs), count: 0, linger: null };
     openHolds.set(mine, open);
   }
-  if (open.linger) clearTimeout(open.linger);
+  if (open.linger) clearInterval(open.linger);
   open.linger = null;
   open.count++;
   const held = open;
   const leave = async () => {
     if (--held.count > 0) return;
     if (!o.lingerMs) return releaseHold(mine, held);
-    held.linger = setTimeout(() => {
-      if (held.count === 0) void releaseHold(mine, held);
-    }, o.lingerMs);
+    const until = Date.now() + o.lingerMs;
+    held.linger = setInterval(() => {
+      if (held.count === 0 && (Date.now() >= until || liveExclusive(stateDir))) void releaseHold(mine, held);
+    }, Math.min(LINGER_CHECK_MS, o.lingerMs));
     held.linger.unref();
   };
   try {

@@ -42,14 +42,14 @@ const ACTIVATION_GRACE_MS = 30_000;
 export const serviceHealthDir = (stateDir: string) => join(stateDir, "service-health");
 
 /** How long the service keeps its shared hold of the state dir after its last operation: requests
- * in a burst join it instead of taking the holder file each time; gc --force and recover-pool wait
- * at most this long for an idle service (lib/lock/holders.ts). */
-export const HOLD_LINGER_MS = 1_000;
+ * in a burst join it instead of taking the holder file each time. A gc --force or recover-pool that
+ * starts waiting meanwhile gets it within 0.1 s (lib/lock/holders.ts). */
+export const HOLD_LINGER_MS = 10_000;
 const held = <T>(ctx: Ctx, fn: () => Promise<T>) => asHolder(ctx, fn, { lingerMs: HOLD_LINGER_MS });
 
 /** The pipeline itself: what the service runs outside of unit tests. */
 /** Each operation is a shared holder of the state dir for its run (a service idle for
- * HOLD_LINGER_MS holds nothing, so gc --force and recover-pool can act between jobs). */
+ * HOLD_LINGER_MS holds nothing; gc --force and recover-pool can act between jobs). */
 export const pipelineOps: ServiceOps = {
   unpack: (ctx, o) => held(ctx, () => unpack(ctx, o)),
   activate: (ctx, image, o) => held(ctx, () => activate(ctx, image, { size: o.sizeBytes, preflight: o.preflight })),

@@ -76,8 +76,24 @@ describe("shared holders vs exclusive", () => {
     expect(files()).toEqual([]);
     expect(gcNow()).toBe("held");
 
-    // a gc --force waiting for the lingering hold: the next operation gives it up and waits its turn
+    // a gc --force waiting for the lingering hold gets it at once, long before the linger ends
     const long = { ...o, lingerMs: 60_000 };
+    await withSharedHold(d, long, async () => {});
+    const t1 = Date.now();
+    const waited = Bun.spawn(
+      [
+        "bun",
+        "-e",
+        `import { holdExclusive } from "${lib}/lock/holders.ts";
+        await holdExclusive(${JSON.stringify(d)}, { waitMs: 20_000, ignoreLock: false, what: "gc --force" }).then((h) => { h.release(); console.log("held"); });`,
+      ],
+      { stdout: "pipe", stderr: "inherit" },
+    );
+    expect((await new Response(waited.stdout).text()).trim()).toBe("held");
+    expect(Date.now() - t1).toBeLessThan(5_000);
+    expect(files()).toEqual([]);
+
+    // and an operation arriving while it waits gives the hold up at once and waits its turn
     await withSharedHold(d, long, async () => {});
     const gc = Bun.spawn(
       [
