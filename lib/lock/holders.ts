@@ -135,9 +135,12 @@ export async function withSharedHold<T>(stateDir: string, o: HoldOptions, fn: ()
     if (--held.count > 0) return;
     if (!o.lingerMs) return releaseHold(mine, held);
     const until = Date.now() + o.lingerMs;
-    held.linger = setInterval(() => {
-      if (held.count === 0 && (Date.now() >= until || liveExclusive(stateDir))) void releaseHold(mine, held);
-    }, Math.min(LINGER_CHECK_MS, o.lingerMs));
+    held.linger = setInterval(
+      () => {
+        if (held.count === 0 && (Date.now() >= until || liveExclusive(stateDir))) void releaseHold(mine, held);
+      },
+      Math.min(LINGER_CHECK_MS, o.lingerMs),
+    );
     held.linger.unref();
   };
   try {
