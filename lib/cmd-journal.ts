@@ -4,8 +4,8 @@
 // fsync carries it to disk). Bounded: past MAX_BYTES the file is rotated
 // (commands.log.1 … .KEEP). Appends and rotations happen under the host dm queue (one writer at a
 // time on the host). A journal that cannot be written never stops dm work: one warning per process.
-import { closeSync, fstatSync, fsyncSync, mkdirSync, openSync, renameSync, writeSync } from "node:fs";
-import { join } from "node:path";
+import { closeSync, fstatSync, fsyncSync, mkdirSync, openSync, renameSync, statSync, writeSync } from "node:fs";
+import { dirname, join } from "node:path";
 import { log } from "./log.ts";
 
 export const JOURNAL_FILE = "commands.log";
@@ -17,6 +17,7 @@ let warned = false;
 
 /** Journal the commands of this process into `stateDir` (null: no journal). */
 export function useCommandJournal(stateDir: string | null): void {
+  if (stateDir !== dir) closeOpen();
   dir = stateDir;
 }
 
@@ -33,14 +34,40 @@ function rotate(path: string): void {
   renameSync(path, `${path}.1`);
 }
 
-/** The journal open for appending; its directory is made only when missing (two syscalls fewer a record). */
-function openAppend(path: string, stateDir: string): number {
+/** The journal file this process has open (kept open: a long-lived service writes four records per
+ * activation, and each open/close is a round trip to the host in the test VM's hostfs). */
+let open: { path: string; fd: number; ino: number; dev: number } | null = null;
+
+function closeOpen(): void {
+  if (!open) return;
   try {
-    return openSync(path, "a", 0o644);
-  } catch (e) {
-    if ((e as NodeJS.ErrnoException).code !== "ENOENT") throw e;
-    mkdirSync(stateDir, { recursive: true });
-    return openSync(path, "a", 0o644);
+    closeSync(open.fd);
+  } catch {}
+  open = null;
+}
+
+/** An fd appending to the file now at `path`, rotated first when full. Another process may have
+ * rotated it meanwhile: the open fd is used only while `path` still names its file. */
+function journalFd(path: string, maxBytes: number): number {
+  let st = statOrNull(path);
+  if (st && st.size >= maxBytes) {
+    rotate(path);
+    st = null;
+  }
+  if (open && st && open.path === path && st.ino === open.ino && st.dev === open.dev) return open.fd;
+  closeOpen();
+  mkdirSync(dirname(path), { recursive: true });
+  const fd = openSync(path, "a", 0o644);
+  const f = fstatSync(fd);
+  open = { path, fd, ino: f.ino, dev: f.dev };
+  return fd;
+}
+
+function statOrNull(path: string): { size: number; ino: number; dev: number } | null {
+  try {
+    return statSync(path);
+  } catch {
+    return null;
   }
 }
 
@@ -49,19 +76,11 @@ export function journal(rec: object, o: { sync: boolean; maxBytes?: number } = {
   if (dir === null) return;
   const path = journalPath(dir);
   try {
-    let fd = openAppend(path, dir);
-    if (fstatSync(fd).size >= (o.maxBytes ?? JOURNAL_MAX_BYTES)) {
-      closeSync(fd);
-      rotate(path);
-      fd = openAppend(path, dir);
-    }
-    try {
-      writeSync(fd, `${JSON.stringify(rec)}\n`);
-      if (o.sync) fsyncSync(fd);
-    } finally {
-      closeSync(fd);
-    }
+    const fd = journalFd(path, o.maxBytes ?? JOURNAL_MAX_BYTES);
+    writeSync(fd, `${JSON.stringify(rec)}\n`);
+    if (o.sync) fsyncSync(fd);
   } catch (e) {
+    closeOpen();
     if (warned) return;
     warned = true;
     log.warn(`cannot write the command journal ${path}: ${(e as Error).message} (dm work goes on; records stay on stderr)`);

@@ -49,11 +49,31 @@ const describeAll = (hs: Holder[]) => hs.map(describeHolder).join("; ");
 export interface HoldOptions {
   waitMs: number;
   command?: string;
+  /** Keep the hold this long after the last operation using it ends (a long-lived service: the next
+   * request joins it instead of taking the file again). An exclusive holder that arrives meanwhile
+   * is seen within LINGER_CHECK_MS and the hold given up; a request that finds one waiting gives the
+   * hold up too and waits its turn. */
+  lingerMs?: number;
 }
 
 /** Shared holds this process has open, by holder file: one file however many run at once (a
- * service answers an activation while a job unpacks). */
-const openHolds = new Map<string, { flock: Promise<Flock>; count: number }>();
+ * service answers an activation while a job unpacks). linger: the timer that releases a hold no
+ * operation uses any more. */
+interface OpenHold {
+  flock: Promise<Flock>;
+  count: number;
+  linger: ReturnType<typeof setInterval> | null;
+}
+const openHolds = new Map<string, OpenHold>();
+/** How often a lingering hold looks for an exclusive holder waiting for it. */
+export const LINGER_CHECK_MS = 100;
+
+async function releaseHold(mine: string, open: OpenHold): Promise<void> {
+  if (open.linger) clearInterval(open.linger);
+  open.linger = null;
+  if (openHolds.get(mine) === open) openHolds.delete(mine);
+  (await open.flock).release();
+}
 
 /** Take our holder file once no exclusive holder is live; waits (bounded) while one is. */
 async function acquireShared(stateDir: string, mine: string, me: Holder, waitMs: number): Promise<Flock> {
@@ -85,28 +105,48 @@ async function acquireShared(stateDir: string, mine: string, me: Holder, waitMs:
   }
 }
 
+/** Give up every hold that is only lingering (a service stopping). */
+export async function releaseLingeringHolds(): Promise<void> {
+  await Promise.all([...openHolds].filter(([, h]) => h.count === 0).map(([mine, h]) => releaseHold(mine, h)));
+}
+
 /** Hold the state dir shared for fn's run: waits (bounded) while gc --force or recover-pool acts. */
 export async function withSharedHold<T>(stateDir: string, o: HoldOptions, fn: () => Promise<T>): Promise<T> {
   const dir = join(stateDir, HOLDERS_DIR);
   mkdirSync(dir, { recursive: true });
   const me = currentHolder(o.command);
   const mine = join(dir, `${me.pid}-${me.startTime ?? 0}.json`);
-  // a hold this process already has open is joined, never waited for (an exclusive waiter waits for it)
+  // a hold this process already has open is joined, never waited for (an exclusive waiter waits for
+  // it); one only lingering after its last operation is given up when an exclusive holder waits
   let open = openHolds.get(mine);
+  if (open && open.count === 0 && liveExclusive(stateDir)) {
+    await releaseHold(mine, open);
+    open = undefined;
+  }
   if (!open) {
-    open = { flock: acquireShared(stateDir, mine, me, o.waitMs), count: 0 };
+    open = { flock: acquireShared(stateDir, mine, me, o.waitMs), count: 0, linger: null };
     openHolds.set(mine, open);
   }
+  if (open.linger) clearInterval(open.linger);
+  open.linger = null;
   open.count++;
+  const held = open;
   const leave = async () => {
-    if (--open.count > 0) return;
-    openHolds.delete(mine);
-    (await open.flock).release();
+    if (--held.count > 0) return;
+    if (!o.lingerMs) return releaseHold(mine, held);
+    const until = Date.now() + o.lingerMs;
+    held.linger = setInterval(
+      () => {
+        if (held.count === 0 && (Date.now() >= until || liveExclusive(stateDir))) void releaseHold(mine, held);
+      },
+      Math.min(LINGER_CHECK_MS, o.lingerMs),
+    );
+    held.linger.unref();
   };
   try {
-    await open.flock;
+    await held.flock;
   } catch (e) {
-    if (--open.count === 0) openHolds.delete(mine);
+    if (--held.count === 0 && openHolds.get(mine) === held) openHolds.delete(mine);
     throw e;
   }
   try {

@@ -14,8 +14,19 @@ export interface Holder {
   acquiredAt: number;
 }
 
+/** This process's own start time never changes: read once (every lock and ticket asks for it). */
+let ownStartTime: number | null | undefined;
+
 /** Field 22 of /proc/PID/stat, or null when the process does not exist. */
 export function processStartTime(pid: number): number | null {
+  if (pid === process.pid) {
+    if (ownStartTime === undefined) ownStartTime = readStartTime(pid);
+    return ownStartTime;
+  }
+  return readStartTime(pid);
+}
+
+function readStartTime(pid: number): number | null {
   let stat: string;
   try {
     stat = readFileSync(`/proc/${pid}/stat`, "utf8");

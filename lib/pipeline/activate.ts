@@ -8,7 +8,7 @@ import * as mnt from "../dm/mount.ts";
 import * as pool from "../dm/pool.ts";
 import { ThinimgError } from "../errors.ts";
 import type { Ctx } from "../pool/context.ts";
-import { inPoolSection, poolCreate, ThinIdTaken } from "../pool/journal.ts";
+import { beginCreateStep, inPoolSection, poolCreate, ThinIdTaken } from "../pool/journal.ts";
 import { deviceName, parseDeviceName } from "../pool/names.ts";
 import { pausePoint } from "../pool/pause-points.ts";
 import { tx } from "../store/db.ts";
@@ -59,7 +59,10 @@ interface ActivationProgress {
   name: string | null;
   created: boolean;
   active: boolean;
-  /** a step whose intent is written but not its outcome: ended `failed` on an error (recording only) */
+  /** the create_snap intent while this code is to close it (`done` once created, else `failed`);
+   * null while poolCreate owns it (it closes it, or leaves it pending when the outcome is unknown) */
+  createStep: number | null;
+  /** the device's intent until it is closed (ended `failed` on an error: recording only) */
   openStep: number | null;
 }
 
@@ -85,12 +88,14 @@ export async function activate(ctx: Ctx, imageRef: string, o: ActivateOptions = 
   const top = readyTopLayer(ctx, img);
   const size = o.size === undefined ? top.virtual_size : assertSnapshotSize(o.size, top.virtual_size, img.name);
   if (!o.skipHealth) await (o.preflight ?? preflight)(ctx);
-  // one commit (each is an fsync with synchronous=FULL): the snapshot row and its work record
-  const [snap, work] = tx(db, () => {
+  // one commit (each is an fsync with synchronous=FULL): the snapshot row, its work record, its thin
+  // id and the intents of both dm commands — all durable before the pool section sends anything
+  const [snap, work, first] = tx(db, () => {
     const sn = insertSnapshot(db, { pool: poolName, imageId: img.id, layerId: top.id, virtualSize: size, pid: ctx.owner.pid, command: ctx.owner.command });
-    return [sn, startWork(db, poolName, "activate", workSubject("snapshot", sn.id), ctx.owner)] as const;
+    const w = startWork(db, poolName, "activate", workSubject("snapshot", sn.id), ctx.owner);
+    return [sn, w, claimThinId(ctx, top, sn, w)] as const;
   });
-  const st: ActivationProgress = { thinId: null, name: null, created: false, active: false, openStep: null };
+  const st: ActivationProgress = { ...first, created: false, active: false };
   try {
     await inPoolSection(ctx, () => activateInPool(ctx, top, snap, work, size, st));
   } catch (e) {
@@ -106,7 +111,29 @@ export async function activate(ctx: Ctx, imageRef: string, o: ActivateOptions = 
   };
 }
 
-/** The pool section of an activation: create the snapshot's thin id, load its device, grow it. */
+interface Claim {
+  thinId: number;
+  name: string;
+  createStep: number;
+  openStep: number;
+}
+
+/** In the caller's transaction: the next thin id and the snapshot's claim on it (a crash can never
+ * leave an allocated id nothing points at), the create_snap intent, and the device's intent (its
+ * step and `activating` row): after a crash, reconcilePending and GC settle both from these rows. */
+function claimThinId(ctx: Ctx, top: LayerRow, snap: SnapshotRow, work: WorkRow): Claim {
+  const { db, cfg } = ctx;
+  const thinId = allocateThinId(db, cfg.pool, { kind: "snapshot", id: snap.id }, top.thin_id);
+  const name = deviceName(cfg.prefix, cfg.pool, "snap", thinId);
+  updateSnapshot(db, snap.id, { thin_id: thinId, device_name: name });
+  const createStep = beginCreateStep(db, cfg.pool, work.id, { op: "create_snap", thinId, originId: top.thin_id! }).id;
+  const openStep = beginStep(db, work.id, cfg.pool, "activate_device", { thinId, deviceName: name }).id;
+  setDevice(db, { pool: cfg.pool, name, thinId, kind: "snap", state: "activating" });
+  return { thinId, name, createStep, openStep };
+}
+
+/** The pool section of an activation: create the snapshot's thin id, load its device, grow it. Two
+ * commits in all: the intents (the caller's, above) and the outcome. */
 async function activateInPool(ctx: Ctx, top: LayerRow, snap: SnapshotRow, work: WorkRow, size: number, st: ActivationProgress): Promise<void> {
   const { db, cfg } = ctx;
   const poolName = cfg.pool;
@@ -117,37 +144,35 @@ async function activateInPool(ctx: Ctx, top: LayerRow, snap: SnapshotRow, work: 
     });
   }
   for (let tries = 0; ; tries++) {
-    // the id and the snapshot's claim on it in one transaction
-    [st.thinId, st.name] = tx(db, (): [number, string] => {
-      const id = allocateThinId(db, poolName, { kind: "snapshot", id: snap.id }, top.thin_id);
-      const n = deviceName(cfg.prefix, poolName, "snap", id);
-      updateSnapshot(db, snap.id, { thin_id: id, device_name: n });
-      return [id, n];
-    });
+    const intent = { id: st.createStep! };
+    st.createStep = null; // poolCreate's until it returns
     try {
-      await poolCreate(ctx, work.id, { op: "create_snap", thinId: st.thinId, originId: top.thin_id! }, { txn: false });
-      st.created = true;
+      await poolCreate(ctx, work.id, { op: "create_snap", thinId: st.thinId!, originId: top.thin_id! }, { txn: false, intent, deferDone: true });
+      [st.created, st.createStep] = [true, intent.id];
       break;
     } catch (e) {
       if (!(e instanceof ThinIdTaken) || tries >= 15) throw e;
     }
+    // the id was taken (recorded orphaned by poolCreate): the device's intent moves to the next one
+    const next = tx(db, () => {
+      endStep(db, st.openStep!, "failed", "error", `thin id ${st.thinId} was taken; not activated`);
+      setDeviceState(db, poolName, st.name!, "removed", `never activated: thin id ${st.thinId} was taken`);
+      return claimThinId(ctx, top, snap, work);
+    });
+    Object.assign(st, next);
   }
   await pausePoint("activate:created", cfg.stateDir);
-  const thinId = st.thinId;
-  const name = st.name;
-  st.openStep = tx(db, () => {
-    const id = beginStep(db, work.id, poolName, "activate_device", { thinId, deviceName: name }).id;
-    setDevice(db, { pool: poolName, name: name!, thinId: thinId!, kind: "snap", state: "activating" });
-    return id;
-  });
-  await pool.activateThin(poolName, name!, thinId!, size, { ctx: { pool_name: poolName, device_id: thinId!, device_name: name! } });
+  const thinId = st.thinId!;
+  const name = st.name!;
+  await pool.activateThin(poolName, name, thinId, size, { ctx: { pool_name: poolName, device_id: thinId, device_name: name } });
   st.active = true;
-  if (size > top.virtual_size) await growExt4(dmsetup.mapperPath(name!), { ctx: { pool_name: poolName, device_id: thinId!, device_name: name! } });
+  if (size > top.virtual_size) await growExt4(dmsetup.mapperPath(name), { ctx: { pool_name: poolName, device_id: thinId, device_name: name } });
   tx(db, () => {
-    setDeviceState(db, poolName, name!, "active");
+    endStep(db, st.createStep!, "done", "ok");
+    setDeviceState(db, poolName, name, "active");
     endStep(db, st.openStep!, "done", "ok");
-    st.openStep = null;
-    setThinIdState(db, poolName, thinId!, "committed");
+    [st.createStep, st.openStep] = [null, null];
+    setThinIdState(db, poolName, thinId, "committed");
     updateSnapshot(db, snap.id, { state: "active", activated_at: Date.now() });
     finishWork(db, work.id, "done");
   });
@@ -157,7 +182,7 @@ async function activateInPool(ctx: Ctx, top: LayerRow, snap: SnapshotRow, work: 
 async function recordActivateFailure(ctx: Ctx, img: ImageRow, snap: SnapshotRow, work: WorkRow, st: ActivationProgress, e: unknown): Promise<ThinimgError> {
   const { db } = ctx;
   const poolName = ctx.cfg.pool;
-  const { thinId, name, created, active, openStep } = st;
+  const { thinId, name, created, active, createStep, openStep } = st;
   const leaks: Leak[] = [];
   if (thinId !== null && created) leaks.push({ kind: "thin_id", ref: thinId, reason: `activation of snapshot ${snap.id} failed` });
   // a failed (e.g. timed-out) `dmsetup create` may still have left the device: gone only if verified
@@ -172,6 +197,7 @@ async function recordActivateFailure(ctx: Ctx, img: ImageRow, snap: SnapshotRow,
   const err = failure(`activate ${img.name}`, e, leaks);
   const c = classify(e);
   tx(db, () => {
+    if (createStep !== null) endStep(db, createStep, created ? "done" : "failed", created ? "ok" : "not sent", created ? null : err.message);
     if (openStep !== null) endStep(db, openStep, "failed", "error", err.message);
     updateSnapshot(db, snap.id, { state: "failed", error: err.message });
     if (thinId !== null) {

@@ -36,7 +36,8 @@ export function makeCtx(cfg: Config, o: { command?: string; progress?: Progress;
 }
 
 /** Run one pipeline operation as a shared holder of the state dir (gc --force and recover-pool
- * wait for it, and it waits for them); an idle process holds nothing. */
-export function asHolder<T>(ctx: Ctx, fn: () => Promise<T>): Promise<T> {
-  return withSharedHold(ctx.cfg.stateDir, { waitMs: ctx.cfg.lockWaitMs, command: ctx.owner.command }, fn);
+ * wait for it, and it waits for them); an idle process holds nothing (a service: not once it has
+ * been idle for lingerMs). */
+export function asHolder<T>(ctx: Ctx, fn: () => Promise<T>, o: { lingerMs?: number } = {}): Promise<T> {
+  return withSharedHold(ctx.cfg.stateDir, { waitMs: ctx.cfg.lockWaitMs, command: ctx.owner.command, lingerMs: o.lingerMs }, fn);
 }

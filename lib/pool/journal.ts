@@ -20,12 +20,12 @@ import { ThinimgError } from "../errors.ts";
 import { isSelf, staleness } from "../lock/owner.ts";
 import { poolSection } from "../lock/section.ts";
 import { log } from "../log.ts";
-import { tx } from "../store/db.ts";
+import { type Db, tx } from "../store/db.ts";
 import { listDevices, setDeviceState } from "../store/devices.ts";
 import { parseWorkSubject } from "../store/keys.ts";
 import { listSnapshots, updateSnapshot } from "../store/snapshots.ts";
 import { getThinId, recordOrphanThinId, setThinIdState } from "../store/thin-ids.ts";
-import { beginStep, endStep, finishWork, listWork, pendingSteps } from "../store/work.ts";
+import { beginStep, endStep, finishWork, listWork, pendingSteps, type StepRow } from "../store/work.ts";
 import type { Ctx } from "./context.ts";
 import { pausePoint } from "./pause-points.ts";
 
@@ -60,22 +60,39 @@ export async function writablePool(ctx: Ctx): Promise<PoolStatusOk> {
   return st;
 }
 
-/** Steps 1-5 above. Call inside inPoolSection. Throws ThinIdTaken when the id exists already.
- * txn: false skips steps 1 and 4 (activations: an interrupted activation is never resumed, its id is
- * recorded orphaned whether or not the create ran, so the crash record would change nothing — and
- * it would double the dm commands on the activation hot path). A read-only or full pool then shows
- * up as the create's own error. */
-export async function poolCreate(ctx: Ctx, workId: number, req: PoolOp, o: { txn?: boolean } = {}): Promise<void> {
-  const { db } = ctx;
-  const name = ctx.cfg.pool;
-  const useTxn = o.txn !== false;
-  const T = useTxn ? (await writablePool(ctx)).transactionId : null;
-  const step = beginStep(db, workId, name, req.op, {
+/** The intent row of a create (step 2 above), to be written in the caller's own transaction. */
+export function beginCreateStep(db: Db, pool: string, workId: number, req: PoolOp, T: number | null = null): StepRow {
+  return beginStep(db, workId, pool, req.op, {
     thinId: req.thinId,
     originThinId: req.op === "create_snap" ? req.originId : null,
     txnBefore: T,
     txnAfter: T === null ? null : T + 1,
   });
+}
+
+export interface PoolCreateOptions {
+  /** false skips steps 1 and 4 (activations: an interrupted activation is never resumed, its id is
+   * recorded orphaned whether or not the create ran, so the crash record would change nothing — and
+   * it would double the dm commands on the activation hot path). A read-only or full pool then shows
+   * up as the create's own error. */
+  txn?: boolean;
+  /** With txn: false, the intent step already committed by the caller (beginCreateStep, in the
+   * same transaction as its other records: one fsync'd commit fewer on the hot path). */
+  intent?: Pick<StepRow, "id">;
+  /** With intent: the caller records the success itself, in its next commit (closing the intent
+   * `done`, the id `created` or beyond), so no commit of its own here. */
+  deferDone?: boolean;
+}
+
+/** Steps 1-5 above. Call inside inPoolSection. Throws ThinIdTaken when the id exists already. */
+export async function poolCreate(ctx: Ctx, workId: number, req: PoolOp, o: PoolCreateOptions = {}): Promise<void> {
+  const { db } = ctx;
+  const name = ctx.cfg.pool;
+  const useTxn = o.txn !== false;
+  if (useTxn && (o.intent || o.deferDone)) throw new ThinimgError("internal", "poolCreate: a caller-written intent has no transaction id record");
+  if (o.deferDone && !o.intent) throw new ThinimgError("internal", "poolCreate: only a caller-written intent can be closed by the caller");
+  const T = useTxn ? (await writablePool(ctx)).transactionId : null;
+  const step = o.intent ?? beginCreateStep(db, name, workId, req, T);
   await pausePoint(`${req.op}:intent`, ctx.cfg.stateDir);
   try {
     if (req.op === "create_thin") await pool.createThin(name, req.thinId);
@@ -110,6 +127,7 @@ export async function poolCreate(ctx: Ctx, workId: number, req: PoolOp, o: { txn
     // crash tests: the pool says the create ran, the DB does not yet
     await pausePoint(`${req.op}:txn`, ctx.cfg.stateDir);
   }
+  if (o.deferDone) return;
   tx(db, () => {
     endStep(db, step.id, "done", outcome);
     setThinIdState(db, name, req.thinId, "created");
@@ -163,7 +181,7 @@ export async function reconcilePending(ctx: Ctx): Promise<number> {
         } else {
           const why =
             s.txn_before === null
-              ? `reconciled: ${s.name} of an interrupted activation (no transaction id record); unconfirmed`
+              ? `reconciled: activation interrupted around its ${s.name} (no transaction id record); unconfirmed`
               : txn === s.txn_before
                 ? `reconciled: pool transaction id still ${txn}; the ${s.name} may or may not have run`
                 : `reconciled: pool transaction id moved to ${txn} (expected ${s.txn_before} or ${s.txn_after}); unconfirmed`;

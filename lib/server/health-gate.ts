@@ -15,6 +15,8 @@ import { log } from "../log.ts";
 
 export const DEFAULT_HEALTH_MAX_AGE_MS = 5_000;
 export const DEFAULT_HEALTH_PERIOD_MS = 2_000;
+/** How long after a dm operation its probe starts (see refresh()). */
+export const REFRESH_DELAY_MS = 50;
 
 export interface HealthGateOptions {
   /** The full pre-flight checks (runHealthChecks with the pipeline's settings). */
@@ -85,15 +87,16 @@ export class HealthGate {
     return p;
   }
 
-  /** After a dm operation: start a probe in the background (or let the running one stand). On the
-   * next turn of the event loop: the probe's first reads and its spawn are synchronous work that
-   * the answer to the request should not wait behind. */
+  /** After a dm operation: start a probe in the background (or let the running one stand), a moment
+   * later (REFRESH_DELAY_MS): its first reads and its spawn are tens of ms of synchronous work on the
+   * event loop (in the VM), which the answer to the request, and its client's read of it when the
+   * client shares the process, should not wait behind. */
   refresh(): void {
     if (this.refreshTimer || this.stopped) return;
     this.refreshTimer = setTimeout(() => {
       this.refreshTimer = null;
       void this.probe();
-    }, 0);
+    }, REFRESH_DELAY_MS);
   }
 
   /** The pre-flight: resolves when a passed probe no older than maxAgeMs admits the request; throws

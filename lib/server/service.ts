@@ -9,6 +9,7 @@ import type { Config } from "../config.ts";
 import { ThinimgError, usageError } from "../errors.ts";
 import { liveChildGroups } from "../exec.ts";
 import { runHealthChecks } from "../health/run.ts";
+import { releaseLingeringHolds } from "../lock/holders.ts";
 import { tryAcquireNamed } from "../lock/named-lock.ts";
 import { describeHolder } from "../lock/owner.ts";
 import { log } from "../log.ts";
@@ -40,20 +41,26 @@ const ACTIVATION_GRACE_MS = 30_000;
  * there to see. */
 export const serviceHealthDir = (stateDir: string) => join(stateDir, "service-health");
 
+/** How long the service keeps its shared hold of the state dir after its last operation: requests
+ * in a burst join it instead of taking the holder file each time. A gc --force or recover-pool that
+ * starts waiting meanwhile gets it within 0.1 s (lib/lock/holders.ts). */
+export const HOLD_LINGER_MS = 10_000;
+const held = <T>(ctx: Ctx, fn: () => Promise<T>) => asHolder(ctx, fn, { lingerMs: HOLD_LINGER_MS });
+
 /** The pipeline itself: what the service runs outside of unit tests. */
-/** Each operation is a shared holder of the state dir for its run (an idle service holds nothing,
- * so gc --force and recover-pool can act between jobs). */
+/** Each operation is a shared holder of the state dir for its run (a service idle for
+ * HOLD_LINGER_MS holds nothing; gc --force and recover-pool can act between jobs). */
 export const pipelineOps: ServiceOps = {
-  unpack: (ctx, o) => asHolder(ctx, () => unpack(ctx, o)),
-  activate: (ctx, image, o) => asHolder(ctx, () => activate(ctx, image, { size: o.sizeBytes, preflight: o.preflight })),
+  unpack: (ctx, o) => held(ctx, () => unpack(ctx, o)),
+  activate: (ctx, image, o) => held(ctx, () => activate(ctx, image, { size: o.sizeBytes, preflight: o.preflight })),
   async prefetch(ctx, o) {
     const { resolveImage } = await import("../image/resolve.ts");
     await resolveImage(o.source, resolveOptions(ctx, o));
   },
-  release: (ctx, ref, o) => asHolder(ctx, () => release(ctx, ref, { preflight: o?.preflight })),
-  remove: (ctx, refs) => asHolder(ctx, () => removeImages(ctx, refs)),
-  prune: (ctx, o) => asHolder(ctx, () => prune(ctx, o)),
-  reattach: (ctx) => asHolder(ctx, () => reattachAll(ctx)),
+  release: (ctx, ref, o) => held(ctx, () => release(ctx, ref, { preflight: o?.preflight })),
+  remove: (ctx, refs) => held(ctx, () => removeImages(ctx, refs)),
+  prune: (ctx, o) => held(ctx, () => prune(ctx, o)),
+  reattach: (ctx) => held(ctx, () => reattachAll(ctx)),
   health: (ctx) => runHealthChecks({ pool: ctx.cfg.pool, stateDir: serviceHealthDir(ctx.cfg.stateDir) }),
   preflightChecks: (ctx) => runHealthChecks(preflightOptions(ctx)),
 };
@@ -193,6 +200,7 @@ async function stopService(
   if (interrupted) log.warn(`job ${interrupted.id} (${interrupted.image}) interrupted; it resumes on the next start`);
   clearInterval(pruneTimer);
   await gate.stop();
+  await releaseLingeringHolds();
   server.stop(true);
   metrics.close();
   deleteLockRow(ctx.db, lockKey, ctx.owner.pid, ctx.owner.startTime);

@@ -21,14 +21,14 @@ export interface FlockOptions {
   mode?: number;
 }
 
-/** The file still at `path` is the one open as `fd`. */
-function stillThere(path: string, fd: number): boolean {
+/** The file still at `path` is the one open as `fd`: its size, else null. */
+function stillThere(path: string, fd: number): number | null {
   try {
     const a = statSync(path);
     const b = fstatSync(fd);
-    return a.ino === b.ino && a.dev === b.dev;
+    return a.ino === b.ino && a.dev === b.dev ? b.size : null;
   } catch {
-    return false;
+    return null;
   }
 }
 
@@ -40,13 +40,15 @@ export function tryFlock(path: string, o: FlockOptions = {}): Flock | null {
       closeSync(fd);
       return null;
     }
-    if (!stillThere(path, fd)) {
+    const size = stillThere(path, fd);
+    if (size === null) {
       closeSync(fd); // released (and removed) while we opened it: take the new one
       continue;
     }
-    const previous = readFlockRecord(path);
+    // an empty file (the usual case: a release removes it) has no record to read or truncate
+    const previous = size === 0 ? null : readFlockRecord(path);
     if (o.record !== undefined) {
-      ftruncateSync(fd, 0);
+      if (size > 0) ftruncateSync(fd, 0);
       writeSync(fd, o.record.endsWith("\n") ? o.record : `${o.record}\n`);
     }
     let held = true;
@@ -80,7 +82,7 @@ export function flockHeld(path: string): boolean | null {
   }
   try {
     if (!tryFlockExclusive(fd)) return true;
-    if (stillThere(path, fd)) {
+    if (stillThere(path, fd) !== null) {
       try {
         unlinkSync(path);
       } catch {}

@@ -1,5 +1,6 @@
 // The few syscalls node:fs lacks, through bun:ffi on glibc: extended attributes (security.capability
-// and friends), mknod for device nodes and FIFOs, and flock for the host's dm locks. Only path-relative "l" variants (never follow
+// and friends), mknod for device nodes and FIFOs, flock for the host's dm locks, and ioctl for
+// the device-mapper status of one device by name (lib/dm/active.ts). Only path-relative "l" variants (never follow
 // the final symlink) and fd variants are bound, so nothing here can write through a link.
 import { dlopen, FFIType, read } from "bun:ffi";
 
@@ -14,6 +15,7 @@ function open() {
     lgetxattr: { args: [FFIType.ptr, FFIType.ptr, FFIType.ptr, FFIType.u64], returns: FFIType.i64 },
     mknod: { args: [FFIType.ptr, FFIType.u32, FFIType.u64], returns: FFIType.i32 },
     flock: { args: [FFIType.i32, FFIType.i32], returns: FFIType.i32 },
+    ioctl: { args: [FFIType.i32, FFIType.u64, FFIType.ptr], returns: FFIType.i32 },
     __errno_location: { args: [], returns: FFIType.ptr },
   });
 }
@@ -161,4 +163,9 @@ export function tryFlockExclusive(fd: number): boolean {
 
 export function unflock(fd: number): void {
   libc().symbols.flock(fd, LOCK_UN);
+}
+
+/** ioctl(fd, request, arg): 0 or the errno (SysError only for a missing libc, never for the call). */
+export function ioctlErrno(fd: number, request: number, arg: Uint8Array): number {
+  return libc().symbols.ioctl(fd, request, arg) === 0 ? 0 : errno();
 }

@@ -5,6 +5,8 @@
 // same top layer. ROUNDS interleaved rounds, the order alternating, each measurement after a quiet
 // moment (no probe running); medians compared (target ≤ 1.2×). For continuity with older figures the
 // raw sequence is also timed as one `bash -c` (a shell start on top: a less strict baseline).
+// The service's side is split into its dm commands and thinimg's own work before, between and after
+// them (from the command records).
 //   bun scripts/vm.ts -- bun test/bench/service.ts      (or `bun run bench:service`)
 import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
@@ -84,11 +86,18 @@ async function main(): Promise<void> {
   const inPipeline: number[] = [];
   const inCommands: number[] = [];
   const commandCounts: number[] = [];
+  // thinimg's own work by phase, from the command records (when each ended, how long it ran):
+  // before the first command (HTTP, auth, holder, gate, the intents' commit, pool section, dm queue,
+  // journal), between the two, after the last (the outcome's commit, unlock, the answer)
+  const phases = { before: [] as number[], between: [] as number[], after: [] as number[] };
+  let spans: [number, number][] = [];
   let cmdMs = 0;
   let cmdN = 0;
   onCommandRecord((r) => {
     cmdMs += r.duration_ms;
     cmdN++;
+    const end = performance.now();
+    spans.push([end - r.duration_ms, end]);
   });
   try {
     await viaService(); // warm-up: the first request loads the dm modules; the gate's first probe
@@ -101,13 +110,20 @@ async function main(): Promise<void> {
         const waits = s.gate.admitted.waited;
         cmdMs = 0;
         cmdN = 0;
+        spans = [];
         const t0 = performance.now();
         const pipelineMs = await kinds[k]();
-        t[k].push(performance.now() - t0);
+        const t1 = performance.now();
+        t[k].push(t1 - t0);
         if (k === "service") {
           inPipeline.push(pipelineMs as number);
           inCommands.push(cmdMs);
           commandCounts.push(cmdN);
+          if (spans.length === 2) {
+            phases.before.push(spans[0]![0] - t0);
+            phases.between.push(spans[1]![0] - spans[0]![1]);
+            phases.after.push(t1 - spans[1]![1]);
+          }
         }
         if (s.gate.admitted.waited > waits) waited.push(i);
       }
@@ -133,6 +149,11 @@ async function main(): Promise<void> {
   console.log(
     `  service, medians: ${ms(median(inCommands))} in ${median(commandCounts)} commands (the dm processes), ${ms(median(inPipeline))} inside activate(), ${ms(median(t.service.map((x, i) => x - inCommands[i]!)))} outside the commands (HTTP, auth, holder, locks, DB, journal)`,
   );
+  if (phases.before.length) {
+    console.log(
+      `  thinimg's own work by phase, medians: ${ms(median(phases.before))} before the first command, ${ms(median(phases.between))} between the two, ${ms(median(phases.after))} after the last`,
+    );
+  }
   console.log(
     `  the same as one bash -c, median                            ${ms(median(t.rawBash)).padStart(7)}   ${(median(t.service) / median(t.rawBash)).toFixed(2)}×`,
   );

@@ -3,7 +3,7 @@
 import { afterAll, describe, expect, test } from "bun:test";
 import { existsSync, mkdirSync, mkdtempSync, readdirSync, rmSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
-import { EXCLUSIVE_FILE, HOLDERS_DIR, holdExclusive, sharedHolders, withSharedHold } from "../../lib/lock/holders.ts";
+import { EXCLUSIVE_FILE, HOLDERS_DIR, holdExclusive, releaseLingeringHolds, sharedHolders, withSharedHold } from "../../lib/lock/holders.ts";
 import { holderRecord } from "../../lib/lock/process-lock.ts";
 import { log } from "../../lib/log.ts";
 
@@ -55,6 +55,67 @@ describe("shared holders vs exclusive", () => {
     await long;
     expect(files()).toEqual([]);
   });
+
+  test("a service's hold lingers after its last operation, is joined by the next, and yields to a waiting gc --force", async () => {
+    const d = stateDir();
+    const files = () => readdirSync(join(d, HOLDERS_DIR));
+    const o = { waitMs: 5_000, command: "serve (activation)", lingerMs: 300 };
+    await withSharedHold(d, o, async () => {});
+    expect(files()).toHaveLength(1); // idle, still held: the next request joins it
+    const gcNow = () =>
+      Bun.spawnSync([
+        "bun",
+        "-e",
+        `import { holdExclusive } from "${lib}/lock/holders.ts";
+        await holdExclusive(${JSON.stringify(d)}, { waitMs: 0, ignoreLock: false, what: "gc --force" }).then((h) => { h.release(); console.log("held"); }, (e) => console.log(e.kind));`,
+      ])
+        .stdout.toString()
+        .trim();
+    expect(gcNow()).toBe("conflict");
+    await Bun.sleep(600); // idle for longer than lingerMs: nothing is held
+    expect(files()).toEqual([]);
+    expect(gcNow()).toBe("held");
+
+    // a gc --force waiting for the lingering hold gets it at once, long before the linger ends
+    const long = { ...o, lingerMs: 60_000 };
+    await withSharedHold(d, long, async () => {});
+    const t1 = Date.now();
+    const waited = Bun.spawn(
+      [
+        "bun",
+        "-e",
+        `import { holdExclusive } from "${lib}/lock/holders.ts";
+        await holdExclusive(${JSON.stringify(d)}, { waitMs: 20_000, ignoreLock: false, what: "gc --force" }).then((h) => { h.release(); console.log("held"); });`,
+      ],
+      { stdout: "pipe", stderr: "inherit" },
+    );
+    expect((await new Response(waited.stdout).text()).trim()).toBe("held");
+    expect(Date.now() - t1).toBeLessThan(5_000);
+    expect(files()).toEqual([]);
+
+    // and an operation arriving while it waits gives the hold up at once and waits its turn
+    await withSharedHold(d, long, async () => {});
+    const gc = Bun.spawn(
+      [
+        "bun",
+        "-e",
+        `import { holdExclusive } from "${lib}/lock/holders.ts";
+        const h = await holdExclusive(${JSON.stringify(d)}, { waitMs: 20_000, ignoreLock: false, what: "gc --force" });
+        console.log("gc held"); await Bun.sleep(300); h.release(); console.log("gc released");`,
+      ],
+      { stdout: "pipe", stderr: "inherit" },
+    );
+    while (!existsSync(join(d, EXCLUSIVE_FILE))) await Bun.sleep(10); // it waits for our hold
+    const t0 = Date.now();
+    await withSharedHold(d, long, async () => {
+      // runs only once gc is done: it had the state dir alone meanwhile
+      expect(existsSync(join(d, EXCLUSIVE_FILE))).toBe(false);
+    });
+    expect(Date.now() - t0).toBeLessThan(10_000);
+    expect(await new Response(gc.stdout).text()).toBe("gc held\ngc released\n");
+    await releaseLingeringHolds();
+    expect(files()).toEqual([]);
+  }, 30_000);
 
   test("gc --force with --wait 0 is refused with one line naming every live holder; nothing is left claimed", async () => {
     const d = stateDir();

@@ -675,6 +675,7 @@ describe("the pre-flight of activations and releases (the health gate)", () => {
     const h: { status: "ok" | "block" } = { status: "ok" };
     const g = gatedOps(h);
     const s = await withImage({ ops: g.ops, healthPeriodMs: 0, healthMaxAgeMs: 50 });
+    await s.gate.settled(); // the start-up probe (a moment after the start), then past its age
     await Bun.sleep(80);
     g.events.length = 0;
     expect((await activateWeb(s)).status).toBe(200);

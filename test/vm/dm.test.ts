@@ -2,6 +2,7 @@
 // vm-seconds: 25 (its run time in one test VM; `bun run test` balances the VMs by it)
 import { afterAll, beforeAll, describe, expect, setDefaultTimeout, test } from "bun:test";
 import { readFileSync } from "node:fs";
+import { activeDevice, activeDevices, devStatusIoctl } from "../../lib/dm/active.ts";
 import { dmsetup, isDmError, losetup, mkfsExt4, mount, parsePoolStatus, parseThinStatus, pool, thintools } from "../../lib/dm/index.ts";
 import { type CmdRecord, onCommandRecord, run } from "../../lib/exec.ts";
 import { clearTimeouts } from "../../lib/lock/host-queue.ts";
@@ -84,6 +85,27 @@ describe("pool lifecycle on the real kernel", () => {
     ).rejects.toThrow("body failed");
     expect((await dmsetup.info(name))?.state).toBe("ACTIVE");
     await dmsetup.remove(name);
+  });
+
+  test("activeDevice's one-name ioctl agrees with dmsetup info and the sysfs scan: loaded, suspended, absent", async () => {
+    const name = `${p.name}-t1c`;
+    expect(devStatusIoctl(name)).toBeNull();
+    expect(await activeDevice(name)).toBeNull();
+    await pool.activateThin(p.name, name, 1, GiB);
+    const info = await dmsetup.info(name);
+    const one = devStatusIoctl(name);
+    expect(one).toEqual({ name, major: info!.major, minor: info!.minor, suspended: false });
+    expect((await activeDevices()).get(name)).toEqual(one!);
+    await dmsetup.withSuspended(name, async () => {
+      expect(devStatusIoctl(name)?.suspended).toBe(true);
+      expect((await activeDevices()).get(name)?.suspended).toBe(true);
+    });
+    expect((await activeDevice(name))?.suspended).toBe(false);
+    expect(devStatusIoctl(p.name)).toMatchObject({ name: p.name, suspended: false }); // the pool itself
+    await dmsetup.remove(name);
+    expect(devStatusIoctl(name)).toBeNull();
+    // no control node here: the caller falls back to the scan
+    expect(devStatusIoctl(name, `${p.dir}/no-control`)).toBeUndefined();
   });
 
   test("delete of a missing id is typed not_found; set_transaction_id is a compare-and-swap", async () => {

@@ -293,6 +293,7 @@ describe("service on the real kernel", () => {
       expect(stale.status).toBe(200);
       expect(stale.cmds.slice(0, 3)).toEqual(["dmsetup status", "dmsetup message", "dmsetup create"]);
 
+      await s.gate.settled(); // the probe after the last request (it starts a moment after the answer) read the pool before this
       await runOk(["dmsetup", "suspend", pool.name]);
       try {
         await s.gate.probe();
