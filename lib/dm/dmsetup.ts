@@ -62,7 +62,7 @@ export async function create(name: string, table: string, o: DmOpts & { readOnly
   if (o.uuid !== undefined) assertDmName(o.uuid, "device uuid");
   const args = ["create", name, ...(o.readOnly ? ["--readonly"] : []), ...(o.uuid ? ["--uuid", o.uuid] : [])];
   // dmsetup reports an existing name as EBUSY on create; tell the two apart for the caller.
-  const r = await dmsetup([...args, "--table", table], { ...o, ctx: { device_name: name, ...o.ctx } });
+  const r = await dmsetup([...args, "--table", table], { ...o, ctx: { device_name: name, ...o.ctx } }, false, "ignore");
   if (r.timedOut || r.exitCode !== 0) {
     let kind = classifyDmError(r);
     if (kind === "busy" && (await info(name, o)) !== null) kind = "exists";
