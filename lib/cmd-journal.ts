@@ -14,10 +14,13 @@ export const JOURNAL_KEEP = 3;
 
 let dir: string | null = null;
 let warned = false;
+/** The directory made by this process already (one mkdir per process, not per record). */
+let made: string | null = null;
 
 /** Journal the commands of this process into `stateDir` (null: no journal). */
 export function useCommandJournal(stateDir: string | null): void {
   dir = stateDir;
+  made = null;
 }
 
 export function journalPath(stateDir: string): string {
@@ -38,7 +41,10 @@ export function journal(rec: object, o: { sync: boolean; maxBytes?: number } = {
   if (dir === null) return;
   const path = journalPath(dir);
   try {
-    mkdirSync(dir, { recursive: true });
+    if (made !== dir) {
+      mkdirSync(dir, { recursive: true });
+      made = dir;
+    }
     let size = 0;
     try {
       size = statSync(path).size;

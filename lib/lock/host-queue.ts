@@ -9,7 +9,8 @@
 //     kernel is shared by every state dir on the host.
 //   - Order: inside one process a FIFO; across processes each waiter leaves a ticket in
 //     <lock>.waiting/ and only the oldest live ticket tries the lock (a dead or reused PID's ticket
-//     is ignored and removed), so commands run in the order asked.
+//     is ignored and removed), so commands run in the order asked. An asker that finds no ticket
+//     tries the lock at once and takes a ticket only if it has to wait.
 //   - Waiting is bounded (THINIMG_DM_QUEUE_WAIT, default 5m) and visible: after 1 s a waiter logs
 //     "waiting for the dm queue held by pid N (…): `cmd`"; the holder writes who it is into the file.
 //   - withHostQueue(fn) holds it across several commands (suspend → … → resume): commands fn runs
