@@ -123,9 +123,24 @@ class Build {
   pause(point: string): Promise<void> {
     return pausePoint(point, this.ctx.cfg.stateDir);
   }
-  begin(name: string): void {
-    const st = beginStep(this.db, this.workId, this.pool, name, { thinId: this.l.thin_id, deviceName: this.l.device_name });
+  /** Write a step's intent, with the rows it concerns (`with`), in one transaction: every commit is
+   * an fsync, which costs ms on a slow disk. */
+  begin(name: string, with_?: () => void): void {
+    const st = tx(this.db, () => {
+      with_?.();
+      return beginStep(this.db, this.workId, this.pool, name, { thinId: this.l.thin_id, deviceName: this.l.device_name });
+    });
     this.openStep = { id: st.id, name };
+  }
+  /** Record the open step's outcome, the rows it concerns (`with`) and the phase it reached: one
+   * transaction (a crash never leaves a done step without its phase). */
+  finish(outcome: string, phase: LayerPhase, with_?: () => void): void {
+    tx(this.db, () => {
+      with_?.();
+      this.end(outcome);
+      updateLayer(this.db, this.l.id, { phase });
+    });
+    this.reload();
   }
   end(outcome: string): void {
     if (this.openStep) endStep(this.db, this.openStep.id, "done", outcome);
@@ -226,28 +241,23 @@ async function create(b: Build): Promise<void> {
 
 /** created → activated (or back to the phase a reboot interrupted). */
 async function activateDevice(b: Build): Promise<void> {
-  b.begin("activate_device");
-  setDevice(b.db, { pool: b.pool, name: b.dev, thinId: b.l.thin_id!, kind: "layer", state: "activating" });
+  b.begin("activate_device", () => setDevice(b.db, { pool: b.pool, name: b.dev, thinId: b.l.thin_id!, kind: "layer", state: "activating" }));
   await ensureActive(b.pool, b.dev, b.l.thin_id!, b.l.virtual_size);
-  tx(b.db, () => {
-    setDeviceState(b.db, b.pool, b.dev, "active");
-    b.end(b.resumeAt ? `ok (re-activated; resuming at ${b.resumeAt})` : "ok");
-  });
   const next = b.resumeAt ?? "activated";
+  b.finish(b.resumeAt ? `ok (re-activated; resuming at ${b.resumeAt})` : "ok", next, () => setDeviceState(b.db, b.pool, b.dev, "active"));
   b.resumeAt = null;
-  b.setPhase(next);
   if (next === "activated") await b.pause("layer:activated");
 }
 
 /** activated → formatted: mkfs.ext4 on a base layer; a child inherits its parent's filesystem. */
 async function format(b: Build): Promise<void> {
-  if (!b.input.parent) {
+  if (b.input.parent) b.setPhase("formatted");
+  else {
     b.begin("mkfs");
     b.ctx.progress?.stage(`layer ${b.input.label}: mkfs`);
     await mkfsExt4(dmsetup.mapperPath(b.dev), { ctx: b.cmdCtx });
-    b.end("ok");
+    b.finish("ok", "formatted");
   }
-  b.setPhase("formatted");
   await b.pause("layer:formatted");
 }
 
@@ -255,8 +265,7 @@ async function format(b: Build): Promise<void> {
 async function mountDevice(b: Build): Promise<void> {
   const path = mountPathFor(b.ctx.cfg.mountDir, b.dev);
   mkdirSync(path, { recursive: true, mode: 0o700 });
-  b.begin("mount");
-  setMount(b.db, { path, pool: b.pool, deviceName: b.dev, thinId: b.l.thin_id!, purpose: "apply", state: "mounting" });
+  b.begin("mount", () => setMount(b.db, { path, pool: b.pool, deviceName: b.dev, thinId: b.l.thin_id!, purpose: "apply", state: "mounting" }));
   const info = await activeDevice(b.dev);
   const mm = info ? `${info.major}:${info.minor}` : null;
   const already = mnt.mountinfo().filter((m) => m.mountPoint === path);
@@ -267,11 +276,7 @@ async function mountDevice(b: Build): Promise<void> {
   } else {
     await mnt.mount(dmsetup.mapperPath(b.dev), path, { fstype: "ext4", options: APPLY_MOUNT_OPTIONS, ctx: b.cmdCtx });
   }
-  tx(b.db, () => {
-    setMountState(b.db, path, "mounted");
-    b.end("ok");
-  });
-  b.setPhase("mounted");
+  b.finish("ok", "mounted", () => setMountState(b.db, path, "mounted"));
   await b.pause("layer:mounted");
 }
 
@@ -318,32 +323,20 @@ async function applyAndSync(b: Build): Promise<void> {
 /** applied → unmounted (the data was flushed, and the flush checked, before `applied`). */
 async function unmount(b: Build): Promise<void> {
   const path = b.mountPath!;
-  b.begin("umount");
   const wasMounted = isMounted(path);
-  if (wasMounted) {
-    setMountState(b.db, path, "unmounting");
-    await retryBusyOnce(`umount ${path}`, () => mnt.umount(path, { ctx: b.cmdCtx }));
-  }
-  tx(b.db, () => {
-    setMountState(b.db, path, "unmounted");
-    b.end(wasMounted ? "ok" : "was not mounted");
-  });
-  b.setPhase("unmounted");
+  b.begin("umount", wasMounted ? () => setMountState(b.db, path, "unmounting") : undefined);
+  if (wasMounted) await retryBusyOnce(`umount ${path}`, () => mnt.umount(path, { ctx: b.cmdCtx }));
+  b.finish(wasMounted ? "ok" : "was not mounted", "unmounted", () => setMountState(b.db, path, "unmounted"));
   await b.pause("layer:unmounted");
 }
 
 /** unmounted → deactivated: committed layers are kept inactive (snapshots need no suspend). */
 async function deactivate(b: Build): Promise<void> {
   const dev = b.dev;
-  b.begin("remove_device");
-  setDeviceState(b.db, b.pool, dev, "removing");
+  b.begin("remove_device", () => setDeviceState(b.db, b.pool, dev, "removing"));
   const info = await activeDevice(dev);
   if (info) await retryBusyOnce(`dmsetup remove ${dev}`, () => dmsetup.remove(dev, { ctx: { pool_name: b.pool, device_id: b.l.thin_id! } }));
-  tx(b.db, () => {
-    setDeviceState(b.db, b.pool, dev, "removed");
-    b.end(info ? "ok" : "was not active");
-  });
-  b.setPhase("deactivated");
+  b.finish(info ? "ok" : "was not active", "deactivated", () => setDeviceState(b.db, b.pool, dev, "removed"));
   await b.pause("layer:deactivated");
 }
 

@@ -52,6 +52,13 @@ const cli = (pool: string, stateDir: string, script: string, ...args: string[]) 
   "--json",
 ];
 
+/** Untimed, before each timed run: no dirty pages left by the run before. The pool's loop device
+ * writes into its backing file's page cache, and that writeback to the host would otherwise land on
+ * whichever run goes second (a second run's mkfs measured up to 2× slower than a first run's). */
+function settle(): void {
+  if (Bun.spawnSync(["sync"]).exitCode !== 0) throw new Error("sync failed");
+}
+
 function layersOf(dir: string): string[] {
   return readdirSync(dir)
     .filter((f) => /^\d+\.tar$/.test(f))
@@ -102,9 +109,14 @@ async function main() {
     await createLoopPool({ dir: join(root, `pool-${r}`), name: pool, dataSize: 8 * GiB, metaSize: 128 * 1024 ** 2 });
     stateDir = join(root, `state-${r}`);
     cmdLog = join(root, `cmd-${r}.log`);
-    const runShell = async () =>
+    const runShell = async () => {
+      settle();
       shellMs.push((await timed(["bash", "-c", shellUnpackScript(pool, layersOf(alpha.dir), 100_000, join(root, `mnt-shell-${r}`))])).ms);
-    const runOurs = async () => fullMs.push((await timed(cli(pool, stateDir, "unpack.ts", alpha.dir, "--name", "alpha"), { THINIMG_CMD_LOG: cmdLog })).ms);
+    };
+    const runOurs = async () => {
+      settle();
+      fullMs.push((await timed(cli(pool, stateDir, "unpack.ts", alpha.dir, "--name", "alpha"), { THINIMG_CMD_LOG: cmdLog })).ms);
+    };
     if (r % 2 === 0) {
       await runShell();
       await runOurs();
