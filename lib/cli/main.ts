@@ -153,6 +153,13 @@ export function printJson(data: unknown, command?: CommandName): void {
   pendingWrites.push(checkShape(command, data).then((ok) => (ok ? Bun.write(Bun.stdout, jsonText(data)) : 0)));
 }
 
+/** Write a command's text output to stdout; runMain waits for it. Not process.stdout.write: building
+ * that stream loads bun's stream classes, a measurable part of a short command in the VM. One call
+ * per command (concurrent writes are not ordered). */
+export function printText(text: string): void {
+  pendingWrites.push(Bun.write(Bun.stdout, text));
+}
+
 async function flushStdout(): Promise<void> {
   await Promise.allSettled(pendingWrites.splice(0));
 }
