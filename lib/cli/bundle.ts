@@ -39,17 +39,20 @@ async function buildOnce(name: string): Promise<{ built?: Omit<BuiltBundle, "ms"
   // rewritten only when it differs: it is an input too
   if ((existsSync(entry) ? readFileSync(entry, "utf8") : "") !== entrySource(name)) writeFileSync(entry, entrySource(name));
   const startedS = Math.floor(Date.now() / 1000);
+  // CommonJS with a bytecode cache (X.<hash>.js.jsc beside it, read by bun's loader instead of
+  // parsing the bundle): bun makes bytecode for non-compiled output in CommonJS only
   const r = await Bun.build({
     entrypoints: [entry],
     target: "bun",
-    format: "esm",
+    format: "cjs",
+    bytecode: true,
     metafile: true,
     minify: { whitespace: true, syntax: true },
     naming: `${name}.[hash].js`,
     outdir: BUNDLE_DIR,
   });
   if (!r.success || !r.metafile) throw new Error(`bun build ${name}: ${r.logs.map(String).join("; ")}`);
-  const out = r.outputs[0]!;
+  const out = r.outputs.find((o) => o.kind === "entry-point")!;
   const inputs: InputStamp[] = [];
   for (const key of Object.keys(r.metafile.inputs)) {
     const rel = relative(REPO_ROOT, resolve(process.cwd(), key));
@@ -70,7 +73,7 @@ async function buildOnce(name: string): Promise<{ built?: Omit<BuiltBundle, "ms"
 /** Earlier builds of `name`: kept a minute, for a process that read the old manifest just now. */
 function removeOldBundles(name: string, keep: string): void {
   for (const f of readdirSync(BUNDLE_DIR)) {
-    if (!f.startsWith(`${name}.`) || !f.endsWith(".js") || f === keep) continue;
+    if (!f.startsWith(`${name}.`) || !(f.endsWith(".js") || f.endsWith(".js.jsc")) || f === keep || f === `${keep}.jsc`) continue;
     const p = join(BUNDLE_DIR, f);
     if (Date.now() - statSync(p).mtimeMs > 60_000) rmSync(p, { force: true });
   }

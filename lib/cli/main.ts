@@ -1,17 +1,15 @@
 // Our runMain: citty's prints stack traces for every error and accepts unknown flags silently.
 // Here a ThinimgError becomes one line (message — hint) and its exit code; unknown flags are refused;
 // --version prints the version and acts on nothing; help has colour only on a terminal.
-import { isatty } from "node:tty";
 import { type ArgsDef, type CommandDef, runCommand } from "citty";
 import { errorEnvelope, fromErrno, ThinimgError, usageError } from "../errors.ts";
 import { log, setLogFormat, setLogLevel } from "../log.ts";
+import { isTerminal } from "../util/tty.ts";
 import { THINIMG_VERSION } from "../version.ts";
 import type { CommandName } from "./schemas.ts";
 
 /** Colour and indentation are for a person at a terminal; pipes and journald get plain, compact text. */
-// isatty(1), not process.stdout.isTTY: that would build the stdout stream (and load the stream
-// classes) just to answer, a measurable part of a command's start in the VM.
-const forTerminal = () => isatty(1) && !process.env.NO_COLOR;
+const forTerminal = () => isTerminal(1) && !process.env.NO_COLOR;
 
 async function knownFlags(cmd: CommandDef<ArgsDef>): Promise<Set<string>> {
   const args = (typeof cmd.args === "function" ? await cmd.args() : await cmd.args) ?? {};
@@ -153,6 +151,13 @@ async function checkShape(command: CommandName | undefined, data: unknown): Prom
  * names its documented schema (benchmarks and test helpers print undocumented ones). */
 export function printJson(data: unknown, command?: CommandName): void {
   pendingWrites.push(checkShape(command, data).then((ok) => (ok ? Bun.write(Bun.stdout, jsonText(data)) : 0)));
+}
+
+/** Write a command's text output to stdout; runMain waits for it. Not process.stdout.write: building
+ * that stream loads bun's stream classes, a measurable part of a short command in the VM. One call
+ * per command (concurrent writes are not ordered). */
+export function printText(text: string): void {
+  pendingWrites.push(Bun.write(Bun.stdout, text));
 }
 
 async function flushStdout(): Promise<void> {

@@ -3,6 +3,7 @@
 import type { ArgsDef } from "citty";
 import { type Config, loadConfig } from "../config.ts";
 import { asHolder, type Ctx, makeCtx } from "../pool/context.ts";
+import { isTerminal } from "../util/tty.ts";
 import { kernelWindowArgs, type LimitFlags, limitInput, outputArgs, poolArgs, stateArgs } from "./args.ts";
 
 export { asHolder };
@@ -50,5 +51,6 @@ export function configFrom(args: CommonFlags): Config {
 export function ctxFrom(args: CommonFlags): Ctx {
   const cfg = configFrom(args);
   const quiet = args.json || args["log-format"] === "json" || process.env.THINIMG_LOG_FORMAT === "json";
-  return makeCtx(cfg, { progress: quiet ? noProgress : ttyProgress() });
+  // no progress line unless stderr is a terminal, asked without building the stderr stream
+  return makeCtx(cfg, { progress: quiet || !isTerminal(2) ? noProgress : ttyProgress() });
 }

@@ -66,7 +66,8 @@ export async function start(name: string): Promise<never> {
   let m: CommandModule | null = null;
   if (bundle) {
     try {
-      m = (await import(bundle)) as CommandModule;
+      // require, not import(): the bundle is CommonJS (for its bytecode cache) and loads synchronously
+      m = require(bundle) as CommandModule;
     } catch {
       m = null; // replaced by a concurrent build between the check and the load: the sources
     }

@@ -19,7 +19,7 @@
 //   - A command that timed out may still be running in the kernel: no later state-changing command
 //     of this process may touch the same device or path (resume excepted: a suspend that timed out
 //     must still be resumed, ADR-0001 §5).
-import { AsyncLocalStorage } from "node:async_hooks";
+import type { AsyncLocalStorage } from "node:async_hooks";
 import { mkdirSync, readdirSync, unlinkSync, writeFileSync } from "node:fs";
 import { basename } from "node:path";
 import { ThinimgError } from "../errors.ts";
@@ -197,14 +197,17 @@ async function acquire(command: string): Promise<() => void> {
 const inProcess = new SerialQueue();
 /** The hold this async call chain runs in. Compared with the live one, so a context that outlived
  * its hold (a callback registered inside, run later) never skips the queue. */
-const holding = new AsyncLocalStorage<object>();
+// Created at the first hold: node:async_hooks is a measurable part of the start of a command that
+// never holds the queue (list); before it exists, no call chain holds anything.
+let holding: AsyncLocalStorage<object> | undefined;
 let liveHold: object | null = null;
 
 /** Run fn holding the host queue. Nested calls in fn's async call chain share the hold. */
 export function withHostQueue<T>(label: string, fn: () => Promise<T>): Promise<T> {
-  const mine = holding.getStore();
+  const mine = holding?.getStore();
   if (mine !== undefined && mine === liveHold) return fn();
   return inProcess.run(async () => {
+    holding ??= new (await import("node:async_hooks")).AsyncLocalStorage<object>();
     const release = await acquire(label);
     const hold = {};
     liveHold = hold;

@@ -4,7 +4,7 @@
 // its whole run. It is a flock (util/flock.ts): the kernel drops it when its holder dies. The file
 // says who holds it (PID, start time, host, command, since when) for the messages of those who wait.
 
-import { AsyncLocalStorage } from "node:async_hooks";
+import type { AsyncLocalStorage } from "node:async_hooks";
 import { ThinimgError } from "../errors.ts";
 import { log } from "../log.ts";
 import { acquireFlock, type Flock, readFlockRecord } from "../util/flock.ts";
@@ -78,7 +78,9 @@ export class ProcessLock {
 const held = new Map<string, ProcessLock>();
 /** Lock files held by the current async call chain (withProcessLock): only these are re-entered.
  * Another async path of this process that wants a held lock waits for it like another process. */
-const nesting = new AsyncLocalStorage<ReadonlySet<string>>();
+// Created at the first lock (node:async_hooks is a measurable part of a command's start); before
+// it exists, no call chain holds any lock.
+let nesting: AsyncLocalStorage<ReadonlySet<string>> | undefined;
 
 /** A holder that died holding the lock left its record: say so once we have taken it over. */
 function noteTakeover(path: string, previous: string | null): void {
@@ -94,7 +96,7 @@ function noteTakeover(path: string, previous: string | null): void {
  * other caller in this process waits until it is released. */
 export async function acquireProcessLock(path: string, o: ProcessLockOptions): Promise<ProcessLock> {
   const mine = held.get(path);
-  if (mine && nesting.getStore()?.has(path)) return mine.retain();
+  if (mine && nesting?.getStore()?.has(path)) return mine.retain();
   const me = currentHolder(o.command);
   const onWait = (record: string | null) => {
     const h = parseHolder(record);
@@ -119,6 +121,7 @@ export async function acquireProcessLock(path: string, o: ProcessLockOptions): P
 export async function withProcessLock<T>(path: string, o: ProcessLockOptions, fn: () => Promise<T>): Promise<T> {
   const lock = await acquireProcessLock(path, o);
   try {
+    nesting ??= new (await import("node:async_hooks")).AsyncLocalStorage<ReadonlySet<string>>();
     return await nesting.run(new Set([...(nesting.getStore() ?? []), path]), fn);
   } finally {
     lock.release();

@@ -1,7 +1,8 @@
 // Layer chain ids: chain_id(L1) = sha256(identity1); chain_id(Ln) = sha256(chain_id(Ln-1) + " " +
 // identity_n), identity = diffId ?? blob digest — the OCI ChainID rule, so two images that share the
 // first k layers share the first k devices.
-import { createHash } from "node:crypto";
+// Bun.CryptoHasher, not node:crypto: that module's load is a measurable part of a command's start.
+const sha256Hex = (s: string) => new Bun.CryptoHasher("sha256").update(s).digest("hex");
 
 export function identityOf(l: { diffId: string | null; digest: string }): string {
   return l.diffId ?? l.digest;
@@ -9,7 +10,7 @@ export function identityOf(l: { diffId: string | null; digest: string }): string
 
 /** The chain id of a layer on top of `parent` (null: a base layer). */
 export function chainIdOf(parent: string | null, identity: string): string {
-  return parent === null ? identity : `sha256:${createHash("sha256").update(`${parent} ${identity}`).digest("hex")}`;
+  return parent === null ? identity : `sha256:${sha256Hex(`${parent} ${identity}`)}`;
 }
 
 export function chainIds(layers: { diffId: string | null; digest: string }[]): string[] {
@@ -30,9 +31,7 @@ export function chainIds(layers: { diffId: string | null; digest: string }[]): s
 const PROVISIONAL = "pending:";
 
 export function provisionalChainId(parent: string | null, key: string): string {
-  return `${PROVISIONAL}${createHash("sha256")
-    .update(`${parent ?? ""} ${key}`)
-    .digest("hex")}`;
+  return `${PROVISIONAL}${sha256Hex(`${parent ?? ""} ${key}`)}`;
 }
 
 export const isProvisionalChainId = (chainId: string) => chainId.startsWith(PROVISIONAL);

@@ -10,10 +10,8 @@ import { readGcRows } from "../store/gc-queries.ts";
 import { type ImageRow, imageLayerIds, listImages } from "../store/images.ts";
 import { type LayerRow, layerRefCounts, listLayers } from "../store/layers.ts";
 import { imageUses } from "../store/lifecycle.ts";
-import { listSnapshots, type SnapshotRow } from "../store/snapshots.ts";
+import { isDetached, listSnapshots, type SnapshotRow } from "../store/snapshots.ts";
 import { listThinIds } from "../store/thin-ids.ts";
-import { isDetached } from "./reattach.ts";
-import { estimateFreed, readBlockMap } from "./space.ts";
 
 /** Unix milliseconds as an ISO string, as every JSON document shows a time. */
 export const iso = (ms: number | null) => (ms === null ? null : new Date(ms).toISOString());
@@ -101,6 +99,8 @@ async function exclusiveSpace(
 ): Promise<{ bytes: Map<number, number>; detail: string | null }> {
   if (!stateDir) return { bytes: new Map(), detail: "not computed" };
   try {
+    // loaded only when asked for (`list --no-space` never runs the metadata-snapshot code)
+    const { estimateFreed, readBlockMap } = await import("./space.ts");
     const map = await readBlockMap(poolName, stateDir);
     const rows = readGcRows(db, poolName);
     const now = Date.now();

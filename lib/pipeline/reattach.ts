@@ -18,7 +18,7 @@ import { setDevice, setDeviceState } from "../store/devices.ts";
 import { getImage } from "../store/images.ts";
 import { workSubject } from "../store/keys.ts";
 import { getLayer } from "../store/layers.ts";
-import { listSnapshots, type SnapshotRow, updateSnapshot } from "../store/snapshots.ts";
+import { isDetached, listSnapshots, type SnapshotRow, updateSnapshot } from "../store/snapshots.ts";
 import { getThinId } from "../store/thin-ids.ts";
 import { beginStep, endStep, finishWork, startWork } from "../store/work.ts";
 import { findSnapshot } from "./activate.ts";
@@ -36,11 +36,6 @@ export interface ReattachResult {
   outcome: ReattachOutcome;
   error: string | null;
   duration_ms: number;
-}
-
-/** A snapshot the DB holds as handed out (active) whose device is not loaded. */
-export function isDetached(s: SnapshotRow, loaded: ReadonlyMap<string, unknown>): boolean {
-  return s.state === "active" && s.device_name !== null && !loaded.has(s.device_name);
 }
 
 interface Handed {

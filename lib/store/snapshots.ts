@@ -50,3 +50,9 @@ export function getSnapshotByDevice(db: Db, pool: string, deviceName: string): S
 export function listSnapshots(db: Db, pool: string, states?: SnapshotState[]): SnapshotRow[] {
   return poolRowsInStates<SnapshotRow>(db, "snapshots", pool, "id", states);
 }
+
+/** A snapshot the DB holds as handed out (active) whose device is not loaded. (Here, not in
+ * pipeline/reattach.ts, so that `list` does not load the re-attach and activate code.) */
+export function isDetached(s: SnapshotRow, loaded: ReadonlyMap<string, unknown>): boolean {
+  return s.state === "active" && s.device_name !== null && !loaded.has(s.device_name);
+}

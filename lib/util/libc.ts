@@ -2,11 +2,15 @@
 // and friends), mknod for device nodes and FIFOs, flock for the host's dm locks, and ioctl for
 // the device-mapper status of one device by name (lib/dm/active.ts). Only path-relative "l" variants (never follow
 // the final symlink) and fd variants are bound, so nothing here can write through a link.
-import { dlopen, FFIType, read } from "bun:ffi";
+// bun:ffi is required at the first call, not imported: a command that never locks, mknods or
+// touches xattrs (list) does not pay for loading it at start-up.
+type Ffi = typeof import("bun:ffi");
+const ffi = (): Ffi => require("bun:ffi") as Ffi;
 
 type Lib = ReturnType<typeof open>;
 
 function open() {
+  const { dlopen, FFIType } = ffi();
   return dlopen("libc.so.6", {
     fsetxattr: { args: [FFIType.i32, FFIType.ptr, FFIType.ptr, FFIType.u64, FFIType.i32], returns: FFIType.i32 },
     lsetxattr: { args: [FFIType.ptr, FFIType.ptr, FFIType.ptr, FFIType.u64, FFIType.i32], returns: FFIType.i32 },
@@ -61,7 +65,7 @@ const ERRNO_NAMES: Record<number, string> = {
 
 function errno(): number {
   const p = libc().symbols.__errno_location();
-  return p === null ? 0 : read.i32(p, 0);
+  return p === null ? 0 : ffi().read.i32(p, 0);
 }
 
 /** A C string: a JS string as UTF-8, a Buffer (a path's raw bytes, bytepath.ts) as it is. */

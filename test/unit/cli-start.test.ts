@@ -1,6 +1,6 @@
 // The start-up bundles: a bundle runs only while its manifest matches every input on disk.
 import { afterAll, describe, expect, test } from "bun:test";
-import { rmSync, writeFileSync } from "node:fs";
+import { readFileSync, rmSync, statSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { buildBundle } from "../../lib/cli/bundle.ts";
 import { BUNDLE_DIR, type BundleManifest, freshBundle, manifestPath, stampOf } from "../../lib/cli/start.ts";
@@ -42,7 +42,11 @@ describe("start-up bundles", () => {
   test("a built bundle is fresh and runs the command; the sources run the same command", async () => {
     const b = await buildBundle("remove");
     expect(b.inputs).toBeGreaterThan(10);
-    expect(freshBundle("remove")).not.toBeNull();
+    const bundle = freshBundle("remove");
+    expect(bundle).not.toBeNull();
+    // CommonJS with its bytecode cache beside it, which bun's loader reads instead of parsing
+    expect(readFileSync(bundle!, "utf8").split("\n")[0]).toBe("// @bun @bytecode @bun-cjs");
+    expect(statSync(`${bundle}.jsc`).size).toBeGreaterThan(1000);
     for (const env of [{}, { THINIMG_NO_BUNDLE: "1" }]) {
       const p = Bun.spawnSync(["bun", "scripts/remove.ts", "--version"], { cwd: join(import.meta.dir, "../.."), env: { ...process.env, ...env } });
       expect(p.stdout.toString()).toBe(`thinimg ${THINIMG_VERSION}\n`);

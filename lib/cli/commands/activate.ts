@@ -6,7 +6,7 @@ import { usageError } from "../../errors.ts";
 import { activate } from "../../pipeline/activate.ts";
 import { reattach } from "../../pipeline/reattach.ts";
 import { parseSize } from "../../util/units.ts";
-import { printJson } from "../main.ts";
+import { printJson, printText } from "../main.ts";
 import { asHolder, ctxFrom, pipelineArgs } from "../pipeline.ts";
 
 export const activateCommand = defineCommand({
@@ -25,7 +25,7 @@ export const activateCommand = defineCommand({
       const size = args.size === undefined ? {} : { size: parseSize(args.size, "--size") };
       const r = await asHolder(ctx, () => (args.snapshot ? reattach(ctx, args.snapshot) : activate(ctx, args.image!, size)));
       if (args.json) printJson({ ok: true, ...r }, "activate");
-      else process.stdout.write(`${r.device_path}\n`);
+      else printText(`${r.device_path}\n`);
     } finally {
       ctx.db.close();
     }

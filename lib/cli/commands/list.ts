@@ -4,7 +4,7 @@ import { inventory } from "../../pipeline/inventory.ts";
 import { openDb } from "../../store/db.ts";
 import { formatBytes } from "../../util/units.ts";
 import { outputArgs, poolArgs, stateArgs } from "../args.ts";
-import { printJson } from "../main.ts";
+import { printJson, printText } from "../main.ts";
 import { configFrom, waitArgs } from "../pipeline.ts";
 
 export const listCommand = defineCommand({
@@ -59,7 +59,7 @@ export const listCommand = defineCommand({
         .map(([k, v]) => `${k} ${v}`)
         .join(", ");
       out.push(`thin ids: ${t || "none"}`);
-      process.stdout.write(`${out.join("\n")}\n`);
+      printText(`${out.join("\n")}\n`);
     } finally {
       db.close();
     }

@@ -1,7 +1,7 @@
 // bun scripts/release.ts SNAPSHOT — deactivate a snapshot and mark it released (GC deletes its thin id).
 import { defineCommand } from "citty";
 import { release } from "../../pipeline/activate.ts";
-import { printJson } from "../main.ts";
+import { printJson, printText } from "../main.ts";
 import { asHolder, ctxFrom, pipelineArgs } from "../pipeline.ts";
 
 export const releaseCommand = defineCommand({
@@ -15,7 +15,7 @@ export const releaseCommand = defineCommand({
     try {
       const r = await asHolder(ctx, () => release(ctx, args.snapshot));
       if (args.json) printJson({ ok: true, ...r }, "release");
-      else process.stdout.write(`snapshot ${r.snapshot_id} (${r.device_name}) ${r.state === "released" ? "released" : "was already released"}\n`);
+      else printText(`snapshot ${r.snapshot_id} (${r.device_name}) ${r.state === "released" ? "released" : "was already released"}\n`);
     } finally {
       ctx.db.close();
     }

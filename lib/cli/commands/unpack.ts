@@ -4,7 +4,7 @@
 import { defineCommand } from "citty";
 import { unpack } from "../../pipeline/unpack.ts";
 import { limitArgs } from "../args.ts";
-import { printJson } from "../main.ts";
+import { printJson, printText } from "../main.ts";
 import { asHolder, ctxFrom, pipelineArgs, sizeArgs } from "../pipeline.ts";
 
 export const unpackCommand = defineCommand({
@@ -26,9 +26,10 @@ export const unpackCommand = defineCommand({
       if (args.json) printJson({ ok: true, ...r }, "unpack");
       else {
         const verb = r.dm_work ? "unpacked" : r.waited ? "unpacked by another process; reused" : "already unpacked";
-        process.stdout.write(`image ${r.image.name}: ${verb} — ${r.layers.length} layers (${r.built} built, ${r.reused} reused) in ${r.duration_ms} ms\n`);
+        const lines = [`image ${r.image.name}: ${verb} — ${r.layers.length} layers (${r.built} built, ${r.reused} reused) in ${r.duration_ms} ms`];
         for (const l of r.layers)
-          process.stdout.write(`  ${l.index + 1}. ${l.device_name}  thin ${l.thin_id}  ${l.reused ? "reused" : "built"}  ${l.chain_id.slice(0, 19)}…\n`);
+          lines.push(`  ${l.index + 1}. ${l.device_name}  thin ${l.thin_id}  ${l.reused ? "reused" : "built"}  ${l.chain_id.slice(0, 19)}…`);
+        printText(`${lines.join("\n")}\n`);
       }
     } finally {
       ctx.progress?.done();
