@@ -4,8 +4,8 @@
 import { afterEach, describe, expect, test } from "bun:test";
 import { type CmdResult, type RunOptions, setRunner, spawnRunner } from "../../lib/exec.ts";
 import { act, type GcLedger } from "../../lib/gc/act.ts";
-import type { Orphan } from "../../lib/gc/model.ts";
 import { buildReport, commandsFor, formatHuman } from "../../lib/gc/report.ts";
+import { orphan } from "../helpers/gc.ts";
 import { cmdResult } from "../helpers/run.ts";
 
 afterEach(() => setRunner(spawnRunner));
@@ -64,18 +64,6 @@ function fake(sim: Sim) {
   });
   return calls;
 }
-
-const orphan = (thinId: number | null, device: string | null, o: Partial<Orphan> = {}): Orphan => ({
-  thinId,
-  device,
-  unmount: [],
-  deleteThin: thinId !== null,
-  reason: "not_in_db",
-  detail: "",
-  ageMs: null,
-  mappedBytes: null,
-  ...o,
-});
 
 function recLedger() {
   const ev: string[] = [];

@@ -13,40 +13,31 @@ import type { Orphan } from "../../lib/gc/model.ts";
 import { openDb } from "../../lib/store/db.ts";
 import { actionWitness, readGcRows } from "../../lib/store/gc-queries.ts";
 import { getThinId, recordOrphanThinId } from "../../lib/store/thin-ids.ts";
+import { orphan } from "../helpers/gc.ts";
 import { cmdResult } from "../helpers/run.ts";
 
 afterEach(() => setRunner(spawnRunner));
 
 const POOL = "tp";
-const orphan = (thinId: number, o: Partial<Orphan> = {}): Orphan => ({
-  thinId,
-  device: null,
-  unmount: [],
-  deleteThin: true,
-  reason: "not_in_db",
-  detail: "",
-  ageMs: null,
-  mappedBytes: null,
-  ...o,
-});
+const bare = (thinId: number, o: Partial<Orphan> = {}) => orphan(thinId, null, o);
 
 describe("claimRun", () => {
   test("the run of bare deletes from i on, at most max; a device, a mount or a layer the claim rewrites ends it", () => {
     const as = [
-      orphan(1),
-      orphan(2),
-      orphan(3, { device: "thinimg-tp-snap-3" }),
-      orphan(4),
-      orphan(5, { unmount: ["/m"] }),
-      orphan(6, { reason: "unreferenced_layer" }),
-      orphan(7, { reason: "interrupted_build" }),
-      orphan(8, { deleteThin: false }),
+      bare(1),
+      bare(2),
+      bare(3, { device: "thinimg-tp-snap-3" }),
+      bare(4),
+      bare(5, { unmount: ["/m"] }),
+      bare(6, { reason: "unreferenced_layer" }),
+      bare(7, { reason: "interrupted_build" }),
+      bare(8, { deleteThin: false }),
     ];
     expect(as.map(bareDelete)).toEqual([true, true, false, true, false, false, false, false]);
     expect(claimRun(as, 0).map((a) => a.thinId)).toEqual([1, 2]);
     expect(claimRun(as, 2)).toEqual([]);
     expect(claimRun(as, 3).map((a) => a.thinId)).toEqual([4]);
-    const many = Array.from({ length: 20 }, (_, i) => orphan(i + 1));
+    const many = Array.from({ length: 20 }, (_, i) => bare(i + 1));
     expect(claimRun(many, 0)).toHaveLength(CLAIM_AHEAD);
     expect(claimRun(many, 15).map((a) => a.thinId)).toEqual([16, 17, 18, 19, 20]);
     expect(claimRun(many, 0, 3).map((a) => a.thinId)).toEqual([1, 2, 3]);
@@ -92,8 +83,8 @@ describe("act with claims taken ahead", () => {
   test("bare deletes are claimed CLAIM_AHEAD at a time, each intent before its delete", async () => {
     const { ev, l } = recLedger();
     fakePool(ev);
-    const as = Array.from({ length: CLAIM_AHEAD + 2 }, (_, i) => orphan(i + 1));
-    const r = await act([...as, orphan(99, { device: null, reason: "unreferenced_layer" })], { pool: POOL, ledger: l });
+    const as = Array.from({ length: CLAIM_AHEAD + 2 }, (_, i) => bare(i + 1));
+    const r = await act([...as, bare(99, { device: null, reason: "unreferenced_layer" })], { pool: POOL, ledger: l });
     expect(r.results.every((x) => x.outcome === "done")).toBe(true);
     const first = Array.from({ length: CLAIM_AHEAD }, (_, i) => i + 1).join(",");
     expect(ev[0]).toBe(`claim ${first}`);
@@ -110,7 +101,7 @@ describe("act with claims taken ahead", () => {
   test("a refused claim in a batch skips only that orphan", async () => {
     const { ev, l } = recLedger(new Set([2]));
     fakePool(ev);
-    const r = await act([orphan(1), orphan(2), orphan(3)], { pool: POOL, ledger: l });
+    const r = await act([bare(1), bare(2), bare(3)], { pool: POOL, ledger: l });
     expect(r.results.map((x) => x.outcome)).toEqual(["done", "skipped", "done"]);
     expect(ev.filter((e) => e.startsWith("send"))).toEqual(["send delete 1", "send delete 3"]);
     expect(ev).not.toContain("aborted 2"); // never claimed: nothing to undo
@@ -119,7 +110,7 @@ describe("act with claims taken ahead", () => {
   test("a run that stops mid-batch undoes the claims whose delete was never sent", async () => {
     const { ev, l } = recLedger();
     fakePool(ev, 3);
-    const as = Array.from({ length: CLAIM_AHEAD + 2 }, (_, i) => orphan(i + 1));
+    const as = Array.from({ length: CLAIM_AHEAD + 2 }, (_, i) => bare(i + 1));
     const r = await act(as, { pool: POOL, ledger: l });
     expect(r.stopped?.reason).toBe("timeout");
     expect(r.results.map((x) => x.outcome).slice(0, 4)).toEqual(["done", "done", "failed", "not_run"]);
@@ -140,7 +131,7 @@ describe("storeLedger.claimMany (real SQLite)", () => {
     try {
       recordOrphanThinId(db, POOL, 11, "released");
       const rows = readGcRows(db, POOL);
-      const as = [11, 12, 13].map((id) => orphan(id, { witness: actionWitness(rows, id, null) }));
+      const as = [11, 12, 13].map((id) => bare(id, { witness: actionWitness(rows, id, null) }));
       // 13 appears in the ledger after the scan: its rows changed
       recordOrphanThinId(db, POOL, 13, "someone else's");
       const led = storeLedger(db, POOL, { alive: () => false });

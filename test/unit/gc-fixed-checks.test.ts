@@ -5,8 +5,8 @@
 import { afterEach, describe, expect, test } from "bun:test";
 import { type RunOptions, setRunner, spawnRunner } from "../../lib/exec.ts";
 import { act } from "../../lib/gc/act.ts";
-import type { Orphan } from "../../lib/gc/model.ts";
 import { scanMeta } from "../../lib/gc/scan-meta.ts";
+import { orphan } from "../helpers/gc.ts";
 import { cmdResult } from "../helpers/run.ts";
 
 afterEach(() => setRunner(spawnRunner));
@@ -32,17 +32,6 @@ function fakePool(mode = "rw") {
   });
   return sent;
 }
-
-const orphan = (thinId: number, device: string | null = null): Orphan => ({
-  thinId,
-  device,
-  unmount: [],
-  deleteThin: true,
-  reason: "not_in_db",
-  detail: "",
-  ageMs: null,
-  mappedBytes: null,
-});
 
 describe("scanMeta", () => {
   test("with the device scan's pool table: no table read, one status before the reserve; the scan says when it read it", async () => {
