@@ -36,7 +36,12 @@ function layerOf(big: number): Buffer {
   parts.push(symlink("d/link", "big"));
   parts.push(file("d/suid", blob(70_000), { mode: 0o4755, uid: 1234, gid: 4321 }));
   parts.push(entry({ name: "d/old", data: "before 1970", type: "0", mtime: -86_400, base256: true }));
-  parts.push(gnuSparse("d/sparse", 3 * 1024 * 1024, [[4096, "a"], [2 * 1024 * 1024, blob(5000)]]));
+  parts.push(
+    gnuSparse("d/sparse", 3 * 1024 * 1024, [
+      [4096, "a"],
+      [2 * 1024 * 1024, blob(5000)],
+    ]),
+  );
   parts.push(pax({ "SCHILY.xattr.user.tag": "v", "SCHILY.xattr.security.capability": Buffer.from("0100000200200000000000000000000000000000", "hex") }));
   parts.push(file("d/cap", blob(200_000), { mode: 0o755 }));
   parts.push(hardlink("d/f1-link", "d/f1"));
