@@ -254,10 +254,7 @@ export class Applier implements TarSink {
   data(buf: Buffer, off: number, len: number, pos: number): void {
     const fd = this.fd;
     if (fd < 0) return; // a whiteout marker with content: ignored
-    if (this.fileId >= 0) {
-      this.o.out!.write(fd, this.fileId, buf, off, len, pos);
-      return;
-    }
+    if (this.fileId >= 0 && this.o.out!.write(fd, this.fileId, buf, off, len, pos)) return;
     while (len > 0) {
       const w = writeSync(fd, buf, off, len, pos);
       off += w;

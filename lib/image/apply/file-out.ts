@@ -12,8 +12,12 @@
 export interface FileOut {
   /** A new file is being written: its id for the calls below (and for naming it in an error). */
   begin(name: string): number;
-  /** Queue `len` bytes of `buf` (a slice of the ring) at file offset `pos`. */
-  write(fd: number, id: number, buf: Buffer, off: number, len: number, pos: number): void;
+  /**
+   * Queue `len` bytes of `buf` (a slice of the ring) at file offset `pos`; false when the caller
+   * should write them itself (the other thread is the one behind). Either way they are written
+   * before the file's end() runs.
+   */
+  write(fd: number, id: number, buf: Buffer, off: number, len: number, pos: number): boolean;
   /** Queue the file's final metadata (ending with close): fields as in END_FIELDS. */
   end(fd: number, id: number, meta: FileMeta): void;
   /** Close an fd whose file will not be finished (the layer failed). */

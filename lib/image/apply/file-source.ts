@@ -11,7 +11,8 @@
 // creates each file (every check stays on its thread) and queues the writes from the ring and the
 // file's final metadata (file-out.ts), which the worker runs while the applier parses on — a slot
 // is read again only once the writes queued from it ran. Small files are read on this thread and
-// written by the applier: a worker's start-up would cost more than it saves.
+// written by the applier: a worker's start-up would cost more than it saves (unless one is
+// already up, from an earlier layer).
 import { closeSync, openSync, readSync } from "node:fs";
 import { getSystemErrorName } from "node:util";
 import { type FileMeta, type FileOut, finishFd, OP_CLOSE, OP_END, OP_FIELDS, OP_WRITE, packMeta } from "./file-out.ts";
@@ -41,12 +42,16 @@ const OP_CAP = 16384;
 const WAIT_MS = 20;
 /** Slots applied between turns of the event loop when the reader is never waited for. */
 const TICK_EVERY = 64;
+/** Slots read ahead below which the applier writes file data itself (the reader is behind). */
+const AHEAD_MIN = 2;
 /** A full op queue that does not drain for this long means the worker is gone. */
 const STUCK_MS = 60_000;
 
 const tick = () => new Promise<void>((resolve) => setImmediate(resolve));
 /** Below this, reading on this thread beats starting (or waking) a worker. */
 const WORKER_MIN_BYTES = 8 << 20;
+/** With a worker already booted (an earlier layer's), handing it the writes pays from one slot up. */
+const IDLE_WORKER_MIN_BYTES = 1 << 20;
 
 // Control words. PRODUCED: slots the worker filled; CONSUMED: slots the applier is done with;
 // CANCEL: the applier stopped early; OPS_HEAD / OPS_DONE: ops queued / run; WAKE: bumped (and
@@ -250,7 +255,7 @@ export interface FileSource {
  * whole file was read. A chunk is valid until the next one is asked for (its buffer is reused).
  */
 export function fileSource(path: string, size: number, res: FileReadResult): FileSource {
-  if (size < WORKER_MIN_BYTES) return { chunks: localChunks(path, res), out: null };
+  if (size < (idle.length > 0 ? IDLE_WORKER_MIN_BYTES : WORKER_MIN_BYTES)) return { chunks: localChunks(path, res), out: null };
   const out = new RingOut();
   return { chunks: ringChunks(path, out, res), out };
 }
@@ -288,9 +293,13 @@ class RingOut implements FileOut {
     return id;
   }
 
-  write(fd: number, id: number, buf: Buffer, off: number, len: number, pos: number): void {
+  write(fd: number, id: number, buf: Buffer, off: number, len: number, pos: number): boolean {
     const w = this.w;
     if (w === null || buf.buffer !== w.data) throw new Error("file data queued from outside the reader's ring");
+    // The reader has (almost) nothing read ahead: it is the thread behind, so the applier writes
+    // this itself (big files mostly: there the reader's read + hash + write outweigh the applier's
+    // parsing). The pwrite goes to its own offset: the order of the two threads' writes is free.
+    if (Atomics.load(w.ctrl, PRODUCED) - Atomics.load(w.ctrl, CONSUMED) < AHEAD_MIN) return false;
     const b = this.reserve(w);
     const ops = this.ops;
     ops[b] = OP_WRITE;
@@ -300,6 +309,7 @@ class RingOut implements FileOut {
     ops[b + 4] = len;
     ops[b + 5] = pos;
     this.commit(w);
+    return true;
   }
 
   end(fd: number, id: number, meta: FileMeta): void {
