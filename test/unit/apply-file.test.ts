@@ -88,6 +88,16 @@ describe("applyLayerFile", () => {
     });
   }
 
+  test("files written by the reader thread stay confined: a symlinked parent is resolved inside the root", async () => {
+    const outside = `${TMP}/outside${n++}`;
+    mkdirSync(outside);
+    const layer = tar(file("pad", blob(9 * 1024 * 1024)), symlink("esc", outside), file("esc/pwned", blob(3 * 1024 * 1024)), file("esc/small", "x"));
+    await applyLayerFile({ path: save(layer) }, root, { layerLabel: "L" });
+    expect(readdirSync(outside)).toEqual([]);
+    expect(readFileSync(`${root}${outside}/small`, "utf8")).toBe("x");
+    expect(readFileSync(`${root}${outside}/pwned`).length).toBe(3 * 1024 * 1024);
+  });
+
   test("a write that fails on the reader thread fails the layer naming the file, and leaves no fd open", async () => {
     const mnt = `${TMP}/small${n++}`;
     mkdirSync(mnt);
