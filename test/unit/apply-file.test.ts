@@ -1,15 +1,16 @@
 // applyLayerFile: a layer read from a local plain tar, hashed in the same pass — on this thread for
-// small files, by a reader thread through a ring of shared buffers for big ones. The tree must be
-// the one applyLayer makes from a stream of the same bytes, the digest that of the whole file, and
-// every way the file can disagree with what was expected must fail the layer.
+// small files, by a reader thread through a ring of shared buffers for big ones (which thread also
+// writes the files' data and final metadata out). The tree must be the one applyLayer makes from a
+// stream of the same bytes, the digest that of the whole file, and every way the file can disagree
+// with what was expected, or the destination can fail, must fail the layer.
 import { afterAll, beforeEach, describe, expect, test } from "bun:test";
 import { createHash, randomBytes } from "node:crypto";
-import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { ThinimgError } from "../../lib/errors.ts";
 import { applyLayer, applyLayerFile } from "../../lib/image/apply/index.ts";
 import { extractImage } from "../../lib/image/extract.ts";
 import { resolveImage } from "../../lib/image/resolve.ts";
-import { dir, file, streamOf, symlink, tar } from "../helpers/tarcraft.ts";
+import { dir, entry, file, gnuSparse, hardlink, pax, streamOf, symlink, tar } from "../helpers/tarcraft.ts";
 import { diffTrees, listTree } from "../helpers/tree.ts";
 
 const TMP = mkdtempSync("/tmp/thinimg-apply-file-");
@@ -25,11 +26,26 @@ const sha = (b: Uint8Array) => `sha256:${createHash("sha256").update(b).digest("
 /** Random content: a chunk boundary or a reused buffer that leaked into another file would show. */
 const blob = (len: number) => randomBytes(len);
 
+if (process.getuid?.() !== 0) throw new Error("these tests need root (owners, xattrs)");
+
+/** 44 entries; every kind of file metadata the writer sets, some files replaced or linked while their writes may still be queued. */
 function layerOf(big: number): Buffer {
   const parts: Buffer[] = [dir("d", { mode: 0o750 })];
-  for (let i = 0; i < 40; i++) parts.push(file(`d/f${i}`, blob(1 + ((i * 37_123) % 300_000)), { mode: 0o644 }));
+  for (let i = 0; i < 34; i++) parts.push(file(`d/f${i}`, blob(1 + ((i * 37_123) % 300_000)), { mode: 0o644 }));
   parts.push(file("d/big", blob(big), { mode: 0o600 }));
   parts.push(symlink("d/link", "big"));
+  parts.push(file("d/suid", blob(70_000), { mode: 0o4755, uid: 1234, gid: 4321 }));
+  parts.push(entry({ name: "d/old", data: "before 1970", type: "0", mtime: -86_400, base256: true }));
+  parts.push(
+    gnuSparse("d/sparse", 3 * 1024 * 1024, [
+      [4096, "a"],
+      [2 * 1024 * 1024, blob(5000)],
+    ]),
+  );
+  parts.push(pax({ "SCHILY.xattr.user.tag": "v", "SCHILY.xattr.security.capability": Buffer.from("0100000200200000000000000000000000000000", "hex") }));
+  parts.push(file("d/cap", blob(200_000), { mode: 0o755 }));
+  parts.push(hardlink("d/f1-link", "d/f1"));
+  parts.push(file("d/f2", "replaced", { mode: 0o640, uid: 7 }));
   parts.push(file("d/after", "tail"));
   return tar(...parts);
 }
@@ -68,8 +84,35 @@ describe("applyLayerFile", () => {
       // (the roots themselves were made at different times: their times are kept as they were)
       expect(diffTrees(listTree(ref), listTree(root)).filter((d) => !d.startsWith(".: mtime"))).toEqual([]);
       expect(readFileSync(`${root}/d/after`, "utf8")).toBe("tail");
+      expect(readFileSync(`${root}/d/f2`, "utf8")).toBe("replaced");
     });
   }
+
+  test("files written by the reader thread stay confined: a symlinked parent is resolved inside the root", async () => {
+    const outside = `${TMP}/outside${n++}`;
+    mkdirSync(outside);
+    const layer = tar(file("pad", blob(9 * 1024 * 1024)), symlink("esc", outside), file("esc/pwned", blob(3 * 1024 * 1024)), file("esc/small", "x"));
+    await applyLayerFile({ path: save(layer) }, root, { layerLabel: "L" });
+    expect(readdirSync(outside)).toEqual([]);
+    expect(readFileSync(`${root}${outside}/small`, "utf8")).toBe("x");
+    expect(readFileSync(`${root}${outside}/pwned`).length).toBe(3 * 1024 * 1024);
+  });
+
+  test("a write that fails on the reader thread fails the layer naming the file, and leaves no fd open", async () => {
+    const mnt = `${TMP}/small${n++}`;
+    mkdirSync(mnt);
+    Bun.spawnSync(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", mnt]);
+    try {
+      const layer = tar(file("a", blob(1000)), file("huge", blob(12 * 1024 * 1024)), file("b", blob(1000)));
+      const fds = readdirSync("/proc/self/fd").length;
+      const e = await failure(() => applyLayerFile({ path: save(layer) }, mnt, { layerLabel: "L" }));
+      expect(e.message).toBe("layer L: entry huge: write failed: ENOSPC");
+      expect(e.hint).toContain("full");
+      expect(readdirSync("/proc/self/fd").length).toBe(fds);
+    } finally {
+      Bun.spawnSync(["umount", mnt]);
+    }
+  });
 
   test("a digest that does not match fails the layer, naming both digests", async () => {
     const layer = layerOf(10 * 1024 * 1024);

@@ -31,6 +31,7 @@ import {
 } from "node:fs";
 import { fsetxattr, lgetxattr, llistxattr, lremovexattr, lsetxattr, mknod, S_IFBLK, S_IFCHR, S_IFIFO } from "../../util/libc.ts";
 import { fsPath, readDir } from "./bytepath.ts";
+import { type FileMeta, type FileOut, finishFd, OP_FIELDS, packMeta } from "./file-out.ts";
 import { InRoot } from "./inroot.ts";
 import { checkNameBytes, DEPTH_HINT, HOSTILE_HINT, type Limits, RuleError, splitName } from "./rules.ts";
 import type { TarEntry, TarSink } from "./tar-reader.ts";
@@ -42,6 +43,8 @@ const S_ISGID = 0o2000;
 
 // Bun opens every fd close-on-exec already.
 const O_CREATE_FILE = constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL | constants.O_NOFOLLOW;
+
+const FD_CALLS = { ftruncateSync, fchownSync, fchmodSync, futimesSync, closeSync };
 
 /** xattrs that steer an overlayfs mount: an image must not be able to set them. */
 const FORBIDDEN_XATTR_PREFIX = "trusted.overlay.";
@@ -76,6 +79,8 @@ export interface ApplierOptions {
   sameOwner: boolean;
   xattrs: boolean;
   isRoot: boolean;
+  /** Where regular files' data and metadata go (file-out.ts); absent: written on this thread. */
+  out?: FileOut | null;
 }
 
 export class Applier implements TarSink {
@@ -113,6 +118,10 @@ export class Applier implements TarSink {
   private fd = -1;
   private file: TarEntry | null = null;
   private fileDir = "";
+  /** Its id in `o.out` when its data and metadata go there; -1 when written on this thread. */
+  private fileId = -1;
+  /** Scratch record for finishFd on this thread. */
+  private readonly meta = new Float64Array(OP_FIELDS);
 
   constructor(
     root: string,
@@ -127,6 +136,7 @@ export class Applier implements TarSink {
   }
 
   entry(e: TarEntry): void {
+    this.outFailed();
     this.current = e.name;
     const comps = this.check(e);
     const n = comps.length;
@@ -167,6 +177,8 @@ export class Applier implements TarSink {
         this.fd = this.create(abs, () => openSync(fsPath(abs), O_CREATE_FILE, 0o600));
         this.file = e;
         this.fileDir = parent;
+        // fsetxattr needs libc, which the other thread does not load: such files are written here.
+        this.fileId = this.o.out && !(e.xattrs && this.o.xattrs) ? this.o.out.begin(e.name) : -1;
         break;
       case "symlink":
         checkNameBytes(e.linkname, this.o.limits, "symlink target");
@@ -242,6 +254,7 @@ export class Applier implements TarSink {
   data(buf: Buffer, off: number, len: number, pos: number): void {
     const fd = this.fd;
     if (fd < 0) return; // a whiteout marker with content: ignored
+    if (this.fileId >= 0 && this.o.out!.write(fd, this.fileId, buf, off, len, pos)) return;
     while (len > 0) {
       const w = writeSync(fd, buf, off, len, pos);
       off += w;
@@ -256,34 +269,52 @@ export class Applier implements TarSink {
     if (fd < 0 || e === null) return;
     this.fd = -1;
     this.file = null;
-    try {
+    const m: FileMeta = {
+      // A new file already has our euid/egid unless its directory is setgid (then it has the
+      // directory's group): no chown then.
+      chown: this.o.sameOwner && !this.ownedAlready(e, this.fileDir),
+      uid: e.uid,
+      gid: e.gid,
+      mode: e.mode,
+      atime: e.atime ?? e.mtime,
+      mtime: e.mtime,
       // A sparse file's holes were never written: the size is set, no zeros are.
-      if (e.sparse) ftruncateSync(fd, e.size);
-      // Owner first: chown clears setuid/setgid and security.capability. A new file already has
-      // our euid/egid unless its directory is setgid (then it has the directory's group).
-      if (this.o.sameOwner && !this.ownedAlready(e, this.fileDir)) fchownSync(fd, e.uid, e.gid);
-      fchmodSync(fd, e.mode);
-      if (e.xattrs && this.o.xattrs) {
-        for (const [k, v] of e.xattrs) fsetxattr(fd, k, v);
-      }
-      futimesSync(fd, ts(e.atime ?? e.mtime), ts(e.mtime));
-    } finally {
-      closeSync(fd);
+      truncate: e.sparse ? e.size : -1,
+    };
+    if (this.fileId >= 0) {
+      this.o.out!.end(fd, this.fileId, m);
+      return;
     }
+    packMeta(this.meta, 0, m);
+    const xattrs = e.xattrs && this.o.xattrs ? e.xattrs : null;
+    const setXattrs = (f: number) => {
+      for (const [k, v] of xattrs!) fsetxattr(f, k, v);
+    };
+    finishFd(FD_CALLS, fd, this.meta, 0, xattrs ? setXattrs : undefined);
   }
 
   /** Close what is open after an error. */
   abort(): void {
     if (this.fd >= 0) {
       try {
-        closeSync(this.fd);
+        if (this.fileId >= 0) this.o.out!.close(this.fd);
+        else closeSync(this.fd);
       } catch {}
       this.fd = -1;
     }
   }
 
+  /** A write or metadata call queued to `o.out` failed: the layer fails, naming that file. */
+  private outFailed(): void {
+    const f = this.o.out?.failure();
+    if (!f) return;
+    this.current = f.name;
+    throw f.error;
+  }
+
   /** End of the layer: directory metadata deepest first, then restore untouched parents' times. */
   finish(): void {
+    this.outFailed();
     const recs = [...this.dirs].map(([real, r]) => ({ real, r, d: depth(real) })).sort((a, b) => b.d - a.d);
     const verified = new Map<string, boolean>();
     for (const { real, r } of recs) {

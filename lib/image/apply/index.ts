@@ -5,7 +5,8 @@ import { realpathSync, statSync } from "node:fs";
 import { errorMessage, ThinimgError } from "../../errors.ts";
 import { Applier } from "./applier.ts";
 import { byteString } from "./bytepath.ts";
-import { FileReadError, type FileReadResult, fileChunks } from "./file-source.ts";
+import type { FileOut } from "./file-out.ts";
+import { FileReadError, type FileReadResult, fileSource } from "./file-source.ts";
 import { displayName, type Limits, mergeLimits, RuleError } from "./rules.ts";
 import { TarFormatError, TarReader } from "./tar-reader.ts";
 
@@ -63,7 +64,8 @@ export interface LayerFile {
 
 /**
  * applyLayer from a local UNCOMPRESSED tar file, faster than from a stream of it: buffers are
- * reused and big files are read and hashed on another thread while this one writes. The sha256 of
+ * reused, and a big file is read and hashed on another thread, which also writes the files' data
+ * and final metadata out while this one parses and creates them. The sha256 of
  * the bytes applied is computed in the same pass, returned, and checked against `file.digest`.
  */
 export async function applyLayerFile(file: LayerFile, root: string, opts: ApplyOptions = {}): Promise<ApplyStats & { digest: string }> {
@@ -79,7 +81,8 @@ export async function applyLayerFile(file: LayerFile, root: string, opts: ApplyO
   const read: FileReadResult = { digest: null, size: 0 };
   let stats: ApplyStats;
   try {
-    stats = await applyChunks(fileChunks(file.path, size, read), root, opts);
+    const src = fileSource(file.path, size, read);
+    stats = await applyChunks(src.chunks, root, opts, src.out);
   } catch (e) {
     if (e instanceof FileReadError) throw fileError(e, what);
     throw e;
@@ -105,7 +108,7 @@ function fileError(e: FileReadError, what: string): ThinimgError {
   });
 }
 
-async function applyChunks(input: AsyncIterable<Uint8Array>, root: string, opts: ApplyOptions): Promise<ApplyStats> {
+async function applyChunks(input: AsyncIterable<Uint8Array>, root: string, opts: ApplyOptions, out: FileOut | null = null): Promise<ApplyStats> {
   const started = performance.now();
   const label = opts.layerLabel ?? "-";
   const limits = mergeLimits(opts.limits);
@@ -118,6 +121,7 @@ async function applyChunks(input: AsyncIterable<Uint8Array>, root: string, opts:
     sameOwner,
     xattrs: isRoot,
     isRoot,
+    out,
   });
   const reader = new TarReader(applier);
   let bytes = 0;
