@@ -1,8 +1,7 @@
 // Layer chain ids: chain_id(L1) = sha256(identity1); chain_id(Ln) = sha256(chain_id(Ln-1) + " " +
 // identity_n), identity = diffId ?? blob digest — the OCI ChainID rule, so two images that share the
 // first k layers share the first k devices.
-// Bun.CryptoHasher, not node:crypto: that module's load is a measurable part of a command's start.
-const sha256Hex = (s: string) => new Bun.CryptoHasher("sha256").update(s).digest("hex");
+import { sha256Hex } from "../image/digest.ts";
 
 export function identityOf(l: { diffId: string | null; digest: string }): string {
   return l.diffId ?? l.digest;
