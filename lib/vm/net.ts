@@ -20,10 +20,9 @@ export interface VmNet {
 }
 
 /** A /30 and a tap name from the PID, so concurrent benchmark processes do not collide. */
-export function vmNetFor(pid: number): Pick<VmNet, "tap" | "hostAddr" | "guestAddr" | "kernelArgs" | "guestSetup"> {
+function vmNetFor(pid: number): Omit<VmNet, "close"> {
   const n = pid % (256 * 64);
-  const base = `10.213.${n >> 6}.${(n & 63) << 2}`.split(".").map(Number);
-  const addr = (last: number) => `${base[0]}.${base[1]}.${base[2]}.${base[3]! + last}`;
+  const addr = (k: number) => `10.213.${n >> 6}.${((n & 63) << 2) + k}`;
   const tap = `thinimg${n}`;
   const guestAddr = addr(2);
   return {
