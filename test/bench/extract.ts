@@ -24,6 +24,7 @@ import { cpus, loadavg } from "node:os";
 import { join } from "node:path";
 import { run, runOk } from "../../lib/exec.ts";
 import { extractImage } from "../../lib/image/extract.ts";
+import { median } from "../helpers/timed.ts";
 import { diffTrees, listTree } from "../helpers/tree.ts";
 
 const CACHE = process.env.THINIMG_BENCH_CACHE ?? "/tmp/thinimg-bench-cache";
@@ -229,11 +230,6 @@ interface Contender {
   cpus: number[];
 }
 
-function median(xs: number[]): number {
-  const s = [...xs].sort((a, b) => a - b);
-  const m = s.length >> 1;
-  return s.length % 2 ? s[m]! : (s[m - 1]! + s[m]!) / 2;
-}
 const wall = (c: Contender) => median(c.walls);
 const cpu = (c: Contender) => median(c.cpus);
 

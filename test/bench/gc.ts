@@ -22,6 +22,7 @@ import { runOk } from "../../lib/exec.ts";
 import type { GcReport } from "../../lib/gc/report.ts";
 import { openDb, tx } from "../../lib/store/db.ts";
 import { parseIntArg } from "../../lib/util/units.ts";
+import { median } from "../helpers/timed.ts";
 
 const argv = process.argv.slice(2);
 const ci = argv.indexOf("--count");
@@ -223,11 +224,6 @@ interface Round {
 }
 
 const ORPHANS = COUNT - LIVE;
-const median = (xs: number[]) => {
-  const s = [...xs].sort((x, y) => x - y);
-  const m = Math.floor(s.length / 2);
-  return s.length % 2 ? s[m]! : (s[m - 1]! + s[m]!) / 2;
-};
 
 /** One round on fresh pools: dry-run, then the raw baseline split around the --force run so that a
  * drift in the host's load hits both alike. */

@@ -20,6 +20,7 @@ import { sign } from "../../lib/server/auth.ts";
 import { parseListen } from "../../lib/server/listen.ts";
 import { startService } from "../../lib/server/service.ts";
 import { dmAvailable } from "../helpers/kernel.ts";
+import { median } from "../helpers/timed.ts";
 
 const dm = dmAvailable();
 if (!dm.ok) {
@@ -32,7 +33,6 @@ const GiB = 1024 ** 3;
 const root = mkdtempSync("/tmp/thinimg-bench-service-");
 const SECRET = "bench-secret-0123456789abcdef";
 const ms = (n: number) => `${n.toFixed(0)} ms`;
-const median = (a: number[]) => [...a].sort((x, y) => x - y)[Math.floor(a.length / 2)]!;
 
 /** One process, as an operator's shell would start it (no udev in the VM). */
 async function spawnOk(argv: string[]): Promise<void> {

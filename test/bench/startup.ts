@@ -19,6 +19,7 @@ import { writeDemoImages } from "../../lib/pipeline/demo-image.ts";
 import { unpack } from "../../lib/pipeline/unpack.ts";
 import { makeCtx } from "../../lib/pool/context.ts";
 import { dmAvailable } from "../helpers/kernel.ts";
+import { median } from "../helpers/timed.ts";
 
 const dm = dmAvailable();
 if (!dm.ok) {
@@ -31,10 +32,6 @@ const GiB = 1024 ** 3;
 const root = mkdtempSync("/tmp/thinimg-bench-startup-");
 const repo = join(import.meta.dir, "../..");
 const ms = (n: number) => `${n.toFixed(0)} ms`;
-const median = (a: number[]) => {
-  const s = [...a].sort((x, y) => x - y);
-  return s.length % 2 ? s[(s.length - 1) / 2]! : (s[s.length / 2 - 1]! + s[s.length / 2]!) / 2;
-};
 
 interface Run {
   wall: number;

@@ -4,7 +4,12 @@ import { join } from "node:path";
 
 const repo = join(import.meta.dir, "../..");
 
-export const median = (a: number[]) => [...a].sort((x, y) => x - y)[Math.floor(a.length / 2)]!;
+/** The median (the mean of the two middle values for an even count). */
+export function median(xs: number[]): number {
+  const s = [...xs].sort((a, b) => a - b);
+  const m = s.length >> 1;
+  return s.length % 2 ? s[m]! : (s[m - 1]! + s[m]!) / 2;
+}
 
 /** Run a command to completion (cwd: the repo); wall time, CPU time (user + system, its reaped
  * children included) and the child's peak RSS (VmHWM, polled). */
