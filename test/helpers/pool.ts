@@ -1,9 +1,9 @@
 // A real loop-backed thin pool for VM tests, in a fresh /tmp dir with a unique name.
 import { mkdirSync, mkdtempSync, rmSync } from "node:fs";
 import { join } from "node:path";
-import { pool as dmpool, dmsetup, losetup, thintools } from "../../lib/dm/index.ts";
+import { pool as dmpool, dmsetup, losetup, mount, thintools } from "../../lib/dm/index.ts";
 import { createLoopPool, type LoopPool } from "../../lib/dm/loop-pool.ts";
-import { runOk } from "../../lib/exec.ts";
+import { run, runOk } from "../../lib/exec.ts";
 import { parseSize } from "../../lib/util/units.ts";
 
 export interface TestPool extends LoopPool {
@@ -103,4 +103,10 @@ export async function makeFlakyPool(dir: string, name: string): Promise<FlakyPoo
       await losetup.detach(dataDev).catch(() => {});
     },
   };
+}
+
+/** Test teardown: unmount whatever is still mounted under `dir` (a failed test's leftovers; each
+ * umount's failure is only recorded). `flags`: e.g. ["-d"] to detach loop devices too. */
+export async function unmountUnder(dir: string, flags: string[] = []): Promise<void> {
+  for (const m of mount.mountinfo().filter((e) => e.mountPoint.startsWith(dir))) await run(["umount", ...flags, m.mountPoint]);
 }

@@ -30,7 +30,7 @@ import { primeKernelLogCursor } from "../helpers/health.ts";
 import { buildLayerTar, writeLayerFamily } from "../helpers/images.ts";
 import { requireDm } from "../helpers/kernel.ts";
 import { once } from "../helpers/once.ts";
-import { makeTestPool, type TestPool } from "../helpers/pool.ts";
+import { makeTestPool, type TestPool, unmountUnder } from "../helpers/pool.ts";
 
 requireDm();
 
@@ -50,7 +50,7 @@ beforeAll(async () => {
 }, 60_000);
 
 afterAll(async () => {
-  for (const m of mnt.mountinfo().filter((e) => e.mountPoint.startsWith(W))) await runOk(["umount", m.mountPoint]).catch(() => {});
+  await unmountUnder(W);
   ctx?.db.close();
   await pool?.destroy();
   rmSync(W, { recursive: true, force: true });

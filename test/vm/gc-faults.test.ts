@@ -18,7 +18,7 @@ import { noise } from "../helpers/bytes.ts";
 import { primeKernelLogCursor } from "../helpers/health.ts";
 import { buildLayerTar, sampleLayer, writeLayerFamily } from "../helpers/images.ts";
 import { requireDm } from "../helpers/kernel.ts";
-import { type FlakyPool, makeFlakyPool, makeTestPool } from "../helpers/pool.ts";
+import { type FlakyPool, makeFlakyPool, makeTestPool, unmountUnder } from "../helpers/pool.ts";
 import { type Ran, run as runCli } from "../helpers/run.ts";
 
 requireDm();
@@ -29,7 +29,7 @@ const cleanups: (() => Promise<void>)[] = [];
 
 afterAll(async () => {
   // test teardown only: mounts left under our dirs, then the pools
-  for (const m of mount.mountinfo().filter((e) => e.mountPoint.startsWith(W))) await run(["umount", m.mountPoint]);
+  await unmountUnder(W);
   for (const c of cleanups.reverse()) await c().catch(() => {});
   rmSync(W, { recursive: true, force: true });
 }, 120_000);

@@ -24,7 +24,7 @@ import { noise } from "../helpers/bytes.ts";
 import { acknowledgeKernelErrors, primeKernelLogCursor } from "../helpers/health.ts";
 import { buildLayerTar, writeLayerFamily } from "../helpers/images.ts";
 import { requireDm } from "../helpers/kernel.ts";
-import { type FlakyPool, makeFlakyPool, makeTestPool, type TestPool } from "../helpers/pool.ts";
+import { type FlakyPool, makeFlakyPool, makeTestPool, type TestPool, unmountUnder } from "../helpers/pool.ts";
 
 requireDm();
 
@@ -34,7 +34,7 @@ const ctxs: Ctx[] = [];
 
 afterAll(async () => {
   // test teardown only: the leaked mounts and devices the tests asserted on
-  for (const m of mnt.mountinfo().filter((e) => e.mountPoint.startsWith(W))) await runOk(["umount", m.mountPoint]).catch(() => {});
+  await unmountUnder(W);
   for (const c of ctxs) c.db.close();
   for (const c of cleanups.reverse()) await c().catch(() => {});
   rmSync(W, { recursive: true, force: true });

@@ -25,7 +25,7 @@ import { listWork, stepsOf } from "../../lib/store/work.ts";
 import { primeKernelLogCursor } from "../helpers/health.ts";
 import { buildLayerTar, compress, type TarEntry, writeDockerArchive, writeLayerFamily, writeOciLayout } from "../helpers/images.ts";
 import { requireDm } from "../helpers/kernel.ts";
-import { makeTestPool, type TestPool } from "../helpers/pool.ts";
+import { makeTestPool, type TestPool, unmountUnder } from "../helpers/pool.ts";
 import { entry, gnuSparse, paxSparse, tar, dir as tarDir } from "../helpers/tarcraft.ts";
 import { diffTrees, listTree } from "../helpers/tree.ts";
 
@@ -48,7 +48,7 @@ async function freshCtx(tag: string, o: { dataSize?: string } = {}): Promise<{ c
 }
 
 afterAll(async () => {
-  for (const m of mnt.mountinfo().filter((e) => e.mountPoint.startsWith(W))) await runOk(["umount", "-d", m.mountPoint]).catch(() => {});
+  await unmountUnder(W, ["-d"]);
   for (const c of ctxs) c.db.close();
   for (const p of pools) await p.destroy();
   Bun.spawnSync(["rm", "-rf", W]);

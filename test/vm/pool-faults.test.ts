@@ -9,7 +9,7 @@ import { afterAll, describe, expect, setDefaultTimeout, test } from "bun:test";
 import { existsSync, mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { loadConfig } from "../../lib/config.ts";
-import { pool as dmpool, dmsetup, losetup, mount, thintools } from "../../lib/dm/index.ts";
+import { pool as dmpool, dmsetup, losetup, thintools } from "../../lib/dm/index.ts";
 import { devPathFor } from "../../lib/dm/metadata-snap.ts";
 import { run } from "../../lib/exec.ts";
 import { checkConsistency } from "../../lib/pipeline/consistency.ts";
@@ -21,6 +21,7 @@ import { noise } from "../helpers/bytes.ts";
 import { primeKernelLogCursor } from "../helpers/health.ts";
 import { buildLayerTar, sampleLayer, writeLayerFamily } from "../helpers/images.ts";
 import { requireDm } from "../helpers/kernel.ts";
+import { unmountUnder } from "../helpers/pool.ts";
 import { type Ran, run as runCli } from "../helpers/run.ts";
 
 requireDm();
@@ -32,7 +33,7 @@ const cleanups: (() => Promise<void>)[] = [];
 
 afterAll(async () => {
   // test teardown only: mounts left under our dirs, then the pools
-  for (const m of mount.mountinfo().filter((e) => e.mountPoint.startsWith(W))) await run(["umount", m.mountPoint]);
+  await unmountUnder(W);
   for (const c of cleanups.reverse()) await c().catch(() => {});
   rmSync(W, { recursive: true, force: true });
 }, 120_000);

@@ -19,7 +19,7 @@ import { serviceHealthDir, startService } from "../../lib/server/service.ts";
 import { primeKernelLogCursor } from "../helpers/health.ts";
 import { buildLayerTar } from "../helpers/images.ts";
 import { requireDm } from "../helpers/kernel.ts";
-import { makeTestPool, type TestPool } from "../helpers/pool.ts";
+import { makeTestPool, type TestPool, unmountUnder } from "../helpers/pool.ts";
 import { startS3, type TestS3 } from "../helpers/s3.ts";
 
 requireDm();
@@ -60,7 +60,7 @@ beforeAll(async () => {
 
 afterAll(async () => {
   for (const p of procs) if (p.exitCode === null) p.kill(9);
-  for (const m of mnt.mountinfo().filter((e) => e.mountPoint.startsWith(W))) await runOk(["umount", m.mountPoint]).catch(() => {});
+  await unmountUnder(W);
   await pool?.destroy();
   await s3?.close();
   Bun.spawnSync(["rm", "-rf", W]);

@@ -18,7 +18,7 @@ import { listLayers } from "../../lib/store/layers.ts";
 import { primeKernelLogCursor } from "../helpers/health.ts";
 import { buildLayerTar, compress, sha256, writeLayerFamily } from "../helpers/images.ts";
 import { requireDm } from "../helpers/kernel.ts";
-import { makeTestPool, type TestPool } from "../helpers/pool.ts";
+import { makeTestPool, type TestPool, unmountUnder } from "../helpers/pool.ts";
 import { startS3, type TestS3 } from "../helpers/s3.ts";
 
 requireDm();
@@ -81,7 +81,7 @@ beforeAll(async () => {
 }, 60_000);
 
 afterAll(async () => {
-  for (const m of mnt.mountinfo().filter((e) => e.mountPoint.startsWith(W))) await runOk(["umount", m.mountPoint]).catch(() => {});
+  await unmountUnder(W);
   ctx?.db.close();
   await pool?.destroy();
   await s3?.close();
