@@ -284,9 +284,11 @@ export async function checkDmesg(io: HealthIo, o: DmesgOptions): Promise<CheckRe
   if (o.stateDir) {
     const dir = o.stateDir;
     s = await withKmsgLock(dir, async () => {
-      const r = await scanKmsg(env, await readCursor(dir), await readFindings(dir));
+      const cursor = await readCursor(dir);
+      const r = await scanKmsg(env, cursor, await readFindings(dir));
       if (r.fresh.length) await writeFindings(dir, r.merged);
-      await writeCursor(dir, { boot_id: bootId, seq: r.lastSeq });
+      // unchanged (same boot, nothing new): no rewrite — three file operations off every pre-flight
+      if (cursor?.boot_id !== bootId || cursor.seq !== r.lastSeq) await writeCursor(dir, { boot_id: bootId, seq: r.lastSeq });
       return r;
     });
   } else {

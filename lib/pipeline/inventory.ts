@@ -2,7 +2,7 @@
 // activation), layers (with how many images share each), snapshots, and the pool's use when the
 // pool is reachable. A handed-out snapshot whose device is not loaded (after a reboot) shows as
 // `detached`: its data is kept until it is re-attached or released.
-import { activeDevices } from "../dm/active.ts";
+import { activeDeviceNames } from "../dm/active.ts";
 import * as pool from "../dm/pool.ts";
 import { errorMessage } from "../errors.ts";
 import type { Db } from "../store/db.ts";
@@ -174,7 +174,7 @@ export async function inventory(
   const thinCounts: Record<string, number> = {};
   for (const t of listThinIds(db, poolName)) thinCounts[t.state] = (thinCounts[t.state] ?? 0) + 1;
   const p = await poolJson(poolName, o.probePool !== false);
-  const loaded = o.probePool !== false ? await activeDevices().catch(() => null) : null;
+  const loaded = o.probePool !== false ? await activeDeviceNames().catch(() => null) : null;
   const stateOf = (s: SnapshotRow) => (loaded && isDetached(s, loaded) ? "detached" : s.state);
   // removed images keep their row (their snapshots reference it) but are not listed
   const uses = new Map(imageUses(db, poolName).map((u) => [u.image.id, u]));

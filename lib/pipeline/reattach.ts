@@ -6,7 +6,7 @@
 
 import { existsSync } from "node:fs";
 import type { Config } from "../config.ts";
-import { activeDevice, activeDevices } from "../dm/active.ts";
+import { activeDevice, activeDeviceNames } from "../dm/active.ts";
 import * as dmsetup from "../dm/dmsetup.ts";
 import * as pool from "../dm/pool.ts";
 import { errorMessage, ThinimgError } from "../errors.ts";
@@ -172,7 +172,7 @@ function summarize(pool: string, dryRun: boolean, snapshots: ReattachResult[], e
  */
 export async function reattachAll(ctx: Ctx, o: { dryRun?: boolean } = {}): Promise<ReattachAllReport> {
   const t0 = performance.now();
-  const loaded = await activeDevices();
+  const loaded = await activeDeviceNames();
   const active = listSnapshots(ctx.db, ctx.cfg.pool, ["active"]);
   let error: ThinimgError | null = null;
   if (!o.dryRun && active.some((s) => isDetached(s, loaded))) {

@@ -53,6 +53,6 @@ export function listSnapshots(db: Db, pool: string, states?: SnapshotState[]): S
 
 /** A snapshot the DB holds as handed out (active) whose device is not loaded. (Here, not in
  * pipeline/reattach.ts, so that `list` does not load the re-attach and activate code.) */
-export function isDetached(s: SnapshotRow, loaded: ReadonlyMap<string, unknown>): boolean {
+export function isDetached(s: SnapshotRow, loaded: { has(name: string): boolean }): boolean {
   return s.state === "active" && s.device_name !== null && !loaded.has(s.device_name);
 }

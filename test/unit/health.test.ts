@@ -2,7 +2,8 @@
 // readers and a fake command runner. The same checks run against the real kernel in
 // test/vm/health.test.ts.
 import { afterEach, describe, expect, test } from "bun:test";
-import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from "node:fs";
+import { join } from "node:path";
 import { loadConfig } from "../../lib/config.ts";
 import { parseInfoLine } from "../../lib/dm/dmsetup.ts";
 import { parsePoolStatus } from "../../lib/dm/status.ts";
@@ -416,6 +417,27 @@ describe("kernel log", () => {
       expect(old.details?.findings).toEqual([]);
       // a longer window (another caller's flag) still sees it: findings are kept a day
       expect((await at(T0 + 16 * MIN, 60 * MIN)).status).toBe("block");
+    }));
+
+  test("the cursor file is rewritten only when the cursor moves (a new record or a new boot)", () =>
+    inTmp(async (dir) => {
+      const records = ["6,1,1000000,-;device-mapper: ioctl: 4.47.0-ioctl initialised"];
+      const io = kmsgIo(records);
+      const cursorFile = join(dir, "health-kmsg.json");
+      const stamp = () => statSync(cursorFile).ino;
+      await checkDmesg(io, { stateDir: dir, lookbackMs: MIN });
+      expect(JSON.parse(readFileSync(cursorFile, "utf8"))).toEqual({ boot_id: "boot-1", seq: 1 });
+      const first = stamp();
+      await checkDmesg(io, { stateDir: dir, lookbackMs: MIN });
+      expect(stamp()).toBe(first); // nothing new: the same file, not a rewritten copy
+      records.push("6,2,1500000,-;loop0: detected capacity change");
+      await checkDmesg(io, { stateDir: dir, lookbackMs: MIN });
+      expect(JSON.parse(readFileSync(cursorFile, "utf8"))).toEqual({ boot_id: "boot-1", seq: 2 });
+      expect(stamp()).not.toBe(first);
+      const second = stamp();
+      await checkDmesg(kmsgIo(records, { "/proc/sys/kernel/random/boot_id": "boot-2\n" }), { stateDir: dir, lookbackMs: MIN });
+      expect(JSON.parse(readFileSync(cursorFile, "utf8"))).toEqual({ boot_id: "boot-2", seq: 2 });
+      expect(stamp()).not.toBe(second);
     }));
 
   test("a line logged long before any check saw it blocks the check that finds it, then only its age counts", () =>

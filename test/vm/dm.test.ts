@@ -2,7 +2,7 @@
 // vm-seconds: 25 (its run time in one test VM; `bun run test` balances the VMs by it)
 import { afterAll, beforeAll, describe, expect, setDefaultTimeout, test } from "bun:test";
 import { readFileSync } from "node:fs";
-import { activeDevice, activeDevices, devStatusIoctl } from "../../lib/dm/active.ts";
+import { activeDevice, activeDeviceNames, activeDevices, devStatusIoctl } from "../../lib/dm/active.ts";
 import { dmsetup, isDmError, losetup, mkfsExt4, mount, parsePoolStatus, parseThinStatus, pool, thintools } from "../../lib/dm/index.ts";
 import { type CmdRecord, onCommandRecord, run } from "../../lib/exec.ts";
 import { clearTimeouts } from "../../lib/lock/host-queue.ts";
@@ -96,6 +96,9 @@ describe("pool lifecycle on the real kernel", () => {
     const one = devStatusIoctl(name);
     expect(one).toEqual({ name, major: info!.major, minor: info!.minor, suspended: false });
     expect((await activeDevices()).get(name)).toEqual(one!);
+    // the names-only scan (list, re-attach) sees exactly the devices the full scan sees
+    expect([...(await activeDeviceNames())].sort()).toEqual([...(await activeDevices()).keys()].sort());
+    expect((await activeDeviceNames()).has(name)).toBe(true);
     await dmsetup.withSuspended(name, async () => {
       expect(devStatusIoctl(name)?.suspended).toBe(true);
       expect((await activeDevices()).get(name)?.suspended).toBe(true);
@@ -104,6 +107,7 @@ describe("pool lifecycle on the real kernel", () => {
     expect(devStatusIoctl(p.name)).toMatchObject({ name: p.name, suspended: false }); // the pool itself
     await dmsetup.remove(name);
     expect(devStatusIoctl(name)).toBeNull();
+    expect((await activeDeviceNames()).has(name)).toBe(false);
     // no control node here: the caller falls back to the scan
     expect(devStatusIoctl(name, `${p.dir}/no-control`)).toBeUndefined();
   });
