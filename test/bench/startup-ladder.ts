@@ -2,7 +2,7 @@
 // tiny programs, from bare `bun -e 0` up to the built-ins every command needs — and the commands
 // themselves at their cheapest (`--version`: the bundle loaded, nothing run). It says which part of
 // bench:startup's fixed cost is bun's and which is ours.
-//   bun scripts/build.ts && bun scripts/vm.ts -- bun test/bench/startup-ladder.ts   (BENCH_ROUNDS=9 by default)
+//   bun run bench:startup-ladder   (= bun scripts/build.ts && bun scripts/vm.ts -- bun test/bench/startup-ladder.ts; BENCH_ROUNDS=9)
 // Rounds are interleaved (every rung once, then again …) so machine noise hits every rung alike;
 // the table prints medians. "in-process" is performance.now() at the program's last line: the
 // time from bun's process start to the end of the program's work (exit not included).
