@@ -86,3 +86,17 @@ export function journal(rec: object, o: { sync: boolean; maxBytes?: number } = {
     log.warn(`cannot write the command journal ${path}: ${(e as Error).message} (dm work goes on; records stay on stderr)`);
   }
 }
+
+/** fsync what this process has written to the journal with sync: false and not flushed since. */
+export function syncJournal(): void {
+  if (!open) return;
+  const { fd, path } = open;
+  try {
+    fsyncSync(fd);
+  } catch (e) {
+    closeOpen();
+    if (warned) return;
+    warned = true;
+    log.warn(`cannot flush the command journal ${path}: ${(e as Error).message} (dm work goes on)`);
+  }
+}

@@ -28,6 +28,12 @@ export interface RunOptions {
   probe?: boolean;
   /** "ignore": the command prints nothing we read (a pool message): no pipe, result stdout "". */
   stdout?: "pipe" | "ignore";
+  /**
+   * The caller's own durable record already names this command before it is sent (a GC delete's
+   * `deleting` row, committed with synchronous=FULL): its before-record is written, not fsync'd on
+   * its own (the next fsync'd record carries it to disk; ADR-0001 §4).
+   */
+  intentOnDisk?: boolean;
 }
 
 export interface CmdResult {
@@ -299,21 +305,22 @@ export function setRunner(r: Runner): Runner {
 }
 
 /** Run a command. A state-changing one (lib/lock/host-queue.ts decides) waits for the host-wide dm
- * queue and holds it for exactly its own run, its before-record is on disk before it is spawned, and
+ * queue and holds it for exactly its own run, its before-record is on disk before it is spawned
+ * (or, with intentOnDisk, the caller's own durable record names it), and
  * it is refused if an earlier command of this process timed out on the same device. */
 export function run(argv: string[], opts?: RunOptions): Promise<CmdResult> {
   if (!isStateChanging(argv)) return current(argv, opts);
   assertNotTainted(argv, opts?.ctx);
   return withHostQueue(argv.join(" "), async () => {
     assertNotTainted(argv, opts?.ctx);
-    emitStartRecord(argv, opts?.ctx);
+    emitStartRecord(argv, opts?.ctx, !opts?.intentOnDisk);
     const r = await current(argv, opts);
     if (r.timedOut) noteTimeout(argv, opts?.ctx);
     return r;
   });
 }
 
-function emitStartRecord(argv: string[], ctx: CmdContext | undefined): void {
+function emitStartRecord(argv: string[], ctx: CmdContext | undefined, sync: boolean): void {
   const rec: CmdStartRecord = {
     event: "cmd_start",
     pool_name: ctx?.pool_name ?? null,
@@ -325,7 +332,7 @@ function emitStartRecord(argv: string[], ctx: CmdContext | undefined): void {
     timed_out: null,
     started_at: new Date().toISOString(),
   };
-  journal(rec);
+  journal(rec, { sync });
   logCommandStart({ ...rec });
 }
 

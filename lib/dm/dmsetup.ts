@@ -12,6 +12,8 @@ import { assertDmName } from "./validate.ts";
 export interface DmOpts {
   timeoutMs?: number;
   ctx?: CmdContext;
+  /** exec.ts RunOptions.intentOnDisk: the caller's durable record already names the command. */
+  intentOnDisk?: boolean;
 }
 
 export interface DmInfo {
@@ -40,6 +42,7 @@ async function dmsetup(args: string[], o: DmOpts = {}, probe = false, stdout: "p
     env: u.env,
     probe,
     stdout,
+    intentOnDisk: o.intentOnDisk,
   });
 }
 

@@ -13,14 +13,16 @@
 // Before every orphan the pool must still be rw (and not needs_check): the moment it is not, nothing
 // more is touched. The ledger says `deleting` before anything is done and `deleted` only after the
 // pool confirmed it, so a thin id is never handed out again until the pool has really let go of it.
+import { syncJournal } from "../cmd-journal.ts";
 import * as dmsetup from "../dm/dmsetup.ts";
 import { isDmError } from "../dm/errors.ts";
 import { type MountEntry, mountinfo, umount } from "../dm/mount.ts";
 import { deleteThin, parseThinTable, poolStatus } from "../dm/pool.ts";
 import { errorMessage } from "../errors.ts";
 import { CommandError } from "../exec.ts";
+import { queueWanted, withHostQueue } from "../lock/host-queue.ts";
 import { log } from "../log.ts";
-import { Claims } from "./claim-ahead.ts";
+import { Claims, claimRun } from "./claim-ahead.ts";
 import type { DmDevice, Orphan } from "./model.ts";
 
 export const STEP_TIMEOUT_MS = 10_000;
@@ -66,6 +68,9 @@ export interface GcLedger {
   claim(a: Orphan): string | null;
   /** Several claims in one transaction (claim-ahead.ts: bare deletes only), each as claim() would. */
   claimMany?(as: Orphan[]): (string | null)[];
+  /** The claim's `deleting` intent is durable (fsync'd) before the delete is sent: the command
+   * journal's before-record of that delete need not be fsync'd on its own. */
+  readonly intentsDurable?: boolean;
   mountUnmounted(path: string): void;
   deviceRemoved(name: string): void;
   /** The pool confirmed the id is gone (deleted now, or already). */
@@ -364,7 +369,7 @@ async function deleteStep(run: ActionRun, e: ActEnv, id: number): Promise<void> 
   const s = await step(
     "delete",
     `thin ${id}`,
-    () => deleteThin(e.pool, id, { timeoutMs: e.timeoutMs, ctx: cmdCtx(e, id, null) }).then(() => undefined),
+    () => deleteThin(e.pool, id, { timeoutMs: e.timeoutMs, ctx: cmdCtx(e, id, null), intentOnDisk: e.ledger.intentsDurable }).then(() => undefined),
     classifyDelete,
   );
   if (s.outcome === "pool_gone") {
@@ -391,6 +396,28 @@ async function actOne(a: Orphan, e: ActEnv): Promise<ActionRun> {
   return run;
 }
 
+/** The run so far, as act()'s loop carries it from orphan to orphan. */
+interface Progress {
+  results: ActionResult[];
+  stopped: ActResult["stopped"];
+  lastOk: boolean;
+}
+
+/** The next orphan: the stop conditions first (signal, pool check), then its steps. */
+async function actNext(a: Orphan, e: ActEnv, p: Progress, checks: ReturnType<typeof poolChecks>, signal: AbortSignal | undefined): Promise<void> {
+  if (!p.stopped && signal?.aborted) p.stopped = { reason: "aborted", detail: "stop requested (signal)" };
+  if (!p.stopped && checks.due(a, p.lastOk)) p.stopped = await checks.check();
+  if (p.stopped) {
+    e.claims.drop(a, `not run: ${p.stopped.reason}`);
+    p.results.push({ action: a, outcome: "not_run", steps: [], skipReason: null });
+    return;
+  }
+  const run = await actOne(a, e);
+  p.results.push(run.res);
+  p.stopped = run.stopped;
+  p.lastOk = run.res.outcome === "done";
+}
+
 export async function act(actions: Orphan[], o: ActOptions): Promise<ActResult> {
   const ledger = o.ledger ?? NO_LEDGER;
   const e: ActEnv = {
@@ -403,25 +430,29 @@ export async function act(actions: Orphan[], o: ActOptions): Promise<ActResult> 
     unmountedRemoved: [],
   };
   const checks = poolChecks(o.pool, e.timeoutMs, o.poolCheckEveryMs ?? 1_000, o.poolCheckedAt);
-  const results: ActionResult[] = [];
-  let stopped: ActResult["stopped"] = null;
-  let lastOk = true;
+  const p: Progress = { results: [], stopped: null, lastOk: true };
   try {
-    for (const a of actions) {
-      if (!stopped && o.signal?.aborted) stopped = { reason: "aborted", detail: "stop requested (signal)" };
-      if (!stopped && checks.due(a, lastOk)) stopped = await checks.check();
-      if (stopped) {
-        e.claims.drop(a, `not run: ${stopped.reason}`);
-        results.push({ action: a, outcome: "not_run", steps: [], skipReason: null });
+    for (let i = 0; i < actions.length; ) {
+      const batch = p.stopped ? 1 : claimRun(actions, i).length;
+      if (batch < 2) {
+        await actNext(actions[i++]!, e, p, checks, o.signal);
         continue;
       }
-      const run = await actOne(a, e);
-      results.push(run.res);
-      stopped = run.stopped;
-      lastOk = run.res.outcome === "done";
+      // a run of bare deletes (one pool message each) holds the host dm queue across them instead
+      // of taking it per command, and lets go at once when someone else waits for it
+      i = await withHostQueue(`gc --force: delete thin ids in pool ${o.pool}`, async () => {
+        const end = i + batch;
+        let k = i;
+        do await actNext(actions[k++]!, e, p, checks, o.signal);
+        while (k < end && !p.stopped && !queueWanted());
+        return k;
+      });
+      // the batch's before-records went unsynced (their claims are durable): on disk now, as one
+      syncJournal();
     }
   } finally {
     e.ledger.flush?.();
+    syncJournal();
   }
-  return { results, stopped, unmountedRemoved: e.unmountedRemoved };
+  return { results: p.results, stopped: p.stopped, unmountedRemoved: e.unmountedRemoved };
 }

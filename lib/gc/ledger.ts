@@ -82,6 +82,8 @@ export function storeLedger(db: Db, pool: string, o: { alive: AliveFn }): GcLedg
   return {
     claim: (a) => claimMany([a])[0]!,
     claimMany,
+    // every claim that lets a delete go ahead committed its `deleting` row (synchronous=FULL)
+    intentsDurable: true,
     mountUnmounted(path) {
       if (getMount(db, path)) setMountState(db, path, "unmounted", "unmounted by gc");
     },

@@ -14,8 +14,9 @@
 //     leaves its ticket and waits its turn): the common, uncontended case costs one flock.
 //   - Waiting is bounded (THINIMG_DM_QUEUE_WAIT, default 5m) and visible: after 1 s a waiter logs
 //     "waiting for the dm queue held by pid N (…): `cmd`"; the holder writes who it is into the file.
-//   - withHostQueue(fn) holds it across several commands (suspend → … → resume): commands fn runs
-//     (same async call chain) go straight through; other callers wait.
+//   - withHostQueue(fn) holds it across several commands (suspend → … → resume; GC's batch of bare
+//     deletes, which lets go as soon as queueWanted() says someone waits): commands fn runs (same
+//     async call chain) go straight through; other callers wait.
 //   - A command that timed out may still be running in the kernel: no later state-changing command
 //     of this process may touch the same device or path (resume excepted: a suspend that timed out
 //     must still be resumed, ADR-0001 §5).
@@ -218,6 +219,18 @@ export function withHostQueue<T>(label: string, fn: () => Promise<T>): Promise<T
       release();
     }
   });
+}
+
+/**
+ * Someone else wants the queue: another async path of this process, or another process (its ticket
+ * is in the waiting room: a waiter that finds the lock taken always leaves one). A caller holding
+ * the queue across a batch of commands (withHostQueue around them) lets go at the next command
+ * boundary when this is true, so a waiter still gets its turn after at most one more command, as
+ * when every command takes the queue on its own.
+ */
+export function queueWanted(): boolean {
+  if (inProcess.pending > 1) return true; // the hold itself is one
+  return (tickets(`${queueFile()}.waiting`)?.length ?? 0) > 0;
 }
 
 /** Commands queued or running in this process (tests, diagnostics). */

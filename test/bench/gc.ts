@@ -144,6 +144,10 @@ interface GcRun {
   cmds: Map<string, [number, number]>;
   /** Where the wall time went: spawn → first delete sent, first delete → last delete's end, → exit. */
   phases: { beforeMs: number; deletesSpanMs: number; afterMs: number } | null;
+  /** The commands before the first delete: "+start s command (duration)", from the spawn. */
+  timeline: string[];
+  /** The gc process's RSS (MB), sampled every 0.5 s. */
+  rssMb: number[];
 }
 
 /** Split a run's wall time around its deletes, from the records' start times and durations. */
@@ -156,6 +160,24 @@ function phasesOf(recs: { command: string; duration_ms: number; started_at: stri
   return { beforeMs: first - spawnedAt, deletesSpanMs: end - first, afterMs: exitedAt - end };
 }
 
+function readFileOr(path: string): string {
+  try {
+    return readFileSync(path, "utf8");
+  } catch {
+    return "";
+  }
+}
+
+function timelineOf(recs: { command: string; duration_ms: number; started_at: string }[], spawnedAt: number): string[] {
+  const out: string[] = [];
+  for (const r of recs) {
+    if (/ message \S+ 0 delete \d+$/.test(r.command)) break;
+    const w = r.command.split(" ").filter((x) => !x.startsWith("--noudev") && !x.startsWith("/"));
+    out.push(`+${((Date.parse(r.started_at) - spawnedAt) / 1000).toFixed(2)} ${w.slice(0, w[1] === "message" ? 5 : 2).join(" ")} (${r.duration_ms})`);
+  }
+  return out;
+}
+
 async function gc(p: BenchPool, stateDir: string, force: boolean): Promise<GcRun> {
   const cmdLog = join(stateDir, `cmd-${force ? "force" : "dry"}-${Date.now()}.jsonl`);
   const t0 = performance.now();
@@ -165,7 +187,14 @@ async function gc(p: BenchPool, stateDir: string, force: boolean): Promise<GcRun
     stderr: "pipe",
     env: { ...process.env, THINIMG_LOG_LEVEL: "error", THINIMG_CMD_LOG: cmdLog },
   });
+  // the gc process's RSS (a spawn's cost in the VM grows with its parent's memory), twice a second
+  const rss: number[] = [];
+  const sampler = setInterval(() => {
+    const m = /VmRSS:\s+(\d+) kB/.exec(readFileOr(`/proc/${proc.pid}/status`));
+    if (m) rss.push(Number(m[1]) / 1024);
+  }, 500);
   const [out, err, code] = await Promise.all([new Response(proc.stdout).text(), new Response(proc.stderr).text(), proc.exited]);
+  clearInterval(sampler);
   const ms = performance.now() - t0;
   const exitedAt = Date.now();
   const cmds = new Map<string, [number, number]>();
@@ -182,7 +211,7 @@ async function gc(p: BenchPool, stateDir: string, force: boolean): Promise<GcRun
     }
   }
   try {
-    return { ms, r: JSON.parse(out) as GcReport, code, cmds, phases: phasesOf(recs, spawnedAt, exitedAt) };
+    return { ms, r: JSON.parse(out) as GcReport, code, cmds, phases: phasesOf(recs, spawnedAt, exitedAt), timeline: timelineOf(recs, spawnedAt), rssMb: rss };
   } catch {
     writeFileSync(`${cmdLog}.stdout`, out);
     throw new Error(
@@ -304,4 +333,9 @@ console.log(`                       --force: ${cmdSummary(last.force)}`);
 const ph = (f: (p: NonNullable<GcRun["phases"]>) => number) => med((r) => (r.force.phases ? f(r.force.phases) : Number.NaN));
 console.log(
   `phases:    before the first delete ${fmt(ph((p) => p.beforeMs))}; deletes ${fmt(ph((p) => p.deletesSpanMs))} (${(ph((p) => p.deletesSpanMs) / n).toFixed(1)} ms/id, of which GC's own between its delete commands ${(med((r) => (r.force.phases ? r.force.phases.deletesSpanMs - r.ownDeletesMs : Number.NaN)) / n).toFixed(1)} ms/id); after the last ${fmt(ph((p) => p.afterMs))}`,
+);
+console.log(`before the first delete (last round, s from spawn, command (ms)): ${last.force.timeline.join(", ")}`);
+const rssOf = (g: GcRun) => (g.rssMb.length ? `median ${median(g.rssMb).toFixed(0)} MB, max ${Math.max(...g.rssMb).toFixed(0)} MB` : "not sampled");
+console.log(
+  `rss:       --force (last round) ${rssOf(last.force)}; this benchmark process (the raw loop's parent) ${(process.memoryUsage().rss / 1024 ** 2).toFixed(0)} MB`,
 );

@@ -2,7 +2,7 @@
 // still sent only after its intent is on record, that a run stopping mid-batch undoes the claims whose
 // delete was never sent, and storeLedger's claimMany against a real SQLite file.
 import { afterEach, describe, expect, test } from "bun:test";
-import { mkdtempSync, rmSync } from "node:fs";
+import { existsSync, mkdtempSync, rmSync, statSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { type RunOptions, setRunner, spawnRunner } from "../../lib/exec.ts";
@@ -10,9 +10,11 @@ import { act, type GcLedger } from "../../lib/gc/act.ts";
 import { bareDelete, CLAIM_AHEAD, claimRun } from "../../lib/gc/claim-ahead.ts";
 import { storeLedger } from "../../lib/gc/ledger.ts";
 import type { Orphan } from "../../lib/gc/model.ts";
+import { queueFile } from "../../lib/lock/host-queue.ts";
 import { openDb } from "../../lib/store/db.ts";
 import { actionWitness, readGcRows } from "../../lib/store/gc-queries.ts";
 import { getThinId, recordOrphanThinId } from "../../lib/store/thin-ids.ts";
+import { readFlockRecord } from "../../lib/util/flock.ts";
 import { orphan } from "../helpers/gc.ts";
 import { cmdResult } from "../helpers/run.ts";
 
@@ -121,6 +123,54 @@ describe("act with claims taken ahead", () => {
     // the ones after the batch were never claimed
     expect(ev.some((e) => e.startsWith("claim ") && e.includes(String(CLAIM_AHEAD + 1)))).toBe(false);
     expect(ev).not.toContain(`aborted ${CLAIM_AHEAD + 1}`);
+  });
+});
+
+describe("a run of bare deletes holds the host dm queue across its deletes", () => {
+  /** Each delete sent, with who held the host queue (the lock file's record) while it ran. */
+  function queueWitness(ticketAfter: number | null = null) {
+    // ino: a release removes the lock file, so a new inode means the queue was let go in between
+    const sent: { id: number; holder: string; ino: number; intentOnDisk: boolean | undefined }[] = [];
+    setRunner(async (argv: string[], o?: RunOptions) => {
+      const a = argv.filter((x) => !x.startsWith("--noudev"));
+      if (a[1] === "status") return cmdResult(argv, { stdout: "0 524288 thin-pool 5 420/4096 100/4096 - rw no_discard_passdown error_if_no_space - 1024" });
+      const id = Number(a[4]!.split(" ")[1]);
+      const holder = String(JSON.parse(readFlockRecord(queueFile()) ?? "{}").command);
+      sent.push({ id, holder, ino: statSync(queueFile()).ino, intentOnDisk: o?.intentOnDisk });
+      // another process starts waiting: its ticket in the waiting room
+      if (id === ticketAfter) writeFileSync(`${queueFile()}.waiting/000000000000001-999999-0`, "");
+      return cmdResult(argv, {});
+    });
+    return sent;
+  }
+  afterEach(() => rmSync(`${queueFile()}.waiting/000000000000001-999999-0`, { force: true }));
+
+  test("one hold for a batch (its label, not each delete's, in the lock file); the before-records rely on the durable claims", async () => {
+    const sent = queueWitness();
+    const { l } = recLedger();
+    const as = Array.from({ length: CLAIM_AHEAD + 1 }, (_, i) => bare(i + 1));
+    const r = await act(as, { pool: POOL, ledger: { ...l, intentsDurable: true } });
+    expect(r.results.every((x) => x.outcome === "done")).toBe(true);
+    expect(sent.map((s) => s.id)).toEqual(as.map((a) => a.thinId!));
+    // the first CLAIM_AHEAD under one batch hold; the last one alone takes the queue for itself
+    for (const s of sent.slice(0, CLAIM_AHEAD)) expect(s.holder).toBe(`gc --force: delete thin ids in pool ${POOL}`);
+    expect(new Set(sent.slice(0, CLAIM_AHEAD).map((s) => s.ino)).size).toBe(1);
+    expect(sent.at(-1)!.holder).toContain(`message ${POOL} 0 delete ${CLAIM_AHEAD + 1}`);
+    expect(sent.every((s) => s.intentOnDisk === true)).toBe(true);
+  });
+
+  test("a waiter from another process gets the queue after the delete running when it came; without durable claims the before-records are fsync'd", async () => {
+    const sent = queueWitness(2);
+    const { l } = recLedger();
+    const as = Array.from({ length: 5 }, (_, i) => bare(i + 1));
+    const r = await act(as, { pool: POOL, ledger: l });
+    expect(r.results.every((x) => x.outcome === "done")).toBe(true);
+    // 1 and 2 under one hold; the ticket appeared during 2, so the hold ends there and 3 waits its turn
+    // behind the ticket (a dead pid's here: removed, and the queue is taken again)
+    expect(sent[0]!.ino).toBe(sent[1]!.ino);
+    expect(sent[2]!.ino).not.toBe(sent[1]!.ino);
+    expect(existsSync(`${queueFile()}.waiting/000000000000001-999999-0`)).toBe(false);
+    expect(sent.every((s) => !s.intentOnDisk)).toBe(true);
   });
 });
 
