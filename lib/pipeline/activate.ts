@@ -7,6 +7,7 @@ import * as dmsetup from "../dm/dmsetup.ts";
 import * as mnt from "../dm/mount.ts";
 import * as pool from "../dm/pool.ts";
 import { ThinimgError } from "../errors.ts";
+import { withHostQueue } from "../lock/host-queue.ts";
 import type { Ctx } from "../pool/context.ts";
 import { beginCreateStep, inPoolSection, poolCreate, ThinIdTaken } from "../pool/journal.ts";
 import { deviceName, parseDeviceName } from "../pool/names.ts";
@@ -143,6 +144,27 @@ async function activateInPool(ctx: Ctx, top: LayerRow, snap: SnapshotRow, work: 
       hint: "committed layers are never left active by thinimg; `bun scripts/gc.ts` shows why it is",
     });
   }
+  // the host dm queue is held across both commands (one acquire, not two): the DB work between
+  // them is a commit at most, and the grow below runs outside it
+  await withHostQueue(`activate snapshot ${snap.id}`, () => createAndLoad(ctx, top, snap, work, size, st));
+  const thinId = st.thinId!;
+  const name = st.name!;
+  if (size > top.virtual_size) await growExt4(dmsetup.mapperPath(name), { ctx: { pool_name: poolName, device_id: thinId, device_name: name } });
+  tx(db, () => {
+    endStep(db, st.createStep!, "done", "ok");
+    setDeviceState(db, poolName, name, "active");
+    endStep(db, st.openStep!, "done", "ok");
+    [st.createStep, st.openStep] = [null, null];
+    setThinIdState(db, poolName, thinId, "committed");
+    updateSnapshot(db, snap.id, { state: "active", activated_at: Date.now() });
+    finishWork(db, work.id, "done");
+  });
+}
+
+/** The snapshot's create_snap (the next id when one is taken) and its device's load. */
+async function createAndLoad(ctx: Ctx, top: LayerRow, snap: SnapshotRow, work: WorkRow, size: number, st: ActivationProgress): Promise<void> {
+  const { db, cfg } = ctx;
+  const poolName = cfg.pool;
   for (let tries = 0; ; tries++) {
     const intent = { id: st.createStep! };
     st.createStep = null; // poolCreate's until it returns
@@ -166,16 +188,6 @@ async function activateInPool(ctx: Ctx, top: LayerRow, snap: SnapshotRow, work: 
   const name = st.name!;
   await pool.activateThin(poolName, name, thinId, size, { ctx: { pool_name: poolName, device_id: thinId, device_name: name } });
   st.active = true;
-  if (size > top.virtual_size) await growExt4(dmsetup.mapperPath(name), { ctx: { pool_name: poolName, device_id: thinId, device_name: name } });
-  tx(db, () => {
-    endStep(db, st.createStep!, "done", "ok");
-    setDeviceState(db, poolName, name, "active");
-    endStep(db, st.openStep!, "done", "ok");
-    [st.createStep, st.openStep] = [null, null];
-    setThinIdState(db, poolName, thinId, "committed");
-    updateSnapshot(db, snap.id, { state: "active", activated_at: Date.now() });
-    finishWork(db, work.id, "done");
-  });
 }
 
 /** Records a failed activation (leaks, the snapshot, thin id, device and work rows) and returns the error to throw. */

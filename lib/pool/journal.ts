@@ -25,7 +25,7 @@ import { listDevices, setDeviceState } from "../store/devices.ts";
 import { parseWorkSubject } from "../store/keys.ts";
 import { listSnapshots, updateSnapshot } from "../store/snapshots.ts";
 import { getThinId, recordOrphanThinId, setThinIdState } from "../store/thin-ids.ts";
-import { beginStep, endStep, finishWork, listWork, pendingSteps, type StepRow } from "../store/work.ts";
+import { beginStep, endStep, finishWork, intentOwners, listWork, pendingSteps, type StepRow } from "../store/work.ts";
 import type { Ctx } from "./context.ts";
 import { pausePoint } from "./pause-points.ts";
 
@@ -150,6 +150,8 @@ export async function reconcilePending(ctx: Ctx): Promise<number> {
   const name = ctx.cfg.pool;
   const dead = (w: { pid: number; start_time?: number | null; host: string }) =>
     !isSelf({ pid: w.pid, startTime: w.start_time ?? null, host: w.host }) && staleness({ pid: w.pid, startTime: w.start_time ?? null, host: w.host }).stale;
+  // one query answers the usual case (every owner alive: this process, or another one working)
+  if (!intentOwners(db, name).some(dead)) return 0;
   const steps = pendingSteps(db, name).filter((s) => dead({ pid: s.work_pid, start_time: s.work_start_time, host: s.work_host }));
   const deadWork = listWork(db, name, ["running"]).filter((w) => dead(w));
   if (steps.length === 0 && deadWork.length === 0) return 0;

@@ -31,7 +31,8 @@ export function allocateThinId(
   originThinId: number | null = null,
   reason: string | null = null,
 ): number {
-  return tx(db, () => {
+  // inside the caller's transaction as it is (no savepoint): the id and its claim commit together
+  const allocate = (): number => {
     const max = (db.query("SELECT MAX(thin_id) AS m FROM thin_ids WHERE pool = ?").get(pool) as { m: number | null }).m;
     let id = max === null ? FIRST_THIN_ID : max + 1;
     const t = now();
@@ -52,7 +53,8 @@ export function allocateThinId(
       "INSERT INTO thin_ids (pool, thin_id, owner_kind, owner_id, origin_thin_id, state, reason, created_at, updated_at) VALUES (?, ?, ?, ?, ?, 'allocated', ?, ?, ?)",
     ).run(pool, id, owner.kind, owner.id, originThinId, reason, t, t);
     return id;
-  });
+  };
+  return db.inTransaction ? allocate() : tx(db, allocate);
 }
 
 export function setThinIdState(db: Db, pool: string, thinId: number, state: ThinIdState, reason: string | null = null): void {

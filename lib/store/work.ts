@@ -117,6 +117,17 @@ export function pendingSteps(
     .all(pool) as (StepRow & { work_pid: number; work_start_time: number | null; work_host: string; work_kind: WorkKind; work_subject: string })[];
 }
 
+/** Who could have left intents in this pool: the owners of its running work and of its pending
+ * steps (a step can stay pending after its work ended: an unknown create outcome). Distinct. */
+export function intentOwners(db: Db, pool: string): { pid: number; start_time: number | null; host: string }[] {
+  return db
+    .query(
+      `SELECT pid, start_time, host FROM work WHERE pool = ? AND state = 'running'
+       UNION SELECT w.pid, w.start_time, w.host FROM steps s JOIN work w ON w.id = s.work_id WHERE s.pool = ? AND s.state = 'pending'`,
+    )
+    .all(pool, pool) as { pid: number; start_time: number | null; host: string }[];
+}
+
 /** Whether a `name` step on this thin id has ever completed (e.g. the flush of a layer attempt). */
 export function stepDone(db: Db, pool: string, name: string, thinId: number): boolean {
   return db.query("SELECT 1 FROM steps WHERE pool = ? AND name = ? AND thin_id = ? AND state = 'done' LIMIT 1").get(pool, name, thinId) !== null;
