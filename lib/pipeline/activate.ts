@@ -186,7 +186,8 @@ async function createAndLoad(ctx: Ctx, top: LayerRow, snap: SnapshotRow, work: W
   await pausePoint("activate:created", cfg.stateDir);
   const thinId = st.thinId!;
   const name = st.name!;
-  await pool.activateThin(poolName, name, thinId, size, { ctx: { pool_name: poolName, device_id: thinId, device_name: name } });
+  // its intent (the `activate_device` step naming the device) committed before the pool section
+  await pool.activateThin(poolName, name, thinId, size, { ctx: { pool_name: poolName, device_id: thinId, device_name: name }, intentOnDisk: true });
   st.active = true;
 }
 

@@ -96,7 +96,8 @@ export async function poolCreate(ctx: Ctx, workId: number, req: PoolOp, o: PoolC
   await pausePoint(`${req.op}:intent`, ctx.cfg.stateDir);
   try {
     if (req.op === "create_thin") await pool.createThin(name, req.thinId);
-    else await pool.createSnap(name, req.thinId, req.originId);
+    // a caller-written intent was committed before this section: it names the create on disk
+    else await pool.createSnap(name, req.thinId, req.originId, { intentOnDisk: o.intent !== undefined });
   } catch (e) {
     if (isDmError(e, "exists")) {
       tx(db, () => {
