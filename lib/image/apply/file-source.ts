@@ -167,6 +167,9 @@ self.onmessage = (e) => {
     const cancelled = Atomics.load(ctrl, ${CANCEL}) === 1;
     if (cancelled) skip = true;
     drain(Atomics.load(ctrl, ${OPS_HEAD}));
+    // closed before the report: the caller may go on to count its open files
+    if (fd >= 0) fs.closeSync(fd);
+    fd = -1;
     if (cancelled) postMessage({ id, cancelled: true });
     else if (readError) postMessage({ id, error: String((readError && readError.message) || readError), code: readError && readError.code });
     else postMessage({ id, digest: "sha256:" + h.digest("hex"), size });
