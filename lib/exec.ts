@@ -30,7 +30,7 @@ export interface RunOptions {
   stdout?: "pipe" | "ignore";
   /**
    * The caller's own durable record already names this command before it is sent (a GC delete's
-   * `deleting` row, committed with synchronous=FULL): its before-record is written, not fsync'd on
+   * `deleting` row; an activation's committed steps; synchronous=FULL): its before-record is written, not fsync'd on
    * its own (the next fsync'd record carries it to disk; ADR-0001 §4).
    */
   intentOnDisk?: boolean;
