@@ -97,11 +97,12 @@ export interface ActOptions {
   pool: string;
   stepTimeoutMs?: number;
   /**
-   * Inactive thin ids only (no device, no mount): re-check the pool after this long (default 1 s,
-   * stretched to 50× the last status call so the checks never cost more than ~2 % of the run),
-   * and at once after any step that did not succeed. A delete on a pool that went read-only fails
-   * in the kernel, which triggers the check; a status call per delete would double the cost of
-   * every delete. 0 = check before every orphan.
+   * Inactive thin ids only (no device, no mount): re-check the pool after this long (default 5 s,
+   * stretched to 200× the last status call so the checks cost at most ~0.5 % of the run, never
+   * beyond CHECK_MAX_MS), and at once after any step that did not succeed. A delete on a pool that
+   * went read-only fails in the kernel, which triggers the check, so the timed check only bounds how
+   * long a pool that degrades without failing a delete goes unseen; a status call per delete would
+   * double the cost of every delete. 0 = check before every orphan.
    */
   poolCheckEveryMs?: number;
   /**
@@ -176,11 +177,16 @@ async function poolGate(pool: string, timeoutMs: number): Promise<ActResult["sto
   }
 }
 
-/** The periodic pool check is stretched to this many times its own cost (so it stays ≤ ~2 % of a run). */
-const CHECK_STRETCH = 50;
+/** The periodic pool check is stretched to this many times its own cost (so it stays ≤ ~0.5 % of a
+ * run), up to CHECK_MAX_MS apart. */
+const CHECK_STRETCH = 200;
+const CHECK_MAX_MS = 20_000;
+
+/** How long bare deletes go between pool checks, after a check that took `costMs`. */
+export const checkInterval = (every: number, costMs: number): number => Math.min(Math.max(every, CHECK_STRETCH * costMs), Math.max(every, CHECK_MAX_MS));
 
 /** When the pool's status is read again: before any device or mount, after any step that did not
- * succeed, and for bare deletes at most every `every` ms (stretched to CHECK_STRETCH × its cost). */
+ * succeed, and for bare deletes at least every `every` ms (stretched to CHECK_STRETCH × its cost). */
 function poolChecks(pool: string, timeoutMs: number, every: number, checkedAt = Number.NEGATIVE_INFINITY) {
   let lastCheck = checkedAt;
   let interval = every;
@@ -190,7 +196,7 @@ function poolChecks(pool: string, timeoutMs: number, every: number, checkedAt = 
       const t0 = performance.now();
       const stopped = await poolGate(pool, timeoutMs);
       lastCheck = performance.now();
-      if (every > 0) interval = Math.max(every, CHECK_STRETCH * (lastCheck - t0));
+      if (every > 0) interval = checkInterval(every, lastCheck - t0);
       return stopped;
     },
   };
@@ -429,7 +435,7 @@ export async function act(actions: Orphan[], o: ActOptions): Promise<ActResult> 
     scanned: o.scanned,
     unmountedRemoved: [],
   };
-  const checks = poolChecks(o.pool, e.timeoutMs, o.poolCheckEveryMs ?? 1_000, o.poolCheckedAt);
+  const checks = poolChecks(o.pool, e.timeoutMs, o.poolCheckEveryMs ?? 5_000, o.poolCheckedAt);
   const p: Progress = { results: [], stopped: null, lastOk: true };
   try {
     for (let i = 0; i < actions.length; ) {

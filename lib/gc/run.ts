@@ -20,8 +20,8 @@ import { log } from "../log.ts";
 import { makeCtx } from "../pool/context.ts";
 import { reconcilePending } from "../pool/journal.ts";
 import { pausePoint } from "../pool/pause-points.ts";
-import { type Db, openDb } from "../store/db.ts";
-import { actionWitness, forgetFirstSeen, type GcRows, readGcRows, recordFirstSeen, refsWitness } from "../store/gc-queries.ts";
+import { type Db, openDb, tx } from "../store/db.ts";
+import { actionWitnesses, forgetFirstSeen, type GcRows, readGcRows, recordFirstSeen, refsWitness } from "../store/gc-queries.ts";
 import { type ActResult, act, STEP_TIMEOUT_MS } from "./act.ts";
 import { buildDbView } from "./db-view.ts";
 import { applyRepairs, storeLedger } from "./ledger.ts";
@@ -213,7 +213,8 @@ async function scanAndPlan(o: GcOptions, db: Db | null, base: RunBase, releaseSt
   const plan = makePlan({ dm, meta, mounts, mountPoints, db: view, now: Date.now(), graceMs: o.graceMs, scannedAt });
   base.notes.push(...plan.notes);
   // compare-and-set witnesses: the rows each verdict was made from, checked again before acting
-  for (const a of plan.actions) a.witness = actionWitness(rows, a.thinId, a.device);
+  const witness = actionWitnesses(rows);
+  for (const a of plan.actions) a.witness = witness(a.thinId, a.device);
   for (const r of plan.repairs) r.witness = refsWitness(rows, r.refs);
   base.scan = {
     ours: dm.ours.length,
@@ -232,8 +233,13 @@ async function scanAndPlan(o: GcOptions, db: Db | null, base: RunBase, releaseSt
   return { dm, meta, rows, plan, scannedAt };
 }
 
-/** Ids the DB has never heard of: their grace period counts from the first run that saw them. */
+/** Ids the DB has never heard of: their grace period counts from the first run that saw them. One
+ * transaction: an fsync'd commit per sighted id would cost seconds at thousands of ids. */
 function recordSightings(db: Db, pool: string, s: Scanned): void {
+  tx(db, () => recordSightingsIn(db, pool, s));
+}
+
+function recordSightingsIn(db: Db, pool: string, s: Scanned): void {
   const { plan, meta, dm, rows } = s;
   const unknown = [...plan.actions, ...plan.skips].filter((x) => x.thinId !== null && ("orphanReason" in x ? x.orphanReason : x.reason) === "not_in_db");
   recordFirstSeen(

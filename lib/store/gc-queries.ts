@@ -89,6 +89,35 @@ export function actionWitness(rows: ActionRows, thinId: number | null, device: s
   });
 }
 
+/**
+ * actionWitness for many actions over the same rows: the rows are indexed by thin id and device name
+ * once (a plan of thousands of actions would otherwise scan every row per action). Same strings.
+ */
+export function actionWitnesses(rows: ActionRows): (thinId: number | null, device: string | null) => string {
+  const index = <T>(list: T[], keys: (r: T) => (string | number | null)[]) => {
+    const m = new Map<string | number, number[]>();
+    list.forEach((r, i) => {
+      for (const k of new Set(keys(r))) {
+        if (k === null) continue;
+        const at = m.get(k);
+        if (at) at.push(i);
+        else m.set(k, [i]);
+      }
+    });
+    return (thinId: number | null, device: string | null): T[] => {
+      const at = new Set([...(thinId !== null ? (m.get(thinId) ?? []) : []), ...(device !== null ? (m.get(`n:${device}`) ?? []) : [])]);
+      return [...at].sort((a, b) => a - b).map((i) => list[i]!);
+    };
+  };
+  const byName = (n: string | null) => (n === null ? null : `n:${n}`);
+  const t = index(rows.thinIds, (r) => [r.thin_id]);
+  const l = index(rows.layers, (r) => [r.thin_id, byName(r.device_name)]);
+  const s = index(rows.snapshots, (r) => [r.thin_id, byName(r.device_name)]);
+  const d = index(rows.devices, (r) => [r.thin_id, byName(r.name)]);
+  return (thinId, device) =>
+    actionWitness({ thinIds: t(thinId, null), layers: l(thinId, device), snapshots: s(thinId, device), devices: d(thinId, device) }, thinId, device);
+}
+
 /** The same rows, read fresh (call inside the transaction that then acts on the verdict). */
 export function readActionRows(db: Db, pool: string, thinId: number | null, device: string | null): ActionRows {
   const id = thinId ?? -1;

@@ -3,7 +3,7 @@
 // The same behaviours run against the real kernel in test/vm/gc.test.ts.
 import { afterEach, describe, expect, test } from "bun:test";
 import { type CmdResult, type RunOptions, setRunner, spawnRunner } from "../../lib/exec.ts";
-import { act, type GcLedger } from "../../lib/gc/act.ts";
+import { act, checkInterval, type GcLedger } from "../../lib/gc/act.ts";
 import { buildReport, commandsFor, formatHuman } from "../../lib/gc/report.ts";
 import { orphan } from "../helpers/gc.ts";
 import { cmdResult } from "../helpers/run.ts";
@@ -135,6 +135,13 @@ describe("act", () => {
     expect(r.results.map((x) => x.outcome)).toEqual(["done", "skipped", "not_run", "not_run"]);
     expect(r.stopped?.reason).toBe("pool_not_rw");
     expect(calls.filter((c) => c.argv.includes("status")).length).toBe(2);
+  });
+
+  test("the timed check between bare deletes: 200× a status call's cost, at least `every`, at most 20 s", () => {
+    expect(checkInterval(5_000, 10)).toBe(5_000);
+    expect(checkInterval(5_000, 90)).toBe(18_000);
+    expect(checkInterval(5_000, 1_000)).toBe(20_000);
+    expect(checkInterval(60_000, 1_000)).toBe(60_000);
   });
 
   test("a device orphan always gets a fresh pool check", async () => {
