@@ -39,9 +39,9 @@ describe("claimRun", () => {
     expect(claimRun(as, 0).map((a) => a.thinId)).toEqual([1, 2]);
     expect(claimRun(as, 2)).toEqual([]);
     expect(claimRun(as, 3).map((a) => a.thinId)).toEqual([4]);
-    const many = Array.from({ length: 20 }, (_, i) => bare(i + 1));
+    const many = Array.from({ length: CLAIM_AHEAD + 5 }, (_, i) => bare(i + 1));
     expect(claimRun(many, 0)).toHaveLength(CLAIM_AHEAD);
-    expect(claimRun(many, 15).map((a) => a.thinId)).toEqual([16, 17, 18, 19, 20]);
+    expect(claimRun(many, CLAIM_AHEAD).map((a) => a.thinId)).toEqual([1, 2, 3, 4, 5].map((k) => CLAIM_AHEAD + k));
     expect(claimRun(many, 0, 3).map((a) => a.thinId)).toEqual([1, 2, 3]);
   });
 });
