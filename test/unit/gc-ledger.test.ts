@@ -10,7 +10,7 @@ import type { Orphan, Repair } from "../../lib/gc/model.ts";
 import { currentHolder } from "../../lib/lock/owner.ts";
 import { type Db, openDb } from "../../lib/store/db.ts";
 import { setDevice } from "../../lib/store/devices.ts";
-import { actionWitness, readGcRows, recordFirstSeen, refsWitness } from "../../lib/store/gc-queries.ts";
+import { actionWitness, actionWitnesses, readGcRows, recordFirstSeen, refsWitness } from "../../lib/store/gc-queries.ts";
 import { getLayer, insertLayer, updateLayer } from "../../lib/store/layers.ts";
 import { putLockRow } from "../../lib/store/locks.ts";
 import { getMount, setMount } from "../../lib/store/mounts.ts";
@@ -30,10 +30,10 @@ afterEach(() => {
   rmSync(dir, { recursive: true, force: true });
 });
 
-function failedLayer(state: "failed" | "building" = "failed") {
+function failedLayer(state: "failed" | "building" = "failed", chainId = "sha256:c1") {
   const l = insertLayer(db, {
     pool: POOL,
-    chainId: "sha256:c1",
+    chainId,
     parentId: null,
     parentChainId: null,
     identity: "x",
@@ -61,6 +61,22 @@ const orphanOf = (thinId: number, device: string, reason: Orphan["reason"] = "db
   ageMs: 0,
   mappedBytes: null,
   witness: actionWitness(readGcRows(db, POOL), thinId, device),
+});
+
+describe("witnesses", () => {
+  test("indexed once for a whole plan: the same string as actionWitness for every (thin id, device)", () => {
+    const a = failedLayer();
+    const b = failedLayer("building", "sha256:c2");
+    // a device row whose name another layer also uses, and a second device of the same thin id
+    setDevice(db, { pool: POOL, name: "thinimg-tp-snap-9", thinId: a.thinId, kind: "snap", state: "active" });
+    updateLayer(db, b.layerId, { device_name: a.name });
+    const rows = readGcRows(db, POOL);
+    const w = actionWitnesses(rows);
+    const ids = [a.thinId, b.thinId, 999, null];
+    const names = [a.name, b.name, "thinimg-tp-snap-9", "none", null];
+    for (const id of ids) for (const n of names) expect(w(id, n)).toBe(actionWitness(rows, id, n));
+    expect(w(a.thinId, a.name)).not.toBe(w(b.thinId, b.name));
+  });
 });
 
 describe("claim (compare-and-set before acting)", () => {
