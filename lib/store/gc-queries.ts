@@ -94,6 +94,8 @@ export function actionWitness(rows: ActionRows, thinId: number | null, device: s
  * once (a plan of thousands of actions would otherwise scan every row per action). Same strings.
  */
 export function actionWitnesses(rows: ActionRows): (thinId: number | null, device: string | null) => string {
+  // device names share the map with thin ids: prefixed, so a name never meets a number
+  const byName = (n: string | null) => (n === null ? null : `n:${n}`);
   const index = <T>(list: T[], keys: (r: T) => (string | number | null)[]) => {
     const m = new Map<string | number, number[]>();
     list.forEach((r, i) => {
@@ -105,11 +107,11 @@ export function actionWitnesses(rows: ActionRows): (thinId: number | null, devic
       }
     });
     return (thinId: number | null, device: string | null): T[] => {
-      const at = new Set([...(thinId !== null ? (m.get(thinId) ?? []) : []), ...(device !== null ? (m.get(`n:${device}`) ?? []) : [])]);
+      const keyed = (k: string | number | null) => (k === null ? [] : (m.get(k) ?? []));
+      const at = new Set([...keyed(thinId), ...keyed(byName(device))]);
       return [...at].sort((a, b) => a - b).map((i) => list[i]!);
     };
   };
-  const byName = (n: string | null) => (n === null ? null : `n:${n}`);
   const t = index(rows.thinIds, (r) => [r.thin_id]);
   const l = index(rows.layers, (r) => [r.thin_id, byName(r.device_name)]);
   const s = index(rows.snapshots, (r) => [r.thin_id, byName(r.device_name)]);
