@@ -11,30 +11,67 @@ import type { CommandName } from "./schemas.ts";
 /** Colour and indentation are for a person at a terminal; pipes and journald get plain, compact text. */
 const forTerminal = () => isTerminal(1) && !process.env.NO_COLOR;
 
-async function knownFlags(cmd: CommandDef<ArgsDef>): Promise<Set<string>> {
-  const args = (typeof cmd.args === "function" ? await cmd.args() : await cmd.args) ?? {};
-  const names = new Set<string>(["help", "h", "version"]);
-  for (const [name, def] of Object.entries(args)) {
-    if (def.type === "positional") continue;
-    names.add(name);
-    // citty accepts camelCase too
-    names.add(name.replace(/-([a-z])/g, (_, c: string) => c.toUpperCase()));
-    const alias = "alias" in def ? def.alias : undefined;
-    for (const a of Array.isArray(alias) ? alias : alias ? [alias] : []) names.add(a);
-    if (def.type === "boolean") names.add(`no-${name}`);
-  }
-  return names;
+/** What a command's flags are: every accepted name, the names that take a value, its positionals. */
+interface FlagSpec {
+  known: Set<string>;
+  takesValue: Set<string>;
+  positionals: [string, ArgsDef[string]][];
 }
+
+async function flagSpec(cmd: CommandDef<ArgsDef>): Promise<FlagSpec> {
+  const args = (typeof cmd.args === "function" ? await cmd.args() : await cmd.args) ?? {};
+  const spec: FlagSpec = { known: new Set(["help", "h", "version"]), takesValue: new Set(), positionals: [] };
+  for (const [name, def] of Object.entries(args)) {
+    if (def.type === "positional") {
+      spec.positionals.push([name, def]);
+      continue;
+    }
+    const alias = "alias" in def ? def.alias : undefined;
+    // citty accepts camelCase too
+    const names = [name, name.replace(/-([a-z])/g, (_, c: string) => c.toUpperCase()), ...(Array.isArray(alias) ? alias : alias ? [alias] : [])];
+    for (const n of names) spec.known.add(n);
+    if (def.type === "boolean") spec.known.add(`no-${name}`);
+    else for (const n of names) spec.takesValue.add(n);
+  }
+  return spec;
+}
+
+/** A word that is a flag, not a value: `-5` is a negative number, `-` stands for stdin. */
+const isFlag = (a: string) => a.startsWith("-") && a !== "-" && !/^-\d/.test(a);
 
 function rejectUnknown(rawArgs: string[], known: Set<string>): void {
   for (const a of rawArgs) {
     if (a === "--") break;
-    if (!a.startsWith("-") || a === "-") continue;
-    if (/^-\d/.test(a)) continue; // negative number value
+    if (!isFlag(a)) continue;
     const name = a.replace(/^--?/, "").split("=")[0]!;
     if (a.startsWith("--") ? !known.has(name) : ![...name].every((c) => known.has(c))) {
       throw usageError(`unknown option ${a.split("=")[0]}`);
     }
+  }
+}
+
+/**
+ * Refuse a flag that takes a value but has none: citty would make `--pool` (last word, or `--pool=`)
+ * an empty string, i.e. the default pool, and `--state-dir --json` a state dir named "--json".
+ */
+function rejectMissingValues(rawArgs: string[], takesValue: Set<string>): void {
+  for (let i = 0; i < rawArgs.length; i++) {
+    const a = rawArgs[i]!;
+    if (a === "--") break;
+    if (!isFlag(a)) continue;
+    const [name, value] = a.replace(/^--?/, "").split(/=(.*)/s) as [string, string | undefined];
+    if (!takesValue.has(name)) continue;
+    const flag = a.split("=")[0]!;
+    if (value !== undefined) {
+      if (value === "") throw usageError(`${flag}= has an empty value`, `write ${flag}=VALUE or ${flag} VALUE`);
+      continue;
+    }
+    const next = rawArgs[i + 1];
+    if (next === undefined || isFlag(next)) {
+      const found = next === undefined ? "" : ` (found ${next} where it should be)`;
+      throw usageError(`${flag} needs a value${found}`, `write ${flag} VALUE${flag.startsWith("--") ? ` or ${flag}=VALUE` : ""}; see --help`);
+    }
+    i++;
   }
 }
 
@@ -44,20 +81,10 @@ function rejectUnknown(rawArgs: string[], known: Set<string>): void {
  * consume the next word unless written --flag=value. An optional last positional (test filters)
  * takes any number of words.
  */
-async function rejectStrayPositionals(cmd: CommandDef<ArgsDef>, rawArgs: string[]): Promise<void> {
-  const args = (typeof cmd.args === "function" ? await cmd.args() : await cmd.args) ?? {};
-  const defs = Object.entries(args);
-  const positionals = defs.filter(([, d]) => d.type === "positional");
+function rejectStrayPositionals(spec: FlagSpec, rawArgs: string[]): void {
+  const { positionals, takesValue } = spec;
   const last = positionals.at(-1)?.[1];
   const variadic = last !== undefined && "required" in last && last.required === false;
-  const takesValue = new Set<string>();
-  for (const [name, d] of defs) {
-    if (d.type === "positional" || d.type === "boolean") continue;
-    const alias = "alias" in d ? d.alias : undefined;
-    for (const n of [name, name.replace(/-([a-z])/g, (_, c: string) => c.toUpperCase()), ...(Array.isArray(alias) ? alias : alias ? [alias] : [])]) {
-      takesValue.add(n);
-    }
-  }
   const words: string[] = [];
   for (let i = 0; i < rawArgs.length; i++) {
     const a = rawArgs[i]!;
@@ -65,7 +92,7 @@ async function rejectStrayPositionals(cmd: CommandDef<ArgsDef>, rawArgs: string[
       words.push(...rawArgs.slice(i + 1));
       break;
     }
-    if (a.startsWith("-") && a !== "-" && !/^-\d/.test(a)) {
+    if (isFlag(a)) {
       const name = a.replace(/^--?/, "");
       if (!name.includes("=") && takesValue.has(name)) i++; // its value
       continue;
@@ -111,8 +138,10 @@ export async function runMain<T extends ArgsDef>(cmd: CommandDef<T>, rawArgs = p
       await Bun.write(Bun.stdout, `thinimg ${THINIMG_VERSION}\n`);
       process.exit(0);
     }
-    rejectUnknown(rawArgs, await knownFlags(cmd as CommandDef<ArgsDef>));
-    await rejectStrayPositionals(cmd as CommandDef<ArgsDef>, rawArgs);
+    const spec = await flagSpec(cmd as CommandDef<ArgsDef>);
+    rejectUnknown(rawArgs, spec.known);
+    rejectMissingValues(rawArgs, spec.takesValue);
+    rejectStrayPositionals(spec, rawArgs);
     await runCommand(cmd, { rawArgs });
     await flushStdout();
     process.exit(process.exitCode ?? 0);

@@ -48,9 +48,10 @@ export function configFrom(args: CommonFlags): Config {
   });
 }
 
-export function ctxFrom(args: CommonFlags): Ctx {
+/** The context of a command; with `existing`, it needs a state dir an unpack made (see openDb). */
+export function ctxFrom(args: CommonFlags, o: { existing?: boolean } = {}): Ctx {
   const cfg = configFrom(args);
   const quiet = args.json || args["log-format"] === "json" || process.env.THINIMG_LOG_FORMAT === "json";
   // no progress line unless stderr is a terminal, asked without building the stderr stream
-  return makeCtx(cfg, { progress: quiet || !isTerminal(2) ? noProgress : ttyProgress() });
+  return makeCtx(cfg, { progress: quiet || !isTerminal(2) ? noProgress : ttyProgress(), existing: o.existing });
 }

@@ -24,12 +24,12 @@ export interface Ctx {
   progress?: Progress | undefined;
 }
 
-export function makeCtx(cfg: Config, o: { command?: string; progress?: Progress; db?: Db } = {}): Ctx {
+export function makeCtx(cfg: Config, o: { command?: string; progress?: Progress; db?: Db; existing?: boolean } = {}): Ctx {
   const h = currentHolder(o.command);
   useCommandJournal(cfg.stateDir);
   return {
     cfg,
-    db: o.db ?? openDb(cfg.dbPath),
+    db: o.db ?? openDb(cfg.dbPath, { existing: o.existing }),
     owner: { pid: h.pid, startTime: h.startTime, host: h.host, command: h.command },
     progress: o.progress,
   };

@@ -2,8 +2,8 @@
 // the writer; synchronous=FULL because a row here is the only record of a pool change after a power
 // loss; a busy timeout so concurrent thinimg processes queue instead of failing.
 import { Database } from "bun:sqlite";
-import { mkdirSync } from "node:fs";
-import { dirname } from "node:path";
+import { existsSync, mkdirSync } from "node:fs";
+import { basename, dirname } from "node:path";
 import { errorMessage, ThinimgError } from "../errors.ts";
 import { MIGRATIONS, migrate } from "./migrations.ts";
 
@@ -14,10 +14,22 @@ export const BUSY_TIMEOUT_MS = 10_000;
 export interface OpenOptions {
   /** Open an existing DB read-only (list, dry-runs); no migration. */
   readOnly?: boolean;
+  /** Only open a DB that is there: commands that act on what an unpack made (activate, release,
+   * remove, prune) never create a state dir, so a mistyped --state-dir is an error, not a fresh
+   * empty state dir at that path. */
+  existing?: boolean;
+}
+
+/** The error of a state dir that has no state database. */
+export function noStateError(path: string): ThinimgError {
+  return new ThinimgError("missing", `no thinimg state in ${dirname(path)} (no ${basename(path)} there)`, {
+    hint: "pass the state dir the images were unpacked with (--state-dir or THINIMG_STATE_DIR); `bun scripts/unpack.ts` creates one",
+  });
 }
 
 export function openDb(path: string, o: OpenOptions = {}): Db {
   let db: Database;
+  if (o.existing && !existsSync(path)) throw noStateError(path);
   try {
     if (!o.readOnly) mkdirSync(dirname(path), { recursive: true, mode: 0o700 });
     db = o.readOnly ? new Database(path, { readonly: true, strict: true }) : new Database(path, { create: true, strict: true });

@@ -1,5 +1,5 @@
 import { afterAll, describe, expect, test } from "bun:test";
-import { copyFileSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { copyFileSync, existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { outputProblems } from "../../lib/cli/schemas.ts";
 import { errorEnvelope, ThinimgError } from "../../lib/errors.ts";
@@ -157,6 +157,66 @@ describe("stray positional words", () => {
   test("an optional last positional (test filters) takes any number of words", async () => {
     const filters = body(`{ filters: { type: "positional", required: false }, vms: { type: "string" } }`);
     expect(await cli(filters, ["unit", "--vms", "1", "test/a.ts", "test/b.ts"])).toMatchObject({ code: 0, out: '["unit","test/a.ts","test/b.ts"]\n' });
+  });
+});
+
+describe("flags that take a value", () => {
+  const cmd = `await runMain(defineCommand({ args: { name: { type: "string" }, n: { type: "string", alias: "N" }, json: { type: "boolean" } }, run({ args }) { console.log(JSON.stringify([args.name ?? null, args.n ?? null])); } }));`;
+
+  test("a value-taking flag with no value, an empty one, or another flag where its value should be is refused: one line, exit 2", async () => {
+    const cases: [string[], string][] = [
+      [["--name"], "error: --name needs a value — write --name VALUE or --name=VALUE; see --help\n"],
+      [["--name="], "error: --name= has an empty value — write --name=VALUE or --name VALUE\n"],
+      [["--name", "-N", "3"], "error: --name needs a value (found -N where it should be) — write --name VALUE or --name=VALUE; see --help\n"],
+      [["-N"], "error: -N needs a value — write -N VALUE; see --help\n"],
+    ];
+    for (const [args, err] of cases) {
+      const r = await cli(cmd, args);
+      expect([args, r.code, r.err, r.out]).toEqual([args, 2, err, ""]);
+    }
+    // with --json the same error is also the JSON envelope on stdout
+    const j = await cli(cmd, ["--json", "--name"]);
+    expect([j.code, JSON.parse(j.out)]).toEqual([
+      2,
+      { ok: false, error: { kind: "usage", message: "--name needs a value", hint: "write --name VALUE or --name=VALUE; see --help" } },
+    ]);
+  });
+
+  test("values that start with a dash but are not flags pass: a negative number, a lone -", async () => {
+    expect(await cli(cmd, ["--name", "-", "-N", "-5", "--json"])).toMatchObject({ code: 0, out: '["-","-5"]\n' });
+    expect(await cli(cmd, ["--name=--odd"])).toMatchObject({ code: 0, out: '["--odd",null]\n' });
+  });
+});
+
+describe("a state dir nothing was unpacked with", () => {
+  const ROOT = join(import.meta.dir, "../..");
+  const script = (name: string, args: string[]) => run(["bun", join(ROOT, "scripts", name), ...args], { cwd: ROOT });
+
+  test("activate, release, remove and prune refuse it in one line (exit 7) and create nothing there", async () => {
+    for (const [name, args] of [
+      ["activate.ts", ["img"]],
+      ["release.ts", ["1"]],
+      ["remove.ts", ["img"]],
+      ["prune.ts", ["--keep-last", "2"]],
+    ] as const) {
+      const dir = join(tmp, `typo-${name}`);
+      const r = await script(name, [...args, "--state-dir", dir]);
+      expect([name, r.code, r.err]).toEqual([
+        name,
+        7,
+        `error: no thinimg state in ${dir} (no state.db there) — pass the state dir the images were unpacked with (--state-dir or THINIMG_STATE_DIR); \`bun scripts/unpack.ts\` creates one\n`,
+      ]);
+      expect(existsSync(dir)).toBe(false);
+    }
+  });
+
+  test("list shows it empty, says why on stderr, and creates nothing there", async () => {
+    const dir = join(tmp, "typo-list");
+    const r = await script("list.ts", ["--no-space", "--json", "--state-dir", dir]);
+    expect(r.code).toBe(0);
+    expect(JSON.parse(r.out)).toMatchObject({ ok: true, images: [], layers: [], snapshots: [], thin_ids: {} });
+    expect(r.err).toContain(`no thinimg state in ${dir} (no state.db there)`);
+    expect(existsSync(dir)).toBe(false);
   });
 });
 

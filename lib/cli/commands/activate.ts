@@ -20,9 +20,9 @@ export const activateCommand = defineCommand({
   async run({ args }) {
     if (!args.image === !args.snapshot) throw usageError("give either IMAGE (a new snapshot) or --snapshot ID (re-attach an existing one)");
     if (args.snapshot && args.size !== undefined) throw usageError("--size applies to a new snapshot; a re-attached one keeps its recorded size");
-    const ctx = ctxFrom(args);
+    const size = args.size === undefined ? {} : { size: parseSize(args.size, "--size") };
+    const ctx = ctxFrom(args, { existing: true });
     try {
-      const size = args.size === undefined ? {} : { size: parseSize(args.size, "--size") };
       const r = await asHolder(ctx, () => (args.snapshot ? reattach(ctx, args.snapshot) : activate(ctx, args.image!, size)));
       if (args.json) printJson({ ok: true, ...r }, "activate");
       else printText(`${r.device_path}\n`);

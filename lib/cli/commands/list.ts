@@ -1,7 +1,9 @@
 // bun scripts/list.ts — images, layers (and how many images share each), snapshots, pool use.
+import { existsSync } from "node:fs";
 import { defineCommand } from "citty";
+import { log } from "../../log.ts";
 import { inventory } from "../../pipeline/inventory.ts";
-import { openDb } from "../../store/db.ts";
+import { noStateError, openDb } from "../../store/db.ts";
 import { formatBytes } from "../../util/units.ts";
 import { outputArgs, poolArgs, stateArgs } from "../args.ts";
 import { printJson, printText } from "../main.ts";
@@ -19,9 +21,13 @@ export const listCommand = defineCommand({
   },
   async run({ args }) {
     const cfg = configFrom(args);
-    const db = openDb(cfg.dbPath);
+    // a state dir nothing was unpacked with lists empty and is not created (a mistyped --state-dir
+    // leaves no stray state dir behind); the note says so, on stderr
+    const known = existsSync(cfg.dbPath);
+    if (!known) log.warn(noStateError(cfg.dbPath).oneLine());
+    const db = openDb(known ? cfg.dbPath : ":memory:");
     try {
-      const inv = await inventory(db, cfg.pool, { allSnapshots: args.all, ...(args.space ? { stateDir: cfg.stateDir } : {}) });
+      const inv = await inventory(db, cfg.pool, { allSnapshots: args.all, ...(args.space && known ? { stateDir: cfg.stateDir } : {}) });
       if (args.json) {
         printJson({ ok: true, ...inv }, "list");
         return;

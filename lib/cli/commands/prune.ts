@@ -21,10 +21,11 @@ export const pruneCommand = defineCommand({
   async run({ args }) {
     const keep = args["keep-last"];
     if (keep !== undefined && !/^\d+$/.test(keep)) throw usageError(`--keep-last: "${keep}" is not a whole number`, "e.g. --keep-last 2");
-    const ctx = ctxFrom(args);
+    const unusedForMs = args["unused-for"] === undefined ? null : parseDuration(args["unused-for"], "--unused-for");
+    const ctx = ctxFrom(args, { existing: true });
     try {
       const r = await prune(ctx, {
-        unusedForMs: args["unused-for"] === undefined ? null : parseDuration(args["unused-for"], "--unused-for"),
+        unusedForMs,
         keepLast: keep === undefined ? null : Number(keep),
         dryRun: args["dry-run"],
         space: args.space,

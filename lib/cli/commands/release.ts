@@ -11,7 +11,7 @@ export const releaseCommand = defineCommand({
     ...pipelineArgs,
   },
   async run({ args }) {
-    const ctx = ctxFrom(args);
+    const ctx = ctxFrom(args, { existing: true });
     try {
       const r = await asHolder(ctx, () => release(ctx, args.snapshot));
       if (args.json) printJson({ ok: true, ...r }, "release");

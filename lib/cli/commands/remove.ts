@@ -12,7 +12,7 @@ export const removeCommand = defineCommand({
     ...pipelineArgs,
   },
   async run({ args }) {
-    const ctx = ctxFrom(args);
+    const ctx = ctxFrom(args, { existing: true });
     try {
       const r = await removeImages(ctx, args._.map(String));
       ctx.progress?.done(); // a "waiting for image" line must not run into the output
