@@ -252,7 +252,7 @@ function v1Images(app: Hono<Env>, d: AppDeps): void {
     if (b.unused_for === undefined && b.keep_last === undefined) {
       throw new ThinimgError("input", "invalid request body: give unused_for, keep_last or both", { hint: 'e.g. {"unused_for": "7d", "keep_last": 2}' });
     }
-    const unusedForMs = b.unused_for === undefined ? null : parseDuration(b.unused_for, "unused_for");
+    const unusedForMs = b.unused_for === undefined ? null : parseDuration(b.unused_for, "unused_for", { unit: "required" });
     return c.json({ ok: true, ...(await d.ops.prune(d.ctx, { unusedForMs, keepLast: b.keep_last ?? null, dryRun: b.dry_run === true })) });
   });
 

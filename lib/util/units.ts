@@ -38,10 +38,14 @@ export function parseIntArg(value: string, flag: string, opts: { min?: number; m
   return n;
 }
 
-/** "10s", "500ms", "10m", "2h", "30" (seconds) → milliseconds. */
-export function parseDuration(value: string, flag: string): number {
+/** "10s", "500ms", "10m", "2h", "30" (seconds) → milliseconds. With `unit: "required"` a bare
+ * number other than 0 is refused: for an age counted in days (`prune --unused-for 7`), seconds are
+ * never what was meant. */
+export function parseDuration(value: string, flag: string, o: { unit?: "required" } = {}): number {
   const m = /^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$/.exec(value);
   if (!m) throw usageError(`${flag}: "${value}" is not a duration`, "use e.g. 500ms, 10s, 10m, 1h, 7d");
+  if (o.unit === "required" && m[2] === undefined && Number(m[1]) !== 0)
+    throw usageError(`${flag}: "${value}" has no unit`, `write e.g. ${m[1]}d or ${m[1]}h (a bare number would be seconds)`);
   const mult = { ms: 1, s: 1000, m: 60_000, h: 3_600_000, d: 86_400_000 }[(m[2] ?? "s") as "ms" | "s" | "m" | "h" | "d"];
   return Math.round(Number(m[1]) * mult);
 }

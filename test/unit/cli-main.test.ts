@@ -210,6 +210,13 @@ describe("a state dir nothing was unpacked with", () => {
     }
   });
 
+  test("prune --unused-for with a bare number (seconds, never what was meant) is refused before anything is opened", async () => {
+    const dir = join(tmp, "prune-bare");
+    const r = await script("prune.ts", ["--unused-for", "7", "--state-dir", dir]);
+    expect([r.code, r.err]).toEqual([2, 'error: --unused-for: "7" has no unit — write e.g. 7d or 7h (a bare number would be seconds)\n']);
+    expect(existsSync(dir)).toBe(false);
+  });
+
   test("list shows it empty, says why on stderr, and creates nothing there", async () => {
     const dir = join(tmp, "typo-list");
     const r = await script("list.ts", ["--no-space", "--json", "--state-dir", dir]);

@@ -518,6 +518,10 @@ describe("images", () => {
     const noRule = await call(s, "POST", "/v1/prune", {});
     expect(noRule.status).toBe(400);
     expect(noRule.body.error.message).toContain("unused_for, keep_last");
+    // a bare number would be seconds: refused, nothing pruned
+    const bare = await call(s, "POST", "/v1/prune", { unused_for: "7" });
+    expect([bare.status, bare.body.error.message]).toEqual([400, 'unused_for: "7" has no unit']);
+    expect(await names()).toEqual(["web-2"]);
     const dry = await call(s, "POST", "/v1/prune", { keep_last: 0, dry_run: true });
     expect(dry.status).toBe(200);
     expect(dry.body).toMatchObject({ ok: true, dry_run: true, removed: [] });

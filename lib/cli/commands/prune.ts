@@ -21,7 +21,7 @@ export const pruneCommand = defineCommand({
   async run({ args }) {
     const keep = args["keep-last"];
     if (keep !== undefined && !/^\d+$/.test(keep)) throw usageError(`--keep-last: "${keep}" is not a whole number`, "e.g. --keep-last 2");
-    const unusedForMs = args["unused-for"] === undefined ? null : parseDuration(args["unused-for"], "--unused-for");
+    const unusedForMs = args["unused-for"] === undefined ? null : parseDuration(args["unused-for"], "--unused-for", { unit: "required" });
     const ctx = ctxFrom(args, { existing: true });
     try {
       const r = await prune(ctx, {
