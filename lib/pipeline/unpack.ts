@@ -147,11 +147,15 @@ async function unpackLocked(ctx: Ctx, name: string, o: UnpackOptions, t0: number
   const { db, cfg } = ctx;
   // Loaded only when there is work: a re-run of a ready image never pays for the image/dm/health
   // modules (on the test VM's hostfs every module file costs a few ms to load).
-  const [{ resolveImage }, { buildLayer }, { preflight }] = await Promise.all([
+  const [{ resolveImage }, { parseSource }, { buildLayer }, { preflight }] = await Promise.all([
     import("../image/resolve.ts"),
+    import("../image/source/spec.ts"),
     import("./layer-build.ts"),
     import("./preflight.ts"),
   ]);
+  // a SOURCE that cannot be one (no such file, a malformed URL or bucket) is the caller's mistake,
+  // said before anything about the host
+  parseSource(o.source, o.select);
   // fail fast: a missing or sick pool is reported before anything is resolved or downloaded; the
   // check runs again right before the first dm command when the resolve took long (a download)
   ctx.progress?.stage("health checks");

@@ -210,6 +210,14 @@ describe("a state dir nothing was unpacked with", () => {
     }
   });
 
+  test("unpack names a SOURCE that cannot be one before it checks the host (here: no device-mapper at all)", async () => {
+    const dir = join(tmp, "unpack-bad-source");
+    const missing = await script("unpack.ts", [join(tmp, "no-such-image"), "--name", "a", "--state-dir", dir]);
+    expect([missing.code, missing.err.split(" — ")[0]]).toEqual([3, `error: ${join(tmp, "no-such-image")}: no such file or directory`]);
+    const bucket = await script("unpack.ts", ["s3://", "--name", "a", "--state-dir", dir]);
+    expect([bucket.code, bucket.err]).toEqual([2, 'error: "" is not an S3 bucket name — use s3://BUCKET/KEY or s3://BUCKET/PREFIX/\n']);
+  });
+
   test("prune --unused-for with a bare number (seconds, never what was meant) is refused before anything is opened", async () => {
     const dir = join(tmp, "prune-bare");
     const r = await script("prune.ts", ["--unused-for", "7", "--state-dir", dir]);
