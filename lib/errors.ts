@@ -60,6 +60,12 @@ export function errorEnvelope(e: ThinimgError): {
   return { ok: false, error, ...(e.partial ? { partial: e.partial } : {}) };
 }
 
+/** A caller's value quoted in a message, cut to `max` characters: a name or path of any length may
+ * arrive (a 5000-character URL path), and the message and its log line stay one readable line. */
+export function quoted(value: string, max = 80): string {
+  return JSON.stringify(value.length > max ? `${value.slice(0, max)}…` : value);
+}
+
 export const usageError = (message: string, hint?: string) => new ThinimgError("usage", message, { hint: hint ?? "see --help" });
 
 export function errorMessage(e: unknown): string {

@@ -1,6 +1,6 @@
 // Content digests: only sha256 (what OCI, docker and our cache use). A digest string that is not
 // exactly "sha256:<64 lowercase hex>" is refused before it can become a path.
-import { ThinimgError } from "../errors.ts";
+import { quoted, ThinimgError } from "../errors.ts";
 
 const SHA256 = /^sha256:([0-9a-f]{64})$/;
 
@@ -13,7 +13,7 @@ export function digestHex(digest: string, what = "digest"): string {
       "input",
       algo && algo !== "sha256"
         ? `${what}: unsupported digest algorithm "${algo}" in ${JSON.stringify(digest)}`
-        : `${what}: invalid digest ${JSON.stringify(String(digest).slice(0, 100))}`,
+        : `${what}: invalid digest ${quoted(String(digest), 100)}`,
       { hint: "only sha256:<64 lowercase hex> digests are accepted" },
     );
   }

@@ -6,7 +6,7 @@ import { activeDevice } from "../dm/active.ts";
 import * as dmsetup from "../dm/dmsetup.ts";
 import * as mnt from "../dm/mount.ts";
 import * as pool from "../dm/pool.ts";
-import { ThinimgError } from "../errors.ts";
+import { quoted, ThinimgError } from "../errors.ts";
 import { withHostQueue } from "../lock/host-queue.ts";
 import type { Ctx } from "../pool/context.ts";
 import { beginCreateStep, inPoolSection, poolCreate, ThinIdTaken } from "../pool/journal.ts";
@@ -37,7 +37,7 @@ export interface ActivateResult {
 export function findImage(ctx: Ctx, ref: string): ImageRow {
   const img = getImageByName(ctx.db, ctx.cfg.pool, ref) ?? (/^\d+$/.test(ref) ? getImage(ctx.db, Number(ref)) : null);
   if (!img || img.pool !== ctx.cfg.pool) {
-    throw new ThinimgError("input", `no image ${JSON.stringify(ref)} in pool ${ctx.cfg.pool}`, {
+    throw new ThinimgError("input", `no image ${quoted(ref)} in pool ${ctx.cfg.pool}`, {
       hint: "see `bun scripts/list.ts`; unpack it first with `bun scripts/unpack.ts SOURCE --name NAME`",
     });
   }
@@ -232,7 +232,7 @@ export function findSnapshot(ctx: Ctx, ref: string): SnapshotRow {
   if (/^\d+$/.test(r)) s = getSnapshot(ctx.db, Number(r));
   else if (parseDeviceName(ctx.cfg.prefix, ctx.cfg.pool, r)?.kind === "snap") s = getSnapshotByDevice(ctx.db, ctx.cfg.pool, r);
   if (!s || s.pool !== ctx.cfg.pool) {
-    throw new ThinimgError("input", `no snapshot ${JSON.stringify(ref)} in pool ${ctx.cfg.pool}`, {
+    throw new ThinimgError("input", `no snapshot ${quoted(ref)} in pool ${ctx.cfg.pool}`, {
       hint: "pass a snapshot id or device name from `bun scripts/list.ts`",
     });
   }

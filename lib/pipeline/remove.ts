@@ -4,7 +4,7 @@
 // Their thin ids are deleted by GC (`gc --force`: dry-run, grace, claims, 10 s bounds, as for every
 // orphan); shared layers, and the parents of kept layers, stay. Active snapshots of the image are
 // untouched: a dm-thin snapshot does not need its origin; they stay listed until released.
-import { ThinimgError } from "../errors.ts";
+import { quoted, ThinimgError } from "../errors.ts";
 import { acquireNamedLock } from "../lock/named-lock.ts";
 import type { Ctx } from "../pool/context.ts";
 import { assertImageName } from "../pool/names.ts";
@@ -44,7 +44,7 @@ function resolve(ctx: Ctx, ref: string): ImageRow {
     ? (getImageByName(ctx.db, ctx.cfg.pool, ref) ?? getImage(ctx.db, Number(ref)))
     : getImageByName(ctx.db, ctx.cfg.pool, assertImageName(ref));
   if (!img || img.pool !== ctx.cfg.pool) {
-    throw new ThinimgError("input", `no image ${JSON.stringify(ref)} in pool ${ctx.cfg.pool}`, {
+    throw new ThinimgError("input", `no image ${quoted(ref)} in pool ${ctx.cfg.pool}`, {
       hint: "see `bun scripts/list.ts` for the images of this pool",
     });
   }

@@ -2,7 +2,7 @@
 // `<prefix>-<pool>-snap-<id>`; anything else is never touched. Names are validated before use.
 import { join } from "node:path";
 import { assertDmName, assertThinId } from "../dm/validate.ts";
-import { ThinimgError } from "../errors.ts";
+import { quoted, ThinimgError } from "../errors.ts";
 
 export type DeviceKind = "layer" | "snap";
 
@@ -30,7 +30,7 @@ export function mountPathFor(mountDir: string, name: string): string {
 /** Image names: what --name accepts (also used as lock keys and in messages). */
 export function assertImageName(name: string): string {
   if (!/^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,254}$/.test(name)) {
-    throw new ThinimgError("usage", `invalid image name ${JSON.stringify(name.slice(0, 80))}`, {
+    throw new ThinimgError("usage", `invalid image name ${quoted(name)}`, {
       hint: "use up to 255 characters from A-Z a-z 0-9 . _ : / @ + - starting with a letter or digit",
     });
   }

@@ -5,7 +5,7 @@
 // mean something else after normalization (dot segments, backslashes, credentials in URLs) is refused.
 import { realpathSync } from "node:fs";
 import { isAbsolute, resolve } from "node:path";
-import { ThinimgError, usageError } from "../errors.ts";
+import { quoted, ThinimgError, usageError } from "../errors.ts";
 import { parseSource } from "../image/source/spec.ts";
 
 export type SourceKind = "s3" | "http" | "local";
@@ -15,7 +15,7 @@ export interface AllowList {
 }
 
 const refuse = (source: string, why: string, allow: AllowList) =>
-  new ThinimgError("policy", `source ${JSON.stringify(source.slice(0, 200))} is not allowed: ${why}`, {
+  new ThinimgError("policy", `source ${quoted(source, 200)} is not allowed: ${why}`, {
     hint: allow.prefixes.length
       ? `this service reads only from: ${allow.prefixes.map((p) => p.prefix).join(", ")}`
       : "this service allows no source yet: start it with --allow-source PREFIX (e.g. s3://images-bucket/)",

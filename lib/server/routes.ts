@@ -4,7 +4,7 @@
 import { type Context, Hono } from "hono";
 import { bodyLimit } from "hono/body-limit";
 import * as v from "valibot";
-import { ThinimgError } from "../errors.ts";
+import { quoted, ThinimgError } from "../errors.ts";
 import { type HealthReport, reportJson } from "../health/types.ts";
 import { log } from "../log.ts";
 import { type ActivateResult, findImage, findSnapshot, type ReleaseResult } from "../pipeline/activate.ts";
@@ -181,14 +181,14 @@ function v1Jobs(app: Hono<Env>, d: AppDeps): void {
     const id = c.req.param("id");
     const job = /^\d{1,15}$/.test(id) ? getJob(d.ctx.db, Number(id)) : null;
     if (!job || job.pool !== d.ctx.cfg.pool)
-      throw new HttpError(404, "missing", `no job ${JSON.stringify(id)}`, "jobs are pruned after the retention period; GET /v1/jobs lists them");
+      throw new HttpError(404, "missing", `no job ${quoted(id)}`, "jobs are pruned after the retention period; GET /v1/jobs lists them");
     return c.json({ ok: true, job: jobJson(job, d.runner) });
   });
 
   app.get("/v1/jobs", (c) => {
     const state = c.req.query("state");
     if (state !== undefined && !JOB_STATES.includes(state as JobState)) {
-      throw new ThinimgError("usage", `unknown job state ${JSON.stringify(state)}`, { hint: `use one of ${JOB_STATES.join(", ")}` });
+      throw new ThinimgError("usage", `unknown job state ${quoted(state)}`, { hint: `use one of ${JOB_STATES.join(", ")}` });
     }
     const jobs = listJobs(d.ctx.db, d.ctx.cfg.pool, { state: state as JobState | undefined });
     return c.json({ ok: true, jobs: jobs.map((j) => jobJson(j, d.runner)) });
@@ -268,9 +268,11 @@ export function makeApp(d: AppDeps): Hono<Env> {
   const app = new Hono<Env>();
   app.onError((e, c) => {
     const r = errorResponse(e);
+    // a path of any length may arrive: the log line stays readable
+    const line = `${c.req.method} ${c.req.path.length > 200 ? `${c.req.path.slice(0, 200)}…` : c.req.path}: ${r.status} ${r.body.error.message}`;
     if (r.status >= 500 && !(e instanceof ThinimgError)) log.error(e);
-    else if (r.status >= 500) log.warn(`${c.req.method} ${c.req.path}: ${r.status} ${r.body.error.message}`);
-    else log.info(`${c.req.method} ${c.req.path}: ${r.status} ${r.body.error.message}`);
+    else if (r.status >= 500) log.warn(line);
+    else log.info(line);
     return c.json(r.body, r.status as 400);
   });
   app.notFound(() => {

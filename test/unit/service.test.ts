@@ -514,6 +514,9 @@ describe("images", () => {
     const unknown = await call(s, "DELETE", "/v1/images/nope", { image: "nope" });
     expect(unknown.status).toBe(404);
     expect(unknown.body).toMatchObject({ ok: false, error: { kind: "missing" } });
+    // a name of any length is quoted cut short: the answer and its log line stay one readable line
+    const long = await call(s, "DELETE", `/v1/images/${"a".repeat(250)}`, { image: "a".repeat(250) });
+    expect([long.status, long.body.error.message]).toEqual([404, `no image "${"a".repeat(80)}…" in pool unitpool`]);
 
     const noRule = await call(s, "POST", "/v1/prune", {});
     expect(noRule.status).toBe(400);
