@@ -153,6 +153,7 @@ export function loadConfig(input: ConfigInput = {}, env: Env = process.env): Con
       hint: hintFor(path, where),
     });
   }
+  for (const name of Object.keys(ENV_DURATION_MIN_MS) as EnvDuration[]) envDuration(name, 0, env);
   const c = r.output;
   return {
     ...c,
@@ -161,6 +162,29 @@ export function loadConfig(input: ConfigInput = {}, env: Env = process.env): Con
     lockFile: join(c.stateDir, "thinimg.lock"),
     mountDir: join(c.stateDir, "mnt"),
   };
+}
+
+/** Durations set only in the environment, read where they are used (the host dm queue's wait, the
+ * tools' timeouts), each with its least sensible value: a 0 s mkfs timeout would fail every layer,
+ * and a timed-out command is never retried. loadConfig checks them all, so a bad value stops a
+ * command before it starts, not an unpack at its first dm command. */
+const ENV_DURATION_MIN_MS = {
+  THINIMG_DM_QUEUE_WAIT: 0,
+  THINIMG_TIMEOUT_MKFS: 1000,
+  THINIMG_TIMEOUT_MOUNT: 1000,
+  THINIMG_TIMEOUT_UMOUNT: 1000,
+} as const;
+export type EnvDuration = keyof typeof ENV_DURATION_MIN_MS;
+
+export function envDuration(name: EnvDuration, dfltMs: number, env: Env = process.env): number {
+  const raw = env[name];
+  if (!raw) return dfltMs;
+  const ms = parseDuration(raw, name);
+  if (ms < ENV_DURATION_MIN_MS[name])
+    throw new ThinimgError("usage", `${name} ${raw}: below ${ENV_DURATION_MIN_MS[name] / 1000}s`, {
+      hint: `set ${name} to e.g. 30s, or unset it for the default`,
+    });
+  return ms;
 }
 
 /** A pool name given outside loadConfig (recover-pool --create's flag, named by `where`), checked by the same rule. */

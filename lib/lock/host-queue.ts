@@ -23,11 +23,11 @@
 import type { AsyncLocalStorage } from "node:async_hooks";
 import { mkdirSync, readdirSync, unlinkSync, writeFileSync } from "node:fs";
 import { basename } from "node:path";
+import { envDuration } from "../config.ts";
 import { ThinimgError } from "../errors.ts";
 import { log } from "../log.ts";
 import { readFlockRecord, tryFlock } from "../util/flock.ts";
 import { SerialQueue } from "../util/serial-queue.ts";
-import { parseDuration } from "../util/units.ts";
 import { commandLine, goneReason, processStartTime } from "./owner.ts";
 
 export const DEFAULT_QUEUE_FILE = "/run/thinimg/dm-queue.lock";
@@ -40,8 +40,7 @@ export function queueFile(): string {
 }
 
 function queueWaitMs(): number {
-  const raw = process.env.THINIMG_DM_QUEUE_WAIT;
-  return raw ? parseDuration(raw, "THINIMG_DM_QUEUE_WAIT") : DEFAULT_QUEUE_WAIT_MS;
+  return envDuration("THINIMG_DM_QUEUE_WAIT", DEFAULT_QUEUE_WAIT_MS);
 }
 
 // ---- which commands queue ----

@@ -5,7 +5,7 @@
 import { afterAll, afterEach, describe, expect, test } from "bun:test";
 import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
-import { loadConfig } from "../../lib/config.ts";
+import { envDuration, loadConfig } from "../../lib/config.ts";
 import { liveMetadataReader } from "../../lib/dm/metadata-snap.ts";
 import { ThinimgError } from "../../lib/errors.ts";
 import { type CmdResult, CommandError, type Runner, setRunner, spawnRunner } from "../../lib/exec.ts";
@@ -94,6 +94,16 @@ describe("config", () => {
       lockFile: "/srv/state/thinimg.lock",
     });
     expect(loadConfig({}, {})).toMatchObject({ pool: "thinimg-pool", stateDir: "/var/lib/thinimg", virtualSize: 10 * 1024 ** 3, prefix: "thinimg" });
+  });
+
+  test("the environment-only durations (dm queue wait, tool timeouts) are checked by every command's config, not at first use", () => {
+    expect(() => loadConfig({}, { THINIMG_DM_QUEUE_WAIT: "soon" })).toThrow('THINIMG_DM_QUEUE_WAIT: "soon" is not a duration');
+    expect(() => loadConfig({}, { THINIMG_TIMEOUT_MKFS: "0" })).toThrow("THINIMG_TIMEOUT_MKFS 0: below 1s");
+    expect(() => loadConfig({}, { THINIMG_TIMEOUT_UMOUNT: "500ms" })).toThrow("THINIMG_TIMEOUT_UMOUNT 500ms: below 1s");
+    // a queue that does not wait at all is a choice; short tool timeouts (the fault tests' 2s) are fine
+    expect(() => loadConfig({}, { THINIMG_DM_QUEUE_WAIT: "0", THINIMG_TIMEOUT_MKFS: "2s", THINIMG_TIMEOUT_MOUNT: "1s" })).not.toThrow();
+    expect(envDuration("THINIMG_TIMEOUT_MOUNT", 30_000, { THINIMG_TIMEOUT_MOUNT: "2s" })).toBe(2000);
+    expect(envDuration("THINIMG_TIMEOUT_MOUNT", 30_000, {})).toBe(30_000);
   });
 
   test("limits: a flag wins over its THINIMG_MAX_* variable, which wins over the default", () => {
