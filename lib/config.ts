@@ -3,7 +3,7 @@
 // where it came from (flag or env var), what is wrong and what to use instead.
 import { isAbsolute, join, resolve } from "node:path";
 import * as v from "valibot";
-import { ThinimgError } from "./errors.ts";
+import { quoted, ThinimgError } from "./errors.ts";
 import { parseDuration, parseIntArg, parseSize } from "./util/units.ts";
 
 export const DEFAULT_STATE_DIR = "/var/lib/thinimg";
@@ -154,6 +154,11 @@ export function loadConfig(input: ConfigInput = {}, env: Env = process.env): Con
     });
   }
   for (const name of Object.keys(ENV_DURATION_MIN_MS) as EnvDuration[]) envDuration(name, 0, env);
+  for (const [name, choices] of Object.entries(ENV_CHOICES)) {
+    const raw = env[name];
+    if (raw && !choices.includes(raw))
+      throw new ThinimgError("usage", `${name} ${quoted(raw)} is not one of ${choices.join(", ")}`, { hint: `set ${name} to one of them, or unset it` });
+  }
   const c = r.output;
   return {
     ...c,
@@ -163,6 +168,12 @@ export function loadConfig(input: ConfigInput = {}, env: Env = process.env): Con
     mountDir: join(c.stateDir, "mnt"),
   };
 }
+
+/** Logging settings (lib/log.ts reads them before any config): a typo would be ignored silently. */
+const ENV_CHOICES: Record<string, readonly string[]> = {
+  THINIMG_LOG_FORMAT: ["human", "json"],
+  THINIMG_LOG_LEVEL: ["debug", "info", "warn", "error", "silent"],
+};
 
 /** Durations set only in the environment, read where they are used (the host dm queue's wait, the
  * tools' timeouts), each with its least sensible value: a 0 s mkfs timeout would fail every layer,
