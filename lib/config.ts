@@ -4,6 +4,7 @@
 import { isAbsolute, join, resolve } from "node:path";
 import * as v from "valibot";
 import { quoted, ThinimgError } from "./errors.ts";
+import { log } from "./log.ts";
 import { parseDuration, parseIntArg, parseSize } from "./util/units.ts";
 
 export const DEFAULT_STATE_DIR = "/var/lib/thinimg";
@@ -156,8 +157,7 @@ export function loadConfig(input: ConfigInput = {}, env: Env = process.env): Con
   for (const name of Object.keys(ENV_DURATION_MIN_MS) as EnvDuration[]) envDuration(name, 0, env);
   for (const [name, choices] of Object.entries(ENV_CHOICES)) {
     const raw = env[name];
-    if (raw && !choices.includes(raw))
-      throw new ThinimgError("usage", `${name} ${quoted(raw)} is not one of ${choices.join(", ")}`, { hint: `set ${name} to one of them, or unset it` });
+    if (raw && !choices.includes(raw)) log.warn(`${name} ${quoted(raw)} is not one of ${choices.join(", ")}: ignored (set one of them, or unset it)`);
   }
   const c = r.output;
   return {
@@ -169,7 +169,8 @@ export function loadConfig(input: ConfigInput = {}, env: Env = process.env): Con
   };
 }
 
-/** Logging settings (lib/log.ts reads them before any config): a typo would be ignored silently. */
+/** Logging settings (lib/log.ts reads them before any config): a typo is said on every command, not
+ * refused (a logging setting never stops GC or an unpack), and not ignored silently. */
 const ENV_CHOICES: Record<string, readonly string[]> = {
   THINIMG_LOG_FORMAT: ["human", "json"],
   THINIMG_LOG_LEVEL: ["debug", "info", "warn", "error", "silent"],

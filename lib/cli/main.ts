@@ -50,6 +50,17 @@ function rejectUnknown(rawArgs: string[], known: Set<string>): void {
   }
 }
 
+/** The value-taking flag a word names, with its inline value (`--pool=x`), if it has one: a long
+ * flag, a short one, or the last letter of a short cluster (`-vt X`: t takes X). */
+function valueFlag(a: string, takesValue: Set<string>): { flag: string; inline: string | undefined } | null {
+  if (!isFlag(a)) return null;
+  const [body, inline] = a.replace(/^--?/, "").split(/=(.*)/s) as [string, string | undefined];
+  const long = a.startsWith("--");
+  const name = long || inline !== undefined ? body : body.slice(-1);
+  if (!takesValue.has(name)) return null;
+  return { flag: long ? `--${name}` : `-${name}`, inline };
+}
+
 /**
  * Refuse a flag that takes a value but has none: citty would make `--pool` (last word, or `--pool=`)
  * an empty string, i.e. the default pool, and `--state-dir --json` a state dir named "--json".
@@ -58,12 +69,11 @@ function rejectMissingValues(rawArgs: string[], takesValue: Set<string>): void {
   for (let i = 0; i < rawArgs.length; i++) {
     const a = rawArgs[i]!;
     if (a === "--") break;
-    if (!isFlag(a)) continue;
-    const [name, value] = a.replace(/^--?/, "").split(/=(.*)/s) as [string, string | undefined];
-    if (!takesValue.has(name)) continue;
-    const flag = a.split("=")[0]!;
-    if (value !== undefined) {
-      if (value === "") throw usageError(`${flag}= has an empty value`, `write ${flag}=VALUE or ${flag} VALUE`);
+    const v = valueFlag(a, takesValue);
+    if (!v) continue;
+    const { flag } = v;
+    if (v.inline !== undefined) {
+      if (v.inline === "") throw usageError(`${flag}= has an empty value`, `write ${flag}=VALUE or ${flag} VALUE`);
       continue;
     }
     const next = rawArgs[i + 1];
@@ -93,8 +103,8 @@ function rejectStrayPositionals(spec: FlagSpec, rawArgs: string[]): void {
       break;
     }
     if (isFlag(a)) {
-      const name = a.replace(/^--?/, "");
-      if (!name.includes("=") && takesValue.has(name)) i++; // its value
+      const v = valueFlag(a, takesValue);
+      if (v && v.inline === undefined) i++; // its value
       continue;
     }
     words.push(a);

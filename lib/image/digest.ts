@@ -12,7 +12,7 @@ export function digestHex(digest: string, what = "digest"): string {
     throw new ThinimgError(
       "input",
       algo && algo !== "sha256"
-        ? `${what}: unsupported digest algorithm "${algo}" in ${JSON.stringify(digest)}`
+        ? `${what}: unsupported digest algorithm ${quoted(algo, 40)} in ${quoted(String(digest), 100)}`
         : `${what}: invalid digest ${quoted(String(digest), 100)}`,
       { hint: "only sha256:<64 lowercase hex> digests are accepted" },
     );

@@ -107,8 +107,8 @@ async function estimate(ctx: Ctx, ids: Set<number>, now: number): Promise<SpaceE
   }
 }
 
-export async function prune(ctx: Ctx, o: PruneOptions): Promise<PruneResult> {
-  const t0 = performance.now();
+/** A prune needs a rule; the command checks this before it opens the state dir, prune() again. */
+export function assertPruneRule(o: Pick<PruneOptions, "unusedForMs" | "keepLast">): void {
   if (o.unusedForMs === null && o.keepLast === null) {
     throw new ThinimgError("usage", "prune needs --unused-for and/or --keep-last", {
       hint: "e.g. bun scripts/prune.ts --unused-for 7d --keep-last 2 --dry-run",
@@ -116,6 +116,11 @@ export async function prune(ctx: Ctx, o: PruneOptions): Promise<PruneResult> {
   }
   if (o.keepLast !== null && (!Number.isSafeInteger(o.keepLast) || o.keepLast < 0))
     throw new ThinimgError("usage", `--keep-last must be a whole number ≥ 0, not ${o.keepLast}`);
+}
+
+export async function prune(ctx: Ctx, o: PruneOptions): Promise<PruneResult> {
+  const t0 = performance.now();
+  assertPruneRule(o);
   const clock = o.now ?? Date.now;
   const now = clock();
   const sel = selectPrune(imageUses(ctx.db, ctx.cfg.pool), o, now);

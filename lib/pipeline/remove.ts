@@ -82,10 +82,15 @@ async function removeOne(ctx: Ctx, img: ImageRow, o: RemoveOptions): Promise<Rem
   }
 }
 
+/** A removal names at least one image; the command checks this before it opens the state dir. */
+export function assertImagesGiven(refs: string[]): void {
+  if (refs.length === 0) throw new ThinimgError("usage", "no image given", { hint: "bun scripts/remove.ts IMAGE… (names from `bun scripts/list.ts`)" });
+}
+
 /** Remove images by name (or id). Idempotent; what it cannot do is left as it was. */
 export async function removeImages(ctx: Ctx, refs: string[], o: RemoveOptions = {}): Promise<RemoveResult> {
   const t0 = performance.now();
-  if (refs.length === 0) throw new ThinimgError("usage", "no image given", { hint: "bun scripts/remove.ts IMAGE… (names from `bun scripts/list.ts`)" });
+  assertImagesGiven(refs);
   return removeImageRows(
     ctx,
     refs.map((r) => resolve(ctx, r)),

@@ -234,7 +234,7 @@ function v1Images(app: Hono<Env>, d: AppDeps): void {
     // deletes in one second from looking like a replay)
     const named = c.get("body").length > 0 ? parseBody(c, DeleteBody).image : name;
     if (named !== name) {
-      throw new ThinimgError("input", `invalid request body: image ${JSON.stringify(named)} is not the one in the path (${name})`, {
+      throw new ThinimgError("input", `invalid request body: image ${quoted(named)} is not the one in the path (${quoted(name)})`, {
         hint: 'send {"image": NAME} for DELETE /v1/images/NAME, or no body',
       });
     }

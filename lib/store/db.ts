@@ -2,7 +2,7 @@
 // the writer; synchronous=FULL because a row here is the only record of a pool change after a power
 // loss; a busy timeout so concurrent thinimg processes queue instead of failing.
 import { Database } from "bun:sqlite";
-import { existsSync, mkdirSync } from "node:fs";
+import { mkdirSync, statSync } from "node:fs";
 import { basename, dirname } from "node:path";
 import { errorMessage, ThinimgError } from "../errors.ts";
 import { MIGRATIONS, migrate } from "./migrations.ts";
@@ -20,6 +20,16 @@ export interface OpenOptions {
   existing?: boolean;
 }
 
+/** No state database at `path` (ENOENT only: a state dir this user cannot read is not "missing",
+ * its open fails with the permissions hint instead). */
+export function noStateDb(path: string): boolean {
+  try {
+    return statSync(path, { throwIfNoEntry: false }) === undefined;
+  } catch {
+    return false;
+  }
+}
+
 /** The error of a state dir that has no state database. */
 export function noStateError(path: string): ThinimgError {
   return new ThinimgError("missing", `no thinimg state in ${dirname(path)} (no ${basename(path)} there)`, {
@@ -29,7 +39,7 @@ export function noStateError(path: string): ThinimgError {
 
 export function openDb(path: string, o: OpenOptions = {}): Db {
   let db: Database;
-  if (o.existing && !existsSync(path)) throw noStateError(path);
+  if (o.existing && noStateDb(path)) throw noStateError(path);
   try {
     if (!o.readOnly) mkdirSync(dirname(path), { recursive: true, mode: 0o700 });
     db = o.readOnly ? new Database(path, { readonly: true, strict: true }) : new Database(path, { create: true, strict: true });

@@ -161,7 +161,7 @@ describe("stray positional words", () => {
 });
 
 describe("flags that take a value", () => {
-  const cmd = `await runMain(defineCommand({ args: { name: { type: "string" }, n: { type: "string", alias: "N" }, json: { type: "boolean" } }, run({ args }) { console.log(JSON.stringify([args.name ?? null, args.n ?? null])); } }));`;
+  const cmd = `await runMain(defineCommand({ args: { name: { type: "string" }, n: { type: "string", alias: "N" }, json: { type: "boolean", alias: "j" } }, run({ args }) { console.log(JSON.stringify([args.name ?? null, args.n ?? null])); } }));`;
 
   test("a value-taking flag with no value, an empty one, or another flag where its value should be is refused: one line, exit 2", async () => {
     const cases: [string[], string][] = [
@@ -169,6 +169,8 @@ describe("flags that take a value", () => {
       [["--name="], "error: --name= has an empty value — write --name=VALUE or --name VALUE\n"],
       [["--name", "-N", "3"], "error: --name needs a value (found -N where it should be) — write --name VALUE or --name=VALUE; see --help\n"],
       [["-N"], "error: -N needs a value — write -N VALUE; see --help\n"],
+      // the last letter of a short cluster takes the next word
+      [["-jN"], "error: -N needs a value — write -N VALUE; see --help\n"],
     ];
     for (const [args, err] of cases) {
       const r = await cli(cmd, args);
@@ -185,6 +187,7 @@ describe("flags that take a value", () => {
   test("values that start with a dash but are not flags pass: a negative number, a lone -", async () => {
     expect(await cli(cmd, ["--name", "-", "-N", "-5", "--json"])).toMatchObject({ code: 0, out: '["-","-5"]\n' });
     expect(await cli(cmd, ["--name=--odd"])).toMatchObject({ code: 0, out: '["--odd",null]\n' });
+    expect(await cli(cmd, ["-jN", "7"])).toMatchObject({ code: 0, out: '[null,"7"]\n' });
   });
 });
 
@@ -216,6 +219,25 @@ describe("a state dir nothing was unpacked with", () => {
     expect([missing.code, missing.err.split(" — ")[0]]).toEqual([3, `error: ${join(tmp, "no-such-image")}: no such file or directory`]);
     const bucket = await script("unpack.ts", ["s3://", "--name", "a", "--state-dir", dir]);
     expect([bucket.code, bucket.err]).toEqual([2, 'error: "" is not an S3 bucket name — use s3://BUCKET/KEY or s3://BUCKET/PREFIX/\n']);
+  });
+
+  test("remove with no image and prune with no rule are usage errors (exit 2) before the state dir is looked at", async () => {
+    const dir = join(tmp, "typo-usage");
+    expect((await script("remove.ts", ["--state-dir", dir])).err).toStartWith("error: no image given");
+    expect((await script("prune.ts", ["--state-dir", dir])).err).toStartWith("error: prune needs --unused-for and/or --keep-last");
+    expect(existsSync(dir)).toBe(false);
+  });
+
+  test("a state dir this user cannot read is not taken for a missing one", async () => {
+    const dir = join(tmp, "unreadable");
+    mkdirSync(dir, { mode: 0o700 });
+    writeFileSync(join(dir, "state.db"), "");
+    const asNobody = (name: string, args: string[]) =>
+      run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "bun", join(ROOT, "scripts", name), ...args], { cwd: "/" });
+    const l = await asNobody("list.ts", ["--no-space", "--state-dir", dir]);
+    expect([l.code, l.err]).toEqual([3, expect.stringContaining(`cannot open state database ${join(dir, "state.db")}`)]);
+    const r = await asNobody("release.ts", ["1", "--state-dir", dir]);
+    expect([r.code, r.err]).toEqual([3, expect.stringContaining("cannot open state database")]);
   });
 
   test("prune --unused-for with a bare number (seconds, never what was meant) is refused before anything is opened", async () => {

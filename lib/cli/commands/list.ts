@@ -1,9 +1,8 @@
 // bun scripts/list.ts — images, layers (and how many images share each), snapshots, pool use.
-import { existsSync } from "node:fs";
 import { defineCommand } from "citty";
 import { log } from "../../log.ts";
 import { inventory } from "../../pipeline/inventory.ts";
-import { noStateError, openDb } from "../../store/db.ts";
+import { noStateDb, noStateError, openDb } from "../../store/db.ts";
 import { formatBytes } from "../../util/units.ts";
 import { outputArgs, poolArgs, stateArgs } from "../args.ts";
 import { printJson, printText } from "../main.ts";
@@ -23,7 +22,7 @@ export const listCommand = defineCommand({
     const cfg = configFrom(args);
     // a state dir nothing was unpacked with lists empty and is not created (a mistyped --state-dir
     // leaves no stray state dir behind); the note says so, on stderr
-    const known = existsSync(cfg.dbPath);
+    const known = !noStateDb(cfg.dbPath);
     if (!known) log.warn(noStateError(cfg.dbPath).oneLine());
     const db = openDb(known ? cfg.dbPath : ":memory:");
     try {

@@ -3,7 +3,7 @@
 // each name group; prints what goes and the pool space `bun scripts/gc.ts --force` then frees.
 import { defineCommand } from "citty";
 import { usageError } from "../../errors.ts";
-import { prune } from "../../pipeline/prune.ts";
+import { assertPruneRule, prune } from "../../pipeline/prune.ts";
 import { formatBytes, parseDuration } from "../../util/units.ts";
 import { dryRunArgs } from "../args.ts";
 import { printJson } from "../main.ts";
@@ -21,12 +21,15 @@ export const pruneCommand = defineCommand({
   async run({ args }) {
     const keep = args["keep-last"];
     if (keep !== undefined && !/^\d+$/.test(keep)) throw usageError(`--keep-last: "${keep}" is not a whole number`, "e.g. --keep-last 2");
-    const unusedForMs = args["unused-for"] === undefined ? null : parseDuration(args["unused-for"], "--unused-for", { unit: "required" });
+    const rule = {
+      unusedForMs: args["unused-for"] === undefined ? null : parseDuration(args["unused-for"], "--unused-for", { unit: "required" }),
+      keepLast: keep === undefined ? null : Number(keep),
+    };
+    assertPruneRule(rule);
     const ctx = ctxFrom(args, { existing: true });
     try {
       const r = await prune(ctx, {
-        unusedForMs,
-        keepLast: keep === undefined ? null : Number(keep),
+        ...rule,
         dryRun: args["dry-run"],
         space: args.space,
       });

@@ -1,7 +1,7 @@
 // bun scripts/remove.ts IMAGE… — remove images: gone from `list`; the layers no other image uses are
 // released and `bun scripts/gc.ts --force` deletes their thin ids. Active snapshots keep working.
 import { defineCommand } from "citty";
-import { removeImages } from "../../pipeline/remove.ts";
+import { assertImagesGiven, removeImages } from "../../pipeline/remove.ts";
 import { printJson } from "../main.ts";
 import { ctxFrom, pipelineArgs } from "../pipeline.ts";
 
@@ -12,6 +12,7 @@ export const removeCommand = defineCommand({
     ...pipelineArgs,
   },
   async run({ args }) {
+    assertImagesGiven(args._.map(String));
     const ctx = ctxFrom(args, { existing: true });
     try {
       const r = await removeImages(ctx, args._.map(String));
