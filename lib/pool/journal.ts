@@ -25,7 +25,7 @@ import { listDevices, setDeviceState } from "../store/devices.ts";
 import { parseWorkSubject } from "../store/keys.ts";
 import { listSnapshots, updateSnapshot } from "../store/snapshots.ts";
 import { getThinId, recordOrphanThinId, setThinIdState } from "../store/thin-ids.ts";
-import { beginStep, endStep, finishWork, intentOwners, listWork, pendingSteps, type StepRow } from "../store/work.ts";
+import { beginStep, endStep, finishWork, intentOwners, listWork, pendingSteps, type StepRow, type WorkRow } from "../store/work.ts";
 import type { Ctx } from "./context.ts";
 import { pausePoint } from "./pause-points.ts";
 
@@ -141,6 +141,9 @@ export function createOutcomeUnknown(e: unknown): boolean {
   return e.dmKind === "timeout" || e.result.timedOut || e.result.exitCode === null;
 }
 
+const isCreate = (s: StepRow) => s.name === "create_thin" || s.name === "create_snap";
+type PendingStep = ReturnType<typeof pendingSteps>[number];
+
 /**
  * Settle intents left 'pending' by processes that died. Pool steps are decided by the pool's
  * transaction id; device/mount steps are recorded as interrupted (their owner's resume or GC looks
@@ -157,71 +160,72 @@ export async function reconcilePending(ctx: Ctx): Promise<number> {
   const deadWork = listWork(db, name, ["running"]).filter((w) => dead(w));
   if (steps.length === 0 && deadWork.length === 0) return 0;
   let txn: number | null = null;
-  if (steps.some((s) => (s.name === "create_thin" || s.name === "create_snap") && s.txn_before !== null)) {
-    txn = (await pool.poolStatusOk(name)).transactionId;
-  }
+  if (steps.some((s) => isCreate(s) && s.txn_before !== null)) txn = (await pool.poolStatusOk(name)).transactionId;
   // Unproven creates (transaction id not advanced): the pool's metadata says whether the id exists.
   // Read it from a metadata snapshot rather than by trying the create again, which would log a
   // device-mapper error in the kernel log (and trip the dmesg health check).
   let poolIds: Set<number> | null = null;
-  if (
-    steps.some((s) => (s.name === "create_thin" || s.name === "create_snap") && s.txn_before !== null && txn === s.txn_before && s.work_kind !== "activate")
-  ) {
+  if (steps.some((s) => isCreate(s) && s.txn_before !== null && txn === s.txn_before && s.work_kind !== "activate")) {
     poolIds = new Set(await readPoolThinIds(name, { stateDir: ctx.cfg.stateDir }));
   }
   for (const s of steps) {
-    const isSnapshot = s.work_kind === "activate";
-    if ((s.name === "create_thin" || s.name === "create_snap") && s.thin_id !== null) {
-      const happened = txn !== null && s.txn_after !== null && txn === s.txn_after;
-      tx(db, () => {
-        const t = getThinId(db, name, s.thin_id!);
-        if (happened) {
-          endStep(db, s.id, "done", `reconciled: pool transaction id is ${txn}, the ${s.name} ran`);
-          if (t && t.state === "allocated") {
-            if (isSnapshot) setThinIdState(db, name, s.thin_id!, "orphaned", "activation interrupted after its snapshot was created");
-            else setThinIdState(db, name, s.thin_id!, "created");
-          }
-        } else {
-          const why =
-            s.txn_before === null
-              ? `reconciled: activation interrupted around its ${s.name} (no transaction id record); unconfirmed`
-              : txn === s.txn_before
-                ? `reconciled: pool transaction id still ${txn}; the ${s.name} may or may not have run`
-                : `reconciled: pool transaction id moved to ${txn} (expected ${s.txn_before} or ${s.txn_after}); unconfirmed`;
-          endStep(db, s.id, "failed", why);
-          // Not in the pool → the create never ran: the id stays 'allocated' and its layer owner
-          // creates it on resume. In the pool but unproven → recorded orphaned, never adopted (GC
-          // deletes it). A dead activation has no owner to resume: orphaned either way.
-          const absent = poolIds !== null && !poolIds.has(s.thin_id!);
-          if (t && t.state === "allocated" && !absent)
-            setThinIdState(db, name, s.thin_id!, "orphaned", `${why}; ${poolIds?.has(s.thin_id!) ? "it is in the pool" : "it may be in the pool"}`);
-        }
-      });
+    if (isCreate(s) && s.thin_id !== null) {
+      tx(db, () => settleCreate(db, name, s, txn, poolIds));
       log.warn(`pool ${name}: interrupted ${s.name} of thin id ${s.thin_id} (pid ${s.work_pid} died) settled`);
     } else {
       endStep(db, s.id, "failed", `interrupted: pid ${s.work_pid} died during ${s.name}`);
     }
   }
-  for (const w of deadWork) {
-    tx(db, () => {
-      finishWork(db, w.id, "interrupted", { error: `pid ${w.pid} (${w.command}) died while running`, kind: "interrupted" });
-      if (w.kind === "activate") {
-        const snapId = parseWorkSubject(w.subject)?.id ?? Number.NaN;
-        for (const snap of listSnapshots(db, name, ["pending"]).filter((x) => x.id === snapId)) {
-          updateSnapshot(db, snap.id, { state: "failed", error: `activation interrupted: pid ${w.pid} died` });
-          if (snap.thin_id !== null) {
-            const t = getThinId(db, name, snap.thin_id);
-            if (t && (t.state === "allocated" || t.state === "created")) setThinIdState(db, name, snap.thin_id, "orphaned", "activation interrupted");
-          }
-          if (snap.device_name) {
-            const d = listDevices(db, name).find((x) => x.name === snap.device_name && (x.state === "activating" || x.state === "active"));
-            if (d) setDeviceState(db, name, d.name, "leaked", "activation interrupted");
-          }
-        }
-      }
-    });
-  }
+  for (const w of deadWork) tx(db, () => settleDeadWork(db, name, w));
   return steps.length + deadWork.length;
+}
+
+/** A dead process's pending create, decided by the pool's transaction id `txn` and, when that did
+ * not move, by the thin ids in the pool's metadata (`poolIds`). Call inside a transaction. */
+function settleCreate(db: Db, name: string, s: PendingStep, txn: number | null, poolIds: Set<number> | null): void {
+  const isSnapshot = s.work_kind === "activate";
+  const thinId = s.thin_id!;
+  const t = getThinId(db, name, thinId);
+  if (txn !== null && s.txn_after !== null && txn === s.txn_after) {
+    endStep(db, s.id, "done", `reconciled: pool transaction id is ${txn}, the ${s.name} ran`);
+    if (t && t.state === "allocated") {
+      if (isSnapshot) setThinIdState(db, name, thinId, "orphaned", "activation interrupted after its snapshot was created");
+      else setThinIdState(db, name, thinId, "created");
+    }
+    return;
+  }
+  const why =
+    s.txn_before === null
+      ? `reconciled: activation interrupted around its ${s.name} (no transaction id record); unconfirmed`
+      : txn === s.txn_before
+        ? `reconciled: pool transaction id still ${txn}; the ${s.name} may or may not have run`
+        : `reconciled: pool transaction id moved to ${txn} (expected ${s.txn_before} or ${s.txn_after}); unconfirmed`;
+  endStep(db, s.id, "failed", why);
+  // Not in the pool → the create never ran: the id stays 'allocated' and its layer owner creates it
+  // on resume. In the pool but unproven → recorded orphaned, never adopted (GC deletes it). A dead
+  // activation has no owner to resume: orphaned either way.
+  const absent = poolIds !== null && !poolIds.has(thinId);
+  if (t && t.state === "allocated" && !absent)
+    setThinIdState(db, name, thinId, "orphaned", `${why}; ${poolIds?.has(thinId) ? "it is in the pool" : "it may be in the pool"}`);
+}
+
+/** A dead process's running work: interrupted; a dead activation's snapshot failed, its thin id
+ * orphaned and its device leaked (GC settles both). Call inside a transaction. */
+function settleDeadWork(db: Db, name: string, w: WorkRow): void {
+  finishWork(db, w.id, "interrupted", { error: `pid ${w.pid} (${w.command}) died while running`, kind: "interrupted" });
+  if (w.kind !== "activate") return;
+  const snapId = parseWorkSubject(w.subject)?.id ?? Number.NaN;
+  for (const snap of listSnapshots(db, name, ["pending"]).filter((x) => x.id === snapId)) {
+    updateSnapshot(db, snap.id, { state: "failed", error: `activation interrupted: pid ${w.pid} died` });
+    if (snap.thin_id !== null) {
+      const t = getThinId(db, name, snap.thin_id);
+      if (t && (t.state === "allocated" || t.state === "created")) setThinIdState(db, name, snap.thin_id, "orphaned", "activation interrupted");
+    }
+    if (snap.device_name) {
+      const d = listDevices(db, name).find((x) => x.name === snap.device_name && (x.state === "activating" || x.state === "active"));
+      if (d) setDeviceState(db, name, d.name, "leaked", "activation interrupted");
+    }
+  }
 }
 
 /** Thin ids in the pool's metadata, read from a metadata snapshot under the state dir's

@@ -25,7 +25,10 @@ export const serveCommand = defineCommand({
   meta: { name: "serve", description: "Run the thinimg service (webhook for unpack jobs and activations, Prometheus metrics)" },
   args: {
     listen: { type: "string", description: `HOST:PORT or unix:/PATH; env THINIMG_LISTEN (default ${DEFAULT_LISTEN})` },
-    "secret-file": { type: "string", description: "HMAC secret for X-Thinimg-Signature (re-read on SIGHUP); required unless --insecure-no-auth or --token-file" },
+    "secret-file": {
+      type: "string",
+      description: "HMAC secret for X-Thinimg-Signature (re-read on SIGHUP); required unless --insecure-no-auth or --token-file",
+    },
     "token-file": { type: "string", description: "Also accept Authorization: Bearer with this token (re-read on SIGHUP)" },
     "insecure-no-auth": { type: "boolean", description: "No authentication at all: loopback or unix socket only, for local tests", default: false },
     "allow-source": {
