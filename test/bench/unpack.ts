@@ -87,6 +87,34 @@ function shellUnpackScript(pool: string, layers: string[], firstId: number, mnt:
   return lines.join("\n");
 }
 
+/** Where the last round's unpack spent its wall time, from its command records: before its first
+ * command (bun, modules, config, locks, the health checks' reads), the transaction-id journal's
+ * commands, the apply (from each `mount` to its `sync -f`: in-process, no command runs), the other
+ * commands, and thinimg's own work between commands. */
+function wallPhases(recs: { command: string; duration_ms: number; started_at: string }[], spawnedAt: number, wallMs: number): string {
+  const start = (r: (typeof recs)[number]) => Date.parse(r.started_at);
+  const journal = recs.filter((r) => / status /.test(` ${r.command} `) || / set_transaction_id /.test(r.command));
+  let apply = 0;
+  let gaps = 0;
+  for (const [i, r] of recs.entries()) {
+    const prev = recs[i - 1];
+    if (!prev) continue;
+    const gap = start(r) - (start(prev) + prev.duration_ms);
+    if (prev.command.startsWith("mount ") && r.command.startsWith("sync -f")) apply += gap;
+    else gaps += gap;
+  }
+  const sum = (rs: typeof recs) => rs.reduce((a, r) => a + r.duration_ms, 0);
+  const before = start(recs[0]!) - spawnedAt;
+  const last = recs.at(-1)!;
+  const after = spawnedAt + wallMs - (start(last) + last.duration_ms);
+  return [
+    `last round's unpack, ${ms(wallMs)} wall: ${ms(before)} before its first command;`,
+    `  the transaction-id journal and pre-flight reads: ${journal.length} commands, ${ms(sum(journal))} (${journal.filter((r) => r.command.includes("set_transaction_id")).length} set_transaction_id);`,
+    `  the apply (mount → sync -f, in-process): ${ms(apply)}; the other ${recs.length - journal.length} commands: ${ms(sum(recs) - sum(journal))};`,
+    `  thinimg's own work between commands: ${ms(gaps)}; after the last command (commit, exit): ${ms(after)}`,
+  ].join("\n");
+}
+
 async function main() {
   const scale = Number(flags.scale);
   console.error(`bench: generating images (scale ${scale}) under ${root}`);
@@ -103,6 +131,7 @@ async function main() {
   let pool = "";
   let stateDir = "";
   let cmdLog = "";
+  let spawnedAt = 0;
   for (let r = 0; r < rounds; r++) {
     pool = `bench${process.pid}r${r}`;
     mkdirSync(join(root, `pool-${r}`));
@@ -115,6 +144,7 @@ async function main() {
     };
     const runOurs = async () => {
       settle();
+      spawnedAt = Date.now();
       fullMs.push((await timed(cli(pool, stateDir, "unpack.ts", alpha.dir, "--name", "alpha"), { THINIMG_CMD_LOG: cmdLog })).ms);
     };
     if (r % 2 === 0) {
@@ -131,7 +161,7 @@ async function main() {
   const recs = readFileSync(cmdLog, "utf8")
     .trim()
     .split("\n")
-    .map((l) => JSON.parse(l) as { command: string; duration_ms: number });
+    .map((l) => JSON.parse(l) as { command: string; duration_ms: number; started_at: string });
   const byTool = new Map<string, { n: number; ms: number }>();
   for (const r of recs) {
     const tool =
@@ -157,6 +187,7 @@ async function main() {
   );
   for (const [tool, t] of [...byTool].sort((a, b) => b[1].ms - a[1].ms))
     console.log(`  ${tool.padEnd(24)} ${String(t.n).padStart(4)}×  ${ms(t.ms).padStart(9)}`);
+  console.log(wallPhases(recs, spawnedAt, fullMs.at(-1)!));
 
   // 3. re-run: whole CLI, and the in-process call (what the CLI does after bun has started)
   const rerunCli = await timed(cli(pool, stateDir, "unpack.ts", alpha.dir, "--name", "alpha"));
