@@ -60,10 +60,15 @@ export function errorEnvelope(e: ThinimgError): {
   return { ok: false, error, ...(e.partial ? { partial: e.partial } : {}) };
 }
 
-/** A caller's value quoted in a message, cut to `max` characters: a name or path of any length may
- * arrive (a 5000-character URL path), and the message and its log line stay one readable line. */
+/** A caller's value cut to `max` characters: a name or path of any length may arrive (a
+ * 5000-character URL path), and a message or log line that shows it stays one readable line. */
+export function cut(value: string, max: number): string {
+  return value.length > max ? `${value.slice(0, max)}…` : value;
+}
+
+/** A caller's value quoted in a message, cut to `max` characters. */
 export function quoted(value: string, max = 80): string {
-  return JSON.stringify(value.length > max ? `${value.slice(0, max)}…` : value);
+  return JSON.stringify(cut(value, max));
 }
 
 export const usageError = (message: string, hint?: string) => new ThinimgError("usage", message, { hint: hint ?? "see --help" });

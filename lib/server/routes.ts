@@ -4,7 +4,7 @@
 import { type Context, Hono } from "hono";
 import { bodyLimit } from "hono/body-limit";
 import * as v from "valibot";
-import { quoted, ThinimgError } from "../errors.ts";
+import { cut, quoted, ThinimgError } from "../errors.ts";
 import { type HealthReport, reportJson } from "../health/types.ts";
 import { log } from "../log.ts";
 import { type ActivateResult, findImage, findSnapshot, type ReleaseResult } from "../pipeline/activate.ts";
@@ -268,8 +268,7 @@ export function makeApp(d: AppDeps): Hono<Env> {
   const app = new Hono<Env>();
   app.onError((e, c) => {
     const r = errorResponse(e);
-    // a path of any length may arrive: the log line stays readable
-    const line = `${c.req.method} ${c.req.path.length > 200 ? `${c.req.path.slice(0, 200)}…` : c.req.path}: ${r.status} ${r.body.error.message}`;
+    const line = `${c.req.method} ${cut(c.req.path, 200)}: ${r.status} ${r.body.error.message}`;
     if (r.status >= 500 && !(e instanceof ThinimgError)) log.error(e);
     else if (r.status >= 500) log.warn(line);
     else log.info(line);
